@@ -1,0 +1,500 @@
+//! Kernel-side programs of cr-ebpf: a continuous log of what tracked processes change.
+//!
+//! * `raw_syscalls/sys_enter` + `sys_exit`: one [`SyscallEvent`] per completed
+//!   resource-changing syscall of a tracked process (arguments, return value,
+//!   path argument). The syscall set is the `SYSCALL_FILTER` bitmap.
+//! * `exceptions/page_fault_user` + `page_fault_kernel`: one [`FaultEvent`] per
+//!   write fault on a user address of a tracked process.
+//! * `sched/sched_process_fork|exit|exec`: children of a tracked process are
+//!   tracked from their first instruction, exited processes leave the set.
+//!
+//! Filtering happens here: an untracked task costs one hash lookup per
+//! syscall. A record that does not fit in the ring buffer is counted in
+//! `LOSSES` for its process, never silently lost.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+    },
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::error;
+use cr_ebpf_common::{
+    CONFIG_F_KERNEL_FAULTS, CONFIG_F_USER_FAULTS, Config, EVENT_ABI_VERSION, EXEC_F_TRUNCATED,
+    EXIT_F_GROUP_DEAD, EXIT_F_GROUP_UNKNOWN, EventHeader, EventKind, ExecEvent, ExitEvent,
+    FAULT_F_KERNEL, FIELD_ABSENT, FORK_F_FLAGS_UNKNOWN, FORK_F_THREAD, FaultEvent, ForkEvent,
+    LossCounter, PATH_CAPTURE, PendingSyscall, SYSCALL_F_NO_RETURN, SYSCALL_F_PATH,
+    SYSCALL_F_PATH_FAULT, SYSCALL_F_PATH_TRUNCATED, SYSCALL_FILTER_BITS, SYSCALL_FILTER_WORDS,
+    SyscallEvent, TrackedProcess, syscalls,
+};
+
+/// Processes whose events are logged, by tgid.
+#[map]
+static TRACKED: HashMap<u32, TrackedProcess> = HashMap::with_max_entries(16384, 0);
+
+/// Bit `nr` set: syscall `nr` is logged.
+#[map]
+static SYSCALL_FILTER: Array<u64> = Array::with_max_entries(SYSCALL_FILTER_WORDS, 0);
+
+/// Tracepoint field offsets and switches, written by the loader.
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Syscalls entered by tracked threads and not returned yet, by tid.
+#[map]
+static PENDING: LruHashMap<u32, PendingSyscall> = LruHashMap::with_max_entries(16384, 0);
+
+/// The event log. The loader may resize it before load.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Records lost per process, by tgid, one counter per CPU (no atomics
+/// needed). Userspace sums the CPUs and acknowledges by deleting.
+#[map]
+static LOSSES: PerCpuHashMap<u32, LossCounter> = PerCpuHashMap::with_max_entries(16384, 0);
+
+/// Losses that could not be attributed (LOSSES full).
+#[map]
+static UNATTRIBUTED_LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+const CLONE_VM: u64 = 0x100;
+const CLONE_VFORK: u64 = 0x4000;
+const CLONE_THREAD: u64 = 0x10000;
+const SIGCHLD: u64 = 17;
+/// First address above the x86_64 user half.
+const USER_ADDR_END: u64 = 0x0000_8000_0000_0000;
+
+/// `raw_syscalls/sys_enter` layout (stable since the tracepoint exists).
+const SYS_ENTER_ID: usize = 8;
+const SYS_ENTER_ARGS: usize = 16;
+/// `raw_syscalls/sys_exit` layout.
+const SYS_EXIT_RET: usize = 16;
+/// `exceptions/page_fault_*` layout.
+const FAULT_ADDRESS: usize = 8;
+const FAULT_IP: usize = 16;
+const FAULT_ERROR_CODE: usize = 24;
+/// Write bit of the x86 page-fault error code.
+const PF_WRITE: u64 = 2;
+
+#[inline(always)]
+fn config() -> Config {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    }
+}
+
+#[inline(always)]
+fn header(kind: EventKind, size: usize, tgid: u32, tid: u32) -> EventHeader {
+    EventHeader {
+        abi: EVENT_ABI_VERSION,
+        kind: kind as u16,
+        size: size as u32,
+        tgid,
+        tid,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+#[inline(always)]
+fn is_tracked(tgid: u32) -> bool {
+    TRACKED.get_ptr(&tgid).is_some()
+}
+
+/// Counts one record of `tgid` that did not fit in the ring buffer.
+#[inline(always)]
+fn count_loss(tgid: u32) {
+    if let Some(counter) = LOSSES.get_ptr_mut(&tgid) {
+        // SAFETY: this CPU's slot of a per-CPU value from a successful
+        // lookup; nothing else writes it while this program runs.
+        unsafe { (*counter).dropped += 1 };
+        return;
+    }
+    let first = LossCounter {
+        dropped: 1,
+        // SAFETY: helper without preconditions.
+        first_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if LOSSES.insert(&tgid, &first, 0).is_err() {
+        // The map is full: count it where userspace still sees it.
+        if let Some(n) = UNATTRIBUTED_LOSSES.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot of this CPU; no other writer while we run.
+            unsafe { *n += 1 };
+        }
+    }
+}
+
+#[inline(always)]
+fn syscall_wanted(nr: u64) -> bool {
+    if nr >= SYSCALL_FILTER_BITS as u64 {
+        return false;
+    }
+    match SYSCALL_FILTER.get((nr / 64) as u32) {
+        Some(word) => (*word >> (nr % 64)) & 1 == 1,
+        None => false,
+    }
+}
+
+/// Writes one syscall record.
+#[inline(always)]
+fn emit_syscall(tgid: u32, tid: u32, p: &PendingSyscall, ret: i64, flags: u32) {
+    let Some(mut entry) = EVENTS.reserve::<SyscallEvent>(0) else {
+        count_loss(tgid);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    let nr = p.nr as u32;
+    let mut flags = flags;
+    let mut path_len = 0u32;
+    // SAFETY: `ev` points to a reserved, writable record of the right size.
+    unsafe {
+        (*ev).header = header(
+            EventKind::Syscall,
+            core::mem::size_of::<SyscallEvent>(),
+            tgid,
+            tid,
+        );
+        (*ev).nr = nr;
+        (*ev).args = p.args;
+        (*ev).ret = ret;
+        (*ev).enter_ns = p.enter_ns;
+        (*ev)._pad = 0;
+        (*ev).path[0] = 0;
+        let arg = match nr {
+            syscalls::OPEN | syscalls::CREAT | syscalls::CHDIR | syscalls::MEMFD_CREATE => {
+                Some(p.args[0])
+            }
+            syscalls::OPENAT | syscalls::OPENAT2 => Some(p.args[1]),
+            _ => None,
+        };
+        if let Some(ptr) = arg {
+            let buf = &mut (*ev).path;
+            match bpf_probe_read_user_str_bytes(ptr as *const u8, buf) {
+                Ok(s) => {
+                    path_len = s.len() as u32;
+                    flags |= SYSCALL_F_PATH;
+                    if s.len() >= PATH_CAPTURE - 1 {
+                        flags |= SYSCALL_F_PATH_TRUNCATED;
+                    }
+                }
+                Err(_) => flags |= SYSCALL_F_PATH_FAULT,
+            }
+        }
+        (*ev).path_len = path_len;
+        (*ev).flags = flags;
+    }
+    entry.submit(0);
+}
+
+#[tracepoint]
+pub fn sys_enter(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    let tid = pid_tgid as u32;
+    // SAFETY: offsets of the stable raw_syscalls/sys_enter layout.
+    let Ok(nr) = (unsafe { ctx.read_at::<i64>(SYS_ENTER_ID) }) else {
+        return 0;
+    };
+    if nr < 0 || !syscall_wanted(nr as u64) {
+        return 0;
+    }
+    // SAFETY: as above.
+    let Ok(args) = (unsafe { ctx.read_at::<[u64; 6]>(SYS_ENTER_ARGS) }) else {
+        return 0;
+    };
+    let mut p = PendingSyscall {
+        nr: nr as u64,
+        // SAFETY: helper without preconditions.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
+        args,
+        clone_flags: 0,
+    };
+    let nr = nr as u32;
+    if nr == syscalls::CLONE3 {
+        // `struct clone_args` starts with the u64 flags word.
+        // SAFETY: reading user memory through the helper cannot fault the kernel.
+        p.clone_flags = unsafe { bpf_probe_read_user(args[0] as *const u64) }.unwrap_or(0);
+    }
+    if nr == syscalls::EXIT || nr == syscalls::EXIT_GROUP {
+        emit_syscall(tgid, tid, &p, 0, SYSCALL_F_NO_RETURN);
+        return 0;
+    }
+    if PENDING.insert(&tid, &p, 0).is_err() {
+        count_loss(tgid);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let Some(pending) = PENDING.get_ptr(&tid) else {
+        return 0;
+    };
+    // SAFETY: pointer from a successful lookup; copied out before removal.
+    let p = unsafe { *pending };
+    let _ = PENDING.remove(&tid);
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: offsets of the stable raw_syscalls/sys_exit layout.
+    let id = unsafe { ctx.read_at::<i64>(SYS_ENTER_ID) }.unwrap_or(-1);
+    // SAFETY: as above.
+    let ret = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) }.unwrap_or(0);
+    if id as u64 != p.nr || !is_tracked(tgid) {
+        return 0;
+    }
+    emit_syscall(tgid, tid, &p, ret, 0);
+    0
+}
+
+#[inline(always)]
+fn on_fault(ctx: &TracePointContext, kernel: bool) -> u32 {
+    let cfg = config();
+    let wanted = if kernel {
+        CONFIG_F_KERNEL_FAULTS
+    } else {
+        CONFIG_F_USER_FAULTS
+    };
+    if cfg.flags & wanted == 0 {
+        return 0;
+    }
+    // SAFETY: offsets of the stable exceptions/page_fault_* layout.
+    let Ok(error_code) = (unsafe { ctx.read_at::<u64>(FAULT_ERROR_CODE) }) else {
+        return 0;
+    };
+    if error_code & PF_WRITE == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    // SAFETY: as above.
+    let address = unsafe { ctx.read_at::<u64>(FAULT_ADDRESS) }.unwrap_or(0);
+    if address >= USER_ADDR_END {
+        return 0;
+    }
+    // SAFETY: as above.
+    let ip = unsafe { ctx.read_at::<u64>(FAULT_IP) }.unwrap_or(0);
+    let event = FaultEvent {
+        header: header(
+            EventKind::Fault,
+            core::mem::size_of::<FaultEvent>(),
+            tgid,
+            pid_tgid as u32,
+        ),
+        address,
+        ip,
+        error_code,
+        flags: if kernel { FAULT_F_KERNEL } else { 0 },
+        _pad: 0,
+    };
+    if EVENTS.output::<FaultEvent>(&event, 0).is_err() {
+        count_loss(tgid);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+    on_fault(&ctx, false)
+}
+
+#[tracepoint]
+pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
+    on_fault(&ctx, true)
+}
+
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    // Runs in the parent's context, before the child's first instruction.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(parent) = TRACKED.get_ptr(&tgid) else {
+        return 0;
+    };
+    // SAFETY: pointer from a successful lookup.
+    let root_tgid = unsafe { (*parent).root_tgid };
+    let tid = pid_tgid as u32;
+    let cfg = config();
+    // SAFETY: offset read from this kernel's tracefs format by the loader.
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(cfg.fork_child_pid as usize) }) else {
+        return 0;
+    };
+    let child = child as u32;
+
+    let mut flags = 0u32;
+    let clone_flags = match PENDING.get_ptr(&tid) {
+        // SAFETY: pointer from a successful lookup.
+        Some(p) => match unsafe { ((*p).nr as u32, (*p).args[0], (*p).clone_flags) } {
+            (syscalls::CLONE, f, _) => f,
+            (syscalls::CLONE3, _, f) => f,
+            (syscalls::FORK, _, _) => SIGCHLD,
+            (syscalls::VFORK, _, _) => CLONE_VM | CLONE_VFORK | SIGCHLD,
+            _ => {
+                flags |= FORK_F_FLAGS_UNKNOWN;
+                0
+            }
+        },
+        None => {
+            flags |= FORK_F_FLAGS_UNKNOWN;
+            0
+        }
+    };
+    let child_tgid = if clone_flags & CLONE_THREAD != 0 {
+        flags |= FORK_F_THREAD;
+        tgid
+    } else {
+        // A new process (or, with unknown flags, possibly a kernel-created
+        // thread such as an io_uring worker: its stray entry goes when it exits).
+        let value = TrackedProcess {
+            root_tgid,
+            flags: 0,
+        };
+        if TRACKED.insert(&child, &value, 0).is_err() {
+            error!(
+                &ctx,
+                "cr-ebpf: tracked-process map full: child {} of {} is NOT tracked", child, tgid
+            );
+            count_loss(tgid);
+        }
+        child
+    };
+    let event = ForkEvent {
+        header: header(
+            EventKind::Fork,
+            core::mem::size_of::<ForkEvent>(),
+            tgid,
+            tid,
+        ),
+        child_tid: child,
+        child_tgid,
+        clone_flags,
+        flags,
+        _pad: 0,
+    };
+    if EVENTS.output::<ForkEvent>(&event, 0).is_err() {
+        count_loss(tgid);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if tid != tgid {
+        // A thread never owns a TRACKED entry; drop a stray one (see fork).
+        let _ = TRACKED.remove(&tid);
+    }
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    let _ = PENDING.remove(&tid);
+    let cfg = config();
+    let flags = if cfg.exit_group_dead == FIELD_ABSENT {
+        EXIT_F_GROUP_UNKNOWN
+    } else {
+        // SAFETY: offset read from this kernel's tracefs format by the loader.
+        match unsafe { ctx.read_at::<u8>(cfg.exit_group_dead as usize) } {
+            Ok(0) => 0,
+            Ok(_) => EXIT_F_GROUP_DEAD,
+            Err(_) => EXIT_F_GROUP_UNKNOWN,
+        }
+    };
+    let event = ExitEvent {
+        header: header(
+            EventKind::Exit,
+            core::mem::size_of::<ExitEvent>(),
+            tgid,
+            tid,
+        ),
+        flags,
+        _pad: 0,
+    };
+    if EVENTS.output::<ExitEvent>(&event, 0).is_err() {
+        count_loss(tgid);
+    }
+    if flags & EXIT_F_GROUP_DEAD != 0 {
+        let _ = TRACKED.remove(&tgid);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    let tid = pid_tgid as u32;
+    let cfg = config();
+    // SAFETY: offset read from this kernel's tracefs format by the loader.
+    let old_tid = unsafe { ctx.read_at::<i32>(cfg.exec_old_pid as usize) }.unwrap_or(0) as u32;
+    if old_tid != tid {
+        // A non-leader thread exec'd and took over the leader's id: its
+        // pending execve now returns under the new id.
+        if let Some(p) = PENDING.get_ptr(&old_tid) {
+            // SAFETY: pointer from a successful lookup; copied before removal.
+            let p = unsafe { *p };
+            let _ = PENDING.remove(&old_tid);
+            let _ = PENDING.insert(&tid, &p, 0);
+        }
+    }
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count_loss(tgid);
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points to a reserved, writable record of the right size;
+    // the filename is read from the tracepoint record through the helper.
+    unsafe {
+        (*ev).header = header(
+            EventKind::Exec,
+            core::mem::size_of::<ExecEvent>(),
+            tgid,
+            tid,
+        );
+        (*ev).old_tid = old_tid;
+        (*ev)._pad = 0;
+        (*ev).filename[0] = 0;
+        let mut flags = 0;
+        let mut len = 0u32;
+        if let Ok(loc) = ctx.read_at::<u32>(cfg.exec_filename as usize) {
+            let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+            if let Ok(s) = bpf_probe_read_kernel_str_bytes(src, &mut (*ev).filename) {
+                len = s.len() as u32;
+                if s.len() >= PATH_CAPTURE - 1 {
+                    flags |= EXEC_F_TRUNCATED;
+                }
+            }
+        }
+        (*ev).filename_len = len;
+        (*ev).flags = flags;
+    }
+    entry.submit(0);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,68 @@
+//! The ring buffer as an async stream of decoded events.
+
+use std::io;
+
+use aya::maps::{Map, MapData, RingBuf};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{
+    LoaderError,
+    event::{DecodeError, Event, decode},
+    kernel_log::KernelLogger,
+};
+
+/// Decoded events from the ring buffer, in the order the kernel committed them.
+pub struct EventStream {
+    ring: AsyncFd<RingBuf<MapData>>,
+    logger: Option<KernelLogger>,
+}
+
+impl EventStream {
+    pub(crate) fn new(map: Map, logger: Option<KernelLogger>) -> Result<Self, LoaderError> {
+        let ring = RingBuf::try_from(map).map_err(|e| LoaderError::Map {
+            map: cr_ebpf_common::map_names::EVENTS,
+            what: "open the ring buffer".into(),
+            source: Box::new(e),
+        })?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(LoaderError::Io {
+                path: "the ring buffer".into(),
+                source: io::Error::other("the event stream must be created inside a tokio runtime"),
+            });
+        }
+        // SAFETY: the fd belongs to `ring`, which the AsyncFd owns from now on
+        // and which neither closes nor replaces its map fd while it lives.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| LoaderError::Io {
+                path: "the ring buffer (registering with tokio)".into(),
+                source: e.into(),
+            })?;
+        Ok(Self { ring, logger })
+    }
+
+    /// Appends every event available now, without waiting. Returns how many.
+    pub fn drain(&mut self, out: &mut Vec<Result<Event, DecodeError>>) -> usize {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+        let ring = self.ring.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            out.push(decode(&item));
+            n += 1;
+        }
+        n
+    }
+
+    /// Waits until at least one event is available and appends all available ones.
+    pub async fn next_batch(&mut self, out: &mut Vec<Result<Event, DecodeError>>) -> io::Result<usize> {
+        loop {
+            let n = self.drain(out);
+            if n > 0 {
+                return Ok(n);
+            }
+            let mut guard = self.ring.readable_mut().await?;
+            guard.clear_ready();
+        }
+    }
+}
