@@ -4,6 +4,7 @@
 //! resource and dirty-page log of a process tree).
 
 mod check;
+mod sys;
 mod trace;
 
 use clap::{Parser, Subcommand};
