@@ -13,8 +13,8 @@
 //!
 //! | kind        | record            | emitted by                                   |
 //! |-------------|-------------------|----------------------------------------------|
-//! | `Syscall`   | [`SyscallEvent`]  | `raw_syscalls/sys_exit` (or `sys_enter` for calls that do not return) |
-//! | `Fault`     | [`FaultEvent`]    | `exceptions/page_fault_user`, `page_fault_kernel` (write faults only) |
+//! | `Syscall`   | [`SyscallEvent`]  | raw tracepoint `sys_exit` (or `sys_enter` for calls that do not return) |
+//! | `Fault`     | [`FaultEvent`]    | raw tracepoints `page_fault_user`, `page_fault_kernel` (write faults only) |
 //! | `Fork`      | [`ForkEvent`]     | `sched/sched_process_fork`                   |
 //! | `Exit`      | [`ExitEvent`]     | `sched/sched_process_exit`                   |
 //! | `Exec`      | [`ExecEvent`]     | `sched/sched_process_exec`                   |
@@ -55,15 +55,52 @@ pub mod map_names {
     pub const UNATTRIBUTED_LOSSES: &str = "UNATTRIBUTED_LOSSES";
 }
 
-/// Names of the programs in the eBPF object and the tracepoints they attach to.
-pub const PROGRAMS: [(&str, &str, &str); 7] = [
-    ("sys_enter", "raw_syscalls", "sys_enter"),
-    ("sys_exit", "raw_syscalls", "sys_exit"),
-    ("page_fault_user", "exceptions", "page_fault_user"),
-    ("page_fault_kernel", "exceptions", "page_fault_kernel"),
-    ("sched_process_fork", "sched", "sched_process_fork"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
-    ("sched_process_exec", "sched", "sched_process_exec"),
+/// How a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// A raw tracepoint: the tracepoint's C arguments, no formatted record
+    /// (cheapest; used on the hot syscall and fault paths).
+    Raw,
+    /// A classic tracepoint: the formatted record described in tracefs.
+    TracePoint,
+}
+
+/// One program of the eBPF object and the tracepoint it attaches to.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgramSpec {
+    /// Function name in the object.
+    pub name: &'static str,
+    /// Tracepoint category (the tracefs directory).
+    pub category: &'static str,
+    /// Tracepoint name.
+    pub tracepoint: &'static str,
+    /// How it attaches.
+    pub attach: Attach,
+}
+
+const fn spec(
+    name: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+    attach: Attach,
+) -> ProgramSpec {
+    ProgramSpec {
+        name,
+        category,
+        tracepoint,
+        attach,
+    }
+}
+
+/// Every program in the eBPF object.
+pub const PROGRAMS: [ProgramSpec; 7] = [
+    spec("sys_enter", "raw_syscalls", "sys_enter", Attach::Raw),
+    spec("sys_exit", "raw_syscalls", "sys_exit", Attach::Raw),
+    spec("page_fault_user", "exceptions", "page_fault_user", Attach::Raw),
+    spec("page_fault_kernel", "exceptions", "page_fault_kernel", Attach::Raw),
+    spec("sched_process_fork", "sched", "sched_process_fork", Attach::TracePoint),
+    spec("sched_process_exit", "sched", "sched_process_exit", Attach::TracePoint),
+    spec("sched_process_exec", "sched", "sched_process_exec", Attach::TracePoint),
 ];
 
 /// Kind of an event record. `0` is never valid.

@@ -1,9 +1,9 @@
 //! Kernel-side programs of cr-ebpf: a continuous log of what tracked processes change.
 //!
-//! * `raw_syscalls/sys_enter` + `sys_exit`: one [`SyscallEvent`] per completed
+//! * raw tracepoints `sys_enter` + `sys_exit`: one [`SyscallEvent`] per completed
 //!   resource-changing syscall of a tracked process (arguments, return value,
 //!   path argument). The syscall set is the `SYSCALL_FILTER` bitmap.
-//! * `exceptions/page_fault_user` + `page_fault_kernel`: one [`FaultEvent`] per
+//! * raw tracepoints `page_fault_user` + `page_fault_kernel`: one [`FaultEvent`] per
 //!   write fault on a user address of a tracked process.
 //! * `sched/sched_process_fork|exit|exec`: children of a tracked process are
 //!   tracked from their first instruction, exited processes leave the set.
@@ -20,9 +20,10 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
-    macros::{map, tracepoint},
+    helpers::bpf_probe_read_kernel,
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::error;
 use cr_ebpf_common::{
@@ -70,17 +71,41 @@ const SIGCHLD: u64 = 17;
 /// First address above the x86_64 user half.
 const USER_ADDR_END: u64 = 0x0000_8000_0000_0000;
 
-/// `raw_syscalls/sys_enter` layout (stable since the tracepoint exists).
-const SYS_ENTER_ID: usize = 8;
-const SYS_ENTER_ARGS: usize = 16;
-/// `raw_syscalls/sys_exit` layout.
-const SYS_EXIT_RET: usize = 16;
-/// `exceptions/page_fault_*` layout.
-const FAULT_ADDRESS: usize = 8;
-const FAULT_IP: usize = 16;
-const FAULT_ERROR_CODE: usize = 24;
+/// Byte offsets in x86_64 `struct pt_regs` (a fixed kernel ABI: ptrace and
+/// the syscall entry code depend on it).
+mod regs {
+    pub const R10: usize = 7 * 8;
+    pub const R9: usize = 8 * 8;
+    pub const R8: usize = 9 * 8;
+    pub const DX: usize = 12 * 8;
+    pub const SI: usize = 13 * 8;
+    pub const DI: usize = 14 * 8;
+    pub const ORIG_AX: usize = 15 * 8;
+    pub const IP: usize = 16 * 8;
+}
 /// Write bit of the x86 page-fault error code.
 const PF_WRITE: u64 = 2;
+
+/// Reads the u64 at `offset` in the `struct pt_regs` at `regs`.
+#[inline(always)]
+fn reg(regs: *const u8, offset: usize) -> u64 {
+    // SAFETY: `regs` is the pt_regs pointer the tracepoint passed; the read
+    // goes through the helper, which cannot fault the kernel.
+    unsafe { bpf_probe_read_kernel(regs.add(offset) as *const u64) }.unwrap_or(0)
+}
+
+/// The six syscall arguments from the entry registers.
+#[inline(always)]
+fn syscall_args(regs: *const u8) -> [u64; 6] {
+    [
+        reg(regs, regs::DI),
+        reg(regs, regs::SI),
+        reg(regs, regs::DX),
+        reg(regs, regs::R10),
+        reg(regs, regs::R8),
+        reg(regs, regs::R9),
+    ]
+}
 
 #[inline(always)]
 fn config() -> Config {
@@ -193,25 +218,22 @@ fn emit_syscall(tgid: u32, tid: u32, p: &PendingSyscall, ret: i64, flags: u32) {
     entry.submit(0);
 }
 
-#[tracepoint]
-pub fn sys_enter(ctx: TracePointContext) -> u32 {
+/// Raw tracepoint `sys_enter(struct pt_regs *regs, long id)`: no record is
+/// formatted for us, so an untracked task costs one hash lookup.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !is_tracked(tgid) {
         return 0;
     }
     let tid = pid_tgid as u32;
-    // SAFETY: offsets of the stable raw_syscalls/sys_enter layout.
-    let Ok(nr) = (unsafe { ctx.read_at::<i64>(SYS_ENTER_ID) }) else {
-        return 0;
-    };
+    let nr: i64 = ctx.arg(1);
     if nr < 0 || !syscall_wanted(nr as u64) {
         return 0;
     }
-    // SAFETY: as above.
-    let Ok(args) = (unsafe { ctx.read_at::<[u64; 6]>(SYS_ENTER_ARGS) }) else {
-        return 0;
-    };
+    let regs: *const u8 = ctx.arg(0);
+    let args = syscall_args(regs);
     let mut p = PendingSyscall {
         nr: nr as u64,
         // SAFETY: helper without preconditions.
@@ -235,8 +257,9 @@ pub fn sys_enter(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn sys_exit(ctx: TracePointContext) -> u32 {
+/// Raw tracepoint `sys_exit(struct pt_regs *regs, long ret)`.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let Some(pending) = PENDING.get_ptr(&tid) else {
@@ -246,32 +269,21 @@ pub fn sys_exit(ctx: TracePointContext) -> u32 {
     let p = unsafe { *pending };
     let _ = PENDING.remove(&tid);
     let tgid = (pid_tgid >> 32) as u32;
-    // SAFETY: offsets of the stable raw_syscalls/sys_exit layout.
-    let id = unsafe { ctx.read_at::<i64>(SYS_ENTER_ID) }.unwrap_or(-1);
-    // SAFETY: as above.
-    let ret = unsafe { ctx.read_at::<i64>(SYS_EXIT_RET) }.unwrap_or(0);
-    if id as u64 != p.nr || !is_tracked(tgid) {
+    let regs: *const u8 = ctx.arg(0);
+    let id = reg(regs, regs::ORIG_AX);
+    let ret: i64 = ctx.arg(1);
+    if id != p.nr || !is_tracked(tgid) {
         return 0;
     }
     emit_syscall(tgid, tid, &p, ret, 0);
     0
 }
 
+/// Raw tracepoints `page_fault_user|kernel(unsigned long address,
+/// struct pt_regs *regs, unsigned long error_code)`.
 #[inline(always)]
-fn on_fault(ctx: &TracePointContext, kernel: bool) -> u32 {
-    let cfg = config();
-    let wanted = if kernel {
-        CONFIG_F_KERNEL_FAULTS
-    } else {
-        CONFIG_F_USER_FAULTS
-    };
-    if cfg.flags & wanted == 0 {
-        return 0;
-    }
-    // SAFETY: offsets of the stable exceptions/page_fault_* layout.
-    let Ok(error_code) = (unsafe { ctx.read_at::<u64>(FAULT_ERROR_CODE) }) else {
-        return 0;
-    };
+fn on_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
+    let error_code: u64 = ctx.arg(2);
     if error_code & PF_WRITE == 0 {
         return 0;
     }
@@ -280,13 +292,19 @@ fn on_fault(ctx: &TracePointContext, kernel: bool) -> u32 {
     if !is_tracked(tgid) {
         return 0;
     }
-    // SAFETY: as above.
-    let address = unsafe { ctx.read_at::<u64>(FAULT_ADDRESS) }.unwrap_or(0);
+    let wanted = if kernel {
+        CONFIG_F_KERNEL_FAULTS
+    } else {
+        CONFIG_F_USER_FAULTS
+    };
+    if config().flags & wanted == 0 {
+        return 0;
+    }
+    let address: u64 = ctx.arg(0);
     if address >= USER_ADDR_END {
         return 0;
     }
-    // SAFETY: as above.
-    let ip = unsafe { ctx.read_at::<u64>(FAULT_IP) }.unwrap_or(0);
+    let regs: *const u8 = ctx.arg(1);
     let event = FaultEvent {
         header: header(
             EventKind::Fault,
@@ -295,7 +313,7 @@ fn on_fault(ctx: &TracePointContext, kernel: bool) -> u32 {
             pid_tgid as u32,
         ),
         address,
-        ip,
+        ip: reg(regs, regs::IP),
         error_code,
         flags: if kernel { FAULT_F_KERNEL } else { 0 },
         _pad: 0,
@@ -306,13 +324,13 @@ fn on_fault(ctx: &TracePointContext, kernel: bool) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "page_fault_user")]
+pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
     on_fault(&ctx, false)
 }
 
-#[tracepoint]
-pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "page_fault_kernel")]
+pub fn page_fault_kernel(ctx: RawTracePointContext) -> i32 {
     on_fault(&ctx, true)
 }
 

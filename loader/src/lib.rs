@@ -29,7 +29,7 @@ pub mod tracefs;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
 use cr_ebpf_common::{
     self as abi, Config, FIELD_ABSENT, LossCounter, TrackedProcess, map_names,
@@ -157,12 +157,15 @@ impl Tracer {
         }
 
         let mut statuses = Vec::new();
-        for (program, category, name) in abi::PROGRAMS {
-            let result = attach(&mut ebpf, program, category, name);
+        for spec in abi::PROGRAMS {
+            let result = attach(&mut ebpf, &spec);
             let failed = result.is_err();
             statuses.push(ProgramStatus {
-                program,
-                tracepoint: format!("{category}/{name}"),
+                program: spec.name,
+                tracepoint: match spec.attach {
+                    abi::Attach::Raw => format!("raw tracepoint {}", spec.tracepoint),
+                    abi::Attach::TracePoint => format!("{}/{}", spec.category, spec.tracepoint),
+                },
                 result,
             });
             if failed && stop_on_error {
@@ -315,11 +318,15 @@ fn map_err(map: &'static str, what: &str, e: aya::maps::MapError) -> LoaderError
     }
 }
 
-fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), LoaderError> {
+fn attach(ebpf: &mut Ebpf, spec: &abi::ProgramSpec) -> Result<(), LoaderError> {
+    let (program, category, name) = (spec.name, spec.category, spec.tracepoint);
     let wrap = |action: &'static str, e: aya::programs::ProgramError| {
         if error::is_permission(&e) {
             LoaderError::NotPermitted {
-                action: format!("{} program {program}", if action == "loaded" { "load" } else { "attach" }),
+                action: format!(
+                    "{} program {program}",
+                    if action == "loaded" { "load" } else { "attach" }
+                ),
                 source: std::io::Error::from_raw_os_error(libc::EPERM),
             }
         } else {
@@ -332,19 +339,25 @@ fn attach(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<
             }
         }
     };
-    let prog: &mut TracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| LoaderError::Program {
-            program: program.into(),
-            action: "found",
-            category: category.into(),
-            name: name.into(),
-            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-        })?
-        .try_into()
-        .map_err(|e| wrap("loaded", e))?;
-    prog.load().map_err(|e| wrap("loaded", e))?;
-    prog.attach(category, name).map_err(|e| wrap("attached", e))?;
+    let prog = ebpf.program_mut(program).ok_or_else(|| LoaderError::Program {
+        program: program.into(),
+        action: "found",
+        category: category.into(),
+        name: name.into(),
+        source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+    })?;
+    match spec.attach {
+        abi::Attach::Raw => {
+            let prog: &mut RawTracePoint = prog.try_into().map_err(|e| wrap("loaded", e))?;
+            prog.load().map_err(|e| wrap("loaded", e))?;
+            prog.attach(name).map_err(|e| wrap("attached", e))?;
+        }
+        abi::Attach::TracePoint => {
+            let prog: &mut TracePoint = prog.try_into().map_err(|e| wrap("loaded", e))?;
+            prog.load().map_err(|e| wrap("loaded", e))?;
+            prog.attach(category, name).map_err(|e| wrap("attached", e))?;
+        }
+    }
     Ok(())
 }
 
@@ -375,8 +388,8 @@ fn kernel_config(
             })
     };
     // The other programs' tracepoints must exist too: fail early with their name.
-    for (_, category, name) in abi::PROGRAMS {
-        tracefs::Format::read(tracefs, category, name)?;
+    for spec in abi::PROGRAMS {
+        tracefs::Format::read(tracefs, spec.category, spec.tracepoint)?;
     }
     let exit = tracefs::Format::read(tracefs, "sched", "sched_process_exit")?;
     let mut flags = 0;

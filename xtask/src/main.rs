@@ -1,1 +1,132 @@
-fn main() {}
+//! Project tasks. `cargo xtask setup | test | demo | bench`.
+//!
+//! Every task first runs `setup`, which installs what building the eBPF
+//! programs needs on a fresh Debian machine (see `setup.rs`), so the README's
+//! two commands, `cargo xtask demo` and `cargo xtask test`, work from a clean
+//! clone.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "cr-ebpf project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (Debian rustc-web, bpf-linker) and mount tracefs.
+    Setup,
+    /// Set up, then run lints and the whole test suite (privileged tests need root).
+    Test,
+    /// Set up, build, and run the built-in demo.
+    Demo,
+    /// Set up, build in release mode, and run the benches; results go to `results/`.
+    Bench {
+        /// Fewer rounds, for a quick smoke run.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the results.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).context("entering the workspace root")?;
+    setup::ensure()?;
+    match cli.task {
+        Task::Setup => Ok(()),
+        Task::Test => test(),
+        Task::Demo => demo(),
+        Task::Bench { quick, out } => bench(quick, &out),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command, echoing it, and fails with its status.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed: {status}", show(cmd));
+    }
+    Ok(())
+}
+
+fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub(crate) fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test() -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if ci {
+            bail!("CI=true but not running as root: the privileged tests cannot run");
+        }
+        eprintln!(
+            "note: not root: privileged tests (eBPF, ptrace) will be SKIPPED; run as root for the full suite"
+        );
+    }
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    if root {
+        // What the kernel offers, for the log; fails the run if the core is missing.
+        run(Command::new("target/debug/cr-ebpf").arg("check"))?;
+    }
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "cr-ebpf", "-p", "cr-ebpf-perf"]))?;
+    run(Command::new("target/release/cr-ebpf-demo").arg("target/release"))
+}
+
+fn bench(quick: bool, out: &Path) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "cr-ebpf-perf"]))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut cmd = Command::new("target/release/ebpf-overhead");
+    cmd.arg("--out").arg(out.join("ebpf-overhead.json"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
+}

@@ -1,0 +1,115 @@
+//! Installs what the build needs, idempotently; a no-op taking milliseconds
+//! when everything is present.
+//!
+//! * Debian's `rustc-web`, `cargo-web` and `rust-web-src` (a rustc that
+//!   ships the library source `-Z build-std=core` needs for the eBPF target;
+//!   the rustup toolchains here have no `rust-src`), with `libpolly-22-dev`
+//!   and `libzstd-dev` for building bpf-linker against LLVM 22.
+//! * `bpf-linker` 0.13.0 built against LLVM 22.
+//! * tracefs mounted at `/sys/kernel/tracing`.
+
+use std::{path::Path, process::Command, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::run as sh;
+
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "libpolly-22-dev",
+    "libzstd-dev",
+];
+const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn ensure() -> Result<()> {
+    let start = Instant::now();
+    debian_rust()?;
+    bpf_linker()?;
+    tracefs()?;
+    let took = start.elapsed();
+    if took.as_secs() >= 1 {
+        eprintln!("setup: done in {:.1} s", took.as_secs_f64());
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn debian_rust() -> Result<()> {
+    let present = Path::new(RUST_SRC).exists()
+        && Path::new("/usr/bin/rustc").exists()
+        && Path::new("/usr/bin/cargo").exists()
+        && Path::new(LLVM_PREFIX).join("bin/llvm-config").exists();
+    if present {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the eBPF build needs Debian's rustc-web and rust-web-src; as root run: \
+             apt-get update && apt-get install -y {}",
+            APT_PACKAGES.join(" ")
+        );
+    }
+    eprintln!("setup: installing {} from Debian", APT_PACKAGES.join(" "));
+    sh(Command::new("apt-get").arg("update"))?;
+    sh(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(APT_PACKAGES))?;
+    if !Path::new(RUST_SRC).exists() {
+        bail!("apt installed rust-web-src but {RUST_SRC} is still missing");
+    }
+    Ok(())
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn bpf_linker() -> Result<()> {
+    if bpf_linker_version().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    sh(crate::cargo()
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+        .args([
+            "install",
+            "--locked",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))?;
+    let v = bpf_linker_version()
+        .context("bpf-linker was installed but is not on PATH (add ~/.cargo/bin to PATH)")?;
+    eprintln!("setup: {v}");
+    Ok(())
+}
+
+fn tracefs() -> Result<()> {
+    if Path::new("/sys/kernel/tracing/events").is_dir()
+        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!(
+            "setup: tracefs is not mounted and we are not root; \
+             as root run: mount -t tracefs nodev /sys/kernel/tracing"
+        );
+        return Ok(());
+    }
+    sh(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+}
