@@ -4,7 +4,7 @@
 //! The eBPF crate is compiled with the Debian toolchain under `/usr`
 //! (`rustc-web`, which ships the library source that `-Z build-std=core`
 //! needs) and linked by `bpf-linker`. `cargo xtask setup` installs both.
-use anyhow::{Context as _, anyhow};
+use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {
     let toolchain_dir = std::env::var("CR_EBPF_BPF_TOOLCHAIN").unwrap_or_else(|_| "/usr".into());

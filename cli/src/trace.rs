@@ -3,7 +3,7 @@
 use std::{collections::BTreeSet, io::Write as _, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
-use cr_ebpf_loader::{Event, Tracer, TracerOptions, display::Line};
+use cr_ebpf_loader::{display::Line, Event, Tracer, TracerOptions};
 
 /// Options of `cr-ebpf trace`.
 #[derive(clap::Args)]
@@ -32,7 +32,10 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
 async fn trace(args: &Args) -> Result<ExitCode> {
     let options = TracerOptions {
-        ring_buffer_bytes: args.buffer_kib.checked_mul(1024).context("--buffer-kib is too large")?,
+        ring_buffer_bytes: args
+            .buffer_kib
+            .checked_mul(1024)
+            .context("--buffer-kib is too large")?,
         user_faults: !args.no_faults,
         kernel_faults: !args.no_faults,
         ..TracerOptions::default()
@@ -87,7 +90,14 @@ async fn trace(args: &Args) -> Result<ExitCode> {
                 serde_json::to_writer(&mut out, &event)?;
                 writeln!(out)?;
             } else {
-                writeln!(out, "{}", Line { event: &event, start_ns })?;
+                writeln!(
+                    out,
+                    "{}",
+                    Line {
+                        event: &event,
+                        start_ns
+                    }
+                )?;
             }
         }
         let lost: u64 = tracer.losses()?.iter().map(|l| l.dropped).sum();
@@ -98,7 +108,11 @@ async fn trace(args: &Args) -> Result<ExitCode> {
                 lost - reported_losses
             );
             if args.json {
-                writeln!(out, "{}", serde_json::json!({"kind": "loss", "dropped": lost - reported_losses}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"kind": "loss", "dropped": lost - reported_losses})
+                )?;
             } else {
                 writeln!(out, "cr-ebpf: {msg}")?;
             }
@@ -116,7 +130,10 @@ async fn trace(args: &Args) -> Result<ExitCode> {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer; CLOCK_MONOTONIC is the clock bpf_ktime_get_ns uses.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

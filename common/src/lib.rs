@@ -96,11 +96,36 @@ const fn spec(
 pub const PROGRAMS: [ProgramSpec; 7] = [
     spec("sys_enter", "raw_syscalls", "sys_enter", Attach::Raw),
     spec("sys_exit", "raw_syscalls", "sys_exit", Attach::Raw),
-    spec("page_fault_user", "exceptions", "page_fault_user", Attach::Raw),
-    spec("page_fault_kernel", "exceptions", "page_fault_kernel", Attach::Raw),
-    spec("sched_process_fork", "sched", "sched_process_fork", Attach::TracePoint),
-    spec("sched_process_exit", "sched", "sched_process_exit", Attach::TracePoint),
-    spec("sched_process_exec", "sched", "sched_process_exec", Attach::TracePoint),
+    spec(
+        "page_fault_user",
+        "exceptions",
+        "page_fault_user",
+        Attach::Raw,
+    ),
+    spec(
+        "page_fault_kernel",
+        "exceptions",
+        "page_fault_kernel",
+        Attach::Raw,
+    ),
+    spec(
+        "sched_process_fork",
+        "sched",
+        "sched_process_fork",
+        Attach::TracePoint,
+    ),
+    spec(
+        "sched_process_exit",
+        "sched",
+        "sched_process_exit",
+        Attach::TracePoint,
+    ),
+    spec(
+        "sched_process_exec",
+        "sched",
+        "sched_process_exec",
+        Attach::TracePoint,
+    ),
 ];
 
 /// Kind of an event record. `0` is never valid.
@@ -372,7 +397,10 @@ mod tests {
     fn record_sizes_are_stable() {
         // Changing any of these is an ABI change: bump EVENT_ABI_VERSION.
         assert_eq!(size_of::<EventHeader>(), 24);
-        assert_eq!(size_of::<SyscallEvent>(), 24 + 8 + 48 + 8 + 8 + 8 + PATH_CAPTURE);
+        assert_eq!(
+            size_of::<SyscallEvent>(),
+            24 + 8 + 48 + 8 + 8 + 8 + PATH_CAPTURE
+        );
         assert_eq!(size_of::<FaultEvent>(), 24 + 32);
         assert_eq!(size_of::<ForkEvent>(), 24 + 24);
         assert_eq!(size_of::<ExitEvent>(), 24 + 8);

@@ -86,7 +86,10 @@ mod tests {
     fn preference_order() {
         let ok = || Ok::<String, String>(String::new());
         let no = || Err::<String, String>(String::new());
-        let d = |u, s| Detection { uffd_wp: u, soft_dirty: s };
+        let d = |u, s| Detection {
+            uffd_wp: u,
+            soft_dirty: s,
+        };
         assert_eq!(d(ok(), ok()).backend(), Backend::UffdWp);
         assert_eq!(d(no(), ok()).backend(), Backend::SoftDirty);
         assert_eq!(d(no(), no()).backend(), Backend::Hashing);

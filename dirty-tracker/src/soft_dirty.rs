@@ -17,7 +17,8 @@ pub fn probe() -> Result<String, String> {
     let page = sys::page_size() as usize;
     let map = sys::AnonMapping::new(page).map_err(|e| format!("mmap: {e}"))?;
     map.write_byte(0, 1);
-    let pagemap = File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let pagemap =
+        File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
     OpenOptions::new()
         .write(true)
         .open("/proc/self/clear_refs")

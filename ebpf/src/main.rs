@@ -15,24 +15,24 @@
 #![no_main]
 
 use aya_ebpf::{
-    EbpfContext,
+    helpers::bpf_probe_read_kernel,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
-    helpers::bpf_probe_read_kernel,
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use aya_log_ebpf::error;
 use cr_ebpf_common::{
-    CONFIG_F_KERNEL_FAULTS, CONFIG_F_USER_FAULTS, Config, EVENT_ABI_VERSION, EXEC_F_TRUNCATED,
-    EXIT_F_GROUP_DEAD, EXIT_F_GROUP_UNKNOWN, EventHeader, EventKind, ExecEvent, ExitEvent,
-    FAULT_F_KERNEL, FIELD_ABSENT, FORK_F_FLAGS_UNKNOWN, FORK_F_THREAD, FaultEvent, ForkEvent,
-    LossCounter, PATH_CAPTURE, PendingSyscall, SYSCALL_F_NO_RETURN, SYSCALL_F_PATH,
-    SYSCALL_F_PATH_FAULT, SYSCALL_F_PATH_TRUNCATED, SYSCALL_FILTER_BITS, SYSCALL_FILTER_WORDS,
-    SyscallEvent, TrackedProcess, syscalls,
+    syscalls, Config, EventHeader, EventKind, ExecEvent, ExitEvent, FaultEvent, ForkEvent,
+    LossCounter, PendingSyscall, SyscallEvent, TrackedProcess, CONFIG_F_KERNEL_FAULTS,
+    CONFIG_F_USER_FAULTS, EVENT_ABI_VERSION, EXEC_F_TRUNCATED, EXIT_F_GROUP_DEAD,
+    EXIT_F_GROUP_UNKNOWN, FAULT_F_KERNEL, FIELD_ABSENT, FORK_F_FLAGS_UNKNOWN, FORK_F_THREAD,
+    PATH_CAPTURE, SYSCALL_FILTER_BITS, SYSCALL_FILTER_WORDS, SYSCALL_F_NO_RETURN, SYSCALL_F_PATH,
+    SYSCALL_F_PATH_FAULT, SYSCALL_F_PATH_TRUNCATED,
 };
 
 /// Processes whose events are logged, by tgid.

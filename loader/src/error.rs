@@ -46,7 +46,9 @@ pub enum LoaderError {
         field: String,
     },
     /// Loading the object into the kernel failed for another reason.
-    #[error("loading the eBPF object failed (is BPF enabled in this kernel? `cr-ebpf check` tells)")]
+    #[error(
+        "loading the eBPF object failed (is BPF enabled in this kernel? `cr-ebpf check` tells)"
+    )]
     Load(#[source] Box<aya::EbpfError>),
     /// Loading or attaching one program failed.
     #[error("eBPF program `{program}` could not be {action} ({category}/{name})")]
@@ -75,7 +77,9 @@ pub enum LoaderError {
         source: Box<aya::maps::MapError>,
     },
     /// A map the object must contain is not in it.
-    #[error("the embedded eBPF object has no map `{0}`: the build is inconsistent, rebuild cr-ebpf")]
+    #[error(
+        "the embedded eBPF object has no map `{0}`: the build is inconsistent, rebuild cr-ebpf"
+    )]
     MissingMap(&'static str),
     /// The process to track does not exist.
     #[error("no process with pid {pid}: check the pid (`ps -p {pid}`)")]

@@ -348,7 +348,10 @@ mod tests {
     #[test]
     fn rejects_bad_records() {
         let f = abi::FaultEvent {
-            header: header(abi::EventKind::Fault, std::mem::size_of::<abi::FaultEvent>()),
+            header: header(
+                abi::EventKind::Fault,
+                std::mem::size_of::<abi::FaultEvent>(),
+            ),
             ..Default::default()
         };
         let good = bytes_of(&f);

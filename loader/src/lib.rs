@@ -27,13 +27,11 @@ mod stream;
 pub mod tracefs;
 
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{RawTracePoint, TracePoint},
+    Ebpf, EbpfLoader,
 };
-use cr_ebpf_common::{
-    self as abi, Config, FIELD_ABSENT, LossCounter, TrackedProcess, map_names,
-};
+use cr_ebpf_common::{self as abi, map_names, Config, LossCounter, TrackedProcess, FIELD_ABSENT};
 
 pub use error::LoaderError;
 pub use event::{DecodeError, Event};
@@ -224,8 +222,9 @@ impl Tracer {
         let mut map = self.tracked_map()?;
         match map.remove(&pid) {
             Ok(()) => Ok(()),
-            Err(e) if error::io_error_of(&e).and_then(std::io::Error::raw_os_error)
-                == Some(libc::ENOENT) =>
+            Err(e)
+                if error::io_error_of(&e).and_then(std::io::Error::raw_os_error)
+                    == Some(libc::ENOENT) =>
             {
                 Ok(())
             }
@@ -339,13 +338,15 @@ fn attach(ebpf: &mut Ebpf, spec: &abi::ProgramSpec) -> Result<(), LoaderError> {
             }
         }
     };
-    let prog = ebpf.program_mut(program).ok_or_else(|| LoaderError::Program {
-        program: program.into(),
-        action: "found",
-        category: category.into(),
-        name: name.into(),
-        source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-    })?;
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or_else(|| LoaderError::Program {
+            program: program.into(),
+            action: "found",
+            category: category.into(),
+            name: name.into(),
+            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+        })?;
     match spec.attach {
         abi::Attach::Raw => {
             let prog: &mut RawTracePoint = prog.try_into().map_err(|e| wrap("loaded", e))?;
@@ -355,7 +356,8 @@ fn attach(ebpf: &mut Ebpf, spec: &abi::ProgramSpec) -> Result<(), LoaderError> {
         abi::Attach::TracePoint => {
             let prog: &mut TracePoint = prog.try_into().map_err(|e| wrap("loaded", e))?;
             prog.load().map_err(|e| wrap("loaded", e))?;
-            prog.attach(category, name).map_err(|e| wrap("attached", e))?;
+            prog.attach(category, name)
+                .map_err(|e| wrap("attached", e))?;
         }
     }
     Ok(())

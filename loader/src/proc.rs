@@ -6,7 +6,10 @@ use std::collections::{HashMap, VecDeque};
 pub fn exists(pid: u32) -> bool {
     pid != 0
         && std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map(|s| s.lines().any(|l| l.split_whitespace().eq(["Tgid:", &pid.to_string()])))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.split_whitespace().eq(["Tgid:", &pid.to_string()]))
+            })
             .unwrap_or(false)
 }
 
@@ -24,7 +27,11 @@ pub fn descendants(root: u32) -> Vec<u32> {
         return Vec::new();
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))

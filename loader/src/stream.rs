@@ -3,12 +3,12 @@
 use std::io;
 
 use aya::maps::{Map, MapData, RingBuf};
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
-    LoaderError,
-    event::{DecodeError, Event, decode},
+    event::{decode, DecodeError, Event},
     kernel_log::KernelLogger,
+    LoaderError,
 };
 
 /// Decoded events from the ring buffer, in the order the kernel committed them.
@@ -32,10 +32,12 @@ impl EventStream {
         }
         // SAFETY: the fd belongs to `ring`, which the AsyncFd owns from now on
         // and which neither closes nor replaces its map fd while it lives.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| LoaderError::Io {
-                path: "the ring buffer (registering with tokio)".into(),
-                source: e.into(),
+        let ring =
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+                LoaderError::Io {
+                    path: "the ring buffer (registering with tokio)".into(),
+                    source: e.into(),
+                }
             })?;
         Ok(Self { ring, logger })
     }
@@ -55,7 +57,10 @@ impl EventStream {
     }
 
     /// Waits until at least one event is available and appends all available ones.
-    pub async fn next_batch(&mut self, out: &mut Vec<Result<Event, DecodeError>>) -> io::Result<usize> {
+    pub async fn next_batch(
+        &mut self,
+        out: &mut Vec<Result<Event, DecodeError>>,
+    ) -> io::Result<usize> {
         loop {
             let n = self.drain(out);
             if n > 0 {

@@ -49,7 +49,11 @@ pub struct Format {
 impl Format {
     /// Reads `events/<category>/<name>/format` below `tracefs`.
     pub fn read(tracefs: &Path, category: &str, name: &str) -> Result<Self, LoaderError> {
-        let path = tracefs.join("events").join(category).join(name).join("format");
+        let path = tracefs
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
         match std::fs::read_to_string(&path) {
             Ok(text) => Ok(Self::parse(&text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

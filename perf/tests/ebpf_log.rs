@@ -10,8 +10,8 @@ use std::{
 };
 
 use cr_ebpf_loader::{
-    Event, Tracer, TracerOptions,
     event::{Fault, Syscall},
+    Event, Tracer, TracerOptions,
 };
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_scripted");
@@ -114,7 +114,13 @@ fn canon_syscall(s: &Syscall) -> String {
         "umask" | "close" | "dup" | "exit_group" => format!("{name}({}) = {ret}", a[0]),
         "mmap" => format!(
             "mmap({:#x}, {}, {}, {:#x}, {}, {}) = {:#x}",
-            a[0], a[1], a[2], a[3], a[4] as i32, a[5], s.ret.unwrap_or(0)
+            a[0],
+            a[1],
+            a[2],
+            a[3],
+            a[4] as i32,
+            a[5],
+            s.ret.unwrap_or(0)
         ),
         "munmap" => format!("munmap({:#x}, {}) = {ret}", a[0], a[1]),
         "mprotect" => format!("mprotect({:#x}, {}, {}) = {ret}", a[0], a[1], a[2]),
@@ -244,10 +250,18 @@ async fn scripted_sequence_is_logged_exactly_in_order() {
         all.last(),
         Some(Event::Exit(x)) if x.origin.tgid == pid && x.group_dead == Some(true)
     ));
-    assert_eq!(tracer.losses().unwrap(), vec![], "no records lost at this rate");
+    assert_eq!(
+        tracer.losses().unwrap(),
+        vec![],
+        "no records lost at this rate"
+    );
     // Exited processes leave the tracked set in the kernel.
     assert!(
-        tracer.tracked().unwrap().iter().all(|(p, _)| *p != pid && *p != child as u32),
+        tracer
+            .tracked()
+            .unwrap()
+            .iter()
+            .all(|(p, _)| *p != pid && *p != child as u32),
         "exited processes are still tracked: {:?}",
         tracer.tracked().unwrap()
     );
@@ -322,11 +336,17 @@ async fn ring_buffer_overflow_is_counted_exactly() {
     let delivered = all.iter().filter(|e| e.origin().tgid == pid).count() as u64;
     let umasks = all
         .iter()
-        .filter(|e| matches!(e, Event::Syscall(s) if s.name == Some("umask") && s.origin.tgid == pid))
+        .filter(
+            |e| matches!(e, Event::Syscall(s) if s.name == Some("umask") && s.origin.tgid == pid),
+        )
         .count() as u64;
     assert_eq!(delivered, umasks, "only umask records: {all:#?}");
     let losses = tracer.losses().unwrap();
-    let lost: u64 = losses.iter().filter(|l| l.tgid == pid).map(|l| l.dropped).sum();
+    let lost: u64 = losses
+        .iter()
+        .filter(|l| l.tgid == pid)
+        .map(|l| l.dropped)
+        .sum();
     assert!(delivered > 0, "some records fit");
     assert!(lost > 0, "the overflow was counted");
     assert_eq!(delivered + lost, CALLS, "delivered + lost = calls made");
@@ -347,6 +367,9 @@ async fn tracking_a_missing_pid_is_a_clear_error() {
     let err = tracer.track(1 << 23).unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("no process with pid {0}: check the pid (`ps -p {0}`)", 1 << 23)
+        format!(
+            "no process with pid {0}: check the pid (`ps -p {0}`)",
+            1 << 23
+        )
     );
 }

@@ -10,7 +10,7 @@
 
 use std::{path::Path, process::Command, time::Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 
 use crate::run as sh;
 

@@ -3,10 +3,10 @@
 
 use std::{ffi::CString, os::fd::AsRawFd, time::Duration};
 
-use cr_ebpf_loader::{Event, Tracer, TracerOptions, tracefs};
+use cr_ebpf_loader::{tracefs, Event, Tracer, TracerOptions};
 use nix::{
     sys::wait::waitpid,
-    unistd::{ForkResult, fork, pipe, read, write},
+    unistd::{fork, pipe, read, write, ForkResult},
 };
 
 use super::Check;
@@ -29,7 +29,12 @@ pub fn checks() -> Vec<Check> {
     let (mut tracer, statuses) = match Tracer::probe(&TracerOptions::default()) {
         Ok(t) => t,
         Err(e) => {
-            out.push(Check::new(GROUP, "load the eBPF object", true, Err(chain(&e))));
+            out.push(Check::new(
+                GROUP,
+                "load the eBPF object",
+                true,
+                Err(chain(&e)),
+            ));
             return out;
         }
     };

@@ -10,10 +10,10 @@ use std::{
 use nix::{
     sys::{
         ptrace,
-        signal::{Signal, kill},
-        wait::{WaitPidFlag, WaitStatus, waitpid},
+        signal::{kill, Signal},
+        wait::{waitpid, WaitPidFlag, WaitStatus},
     },
-    unistd::{ForkResult, Pid, fork, pipe},
+    unistd::{fork, pipe, ForkResult, Pid},
 };
 
 use super::Check;
@@ -25,7 +25,12 @@ pub fn checks() -> Vec<Check> {
     vec![
         Check::new(GROUP, "ptrace seize + interrupt", true, ptrace_seize()),
         Check::new(GROUP, "clone3 with set_tid", true, clone3_set_tid()),
-        Check::new(GROUP, "pidfd_open + pidfd_getfd + kcmp", true, pidfd_getfd()),
+        Check::new(
+            GROUP,
+            "pidfd_open + pidfd_getfd + kcmp",
+            true,
+            pidfd_getfd(),
+        ),
         Check::new(GROUP, "prctl PR_SET_MM_MAP", true, pr_set_mm_map()),
         Check::new(GROUP, "vDSO/vvar remap (mremap)", true, vdso_remap()),
         Check::new(GROUP, "arch_prctl ARCH_MAP_VDSO_64", false, arch_map_vdso()),
@@ -226,19 +231,29 @@ fn vdso_remap() -> Result<String, String> {
         let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
         let away = sys::reserve(hi - lo).map_err(|e| format!("mmap: {e}"))?;
         for (a, b, _) in &ranges {
-            sys::mremap_fixed(*a, b - a, away + (a - lo)).map_err(|e| format!("mremap away: {e}"))?;
+            sys::mremap_fixed(*a, b - a, away + (a - lo))
+                .map_err(|e| format!("mremap away: {e}"))?;
         }
         for (a, b, _) in &ranges {
-            sys::mremap_fixed(away + (a - lo), b - a, *a).map_err(|e| format!("mremap back: {e}"))?;
+            sys::mremap_fixed(away + (a - lo), b - a, *a)
+                .map_err(|e| format!("mremap back: {e}"))?;
         }
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid out-pointer; goes through the vDSO just moved back.
         if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 || ts.tv_sec == 0 {
             return Err("clock_gettime through the moved vDSO failed".into());
         }
         Ok(())
     })
-    .map(|()| format!("moved {} away and back, clock_gettime works", names.join(", ")))
+    .map(|()| {
+        format!(
+            "moved {} away and back, clock_gettime works",
+            names.join(", ")
+        )
+    })
 }
 
 fn arch_map_vdso() -> Result<String, String> {
@@ -257,7 +272,11 @@ fn map_files() -> Result<String, String> {
     let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
     let range = maps
         .lines()
-        .find(|l| l.split_whitespace().nth(5).is_some_and(|n| n.starts_with('/')))
+        .find(|l| {
+            l.split_whitespace()
+                .nth(5)
+                .is_some_and(|n| n.starts_with('/'))
+        })
         .and_then(|l| l.split_whitespace().next())
         .ok_or("no file-backed mapping found")?;
     let target = std::fs::read_link(format!("/proc/self/map_files/{range}"))
@@ -300,8 +319,10 @@ fn time_namespace() -> Result<String, String> {
         return Err("no /proc/self/ns/time (CONFIG_TIME_NS unset)".into());
     }
     in_child(|| {
-        nix::sched::unshare(nix::sched::CloneFlags::from_bits_retain(libc::CLONE_NEWTIME))
-            .map_err(|e| format!("unshare(CLONE_NEWTIME): {e}"))?;
+        nix::sched::unshare(nix::sched::CloneFlags::from_bits_retain(
+            libc::CLONE_NEWTIME,
+        ))
+        .map_err(|e| format!("unshare(CLONE_NEWTIME): {e}"))?;
         std::fs::write("/proc/self/timens_offsets", "monotonic 100 0")
             .map_err(|e| format!("writing timens_offsets: {e}"))
     })
@@ -340,9 +361,9 @@ fn scratch_cgroup_has(root: &str, file: &str) -> Result<(), String> {
 
 fn cgroup_freezer() -> Result<String, String> {
     match cgroup_mounts() {
-        (Some(v2), _) if scratch_cgroup_has(&v2, "cgroup.freeze").is_ok() => {
-            Ok(format!("cgroup v2 at {v2}: cgroup.freeze present in a new cgroup"))
-        }
+        (Some(v2), _) if scratch_cgroup_has(&v2, "cgroup.freeze").is_ok() => Ok(format!(
+            "cgroup v2 at {v2}: cgroup.freeze present in a new cgroup"
+        )),
         (_, Some(v1)) => scratch_cgroup_has(&v1, "freezer.state")
             .map(|()| format!("cgroup v1 freezer at {v1}: freezer.state present in a new cgroup")),
         (Some(v2), None) => scratch_cgroup_has(&v2, "cgroup.freeze").map(|()| String::new()),

@@ -3,13 +3,38 @@
 use super::Check;
 
 const CAPS: &[(u32, &str, bool, &str)] = &[
-    (21, "CAP_SYS_ADMIN", true, "namespaces, PR_SET_MM_MAP, BPF on older kernels"),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        true,
+        "namespaces, PR_SET_MM_MAP, BPF on older kernels",
+    ),
     (39, "CAP_BPF", true, "loading eBPF programs and maps"),
     (38, "CAP_PERFMON", true, "attaching tracepoints"),
-    (19, "CAP_SYS_PTRACE", true, "freezing and inspecting processes"),
-    (40, "CAP_CHECKPOINT_RESTORE", true, "clone3 set_tid, map_files"),
-    (12, "CAP_NET_ADMIN", false, "TCP_REPAIR for established connections"),
-    (24, "CAP_SYS_RESOURCE", false, "raising limits; cr-ebpf works without it"),
+    (
+        19,
+        "CAP_SYS_PTRACE",
+        true,
+        "freezing and inspecting processes",
+    ),
+    (
+        40,
+        "CAP_CHECKPOINT_RESTORE",
+        true,
+        "clone3 set_tid, map_files",
+    ),
+    (
+        12,
+        "CAP_NET_ADMIN",
+        false,
+        "TCP_REPAIR for established connections",
+    ),
+    (
+        24,
+        "CAP_SYS_RESOURCE",
+        false,
+        "raising limits; cr-ebpf works without it",
+    ),
 ];
 
 /// Effective capability mask of this process.

@@ -28,7 +28,11 @@ fn main() {
         let _ = writeln!(out, "tick {n} sum={sum}");
         let _ = out.flush();
         if n % 5 == 0 {
-            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&log) {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+            {
                 let _ = writeln!(f, "tick {n}");
             }
         }

@@ -16,24 +16,34 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{bail, Context as _, Result};
 
 fn step(n: u32, what: &str) {
     println!("\n=== {n}. {what}");
 }
 
 fn main() -> Result<()> {
-    let bin = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "target/release".into()));
+    let bin = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "target/release".into()),
+    );
     let cr = bin.join("cr-ebpf");
     let counter = bin.join("counter");
 
     step(1, "cr-ebpf check");
-    let status = Command::new(&cr).arg("check").status().context("running cr-ebpf check")?;
+    let status = Command::new(&cr)
+        .arg("check")
+        .status()
+        .context("running cr-ebpf check")?;
     if !status.success() {
         bail!("cr-ebpf check reports something the core needs is missing (see above)");
     }
 
-    step(2, "start the demo workload (counter: ticks, writes pages, logs, forks helpers)");
+    step(
+        2,
+        "start the demo workload (counter: ticks, writes pages, logs, forks helpers)",
+    );
     let mut work = Command::new(&counter)
         .arg("200")
         .stdout(Stdio::piped())
@@ -84,7 +94,10 @@ fn main() -> Result<()> {
     let (total, faults) = show.join().unwrap_or((0, 0));
     println!("... {total} events in 3 s ({faults} page-write faults); trace exited: {status}");
 
-    step(4, "the workload kept running while traced and after the trace detached");
+    step(
+        4,
+        "the workload kept running while traced and after the trace detached",
+    );
     let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
     println!("counter[{pid}] alive: {alive}");
     let _ = work.kill();

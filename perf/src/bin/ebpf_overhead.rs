@@ -63,6 +63,25 @@ fn fault_loop(pages: usize) -> f64 {
     }
 }
 
+fn measure_without_programs(
+    samples: &mut BTreeMap<&'static str, Vec<f64>>,
+    calls: u64,
+    fault_pages: usize,
+) {
+    samples
+        .entry("syscall/none")
+        .or_default()
+        .push(getppid_loop(calls));
+    samples
+        .entry("logged-syscall/none")
+        .or_default()
+        .push(umask_loop(calls));
+    samples
+        .entry("fault/none")
+        .or_default()
+        .push(fault_loop(fault_pages));
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -103,7 +122,7 @@ fn main() -> Result<()> {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let rounds = if quick { 3 } else { 9 };
+    let rounds = if quick { 4 } else { 10 };
     let calls: u64 = if quick { 200_000 } else { 1_000_000 };
     let fault_pages = if quick { 4096 } else { 16384 };
     // SAFETY: geteuid has no preconditions.
@@ -126,16 +145,27 @@ fn main() -> Result<()> {
 
     for round in 0..rounds {
         eprint!("round {}/{rounds}\r", round + 1);
-        // No programs loaded.
-        samples.entry("syscall/none").or_default().push(getppid_loop(calls));
-        samples.entry("logged-syscall/none").or_default().push(umask_loop(calls));
-        samples.entry("fault/none").or_default().push(fault_loop(fault_pages));
-
+        // Alternate the order each round so that drift (caches, page
+        // allocator state) does not favour one configuration.
+        let none_first = round % 2 == 0;
+        if none_first {
+            measure_without_programs(&mut samples, calls, fault_pages);
+        }
         let mut tracer = Tracer::load(&TracerOptions::default()).context("loading the programs")?;
         let mut events = tracer.events()?;
-        samples.entry("syscall/untracked").or_default().push(getppid_loop(calls));
-        samples.entry("fault/untracked").or_default().push(fault_loop(fault_pages));
-
+        let mut untracked = |samples: &mut BTreeMap<&str, Vec<f64>>| {
+            samples
+                .entry("syscall/untracked")
+                .or_default()
+                .push(getppid_loop(calls));
+            samples
+                .entry("fault/untracked")
+                .or_default()
+                .push(fault_loop(fault_pages));
+        };
+        if none_first {
+            untracked(&mut samples);
+        }
         tracer.track(me)?;
         samples
             .entry("syscall/tracked-filtered")
@@ -143,15 +173,24 @@ fn main() -> Result<()> {
             .push(getppid_loop(calls));
         let (ns, seen) = chunked(&mut events, calls, 8192, umask_loop);
         logged_events += seen;
-        samples.entry("logged-syscall/tracked").or_default().push(ns);
+        samples
+            .entry("logged-syscall/tracked")
+            .or_default()
+            .push(ns);
         let (ns, _) = chunked(&mut events, fault_pages as u64, 8192, |n| {
             fault_loop(n as usize)
         });
         samples.entry("fault/tracked").or_default().push(ns);
         lost += tracer.losses()?.iter().map(|l| l.dropped).sum::<u64>();
         tracer.untrack(me)?;
+        if !none_first {
+            untracked(&mut samples);
+        }
         drop(events);
         drop(tracer);
+        if !none_first {
+            measure_without_programs(&mut samples, calls, fault_pages);
+        }
     }
     eprintln!();
 
@@ -168,27 +207,27 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "syscall, untracked process:       +{:6.1} ns ({:.3}x of no programs)",
+        "syscall, untracked process:       {:+7.1} ns ({:.3}x of no programs)",
         delta("syscall/untracked", "syscall/none"),
         ratio("syscall/untracked", "syscall/none")
     );
     println!(
-        "syscall, tracked but filtered:    +{:6.1} ns ({:.3}x)",
+        "syscall, tracked but filtered:    {:+7.1} ns ({:.3}x)",
         delta("syscall/tracked-filtered", "syscall/none"),
         ratio("syscall/tracked-filtered", "syscall/none")
     );
     println!(
-        "syscall, tracked and logged:      +{:6.1} ns ({:.3}x of the same syscall, no programs)",
+        "syscall, tracked and logged:      {:+7.1} ns ({:.3}x of the same syscall, no programs)",
         delta("logged-syscall/tracked", "logged-syscall/none"),
         ratio("logged-syscall/tracked", "logged-syscall/none")
     );
     println!(
-        "first write to a page, untracked: +{:6.1} ns ({:.3}x)",
+        "first write to a page, untracked: {:+7.1} ns ({:.3}x)",
         delta("fault/untracked", "fault/none"),
         ratio("fault/untracked", "fault/none")
     );
     println!(
-        "first write to a page, tracked:   +{:6.1} ns ({:.3}x)",
+        "first write to a page, tracked:   {:+7.1} ns ({:.3}x)",
         delta("fault/tracked", "fault/none"),
         ratio("fault/tracked", "fault/none")
     );
