@@ -153,7 +153,7 @@ fn main() -> Result<()> {
         }
         let mut tracer = Tracer::load(&TracerOptions::default()).context("loading the programs")?;
         let mut events = tracer.events()?;
-        let mut untracked = |samples: &mut BTreeMap<&str, Vec<f64>>| {
+        let untracked = |samples: &mut BTreeMap<&str, Vec<f64>>| {
             samples
                 .entry("syscall/untracked")
                 .or_default()
