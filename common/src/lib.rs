@@ -45,7 +45,7 @@ pub mod map_names {
     pub const SYSCALL_FILTER: &str = "SYSCALL_FILTER";
     /// `Array<Config>` with one entry.
     pub const CONFIG: &str = "CONFIG";
-    /// `LruHashMap<u32 tid, PendingSyscall>`: syscalls entered and not yet returned.
+    /// `HashMap<u32 tid, PendingSyscall>`: syscalls entered and not yet returned.
     pub const PENDING: &str = "PENDING";
     /// Ring buffer of event records.
     pub const EVENTS: &str = "EVENTS";

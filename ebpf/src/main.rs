@@ -21,7 +21,7 @@ use aya_ebpf::{
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
     EbpfContext,
 };
@@ -47,9 +47,12 @@ static SYSCALL_FILTER: Array<u64> = Array::with_max_entries(SYSCALL_FILTER_WORDS
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// Syscalls entered by tracked threads and not returned yet, by tid.
+/// Syscalls entered by tracked threads and not returned yet, by tid. A plain
+/// hash, not an LRU: an entry must never be evicted silently. When it is
+/// full the syscall is counted as a loss. Entries of threads that exit
+/// inside a syscall are removed by `sched_process_exit`.
 #[map]
-static PENDING: LruHashMap<u32, PendingSyscall> = LruHashMap::with_max_entries(16384, 0);
+static PENDING: HashMap<u32, PendingSyscall> = HashMap::with_max_entries(16384, 0);
 
 /// The event log. The loader may resize it before load.
 #[map]
@@ -413,6 +416,9 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
+    // A thread that dies inside a logged syscall never reaches sys_exit; its
+    // process may have been untracked meanwhile, so clean up regardless.
+    let _ = PENDING.remove(&tid);
     if tid != tgid {
         // A thread never owns a TRACKED entry; drop a stray one (see fork).
         let _ = TRACKED.remove(&tid);
@@ -420,7 +426,6 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if !is_tracked(tgid) {
         return 0;
     }
-    let _ = PENDING.remove(&tid);
     let cfg = config();
     let flags = if cfg.exit_group_dead == FIELD_ABSENT {
         EXIT_F_GROUP_UNKNOWN

@@ -106,8 +106,45 @@ fn test() -> Result<()> {
         // What the kernel offers, for the log; fails the run if the core is missing.
         run(Command::new("target/debug/cr-ebpf").arg("check"))?;
     }
-    run(cargo().args(["test", "--no-fail-fast"]))?;
+    let (passed, failed) = run_tests(cargo().args(["test", "--no-fail-fast"]))?;
+    println!("summary: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} test(s) failed");
+    }
     Ok(())
+}
+
+/// Runs a `cargo test` command, passing its output through, and adds up the
+/// `test result:` lines of every test binary.
+fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("+ {}", show(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", show(cmd)))?;
+    let (mut passed, mut failed) = (0, 0);
+    let out = BufReader::new(child.stdout.take().context("test output")?);
+    for line in out.lines() {
+        let line = line.context("reading test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("`{}` failed: {status}", show(cmd));
+    }
+    Ok((passed, failed))
+}
+
+/// The number just before `label` in `ok. 4 passed; 0 failed; ...`.
+fn count_before(text: &str, label: &str) -> u64 {
+    text.find(label)
+        .and_then(|end| text[..end].rsplit([' ', '.']).next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn demo() -> Result<()> {
@@ -124,4 +161,17 @@ fn bench(quick: bool, out: &Path) -> Result<()> {
         cmd.arg("--quick");
     }
     run(&mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn reads_counts_from_a_result_line() {
+        let l = "ok. 4 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.76s";
+        assert_eq!(count_before(l, " passed"), 4);
+        assert_eq!(count_before(l, " failed"), 1);
+        assert_eq!(count_before("FAILED. 12 passed; 3 failed;", " passed"), 12);
+    }
 }

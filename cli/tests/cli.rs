@@ -1,0 +1,140 @@
+//! The `cr-ebpf` binary end to end: `check` and `trace` against real
+//! processes. Privileged: they skip outside CI when not root, and fail in CI.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
+
+fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{test} needs root, and CI=true: a missing capability is a failure in CI");
+    }
+    eprintln!("SKIPPED {test}: needs root (eBPF, ptrace)");
+    false
+}
+
+#[test]
+fn check_json_reports_every_probe_and_a_backend() {
+    if !privileged("check_json_reports_every_probe_and_a_backend") {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args(["check", "--json"])
+        .output()
+        .expect("run cr-ebpf check");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("check --json prints JSON");
+    let checks = report["checks"].as_array().expect("a checks array");
+    let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
+    for wanted in [
+        "ptrace seize + interrupt",
+        "clone3 with set_tid",
+        "pidfd_open + pidfd_getfd + kcmp",
+        "prctl PR_SET_MM_MAP",
+        "vDSO/vvar remap (mremap)",
+        "arch_prctl ARCH_MAP_VDSO_64",
+        "TCP_REPAIR",
+        "time namespaces",
+        "userfaultfd WP_ASYNC + PAGEMAP_SCAN",
+        "soft-dirty bits",
+        "BTF",
+        "tracefs",
+        "ring buffer delivers every kind of event",
+    ] {
+        assert!(names.contains(&wanted), "no `{wanted}` probe in {names:?}");
+    }
+    let programs = names.iter().filter(|n| n.starts_with("program ")).count();
+    assert_eq!(programs, 7, "one line per eBPF program");
+    for c in checks {
+        let status = c["status"].as_str().unwrap();
+        assert!(["ok", "missing", "failed"].contains(&status));
+        if c["required"] == true {
+            assert_ne!(status, "missing", "a required probe is `failed`, not `missing`");
+        }
+    }
+    let core_ok = report["core_ok"].as_bool().unwrap();
+    assert_eq!(out.status.success(), core_ok, "exit status follows core_ok");
+    let backend = report["dirty_tracking_backend"].as_str().unwrap();
+    assert!(["uffd-wp", "soft-dirty", "hashing"].contains(&backend));
+}
+
+#[test]
+fn trace_logs_a_tree_and_stops_when_it_exits() {
+    if !privileged("trace_logs_a_tree_and_stops_when_it_exits") {
+        return;
+    }
+    // A shell that waits for a line, then opens a file, runs a child and exits.
+    let mut work = Command::new("/bin/sh")
+        .args(["-c", "read go; exec 3</etc/hostname; /bin/true; exit 0"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("start the shell");
+    let pid = work.id();
+    let mut trace = Command::new(BIN)
+        .args(["trace", "--pid", &pid.to_string(), "--no-faults"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cr-ebpf trace");
+    let mut err = BufReader::new(trace.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    assert!(first.starts_with(&format!("tracing pid {pid}")), "{first:?}");
+
+    work.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert!(work.wait().unwrap().success());
+
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = trace.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = trace.kill();
+            panic!("trace did not stop after the traced tree exited");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "trace exited with {status}");
+    let mut out = String::new();
+    trace.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("the traced tree has exited"), "stderr: {rest}");
+
+    let has = |needle: &str| out.lines().any(|l| l.contains(needle));
+    assert!(
+        has(&format!("{pid}  openat(AT_FDCWD, \"/etc/hostname\", O_RDONLY")),
+        "no openat of /etc/hostname by the shell in:\n{out}"
+    );
+    assert!(has("now tracked"), "no child creation in:\n{out}");
+    assert!(has("exec \"/bin/true\""), "no exec of the child in:\n{out}");
+    assert!(has("exit_group(0) = ?"), "no exit_group in:\n{out}");
+    let last = out.lines().last().unwrap_or("");
+    assert!(
+        last.contains(&format!("{pid}  exit: last thread, process gone")),
+        "the shell's exit is the last line, got {last:?}"
+    );
+}
+
+#[test]
+fn trace_of_a_missing_pid_names_the_problem() {
+    if !privileged("trace_of_a_missing_pid_names_the_problem") {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args(["trace", "--pid", "8388608"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no process with pid 8388608"), "{err}");
+}
