@@ -57,7 +57,10 @@ fn check_json_reports_every_probe_and_a_backend() {
         let status = c["status"].as_str().unwrap();
         assert!(["ok", "missing", "failed"].contains(&status));
         if c["required"] == true {
-            assert_ne!(status, "missing", "a required probe is `failed`, not `missing`");
+            assert_ne!(
+                status, "missing",
+                "a required probe is `failed`, not `missing`"
+            );
         }
     }
     let core_ok = report["core_ok"].as_bool().unwrap();
@@ -87,7 +90,10 @@ fn trace_logs_a_tree_and_stops_when_it_exits() {
     let mut err = BufReader::new(trace.stderr.take().unwrap());
     let mut first = String::new();
     err.read_line(&mut first).unwrap();
-    assert!(first.starts_with(&format!("tracing pid {pid}")), "{first:?}");
+    assert!(
+        first.starts_with(&format!("tracing pid {pid}")),
+        "{first:?}"
+    );
 
     work.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     assert!(work.wait().unwrap().success());
@@ -105,14 +111,24 @@ fn trace_logs_a_tree_and_stops_when_it_exits() {
     };
     assert!(status.success(), "trace exited with {status}");
     let mut out = String::new();
-    trace.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    trace
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     let mut rest = String::new();
     err.read_to_string(&mut rest).unwrap();
-    assert!(rest.contains("the traced tree has exited"), "stderr: {rest}");
+    assert!(
+        rest.contains("the traced tree has exited"),
+        "stderr: {rest}"
+    );
 
     let has = |needle: &str| out.lines().any(|l| l.contains(needle));
     assert!(
-        has(&format!("{pid}  openat(AT_FDCWD, \"/etc/hostname\", O_RDONLY")),
+        has(&format!(
+            "{pid}  openat(AT_FDCWD, \"/etc/hostname\", O_RDONLY"
+        )),
         "no openat of /etc/hostname by the shell in:\n{out}"
     );
     assert!(has("now tracked"), "no child creation in:\n{out}");
