@@ -107,6 +107,17 @@ fn test() -> Result<()> {
         run(Command::new("target/debug/cr-ebpf").arg("check"))?;
     }
     let (passed, failed) = run_tests(cargo().args(["test", "--no-fail-fast"]))?;
+    if root {
+        // Smoke run of the bench (debug build: the numbers mean nothing, the
+        // run must not fail).
+        let out = std::env::temp_dir().join(format!("cr-ebpf-bench-{}.json", std::process::id()));
+        let smoke = run(Command::new("target/debug/ebpf-overhead")
+            .arg("--quick")
+            .arg("--out")
+            .arg(&out));
+        let _ = std::fs::remove_file(&out);
+        smoke?;
+    }
     println!("summary: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} test(s) failed");
