@@ -1,0 +1,79 @@
+//! The checkpoint image format, version 1. Full description: `docs/IMAGE.md`.
+//!
+//! An image is a directory holding component files. Every file starts with
+//! a 32-byte [header](file) (magic, format major/minor independent of the
+//! crate version, file kind, payload length and CRC-32, header CRC-32).
+//!
+//! * `manifest.img` — tagged sections: the process, its threads, its
+//!   memory mappings ([`Manifest`]).
+//! * `pages.img` — the page store: lz4-compressed chunks of consecutive
+//!   pages, each with its address and a CRC-32 ([`pages`]).
+//!
+//! Readers reject a newer major version, a minor version they do not know,
+//! unknown required sections and enum values, bad checksums, and sizes over
+//! the caps: a damaged image is an error that names the file and offset,
+//! never a guess. Images appear atomically ([`publish`]).
+
+mod codec;
+pub mod file;
+mod manifest;
+pub mod pages;
+mod publish;
+
+pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
+pub use manifest::{
+    Manifest, MappingInfo, MappingKind, ProcessInfo, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED,
+};
+pub use publish::publish;
+
+/// Name of the manifest file in an image directory.
+pub const MANIFEST_FILE: &str = "manifest.img";
+/// Name of the page store in an image directory.
+pub const PAGES_FILE: &str = "pages.img";
+
+/// What is wrong with an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {what}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What was being done.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The content is damaged or not an image of ours.
+    #[error("{path}: corrupt image at byte {offset}: {what}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// Byte offset where the problem was found.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// Written by a format version this build cannot read.
+    #[error(
+        "{path}: image format {major}.{minor} is not readable by this cr-ebpf \
+         (reads {FORMAT_MAJOR}.0 to {FORMAT_MAJOR}.{FORMAT_MINOR}); use a newer cr-ebpf"
+    )]
+    Version {
+        /// The file.
+        path: String,
+        /// Major version in the file.
+        major: u16,
+        /// Minor version in the file.
+        minor: u16,
+    },
+    /// The destination already exists (images are never overwritten).
+    #[error(
+        "{path} already exists: choose a new directory; an existing image is never overwritten"
+    )]
+    Exists {
+        /// The directory.
+        path: String,
+    },
+}

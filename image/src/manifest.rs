@@ -1,0 +1,313 @@
+//! `manifest.img`: tagged sections describing the process.
+//!
+//! Payload: a sequence of sections `tag: u16, flags: u16, len: u32, body`.
+//! Flag bit 0 marks a section a reader may skip if it does not know the tag;
+//! any other unknown tag is an error. Exactly one `PROCESS` section, then
+//! `THREAD` sections (main thread first) and `MAPPING` sections (by address).
+
+use std::path::Path;
+
+use crate::{
+    codec::{Dec, DecErr, Enc},
+    file::{self, FileKind},
+    ImageError,
+};
+
+const TAG_PROCESS: u16 = 1;
+const TAG_THREAD: u16 = 2;
+const TAG_MAPPING: u16 = 3;
+const SECTION_OPTIONAL: u16 = 1;
+
+const PATH_CAP: usize = 4096;
+const REGS_CAP: usize = 1024;
+const XSTATE_CAP: usize = 64 * 1024;
+const AUXV_CAP: usize = 4096;
+
+/// `MappingInfo::flags`: `MAP_SHARED` (otherwise private).
+pub const MAP_SHARED: u32 = 1;
+/// `MappingInfo::flags`: a stack that grows down.
+pub const MAP_GROWSDOWN: u32 = 2;
+
+/// The process-wide part of a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Process id at checkpoint time.
+    pub pid: i32,
+    /// Path of the executable.
+    pub exe: String,
+    /// `start_code, end_code, start_data, end_data, start_brk, brk,
+    /// start_stack, arg_start, arg_end, env_start, env_end`.
+    pub mm: [u64; 11],
+    /// The auxiliary vector (`/proc/PID/auxv`).
+    pub auxv: Vec<u8>,
+    /// Wall-clock time of the checkpoint (Unix nanoseconds).
+    pub taken_unix_ns: u64,
+    /// How long the process was frozen (first thread stopped to last resumed
+    /// or killed), in nanoseconds.
+    pub freeze_ns: u64,
+}
+
+/// One thread.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThreadInfo {
+    /// Thread id at checkpoint time.
+    pub tid: i32,
+    /// `user_regs_struct` bytes.
+    pub regs: Vec<u8>,
+    /// XSAVE area bytes.
+    pub xstate: Vec<u8>,
+    /// Blocked signals.
+    pub sigmask: u64,
+}
+
+/// What a mapping is. On disk as a `u16`; `0` is invalid.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MappingKind {
+    /// Not a kind; decoding it is an error.
+    #[default]
+    Invalid = 0,
+    /// Anonymous memory.
+    Anon = 1,
+    /// Backed by a file (`path`).
+    File = 2,
+    /// `[heap]`.
+    Heap = 3,
+    /// `[stack]`.
+    Stack = 4,
+    /// `[vdso]`: kernel-provided code, moved to its address at restore.
+    Vdso = 5,
+    /// `[vvar]`, `[vvar_vclock]`: kernel data pages of the vDSO.
+    Vvar = 6,
+    /// `[vsyscall]`: fixed by the kernel, nothing to restore.
+    Vsyscall = 7,
+}
+
+impl TryFrom<u16> for MappingKind {
+    type Error = u16;
+    fn try_from(v: u16) -> Result<Self, u16> {
+        Ok(match v {
+            1 => Self::Anon,
+            2 => Self::File,
+            3 => Self::Heap,
+            4 => Self::Stack,
+            5 => Self::Vdso,
+            6 => Self::Vvar,
+            7 => Self::Vsyscall,
+            other => return Err(other),
+        })
+    }
+}
+
+/// One memory mapping.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MappingInfo {
+    /// First address.
+    pub start: u64,
+    /// End address (exclusive).
+    pub end: u64,
+    /// `PROT_*` bits.
+    pub prot: u32,
+    /// `MAP_SHARED`, `MAP_GROWSDOWN` of this module.
+    pub flags: u32,
+    /// File offset.
+    pub offset: u64,
+    /// Kind.
+    pub kind: MappingKind,
+    /// File path, or the kernel's name (`[vvar]`) for special mappings.
+    pub path: String,
+    /// Device of the file (`major << 32 | minor`).
+    pub dev: u64,
+    /// Inode of the file.
+    pub inode: u64,
+    /// Pages of this mapping stored in the page store.
+    pub pages_stored: u64,
+}
+
+/// Everything in `manifest.img`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Manifest {
+    /// The process.
+    pub process: ProcessInfo,
+    /// Its threads, main thread first.
+    pub threads: Vec<ThreadInfo>,
+    /// Its mappings, by address.
+    pub mappings: Vec<MappingInfo>,
+}
+
+fn section(out: &mut Enc, tag: u16, body: Enc) {
+    out.u16(tag);
+    out.u16(0);
+    out.u32(body.buf.len() as u32);
+    out.buf.extend_from_slice(&body.buf);
+}
+
+impl Manifest {
+    /// The payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Enc::default();
+        let p = &self.process;
+        let mut b = Enc::default();
+        b.i32(p.pid);
+        b.str(&p.exe);
+        for v in p.mm {
+            b.u64(v);
+        }
+        b.bytes(&p.auxv);
+        b.u64(p.taken_unix_ns);
+        b.u64(p.freeze_ns);
+        section(&mut out, TAG_PROCESS, b);
+        for t in &self.threads {
+            let mut b = Enc::default();
+            b.i32(t.tid);
+            b.bytes(&t.regs);
+            b.bytes(&t.xstate);
+            b.u64(t.sigmask);
+            section(&mut out, TAG_THREAD, b);
+        }
+        for m in &self.mappings {
+            let mut b = Enc::default();
+            b.u64(m.start);
+            b.u64(m.end);
+            b.u32(m.prot);
+            b.u32(m.flags);
+            b.u64(m.offset);
+            b.u16(m.kind as u16);
+            b.str(&m.path);
+            b.u64(m.dev);
+            b.u64(m.inode);
+            b.u64(m.pages_stored);
+            section(&mut out, TAG_MAPPING, b);
+        }
+        out.buf
+    }
+
+    /// Parses a payload; `base` is its offset in the file (for messages).
+    pub fn decode(payload: &[u8], base: u64) -> Result<Self, DecErr> {
+        let mut d = Dec::new(payload, base);
+        let mut process = None;
+        let mut threads = Vec::new();
+        let mut mappings: Vec<MappingInfo> = Vec::new();
+        while !d.done() {
+            let at = d.offset();
+            let tag = d.u16()?;
+            let flags = d.u16()?;
+            let len = d.u32()? as usize;
+            let body = d.take(len)?;
+            let mut b = Dec::new(body, at + 8);
+            match tag {
+                TAG_PROCESS => {
+                    if process.is_some() {
+                        return Err(DecErr {
+                            offset: at,
+                            what: "a second PROCESS section".into(),
+                        });
+                    }
+                    let pid = b.i32()?;
+                    let exe = b.str(PATH_CAP, "exe path")?;
+                    let mut mm = [0u64; 11];
+                    for v in &mut mm {
+                        *v = b.u64()?;
+                    }
+                    let auxv = b.bytes(AUXV_CAP, "auxv")?.to_vec();
+                    process = Some(ProcessInfo {
+                        pid,
+                        exe,
+                        mm,
+                        auxv,
+                        taken_unix_ns: b.u64()?,
+                        freeze_ns: b.u64()?,
+                    });
+                }
+                TAG_THREAD => threads.push(ThreadInfo {
+                    tid: b.i32()?,
+                    regs: b.bytes(REGS_CAP, "registers")?.to_vec(),
+                    xstate: b.bytes(XSTATE_CAP, "xstate")?.to_vec(),
+                    sigmask: b.u64()?,
+                }),
+                TAG_MAPPING => {
+                    let start = b.u64()?;
+                    let end = b.u64()?;
+                    let prot = b.u32()?;
+                    let mflags = b.u32()?;
+                    let offset = b.u64()?;
+                    let kind_at = b.offset();
+                    let kind = MappingKind::try_from(b.u16()?).map_err(|k| DecErr {
+                        offset: kind_at,
+                        what: format!("unknown mapping kind {k}"),
+                    })?;
+                    let m = MappingInfo {
+                        start,
+                        end,
+                        prot,
+                        flags: mflags,
+                        offset,
+                        kind,
+                        path: b.str(PATH_CAP, "mapping path")?,
+                        dev: b.u64()?,
+                        inode: b.u64()?,
+                        pages_stored: b.u64()?,
+                    };
+                    if m.start >= m.end
+                        || !m.start.is_multiple_of(4096)
+                        || !m.end.is_multiple_of(4096)
+                    {
+                        return Err(DecErr {
+                            offset: at,
+                            what: format!("bad mapping range {:#x}-{:#x}", m.start, m.end),
+                        });
+                    }
+                    if mappings.last().is_some_and(|p| p.end > m.start) {
+                        return Err(DecErr {
+                            offset: at,
+                            what: format!("mapping at {:#x} overlaps or is out of order", m.start),
+                        });
+                    }
+                    mappings.push(m);
+                }
+                _ if flags & SECTION_OPTIONAL != 0 => continue,
+                other => {
+                    return Err(DecErr {
+                        offset: at,
+                        what: format!("unknown section tag {other} (from a newer cr-ebpf?)"),
+                    });
+                }
+            }
+            if !b.done() {
+                return Err(b.err(format!(
+                    "{} unexpected bytes at the end of section {tag}",
+                    body.len() as u64 - (b.offset() - at - 8)
+                )));
+            }
+        }
+        let process = process.ok_or_else(|| d.err("no PROCESS section"))?;
+        if threads.is_empty() {
+            return Err(d.err("no THREAD section"));
+        }
+        Ok(Self {
+            process,
+            threads,
+            mappings,
+        })
+    }
+
+    /// Writes `manifest.img` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), ImageError> {
+        file::write_whole(
+            &dir.join(crate::MANIFEST_FILE),
+            FileKind::Manifest,
+            &self.encode(),
+        )
+    }
+
+    /// Reads and validates `manifest.img` from `dir`.
+    pub fn read(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join(crate::MANIFEST_FILE);
+        let payload = file::read_whole(&path, FileKind::Manifest, file::MANIFEST_CAP)?;
+        Self::decode(&payload, file::HEADER_LEN as u64).map_err(|e| ImageError::Corrupt {
+            path: path.display().to_string(),
+            offset: e.offset,
+            what: e.what,
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! The image format against damaged and foreign input.
+
+use std::path::Path;
+
+use cr_ebpf_image::{
+    pages::{self, Chunk, PageWriter, PAGE},
+    publish, ImageError, Manifest, MappingInfo, MappingKind, ProcessInfo, ThreadInfo,
+    MANIFEST_FILE, PAGES_FILE,
+};
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("cr-ebpf-image-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn manifest() -> Manifest {
+    Manifest {
+        process: ProcessInfo {
+            pid: 42,
+            exe: "/usr/bin/thing".into(),
+            mm: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+            auxv: vec![7; 64],
+            taken_unix_ns: 123,
+            freeze_ns: 456,
+        },
+        threads: vec![ThreadInfo {
+            tid: 42,
+            regs: vec![1; 216],
+            xstate: vec![2; 1088],
+            sigmask: 0x4000,
+        }],
+        mappings: vec![
+            MappingInfo {
+                start: 0x1000,
+                end: 0x3000,
+                prot: 3,
+                flags: 0,
+                offset: 0,
+                kind: MappingKind::Anon,
+                path: String::new(),
+                dev: 0,
+                inode: 0,
+                pages_stored: 2,
+            },
+            MappingInfo {
+                start: 0x7000,
+                end: 0x9000,
+                prot: 5,
+                flags: 0,
+                offset: 0x2000,
+                kind: MappingKind::File,
+                path: "/usr/lib/x.so".into(),
+                dev: 8 << 32 | 1,
+                inode: 99,
+                pages_stored: 0,
+            },
+        ],
+    }
+}
+
+fn write_image(dir: &Path) -> Vec<u8> {
+    manifest().write(dir).unwrap();
+    let raw: Vec<u8> = (0..2 * PAGE).map(|i| (i * 7 % 251) as u8).collect();
+    let mut w = PageWriter::create(dir).unwrap();
+    w.write(&Chunk::compress(0x1000, &raw)).unwrap();
+    w.finish().unwrap();
+    raw
+}
+
+fn flip(path: &Path, offset: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[offset] ^= 0x40;
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn round_trip() {
+    let d = tempdir("roundtrip");
+    let raw = write_image(&d);
+    assert_eq!(Manifest::read(&d).unwrap(), manifest());
+    let chunks = pages::read_chunks(&d).unwrap();
+    assert_eq!(chunks.len(), 1);
+    let mut out = vec![0u8; 2 * PAGE];
+    chunks[0].decompress_into(&mut out).unwrap();
+    assert_eq!(out, raw);
+}
+
+#[test]
+fn a_flipped_byte_in_a_chunk_is_named() {
+    let d = tempdir("flip");
+    write_image(&d);
+    // Inside the compressed data of the first chunk (header 32 + chunk header 24).
+    flip(&d.join(PAGES_FILE), 32 + 24 + 10);
+    let e = pages::read_chunks(&d).unwrap_err().to_string();
+    assert!(e.contains("corrupt image") && e.contains("checksum"), "{e}");
+}
+
+#[test]
+fn a_truncated_page_store_is_an_error() {
+    let d = tempdir("trunc");
+    write_image(&d);
+    let p = d.join(PAGES_FILE);
+    let b = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &b[..b.len() - 100]).unwrap();
+    let e = pages::read_chunks(&d).unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn a_truncated_manifest_is_an_error() {
+    let d = tempdir("truncm");
+    write_image(&d);
+    let p = d.join(MANIFEST_FILE);
+    let b = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &b[..b.len() - 3]).unwrap();
+    let e = Manifest::read(&d).unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn unknown_versions_are_refused() {
+    let d = tempdir("version");
+    write_image(&d);
+    for (major, minor) in [(2u16, 0u16), (1, 7)] {
+        let p = d.join(MANIFEST_FILE);
+        let mut b = std::fs::read(&p).unwrap();
+        b[8..10].copy_from_slice(&major.to_le_bytes());
+        b[10..12].copy_from_slice(&minor.to_le_bytes());
+        let crc = crc32(&b[0..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&p, b).unwrap();
+        let e = Manifest::read(&d).unwrap_err();
+        assert!(matches!(e, ImageError::Version { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("image format {major}.{minor}")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_header_or_foreign_file_is_refused() {
+    let d = tempdir("header");
+    write_image(&d);
+    flip(&d.join(MANIFEST_FILE), 17);
+    let e = Manifest::read(&d).unwrap_err().to_string();
+    assert!(e.contains("header checksum"), "{e}");
+    std::fs::write(d.join(MANIFEST_FILE), b"hello, not an image at all, really").unwrap();
+    let e = Manifest::read(&d).unwrap_err().to_string();
+    assert!(e.contains("bad magic"), "{e}");
+}
+
+#[test]
+fn unknown_enum_values_are_errors() {
+    let mut m = manifest();
+    m.mappings.truncate(1);
+    let mut payload = m.encode();
+    // The kind field of the only mapping: find its encoded u16 (1, Anon).
+    let at = payload.len() - (4 + 8 + 8 + 8) - 2;
+    payload[at..at + 2].copy_from_slice(&77u16.to_le_bytes());
+    let e = Manifest::decode(&payload, 32).unwrap_err();
+    assert!(e.what.contains("unknown mapping kind 77"), "{}", e.what);
+}
+
+#[test]
+fn publish_is_atomic_and_never_overwrites() {
+    let base = tempdir("publish");
+    let dest = base.join("img");
+    // A failing writer leaves nothing behind.
+    let r: Result<(), ImageError> = publish(&dest, |tmp| {
+        std::fs::write(tmp.join("partial"), b"x").unwrap();
+        Err(ImageError::Exists {
+            path: "simulated failure".into(),
+        })
+    });
+    assert!(r.is_err());
+    assert!(!dest.exists());
+    assert_eq!(
+        std::fs::read_dir(&base).unwrap().count(),
+        0,
+        "temp dir cleaned up"
+    );
+    publish(&dest, |tmp| {
+        write_image(tmp);
+        Ok(())
+    })
+    .unwrap();
+    assert!(Manifest::read(&dest).is_ok());
+    let e = publish(&dest, |_| Ok(())).unwrap_err();
+    assert!(matches!(e, ImageError::Exists { .. }));
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    // Same polynomial as the format (CRC-32/ISO-HDLC), bitwise.
+    let mut crc = !0u32;
+    for &x in b {
+        crc ^= x as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}

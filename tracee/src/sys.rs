@@ -1,0 +1,122 @@
+//! Raw calls: `PTRACE_GETREGSET`/`SETREGSET` for the extended FPU state, and
+//! cross-process memory access.
+
+use std::io;
+
+use crate::TraceError;
+
+/// `NT_X86_XSTATE`.
+const NT_X86_XSTATE: libc::c_int = 0x202;
+/// Largest xstate buffer we accept (AMX-capable CPUs need about 11 KiB).
+pub const XSTATE_MAX: usize = 16 * 1024;
+
+/// The thread's extended FPU/SSE/AVX state (XSAVE layout).
+pub fn get_xstate(tid: i32) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the kernel writes at most iov_len bytes into buf and updates iov_len.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_X86_XSTATE as usize as *mut libc::c_void,
+            &mut iov as *mut libc::iovec,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+/// Sets the thread's extended FPU state from an XSAVE image.
+pub fn set_xstate(tid: i32, state: &[u8]) -> io::Result<()> {
+    let mut copy = state.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: copy.as_mut_ptr().cast(),
+        iov_len: copy.len(),
+    };
+    // SAFETY: the kernel reads iov_len bytes from the buffer.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            tid,
+            NT_X86_XSTATE as usize as *mut libc::c_void,
+            &mut iov as *mut libc::iovec,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `addr` of process `pid` (`process_vm_readv`).
+pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), TraceError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let local = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_len: buf.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: both iovecs describe valid ranges: ours in `buf`, the
+        // remote one is checked by the kernel.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if n <= 0 {
+            return Err(TraceError::Memory {
+                op: "reading",
+                pid,
+                addr: addr + done as u64,
+                len: buf.len() - done,
+                source: if n < 0 {
+                    io::Error::last_os_error()
+                } else {
+                    io::Error::from(io::ErrorKind::UnexpectedEof)
+                },
+            });
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Writes `data` at `addr` of process `pid` (`process_vm_writev`); the
+/// target range must be writable.
+pub fn write_memory(pid: i32, addr: u64, data: &[u8]) -> Result<(), TraceError> {
+    let mut done = 0;
+    while done < data.len() {
+        let local = libc::iovec {
+            iov_base: data[done..].as_ptr() as *mut libc::c_void,
+            iov_len: data.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: data.len() - done,
+        };
+        // SAFETY: as for read_memory; the kernel only reads `data`.
+        let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+        if n <= 0 {
+            return Err(TraceError::Memory {
+                op: "writing",
+                pid,
+                addr: addr + done as u64,
+                len: data.len() - done,
+                source: if n < 0 {
+                    io::Error::last_os_error()
+                } else {
+                    io::Error::from(io::ErrorKind::WriteZero)
+                },
+            });
+        }
+        done += n as usize;
+    }
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! One seized thread.
+
+use nix::{
+    sys::{
+        ptrace,
+        signal::Signal,
+        wait::{waitpid, WaitPidFlag, WaitStatus},
+    },
+    unistd::Pid,
+};
+
+use crate::{sys, Regs, TraceError};
+
+/// Why a seized thread is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopKind {
+    /// `PTRACE_INTERRUPT` or group stop (`PTRACE_EVENT_STOP`).
+    Interrupt,
+    /// A syscall entry or exit (`PTRACE_O_TRACESYSGOOD`).
+    Syscall,
+    /// A signal is about to be delivered.
+    Signal(Signal),
+    /// Another ptrace event.
+    Event(i32),
+}
+
+/// A thread under ptrace.
+#[derive(Debug)]
+pub struct Tracee {
+    tid: Pid,
+    attached: bool,
+}
+
+fn perr(request: &'static str, tid: Pid) -> impl FnOnce(nix::Error) -> TraceError {
+    move |source| TraceError::Ptrace {
+        request,
+        tid: tid.as_raw(),
+        source,
+    }
+}
+
+impl Tracee {
+    /// Seizes thread `tid` (no stop yet) with `PTRACE_O_TRACESYSGOOD`, never
+    /// `EXITKILL`: if we die, the kernel detaches and the thread runs on.
+    pub fn seize(tid: i32) -> Result<Self, TraceError> {
+        let tid = Pid::from_raw(tid);
+        ptrace::seize(tid, ptrace::Options::PTRACE_O_TRACESYSGOOD)
+            .map_err(perr("PTRACE_SEIZE", tid))?;
+        Ok(Self {
+            tid,
+            attached: true,
+        })
+    }
+
+    /// Takes over a child that called `PTRACE_TRACEME` and is stopped; the
+    /// options include `EXITKILL` (for a process we are building: if we die
+    /// half-way, it must not run).
+    pub fn adopt_traceme_child(tid: i32) -> Result<Self, TraceError> {
+        let pid = Pid::from_raw(tid);
+        ptrace::setoptions(
+            pid,
+            ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
+        )
+        .map_err(perr("PTRACE_SETOPTIONS", pid))?;
+        Ok(Self {
+            tid: pid,
+            attached: true,
+        })
+    }
+
+    /// The thread id.
+    pub fn tid(&self) -> i32 {
+        self.tid.as_raw()
+    }
+
+    /// Asks the thread to stop (`PTRACE_INTERRUPT`) and waits until it has.
+    pub fn interrupt(&self) -> Result<(), TraceError> {
+        ptrace::interrupt(self.tid).map_err(perr("PTRACE_INTERRUPT", self.tid))?;
+        loop {
+            match self.wait()? {
+                StopKind::Interrupt => return Ok(()),
+                // A signal arrived first: let it stay pending (re-queue it by
+                // not suppressing) and keep waiting for the interrupt stop.
+                StopKind::Signal(sig) => {
+                    ptrace::cont(self.tid, sig).map_err(perr("PTRACE_CONT", self.tid))?
+                }
+                other => {
+                    return Err(TraceError::Unexpected {
+                        tid: self.tid(),
+                        what: format!("stopped for {other:?} while being interrupted"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Waits for the next stop of this thread.
+    pub fn wait(&self) -> Result<StopKind, TraceError> {
+        loop {
+            let status = waitpid(self.tid, Some(WaitPidFlag::__WALL)).map_err(|e| {
+                TraceError::Unexpected {
+                    tid: self.tid(),
+                    what: format!("waitpid: {e}"),
+                }
+            })?;
+            return Ok(match status {
+                WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => {
+                    StopKind::Interrupt
+                }
+                WaitStatus::PtraceEvent(_, _, ev) => StopKind::Event(ev),
+                WaitStatus::PtraceSyscall(_) => StopKind::Syscall,
+                WaitStatus::Stopped(_, sig) => StopKind::Signal(sig),
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    return Err(TraceError::Gone { pid: self.tid() });
+                }
+                WaitStatus::Continued(_) | WaitStatus::StillAlive => continue,
+            });
+        }
+    }
+
+    /// General registers.
+    pub fn regs(&self) -> Result<Regs, TraceError> {
+        ptrace::getregs(self.tid).map_err(perr("PTRACE_GETREGS", self.tid))
+    }
+
+    /// Sets the general registers.
+    pub fn set_regs(&self, regs: &Regs) -> Result<(), TraceError> {
+        ptrace::setregs(self.tid, *regs).map_err(perr("PTRACE_SETREGS", self.tid))
+    }
+
+    /// Extended FPU state (XSAVE layout).
+    pub fn xstate(&self) -> Result<Vec<u8>, TraceError> {
+        sys::get_xstate(self.tid()).map_err(|e| TraceError::Ptrace {
+            request: "PTRACE_GETREGSET(NT_X86_XSTATE)",
+            tid: self.tid(),
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })
+    }
+
+    /// Sets the extended FPU state.
+    pub fn set_xstate(&self, state: &[u8]) -> Result<(), TraceError> {
+        sys::set_xstate(self.tid(), state).map_err(|e| TraceError::Ptrace {
+            request: "PTRACE_SETREGSET(NT_X86_XSTATE)",
+            tid: self.tid(),
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })
+    }
+
+    /// Makes the stopped thread run syscall `nr` with `args`, using the
+    /// `syscall` instruction at `insn` in its memory, and returns the raw
+    /// result (negative errno on failure). The thread's registers are put
+    /// back afterwards; it is left stopped at the syscall exit.
+    pub fn inject_syscall(&self, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
+        let saved = self.regs()?;
+        let ret = self.run_syscall(&saved, insn, nr, args)?;
+        self.set_regs(&saved)?;
+        Ok(ret)
+    }
+
+    /// Like [`Tracee::inject_syscall`] but leaves the registers as the
+    /// syscall left them (for the last call before new registers are set).
+    pub fn run_syscall(
+        &self,
+        base: &Regs,
+        insn: u64,
+        nr: i64,
+        args: [u64; 6],
+    ) -> Result<i64, TraceError> {
+        let mut r = *base;
+        r.rip = insn;
+        r.rax = nr as u64;
+        // Not inside a syscall: keeps the kernel from "restarting" anything.
+        r.orig_rax = u64::MAX;
+        r.rdi = args[0];
+        r.rsi = args[1];
+        r.rdx = args[2];
+        r.r10 = args[3];
+        r.r8 = args[4];
+        r.r9 = args[5];
+        self.set_regs(&r)?;
+        for phase in ["entry", "exit"] {
+            ptrace::syscall(self.tid, None).map_err(perr("PTRACE_SYSCALL", self.tid))?;
+            match self.wait()? {
+                StopKind::Syscall => {}
+                other => {
+                    return Err(TraceError::Unexpected {
+                        tid: self.tid(),
+                        what: format!(
+                            "expected the injected syscall {nr}'s {phase} stop, got {other:?}"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(self.regs()?.rax as i64)
+    }
+
+    /// Lets the thread go (`PTRACE_DETACH`).
+    pub fn detach(mut self) -> Result<(), TraceError> {
+        self.attached = false;
+        ptrace::detach(self.tid, None).map_err(perr("PTRACE_DETACH", self.tid))
+    }
+}
+
+impl Drop for Tracee {
+    fn drop(&mut self) {
+        if self.attached {
+            // Best effort: a thread we lose track of must not stay stopped.
+            let _ = ptrace::detach(self.tid, None);
+        }
+    }
+}
