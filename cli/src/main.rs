@@ -1,9 +1,13 @@
 //! `cr-ebpf`: always-on checkpoint/restore of live Linux processes.
 //!
-//! Commands so far: `check` (what this machine supports) and `trace` (the live
-//! resource and dirty-page log of a process tree).
+//! Commands so far: `check` (what this machine supports), `trace` (the live
+//! resource and dirty-page log of a process tree), `dump`, `restore` and
+//! `inspect` (full checkpoints of single processes).
 
 mod check;
+mod dump;
+mod inspect;
+mod restore;
 mod sys;
 mod trace;
 
@@ -23,6 +27,12 @@ enum Command {
     Check(check::Args),
     /// Print the live log of a process tree's resource changes and write faults.
     Trace(trace::Args),
+    /// Checkpoint a live process into a new image directory.
+    Dump(dump::Args),
+    /// Rebuild a process from an image, with its original pid.
+    Restore(restore::Args),
+    /// Show what an image holds.
+    Inspect(inspect::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +47,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
         Command::Trace(args) => trace::run(&args),
+        Command::Dump(args) => dump::run(&args),
+        Command::Restore(args) => restore::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
     };
     match result {
         Ok(code) => code,

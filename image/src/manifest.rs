@@ -58,6 +58,10 @@ pub struct ThreadInfo {
     pub xstate: Vec<u8>,
     /// Blocked signals.
     pub sigmask: u64,
+    /// Registered rseq area: address (0: none), size, signature.
+    pub rseq: (u64, u32, u32),
+    /// Robust futex list: head address, length.
+    pub robust_list: (u64, u64),
 }
 
 /// What a mapping is. On disk as a `u16`; `0` is invalid.
@@ -163,6 +167,11 @@ impl Manifest {
             b.bytes(&t.regs);
             b.bytes(&t.xstate);
             b.u64(t.sigmask);
+            b.u64(t.rseq.0);
+            b.u32(t.rseq.1);
+            b.u32(t.rseq.2);
+            b.u64(t.robust_list.0);
+            b.u64(t.robust_list.1);
             section(&mut out, TAG_THREAD, b);
         }
         for m in &self.mappings {
@@ -224,6 +233,8 @@ impl Manifest {
                     regs: b.bytes(REGS_CAP, "registers")?.to_vec(),
                     xstate: b.bytes(XSTATE_CAP, "xstate")?.to_vec(),
                     sigmask: b.u64()?,
+                    rseq: (b.u64()?, b.u32()?, b.u32()?),
+                    robust_list: (b.u64()?, b.u64()?),
                 }),
                 TAG_MAPPING => {
                     let start = b.u64()?;

@@ -30,6 +30,8 @@ fn manifest() -> Manifest {
             regs: vec![1; 216],
             xstate: vec![2; 1088],
             sigmask: 0x4000,
+            rseq: (0x7000_1000, 32, 0x5305_3053),
+            robust_list: (0x7000_2000, 24),
         }],
         mappings: vec![
             MappingInfo {

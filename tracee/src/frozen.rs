@@ -106,8 +106,24 @@ impl Frozen {
             tid: pid,
             source,
         })?;
-        // Detaching lets the kill take effect without a stop in between.
-        drop(self);
+        // As the tracer we see each thread die: return only once they have.
+        for t in self.threads {
+            loop {
+                match nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(t.tid()),
+                    Some(nix::sys::wait::WaitPidFlag::__WALL),
+                ) {
+                    Ok(nix::sys::wait::WaitStatus::Exited(..))
+                    | Ok(nix::sys::wait::WaitStatus::Signaled(..))
+                    | Err(_) => break,
+                    // A stop reported before the kill landed: let it go on dying.
+                    Ok(_) => {
+                        let _ = nix::sys::ptrace::cont(nix::unistd::Pid::from_raw(t.tid()), None);
+                    }
+                }
+            }
+            t.forget();
+        }
         Ok(())
     }
 }

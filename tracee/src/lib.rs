@@ -18,7 +18,7 @@ mod thread;
 pub use error::TraceError;
 pub use frozen::Frozen;
 pub use regs::Regs;
-pub use thread::{StopKind, Tracee};
+pub use thread::{Rseq, StopKind, Tracee};
 
 /// Reads `len` bytes at `addr` in process `pid` into `buf`.
-pub use sys::{read_memory, write_memory};
+pub use sys::{fork_with_pid, read_memory, write_memory};

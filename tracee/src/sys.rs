@@ -120,3 +120,51 @@ pub fn write_memory(pid: i32, addr: u64, data: &[u8]) -> Result<(), TraceError> 
     }
     Ok(())
 }
+
+/// `struct clone_args` up to `set_tid_size` (the size the kernel accepts
+/// for `set_tid`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+}
+
+/// Forks (`clone3` without `CLONE_VM`) with the pid `pid`; the child runs
+/// `child` and exits with its return value. Returns the child's pid.
+/// `child` must only make raw syscalls: the caller may have other threads.
+pub fn fork_with_pid(pid: i32, child: impl FnOnce() -> i32) -> io::Result<i32> {
+    let tids = [pid];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM copies the address space like fork;
+    // `args` and `tids` are valid for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r == 0 {
+        let code = child();
+        // SAFETY: leave the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    Ok(r as i32)
+}

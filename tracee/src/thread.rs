@@ -24,6 +24,17 @@ pub enum StopKind {
     Event(i32),
 }
 
+/// A registered rseq area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rseq {
+    /// Address of `struct rseq`.
+    pub ptr: u64,
+    /// Its registered size.
+    pub len: u32,
+    /// The abort signature.
+    pub sig: u32,
+}
+
 /// A thread under ptrace.
 #[derive(Debug)]
 pub struct Tracee {
@@ -146,6 +157,66 @@ impl Tracee {
         })
     }
 
+    /// The thread's registered rseq area (`PTRACE_GET_RSEQ_CONFIGURATION`),
+    /// or `None` when it has none.
+    pub fn rseq(&self) -> Result<Option<Rseq>, TraceError> {
+        const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+        #[repr(C)]
+        #[derive(Default)]
+        struct Conf {
+            ptr: u64,
+            size: u32,
+            sig: u32,
+            flags: u32,
+            pad: u32,
+        }
+        let mut c = Conf::default();
+        // SAFETY: the kernel writes at most `size_of::<Conf>()` bytes into `c`.
+        let r = unsafe {
+            libc::ptrace(
+                PTRACE_GET_RSEQ_CONFIGURATION,
+                self.tid(),
+                std::mem::size_of::<Conf>(),
+                &mut c as *mut Conf,
+            )
+        };
+        if r < 0 {
+            return Err(TraceError::Ptrace {
+                request: "PTRACE_GET_RSEQ_CONFIGURATION",
+                tid: self.tid(),
+                source: nix::Error::last(),
+            });
+        }
+        Ok((c.ptr != 0).then_some(Rseq {
+            ptr: c.ptr,
+            len: c.size,
+            sig: c.sig,
+        }))
+    }
+
+    /// The thread's robust futex list (`get_robust_list`): (head, length).
+    pub fn robust_list(&self) -> Result<(u64, u64), TraceError> {
+        let mut head: u64 = 0;
+        let mut len: usize = 0;
+        // SAFETY: the kernel writes one pointer and one size_t.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_get_robust_list,
+                self.tid(),
+                &mut head as *mut u64,
+                &mut len as *mut usize,
+            )
+        };
+        if r < 0 {
+            return Err(TraceError::Ptrace {
+                request: "get_robust_list",
+                tid: self.tid(),
+                source: nix::Error::last(),
+            });
+        }
+        Ok((head, len as u64))
+    }
+
     /// Makes the stopped thread run syscall `nr` with `args`, using the
     /// `syscall` instruction at `insn` in its memory, and returns the raw
     /// result (negative errno on failure). The thread's registers are put
@@ -193,6 +264,11 @@ impl Tracee {
             }
         }
         Ok(self.regs()?.rax as i64)
+    }
+
+    /// Forgets a thread that has exited (nothing to detach from).
+    pub fn forget(mut self) {
+        self.attached = false;
     }
 
     /// Lets the thread go (`PTRACE_DETACH`).

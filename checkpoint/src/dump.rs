@@ -1,0 +1,310 @@
+//! `dump`: a full checkpoint of one live process.
+
+use std::{
+    fs::File,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_image::{
+    pages::{Chunk, PageWriter, MAX_CHUNK_PAGES},
+    publish, ImageError, Manifest, MappingInfo, MappingKind, ProcessInfo, ThreadInfo,
+};
+use cr_ebpf_tracee::{regs, Frozen, TraceError};
+use rayon::prelude::*;
+
+use crate::{maps, proc};
+
+/// How to dump.
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    /// Resume the process afterwards instead of killing it.
+    pub leave_running: bool,
+    /// Threads reading and compressing pages (0: all cores).
+    pub threads: usize,
+}
+
+impl Default for DumpOptions {
+    fn default() -> Self {
+        Self {
+            leave_running: false,
+            threads: 0,
+        }
+    }
+}
+
+/// What a dump did.
+#[derive(Debug, Clone)]
+pub struct DumpReport {
+    /// The process.
+    pub pid: i32,
+    /// Its threads.
+    pub threads: usize,
+    /// Its mappings.
+    pub mappings: usize,
+    /// Pages stored.
+    pub pages: u64,
+    /// Size of the page store on disk.
+    pub page_bytes: u64,
+    /// First thread stopped until the last resumed (or the process was killed).
+    pub freeze: Duration,
+    /// The whole dump.
+    pub total: Duration,
+    /// Threads that read and compressed pages.
+    pub workers: usize,
+}
+
+impl DumpReport {
+    /// Page data read per second of freeze, in GB/s.
+    pub fn gb_per_s(&self) -> f64 {
+        (self.pages * 4096) as f64 / self.total.as_secs_f64() / 1e9
+    }
+}
+
+/// Why a dump failed. The process is running again (never left stopped or
+/// killed by a failure), and no image was published.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    /// Freezing or inspecting with ptrace failed.
+    #[error("freezing or inspecting process {pid}")]
+    Trace {
+        /// The process.
+        pid: i32,
+        /// The cause.
+        #[source]
+        source: TraceError,
+    },
+    /// Reading /proc failed.
+    #[error("reading {path} of process {pid}")]
+    Proc {
+        /// The process.
+        pid: i32,
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the image failed.
+    #[error("writing the image")]
+    Image(#[from] ImageError),
+    /// The process cannot be checkpointed by this version.
+    #[error("not supported: {what} in process {pid}")]
+    NotSupported {
+        /// The process.
+        pid: i32,
+        /// What.
+        what: String,
+    },
+}
+
+fn proc_err(pid: i32, path: String) -> impl FnOnce(std::io::Error) -> DumpError {
+    move |source| DumpError::Proc { pid, path, source }
+}
+
+/// Checkpoints process `pid` into a new image directory `dir`.
+pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, DumpError> {
+    let start = Instant::now();
+    if pid == std::process::id() as i32 {
+        return Err(DumpError::NotSupported {
+            pid,
+            what: "cr-ebpf cannot checkpoint itself".into(),
+        });
+    }
+    if dir.exists() {
+        return Err(ImageError::Exists {
+            path: dir.display().to_string(),
+        }
+        .into());
+    }
+    let workers = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(|i| format!("dump-reader-{i}"))
+        .build()
+        .map_err(|e| DumpError::NotSupported {
+            pid,
+            what: format!("starting the reader threads: {e}"),
+        })?;
+
+    // From here on an error drops `frozen`, which resumes every thread.
+    let frozen = Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?;
+    let trace = |source| DumpError::Trace { pid, source };
+
+    let maps_path = format!("/proc/{pid}/maps");
+    let maps_text =
+        std::fs::read_to_string(&maps_path).map_err(proc_err(pid, maps_path.clone()))?;
+    let entries = maps::parse_maps(&maps_text).map_err(|e| DumpError::Proc {
+        pid,
+        path: maps_path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    if let Some(shared) = entries
+        .iter()
+        .find(|m| m.shared && m.kind() != MappingKind::File)
+    {
+        return Err(DumpError::NotSupported {
+            pid,
+            what: format!(
+                "shared anonymous memory at {:#x}-{:#x} (comes with process trees)",
+                shared.start, shared.end
+            ),
+        });
+    }
+    let pagemap_path = format!("/proc/{pid}/pagemap");
+    let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
+
+    let mut threads = Vec::new();
+    for t in frozen.threads() {
+        let r = t.regs().map_err(trace)?;
+        let rseq = t.rseq().map_err(trace)?;
+        threads.push(ThreadInfo {
+            tid: t.tid(),
+            regs: regs::to_bytes(&r),
+            xstate: t.xstate().map_err(trace)?,
+            rseq: rseq.map_or((0, 0, 0), |q| (q.ptr, q.len, q.sig)),
+            robust_list: t.robust_list().map_err(trace)?,
+            sigmask: proc::sigmask(pid, t.tid()).map_err(proc_err(
+                pid,
+                format!("/proc/{pid}/task/{}/status", t.tid()),
+            ))?,
+        });
+    }
+    let brk = entries
+        .iter()
+        .find(|m| m.kind() == MappingKind::Heap)
+        .map(|m| m.end);
+    let mm = proc::mm_fields(pid, 0).map_err(proc_err(pid, format!("/proc/{pid}/stat")))?;
+    let mut mm = mm;
+    mm[5] = brk.unwrap_or(mm[4]);
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
+        .map_err(proc_err(pid, format!("/proc/{pid}/auxv")))?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map_err(proc_err(pid, format!("/proc/{pid}/exe")))?
+        .display()
+        .to_string();
+
+    // Which pages to store, split into chunks for the readers.
+    let mut mappings = Vec::new();
+    let mut work: Vec<(u64, u64)> = Vec::new();
+    for m in &entries {
+        let runs = maps::dumpable_runs(&pagemap, m).map_err(proc_err(pid, pagemap_path.clone()))?;
+        let stored: u64 = runs.iter().map(|r| r.1).sum();
+        for (addr, n) in runs {
+            let mut off = 0;
+            while off < n {
+                let k = (n - off).min(256.min(MAX_CHUNK_PAGES as u64));
+                work.push((addr + off * 4096, k));
+                off += k;
+            }
+        }
+        mappings.push(MappingInfo {
+            start: m.start,
+            end: m.end,
+            prot: m.prot,
+            flags: m.image_flags(),
+            offset: m.offset,
+            kind: m.kind(),
+            path: m.path.clone(),
+            dev: m.dev,
+            inode: m.inode,
+            pages_stored: stored,
+        });
+    }
+
+    let mut frozen = Some(frozen);
+    let mut freeze = Duration::ZERO;
+    let (pages, page_bytes) = publish(dir, |tmp| {
+        let mut writer = PageWriter::create(tmp)?;
+        // Readers compress in parallel; one writer thread appends in
+        // arrival order, overlapping reading, compressing and writing.
+        let (tx, rx) = crossbeam_channel::bounded::<Chunk>(workers * 4);
+        let written = std::thread::scope(|s| {
+            let w = s.spawn(move || -> Result<PageWriter, ImageError> {
+                for c in rx {
+                    writer.write(&c)?;
+                }
+                Ok(writer)
+            });
+            let read: Result<(), TraceError> = pool.install(|| {
+                work.par_iter().try_for_each_init(
+                    || vec![0u8; 256 * 4096],
+                    |buf, &(addr, n)| {
+                        let b = &mut buf[..n as usize * 4096];
+                        cr_ebpf_tracee::read_memory(pid, addr, b)?;
+                        // A closed channel means the writer failed: its error wins.
+                        let _ = tx.send(Chunk::compress(addr, b));
+                        Ok(())
+                    },
+                )
+            });
+            drop(tx);
+            let writer = w.join().expect("page writer thread panicked");
+            (read, writer)
+        });
+        let (read, writer) = written;
+        read.map_err(|e| ImageError::Io {
+            path: format!("memory of process {pid}"),
+            what: "reading",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let writer = writer?;
+        // Everything is read: a process that stays alive can run again
+        // while the files are finished.
+        if opts.leave_running {
+            if let Some(f) = frozen.take() {
+                let since = f.since;
+                f.thaw().map_err(|e| ImageError::Io {
+                    path: format!("process {pid}"),
+                    what: "resuming",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                freeze = since.elapsed();
+            }
+        }
+        let (pages, bytes) = writer.finish()?;
+        let taken_unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let freeze_ns = match &frozen {
+            // Killed right after publication: count up to now.
+            Some(f) => f.since.elapsed().as_nanos() as u64,
+            None => freeze.as_nanos() as u64,
+        };
+        let manifest = Manifest {
+            process: ProcessInfo {
+                pid,
+                exe: exe.clone(),
+                mm,
+                auxv: auxv.clone(),
+                taken_unix_ns,
+                freeze_ns,
+            },
+            threads: threads.clone(),
+            mappings: mappings.clone(),
+        };
+        manifest.write(tmp)?;
+        Ok((pages, bytes))
+    })?;
+
+    // Published: only now may the process go, as `criu dump` does.
+    if let Some(f) = frozen.take() {
+        let since = f.since;
+        f.kill().map_err(trace)?;
+        freeze = since.elapsed();
+    }
+    Ok(DumpReport {
+        pid,
+        threads: threads.len(),
+        mappings: mappings.len(),
+        pages,
+        page_bytes,
+        freeze,
+        total: start.elapsed(),
+        workers,
+    })
+}

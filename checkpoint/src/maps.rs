@@ -1,0 +1,168 @@
+//! `/proc/PID/maps` and `/proc/PID/pagemap`.
+
+use std::{fs::File, os::unix::fs::FileExt};
+
+use cr_ebpf_image::{MappingKind, MAP_GROWSDOWN, MAP_SHARED};
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    /// First address.
+    pub start: u64,
+    /// End (exclusive).
+    pub end: u64,
+    /// `PROT_*`.
+    pub prot: u32,
+    /// Shared (`s`) rather than private (`p`).
+    pub shared: bool,
+    /// File offset.
+    pub offset: u64,
+    /// `major << 32 | minor`.
+    pub dev: u64,
+    /// Inode.
+    pub inode: u64,
+    /// Path or `[name]`; empty for anonymous memory.
+    pub path: String,
+}
+
+impl MapEntry {
+    /// What kind of mapping this is.
+    pub fn kind(&self) -> MappingKind {
+        match self.path.as_str() {
+            "" => MappingKind::Anon,
+            "[heap]" => MappingKind::Heap,
+            "[stack]" => MappingKind::Stack,
+            "[vdso]" => MappingKind::Vdso,
+            "[vsyscall]" => MappingKind::Vsyscall,
+            p if p.starts_with("[vvar") => MappingKind::Vvar,
+            p if p.starts_with('[') => MappingKind::Anon,
+            _ if self.inode == 0 => MappingKind::Anon,
+            _ => MappingKind::File,
+        }
+    }
+
+    /// `MAP_SHARED`/`MAP_GROWSDOWN` bits for the image.
+    pub fn image_flags(&self) -> u32 {
+        let mut f = 0;
+        if self.shared {
+            f |= MAP_SHARED;
+        }
+        if self.kind() == MappingKind::Stack {
+            f |= MAP_GROWSDOWN;
+        }
+        f
+    }
+}
+
+/// Parses the text of `/proc/PID/maps`.
+pub fn parse_maps(text: &str) -> Result<Vec<MapEntry>, String> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut it = line.splitn(6, ' ');
+        let bad = || format!("unexpected maps line {line:?}");
+        let range = it.next().ok_or_else(bad)?;
+        let perms = it.next().ok_or_else(bad)?.as_bytes();
+        let offset = it.next().ok_or_else(bad)?;
+        let dev = it.next().ok_or_else(bad)?;
+        let inode = it.next().ok_or_else(bad)?;
+        let path = it.next().unwrap_or("").trim_start().to_string();
+        let (s, e) = range.split_once('-').ok_or_else(bad)?;
+        let (maj, min) = dev.split_once(':').ok_or_else(bad)?;
+        let hex = |v: &str| u64::from_str_radix(v, 16).map_err(|_| bad());
+        if perms.len() < 4 {
+            return Err(bad());
+        }
+        let mut prot = 0;
+        if perms[0] == b'r' {
+            prot |= libc::PROT_READ as u32;
+        }
+        if perms[1] == b'w' {
+            prot |= libc::PROT_WRITE as u32;
+        }
+        if perms[2] == b'x' {
+            prot |= libc::PROT_EXEC as u32;
+        }
+        out.push(MapEntry {
+            start: hex(s)?,
+            end: hex(e)?,
+            prot,
+            shared: perms[3] == b's',
+            offset: hex(offset)?,
+            dev: hex(maj)? << 32 | hex(min)?,
+            inode: inode.parse().map_err(|_| bad())?,
+            path,
+        });
+    }
+    Ok(out)
+}
+
+/// pagemap: page present in RAM.
+const PM_PRESENT: u64 = 1 << 63;
+/// pagemap: page swapped out.
+const PM_SWAPPED: u64 = 1 << 62;
+/// pagemap: file page or shared anonymous page (not a private copy).
+const PM_FILE: u64 = 1 << 61;
+
+/// The pages of `m` whose contents must be stored: every present or swapped
+/// page of anonymous memory, and the private copies (copy-on-write) inside
+/// private file mappings. Returned as runs `(first page address, pages)`.
+pub fn dumpable_runs(pagemap: &File, m: &MapEntry) -> std::io::Result<Vec<(u64, u64)>> {
+    let kind = m.kind();
+    if matches!(
+        kind,
+        MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+    ) || m.shared
+    {
+        return Ok(Vec::new());
+    }
+    let pages = ((m.end - m.start) / 4096) as usize;
+    let mut entries = vec![0u8; pages * 8];
+    pagemap.read_exact_at(&mut entries, m.start / 4096 * 8)?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, e) in entries.chunks_exact(8).enumerate() {
+        let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+        let keep = match kind {
+            MappingKind::File => e & PM_PRESENT != 0 && e & PM_FILE == 0,
+            _ => e & (PM_PRESENT | PM_SWAPPED) != 0,
+        };
+        if keep {
+            let addr = m.start + i as u64 * 4096;
+            match runs.last_mut() {
+                Some((a, n)) if *a + *n * 4096 == addr => *n += 1,
+                _ => runs.push((addr, 1)),
+            }
+        }
+    }
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_kinds_of_lines() {
+        let text = "\
+55d0c0a00000-55d0c0a02000 r--p 00000000 fe:01 1234    /usr/bin/x
+55d0c2000000-55d0c2021000 rw-p 00000000 00:00 0       [heap]
+7f0000000000-7f0000100000 rw-s 00000000 00:01 77      /dev/zero (deleted)
+7ffd0000d000-7ffd0002e000 rw-p 00000000 00:00 0       [stack]
+7ffd000f0000-7ffd000f4000 r--p 00000000 00:00 0       [vvar]
+7ffd000f6000-7ffd000f8000 r-xp 00000000 00:00 0       [vdso]
+7f1000000000-7f1000001000 ---p 00000000 00:00 0 
+";
+        let m = parse_maps(text).unwrap();
+        assert_eq!(m.len(), 7);
+        assert_eq!(m[0].kind(), MappingKind::File);
+        assert_eq!((m[0].dev, m[0].inode), (0xfe << 32 | 1, 1234));
+        assert_eq!(m[1].kind(), MappingKind::Heap);
+        assert!(m[2].shared);
+        assert_eq!(m[3].kind(), MappingKind::Stack);
+        assert_eq!(m[3].image_flags(), MAP_GROWSDOWN);
+        assert_eq!(m[4].kind(), MappingKind::Vvar);
+        assert_eq!(m[5].kind(), MappingKind::Vdso);
+        assert_eq!((m[6].kind(), m[6].prot), (MappingKind::Anon, 0));
+        assert_eq!(m[1].prot, 3);
+        assert!(parse_maps("garbage").is_err());
+    }
+}

@@ -1,0 +1,47 @@
+//! Process-wide facts from /proc.
+
+use std::io;
+
+/// `start_code, end_code, start_data, end_data, start_brk, brk, start_stack,
+/// arg_start, arg_end, env_start, env_end` of process `pid`. `brk` is not in
+/// `/proc/PID/stat`; `brk_now` supplies it (the end of `[heap]`).
+pub fn mm_fields(pid: i32, brk_now: u64) -> io::Result<[u64; 11]> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 2..])
+        .ok_or_else(|| io::Error::other("malformed /proc/PID/stat"))?;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|s| s.parse().unwrap_or(0))
+        .collect();
+    // /proc/PID/stat field n (1-based) is f[n - 3].
+    let at = |n: usize| {
+        f.get(n - 3)
+            .copied()
+            .ok_or_else(|| io::Error::other("short /proc/PID/stat"))
+    };
+    Ok([
+        at(26)?,
+        at(27)?,
+        at(45)?,
+        at(46)?,
+        at(47)?,
+        brk_now,
+        at(28)?,
+        at(48)?,
+        at(49)?,
+        at(50)?,
+        at(51)?,
+    ])
+}
+
+/// The blocked-signal mask of thread `tid` of `pid`.
+pub fn sigmask(pid: i32, tid: i32) -> io::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))?;
+    let hex = s
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .ok_or_else(|| io::Error::other("no SigBlk in status"))?;
+    u64::from_str_radix(hex.trim(), 16).map_err(io::Error::other)
+}

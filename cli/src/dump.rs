@@ -1,0 +1,71 @@
+//! `cr-ebpf dump`: a full checkpoint of a live process.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use cr_ebpf_checkpoint::{dump, DumpOptions};
+
+/// Options of `cr-ebpf dump`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Process to checkpoint.
+    #[arg(long)]
+    pub pid: i32,
+    /// New directory to write the image into (must not exist).
+    #[arg(long)]
+    pub images_dir: PathBuf,
+    /// Resume the process afterwards instead of killing it.
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Threads reading and compressing memory (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &Args) -> Result<ExitCode> {
+    let opts = DumpOptions {
+        leave_running: args.leave_running,
+        threads: args.threads,
+    };
+    let r = dump(args.pid, &args.images_dir, &opts)
+        .with_context(|| format!("checkpointing process {}", args.pid))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "pid": r.pid,
+                "images_dir": args.images_dir,
+                "threads": r.threads,
+                "mappings": r.mappings,
+                "pages": r.pages,
+                "page_bytes_on_disk": r.page_bytes,
+                "freeze_ms": r.freeze.as_secs_f64() * 1e3,
+                "total_ms": r.total.as_secs_f64() * 1e3,
+                "gb_per_s": r.gb_per_s(),
+                "workers": r.workers,
+                "left_running": args.leave_running,
+            })
+        );
+    } else {
+        println!(
+            "checkpointed pid {} into {}: {} thread(s), {} mappings, {} pages ({:.1} MiB, {:.1} MiB on disk); \
+             frozen {:.1} ms, total {:.1} ms ({:.2} GB/s, {} workers); process {}",
+            r.pid,
+            args.images_dir.display(),
+            r.threads,
+            r.mappings,
+            r.pages,
+            r.pages as f64 * 4096.0 / (1 << 20) as f64,
+            r.page_bytes as f64 / (1 << 20) as f64,
+            r.freeze.as_secs_f64() * 1e3,
+            r.total.as_secs_f64() * 1e3,
+            r.gb_per_s(),
+            r.workers,
+            if args.leave_running { "left running" } else { "killed" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

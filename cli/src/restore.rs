@@ -1,0 +1,62 @@
+//! `cr-ebpf restore`: rebuild a process from an image.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use cr_ebpf_restore::{restore, RestoreOptions};
+use nix::{
+    sys::wait::{waitpid, WaitStatus},
+    unistd::Pid,
+};
+
+/// Options of `cr-ebpf restore`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The image to restore.
+    #[arg(long)]
+    pub images_dir: PathBuf,
+    /// Return once the process runs instead of waiting for it to exit.
+    #[arg(long)]
+    pub detach: bool,
+    /// Threads filling memory (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+pub fn run(args: &Args) -> Result<ExitCode> {
+    let r = restore(
+        &args.images_dir,
+        &RestoreOptions {
+            threads: args.threads,
+        },
+    )
+    .with_context(|| format!("restoring {}", args.images_dir.display()))?;
+    eprintln!(
+        "cr-ebpf: restored pid {} ({} pages filled in {:.1} ms by {} workers, {:.1} ms in all)",
+        r.pid,
+        r.pages,
+        r.fill.as_secs_f64() * 1e3,
+        r.workers,
+        r.total.as_secs_f64() * 1e3
+    );
+    if args.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    match waitpid(Pid::from_raw(r.pid), None).context("waiting for the restored process")? {
+        WaitStatus::Exited(_, code) => Ok(ExitCode::from(code as u8)),
+        WaitStatus::Signaled(_, sig, _) => {
+            eprintln!(
+                "cr-ebpf: the restored process {} was killed by {sig}",
+                r.pid
+            );
+            Ok(ExitCode::from(128 + sig as u8))
+        }
+        other => {
+            eprintln!(
+                "cr-ebpf: the restored process {} ended with {other:?}",
+                r.pid
+            );
+            Ok(ExitCode::from(1))
+        }
+    }
+}

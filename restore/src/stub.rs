@@ -1,0 +1,492 @@
+//! Building the process inside a ptrace-controlled stub.
+
+use std::time::{Duration, Instant};
+
+use cr_ebpf_checkpoint::{parse_maps, MapEntry};
+use cr_ebpf_image::{pages::Chunk, Manifest, MappingKind, MAP_GROWSDOWN, MAP_SHARED};
+use cr_ebpf_tracee::{regs, Tracee};
+use nix::{
+    sys::{
+        signal::{kill, Signal},
+        wait::{waitpid, WaitPidFlag, WaitStatus},
+    },
+    unistd::Pid,
+};
+use rayon::prelude::*;
+
+use crate::RestoreError;
+
+const PAGE: u64 = 4096;
+/// Code page (`syscall; int3`) plus data page.
+const TRAMPOLINE_LEN: u64 = 2 * PAGE;
+
+/// Kills the stub unless disarmed: a half-built process must never run.
+struct KillGuard(i32, bool);
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(self.0), Some(WaitPidFlag::__WALL));
+        }
+    }
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// An address range of `len` bytes free in both `busy` lists.
+fn free_range(len: u64, busy: &[(u64, u64)]) -> Option<u64> {
+    (0..4096u64)
+        .map(|i| 0x5f00_0000_0000u64 + i * 0x1_0000_0000)
+        .find(|&a| busy.iter().all(|&r| !overlaps((a, a + len), r)))
+}
+
+struct Stub<'a> {
+    t: &'a Tracee,
+    pid: i32,
+    insn: u64,
+    data: u64,
+}
+
+impl Stub<'_> {
+    fn sys(&self, name: &str, nr: i64, args: [u64; 6]) -> Result<i64, RestoreError> {
+        let r = self
+            .t
+            .inject_syscall(self.insn, nr, args)
+            .map_err(|source| RestoreError::Build {
+                what: format!("injecting {name}({:#x}, {:#x}, ...)", args[0], args[1]),
+                source,
+            })?;
+        if (-4095..0).contains(&r) {
+            return Err(RestoreError::Syscall {
+                call: format!(
+                    "{name}({:#x}, {:#x}, {:#x}, ...)",
+                    args[0], args[1], args[2]
+                ),
+                err: std::io::Error::from_raw_os_error(-r as i32),
+            });
+        }
+        Ok(r)
+    }
+
+    fn put(&self, offset: u64, bytes: &[u8]) -> Result<u64, RestoreError> {
+        assert!(offset + bytes.len() as u64 <= PAGE);
+        cr_ebpf_tracee::write_memory(self.pid, self.data + offset, bytes).map_err(|source| {
+            RestoreError::Build {
+                what: "writing the trampoline data page".into(),
+                source,
+            }
+        })?;
+        Ok(self.data + offset)
+    }
+}
+
+/// Builds the process. Returns (pid, pages written, fill time).
+pub fn build(
+    m: &Manifest,
+    chunks: &[Chunk],
+    workers: usize,
+) -> Result<(i32, u64, Duration), RestoreError> {
+    let own = std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .and_then(|t| parse_maps(&t).ok())
+        .unwrap_or_default();
+    let mut busy: Vec<(u64, u64)> = m.mappings.iter().map(|x| (x.start, x.end)).collect();
+    busy.extend(own.iter().map(|x| (x.start, x.end)));
+    let tramp = free_range(TRAMPOLINE_LEN, &busy)
+        .ok_or_else(|| RestoreError::NotSupported("no free address for the trampoline".into()))?;
+    busy.push((tramp, tramp + TRAMPOLINE_LEN));
+    let vdso_span = 64 * PAGE;
+    let vdso_tmp = free_range(vdso_span, &busy)
+        .ok_or_else(|| RestoreError::NotSupported("no free address to move the vDSO".into()))?;
+
+    let pid = m.process.pid;
+    let child = move || -> i32 {
+        // SAFETY: raw syscalls only (the parent may have other threads).
+        unsafe {
+            let p = libc::mmap(
+                tramp as *mut libc::c_void,
+                TRAMPOLINE_LEN as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            );
+            if p as u64 != tramp {
+                return 90;
+            }
+            let code = p as *mut u8;
+            // syscall; int3
+            code.write(0x0f);
+            code.add(1).write(0x05);
+            code.add(2).write(0xcc);
+            if libc::mprotect(p, PAGE as usize, libc::PROT_READ | libc::PROT_EXEC) != 0 {
+                return 91;
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
+                return 92;
+            }
+            libc::kill(libc::getpid(), libc::SIGSTOP);
+        }
+        93
+    };
+    let got = cr_ebpf_tracee::fork_with_pid(pid, child).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            RestoreError::PidInUse {
+                pid,
+                comm: "taken just now".into(),
+            }
+        } else {
+            RestoreError::NotSupported(format!("clone3 with set_tid = {pid}: {e}"))
+        }
+    })?;
+    let mut guard = KillGuard(got, false);
+    match waitpid(Pid::from_raw(got), Some(WaitPidFlag::__WALL)) {
+        Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
+        other => {
+            return Err(RestoreError::NotSupported(format!(
+                "the restore stub did not stop as expected: {other:?}"
+            )));
+        }
+    }
+    let t = Tracee::adopt_traceme_child(got).map_err(|source| RestoreError::Build {
+        what: "taking over the stub".into(),
+        source,
+    })?;
+    let s = Stub {
+        t: &t,
+        pid: got,
+        insn: tramp,
+        data: tramp + PAGE,
+    };
+
+    // 0. The stub's rseq area is about to vanish: the kernel would fault on
+    //    it at the next preemption.
+    if let Some(q) = t.rseq().map_err(|source| RestoreError::Build {
+        what: "reading the stub's rseq area".into(),
+        source,
+    })? {
+        const RSEQ_FLAG_UNREGISTER: u64 = 1;
+        s.sys(
+            "rseq(unregister)",
+            libc::SYS_rseq,
+            [
+                q.ptr,
+                q.len as u64,
+                RSEQ_FLAG_UNREGISTER,
+                q.sig as u64,
+                0,
+                0,
+            ],
+        )?;
+    }
+
+    // 1. Everything of the stub goes but the trampoline and the vDSO.
+    let stub_maps = std::fs::read_to_string(format!("/proc/{got}/maps"))
+        .ok()
+        .and_then(|t| parse_maps(&t).ok())
+        .ok_or_else(|| RestoreError::NotSupported("cannot read the stub's maps".into()))?;
+    let is_special = |e: &MapEntry| {
+        matches!(
+            e.kind(),
+            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+        )
+    };
+    for e in &stub_maps {
+        if overlaps((e.start, e.end), (tramp, tramp + TRAMPOLINE_LEN)) || is_special(e) {
+            continue;
+        }
+        s.sys(
+            "munmap",
+            libc::SYS_munmap,
+            [e.start, e.end - e.start, 0, 0, 0, 0],
+        )?;
+    }
+
+    // 2. The vDSO and its data pages to the recorded addresses (through a
+    //    free area first, in case the two layouts overlap).
+    let specials: Vec<&MapEntry> = stub_maps
+        .iter()
+        .filter(|e| matches!(e.kind(), MappingKind::Vdso | MappingKind::Vvar))
+        .collect();
+    let lo = specials.iter().map(|e| e.start).min().unwrap_or(0);
+    for e in &specials {
+        let len = e.end - e.start;
+        let want = m.mappings.iter().find(|x| x.path == e.path);
+        match want {
+            Some(w) if w.end - w.start != len => {
+                return Err(RestoreError::NotSupported(format!(
+                    "{} is {} pages on this kernel, {} in the image (taken on another kernel?)",
+                    e.path,
+                    len / PAGE,
+                    (w.end - w.start) / PAGE
+                )));
+            }
+            _ => {}
+        }
+        s.sys(
+            "mremap",
+            libc::SYS_mremap,
+            [
+                e.start,
+                len,
+                len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                vdso_tmp + (e.start - lo),
+                0,
+            ],
+        )?;
+    }
+    for e in &specials {
+        let len = e.end - e.start;
+        let at = vdso_tmp + (e.start - lo);
+        match m.mappings.iter().find(|x| x.path == e.path) {
+            Some(w) => {
+                s.sys(
+                    "mremap",
+                    libc::SYS_mremap,
+                    [
+                        at,
+                        len,
+                        len,
+                        (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                        w.start,
+                        0,
+                    ],
+                )?;
+            }
+            None => {
+                s.sys("munmap", libc::SYS_munmap, [at, len, 0, 0, 0, 0])?;
+            }
+        }
+    }
+
+    // 3. The recorded mappings, writable where pages will be filled.
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+    for x in &m.mappings {
+        if matches!(
+            x.kind,
+            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+        ) {
+            continue;
+        }
+        let len = x.end - x.start;
+        let prot = if x.pages_stored > 0 {
+            x.prot | rw
+        } else {
+            x.prot
+        };
+        let share = if x.flags & MAP_SHARED != 0 {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        let got_addr = if x.kind == MappingKind::File {
+            let mut path = x.path.clone().into_bytes();
+            path.push(0);
+            if path.len() as u64 > PAGE {
+                return Err(RestoreError::NotSupported(format!(
+                    "path longer than a page: {}",
+                    x.path
+                )));
+            }
+            let at = s.put(0, &path)?;
+            let mode = if share == libc::MAP_SHARED && x.prot & libc::PROT_WRITE as u32 != 0 {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let fd = s.sys(
+                "openat",
+                libc::SYS_openat,
+                [
+                    libc::AT_FDCWD as u64,
+                    at,
+                    (mode | libc::O_CLOEXEC) as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            )?;
+            let r = s.sys(
+                "mmap",
+                libc::SYS_mmap,
+                [
+                    x.start,
+                    len,
+                    prot as u64,
+                    (share | libc::MAP_FIXED) as u64,
+                    fd as u64,
+                    x.offset,
+                ],
+            );
+            s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+            r?
+        } else {
+            let mut flags = share | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+            if x.flags & MAP_GROWSDOWN != 0 {
+                flags |= libc::MAP_GROWSDOWN;
+            }
+            s.sys(
+                "mmap",
+                libc::SYS_mmap,
+                [x.start, len, prot as u64, flags as u64, u64::MAX, 0],
+            )?
+        };
+        if got_addr as u64 != x.start {
+            return Err(RestoreError::NotSupported(format!(
+                "mapping {:#x} landed at {got_addr:#x}",
+                x.start
+            )));
+        }
+    }
+
+    // 4. Pages, on all cores.
+    let fill_start = Instant::now();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(|i| format!("restore-fill-{i}"))
+        .build()
+        .map_err(|e| RestoreError::NotSupported(format!("starting the fill threads: {e}")))?;
+    let pages: u64 = chunks.iter().map(|c| c.npages as u64).sum();
+    pool.install(|| {
+        chunks.par_iter().try_for_each_init(
+            || vec![0u8; cr_ebpf_image::pages::MAX_CHUNK_PAGES as usize * PAGE as usize],
+            |buf, c| {
+                let b = &mut buf[..c.npages as usize * PAGE as usize];
+                c.decompress_into(b)
+                    .map_err(|e| RestoreError::NotSupported(format!("page data: {e}")))?;
+                cr_ebpf_tracee::write_memory(got, c.vaddr, b).map_err(|source| {
+                    RestoreError::Build {
+                        what: format!("filling pages at {:#x}", c.vaddr),
+                        source,
+                    }
+                })
+            },
+        )
+    })?;
+    let fill = fill_start.elapsed();
+    for x in &m.mappings {
+        if x.pages_stored > 0
+            && x.prot != x.prot | rw
+            && !matches!(
+                x.kind,
+                MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+            )
+        {
+            s.sys(
+                "mprotect",
+                libc::SYS_mprotect,
+                [x.start, x.end - x.start, x.prot as u64, 0, 0, 0],
+            )?;
+        }
+    }
+
+    // 5. mm fields and auxv in one PR_SET_MM_MAP.
+    let p = &m.process;
+    if p.auxv.len() as u64 > PAGE - 256 {
+        return Err(RestoreError::NotSupported(
+            "auxv larger than expected".into(),
+        ));
+    }
+    let auxv_at = s.put(256, &p.auxv)?;
+    let mut mm_map = Vec::with_capacity(104);
+    for v in p.mm {
+        mm_map.extend_from_slice(&v.to_le_bytes());
+    }
+    mm_map.extend_from_slice(&auxv_at.to_le_bytes());
+    mm_map.extend_from_slice(&(p.auxv.len() as u32).to_le_bytes());
+    mm_map.extend_from_slice(&u32::MAX.to_le_bytes()); // exe_fd: keep
+    let map_at = s.put(0, &mm_map)?;
+    s.sys(
+        "prctl(PR_SET_MM_MAP)",
+        libc::SYS_prctl,
+        [
+            libc::PR_SET_MM as u64,
+            libc::PR_SET_MM_MAP as u64,
+            map_at,
+            mm_map.len() as u64,
+            0,
+            0,
+        ],
+    )?;
+
+    // 6. Per-thread kernel state, signal mask, FPU state, registers.
+    let thread = &m.threads[0];
+    s.sys(
+        "set_robust_list",
+        libc::SYS_set_robust_list,
+        [thread.robust_list.0, thread.robust_list.1, 0, 0, 0, 0],
+    )?;
+    // The stub's clear_child_tid points into memory that is gone.
+    s.sys("set_tid_address", libc::SYS_set_tid_address, [0; 6])?;
+    if thread.rseq.0 != 0 {
+        s.sys(
+            "rseq",
+            libc::SYS_rseq,
+            [
+                thread.rseq.0,
+                thread.rseq.1 as u64,
+                0,
+                thread.rseq.2 as u64,
+                0,
+                0,
+            ],
+        )?;
+    }
+    let mask_at = s.put(0, &thread.sigmask.to_le_bytes())?;
+    s.sys(
+        "rt_sigprocmask",
+        libc::SYS_rt_sigprocmask,
+        [libc::SIG_SETMASK as u64, mask_at, 0, 8, 0, 0],
+    )?;
+    drop(s);
+    if !thread.xstate.is_empty() {
+        t.set_xstate(&thread.xstate)
+            .map_err(|source| RestoreError::Build {
+                what: "setting the FPU state".into(),
+                source,
+            })?;
+    }
+    let saved = regs::from_bytes(&thread.regs)
+        .ok_or_else(|| RestoreError::NotSupported("registers of an unknown size".into()))?;
+    let final_regs = regs::restarted(&saved, true);
+
+    // 7. Last syscall: the trampoline goes; at its exit the thread gets its
+    //    own registers and runs.
+    let base = t.regs().map_err(|source| RestoreError::Build {
+        what: "reading registers".into(),
+        source,
+    })?;
+    let r = t
+        .run_syscall(
+            &base,
+            tramp,
+            libc::SYS_munmap,
+            [tramp, TRAMPOLINE_LEN, 0, 0, 0, 0],
+        )
+        .map_err(|source| RestoreError::Build {
+            what: "removing the trampoline".into(),
+            source,
+        })?;
+    if r != 0 {
+        return Err(RestoreError::Syscall {
+            call: "munmap(trampoline)".into(),
+            err: std::io::Error::from_raw_os_error(-r as i32),
+        });
+    }
+    t.set_regs(&final_regs)
+        .map_err(|source| RestoreError::Build {
+            what: "setting the registers".into(),
+            source,
+        })?;
+    t.detach().map_err(|source| RestoreError::Build {
+        what: "letting the process run".into(),
+        source,
+    })?;
+    guard.1 = true;
+    Ok((got, pages, fill))
+}
