@@ -16,21 +16,12 @@ use rayon::prelude::*;
 use crate::{maps, proc};
 
 /// How to dump.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
     /// Resume the process afterwards instead of killing it.
     pub leave_running: bool,
     /// Threads reading and compressing pages (0: all cores).
     pub threads: usize,
-}
-
-impl Default for DumpOptions {
-    fn default() -> Self {
-        Self {
-            leave_running: false,
-            threads: 0,
-        }
-    }
 }
 
 /// What a dump did.

@@ -443,7 +443,6 @@ pub fn build(
         libc::SYS_rt_sigprocmask,
         [libc::SIG_SETMASK as u64, mask_at, 0, 8, 0, 0],
     )?;
-    drop(s);
     if !thread.xstate.is_empty() {
         t.set_xstate(&thread.xstate)
             .map_err(|source| RestoreError::Build {

@@ -1,0 +1,243 @@
+//! Privileged round trips: dump a live, self-checking workload, restore it,
+//! and require it to continue exactly where it was, with the same pid and
+//! memory. Also bad input: a pid in use, a damaged image.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_checkpoint::{dump, DumpOptions};
+use cr_ebpf_restore::{restore, RestoreError, RestoreOptions};
+use nix::{
+    sys::{
+        signal::{kill, Signal},
+        wait::waitpid,
+    },
+    unistd::Pid,
+};
+
+const TICKER: &str = env!("CARGO_BIN_EXE_ticker");
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("cr-ebpf-rt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The tick numbers in the log, checking every line is `ok`.
+fn ticks(log: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(
+                f.get(2),
+                Some(&"ok"),
+                "workload self-check failed: {l:?}\n{text}"
+            );
+            f[1].parse().unwrap()
+        })
+        .collect()
+}
+
+fn wait_for_ticks(log: &Path, n: usize) -> Vec<u64> {
+    let start = Instant::now();
+    loop {
+        let t = ticks(log);
+        if t.len() >= n {
+            return t;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "only {} ticks after 20 s",
+            t.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_ticker(log: &Path, mib: usize) -> Child {
+    Command::new(TICKER)
+        .arg(log)
+        .arg(mib.to_string())
+        .arg("50")
+        .spawn()
+        .expect("start the ticker workload")
+}
+
+fn stop(pid: i32) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    let _ = waitpid(Pid::from_raw(pid), None);
+}
+
+/// Continuous, no gap, no repeat.
+fn assert_continuous(t: &[u64]) {
+    for w in t.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "ticks jump: {t:?}");
+    }
+}
+
+#[test]
+fn dump_kill_restore_continues_with_same_pid_and_memory() {
+    if !cr_ebpf_perf::privileged("dump_kill_restore_continues_with_same_pid_and_memory") {
+        return;
+    }
+    let s = Scratch::new("basic");
+    let log = s.0.join("log");
+    let mut w = start_ticker(&log, 64);
+    let pid = w.id() as i32;
+    wait_for_ticks(&log, 3);
+    let img = s.0.join("img");
+    let report = dump(pid, &img, &DumpOptions::default()).expect("dump");
+    assert!(
+        report.pages >= 64 * 256,
+        "64 MiB of pattern stored: {report:?}"
+    );
+    // Killed by the dump (which, as its tracer, may already have collected
+    // its exit): make sure the pid is free again.
+    let _ = w.wait();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the dump killed it"
+    );
+    let before = ticks(&log);
+    let last = *before.last().unwrap();
+
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    assert_eq!(r.pid, pid, "the original pid");
+    let after = wait_for_ticks(&log, before.len() + 5);
+    stop(pid);
+    assert_continuous(&after);
+    assert!(after.len() >= before.len() + 5 && after[before.len()] == last + 1);
+}
+
+#[test]
+fn restore_refuses_a_pid_in_use_and_starts_nothing() {
+    if !cr_ebpf_perf::privileged("restore_refuses_a_pid_in_use_and_starts_nothing") {
+        return;
+    }
+    let s = Scratch::new("inuse");
+    let log = s.0.join("log");
+    let mut w = start_ticker(&log, 8);
+    let pid = w.id() as i32;
+    wait_for_ticks(&log, 2);
+    let img = s.0.join("img");
+    dump(
+        pid,
+        &img,
+        &DumpOptions {
+            leave_running: true,
+            ..DumpOptions::default()
+        },
+    )
+    .expect("dump --leave-running");
+    // Still running and still ticking correctly after the dump.
+    let n = ticks(&log).len();
+    wait_for_ticks(&log, n + 3);
+    let err = restore(&img, &RestoreOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, RestoreError::PidInUse { pid: p, .. } if p == pid),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("pid {pid} is in use")),
+        "{err}"
+    );
+    // The original is untouched.
+    assert!(w.try_wait().unwrap().is_none());
+    let _ = w.kill();
+    let _ = w.wait();
+    // Now the pid is free: the image restores and goes on from the dump.
+    let r = restore(&img, &RestoreOptions::default()).expect("restore after the pid is free");
+    assert_eq!(r.pid, pid);
+    let start = Instant::now();
+    // The restored process repeats the ticks after the dump point: it is the
+    // state of the checkpoint, not of the killed original.
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.lines().filter(|l| l.contains(" ok ")).count() > n + 6 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(pid);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("MISMATCH"), "{text}");
+}
+
+#[test]
+fn a_damaged_image_is_refused_before_anything_starts() {
+    if !cr_ebpf_perf::privileged("a_damaged_image_is_refused_before_anything_starts") {
+        return;
+    }
+    let s = Scratch::new("damaged");
+    let log = s.0.join("log");
+    let mut w = start_ticker(&log, 8);
+    let pid = w.id() as i32;
+    wait_for_ticks(&log, 2);
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = w.wait();
+    let pages = img.join(cr_ebpf_image::PAGES_FILE);
+    let mut b = std::fs::read(&pages).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    std::fs::write(&pages, &b).unwrap();
+    let err = restore(&img, &RestoreOptions::default()).unwrap_err();
+    let msg = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    );
+    assert!(
+        msg.contains("corrupt image") && msg.contains("pages.img"),
+        "{msg}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "nothing was started for pid {pid}"
+    );
+    // Truncated: the same.
+    std::fs::write(&pages, &b[..mid]).unwrap();
+    let err = restore(&img, &RestoreOptions::default()).unwrap_err();
+    let msg = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    );
+    assert!(msg.contains("truncated"), "{msg}");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+}
+
+#[test]
+fn dump_of_a_missing_pid_is_a_clear_error() {
+    if !cr_ebpf_perf::privileged("dump_of_a_missing_pid_is_a_clear_error") {
+        return;
+    }
+    let s = Scratch::new("missing");
+    let err = dump(1 << 23, &s.0.join("img"), &DumpOptions::default()).unwrap_err();
+    let msg = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    );
+    assert!(msg.contains("no process with pid 8388608"), "{msg}");
+    assert!(!s.0.join("img").exists(), "no image left behind");
+}
