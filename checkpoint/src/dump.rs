@@ -8,9 +8,9 @@ use std::{
 
 use cr_ebpf_image::{
     pages::{Chunk, PageWriter, MAX_CHUNK_PAGES},
-    publish, ImageError, Manifest, MappingInfo, MappingKind, ProcessInfo, ThreadInfo,
+    publish, ImageError, Manifest, MappingInfo, MappingKind, ProcessInfo, SigAction, ThreadInfo,
 };
-use cr_ebpf_tracee::{regs, Frozen, TraceError};
+use cr_ebpf_tracee::{regs, Frozen, Injector, TraceError};
 use rayon::prelude::*;
 
 use crate::{maps, proc};
@@ -149,16 +149,29 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
 
+    let injector = Injector::new(pid).map_err(trace)?;
     let mut threads = Vec::new();
     for t in frozen.threads() {
+        // Registers first: injected calls below must not show in them.
         let r = t.regs().map_err(trace)?;
         let rseq = t.rseq().map_err(trace)?;
+        let (ret, out) = injector
+            .call_out(t, libc::SYS_prctl, 8, |at| {
+                [libc::PR_GET_TID_ADDRESS as u64, at, 0, 0, 0, 0]
+            })
+            .map_err(trace)?;
+        let clear_child_tid = if ret == 0 {
+            u64::from_le_bytes(out[..8].try_into().expect("8 bytes"))
+        } else {
+            0
+        };
         threads.push(ThreadInfo {
             tid: t.tid(),
             regs: regs::to_bytes(&r),
             xstate: t.xstate().map_err(trace)?,
             rseq: rseq.map_or((0, 0, 0), |q| (q.ptr, q.len, q.sig)),
             robust_list: t.robust_list().map_err(trace)?,
+            clear_child_tid,
             sigmask: proc::sigmask(pid, t.tid()).map_err(proc_err(
                 pid,
                 format!("/proc/{pid}/task/{}/status", t.tid()),
@@ -178,6 +191,52 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         .map_err(proc_err(pid, format!("/proc/{pid}/exe")))?
         .display()
         .to_string();
+
+    // Process-wide state only the process can be asked for.
+    let main = &frozen.threads()[0];
+    let mut sigactions = Vec::new();
+    for signo in 1..=64u32 {
+        if signo == libc::SIGKILL as u32 || signo == libc::SIGSTOP as u32 {
+            continue;
+        }
+        let (ret, out) = injector
+            .call_out(main, libc::SYS_rt_sigaction, 32, |at| {
+                [signo as u64, 0, at, 8, 0, 0]
+            })
+            .map_err(trace)?;
+        if ret != 0 {
+            continue;
+        }
+        let w = |i: usize| u64::from_le_bytes(out[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let a = SigAction {
+            signo,
+            handler: w(0),
+            flags: w(1),
+            restorer: w(2),
+            mask: w(3),
+        };
+        if a.handler != 0 || a.flags != 0 || a.mask != 0 {
+            sigactions.push(a);
+        }
+    }
+    let mut itimers = [(0u64, 0u64); 3];
+    for (which, slot) in itimers.iter_mut().enumerate() {
+        let (ret, out) = injector
+            .call_out(main, libc::SYS_getitimer, 32, |at| [which as u64, at, 0, 0, 0, 0])
+            .map_err(trace)?;
+        if ret == 0 {
+            let w = |i: usize| u64::from_le_bytes(out[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            *slot = (w(0) * 1_000_000 + w(1), w(2) * 1_000_000 + w(3));
+        }
+    }
+    let umask = proc::umask(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
+    let personality =
+        proc::personality(pid).map_err(proc_err(pid, format!("/proc/{pid}/personality")))?;
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+        .map_err(proc_err(pid, format!("/proc/{pid}/cwd")))?
+        .display()
+        .to_string();
+    let rlimits = proc::rlimits(pid).map_err(proc_err(pid, "prlimit64".into()))?;
 
     // Which pages to store, split into chunks for the readers.
     let mut mappings = Vec::new();
@@ -274,6 +333,12 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
                 auxv: auxv.clone(),
                 taken_unix_ns,
                 freeze_ns,
+                umask,
+                personality,
+                cwd: cwd.clone(),
+                rlimits: rlimits.clone(),
+                sigactions: sigactions.clone(),
+                itimers,
             },
             threads: threads.clone(),
             mappings: mappings.clone(),

@@ -45,3 +45,48 @@ pub fn sigmask(pid: i32, tid: i32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("no SigBlk in status"))?;
     u64::from_str_radix(hex.trim(), 16).map_err(io::Error::other)
 }
+
+/// The file mode creation mask of `pid`.
+pub fn umask(pid: i32) -> io::Result<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let v = s
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .ok_or_else(|| io::Error::other("no Umask in status"))?;
+    u32::from_str_radix(v.trim(), 8).map_err(io::Error::other)
+}
+
+/// The execution domain of `pid`.
+pub fn personality(pid: i32) -> io::Result<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/personality"))?;
+    u32::from_str_radix(s.trim(), 16).map_err(io::Error::other)
+}
+
+/// Number of resource limits (`RLIM_NLIMITS`).
+pub const RLIMITS: u32 = 16;
+
+/// The resource limits of `pid`, read from outside with `prlimit64`.
+pub fn rlimits(pid: i32) -> io::Result<Vec<(u64, u64)>> {
+    (0..RLIMITS)
+        .map(|res| {
+            let mut old = libc::rlimit64 {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: reads only; the kernel writes one rlimit64.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_prlimit64,
+                    pid,
+                    res,
+                    std::ptr::null::<libc::rlimit64>(),
+                    &mut old as *mut libc::rlimit64,
+                )
+            };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok((old.rlim_cur, old.rlim_max))
+        })
+        .collect()
+}

@@ -22,7 +22,8 @@ mod publish;
 
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
-    Manifest, MappingInfo, MappingKind, ProcessInfo, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED,
+    Manifest, MappingInfo, MappingKind, ProcessInfo, SigAction, ThreadInfo, MAP_GROWSDOWN,
+    MAP_SHARED,
 };
 pub use publish::publish;
 

@@ -45,6 +45,34 @@ pub struct ProcessInfo {
     /// How long the process was frozen (first thread stopped to last resumed
     /// or killed), in nanoseconds.
     pub freeze_ns: u64,
+    /// File mode creation mask.
+    pub umask: u32,
+    /// Execution domain (`personality(0xffffffff)`).
+    pub personality: u32,
+    /// Working directory.
+    pub cwd: String,
+    /// Resource limits, `RLIMIT_*` order: (soft, hard); `u64::MAX` is infinity.
+    pub rlimits: Vec<(u64, u64)>,
+    /// Signal dispositions that are not the default.
+    pub sigactions: Vec<SigAction>,
+    /// `ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`: (interval, remaining)
+    /// in microseconds.
+    pub itimers: [(u64, u64); 3],
+}
+
+/// One signal disposition, as the kernel's `struct sigaction` for `rt_sigaction`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SigAction {
+    /// Signal number.
+    pub signo: u32,
+    /// Handler address, or 0 `SIG_DFL`, 1 `SIG_IGN`.
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// `sa_restorer`.
+    pub restorer: u64,
+    /// Signals blocked while the handler runs.
+    pub mask: u64,
 }
 
 /// One thread.
@@ -62,6 +90,8 @@ pub struct ThreadInfo {
     pub rseq: (u64, u32, u32),
     /// Robust futex list: head address, length.
     pub robust_list: (u64, u64),
+    /// `clear_child_tid` (`set_tid_address`): zeroed and woken at thread exit.
+    pub clear_child_tid: u64,
 }
 
 /// What a mapping is. On disk as a `u16`; `0` is invalid.
@@ -160,6 +190,27 @@ impl Manifest {
         b.bytes(&p.auxv);
         b.u64(p.taken_unix_ns);
         b.u64(p.freeze_ns);
+        b.u32(p.umask);
+        b.u32(p.personality);
+        b.str(&p.cwd);
+        b.u32(p.rlimits.len() as u32);
+        for (cur, max) in &p.rlimits {
+            b.u64(*cur);
+            b.u64(*max);
+        }
+        b.u32(p.sigactions.len() as u32);
+        for a in &p.sigactions {
+            b.u32(a.signo);
+            b.u32(0);
+            b.u64(a.handler);
+            b.u64(a.flags);
+            b.u64(a.restorer);
+            b.u64(a.mask);
+        }
+        for (interval, value) in p.itimers {
+            b.u64(interval);
+            b.u64(value);
+        }
         section(&mut out, TAG_PROCESS, b);
         for t in &self.threads {
             let mut b = Enc::default();
@@ -172,6 +223,7 @@ impl Manifest {
             b.u32(t.rseq.2);
             b.u64(t.robust_list.0);
             b.u64(t.robust_list.1);
+            b.u64(t.clear_child_tid);
             section(&mut out, TAG_THREAD, b);
         }
         for m in &self.mappings {
@@ -219,13 +271,55 @@ impl Manifest {
                         *v = b.u64()?;
                     }
                     let auxv = b.bytes(AUXV_CAP, "auxv")?.to_vec();
+                    let taken_unix_ns = b.u64()?;
+                    let freeze_ns = b.u64()?;
+                    let umask = b.u32()?;
+                    let personality = b.u32()?;
+                    let cwd = b.str(PATH_CAP, "working directory")?;
+                    let n = b.u32()? as usize;
+                    if n > 64 {
+                        return Err(b.err(format!("{n} resource limits (at most 64)")));
+                    }
+                    let mut rlimits = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        rlimits.push((b.u64()?, b.u64()?));
+                    }
+                    let n = b.u32()? as usize;
+                    if n > 64 {
+                        return Err(b.err(format!("{n} signal dispositions (at most 64)")));
+                    }
+                    let mut sigactions = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let signo = b.u32()?;
+                        let _pad = b.u32()?;
+                        if !(1..=64).contains(&signo) {
+                            return Err(b.err(format!("signal number {signo}")));
+                        }
+                        sigactions.push(SigAction {
+                            signo,
+                            handler: b.u64()?,
+                            flags: b.u64()?,
+                            restorer: b.u64()?,
+                            mask: b.u64()?,
+                        });
+                    }
+                    let mut itimers = [(0, 0); 3];
+                    for t in &mut itimers {
+                        *t = (b.u64()?, b.u64()?);
+                    }
                     process = Some(ProcessInfo {
                         pid,
                         exe,
                         mm,
                         auxv,
-                        taken_unix_ns: b.u64()?,
-                        freeze_ns: b.u64()?,
+                        taken_unix_ns,
+                        freeze_ns,
+                        umask,
+                        personality,
+                        cwd,
+                        rlimits,
+                        sigactions,
+                        itimers,
                     });
                 }
                 TAG_THREAD => threads.push(ThreadInfo {
@@ -235,6 +329,7 @@ impl Manifest {
                     sigmask: b.u64()?,
                     rseq: (b.u64()?, b.u32()?, b.u32()?),
                     robust_list: (b.u64()?, b.u64()?),
+                    clear_child_tid: b.u64()?,
                 }),
                 TAG_MAPPING => {
                     let start = b.u64()?;

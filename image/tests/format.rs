@@ -24,6 +24,18 @@ fn manifest() -> Manifest {
             auxv: vec![7; 64],
             taken_unix_ns: 123,
             freeze_ns: 456,
+            umask: 0o022,
+            personality: 0,
+            cwd: "/srv".into(),
+            rlimits: vec![(8 << 20, u64::MAX); 16],
+            sigactions: vec![cr_ebpf_image::SigAction {
+                signo: 10,
+                handler: 0x5555_0000_1000,
+                flags: 0x0400_0000,
+                restorer: 0x7f00_0000_2000,
+                mask: 0,
+            }],
+            itimers: [(0, 0), (1000, 500), (0, 0)],
         },
         threads: vec![ThreadInfo {
             tid: 42,
@@ -32,6 +44,7 @@ fn manifest() -> Manifest {
             sigmask: 0x4000,
             rseq: (0x7000_1000, 32, 0x5305_3053),
             robust_list: (0x7000_2000, 24),
+            clear_child_tid: 0x7000_3000,
         }],
         mappings: vec![
             MappingInfo {

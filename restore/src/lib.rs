@@ -100,12 +100,6 @@ pub struct RestoreOptions {
 
 /// Checks everything that can be checked before anything is started.
 fn preflight(m: &Manifest) -> Result<(), RestoreError> {
-    if m.threads.len() != 1 {
-        return Err(RestoreError::NotSupported(format!(
-            "the image has {} threads; multi-threaded restore comes next",
-            m.threads.len()
-        )));
-    }
     let pid = m.process.pid;
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
         let field = |k: &str| {

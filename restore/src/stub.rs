@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use cr_ebpf_checkpoint::{parse_maps, MapEntry};
-use cr_ebpf_image::{pages::Chunk, Manifest, MappingKind, MAP_GROWSDOWN, MAP_SHARED};
+use cr_ebpf_image::{pages::Chunk, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED};
 use cr_ebpf_tracee::{regs, Tracee};
 use nix::{
     sys::{
@@ -52,8 +52,17 @@ struct Stub<'a> {
 
 impl Stub<'_> {
     fn sys(&self, name: &str, nr: i64, args: [u64; 6]) -> Result<i64, RestoreError> {
-        let r = self
-            .t
+        self.sys_on(self.t, name, nr, args)
+    }
+
+    fn sys_on(
+        &self,
+        t: &Tracee,
+        name: &str,
+        nr: i64,
+        args: [u64; 6],
+    ) -> Result<i64, RestoreError> {
+        let r = t
             .inject_syscall(self.insn, nr, args)
             .map_err(|source| RestoreError::Build {
                 what: format!("injecting {name}({:#x}, {:#x}, ...)", args[0], args[1]),
@@ -81,6 +90,47 @@ impl Stub<'_> {
         })?;
         Ok(self.data + offset)
     }
+}
+
+/// Sets a thread's own kernel state by syscalls in that thread; returns the
+/// registers it must resume with.
+fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Regs, RestoreError> {
+    s.sys_on(
+        t,
+        "set_robust_list",
+        libc::SYS_set_robust_list,
+        [info.robust_list.0, info.robust_list.1, 0, 0, 0, 0],
+    )?;
+    s.sys_on(
+        t,
+        "set_tid_address",
+        libc::SYS_set_tid_address,
+        [info.clear_child_tid, 0, 0, 0, 0, 0],
+    )?;
+    if info.rseq.0 != 0 {
+        s.sys_on(
+            t,
+            "rseq",
+            libc::SYS_rseq,
+            [info.rseq.0, info.rseq.1 as u64, 0, info.rseq.2 as u64, 0, 0],
+        )?;
+    }
+    let mask_at = s.put(0, &info.sigmask.to_le_bytes())?;
+    s.sys_on(
+        t,
+        "rt_sigprocmask",
+        libc::SYS_rt_sigprocmask,
+        [libc::SIG_SETMASK as u64, mask_at, 0, 8, 0, 0],
+    )?;
+    if !info.xstate.is_empty() {
+        t.set_xstate(&info.xstate).map_err(|source| RestoreError::Build {
+            what: format!("setting the FPU state of thread {}", info.tid),
+            source,
+        })?;
+    }
+    let saved = regs::from_bytes(&info.regs)
+        .ok_or_else(|| RestoreError::NotSupported("registers of an unknown size".into()))?;
+    Ok(regs::restarted(&saved, true))
 }
 
 /// Builds the process. Returns (pid, pages written, fill time).
@@ -414,45 +464,96 @@ pub fn build(
         ],
     )?;
 
-    // 6. Per-thread kernel state, signal mask, FPU state, registers.
-    let thread = &m.threads[0];
-    s.sys(
-        "set_robust_list",
-        libc::SYS_set_robust_list,
-        [thread.robust_list.0, thread.robust_list.1, 0, 0, 0, 0],
-    )?;
-    // The stub's clear_child_tid points into memory that is gone.
-    s.sys("set_tid_address", libc::SYS_set_tid_address, [0; 6])?;
-    if thread.rseq.0 != 0 {
-        s.sys(
-            "rseq",
-            libc::SYS_rseq,
-            [
-                thread.rseq.0,
-                thread.rseq.1 as u64,
-                0,
-                thread.rseq.2 as u64,
-                0,
-                0,
-            ],
-        )?;
-    }
-    let mask_at = s.put(0, &thread.sigmask.to_le_bytes())?;
-    s.sys(
-        "rt_sigprocmask",
-        libc::SYS_rt_sigprocmask,
-        [libc::SIG_SETMASK as u64, mask_at, 0, 8, 0, 0],
-    )?;
-    if !thread.xstate.is_empty() {
-        t.set_xstate(&thread.xstate)
-            .map_err(|source| RestoreError::Build {
-                what: "setting the FPU state".into(),
-                source,
+    // 6. Process-wide state.
+    let mut cwd = p.cwd.clone().into_bytes();
+    cwd.push(0);
+    if cwd.len() as u64 <= PAGE {
+        let at = s.put(0, &cwd)?;
+        s.sys("chdir", libc::SYS_chdir, [at, 0, 0, 0, 0, 0])
+            .map_err(|e| RestoreError::File {
+                path: p.cwd.clone(),
+                what: format!("(the working directory) cannot be entered: {e}"),
             })?;
     }
-    let saved = regs::from_bytes(&thread.regs)
-        .ok_or_else(|| RestoreError::NotSupported("registers of an unknown size".into()))?;
-    let final_regs = regs::restarted(&saved, true);
+    s.sys("umask", libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0])?;
+    s.sys("personality", libc::SYS_personality, [p.personality as u64, 0, 0, 0, 0, 0])?;
+    for (res, &(cur, max)) in p.rlimits.iter().enumerate() {
+        let mut lim = cur.to_le_bytes().to_vec();
+        lim.extend_from_slice(&max.to_le_bytes());
+        let at = s.put(0, &lim)?;
+        s.sys("prlimit64", libc::SYS_prlimit64, [0, res as u64, at, 0, 0, 0])
+            .map_err(|e| {
+                RestoreError::NotSupported(format!(
+                    "resource limit {res} of the image ({cur}, {max}) cannot be set here \
+                     (raising a hard limit needs CAP_SYS_RESOURCE): {e}"
+                ))
+            })?;
+    }
+    for a in &p.sigactions {
+        let mut act = Vec::with_capacity(32);
+        for v in [a.handler, a.flags, a.restorer, a.mask] {
+            act.extend_from_slice(&v.to_le_bytes());
+        }
+        let at = s.put(0, &act)?;
+        s.sys("rt_sigaction", libc::SYS_rt_sigaction, [a.signo as u64, at, 0, 8, 0, 0])?;
+    }
+
+    // 7. Threads, each with its own tid, then each thread's own state.
+    let mut others = Vec::new();
+    for info in &m.threads[1..] {
+        const THREAD_FLAGS: u64 = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        let tid_at = s.put(1024, &info.tid.to_le_bytes())?;
+        let mut args = Vec::with_capacity(80);
+        // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
+        // tls, set_tid, set_tid_size
+        for v in [THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, tid_at, 1] {
+            args.extend_from_slice(&v.to_le_bytes());
+        }
+        let args_at = s.put(512, &args)?;
+        let new = s.sys("clone3", libc::SYS_clone3, [args_at, args.len() as u64, 0, 0, 0, 0])?;
+        if new != info.tid as i64 {
+            return Err(RestoreError::NotSupported(format!(
+                "thread {} came back as {new}",
+                info.tid
+            )));
+        }
+        let nt = Tracee::adopt_clone(info.tid).map_err(|source| RestoreError::Build {
+            what: format!("taking over thread {}", info.tid),
+            source,
+        })?;
+        let regs = thread_state(&s, &nt, info)?;
+        nt.set_regs(&regs).map_err(|source| RestoreError::Build {
+            what: format!("setting the registers of thread {}", info.tid),
+            source,
+        })?;
+        others.push(nt);
+    }
+    let final_regs = thread_state(&s, &t, &m.threads[0])?;
+
+    // 8. Timers last: a timer firing now would interrupt the build.
+    for (which, &(interval, value)) in p.itimers.iter().enumerate() {
+        if interval == 0 && value == 0 {
+            continue;
+        }
+        let mut v = Vec::with_capacity(32);
+        for x in [interval / 1_000_000, interval % 1_000_000, value / 1_000_000, value % 1_000_000] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        let at = s.put(0, &v)?;
+        s.sys("setitimer", libc::SYS_setitimer, [which as u64, at, 0, 0, 0, 0])?;
+    }
+    for nt in others {
+        let tid = nt.tid();
+        nt.detach().map_err(|source| RestoreError::Build {
+            what: format!("letting thread {tid} run"),
+            source,
+        })?;
+    }
 
     // 7. Last syscall: the trampoline goes; at its exit the thread gets its
     //    own registers and runs.
@@ -460,7 +561,8 @@ pub fn build(
         what: "reading registers".into(),
         source,
     })?;
-    let r = t
+    let r = s
+        .t
         .run_syscall(
             &base,
             tramp,

@@ -11,12 +11,14 @@
 
 mod error;
 mod frozen;
+mod inject;
 pub mod regs;
 mod sys;
 mod thread;
 
 pub use error::TraceError;
 pub use frozen::Frozen;
+pub use inject::{Injector, SCRATCH_MAX};
 pub use regs::Regs;
 pub use thread::{Rseq, StopKind, Tracee};
 

@@ -40,6 +40,9 @@ pub struct Rseq {
 pub struct Tracee {
     tid: Pid,
     attached: bool,
+    /// A signal that arrived while we drove the thread; delivered when we
+    /// let it go.
+    deferred: std::cell::Cell<Option<Signal>>,
 }
 
 fn perr(request: &'static str, tid: Pid) -> impl FnOnce(nix::Error) -> TraceError {
@@ -60,7 +63,26 @@ impl Tracee {
         Ok(Self {
             tid,
             attached: true,
+            deferred: std::cell::Cell::new(None),
         })
+    }
+
+    /// A thread attached automatically (`PTRACE_O_TRACECLONE`) and stopped
+    /// in its initial `SIGSTOP`.
+    pub fn adopt_clone(tid: i32) -> Result<Self, TraceError> {
+        let t = Self {
+            tid: Pid::from_raw(tid),
+            attached: true,
+            deferred: std::cell::Cell::new(None),
+        };
+        loop {
+            match t.wait()? {
+                StopKind::Signal(Signal::SIGSTOP) | StopKind::Interrupt => return Ok(t),
+                StopKind::Signal(sig) => t.deferred.set(Some(sig)),
+                StopKind::Syscall | StopKind::Event(_) => {}
+            }
+            ptrace::cont(t.tid, None).map_err(perr("PTRACE_CONT", t.tid))?;
+        }
     }
 
     /// Takes over a child that called `PTRACE_TRACEME` and is stopped; the
@@ -70,12 +92,15 @@ impl Tracee {
         let pid = Pid::from_raw(tid);
         ptrace::setoptions(
             pid,
-            ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
+            ptrace::Options::PTRACE_O_TRACESYSGOOD
+                | ptrace::Options::PTRACE_O_EXITKILL
+                | ptrace::Options::PTRACE_O_TRACECLONE,
         )
         .map_err(perr("PTRACE_SETOPTIONS", pid))?;
         Ok(Self {
             tid: pid,
             attached: true,
+            deferred: std::cell::Cell::new(None),
         })
     }
 
@@ -224,7 +249,10 @@ impl Tracee {
     pub fn inject_syscall(&self, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
         let saved = self.regs()?;
         let ret = self.run_syscall(&saved, insn, nr, args)?;
-        self.set_regs(&saved)?;
+        // The thread now resumes from a syscall exit, not from the stop it
+        // was in: if that stop was inside a syscall, redo it the way the
+        // kernel would have (same process: its restart block is intact).
+        self.set_regs(&crate::regs::restarted(&saved, false))?;
         Ok(ret)
     }
 
@@ -249,21 +277,24 @@ impl Tracee {
         r.r8 = args[4];
         r.r9 = args[5];
         self.set_regs(&r)?;
-        for phase in ["entry", "exit"] {
-            ptrace::syscall(self.tid, None).map_err(perr("PTRACE_SYSCALL", self.tid))?;
-            match self.wait()? {
-                StopKind::Syscall => {}
-                other => {
-                    return Err(TraceError::Unexpected {
-                        tid: self.tid(),
-                        what: format!(
-                            "expected the injected syscall {nr}'s {phase} stop, got {other:?}"
-                        ),
-                    });
+        for _phase in ["entry", "exit"] {
+            loop {
+                ptrace::syscall(self.tid, None).map_err(perr("PTRACE_SYSCALL", self.tid))?;
+                match self.wait()? {
+                    StopKind::Syscall => break,
+                    // A clone/fork event stop inside the injected syscall.
+                    StopKind::Event(_) | StopKind::Interrupt => {}
+                    // A signal (a timer, a child): hold it for later.
+                    StopKind::Signal(sig) => self.deferred.set(Some(sig)),
                 }
             }
         }
         Ok(self.regs()?.rax as i64)
+    }
+
+    /// The signal held back while the thread was driven, if any.
+    pub fn deferred_signal(&self) -> Option<Signal> {
+        self.deferred.get()
     }
 
     /// Forgets a thread that has exited (nothing to detach from).
@@ -274,7 +305,7 @@ impl Tracee {
     /// Lets the thread go (`PTRACE_DETACH`).
     pub fn detach(mut self) -> Result<(), TraceError> {
         self.attached = false;
-        ptrace::detach(self.tid, None).map_err(perr("PTRACE_DETACH", self.tid))
+        ptrace::detach(self.tid, self.deferred.get()).map_err(perr("PTRACE_DETACH", self.tid))
     }
 }
 
@@ -282,7 +313,7 @@ impl Drop for Tracee {
     fn drop(&mut self) {
         if self.attached {
             // Best effort: a thread we lose track of must not stay stopped.
-            let _ = ptrace::detach(self.tid, None);
+            let _ = ptrace::detach(self.tid, self.deferred.get());
         }
     }
 }
