@@ -222,10 +222,13 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     let mut itimers = [(0u64, 0u64); 3];
     for (which, slot) in itimers.iter_mut().enumerate() {
         let (ret, out) = injector
-            .call_out(main, libc::SYS_getitimer, 32, |at| [which as u64, at, 0, 0, 0, 0])
+            .call_out(main, libc::SYS_getitimer, 32, |at| {
+                [which as u64, at, 0, 0, 0, 0]
+            })
             .map_err(trace)?;
         if ret == 0 {
-            let w = |i: usize| u64::from_le_bytes(out[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            let w =
+                |i: usize| u64::from_le_bytes(out[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
             *slot = (w(0) * 1_000_000 + w(1), w(2) * 1_000_000 + w(3));
         }
     }

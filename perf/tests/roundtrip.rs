@@ -241,3 +241,86 @@ fn dump_of_a_missing_pid_is_a_clear_error() {
     assert!(msg.contains("no process with pid 8388608"), "{msg}");
     assert!(!s.0.join("img").exists(), "no image left behind");
 }
+
+const MTWORK: &str = env!("CARGO_BIN_EXE_mtwork");
+
+fn tids(pid: i32) -> Vec<i32> {
+    let mut t: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    t.sort_unstable();
+    t
+}
+
+fn wait_for_line(log: &Path, what: &str, count: usize) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            !text.contains("FAILED") && !text.contains("MISMATCH"),
+            "{text}"
+        );
+        if text.lines().filter(|l| l.starts_with(what)).count() >= count {
+            return text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no {count} x {what:?} after 20 s:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn threads_handlers_and_blocked_syscalls_survive_a_round_trip() {
+    if !cr_ebpf_perf::privileged("threads_handlers_and_blocked_syscalls_survive_a_round_trip") {
+        return;
+    }
+    let s = Scratch::new("threads");
+    let log = s.0.join("log");
+    // Main thread, a sleeper (nanosleep), a futex waiter, two spinners.
+    let mut w = Command::new(MTWORK)
+        .arg(&log)
+        .args(["16", "2"])
+        .spawn()
+        .expect("start mtwork");
+    let pid = w.id() as i32;
+    wait_for_line(&log, "tick", 3);
+    let before_tids = tids(pid);
+    assert_eq!(before_tids.len(), 5, "{before_tids:?}");
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    wait_for_line(&log, "usr1 ok", 1);
+
+    let img = s.0.join("img");
+    let r = dump(pid, &img, &DumpOptions::default()).expect("dump");
+    assert_eq!(r.threads, 5);
+    let _ = w.wait();
+    let n_before = ticks_of(&log).len();
+
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    assert_eq!(r.pid, pid);
+    wait_for_line(&log, "tick", n_before + 3);
+    assert_eq!(tids(pid), before_tids, "every thread has its tid back");
+    // The handler is installed again, and every thread (sleeping, waiting on
+    // a futex, computing) makes progress after the restore.
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    let text = wait_for_line(&log, "usr1 ok", 2);
+    stop(pid);
+    let t = ticks_of(&log);
+    assert_continuous(&t);
+    assert!(t.len() > n_before, "{text}");
+}
+
+/// Tick numbers of a log that may also hold other lines.
+fn ticks_of(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("tick "))
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect()
+}

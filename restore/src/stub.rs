@@ -55,13 +55,7 @@ impl Stub<'_> {
         self.sys_on(self.t, name, nr, args)
     }
 
-    fn sys_on(
-        &self,
-        t: &Tracee,
-        name: &str,
-        nr: i64,
-        args: [u64; 6],
-    ) -> Result<i64, RestoreError> {
+    fn sys_on(&self, t: &Tracee, name: &str, nr: i64, args: [u64; 6]) -> Result<i64, RestoreError> {
         let r = t
             .inject_syscall(self.insn, nr, args)
             .map_err(|source| RestoreError::Build {
@@ -123,10 +117,11 @@ fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Reg
         [libc::SIG_SETMASK as u64, mask_at, 0, 8, 0, 0],
     )?;
     if !info.xstate.is_empty() {
-        t.set_xstate(&info.xstate).map_err(|source| RestoreError::Build {
-            what: format!("setting the FPU state of thread {}", info.tid),
-            source,
-        })?;
+        t.set_xstate(&info.xstate)
+            .map_err(|source| RestoreError::Build {
+                what: format!("setting the FPU state of thread {}", info.tid),
+                source,
+            })?;
     }
     let saved = regs::from_bytes(&info.regs)
         .ok_or_else(|| RestoreError::NotSupported("registers of an unknown size".into()))?;
@@ -476,18 +471,26 @@ pub fn build(
             })?;
     }
     s.sys("umask", libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0])?;
-    s.sys("personality", libc::SYS_personality, [p.personality as u64, 0, 0, 0, 0, 0])?;
+    s.sys(
+        "personality",
+        libc::SYS_personality,
+        [p.personality as u64, 0, 0, 0, 0, 0],
+    )?;
     for (res, &(cur, max)) in p.rlimits.iter().enumerate() {
         let mut lim = cur.to_le_bytes().to_vec();
         lim.extend_from_slice(&max.to_le_bytes());
         let at = s.put(0, &lim)?;
-        s.sys("prlimit64", libc::SYS_prlimit64, [0, res as u64, at, 0, 0, 0])
-            .map_err(|e| {
-                RestoreError::NotSupported(format!(
-                    "resource limit {res} of the image ({cur}, {max}) cannot be set here \
+        s.sys(
+            "prlimit64",
+            libc::SYS_prlimit64,
+            [0, res as u64, at, 0, 0, 0],
+        )
+        .map_err(|e| {
+            RestoreError::NotSupported(format!(
+                "resource limit {res} of the image ({cur}, {max}) cannot be set here \
                      (raising a hard limit needs CAP_SYS_RESOURCE): {e}"
-                ))
-            })?;
+            ))
+        })?;
     }
     for a in &p.sigactions {
         let mut act = Vec::with_capacity(32);
@@ -495,7 +498,11 @@ pub fn build(
             act.extend_from_slice(&v.to_le_bytes());
         }
         let at = s.put(0, &act)?;
-        s.sys("rt_sigaction", libc::SYS_rt_sigaction, [a.signo as u64, at, 0, 8, 0, 0])?;
+        s.sys(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            [a.signo as u64, at, 0, 8, 0, 0],
+        )?;
     }
 
     // 7. Threads, each with its own tid, then each thread's own state.
@@ -515,7 +522,11 @@ pub fn build(
             args.extend_from_slice(&v.to_le_bytes());
         }
         let args_at = s.put(512, &args)?;
-        let new = s.sys("clone3", libc::SYS_clone3, [args_at, args.len() as u64, 0, 0, 0, 0])?;
+        let new = s.sys(
+            "clone3",
+            libc::SYS_clone3,
+            [args_at, args.len() as u64, 0, 0, 0, 0],
+        )?;
         if new != info.tid as i64 {
             return Err(RestoreError::NotSupported(format!(
                 "thread {} came back as {new}",
@@ -541,11 +552,20 @@ pub fn build(
             continue;
         }
         let mut v = Vec::with_capacity(32);
-        for x in [interval / 1_000_000, interval % 1_000_000, value / 1_000_000, value % 1_000_000] {
+        for x in [
+            interval / 1_000_000,
+            interval % 1_000_000,
+            value / 1_000_000,
+            value % 1_000_000,
+        ] {
             v.extend_from_slice(&x.to_le_bytes());
         }
         let at = s.put(0, &v)?;
-        s.sys("setitimer", libc::SYS_setitimer, [which as u64, at, 0, 0, 0, 0])?;
+        s.sys(
+            "setitimer",
+            libc::SYS_setitimer,
+            [which as u64, at, 0, 0, 0, 0],
+        )?;
     }
     for nt in others {
         let tid = nt.tid();
@@ -561,9 +581,8 @@ pub fn build(
         what: "reading registers".into(),
         source,
     })?;
-    let r = s
-        .t
-        .run_syscall(
+    let r =
+        s.t.run_syscall(
             &base,
             tramp,
             libc::SYS_munmap,

@@ -107,7 +107,10 @@ impl Frozen {
             source,
         })?;
         // As the tracer we see each thread die: return only once they have.
-        for t in self.threads {
+        // Other threads first: the leader's exit is reported only after them.
+        let mut threads = self.threads;
+        threads.reverse();
+        for t in threads {
             loop {
                 match nix::sys::wait::waitpid(
                     nix::unistd::Pid::from_raw(t.tid()),

@@ -6,7 +6,7 @@
 //! scratch area below the thread's stack pointer (below the red zone),
 //! whose previous contents are put back afterwards.
 
-use crate::{TraceError, Tracee, sys};
+use crate::{sys, TraceError, Tracee};
 
 /// Injects syscalls into the threads of one frozen process.
 pub struct Injector {
@@ -25,15 +25,17 @@ impl Injector {
     /// that, in its other executable mappings).
     pub fn new(pid: i32) -> Result<Self, TraceError> {
         let path = format!("/proc/{pid}/maps");
-        let maps = std::fs::read_to_string(&path)
-            .map_err(|source| TraceError::Proc { path, source })?;
+        let maps =
+            std::fs::read_to_string(&path).map_err(|source| TraceError::Proc { path, source })?;
         let mut candidates: Vec<(u64, u64, bool)> = Vec::new();
         for line in maps.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 2 || f[1].as_bytes().get(2) != Some(&b'x') {
                 continue;
             }
-            let Some((a, b)) = f[0].split_once('-') else { continue };
+            let Some((a, b)) = f[0].split_once('-') else {
+                continue;
+            };
             let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
                 continue;
             };

@@ -1,0 +1,159 @@
+//! A multi-threaded, self-checking workload for checkpoint/restore tests.
+//!
+//! * `MIB` MiB filled with a seeded pattern, changed and re-verified each tick
+//!   by the main thread (as in `ticker`).
+//! * a thread that sleeps in `nanosleep` and counts its wake-ups;
+//! * a thread blocked in a futex wait (a condition variable) that the main
+//!   thread signals every tick;
+//! * `EXTRA` threads that spin on arithmetic and check their own results;
+//! * a `SIGUSR1` handler: on the next tick the main thread checks that every
+//!   thread made progress since the previous check and writes `usr1 ok` or
+//!   `usr1 FAILED ...`.
+//!
+//! Each tick appends `tick N ok SUM sleeper=S waiter=W` to `FILE` (opened
+//! and closed every time).
+//!
+//! Usage: `mtwork FILE [MIB] [EXTRA]`
+
+use std::{
+    io::Write as _,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Condvar, Mutex,
+    },
+    time::Duration,
+};
+
+static USR1: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    USR1.store(true, Ordering::SeqCst);
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+fn append(file: &str, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let file = args.next().expect("usage: mtwork FILE [MIB] [EXTRA]");
+    let mib: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(16);
+    let extra: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
+
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_usr1 as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+
+    let sleeper = Arc::new(AtomicU64::new(0));
+    {
+        let c = sleeper.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(30));
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let waiter = Arc::new(AtomicU64::new(0));
+    let bell = Arc::new((Mutex::new(0u64), Condvar::new()));
+    {
+        let c = waiter.clone();
+        let bell = bell.clone();
+        std::thread::spawn(move || {
+            let (m, cv) = &*bell;
+            let mut seen = 0;
+            let mut g = m.lock().unwrap();
+            loop {
+                while *g == seen {
+                    g = cv.wait(g).unwrap();
+                }
+                seen = *g;
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let spinners: Vec<Arc<AtomicU64>> = (0..extra)
+        .map(|i| {
+            let c = Arc::new(AtomicU64::new(0));
+            let c2 = c.clone();
+            std::thread::spawn(move || {
+                let mut x = 0x1234_5678u64 + i as u64;
+                loop {
+                    let mut acc = 0u64;
+                    for k in 0..10_000u64 {
+                        acc = acc.wrapping_add(k * k);
+                    }
+                    // Sum of k^2 for k < 10000, a fixed value: checks the FPU/ALU state.
+                    assert_eq!(acc, 333_283_335_000);
+                    x = xorshift(&mut x);
+                    c2.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            c
+        })
+        .collect();
+
+    let words = mib << 17;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut mem: Vec<u64> = (0..words).map(|_| xorshift(&mut seed)).collect();
+    let mut want: u64 = mem.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+    let progress =
+        |s: &[Arc<AtomicU64>]| -> Vec<u64> { s.iter().map(|c| c.load(Ordering::SeqCst)).collect() };
+    let mut last_check = (0u64, 0u64, progress(&spinners));
+    for n in 1u64.. {
+        for k in 0..8u64 {
+            let i = (xorshift(&mut seed) as usize) % words;
+            let v = xorshift(&mut seed) ^ n ^ k;
+            want = want.wrapping_sub(mem[i]).wrapping_add(v);
+            mem[i] = v;
+        }
+        let got = mem.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+        {
+            let (m, cv) = &*bell;
+            *m.lock().unwrap() += 1;
+            cv.notify_one();
+        }
+        let (s, w) = (
+            sleeper.load(Ordering::SeqCst),
+            waiter.load(Ordering::SeqCst),
+        );
+        let line = if got == want {
+            format!("tick {n} ok {got:x} sleeper={s} waiter={w}\n")
+        } else {
+            format!("tick {n} MISMATCH got {got:x} want {want:x}\n")
+        };
+        append(&file, &line);
+        if USR1.swap(false, Ordering::SeqCst) {
+            let now = (s, w, progress(&spinners));
+            let moved = now.0 > last_check.0
+                && now.1 > last_check.1
+                && now.2.iter().zip(&last_check.2).all(|(a, b)| a > b);
+            append(
+                &file,
+                &if moved && got == want {
+                    "usr1 ok\n".to_string()
+                } else {
+                    format!("usr1 FAILED before {last_check:?} now {now:?}\n")
+                },
+            );
+            last_check = now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
