@@ -56,7 +56,7 @@ fn main() {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_usr1 as usize;
+        sa.sa_sigaction = on_usr1 as *const () as usize;
         sa.sa_flags = libc::SA_RESTART;
         libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
     }
