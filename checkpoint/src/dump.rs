@@ -146,6 +146,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             ),
         });
     }
+    // Descriptors first: an unsupported one fails the dump before the long part.
+    let fds = crate::fds::collect(pid)?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
 
@@ -345,6 +347,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             },
             threads: threads.clone(),
             mappings: mappings.clone(),
+            fds: fds.clone(),
         };
         manifest.write(tmp)?;
         Ok((pages, bytes))

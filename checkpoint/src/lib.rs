@@ -8,6 +8,7 @@
 //! state come next (see `docs/IMAGE.md` for what the format holds).
 
 mod dump;
+mod fds;
 mod maps;
 mod proc;
 

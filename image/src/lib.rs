@@ -22,8 +22,8 @@ mod publish;
 
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
-    Manifest, MappingInfo, MappingKind, ProcessInfo, SigAction, ThreadInfo, MAP_GROWSDOWN,
-    MAP_SHARED,
+    FdInfo, FdKind, Manifest, MappingInfo, MappingKind, ProcessInfo, SigAction, ThreadInfo,
+    MAP_GROWSDOWN, MAP_SHARED,
 };
 pub use publish::publish;
 

@@ -16,6 +16,9 @@ use crate::{
 const TAG_PROCESS: u16 = 1;
 const TAG_THREAD: u16 = 2;
 const TAG_MAPPING: u16 = 3;
+const TAG_FD: u16 = 4;
+/// Largest pipe contents stored.
+const PIPE_DATA_CAP: usize = 16 << 20;
 const SECTION_OPTIONAL: u16 = 1;
 
 const PATH_CAP: usize = 4096;
@@ -158,6 +161,67 @@ pub struct MappingInfo {
     pub pages_stored: u64,
 }
 
+/// What an open file descriptor refers to. On disk as a `u16`; `0` is invalid.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FdKind {
+    /// Not a kind; decoding it is an error.
+    #[default]
+    Invalid = 0,
+    /// A regular file or directory, reopened by path and checked by identity.
+    File = 1,
+    /// A character device (`/dev/null`, a terminal), reopened by path.
+    CharDevice = 2,
+    /// One end of a pipe whose both ends the process holds; recreated with
+    /// its buffered bytes.
+    Pipe = 3,
+    /// Connected to the outside (a pipe end whose other end is elsewhere):
+    /// the restorer passes its own descriptor of the same number.
+    Inherited = 4,
+}
+
+impl TryFrom<u16> for FdKind {
+    type Error = u16;
+    fn try_from(v: u16) -> Result<Self, u16> {
+        Ok(match v {
+            1 => Self::File,
+            2 => Self::CharDevice,
+            3 => Self::Pipe,
+            4 => Self::Inherited,
+            other => return Err(other),
+        })
+    }
+}
+
+/// One open file descriptor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FdInfo {
+    /// Descriptor number.
+    pub fd: i32,
+    /// What it refers to.
+    pub kind: FdKind,
+    /// `O_*` status flags and access mode, as in `/proc/PID/fdinfo`.
+    pub flags: u32,
+    /// Close-on-exec.
+    pub cloexec: bool,
+    /// File position.
+    pub pos: u64,
+    /// Path (files, devices).
+    pub path: String,
+    /// Inode (files: checked at restore; pipes: identifies the pipe).
+    pub inode: u64,
+    /// Device of the file.
+    pub dev: u64,
+    /// Size of the file at checkpoint time.
+    pub size: u64,
+    /// Modification time of the file, nanoseconds since the epoch.
+    pub mtime_ns: u64,
+    /// Pipe buffer size (`F_GETPIPE_SZ`).
+    pub pipe_size: u32,
+    /// Bytes buffered in the pipe (stored once, on its read end).
+    pub data: Vec<u8>,
+}
+
 /// Everything in `manifest.img`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
@@ -167,6 +231,8 @@ pub struct Manifest {
     pub threads: Vec<ThreadInfo>,
     /// Its mappings, by address.
     pub mappings: Vec<MappingInfo>,
+    /// Its open file descriptors, by number.
+    pub fds: Vec<FdInfo>,
 }
 
 fn section(out: &mut Enc, tag: u16, body: Enc) {
@@ -240,6 +306,22 @@ impl Manifest {
             b.u64(m.pages_stored);
             section(&mut out, TAG_MAPPING, b);
         }
+        for f in &self.fds {
+            let mut b = Enc::default();
+            b.i32(f.fd);
+            b.u16(f.kind as u16);
+            b.u16(f.cloexec as u16);
+            b.u32(f.flags);
+            b.u64(f.pos);
+            b.str(&f.path);
+            b.u64(f.inode);
+            b.u64(f.dev);
+            b.u64(f.size);
+            b.u64(f.mtime_ns);
+            b.u32(f.pipe_size);
+            b.bytes(&f.data);
+            section(&mut out, TAG_FD, b);
+        }
         out.buf
     }
 
@@ -249,6 +331,7 @@ impl Manifest {
         let mut process = None;
         let mut threads = Vec::new();
         let mut mappings: Vec<MappingInfo> = Vec::new();
+        let mut fds: Vec<FdInfo> = Vec::new();
         while !d.done() {
             let at = d.offset();
             let tag = d.u16()?;
@@ -371,6 +454,36 @@ impl Manifest {
                     }
                     mappings.push(m);
                 }
+                TAG_FD => {
+                    let fd = b.i32()?;
+                    let kind_at = b.offset();
+                    let kind = FdKind::try_from(b.u16()?).map_err(|k| DecErr {
+                        offset: kind_at,
+                        what: format!("unknown descriptor kind {k}"),
+                    })?;
+                    let cloexec = b.u16()? != 0;
+                    let f = FdInfo {
+                        fd,
+                        kind,
+                        cloexec,
+                        flags: b.u32()?,
+                        pos: b.u64()?,
+                        path: b.str(PATH_CAP, "descriptor path")?,
+                        inode: b.u64()?,
+                        dev: b.u64()?,
+                        size: b.u64()?,
+                        mtime_ns: b.u64()?,
+                        pipe_size: b.u32()?,
+                        data: b.bytes(PIPE_DATA_CAP, "pipe contents")?.to_vec(),
+                    };
+                    if f.fd < 0 || fds.last().is_some_and(|p| p.fd >= f.fd) {
+                        return Err(DecErr {
+                            offset: at,
+                            what: format!("descriptor {} negative or out of order", f.fd),
+                        });
+                    }
+                    fds.push(f);
+                }
                 _ if flags & SECTION_OPTIONAL != 0 => continue,
                 other => {
                     return Err(DecErr {
@@ -394,6 +507,7 @@ impl Manifest {
             process,
             threads,
             mappings,
+            fds,
         })
     }
 

@@ -72,6 +72,20 @@ fn manifest() -> Manifest {
                 pages_stored: 0,
             },
         ],
+        fds: vec![cr_ebpf_image::FdInfo {
+            fd: 3,
+            kind: cr_ebpf_image::FdKind::Pipe,
+            flags: 0,
+            cloexec: true,
+            pos: 0,
+            path: "pipe:[123]".into(),
+            inode: 123,
+            dev: 0,
+            size: 0,
+            mtime_ns: 0,
+            pipe_size: 65536,
+            data: b"unread".to_vec(),
+        }],
     }
 }
 
@@ -172,6 +186,7 @@ fn a_damaged_header_or_foreign_file_is_refused() {
 fn unknown_enum_values_are_errors() {
     let mut m = manifest();
     m.mappings.truncate(1);
+    m.fds.clear();
     let mut payload = m.encode();
     // The kind field of the only mapping: find its encoded u16 (1, Anon).
     let at = payload.len() - (4 + 8 + 8 + 8) - 2;

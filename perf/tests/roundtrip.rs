@@ -69,13 +69,32 @@ fn wait_for_ticks(log: &Path, n: usize) -> Vec<u64> {
     }
 }
 
+/// Spawns a workload with no descriptors but 0, 1, 2: the test harness
+/// leaks its own (cargo's jobserver pipe), which a checkpoint would rightly
+/// refuse as a pipe to the outside.
+fn spawn_clean(cmd: &mut Command) -> Child {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: close_range is async-signal-safe; runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("start the workload")
+}
+
 fn start_ticker(log: &Path, mib: usize) -> Child {
-    Command::new(TICKER)
-        .arg(log)
-        .arg(mib.to_string())
-        .arg("50")
-        .spawn()
-        .expect("start the ticker workload")
+    spawn_clean(Command::new(TICKER).arg(log).arg(mib.to_string()).arg("50"))
+}
+
+/// Kills a workload if the test fails half-way.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
 }
 
 fn stop(pid: i32) {
@@ -276,28 +295,27 @@ fn wait_for_line(log: &Path, what: &str, count: usize) -> String {
 }
 
 #[test]
-fn threads_handlers_and_blocked_syscalls_survive_a_round_trip() {
-    if !cr_ebpf_perf::privileged("threads_handlers_and_blocked_syscalls_survive_a_round_trip") {
+fn threads_files_pipes_and_blocked_syscalls_survive_a_round_trip() {
+    if !cr_ebpf_perf::privileged("threads_files_pipes_and_blocked_syscalls_survive_a_round_trip") {
         return;
     }
     let s = Scratch::new("threads");
     let log = s.0.join("log");
-    // Main thread, a sleeper (nanosleep), a futex waiter, two spinners.
-    let mut w = Command::new(MTWORK)
-        .arg(&log)
-        .args(["16", "2"])
-        .spawn()
-        .expect("start mtwork");
+    // Main thread, a pipe reader (read), a sleeper (nanosleep), a futex
+    // waiter, two spinners; a file open at an offset, a pipe with unread
+    // bytes, /dev/null.
+    let mut w = spawn_clean(Command::new(MTWORK).arg(&log).args(["16", "2"]));
     let pid = w.id() as i32;
     wait_for_line(&log, "tick", 3);
+    let _reaper = KillOnDrop(pid);
     let before_tids = tids(pid);
-    assert_eq!(before_tids.len(), 5, "{before_tids:?}");
+    assert_eq!(before_tids.len(), 6, "{before_tids:?}");
     kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
     wait_for_line(&log, "usr1 ok", 1);
 
     let img = s.0.join("img");
     let r = dump(pid, &img, &DumpOptions::default()).expect("dump");
-    assert_eq!(r.threads, 5);
+    assert_eq!(r.threads, 6);
     let _ = w.wait();
     let n_before = ticks_of(&log).len();
 
@@ -323,4 +341,54 @@ fn ticks_of(log: &Path) -> Vec<u64> {
         .filter(|l| l.starts_with("tick "))
         .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
         .collect()
+}
+
+#[test]
+fn an_unsupported_descriptor_fails_the_dump_and_leaves_the_process_running() {
+    if !cr_ebpf_perf::privileged(
+        "an_unsupported_descriptor_fails_the_dump_and_leaves_the_process_running",
+    ) {
+        return;
+    }
+    use std::os::{fd::AsRawFd, unix::process::CommandExt as _};
+    let s = Scratch::new("unsupported");
+    let log = s.0.join("log");
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = a.as_raw_fd();
+    let mut cmd = Command::new(TICKER);
+    cmd.arg(&log).args(["8", "50"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A socket on fd 3 that survives exec, nothing above it.
+            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut w = cmd.spawn().expect("start ticker");
+    let pid = w.id() as i32;
+    let _reaper = KillOnDrop(pid);
+    wait_for_ticks(&log, 2);
+    let img = s.0.join("img");
+    let err = dump(pid, &img, &DumpOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("not supported") && msg.contains("socket") && msg.contains("on fd 3"),
+        "{msg}"
+    );
+    assert!(!img.exists(), "no image published");
+    // Running, not stopped, and still ticking correctly.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = state[state.rfind(')').unwrap() + 2..]
+        .chars()
+        .next()
+        .unwrap();
+    assert!(state == 'S' || state == 'R', "state {state}");
+    let n = ticks(&log).len();
+    wait_for_ticks(&log, n + 3);
+    let _ = w.kill();
+    let _ = w.wait();
 }

@@ -120,6 +120,28 @@ fn preflight(m: &Manifest) -> Result<(), RestoreError> {
         };
         return Err(RestoreError::PidInUse { pid, comm });
     }
+    for f in &m.fds {
+        if f.kind != cr_ebpf_image::FdKind::File {
+            continue;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&f.path).map_err(|e| RestoreError::File {
+            path: f.path.clone(),
+            what: format!("(open on fd {}) cannot be found: {e}", f.fd),
+        })?;
+        let mtime = meta.mtime() as u64 * 1_000_000_000 + meta.mtime_nsec() as u64;
+        if meta.ino() != f.inode || meta.size() != f.size || mtime != f.mtime_ns {
+            return Err(RestoreError::File {
+                path: f.path.clone(),
+                what: format!(
+                    "(open on fd {}) changed since the checkpoint (inode, size or \
+                     modification time differ): restoring would hand the process a \
+                     different file",
+                    f.fd
+                ),
+            });
+        }
+    }
     for map in &m.mappings {
         if map.flags & cr_ebpf_image::MAP_SHARED != 0 && map.kind != MappingKind::File {
             return Err(RestoreError::NotSupported(format!(

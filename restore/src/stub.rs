@@ -3,7 +3,9 @@
 use std::time::{Duration, Instant};
 
 use cr_ebpf_checkpoint::{parse_maps, MapEntry};
-use cr_ebpf_image::{pages::Chunk, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED};
+use cr_ebpf_image::{
+    pages::Chunk, FdKind, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED,
+};
 use cr_ebpf_tracee::{regs, Tracee};
 use nix::{
     sys::{
@@ -84,6 +86,155 @@ impl Stub<'_> {
         })?;
         Ok(self.data + offset)
     }
+}
+
+/// Recreates the descriptors of the image at their numbers: files and
+/// devices reopened by path at their offsets, pipes recreated with their
+/// buffered bytes; inherited ones are the restorer's own 0, 1, 2.
+fn restore_fds(s: &Stub<'_>, m: &Manifest) -> Result<(), RestoreError> {
+    let max_fd = m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
+    let base = (max_fd + 64) as u64;
+    // Image fd -> temporary fd in the stub, above every target number.
+    let mut temp: Vec<(i32, i64, bool)> = Vec::new();
+    // Pipe inode -> (read end, write end) temporaries.
+    let mut pipes: std::collections::HashMap<u64, (i64, i64)> = std::collections::HashMap::new();
+    let above = |fd: i64| -> Result<i64, RestoreError> {
+        let t = s.sys(
+            "fcntl(F_DUPFD)",
+            libc::SYS_fcntl,
+            [fd as u64, libc::F_DUPFD as u64, base, 0, 0, 0],
+        )?;
+        s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        Ok(t)
+    };
+    for f in &m.fds {
+        let t = match f.kind {
+            FdKind::Inherited => continue,
+            FdKind::File | FdKind::CharDevice => {
+                let mut path = f.path.clone().into_bytes();
+                path.push(0);
+                if path.len() as u64 > PAGE {
+                    return Err(RestoreError::NotSupported(format!(
+                        "path longer than a page: {}",
+                        f.path
+                    )));
+                }
+                let at = s.put(0, &path)?;
+                let flags = (f.flags as i32
+                    & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC))
+                    as u64;
+                let fd = s
+                    .sys(
+                        "openat",
+                        libc::SYS_openat,
+                        [libc::AT_FDCWD as u64, at, flags, 0, 0, 0],
+                    )
+                    .map_err(|e| RestoreError::File {
+                        path: f.path.clone(),
+                        what: format!("(fd {}) cannot be reopened: {e}", f.fd),
+                    })?;
+                if f.kind == FdKind::File && f.pos > 0 {
+                    s.sys(
+                        "lseek",
+                        libc::SYS_lseek,
+                        [fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
+                    )?;
+                }
+                above(fd)?
+            }
+            FdKind::Pipe => {
+                let (r, w) = match pipes.get(&f.inode) {
+                    Some(&ends) => ends,
+                    None => {
+                        let at = s.put(0, &[0u8; 8])?;
+                        s.sys("pipe2", libc::SYS_pipe2, [at, 0, 0, 0, 0, 0])?;
+                        let mut b = [0u8; 8];
+                        cr_ebpf_tracee::read_memory(s.pid, at, &mut b).map_err(|source| {
+                            RestoreError::Build {
+                                what: "reading the new pipe's descriptors".into(),
+                                source,
+                            }
+                        })?;
+                        let r = above(i32::from_le_bytes(b[0..4].try_into().expect("4")) as i64)?;
+                        let w = above(i32::from_le_bytes(b[4..8].try_into().expect("4")) as i64)?;
+                        if f.pipe_size > 0 {
+                            s.sys(
+                                "fcntl(F_SETPIPE_SZ)",
+                                libc::SYS_fcntl,
+                                [
+                                    w as u64,
+                                    libc::F_SETPIPE_SZ as u64,
+                                    f.pipe_size as u64,
+                                    0,
+                                    0,
+                                    0,
+                                ],
+                            )?;
+                        }
+                        pipes.insert(f.inode, (r, w));
+                        (r, w)
+                    }
+                };
+                if !f.data.is_empty() {
+                    for piece in f.data.chunks(2048) {
+                        let at = s.put(2048, piece)?;
+                        let n = s.sys(
+                            "write",
+                            libc::SYS_write,
+                            [w as u64, at, piece.len() as u64, 0, 0, 0],
+                        )?;
+                        if n as usize != piece.len() {
+                            return Err(RestoreError::NotSupported(
+                                "short write refilling a pipe".into(),
+                            ));
+                        }
+                    }
+                }
+                let end = if f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY {
+                    w
+                } else {
+                    r
+                };
+                s.sys(
+                    "fcntl(F_DUPFD)",
+                    libc::SYS_fcntl,
+                    [end as u64, libc::F_DUPFD as u64, base, 0, 0, 0],
+                )?
+            }
+            FdKind::Invalid => unreachable!("rejected when the image was read"),
+        };
+        // Status flags the kernel lets F_SETFL change (O_NONBLOCK, O_APPEND, ...).
+        let settable =
+            (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME)
+                as u32;
+        s.sys(
+            "fcntl(F_SETFL)",
+            libc::SYS_fcntl,
+            [
+                t as u64,
+                libc::F_SETFL as u64,
+                (f.flags & settable) as u64,
+                0,
+                0,
+                0,
+            ],
+        )?;
+        temp.push((f.fd, t, f.cloexec));
+    }
+    for (fd, t, cloexec) in temp {
+        let flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+        s.sys(
+            "dup3",
+            libc::SYS_dup3,
+            [t as u64, fd as u64, flags, 0, 0, 0],
+        )?;
+        s.sys("close", libc::SYS_close, [t as u64, 0, 0, 0, 0, 0])?;
+    }
+    for (r, w) in pipes.into_values() {
+        s.sys("close", libc::SYS_close, [r as u64, 0, 0, 0, 0, 0])?;
+        s.sys("close", libc::SYS_close, [w as u64, 0, 0, 0, 0, 0])?;
+    }
+    Ok(())
 }
 
 /// Sets a thread's own kernel state by syscalls in that thread; returns the
@@ -505,7 +656,10 @@ pub fn build(
         )?;
     }
 
-    // 7. Threads, each with its own tid, then each thread's own state.
+    // 7. File descriptors.
+    restore_fds(&s, m)?;
+
+    // 8. Threads, each with its own tid, then each thread's own state.
     let mut others = Vec::new();
     for info in &m.threads[1..] {
         const THREAD_FLAGS: u64 = (libc::CLONE_VM
@@ -546,7 +700,7 @@ pub fn build(
     }
     let final_regs = thread_state(&s, &t, &m.threads[0])?;
 
-    // 8. Timers last: a timer firing now would interrupt the build.
+    // 9. Timers last: a timer firing now would interrupt the build.
     for (which, &(interval, value)) in p.itimers.iter().enumerate() {
         if interval == 0 && value == 0 {
             continue;

@@ -6,9 +6,13 @@
 //! * a thread blocked in a futex wait (a condition variable) that the main
 //!   thread signals every tick;
 //! * `EXTRA` threads that spin on arithmetic and check their own results;
+//! * a thread blocked in `read` on a pipe the main thread feeds every tick;
+//! * a data file (`FILE.data`, written at start) open at an offset, a pipe
+//!   holding unread bytes, `/dev/null` open for writing;
 //! * a `SIGUSR1` handler: on the next tick the main thread checks that every
-//!   thread made progress since the previous check and writes `usr1 ok` or
-//!   `usr1 FAILED ...`.
+//!   thread made progress since the previous check, that the data file
+//!   continues at the right offset with the right bytes and that the pipe
+//!   still holds its unread bytes, then writes `usr1 ok` or `usr1 FAILED ...`.
 //!
 //! Each tick appends `tick N ok SUM sleeper=S waiter=W` to `FILE` (opened
 //! and closed every time).
@@ -16,7 +20,8 @@
 //! Usage: `mtwork FILE [MIB] [EXTRA]`
 
 use std::{
-    io::Write as _,
+    io::{Read as _, Write as _},
+    os::fd::{AsRawFd, FromRawFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Condvar, Mutex,
@@ -59,6 +64,52 @@ fn main() {
         sa.sa_sigaction = on_usr1 as *const () as usize;
         sa.sa_flags = libc::SA_RESTART;
         libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+
+    // A data file open at an offset, a pipe with unread bytes, /dev/null.
+    let data_path = format!("{file}.data");
+    let pattern: Vec<u8> = (0..65536u32).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&data_path, &pattern).expect("write the data file");
+    let mut data = std::fs::File::open(&data_path).expect("open the data file");
+    let mut first = [0u8; 1000];
+    data.read_exact(&mut first).expect("read the data file");
+    let mut data_pos = 1000usize;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both are new descriptors owned from here on.
+    let (mut held_r, mut held_w) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    const UNREAD: &[u8] = b"bytes nobody read yet";
+    held_w.write_all(UNREAD).unwrap();
+    let mut devnull = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+
+    // A thread blocked in read() on a pipe fed by the main thread.
+    let reader = Arc::new(AtomicU64::new(0));
+    // SAFETY: pipe2 writes two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both are new descriptors owned from here on.
+    let (mut feed_r, mut feed_w) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    {
+        let c = reader.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            while feed_r.read_exact(&mut b).is_ok() {
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+        });
     }
 
     let sleeper = Arc::new(AtomicU64::new(0));
@@ -115,7 +166,7 @@ fn main() {
     let mut want: u64 = mem.iter().fold(0u64, |a, &w| a.wrapping_add(w));
     let progress =
         |s: &[Arc<AtomicU64>]| -> Vec<u64> { s.iter().map(|c| c.load(Ordering::SeqCst)).collect() };
-    let mut last_check = (0u64, 0u64, progress(&spinners));
+    let mut last_check = (0u64, 0u64, progress(&spinners), 0u64);
     for n in 1u64.. {
         for k in 0..8u64 {
             let i = (xorshift(&mut seed) as usize) % words;
@@ -129,6 +180,8 @@ fn main() {
             *m.lock().unwrap() += 1;
             cv.notify_one();
         }
+        let _ = feed_w.write_all(b"x");
+        let _ = devnull.write_all(b"tick");
         let (s, w) = (
             sleeper.load(Ordering::SeqCst),
             waiter.load(Ordering::SeqCst),
@@ -140,16 +193,31 @@ fn main() {
         };
         append(&file, &line);
         if USR1.swap(false, Ordering::SeqCst) {
-            let now = (s, w, progress(&spinners));
+            let now = (s, w, progress(&spinners), reader.load(Ordering::SeqCst));
             let moved = now.0 > last_check.0
                 && now.1 > last_check.1
-                && now.2.iter().zip(&last_check.2).all(|(a, b)| a > b);
+                && now.2.iter().zip(&last_check.2).all(|(a, b)| a > b)
+                && now.3 > last_check.3;
+            // The data file goes on from where it was.
+            let mut next = [0u8; 10];
+            let file_ok =
+                data.read_exact(&mut next).is_ok() && next[..] == pattern[data_pos..data_pos + 10];
+            data_pos += 10;
+            // The pipe still holds its unread bytes (read them, put them back).
+            let mut unread = vec![0u8; UNREAD.len()];
+            // SAFETY: fcntl on our own descriptor.
+            unsafe { libc::fcntl(held_r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+            let pipe_ok = held_r.read_exact(&mut unread).is_ok() && unread == UNREAD;
+            let _ = held_w.write_all(&unread);
             append(
                 &file,
-                &if moved && got == want {
+                &if moved && got == want && file_ok && pipe_ok {
                     "usr1 ok\n".to_string()
                 } else {
-                    format!("usr1 FAILED before {last_check:?} now {now:?}\n")
+                    format!(
+                        "usr1 FAILED progress {moved} memory {} file {file_ok} pipe {pipe_ok}: before {last_check:?} now {now:?}\n",
+                        got == want
+                    )
                 },
             );
             last_check = now;
