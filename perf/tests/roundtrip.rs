@@ -392,3 +392,90 @@ fn an_unsupported_descriptor_fails_the_dump_and_leaves_the_process_running() {
     let _ = w.kill();
     let _ = w.wait();
 }
+
+#[test]
+fn python_with_a_dict_a_generator_and_a_thread_finishes_after_restore() {
+    if !cr_ebpf_perf::privileged(
+        "python_with_a_dict_a_generator_and_a_thread_finishes_after_restore",
+    ) {
+        return;
+    }
+    let Ok(python) = which_python() else {
+        panic!("python3 is needed for this test (Debian's python3 package)");
+    };
+    let s = Scratch::new("python");
+    let log = s.0.join("log");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workloads/pystate.py");
+    let mut w = spawn_clean(
+        Command::new(python)
+            .arg(script)
+            .arg(&log)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    let pid = w.id() as i32;
+    let _reaper = KillOnDrop(pid);
+    wait_for_line(&log, "step", 3);
+    let img = s.0.join("img");
+    let r = dump(pid, &img, &DumpOptions::default()).expect("dump python");
+    assert_eq!(r.threads, 2, "the interpreter and its worker thread");
+    let _ = w.wait();
+    let steps_before = wait_for_line(&log, "step", 1).lines().count();
+    let r = restore(&img, &RestoreOptions::default()).expect("restore python");
+    // The restored interpreter is our child: it must finish its 60 steps and exit 0.
+    let status = waitpid(Pid::from_raw(r.pid), None).expect("wait for python");
+    assert_eq!(status, nix::sys::wait::WaitStatus::Exited(Pid::from_raw(r.pid), 0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"done"));
+    assert_eq!(
+        lines.len(),
+        61,
+        "60 steps and done, none lost or repeated:\n{text}"
+    );
+    for (i, l) in lines[..60].iter().enumerate() {
+        // gen= follows the step (the generator resumed), dict= grows by one per step.
+        assert!(
+            l.starts_with(&format!("step {i} gen={i} dict={}", 100_000 + i)),
+            "line {i}: {l}"
+        );
+    }
+    assert!(steps_before < 60);
+}
+
+fn which_python() -> Result<&'static str, ()> {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or(())
+}
+
+#[test]
+fn a_gibibyte_round_trips_twice() {
+    if !cr_ebpf_perf::privileged("a_gibibyte_round_trips_twice") {
+        return;
+    }
+    let s = Scratch::new("gib");
+    let log = s.0.join("log");
+    let mut w = start_ticker(&log, 1024);
+    let pid = w.id() as i32;
+    let _reaper = KillOnDrop(pid);
+    wait_for_ticks(&log, 2);
+    let img1 = s.0.join("img1");
+    let r = dump(pid, &img1, &DumpOptions::default()).expect("dump 1 GiB");
+    assert!(r.pages >= 1024 * 256, "{r:?}");
+    let _ = w.wait();
+    let n1 = ticks(&log).len();
+    let r = restore(&img1, &RestoreOptions::default()).expect("restore 1 GiB");
+    wait_for_ticks(&log, n1 + 2);
+    // Restore -> dump -> restore of the same process.
+    let img2 = s.0.join("img2");
+    dump(r.pid, &img2, &DumpOptions::default()).expect("dump the restored process");
+    let _ = waitpid(Pid::from_raw(r.pid), None);
+    let n2 = ticks(&log).len();
+    let r2 = restore(&img2, &RestoreOptions::default()).expect("restore again");
+    assert_eq!(r2.pid, pid);
+    let t = wait_for_ticks(&log, n2 + 2);
+    stop(pid);
+    assert_continuous(&t);
+}
