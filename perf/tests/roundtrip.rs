@@ -424,7 +424,10 @@ fn python_with_a_dict_a_generator_and_a_thread_finishes_after_restore() {
     let r = restore(&img, &RestoreOptions::default()).expect("restore python");
     // The restored interpreter is our child: it must finish its 60 steps and exit 0.
     let status = waitpid(Pid::from_raw(r.pid), None).expect("wait for python");
-    assert_eq!(status, nix::sys::wait::WaitStatus::Exited(Pid::from_raw(r.pid), 0));
+    assert_eq!(
+        status,
+        nix::sys::wait::WaitStatus::Exited(Pid::from_raw(r.pid), 0)
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.last(), Some(&"done"));

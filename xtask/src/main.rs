@@ -117,6 +117,7 @@ fn test() -> Result<()> {
             .arg(&out));
         let _ = std::fs::remove_file(&out);
         smoke?;
+        run(Command::new("target/debug/dump-restore").arg("--quick"))?;
     }
     println!("summary: {passed} passed, {failed} failed");
     if failed > 0 {
@@ -166,12 +167,18 @@ fn demo() -> Result<()> {
 fn bench(quick: bool, out: &Path) -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "cr-ebpf-perf"]))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut cmd = Command::new("target/release/ebpf-overhead");
-    cmd.arg("--out").arg(out.join("ebpf-overhead.json"));
-    if quick {
-        cmd.arg("--quick");
+    for (bin, json) in [
+        ("ebpf-overhead", "ebpf-overhead.json"),
+        ("dump-restore", "dump-restore.json"),
+    ] {
+        let mut cmd = Command::new(format!("target/release/{bin}"));
+        cmd.arg("--out").arg(out.join(json));
+        if quick {
+            cmd.arg("--quick");
+        }
+        run(&mut cmd)?;
     }
-    run(&mut cmd)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,209 @@
+//! Full dump and restore throughput, one worker thread vs all cores, with
+//! the machine's copy rates measured in the same run for comparison.
+//!
+//! For each size, the `ticker` workload (random, incompressible data) is
+//! started, dumped (and killed), and restored; rounds interleave the worker
+//! counts and medians are reported. Writes JSON to `--out`.
+//!
+//! Usage: `dump-restore [--quick] [--out FILE] [--bin DIR]`
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use cr_ebpf_checkpoint::{dump, DumpOptions};
+use cr_ebpf_restore::{restore, RestoreOptions};
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// memcpy GB/s over `bytes` (already-faulted buffers).
+fn memcpy_rate(bytes: usize) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    dst.copy_from_slice(&src);
+    let t = Instant::now();
+    dst.copy_from_slice(&src);
+    std::hint::black_box(&dst);
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+/// Buffered write + fsync GB/s of `bytes` into `dir`.
+fn disk_rate(dir: &Path, bytes: usize) -> Result<f64> {
+    use std::io::Write as _;
+    let p = dir.join("disk-rate");
+    let buf = vec![7u8; 1 << 20];
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&p)?;
+    for _ in 0..bytes >> 20 {
+        f.write_all(&buf)?;
+    }
+    f.sync_all()?;
+    let r = bytes as f64 / t.elapsed().as_secs_f64() / 1e9;
+    std::fs::remove_file(&p)?;
+    Ok(r)
+}
+
+fn start(ticker: &Path, log: &Path, mib: usize) -> Result<Child> {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(ticker);
+    // One tick a minute: the workload sits still while it is measured.
+    cmd.arg(log).arg(mib.to_string()).arg("60000");
+    // SAFETY: close_range is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting ticker")?;
+    let t = Instant::now();
+    while std::fs::metadata(log).map(|m| m.len()).unwrap_or(0) == 0 {
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("ticker did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let bin = opt("--bin").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("target/release"))
+    });
+    let ticker = bin.join("ticker");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("dump-restore needs root (ptrace, clone3 set_tid)");
+    }
+    let sizes: &[usize] = if quick { &[64, 256] } else { &[256, 1024] };
+    let rounds = if quick { 1 } else { 3 };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = [1, cores];
+    let scratch = std::env::temp_dir().join(format!("cr-ebpf-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+
+    let memcpy = memcpy_rate(256 << 20);
+    let disk = disk_rate(&scratch, 256 << 20)?;
+    let mut results: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    for &mib in sizes {
+        for round in 0..rounds {
+            for &w in &workers {
+                let key = format!("{mib}MiB/{w}w");
+                let log = scratch.join(format!("log-{mib}-{w}-{round}"));
+                let img = scratch.join(format!("img-{mib}-{w}-{round}"));
+                let mut child = start(&ticker, &log, mib)?;
+                let pid = child.id() as i32;
+                let d = dump(
+                    pid,
+                    &img,
+                    &DumpOptions {
+                        leave_running: false,
+                        threads: w,
+                    },
+                )
+                .with_context(|| format!("dump of {mib} MiB"))?;
+                let _ = child.wait();
+                let r = restore(&img, &RestoreOptions { threads: w })
+                    .with_context(|| format!("restore of {mib} MiB"))?;
+                // SAFETY: stopping the restored workload, our child.
+                unsafe {
+                    libc::kill(r.pid, libc::SIGKILL);
+                    libc::waitpid(r.pid, std::ptr::null_mut(), 0);
+                }
+                let bytes = d.pages as f64 * 4096.0;
+                let e = results.entry(key).or_default();
+                e.entry("dump_s").or_default().push(d.total.as_secs_f64());
+                e.entry("freeze_s")
+                    .or_default()
+                    .push(d.freeze.as_secs_f64());
+                e.entry("dump_gb_s")
+                    .or_default()
+                    .push(bytes / d.total.as_secs_f64() / 1e9);
+                e.entry("restore_s")
+                    .or_default()
+                    .push(r.total.as_secs_f64());
+                e.entry("fill_gb_s")
+                    .or_default()
+                    .push(bytes / r.fill.as_secs_f64() / 1e9);
+                e.entry("restore_gb_s")
+                    .or_default()
+                    .push(bytes / r.total.as_secs_f64() / 1e9);
+                e.entry("image_mib")
+                    .or_default()
+                    .push(d.page_bytes as f64 / (1 << 20) as f64);
+                let _ = std::fs::remove_dir_all(&img);
+                let _ = std::fs::remove_file(&log);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    println!("full dump and restore, random data (medians of {rounds} round(s))");
+    println!("machine: memcpy {memcpy:.1} GB/s, buffered write + fsync {disk:.2} GB/s");
+    println!(
+        "{:<14} {:>9} {:>9} {:>10} {:>11} {:>12} {:>10}",
+        "size/workers", "dump s", "freeze s", "dump GB/s", "restore s", "restore GB/s", "fill GB/s"
+    );
+    let mut med: BTreeMap<String, BTreeMap<&str, f64>> = BTreeMap::new();
+    for (k, m) in &results {
+        let g = |n: &str| median(&m[n]);
+        println!(
+            "{k:<14} {:>9.3} {:>9.3} {:>10.2} {:>11.3} {:>12.2} {:>10.2}",
+            g("dump_s"),
+            g("freeze_s"),
+            g("dump_gb_s"),
+            g("restore_s"),
+            g("restore_gb_s"),
+            g("fill_gb_s")
+        );
+        med.insert(k.clone(), m.iter().map(|(n, v)| (*n, median(v))).collect());
+    }
+    for &mib in sizes {
+        let one = &med[&format!("{mib}MiB/1w")];
+        let all = &med[&format!("{mib}MiB/{cores}w")];
+        println!(
+            "{mib} MiB: all cores vs one: dump {:.2}x faster, restore {:.2}x faster; dump at {:.0}% of disk write rate",
+            one["dump_s"] / all["dump_s"],
+            one["restore_s"] / all["restore_s"],
+            100.0 * all["dump_gb_s"] / disk
+        );
+    }
+    if let Some(path) = opt("--out") {
+        let json = serde_json::json!({
+            "bench": "dump-restore",
+            "rounds": rounds,
+            "cores": cores,
+            "memcpy_gb_s": memcpy,
+            "disk_write_fsync_gb_s": disk,
+            "median": med,
+            "samples": results,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+        println!("results written to {path}");
+    }
+    Ok(())
+}
