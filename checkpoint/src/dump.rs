@@ -167,6 +167,15 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         } else {
             0
         };
+        let (ret, ss) = injector
+            .call_out(t, libc::SYS_sigaltstack, 24, |at| [0, at, 0, 0, 0, 0])
+            .map_err(trace)?;
+        let sigaltstack = if ret == 0 {
+            let w = |i: usize| u64::from_le_bytes(ss[i..i + 8].try_into().expect("8 bytes"));
+            (w(0), w(8) as u32, w(16))
+        } else {
+            (0, libc::SS_DISABLE as u32, 0)
+        };
         threads.push(ThreadInfo {
             tid: t.tid(),
             regs: regs::to_bytes(&r),
@@ -174,6 +183,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             rseq: rseq.map_or((0, 0, 0), |q| (q.ptr, q.len, q.sig)),
             robust_list: t.robust_list().map_err(trace)?,
             clear_child_tid,
+            sigaltstack,
+            pending: t.pending_signals(false).map_err(trace)?,
             sigmask: proc::sigmask(pid, t.tid()).map_err(proc_err(
                 pid,
                 format!("/proc/{pid}/task/{}/status", t.tid()),
@@ -234,6 +245,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             *slot = (w(0) * 1_000_000 + w(1), w(2) * 1_000_000 + w(3));
         }
     }
+    let pending = main.pending_signals(true).map_err(trace)?;
     let umask = proc::umask(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
     let personality =
         proc::personality(pid).map_err(proc_err(pid, format!("/proc/{pid}/personality")))?;
@@ -344,6 +356,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
                 rlimits: rlimits.clone(),
                 sigactions: sigactions.clone(),
                 itimers,
+                pending: pending.clone(),
             },
             threads: threads.clone(),
             mappings: mappings.clone(),

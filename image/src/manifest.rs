@@ -61,6 +61,8 @@ pub struct ProcessInfo {
     /// `ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`: (interval, remaining)
     /// in microseconds.
     pub itimers: [(u64, u64); 3],
+    /// Signals pending for the whole process, as 128-byte `siginfo_t`s.
+    pub pending: Vec<Vec<u8>>,
 }
 
 /// One signal disposition, as the kernel's `struct sigaction` for `rt_sigaction`.
@@ -95,6 +97,10 @@ pub struct ThreadInfo {
     pub robust_list: (u64, u64),
     /// `clear_child_tid` (`set_tid_address`): zeroed and woken at thread exit.
     pub clear_child_tid: u64,
+    /// Alternate signal stack: (`ss_sp`, `ss_flags`, `ss_size`).
+    pub sigaltstack: (u64, u32, u64),
+    /// Signals pending for this thread only, as 128-byte `siginfo_t`s.
+    pub pending: Vec<Vec<u8>>,
 }
 
 /// What a mapping is. On disk as a `u16`; `0` is invalid.
@@ -235,6 +241,29 @@ pub struct Manifest {
     pub fds: Vec<FdInfo>,
 }
 
+/// Size of a `siginfo_t`.
+pub const SIGINFO_LEN: usize = 128;
+
+fn decode_siginfos(b: &mut Dec<'_>) -> Result<Vec<Vec<u8>>, DecErr> {
+    let n = b.u32()? as usize;
+    if n > 4096 {
+        return Err(b.err(format!("{n} pending signals (at most 4096)")));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let at = b.offset();
+        let info = b.bytes(SIGINFO_LEN, "siginfo")?;
+        if info.len() != SIGINFO_LEN {
+            return Err(DecErr {
+                offset: at,
+                what: format!("siginfo of {} bytes, expected {SIGINFO_LEN}", info.len()),
+            });
+        }
+        out.push(info.to_vec());
+    }
+    Ok(out)
+}
+
 fn section(out: &mut Enc, tag: u16, body: Enc) {
     out.u16(tag);
     out.u16(0);
@@ -277,6 +306,10 @@ impl Manifest {
             b.u64(interval);
             b.u64(value);
         }
+        b.u32(p.pending.len() as u32);
+        for info in &p.pending {
+            b.bytes(info);
+        }
         section(&mut out, TAG_PROCESS, b);
         for t in &self.threads {
             let mut b = Enc::default();
@@ -290,6 +323,13 @@ impl Manifest {
             b.u64(t.robust_list.0);
             b.u64(t.robust_list.1);
             b.u64(t.clear_child_tid);
+            b.u64(t.sigaltstack.0);
+            b.u32(t.sigaltstack.1);
+            b.u64(t.sigaltstack.2);
+            b.u32(t.pending.len() as u32);
+            for info in &t.pending {
+                b.bytes(info);
+            }
             section(&mut out, TAG_THREAD, b);
         }
         for m in &self.mappings {
@@ -390,6 +430,7 @@ impl Manifest {
                     for t in &mut itimers {
                         *t = (b.u64()?, b.u64()?);
                     }
+                    let pending = decode_siginfos(&mut b)?;
                     process = Some(ProcessInfo {
                         pid,
                         exe,
@@ -403,6 +444,7 @@ impl Manifest {
                         rlimits,
                         sigactions,
                         itimers,
+                        pending,
                     });
                 }
                 TAG_THREAD => threads.push(ThreadInfo {
@@ -413,6 +455,8 @@ impl Manifest {
                     rseq: (b.u64()?, b.u32()?, b.u32()?),
                     robust_list: (b.u64()?, b.u64()?),
                     clear_child_tid: b.u64()?,
+                    sigaltstack: (b.u64()?, b.u32()?, b.u64()?),
+                    pending: decode_siginfos(&mut b)?,
                 }),
                 TAG_MAPPING => {
                     let start = b.u64()?;

@@ -36,6 +36,7 @@ fn manifest() -> Manifest {
                 mask: 0,
             }],
             itimers: [(0, 0), (1000, 500), (0, 0)],
+            pending: vec![vec![3; 128]],
         },
         threads: vec![ThreadInfo {
             tid: 42,
@@ -45,6 +46,8 @@ fn manifest() -> Manifest {
             rseq: (0x7000_1000, 32, 0x5305_3053),
             robust_list: (0x7000_2000, 24),
             clear_child_tid: 0x7000_3000,
+            sigaltstack: (0x7000_4000, 0, 8192),
+            pending: vec![vec![9; 128], vec![10; 128]],
         }],
         mappings: vec![
             MappingInfo {

@@ -88,6 +88,26 @@ impl Stub<'_> {
     }
 }
 
+/// The address of a `syscall` instruction in the restored vDSO.
+fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
+    let vdso = m
+        .mappings
+        .iter()
+        .find(|x| x.kind == MappingKind::Vdso)
+        .ok_or_else(|| RestoreError::NotSupported("the image has no vDSO".into()))?;
+    let mut code = vec![0u8; (vdso.end - vdso.start) as usize];
+    cr_ebpf_tracee::read_memory(pid, vdso.start, &mut code).map_err(|source| {
+        RestoreError::Build {
+            what: "reading the vDSO".into(),
+            source,
+        }
+    })?;
+    code.windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .map(|i| vdso.start + i as u64)
+        .ok_or_else(|| RestoreError::NotSupported("no syscall instruction in the vDSO".into()))
+}
+
 /// Recreates the descriptors of the image at their numbers: files and
 /// devices reopened by path at their offsets, pipes recreated with their
 /// buffered bytes; inherited ones are the restorer's own 0, 1, 2.
@@ -260,13 +280,26 @@ fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Reg
             [info.rseq.0, info.rseq.1 as u64, 0, info.rseq.2 as u64, 0, 0],
         )?;
     }
-    let mask_at = s.put(0, &info.sigmask.to_le_bytes())?;
-    s.sys_on(
-        t,
-        "rt_sigprocmask",
-        libc::SYS_rt_sigprocmask,
-        [libc::SIG_SETMASK as u64, mask_at, 0, 8, 0, 0],
-    )?;
+    if info.sigaltstack.1 & libc::SS_DISABLE as u32 == 0 {
+        let mut ss = info.sigaltstack.0.to_le_bytes().to_vec();
+        ss.extend_from_slice(&(info.sigaltstack.1 & !(libc::SS_ONSTACK as u32)).to_le_bytes());
+        ss.extend_from_slice(&0u32.to_le_bytes());
+        ss.extend_from_slice(&info.sigaltstack.2.to_le_bytes());
+        let at = s.put(0, &ss)?;
+        s.sys_on(t, "sigaltstack", libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0])?;
+    }
+    // Signals that were pending for this thread, queued again (all signals
+    // are blocked until the thread's own mask is set, last).
+    for siginfo in &info.pending {
+        let signo = i32::from_le_bytes(siginfo[0..4].try_into().expect("4 bytes"));
+        let at = s.put(0, siginfo)?;
+        s.sys_on(
+            t,
+            "rt_tgsigqueueinfo",
+            libc::SYS_rt_tgsigqueueinfo,
+            [s.pid as u64, info.tid as u64, signo as u64, at, 0, 0],
+        )?;
+    }
     if !info.xstate.is_empty() {
         t.set_xstate(&info.xstate)
             .map_err(|source| RestoreError::Build {
@@ -322,6 +355,16 @@ pub fn build(
                 return 91;
             }
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            // Every signal blocked while the process is built: a timer or a
+            // queued signal waits until each thread gets its own mask back.
+            let all: u64 = !0;
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_BLOCK,
+                &all as *const u64,
+                0usize,
+                8usize,
+            );
             if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
                 return 92;
             }
@@ -692,13 +735,19 @@ pub fn build(
             source,
         })?;
         let regs = thread_state(&s, &nt, info)?;
-        nt.set_regs(&regs).map_err(|source| RestoreError::Build {
-            what: format!("setting the registers of thread {}", info.tid),
-            source,
-        })?;
-        others.push(nt);
+        others.push((nt, regs, info.sigmask));
     }
     let final_regs = thread_state(&s, &t, &m.threads[0])?;
+    // Signals pending for the whole process.
+    for siginfo in &p.pending {
+        let signo = i32::from_le_bytes(siginfo[0..4].try_into().expect("4 bytes"));
+        let at = s.put(0, siginfo)?;
+        s.sys(
+            "rt_sigqueueinfo",
+            libc::SYS_rt_sigqueueinfo,
+            [s.pid as u64, signo as u64, at, 0, 0, 0],
+        )?;
+    }
 
     // 9. Timers last: a timer firing now would interrupt the build.
     for (which, &(interval, value)) in p.itimers.iter().enumerate() {
@@ -721,8 +770,37 @@ pub fn build(
             [which as u64, at, 0, 0, 0, 0],
         )?;
     }
-    for nt in others {
+    // Each other thread: its own signal mask as its last syscall, its own
+    // registers at that syscall's exit, then it runs (a pending signal it
+    // does not block is delivered right then, as the kernel would).
+    for (nt, regs, mask) in others {
         let tid = nt.tid();
+        let at = s.put(0, &mask.to_le_bytes())?;
+        let base = nt.regs().map_err(|source| RestoreError::Build {
+            what: format!("reading the registers of thread {tid}"),
+            source,
+        })?;
+        let r = nt
+            .run_syscall(
+                &base,
+                tramp,
+                libc::SYS_rt_sigprocmask,
+                [libc::SIG_SETMASK as u64, at, 0, 8, 0, 0],
+            )
+            .map_err(|source| RestoreError::Build {
+                what: format!("setting the signal mask of thread {tid}"),
+                source,
+            })?;
+        if r != 0 {
+            return Err(RestoreError::Syscall {
+                call: format!("rt_sigprocmask in thread {tid}"),
+                err: std::io::Error::from_raw_os_error(-r as i32),
+            });
+        }
+        nt.set_regs(&regs).map_err(|source| RestoreError::Build {
+            what: format!("setting the registers of thread {tid}"),
+            source,
+        })?;
         nt.detach().map_err(|source| RestoreError::Build {
             what: format!("letting thread {tid} run"),
             source,
@@ -749,6 +827,37 @@ pub fn build(
     if r != 0 {
         return Err(RestoreError::Syscall {
             call: "munmap(trampoline)".into(),
+            err: std::io::Error::from_raw_os_error(-r as i32),
+        });
+    }
+    // The main thread's own mask, last, through the vDSO's `syscall`
+    // instruction (the trampoline is gone), with the mask written just
+    // below its stack pointer and the bytes there put back.
+    let insn = vdso_syscall_insn(got, m)?;
+    let scratch = (final_regs.rsp - 4096) & !15;
+    let mut saved = [0u8; 8];
+    let mem = |what: &str, source| RestoreError::Build {
+        what: what.into(),
+        source,
+    };
+    cr_ebpf_tracee::read_memory(got, scratch, &mut saved)
+        .map_err(|e| mem("reading the stack", e))?;
+    cr_ebpf_tracee::write_memory(got, scratch, &m.threads[0].sigmask.to_le_bytes())
+        .map_err(|e| mem("writing the stack", e))?;
+    let base = t.regs().map_err(|e| mem("reading registers", e))?;
+    let r = t
+        .run_syscall(
+            &base,
+            insn,
+            libc::SYS_rt_sigprocmask,
+            [libc::SIG_SETMASK as u64, scratch, 0, 8, 0, 0],
+        )
+        .map_err(|e| mem("setting the signal mask", e))?;
+    cr_ebpf_tracee::write_memory(got, scratch, &saved)
+        .map_err(|e| mem("restoring the stack", e))?;
+    if r != 0 {
+        return Err(RestoreError::Syscall {
+            call: "rt_sigprocmask".into(),
             err: std::io::Error::from_raw_os_error(-r as i32),
         });
     }

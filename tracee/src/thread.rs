@@ -219,6 +219,51 @@ impl Tracee {
         }))
     }
 
+    /// Signals pending for this thread (`shared`: for the whole process),
+    /// as 128-byte `siginfo_t`s, read without dequeuing them
+    /// (`PTRACE_PEEKSIGINFO`).
+    pub fn pending_signals(&self, shared: bool) -> Result<Vec<Vec<u8>>, TraceError> {
+        const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+        const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+        #[repr(C)]
+        struct Args {
+            off: u64,
+            flags: u32,
+            nr: i32,
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 128 * 32];
+        loop {
+            let mut args = Args {
+                off: out.len() as u64,
+                flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+                nr: 32,
+            };
+            // SAFETY: the kernel writes at most `nr` siginfos (128 bytes each) into buf.
+            let n = unsafe {
+                libc::ptrace(
+                    PTRACE_PEEKSIGINFO,
+                    self.tid(),
+                    &mut args as *mut Args,
+                    buf.as_mut_ptr(),
+                )
+            };
+            if n < 0 {
+                return Err(TraceError::Ptrace {
+                    request: "PTRACE_PEEKSIGINFO",
+                    tid: self.tid(),
+                    source: nix::Error::last(),
+                });
+            }
+            for i in 0..n as usize {
+                out.push(buf[i * 128..(i + 1) * 128].to_vec());
+            }
+            if (n as usize) < 32 {
+                return Ok(out);
+            }
+        }
+    }
+
     /// The thread's robust futex list (`get_robust_list`): (head, length).
     pub fn robust_list(&self) -> Result<(u64, u64), TraceError> {
         let mut head: u64 = 0;

@@ -9,6 +9,8 @@
 //! * a thread blocked in `read` on a pipe the main thread feeds every tick;
 //! * a data file (`FILE.data`, written at start) open at an offset, a pipe
 //!   holding unread bytes, `/dev/null` open for writing;
+//! * `SIGUSR2` blocked everywhere with one queued for the process (value
+//!   42), and an alternate signal stack on the main thread;
 //! * a `SIGUSR1` handler: on the next tick the main thread checks that every
 //!   thread made progress since the previous check, that the data file
 //!   continues at the right offset with the right bytes and that the pipe
@@ -65,6 +67,31 @@ fn main() {
         sa.sa_flags = libc::SA_RESTART;
         libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
     }
+
+    // SIGUSR2 blocked in every thread (inherited), one pending with a value;
+    // an alternate signal stack on the main thread.
+    let altstack = vec![0u8; 64 * 1024].leak();
+    // SAFETY: plain signal-state calls on this process.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let ss = libc::stack_t {
+            ss_sp: altstack.as_mut_ptr().cast(),
+            ss_flags: 0,
+            ss_size: altstack.len(),
+        };
+        libc::sigaltstack(&ss, std::ptr::null_mut());
+        libc::sigqueue(
+            libc::getpid(),
+            libc::SIGUSR2,
+            libc::sigval {
+                sival_ptr: 42 as *mut libc::c_void,
+            },
+        );
+    }
+    let altstack_at = altstack.as_ptr() as usize;
 
     // A data file open at an offset, a pipe with unread bytes, /dev/null.
     let data_path = format!("{file}.data");
@@ -209,13 +236,41 @@ fn main() {
             unsafe { libc::fcntl(held_r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
             let pipe_ok = held_r.read_exact(&mut unread).is_ok() && unread == UNREAD;
             let _ = held_w.write_all(&unread);
+            // The queued SIGUSR2 is still pending with its value (take it,
+            // queue it again), and the alternate stack is in place.
+            // SAFETY: plain signal-state calls on this process.
+            let (signal_ok, stack_ok) = unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGUSR2);
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                let zero = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                let got_sig = libc::sigtimedwait(&set, &mut info, &zero);
+                let value = info.si_value().sival_ptr as usize;
+                libc::sigqueue(
+                    libc::getpid(),
+                    libc::SIGUSR2,
+                    libc::sigval {
+                        sival_ptr: 42 as *mut libc::c_void,
+                    },
+                );
+                let mut old: libc::stack_t = std::mem::zeroed();
+                libc::sigaltstack(std::ptr::null(), &mut old);
+                (
+                    got_sig == libc::SIGUSR2 && value == 42,
+                    old.ss_sp as usize == altstack_at && old.ss_size == 64 * 1024,
+                )
+            };
             append(
                 &file,
-                &if moved && got == want && file_ok && pipe_ok {
+                &if moved && got == want && file_ok && pipe_ok && signal_ok && stack_ok {
                     "usr1 ok\n".to_string()
                 } else {
                     format!(
-                        "usr1 FAILED progress {moved} memory {} file {file_ok} pipe {pipe_ok}: before {last_check:?} now {now:?}\n",
+                        "usr1 FAILED progress {moved} memory {} file {file_ok} pipe {pipe_ok} signal {signal_ok} altstack {stack_ok}: before {last_check:?} now {now:?}\n",
                         got == want
                     )
                 },
