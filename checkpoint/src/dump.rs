@@ -246,6 +246,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         }
     }
     let pending = main.pending_signals(true).map_err(trace)?;
+    let creds = proc::creds(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
     let umask = proc::umask(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
     let personality =
         proc::personality(pid).map_err(proc_err(pid, format!("/proc/{pid}/personality")))?;
@@ -357,6 +358,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
                 sigactions: sigactions.clone(),
                 itimers,
                 pending: pending.clone(),
+                creds,
             },
             threads: threads.clone(),
             mappings: mappings.clone(),

@@ -90,3 +90,21 @@ pub fn rlimits(pid: i32) -> io::Result<Vec<(u64, u64)>> {
         })
         .collect()
 }
+
+/// Real, effective, saved and filesystem uids, then gids, of `pid`.
+pub fn creds(pid: i32) -> io::Result<[u32; 8]> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let ids = |key: &str| -> io::Result<Vec<u32>> {
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .ok_or_else(|| io::Error::other(format!("no {key} in status")))?
+            .split_whitespace()
+            .map(|v| v.parse().map_err(io::Error::other))
+            .collect()
+    };
+    let (u, g) = (ids("Uid:")?, ids("Gid:")?);
+    if u.len() != 4 || g.len() != 4 {
+        return Err(io::Error::other("unexpected Uid/Gid lines"));
+    }
+    Ok([u[0], u[1], u[2], u[3], g[0], g[1], g[2], g[3]])
+}

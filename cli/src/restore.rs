@@ -21,6 +21,9 @@ pub struct Args {
     /// Threads filling memory (default: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Restore even if the process ran under other credentials (it then runs with ours).
+    #[arg(long)]
+    pub allow_other_credentials: bool,
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
@@ -28,6 +31,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         &args.images_dir,
         &RestoreOptions {
             threads: args.threads,
+            allow_other_credentials: args.allow_other_credentials,
         },
     )
     .with_context(|| format!("restoring {}", args.images_dir.display()))?;

@@ -63,6 +63,8 @@ pub struct ProcessInfo {
     pub itimers: [(u64, u64); 3],
     /// Signals pending for the whole process, as 128-byte `siginfo_t`s.
     pub pending: Vec<Vec<u8>>,
+    /// Credentials: real, effective, saved, filesystem uid, then the same gids.
+    pub creds: [u32; 8],
 }
 
 /// One signal disposition, as the kernel's `struct sigaction` for `rt_sigaction`.
@@ -310,6 +312,9 @@ impl Manifest {
         for info in &p.pending {
             b.bytes(info);
         }
+        for c in p.creds {
+            b.u32(c);
+        }
         section(&mut out, TAG_PROCESS, b);
         for t in &self.threads {
             let mut b = Enc::default();
@@ -431,6 +436,10 @@ impl Manifest {
                         *t = (b.u64()?, b.u64()?);
                     }
                     let pending = decode_siginfos(&mut b)?;
+                    let mut creds = [0u32; 8];
+                    for c in &mut creds {
+                        *c = b.u32()?;
+                    }
                     process = Some(ProcessInfo {
                         pid,
                         exe,
@@ -445,6 +454,7 @@ impl Manifest {
                         sigactions,
                         itimers,
                         pending,
+                        creds,
                     });
                 }
                 TAG_THREAD => threads.push(ThreadInfo {

@@ -37,6 +37,7 @@ fn manifest() -> Manifest {
             }],
             itimers: [(0, 0), (1000, 500), (0, 0)],
             pending: vec![vec![3; 128]],
+            creds: [1000, 1000, 1000, 1000, 100, 100, 100, 100],
         },
         threads: vec![ThreadInfo {
             tid: 42,

@@ -482,3 +482,44 @@ fn a_gibibyte_round_trips_twice() {
     stop(pid);
     assert_continuous(&t);
 }
+
+#[test]
+fn other_credentials_are_refused_unless_allowed() {
+    if !cr_ebpf_perf::privileged("other_credentials_are_refused_unless_allowed") {
+        return;
+    }
+    let s = Scratch::new("creds");
+    let log = s.0.join("log");
+    let mut w = start_ticker(&log, 4);
+    let pid = w.id() as i32;
+    let _reaper = KillOnDrop(pid);
+    wait_for_ticks(&log, 2);
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = w.wait();
+    // Pretend it ran as another user.
+    let mut m = cr_ebpf_image::Manifest::read(&img).unwrap();
+    m.process.creds = [1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000];
+    m.write(&img).unwrap();
+    let err = restore(&img, &RestoreOptions::default()).unwrap_err();
+    assert!(matches!(err, RestoreError::Credentials { .. }), "{err}");
+    assert!(
+        err.to_string().contains("--allow-other-credentials"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "nothing started"
+    );
+    let r = restore(
+        &img,
+        &RestoreOptions {
+            allow_other_credentials: true,
+            ..RestoreOptions::default()
+        },
+    )
+    .expect("restore when asked");
+    let n = ticks(&log).len();
+    wait_for_ticks(&log, n + 2);
+    stop(r.pid);
+}

@@ -46,6 +46,18 @@ pub enum RestoreError {
         /// What holds it.
         comm: String,
     },
+    /// The process ran under other credentials.
+    #[error(
+        "the process ran as uid/gid {image:?} (real, effective, saved, fs), cr-ebpf runs as \
+         {ours:?}: restoring would change who it runs as; restore as that user, or pass \
+         --allow-other-credentials to run it with ours"
+    )]
+    Credentials {
+        /// Credentials in the image.
+        image: [u32; 8],
+        /// Ours.
+        ours: [u32; 8],
+    },
     /// The image needs something this version cannot restore yet.
     #[error("not supported yet: {0}")]
     NotSupported(String),
@@ -96,10 +108,36 @@ pub struct RestoreReport {
 pub struct RestoreOptions {
     /// Threads filling pages (0: all cores).
     pub threads: usize,
+    /// Restore even when the image's credentials differ from ours; the
+    /// process then runs with ours.
+    pub allow_other_credentials: bool,
 }
 
 /// Checks everything that can be checked before anything is started.
-fn preflight(m: &Manifest) -> Result<(), RestoreError> {
+fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
+    // SAFETY: getres[ug]id write three ids each.
+    let ours = unsafe {
+        let (mut r, mut e, mut s) = (0, 0, 0);
+        let (mut gr, mut ge, mut gs) = (0, 0, 0);
+        libc::getresuid(&mut r, &mut e, &mut s);
+        libc::getresgid(&mut gr, &mut ge, &mut gs);
+        [
+            r,
+            e,
+            s,
+            libc::setfsuid(u32::MAX) as u32,
+            gr,
+            ge,
+            gs,
+            libc::setfsgid(u32::MAX) as u32,
+        ]
+    };
+    if m.process.creds != ours && !opts.allow_other_credentials {
+        return Err(RestoreError::Credentials {
+            image: m.process.creds,
+            ours,
+        });
+    }
     let pid = m.process.pid;
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
         let field = |k: &str| {
@@ -177,7 +215,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     let manifest = Manifest::read(dir)?;
     // Reads and verifies every chunk before anything is started.
     let chunks = pages::read_chunks(dir)?;
-    preflight(&manifest)?;
+    preflight(&manifest, opts)?;
     let workers = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {

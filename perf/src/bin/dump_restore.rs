@@ -127,8 +127,14 @@ fn main() -> Result<()> {
                 )
                 .with_context(|| format!("dump of {mib} MiB"))?;
                 let _ = child.wait();
-                let r = restore(&img, &RestoreOptions { threads: w })
-                    .with_context(|| format!("restore of {mib} MiB"))?;
+                let r = restore(
+                    &img,
+                    &RestoreOptions {
+                        threads: w,
+                        ..RestoreOptions::default()
+                    },
+                )
+                .with_context(|| format!("restore of {mib} MiB"))?;
                 // SAFETY: stopping the restored workload, our child.
                 unsafe {
                     libc::kill(r.pid, libc::SIGKILL);
