@@ -523,3 +523,48 @@ fn other_credentials_are_refused_unless_allowed() {
     wait_for_ticks(&log, n + 2);
     stop(r.pid);
 }
+
+#[test]
+fn a_changed_file_is_refused_and_the_same_file_accepted() {
+    if !cr_ebpf_perf::privileged("a_changed_file_is_refused_and_the_same_file_accepted") {
+        return;
+    }
+    let s = Scratch::new("changed");
+    let log = s.0.join("log");
+    let mut w = spawn_clean(Command::new(MTWORK).arg(&log).args(["4", "0"]));
+    let pid = w.id() as i32;
+    let _reaper = KillOnDrop(pid);
+    wait_for_line(&log, "tick", 2);
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = w.wait();
+    // The data file the process reads (open read-only at an offset) changes.
+    let data = PathBuf::from(format!("{}.data", log.display()));
+    let before = std::fs::metadata(&data).unwrap();
+    let original = std::fs::read(&data).unwrap();
+    let mut changed = original.clone();
+    changed.push(0);
+    std::fs::write(&data, &changed).unwrap();
+    let err = restore(&img, &RestoreOptions::default()).unwrap_err();
+    assert!(matches!(err, RestoreError::File { .. }), "{err}");
+    assert!(
+        err.to_string().contains("changed since the checkpoint"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "nothing started"
+    );
+    // Put it back as it was: accepted.
+    std::fs::write(&data, &original).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_modified(before.modified().unwrap())
+        .unwrap();
+    let r = restore(&img, &RestoreOptions::default()).expect("restore with the same file");
+    let n = ticks_of(&log).len();
+    wait_for_line(&log, "tick", n + 2);
+    stop(r.pid);
+}

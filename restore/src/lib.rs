@@ -168,7 +168,13 @@ fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
             what: format!("(open on fd {}) cannot be found: {e}", f.fd),
         })?;
         let mtime = meta.mtime() as u64 * 1_000_000_000 + meta.mtime_nsec() as u64;
-        if meta.ino() != f.inode || meta.size() != f.size || mtime != f.mtime_ns {
+        // A file the process only reads must be unchanged; one it may write
+        // (a log, often shared with other writers) must be the same file, but
+        // its size and time legitimately move on.
+        let writable = f.flags as i32 & libc::O_ACCMODE != libc::O_RDONLY;
+        let changed =
+            meta.ino() != f.inode || (!writable && (meta.size() != f.size || mtime != f.mtime_ns));
+        if changed {
             return Err(RestoreError::File {
                 path: f.path.clone(),
                 what: format!(
