@@ -14,51 +14,6 @@ fn check(r: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
-/// `struct clone_args` (first version plus `set_tid`, 88 bytes).
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
-/// Forks with `clone3`, asking for pid `pid`. The child runs `child` and
-/// exits with its return value. Returns the child's pid in the parent.
-pub fn clone3_with_pid(pid: libc::pid_t, child: impl FnOnce() -> i32) -> io::Result<libc::pid_t> {
-    let tids = [pid];
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: tids.as_ptr() as u64,
-        set_tid_size: 1,
-        ..Default::default()
-    };
-    // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a
-    // copy of the address space; `args` and `tids` are valid for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    let r = check(r)?;
-    if r == 0 {
-        let code = child();
-        // SAFETY: leaving the forked child without running the parent's destructors.
-        unsafe { libc::_exit(code) };
-    }
-    Ok(r as libc::pid_t)
-}
-
 /// `pidfd_open(pid, 0)`.
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall with integer arguments.

@@ -118,7 +118,7 @@ fn clone3_set_tid() -> Result<String, String> {
         if std::path::Path::new(&format!("/proc/{want}")).exists() {
             continue;
         }
-        match sys::clone3_with_pid(want, || 0) {
+        match cr_ebpf_tracee::fork_with_pid(want, || 0) {
             Ok(got) => {
                 let _ = waitpid(Pid::from_raw(got), None);
                 return if got == want {

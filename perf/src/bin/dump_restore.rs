@@ -18,16 +18,7 @@ use anyhow::{bail, Context as _, Result};
 use cr_ebpf_checkpoint::{dump, DumpOptions};
 use cr_ebpf_restore::{restore, RestoreOptions};
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+use cr_ebpf_perf::median;
 
 /// memcpy GB/s over `bytes` (already-faulted buffers).
 fn memcpy_rate(bytes: usize) -> f64 {

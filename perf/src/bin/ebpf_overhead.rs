@@ -131,16 +131,6 @@ impl WpRegion {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Runs `f` in chunks that fit the ring buffer, draining between chunks
 /// (untimed), and returns the mean ns per call over all chunks.
 fn chunked(
@@ -255,7 +245,7 @@ fn main() -> Result<()> {
 
     let med: BTreeMap<&str, f64> = samples
         .iter()
-        .map(|(k, v)| (*k, median(&mut v.clone())))
+        .map(|(k, v)| (*k, cr_ebpf_perf::median(v)))
         .collect();
     let delta = |a: &str, b: &str| med[a] - med[b];
     let ratio = |a: &str, b: &str| med[a] / med[b];

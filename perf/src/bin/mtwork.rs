@@ -37,12 +37,7 @@ extern "C" fn on_usr1(_: libc::c_int) {
     USR1.store(true, Ordering::SeqCst);
 }
 
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
-}
+use cr_ebpf_perf::xorshift;
 
 fn append(file: &str, line: &str) {
     if let Ok(mut f) = std::fs::OpenOptions::new()

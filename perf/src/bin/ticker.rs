@@ -12,12 +12,7 @@
 
 use std::io::Write as _;
 
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
-}
+use cr_ebpf_perf::xorshift;
 
 fn main() {
     let mut args = std::env::args().skip(1);
