@@ -137,6 +137,11 @@ fn dump_kill_restore_continues_with_same_pid_and_memory() {
 
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     assert_eq!(r.pid, pid, "the original pid");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+        Path::new(TICKER).canonicalize().unwrap(),
+        "/proc/PID/exe names the program again"
+    );
     let after = wait_for_ticks(&log, before.len() + 5);
     stop(pid);
     assert_continuous(&after);

@@ -631,6 +631,28 @@ pub fn build(
             "auxv larger than expected".into(),
         ));
     }
+    // The executable, so that /proc/PID/exe names it again (the stub's own
+    // binary is no longer mapped, which the kernel requires).
+    let mut exe = p.exe.clone().into_bytes();
+    exe.push(0);
+    let exe_fd = if exe.len() <= 2048 {
+        let at = s.put(2048, &exe)?;
+        s.sys(
+            "openat(exe)",
+            libc::SYS_openat,
+            [
+                libc::AT_FDCWD as u64,
+                at,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+                0,
+                0,
+                0,
+            ],
+        )
+        .ok()
+    } else {
+        None
+    };
     let auxv_at = s.put(256, &p.auxv)?;
     let mut mm_map = Vec::with_capacity(104);
     for v in p.mm {
@@ -638,20 +660,32 @@ pub fn build(
     }
     mm_map.extend_from_slice(&auxv_at.to_le_bytes());
     mm_map.extend_from_slice(&(p.auxv.len() as u32).to_le_bytes());
-    mm_map.extend_from_slice(&u32::MAX.to_le_bytes()); // exe_fd: keep
-    let map_at = s.put(0, &mm_map)?;
-    s.sys(
-        "prctl(PR_SET_MM_MAP)",
-        libc::SYS_prctl,
-        [
-            libc::PR_SET_MM as u64,
-            libc::PR_SET_MM_MAP as u64,
-            map_at,
-            mm_map.len() as u64,
-            0,
-            0,
-        ],
-    )?;
+    let exe_at = mm_map.len();
+    mm_map.extend_from_slice(&exe_fd.map_or(u32::MAX, |fd| fd as u32).to_le_bytes());
+    let set_mm = |mm_map: &[u8]| -> Result<i64, RestoreError> {
+        let map_at = s.put(0, mm_map)?;
+        s.sys(
+            "prctl(PR_SET_MM_MAP)",
+            libc::SYS_prctl,
+            [
+                libc::PR_SET_MM as u64,
+                libc::PR_SET_MM_MAP as u64,
+                map_at,
+                mm_map.len() as u64,
+                0,
+                0,
+            ],
+        )
+    };
+    if set_mm(&mm_map).is_err() && exe_fd.is_some() {
+        // The executable could not be set (replaced, or not executable):
+        // the process still restores; /proc/PID/exe keeps the stub's name.
+        mm_map[exe_at..exe_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        set_mm(&mm_map)?;
+    }
+    if let Some(fd) = exe_fd {
+        s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+    }
 
     // 6. Process-wide state.
     let mut cwd = p.cwd.clone().into_bytes();
