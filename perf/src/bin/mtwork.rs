@@ -6,7 +6,9 @@
 //! * a thread blocked in a futex wait (a condition variable) that the main
 //!   thread signals every tick;
 //! * `EXTRA` threads that spin on arithmetic and check their own results;
-//! * a thread blocked in `read` on a pipe the main thread feeds every tick;
+//! * a thread blocked in `poll` then `read` on a pipe the main thread feeds
+//!   every tick;
+//! * an interval timer (`ITIMER_REAL`, 20 ms) whose `SIGALRM`s are counted;
 //! * a data file (`FILE.data`, written at start) open at an offset, a pipe
 //!   holding unread bytes, `/dev/null` open for writing;
 //! * `SIGUSR2` blocked everywhere with one queued for the process (value
@@ -32,9 +34,14 @@ use std::{
 };
 
 static USR1: AtomicBool = AtomicBool::new(false);
+static ALARMS: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn on_usr1(_: libc::c_int) {
     USR1.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_alarm(_: libc::c_int) {
+    ALARMS.fetch_add(1, Ordering::SeqCst);
 }
 
 use cr_ebpf_perf::xorshift;
@@ -61,6 +68,18 @@ fn main() {
         sa.sa_sigaction = on_usr1 as *const () as usize;
         sa.sa_flags = libc::SA_RESTART;
         libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        // An interval timer (ITIMER_REAL, every 20 ms) counting SIGALRMs.
+        sa.sa_sigaction = on_alarm as *const () as usize;
+        libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 20_000,
+        };
+        let it = libc::itimerval {
+            it_interval: tv,
+            it_value: tv,
+        };
+        libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut());
     }
 
     // SIGUSR2 blocked in every thread (inherited), one pending with a value;
@@ -128,7 +147,19 @@ fn main() {
         let c = reader.clone();
         std::thread::spawn(move || {
             let mut b = [0u8; 1];
-            while feed_r.read_exact(&mut b).is_ok() {
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: feed_r.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: polling one descriptor we own.
+                if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+                    continue; // EINTR (a SIGALRM): poll again
+                }
+                if feed_r.read_exact(&mut b).is_err() {
+                    break;
+                }
                 c.fetch_add(1, Ordering::SeqCst);
             }
         });
@@ -188,7 +219,7 @@ fn main() {
     let mut want: u64 = mem.iter().fold(0u64, |a, &w| a.wrapping_add(w));
     let progress =
         |s: &[Arc<AtomicU64>]| -> Vec<u64> { s.iter().map(|c| c.load(Ordering::SeqCst)).collect() };
-    let mut last_check = (0u64, 0u64, progress(&spinners), 0u64);
+    let mut last_check = (0u64, 0u64, progress(&spinners), 0u64, 0u64);
     for n in 1u64.. {
         for k in 0..8u64 {
             let i = (xorshift(&mut seed) as usize) % words;
@@ -215,11 +246,18 @@ fn main() {
         };
         append(&file, &line);
         if USR1.swap(false, Ordering::SeqCst) {
-            let now = (s, w, progress(&spinners), reader.load(Ordering::SeqCst));
+            let now = (
+                s,
+                w,
+                progress(&spinners),
+                reader.load(Ordering::SeqCst),
+                ALARMS.load(Ordering::SeqCst),
+            );
             let moved = now.0 > last_check.0
                 && now.1 > last_check.1
                 && now.2.iter().zip(&last_check.2).all(|(a, b)| a > b)
-                && now.3 > last_check.3;
+                && now.3 > last_check.3
+                && now.4 > last_check.4;
             // The data file goes on from where it was.
             let mut next = [0u8; 10];
             let file_ok =
