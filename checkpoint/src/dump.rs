@@ -185,6 +185,9 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             clear_child_tid,
             sigaltstack,
             pending: t.pending_signals(false).map_err(trace)?,
+            comm: std::fs::read_to_string(format!("/proc/{pid}/task/{}/comm", t.tid()))
+                .map(|c| c.trim_end_matches('\n').chars().take(15).collect())
+                .unwrap_or_default(),
             sigmask: proc::sigmask(pid, t.tid()).map_err(proc_err(
                 pid,
                 format!("/proc/{pid}/task/{}/status", t.tid()),

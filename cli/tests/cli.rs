@@ -154,3 +154,92 @@ fn trace_of_a_missing_pid_names_the_problem() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no process with pid 8388608"), "{err}");
 }
+
+#[test]
+fn dump_inspect_restore_from_the_command_line() {
+    if !privileged("dump_inspect_restore_from_the_command_line") {
+        return;
+    }
+    use std::os::unix::process::CommandExt as _;
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("img");
+    let mut cmd = Command::new("/bin/sleep");
+    cmd.arg("60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: close_range is async-signal-safe (drops the harness's own fds).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut sleeper = cmd.spawn().unwrap();
+    let pid = sleeper.id();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let out = Command::new(BIN)
+        .args(["dump", "--pid", &pid.to_string(), "--json", "--images-dir"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["pid"], pid);
+    assert_eq!(report["threads"], 1);
+    assert!(report["freeze_ms"].as_f64().unwrap() > 0.0);
+    let _ = sleeper.wait();
+
+    let out = Command::new(BIN)
+        .arg("inspect")
+        .arg(&img)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let image: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(image["pid"], pid);
+    assert_eq!(image["format"], "1.0");
+    assert!(image["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["kind"] == "Vdso"));
+
+    let out = Command::new(BIN)
+        .args(["restore", "--detach", "--images-dir"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("restored with its pid");
+    assert!(stat.contains("(sleep)"), "{stat}");
+    // SAFETY: stopping the restored sleep.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+
+    // A damaged image: a clear error and exit status 2.
+    let pages = img.join("pages.img");
+    let mut b = std::fs::read(&pages).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 0xff;
+    std::fs::write(&pages, b).unwrap();
+    let out = Command::new(BIN).arg("inspect").arg(&img).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("corrupt image") && err.contains("pages.img"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -103,6 +103,8 @@ pub struct ThreadInfo {
     pub sigaltstack: (u64, u32, u64),
     /// Signals pending for this thread only, as 128-byte `siginfo_t`s.
     pub pending: Vec<Vec<u8>>,
+    /// Thread name (`comm`, at most 15 bytes).
+    pub comm: String,
 }
 
 /// What a mapping is. On disk as a `u16`; `0` is invalid.
@@ -335,6 +337,7 @@ impl Manifest {
             for info in &t.pending {
                 b.bytes(info);
             }
+            b.str(&t.comm);
             section(&mut out, TAG_THREAD, b);
         }
         for m in &self.mappings {
@@ -467,6 +470,7 @@ impl Manifest {
                     clear_child_tid: b.u64()?,
                     sigaltstack: (b.u64()?, b.u32()?, b.u64()?),
                     pending: decode_siginfos(&mut b)?,
+                    comm: b.str(16, "thread name")?,
                 }),
                 TAG_MAPPING => {
                     let start = b.u64()?;

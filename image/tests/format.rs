@@ -49,6 +49,7 @@ fn manifest() -> Manifest {
             clear_child_tid: 0x7000_3000,
             sigaltstack: (0x7000_4000, 0, 8192),
             pending: vec![vec![9; 128], vec![10; 128]],
+            comm: "worker".into(),
         }],
         mappings: vec![
             MappingInfo {

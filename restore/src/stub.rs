@@ -280,6 +280,18 @@ fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Reg
             [info.rseq.0, info.rseq.1 as u64, 0, info.rseq.2 as u64, 0, 0],
         )?;
     }
+    if !info.comm.is_empty() {
+        let mut name = info.comm.clone().into_bytes();
+        name.truncate(15);
+        name.push(0);
+        let at = s.put(0, &name)?;
+        s.sys_on(
+            t,
+            "prctl(PR_SET_NAME)",
+            libc::SYS_prctl,
+            [libc::PR_SET_NAME as u64, at, 0, 0, 0, 0],
+        )?;
+    }
     if info.sigaltstack.1 & libc::SS_DISABLE as u32 == 0 {
         let mut ss = info.sigaltstack.0.to_le_bytes().to_vec();
         ss.extend_from_slice(&(info.sigaltstack.1 & !(libc::SS_ONSTACK as u32)).to_le_bytes());
