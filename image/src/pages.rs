@@ -191,7 +191,10 @@ pub fn read_chunks(dir: &Path) -> Result<Vec<Chunk>, ImageError> {
         }
     };
     let mut f = File::open(&path).map_err(io("opening"))?;
-    let mut bytes = Vec::new();
+    // Sized up front: growing a buffer of a few GiB by doubling costs more
+    // than reading it.
+    let len = f.metadata().map_err(io("reading"))?.len() as usize;
+    let mut bytes = Vec::with_capacity(len + 1);
     f.read_to_end(&mut bytes).map_err(io("reading"))?;
     let header = file::parse_header(&name, &bytes, FileKind::Pages)?;
     let payload = &bytes[HEADER_LEN.min(bytes.len())..];
