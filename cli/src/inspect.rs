@@ -17,10 +17,11 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<ExitCode> {
     let m = Manifest::read(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
-    let chunks =
-        pages::read_chunks(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
-    let stored: u64 = chunks.iter().map(|c| c.npages as u64).sum();
-    let compressed: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
+    let store = pages::PageStore::open(&args.dir)
+        .with_context(|| format!("reading {}", args.dir.display()))?;
+    let chunks = store.chunks();
+    let stored = store.pages();
+    let compressed = store.compressed_bytes();
     let p = &m.process;
     if args.json {
         let mappings: Vec<_> = m

@@ -260,3 +260,192 @@ pub fn read_chunks(dir: &Path) -> Result<Vec<Chunk>, ImageError> {
     }
     Ok(chunks)
 }
+
+/// The page store mapped read-only, for restoring: no copy of the data is
+/// made, and chunks are decompressed straight from the mapping (in
+/// parallel by the caller). Opening checks the header, the checksum of the
+/// whole store and every chunk's bounds, so a damaged store is refused
+/// before anything is started; each chunk's own checksums are checked as
+/// it is decompressed.
+pub struct PageStore {
+    base: *mut libc::c_void,
+    len: usize,
+    chunks: Vec<ChunkRef>,
+}
+
+// SAFETY: the mapping is private and read-only for its whole life; nothing
+// writes through it, so sharing it between threads is sound.
+unsafe impl Send for PageStore {}
+// SAFETY: as above.
+unsafe impl Sync for PageStore {}
+
+/// Where one chunk lies in a [`PageStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// Address of the first page.
+    pub vaddr: u64,
+    /// Number of pages.
+    pub npages: u32,
+    offset: usize,
+    clen: usize,
+    crc: u32,
+    raw_crc: u32,
+}
+
+impl PageStore {
+    /// Maps and checks `pages.img` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join(crate::PAGES_FILE);
+        let name = path.display().to_string();
+        let io = |what| {
+            let p = name.clone();
+            move |source| ImageError::Io {
+                path: p,
+                what,
+                source,
+            }
+        };
+        let f = File::open(&path).map_err(io("opening"))?;
+        let len = f.metadata().map_err(io("reading"))?.len() as usize;
+        if len < HEADER_LEN {
+            return Err(ImageError::Corrupt {
+                path: name,
+                offset: 0,
+                what: format!("file of {len} bytes has no complete header"),
+            });
+        }
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: a new private read-only mapping of a file we opened.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io("mapping")(std::io::Error::last_os_error()));
+        }
+        let mut store = Self {
+            base,
+            len,
+            chunks: Vec::new(),
+        };
+        let bytes = store.bytes();
+        let header = file::parse_header(&name, bytes, FileKind::Pages)?;
+        let payload = &bytes[HEADER_LEN..];
+        let corrupt = |offset: u64, what: String| ImageError::Corrupt {
+            path: name.clone(),
+            offset,
+            what,
+        };
+        if payload.len() as u64 != header.payload_len {
+            return Err(corrupt(
+                len as u64,
+                format!(
+                    "page store holds {} bytes of chunks, the header says {} (truncated?)",
+                    payload.len(),
+                    header.payload_len
+                ),
+            ));
+        }
+        if crc32fast::hash(payload) != header.payload_crc {
+            return Err(corrupt(
+                HEADER_LEN as u64,
+                "page store checksum mismatch".into(),
+            ));
+        }
+        let mut chunks = Vec::new();
+        let mut pos = 0usize;
+        while pos < payload.len() {
+            let at = (HEADER_LEN + pos) as u64;
+            if payload.len() - pos < CHUNK_HEADER {
+                return Err(corrupt(at, "truncated chunk header".into()));
+            }
+            let h = &payload[pos..pos + CHUNK_HEADER];
+            let vaddr = u64::from_le_bytes(h[0..8].try_into().expect("8"));
+            let npages = u32::from_le_bytes(h[8..12].try_into().expect("4"));
+            let clen = u32::from_le_bytes(h[12..16].try_into().expect("4")) as usize;
+            if npages == 0 || npages > MAX_CHUNK_PAGES || !vaddr.is_multiple_of(PAGE as u64) {
+                return Err(corrupt(
+                    at,
+                    format!("bad chunk: {npages} pages at {vaddr:#x}"),
+                ));
+            }
+            let max = lz4_flex::block::get_maximum_output_size(npages as usize * PAGE);
+            if clen > max || payload.len() - pos - CHUNK_HEADER < clen {
+                return Err(corrupt(at, format!("bad chunk length {clen}")));
+            }
+            chunks.push(ChunkRef {
+                vaddr,
+                npages,
+                offset: HEADER_LEN + pos + CHUNK_HEADER,
+                clen,
+                crc: u32::from_le_bytes(h[16..20].try_into().expect("4")),
+                raw_crc: u32::from_le_bytes(h[20..24].try_into().expect("4")),
+            });
+            pos += CHUNK_HEADER + clen;
+        }
+        store.chunks = chunks;
+        Ok(store)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.base as *const u8, self.len) }
+    }
+
+    /// The chunks, in file order.
+    pub fn chunks(&self) -> &[ChunkRef] {
+        &self.chunks
+    }
+
+    /// Pages stored.
+    pub fn pages(&self) -> u64 {
+        self.chunks.iter().map(|c| c.npages as u64).sum()
+    }
+
+    /// Bytes of compressed data.
+    pub fn compressed_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.clen as u64).sum()
+    }
+
+    /// Checks chunk `c`'s checksums and decompresses it into `out`
+    /// (exactly `npages * PAGE` bytes).
+    pub fn decompress_into(&self, c: &ChunkRef, out: &mut [u8]) -> Result<(), String> {
+        let data = &self.bytes()[c.offset..c.offset + c.clen];
+        if crc32fast::hash(data) != c.crc {
+            return Err(format!(
+                "checksum mismatch in the chunk of pages at {:#x}",
+                c.vaddr
+            ));
+        }
+        let want = c.npages as usize * PAGE;
+        if out.len() != want {
+            return Err(format!("buffer of {} bytes for {want}", out.len()));
+        }
+        let n = lz4_flex::block::decompress_into(data, out).map_err(|e| {
+            format!(
+                "lz4 block of pages at {:#x} does not decompress: {e}",
+                c.vaddr
+            )
+        })?;
+        if n != want || crc32fast::hash(out) != c.raw_crc {
+            return Err(format!(
+                "pages at {:#x}: contents do not match their checksum",
+                c.vaddr
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PageStore {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping this value owns.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}

@@ -219,15 +219,15 @@ fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let start = Instant::now();
     let manifest = Manifest::read(dir)?;
-    // Reads and verifies every chunk before anything is started.
-    let chunks = pages::read_chunks(dir)?;
+    // Maps the page store and verifies it before anything is started.
+    let store = pages::PageStore::open(dir)?;
     preflight(&manifest, opts)?;
     let workers = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
         opts.threads
     };
-    let (pid, pages, fill) = stub::build(&manifest, &chunks, workers)?;
+    let (pid, pages, fill) = stub::build(&manifest, &store, workers)?;
     Ok(RestoreReport {
         pid,
         pages,

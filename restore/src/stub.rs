@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use cr_ebpf_checkpoint::{parse_maps, MapEntry};
 use cr_ebpf_image::{
-    pages::Chunk, FdKind, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED,
+    pages::PageStore, FdKind, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED,
 };
 use cr_ebpf_tracee::{regs, Tracee};
 use nix::{
@@ -327,7 +327,7 @@ fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Reg
 /// Builds the process. Returns (pid, pages written, fill time).
 pub fn build(
     m: &Manifest,
-    chunks: &[Chunk],
+    store: &PageStore,
     workers: usize,
 ) -> Result<(i32, u64, Duration), RestoreError> {
     let own = std::fs::read_to_string("/proc/self/maps")
@@ -602,13 +602,14 @@ pub fn build(
         .thread_name(|i| format!("restore-fill-{i}"))
         .build()
         .map_err(|e| RestoreError::NotSupported(format!("starting the fill threads: {e}")))?;
-    let pages: u64 = chunks.iter().map(|c| c.npages as u64).sum();
+    let pages = store.pages();
     pool.install(|| {
-        chunks.par_iter().try_for_each_init(
+        store.chunks().par_iter().try_for_each_init(
             || vec![0u8; cr_ebpf_image::pages::MAX_CHUNK_PAGES as usize * PAGE as usize],
             |buf, c| {
                 let b = &mut buf[..c.npages as usize * PAGE as usize];
-                c.decompress_into(b)
+                store
+                    .decompress_into(c, b)
                     .map_err(|e| RestoreError::NotSupported(format!("page data: {e}")))?;
                 cr_ebpf_tracee::write_memory(got, c.vaddr, b).map_err(|source| {
                     RestoreError::Build {
