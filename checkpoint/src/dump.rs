@@ -146,6 +146,15 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             ),
         });
     }
+    // A process confined to another root directory cannot be rebuilt yet.
+    let root = std::fs::read_link(format!("/proc/{pid}/root"))
+        .map_err(proc_err(pid, format!("/proc/{pid}/root")))?;
+    if root != Path::new("/") {
+        return Err(DumpError::NotSupported {
+            pid,
+            what: format!("a root directory other than / ({})", root.display()),
+        });
+    }
     // Descriptors first: an unsupported one fails the dump before the long part.
     let fds = crate::fds::collect(pid)?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
