@@ -78,11 +78,22 @@ fn run(cr: &Path, counter: &Path, images: &Path) -> Result<()> {
         2,
         "start the demo workload (counter: ticks, writes pages, logs, forks helpers)",
     );
-    let mut work = Command::new(counter)
-        .arg("200")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the counter workload")?;
+    let mut cmd = Command::new(counter);
+    cmd.arg("200").stdout(Stdio::piped());
+    // Only stdin, stdout, stderr: whatever else this shell or harness left
+    // open (a build jobserver, say) would be a pipe to the outside, which a
+    // checkpoint rightly refuses.
+    {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: close_range is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+    }
+    let mut work = cmd.spawn().context("starting the counter workload")?;
     let pid = work.id();
     let ticks = lines_of(&mut work)?;
     for _ in 0..3 {
