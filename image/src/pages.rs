@@ -18,7 +18,7 @@
 
 use std::{
     fs::File,
-    io::{BufWriter, Read, Write},
+    io::{BufWriter, Write},
     path::{Path, PathBuf},
 };
 
@@ -61,34 +61,6 @@ impl Chunk {
             raw_crc: crc32fast::hash(raw),
             data,
         }
-    }
-
-    /// Decompresses into `out` (exactly `npages * PAGE` bytes), checking the
-    /// uncompressed checksum.
-    pub fn decompress_into(&self, out: &mut [u8]) -> Result<(), String> {
-        let want = self.npages as usize * PAGE;
-        if out.len() != want {
-            return Err(format!("buffer of {} bytes for {want}", out.len()));
-        }
-        let n = lz4_flex::block::decompress_into(&self.data, out).map_err(|e| {
-            format!(
-                "lz4 block of pages at {:#x} does not decompress: {e}",
-                self.vaddr
-            )
-        })?;
-        if n != want {
-            return Err(format!(
-                "pages at {:#x} decompress to {n} bytes, expected {want}",
-                self.vaddr
-            ));
-        }
-        if crc32fast::hash(out) != self.raw_crc {
-            return Err(format!(
-                "pages at {:#x}: checksum of the contents does not match",
-                self.vaddr
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -175,90 +147,6 @@ impl PageWriter {
         f.sync_all().map_err(io("syncing"))?;
         Ok((self.pages, self.len + HEADER_LEN as u64))
     }
-}
-
-/// Reads every chunk of `pages.img` in `dir`, checking the file and chunk
-/// checksums. The data stays compressed.
-pub fn read_chunks(dir: &Path) -> Result<Vec<Chunk>, ImageError> {
-    let path = dir.join(crate::PAGES_FILE);
-    let name = path.display().to_string();
-    let io = |what| {
-        let p = name.clone();
-        move |source| ImageError::Io {
-            path: p,
-            what,
-            source,
-        }
-    };
-    let mut f = File::open(&path).map_err(io("opening"))?;
-    // Sized up front: growing a buffer of a few GiB by doubling costs more
-    // than reading it.
-    let len = f.metadata().map_err(io("reading"))?.len() as usize;
-    let mut bytes = Vec::with_capacity(len + 1);
-    f.read_to_end(&mut bytes).map_err(io("reading"))?;
-    let header = file::parse_header(&name, &bytes, FileKind::Pages)?;
-    let payload = &bytes[HEADER_LEN.min(bytes.len())..];
-    let corrupt = |offset: u64, what: String| ImageError::Corrupt {
-        path: name.clone(),
-        offset,
-        what,
-    };
-    if payload.len() as u64 != header.payload_len {
-        return Err(corrupt(
-            bytes.len() as u64,
-            format!(
-                "page store holds {} bytes of chunks, the header says {} (truncated?)",
-                payload.len(),
-                header.payload_len
-            ),
-        ));
-    }
-    if crc32fast::hash(payload) != header.payload_crc {
-        return Err(corrupt(
-            HEADER_LEN as u64,
-            "page store checksum mismatch".into(),
-        ));
-    }
-    let mut chunks = Vec::new();
-    let mut pos = 0usize;
-    while pos < payload.len() {
-        let at = (HEADER_LEN + pos) as u64;
-        if payload.len() - pos < CHUNK_HEADER {
-            return Err(corrupt(at, "truncated chunk header".into()));
-        }
-        let h = &payload[pos..pos + CHUNK_HEADER];
-        let vaddr = u64::from_le_bytes(h[0..8].try_into().expect("8"));
-        let npages = u32::from_le_bytes(h[8..12].try_into().expect("4"));
-        let clen = u32::from_le_bytes(h[12..16].try_into().expect("4")) as usize;
-        let crc = u32::from_le_bytes(h[16..20].try_into().expect("4"));
-        let raw_crc = u32::from_le_bytes(h[20..24].try_into().expect("4"));
-        if npages == 0 || npages > MAX_CHUNK_PAGES || !vaddr.is_multiple_of(PAGE as u64) {
-            return Err(corrupt(
-                at,
-                format!("bad chunk: {npages} pages at {vaddr:#x}"),
-            ));
-        }
-        let max = lz4_flex::block::get_maximum_output_size(npages as usize * PAGE);
-        if clen > max || payload.len() - pos - CHUNK_HEADER < clen {
-            return Err(corrupt(at, format!("bad chunk length {clen}")));
-        }
-        let data = payload[pos + CHUNK_HEADER..pos + CHUNK_HEADER + clen].to_vec();
-        if crc32fast::hash(&data) != crc {
-            return Err(corrupt(
-                at,
-                format!("checksum mismatch in the chunk of pages at {vaddr:#x}"),
-            ));
-        }
-        chunks.push(Chunk {
-            vaddr,
-            npages,
-            data,
-            crc,
-            raw_crc,
-        });
-        pos += CHUNK_HEADER + clen;
-    }
-    Ok(chunks)
 }
 
 /// The page store mapped read-only, for restoring: no copy of the data is

@@ -114,20 +114,21 @@ fn round_trip() {
     let d = tempdir("roundtrip");
     let raw = write_image(&d);
     assert_eq!(Manifest::read(&d).unwrap(), manifest());
-    let chunks = pages::read_chunks(&d).unwrap();
-    assert_eq!(chunks.len(), 1);
+    let store = pages::PageStore::open(&d).unwrap();
+    assert_eq!(store.chunks().len(), 1);
+    assert_eq!(store.pages(), 2);
     let mut out = vec![0u8; 2 * PAGE];
-    chunks[0].decompress_into(&mut out).unwrap();
+    store.decompress_into(&store.chunks()[0], &mut out).unwrap();
     assert_eq!(out, raw);
 }
 
 #[test]
-fn a_flipped_byte_in_a_chunk_is_named() {
+fn a_flipped_byte_in_a_chunk_is_refused() {
     let d = tempdir("flip");
     write_image(&d);
     // Inside the compressed data of the first chunk (header 32 + chunk header 24).
     flip(&d.join(PAGES_FILE), 32 + 24 + 10);
-    let e = pages::read_chunks(&d).unwrap_err().to_string();
+    let e = pages::PageStore::open(&d).err().unwrap().to_string();
     assert!(e.contains("corrupt image") && e.contains("checksum"), "{e}");
 }
 
@@ -138,7 +139,7 @@ fn a_truncated_page_store_is_an_error() {
     let p = d.join(PAGES_FILE);
     let b = std::fs::read(&p).unwrap();
     std::fs::write(&p, &b[..b.len() - 100]).unwrap();
-    let e = pages::read_chunks(&d).unwrap_err().to_string();
+    let e = pages::PageStore::open(&d).err().unwrap().to_string();
     assert!(e.contains("truncated"), "{e}");
 }
 
@@ -242,4 +243,28 @@ fn crc32(b: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+#[test]
+fn a_damaged_chunk_with_a_consistent_file_checksum_is_still_caught() {
+    let d = tempdir("chunkcrc");
+    write_image(&d);
+    let p = d.join(PAGES_FILE);
+    let mut b = std::fs::read(&p).unwrap();
+    b[32 + 24 + 10] ^= 0x40;
+    // Recompute the whole-store checksum so only the chunk's own one differs.
+    let crc = crc32(&b[32..]);
+    b[24..28].copy_from_slice(&crc.to_le_bytes());
+    let hcrc = crc32(&b[0..28]);
+    b[28..32].copy_from_slice(&hcrc.to_le_bytes());
+    std::fs::write(&p, b).unwrap();
+    let store = pages::PageStore::open(&d).expect("the store as a whole checks out");
+    let mut out = vec![0u8; 2 * PAGE];
+    let e = store
+        .decompress_into(&store.chunks()[0], &mut out)
+        .unwrap_err();
+    assert!(
+        e.contains("checksum mismatch in the chunk of pages at 0x1000"),
+        "{e}"
+    );
 }
