@@ -11,11 +11,13 @@
 //! * [`Backend::Hashing`] — compare page contents with the previous
 //!   checkpoint; always works, slowest. Used when nothing else does.
 //!
-//! Attaching a tracker to another process (a userfaultfd created inside it by
-//! an injected syscall and taken with `pidfd_getfd`), registering new mappings
-//! from the eBPF log, and the hashing backend's scanner come with incremental
+//! [`attach::attach`] gives a tracker for another process (a userfaultfd
+//! created inside it by an injected syscall and taken with `pidfd_getfd`,
+//! leaving its descriptor table as it was). Registering new mappings from
+//! the eBPF log, and the hashing backend's scanner, come with incremental
 //! checkpoints.
 
+pub mod attach;
 pub mod soft_dirty;
 pub mod sys;
 pub mod uffd_wp;
