@@ -29,6 +29,17 @@ fn list_threads(pid: i32) -> Result<Vec<i32>, TraceError> {
     Ok(tids)
 }
 
+/// `TracerPid` of thread `tid` of `pid`.
+fn tracer_of(pid: i32, tid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 impl Frozen {
     /// Seizes and stops every thread of `pid`, repeating until no new thread
     /// appears (a thread may be created while we seize the others).
@@ -48,6 +59,19 @@ impl Frozen {
                         source: nix::Error::ESRCH,
                         ..
                     }) => continue,
+                    Err(TraceError::Ptrace {
+                        source: nix::Error::EPERM,
+                        ..
+                    }) if tracer_of(pid, tid).is_some_and(|t| t != 0) => {
+                        let tracer = tracer_of(pid, tid).unwrap_or(0);
+                        return Err(TraceError::Unexpected {
+                            tid,
+                            what: format!(
+                                "already traced by process {tracer} (a debugger or strace?): \
+                                 detach it first; a thread can have only one tracer"
+                            ),
+                        });
+                    }
                     Err(e) => return Err(e),
                 };
                 match t.interrupt() {
