@@ -124,7 +124,10 @@ pub fn parse_header(path: &str, h: &[u8], kind: FileKind) -> Result<Header, Imag
     })
 }
 
-fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+pub(crate) fn io<'a>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
     move |source| ImageError::Io {
         path: path.display().to_string(),
         what,

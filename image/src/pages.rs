@@ -77,17 +77,10 @@ impl PageWriter {
     /// Creates `pages.img` in `dir`.
     pub fn create(dir: &Path) -> Result<Self, ImageError> {
         let path = dir.join(crate::PAGES_FILE);
-        let io = |what| {
-            let p = path.display().to_string();
-            move |source| ImageError::Io {
-                path: p,
-                what,
-                source,
-            }
-        };
-        let mut f = File::create(&path).map_err(io("creating"))?;
+        let mut f = File::create(&path).map_err(file::io(&path, "creating"))?;
         // Placeholder; the real header is written by finish().
-        f.write_all(&[0u8; HEADER_LEN]).map_err(io("writing"))?;
+        f.write_all(&[0u8; HEADER_LEN])
+            .map_err(file::io(&path, "writing"))?;
         Ok(Self {
             out: BufWriter::with_capacity(1 << 20, f),
             path,
@@ -124,19 +117,11 @@ impl PageWriter {
     /// Writes the header and fsyncs. Returns (pages, bytes on disk).
     pub fn finish(self) -> Result<(u64, u64), ImageError> {
         let path = self.path.clone();
-        let io = |what| {
-            let p = path.display().to_string();
-            move |source| ImageError::Io {
-                path: p,
-                what,
-                source,
-            }
-        };
         let mut f = self
             .out
             .into_inner()
             .map_err(|e| e.into_error())
-            .map_err(io("writing"))?;
+            .map_err(file::io(&path, "writing"))?;
         file::rewrite_header(
             &mut f,
             &path,
@@ -144,7 +129,7 @@ impl PageWriter {
             self.len,
             self.crc.finalize(),
         )?;
-        f.sync_all().map_err(io("syncing"))?;
+        f.sync_all().map_err(file::io(&path, "syncing"))?;
         Ok((self.pages, self.len + HEADER_LEN as u64))
     }
 }
@@ -185,16 +170,8 @@ impl PageStore {
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
         let path = dir.join(crate::PAGES_FILE);
         let name = path.display().to_string();
-        let io = |what| {
-            let p = name.clone();
-            move |source| ImageError::Io {
-                path: p,
-                what,
-                source,
-            }
-        };
-        let f = File::open(&path).map_err(io("opening"))?;
-        let len = f.metadata().map_err(io("reading"))?.len() as usize;
+        let f = File::open(&path).map_err(file::io(&path, "opening"))?;
+        let len = f.metadata().map_err(file::io(&path, "reading"))?.len() as usize;
         if len < HEADER_LEN {
             return Err(ImageError::Corrupt {
                 path: name,
@@ -215,7 +192,7 @@ impl PageStore {
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(io("mapping")(std::io::Error::last_os_error()));
+            return Err(file::io(&path, "mapping")(std::io::Error::last_os_error()));
         }
         let mut store = Self {
             base,

@@ -44,3 +44,36 @@ pub fn median(v: &[f64]) -> f64 {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
+
+/// A seeded pattern the workloads keep in memory and check themselves: each
+/// step changes a few words on pages spread over the area and compares a
+/// checksum of the whole area with the one tracked along the way, so any
+/// page lost or corrupted by a checkpoint or restore shows.
+pub struct Pattern {
+    mem: Vec<u64>,
+    seed: u64,
+    want: u64,
+}
+
+impl Pattern {
+    /// `mib` MiB of pseudo-random words.
+    pub fn new(mib: usize) -> Self {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mem: Vec<u64> = (0..mib << 17).map(|_| xorshift(&mut seed)).collect();
+        let want = mem.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+        Self { mem, seed, want }
+    }
+
+    /// Step `n`: changes 8 words, returns (checksum found, checksum expected).
+    pub fn step(&mut self, n: u64) -> (u64, u64) {
+        let words = self.mem.len();
+        for k in 0..8u64 {
+            let i = (xorshift(&mut self.seed) as usize) % words;
+            let v = xorshift(&mut self.seed) ^ n ^ k;
+            self.want = self.want.wrapping_sub(self.mem[i]).wrapping_add(v);
+            self.mem[i] = v;
+        }
+        let got = self.mem.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+        (got, self.want)
+    }
+}

@@ -44,7 +44,7 @@ extern "C" fn on_alarm(_: libc::c_int) {
     ALARMS.fetch_add(1, Ordering::SeqCst);
 }
 
-use cr_ebpf_perf::xorshift;
+use cr_ebpf_perf::{xorshift, Pattern};
 
 fn append(file: &str, line: &str) {
     if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -213,21 +213,12 @@ fn main() {
         })
         .collect();
 
-    let words = mib << 17;
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut mem: Vec<u64> = (0..words).map(|_| xorshift(&mut seed)).collect();
-    let mut want: u64 = mem.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+    let mut memory = Pattern::new(mib);
     let progress =
         |s: &[Arc<AtomicU64>]| -> Vec<u64> { s.iter().map(|c| c.load(Ordering::SeqCst)).collect() };
     let mut last_check = (0u64, 0u64, progress(&spinners), 0u64, 0u64);
     for n in 1u64.. {
-        for k in 0..8u64 {
-            let i = (xorshift(&mut seed) as usize) % words;
-            let v = xorshift(&mut seed) ^ n ^ k;
-            want = want.wrapping_sub(mem[i]).wrapping_add(v);
-            mem[i] = v;
-        }
-        let got = mem.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+        let (got, want) = memory.step(n);
         {
             let (m, cv) = &*bell;
             *m.lock().unwrap() += 1;
