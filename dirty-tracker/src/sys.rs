@@ -215,6 +215,24 @@ impl AnonMapping {
         // SAFETY: in bounds of a mapping we own with PROT_READ.
         unsafe { self.addr.add(offset).read_volatile() }
     }
+
+    /// Changes the protection of the pages `offset..offset + len` to `prot`
+    /// (`PROT_*`); both must be multiples of the page size.
+    ///
+    /// # Safety
+    /// [`write_byte`](Self::write_byte) and [`read_byte`](Self::read_byte)
+    /// rely on the mapping being readable and writable: the caller must not
+    /// use them on pages it made inaccessible, until it restores them.
+    pub unsafe fn protect(&self, offset: usize, len: usize, prot: i32) -> io::Result<()> {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: the pages are inside a mapping this value owns; the caller
+        // keeps the accessors away from them while they are protected.
+        let r = unsafe { libc::mprotect(self.addr.add(offset).cast(), len, prot) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for AnonMapping {

@@ -96,7 +96,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "dirty memory",
         "content hashing",
         true,
-        Ok("always available (slowest)".into()),
+        detection.hashing.clone(),
     ));
     checks.extend(bpf::checks());
 

@@ -1,8 +1,10 @@
 //! Writes pages on command, for dirty-tracking tests.
 //!
 //! Maps `PAGES` anonymous pages, touches them all, prints `ready ADDR`;
-//! then for each line `w I J ...` on stdin writes one byte in pages I, J, …
-//! and prints `ok`; `q` exits.
+//! then for each line `w I J ...` on stdin writes pages I, J, … and prints
+//! `ok`; `q` exits. Each write stores a per-page counter, incremented at
+//! every write (a page named twice in a line is written twice), so every
+//! write changes the page's contents and content hashing sees it too.
 //!
 //! Usage: `pagewriter [PAGES]`
 
@@ -20,6 +22,7 @@ fn main() {
     for i in 0..pages {
         area[i * 4096] = 1;
     }
+    let mut counters = vec![0u64; pages];
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "ready {:#x}", area.as_ptr() as usize);
     let _ = out.flush();
@@ -30,8 +33,15 @@ fn main() {
             Some("w") => {
                 for i in it.filter_map(|s| s.parse::<usize>().ok()) {
                     if i < pages {
-                        // SAFETY: in bounds; volatile so the write happens.
-                        unsafe { area.as_mut_ptr().add(i * 4096 + 8).write_volatile(i as u8) };
+                        counters[i] += 1;
+                        // SAFETY: in bounds and 8-aligned (the area is
+                        // page-aligned); volatile so the write happens.
+                        unsafe {
+                            area.as_mut_ptr()
+                                .add(i * 4096 + 8)
+                                .cast::<u64>()
+                                .write_volatile(counters[i])
+                        };
                     }
                 }
                 let _ = writeln!(out, "ok");
