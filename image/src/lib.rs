@@ -14,16 +14,19 @@
 //! the caps: a damaged image is an error that names the file and offset,
 //! never a guess. Images appear atomically ([`publish`]).
 
+pub mod chain;
 mod codec;
 pub mod file;
+pub mod images_dir;
 mod manifest;
 pub mod pages;
 mod publish;
 
+pub use chain::Chain;
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
-    FdInfo, FdKind, Manifest, MappingInfo, MappingKind, ProcessInfo, SigAction, ThreadInfo,
-    MAP_GROWSDOWN, MAP_SHARED,
+    ChainInfo, FdInfo, FdKind, Manifest, MappingInfo, MappingKind, ProcessInfo, SigAction,
+    ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED,
 };
 pub use publish::publish;
 

@@ -17,11 +17,13 @@ const TAG_PROCESS: u16 = 1;
 const TAG_THREAD: u16 = 2;
 const TAG_MAPPING: u16 = 3;
 const TAG_FD: u16 = 4;
+const TAG_CHAIN: u16 = 5;
 /// Largest pipe contents stored.
 const PIPE_DATA_CAP: usize = 16 << 20;
 const SECTION_OPTIONAL: u16 = 1;
 
 const PATH_CAP: usize = 4096;
+const NAME_CAP: usize = 255;
 const REGS_CAP: usize = 1024;
 const XSTATE_CAP: usize = 64 * 1024;
 const AUXV_CAP: usize = 4096;
@@ -30,6 +32,23 @@ const AUXV_CAP: usize = 4096;
 pub const MAP_SHARED: u32 = 1;
 /// `MappingInfo::flags`: a stack that grows down.
 pub const MAP_GROWSDOWN: u32 = 2;
+/// Mapping flag (format 1.1): pages of this mapping not stored in this
+/// image live in the parent image's mapping with the same range.
+pub const MAP_INHERITS: u32 = 4;
+
+/// Where a checkpoint sits in a chain (format 1.1, section CHAIN).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChainInfo {
+    /// This checkpoint's name: its directory name in the images directory.
+    pub id: String,
+    /// The parent's name (a sibling directory), empty for a full image.
+    pub parent: String,
+    /// Position in the images directory; parents have smaller numbers.
+    pub seq: u64,
+    /// How the changed pages were found (`full`, `uffd-wp`, `hashing`,
+    /// `soft-dirty`, `compacted`).
+    pub method: String,
+}
 
 /// The process-wide part of a checkpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -243,6 +262,8 @@ pub struct Manifest {
     pub mappings: Vec<MappingInfo>,
     /// Its open file descriptors, by number.
     pub fds: Vec<FdInfo>,
+    /// Its place in a chain of checkpoints; `None` for a standalone image.
+    pub chain: Option<ChainInfo>,
 }
 
 /// Size of a `siginfo_t`.
@@ -370,6 +391,14 @@ impl Manifest {
             b.bytes(&f.data);
             section(&mut out, TAG_FD, b);
         }
+        if let Some(c) = &self.chain {
+            let mut b = Enc::default();
+            b.str(&c.id);
+            b.str(&c.parent);
+            b.u64(c.seq);
+            b.str(&c.method);
+            section(&mut out, TAG_CHAIN, b);
+        }
         out.buf
     }
 
@@ -380,6 +409,7 @@ impl Manifest {
         let mut threads = Vec::new();
         let mut mappings: Vec<MappingInfo> = Vec::new();
         let mut fds: Vec<FdInfo> = Vec::new();
+        let mut chain = None;
         while !d.done() {
             let at = d.offset();
             let tag = d.u16()?;
@@ -542,6 +572,35 @@ impl Manifest {
                     }
                     fds.push(f);
                 }
+                TAG_CHAIN => {
+                    if chain.is_some() {
+                        return Err(DecErr {
+                            offset: at,
+                            what: "a second CHAIN section".into(),
+                        });
+                    }
+                    let c = ChainInfo {
+                        id: b.str(NAME_CAP, "checkpoint name")?,
+                        parent: b.str(NAME_CAP, "parent name")?,
+                        seq: b.u64()?,
+                        method: b.str(NAME_CAP, "method")?,
+                    };
+                    for name in [&c.id, &c.parent] {
+                        if name.contains('/') || name == "." || name == ".." {
+                            return Err(DecErr {
+                                offset: at,
+                                what: format!("checkpoint name {name:?} is not a plain name"),
+                            });
+                        }
+                    }
+                    if c.id.is_empty() {
+                        return Err(DecErr {
+                            offset: at,
+                            what: "empty checkpoint name".into(),
+                        });
+                    }
+                    chain = Some(c);
+                }
                 _ if flags & SECTION_OPTIONAL != 0 => continue,
                 other => {
                     return Err(DecErr {
@@ -561,11 +620,20 @@ impl Manifest {
         if threads.is_empty() {
             return Err(d.err("no THREAD section"));
         }
+        if chain.is_none() && mappings.iter().any(|m| m.flags & MAP_INHERITS != 0) {
+            return Err(d.err("a mapping inherits pages but the image has no parent"));
+        }
+        if let Some(c) = &chain {
+            if c.parent.is_empty() && mappings.iter().any(|m| m.flags & MAP_INHERITS != 0) {
+                return Err(d.err("a mapping inherits pages but the image has no parent"));
+            }
+        }
         Ok(Self {
             process,
             threads,
             mappings,
             fds,
+            chain,
         })
     }
 

@@ -77,6 +77,12 @@ fn manifest() -> Manifest {
                 pages_stored: 0,
             },
         ],
+        chain: Some(cr_ebpf_image::ChainInfo {
+            id: "ckpt-000002".into(),
+            parent: "ckpt-000001".into(),
+            seq: 2,
+            method: "uffd-wp".into(),
+        }),
         fds: vec![cr_ebpf_image::FdInfo {
             fd: 3,
             kind: cr_ebpf_image::FdKind::Pipe,
@@ -193,12 +199,28 @@ fn unknown_enum_values_are_errors() {
     let mut m = manifest();
     m.mappings.truncate(1);
     m.fds.clear();
+    m.chain = None;
     let mut payload = m.encode();
     // The kind field of the only mapping: find its encoded u16 (1, Anon).
     let at = payload.len() - (4 + 8 + 8 + 8) - 2;
     payload[at..at + 2].copy_from_slice(&77u16.to_le_bytes());
     let e = Manifest::decode(&payload, 32).unwrap_err();
     assert!(e.what.contains("unknown mapping kind 77"), "{}", e.what);
+}
+
+#[test]
+fn chain_sections_round_trip_and_inheriting_needs_a_parent() {
+    let m = manifest();
+    assert_eq!(Manifest::decode(&m.encode(), 32).unwrap(), m);
+    let mut orphan = manifest();
+    orphan.mappings[0].flags |= cr_ebpf_image::MAP_INHERITS;
+    orphan.chain.as_mut().unwrap().parent.clear();
+    let e = Manifest::decode(&orphan.encode(), 32).unwrap_err();
+    assert!(e.what.contains("no parent"), "{}", e.what);
+    let mut sneaky = manifest();
+    sneaky.chain.as_mut().unwrap().parent = "../elsewhere".into();
+    let e = Manifest::decode(&sneaky.encode(), 32).unwrap_err();
+    assert!(e.what.contains("not a plain name"), "{}", e.what);
 }
 
 #[test]

@@ -1,0 +1,363 @@
+//! Chains of incremental checkpoints.
+//!
+//! An incremental image stores only the pages that changed since its parent;
+//! a mapping flagged [`MAP_INHERITS`] takes every page it does not store from
+//! the parent's mapping with the same range, and so on down the chain until
+//! a mapping without the flag (or the full base). [`Chain::open`] reads an
+//! image and its ancestors and resolves every page of the newest one to the
+//! newest copy that holds it, as a list of [`Fill`]s that restore and
+//! compaction process in parallel.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    pages::{ChunkRef, PageStore, MAX_CHUNK_PAGES, PAGE},
+    ImageError, Manifest, MappingKind, MAP_INHERITS,
+};
+
+/// Longest chain accepted (a loop or a runaway chain is an error).
+pub const MAX_CHAIN: usize = 100_000;
+
+/// One image of a chain.
+pub struct Link {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest as stored.
+    pub manifest: Manifest,
+    /// Its page store.
+    pub store: PageStore,
+}
+
+/// Pages to copy out of one stored chunk.
+#[derive(Debug, Clone)]
+pub struct Fill {
+    /// Which link holds the chunk (0 is the newest image).
+    pub level: usize,
+    /// The chunk.
+    pub chunk: ChunkRef,
+    /// `(first page in the chunk, pages)` to take from it, in order.
+    pub pieces: Vec<(u32, u32)>,
+}
+
+impl Fill {
+    /// Pages this fill provides.
+    pub fn pages(&self) -> u64 {
+        self.pieces.iter().map(|p| p.1 as u64).sum()
+    }
+}
+
+/// An image with its ancestors, every page resolved to its newest copy.
+pub struct Chain {
+    links: Vec<Link>,
+    fills: Vec<Fill>,
+    manifest: Manifest,
+}
+
+impl Chain {
+    /// Reads the image in `dir` and every ancestor it names (siblings of
+    /// `dir`), checks that they fit together, and resolves the pages.
+    /// Fails, naming the image, if an ancestor is missing or damaged.
+    pub fn open(dir: &Path) -> Result<Self, ImageError> {
+        let mut links: Vec<Link> = Vec::new();
+        let mut cur = dir.to_path_buf();
+        loop {
+            let manifest = Manifest::read(&cur)?;
+            let store = PageStore::open(&cur)?;
+            let parent = manifest.chain.as_ref().map(|c| c.parent.clone());
+            if let Some(child) = links.last() {
+                check_link(&child.manifest, &child.dir, &manifest, &cur)?;
+            }
+            links.push(Link {
+                dir: cur.clone(),
+                manifest,
+                store,
+            });
+            match parent {
+                Some(p) if !p.is_empty() => {
+                    if links.len() >= MAX_CHAIN {
+                        return Err(corrupt(
+                            dir,
+                            format!("chain longer than {MAX_CHAIN} images (a loop?)"),
+                        ));
+                    }
+                    let next = cur.parent().unwrap_or(Path::new(".")).join(&p);
+                    if !next.join(crate::MANIFEST_FILE).exists() {
+                        return Err(ImageError::Corrupt {
+                            path: cur.join(crate::MANIFEST_FILE).display().to_string(),
+                            offset: 0,
+                            what: format!(
+                                "its parent checkpoint {} is missing: this checkpoint \
+                                 cannot be restored (restore an older full one, or one \
+                                 whose chain is complete)",
+                                next.display()
+                            ),
+                        });
+                    }
+                    cur = next;
+                }
+                _ => break,
+            }
+        }
+        let (fills, manifest) = resolve(&links)?;
+        Ok(Self {
+            links,
+            fills,
+            manifest,
+        })
+    }
+
+    /// The newest image's manifest, with `pages_stored` counting every page
+    /// resolved through the chain and no mapping flagged as inheriting.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The images, newest first.
+    pub fn links(&self) -> &[Link] {
+        &self.links
+    }
+
+    /// What to copy from where; every page appears once.
+    pub fn fills(&self) -> &[Fill] {
+        &self.fills
+    }
+
+    /// Pages resolved.
+    pub fn pages(&self) -> u64 {
+        self.fills.iter().map(Fill::pages).sum()
+    }
+
+    /// Decompresses `f`'s chunk into `scratch` (checking its checksums) and
+    /// calls `each(address, bytes)` for every piece.
+    pub fn read<E>(
+        &self,
+        f: &Fill,
+        scratch: &mut Vec<u8>,
+        mut each: impl FnMut(u64, &[u8]) -> Result<(), E>,
+        err: impl FnOnce(String) -> E,
+    ) -> Result<(), E> {
+        let n = f.chunk.npages as usize * PAGE;
+        if scratch.len() < n {
+            scratch.resize(MAX_CHUNK_PAGES as usize * PAGE, 0);
+        }
+        let link = &self.links[f.level];
+        if let Err(e) = link.store.decompress_into(&f.chunk, &mut scratch[..n]) {
+            return Err(err(format!("{}: {e}", link.dir.display())));
+        }
+        for &(first, pages) in &f.pieces {
+            let a = first as usize * PAGE;
+            each(
+                f.chunk.vaddr + a as u64,
+                &scratch[a..a + pages as usize * PAGE],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn corrupt(dir: &Path, what: String) -> ImageError {
+    ImageError::Corrupt {
+        path: dir.join(crate::MANIFEST_FILE).display().to_string(),
+        offset: 0,
+        what,
+    }
+}
+
+fn check_link(
+    child: &Manifest,
+    child_dir: &Path,
+    parent: &Manifest,
+    dir: &Path,
+) -> Result<(), ImageError> {
+    let (c, p) = match (&child.chain, &parent.chain) {
+        (Some(c), Some(p)) => (c, p),
+        _ => {
+            return Err(corrupt(
+                dir,
+                format!(
+                    "named as the parent of {} but is not part of a chain",
+                    child_dir.display()
+                ),
+            ))
+        }
+    };
+    if p.id != c.parent || p.seq >= c.seq {
+        return Err(corrupt(
+            dir,
+            format!(
+                "is checkpoint {:?} (#{}), but {} expects its parent {:?} with a smaller number \
+                 than #{} (directories renamed or mixed up?)",
+                p.id,
+                p.seq,
+                child_dir.display(),
+                c.parent,
+                c.seq
+            ),
+        ));
+    }
+    if child.process.pid != parent.process.pid {
+        return Err(corrupt(
+            dir,
+            format!(
+                "is a checkpoint of process {}, its child {} of process {}",
+                parent.process.pid,
+                child_dir.display(),
+                child.process.pid
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Disjoint address ranges already claimed by a newer image.
+#[derive(Default)]
+struct Claimed(BTreeMap<u64, u64>);
+
+impl Claimed {
+    /// Claims the parts of `s..e` nobody claimed yet and returns them.
+    fn claim(&mut self, s: u64, e: u64) -> Vec<(u64, u64)> {
+        let mut overlapping: Vec<(u64, u64)> = Vec::new();
+        if let Some((&a, &b)) = self.0.range(..=s).next_back() {
+            if b > s {
+                overlapping.push((a, b));
+            }
+        }
+        for (&a, &b) in self.0.range(s..e) {
+            if overlapping.last() != Some(&(a, b)) {
+                overlapping.push((a, b));
+            }
+        }
+        let mut free = Vec::new();
+        let mut cur = s;
+        for &(a, b) in &overlapping {
+            if a > cur {
+                free.push((cur, a));
+            }
+            cur = cur.max(b);
+        }
+        if cur < e {
+            free.push((cur, e));
+        }
+        let lo = overlapping.first().map_or(s, |o| o.0.min(s));
+        let hi = overlapping.last().map_or(e, |o| o.1.max(e));
+        for (a, _) in overlapping {
+            self.0.remove(&a);
+        }
+        self.0.insert(lo, hi);
+        free
+    }
+}
+
+fn resolve(links: &[Link]) -> Result<(Vec<Fill>, Manifest), ImageError> {
+    let tip = &links[0].manifest;
+    // How deep each of the newest image's mappings may look for pages.
+    let mut depth = Vec::with_capacity(tip.mappings.len());
+    for m in &tip.mappings {
+        let mut level = 0;
+        let mut cur = m;
+        while cur.flags & MAP_INHERITS != 0 {
+            let next = level + 1;
+            let Some(link) = links.get(next) else {
+                return Err(corrupt(
+                    &links[level].dir,
+                    format!(
+                        "mapping {:#x}-{:#x} inherits from a missing parent",
+                        m.start, m.end
+                    ),
+                ));
+            };
+            let parent = link
+                .manifest
+                .mappings
+                .binary_search_by_key(&m.start, |p| p.start)
+                .ok()
+                .map(|i| &link.manifest.mappings[i])
+                .filter(|p| p.end == m.end && p.kind == m.kind);
+            let Some(parent) = parent else {
+                return Err(corrupt(
+                    &links[level].dir,
+                    format!(
+                        "mapping {:#x}-{:#x} inherits pages, but the parent {} has no such mapping",
+                        m.start,
+                        m.end,
+                        link.dir.display()
+                    ),
+                ));
+            };
+            cur = parent;
+            level = next;
+        }
+        depth.push(level);
+    }
+    let mut claimed = Claimed::default();
+    let mut resolved = vec![0u64; tip.mappings.len()];
+    let mut fills = Vec::new();
+    for (level, link) in links.iter().enumerate() {
+        for c in link.store.chunks() {
+            let (cs, ce) = (c.vaddr, c.vaddr + c.npages as u64 * PAGE as u64);
+            let first = tip.mappings.partition_point(|m| m.end <= cs);
+            let mut pieces = Vec::new();
+            let mut covered = 0u64;
+            for (i, m) in tip.mappings.iter().enumerate().skip(first) {
+                if m.start >= ce {
+                    break;
+                }
+                let (s, e) = (cs.max(m.start), ce.min(m.end));
+                covered += e - s;
+                if depth[i] < level
+                    || matches!(
+                        m.kind,
+                        MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+                    )
+                {
+                    continue;
+                }
+                for (a, b) in claimed.claim(s, e) {
+                    resolved[i] += (b - a) / PAGE as u64;
+                    pieces.push((
+                        ((a - cs) / PAGE as u64) as u32,
+                        ((b - a) / PAGE as u64) as u32,
+                    ));
+                }
+            }
+            if level == 0 && covered != ce - cs {
+                return Err(corrupt(
+                    &link.dir,
+                    format!("stored pages at {cs:#x}-{ce:#x} lie outside every mapping"),
+                ));
+            }
+            if !pieces.is_empty() {
+                fills.push(Fill {
+                    level,
+                    chunk: *c,
+                    pieces,
+                });
+            }
+        }
+    }
+    let mut manifest = tip.clone();
+    for (m, n) in manifest.mappings.iter_mut().zip(resolved) {
+        m.flags &= !MAP_INHERITS;
+        m.pages_stored = n;
+    }
+    Ok((fills, manifest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Claimed;
+
+    #[test]
+    fn claims_only_what_is_free() {
+        let mut c = Claimed::default();
+        assert_eq!(c.claim(10, 20), vec![(10, 20)]);
+        assert_eq!(c.claim(5, 25), vec![(5, 10), (20, 25)]);
+        assert_eq!(c.claim(30, 40), vec![(30, 40)]);
+        assert_eq!(c.claim(0, 50), vec![(0, 5), (25, 30), (40, 50)]);
+        assert_eq!(c.claim(12, 14), vec![]);
+        assert_eq!(c.0.len(), 1);
+    }
+}

@@ -1,0 +1,143 @@
+//! An images directory: the checkpoints of one process, `ckpt-000001`,
+//! `ckpt-000002`, … each an image directory whose parent (if any) is a
+//! sibling. Entries starting with `.` are temporary (being written, or
+//! being deleted) and never read.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use crate::{file, ImageError};
+
+/// Prefix of checkpoint directory names.
+pub const PREFIX: &str = "ckpt-";
+
+/// The directory name of checkpoint number `seq`.
+pub fn checkpoint_name(seq: u64) -> String {
+    format!("{PREFIX}{seq:06}")
+}
+
+/// The number in a checkpoint directory name.
+pub fn parse_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// One checkpoint in an images directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Directory name.
+    pub name: String,
+    /// Its number.
+    pub seq: u64,
+    /// Its path.
+    pub dir: PathBuf,
+}
+
+/// The published checkpoints in `dir`, oldest first. A directory that does
+/// not exist holds none.
+pub fn list(dir: &Path) -> Result<Vec<Entry>, ImageError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(file::io(dir, "listing")(e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(file::io(dir, "listing"))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(seq) = parse_name(&name) {
+            if e.path().join(crate::MANIFEST_FILE).exists() {
+                out.push(Entry {
+                    name,
+                    seq,
+                    dir: e.path(),
+                });
+            }
+        }
+    }
+    out.sort_by_key(|e| e.seq);
+    Ok(out)
+}
+
+/// Whether `dir` is a single image rather than an images directory.
+pub fn is_image(dir: &Path) -> bool {
+    dir.join(crate::MANIFEST_FILE).exists()
+}
+
+/// The image to restore from `dir`: `dir` itself when it is an image;
+/// otherwise the checkpoint named `which` in it, or its newest one.
+pub fn locate(dir: &Path, which: Option<&str>) -> Result<PathBuf, ImageError> {
+    if is_image(dir) {
+        if let Some(w) = which {
+            return Err(ImageError::Io {
+                path: dir.display().to_string(),
+                what: "choosing a checkpoint",
+                source: std::io::Error::other(format!(
+                    "this is a single image, not an images directory: drop --checkpoint {w}"
+                )),
+            });
+        }
+        return Ok(dir.to_path_buf());
+    }
+    let all = list(dir)?;
+    let found = match which {
+        Some(w) => all
+            .into_iter()
+            .find(|e| e.name == w || e.seq.to_string() == w),
+        None => all.into_iter().last(),
+    };
+    found.map(|e| e.dir).ok_or_else(|| ImageError::Io {
+        path: dir.display().to_string(),
+        what: "finding a checkpoint",
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            match which {
+                Some(w) => format!("no checkpoint {w:?} here (`cr-ebpf inspect` lists them)"),
+                None => "no image and no checkpoint here".to_string(),
+            },
+        ),
+    })
+}
+
+/// An exclusive lock on an images directory, held by whoever adds,
+/// rewrites or deletes checkpoints in it (released on drop).
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes the images directory's lock, waiting for the current holder.
+pub fn lock(dir: &Path) -> Result<DirLock, ImageError> {
+    let path = dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(file::io(&path, "opening"))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(file::io(&path, "locking")(std::io::Error::last_os_error()));
+    }
+    Ok(DirLock { _file: f })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(checkpoint_name(7), "ckpt-000007");
+        assert_eq!(parse_name("ckpt-000007"), Some(7));
+        assert_eq!(parse_name("ckpt-1234567"), Some(1234567));
+        assert_eq!(parse_name(".ckpt-000007.tmp-5"), None);
+        assert_eq!(parse_name("ckpt-"), None);
+        assert_eq!(parse_name("ckpt-12a"), None);
+    }
+}
