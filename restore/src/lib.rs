@@ -25,7 +25,7 @@ mod stub;
 
 use std::{path::Path, time::Duration, time::Instant};
 
-use cr_ebpf_image::{pages, ImageError, Manifest, MappingKind};
+use cr_ebpf_image::{images_dir, Chain, ImageError, Manifest, MappingKind};
 use cr_ebpf_tracee::TraceError;
 
 /// Why a restore failed. Nothing half-built keeps running: the stub is
@@ -111,6 +111,9 @@ pub struct RestoreOptions {
     /// Restore even when the image's credentials differ from ours; the
     /// process then runs with ours.
     pub allow_other_credentials: bool,
+    /// In an images directory, the checkpoint to restore (name or number);
+    /// `None` takes the newest.
+    pub checkpoint: Option<String>,
 }
 
 /// Checks everything that can be checked before anything is started.
@@ -214,20 +217,24 @@ fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Restores the image in `dir`. Returns once the process runs; it is a
+/// Restores the image in `dir`, or, when `dir` is an images directory,
+/// its checkpoint `opts.checkpoint` (default: the newest), resolving pages
+/// through the checkpoint's parents. Returns once the process runs; it is a
 /// child of the caller (wait for it with `waitpid`).
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let start = Instant::now();
-    let manifest = Manifest::read(dir)?;
-    // Maps the page store and verifies it before anything is started.
-    let store = pages::PageStore::open(dir)?;
-    preflight(&manifest, opts)?;
+    let dir = images_dir::locate(dir, opts.checkpoint.as_deref())?;
+    // Reads the image and its ancestors, maps their page stores and verifies
+    // them before anything is started.
+    let chain = Chain::open(&dir)?;
+    let manifest = chain.manifest();
+    preflight(manifest, opts)?;
     let workers = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
         opts.threads
     };
-    let (pid, pages, fill) = stub::build(&manifest, &store, workers)?;
+    let (pid, pages, fill) = stub::build(manifest, &chain, workers)?;
     Ok(RestoreReport {
         pid,
         pages,

@@ -3,9 +3,7 @@
 use std::time::{Duration, Instant};
 
 use cr_ebpf_checkpoint::{parse_maps, MapEntry};
-use cr_ebpf_image::{
-    pages::PageStore, FdKind, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED,
-};
+use cr_ebpf_image::{Chain, FdKind, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED};
 use cr_ebpf_tracee::{regs, Tracee};
 use nix::{
     sys::{
@@ -327,7 +325,7 @@ fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Reg
 /// Builds the process. Returns (pid, pages written, fill time).
 pub fn build(
     m: &Manifest,
-    store: &PageStore,
+    chain: &Chain,
     workers: usize,
 ) -> Result<(i32, u64, Duration), RestoreError> {
     let own = std::fs::read_to_string("/proc/self/maps")
@@ -602,23 +600,26 @@ pub fn build(
         .thread_name(|i| format!("restore-fill-{i}"))
         .build()
         .map_err(|e| RestoreError::NotSupported(format!("starting the fill threads: {e}")))?;
-    let pages = store.pages();
+    let pages = chain.pages();
     pool.install(|| {
-        store.chunks().par_iter().try_for_each_init(
-            || vec![0u8; cr_ebpf_image::pages::MAX_CHUNK_PAGES as usize * PAGE as usize],
-            |buf, c| {
-                let b = &mut buf[..c.npages as usize * PAGE as usize];
-                store
-                    .decompress_into(c, b)
-                    .map_err(|e| RestoreError::NotSupported(format!("page data: {e}")))?;
-                cr_ebpf_tracee::write_memory(got, c.vaddr, b).map_err(|source| {
-                    RestoreError::Build {
-                        what: format!("filling pages at {:#x}", c.vaddr),
-                        source,
-                    }
-                })
-            },
-        )
+        chain
+            .fills()
+            .par_iter()
+            .try_for_each_init(Vec::new, |buf, f| {
+                chain.read(
+                    f,
+                    buf,
+                    |addr, bytes| {
+                        cr_ebpf_tracee::write_memory(got, addr, bytes).map_err(|source| {
+                            RestoreError::Build {
+                                what: format!("filling pages at {addr:#x}"),
+                                source,
+                            }
+                        })
+                    },
+                    |e| RestoreError::NotSupported(format!("page data: {e}")),
+                )
+            })
     })?;
     let fill = fill_start.elapsed();
     for x in &m.mappings {
