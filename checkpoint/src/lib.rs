@@ -7,10 +7,18 @@
 //! File descriptors, signal handlers, timers and the rest of issue-level
 //! state come next (see `docs/IMAGE.md` for what the format holds).
 
+mod compact;
 mod dump;
 mod fds;
+mod incremental;
 mod maps;
 mod proc;
+mod state;
 
+pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport};
 pub use dump::{dump, DumpError, DumpOptions, DumpReport};
+pub use incremental::{
+    page_hash, CheckpointReport, Method, PrecopyReport, Session, SessionOptions,
+};
 pub use maps::{parse_maps, MapEntry};
+pub use state::{Changes, Queries};

@@ -77,3 +77,37 @@ impl Pattern {
         (got, self.want)
     }
 }
+
+/// Spawns a workload with no descriptors but 0, 1, 2: the test harness
+/// leaks its own (cargo's jobserver pipe), which a checkpoint would rightly
+/// refuse as a pipe to the outside.
+pub fn spawn_clean(cmd: &mut std::process::Command) -> std::process::Child {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: close_range is async-signal-safe; runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("start the workload")
+}
+
+/// Kills `pid` and reaps it if it is our child.
+pub fn stop(pid: i32) {
+    // SAFETY: plain syscalls on a pid.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+/// Kills a workload when a test fails half-way.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}

@@ -9,6 +9,7 @@ use std::{
 };
 
 use cr_ebpf_checkpoint::{dump, DumpOptions};
+use cr_ebpf_perf::{spawn_clean, stop, KillOnDrop};
 use cr_ebpf_restore::{restore, RestoreError, RestoreOptions};
 use nix::{
     sys::{
@@ -71,37 +72,8 @@ fn wait_for_ticks(log: &Path, n: usize) -> Vec<u64> {
     }
 }
 
-/// Spawns a workload with no descriptors but 0, 1, 2: the test harness
-/// leaks its own (cargo's jobserver pipe), which a checkpoint would rightly
-/// refuse as a pipe to the outside.
-fn spawn_clean(cmd: &mut Command) -> Child {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: close_range is async-signal-safe; runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    cmd.spawn().expect("start the workload")
-}
-
 fn start_ticker(log: &Path, mib: usize) -> Child {
     spawn_clean(Command::new(TICKER).arg(log).arg(mib.to_string()).arg("50"))
-}
-
-/// Kills a workload if the test fails half-way.
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
-    }
-}
-
-fn stop(pid: i32) {
-    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-    let _ = waitpid(Pid::from_raw(pid), None);
 }
 
 /// Continuous, no gap, no repeat.

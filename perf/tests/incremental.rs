@@ -1,0 +1,284 @@
+//! Incremental checkpoints: each one holds exactly the pages written since
+//! its parent; any checkpoint of a chain restores to exactly its epoch,
+//! also after compaction and retention; layout changes between
+//! checkpoints are reflected by each restore.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_checkpoint::{compact, retain, Changes, Method, Session, SessionOptions};
+use cr_ebpf_image::{pages::PageStore, Manifest};
+use cr_ebpf_perf::{spawn_clean, stop, KillOnDrop};
+use cr_ebpf_restore::{restore, RestoreOptions};
+
+const EPOCHS: &str = env!("CARGO_BIN_EXE_epochs");
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cr-ebpf-incr-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The complete lines of the log.
+fn lines(log: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete.lines().map(str::to_string).collect()
+}
+
+/// Waits for the `n`-th line starting with `prefix` and returns it.
+fn wait_line(log: &Path, prefix: &str, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found: Vec<String> = lines(log)
+            .into_iter()
+            .filter(|l| l.starts_with(prefix))
+            .collect();
+        if found.len() >= n {
+            return found[n - 1].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {n}th {prefix:?} line in {}: {:?}",
+            log.display(),
+            lines(log)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Workload {
+    pid: i32,
+    base: u64,
+    log: PathBuf,
+    epochs: usize,
+    nows: usize,
+}
+
+impl Workload {
+    fn start(dir: &Path, mib: usize, permille: usize, layout: bool) -> Self {
+        let log = dir.join("epochs.log");
+        let mut cmd = Command::new(EPOCHS);
+        cmd.arg(&log).arg(mib.to_string()).arg(permille.to_string());
+        if layout {
+            cmd.arg("layout");
+        }
+        // Reaped by `stop` (waitpid on the pid).
+        let pid = spawn_clean(&mut cmd).id() as i32;
+        let ready = wait_line(&log, "ready", 1);
+        let base = u64::from_str_radix(ready.split(' ').nth(4).unwrap(), 16).unwrap();
+        Self {
+            pid,
+            base,
+            log,
+            epochs: 0,
+            nows: 0,
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory preconditions.
+        assert_eq!(unsafe { libc::kill(self.pid, sig) }, 0, "signal {sig}");
+    }
+
+    /// Runs the next epoch; returns (state, pages written).
+    fn epoch(&mut self) -> (String, BTreeSet<u64>) {
+        self.signal(libc::SIGUSR1);
+        self.epochs += 1;
+        let l = wait_line(&self.log, "epoch ", self.epochs);
+        let (head, pages) = l.split_once(" pages ").unwrap();
+        let state = head.split_once(' ').unwrap().1.split_once(' ').unwrap().1;
+        let pages = pages
+            .split(',')
+            .filter_map(|p| p.parse::<u64>().ok())
+            .map(|p| self.base + p * 4096)
+            .collect();
+        (state.to_string(), pages)
+    }
+
+    /// Asks for the current (epoch, state).
+    fn now(&mut self) -> (u64, String) {
+        self.signal(libc::SIGUSR2);
+        self.nows += 1;
+        let l = wait_line(&self.log, "now ", self.nows);
+        let mut it = l.splitn(3, ' ');
+        it.next();
+        (
+            it.next().unwrap().parse().unwrap(),
+            it.next().unwrap().to_string(),
+        )
+    }
+}
+
+fn stored_pages(dir: &Path) -> BTreeSet<u64> {
+    let store = PageStore::open(dir).unwrap();
+    store
+        .chunks()
+        .iter()
+        .flat_map(|c| (0..c.npages as u64).map(move |i| c.vaddr + i * 4096))
+        .collect()
+}
+
+fn session(pid: i32, dir: &Path, tracked: bool) -> Session {
+    let tracker = tracked.then(|| cr_ebpf_dirty_tracker::attach::attach(pid).expect("attach"));
+    Session::new(pid, dir, tracker, SessionOptions::default()).expect("session")
+}
+
+#[test]
+fn every_incremental_checkpoint_holds_exactly_the_written_pages() {
+    if !cr_ebpf_perf::privileged("every_incremental_checkpoint_holds_exactly_the_written_pages") {
+        return;
+    }
+    let dir = tempdir("exact");
+    let mut w = Workload::start(&dir, 64, 10, false);
+    let _guard = KillOnDrop(w.pid);
+    let images = dir.join("images");
+    let region = w.base..w.base + (64 << 20);
+    let mut s = session(w.pid, &images, true);
+    let first = s.checkpoint(&Changes::all()).expect("first checkpoint");
+    assert_eq!(first.method, Method::Full);
+    assert!(first.pages >= 64 * 256, "the full image holds the region");
+    for round in 1..=4 {
+        let (_, written) = w.epoch();
+        let r = s
+            .checkpoint(&Changes::all())
+            .expect("incremental checkpoint");
+        assert_eq!(r.method, Method::UffdWp);
+        assert!(r.inherited > 0, "unchanged mappings inherit");
+        let stored = stored_pages(&r.dir);
+        let in_region: BTreeSet<u64> = stored
+            .iter()
+            .copied()
+            .filter(|a| region.contains(a))
+            .collect();
+        assert_eq!(
+            in_region, written,
+            "round {round}: exactly the written pages of the region are stored"
+        );
+        let extra = stored.len() - in_region.len();
+        assert!(
+            extra <= 64,
+            "round {round}: {extra} pages stored outside the region (stack, libc)"
+        );
+        eprintln!(
+            "round {round}: {} pages written, {} stored, freeze {:?}",
+            written.len(),
+            stored.len(),
+            r.freeze
+        );
+    }
+    // No tracker: a standalone checkpoint compares contents with the chain
+    // and finds the same pages.
+    drop(s);
+    let (_, written) = w.epoch();
+    let mut standalone = session(w.pid, &images, false);
+    let r = standalone
+        .checkpoint(&Changes::all())
+        .expect("hashing checkpoint");
+    assert_eq!(r.method, Method::Hashing);
+    let stored: BTreeSet<u64> = stored_pages(&r.dir)
+        .into_iter()
+        .filter(|a| region.contains(a))
+        .collect();
+    assert_eq!(stored, written, "hashing finds exactly the written pages");
+    stop(w.pid);
+}
+
+fn restore_and_check(images: &Path, name: &str, want: &str, log: &Path, nows: &mut usize) {
+    let r = restore(
+        images,
+        &RestoreOptions {
+            checkpoint: Some(name.to_string()),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("restore {name}: {e:?}"));
+    let _guard = KillOnDrop(r.pid);
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(r.pid, libc::SIGUSR2) };
+    *nows += 1;
+    let l = wait_line(log, "now ", *nows);
+    let state = l.splitn(3, ' ').nth(2).unwrap();
+    assert_eq!(state, want, "{name} restores the state of its epoch");
+    stop(r.pid);
+}
+
+#[test]
+fn any_checkpoint_of_a_gibibyte_chain_restores_its_epoch() {
+    if !cr_ebpf_perf::privileged("any_checkpoint_of_a_gibibyte_chain_restores_its_epoch") {
+        return;
+    }
+    let dir = tempdir("chain");
+    let mut w = Workload::start(&dir, 1024, 10, false);
+    let guard = KillOnDrop(w.pid);
+    let images = dir.join("images");
+    let mut s = session(w.pid, &images, true);
+    let mut states = Vec::new();
+    for k in 1..=20 {
+        let (state, _) = w.epoch();
+        let r = s.checkpoint(&Changes::all()).expect("checkpoint");
+        assert_eq!(r.seq, k as u64);
+        states.push((r.name.clone(), state));
+    }
+    drop(s);
+    stop(w.pid);
+    drop(guard);
+    let mut nows = w.nows;
+    for k in [1usize, 7, 20] {
+        let (name, state) = &states[k - 1];
+        restore_and_check(&images, name, state, &w.log, &mut nows);
+    }
+    // Compaction rewrites checkpoint 12 as a full image, same contents.
+    let c = compact(&images, &states[11].0, 0).expect("compact");
+    assert_eq!(c.chain_len, 12);
+    let m = Manifest::read(&images.join(&states[11].0)).unwrap();
+    assert_eq!(m.chain.as_ref().unwrap().parent, "", "a full base now");
+    restore_and_check(&images, &states[11].0, &states[11].1, &w.log, &mut nows);
+    restore_and_check(&images, &states[15].0, &states[15].1, &w.log, &mut nows);
+    // Retention keeps the newest five; they stay restorable.
+    let r = retain(&images, 5, 0).expect("retain");
+    assert_eq!(r.deleted.len(), 15);
+    assert_eq!(r.kept.len(), 5);
+    assert!(!images.join(&states[6].0).exists());
+    for k in [16usize, 18, 20] {
+        let (name, state) = &states[k - 1];
+        restore_and_check(&images, name, state, &w.log, &mut nows);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn maps_unmaps_opens_and_closes_between_checkpoints_are_restored() {
+    if !cr_ebpf_perf::privileged("maps_unmaps_opens_and_closes_between_checkpoints_are_restored") {
+        return;
+    }
+    let dir = tempdir("layout");
+    let mut w = Workload::start(&dir, 16, 20, true);
+    let guard = KillOnDrop(w.pid);
+    let images = dir.join("images");
+    let mut s = session(w.pid, &images, true);
+    let mut states = Vec::new();
+    for _ in 1..=9 {
+        let (state, _) = w.epoch();
+        let r = s.checkpoint(&Changes::all()).expect("checkpoint");
+        states.push((r.name.clone(), state));
+    }
+    // The states differ in their layout, not only in memory.
+    assert!(states[2].1.contains('+') && states[5].1.contains('='));
+    drop(s);
+    let (epoch, now) = w.now();
+    assert_eq!((epoch, &now), (9, &states[8].1));
+    stop(w.pid);
+    drop(guard);
+    let mut nows = w.nows;
+    for k in [2usize, 3, 4, 5, 6, 8, 9] {
+        let (name, state) = &states[k - 1];
+        restore_and_check(&images, name, state, &w.log, &mut nows);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
