@@ -8,7 +8,7 @@ use cr_ebpf_image::{pages, Manifest};
 /// Options of `cr-ebpf inspect`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The image directory.
+    /// An image directory, or an images directory of checkpoints.
     pub dir: PathBuf,
     /// Print as JSON.
     #[arg(long)]
@@ -16,6 +16,9 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
+    if !cr_ebpf_image::images_dir::is_image(&args.dir) {
+        return chain(args);
+    }
     let m = Manifest::read(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
     let store = pages::PageStore::open(&args.dir)
         .with_context(|| format!("reading {}", args.dir.display()))?;
@@ -95,6 +98,56 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             format!("{:?}", x.kind),
             x.pages_stored,
             x.path
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The checkpoints of an images directory, oldest first.
+fn chain(args: &Args) -> Result<ExitCode> {
+    let all = cr_ebpf_image::images_dir::list(&args.dir)?;
+    if all.is_empty() {
+        anyhow::bail!(
+            "{} holds neither an image nor checkpoints",
+            args.dir.display()
+        );
+    }
+    let mut rows = Vec::new();
+    for e in &all {
+        let m = Manifest::read(&e.dir).with_context(|| format!("reading {}", e.dir.display()))?;
+        let store = pages::PageStore::open(&e.dir)
+            .with_context(|| format!("reading {}", e.dir.display()))?;
+        let c = m.chain.clone().unwrap_or_default();
+        rows.push(serde_json::json!({
+            "id": e.name, "seq": e.seq,
+            "parent": if c.parent.is_empty() { None } else { Some(c.parent) },
+            "method": c.method, "pid": m.process.pid,
+            "pages": store.pages(), "bytes": store.compressed_bytes(),
+            "freeze_ms": m.process.freeze_ns as f64 / 1e6,
+            "taken_unix_ns": m.process.taken_unix_ns,
+        }));
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"checkpoints": rows}))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}: {} checkpoint(s)", args.dir.display(), rows.len());
+    println!(
+        "  {:<12} {:<12} {:<10} {:>9} {:>11} {:>10}",
+        "id", "parent", "method", "pages", "size KiB", "pause ms"
+    );
+    for r in &rows {
+        println!(
+            "  {:<12} {:<12} {:<10} {:>9} {:>11.1} {:>10.2}",
+            r["id"].as_str().unwrap_or(""),
+            r["parent"].as_str().unwrap_or("-"),
+            r["method"].as_str().unwrap_or(""),
+            r["pages"].as_u64().unwrap_or(0),
+            r["bytes"].as_f64().unwrap_or(0.0) / 1024.0,
+            r["freeze_ms"].as_f64().unwrap_or(0.0)
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -1,15 +1,19 @@
 //! `cr-ebpf`: always-on checkpoint/restore of live Linux processes.
 //!
-//! Commands so far: `check` (what this machine supports), `trace` (the live
+//! Commands: `check` (what this machine supports), `trace` (the live
 //! resource and dirty-page log of a process tree), `dump`, `restore` and
-//! `inspect` (full checkpoints of single processes).
+//! `inspect` (checkpoints of single processes), `track` (the always-on
+//! service taking incremental checkpoints), `snapshot` (one checkpoint now)
+//! and `compact` (keeping chains short).
 
 mod check;
 mod dump;
 mod inspect;
 mod restore;
+mod snapshot;
 mod sys;
 mod trace;
+mod track;
 
 use clap::{Parser, Subcommand};
 
@@ -31,8 +35,26 @@ enum Command {
     Dump(dump::Args),
     /// Rebuild a process from an image, with its original pid.
     Restore(restore::Args),
-    /// Show what an image holds.
+    /// Show what an image holds, or the chain of an images directory.
     Inspect(inspect::Args),
+    /// Track a process and checkpoint it incrementally, every interval and on request.
+    Track(track::Args),
+    /// Take a checkpoint now (through the running `track` service, or standalone).
+    Snapshot(snapshot::Args),
+    /// Rewrite a checkpoint as a full image, or keep only the newest K.
+    Compact(snapshot::CompactArgs),
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +72,9 @@ fn main() -> std::process::ExitCode {
         Command::Dump(args) => dump::run(&args),
         Command::Restore(args) => restore::run(&args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Track(args) => track::run(&args),
+        Command::Snapshot(args) => snapshot::run(&args),
+        Command::Compact(args) => snapshot::compact(&args),
     };
     match result {
         Ok(code) => code,

@@ -12,9 +12,13 @@ use nix::{
 /// Options of `cr-ebpf restore`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The image to restore.
+    /// The image to restore, or an images directory (then its newest
+    /// checkpoint, or the one named by --checkpoint).
     #[arg(long)]
     pub images_dir: PathBuf,
+    /// In an images directory, the checkpoint to restore (`ckpt-000007` or `7`).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
     /// Return once the process runs instead of waiting for it to exit.
     #[arg(long)]
     pub detach: bool,
@@ -32,6 +36,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         &RestoreOptions {
             threads: args.threads,
             allow_other_credentials: args.allow_other_credentials,
+            checkpoint: args.checkpoint.clone(),
         },
     )
     .with_context(|| format!("restoring {}", args.images_dir.display()))?;

@@ -1,0 +1,142 @@
+//! `cr-ebpf snapshot` and `cr-ebpf compact`: a checkpoint now, and keeping
+//! an images directory short.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{bail, Context as _, Result};
+use cr_ebpf_checkpoint::{Changes, Session, SessionOptions};
+use cr_ebpf_image::{images_dir, Manifest};
+
+/// Options of `cr-ebpf snapshot`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Store only what changed since the newest checkpoint in the directory.
+    #[arg(long)]
+    pub incremental: bool,
+    /// The images directory (served by `cr-ebpf track`, or not).
+    #[arg(long)]
+    pub images_dir: PathBuf,
+    /// The process, when no service runs (default: the one the newest
+    /// checkpoint is of).
+    #[arg(long)]
+    pub pid: Option<i32>,
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &Args) -> Result<ExitCode> {
+    if args.incremental {
+        if let Some(v) = crate::track::request_snapshot(&args.images_dir)? {
+            if v["ok"] != true {
+                bail!(
+                    "the service refused: {}",
+                    v["error"].as_str().unwrap_or("no reason given")
+                );
+            }
+            print(args.json, &v);
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let newest = images_dir::list(&args.images_dir)?.pop();
+    let pid = match (args.pid, &newest) {
+        (Some(p), _) => p,
+        (None, Some(e)) => Manifest::read(&e.dir)?.process.pid,
+        (None, None) => bail!(
+            "no service answers in {} and it holds no checkpoint: pass --pid",
+            args.images_dir.display()
+        ),
+    };
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("no process {pid} to checkpoint (it exited?)");
+    }
+    let mut session = Session::new(pid, &args.images_dir, None, SessionOptions::default())
+        .with_context(|| format!("checkpointing process {pid}"))?;
+    if !args.incremental {
+        session.start_new_chain();
+    }
+    let r = session
+        .checkpoint(&Changes::all())
+        .with_context(|| format!("checkpointing process {pid} (left running)"))?;
+    let v = serde_json::json!({
+        "ok": true, "id": r.name, "seq": r.seq, "parent": r.parent, "method": r.method.name(),
+        "pages": r.pages, "bytes": r.page_bytes,
+        "freeze_ms": r.freeze.as_secs_f64() * 1e3, "total_ms": r.total.as_secs_f64() * 1e3,
+    });
+    print(args.json, &v);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print(json: bool, v: &serde_json::Value) {
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "{} ({}{}): {} pages, {:.1} KiB, pause {:.2} ms",
+            v["id"].as_str().unwrap_or("?"),
+            v["method"].as_str().unwrap_or("?"),
+            v["parent"]
+                .as_str()
+                .map(|p| format!(" on {p}"))
+                .unwrap_or_default(),
+            v["pages"],
+            v["bytes"].as_f64().unwrap_or(0.0) / 1024.0,
+            v["freeze_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
+/// Options of `cr-ebpf compact`.
+#[derive(clap::Args)]
+pub struct CompactArgs {
+    /// The images directory.
+    #[arg(long)]
+    pub images_dir: PathBuf,
+    /// The checkpoint to rewrite as a full image (default: the newest).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// Instead: keep the newest K checkpoints and delete the others.
+    #[arg(long, conflicts_with = "checkpoint")]
+    pub keep: Option<usize>,
+    /// Threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+pub fn compact(args: &CompactArgs) -> Result<ExitCode> {
+    if let Some(k) = args.keep {
+        let r = cr_ebpf_checkpoint::retain(&args.images_dir, k, args.threads)?;
+        if let Some(c) = &r.compacted {
+            println!(
+                "{} rewritten as a full image ({} pages from {} images) in {:.0} ms",
+                c.name,
+                c.pages,
+                c.chain_len,
+                c.took.as_secs_f64() * 1e3
+            );
+        }
+        println!(
+            "kept {} ({}), deleted {}",
+            r.kept.len(),
+            r.kept.join(" "),
+            r.deleted.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dir = images_dir::locate(&args.images_dir, args.checkpoint.as_deref())?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("no checkpoint name")?;
+    let parent = dir.parent().context("no images directory")?;
+    let c = cr_ebpf_checkpoint::compact(parent, &name, args.threads)?;
+    println!(
+        "{} rewritten as a full image: {} pages from {} images, {:.1} MiB, {:.0} ms",
+        c.name,
+        c.pages,
+        c.chain_len,
+        c.page_bytes as f64 / (1 << 20) as f64,
+        c.took.as_secs_f64() * 1e3
+    );
+    Ok(ExitCode::SUCCESS)
+}

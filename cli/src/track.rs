@@ -1,0 +1,515 @@
+//! `cr-ebpf track`: the always-on service. Keeps the eBPF programs and the
+//! dirty tracker attached to one process, takes an incremental checkpoint
+//! every interval and whenever `cr-ebpf snapshot` asks over the control
+//! socket, and keeps the chain bounded.
+
+use std::{
+    io::Write as _,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use cr_ebpf_checkpoint::{Changes, CheckpointReport, Session, SessionOptions};
+use cr_ebpf_common::syscalls as nr;
+use cr_ebpf_loader::{Event, Tracer, TracerOptions};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+/// Name of the control socket inside the images directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// Options of `cr-ebpf track`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The process to track.
+    #[arg(long)]
+    pub pid: i32,
+    /// Where checkpoints go (`ckpt-000001`, … and the control socket).
+    #[arg(long)]
+    pub images_dir: PathBuf,
+    /// Time between checkpoints (`500ms`, `1s`, `2.5s`, `1m`); `0` for
+    /// checkpoints only on request.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Keep the newest K checkpoints (older ones are merged away in batches:
+    /// at most 2K are on disk at any time).
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Do not copy dirty pages before the freeze.
+    #[arg(long)]
+    pub no_precopy: bool,
+    /// Stop after this many checkpoints (for scripted runs).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `500ms`, `1s`, `2.5s`, `1m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 500ms, 1s, 2.5s, 1m)"))?;
+    let secs = match unit {
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" => v * 60.0,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?} (ms, s, m)")),
+    };
+    if !(0.0..=86400.0).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// What the resource log saw since the previous checkpoint.
+#[derive(Default)]
+struct Log {
+    changes: Option<Changes>,
+    faults: u64,
+    new_mappings: Vec<(u64, u64)>,
+    children: Vec<u32>,
+    exited: bool,
+}
+
+impl Log {
+    fn changes(&mut self) -> &mut Changes {
+        self.changes.get_or_insert_with(Changes::none)
+    }
+
+    fn fold(&mut self, pid: u32, e: &Event) {
+        match e {
+            Event::Syscall(s) if s.origin.tgid == pid => {
+                let ok = s.ret.is_some_and(|r| r >= 0);
+                match s.nr {
+                    nr::RT_SIGACTION => self.changes().sigactions = true,
+                    nr::SETITIMER | nr::ALARM => self.changes().itimers = true,
+                    nr::SIGALTSTACK | nr::SET_TID_ADDRESS => self.changes().thread_state = true,
+                    nr::MMAP if ok => {
+                        let a = s.ret.unwrap_or(0) as u64;
+                        self.changes().layout.push((a, a + s.args[1]));
+                        self.new_mappings.push((a, a + s.args[1]));
+                    }
+                    nr::MUNMAP => self
+                        .changes()
+                        .layout
+                        .push((s.args[0], s.args[0] + s.args[1])),
+                    nr::MREMAP => {
+                        self.changes()
+                            .layout
+                            .push((s.args[0], s.args[0] + s.args[1]));
+                        if ok {
+                            let a = s.ret.unwrap_or(0) as u64;
+                            self.changes().layout.push((a, a + s.args[2]));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Event::Fault(f) if f.origin.tgid == pid => self.faults += 1,
+            Event::Fork(f) if !f.thread && f.origin.tgid == pid => self.children.push(f.child_tgid),
+            Event::Exit(x) if x.origin.tgid == pid && x.group_dead == Some(true) => {
+                self.exited = true
+            }
+            _ => {}
+        }
+    }
+}
+
+pub fn run(args: &Args) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(track(args))
+}
+
+fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(CONTROL_SOCKET)
+}
+
+/// Binds the control socket, refusing if another service answers there.
+async fn bind_control(dir: &Path) -> Result<UnixListener> {
+    let path = socket_path(dir);
+    if path.as_os_str().len() >= 107 {
+        bail!(
+            "the images directory path is too long for its control socket ({}): \
+             use a shorter --images-dir",
+            path.display()
+        );
+    }
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            bail!(
+                "another `cr-ebpf track` already serves {} (its control socket answers)",
+                dir.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+fn report_json(r: &CheckpointReport) -> serde_json::Value {
+    serde_json::json!({
+        "ok": true,
+        "id": r.name, "seq": r.seq, "parent": r.parent, "method": r.method.name(),
+        "pages": r.pages, "precopied_pages": r.precopied, "bytes": r.page_bytes,
+        "freeze_ms": r.freeze.as_secs_f64() * 1e3, "total_ms": r.total.as_secs_f64() * 1e3,
+        "inherited_mappings": r.inherited, "whole_mappings": r.whole,
+        "injected_queries": r.queries.injected, "reused_queries": r.queries.reused,
+    })
+}
+
+fn report_text(r: &CheckpointReport) -> String {
+    format!(
+        "{} {} ({}): {} pages, {:.1} KiB, freeze {:.2} ms, total {:.1} ms{}",
+        r.name,
+        r.parent
+            .as_deref()
+            .map_or("full".to_string(), |p| format!("on {p}")),
+        r.method.name(),
+        r.pages,
+        r.page_bytes as f64 / 1024.0,
+        r.freeze.as_secs_f64() * 1e3,
+        r.total.as_secs_f64() * 1e3,
+        if r.precopied > 0 {
+            format!(", {} pages pre-copied", r.precopied)
+        } else {
+            String::new()
+        }
+    )
+}
+
+struct Service {
+    pid: i32,
+    session: Session,
+    tracer: Tracer,
+    log: Log,
+    keep: Option<usize>,
+    taken: u64,
+    precopy: bool,
+    retention: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Service {
+    fn checkpoint(&mut self, events: &mut cr_ebpf_loader::EventStream) -> Result<CheckpointReport> {
+        let mut batch = Vec::new();
+        events.drain(&mut batch);
+        for e in batch.iter().flatten() {
+            self.log.fold(self.pid as u32, e);
+        }
+        for (s, e) in std::mem::take(&mut self.log.new_mappings) {
+            self.session.register_early(s, e);
+        }
+        if self.precopy && self.log.faults >= 256 {
+            self.session.precopy()?;
+        }
+        // Events up to the freeze: the session drains them once the
+        // process is stopped, so nothing it did before is missed.
+        let pid = self.pid as u32;
+        let lost = self
+            .tracer
+            .losses()?
+            .iter()
+            .any(|l| l.tgid == pid && l.dropped > 0);
+        let log = &mut self.log;
+        let r = self.session.checkpoint_with(|| {
+            let mut batch = Vec::new();
+            events.drain(&mut batch);
+            for e in batch.iter().flatten() {
+                log.fold(pid, e);
+            }
+            let undecodable = batch.iter().any(|e| e.is_err());
+            match log.changes.take() {
+                _ if lost || undecodable => Changes::all(),
+                Some(c) => c,
+                None => Changes::none(),
+            }
+        });
+        self.log.faults = 0;
+        self.log.new_mappings.clear();
+        if lost {
+            self.tracer.acknowledge_loss(pid)?;
+        }
+        let r = r?;
+        self.taken += 1;
+        self.retain(false);
+        Ok(r)
+    }
+
+    /// Merges old checkpoints away in the background once there are 2K.
+    fn retain(&mut self, wait: bool) {
+        let Some(keep) = self.keep else { return };
+        if let Some(h) = self.retention.take() {
+            if wait || h.is_finished() {
+                let _ = h.join();
+            } else {
+                self.retention = Some(h);
+                return;
+            }
+        }
+        let dir = self.session.dir().to_path_buf();
+        let count = cr_ebpf_image::images_dir::list(&dir).map_or(0, |l| l.len());
+        if count < 2 * keep.max(1) && !wait {
+            return;
+        }
+        self.retention = Some(std::thread::spawn(
+            move || match cr_ebpf_checkpoint::retain(&dir, keep, 1) {
+                Ok(r) if !r.deleted.is_empty() => eprintln!(
+                    "cr-ebpf: retention: {} deleted, {} kept{}",
+                    r.deleted.len(),
+                    r.kept.len(),
+                    r.compacted
+                        .map(|c| format!(
+                            ", {} compacted from {} images in {:.0} ms",
+                            c.name,
+                            c.chain_len,
+                            c.took.as_secs_f64() * 1e3
+                        ))
+                        .unwrap_or_default()
+                ),
+                Ok(_) => {}
+                Err(e) => eprintln!("cr-ebpf: retention failed (checkpoints kept): {e}"),
+            },
+        ));
+    }
+}
+
+async fn track(args: &Args) -> Result<ExitCode> {
+    let pid = args.pid;
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("no process {pid} (check the pid with `ps`)");
+    }
+    std::fs::create_dir_all(&args.images_dir)
+        .with_context(|| format!("creating {}", args.images_dir.display()))?;
+    let listener = bind_control(&args.images_dir).await?;
+    let _cleanup = RemoveOnDrop(socket_path(&args.images_dir));
+    let _ = cr_ebpf_checkpoint::clean_leftovers(&args.images_dir);
+
+    let mut tracer = Tracer::load(&TracerOptions::default())
+        .context("loading the eBPF programs (see `cr-ebpf check`)")?;
+    let tracked = tracer.track(pid as u32)?;
+    let mut events = tracer.events()?;
+    let wp = match cr_ebpf_dirty_tracker::attach::attach(pid) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!(
+                "cr-ebpf: uffd-wp tracking unavailable ({}); pages are compared by content",
+                crate::error_chain(&e)
+            );
+            None
+        }
+    };
+    let session = Session::new(pid, &args.images_dir, wp, SessionOptions::default())
+        .with_context(|| format!("starting to checkpoint process {pid}"))?;
+    let mut svc = Service {
+        pid,
+        session,
+        tracer,
+        log: Log::default(),
+        keep: args.keep,
+        taken: 0,
+        precopy: !args.no_precopy,
+        retention: None,
+    };
+    eprintln!(
+        "cr-ebpf: tracking pid {pid} ({} process{}) into {}, every {:?}; \
+         `cr-ebpf snapshot --incremental --images-dir {}` for one now; Ctrl-C detaches",
+        tracked.len(),
+        if tracked.len() == 1 { "" } else { "es" },
+        args.images_dir.display(),
+        args.interval,
+        args.images_dir.display(),
+    );
+    let mut out = std::io::stdout();
+    let mut print = |r: &CheckpointReport| {
+        let line = if args.json {
+            report_json(r).to_string()
+        } else {
+            report_text(r)
+        };
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+    let first = svc.checkpoint(&mut events)?;
+    print(&first);
+    let mut tick = tokio::time::interval(if args.interval.is_zero() {
+        Duration::from_secs(86400)
+    } else {
+        args.interval
+    });
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut alive = tokio::time::interval(Duration::from_millis(200));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut batch = Vec::new();
+    let ours = nix::unistd::geteuid().as_raw();
+    let status = loop {
+        if args.count.is_some_and(|n| svc.taken >= n) {
+            break format!("took {} checkpoints as asked", svc.taken);
+        }
+        tokio::select! {
+            _ = &mut ctrl_c => break "interrupted".to_string(),
+            _ = term.recv() => break "terminated".to_string(),
+            _ = tick.tick(), if !args.interval.is_zero() => {
+                match svc.checkpoint(&mut events) {
+                    Ok(r) => print(&r),
+                    Err(e) if gone(pid) => break format!("process {pid} exited ({e:#})"),
+                    Err(e) => eprintln!("cr-ebpf: checkpoint failed, process left running: {e:#}"),
+                }
+            }
+            conn = listener.accept() => {
+                let Ok((stream, _)) = conn else { continue };
+                let allowed = stream.peer_cred().is_ok_and(|c| c.uid() == ours || c.uid() == 0);
+                serve(stream, allowed, &mut svc, &mut events, &mut print).await;
+            }
+            r = events.next_batch(&mut batch) => {
+                r.context("reading the event ring buffer")?;
+                for e in batch.drain(..).flatten() {
+                    svc.log.fold(pid as u32, &e);
+                }
+                let new = std::mem::take(&mut svc.log.new_mappings);
+                for (s, e) in &new {
+                    svc.session.register_early(*s, *e);
+                }
+                for child in std::mem::take(&mut svc.log.children) {
+                    eprintln!(
+                        "cr-ebpf: process {pid} started child {child}; it is followed by the \
+                         resource log but not yet part of the checkpoints (process trees)"
+                    );
+                }
+                if svc.log.exited {
+                    break format!("process {pid} exited");
+                }
+            }
+            _ = alive.tick() => {
+                if gone(pid) {
+                    break format!("process {pid} exited");
+                }
+            }
+        }
+    };
+    svc.retain(true);
+    if let Some(h) = svc.retention.take() {
+        let _ = h.join();
+    }
+    let all = cr_ebpf_image::images_dir::list(&args.images_dir).unwrap_or_default();
+    eprintln!(
+        "cr-ebpf: {status}; detached{}; {} checkpoint(s) taken, {} in {}, newest {}",
+        if gone(pid) {
+            String::new()
+        } else {
+            format!(", process {pid} runs on untouched")
+        },
+        svc.taken,
+        all.len(),
+        args.images_dir.display(),
+        all.last().map_or("none", |e| e.name.as_str())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gone(pid: i32) -> bool {
+    // A zombie has exited too.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
+}
+
+async fn serve(
+    stream: UnixStream,
+    allowed: bool,
+    svc: &mut Service,
+    events: &mut cr_ebpf_loader::EventStream,
+    print: &mut impl FnMut(&CheckpointReport),
+) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r);
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+    let reply = if !allowed {
+        serde_json::json!({"ok": false, "error": "only the owner of the service may use its control socket"})
+    } else {
+        match (read, line.trim()) {
+            (Ok(Ok(_)), "snapshot") => match svc.checkpoint(events) {
+                Ok(r) => {
+                    print(&r);
+                    report_json(&r)
+                }
+                Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+            },
+            (Ok(Ok(_)), "status") => serde_json::json!({
+                "ok": true, "pid": svc.pid, "checkpoints": svc.taken,
+                "images_dir": svc.session.dir().display().to_string(),
+            }),
+            (_, other) => {
+                serde_json::json!({"ok": false, "error": format!("unknown request {other:?} (snapshot, status)")})
+            }
+        }
+    };
+    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+}
+
+/// Asks a running service for a checkpoint now. `None` when no service
+/// answers on the images directory's control socket.
+pub fn request_snapshot(dir: &Path) -> Result<Option<serde_json::Value>> {
+    use std::io::{BufRead as _, BufReader};
+    let path = socket_path(dir);
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else {
+        return Ok(None);
+    };
+    s.write_all(b"snapshot\n").context("asking the service")?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .context("reading the service's answer")?;
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim()).context("the service answered nonsense")?;
+    Ok(Some(v))
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+}
