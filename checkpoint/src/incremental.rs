@@ -113,6 +113,28 @@ pub struct CheckpointReport {
     pub total: Duration,
     /// Injected queries made and avoided.
     pub queries: Queries,
+    /// Where the freeze went: stopping the threads, collecting state,
+    /// finding dirty pages, copying them, resuming.
+    pub phases: Phases,
+    /// `CLOCK_MONOTONIC` ns from the moment every thread was stopped to the
+    /// moment they were resumed. Syscalls the resource log shows the process
+    /// making inside this window are the ones we injected.
+    pub stopped_window: (u64, u64),
+}
+
+/// A breakdown of one freeze.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    /// Stopping every thread.
+    pub stop: Duration,
+    /// Registers, descriptors, maps and the rest of the state.
+    pub collect: Duration,
+    /// Scanning for dirty pages (and registering new mappings).
+    pub scan: Duration,
+    /// Copying the pages out.
+    pub copy: Duration,
+    /// Resuming every thread.
+    pub resume: Duration,
 }
 
 /// What a pre-copy pass did.
@@ -369,9 +391,18 @@ impl Session {
             (Some(_), None) => Method::Hashing,
         };
 
+        let t0 = Instant::now();
         let frozen = Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?;
+        let mut window = (monotonic_ns(), 0);
+        let mut phases = Phases {
+            stop: t0.elapsed(),
+            ..Default::default()
+        };
+        let t = Instant::now();
         let changes = &changes();
         let state = state::collect(&frozen, self.parent.as_ref().map(|p| &p.manifest), changes)?;
+        phases.collect = t.elapsed();
+        let t = Instant::now();
         let pagemap_err = || proc_err(pid, format!("/proc/{pid}/pagemap"));
 
         // Registrations that no longer match a mapping are dropped.
@@ -500,6 +531,8 @@ impl Session {
             ));
         }
 
+        phases.scan = t.elapsed();
+        let t = Instant::now();
         // Copy while frozen when it fits in memory: the disk comes after.
         let bytes: u64 = live.iter().map(|r| r.1 * PAGE).sum();
         let mut buffered: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -516,11 +549,15 @@ impl Session {
             });
             buffered = copied.map_err(|source| DumpError::Trace { pid, source })?;
             live.clear();
+            phases.copy = t.elapsed();
+            let t = Instant::now();
+            window.1 = monotonic_ns();
             let f = frozen.take().expect("frozen");
             let since = f.since;
             f.thaw()
                 .map_err(|source| DumpError::Trace { pid, source })?;
             freeze = since.elapsed();
+            phases.resume = t.elapsed();
         }
         // Content comparison: keep only pages that differ from the chain.
         if let Some(b) = &baseline {
@@ -564,6 +601,7 @@ impl Session {
         let (pages, page_bytes, manifest) = publish(&dest, |tmp| {
             let (pages, page_bytes) = write_pages(tmp, pool, pid, &live, buffered, || {
                 if let Some(f) = frozen.take() {
+                    window.1 = monotonic_ns();
                     let since = f.since;
                     f.thaw()
                         .map_err(|e| image_io("resuming", format!("process {pid}"), e))?;
@@ -597,6 +635,8 @@ impl Session {
             freeze,
             total: start.elapsed(),
             queries: state.queries,
+            phases,
+            stopped_window: window,
         })
     }
 }
@@ -679,6 +719,17 @@ fn recount(mappings: &mut [MappingInfo], stored: &[(u64, Vec<u8>)]) {
                 .sum();
         }
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock of the resource log).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A 64-bit hash of one page's contents.

@@ -18,7 +18,8 @@ mod state;
 pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport};
 pub use dump::{dump, DumpError, DumpOptions, DumpReport};
 pub use incremental::{
-    page_hash, CheckpointReport, Method, PrecopyReport, Session, SessionOptions,
+    monotonic_ns, page_hash, CheckpointReport, Method, Phases, PrecopyReport, Session,
+    SessionOptions,
 };
 pub use maps::{parse_maps, MapEntry};
 pub use state::{Changes, Queries};

@@ -81,6 +81,9 @@ struct Log {
     new_mappings: Vec<(u64, u64)>,
     children: Vec<u32>,
     exited: bool,
+    /// When the process was stopped by our recent checkpoints: its
+    /// syscalls then are the ones we injected, not its own.
+    ours: Vec<(u64, u64)>,
 }
 
 impl Log {
@@ -90,7 +93,13 @@ impl Log {
 
     fn fold(&mut self, pid: u32, e: &Event) {
         match e {
-            Event::Syscall(s) if s.origin.tgid == pid => {
+            Event::Syscall(s)
+                if s.origin.tgid == pid
+                    && !self
+                        .ours
+                        .iter()
+                        .any(|&(a, b)| (a..=b).contains(&s.origin.ts_ns)) =>
+            {
                 let ok = s.ret.is_some_and(|r| r >= 0);
                 match s.nr {
                     nr::RT_SIGACTION => self.changes().sigactions = true,
@@ -174,6 +183,11 @@ fn report_json(r: &CheckpointReport) -> serde_json::Value {
         "freeze_ms": r.freeze.as_secs_f64() * 1e3, "total_ms": r.total.as_secs_f64() * 1e3,
         "inherited_mappings": r.inherited, "whole_mappings": r.whole,
         "injected_queries": r.queries.injected, "reused_queries": r.queries.reused,
+        "phases_ms": {
+            "stop": r.phases.stop.as_secs_f64() * 1e3, "collect": r.phases.collect.as_secs_f64() * 1e3,
+            "scan": r.phases.scan.as_secs_f64() * 1e3, "copy": r.phases.copy.as_secs_f64() * 1e3,
+            "resume": r.phases.resume.as_secs_f64() * 1e3,
+        },
     })
 }
 
@@ -237,6 +251,7 @@ impl Service {
                 log.fold(pid, e);
             }
             let undecodable = batch.iter().any(|e| e.is_err());
+            tracing::debug!(lost, undecodable, changes = ?log.changes, "log up to the freeze");
             match log.changes.take() {
                 _ if lost || undecodable => Changes::all(),
                 Some(c) => c,
@@ -249,6 +264,10 @@ impl Service {
             self.tracer.acknowledge_loss(pid)?;
         }
         let r = r?;
+        self.log.ours.push(r.stopped_window);
+        if self.log.ours.len() > 4 {
+            self.log.ours.remove(0);
+        }
         self.taken += 1;
         self.retain(false);
         Ok(r)

@@ -118,6 +118,7 @@ fn test() -> Result<()> {
         let _ = std::fs::remove_file(&out);
         smoke?;
         run(Command::new("target/debug/dump-restore").arg("--quick"))?;
+        run(Command::new("target/debug/incremental-bench").arg("--quick"))?;
     }
     println!("summary: {passed} passed, {failed} failed");
     if failed > 0 {
@@ -165,11 +166,12 @@ fn demo() -> Result<()> {
 }
 
 fn bench(quick: bool, out: &Path) -> Result<()> {
-    run(cargo().args(["build", "--release", "-p", "cr-ebpf-perf"]))?;
+    run(cargo().args(["build", "--release", "-p", "cr-ebpf-perf", "-p", "cr-ebpf"]))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for (bin, json) in [
         ("ebpf-overhead", "ebpf-overhead.json"),
         ("dump-restore", "dump-restore.json"),
+        ("incremental-bench", "incremental.json"),
     ] {
         let mut cmd = Command::new(format!("target/release/{bin}"));
         cmd.arg("--out").arg(out.join(json));

@@ -1,0 +1,248 @@
+//! `cr-ebpf track` end to end: periodic checkpoints, a snapshot on request
+//! over the control socket, and SIGKILL of the service in the middle of
+//! checkpointing: the target keeps running, and the newest published
+//! checkpoint restores to a state the target really was in.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The `epochs` workload, built next to `cr-ebpf` by a workspace build.
+fn epochs_bin(test: &str) -> Option<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!in_ci(), "{test} needs root, and CI=true: a failure in CI");
+        eprintln!("SKIPPED {test}: needs root (eBPF, ptrace)");
+        return None;
+    }
+    let p = Path::new(BIN).with_file_name("epochs");
+    if !p.exists() {
+        assert!(
+            !in_ci(),
+            "{} is missing: build the whole workspace",
+            p.display()
+        );
+        eprintln!(
+            "SKIPPED {test}: {} not built (run `cargo xtask test`)",
+            p.display()
+        );
+        return None;
+    }
+    Some(p)
+}
+
+fn complete_lines(log: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete.lines().map(str::to_string).collect()
+}
+
+fn wait_for(log: &Path, what: &str, pred: impl Fn(&[String]) -> Option<String>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(found) = pred(&complete_lines(log)) {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn signal(pid: i32, sig: i32) -> bool {
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+fn state_letter(pid: i32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, r)| r.chars().next().unwrap_or('?'))
+        })
+        .unwrap_or('?')
+}
+
+/// Asks for a `now` line and returns (epoch, state).
+fn now(pid: i32, log: &Path) -> (u64, String) {
+    let before = complete_lines(log)
+        .iter()
+        .filter(|l| l.starts_with("now "))
+        .count();
+    assert!(signal(pid, libc::SIGUSR2), "process {pid} is gone");
+    let l = wait_for(log, "a now line", |ls| {
+        ls.iter()
+            .filter(|l| l.starts_with("now "))
+            .nth(before)
+            .cloned()
+    });
+    let mut it = l.splitn(3, ' ');
+    it.next();
+    (
+        it.next().unwrap().parse().unwrap(),
+        it.next().unwrap().to_string(),
+    )
+}
+
+fn epoch_state(log: &Path, k: u64) -> Option<String> {
+    if k == 0 {
+        return None;
+    }
+    complete_lines(log).iter().find_map(|l| {
+        let rest = l.strip_prefix(&format!("epoch {k} "))?;
+        Some(rest.split_once(" pages ")?.0.to_string())
+    })
+}
+
+#[test]
+fn track_snapshots_on_request_and_survives_its_own_sigkill() {
+    let test = "track_snapshots_on_request_and_survives_its_own_sigkill";
+    let Some(epochs) = epochs_bin(test) else {
+        return;
+    };
+    use std::os::unix::process::CommandExt as _;
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-track-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("epochs.log");
+    let images = dir.join("images");
+    let clean = |cmd: &mut Command| {
+        // SAFETY: close_range is async-signal-safe (drops the harness's fds).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+    };
+    let mut cmd = Command::new(&epochs);
+    cmd.arg(&log).args(["256", "100"]).stdin(Stdio::null());
+    clean(&mut cmd);
+    let mut workload = cmd.spawn().unwrap();
+    let pid = workload.id() as i32;
+    wait_for(&log, "the workload", |ls| ls.first().cloned());
+
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "track",
+        "--pid",
+        &pid.to_string(),
+        "--interval",
+        "100ms",
+        "--keep",
+        "4",
+    ])
+    .arg("--json")
+    .arg("--images-dir")
+    .arg(&images)
+    .stdout(Stdio::piped());
+    clean(&mut cmd);
+    let mut track = cmd.spawn().unwrap();
+    let mut out = BufReader::new(track.stdout.take().unwrap());
+    let mut read_report = || -> serde_json::Value {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    };
+    let first = read_report();
+    assert_eq!(first["method"], "full");
+    let second = read_report();
+    assert_eq!(second["method"], "uffd-wp");
+    assert_eq!(second["parent"], first["id"]);
+
+    // A snapshot on request, through the control socket.
+    let snap = Command::new(BIN)
+        .args(["snapshot", "--incremental", "--json", "--images-dir"])
+        .arg(&images)
+        .output()
+        .unwrap();
+    assert!(
+        snap.status.success(),
+        "{}",
+        String::from_utf8_lossy(&snap.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&snap.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["method"], "uffd-wp");
+    assert!(v["freeze_ms"].as_f64().unwrap() > 0.0);
+
+    // Epochs keep the workload writing while the service checkpoints it.
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                signal(pid, libc::SIGUSR1);
+                std::thread::sleep(Duration::from_millis(15));
+            }
+        });
+        for _ in 0..4 {
+            read_report();
+        }
+        // Somewhere inside the next checkpoint (they take tens of ms).
+        let jitter = (std::process::id() % 7) as u64 * 9;
+        std::thread::sleep(Duration::from_millis(100 + jitter));
+        track.kill().unwrap();
+        let _ = track.wait();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+    });
+    // The target was not left stopped, and answers.
+    let st = state_letter(pid);
+    assert!(!matches!(st, 't' | 'T' | 'Z' | 'X'), "target state {st}");
+    let (k, state) = now(pid, &log);
+    assert_eq!(epoch_state(&log, k), Some(state), "target consistent");
+    workload.kill().unwrap();
+    let _ = workload.wait();
+
+    // The chain is readable and its newest checkpoint restores.
+    let inspect = Command::new(BIN)
+        .args(["inspect", "--json"])
+        .arg(&images)
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let chain: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let n = chain["checkpoints"].as_array().unwrap().len();
+    assert!((2..=9).contains(&n), "{n} checkpoints kept with --keep 4");
+    // The restored process inherits our stdio: its report goes to a file
+    // (a pipe would stay open as long as the restored process runs).
+    let report = dir.join("restore.err");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["restore", "--detach", "--images-dir"])
+        .arg(&images)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&report).unwrap());
+    clean(&mut cmd);
+    let status = cmd.status().unwrap();
+    let err = std::fs::read_to_string(&report).unwrap();
+    assert!(status.success(), "{err}");
+    let restored: i32 = err
+        .split("restored pid ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {err}"));
+    assert_eq!(restored, pid);
+    let (k, state) = now(pid, &log);
+    assert_eq!(
+        epoch_state(&log, k),
+        Some(state),
+        "the restored process is in a state epoch {k} really had"
+    );
+    signal(pid, libc::SIGKILL);
+    let _ = std::fs::remove_dir_all(&dir);
+}
