@@ -160,14 +160,15 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let log = dir.join("workload.log");
-    let mut w = cr_ebpf_perf::spawn_clean(
+    // Reaped by `stop` (waitpid on its pid), also on early returns via the guard.
+    let pid = cr_ebpf_perf::spawn_clean(
         Command::new(&exe)
             .arg("--workload")
             .arg(&log)
             .arg(mib.to_string())
             .stdin(Stdio::null()),
-    );
-    let pid = w.id() as i32;
+    )
+    .id() as i32;
     let _guard = cr_ebpf_perf::KillOnDrop(pid);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&log)
@@ -200,26 +201,11 @@ fn main() -> Result<()> {
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
     );
-    let out = BufReader::new(track.stdout.take().context("track output")?);
+    let out = track.stdout.take().map(BufReader::new);
     let mut reports = Vec::new();
-    let mut first = true;
-    for line in out.lines() {
-        let v: serde_json::Value = serde_json::from_str(&line?)?;
-        if first {
-            // The first checkpoint is the full base: its phase starts after it.
-            first = false;
-            end_phase(pid, &log)?;
-            println!(
-                "base checkpoint: {} pages, {:.1} MiB, freeze {:.1} ms",
-                v["pages"],
-                v["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-                v["freeze_ms"].as_f64().unwrap_or(0.0)
-            );
-            continue;
-        }
-        reports.push(v);
-    }
+    let read = read_reports(out, pid, &log, &mut reports);
     let status = track.wait()?;
+    read?;
     let (tracked, gap_tracked) = end_phase(pid, &log)?;
     if !status.success() || reports.len() < checkpoints as usize {
         bail!(
@@ -230,8 +216,54 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_secs(base_secs));
     let (after, gap_after) = end_phase(pid, &log)?;
     cr_ebpf_perf::stop(pid);
-    let _ = w.wait();
+    report(
+        mib,
+        &reports,
+        (before, gap_before),
+        (tracked, gap_tracked),
+        (after, gap_after),
+        opt("--out"),
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
 
+/// Reads `track --json` lines; the first (the full base) ends the untracked phase.
+fn read_reports(
+    out: Option<BufReader<std::process::ChildStdout>>,
+    pid: i32,
+    log: &Path,
+    reports: &mut Vec<serde_json::Value>,
+) -> Result<()> {
+    let out = out.context("track output")?;
+    let mut first = true;
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(&line?)?;
+        if first {
+            // The first checkpoint is the full base: its phase starts after it.
+            first = false;
+            end_phase(pid, log)?;
+            println!(
+                "base checkpoint: {} pages, {:.1} MiB, freeze {:.1} ms",
+                v["pages"],
+                v["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                v["freeze_ms"].as_f64().unwrap_or(0.0)
+            );
+            continue;
+        }
+        reports.push(v);
+    }
+    Ok(())
+}
+
+fn report(
+    mib: usize,
+    reports: &[serde_json::Value],
+    (before, gap_before): (f64, u64),
+    (tracked, gap_tracked): (f64, u64),
+    (after, gap_after): (f64, u64),
+    out: Option<String>,
+) -> Result<()> {
     let freeze: Vec<f64> = reports
         .iter()
         .filter_map(|r| r["freeze_ms"].as_f64())
@@ -275,7 +307,7 @@ fn main() -> Result<()> {
         ratio,
         (ratio - 1.0) * 100.0
     );
-    if let Some(path) = opt("--out") {
+    if let Some(path) = out {
         let json = serde_json::json!({
             "mib": mib, "checkpoints": reports.len(), "interval_s": 1, "write_rate_per_s": 0.01,
             "freeze_ms": {"p50": percentile(&freeze, 0.5), "p99": percentile(&freeze, 0.99), "max": percentile(&freeze, 1.0), "all": freeze},
@@ -285,6 +317,5 @@ fn main() -> Result<()> {
         });
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
