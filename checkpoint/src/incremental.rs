@@ -152,6 +152,8 @@ struct Registered {
     /// Whether every page written before the registration is in a
     /// published image (false until the checkpoint after registering).
     stored: bool,
+    /// Whether every page present at registration was pre-copied since.
+    primed: bool,
 }
 
 struct Parent {
@@ -262,14 +264,121 @@ impl Session {
         }
         forget(&mut self.registered, &mut self.precopied, start, end);
         if wp.register(start..end).is_ok() {
-            self.registered
-                .insert(start, Registered { end, stored: false });
+            self.registered.insert(
+                start,
+                Registered {
+                    end,
+                    stored: false,
+                    primed: false,
+                },
+            );
         }
     }
 
     /// Drops what is known about `start..end` (its pages will be stored whole).
     fn forget(&mut self, start: u64, end: u64) {
         forget(&mut self.registered, &mut self.precopied, start, end);
+    }
+
+    /// Registers every mapping not registered yet and copies its present
+    /// pages while the process runs, so the next checkpoint only copies,
+    /// during its freeze, the pages written after that (the first, full
+    /// checkpoint included). Returns what was copied.
+    pub fn prime(&mut self) -> Result<PrecopyReport, DumpError> {
+        let t = Instant::now();
+        let Some(wp) = &self.wp else {
+            return Ok(PrecopyReport::default());
+        };
+        let pid = self.pid;
+        let maps_path = format!("/proc/{pid}/maps");
+        let text = std::fs::read_to_string(&maps_path).map_err(proc_err(pid, maps_path.clone()))?;
+        let entries = maps::parse_maps(&text).map_err(|e| DumpError::Proc {
+            pid,
+            path: maps_path,
+            source: std::io::Error::other(e),
+        })?;
+        let pagemap_path = format!("/proc/{pid}/pagemap");
+        let pagemap =
+            std::fs::File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
+        let mut work = Vec::new();
+        for m in &entries {
+            let special = matches!(
+                m.kind(),
+                MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+            ) || m.shared;
+            if special
+                || m.prot & libc::PROT_READ as u32 == 0
+                || self
+                    .registered
+                    .get(&m.start)
+                    .is_some_and(|r| r.end == m.end)
+            {
+                continue;
+            }
+            forget(&mut self.registered, &mut self.precopied, m.start, m.end);
+            // Registered first: a write after this point is seen by the next scan.
+            if wp.register(m.start..m.end).is_err() {
+                continue;
+            }
+            self.registered.insert(
+                m.start,
+                Registered {
+                    end: m.end,
+                    stored: false,
+                    primed: true,
+                },
+            );
+            let runs =
+                maps::dumpable_runs(&pagemap, m).map_err(proc_err(pid, pagemap_path.clone()))?;
+            split_runs(&runs, &mut work);
+        }
+        let copied = self.pool.install(|| {
+            work.par_iter()
+                .map(|&(addr, n)| {
+                    let mut b = vec![0u8; (n * PAGE) as usize];
+                    (
+                        addr,
+                        cr_ebpf_tracee::read_memory(pid, addr, &mut b).map(|()| b),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        let pages = self.keep_copies(copied);
+        Ok(PrecopyReport {
+            pages,
+            took: t.elapsed(),
+        })
+    }
+
+    /// Stores pre-copied runs page by page; a run that could not be read
+    /// (unmapped meanwhile) makes its mapping be stored whole next time.
+    fn keep_copies(
+        &mut self,
+        copied: Vec<(u64, Result<Vec<u8>, cr_ebpf_tracee::TraceError>)>,
+    ) -> u64 {
+        let mut pages = 0;
+        for (addr, c) in copied {
+            match c {
+                Ok(b) => {
+                    for (i, p) in b.chunks_exact(PAGE as usize).enumerate() {
+                        self.precopied.insert(addr + i as u64 * PAGE, p.to_vec());
+                        pages += 1;
+                    }
+                }
+                Err(_) => {
+                    let hit = self
+                        .registered
+                        .range(..=addr)
+                        .next_back()
+                        .filter(|(_, r)| r.end > addr)
+                        .map(|(&s, r)| (s, r.end));
+                    if let Some((s, e)) = hit {
+                        forget(&mut self.registered, &mut self.precopied, s, e);
+                    }
+                }
+            }
+        }
+        pages
     }
 
     /// Copies the pages written since the last scan while the process runs,
@@ -282,7 +391,9 @@ impl Session {
         let mut runs = Vec::new();
         let mut broken = Vec::new();
         for (&start, r) in &self.registered {
-            if !r.stored {
+            // Early registrations hold pages nobody copied yet: those mappings
+            // are stored whole anyway.
+            if !r.stored && !r.primed {
                 continue;
             }
             let before = runs.len();
@@ -314,29 +425,7 @@ impl Session {
                 })
                 .collect::<Vec<_>>()
         });
-        let mut pages = 0;
-        for (addr, c) in copied {
-            match c {
-                Ok(b) => {
-                    for (i, p) in b.chunks_exact(PAGE as usize).enumerate() {
-                        self.precopied.insert(addr + i as u64 * PAGE, p.to_vec());
-                        pages += 1;
-                    }
-                }
-                // Unmapped meanwhile: the mapping is stored whole next time.
-                Err(_) => {
-                    let hit = self
-                        .registered
-                        .range(..=addr)
-                        .next_back()
-                        .filter(|(_, r)| r.end > addr)
-                        .map(|(&s, r)| (s, r.end));
-                    if let Some((s, e)) = hit {
-                        self.forget(s, e);
-                    }
-                }
-            }
-        }
+        let pages = self.keep_copies(copied);
         Ok(PrecopyReport {
             pages,
             took: t.elapsed(),
@@ -442,53 +531,64 @@ impl Session {
                     .is_some();
             let mut runs = Vec::new();
             let mut inherit = false;
-            if same {
-                match (&self.wp, &baseline) {
-                    (Some(wp), _) => {
-                        let armed = self
-                            .registered
-                            .get(&m.start)
-                            .is_some_and(|r| r.end == m.end && r.stored)
-                            && !changes.layout_touched(m.start, m.end);
-                        if armed {
-                            let mut dirty = Vec::new();
-                            match wp.scan(m.start..m.end, &mut dirty) {
-                                Ok(()) => {
-                                    inherit = true;
-                                    runs = dirty
-                                        .iter()
-                                        .map(|r| (r.start, (r.end - r.start) / PAGE))
-                                        .collect();
-                                }
-                                // No longer registered: replaced since.
-                                Err(WpError::Ioctl { source, .. })
-                                    if source.raw_os_error() == Some(libc::EPERM) => {}
-                                Err(e) => {
-                                    return Err(DumpError::NotSupported {
-                                        pid,
-                                        what: format!("scanning dirty pages: {e}"),
-                                    })
-                                }
-                            }
-                        }
+            // Registered and pre-copied while running: the pre-copy and the
+            // pages written since make the whole mapping.
+            let mut primed = false;
+            let reg = self
+                .registered
+                .get(&m.start)
+                .copied()
+                .filter(|r| r.end == m.end && !changes.layout_touched(m.start, m.end));
+            let scan = |wp: &WpTracker| -> Result<Option<Vec<(u64, u64)>>, DumpError> {
+                let mut dirty = Vec::new();
+                match wp.scan(m.start..m.end, &mut dirty) {
+                    Ok(()) => Ok(Some(
+                        dirty
+                            .iter()
+                            .map(|r| (r.start, (r.end - r.start) / PAGE))
+                            .collect(),
+                    )),
+                    // No longer registered: replaced since.
+                    Err(WpError::Ioctl { source, .. })
+                        if source.raw_os_error() == Some(libc::EPERM) =>
+                    {
+                        Ok(None)
                     }
-                    (None, Some(_)) => {
-                        // Candidates: present now or stored in the chain;
-                        // compared by content after reading.
-                        inherit = true;
-                        let now = maps::dumpable_runs(&state.pagemap, m).map_err(pagemap_err())?;
-                        runs = union_runs(
-                            now,
-                            baseline
-                                .as_ref()
-                                .map_or(Vec::new(), |b| b.runs(m.start, m.end)),
-                        );
-                    }
-                    (None, None) => {}
+                    Err(e) => Err(DumpError::NotSupported {
+                        pid,
+                        what: format!("scanning dirty pages: {e}"),
+                    }),
                 }
+            };
+            match (&self.wp, &baseline) {
+                (Some(wp), _) if same && reg.is_some_and(|r| r.stored) => {
+                    if let Some(dirty) = scan(wp)? {
+                        inherit = true;
+                        runs = dirty;
+                    }
+                }
+                (Some(wp), _) if readable && reg.is_some_and(|r| r.primed) => {
+                    if let Some(dirty) = scan(wp)? {
+                        primed = true;
+                        runs = dirty;
+                    }
+                }
+                (None, Some(_)) if same => {
+                    // Candidates: present now or stored in the chain;
+                    // compared by content after reading.
+                    inherit = true;
+                    let now = maps::dumpable_runs(&state.pagemap, m).map_err(pagemap_err())?;
+                    runs = union_runs(
+                        now,
+                        baseline
+                            .as_ref()
+                            .map_or(Vec::new(), |b| b.runs(m.start, m.end)),
+                    );
+                }
+                _ => {}
             }
-            if inherit {
-                inherited += 1;
+            let before = reuse.len();
+            if inherit || primed {
                 // Pre-copied pages not written since stay valid.
                 let written: std::collections::HashSet<u64> = runs
                     .iter()
@@ -498,6 +598,14 @@ impl Session {
                     if !written.contains(&a) {
                         reuse.push(a);
                     }
+                }
+            }
+            if inherit {
+                inherited += 1;
+            } else if primed {
+                whole += 1;
+                if let Some(r) = self.registered.get_mut(&m.start) {
+                    r.primed = false;
                 }
             } else {
                 whole += 1;
@@ -512,17 +620,13 @@ impl Session {
                             Registered {
                                 end: m.end,
                                 stored: true,
+                                primed: false,
                             },
                         );
                     }
                 }
             }
-            let pages = runs.iter().map(|r| r.1).sum::<u64>()
-                + if inherit {
-                    reuse.iter().filter(|&&a| a >= m.start && a < m.end).count() as u64
-                } else {
-                    0
-                };
+            let pages = runs.iter().map(|r| r.1).sum::<u64>() + (reuse.len() - before) as u64;
             split_runs(&runs, &mut live);
             mappings.push(State::mapping(
                 m,
@@ -615,6 +719,7 @@ impl Session {
         })?;
         for r in self.registered.values_mut() {
             r.stored = true;
+            r.primed = false;
         }
         self.parent = Some(Parent {
             name: name.clone(),

@@ -367,6 +367,19 @@ async fn track(args: &Args) -> Result<ExitCode> {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     };
+    if svc.precopy {
+        // The base too: copied while the process runs, so its freeze only
+        // covers the pages written meanwhile.
+        let p = svc
+            .session
+            .prime()
+            .context("pre-copying the process's memory")?;
+        eprintln!(
+            "cr-ebpf: pre-copied {} pages in {:.0} ms while the process ran",
+            p.pages,
+            p.took.as_secs_f64() * 1e3
+        );
+    }
     let first = svc.checkpoint(&mut events)?;
     print(&first);
     let mut tick = tokio::time::interval(if args.interval.is_zero() {

@@ -172,6 +172,25 @@ fn every_incremental_checkpoint_holds_exactly_the_written_pages() {
             r.freeze
         );
     }
+    // Pre-copy: pages written before it are copied while the process runs;
+    // the checkpoint holds those and the ones written after, exactly.
+    let (_, early) = w.epoch();
+    let pre = s.precopy().expect("precopy");
+    assert!(pre.pages >= early.len() as u64, "{pre:?}");
+    let (_, late) = w.epoch();
+    let r = s
+        .checkpoint(&Changes::all())
+        .expect("checkpoint after pre-copy");
+    let stored: BTreeSet<u64> = stored_pages(&r.dir)
+        .into_iter()
+        .filter(|a| region.contains(a))
+        .collect();
+    let both: BTreeSet<u64> = early.union(&late).copied().collect();
+    assert_eq!(stored, both, "pre-copied and later pages, nothing else");
+    assert!(
+        r.precopied >= early.difference(&late).count() as u64,
+        "pages not written again come from the pre-copy: {r:?}"
+    );
     // No tracker: a standalone checkpoint compares contents with the chain
     // and finds the same pages.
     drop(s);
@@ -218,8 +237,18 @@ fn any_checkpoint_of_a_gibibyte_chain_restores_its_epoch() {
     let guard = KillOnDrop(w.pid);
     let images = dir.join("images");
     let mut s = session(w.pid, &images, true);
+    // The base is pre-copied while the workload runs.
+    let primed = s.prime().expect("prime");
+    assert!(primed.pages >= 1024 * 256, "{primed:?}");
     let mut states = Vec::new();
     for k in 1..=20 {
+        if k % 4 == 0 {
+            // Some checkpoints are preceded by a pre-copy pass, with more
+            // writes after it: restores must show the newest contents.
+            w.epoch();
+            let pre = s.precopy().expect("precopy");
+            assert!(pre.pages > 0);
+        }
         let (state, _) = w.epoch();
         let r = s.checkpoint(&Changes::all()).expect("checkpoint");
         assert_eq!(r.seq, k as u64);

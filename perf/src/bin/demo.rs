@@ -3,12 +3,13 @@
 //! 1. `cr-ebpf check`: what this machine offers.
 //! 2. Starts the `counter` workload (a small service that ticks, writes
 //!    pages, logs and forks helpers) and shows its output.
-//! 3. `cr-ebpf trace` on it for two seconds: the live log of its resource
-//!    changes and page writes that checkpoints are built from.
-//! 4. `cr-ebpf dump`: checkpoints it and kills it, as a crash would.
-//! 5. `cr-ebpf inspect`: what the image holds.
-//! 6. `cr-ebpf restore`: brings it back with the same pid; its ticks go on
-//!    from where they were, with no gap and no repeat.
+//! 3. `cr-ebpf track`: the always-on service takes an incremental
+//!    checkpoint every second (a full base first, then only changed pages).
+//! 4. `cr-ebpf snapshot --incremental`: one checkpoint now, through the
+//!    service; then the workload is killed, as a crash would.
+//! 5. `cr-ebpf inspect`: the chain, with sizes and pauses.
+//! 6. `cr-ebpf restore`: brings the newest checkpoint back with the same
+//!    pid; its ticks go on from the snapshot, with no gap and no repeat.
 //!
 //! Usage: `cr-ebpf-demo BIN_DIR` (the directory holding `cr-ebpf` and `counter`).
 
@@ -17,7 +18,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -104,50 +105,54 @@ fn run(cr: &Path, counter: &Path, images: &Path) -> Result<()> {
 
     step(
         3,
-        &format!("cr-ebpf trace --pid {pid} (2 seconds, first lines)"),
+        &format!("cr-ebpf track --pid {pid} --interval 1s (the always-on service)"),
     );
-    let mut trace = Command::new(cr)
-        .args(["trace", "--pid", &pid.to_string()])
+    let mut track = Command::new(cr)
+        .args([
+            "track",
+            "--pid",
+            &pid.to_string(),
+            "--interval",
+            "1s",
+            "--images-dir",
+        ])
+        .arg(images)
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
-        .context("starting cr-ebpf trace")?;
-    let events = lines_of(&mut trace)?;
-    let start = Instant::now();
-    let (mut shown, mut total) = (0, 0);
-    while start.elapsed() < Duration::from_secs(2) {
-        while let Ok(l) = events.try_recv() {
-            total += 1;
-            if shown < 12 {
-                println!("{l}");
-                shown += 1;
-            }
+        .context("starting cr-ebpf track")?;
+    let reports = lines_of(&mut track)?;
+    for _ in 0..3 {
+        match reports.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) => println!("track: {l}"),
+            Err(_) => bail!("cr-ebpf track printed no checkpoint"),
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    // SAFETY: sending SIGINT (Ctrl-C) to a child we started; it detaches.
-    unsafe { libc::kill(trace.id() as i32, libc::SIGINT) };
-    trace.wait()?;
-    total += events.try_iter().count();
-    println!("... {total} events in 2 s; the tracer detached, the workload runs on untouched");
 
     step(
         4,
-        &format!("cr-ebpf dump --pid {pid} (then the process is killed, as by a crash)"),
+        "cr-ebpf snapshot --incremental (one now), then the process is killed, as by a crash",
     );
-    let mut last = 0;
+    let mut before = 0;
     while let Ok(l) = ticks.try_recv() {
-        last = tick_of(&l).unwrap_or(last);
+        before = tick_of(&l).unwrap_or(before);
     }
-    let img = images.join("checkpoint-1");
-    let status = Command::new(cr)
-        .args(["dump", "--pid", &pid.to_string(), "--images-dir"])
-        .arg(&img)
-        .status()
-        .context("running cr-ebpf dump")?;
-    if !status.success() {
-        bail!("cr-ebpf dump failed");
+    let out = Command::new(cr)
+        .args(["snapshot", "--incremental", "--images-dir"])
+        .arg(images)
+        .output()
+        .context("running cr-ebpf snapshot")?;
+    if !out.status.success() {
+        bail!(
+            "cr-ebpf snapshot failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    print!("snapshot: {}", String::from_utf8_lossy(&out.stdout));
+    // SAFETY: killing the demo workload we started, as a crash would.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let _ = work.wait();
+    let mut last = before;
     while let Ok(l) = ticks.recv_timeout(Duration::from_millis(200)) {
         last = tick_of(&l).unwrap_or(last);
     }
@@ -155,21 +160,25 @@ fn run(cr: &Path, counter: &Path, images: &Path) -> Result<()> {
         "counter[{pid}] was killed after tick {last}; alive: {}",
         Path::new(&format!("/proc/{pid}")).exists()
     );
+    let _ = track.wait();
+    while let Ok(l) = reports.try_recv() {
+        println!("track: {l}");
+    }
 
-    step(5, "cr-ebpf inspect");
-    let out = Command::new(cr).arg("inspect").arg(&img).output()?;
-    for l in String::from_utf8_lossy(&out.stdout).lines().take(6) {
+    step(5, "cr-ebpf inspect: the chain of checkpoints");
+    let out = Command::new(cr).arg("inspect").arg(images).output()?;
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
         println!("{l}");
     }
 
     step(
         6,
-        "cr-ebpf restore: the same process comes back and continues",
+        "cr-ebpf restore --images-dir (newest checkpoint): the same process continues",
     );
     let mut restored = Command::new(cr)
         .arg("restore")
         .arg("--images-dir")
-        .arg(&img)
+        .arg(images)
         .stdout(Stdio::piped())
         .spawn()
         .context("running cr-ebpf restore")?;
@@ -188,13 +197,18 @@ fn run(cr: &Path, counter: &Path, images: &Path) -> Result<()> {
     // SAFETY: stopping the restored demo process (same pid as before).
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let _ = restored.wait();
-    let continuous = seen.first() == Some(&(last + 1)) && seen.windows(2).all(|w| w[1] == w[0] + 1);
+    // The snapshot was taken after tick `before` was printed and before the
+    // kill; the restored process goes on from the tick after the snapshot.
+    let first = seen.first().copied().unwrap_or(0);
+    let continuous = (before + 1..=last + 1).contains(&first)
+        && seen.len() >= 3
+        && seen.windows(2).all(|w| w[1] == w[0] + 1);
     println!(
-        "\nrestored with pid {pid} (alive: {alive}); ticks went on from {} with no gap and no repeat: {continuous}",
-        last + 1
+        "\nrestored with pid {pid} (alive: {alive}); it went on from tick {first} \
+         (the snapshot was taken between ticks {before} and {last}), no gap, no repeat: {continuous}"
     );
     if !continuous {
-        bail!("the restored workload did not continue where it stopped: {seen:?} after {last}");
+        bail!("the restored workload did not continue where it stopped: {seen:?}, snapshot after tick {before}, killed after {last}");
     }
     Ok(())
 }
