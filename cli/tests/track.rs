@@ -176,6 +176,17 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
     assert_eq!(v["method"], "uffd-wp");
     assert!(v["freeze_ms"].as_f64().unwrap() > 0.0);
 
+    // Only the owner may use the control socket.
+    let mut other = Command::new(BIN);
+    other
+        .args(["snapshot", "--incremental", "--images-dir"])
+        .arg(&images);
+    std::os::unix::process::CommandExt::uid(&mut other, 65534);
+    let denied = other.output().unwrap();
+    assert!(!denied.status.success());
+    let why = String::from_utf8_lossy(&denied.stderr);
+    assert!(why.contains("belongs to another user"), "{why}");
+
     // Epochs keep the workload writing while the service checkpoints it.
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {

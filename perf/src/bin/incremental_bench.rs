@@ -11,7 +11,8 @@
 //! Reports freeze time p50/p99/max as `track` measures it, the workload's
 //! own longest stall, checkpoint sizes, and the throughput ratio.
 //!
-//! Usage: `incremental-bench [--quick] [--out FILE] [--bin DIR]`
+//! Usage: `incremental-bench [--quick] [--out FILE] [--bin DIR] [--mib N]
+//! [--checkpoints N] [--base-secs S] [--no-precopy]`
 //! (internally also `incremental-bench --workload LOG MIB`).
 
 use std::{
@@ -155,7 +156,22 @@ fn main() -> Result<()> {
             cr.display()
         );
     }
-    let (mib, checkpoints, base_secs) = if quick { (128, 5, 3) } else { (1024, 60, 15) };
+    let (mut mib, mut checkpoints, mut base_secs) =
+        if quick { (128, 5, 3) } else { (1024, 60, 15) };
+    if let Some(v) = opt("--mib").and_then(|v| v.parse().ok()) {
+        mib = v;
+    }
+    if let Some(v) = opt("--checkpoints").and_then(|v| v.parse().ok()) {
+        checkpoints = v;
+    }
+    if let Some(v) = opt("--base-secs").and_then(|v| v.parse().ok()) {
+        base_secs = v;
+    }
+    let extra: Vec<&str> = if args.iter().any(|a| a == "--no-precopy") {
+        vec!["--no-precopy"]
+    } else {
+        Vec::new()
+    };
     let dir = std::env::temp_dir().join(format!("cr-ebpf-incr-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -195,7 +211,8 @@ fn main() -> Result<()> {
                 "1s",
                 "--json",
             ])
-            .args(["--keep", "10", "--count", &(checkpoints + 1).to_string()])
+            .args(["--count", &(checkpoints + 1).to_string()])
+            .args(&extra)
             .arg("--images-dir")
             .arg(&images)
             .stdout(Stdio::piped())
@@ -216,12 +233,25 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_secs(base_secs));
     let (after, gap_after) = end_phase(pid, &log)?;
     cr_ebpf_perf::stop(pid);
+    // Bounding the chain afterwards: keep the newest 10, the oldest of
+    // them rewritten as a full base (the process is not involved).
+    let t = Instant::now();
+    let status = Command::new(&cr)
+        .args(["compact", "--keep", "10", "--images-dir"])
+        .arg(&images)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("cr-ebpf compact --keep 10 failed");
+    }
+    let compact_s = t.elapsed().as_secs_f64();
     report(
         mib,
         &reports,
         (before, gap_before),
         (tracked, gap_tracked),
         (after, gap_after),
+        compact_s,
         opt("--out"),
     )?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -262,6 +292,7 @@ fn report(
     (before, gap_before): (f64, u64),
     (tracked, gap_tracked): (f64, u64),
     (after, gap_after): (f64, u64),
+    compact_s: f64,
     out: Option<String>,
 ) -> Result<()> {
     let freeze: Vec<f64> = reports
@@ -307,6 +338,7 @@ fn report(
         ratio,
         (ratio - 1.0) * 100.0
     );
+    println!("  retention to 10 checkpoints afterwards (the oldest kept rewritten as a full base): {compact_s:.2} s");
     if let Some(path) = out {
         let json = serde_json::json!({
             "mib": mib, "checkpoints": reports.len(), "interval_s": 1, "write_rate_per_s": 0.01,
@@ -314,6 +346,7 @@ fn report(
             "stall_ms": {"tracked": gap_tracked as f64 / 1e3, "untracked_before": gap_before as f64 / 1e3, "untracked_after": gap_after as f64 / 1e3},
             "size_kib": {"median": median(&kib), "max": percentile(&kib, 1.0)},
             "throughput": {"tracked": tracked, "untracked_before": before, "untracked_after": after, "ratio": ratio},
+            "retention_to_10_s": compact_s,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     }
