@@ -193,12 +193,13 @@ fn report_json(r: &CheckpointReport) -> serde_json::Value {
 
 fn report_text(r: &CheckpointReport) -> String {
     format!(
-        "{} {} ({}): {} pages, {:.1} KiB, freeze {:.2} ms, total {:.1} ms{}",
+        "{} ({}{}): {} pages, {:.1} KiB, freeze {:.2} ms, total {:.1} ms{}",
         r.name,
+        r.method.name(),
         r.parent
             .as_deref()
-            .map_or("full".to_string(), |p| format!("on {p}")),
-        r.method.name(),
+            .map(|p| format!(" on {p}"))
+            .unwrap_or_default(),
         r.pages,
         r.page_bytes as f64 / 1024.0,
         r.freeze.as_secs_f64() * 1e3,

@@ -205,7 +205,8 @@ fn run(cr: &Path, counter: &Path, images: &Path) -> Result<()> {
         && seen.windows(2).all(|w| w[1] == w[0] + 1);
     println!(
         "\nrestored with pid {pid} (alive: {alive}); it went on from tick {first} \
-         (the snapshot was taken between ticks {before} and {last}), no gap, no repeat: {continuous}"
+         (snapshot taken after tick {before}, killed after tick {last}), no gap, no repeat: \
+         {continuous}"
     );
     if !continuous {
         bail!("the restored workload did not continue where it stopped: {seen:?}, snapshot after tick {before}, killed after {last}");
