@@ -55,13 +55,13 @@ extern "C" fn vfork_child(_arg: *mut libc::c_void) -> libc::c_int {
     unsafe {
         let fd = libc::syscall(
             libc::SYS_openat,
-            libc::AT_FDCWD,
+            libc::AT_FDCWD as libc::c_long,
             DEV_NULL.as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_long,
         );
         CHILD_FD = fd;
         libc::syscall(libc::SYS_close, fd);
-        libc::syscall(libc::SYS_exit_group, 7);
+        libc::syscall(libc::SYS_exit_group, 7 as libc::c_long);
     }
     7
 }
@@ -84,30 +84,41 @@ fn script(pages: usize, stack: &mut [u8]) -> Outcome {
     let mut o = Outcome::default();
     // SAFETY: raw syscalls on memory this function owns; see the module doc.
     unsafe {
-        libc::syscall(libc::SYS_umask, 0o077);
+        libc::syscall(libc::SYS_umask, 0o077 as libc::c_long);
+        // Every argument as a full register: a variadic `int` leaves the
+        // upper half of the register undefined.
         let base = libc::syscall(
             libc::SYS_mmap,
-            0,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
+            0 as libc::c_long,
+            len as libc::c_long,
+            (libc::PROT_READ | libc::PROT_WRITE) as libc::c_long,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as libc::c_long,
+            -1 as libc::c_long,
+            0 as libc::c_long,
         ) as u64;
         o.base = base;
         for i in 0..pages {
             ((base + (i * 4096 + 16) as u64) as *mut u8).write_volatile(i as u8);
         }
-        libc::syscall(libc::SYS_mprotect, base, 4096, libc::PROT_READ);
+        libc::syscall(
+            libc::SYS_mprotect,
+            base,
+            4096 as libc::c_long,
+            libc::PROT_READ as libc::c_long,
+        );
         o.fd1 = libc::syscall(
             libc::SYS_openat,
-            libc::AT_FDCWD,
+            libc::AT_FDCWD as libc::c_long,
             DEV_NULL.as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_long,
         );
         o.fd2 = libc::syscall(libc::SYS_dup, o.fd1);
         libc::syscall(libc::SYS_close, o.fd2);
-        libc::syscall(libc::SYS_pipe2, o.pipe.as_mut_ptr(), libc::O_CLOEXEC);
+        libc::syscall(
+            libc::SYS_pipe2,
+            o.pipe.as_mut_ptr(),
+            libc::O_CLOEXEC as libc::c_long,
+        );
         libc::syscall(libc::SYS_close, o.pipe[0]);
         libc::syscall(libc::SYS_close, o.pipe[1]);
         libc::syscall(libc::SYS_close, o.fd1);
@@ -121,8 +132,8 @@ fn script(pages: usize, stack: &mut [u8]) -> Outcome {
         o.child_fd = CHILD_FD;
         let mut status = 0;
         libc::wait4(o.child as i32, &mut status, 0, std::ptr::null_mut());
-        libc::syscall(libc::SYS_munmap, base, len);
-        libc::syscall(libc::SYS_umask, 0o077);
+        libc::syscall(libc::SYS_munmap, base, len as libc::c_long);
+        libc::syscall(libc::SYS_umask, 0o077 as libc::c_long);
     }
     o
 }
@@ -152,9 +163,9 @@ fn main() {
                     let tid = libc::syscall(libc::SYS_gettid);
                     let fd = libc::syscall(
                         libc::SYS_openat,
-                        libc::AT_FDCWD,
+                        libc::AT_FDCWD as libc::c_long,
                         DEV_NULL.as_ptr(),
-                        libc::O_RDONLY | libc::O_CLOEXEC,
+                        (libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_long,
                     );
                     libc::syscall(libc::SYS_close, fd);
                     (tid, fd)
@@ -166,7 +177,7 @@ fn main() {
         "burst" => {
             for _ in 0..n {
                 // SAFETY: plain syscall.
-                unsafe { libc::syscall(libc::SYS_umask, 0o022) };
+                unsafe { libc::syscall(libc::SYS_umask, 0o022 as libc::c_long) };
             }
             say("done");
             wait_line();
