@@ -91,6 +91,27 @@ pub enum DumpError {
     },
 }
 
+/// A pool of `threads` workers (0: one per core).
+pub(crate) fn worker_pool(
+    pid: i32,
+    threads: usize,
+    name: &'static str,
+) -> Result<rayon::ThreadPool, DumpError> {
+    let workers = if threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        threads
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|e| DumpError::NotSupported {
+            pid,
+            what: format!("starting the worker threads: {e}"),
+        })
+}
+
 /// Splits page runs into chunks of at most 256 pages for the readers.
 pub(crate) fn split_runs(runs: &[(u64, u64)], work: &mut Vec<(u64, u64)>) {
     for &(addr, n) in runs {
@@ -172,19 +193,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         }
         .into());
     }
-    let workers = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        opts.threads
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(workers)
-        .thread_name(|i| format!("dump-reader-{i}"))
-        .build()
-        .map_err(|e| DumpError::NotSupported {
-            pid,
-            what: format!("starting the reader threads: {e}"),
-        })?;
+    let pool = worker_pool(pid, opts.threads, "dump-reader")?;
+    let workers = pool.current_num_threads();
 
     // From here on an error drops `frozen`, which resumes every thread.
     let frozen = Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?;

@@ -35,7 +35,7 @@ use cr_ebpf_tracee::Frozen;
 use rayon::prelude::*;
 
 use crate::{
-    dump::{split_runs, write_pages},
+    dump::{split_runs, worker_pool, write_pages},
     maps::{self, MapEntry},
     state::{self, proc_err, Changes, Queries, State},
     DumpError,
@@ -202,19 +202,7 @@ impl Session {
         }
         std::fs::create_dir_all(dir)
             .map_err(|e| image_io("creating", dir.display().to_string(), e))?;
-        let workers = if opts.threads == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
-        } else {
-            opts.threads
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(workers)
-            .thread_name(|i| format!("ckpt-worker-{i}"))
-            .build()
-            .map_err(|e| DumpError::NotSupported {
-                pid,
-                what: format!("starting the worker threads: {e}"),
-            })?;
+        let pool = worker_pool(pid, opts.threads, "ckpt-worker")?;
         let mut s = Self {
             pid,
             dir: dir.to_path_buf(),
@@ -332,6 +320,17 @@ impl Session {
                 maps::dumpable_runs(&pagemap, m).map_err(proc_err(pid, pagemap_path.clone()))?;
             split_runs(&runs, &mut work);
         }
+        let pages = self.copy_runs(&work);
+        Ok(PrecopyReport {
+            pages,
+            took: t.elapsed(),
+        })
+    }
+
+    /// Copies `work` runs while the process runs (on the pool) and keeps
+    /// them page by page. Returns the pages copied.
+    fn copy_runs(&mut self, work: &[(u64, u64)]) -> u64 {
+        let pid = self.pid;
         let copied = self.pool.install(|| {
             work.par_iter()
                 .map(|&(addr, n)| {
@@ -343,11 +342,7 @@ impl Session {
                 })
                 .collect::<Vec<_>>()
         });
-        let pages = self.keep_copies(copied);
-        Ok(PrecopyReport {
-            pages,
-            took: t.elapsed(),
-        })
+        self.keep_copies(copied)
     }
 
     /// Stores pre-copied runs page by page; a run that could not be read
@@ -413,19 +408,7 @@ impl Session {
                 .collect::<Vec<_>>(),
             &mut work,
         );
-        let pid = self.pid;
-        let copied = self.pool.install(|| {
-            work.par_iter()
-                .map(|&(addr, n)| {
-                    let mut b = vec![0u8; (n * PAGE) as usize];
-                    (
-                        addr,
-                        cr_ebpf_tracee::read_memory(pid, addr, &mut b).map(|()| b),
-                    )
-                })
-                .collect::<Vec<_>>()
-        });
-        let pages = self.keep_copies(copied);
+        let pages = self.copy_runs(&work);
         Ok(PrecopyReport {
             pages,
             took: t.elapsed(),

@@ -468,10 +468,10 @@ pub fn probe() -> Result<String, String> {
     unsafe { map.protect(none * page as usize, page as usize, libc::PROT_NONE) }
         .map_err(|e| format!("mprotect: {e}"))?;
     let mut tracker =
-        HashTracker::for_process(std::process::id() as i32).map_err(|e| error_chain(&e))?;
+        HashTracker::for_process(std::process::id() as i32).map_err(|e| crate::error_chain(&e))?;
     tracker
         .register(range.clone())
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| crate::error_chain(&e))?;
     let written = [2usize, 7, 11];
     for &p in &written {
         map.write_byte(p * page as usize + 5, 0xab);
@@ -481,7 +481,7 @@ pub fn probe() -> Result<String, String> {
     let mut found = Vec::new();
     tracker
         .scan(range.clone(), &mut found)
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| crate::error_chain(&e))?;
     let expected: Vec<Range<u64>> = written
         .iter()
         .map(|&p| {
@@ -497,7 +497,7 @@ pub fn probe() -> Result<String, String> {
     let mut again = Vec::new();
     tracker
         .scan(range.clone(), &mut again)
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| crate::error_chain(&e))?;
     if !again.is_empty() {
         return Err(format!("a rescan with no writes returned {again:x?}"));
     }
@@ -507,17 +507,6 @@ pub fn probe() -> Result<String, String> {
         written.len(),
         BATCH_PAGES
     ))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

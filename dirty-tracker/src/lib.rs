@@ -201,6 +201,18 @@ pub fn for_process(pid: i32, backend: Backend) -> Result<Tracker, TrackerError> 
     })
 }
 
+/// An error and its causes on one line (for probe summaries).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

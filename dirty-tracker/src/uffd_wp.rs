@@ -211,10 +211,10 @@ pub fn probe() -> Result<String, String> {
     // Populate a few pages first, so both populated and unpopulated pages are covered.
     map.write_byte(0, 1);
     map.write_byte(7 * page as usize, 1);
-    let tracker = WpTracker::for_self().map_err(|e| error_chain(&e))?;
+    let tracker = WpTracker::for_self().map_err(|e| crate::error_chain(&e))?;
     tracker
         .register(range.clone())
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| crate::error_chain(&e))?;
     let written = [2usize, 7, 11];
     for &p in &written {
         map.write_byte(p * page as usize + 5, 0xab);
@@ -222,7 +222,7 @@ pub fn probe() -> Result<String, String> {
     let mut found = Vec::new();
     tracker
         .scan(range.clone(), &mut found)
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| crate::error_chain(&e))?;
     let expected: Vec<Range<u64>> = written
         .iter()
         .map(|&p| {
@@ -238,7 +238,7 @@ pub fn probe() -> Result<String, String> {
     let mut again = Vec::new();
     tracker
         .scan(range.clone(), &mut again)
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| crate::error_chain(&e))?;
     if !again.is_empty() {
         return Err(format!("a rescan with no writes returned {again:x?}"));
     }
@@ -248,15 +248,4 @@ pub fn probe() -> Result<String, String> {
         found.len(),
         written.len()
     ))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -33,7 +33,7 @@ pub fn checks() -> Vec<Check> {
                 GROUP,
                 "load the eBPF object",
                 true,
-                Err(chain(&e)),
+                Err(crate::error_chain(&e)),
             ));
             return out;
         }
@@ -47,7 +47,7 @@ pub fn checks() -> Vec<Check> {
             true,
             match &s.result {
                 Ok(()) => Ok("loaded and attached".into()),
-                Err(e) => Err(chain(e)),
+                Err(e) => Err(crate::error_chain(e)),
             },
         ));
     }
@@ -63,17 +63,6 @@ pub fn checks() -> Vec<Check> {
         delivery,
     ));
     out
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn btf() -> Result<String, String> {
@@ -141,13 +130,15 @@ fn live_delivery(tracer: &mut Tracer) -> Result<String, String> {
     };
     drop(go_rd);
     let result = (|| {
-        tracer.track(child.as_raw() as u32).map_err(|e| chain(&e))?;
+        tracer
+            .track(child.as_raw() as u32)
+            .map_err(|e| crate::error_chain(&e))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async {
-            let mut events = tracer.events().map_err(|e| chain(&e))?;
+            let mut events = tracer.events().map_err(|e| crate::error_chain(&e))?;
             write(&go_wr, b"g").map_err(|e| format!("starting the child: {e}"))?;
             collect(&mut events, child.as_raw() as u32).await
         })

@@ -73,12 +73,7 @@ fn start(ticker: &Path, log: &Path, mib: usize) -> Result<Child> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |name: &str| cr_ebpf_perf::arg_value(&args, name);
     let bin = opt("--bin").map(PathBuf::from).unwrap_or_else(|| {
         std::env::current_exe()
             .ok()

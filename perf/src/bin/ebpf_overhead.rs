@@ -156,11 +156,7 @@ fn chunked(
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let out = cr_ebpf_perf::arg_value(&args, "--out");
     let rounds = if quick { 4 } else { 10 };
     let calls: u64 = if quick { 200_000 } else { 1_000_000 };
     let fault_pages = if quick { 4096 } else { 16384 };

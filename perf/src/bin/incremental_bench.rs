@@ -141,12 +141,7 @@ fn main() -> Result<()> {
         return workload(log, mib);
     }
     let quick = args.iter().any(|a| a == "--quick");
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |name: &str| cr_ebpf_perf::arg_value(&args, name);
     let exe = std::env::current_exe()?;
     let bin = opt("--bin").map_or_else(|| exe.with_file_name(""), PathBuf::from);
     let cr = bin.join("cr-ebpf");
