@@ -57,7 +57,7 @@ async fn trace(args: &Args) -> Result<ExitCode> {
     let mut batch = Vec::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut reported_losses = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -65,6 +65,8 @@ async fn trace(args: &Args) -> Result<ExitCode> {
             _ = &mut ctrl_c => break,
             r = events.next_batch(&mut batch) => { r.context("reading the event ring buffer")?; }
             _ = tick.tick() => {
+                // Fault records do not wake us one by one: collect them here.
+                events.drain(&mut batch);
                 // A process may leave without us seeing its exit (its record was lost).
                 alive.retain(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
             }

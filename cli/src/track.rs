@@ -43,6 +43,10 @@ pub struct Args {
     /// Do not copy dirty pages before the freeze.
     #[arg(long)]
     pub no_precopy: bool,
+    /// CPU priority of the service's own work (compressing, writing,
+    /// pre-copying), as `nice`: the tracked process takes precedence.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub nice: i32,
     /// Stop after this many checkpoints (for scripted runs).
     #[arg(long)]
     pub count: Option<u64>,
@@ -338,6 +342,15 @@ async fn track(args: &Args) -> Result<ExitCode> {
             None
         }
     };
+    // Every thread started from here on (the session's workers) inherits it.
+    // SAFETY: setpriority on the calling thread.
+    unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::syscall(libc::SYS_gettid) as libc::id_t,
+            args.nice,
+        )
+    };
     let session = Session::new(pid, &args.images_dir, wp, SessionOptions::default())
         .with_context(|| format!("starting to checkpoint process {pid}"))?;
     let mut svc = Service {
@@ -437,6 +450,11 @@ async fn track(args: &Args) -> Result<ExitCode> {
                 }
             }
             _ = alive.tick() => {
+                // Fault records do not wake us one by one: count them here.
+                events.drain(&mut batch);
+                for e in batch.drain(..).flatten() {
+                    svc.log.fold(pid as u32, &e);
+                }
                 if gone(pid) {
                     break format!("process {pid} exited");
                 }

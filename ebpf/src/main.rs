@@ -15,6 +15,7 @@
 #![no_main]
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_probe_read_kernel,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
@@ -321,11 +322,22 @@ fn on_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
         flags: if kernel { FAULT_F_KERNEL } else { 0 },
         _pad: 0,
     };
-    if EVENTS.output::<FaultEvent>(&event, 0).is_err() {
+    // Faults come in bursts of thousands: waking the reader for each would
+    // cost the faulting task an IPI every time. The reader is woken once a
+    // batch has accumulated, and drains on its own timer otherwise.
+    let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= FAULT_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<FaultEvent>(&event, wake as u64).is_err() {
         count_loss(tgid);
     }
     0
 }
+
+/// Pending bytes in the ring buffer above which a fault record wakes the reader.
+const FAULT_WAKEUP_BYTES: u64 = 64 << 10;
 
 #[raw_tracepoint(tracepoint = "page_fault_user")]
 pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
