@@ -226,6 +226,15 @@ impl Session {
         Ok(s)
     }
 
+    /// Replaces the dirty tracker, after the process replaced its memory
+    /// (`execve`): the old one watches an address space that is gone.
+    /// Everything is stored whole by the next checkpoint.
+    pub fn replace_tracker(&mut self, tracker: Option<WpTracker>) {
+        self.wp = tracker;
+        self.registered.clear();
+        self.precopied.clear();
+    }
+
     /// Makes the next checkpoint a full image (no parent).
     pub fn start_new_chain(&mut self) {
         self.parent = None;
@@ -465,6 +474,14 @@ impl Session {
 
         let t0 = Instant::now();
         let frozen = Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?;
+        if let Some(wp) = &mut self.wp {
+            // The address space as it is now (it may have been replaced by an
+            // execve the log has not shown us yet).
+            wp.reopen_pagemap().map_err(|e| DumpError::NotSupported {
+                pid,
+                what: format!("reopening its pagemap: {e}"),
+            })?;
+        }
         let mut window = (monotonic_ns(), 0);
         let mut phases = Phases {
             stop: t0.elapsed(),

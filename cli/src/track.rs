@@ -85,6 +85,8 @@ struct Log {
     new_mappings: Vec<(u64, u64)>,
     children: Vec<u32>,
     exited: bool,
+    /// The process called `execve`: its memory is new.
+    exec: bool,
     /// When the process was stopped by our recent checkpoints: its
     /// syscalls then are the ones we injected, not its own.
     ours: Vec<(u64, u64)>,
@@ -135,6 +137,7 @@ impl Log {
             Event::Exit(x) if x.origin.tgid == pid && x.group_dead == Some(true) => {
                 self.exited = true
             }
+            Event::Exec(x) if x.origin.tgid == pid => self.exec = true,
             _ => {}
         }
     }
@@ -233,6 +236,15 @@ impl Service {
         events.drain(&mut batch);
         for e in batch.iter().flatten() {
             self.log.fold(self.pid as u32, e);
+        }
+        if std::mem::take(&mut self.log.exec) {
+            // A new address space: a new userfaultfd for it.
+            let wp = cr_ebpf_dirty_tracker::attach::attach(self.pid).ok();
+            self.session.replace_tracker(wp);
+            self.log.new_mappings.clear();
+            if self.precopy {
+                self.session.prime()?;
+            }
         }
         for (s, e) in std::mem::take(&mut self.log.new_mappings) {
             self.session.register_early(s, e);

@@ -257,3 +257,78 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
     signal(pid, libc::SIGKILL);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_program() {
+    let test = "a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_program";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!in_ci(), "{test} needs root, and CI=true: a failure in CI");
+        eprintln!("SKIPPED {test}: needs root (eBPF, ptrace)");
+        return;
+    }
+    use std::os::unix::process::CommandExt as _;
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-exec-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", "sleep 1; exec /bin/sleep 60"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: close_range is async-signal-safe (drops the harness's fds).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    let out = Command::new(BIN)
+        .args(["track", "--pid", &pid.to_string(), "--interval", "300ms"])
+        .args(["--count", "8", "--json", "--images-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(
+        exe.ends_with("sleep"),
+        "the exec happened: {}",
+        exe.display()
+    );
+    let reports: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 8);
+    assert!(
+        reports.last().unwrap()["method"] == "uffd-wp"
+            && reports.last().unwrap()["inherited_mappings"].as_u64() > Some(0),
+        "after the exec, checkpoints are incremental again: {reports:?}"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+    let r = Command::new(BIN)
+        .args(["restore", "--detach", "--images-dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(r.success());
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(
+        exe.ends_with("sleep"),
+        "restored as the new program: {}",
+        exe.display()
+    );
+    let st = state_letter(pid);
+    assert!(matches!(st, 'S' | 'R'), "restored sleep runs: {st}");
+    signal(pid, libc::SIGKILL);
+    let _ = std::fs::remove_dir_all(&dir);
+}

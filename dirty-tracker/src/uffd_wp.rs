@@ -55,6 +55,8 @@ pub enum WpError {
 pub struct WpTracker {
     uffd: OwnedFd,
     pagemap: File,
+    /// The process, when it is not us (its pagemap is reopened on demand).
+    pid: Option<u32>,
 }
 
 impl WpTracker {
@@ -67,7 +69,11 @@ impl WpTracker {
             pid: "self".into(),
             source,
         })?;
-        Ok(Self { uffd, pagemap })
+        Ok(Self {
+            uffd,
+            pagemap,
+            pid: None,
+        })
     }
 
     /// Uses a userfaultfd that belongs to process `pid` (already created there,
@@ -79,7 +85,27 @@ impl WpTracker {
                 pid: pid.to_string(),
                 source,
             })?;
-        Ok(Self { uffd, pagemap })
+        Ok(Self {
+            uffd,
+            pagemap,
+            pid: Some(pid),
+        })
+    }
+
+    /// Opens the process's pagemap again. An open pagemap stays bound to the
+    /// address space it was opened on: after an `execve` it would describe
+    /// the old, empty one. Reopened, a scan sees the new address space,
+    /// where nothing is registered, and says so (`EPERM`) instead of
+    /// reporting no writes.
+    pub fn reopen_pagemap(&mut self) -> Result<(), WpError> {
+        if let Some(pid) = self.pid {
+            self.pagemap =
+                File::open(format!("/proc/{pid}/pagemap")).map_err(|source| WpError::Pagemap {
+                    pid: pid.to_string(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     fn enable(uffd: &OwnedFd) -> Result<(), WpError> {
