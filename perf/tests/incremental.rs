@@ -311,3 +311,124 @@ fn maps_unmaps_opens_and_closes_between_checkpoints_are_restored() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What checkpoint `dir` restores to: its mappings and every page's address
+/// and content, as one hash.
+fn resolved_digest(dir: &Path) -> u64 {
+    let chain =
+        cr_ebpf_image::Chain::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut pages: Vec<(u64, u64)> = Vec::new();
+    let mut buf = Vec::new();
+    for f in chain.fills() {
+        chain
+            .read(
+                f,
+                &mut buf,
+                |addr, bytes| {
+                    for (i, p) in bytes.chunks_exact(4096).enumerate() {
+                        pages.push((addr + i as u64 * 4096, cr_ebpf_checkpoint::page_hash(p)));
+                    }
+                    Ok::<(), String>(())
+                },
+                |e| e,
+            )
+            .unwrap();
+    }
+    pages.sort_unstable();
+    let m = chain.manifest();
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut mix = |v: u64| h = (h ^ v).wrapping_mul(0x0100_0000_01b3);
+    for x in &m.mappings {
+        mix(x.start);
+        mix(x.end);
+        mix(x.pages_stored);
+    }
+    for (a, p) in pages {
+        mix(a);
+        mix(p);
+    }
+    h
+}
+
+#[test]
+fn killing_compaction_at_any_moment_leaves_every_checkpoint_as_it_was() {
+    if !cr_ebpf_perf::privileged(
+        "killing_compaction_at_any_moment_leaves_every_checkpoint_as_it_was",
+    ) {
+        return;
+    }
+    let cr = Path::new(EPOCHS).with_file_name("cr-ebpf");
+    if !cr.exists() {
+        assert!(
+            !cr_ebpf_perf::in_ci(),
+            "{} missing: build the workspace",
+            cr.display()
+        );
+        eprintln!(
+            "SKIPPED: {} not built (run `cargo xtask test`)",
+            cr.display()
+        );
+        return;
+    }
+    let dir = tempdir("compact-kill");
+    let mut w = Workload::start(&dir, 64, 50, false);
+    let guard = KillOnDrop(w.pid);
+    let images = dir.join("images");
+    let mut s = session(w.pid, &images, true);
+    for _ in 0..6 {
+        w.epoch();
+        s.checkpoint(&Changes::all()).expect("checkpoint");
+    }
+    drop(s);
+    stop(w.pid);
+    drop(guard);
+    let names: Vec<String> = cr_ebpf_image::images_dir::list(&images)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    let before: Vec<u64> = names
+        .iter()
+        .map(|n| resolved_digest(&images.join(n)))
+        .collect();
+    // Kill `compact` ever later, until one run completes.
+    let mut completed = false;
+    for delay_ms in [1u64, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 5000] {
+        let mut c = Command::new(&cr)
+            .args(["compact", "--checkpoint", "ckpt-000006", "--images-dir"])
+            .arg(&images)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let finished = c.try_wait().unwrap().is_some();
+        let _ = c.kill();
+        let _ = c.wait();
+        for (n, want) in names.iter().zip(&before) {
+            assert_eq!(
+                resolved_digest(&images.join(n)),
+                *want,
+                "{n} unchanged after compact was killed at {delay_ms} ms"
+            );
+        }
+        if finished {
+            eprintln!("compact completed within {delay_ms} ms; killed before that");
+            completed = true;
+            break;
+        }
+    }
+    assert!(completed, "compaction never finished");
+    let m = Manifest::read(&images.join("ckpt-000006")).unwrap();
+    assert_eq!(m.chain.unwrap().method, "compacted");
+    // What interrupted runs left behind is hidden, and cleaned up.
+    cr_ebpf_checkpoint::clean_leftovers(&images).unwrap();
+    let hidden: Vec<String> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n != ".lock")
+        .collect();
+    assert!(hidden.is_empty(), "left over: {hidden:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
