@@ -323,9 +323,12 @@ fn on_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
         _pad: 0,
     };
     // Faults come in bursts of thousands: waking the reader for each would
-    // cost the faulting task an IPI every time. The reader is woken once a
-    // batch has accumulated, and drains on its own timer otherwise.
-    let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= FAULT_WAKEUP_BYTES {
+    // cost the faulting task an interrupt every time. The reader is woken
+    // once per FAULT_WAKEUP_BYTES of pending records (when this record
+    // crosses a multiple of it), and drains on its own timer otherwise.
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let record = (core::mem::size_of::<FaultEvent>() as u64 + 8 + 7) & !7;
+    let wake = if pending / FAULT_WAKEUP_BYTES != (pending + record) / FAULT_WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
