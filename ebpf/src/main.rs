@@ -219,7 +219,7 @@ fn emit_syscall(tgid: u32, tid: u32, p: &PendingSyscall, ret: i64, flags: u32) {
         (*ev).path_len = path_len;
         (*ev).flags = flags;
     }
-    entry.submit(0);
+    entry.submit(wake_now());
 }
 
 /// Raw tracepoint `sys_enter(struct pt_regs *regs, long id)`: no record is
@@ -342,6 +342,20 @@ fn on_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
 /// Pending bytes in the ring buffer above which a fault record wakes the reader.
 const FAULT_WAKEUP_BYTES: u64 = 64 << 10;
 
+/// Wake-up flags for a syscall, fork, exit or exec record: these wake the
+/// reader at once. The kernel's default would not when fault records that
+/// did not wake it are pending (it wakes only a reader that had caught up),
+/// so the wake-up is forced, unless so much is pending that the reader was
+/// already woken at a 64 KiB crossing.
+#[inline(always)]
+fn wake_now() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) < FAULT_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        0
+    }
+}
+
 #[raw_tracepoint(tracepoint = "page_fault_user")]
 pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
     on_fault(&ctx, false)
@@ -420,7 +434,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
         flags,
         _pad: 0,
     };
-    if EVENTS.output::<ForkEvent>(&event, 0).is_err() {
+    if EVENTS.output::<ForkEvent>(&event, wake_now()).is_err() {
         count_loss(tgid);
     }
     0
@@ -462,7 +476,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         flags,
         _pad: 0,
     };
-    if EVENTS.output::<ExitEvent>(&event, 0).is_err() {
+    if EVENTS.output::<ExitEvent>(&event, wake_now()).is_err() {
         count_loss(tgid);
     }
     if flags & EXIT_F_GROUP_DEAD != 0 {
@@ -523,7 +537,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         (*ev).filename_len = len;
         (*ev).flags = flags;
     }
-    entry.submit(0);
+    entry.submit(wake_now());
     0
 }
 
