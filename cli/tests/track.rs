@@ -17,12 +17,35 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// Whether the test may run: root, or skip outside CI (a failure in CI).
+fn root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(!in_ci(), "{test} needs root, and CI=true: a failure in CI");
+    eprintln!("SKIPPED {test}: needs root (eBPF, ptrace)");
+    false
+}
+
+/// `program` with no descriptors but 0, 1, 2 (the harness leaks its own,
+/// which a checkpoint rightly refuses as pipes to the outside).
+fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(program);
+    // SAFETY: close_range is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// The `epochs` workload, built next to `cr-ebpf` by a workspace build.
 fn epochs_bin(test: &str) -> Option<PathBuf> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!in_ci(), "{test} needs root, and CI=true: a failure in CI");
-        eprintln!("SKIPPED {test}: needs root (eBPF, ptrace)");
+    if !root(test) {
         return None;
     }
     let p = Path::new(BIN).with_file_name("epochs");
@@ -110,29 +133,18 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
     let Some(epochs) = epochs_bin(test) else {
         return;
     };
-    use std::os::unix::process::CommandExt as _;
     let dir = std::env::temp_dir().join(format!("cr-ebpf-track-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("epochs.log");
     let images = dir.join("images");
-    let clean = |cmd: &mut Command| {
-        // SAFETY: close_range is async-signal-safe (drops the harness's fds).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
-    };
-    let mut cmd = Command::new(&epochs);
+    let mut cmd = clean(&epochs);
     cmd.arg(&log).args(["256", "100"]).stdin(Stdio::null());
-    clean(&mut cmd);
     let mut workload = cmd.spawn().unwrap();
     let pid = workload.id() as i32;
     wait_for(&log, "the workload", |ls| ls.first().cloned());
 
-    let mut cmd = Command::new(BIN);
+    let mut cmd = clean(BIN);
     cmd.args([
         "track",
         "--pid",
@@ -146,7 +158,6 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
     .arg("--images-dir")
     .arg(&images)
     .stdout(Stdio::piped());
-    clean(&mut cmd);
     let mut track = cmd.spawn().unwrap();
     let mut out = BufReader::new(track.stdout.take().unwrap());
     let mut read_report = || -> serde_json::Value {
@@ -232,12 +243,11 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
     // The restored process inherits our stdio: its report goes to a file
     // (a pipe would stay open as long as the restored process runs).
     let report = dir.join("restore.err");
-    let mut cmd = Command::new(BIN);
+    let mut cmd = clean(BIN);
     cmd.args(["restore", "--detach", "--images-dir"])
         .arg(&images)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&report).unwrap());
-    clean(&mut cmd);
     let status = cmd.status().unwrap();
     let err = std::fs::read_to_string(&report).unwrap();
     assert!(status.success(), "{err}");
@@ -261,27 +271,16 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
 #[test]
 fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_program() {
     let test = "a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_program";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!in_ci(), "{test} needs root, and CI=true: a failure in CI");
-        eprintln!("SKIPPED {test}: needs root (eBPF, ptrace)");
+    if !root(test) {
         return;
     }
-    use std::os::unix::process::CommandExt as _;
     let dir = std::env::temp_dir().join(format!("cr-ebpf-exec-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut cmd = Command::new("/bin/sh");
+    let mut cmd = clean("/bin/sh");
     cmd.args(["-c", "sleep 1; exec /bin/sleep 60"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: close_range is async-signal-safe (drops the harness's fds).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
     let mut child = cmd.spawn().unwrap();
     let pid = child.id() as i32;
     let out = Command::new(BIN)
@@ -334,20 +333,13 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
 }
 
 fn spawn_sleep(secs: &str) -> std::process::Child {
-    use std::os::unix::process::CommandExt as _;
-    let mut cmd = Command::new("/bin/sleep");
-    cmd.arg(secs)
+    clean("/bin/sleep")
+        .arg(secs)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: close_range is async-signal-safe (drops the harness's fds).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    cmd.spawn().unwrap()
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 fn fds_of(pid: i32) -> Vec<String> {
@@ -369,10 +361,7 @@ fn fds_of(pid: i32) -> Vec<String> {
 #[test]
 fn ctrl_c_detaches_untouched_and_an_exit_ends_the_service() {
     let test = "ctrl_c_detaches_untouched_and_an_exit_ends_the_service";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!in_ci(), "{test} needs root, and CI=true: a failure in CI");
-        eprintln!("SKIPPED {test}: needs root (eBPF, ptrace)");
+    if !root(test) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("cr-ebpf-detach-{}", std::process::id()));
