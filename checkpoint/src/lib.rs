@@ -1,11 +1,17 @@
 //! The checkpoint side: freeze a process, collect what it can see of
 //! itself, read its memory on all cores, and publish an image atomically.
 //!
-//! Covered so far: every thread's registers and FPU state and signal mask;
-//! the memory map with the pages that differ from their backing (anonymous
-//! memory, copy-on-write copies of file pages); mm fields, auxv and exe.
-//! File descriptors, signal handlers, timers and the rest of issue-level
-//! state come next (see `docs/IMAGE.md` for what the format holds).
+//! * [`dump`]: a full checkpoint into a new image directory.
+//! * [`Session`]: incremental checkpoints into an images directory, with a
+//!   dirty tracker attached between them (pages copied while the process
+//!   runs; the freeze only copies what was written since).
+//! * [`compact`] and [`retain`]: keeping chains short, crash-safely.
+//!
+//! What is saved: threads (registers, FPU state, signal masks, rseq, robust
+//! lists, pending signals), memory (pages that differ from their backing),
+//! mm fields, auxv, exe, descriptors (files, devices, pipes), signal
+//! handlers, itimers, cwd, umask, rlimits, credentials. `docs/IMAGE.md`
+//! describes the format.
 
 mod compact;
 mod dump;

@@ -16,10 +16,11 @@
 //!    FPU state and registers restored (a thread stopped inside a syscall
 //!    redoes it), the trampoline unmapped, and the process let go.
 //!
-//! Covered so far: single-threaded processes whose memory is private
-//! (anonymous or file-backed), with the standard file descriptors inherited
-//! from `cr-ebpf restore`. Threads, file descriptors, signal handlers and
-//! timers come next; an image that needs them is refused up front.
+//! Covered: processes with any number of threads whose memory is private
+//! (anonymous or file-backed), their descriptors (files, devices, pipes;
+//! 0-2 inherited from `cr-ebpf restore`), signal handlers and timers; from
+//! a single image or any checkpoint of a chain. Process trees, sockets and
+//! shared memory come next.
 
 mod stub;
 
