@@ -1,7 +1,7 @@
 //! The checkpoint image format, version 1. Full description: `docs/IMAGE.md`.
 //!
 //! An image is a directory holding component files. Every file starts with
-//! a 32-byte [header](file) (magic, format major/minor independent of the
+//! a 32-byte [header](mod@file) (magic, format major/minor independent of the
 //! crate version, file kind, payload length and CRC-32, header CRC-32).
 //!
 //! * `manifest.img` — tagged sections: the process, its threads, its
