@@ -114,7 +114,12 @@ impl Log {
                     nr::MMAP if ok => {
                         let a = s.ret.unwrap_or(0) as u64;
                         self.changes().layout.push((a, a + s.args[1]));
-                        self.new_mappings.push((a, a + s.args[1]));
+                        // Private and readable: what checkpoints copy pages of.
+                        let private = s.args[3] & libc::MAP_SHARED as u64 == 0;
+                        let readable = s.args[2] & libc::PROT_READ as u64 != 0;
+                        if private && readable {
+                            self.new_mappings.push((a, a + s.args[1]));
+                        }
                     }
                     nr::MUNMAP => self
                         .changes()
