@@ -139,7 +139,11 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
     let log = dir.join("epochs.log");
     let images = dir.join("images");
     let mut cmd = clean(&epochs);
-    cmd.arg(&log).args(["256", "100"]).stdin(Stdio::null());
+    // `layout`: each epoch also maps, unmaps, opens or closes something,
+    // which the service registers early from the log.
+    cmd.arg(&log)
+        .args(["256", "100", "layout"])
+        .stdin(Stdio::null());
     let mut workload = cmd.spawn().unwrap();
     let pid = workload.id() as i32;
     wait_for(&log, "the workload", |ls| ls.first().cloned());
