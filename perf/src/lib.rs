@@ -119,3 +119,15 @@ pub fn arg_value(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1))
         .cloned()
 }
+
+/// memcpy GB/s over `bytes` (buffers faulted in first), the machine's copy
+/// limit that benches compare themselves with in the same run.
+pub fn memcpy_rate(bytes: usize) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    dst.copy_from_slice(&src);
+    let t = std::time::Instant::now();
+    dst.copy_from_slice(&src);
+    std::hint::black_box(&dst);
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e9
+}

@@ -5,6 +5,7 @@
 //! two commands, `cargo xtask demo` and `cargo xtask test`, work from a clean
 //! clone.
 
+mod report;
 mod setup;
 
 use std::{
@@ -38,6 +39,16 @@ enum Task {
         /// Where to write the results.
         #[arg(long, default_value = "results")]
         out: PathBuf,
+        /// Compare the ratios with this `summary.json` (e.g. `perf/baseline.json`)
+        /// and fail when one got worse by more than the threshold.
+        #[arg(long)]
+        check: Option<PathBuf>,
+        /// How much worse a ratio may get before `--check` fails (fraction).
+        #[arg(long, default_value_t = 0.25)]
+        threshold: f64,
+        /// Do not run the benches: summarise (and check) what `--out` holds.
+        #[arg(long)]
+        summarize_only: bool,
     },
 }
 
@@ -50,7 +61,20 @@ fn main() -> Result<()> {
         Task::Setup => Ok(()),
         Task::Test => test(),
         Task::Demo => demo(),
-        Task::Bench { quick, out } => bench(quick, &out),
+        Task::Bench {
+            summarize_only: true,
+            out,
+            check,
+            threshold,
+            ..
+        } => summarize(&out, check.as_deref(), threshold),
+        Task::Bench {
+            quick,
+            out,
+            check,
+            threshold,
+            ..
+        } => bench(quick, &out, check.as_deref(), threshold),
     }
 }
 
@@ -108,17 +132,27 @@ fn test() -> Result<()> {
     }
     let (passed, failed) = run_tests(cargo().args(["test", "--no-fail-fast"]))?;
     if root {
-        // Smoke run of the bench (debug build: the numbers mean nothing, the
-        // run must not fail).
-        let out = std::env::temp_dir().join(format!("cr-ebpf-bench-{}.json", std::process::id()));
-        let smoke = run(Command::new("target/debug/ebpf-overhead")
-            .arg("--quick")
-            .arg("--out")
-            .arg(&out));
-        let _ = std::fs::remove_file(&out);
+        // Smoke run of the benches (debug build: the numbers mean nothing, the
+        // runs and the summary must not fail).
+        let out = std::env::temp_dir().join(format!("cr-ebpf-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&out)?;
+        let smoke = (|| -> Result<()> {
+            run(Command::new("target/debug/ebpf-overhead")
+                .arg("--quick")
+                .arg("--out")
+                .arg(out.join("ebpf-overhead.json")))?;
+            run(Command::new("target/debug/dump-restore")
+                .arg("--quick")
+                .arg("--out")
+                .arg(out.join("dump-restore.json")))?;
+            run(Command::new("target/debug/incremental-bench")
+                .arg("--quick")
+                .arg("--out")
+                .arg(out.join("incremental-quick.json")))?;
+            summarize(&out, None, 0.25)
+        })();
+        let _ = std::fs::remove_dir_all(&out);
         smoke?;
-        run(Command::new("target/debug/dump-restore").arg("--quick"))?;
-        run(Command::new("target/debug/incremental-bench").arg("--quick"))?;
     }
     println!("summary: {passed} passed, {failed} failed");
     if failed > 0 {
@@ -165,20 +199,73 @@ fn demo() -> Result<()> {
     run(Command::new("target/release/cr-ebpf-demo").arg("target/release"))
 }
 
-fn bench(quick: bool, out: &Path) -> Result<()> {
+fn bench(quick: bool, out: &Path, baseline: Option<&Path>, threshold: f64) -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "cr-ebpf-perf", "-p", "cr-ebpf"]))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    for (bin, json) in [
-        ("ebpf-overhead", "ebpf-overhead.json"),
-        ("dump-restore", "dump-restore.json"),
-        ("incremental-bench", "incremental.json"),
-    ] {
-        let mut cmd = Command::new(format!("target/release/{bin}"));
-        cmd.arg("--out").arg(out.join(json));
+    let with_quick = |cmd: &mut Command| {
         if quick {
             cmd.arg("--quick");
         }
+    };
+    for (bin, json) in [
+        ("ebpf-overhead", "ebpf-overhead.json"),
+        ("dump-restore", "dump-restore.json"),
+    ] {
+        let mut cmd = Command::new(format!("target/release/{bin}"));
+        cmd.arg("--out").arg(out.join(json));
+        with_quick(&mut cmd);
         run(&mut cmd)?;
+    }
+    // The pause: the main scenario (1 GiB, 1% of pages per second, 60
+    // checkpoints), then RSS and write rate varied with 20 checkpoints each.
+    let scenarios: &[(u64, f64, u64)] = if quick {
+        &[(128, 10.0, 5)]
+    } else {
+        &[
+            (1024, 10.0, 60),
+            (256, 10.0, 20),
+            (4096, 10.0, 20),
+            (1024, 1.0, 20),
+            (1024, 100.0, 20),
+        ]
+    };
+    for &(mib, rate, n) in scenarios {
+        let mut cmd = Command::new("target/release/incremental-bench");
+        cmd.args(["--mib", &mib.to_string(), "--rate", &rate.to_string()])
+            .args(["--checkpoints", &n.to_string()])
+            .arg("--out")
+            .arg(out.join(format!("incremental-{mib}MiB-{rate}permille.json")));
+        if quick {
+            cmd.args(["--base-secs", "3"]);
+        } else if n < 60 {
+            cmd.args(["--base-secs", "8"]);
+        }
+        run(&mut cmd)?;
+    }
+    summarize(out, baseline, threshold)
+}
+
+/// Writes the summary of the bench outputs in `out` and, with a baseline,
+/// fails on a ratio that got worse by more than `threshold`.
+fn summarize(out: &Path, baseline: Option<&Path>, threshold: f64) -> Result<()> {
+    let metrics = report::metrics(out)?;
+    report::write_summary(out, &metrics)?;
+    println!(
+        "bench summary: {} ratios in {}",
+        metrics.len(),
+        out.join("summary.md").display()
+    );
+    if let Some(b) = baseline {
+        println!("against {}:", b.display());
+        let worse = report::check(&metrics, b, threshold)?;
+        if !worse.is_empty() {
+            bail!(
+                "{} ratio(s) worse than the baseline by more than {:.0}%:\n  {}",
+                worse.len(),
+                threshold * 100.0,
+                worse.join("\n  ")
+            );
+        }
     }
     Ok(())
 }

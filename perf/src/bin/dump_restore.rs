@@ -20,17 +20,6 @@ use cr_ebpf_restore::{restore, RestoreOptions};
 
 use cr_ebpf_perf::median;
 
-/// memcpy GB/s over `bytes` (already-faulted buffers).
-fn memcpy_rate(bytes: usize) -> f64 {
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    dst.copy_from_slice(&src);
-    let t = Instant::now();
-    dst.copy_from_slice(&src);
-    std::hint::black_box(&dst);
-    bytes as f64 / t.elapsed().as_secs_f64() / 1e9
-}
-
 /// Buffered write + fsync GB/s of `bytes` into `dir`.
 fn disk_rate(dir: &Path, bytes: usize) -> Result<f64> {
     use std::io::Write as _;
@@ -92,7 +81,7 @@ fn main() -> Result<()> {
     let scratch = std::env::temp_dir().join(format!("cr-ebpf-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
 
-    let memcpy = memcpy_rate(256 << 20);
+    let memcpy = cr_ebpf_perf::memcpy_rate(256 << 20);
     let disk = disk_rate(&scratch, 256 << 20)?;
     let mut results: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
     for &mib in sizes {

@@ -1,6 +1,7 @@
 //! Bench: continuous incremental checkpoints of a busy process.
 //!
-//! A workload keeps `MIB` MiB resident, writes 1% of its pages per second
+//! A workload keeps `MIB` MiB resident, writes `--rate` ‰ (default 10, 1%)
+//! of its pages per second
 //! (spread evenly, every millisecond) and otherwise does fixed units of CPU
 //! work, counting them, and records the longest gap between two of its own
 //! loop iterations (the stall it observes). It runs untracked, then under
@@ -12,7 +13,7 @@
 //! own longest stall, checkpoint sizes, and the throughput ratio.
 //!
 //! Usage: `incremental-bench [--quick] [--out FILE] [--bin DIR] [--mib N]
-//! [--checkpoints N] [--base-secs S] [--no-precopy]`
+//! [--checkpoints N] [--base-secs S] [--rate PERMILLE] [--no-precopy]`
 //! (internally also `incremental-bench --workload LOG MIB`).
 
 use std::{
@@ -34,13 +35,13 @@ extern "C" fn on_usr1(_: libc::c_int) {
 
 /// The workload: prints one line per phase on SIGUSR1:
 /// `phase SECS units UNITS maxgap_us G`.
-fn workload(log: &str, mib: usize) -> Result<()> {
+fn workload(log: &str, mib: usize, permille: f64) -> Result<()> {
     // SAFETY: a handler that only stores an atomic.
     unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
     let mut seed = 0x1234_5678_9abc_def1u64;
     let mut mem: Vec<u64> = (0..mib << 17).map(|_| xorshift(&mut seed)).collect();
     let pages = mem.len() / 512;
-    let per_ms = pages as f64 / 100.0 / 1000.0;
+    let per_ms = pages as f64 * permille / 1000.0 / 1000.0;
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -136,9 +137,10 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--workload") {
-        let log = args.get(2).context("--workload LOG MIB")?;
+        let log = args.get(2).context("--workload LOG MIB PERMILLE")?;
         let mib = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1024);
-        return workload(log, mib);
+        let permille = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(10.0);
+        return workload(log, mib, permille);
     }
     let quick = args.iter().any(|a| a == "--quick");
     let opt = |name: &str| cr_ebpf_perf::arg_value(&args, name);
@@ -162,6 +164,9 @@ fn main() -> Result<()> {
     if let Some(v) = opt("--base-secs").and_then(|v| v.parse().ok()) {
         base_secs = v;
     }
+    // Pages written per second, in per mille of the resident pages.
+    let permille: f64 = opt("--rate").and_then(|v| v.parse().ok()).unwrap_or(10.0);
+    let memcpy = cr_ebpf_perf::memcpy_rate(256 << 20);
     let extra: Vec<&str> = if args.iter().any(|a| a == "--no-precopy") {
         vec!["--no-precopy"]
     } else {
@@ -177,6 +182,7 @@ fn main() -> Result<()> {
             .arg("--workload")
             .arg(&log)
             .arg(mib.to_string())
+            .arg(permille.to_string())
             .stdin(Stdio::null()),
     )
     .id() as i32;
@@ -240,15 +246,16 @@ fn main() -> Result<()> {
         bail!("cr-ebpf compact --keep 10 failed");
     }
     let compact_s = t.elapsed().as_secs_f64();
-    report(
+    let outcome = Outcome {
         mib,
-        &reports,
-        (before, gap_before),
-        (tracked, gap_tracked),
-        (after, gap_after),
+        permille,
+        memcpy_gb_s: memcpy,
         compact_s,
-        opt("--out"),
-    )?;
+        before: (before, gap_before),
+        tracked: (tracked, gap_tracked),
+        after: (after, gap_after),
+    };
+    report(&outcome, &reports, opt("--out"))?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -281,15 +288,28 @@ fn read_reports(
     Ok(())
 }
 
-fn report(
+/// One run's measurements besides the per-checkpoint reports.
+struct Outcome {
     mib: usize,
-    reports: &[serde_json::Value],
-    (before, gap_before): (f64, u64),
-    (tracked, gap_tracked): (f64, u64),
-    (after, gap_after): (f64, u64),
+    permille: f64,
+    memcpy_gb_s: f64,
     compact_s: f64,
-    out: Option<String>,
-) -> Result<()> {
+    /// (workload units per second, longest stall µs) per phase.
+    before: (f64, u64),
+    tracked: (f64, u64),
+    after: (f64, u64),
+}
+
+fn report(o: &Outcome, reports: &[serde_json::Value], out: Option<String>) -> Result<()> {
+    let Outcome {
+        mib,
+        permille,
+        memcpy_gb_s,
+        compact_s,
+        before: (before, gap_before),
+        tracked: (tracked, gap_tracked),
+        after: (after, gap_after),
+    } = *o;
     let freeze: Vec<f64> = reports
         .iter()
         .filter_map(|r| r["freeze_ms"].as_f64())
@@ -302,8 +322,9 @@ fn report(
     let untracked = (before + after) / 2.0;
     let ratio = tracked / untracked;
     println!(
-        "incremental checkpoints of a {mib} MiB process writing 1% of its pages per second, \
+        "incremental checkpoints of a {mib} MiB process writing {:.1}% of its pages per second, \
          every 1 s, {} checkpoints",
+        permille / 10.0,
         reports.len()
     );
     println!(
@@ -336,7 +357,11 @@ fn report(
     println!("  retention to 10 checkpoints afterwards (the oldest kept rewritten as a full base): {compact_s:.2} s");
     if let Some(path) = out {
         let json = serde_json::json!({
-            "mib": mib, "checkpoints": reports.len(), "interval_s": 1, "write_rate_per_s": 0.01,
+            "bench": "incremental", "mib": mib, "checkpoints": reports.len(), "interval_s": 1,
+            "write_rate_permille_per_s": permille, "memcpy_gb_s": memcpy_gb_s,
+            // The freeze against the time memcpy takes for the median checkpoint's bytes.
+            "freeze_p99_over_memcpy": percentile(&freeze, 0.99) / 1e3
+                / (median(&kib) * 1024.0 / (memcpy_gb_s * 1e9)),
             "freeze_ms": {"p50": percentile(&freeze, 0.5), "p99": percentile(&freeze, 0.99), "max": percentile(&freeze, 1.0), "all": freeze},
             "stall_ms": {"tracked": gap_tracked as f64 / 1e3, "untracked_before": gap_before as f64 / 1e3, "untracked_after": gap_after as f64 / 1e3},
             "size_kib": {"median": median(&kib), "max": percentile(&kib, 1.0)},

@@ -1,0 +1,275 @@
+//! The bench summary: the ratios that catch regressions, from the benches'
+//! JSON files, as `summary.json` and `summary.md`, and `--check` against a
+//! baseline.
+//!
+//! Every figure compared is a ratio of two things measured in the same run
+//! (ours against memcpy or the disk, tracked against untracked), never an
+//! absolute time: these machines are shared and noisy, and a baseline from
+//! one machine must stay meaningful on another.
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::{json, Value};
+
+/// Which way is better for a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+/// One compared figure.
+#[derive(Debug, Clone)]
+pub struct Metric {
+    pub name: String,
+    pub value: f64,
+    pub better: Better,
+    pub what: String,
+    /// Least worsening that counts as a regression for this metric, when it
+    /// is noisier than the run's threshold allows for.
+    pub noise: f64,
+}
+
+fn read(dir: &Path, file: &str) -> Result<Option<Value>> {
+    let p = dir.join(file);
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(Some(
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?,
+    ))
+}
+
+/// The metrics found in the bench outputs in `dir`.
+pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
+    let mut out = Vec::new();
+    let mut push = |name: &str, value: Option<f64>, better, what: &str| {
+        if let Some(v) = value.filter(|v| v.is_finite()) {
+            // The disk rate (buffered write + fsync) varies 3x between runs here.
+            let noise = if name.ends_with("dump_over_disk") {
+                2.0
+            } else {
+                0.0
+            };
+            out.push(Metric {
+                name: name.into(),
+                value: v,
+                better,
+                what: what.into(),
+                noise,
+            });
+        }
+    };
+    if let Some(e) = read(dir, "ebpf-overhead.json")? {
+        let m = &e["median_ns"];
+        let ratio = |a: &str, b: &str| Some(m[a].as_f64()? / m[b].as_f64()?);
+        push(
+            "ebpf.syscall_untracked_over_none",
+            ratio("syscall/untracked", "syscall/none"),
+            Better::Lower,
+            "a syscall with the programs loaded, process untracked / no programs",
+        );
+        push(
+            "ebpf.syscall_logged_over_none",
+            ratio("logged-syscall/tracked", "logged-syscall/none"),
+            Better::Lower,
+            "a logged syscall, tracked / no programs",
+        );
+        push(
+            "ebpf.wp_fault_tracked_over_none",
+            ratio("wp-fault/tracked", "wp-fault/none"),
+            Better::Lower,
+            "a write fault on a uffd-wp page, tracked / no programs",
+        );
+    }
+    if let Some(d) = read(dir, "dump-restore.json")? {
+        let memcpy = d["memcpy_gb_s"].as_f64();
+        let disk = d["disk_write_fsync_gb_s"].as_f64();
+        let cores = d["cores"].as_u64().unwrap_or(1);
+        if let Some(med) = d["median"].as_object() {
+            for (key, m) in med {
+                if !key.ends_with(&format!("/{cores}w")) {
+                    continue;
+                }
+                let size = key.split('/').next().unwrap_or(key);
+                push(
+                    &format!("dump.{size}.dump_over_disk"),
+                    m["dump_gb_s"].as_f64().zip(disk).map(|(a, b)| a / b),
+                    Better::Higher,
+                    &format!("full dump GB/s / buffered write+fsync GB/s, {size}, all cores"),
+                );
+                push(
+                    &format!("dump.{size}.restore_over_memcpy"),
+                    m["restore_gb_s"].as_f64().zip(memcpy).map(|(a, b)| a / b),
+                    Better::Higher,
+                    &format!("restore GB/s / memcpy GB/s, {size}, all cores"),
+                );
+            }
+        }
+    }
+    let mut incr: Vec<(String, Value)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    (n.starts_with("incremental") && n.ends_with(".json")).then_some(n)
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|n| Some((n.clone(), read(dir, &n).ok()??)))
+        .collect();
+    incr.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, v) in incr {
+        let tag = format!(
+            "{}MiB.{}permille",
+            v["mib"].as_u64().unwrap_or(0),
+            v["write_rate_permille_per_s"].as_f64().unwrap_or(0.0)
+        );
+        push(
+            &format!("incremental.{tag}.throughput_tracked_over_untracked"),
+            v["throughput"]["ratio"].as_f64(),
+            Better::Higher,
+            "the workload's own throughput, tracked / untracked (same run)",
+        );
+        // The median: with 20-60 checkpoints the p99 is one or two samples,
+        // too noisy on a shared VM to compare against a threshold.
+        let copy_s = v["size_kib"]["median"]
+            .as_f64()
+            .zip(v["memcpy_gb_s"].as_f64())
+            .map(|(kib, gbs)| kib * 1024.0 / (gbs * 1e9));
+        push(
+            &format!("incremental.{tag}.freeze_p50_over_memcpy"),
+            v["freeze_ms"]["p50"]
+                .as_f64()
+                .zip(copy_s)
+                .map(|(ms, s)| ms / 1e3 / s),
+            Better::Lower,
+            "freeze p50 / memcpy time of the median checkpoint's bytes",
+        );
+    }
+    Ok(out)
+}
+
+/// Writes `summary.json` and `summary.md` into `dir`.
+pub fn write_summary(dir: &Path, metrics: &[Metric]) -> Result<()> {
+    let mut map = BTreeMap::new();
+    for m in metrics {
+        map.insert(
+            m.name.clone(),
+            json!({
+                "value": m.value,
+                "better": if m.better == Better::Higher { "higher" } else { "lower" },
+                "what": m.what,
+            }),
+        );
+    }
+    let p = dir.join("summary.json");
+    std::fs::write(
+        &p,
+        serde_json::to_string_pretty(&json!({ "metrics": map }))?,
+    )
+    .with_context(|| format!("writing {}", p.display()))?;
+    let mut md = String::from("| metric | value | better | what |\n|---|---|---|---|\n");
+    for m in metrics {
+        md.push_str(&format!(
+            "| `{}` | {:.3} | {} | {} |\n",
+            m.name,
+            m.value,
+            if m.better == Better::Higher {
+                "higher"
+            } else {
+                "lower"
+            },
+            m.what
+        ));
+    }
+    let p = dir.join("summary.md");
+    std::fs::write(&p, md).with_context(|| format!("writing {}", p.display()))?;
+    Ok(())
+}
+
+/// Compares `metrics` with the `summary.json` at `baseline`: a metric that
+/// got worse by more than `threshold` (a fraction) is a regression. Metrics
+/// missing on either side are listed, not failed.
+pub fn check(metrics: &[Metric], baseline: &Path, threshold: f64) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(baseline)
+        .with_context(|| format!("reading the baseline {}", baseline.display()))?;
+    let base: Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the baseline {}", baseline.display()))?;
+    let Some(base) = base["metrics"].as_object() else {
+        bail!("{} has no \"metrics\" object", baseline.display());
+    };
+    let mut worse = Vec::new();
+    for m in metrics {
+        let Some(b) = base.get(&m.name).and_then(|b| b["value"].as_f64()) else {
+            println!("  {:<68} {:>9.3}  (not in the baseline)", m.name, m.value);
+            continue;
+        };
+        // How much worse, as a fraction of the baseline (negative: better).
+        let change = match m.better {
+            Better::Higher => (b - m.value) / b,
+            Better::Lower => (m.value - b) / b,
+        };
+        let limit = threshold.max(m.noise);
+        let flag = if change > limit { "WORSE" } else { "ok" };
+        println!(
+            "  {:<68} {:>9.3}  baseline {:>9.3}  {:+6.1}% worse  {flag}",
+            m.name,
+            m.value,
+            b,
+            change * 100.0
+        );
+        if change > limit {
+            worse.push(format!(
+                "{}: {:.3} against {:.3} in the baseline ({:+.1}%, threshold {:.0}%)",
+                m.name,
+                m.value,
+                b,
+                change * 100.0,
+                limit * 100.0
+            ));
+        }
+    }
+    Ok(worse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_flags_only_what_worsened_beyond_the_threshold() {
+        let dir = std::env::temp_dir().join(format!("xtask-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = |name: &str, value, better| Metric {
+            name: name.into(),
+            value,
+            better,
+            what: String::new(),
+            noise: 0.0,
+        };
+        let base = vec![
+            m("a", 1.0, Better::Higher),
+            m("b", 1.0, Better::Lower),
+            m("c", 2.0, Better::Lower),
+        ];
+        write_summary(&dir, &base).unwrap();
+        let now = vec![
+            m("a", 0.7, Better::Higher), // 30% worse
+            m("b", 1.1, Better::Lower),  // 10% worse
+            m("c", 1.0, Better::Lower),  // better
+            m("d", 5.0, Better::Lower),  // new
+        ];
+        let worse = check(&now, &dir.join("summary.json"), 0.25).unwrap();
+        assert_eq!(worse.len(), 1, "{worse:?}");
+        assert!(worse[0].starts_with("a:"));
+        assert!(std::fs::read_to_string(dir.join("summary.md"))
+            .unwrap()
+            .contains("| `a` | 1.000 | higher |"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
