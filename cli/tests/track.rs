@@ -117,6 +117,26 @@ fn now(pid: i32, log: &Path) -> (u64, String) {
     )
 }
 
+/// `ADDR+LEN=SUM` map entries as `+LEN=SUM`.
+fn without_addresses(state: &str) -> String {
+    state
+        .split(' ')
+        .map(|w| {
+            let (open, word) = match w.strip_prefix('[') {
+                Some(rest) => ("[", rest),
+                None => ("", w),
+            };
+            match word.split_once('+') {
+                Some((addr, rest)) if u64::from_str_radix(addr, 16).is_ok() => {
+                    format!("{open}+{rest}")
+                }
+                _ => w.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn epoch_state(log: &Path, k: u64) -> Option<String> {
     if k == 0 {
         return None;
@@ -263,9 +283,13 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
         .unwrap_or_else(|| panic!("no pid in {err}"));
     assert_eq!(restored, pid);
     let (k, state) = now(pid, &log);
+    // The checkpoint may have caught the process inside an epoch: the
+    // restored process then redoes the rest of it, and a mapping it creates
+    // may land elsewhere (the kernel picks the address), so addresses of
+    // mappings are left out here (the library tests compare them).
     assert_eq!(
-        epoch_state(&log, k),
-        Some(state),
+        epoch_state(&log, k).map(|s| without_addresses(&s)),
+        Some(without_addresses(&state)),
         "the restored process is in a state epoch {k} really had"
     );
     signal(pid, libc::SIGKILL);
@@ -428,4 +452,12 @@ fn ctrl_c_detaches_untouched_and_an_exit_ends_the_service() {
     assert!(err.contains(&format!("process {pid} exited")), "{err}");
     assert!(t.elapsed() < Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn addresses_are_left_out_of_compared_states() {
+    assert_eq!(
+        without_addresses("sum 5 maps [7f00a000+8192=9 7f10b000+4096=3 ] fds [4=2 ]"),
+        "sum 5 maps [+8192=9 +4096=3 ] fds [4=2 ]"
+    );
 }
