@@ -49,6 +49,9 @@ enum Task {
         /// Do not run the benches: summarise (and check) what `--out` holds.
         #[arg(long)]
         summarize_only: bool,
+        /// A CRIU binary to compare with (its `check` decides whether it can run here).
+        #[arg(long)]
+        criu: Option<PathBuf>,
     },
 }
 
@@ -73,8 +76,9 @@ fn main() -> Result<()> {
             out,
             check,
             threshold,
+            criu,
             ..
-        } => bench(quick, &out, check.as_deref(), threshold),
+        } => bench(quick, &out, check.as_deref(), threshold, criu.as_deref()),
     }
 }
 
@@ -199,9 +203,20 @@ fn demo() -> Result<()> {
     run(Command::new("target/release/cr-ebpf-demo").arg("target/release"))
 }
 
-fn bench(quick: bool, out: &Path, baseline: Option<&Path>, threshold: f64) -> Result<()> {
+fn bench(
+    quick: bool,
+    out: &Path,
+    baseline: Option<&Path>,
+    threshold: f64,
+    criu: Option<&Path>,
+) -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "cr-ebpf-perf", "-p", "cr-ebpf"]))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // The peer: whether the CRIU asked for can run on this kernel at all.
+    let peer = report::criu_status(criu);
+    println!("criu: {}", peer["status"].as_str().unwrap_or("?"));
+    std::fs::write(out.join("peers.json"), serde_json::to_string_pretty(&peer)?)
+        .with_context(|| format!("writing {}", out.join("peers.json").display()))?;
     let with_quick = |cmd: &mut Command| {
         if quick {
             cmd.arg("--quick");

@@ -154,6 +154,41 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
     Ok(out)
 }
 
+/// Whether the CRIU at `criu` can checkpoint on this kernel (`criu check`),
+/// as the report states it. A CRIU that cannot is reported, not an error:
+/// Debian's 3.17 stops at "Unexpected rt vDSO area bounds" on 6.18.
+pub fn criu_status(criu: Option<&Path>) -> Value {
+    let Some(criu) = criu else {
+        return json!({"status": "not compared (pass --criu PATH)"});
+    };
+    let out = std::process::Command::new(criu).arg("check").output();
+    match out {
+        Err(e) => json!({
+            "path": criu.display().to_string(),
+            "status": format!("cannot run {}: {e}", criu.display()),
+        }),
+        Ok(o) if o.status.success() => json!({
+            "path": criu.display().to_string(),
+            "status": "criu check passed; side-by-side dump and restore are not implemented yet",
+        }),
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stderr).into_owned()
+                + &String::from_utf8_lossy(&o.stdout);
+            // The most telling line: the first that is not a bare exit status.
+            let why = text
+                .lines()
+                .find(|l| !l.contains("exited, status"))
+                .unwrap_or("no output")
+                .trim()
+                .to_string();
+            json!({
+                "path": criu.display().to_string(),
+                "status": format!("does not work on this kernel: `criu check` failed: {why}"),
+            })
+        }
+    }
+}
+
 /// Writes `summary.json` and `summary.md` into `dir`.
 pub fn write_summary(dir: &Path, metrics: &[Metric]) -> Result<()> {
     let mut map = BTreeMap::new();
@@ -167,13 +202,18 @@ pub fn write_summary(dir: &Path, metrics: &[Metric]) -> Result<()> {
             }),
         );
     }
+    let peers = read(dir, "peers.json")?.unwrap_or(Value::Null);
     let p = dir.join("summary.json");
     std::fs::write(
         &p,
-        serde_json::to_string_pretty(&json!({ "metrics": map }))?,
+        serde_json::to_string_pretty(&json!({ "metrics": map, "criu": peers }))?,
     )
     .with_context(|| format!("writing {}", p.display()))?;
-    let mut md = String::from("| metric | value | better | what |\n|---|---|---|---|\n");
+    let mut md = String::new();
+    if let Some(status) = peers["status"].as_str() {
+        md.push_str(&format!("CRIU: {status}\n\n"));
+    }
+    md.push_str("| metric | value | better | what |\n|---|---|---|---|\n");
     for m in metrics {
         md.push_str(&format!(
             "| `{}` | {:.3} | {} | {} |\n",
@@ -271,5 +311,23 @@ mod tests {
             .unwrap()
             .contains("| `a` | 1.000 | higher |"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_criu_that_fails_its_check_is_reported_not_fatal() {
+        let status = criu_status(Some(Path::new("/bin/false")));
+        assert!(
+            status["status"]
+                .as_str()
+                .unwrap()
+                .starts_with("does not work on this kernel"),
+            "{status}"
+        );
+        let status = criu_status(Some(Path::new("/nonexistent/criu")));
+        assert!(status["status"].as_str().unwrap().starts_with("cannot run"));
+        assert!(criu_status(None)["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("not compared"));
     }
 }
