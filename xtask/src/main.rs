@@ -153,6 +153,10 @@ fn test() -> Result<()> {
                 .arg("--quick")
                 .arg("--out")
                 .arg(out.join("incremental-quick.json")))?;
+            run(Command::new("target/debug/scaling-bench")
+                .arg("--quick")
+                .arg("--out")
+                .arg(out.join("scaling.json")))?;
             summarize(&out, None, 0.25)
         })();
         let _ = std::fs::remove_dir_all(&out);
@@ -225,6 +229,7 @@ fn bench(
     for (bin, json) in [
         ("ebpf-overhead", "ebpf-overhead.json"),
         ("dump-restore", "dump-restore.json"),
+        ("scaling-bench", "scaling.json"),
     ] {
         let mut cmd = Command::new(format!("target/release/{bin}"));
         cmd.arg("--out").arg(out.join(json));

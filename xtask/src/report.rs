@@ -109,6 +109,25 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             }
         }
     }
+    if let Some(sc) = read(dir, "scaling.json")? {
+        let med = &sc["median"];
+        let base = med["base: 1 threads, 10 mappings, 10 fds"]["incremental_freeze_ms"].as_f64();
+        for (name, key) in [
+            ("threads64", "threads: 64 threads, 10 mappings, 10 fds"),
+            ("mappings10k", "mappings: 1 threads, 10000 mappings, 10 fds"),
+            ("fds10k", "fds: 1 threads, 10 mappings, 10000 fds"),
+        ] {
+            push(
+                &format!("scaling.{name}_freeze_over_base"),
+                med[key]["incremental_freeze_ms"]
+                    .as_f64()
+                    .zip(base)
+                    .map(|(a, b)| a / b),
+                Better::Lower,
+                &format!("incremental freeze with {key} / with 1 thread, 10 mappings, 10 fds"),
+            );
+        }
+    }
     let mut incr: Vec<(String, Value)> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
