@@ -131,3 +131,30 @@ pub fn memcpy_rate(bytes: usize) -> f64 {
     std::hint::black_box(&dst);
     bytes as f64 / t.elapsed().as_secs_f64() / 1e9
 }
+
+/// `process_vm_readv` GB/s over `bytes` (what a checkpoint copies with),
+/// read from this process into an already-faulted buffer, in 1 MiB pieces.
+pub fn process_vm_readv_rate(bytes: usize) -> f64 {
+    let src = vec![3u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let pid = std::process::id() as i32;
+    let copy = |dst: &mut [u8]| {
+        for (i, chunk) in dst.chunks_mut(1 << 20).enumerate() {
+            let local = libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: chunk.len(),
+            };
+            let remote = libc::iovec {
+                iov_base: src[i << 20..].as_ptr() as *mut libc::c_void,
+                iov_len: chunk.len(),
+            };
+            // SAFETY: both iovecs describe live buffers of the given lengths.
+            unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        }
+    };
+    copy(&mut dst);
+    let t = std::time::Instant::now();
+    copy(&mut dst);
+    std::hint::black_box(&dst);
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e9
+}

@@ -82,6 +82,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&scratch)?;
 
     let memcpy = cr_ebpf_perf::memcpy_rate(256 << 20);
+    let pvr = cr_ebpf_perf::process_vm_readv_rate(256 << 20);
     let disk = disk_rate(&scratch, 256 << 20)?;
     let mut results: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
     for &mib in sizes {
@@ -144,7 +145,10 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&scratch);
 
     println!("full dump and restore, random data (medians of {rounds} round(s))");
-    println!("machine: memcpy {memcpy:.1} GB/s, buffered write + fsync {disk:.2} GB/s");
+    println!(
+        "machine: memcpy {memcpy:.1} GB/s, process_vm_readv {pvr:.1} GB/s, \
+         buffered write + fsync {disk:.2} GB/s"
+    );
     println!(
         "{:<14} {:>9} {:>9} {:>10} {:>11} {:>12} {:>10}",
         "size/workers", "dump s", "freeze s", "dump GB/s", "restore s", "restore GB/s", "fill GB/s"
@@ -179,6 +183,7 @@ fn main() -> Result<()> {
             "rounds": rounds,
             "cores": cores,
             "memcpy_gb_s": memcpy,
+            "process_vm_readv_gb_s": pvr,
             "disk_write_fsync_gb_s": disk,
             "median": med,
             "samples": results,
