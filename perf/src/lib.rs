@@ -64,6 +64,18 @@ impl Pattern {
         Self { mem, seed, want }
     }
 
+    /// `mib` MiB of low-entropy words (small counters): what lz4 compresses
+    /// well, like most real heaps.
+    pub fn compressible(mib: usize) -> Self {
+        let mem: Vec<u64> = (0..mib << 17).map(|i| (i as u64 / 64) & 0xff).collect();
+        let want = mem.iter().fold(0u64, |a, &w| a.wrapping_add(w));
+        Self {
+            mem,
+            seed: 0x9e37_79b9_7f4a_7c15,
+            want,
+        }
+    }
+
     /// Step `n`: changes 8 words, returns (checksum found, checksum expected).
     pub fn step(&mut self, n: u64) -> (u64, u64) {
         let words = self.mem.len();

@@ -1,7 +1,8 @@
 //! Full dump and restore throughput, one worker thread vs all cores, with
 //! the machine's copy rates measured in the same run for comparison.
 //!
-//! For each size, the `ticker` workload (random, incompressible data) is
+//! For each size and kind of data (random, incompressible; and low-entropy,
+//! compressible), the `ticker` workload is
 //! started, dumped (and killed), and restored; rounds interleave the worker
 //! counts and medians are reported. Writes JSON to `--out`.
 //!
@@ -36,11 +37,14 @@ fn disk_rate(dir: &Path, bytes: usize) -> Result<f64> {
     Ok(r)
 }
 
-fn start(ticker: &Path, log: &Path, mib: usize) -> Result<Child> {
+fn start(ticker: &Path, log: &Path, mib: usize, compressible: bool) -> Result<Child> {
     use std::os::unix::process::CommandExt as _;
     let mut cmd = Command::new(ticker);
     // One tick a minute: the workload sits still while it is measured.
     cmd.arg(log).arg(mib.to_string()).arg("60000");
+    if compressible {
+        cmd.arg("compressible");
+    }
     // SAFETY: close_range is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -86,84 +90,95 @@ fn main() -> Result<()> {
     let disk = disk_rate(&scratch, 256 << 20)?;
     let mut results: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
     for &mib in sizes {
-        for round in 0..rounds {
-            for &w in &workers {
-                let key = format!("{mib}MiB/{w}w");
-                let log = scratch.join(format!("log-{mib}-{w}-{round}"));
-                let img = scratch.join(format!("img-{mib}-{w}-{round}"));
-                let mut child = start(&ticker, &log, mib)?;
-                let pid = child.id() as i32;
-                let d = dump(
-                    pid,
-                    &img,
-                    &DumpOptions {
-                        leave_running: false,
-                        threads: w,
-                    },
-                )
-                .with_context(|| format!("dump of {mib} MiB"))?;
-                let _ = child.wait();
-                let r = restore(
-                    &img,
-                    &RestoreOptions {
-                        threads: w,
-                        ..RestoreOptions::default()
-                    },
-                )
-                .with_context(|| format!("restore of {mib} MiB"))?;
-                // SAFETY: stopping the restored workload, our child.
-                unsafe {
-                    libc::kill(r.pid, libc::SIGKILL);
-                    libc::waitpid(r.pid, std::ptr::null_mut(), 0);
+        for compressible in [false, true] {
+            for round in 0..rounds {
+                for &w in &workers {
+                    let data = if compressible { "-compressible" } else { "" };
+                    let key = format!("{mib}MiB{data}/{w}w");
+                    let log = scratch.join(format!("log-{mib}{data}-{w}-{round}"));
+                    let img = scratch.join(format!("img-{mib}{data}-{w}-{round}"));
+                    let mut child = start(&ticker, &log, mib, compressible)?;
+                    let pid = child.id() as i32;
+                    let d = dump(
+                        pid,
+                        &img,
+                        &DumpOptions {
+                            leave_running: false,
+                            threads: w,
+                        },
+                    )
+                    .with_context(|| format!("dump of {mib} MiB"))?;
+                    let _ = child.wait();
+                    let r = restore(
+                        &img,
+                        &RestoreOptions {
+                            threads: w,
+                            ..RestoreOptions::default()
+                        },
+                    )
+                    .with_context(|| format!("restore of {mib} MiB"))?;
+                    // SAFETY: stopping the restored workload, our child.
+                    unsafe {
+                        libc::kill(r.pid, libc::SIGKILL);
+                        libc::waitpid(r.pid, std::ptr::null_mut(), 0);
+                    }
+                    let bytes = d.pages as f64 * 4096.0;
+                    let e = results.entry(key).or_default();
+                    e.entry("dump_s").or_default().push(d.total.as_secs_f64());
+                    e.entry("freeze_s")
+                        .or_default()
+                        .push(d.freeze.as_secs_f64());
+                    e.entry("dump_gb_s")
+                        .or_default()
+                        .push(bytes / d.total.as_secs_f64() / 1e9);
+                    e.entry("restore_s")
+                        .or_default()
+                        .push(r.total.as_secs_f64());
+                    e.entry("fill_gb_s")
+                        .or_default()
+                        .push(bytes / r.fill.as_secs_f64() / 1e9);
+                    e.entry("restore_gb_s")
+                        .or_default()
+                        .push(bytes / r.total.as_secs_f64() / 1e9);
+                    e.entry("image_mib")
+                        .or_default()
+                        .push(d.page_bytes as f64 / (1 << 20) as f64);
+                    let _ = std::fs::remove_dir_all(&img);
+                    let _ = std::fs::remove_file(&log);
                 }
-                let bytes = d.pages as f64 * 4096.0;
-                let e = results.entry(key).or_default();
-                e.entry("dump_s").or_default().push(d.total.as_secs_f64());
-                e.entry("freeze_s")
-                    .or_default()
-                    .push(d.freeze.as_secs_f64());
-                e.entry("dump_gb_s")
-                    .or_default()
-                    .push(bytes / d.total.as_secs_f64() / 1e9);
-                e.entry("restore_s")
-                    .or_default()
-                    .push(r.total.as_secs_f64());
-                e.entry("fill_gb_s")
-                    .or_default()
-                    .push(bytes / r.fill.as_secs_f64() / 1e9);
-                e.entry("restore_gb_s")
-                    .or_default()
-                    .push(bytes / r.total.as_secs_f64() / 1e9);
-                e.entry("image_mib")
-                    .or_default()
-                    .push(d.page_bytes as f64 / (1 << 20) as f64);
-                let _ = std::fs::remove_dir_all(&img);
-                let _ = std::fs::remove_file(&log);
             }
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
 
-    println!("full dump and restore, random data (medians of {rounds} round(s))");
+    println!("full dump and restore, random and compressible data (medians of {rounds} round(s))");
     println!(
         "machine: memcpy {memcpy:.1} GB/s, process_vm_readv {pvr:.1} GB/s, \
          buffered write + fsync {disk:.2} GB/s"
     );
     println!(
-        "{:<14} {:>9} {:>9} {:>10} {:>11} {:>12} {:>10}",
-        "size/workers", "dump s", "freeze s", "dump GB/s", "restore s", "restore GB/s", "fill GB/s"
+        "{:<26} {:>9} {:>9} {:>10} {:>11} {:>12} {:>10} {:>10}",
+        "size/workers",
+        "dump s",
+        "freeze s",
+        "dump GB/s",
+        "restore s",
+        "restore GB/s",
+        "fill GB/s",
+        "image MiB"
     );
     let mut med: BTreeMap<String, BTreeMap<&str, f64>> = BTreeMap::new();
     for (k, m) in &results {
         let g = |n: &str| median(&m[n]);
         println!(
-            "{k:<14} {:>9.3} {:>9.3} {:>10.2} {:>11.3} {:>12.2} {:>10.2}",
+            "{k:<26} {:>9.3} {:>9.3} {:>10.2} {:>11.3} {:>12.2} {:>10.2} {:>10.1}",
             g("dump_s"),
             g("freeze_s"),
             g("dump_gb_s"),
             g("restore_s"),
             g("restore_gb_s"),
-            g("fill_gb_s")
+            g("fill_gb_s"),
+            g("image_mib")
         );
         med.insert(k.clone(), m.iter().map(|(n, v)| (*n, median(v))).collect());
     }

@@ -8,7 +8,8 @@
 //!
 //! After a restore the lines must continue with the next N, all `ok`.
 //!
-//! Usage: `ticker FILE [MIB] [TICK_MS]`
+//! Usage: `ticker FILE [MIB] [TICK_MS] [compressible]` (default: random,
+//! incompressible data)
 
 use std::io::Write as _;
 
@@ -19,7 +20,12 @@ fn main() {
     let file = args.next().expect("usage: ticker FILE [MIB] [TICK_MS]");
     let mib: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(16);
     let tick_ms: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(100);
-    let mut pattern = Pattern::new(mib);
+    let compressible = args.next().as_deref() == Some("compressible");
+    let mut pattern = if compressible {
+        Pattern::compressible(mib)
+    } else {
+        Pattern::new(mib)
+    };
     for n in 1u64.. {
         let (got, want) = pattern.step(n);
         let line = if got == want {
