@@ -81,6 +81,17 @@ fn wait_for(log: &Path, what: &str, pred: impl Fn(&[String]) -> Option<String>) 
     }
 }
 
+/// Runs `cr-ebpf ARGS PATH`, requires success, and parses its JSON output.
+fn cr_ebpf_json(args: &[&str], path: &Path) -> serde_json::Value {
+    let out = Command::new(BIN).args(args).arg(path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "cr-ebpf {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn signal(pid: i32, sig: i32) -> bool {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(pid, sig) == 0 }
@@ -196,17 +207,10 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
     assert_eq!(second["parent"], first["id"]);
 
     // A snapshot on request, through the control socket.
-    let snap = Command::new(BIN)
-        .args(["snapshot", "--incremental", "--json", "--images-dir"])
-        .arg(&images)
-        .output()
-        .unwrap();
-    assert!(
-        snap.status.success(),
-        "{}",
-        String::from_utf8_lossy(&snap.stderr)
+    let v = cr_ebpf_json(
+        &["snapshot", "--incremental", "--json", "--images-dir"],
+        &images,
     );
-    let v: serde_json::Value = serde_json::from_slice(&snap.stdout).unwrap();
     assert_eq!(v["ok"], true);
     assert_eq!(v["method"], "uffd-wp");
     assert!(v["freeze_ms"].as_f64().unwrap() > 0.0);
@@ -251,17 +255,7 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
     let _ = workload.wait();
 
     // The chain is readable and its newest checkpoint restores.
-    let inspect = Command::new(BIN)
-        .args(["inspect", "--json"])
-        .arg(&images)
-        .output()
-        .unwrap();
-    assert!(
-        inspect.status.success(),
-        "{}",
-        String::from_utf8_lossy(&inspect.stderr)
-    );
-    let chain: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let chain = cr_ebpf_json(&["inspect", "--json"], &images);
     let n = chain["checkpoints"].as_array().unwrap().len();
     assert!((2..=9).contains(&n), "{n} checkpoints kept with --keep 4");
     // The restored process inherits our stdio: its report goes to a file
