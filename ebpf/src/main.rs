@@ -219,7 +219,9 @@ fn emit_syscall(tgid: u32, tid: u32, p: &PendingSyscall, ret: i64, flags: u32) {
         (*ev).path_len = path_len;
         (*ev).flags = flags;
     }
-    entry.submit(wake_now());
+    // A syscall-heavy process makes hundreds of thousands of these a second:
+    // waking the reader for each costs the process more than the record.
+    entry.submit(wake_lazily(core::mem::size_of::<SyscallEvent>()));
 }
 
 /// Raw tracepoint `sys_enter(struct pt_regs *regs, long id)`: no record is
@@ -323,33 +325,41 @@ fn on_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
         _pad: 0,
     };
     // Faults come in bursts of thousands: waking the reader for each would
-    // cost the faulting task an interrupt every time. The reader is woken
-    // once per FAULT_WAKEUP_BYTES of pending records (when this record
-    // crosses a multiple of it), and drains on its own timer otherwise.
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let record = (core::mem::size_of::<FaultEvent>() as u64 + 8 + 7) & !7;
-    let wake = if pending / FAULT_WAKEUP_BYTES != (pending + record) / FAULT_WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    if EVENTS.output::<FaultEvent>(&event, wake as u64).is_err() {
+    // cost the faulting task an interrupt every time.
+    let wake = wake_lazily(core::mem::size_of::<FaultEvent>());
+    if EVENTS.output::<FaultEvent>(&event, wake).is_err() {
         count_loss(tgid);
     }
     0
 }
 
-/// Pending bytes in the ring buffer above which a fault record wakes the reader.
-const FAULT_WAKEUP_BYTES: u64 = 64 << 10;
+/// Pending bytes in the ring buffer at each multiple of which a fault or
+/// syscall record wakes the reader.
+const LAZY_WAKEUP_BYTES: u64 = 64 << 10;
 
-/// Wake-up flags for a syscall, fork, exit or exec record: these wake the
-/// reader at once. The kernel's default would not when fault records that
-/// did not wake it are pending (it wakes only a reader that had caught up),
-/// so the wake-up is forced, unless so much is pending that the reader was
-/// already woken at a 64 KiB crossing.
+/// Wake-up flags for a fault or syscall record (`size` bytes): the reader is
+/// woken once per `LAZY_WAKEUP_BYTES` of pending records, by the record that
+/// crosses a multiple of it, and drains on its own timer otherwise (the
+/// loader's stream polls every few tens of milliseconds).
+#[inline(always)]
+fn wake_lazily(size: usize) -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let record = (size as u64 + 8 + 7) & !7;
+    if pending / LAZY_WAKEUP_BYTES != (pending + record) / LAZY_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// Wake-up flags for a fork, exit or exec record: these wake the reader at
+/// once (the service re-attaches after an exec and stops after an exit).
+/// The kernel's default would not when lazy records are pending (it wakes
+/// only a reader that had caught up), so the wake-up is forced, unless so
+/// much is pending that the reader was already woken at a 64 KiB crossing.
 #[inline(always)]
 fn wake_now() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) < FAULT_WAKEUP_BYTES {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) < LAZY_WAKEUP_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         0

@@ -11,6 +11,9 @@ use crate::{
     LoaderError,
 };
 
+/// How often [`EventStream::next_batch`] looks for records that did not wake it.
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Decoded events from the ring buffer, in the order the kernel committed them.
 pub struct EventStream {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -57,6 +60,11 @@ impl EventStream {
     }
 
     /// Waits until at least one event is available and appends all available ones.
+    ///
+    /// Fault and syscall records do not wake the reader one by one (only
+    /// fork, exit and exec records do, and every 64 KiB of pending records):
+    /// the ring buffer is also polled every [`POLL_INTERVAL`], so such a
+    /// record is seen within that time.
     pub async fn next_batch(
         &mut self,
         out: &mut Vec<Result<Event, DecodeError>>,
@@ -66,8 +74,9 @@ impl EventStream {
             if n > 0 {
                 return Ok(n);
             }
-            let mut guard = self.ring.readable_mut().await?;
-            guard.clear_ready();
+            if let Ok(guard) = tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await {
+                guard?.clear_ready();
+            }
         }
     }
 }
