@@ -5,6 +5,7 @@
 //! two commands, `cargo xtask demo` and `cargo xtask test`, work from a clean
 //! clone.
 
+mod plot;
 mod report;
 mod setup;
 
@@ -153,6 +154,10 @@ fn test() -> Result<()> {
                 .arg("--quick")
                 .arg("--out")
                 .arg(out.join("incremental-quick.json")))?;
+            run(Command::new("target/debug/incremental-bench")
+                .args(["--quick", "--load", "syscalls", "--mib", "32"])
+                .arg("--out")
+                .arg(out.join("incremental-syscalls-quick.json")))?;
             run(Command::new("target/debug/scaling-bench")
                 .arg("--quick")
                 .arg("--out")
@@ -238,23 +243,31 @@ fn bench(
     }
     // The pause: the main scenario (1 GiB, 1% of pages per second, 60
     // checkpoints), then RSS and write rate varied with 20 checkpoints each.
-    let scenarios: &[(u64, f64, u64)] = if quick {
-        &[(128, 10.0, 5)]
+    // Then the overhead on a syscall-heavy process (a third of its calls
+    // logged), same rate, small RSS.
+    let scenarios: &[(&str, u64, f64, u64)] = if quick {
+        &[("memory", 128, 10.0, 5), ("syscalls", 64, 10.0, 5)]
     } else {
         &[
-            (1024, 10.0, 60),
-            (256, 10.0, 20),
-            (4096, 10.0, 20),
-            (1024, 1.0, 20),
-            (1024, 100.0, 20),
+            ("memory", 1024, 10.0, 60),
+            ("memory", 256, 10.0, 20),
+            ("memory", 4096, 10.0, 20),
+            ("memory", 1024, 1.0, 20),
+            ("memory", 1024, 100.0, 20),
+            ("syscalls", 256, 10.0, 20),
         ]
     };
-    for &(mib, rate, n) in scenarios {
+    for &(load, mib, rate, n) in scenarios {
+        let prefix = if load == "memory" {
+            "incremental".to_string()
+        } else {
+            format!("incremental-{load}")
+        };
         let mut cmd = Command::new("target/release/incremental-bench");
         cmd.args(["--mib", &mib.to_string(), "--rate", &rate.to_string()])
-            .args(["--checkpoints", &n.to_string()])
+            .args(["--checkpoints", &n.to_string(), "--load", load])
             .arg("--out")
-            .arg(out.join(format!("incremental-{mib}MiB-{rate}permille.json")));
+            .arg(out.join(format!("{prefix}-{mib}MiB-{rate}permille.json")));
         if quick {
             cmd.args(["--base-secs", "3"]);
         } else if n < 60 {
@@ -275,6 +288,8 @@ fn summarize(out: &Path, baseline: Option<&Path>, threshold: f64) -> Result<()> 
         metrics.len(),
         out.join("summary.md").display()
     );
+    let charts = plot::write_all(out)?;
+    println!("charts: {}", charts.join(", "));
     if let Some(b) = baseline {
         println!("against {}:", b.display());
         let worse = report::check(&metrics, b, threshold)?;

@@ -143,8 +143,12 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
         .collect();
     incr.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, v) in incr {
+        let load = match v["load"].as_str() {
+            None | Some("memory") => String::new(),
+            Some(l) => format!("{l}."),
+        };
         let tag = format!(
-            "{}MiB.{}permille",
+            "{load}{}MiB.{}permille",
             v["mib"].as_u64().unwrap_or(0),
             v["write_rate_permille_per_s"].as_f64().unwrap_or(0.0)
         );
