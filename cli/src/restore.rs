@@ -28,6 +28,9 @@ pub struct Args {
     /// Restore even if the process ran under other credentials (it then runs with ours).
     #[arg(long)]
     pub allow_other_credentials: bool,
+    /// Print what the restore did (pid, pages, time per phase) as one JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
@@ -48,6 +51,30 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         r.workers,
         r.total.as_secs_f64() * 1e3
     );
+    let phases: Vec<String> = r
+        .phases
+        .iter()
+        .map(|p| format!("{} {:.1}", p.name, p.time.as_secs_f64() * 1e3))
+        .collect();
+    eprintln!("cr-ebpf: restore phases (ms): {}", phases.join(", "));
+    if args.json {
+        let phases: serde_json::Map<String, serde_json::Value> = r
+            .phases
+            .iter()
+            .map(|p| (p.name.to_string(), (p.time.as_secs_f64() * 1e3).into()))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "pid": r.pid,
+                "pages": r.pages,
+                "workers": r.workers,
+                "fill_ms": r.fill.as_secs_f64() * 1e3,
+                "total_ms": r.total.as_secs_f64() * 1e3,
+                "phases_ms": phases,
+            })
+        );
+    }
     if args.detach {
         return Ok(ExitCode::SUCCESS);
     }

@@ -102,6 +102,46 @@ pub struct RestoreReport {
     pub total: Duration,
     /// Threads that filled pages.
     pub workers: usize,
+    /// Where the time went, phase by phase, in order (they add up to `total`).
+    pub phases: Vec<Phase>,
+}
+
+/// One phase of a restore and how long it took.
+#[derive(Debug, Clone, Copy)]
+pub struct Phase {
+    /// What was done: `read` (open and verify the chain), `preflight`,
+    /// `stub` (fork it with the pid and take it over), `clear` (unmap the
+    /// stub's own memory), `vdso`, `map` (the recorded layout), `fill`
+    /// (pages), `mm` (protections, mm fields, auxv), `process` (cwd,
+    /// limits, signal handlers), `fds`, `threads` (with their state),
+    /// `signals` (pending, timers), `resume` (masks, registers, detach).
+    pub name: &'static str,
+    pub time: Duration,
+}
+
+/// Times consecutive phases.
+pub(crate) struct Clock {
+    last: Instant,
+    phases: Vec<Phase>,
+}
+
+impl Clock {
+    fn new(start: Instant) -> Self {
+        Self {
+            last: start,
+            phases: Vec::new(),
+        }
+    }
+
+    /// Ends the phase `name`, which began where the previous one ended.
+    pub(crate) fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.phases.push(Phase {
+            name,
+            time: now - self.last,
+        });
+        self.last = now;
+    }
 }
 
 /// How to restore.
@@ -224,23 +264,27 @@ fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
 /// child of the caller (wait for it with `waitpid`).
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let start = Instant::now();
+    let mut clock = Clock::new(start);
     let dir = images_dir::locate(dir, opts.checkpoint.as_deref())?;
     // Reads the image and its ancestors, maps their page stores and verifies
     // them before anything is started.
     let chain = Chain::open(&dir)?;
+    clock.mark("read");
     let manifest = chain.manifest();
     preflight(manifest, opts)?;
+    clock.mark("preflight");
     let workers = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
         opts.threads
     };
-    let (pid, pages, fill) = stub::build(manifest, &chain, workers)?;
+    let (pid, pages, fill) = stub::build(manifest, &chain, workers, &mut clock)?;
     Ok(RestoreReport {
         pid,
         pages,
         fill,
-        total: start.elapsed(),
+        total: clock.last - start,
         workers,
+        phases: clock.phases,
     })
 }

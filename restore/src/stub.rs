@@ -327,6 +327,7 @@ pub fn build(
     m: &Manifest,
     chain: &Chain,
     workers: usize,
+    clock: &mut crate::Clock,
 ) -> Result<(i32, u64, Duration), RestoreError> {
     let own = std::fs::read_to_string("/proc/self/maps")
         .ok()
@@ -433,6 +434,8 @@ pub fn build(
         )?;
     }
 
+    clock.mark("stub");
+
     // 1. Everything of the stub goes but the trampoline and the vDSO.
     let stub_maps = std::fs::read_to_string(format!("/proc/{got}/maps"))
         .ok()
@@ -454,6 +457,8 @@ pub fn build(
             [e.start, e.end - e.start, 0, 0, 0, 0],
         )?;
     }
+
+    clock.mark("clear");
 
     // 2. The vDSO and its data pages to the recorded addresses (through a
     //    free area first, in case the two layouts overlap).
@@ -512,6 +517,8 @@ pub fn build(
             }
         }
     }
+
+    clock.mark("vdso");
 
     // 3. The recorded mappings, writable where pages will be filled.
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
@@ -593,6 +600,8 @@ pub fn build(
         }
     }
 
+    clock.mark("map");
+
     // 4. Pages, on all cores.
     let fill_start = Instant::now();
     let pool = rayon::ThreadPoolBuilder::new()
@@ -622,6 +631,7 @@ pub fn build(
             })
     })?;
     let fill = fill_start.elapsed();
+    clock.mark("fill");
     for x in &m.mappings {
         if x.pages_stored > 0
             && x.prot != x.prot | rw
@@ -701,6 +711,8 @@ pub fn build(
         s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
     }
 
+    clock.mark("mm");
+
     // 6. Process-wide state.
     let mut cwd = p.cwd.clone().into_bytes();
     cwd.push(0);
@@ -747,8 +759,11 @@ pub fn build(
         )?;
     }
 
+    clock.mark("process");
+
     // 7. File descriptors.
     restore_fds(&s, m)?;
+    clock.mark("fds");
 
     // 8. Threads, each with its own tid, then each thread's own state.
     let mut others = Vec::new();
@@ -786,6 +801,7 @@ pub fn build(
         others.push((nt, regs, info.sigmask));
     }
     let final_regs = thread_state(&s, &t, &m.threads[0])?;
+    clock.mark("threads");
     // Signals pending for the whole process.
     for siginfo in &p.pending {
         let signo = i32::from_le_bytes(siginfo[0..4].try_into().expect("4 bytes"));
@@ -818,6 +834,7 @@ pub fn build(
             [which as u64, at, 0, 0, 0, 0],
         )?;
     }
+    clock.mark("signals");
     // Each other thread: its own signal mask as its last syscall, its own
     // registers at that syscall's exit, then it runs (a pending signal it
     // does not block is delivered right then, as the kernel would).
@@ -919,5 +936,6 @@ pub fn build(
         source,
     })?;
     guard.1 = true;
+    clock.mark("resume");
     Ok((got, pages, fill))
 }
