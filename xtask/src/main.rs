@@ -231,6 +231,7 @@ fn bench(
             cmd.arg("--quick");
         }
     };
+    let criu_works = peer["status"].as_str() == Some("criu check passed");
     for (bin, json) in [
         ("ebpf-overhead", "ebpf-overhead.json"),
         ("dump-restore", "dump-restore.json"),
@@ -239,6 +240,10 @@ fn bench(
         let mut cmd = Command::new(format!("target/release/{bin}"));
         cmd.arg("--out").arg(out.join(json));
         with_quick(&mut cmd);
+        if let (Some(c), true, "dump-restore") = (criu, criu_works, bin) {
+            // Side by side: the same workloads, dumped and restored by CRIU too.
+            cmd.arg("--criu").arg(c);
+        }
         run(&mut cmd)?;
     }
     // The pause: the main scenario (1 GiB, 1% of pages per second, 60

@@ -6,7 +6,11 @@
 //! started, dumped (and killed), and restored; rounds interleave the worker
 //! counts and medians are reported. Writes JSON to `--out`.
 //!
-//! Usage: `dump-restore [--quick] [--out FILE] [--bin DIR]`
+//! With `--criu PATH`, that CRIU also dumps and restores the same workload
+//! (random data) in the same rounds, and its times are reported next to
+//! ours. A CRIU that fails is reported with its error, not fatal.
+//!
+//! Usage: `dump-restore [--quick] [--out FILE] [--bin DIR] [--criu PATH]`
 
 use std::{
     collections::BTreeMap,
@@ -63,6 +67,54 @@ fn start(ticker: &Path, log: &Path, mib: usize, compressible: bool) -> Result<Ch
     Ok(child)
 }
 
+/// One CRIU dump and restore of the ticker: (dump s, restore s), both
+/// wall time of the `criu` command (the restore until the process runs).
+fn criu_round(criu: &Path, ticker: &Path, scratch: &Path, mib: usize) -> Result<(f64, f64)> {
+    let log = scratch.join(format!("criu-log-{mib}"));
+    let img = scratch.join(format!("criu-img-{mib}"));
+    let _ = std::fs::remove_dir_all(&img);
+    std::fs::create_dir_all(&img)?;
+    let mut child = start(ticker, &log, mib, false)?;
+    let pid = child.id() as i32;
+    let run = |args: &[&str]| -> Result<f64> {
+        let t = Instant::now();
+        let out = Command::new(criu)
+            .args(args)
+            .arg("-D")
+            .arg(&img)
+            .args(["--shell-job", "-v1"])
+            .output()
+            .with_context(|| format!("running {}", criu.display()))?;
+        let took = t.elapsed().as_secs_f64();
+        if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            bail!("criu {} failed ({}): {last}", args[0], out.status);
+        }
+        Ok(took)
+    };
+    let dumped = run(&["dump", "-t", &pid.to_string()]);
+    if dumped.is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let dump_s = dumped?;
+    let restore_s = run(&["restore", "--restore-detached"])?;
+    let alive = Path::new(&format!("/proc/{pid}")).exists();
+    // SAFETY: stopping the restored workload (its pid is the original one).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = std::fs::remove_dir_all(&img);
+    let _ = std::fs::remove_file(&log);
+    if !alive {
+        bail!("criu restore returned but process {pid} is not running");
+    }
+    Ok((dump_s, restore_s))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -88,7 +140,14 @@ fn main() -> Result<()> {
     let memcpy = cr_ebpf_perf::memcpy_rate(256 << 20);
     let pvr = cr_ebpf_perf::process_vm_readv_rate(256 << 20);
     let disk = disk_rate(&scratch, 256 << 20)?;
+    let criu = opt("--criu").map(PathBuf::from);
+    // CRIU's (dump s, restore s) samples per size, or why it failed.
+    let mut criu_results: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut criu_error: Option<String> = None;
     let mut results: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    // Restore time by phase, in the restorer's order: per configuration,
+    // (phase, samples in ms).
+    let mut phases: BTreeMap<String, Vec<(&'static str, Vec<f64>)>> = BTreeMap::new();
     for &mib in sizes {
         for compressible in [false, true] {
             for round in 0..rounds {
@@ -123,6 +182,14 @@ fn main() -> Result<()> {
                         libc::waitpid(r.pid, std::ptr::null_mut(), 0);
                     }
                     let bytes = d.pages as f64 * 4096.0;
+                    let ph = phases.entry(key.clone()).or_default();
+                    for p in &r.phases {
+                        let ms = p.time.as_secs_f64() * 1e3;
+                        match ph.iter_mut().find(|(n, _)| *n == p.name) {
+                            Some((_, v)) => v.push(ms),
+                            None => ph.push((p.name, vec![ms])),
+                        }
+                    }
                     let e = results.entry(key).or_default();
                     e.entry("dump_s").or_default().push(d.total.as_secs_f64());
                     e.entry("freeze_s")
@@ -145,6 +212,19 @@ fn main() -> Result<()> {
                         .push(d.page_bytes as f64 / (1 << 20) as f64);
                     let _ = std::fs::remove_dir_all(&img);
                     let _ = std::fs::remove_file(&log);
+                }
+                if let (Some(c), None, false) = (&criu, &criu_error, compressible) {
+                    match criu_round(c, &ticker, &scratch, mib) {
+                        Ok((d, r)) => {
+                            let e = criu_results.entry(format!("{mib}MiB")).or_default();
+                            e.0.push(d);
+                            e.1.push(r);
+                        }
+                        Err(e) => {
+                            println!("criu: {e:#}");
+                            criu_error = Some(format!("{e:#}"));
+                        }
+                    }
                 }
             }
         }
@@ -192,8 +272,49 @@ fn main() -> Result<()> {
             100.0 * all["dump_gb_s"] / disk
         );
     }
+    // Where a restore's time goes: the largest random image, all cores.
+    let phase_med: BTreeMap<&String, Vec<(&str, f64)>> = phases
+        .iter()
+        .map(|(k, v)| (k, v.iter().map(|(n, x)| (*n, median(x))).collect()))
+        .collect();
+    let biggest = format!("{}MiB/{cores}w", sizes.iter().max().copied().unwrap_or(0));
+    if let Some(v) = phase_med.get(&biggest) {
+        let parts: Vec<String> = v.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
+        println!("restore of {biggest} by phase (ms): {}", parts.join(", "));
+    }
+    let mut criu_json = serde_json::Map::new();
+    if let Some(c) = &criu {
+        criu_json.insert("path".into(), c.display().to_string().into());
+        if let Some(e) = &criu_error {
+            criu_json.insert("error".into(), e.clone().into());
+        }
+        for (size, (d, r)) in &criu_results {
+            let ours = &med[&format!("{size}/{cores}w")];
+            println!(
+                "{size}: CRIU dump {:.3} s, restore {:.3} s; ours / CRIU: dump {:.2}, restore {:.2}",
+                median(d),
+                median(r),
+                ours["dump_s"] / median(d),
+                ours["restore_s"] / median(r)
+            );
+            criu_json.insert(
+                size.clone(),
+                serde_json::json!({"dump_s": median(d), "restore_s": median(r)}),
+            );
+        }
+    }
     if let Some(path) = opt("--out") {
+        let restore_phases: serde_json::Map<String, serde_json::Value> = phase_med
+            .iter()
+            .map(|(k, v)| {
+                let list: Vec<serde_json::Value> =
+                    v.iter().map(|(n, ms)| serde_json::json!([n, ms])).collect();
+                ((*k).clone(), list.into())
+            })
+            .collect();
         let json = serde_json::json!({
+            "restore_phases_ms": restore_phases,
+            "criu": criu_json,
             "bench": "dump-restore",
             "rounds": rounds,
             "cores": cores,
