@@ -58,6 +58,7 @@ async fn trace(args: &Args) -> Result<ExitCode> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut reported_losses = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut reported_fault_losses = tracer.fault_losses()?;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -119,6 +120,24 @@ async fn trace(args: &Args) -> Result<ExitCode> {
                 writeln!(out, "cr-ebpf: {msg}")?;
             }
             reported_losses = lost;
+        }
+        let fault_lost = tracer.fault_losses()?;
+        if fault_lost > reported_fault_losses {
+            let n = fault_lost - reported_fault_losses;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"kind": "fault-loss", "dropped": n})
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "cr-ebpf: {n} fault record(s) lost: the ring buffer was full (raise --buffer-kib); \
+                     faults are only a hint, checkpoints do not depend on them"
+                )?;
+            }
+            reported_fault_losses = fault_lost;
         }
         out.flush()?;
         if alive.is_empty() {

@@ -224,8 +224,16 @@ fn report_text(r: &CheckpointReport) -> String {
     )
 }
 
+/// Most pre-copy passes before a freeze.
+const PRECOPY_PASSES: usize = 3;
+/// A pre-copy pass that copied at least this many pages is followed by
+/// another (the pages written meanwhile would otherwise be copied frozen).
+const PRECOPY_AGAIN_PAGES: u64 = 1024;
+
 struct Service {
     pid: i32,
+    /// Fault records lost so far (all processes), as last seen.
+    fault_losses: u64,
     session: Session,
     tracer: Tracer,
     log: Log,
@@ -254,8 +262,22 @@ impl Service {
         for (s, e) in std::mem::take(&mut self.log.new_mappings) {
             self.session.register_early(s, e);
         }
-        if self.precopy && self.log.faults >= 256 {
-            self.session.precopy()?;
+        // Fault records lost (the ring buffer filled while a long write ran)
+        // mean many pages were written: as good a trigger as counted faults.
+        let fault_losses = self.tracer.fault_losses()?;
+        let faults_lost = fault_losses > self.fault_losses;
+        self.fault_losses = fault_losses;
+        if self.precopy && (self.log.faults >= 256 || faults_lost) {
+            // Passes while they shrink and are large: each copies what was
+            // written during the one before, so the freeze copies the rest.
+            let mut last = u64::MAX;
+            for _ in 0..PRECOPY_PASSES {
+                let r = self.session.precopy()?;
+                if r.pages < PRECOPY_AGAIN_PAGES || r.pages >= last {
+                    break;
+                }
+                last = r.pages;
+            }
         }
         // Events up to the freeze: the session drains them once the
         // process is stopped, so nothing it did before is missed.
@@ -372,6 +394,7 @@ async fn track(args: &Args) -> Result<ExitCode> {
         .with_context(|| format!("starting to checkpoint process {pid}"))?;
     let mut svc = Service {
         pid,
+        fault_losses: 0,
         session,
         tracer,
         log: Log::default(),

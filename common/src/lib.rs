@@ -53,6 +53,10 @@ pub mod map_names {
     pub const LOSSES: &str = "LOSSES";
     /// `PerCpuArray<u64>` with one entry: losses that could not be attributed to a process.
     pub const UNATTRIBUTED_LOSSES: &str = "UNATTRIBUTED_LOSSES";
+    /// `PerCpuArray<u64>` with one entry: fault records lost. Faults are a
+    /// hint (the dirty tracker's scan is the truth), so losing them does not
+    /// make a checkpoint re-collect anything and is counted apart.
+    pub const FAULT_LOSSES: &str = "FAULT_LOSSES";
 }
 
 /// How a program attaches.

@@ -68,6 +68,10 @@ static LOSSES: PerCpuHashMap<u32, LossCounter> = PerCpuHashMap::with_max_entries
 #[map]
 static UNATTRIBUTED_LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Fault records lost (a hint only: never a reason to re-collect state).
+#[map]
+static FAULT_LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 const CLONE_VM: u64 = 0x100;
 const CLONE_VFORK: u64 = 0x4000;
 const CLONE_THREAD: u64 = 0x10000;
@@ -328,7 +332,10 @@ fn on_fault(ctx: &RawTracePointContext, kernel: bool) -> i32 {
     // cost the faulting task an interrupt every time.
     let wake = wake_lazily(core::mem::size_of::<FaultEvent>());
     if EVENTS.output::<FaultEvent>(&event, wake).is_err() {
-        count_loss(tgid);
+        if let Some(n) = FAULT_LOSSES.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot of this CPU; no other writer while we run.
+            unsafe { *n += 1 };
+        }
     }
     0
 }

@@ -299,6 +299,22 @@ impl Tracer {
         Ok(values.iter().sum())
     }
 
+    /// Fault records lost, all processes together. They are not in
+    /// [`Tracer::losses`]: faults are a hint (pre-copy timing), the dirty
+    /// tracker's scan is what checkpoints rely on.
+    pub fn fault_losses(&mut self) -> Result<u64, LoaderError> {
+        let arr: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut(map_names::FAULT_LOSSES)
+                .ok_or(LoaderError::MissingMap(map_names::FAULT_LOSSES))?,
+        )
+        .map_err(|e| map_err(map_names::FAULT_LOSSES, "open", e))?;
+        let values = arr
+            .get(&0, 0)
+            .map_err(|e| map_err(map_names::FAULT_LOSSES, "read", e))?;
+        Ok(values.iter().sum())
+    }
+
     /// Takes the event stream. Can be called once; needs a tokio runtime.
     pub fn events(&mut self) -> Result<EventStream, LoaderError> {
         let map = self

@@ -312,6 +312,48 @@ async fn thread_events_carry_their_tid_in_order() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn lost_fault_records_are_counted_apart_from_resource_records() {
+    if !cr_ebpf_perf::privileged("lost_fault_records_are_counted_apart_from_resource_records") {
+        return;
+    }
+    const PAGES: u64 = 5000;
+    let options = TracerOptions {
+        ring_buffer_bytes: 4096,
+        user_faults: true,
+        kernel_faults: false,
+        ..TracerOptions::default()
+    };
+    let mut tracer = tracer(&options);
+    let before = tracer.fault_losses().unwrap();
+    let mut w = Workload::start(&["touch", &PAGES.to_string()]);
+    tracer.track(w.pid).expect("track the workload");
+    let mut events = tracer.events().expect("event stream");
+    w.go();
+    assert_eq!(w.line(), "done");
+    let all = drain(&mut events);
+    let pid = w.pid;
+    let faults = all
+        .iter()
+        .filter(|e| matches!(e, Event::Fault(f) if f.origin.tgid == pid))
+        .count() as u64;
+    let lost = tracer.fault_losses().unwrap() - before;
+    assert!(faults > 0, "some fault records fit");
+    assert!(lost > 0, "the overflow was counted");
+    // Every page was written once (other faults of the process may add a few).
+    assert!(
+        faults + lost >= PAGES && faults + lost < PAGES + 64,
+        "{faults} delivered + {lost} lost for {PAGES} pages"
+    );
+    // Faults are a hint: their loss is not a loss of the resource log.
+    assert!(
+        tracer.losses().unwrap().iter().all(|l| l.tgid != pid),
+        "{:?}",
+        tracer.losses().unwrap()
+    );
+    w.finish();
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn ring_buffer_overflow_is_counted_exactly() {
     if !cr_ebpf_perf::privileged("ring_buffer_overflow_is_counted_exactly") {
         return;

@@ -507,6 +507,8 @@ fn report(o: &Outcome, reports: &[serde_json::Value], out: Option<String>) -> Re
             "size_kib": {"median": median(&kib), "max": percentile(&kib, 1.0)},
             "throughput": {"tracked": tracked, "untracked_before": before, "untracked_after": after, "ratio": ratio},
             "retention_to_10_s": compact_s,
+            // Every incremental checkpoint as `track --json` reported it.
+            "reports": reports,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     }

@@ -146,6 +146,24 @@ fn main() {
     if mode == "script" {
         script(n, &mut stack);
     }
+    // "touch": the pages are mapped before `ready`, written after `go`.
+    let touch = if mode == "touch" {
+        // SAFETY: a fresh private anonymous mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        p.cast::<u8>()
+    } else {
+        std::ptr::null_mut()
+    };
     say(&format!("ready {}", std::process::id()));
     wait_line();
     match mode {
@@ -182,8 +200,17 @@ fn main() {
             say("done");
             wait_line();
         }
+        "touch" => {
+            for i in 0..n {
+                // SAFETY: inside the mapping made above; volatile so each
+                // page really is written (one write fault each).
+                unsafe { touch.add(i * 4096).write_volatile(1) };
+            }
+            say("done");
+            wait_line();
+        }
         other => {
-            eprintln!("scripted: unknown mode {other:?} (script, thread, burst)");
+            eprintln!("scripted: unknown mode {other:?} (script, thread, burst, touch)");
             std::process::exit(2);
         }
     }
