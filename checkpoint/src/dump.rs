@@ -89,6 +89,16 @@ pub enum DumpError {
         /// What.
         what: String,
     },
+    /// A descriptor of the process cannot be checkpointed by this version.
+    #[error("not supported: {what} on fd {fd} of pid {pid}")]
+    NotSupportedFd {
+        /// The process.
+        pid: i32,
+        /// The descriptor.
+        fd: i32,
+        /// What it is.
+        what: String,
+    },
 }
 
 /// A pool of `threads` workers (0: one per core).
@@ -246,6 +256,16 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     // Published: only now may the process go, as `criu dump` does.
     if let Some(f) = frozen.take() {
         let since = f.since;
+        // Its TCP connections close silently (repair mode) when it dies: the
+        // peers wait for the restored process instead of seeing a reset.
+        for sock in &state.tcp {
+            let _ = crate::sockets::setsockopt_int(
+                sock,
+                libc::IPPROTO_TCP,
+                crate::sockets::TCP_REPAIR,
+                1,
+            );
+        }
         f.kill().map_err(trace)?;
         freeze = since.elapsed();
     }

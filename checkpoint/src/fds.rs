@@ -15,19 +15,28 @@ use cr_ebpf_image::{FdInfo, FdKind};
 
 use crate::DumpError;
 
-fn not_supported(pid: i32, what: String) -> DumpError {
-    DumpError::NotSupported { pid, what }
+fn not_supported(pid: i32, fd: i32, what: String) -> DumpError {
+    DumpError::NotSupportedFd { pid, fd, what }
 }
 
-/// `pos` and `flags` from `/proc/PID/fdinfo/N`.
-fn fdinfo(pid: i32, fd: i32) -> std::io::Result<(u64, u32)> {
+/// `pos` and `flags` from `/proc/PID/fdinfo/N`, and the whole text.
+fn fdinfo(pid: i32, fd: i32) -> std::io::Result<(u64, u32, String)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))?;
     let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
     let pos = field("pos:").and_then(|v| v.parse().ok()).unwrap_or(0);
     let flags = field("flags:")
         .and_then(|v| u32::from_str_radix(v, 8).ok())
         .unwrap_or(0);
-    Ok((pos, flags))
+    Ok((pos, flags, text))
+}
+
+/// Every open descriptor of a frozen process, and duplicates of its
+/// established TCP connections (a full dump puts them back in repair mode
+/// before killing the process, so that its end of each connection closes
+/// silently and the restored process can take over).
+pub(crate) struct Fds {
+    pub fds: Vec<FdInfo>,
+    pub tcp: Vec<OwnedFd>,
 }
 
 /// A duplicate, in this process, of descriptor `fd` of process `pidfd`'s
@@ -77,7 +86,7 @@ fn peek_pipe(read_end: &OwnedFd, size: usize) -> std::io::Result<Vec<u8>> {
 }
 
 /// Every open descriptor of the (frozen) process `pid`.
-pub fn collect(pid: i32) -> Result<Vec<FdInfo>, DumpError> {
+pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
     let dir = format!("/proc/{pid}/fd");
     let proc_err = |path: String| move |source| DumpError::Proc { pid, path, source };
     let mut numbers: Vec<i32> = std::fs::read_dir(&dir)
@@ -104,7 +113,8 @@ pub fn collect(pid: i32) -> Result<Vec<FdInfo>, DumpError> {
             .map_err(proc_err(format!("{dir}/{fd}")))?
             .display()
             .to_string();
-        let (pos, flags) = fdinfo(pid, fd).map_err(proc_err(format!("/proc/{pid}/fdinfo/{fd}")))?;
+        let (pos, flags, text) =
+            fdinfo(pid, fd).map_err(proc_err(format!("/proc/{pid}/fdinfo/{fd}")))?;
         if link.starts_with("pipe:") {
             let e = pipe_ends.entry(link.clone()).or_default();
             match flags as i32 & libc::O_ACCMODE {
@@ -113,14 +123,34 @@ pub fn collect(pid: i32) -> Result<Vec<FdInfo>, DumpError> {
                 _ => *e = (true, true),
             }
         }
-        links.push((fd, link, pos, flags));
+        links.push((fd, link, pos, flags, text));
     }
 
     let mut out = Vec::new();
+    let mut tcp = Vec::new();
+    let mut sockets = crate::sockets::Context::default();
     let mut data_taken: HashMap<String, ()> = HashMap::new();
-    for (fd, link, pos, flags) in links {
-        if let Some(what) = link.strip_prefix("anon_inode:") {
-            return Err(not_supported(pid, format!("{what} on fd {fd}")));
+    for (fd, link, pos, flags, text) in links {
+        if let Some(name) = link.strip_prefix("anon_inode:") {
+            let (kind, state) = match crate::anon_fds::parse(name, &text) {
+                None => return Err(not_supported(pid, fd, name.to_string())),
+                Some(Err(e)) => return Err(not_supported(pid, fd, e)),
+                Some(Ok(ks)) => ks,
+            };
+            if let cr_ebpf_image::FdState::Epoll(items) = &state {
+                crate::anon_fds::check_epoll(pid, fd, items)
+                    .map_err(|e| not_supported(pid, fd, e))?;
+            }
+            out.push(FdInfo {
+                fd,
+                kind,
+                flags,
+                cloexec: flags as i32 & libc::O_CLOEXEC != 0,
+                path: link,
+                state,
+                ..FdInfo::default()
+            });
+            continue;
         }
         let dup = fetch(&pidfd, fd).map_err(proc_err(format!("descriptor {fd} (pidfd_getfd)")))?;
         let meta = File::from(
@@ -143,10 +173,7 @@ pub fn collect(pid: i32) -> Result<Vec<FdInfo>, DumpError> {
         info.kind = match ftype {
             libc::S_IFREG | libc::S_IFDIR => {
                 if link.ends_with(" (deleted)") {
-                    return Err(not_supported(
-                        pid,
-                        format!("deleted file {link} on fd {fd}"),
-                    ));
+                    return Err(not_supported(pid, fd, format!("deleted file {link}")));
                 }
                 info.size = meta.size();
                 info.mtime_ns = meta.mtime() as u64 * 1_000_000_000 + meta.mtime_nsec() as u64;
@@ -175,21 +202,70 @@ pub fn collect(pid: i32) -> Result<Vec<FdInfo>, DumpError> {
                 } else {
                     return Err(not_supported(
                         pid,
-                        format!("a pipe whose other end is outside the process, on fd {fd}"),
+                        fd,
+                        "a pipe whose other end is outside the process".into(),
                     ));
                 }
             }
             libc::S_IFIFO if fd <= 2 => FdKind::Inherited,
+            libc::S_IFSOCK => {
+                let inode = meta.ino();
+                let sock =
+                    crate::sockets::save(&dup, inode, &mut sockets).map_err(|e| match e {
+                        crate::sockets::SocketError::NotSupported(what) => {
+                            not_supported(pid, fd, what)
+                        }
+                        crate::sockets::SocketError::Io(what, source) => DumpError::Proc {
+                            pid,
+                            path: format!("the socket on descriptor {fd} ({what})"),
+                            source,
+                        },
+                    })?;
+                if sock.tcp.is_some() {
+                    tcp.push(dup);
+                }
+                info.state = cr_ebpf_image::FdState::Socket(Box::new(sock));
+                FdKind::Socket
+            }
             _ => {
                 let what = match ftype {
-                    libc::S_IFSOCK => "socket",
                     libc::S_IFIFO => "named FIFO",
                     _ => "descriptor",
                 };
-                return Err(not_supported(pid, format!("{what} {link} on fd {fd}")));
+                return Err(not_supported(pid, fd, format!("{what} {link}")));
             }
         };
         out.push(info);
     }
-    Ok(out)
+    check_unix_pairs(pid, &out)?;
+    Ok(Fds { fds: out, tcp })
+}
+
+/// Connected unix sockets are restored as pairs: both ends must be here,
+/// and queued datagrams need their sender.
+fn check_unix_pairs(pid: i32, fds: &[FdInfo]) -> Result<(), DumpError> {
+    let unix = |f: &FdInfo| match &f.state {
+        cr_ebpf_image::FdState::Socket(s) if s.family == libc::AF_UNIX as u16 => Some(s.clone()),
+        _ => None,
+    };
+    let inodes: std::collections::HashSet<u64> =
+        fds.iter().filter_map(unix).map(|s| s.inode).collect();
+    for f in fds {
+        let Some(s) = unix(f) else { continue };
+        if s.peer_inode != 0 && !inodes.contains(&s.peer_inode) {
+            return Err(not_supported(
+                pid,
+                f.fd,
+                "a unix socket connected to a socket outside the process".into(),
+            ));
+        }
+        if s.peer_inode == 0 && !s.queue.is_empty() {
+            return Err(not_supported(
+                pid,
+                f.fd,
+                "queued messages on an unconnected unix socket (their senders are unknown)".into(),
+            ));
+        }
+    }
+    Ok(())
 }

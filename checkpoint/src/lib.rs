@@ -13,12 +13,15 @@
 //! handlers, itimers, cwd, umask, rlimits, credentials. `docs/IMAGE.md`
 //! describes the format.
 
+mod anon_fds;
 mod compact;
+mod diag;
 mod dump;
 mod fds;
 mod incremental;
 mod maps;
 mod proc;
+mod sockets;
 mod state;
 
 pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport};

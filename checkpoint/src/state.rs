@@ -78,6 +78,8 @@ pub(crate) struct State {
     pub process: ProcessInfo,
     pub threads: Vec<ThreadInfo>,
     pub fds: Vec<FdInfo>,
+    /// Duplicates of the established TCP connections (see [`crate::fds::Fds`]).
+    pub tcp: Vec<std::os::fd::OwnedFd>,
     pub pagemap: File,
     pub queries: Queries,
 }
@@ -127,7 +129,7 @@ pub(crate) fn collect(
         });
     }
     // Descriptors first: an unsupported one fails before the long part.
-    let fds = crate::fds::collect(pid)?;
+    let crate::fds::Fds { fds, tcp } = crate::fds::collect(pid)?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path))?;
 
@@ -294,6 +296,7 @@ pub(crate) fn collect(
         },
         threads,
         fds,
+        tcp,
         pagemap,
         queries,
     })

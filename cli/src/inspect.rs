@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
-use cr_ebpf_image::{pages, Manifest};
+use cr_ebpf_image::{pages, FdInfo, FdState, Manifest};
 
 /// Options of `cr-ebpf inspect`.
 #[derive(clap::Args)]
@@ -44,13 +44,18 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             .iter()
             .map(|t| serde_json::json!({"tid": t.tid, "sigmask": format!("{:#x}", t.sigmask), "xstate_bytes": t.xstate.len()}))
             .collect();
+        let fds: Vec<_> = m
+            .fds
+            .iter()
+            .map(|f| serde_json::json!({"fd": f.fd, "kind": format!("{:?}", f.kind), "path": f.path, "what": describe(f)}))
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "format": format!("{}.{}", cr_ebpf_image::FORMAT_MAJOR, cr_ebpf_image::FORMAT_MINOR),
                 "pid": p.pid, "exe": p.exe, "taken_unix_ns": p.taken_unix_ns,
                 "freeze_ms": p.freeze_ns as f64 / 1e6,
-                "threads": threads, "mappings": mappings,
+                "threads": threads, "mappings": mappings, "fds": fds,
                 "pages_stored": stored, "compressed_bytes": compressed, "chunks": chunks.len(),
             }))?
         );
@@ -100,7 +105,110 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             x.path
         );
     }
+    println!("  descriptors:");
+    for f in &m.fds {
+        println!(
+            "    {:>4} {:<10} {}",
+            f.fd,
+            format!("{:?}", f.kind),
+            describe(f)
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A socket address for people: `127.0.0.1:6379`, `[::1]:80`, a unix path
+/// or `@abstract`.
+fn address(a: &[u8]) -> String {
+    let family = a.get(..2).map(|f| u16::from_ne_bytes([f[0], f[1]]) as i32);
+    match family {
+        Some(libc::AF_INET) if a.len() >= 8 => format!(
+            "{}.{}.{}.{}:{}",
+            a[4],
+            a[5],
+            a[6],
+            a[7],
+            u16::from_be_bytes([a[2], a[3]])
+        ),
+        Some(libc::AF_INET6) if a.len() >= 24 => {
+            let ip: [u8; 16] = a[8..24].try_into().expect("16 bytes");
+            format!(
+                "[{}]:{}",
+                std::net::Ipv6Addr::from(ip),
+                u16::from_be_bytes([a[2], a[3]])
+            )
+        }
+        Some(libc::AF_UNIX) => match a.get(2..) {
+            Some([0, rest @ ..]) => format!("@{}", String::from_utf8_lossy(rest)),
+            Some(p) => String::from_utf8_lossy(p)
+                .trim_end_matches('\0')
+                .to_string(),
+            None => "unnamed".into(),
+        },
+        _ if a.is_empty() => "-".into(),
+        _ => format!("family {family:?}"),
+    }
+}
+
+/// One line on what a descriptor holds.
+fn describe(f: &FdInfo) -> String {
+    match &f.state {
+        FdState::None => f.path.clone(),
+        FdState::Epoll(items) => {
+            let fds: Vec<String> = items.iter().map(|i| i.fd.to_string()).collect();
+            format!("epoll set of {} [{}]", items.len(), fds.join(" "))
+        }
+        FdState::EventFd { count, semaphore } => {
+            format!(
+                "eventfd count {count}{}",
+                if *semaphore { " (semaphore)" } else { "" }
+            )
+        }
+        FdState::TimerFd {
+            clockid,
+            value_ns,
+            interval_ns,
+            ..
+        } => format!(
+            "timerfd clock {clockid}, {:.3} s left, every {:.3} s",
+            *value_ns as f64 / 1e9,
+            *interval_ns as f64 / 1e9
+        ),
+        FdState::SignalFd { mask } => format!("signalfd mask {mask:#x}"),
+        FdState::Socket(s) => {
+            let kind = match (s.family as i32, s.sock_type as i32) {
+                (libc::AF_UNIX, libc::SOCK_STREAM) => "unix stream",
+                (libc::AF_UNIX, libc::SOCK_DGRAM) => "unix datagram",
+                (libc::AF_UNIX, libc::SOCK_SEQPACKET) => "unix seqpacket",
+                (_, libc::SOCK_STREAM) => "TCP",
+                (_, libc::SOCK_DGRAM) => "UDP",
+                _ => "socket",
+            };
+            let queued: usize = s.queue.iter().map(Vec::len).sum();
+            let mut text = format!("{kind} {}", address(&s.local));
+            if s.listening {
+                text += &format!(" listening (backlog {})", s.backlog);
+            }
+            if !s.peer.is_empty() {
+                text += &format!(" -> {}", address(&s.peer));
+            }
+            if s.peer_inode != 0 {
+                text += &format!(" (pair with socket {})", s.peer_inode);
+            }
+            if queued > 0 {
+                text += &format!(", {queued} bytes queued in {} messages", s.queue.len());
+            }
+            if let Some(t) = &s.tcp {
+                text += &format!(
+                    ", established: {} bytes unread, {} unacknowledged, {} unsent",
+                    t.recv_queue.len(),
+                    t.send_queue.len() - t.unsent as usize,
+                    t.unsent
+                );
+            }
+            text
+        }
+    }
 }
 
 /// The checkpoints of an images directory, oldest first.

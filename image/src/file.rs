@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `CREBPFIM` |
 //! | 8 | 2 | format major (1) |
-//! | 10 | 2 | format minor (1) |
+//! | 10 | 2 | format minor (2) |
 //! | 12 | 2 | file kind (1 manifest, 2 pages) |
 //! | 14 | 2 | flags (0) |
 //! | 16 | 8 | payload length |
@@ -24,7 +24,7 @@ pub const MAGIC: &[u8; 8] = b"CREBPFIM";
 /// Format major version: a reader refuses any other major.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Newest format minor version this build knows.
-pub const FORMAT_MINOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 2;
 /// Header size.
 pub const HEADER_LEN: usize = 32;
 /// Largest manifest payload accepted.

@@ -16,6 +16,7 @@
 
 pub mod chain;
 mod codec;
+mod fdstate;
 pub mod file;
 pub mod images_dir;
 mod manifest;
@@ -23,6 +24,7 @@ pub mod pages;
 mod publish;
 
 pub use chain::Chain;
+pub use fdstate::{EpollItem, FdState, SockOpt, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
     ChainInfo, FdInfo, FdKind, Manifest, MappingInfo, MappingKind, ProcessInfo, SigAction,

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use crate::{
     codec::{Dec, DecErr, Enc},
+    fdstate::FdState,
     file::{self, FileKind},
     ImageError,
 };
@@ -207,6 +208,16 @@ pub enum FdKind {
     /// Connected to the outside (a pipe end whose other end is elsewhere):
     /// the restorer passes its own descriptor of the same number.
     Inherited = 4,
+    /// An epoll set (format 1.2; state [`FdState::Epoll`]).
+    Epoll = 5,
+    /// An eventfd (format 1.2; state [`FdState::EventFd`]).
+    EventFd = 6,
+    /// A timerfd (format 1.2; state [`FdState::TimerFd`]).
+    TimerFd = 7,
+    /// A signalfd (format 1.2; state [`FdState::SignalFd`]).
+    SignalFd = 8,
+    /// A socket (format 1.2; state [`FdState::Socket`]).
+    Socket = 9,
 }
 
 impl TryFrom<u16> for FdKind {
@@ -217,6 +228,11 @@ impl TryFrom<u16> for FdKind {
             2 => Self::CharDevice,
             3 => Self::Pipe,
             4 => Self::Inherited,
+            5 => Self::Epoll,
+            6 => Self::EventFd,
+            7 => Self::TimerFd,
+            8 => Self::SignalFd,
+            9 => Self::Socket,
             other => return Err(other),
         })
     }
@@ -249,6 +265,8 @@ pub struct FdInfo {
     pub pipe_size: u32,
     /// Bytes buffered in the pipe (stored once, on its read end).
     pub data: Vec<u8>,
+    /// What the kinds added in format 1.2 hold.
+    pub state: FdState,
 }
 
 /// Everything in `manifest.img`.
@@ -389,6 +407,7 @@ impl Manifest {
             b.u64(f.mtime_ns);
             b.u32(f.pipe_size);
             b.bytes(&f.data);
+            f.state.encode(&mut b);
             section(&mut out, TAG_FD, b);
         }
         if let Some(c) = &self.chain {
@@ -563,7 +582,32 @@ impl Manifest {
                         mtime_ns: b.u64()?,
                         pipe_size: b.u32()?,
                         data: b.bytes(PIPE_DATA_CAP, "pipe contents")?.to_vec(),
+                        state: FdState::decode(&mut b)?,
                     };
+                    let fits = matches!(
+                        (f.kind, &f.state),
+                        (FdKind::Epoll, FdState::Epoll(_))
+                            | (FdKind::EventFd, FdState::EventFd { .. })
+                            | (FdKind::TimerFd, FdState::TimerFd { .. })
+                            | (FdKind::SignalFd, FdState::SignalFd { .. })
+                            | (FdKind::Socket, FdState::Socket(_))
+                            | (
+                                FdKind::File
+                                    | FdKind::CharDevice
+                                    | FdKind::Pipe
+                                    | FdKind::Inherited,
+                                FdState::None
+                            )
+                    );
+                    if !fits {
+                        return Err(DecErr {
+                            offset: at,
+                            what: format!(
+                                "descriptor {} of kind {:?} with the state of another kind",
+                                f.fd, f.kind
+                            ),
+                        });
+                    }
                     if f.fd < 0 || fds.last().is_some_and(|p| p.fd >= f.fd) {
                         return Err(DecErr {
                             offset: at,

@@ -83,20 +83,48 @@ fn manifest() -> Manifest {
             seq: 2,
             method: "uffd-wp".into(),
         }),
-        fds: vec![cr_ebpf_image::FdInfo {
-            fd: 3,
-            kind: cr_ebpf_image::FdKind::Pipe,
-            flags: 0,
-            cloexec: true,
-            pos: 0,
-            path: "pipe:[123]".into(),
-            inode: 123,
-            dev: 0,
-            size: 0,
-            mtime_ns: 0,
-            pipe_size: 65536,
-            data: b"unread".to_vec(),
-        }],
+        fds: vec![
+            cr_ebpf_image::FdInfo {
+                fd: 3,
+                kind: cr_ebpf_image::FdKind::Pipe,
+                flags: 0,
+                cloexec: true,
+                pos: 0,
+                path: "pipe:[123]".into(),
+                inode: 123,
+                dev: 0,
+                size: 0,
+                mtime_ns: 0,
+                pipe_size: 65536,
+                data: b"unread".to_vec(),
+                state: cr_ebpf_image::FdState::None,
+            },
+            cr_ebpf_image::FdInfo {
+                fd: 4,
+                kind: cr_ebpf_image::FdKind::Epoll,
+                path: "anon_inode:[eventpoll]".into(),
+                state: cr_ebpf_image::FdState::Epoll(vec![cr_ebpf_image::EpollItem {
+                    fd: 5,
+                    events: 1,
+                    data: 0xfeed,
+                }]),
+                ..Default::default()
+            },
+            cr_ebpf_image::FdInfo {
+                fd: 5,
+                kind: cr_ebpf_image::FdKind::Socket,
+                path: "socket:[77]".into(),
+                state: cr_ebpf_image::FdState::Socket(Box::new(cr_ebpf_image::SocketInfo {
+                    family: 1,
+                    sock_type: 5,
+                    inode: 77,
+                    peer_inode: 78,
+                    queue: vec![b"hello".to_vec()],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+        ],
     }
 }
 

@@ -22,6 +22,8 @@
 //! a single image or any checkpoint of a chain. Process trees, sockets and
 //! shared memory come next.
 
+mod anon_fds;
+mod sockets;
 mod stub;
 
 use std::{path::Path, time::Duration, time::Instant};

@@ -1,9 +1,14 @@
 //! Building the process inside a ptrace-controlled stub.
 
-use std::time::{Duration, Instant};
+use std::{
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
 
 use cr_ebpf_checkpoint::{parse_maps, MapEntry};
-use cr_ebpf_image::{Chain, FdKind, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED};
+use cr_ebpf_image::{
+    Chain, FdKind, FdState, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED,
+};
 use cr_ebpf_tracee::{regs, Tracee};
 use nix::{
     sys::{
@@ -125,9 +130,45 @@ fn restore_fds(s: &Stub<'_>, m: &Manifest) -> Result<(), RestoreError> {
         s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
         Ok(t)
     };
+    // Sockets, eventfds, timerfds and signalfds are made here and taken by
+    // the stub with pidfd_getfd (through a pidfd of ours it opens once).
+    let mut native = crate::sockets::build(&m.fds)?;
+    for f in &m.fds {
+        if let Some(fd) = crate::anon_fds::build(&f.state)? {
+            native.insert(f.fd, fd);
+        }
+    }
+    let mut our_pidfd: Option<i64> = None;
+    let mut adopt = |ours: &std::os::fd::OwnedFd| -> Result<i64, RestoreError> {
+        let pidfd = match our_pidfd {
+            Some(p) => p,
+            None => {
+                let p = s.sys(
+                    "pidfd_open(restorer)",
+                    libc::SYS_pidfd_open,
+                    [std::process::id() as u64, 0, 0, 0, 0, 0],
+                )?;
+                let p = above(p)?;
+                our_pidfd = Some(p);
+                p
+            }
+        };
+        let t = s.sys(
+            "pidfd_getfd",
+            libc::SYS_pidfd_getfd,
+            [pidfd as u64, ours.as_raw_fd() as u64, 0, 0, 0, 0],
+        )?;
+        above(t)
+    };
     for f in &m.fds {
         let t = match f.kind {
-            FdKind::Inherited => continue,
+            FdKind::Inherited | FdKind::Epoll => continue,
+            FdKind::Socket | FdKind::EventFd | FdKind::TimerFd | FdKind::SignalFd => {
+                let ours = native.remove(&f.fd).ok_or_else(|| {
+                    RestoreError::NotSupported(format!("descriptor {} was not rebuilt", f.fd))
+                })?;
+                adopt(&ours)?
+            }
             FdKind::File | FdKind::CharDevice => {
                 let mut path = f.path.clone().into_bytes();
                 path.push(0);
@@ -251,6 +292,77 @@ fn restore_fds(s: &Stub<'_>, m: &Manifest) -> Result<(), RestoreError> {
     for (r, w) in pipes.into_values() {
         s.sys("close", libc::SYS_close, [r as u64, 0, 0, 0, 0, 0])?;
         s.sys("close", libc::SYS_close, [w as u64, 0, 0, 0, 0, 0])?;
+    }
+    if let Some(p) = our_pidfd {
+        s.sys("close", libc::SYS_close, [p as u64, 0, 0, 0, 0, 0])?;
+    }
+    restore_epolls(s, m)
+}
+
+/// Epoll sets last, made in the stub once every other descriptor has its
+/// number: a registration is keyed by the process's own descriptor number.
+fn restore_epolls(s: &Stub<'_>, m: &Manifest) -> Result<(), RestoreError> {
+    for f in &m.fds {
+        let FdState::Epoll(items) = &f.state else {
+            continue;
+        };
+        let flags = if f.cloexec {
+            libc::EPOLL_CLOEXEC as u64
+        } else {
+            0
+        };
+        let e = s.sys(
+            "epoll_create1",
+            libc::SYS_epoll_create1,
+            [flags, 0, 0, 0, 0, 0],
+        )?;
+        if e != f.fd as i64 {
+            s.sys(
+                "dup3",
+                libc::SYS_dup3,
+                [e as u64, f.fd as u64, flags, 0, 0, 0],
+            )?;
+            s.sys("close", libc::SYS_close, [e as u64, 0, 0, 0, 0, 0])?;
+        }
+        for item in items {
+            // struct epoll_event is packed on x86_64: u32 events, u64 data.
+            let mut ev = Vec::with_capacity(12);
+            ev.extend_from_slice(&item.events.to_le_bytes());
+            ev.extend_from_slice(&item.data.to_le_bytes());
+            let at = s.put(0, &ev)?;
+            s.sys(
+                "epoll_ctl(EPOLL_CTL_ADD)",
+                libc::SYS_epoll_ctl,
+                [
+                    f.fd as u64,
+                    libc::EPOLL_CTL_ADD as u64,
+                    item.fd as u64,
+                    at,
+                    0,
+                    0,
+                ],
+            )
+            .map_err(|e| {
+                RestoreError::NotSupported(format!(
+                    "registering descriptor {} in the epoll set on fd {}: {e}",
+                    item.fd, f.fd
+                ))
+            })?;
+        }
+        if f.flags as i32 & libc::O_NONBLOCK != 0 {
+            s.sys(
+                "fcntl(F_SETFL)",
+                libc::SYS_fcntl,
+                [
+                    f.fd as u64,
+                    libc::F_SETFL as u64,
+                    libc::O_NONBLOCK as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            )?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,447 @@
+//! Kind-specific state of a descriptor (format 1.2): epoll sets, eventfd
+//! counters, timerfd timers, signalfd masks and sockets.
+//!
+//! Encoded at the end of an FD section as `tag: u16` and a length-prefixed
+//! body; an FD section without it (format 1.0/1.1) has [`FdState::None`].
+
+use crate::codec::{Dec, DecErr, Enc};
+
+/// Largest queue of one socket stored (bytes, all messages together).
+pub const SOCKET_QUEUE_CAP: usize = 64 << 20;
+/// Most registrations of one epoll set.
+const EPOLL_ITEMS_CAP: usize = 1 << 20;
+/// Most messages in one socket queue.
+const MESSAGES_CAP: usize = 1 << 20;
+/// Largest socket address.
+const ADDR_CAP: usize = 128;
+/// Largest socket option value.
+const OPTION_CAP: usize = 256;
+/// Most socket options.
+const OPTIONS_CAP: usize = 64;
+
+const STATE_EPOLL: u16 = 1;
+const STATE_EVENTFD: u16 = 2;
+const STATE_TIMERFD: u16 = 3;
+const STATE_SIGNALFD: u16 = 4;
+const STATE_SOCKET: u16 = 5;
+
+/// One registration of an epoll set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EpollItem {
+    /// The descriptor number it was registered with (the process's own).
+    pub fd: i32,
+    /// `EPOLL*` event bits, including `EPOLLET`/`EPOLLONESHOT`.
+    pub events: u32,
+    /// The user data word, all 64 bits.
+    pub data: u64,
+}
+
+/// A TCP connection's state as `TCP_REPAIR` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TcpRepair {
+    /// Sequence number of the first byte of the send queue (oldest unacknowledged).
+    pub send_seq: u32,
+    /// Sequence number of the first byte of the receive queue (oldest unread).
+    pub recv_seq: u32,
+    /// The send queue: bytes sent and not acknowledged, then bytes not sent yet.
+    pub send_queue: Vec<u8>,
+    /// How many bytes at the end of `send_queue` were never sent.
+    pub unsent: u32,
+    /// The receive queue: bytes received and not read.
+    pub recv_queue: Vec<u8>,
+    /// Maximum segment size.
+    pub mss: u32,
+    /// The connection's TCP timestamp clock (`TCP_TIMESTAMP`).
+    pub timestamp: u32,
+    /// `tcpi_options` bits: 1 timestamps, 2 SACK, 4 window scaling.
+    pub options: u8,
+    /// Send and receive window scale.
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    /// `struct tcp_repair_window`: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
+}
+
+/// A socket option to set again, as `getsockopt` returned it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SockOpt {
+    pub level: i32,
+    pub name: i32,
+    pub value: Vec<u8>,
+}
+
+/// A socket: address family, type, addresses, options and queued data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketInfo {
+    /// `AF_UNIX`, `AF_INET`, `AF_INET6`.
+    pub family: u16,
+    /// `SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_SEQPACKET`.
+    pub sock_type: u16,
+    /// Protocol number (`IPPROTO_TCP`, ...).
+    pub protocol: u32,
+    /// Listening, with this backlog.
+    pub listening: bool,
+    pub backlog: u32,
+    /// Local address (`struct sockaddr_*` bytes); empty when not bound.
+    pub local: Vec<u8>,
+    /// Peer address; empty when not connected.
+    pub peer: Vec<u8>,
+    /// Socket options that differ from a new socket's.
+    pub options: Vec<SockOpt>,
+    /// Unix sockets: this socket's inode and its peer's (0: none). Both
+    /// ends of a socket pair held by the process are recreated together.
+    pub inode: u64,
+    pub peer_inode: u64,
+    /// Messages waiting in the receive queue (unix and UDP; a stream
+    /// socket's bytes as one message).
+    pub queue: Vec<Vec<u8>>,
+    /// An established TCP connection.
+    pub tcp: Option<TcpRepair>,
+}
+
+/// What a descriptor holds beyond the common fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FdState {
+    /// Nothing more (files, devices, pipes).
+    #[default]
+    None,
+    /// An epoll set and its registrations.
+    Epoll(Vec<EpollItem>),
+    /// An eventfd counter.
+    EventFd { count: u64, semaphore: bool },
+    /// A timerfd: clock, remaining time and interval (ns), expirations not read yet.
+    TimerFd {
+        clockid: i32,
+        /// Set with `TFD_TIMER_ABSTIME` (restored relative to the remaining time).
+        abstime: bool,
+        value_ns: u64,
+        interval_ns: u64,
+        ticks: u64,
+    },
+    /// A signalfd and its mask (bit n-1 for signal n).
+    SignalFd { mask: u64 },
+    /// A socket.
+    Socket(Box<SocketInfo>),
+}
+
+fn encode_socket(b: &mut Enc, s: &SocketInfo) {
+    b.u16(s.family);
+    b.u16(s.sock_type);
+    b.u32(s.protocol);
+    b.u16(s.listening as u16);
+    b.u16(0);
+    b.u32(s.backlog);
+    b.bytes(&s.local);
+    b.bytes(&s.peer);
+    b.u32(s.options.len() as u32);
+    for o in &s.options {
+        b.i32(o.level);
+        b.i32(o.name);
+        b.bytes(&o.value);
+    }
+    b.u64(s.inode);
+    b.u64(s.peer_inode);
+    b.u32(s.queue.len() as u32);
+    for m in &s.queue {
+        b.bytes(m);
+    }
+    match &s.tcp {
+        None => b.u16(0),
+        Some(t) => {
+            b.u16(1);
+            b.u32(t.send_seq);
+            b.u32(t.recv_seq);
+            b.bytes(&t.send_queue);
+            b.u32(t.unsent);
+            b.bytes(&t.recv_queue);
+            b.u32(t.mss);
+            b.u32(t.timestamp);
+            b.u16(t.options as u16);
+            b.u16(t.snd_wscale as u16 | (t.rcv_wscale as u16) << 8);
+            for w in t.window {
+                b.u32(w);
+            }
+        }
+    }
+}
+
+fn decode_socket(b: &mut Dec<'_>) -> Result<SocketInfo, DecErr> {
+    let mut s = SocketInfo {
+        family: b.u16()?,
+        sock_type: b.u16()?,
+        protocol: b.u32()?,
+        listening: b.u16()? != 0,
+        ..SocketInfo::default()
+    };
+    b.u16()?;
+    s.backlog = b.u32()?;
+    s.local = b.bytes(ADDR_CAP, "socket address")?.to_vec();
+    s.peer = b.bytes(ADDR_CAP, "peer address")?.to_vec();
+    let n = b.u32()? as usize;
+    if n > OPTIONS_CAP {
+        return Err(b.err(format!("{n} socket options (at most {OPTIONS_CAP})")));
+    }
+    for _ in 0..n {
+        s.options.push(SockOpt {
+            level: b.i32()?,
+            name: b.i32()?,
+            value: b.bytes(OPTION_CAP, "socket option")?.to_vec(),
+        });
+    }
+    s.inode = b.u64()?;
+    s.peer_inode = b.u64()?;
+    let n = b.u32()? as usize;
+    if n > MESSAGES_CAP {
+        return Err(b.err(format!("{n} queued messages (at most {MESSAGES_CAP})")));
+    }
+    let mut total = 0;
+    for _ in 0..n {
+        let m = b.bytes(SOCKET_QUEUE_CAP, "queued message")?;
+        total += m.len();
+        if total > SOCKET_QUEUE_CAP {
+            return Err(b.err(format!("socket queue over {SOCKET_QUEUE_CAP} bytes")));
+        }
+        s.queue.push(m.to_vec());
+    }
+    s.tcp = match b.u16()? {
+        0 => None,
+        1 => {
+            let mut t = TcpRepair {
+                send_seq: b.u32()?,
+                recv_seq: b.u32()?,
+                send_queue: b.bytes(SOCKET_QUEUE_CAP, "TCP send queue")?.to_vec(),
+                unsent: b.u32()?,
+                recv_queue: b.bytes(SOCKET_QUEUE_CAP, "TCP receive queue")?.to_vec(),
+                mss: b.u32()?,
+                timestamp: b.u32()?,
+                options: b.u16()? as u8,
+                ..TcpRepair::default()
+            };
+            let scales = b.u16()?;
+            t.snd_wscale = scales as u8;
+            t.rcv_wscale = (scales >> 8) as u8;
+            for w in t.window.iter_mut() {
+                *w = b.u32()?;
+            }
+            if t.unsent as usize > t.send_queue.len() {
+                return Err(b.err(format!(
+                    "{} unsent bytes in a send queue of {}",
+                    t.unsent,
+                    t.send_queue.len()
+                )));
+            }
+            Some(t)
+        }
+        other => return Err(b.err(format!("unknown TCP state marker {other}"))),
+    };
+    Ok(s)
+}
+
+impl FdState {
+    /// Appends the state to an FD section (nothing for [`FdState::None`]).
+    pub(crate) fn encode(&self, out: &mut Enc) {
+        let mut b = Enc::default();
+        let tag = match self {
+            Self::None => return,
+            Self::Epoll(items) => {
+                b.u32(items.len() as u32);
+                for i in items {
+                    b.i32(i.fd);
+                    b.u32(i.events);
+                    b.u64(i.data);
+                }
+                STATE_EPOLL
+            }
+            Self::EventFd { count, semaphore } => {
+                b.u64(*count);
+                b.u32(*semaphore as u32);
+                STATE_EVENTFD
+            }
+            Self::TimerFd {
+                clockid,
+                abstime,
+                value_ns,
+                interval_ns,
+                ticks,
+            } => {
+                b.i32(*clockid);
+                b.u32(*abstime as u32);
+                b.u64(*value_ns);
+                b.u64(*interval_ns);
+                b.u64(*ticks);
+                STATE_TIMERFD
+            }
+            Self::SignalFd { mask } => {
+                b.u64(*mask);
+                STATE_SIGNALFD
+            }
+            Self::Socket(s) => {
+                encode_socket(&mut b, s);
+                STATE_SOCKET
+            }
+        };
+        out.u16(tag);
+        out.bytes(&b.buf);
+    }
+
+    /// Reads the state at the end of an FD section, if there is one.
+    pub(crate) fn decode(d: &mut Dec<'_>) -> Result<Self, DecErr> {
+        if d.done() {
+            return Ok(Self::None);
+        }
+        let at = d.offset();
+        let tag = d.u16()?;
+        let body = d.bytes(usize::MAX >> 1, "descriptor state")?;
+        let mut b = Dec::new(body, at + 6);
+        let state = match tag {
+            STATE_EPOLL => {
+                let n = b.u32()? as usize;
+                if n > EPOLL_ITEMS_CAP {
+                    return Err(b.err(format!(
+                        "{n} epoll registrations (at most {EPOLL_ITEMS_CAP})"
+                    )));
+                }
+                let mut items = Vec::with_capacity(n.min(4096));
+                for _ in 0..n {
+                    items.push(EpollItem {
+                        fd: b.i32()?,
+                        events: b.u32()?,
+                        data: b.u64()?,
+                    });
+                }
+                Self::Epoll(items)
+            }
+            STATE_EVENTFD => Self::EventFd {
+                count: b.u64()?,
+                semaphore: b.u32()? != 0,
+            },
+            STATE_TIMERFD => Self::TimerFd {
+                clockid: b.i32()?,
+                abstime: b.u32()? != 0,
+                value_ns: b.u64()?,
+                interval_ns: b.u64()?,
+                ticks: b.u64()?,
+            },
+            STATE_SIGNALFD => Self::SignalFd { mask: b.u64()? },
+            STATE_SOCKET => Self::Socket(Box::new(decode_socket(&mut b)?)),
+            other => {
+                return Err(DecErr {
+                    offset: at,
+                    what: format!("unknown descriptor state {other} (from a newer cr-ebpf?)"),
+                })
+            }
+        };
+        if !b.done() {
+            return Err(b.err("unexpected bytes at the end of a descriptor state"));
+        }
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(s: &FdState) -> FdState {
+        let mut e = Enc::default();
+        s.encode(&mut e);
+        let mut d = Dec::new(&e.buf, 0);
+        let back = FdState::decode(&mut d).expect("decodes");
+        assert!(d.done());
+        back
+    }
+
+    #[test]
+    fn every_state_survives_encoding() {
+        let states = [
+            FdState::None,
+            FdState::Epoll(vec![
+                EpollItem {
+                    fd: 3,
+                    events: 0x8000_0019,
+                    data: 0x1122_3344_5566_7788,
+                },
+                EpollItem {
+                    fd: 9,
+                    events: 1,
+                    data: 9,
+                },
+            ]),
+            FdState::EventFd {
+                count: 5,
+                semaphore: true,
+            },
+            FdState::TimerFd {
+                clockid: 1,
+                abstime: false,
+                value_ns: 8_999_837_282,
+                interval_ns: 2_500_000_000,
+                ticks: 3,
+            },
+            FdState::SignalFd {
+                mask: 0x2_0000_4200,
+            },
+            FdState::Socket(Box::new(SocketInfo {
+                family: 2,
+                sock_type: 1,
+                protocol: 6,
+                local: vec![2, 0, 0x18, 0xff, 127, 0, 0, 1],
+                peer: vec![2, 0, 0xc0, 0x01, 127, 0, 0, 1],
+                options: vec![SockOpt {
+                    level: 6,
+                    name: 1,
+                    value: 1i32.to_le_bytes().to_vec(),
+                }],
+                queue: vec![b"one".to_vec(), b"two".to_vec()],
+                tcp: Some(TcpRepair {
+                    send_seq: 1,
+                    recv_seq: u32::MAX,
+                    send_queue: b"abcdef".to_vec(),
+                    unsent: 2,
+                    recv_queue: b"xyz".to_vec(),
+                    mss: 65483,
+                    timestamp: 3_149_598_432,
+                    options: 7,
+                    snd_wscale: 10,
+                    rcv_wscale: 9,
+                    window: [1, 2, 3, 4, 5],
+                }),
+                ..SocketInfo::default()
+            })),
+        ];
+        for s in &states {
+            assert_eq!(&round_trip(s), s);
+        }
+    }
+
+    #[test]
+    fn damaged_states_are_refused() {
+        let mut e = Enc::default();
+        FdState::SignalFd { mask: 1 }.encode(&mut e);
+        // Unknown state tag.
+        let mut bad = e.buf.clone();
+        bad[0] = 99;
+        assert!(FdState::decode(&mut Dec::new(&bad, 0))
+            .unwrap_err()
+            .what
+            .contains("unknown descriptor state 99"));
+        // Truncated body.
+        let short = &e.buf[..e.buf.len() - 1];
+        assert!(FdState::decode(&mut Dec::new(short, 0)).is_err());
+        // More unsent bytes than the queue holds.
+        let mut e = Enc::default();
+        FdState::Socket(Box::new(SocketInfo {
+            tcp: Some(TcpRepair {
+                send_queue: vec![1, 2],
+                unsent: 3,
+                ..TcpRepair::default()
+            }),
+            ..SocketInfo::default()
+        }))
+        .encode(&mut e);
+        assert!(FdState::decode(&mut Dec::new(&e.buf, 0))
+            .unwrap_err()
+            .what
+            .contains("unsent"));
+    }
+}

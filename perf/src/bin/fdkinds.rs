@@ -1,0 +1,272 @@
+//! A single-threaded event loop holding one descriptor of each kind the
+//! checkpointer saves beyond files and pipes, for round-trip tests.
+//!
+//! It listens on TCP (127.0.0.1, any port), binds a UDP socket, creates an
+//! eventfd (count 5), a timerfd (30 s, then every 7 s), a signalfd for
+//! SIGUSR1 (blocked), a seqpacket socket pair with two queued messages and
+//! a stream pair with queued bytes, and waits in `epoll_wait` on the
+//! listener, the UDP socket, the signalfd and every accepted connection.
+//! Prints `ready TCP_PORT UDP_PORT` on stdout.
+//!
+//! Every accepted connection takes line commands, each answered with one
+//! line: `ping` -> `pong`; `sleep MS` (sleeps in the loop, then `slept`);
+//! `eventfd` (reads it) -> `eventfd N`; `timer` -> `timer REMAINING_MS
+//! INTERVAL_MS`; `pair` -> `pair M1,M2`; `stream` -> `stream BYTES`;
+//! `events` -> `events signals=N udp=D1,D2 accepted=N`.
+//!
+//! Usage: `fdkinds`
+
+use std::{collections::HashMap, io::Write as _, os::fd::RawFd};
+
+/// Aborts with the errno when a libc call fails.
+fn ok(r: libc::c_int, what: &str) -> libc::c_int {
+    if r < 0 {
+        eprintln!("fdkinds: {what}: {}", std::io::Error::last_os_error());
+        std::process::exit(1);
+    }
+    r
+}
+
+const LISTENER: u64 = 0x11;
+const UDP: u64 = 0x0d;
+const SIGNALS: u64 = 0x516;
+/// Data of a connection: this tag in the high half, the fd in the low.
+const CONN: u64 = 0xc0_0000_0000;
+
+fn port(fd: RawFd) -> u16 {
+    // SAFETY: zeroed sockaddr_in is valid; our own buffer.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: as above.
+    ok(
+        unsafe { libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) },
+        "getsockname",
+    );
+    u16::from_be(sa.sin_port)
+}
+
+fn inet_socket(kind: i32) -> RawFd {
+    // SAFETY: plain syscalls on our own socket and address.
+    unsafe {
+        let fd = ok(
+            libc::socket(libc::AF_INET, kind | libc::SOCK_NONBLOCK, 0),
+            "socket",
+        );
+        let one: i32 = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const i32).cast(),
+            4,
+        );
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as u16;
+        sa.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        ok(
+            libc::bind(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            ),
+            "bind",
+        );
+        fd
+    }
+}
+
+fn add(ep: RawFd, fd: RawFd, data: u64) {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: data,
+    };
+    // SAFETY: registering our own descriptor.
+    ok(
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) },
+        "epoll_ctl",
+    );
+}
+
+fn write_all(fd: RawFd, b: &[u8]) {
+    let mut off = 0;
+    while off < b.len() {
+        // SAFETY: writing our own buffer.
+        let n = unsafe { libc::write(fd, b[off..].as_ptr().cast(), b.len() - off) };
+        if n <= 0 {
+            return;
+        }
+        off += n as usize;
+    }
+}
+
+/// Everything read without blocking, as messages (one per read).
+fn read_messages(fd: RawFd) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: reading into our buffer.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            return out;
+        }
+        out.push(String::from_utf8_lossy(&buf[..n as usize]).into_owned());
+    }
+}
+
+fn main() {
+    // SAFETY: plain syscalls creating and configuring our own descriptors.
+    let (ep, listener, udp, efd, tfd, sfd, pair, stream) = unsafe {
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut mask);
+        libc::sigaddset(&mut mask, libc::SIGUSR1);
+        ok(
+            libc::sigprocmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut()),
+            "sigprocmask",
+        );
+        let sfd = ok(libc::signalfd(-1, &mask, libc::SFD_NONBLOCK), "signalfd");
+        let efd = ok(libc::eventfd(0, 0), "eventfd");
+        write_all(efd, &5u64.to_ne_bytes());
+        let tfd = ok(
+            libc::timerfd_create(libc::CLOCK_MONOTONIC, 0),
+            "timerfd_create",
+        );
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 7,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 30,
+                tv_nsec: 0,
+            },
+        };
+        ok(
+            libc::timerfd_settime(tfd, 0, &spec, std::ptr::null_mut()),
+            "timerfd_settime",
+        );
+        let mut p = [0; 2];
+        ok(
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, p.as_mut_ptr()),
+            "socketpair",
+        );
+        write_all(p[0], b"hello");
+        write_all(p[0], b"world");
+        let mut q = [0; 2];
+        ok(
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, q.as_mut_ptr()),
+            "socketpair",
+        );
+        write_all(q[0], b"stream-");
+        write_all(q[0], b"bytes");
+        let listener = inet_socket(libc::SOCK_STREAM);
+        ok(libc::listen(listener, 7), "listen");
+        let udp = inet_socket(libc::SOCK_DGRAM);
+        let ep = ok(libc::epoll_create1(libc::EPOLL_CLOEXEC), "epoll_create1");
+        (ep, listener, udp, efd, tfd, sfd, p[1], q[1])
+    };
+    add(ep, listener, LISTENER);
+    add(ep, udp, UDP);
+    add(ep, sfd, SIGNALS);
+    println!("ready {} {}", port(listener), port(udp));
+    let _ = std::io::stdout().flush();
+
+    let (mut signals, mut accepted, mut datagrams) = (0u32, 0u32, Vec::<String>::new());
+    let mut lines: HashMap<RawFd, Vec<u8>> = HashMap::new();
+    loop {
+        // SAFETY: zeroed events are valid; epoll_wait fills at most 16.
+        let mut evs: [libc::epoll_event; 16] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 16, -1) };
+        if n < 0 {
+            continue; // EINTR
+        }
+        for ev in &evs[..n as usize] {
+            let data = ev.u64;
+            match data {
+                LISTENER => {
+                    // SAFETY: accepting on our listener.
+                    let c = unsafe {
+                        libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), 0)
+                    };
+                    if c >= 0 {
+                        accepted += 1;
+                        add(ep, c, CONN | c as u64);
+                    }
+                }
+                UDP => datagrams.extend(read_messages(udp)),
+                SIGNALS => {
+                    let mut si = [0u8; 128];
+                    // SAFETY: reading siginfo records into our buffer.
+                    while unsafe { libc::read(sfd, si.as_mut_ptr().cast(), 128) } == 128 {
+                        signals += 1;
+                    }
+                }
+                d if d & CONN == CONN => {
+                    let c = (d & 0xffff_ffff) as RawFd;
+                    let mut buf = [0u8; 4096];
+                    // SAFETY: reading into our buffer.
+                    let got = unsafe { libc::read(c, buf.as_mut_ptr().cast(), buf.len()) };
+                    if got <= 0 {
+                        // SAFETY: closing the finished connection (removes it from the set).
+                        unsafe { libc::close(c) };
+                        lines.remove(&c);
+                        continue;
+                    }
+                    let pending = lines.entry(c).or_default();
+                    pending.extend_from_slice(&buf[..got as usize]);
+                    while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=nl).collect();
+                        let line = String::from_utf8_lossy(&line).trim().to_string();
+                        let reply =
+                            answer(&line, efd, tfd, pair, stream, signals, accepted, &datagrams);
+                        write_all(c, format!("{reply}\n").as_bytes());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "the loop's whole state, once")]
+fn answer(
+    line: &str,
+    efd: RawFd,
+    tfd: RawFd,
+    pair: RawFd,
+    stream: RawFd,
+    signals: u32,
+    accepted: u32,
+    datagrams: &[String],
+) -> String {
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some("ping") => "pong".into(),
+        Some("sleep") => {
+            let ms: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            "slept".into()
+        }
+        Some("eventfd") => {
+            let mut v = 0u64;
+            // SAFETY: reading 8 bytes into our u64.
+            unsafe { libc::read(efd, (&mut v as *mut u64).cast(), 8) };
+            format!("eventfd {v}")
+        }
+        Some("timer") => {
+            // SAFETY: zeroed itimerspec is valid; filled by the kernel.
+            let mut cur: libc::itimerspec = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            unsafe { libc::timerfd_gettime(tfd, &mut cur) };
+            let ms = |t: libc::timespec| t.tv_sec * 1000 + t.tv_nsec / 1_000_000;
+            format!("timer {} {}", ms(cur.it_value), ms(cur.it_interval))
+        }
+        Some("pair") => format!("pair {}", read_messages(pair).join(",")),
+        Some("stream") => format!("stream {}", read_messages(stream).concat()),
+        Some("events") => format!(
+            "events signals={signals} udp={} accepted={accepted}",
+            datagrams.join(",")
+        ),
+        _ => format!("unknown {line:?}"),
+    }
+}

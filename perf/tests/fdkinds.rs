@@ -1,0 +1,238 @@
+//! Privileged round trips of the descriptor kinds beyond files and pipes:
+//! an established TCP connection (through TCP_REPAIR, with unread data in
+//! its receive queue), a TCP listener, a UDP socket, unix socket pairs with
+//! queued messages, an epoll set, an eventfd, a timerfd and a signalfd, all
+//! in the `fdkinds` workload. And what is not supported yet is refused
+//! before anything is frozen for long, with the process left running.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpStream, UdpSocket},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_checkpoint::{dump, DumpError, DumpOptions};
+use cr_ebpf_image::{FdKind, FdState};
+use cr_ebpf_perf::{spawn_clean, KillOnDrop};
+use cr_ebpf_restore::{restore, RestoreOptions};
+
+const FDKINDS: &str = env!("CARGO_BIN_EXE_fdkinds");
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("cr-ebpf-fdk-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Control {
+    out: TcpStream,
+    input: BufReader<TcpStream>,
+}
+
+impl Control {
+    fn connect(port: u16) -> Self {
+        let out = TcpStream::connect(("127.0.0.1", port)).expect("connect to the workload");
+        out.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let input = BufReader::new(out.try_clone().unwrap());
+        Self { out, input }
+    }
+
+    fn send(&mut self, line: &str) {
+        self.out.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.input
+            .read_line(&mut l)
+            .expect("an answer from the workload");
+        l.trim().to_string()
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        self.send(line);
+        self.line()
+    }
+}
+
+fn state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .and_then(|i| stat[i + 2..].chars().next())
+        .unwrap_or('?')
+}
+
+#[test]
+fn sockets_epoll_eventfd_timerfd_signalfd_round_trip() {
+    if !cr_ebpf_perf::privileged("sockets_epoll_eventfd_timerfd_signalfd_round_trip") {
+        return;
+    }
+    let scratch = Scratch::new("all");
+    let img = scratch.0.join("image");
+    let mut child = spawn_clean(
+        Command::new(FDKINDS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    );
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let f: Vec<&str> = ready.split_whitespace().collect();
+    assert_eq!(f.first(), Some(&"ready"), "{ready:?}");
+    let (tcp_port, udp_port): (u16, u16) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+    let started = Instant::now();
+
+    let mut c = Control::connect(tcp_port);
+    assert_eq!(c.ask("ping"), "pong");
+    // The workload sleeps; our next command waits unread in its socket's
+    // receive queue while it is checkpointed.
+    c.send("sleep 300");
+    c.send("ping");
+    std::thread::sleep(Duration::from_millis(100));
+    let d = dump(
+        pid,
+        &img,
+        &DumpOptions {
+            leave_running: false,
+            threads: 0,
+        },
+    )
+    .expect("dump");
+    assert!(d.pages > 0);
+    // What the image holds: one of each kind, and the unread command in
+    // the connection's receive queue.
+    let m = cr_ebpf_image::Manifest::read(&img).expect("the manifest");
+    let kinds: Vec<FdKind> = m.fds.iter().map(|f| f.kind).collect();
+    for k in [
+        FdKind::Epoll,
+        FdKind::EventFd,
+        FdKind::TimerFd,
+        FdKind::SignalFd,
+        FdKind::Socket,
+    ] {
+        assert!(kinds.contains(&k), "{k:?} in {kinds:?}");
+    }
+    let queued: Vec<Vec<u8>> = m
+        .fds
+        .iter()
+        .filter_map(|f| match &f.state {
+            FdState::Socket(s) => s.tcp.as_ref().map(|t| t.recv_queue.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        queued,
+        vec![b"ping\n".to_vec()],
+        "one connection, its unread command"
+    );
+    let _ = child.wait();
+    drop(guard);
+
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    assert_eq!(r.pid, pid);
+    let _guard = KillOnDrop(r.pid);
+    // The same connection goes on: the queued command is answered.
+    assert_eq!(c.line(), "slept");
+    assert_eq!(c.line(), "pong", "the command queued at checkpoint time");
+    assert_eq!(c.ask("ping"), "pong");
+    assert_eq!(c.ask("eventfd"), "eventfd 5");
+    let t = c.ask("timer");
+    let v: Vec<i64> = t
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let elapsed = started.elapsed().as_millis() as i64;
+    assert_eq!(v[1], 7000, "interval: {t}");
+    assert!(
+        v[0] <= 30_000 && v[0] >= 30_000 - elapsed - 2000,
+        "remaining time {t} after {elapsed} ms"
+    );
+    assert_eq!(c.ask("pair"), "pair hello,world");
+    assert_eq!(c.ask("stream"), "stream stream-bytes");
+    // The listener, the UDP socket and the signalfd, through the epoll set.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.send_to(b"udp-hi", ("127.0.0.1", udp_port)).unwrap();
+    // SAFETY: signalling the restored workload.
+    unsafe { libc::kill(r.pid, libc::SIGUSR1) };
+    let mut second = Control::connect(tcp_port);
+    assert_eq!(second.ask("ping"), "pong");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let e = c.ask("events");
+        if e == "events signals=1 udp=udp-hi accepted=2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events after restore: {e}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_unsupported_descriptor_is_named_and_the_process_keeps_running() {
+    if !cr_ebpf_perf::privileged("an_unsupported_descriptor_is_named_and_the_process_keeps_running")
+    {
+        return;
+    }
+    let scratch = Scratch::new("unsupported");
+    let img = scratch.0.join("image");
+    // python3 holding an inotify descriptor.
+    let mut child = spawn_clean(
+        Command::new("python3")
+            .args([
+                "-c",
+                "import ctypes,sys,time\n\
+                 fd=ctypes.CDLL(None).inotify_init()\n\
+                 print(fd,flush=True)\n\
+                 time.sleep(60)",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    );
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let fd: i32 = line.trim().parse().expect("the inotify descriptor");
+    let err = dump(
+        pid,
+        &img,
+        &DumpOptions {
+            leave_running: false,
+            threads: 0,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, DumpError::NotSupportedFd { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("not supported: inotify on fd {fd} of pid {pid}")
+    );
+    assert!(!img.exists(), "nothing published");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        matches!(state(pid), 'S' | 'R'),
+        "the process runs on, state {}",
+        state(pid)
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
