@@ -258,7 +258,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         let since = f.since;
         // Its TCP connections close silently (repair mode) when it dies: the
         // peers wait for the restored process instead of seeing a reset.
-        for sock in &state.tcp {
+        for (_, sock) in &state.tcp {
             let _ = crate::sockets::setsockopt_int(
                 sock,
                 libc::IPPROTO_TCP,

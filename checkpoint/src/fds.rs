@@ -36,7 +36,8 @@ fn fdinfo(pid: i32, fd: i32) -> std::io::Result<(u64, u32, String)> {
 /// silently and the restored process can take over).
 pub(crate) struct Fds {
     pub fds: Vec<FdInfo>,
-    pub tcp: Vec<OwnedFd>,
+    /// (descriptor number in the process, our duplicate).
+    pub tcp: Vec<(i32, OwnedFd)>,
 }
 
 /// A duplicate, in this process, of descriptor `fd` of process `pidfd`'s
@@ -222,7 +223,7 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
                         },
                     })?;
                 if sock.tcp.is_some() {
-                    tcp.push(dup);
+                    tcp.push((fd, dup));
                 }
                 info.state = cr_ebpf_image::FdState::Socket(Box::new(sock));
                 FdKind::Socket

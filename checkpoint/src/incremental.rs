@@ -172,6 +172,9 @@ pub struct Session {
     precopied: BTreeMap<u64, Vec<u8>>,
     pool: rayon::ThreadPool,
     opts: SessionOptions,
+    /// The established TCP connections of the newest checkpoint, held open
+    /// (see [`Session::silence_connections`]), by descriptor number.
+    connections: Vec<(i32, std::os::fd::OwnedFd)>,
 }
 
 fn image_io(what: &'static str, path: String, e: impl std::fmt::Display) -> ImageError {
@@ -212,6 +215,7 @@ impl Session {
             precopied: BTreeMap::new(),
             pool,
             opts,
+            connections: Vec::new(),
         };
         if let Some(newest) = images_dir::list(dir)?.pop() {
             let manifest = Manifest::read(&newest.dir)?;
@@ -233,6 +237,33 @@ impl Session {
         self.wp = tracker;
         self.registered.clear();
         self.precopied.clear();
+    }
+
+    /// Lets go of the held connections the process had on descriptors
+    /// `fds` (it closed or replaced them): holding one would delay the
+    /// peer's FIN.
+    pub fn release_connections(&mut self, fds: std::ops::RangeInclusive<i32>) {
+        self.connections.retain(|(n, _)| !fds.contains(n));
+    }
+
+    /// The process died: its established TCP connections, kept open by
+    /// the duplicates this session holds since the newest checkpoint (so
+    /// the kernel sent the peers neither FIN nor RST), are put in repair
+    /// mode and closed, which closes them silently. A process restored from
+    /// that checkpoint then re-establishes them with `TCP_REPAIR`, and the
+    /// peers carry on (if no byte moved on a connection since the
+    /// checkpoint). Returns how many.
+    pub fn silence_connections(&mut self) -> usize {
+        let n = self.connections.len();
+        for (_, sock) in self.connections.drain(..) {
+            let _ = crate::sockets::setsockopt_int(
+                &sock,
+                libc::IPPROTO_TCP,
+                crate::sockets::TCP_REPAIR,
+                1,
+            );
+        }
+        n
     }
 
     /// Makes the next checkpoint a full image (no parent).
@@ -489,7 +520,9 @@ impl Session {
         };
         let t = Instant::now();
         let changes = &changes();
-        let state = state::collect(&frozen, self.parent.as_ref().map(|p| &p.manifest), changes)?;
+        let mut state =
+            state::collect(&frozen, self.parent.as_ref().map(|p| &p.manifest), changes)?;
+        let connections = std::mem::take(&mut state.tcp);
         phases.collect = t.elapsed();
         let t = Instant::now();
         let pagemap_err = || proc_err(pid, format!("/proc/{pid}/pagemap"));
@@ -726,6 +759,7 @@ impl Session {
             seq,
             manifest,
         });
+        self.connections = connections;
         Ok(CheckpointReport {
             name,
             seq,

@@ -79,7 +79,7 @@ pub(crate) struct State {
     pub threads: Vec<ThreadInfo>,
     pub fds: Vec<FdInfo>,
     /// Duplicates of the established TCP connections (see [`crate::fds::Fds`]).
-    pub tcp: Vec<std::os::fd::OwnedFd>,
+    pub tcp: Vec<(i32, std::os::fd::OwnedFd)>,
     pub pagemap: File,
     pub queries: Queries,
 }

@@ -28,6 +28,10 @@ pub struct Args {
     /// Restore even if the process ran under other credentials (it then runs with ours).
     #[arg(long)]
     pub allow_other_credentials: bool,
+    /// Close the process's established TCP connections (their peers get a
+    /// reset) instead of re-establishing them.
+    #[arg(long)]
+    pub close_connections: bool,
     /// Print what the restore did (pid, pages, time per phase) as one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -40,6 +44,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             threads: args.threads,
             allow_other_credentials: args.allow_other_credentials,
             checkpoint: args.checkpoint.clone(),
+            close_connections: args.close_connections,
         },
     )
     .with_context(|| format!("restoring {}", args.images_dir.display()))?;

@@ -90,6 +90,8 @@ struct Log {
     /// When the process was stopped by our recent checkpoints: its
     /// syscalls then are the ones we injected, not its own.
     ours: Vec<(u64, u64)>,
+    /// Descriptor ranges the process closed or replaced since last looked at.
+    closed: Vec<(i32, i32)>,
 }
 
 impl Log {
@@ -120,6 +122,16 @@ impl Log {
                         if private && readable {
                             self.new_mappings.push((a, a + s.args[1]));
                         }
+                    }
+                    // Descriptors closed or replaced: held connections on
+                    // them are let go.
+                    nr::CLOSE if ok => self.closed.push((s.args[0] as i32, s.args[0] as i32)),
+                    nr::CLOSE_RANGE if ok => self.closed.push((
+                        s.args[0].min(i32::MAX as u64) as i32,
+                        s.args[1].min(i32::MAX as u64) as i32,
+                    )),
+                    nr::DUP2 | nr::DUP3 if ok => {
+                        self.closed.push((s.args[1] as i32, s.args[1] as i32))
                     }
                     nr::MUNMAP => self
                         .changes()
@@ -304,6 +316,8 @@ impl Service {
         });
         self.log.faults = 0;
         self.log.new_mappings.clear();
+        // Closed before the freeze: the checkpoint's connections reflect it.
+        self.log.closed.clear();
         if lost {
             self.tracer.acknowledge_loss(pid)?;
         }
@@ -315,6 +329,13 @@ impl Service {
         self.taken += 1;
         self.retain(false);
         Ok(r)
+    }
+
+    /// Lets go of held connections on descriptors the process closed.
+    fn release_closed(&mut self) {
+        for (a, b) in std::mem::take(&mut self.log.closed) {
+            self.session.release_connections(a..=b);
+        }
     }
 
     /// Merges old checkpoints away in the background once there are 2K.
@@ -479,6 +500,7 @@ async fn track(args: &Args) -> Result<ExitCode> {
                 for (s, e) in &new {
                     svc.session.register_early(*s, *e);
                 }
+                svc.release_closed();
                 for child in std::mem::take(&mut svc.log.children) {
                     eprintln!(
                         "cr-ebpf: process {pid} started child {child}; it is followed by the \
@@ -495,12 +517,26 @@ async fn track(args: &Args) -> Result<ExitCode> {
                 for e in batch.drain(..).flatten() {
                     svc.log.fold(pid as u32, &e);
                 }
+                svc.release_closed();
                 if gone(pid) {
                     break format!("process {pid} exited");
                 }
             }
         }
     };
+    // The exit event comes before /proc shows the process dead.
+    let dead = svc.log.exited || gone(pid);
+    if dead {
+        // Its connections were kept open by us: closed silently now, the
+        // peers wait for a restored process instead of seeing a reset.
+        let n = svc.session.silence_connections();
+        if n > 0 {
+            eprintln!(
+                "cr-ebpf: {n} established TCP connection(s) of process {pid} kept for a restore \
+                 (closed silently; restore the newest checkpoint to resume them)"
+            );
+        }
+    }
     svc.retain(true);
     if let Some(h) = svc.retention.take() {
         let _ = h.join();
@@ -508,7 +544,7 @@ async fn track(args: &Args) -> Result<ExitCode> {
     let all = cr_ebpf_image::images_dir::list(&args.images_dir).unwrap_or_default();
     eprintln!(
         "cr-ebpf: {status}; detached{}; {} checkpoint(s) taken, {} in {}, newest {}",
-        if gone(pid) {
+        if dead {
             String::new()
         } else {
             format!(", process {pid} runs on untouched")

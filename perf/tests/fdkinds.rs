@@ -185,6 +185,64 @@ fn sockets_epoll_eventfd_timerfd_signalfd_round_trip() {
 }
 
 #[test]
+fn connections_can_be_closed_instead_of_restored() {
+    if !cr_ebpf_perf::privileged("connections_can_be_closed_instead_of_restored") {
+        return;
+    }
+    let scratch = Scratch::new("close");
+    let img = scratch.0.join("image");
+    let mut child = spawn_clean(
+        Command::new(FDKINDS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    );
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let tcp_port: u16 = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut c = Control::connect(tcp_port);
+    assert_eq!(c.ask("ping"), "pong");
+    dump(
+        pid,
+        &img,
+        &DumpOptions {
+            leave_running: false,
+            threads: 0,
+        },
+    )
+    .expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(
+        &img,
+        &RestoreOptions {
+            close_connections: true,
+            ..RestoreOptions::default()
+        },
+    )
+    .expect("restore");
+    let _guard = KillOnDrop(r.pid);
+    // The old connection is reset, not left hanging.
+    let mut buf = String::new();
+    let got = c.input.read_line(&mut buf);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+            || matches!(got, Ok(0)),
+        "the closed connection: {got:?} {buf:?}"
+    );
+    // The process runs on and takes new connections.
+    let mut fresh = Control::connect(tcp_port);
+    assert_eq!(fresh.ask("ping"), "pong");
+    assert_eq!(
+        fresh.ask("events").split(' ').next_back(),
+        Some("accepted=2")
+    );
+}
+
+#[test]
 fn an_unsupported_descriptor_is_named_and_the_process_keeps_running() {
     if !cr_ebpf_perf::privileged("an_unsupported_descriptor_is_named_and_the_process_keeps_running")
     {

@@ -157,6 +157,9 @@ pub struct RestoreOptions {
     /// In an images directory, the checkpoint to restore (name or number);
     /// `None` takes the newest.
     pub checkpoint: Option<String>,
+    /// Close established TCP connections (their peers get a reset, the
+    /// process a broken connection) instead of re-establishing them.
+    pub close_connections: bool,
 }
 
 /// Checks everything that can be checked before anything is started.
@@ -280,7 +283,13 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     } else {
         opts.threads
     };
-    let (pid, pages, fill) = stub::build(manifest, &chain, workers, &mut clock)?;
+    let (pid, pages, fill) = stub::build(
+        manifest,
+        &chain,
+        workers,
+        opts.close_connections,
+        &mut clock,
+    )?;
     Ok(RestoreReport {
         pid,
         pages,

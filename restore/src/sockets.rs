@@ -257,9 +257,30 @@ fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError
     Ok(fd)
 }
 
+/// An established TCP connection closed instead of restored: the peer
+/// gets a reset (through the connection rebuilt for a moment, when that is
+/// possible), the process an unconnected socket in its place, on which its
+/// reads and writes fail as on a connection that broke.
+fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
+    if let Ok(fd) = tcp_connection(s, t) {
+        // SO_LINGER {on, 0 s}: close sends RST.
+        let _ = setsockopt(
+            &fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &[1, 0, 0, 0, 0, 0, 0, 0],
+        );
+        drop(fd);
+    }
+    socket(s).map_err(fail("socket (closed TCP connection)"))
+}
+
 /// Any socket but a connected unix pair.
-fn single(s: &SocketInfo) -> Result<OwnedFd, RestoreError> {
+fn single(s: &SocketInfo, close_connections: bool) -> Result<OwnedFd, RestoreError> {
     if let Some(t) = &s.tcp {
+        if close_connections {
+            return closed_connection(s, t);
+        }
         return tcp_connection(s, t);
     }
     let fd = socket(s).map_err(fail(format!("socket({}, {})", s.family, s.sock_type)))?;
@@ -302,8 +323,12 @@ fn socketpair(s: &SocketInfo) -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Every socket of the image, by descriptor number (a socket open under
-/// several numbers is one socket, duplicated).
-pub(crate) fn build(fds: &[FdInfo]) -> Result<HashMap<i32, OwnedFd>, RestoreError> {
+/// several numbers is one socket, duplicated). With `close_connections`,
+/// established TCP connections are closed instead of re-established.
+pub(crate) fn build(
+    fds: &[FdInfo],
+    close_connections: bool,
+) -> Result<HashMap<i32, OwnedFd>, RestoreError> {
     let sockets: Vec<(i32, &SocketInfo)> = fds
         .iter()
         .filter_map(|f| match &f.state {
@@ -331,7 +356,7 @@ pub(crate) fn build(fds: &[FdInfo]) -> Result<HashMap<i32, OwnedFd>, RestoreErro
                 made.insert(peer.inode, b);
             }
             _ => {
-                made.insert(s.inode, single(s)?);
+                made.insert(s.inode, single(s, close_connections)?);
             }
         }
     }

@@ -114,7 +114,7 @@ fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
 /// Recreates the descriptors of the image at their numbers: files and
 /// devices reopened by path at their offsets, pipes recreated with their
 /// buffered bytes; inherited ones are the restorer's own 0, 1, 2.
-fn restore_fds(s: &Stub<'_>, m: &Manifest) -> Result<(), RestoreError> {
+fn restore_fds(s: &Stub<'_>, m: &Manifest, close_connections: bool) -> Result<(), RestoreError> {
     let max_fd = m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
     let base = (max_fd + 64) as u64;
     // Image fd -> temporary fd in the stub, above every target number.
@@ -132,7 +132,7 @@ fn restore_fds(s: &Stub<'_>, m: &Manifest) -> Result<(), RestoreError> {
     };
     // Sockets, eventfds, timerfds and signalfds are made here and taken by
     // the stub with pidfd_getfd (through a pidfd of ours it opens once).
-    let mut native = crate::sockets::build(&m.fds)?;
+    let mut native = crate::sockets::build(&m.fds, close_connections)?;
     for f in &m.fds {
         if let Some(fd) = crate::anon_fds::build(&f.state)? {
             native.insert(f.fd, fd);
@@ -439,6 +439,7 @@ pub fn build(
     m: &Manifest,
     chain: &Chain,
     workers: usize,
+    close_connections: bool,
     clock: &mut crate::Clock,
 ) -> Result<(i32, u64, Duration), RestoreError> {
     let own = std::fs::read_to_string("/proc/self/maps")
@@ -874,7 +875,7 @@ pub fn build(
     clock.mark("process");
 
     // 7. File descriptors.
-    restore_fds(&s, m)?;
+    restore_fds(&s, m, close_connections)?;
     clock.mark("fds");
 
     // 8. Threads, each with its own tid, then each thread's own state.

@@ -7,6 +7,8 @@
 //!   and `libzstd-dev` for building bpf-linker against LLVM 22.
 //! * `bpf-linker` 0.13.0 built against LLVM 22.
 //! * tracefs mounted at `/sys/kernel/tracing`.
+//! * Debian's `redis-server` and `redis-tools`: the real service the tests
+//!   and benches checkpoint under its own load tool.
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -30,6 +32,7 @@ pub fn ensure() -> Result<()> {
     debian_rust()?;
     bpf_linker()?;
     tracefs()?;
+    services()?;
     let took = start.elapsed();
     if took.as_secs() >= 1 {
         eprintln!("setup: done in {:.1} s", took.as_secs_f64());
@@ -96,6 +99,38 @@ fn bpf_linker() -> Result<()> {
         .context("bpf-linker was installed but is not on PATH (add ~/.cargo/bin to PATH)")?;
     eprintln!("setup: {v}");
     Ok(())
+}
+
+const SERVICE_PACKAGES: &[&str] = &["redis-server", "redis-tools"];
+
+fn services() -> Result<()> {
+    let present = [
+        "/usr/bin/redis-server",
+        "/usr/bin/redis-benchmark",
+        "/usr/bin/redis-cli",
+    ]
+    .iter()
+    .all(|p| Path::new(p).exists());
+    if present {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!(
+            "setup: the redis tests and benches need {}; as root run: apt-get install -y {}",
+            SERVICE_PACKAGES.join(" "),
+            SERVICE_PACKAGES.join(" ")
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing {} from Debian",
+        SERVICE_PACKAGES.join(" ")
+    );
+    sh(Command::new("apt-get").arg("update"))?;
+    sh(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(SERVICE_PACKAGES))
 }
 
 fn tracefs() -> Result<()> {
