@@ -162,6 +162,10 @@ fn test() -> Result<()> {
                 .arg("--quick")
                 .arg("--out")
                 .arg(out.join("scaling.json")))?;
+            run(Command::new("target/debug/redis-bench")
+                .arg("--quick")
+                .arg("--out")
+                .arg(out.join("redis.json")))?;
             summarize(&out, None, 0.25)
         })();
         let _ = std::fs::remove_dir_all(&out);
@@ -236,6 +240,7 @@ fn bench(
         ("ebpf-overhead", "ebpf-overhead.json"),
         ("dump-restore", "dump-restore.json"),
         ("scaling-bench", "scaling.json"),
+        ("redis-bench", "redis.json"),
     ] {
         let mut cmd = Command::new(format!("target/release/{bin}"));
         cmd.arg("--out").arg(out.join(json));

@@ -123,6 +123,14 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             }
         }
     }
+    if let Some(r) = read(dir, "redis.json")? {
+        push(
+            "redis.requests_tracked_over_untracked",
+            r["requests_per_s"]["ratio"].as_f64(),
+            Better::Higher,
+            "redis-benchmark requests/s against redis-server, tracked / untracked (same run)",
+        );
+    }
     if let Some(sc) = read(dir, "scaling.json")? {
         let med = &sc["median"];
         let base = med["base: 1 threads, 10 mappings, 10 fds"]["incremental_freeze_ms"].as_f64();
