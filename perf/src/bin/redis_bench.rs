@@ -80,7 +80,7 @@ fn main() -> Result<()> {
         .local_addr()?
         .port();
     let log = std::fs::File::create(dir.join("redis.log"))?;
-    let server = spawn_clean(
+    let pid = spawn_clean(
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--daemonize", "no", "--save", "", "--appendonly", "no"])
@@ -89,8 +89,9 @@ fn main() -> Result<()> {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log),
-    );
-    let pid = server.id() as i32;
+    )
+    .id() as i32;
+    // Killed on every way out; reaped by `stop` at the end.
     let _guard = KillOnDrop(pid);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut admin = loop {
@@ -128,23 +129,23 @@ fn main() -> Result<()> {
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
     );
-    let out = BufReader::new(track.stdout.take().context("track output")?);
+    let out = track.stdout.take().map(BufReader::new);
     let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
     std::thread::spawn(move || {
-        for l in out.lines().map_while(Result::ok) {
+        for l in out.into_iter().flat_map(|o| o.lines().map_while(Result::ok)) {
             if let Ok(v) = serde_json::from_str(&l) {
                 let _ = tx.send(v);
             }
         }
     });
-    // The base first (the service primes it while redis runs).
-    let base = rx
-        .recv_timeout(Duration::from_secs(60))
-        .context("no base checkpoint from cr-ebpf track")?;
-    let tracked = load(port, requests)?;
+    // The base first (the service primes it while redis runs), then load.
+    let base = rx.recv_timeout(Duration::from_secs(60));
+    let tracked = base.is_ok().then(|| load(port, requests));
     // SAFETY: asking our own child to detach.
     unsafe { libc::kill(track.id() as i32, libc::SIGINT) };
     let status = track.wait()?;
+    let base = base.context("no base checkpoint from cr-ebpf track")?;
+    let tracked = tracked.context("no load while tracked")??;
     if !status.success() {
         bail!("cr-ebpf track ended with {status}");
     }
@@ -183,7 +184,6 @@ fn main() -> Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     }
     cr_ebpf_perf::stop(pid);
-    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
