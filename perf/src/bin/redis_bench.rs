@@ -132,7 +132,10 @@ fn main() -> Result<()> {
     let out = track.stdout.take().map(BufReader::new);
     let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
     std::thread::spawn(move || {
-        for l in out.into_iter().flat_map(|o| o.lines().map_while(Result::ok)) {
+        for l in out
+            .into_iter()
+            .flat_map(|o| o.lines().map_while(Result::ok))
+        {
             if let Ok(v) = serde_json::from_str(&l) {
                 let _ = tx.send(v);
             }
