@@ -6,7 +6,8 @@
 use std::{fs::File, path::Path};
 
 use cr_ebpf_image::{
-    ChainInfo, FdInfo, Manifest, MappingInfo, MappingKind, ProcessInfo, SigAction, ThreadInfo,
+    ChainInfo, FdInfo, Manifest, MappingInfo, MappingKind, PosixTimer, ProcessInfo, SigAction,
+    ThreadInfo,
 };
 use cr_ebpf_tracee::{regs, Frozen, Injector};
 
@@ -21,7 +22,8 @@ pub struct Changes {
     pub unknown: bool,
     /// Signal dispositions may have changed (`rt_sigaction`).
     pub sigactions: bool,
-    /// Interval timers may have been set (`setitimer`, `alarm`).
+    /// Interval or POSIX timers may have been set (`setitimer`, `alarm`,
+    /// `timer_create`, `timer_settime`, `timer_delete`).
     pub itimers: bool,
     /// Per-thread state only the thread can be asked for may have changed
     /// (`sigaltstack`, `set_tid_address`, new threads).
@@ -82,6 +84,84 @@ pub(crate) struct State {
     pub tcp: Vec<(i32, std::os::fd::OwnedFd)>,
     pub pagemap: File,
     pub queries: Queries,
+}
+
+/// `/proc/PID/timers` (no remaining time there) and an injected
+/// `timer_gettime` for each timer: armed timers count down, so they are
+/// asked every time.
+fn posix_timers(
+    pid: i32,
+    injector: &Injector,
+    main: &cr_ebpf_tracee::Tracee,
+    queries: &mut Queries,
+) -> Result<Vec<PosixTimer>, DumpError> {
+    let path = format!("/proc/{pid}/timers");
+    let text = std::fs::read_to_string(&path).map_err(proc_err(pid, path.clone()))?;
+    let bad = |what: &str| DumpError::NotSupported {
+        pid,
+        what: format!("an unreadable {what} in {path}"),
+    };
+    let mut out: Vec<PosixTimer> = Vec::new();
+    for line in text.lines() {
+        let (key, value) = line.split_once(':').ok_or_else(|| bad("line"))?;
+        let value = value.trim();
+        if key == "ID" {
+            out.push(PosixTimer {
+                id: value.parse().map_err(|_| bad("timer id"))?,
+                ..PosixTimer::default()
+            });
+            continue;
+        }
+        let t = out.last_mut().ok_or_else(|| bad("timer"))?;
+        match key {
+            // signal: 10/0000000000000abc
+            "signal" => {
+                let (signo, v) = value.split_once('/').ok_or_else(|| bad("signal"))?;
+                t.signo = signo.parse().map_err(|_| bad("signal"))?;
+                t.value = u64::from_str_radix(v, 16).map_err(|_| bad("signal value"))?;
+            }
+            // notify: signal/pid.8224, none/pid.8224, signal/tid.8225
+            "notify" => {
+                let (how, target) = value.split_once('/').ok_or_else(|| bad("notify"))?;
+                t.notify = match how {
+                    "signal" => libc::SIGEV_SIGNAL,
+                    "none" => libc::SIGEV_NONE,
+                    _ => {
+                        return Err(DumpError::NotSupported {
+                            pid,
+                            what: format!("POSIX timer {} notifying by {how:?}", t.id),
+                        })
+                    }
+                };
+                if let Some(tid) = target.strip_prefix("tid.") {
+                    t.notify |= libc::SIGEV_THREAD_ID;
+                    t.tid = tid.parse().map_err(|_| bad("notify tid"))?;
+                }
+            }
+            "ClockID" => t.clockid = value.parse().map_err(|_| bad("clock"))?,
+            _ => {}
+        }
+    }
+    out.sort_by_key(|t| t.id);
+    let trace = |source| DumpError::Trace { pid, source };
+    for t in &mut out {
+        queries.injected += 1;
+        let (ret, its) = injector
+            .call_out(main, libc::SYS_timer_gettime, 32, |at| {
+                [t.id as u64, at, 0, 0, 0, 0]
+            })
+            .map_err(trace)?;
+        if ret != 0 {
+            return Err(DumpError::NotSupported {
+                pid,
+                what: format!("timer_gettime of POSIX timer {} failed ({ret})", t.id),
+            });
+        }
+        let w = |i: usize| u64::from_le_bytes(its[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        t.interval_ns = w(0) * 1_000_000_000 + w(1);
+        t.remaining_ns = w(2) * 1_000_000_000 + w(3);
+    }
+    Ok(out)
 }
 
 pub(crate) fn proc_err(pid: i32, path: String) -> impl FnOnce(std::io::Error) -> DumpError {
@@ -266,6 +346,7 @@ pub(crate) fn collect(
             *slot = (w(0) * 1_000_000 + w(1), w(2) * 1_000_000 + w(3));
         }
     }
+    let posix_timers = posix_timers(pid, &injector, main, &mut queries)?;
     let pending = main.pending_signals(true).map_err(trace)?;
     let creds = proc::creds(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
     let umask = proc::umask(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
@@ -293,6 +374,7 @@ pub(crate) fn collect(
             itimers,
             pending,
             creds,
+            posix_timers,
         },
         threads,
         fds,

@@ -111,7 +111,11 @@ impl Log {
                 let ok = s.ret.is_some_and(|r| r >= 0);
                 match s.nr {
                     nr::RT_SIGACTION => self.changes().sigactions = true,
-                    nr::SETITIMER | nr::ALARM => self.changes().itimers = true,
+                    nr::SETITIMER
+                    | nr::ALARM
+                    | nr::TIMER_CREATE
+                    | nr::TIMER_SETTIME
+                    | nr::TIMER_DELETE => self.changes().itimers = true,
                     nr::SIGALTSTACK | nr::SET_TID_ADDRESS => self.changes().thread_state = true,
                     nr::MMAP if ok => {
                         let a = s.ret.unwrap_or(0) as u64;

@@ -27,8 +27,8 @@ pub use chain::Chain;
 pub use fdstate::{EpollItem, FdState, SockOpt, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
-    ChainInfo, FdInfo, FdKind, Manifest, MappingInfo, MappingKind, ProcessInfo, SigAction,
-    ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED,
+    ChainInfo, FdInfo, FdKind, Manifest, MappingInfo, MappingKind, PosixTimer, ProcessInfo,
+    SigAction, ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED,
 };
 pub use publish::publish;
 

@@ -19,6 +19,9 @@ const TAG_THREAD: u16 = 2;
 const TAG_MAPPING: u16 = 3;
 const TAG_FD: u16 = 4;
 const TAG_CHAIN: u16 = 5;
+const TAG_POSIX_TIMER: u16 = 6;
+/// Most POSIX timers of one process stored.
+const POSIX_TIMERS_CAP: usize = 1 << 16;
 /// Largest pipe contents stored.
 const PIPE_DATA_CAP: usize = 16 << 20;
 const SECTION_OPTIONAL: u16 = 1;
@@ -85,6 +88,29 @@ pub struct ProcessInfo {
     pub pending: Vec<Vec<u8>>,
     /// Credentials: real, effective, saved, filesystem uid, then the same gids.
     pub creds: [u32; 8],
+    /// POSIX timers (`timer_create`), by id (format 1.2, sections POSIX_TIMER).
+    pub posix_timers: Vec<PosixTimer>,
+}
+
+/// One POSIX timer (`timer_create`), as `/proc/PID/timers` and an injected
+/// `timer_gettime` show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PosixTimer {
+    /// The timer id the process uses.
+    pub id: i32,
+    /// Its clock.
+    pub clockid: i32,
+    /// `sigev_notify`: `SIGEV_SIGNAL` 0, `SIGEV_NONE` 1, `SIGEV_THREAD_ID` 4.
+    pub notify: i32,
+    /// The signal it sends.
+    pub signo: i32,
+    /// `sigev_value`, delivered with the signal.
+    pub value: u64,
+    /// For `SIGEV_THREAD_ID`: the thread the signal goes to.
+    pub tid: i32,
+    /// Remaining time until it fires (0: disarmed), and its interval, ns.
+    pub remaining_ns: u64,
+    pub interval_ns: u64,
 }
 
 /// One signal disposition, as the kernel's `struct sigaction` for `rt_sigaction`.
@@ -357,6 +383,19 @@ impl Manifest {
             b.u32(c);
         }
         section(&mut out, TAG_PROCESS, b);
+        for t in &p.posix_timers {
+            let mut b = Enc::default();
+            b.i32(t.id);
+            b.i32(t.clockid);
+            b.i32(t.notify);
+            b.i32(t.signo);
+            b.u64(t.value);
+            b.i32(t.tid);
+            b.u32(0);
+            b.u64(t.remaining_ns);
+            b.u64(t.interval_ns);
+            section(&mut out, TAG_POSIX_TIMER, b);
+        }
         for t in &self.threads {
             let mut b = Enc::default();
             b.i32(t.tid);
@@ -429,6 +468,7 @@ impl Manifest {
         let mut mappings: Vec<MappingInfo> = Vec::new();
         let mut fds: Vec<FdInfo> = Vec::new();
         let mut chain = None;
+        let mut posix_timers: Vec<PosixTimer> = Vec::new();
         while !d.done() {
             let at = d.offset();
             let tag = d.u16()?;
@@ -507,7 +547,33 @@ impl Manifest {
                         itimers,
                         pending,
                         creds,
+                        posix_timers: Vec::new(),
                     });
+                }
+                TAG_POSIX_TIMER => {
+                    if posix_timers.len() >= POSIX_TIMERS_CAP {
+                        return Err(b.err(format!("more than {POSIX_TIMERS_CAP} POSIX timers")));
+                    }
+                    let t = PosixTimer {
+                        id: b.i32()?,
+                        clockid: b.i32()?,
+                        notify: b.i32()?,
+                        signo: b.i32()?,
+                        value: b.u64()?,
+                        tid: b.i32()?,
+                        remaining_ns: {
+                            b.u32()?;
+                            b.u64()?
+                        },
+                        interval_ns: b.u64()?,
+                    };
+                    if posix_timers.iter().any(|o: &PosixTimer| o.id == t.id) {
+                        return Err(DecErr {
+                            offset: at,
+                            what: format!("POSIX timer {} twice", t.id),
+                        });
+                    }
+                    posix_timers.push(t);
                 }
                 TAG_THREAD => threads.push(ThreadInfo {
                     tid: b.i32()?,
@@ -660,7 +726,8 @@ impl Manifest {
                 )));
             }
         }
-        let process = process.ok_or_else(|| d.err("no PROCESS section"))?;
+        let mut process = process.ok_or_else(|| d.err("no PROCESS section"))?;
+        process.posix_timers = posix_timers;
         if threads.is_empty() {
             return Err(d.err("no THREAD section"));
         }

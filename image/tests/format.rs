@@ -38,6 +38,16 @@ fn manifest() -> Manifest {
             itimers: [(0, 0), (1000, 500), (0, 0)],
             pending: vec![vec![3; 128]],
             creds: [1000, 1000, 1000, 1000, 100, 100, 100, 100],
+            posix_timers: vec![cr_ebpf_image::PosixTimer {
+                id: 2,
+                clockid: 7,
+                notify: 4,
+                signo: 12,
+                value: 0xabc,
+                tid: 4243,
+                remaining_ns: 39_000_000_000,
+                interval_ns: 3_000_000_000,
+            }],
         },
         threads: vec![ThreadInfo {
             tid: 42,

@@ -1,8 +1,8 @@
 //! Privileged round trips of the descriptor kinds beyond files and pipes:
 //! an established TCP connection (through TCP_REPAIR, with unread data in
 //! its receive queue), a TCP listener, a UDP socket, unix socket pairs with
-//! queued messages, an epoll set, an eventfd, a timerfd and a signalfd, all
-//! in the `fdkinds` workload. And what is not supported yet is refused
+//! queued messages, an epoll set, an eventfd, a timerfd, a signalfd and
+//! POSIX timers (ids, clocks, remaining time), all in the `fdkinds` workload. And what is not supported yet is refused
 //! before anything is frozen for long, with the process left running.
 
 use std::{
@@ -164,6 +164,25 @@ fn sockets_epoll_eventfd_timerfd_signalfd_round_trip() {
         v[0] <= 30_000 && v[0] >= 30_000 - elapsed - 2000,
         "remaining time {t} after {elapsed} ms"
     );
+    // POSIX timers: the same ids, counting down from where they were.
+    let pt = c.ask("ptimers");
+    let timers: Vec<Vec<i64>> = pt
+        .trim_start_matches("ptimers ")
+        .split(',')
+        .map(|t| t.split(':').map(|x| x.parse().unwrap()).collect())
+        .collect();
+    let elapsed = started.elapsed().as_millis() as i64;
+    assert_eq!(timers.len(), 2, "{pt}");
+    assert_eq!((timers[0][0], timers[1][0]), (1, 2), "timer ids: {pt}");
+    assert!(
+        timers[0][1] > 0 || elapsed >= 3000,
+        "the 3 s timer is still armed: {pt}"
+    );
+    assert_eq!(timers[1][2], 3000, "interval: {pt}");
+    assert!(
+        timers[1][1] <= 40_000 && timers[1][1] >= 40_000 - elapsed - 2000,
+        "the 40 s timer after {elapsed} ms: {pt}"
+    );
     assert_eq!(c.ask("pair"), "pair hello,world");
     assert_eq!(c.ask("stream"), "stream stream-bytes");
     // The listener, the UDP socket and the signalfd, through the epoll set.
@@ -176,7 +195,8 @@ fn sockets_epoll_eventfd_timerfd_signalfd_round_trip() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let e = c.ask("events");
-        if e == "events signals=1 udp=udp-hi accepted=2" {
+        // usr2: the 3 s POSIX timer fired in the restored process.
+        if e == "events usr1=1 usr2=1 udp=udp-hi accepted=2" {
             break;
         }
         assert!(Instant::now() < deadline, "events after restore: {e}");

@@ -299,6 +299,66 @@ fn restore_fds(s: &Stub<'_>, m: &Manifest, close_connections: bool) -> Result<()
     restore_epolls(s, m)
 }
 
+/// POSIX timers with their ids (`PR_TIMER_CREATE_RESTORE_IDS`: while on,
+/// `timer_create` takes the id from the `timer_t` it is given), clocks,
+/// notification, and remaining time and interval.
+fn posix_timers(s: &Stub<'_>, p: &cr_ebpf_image::ProcessInfo) -> Result<(), RestoreError> {
+    const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+    if p.posix_timers.is_empty() {
+        return Ok(());
+    }
+    s.sys(
+        "prctl(PR_TIMER_CREATE_RESTORE_IDS, on)",
+        libc::SYS_prctl,
+        [PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0, 0],
+    )
+    .map_err(|e| {
+        RestoreError::NotSupported(format!(
+            "POSIX timers keep their ids only on kernels with PR_TIMER_CREATE_RESTORE_IDS \
+             (Linux 6.16+): {e}"
+        ))
+    })?;
+    for t in &p.posix_timers {
+        // struct sigevent: sigev_value, sigev_signo, sigev_notify, _tid.
+        let mut ev = vec![0u8; 64];
+        ev[0..8].copy_from_slice(&t.value.to_le_bytes());
+        ev[8..12].copy_from_slice(&t.signo.to_le_bytes());
+        ev[12..16].copy_from_slice(&t.notify.to_le_bytes());
+        ev[16..20].copy_from_slice(&t.tid.to_le_bytes());
+        let ev_at = s.put(0, &ev)?;
+        let id_at = s.put(128, &t.id.to_le_bytes())?;
+        s.sys(
+            "timer_create",
+            libc::SYS_timer_create,
+            [t.clockid as u64, ev_at, id_at, 0, 0, 0],
+        )
+        .map_err(|e| RestoreError::NotSupported(format!("POSIX timer {}: {e}", t.id)))?;
+    }
+    s.sys(
+        "prctl(PR_TIMER_CREATE_RESTORE_IDS, off)",
+        libc::SYS_prctl,
+        [PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0, 0],
+    )?;
+    for t in p.posix_timers.iter().filter(|t| t.remaining_ns > 0) {
+        let mut its = Vec::with_capacity(32);
+        for v in [
+            t.interval_ns / 1_000_000_000,
+            t.interval_ns % 1_000_000_000,
+            t.remaining_ns / 1_000_000_000,
+            t.remaining_ns % 1_000_000_000,
+        ] {
+            its.extend_from_slice(&v.to_le_bytes());
+        }
+        let at = s.put(256, &its)?;
+        s.sys(
+            "timer_settime",
+            libc::SYS_timer_settime,
+            [t.id as u64, 0, at, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
 /// Epoll sets last, made in the stub once every other descriptor has its
 /// number: a registration is keyed by the process's own descriptor number.
 fn restore_epolls(s: &Stub<'_>, m: &Manifest) -> Result<(), RestoreError> {
@@ -947,6 +1007,7 @@ pub fn build(
             [which as u64, at, 0, 0, 0, 0],
         )?;
     }
+    posix_timers(&s, p)?;
     clock.mark("signals");
     // Each other thread: its own signal mask as its last syscall, its own
     // registers at that syscall's exit, then it runs (a pending signal it

@@ -4,15 +4,19 @@
 //! It listens on TCP (127.0.0.1, any port), binds a UDP socket, creates an
 //! eventfd (count 5), a timerfd (30 s, then every 7 s), a signalfd for
 //! SIGUSR1 (blocked), a seqpacket socket pair with two queued messages and
-//! a stream pair with queued bytes, and waits in `epoll_wait` on the
-//! listener, the UDP socket, the signalfd and every accepted connection.
-//! Prints `ready TCP_PORT UDP_PORT` on stdout.
+//! a stream pair with queued bytes, two POSIX timers (one created and
+//! deleted first, so the ids are 1 and 2: SIGUSR2 once after 3 s, and a
+//! silent one at 40 s then every 3 s on CLOCK_BOOTTIME), and waits in
+//! `epoll_wait` on the listener, the UDP socket, the signalfd (SIGUSR1 and
+//! SIGUSR2, blocked) and every accepted connection. Prints `ready TCP_PORT
+//! UDP_PORT` on stdout.
 //!
 //! Every accepted connection takes line commands, each answered with one
 //! line: `ping` -> `pong`; `sleep MS` (sleeps in the loop, then `slept`);
 //! `eventfd` (reads it) -> `eventfd N`; `timer` -> `timer REMAINING_MS
 //! INTERVAL_MS`; `pair` -> `pair M1,M2`; `stream` -> `stream BYTES`;
-//! `events` -> `events signals=N udp=D1,D2 accepted=N`.
+//! `ptimers` -> `ptimers ID:REMAINING_MS:INTERVAL_MS,...`;
+//! `events` -> `events usr1=N usr2=N udp=D1,D2 accepted=N`.
 //!
 //! Usage: `fdkinds`
 
@@ -113,12 +117,66 @@ fn read_messages(fd: RawFd) -> Vec<String> {
     }
 }
 
+/// Timer 0 created and deleted; timer 1: SIGUSR2 (value 0xabc) once after
+/// 3 s; timer 2: no signal, 40 s then every 3 s, on CLOCK_BOOTTIME.
+fn posix_timers() {
+    let create = |clock: libc::clockid_t, notify: i32, signo: i32| -> i32 {
+        // SAFETY: zeroed sigevent is valid; fields set below.
+        let mut ev: libc::sigevent = unsafe { std::mem::zeroed() };
+        ev.sigev_notify = notify;
+        ev.sigev_signo = signo;
+        ev.sigev_value = libc::sigval {
+            sival_ptr: 0xabc as *mut libc::c_void,
+        };
+        let mut id: i32 = -1;
+        // SAFETY: the raw syscall writes the kernel's timer id into `id`.
+        ok(
+            unsafe { libc::syscall(libc::SYS_timer_create, clock, &mut ev, &mut id) } as i32,
+            "timer_create",
+        );
+        id
+    };
+    let arm = |id: i32, secs: i64, every: i64| {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: every,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: secs,
+                tv_nsec: 0,
+            },
+        };
+        // SAFETY: arming one of our timers.
+        ok(
+            unsafe {
+                libc::syscall(
+                    libc::SYS_timer_settime,
+                    id,
+                    0,
+                    &spec,
+                    std::ptr::null_mut::<libc::itimerspec>(),
+                )
+            } as i32,
+            "timer_settime",
+        );
+    };
+    let first = create(libc::CLOCK_MONOTONIC, libc::SIGEV_NONE, 0);
+    // SAFETY: deleting the timer just made.
+    unsafe { libc::syscall(libc::SYS_timer_delete, first) };
+    let once = create(libc::CLOCK_MONOTONIC, libc::SIGEV_SIGNAL, libc::SIGUSR2);
+    arm(once, 3, 0);
+    let silent = create(libc::CLOCK_BOOTTIME, libc::SIGEV_NONE, 0);
+    arm(silent, 40, 3);
+}
+
 fn main() {
     // SAFETY: plain syscalls creating and configuring our own descriptors.
     let (ep, listener, udp, efd, tfd, sfd, pair, stream) = unsafe {
         let mut mask: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut mask);
         libc::sigaddset(&mut mask, libc::SIGUSR1);
+        libc::sigaddset(&mut mask, libc::SIGUSR2);
         ok(
             libc::sigprocmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut()),
             "sigprocmask",
@@ -158,6 +216,7 @@ fn main() {
         );
         write_all(q[0], b"stream-");
         write_all(q[0], b"bytes");
+        posix_timers();
         let listener = inet_socket(libc::SOCK_STREAM);
         ok(libc::listen(listener, 7), "listen");
         let udp = inet_socket(libc::SOCK_DGRAM);
@@ -170,7 +229,7 @@ fn main() {
     println!("ready {} {}", port(listener), port(udp));
     let _ = std::io::stdout().flush();
 
-    let (mut signals, mut accepted, mut datagrams) = (0u32, 0u32, Vec::<String>::new());
+    let (mut signals, mut accepted, mut datagrams) = ([0u32; 2], 0u32, Vec::<String>::new());
     let mut lines: HashMap<RawFd, Vec<u8>> = HashMap::new();
     loop {
         // SAFETY: zeroed events are valid; epoll_wait fills at most 16.
@@ -198,7 +257,11 @@ fn main() {
                     let mut si = [0u8; 128];
                     // SAFETY: reading siginfo records into our buffer.
                     while unsafe { libc::read(sfd, si.as_mut_ptr().cast(), 128) } == 128 {
-                        signals += 1;
+                        // ssi_signo first.
+                        match u32::from_ne_bytes([si[0], si[1], si[2], si[3]]) as i32 {
+                            libc::SIGUSR1 => signals[0] += 1,
+                            _ => signals[1] += 1,
+                        }
                     }
                 }
                 d if d & CONN == CONN => {
@@ -235,7 +298,7 @@ fn answer(
     tfd: RawFd,
     pair: RawFd,
     stream: RawFd,
-    signals: u32,
+    signals: [u32; 2],
     accepted: u32,
     datagrams: &[String],
 ) -> String {
@@ -264,9 +327,26 @@ fn answer(
         Some("pair") => format!("pair {}", read_messages(pair).join(",")),
         Some("stream") => format!("stream {}", read_messages(stream).concat()),
         Some("events") => format!(
-            "events signals={signals} udp={} accepted={accepted}",
+            "events usr1={} usr2={} udp={} accepted={accepted}",
+            signals[0],
+            signals[1],
             datagrams.join(",")
         ),
+        Some("ptimers") => {
+            let ids = std::fs::read_to_string("/proc/self/timers").unwrap_or_default();
+            let mut out = Vec::new();
+            for id in ids.lines().filter_map(|l| l.strip_prefix("ID: ")) {
+                let id: i32 = id.trim().parse().unwrap_or(-1);
+                // SAFETY: zeroed itimerspec is valid; filled by the kernel.
+                let mut cur: libc::itimerspec = unsafe { std::mem::zeroed() };
+                // SAFETY: timer_gettime on one of our timer ids.
+                unsafe { libc::syscall(libc::SYS_timer_gettime, id, &mut cur) };
+                let ms = |t: libc::timespec| t.tv_sec * 1000 + t.tv_nsec / 1_000_000;
+                out.push(format!("{id}:{}:{}", ms(cur.it_value), ms(cur.it_interval)));
+            }
+            out.sort();
+            format!("ptimers {}", out.join(","))
+        }
         _ => format!("unknown {line:?}"),
     }
 }
