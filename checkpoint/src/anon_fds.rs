@@ -1,8 +1,11 @@
 //! Descriptors on anonymous inodes whose whole state `/proc/PID/fdinfo`
 //! shows: epoll sets (their registrations), eventfd counters, timerfd
-//! timers and signalfd masks.
+//! timers, signalfd masks, and inotify watches (their files found again
+//! from the kernel's file handles).
 
-use cr_ebpf_image::{EpollItem, FdKind, FdState};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use cr_ebpf_image::{EpollItem, FdKind, FdState, InotifyWatch};
 
 /// `KCMP_EPOLL_TFD`: whether a registration of an epoll set is a given file.
 const KCMP_EPOLL_TFD: i32 = 7;
@@ -90,12 +93,114 @@ pub(crate) fn parse(name: &str, fdinfo: &str) -> Option<Result<(FdKind, FdState)
                 _ => bad("timerfd state"),
             }
         }
+        "inotify" => {
+            let mut watches = Vec::new();
+            for line in fdinfo.lines().filter(|l| l.starts_with("inotify wd:")) {
+                match inotify_watch(line) {
+                    Ok(w) => watches.push(w),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            watches.sort_by_key(|w| w.wd);
+            Ok((FdKind::Inotify, FdState::Inotify(watches)))
+        }
         "[signalfd]" => match field("sigmask:").and_then(|v| u64::from_str_radix(v, 16).ok()) {
             Some(mask) => Ok((FdKind::SignalFd, FdState::SignalFd { mask })),
             None => bad("signalfd mask"),
         },
         _ => return None,
     })
+}
+
+/// One `inotify wd:2 ino:9a8157 sdev:fe00000 mask:80000002 ignored_mask:0
+/// fhandle-bytes:8 fhandle-type:1 f_handle:57819a00733d77df` line, with the
+/// watched file's path found from its handle.
+fn inotify_watch(line: &str) -> Result<InotifyWatch, String> {
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .ok_or_else(|| format!("no {k} in the inotify line {line:?}"))
+    };
+    let hex = |k: &str| {
+        field(k).and_then(|v| {
+            u64::from_str_radix(v, 16).map_err(|_| format!("bad {k} in the inotify line {line:?}"))
+        })
+    };
+    let wd: i32 = field("wd:")?
+        .parse()
+        .map_err(|_| format!("bad wd in {line:?}"))?;
+    let ino = hex("ino:")?;
+    let sdev = hex("sdev:")?;
+    let mask = hex("mask:")? as u32;
+    let handle_type = hex("fhandle-type:")? as i32;
+    let bytes: Vec<u8> = {
+        let h = field("f_handle:")?;
+        (0..h.len() / 2)
+            .map(|i| u8::from_str_radix(&h[i * 2..i * 2 + 2], 16))
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("bad f_handle in {line:?}"))?
+    };
+    // The kernel's dev_t: major in the bits above 20.
+    let (major, minor) = ((sdev >> 20) as u32, (sdev & 0xf_ffff) as u32);
+    let path = path_of_handle(major, minor, handle_type, &bytes)
+        .map_err(|e| format!("the file of inotify watch {wd} (inode {ino}): {e}"))?;
+    Ok(InotifyWatch {
+        wd,
+        mask,
+        path,
+        ino,
+        dev: libc::makedev(major, minor),
+    })
+}
+
+/// The path of a file given by a file handle on the filesystem `major:minor`
+/// (a mount of it is looked up in our mountinfo; needs CAP_DAC_READ_SEARCH).
+fn path_of_handle(
+    major: u32,
+    minor: u32,
+    handle_type: i32,
+    handle: &[u8],
+) -> Result<String, String> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let want = format!("{major}:{minor}");
+    let mount = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&want.as_str())).then(|| f.get(4).map(|m| m.to_string()))?
+        })
+        .ok_or_else(|| format!("no mount of device {want} here"))?;
+    let mount_fd = std::fs::File::open(&mount).map_err(|e| format!("{mount}: {e}"))?;
+    // struct file_handle: u32 handle_bytes, i32 handle_type, bytes.
+    let mut fh = Vec::with_capacity(8 + handle.len());
+    fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    fh.extend_from_slice(&handle_type.to_ne_bytes());
+    fh.extend_from_slice(handle);
+    // SAFETY: the handle buffer is ours and well formed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd.as_raw_fd(),
+            fh.as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "open_by_handle_at: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a new descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| e.to_string())?
+        .display()
+        .to_string();
+    if path.ends_with(" (deleted)") {
+        return Err(format!("{path}: deleted"));
+    }
+    Ok(path)
 }
 
 /// Checks that each registration of the epoll set on `epfd` still refers
@@ -191,6 +296,9 @@ mod tests {
             }
         );
         assert!(parse("[io_uring]", "").is_none());
+        // A watch whose handle cannot be resolved is an error, not a guess.
+        let bad = "pos:\t0\nflags:\t00\nmnt_id:\t16\nino:\t26\ninotify wd:1 ino:2 sdev:fff00000 mask:2 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:0000000000000000\n";
+        assert!(parse("inotify", bad).unwrap().is_err());
         assert!(parse("[eventfd]", "pos: 0\n").unwrap().is_err());
     }
 }

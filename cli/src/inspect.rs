@@ -175,6 +175,13 @@ fn describe(f: &FdInfo) -> String {
             *interval_ns as f64 / 1e9
         ),
         FdState::SignalFd { mask } => format!("signalfd mask {mask:#x}"),
+        FdState::Inotify(watches) => {
+            let w: Vec<String> = watches
+                .iter()
+                .map(|w| format!("{}={}", w.wd, w.path))
+                .collect();
+            format!("inotify watching {}", w.join(" "))
+        }
         FdState::Socket(s) => {
             let kind = match (s.family as i32, s.sock_type as i32) {
                 (libc::AF_UNIX, libc::SOCK_STREAM) => "unix stream",

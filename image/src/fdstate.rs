@@ -24,6 +24,25 @@ const STATE_EVENTFD: u16 = 2;
 const STATE_TIMERFD: u16 = 3;
 const STATE_SIGNALFD: u16 = 4;
 const STATE_SOCKET: u16 = 5;
+const STATE_INOTIFY: u16 = 6;
+/// Most watches of one inotify instance.
+const WATCHES_CAP: usize = 1 << 20;
+/// Longest watched path.
+const WATCH_PATH_CAP: usize = 4096;
+
+/// One watch of an inotify instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InotifyWatch {
+    /// The watch descriptor the process knows it by.
+    pub wd: i32,
+    /// `IN_*` events and flags watched.
+    pub mask: u32,
+    /// The watched file's path (found from the kernel's file handle).
+    pub path: String,
+    /// Its inode and device (checked at restore).
+    pub ino: u64,
+    pub dev: u64,
+}
 
 /// One registration of an epoll set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -122,6 +141,8 @@ pub enum FdState {
     SignalFd { mask: u64 },
     /// A socket.
     Socket(Box<SocketInfo>),
+    /// An inotify instance and its watches, by watch descriptor.
+    Inotify(Vec<InotifyWatch>),
 }
 
 fn encode_socket(b: &mut Enc, s: &SocketInfo) {
@@ -279,6 +300,17 @@ impl FdState {
                 encode_socket(&mut b, s);
                 STATE_SOCKET
             }
+            Self::Inotify(watches) => {
+                b.u32(watches.len() as u32);
+                for w in watches {
+                    b.i32(w.wd);
+                    b.u32(w.mask);
+                    b.str(&w.path);
+                    b.u64(w.ino);
+                    b.u64(w.dev);
+                }
+                STATE_INOTIFY
+            }
         };
         out.u16(tag);
         out.bytes(&b.buf);
@@ -324,6 +356,27 @@ impl FdState {
             },
             STATE_SIGNALFD => Self::SignalFd { mask: b.u64()? },
             STATE_SOCKET => Self::Socket(Box::new(decode_socket(&mut b)?)),
+            STATE_INOTIFY => {
+                let n = b.u32()? as usize;
+                if n > WATCHES_CAP {
+                    return Err(b.err(format!("{n} inotify watches (at most {WATCHES_CAP})")));
+                }
+                let mut watches: Vec<InotifyWatch> = Vec::with_capacity(n.min(4096));
+                for _ in 0..n {
+                    let w = InotifyWatch {
+                        wd: b.i32()?,
+                        mask: b.u32()?,
+                        path: b.str(WATCH_PATH_CAP, "watched path")?,
+                        ino: b.u64()?,
+                        dev: b.u64()?,
+                    };
+                    if w.wd < 1 || watches.last().is_some_and(|p| p.wd >= w.wd) {
+                        return Err(b.err(format!("inotify watch {} out of order", w.wd)));
+                    }
+                    watches.push(w);
+                }
+                Self::Inotify(watches)
+            }
             other => {
                 return Err(DecErr {
                     offset: at,

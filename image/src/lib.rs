@@ -24,7 +24,9 @@ pub mod pages;
 mod publish;
 
 pub use chain::Chain;
-pub use fdstate::{EpollItem, FdState, SockOpt, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
+pub use fdstate::{
+    EpollItem, FdState, InotifyWatch, SockOpt, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP,
+};
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
     ChainInfo, FdInfo, FdKind, Manifest, MappingInfo, MappingKind, PosixTimer, ProcessInfo,

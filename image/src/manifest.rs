@@ -244,6 +244,8 @@ pub enum FdKind {
     SignalFd = 8,
     /// A socket (format 1.2; state [`FdState::Socket`]).
     Socket = 9,
+    /// An inotify instance (format 1.2; state [`FdState::Inotify`]).
+    Inotify = 10,
 }
 
 impl TryFrom<u16> for FdKind {
@@ -259,6 +261,7 @@ impl TryFrom<u16> for FdKind {
             7 => Self::TimerFd,
             8 => Self::SignalFd,
             9 => Self::Socket,
+            10 => Self::Inotify,
             other => return Err(other),
         })
     }
@@ -657,6 +660,7 @@ impl Manifest {
                             | (FdKind::TimerFd, FdState::TimerFd { .. })
                             | (FdKind::SignalFd, FdState::SignalFd { .. })
                             | (FdKind::Socket, FdState::Socket(_))
+                            | (FdKind::Inotify, FdState::Inotify(_))
                             | (
                                 FdKind::File
                                     | FdKind::CharDevice

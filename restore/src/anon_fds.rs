@@ -1,5 +1,5 @@
-//! eventfd, timerfd and signalfd descriptors, rebuilt in the restorer and
-//! handed to the stub. (Epoll sets are built inside the stub, where the
+//! eventfd, timerfd, signalfd and inotify descriptors, rebuilt in the
+//! restorer and handed to the stub. (Epoll sets are built inside the stub, where the
 //! descriptor numbers of their registrations are the process's own.)
 
 use std::{
@@ -110,6 +110,87 @@ pub(crate) fn build(state: &FdState) -> Result<Option<OwnedFd>, RestoreError> {
             let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
             owned(fd, "signalfd")?
         }
+        FdState::Inotify(ref watches) => inotify(watches)?,
         _ => return Ok(None),
     }))
+}
+
+/// An inotify instance whose watches get their original descriptors: the
+/// kernel hands them out counting up from 1, so gaps (watches removed
+/// before the checkpoint) are filled with watches on scratch directories,
+/// removed again, and their events drained before the process sees them.
+fn inotify(watches: &[cr_ebpf_image::InotifyWatch]) -> Result<OwnedFd, RestoreError> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: plain syscall.
+    let fd = owned(
+        unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) },
+        "inotify_init1",
+    )?;
+    let scratch = std::env::temp_dir().join(format!("cr-ebpf-inotify-{}", std::process::id()));
+    let mut fillers = Vec::new();
+    let add = |path: &std::path::Path, mask: u32| -> Result<i32, RestoreError> {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+            RestoreError::NotSupported(format!("an inotify path with a NUL: {}", path.display()))
+        })?;
+        // SAFETY: a NUL-terminated path of ours.
+        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            return Err(RestoreError::File {
+                path: path.display().to_string(),
+                what: format!(
+                    "(watched by inotify) cannot be watched again: {}",
+                    io::Error::last_os_error()
+                ),
+            });
+        }
+        Ok(wd)
+    };
+    let result = (|| {
+        let mut next = 1;
+        for w in watches {
+            while next < w.wd {
+                let dir = scratch.join(next.to_string());
+                std::fs::create_dir_all(&dir).map_err(|e| RestoreError::Syscall {
+                    call: format!("mkdir {}", dir.display()),
+                    err: e,
+                })?;
+                let got = add(&dir, libc::IN_IGNORED | libc::IN_DELETE_SELF)?;
+                fillers.push(got);
+                next = got + 1;
+            }
+            let meta = std::fs::metadata(&w.path).map_err(|e| RestoreError::File {
+                path: w.path.clone(),
+                what: format!("(watched by inotify) is gone: {e}"),
+            })?;
+            if meta.ino() != w.ino || meta.dev() != w.dev {
+                return Err(RestoreError::File {
+                    path: w.path.clone(),
+                    what: "(watched by inotify) was replaced since the checkpoint".into(),
+                });
+            }
+            let got = add(std::path::Path::new(&w.path), w.mask)?;
+            if got != w.wd {
+                return Err(RestoreError::NotSupported(format!(
+                    "inotify watch {} of {} came back as {got}",
+                    w.wd, w.path
+                )));
+            }
+            next = got + 1;
+        }
+        Ok(())
+    })();
+    for wd in fillers {
+        // SAFETY: removing a watch of ours.
+        unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) };
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    // The fillers' IN_IGNORED events: not for the process.
+    let mut buf = [0u8; 4096];
+    // SAFETY: reading our own nonblocking descriptor into our buffer.
+    while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    result?;
+    // Blocking again unless the process had it nonblocking (set by the stub).
+    // SAFETY: fcntl on our descriptor.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, 0) };
+    Ok(fd)
 }

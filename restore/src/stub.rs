@@ -163,7 +163,11 @@ fn restore_fds(s: &Stub<'_>, m: &Manifest, close_connections: bool) -> Result<()
     for f in &m.fds {
         let t = match f.kind {
             FdKind::Inherited | FdKind::Epoll => continue,
-            FdKind::Socket | FdKind::EventFd | FdKind::TimerFd | FdKind::SignalFd => {
+            FdKind::Socket
+            | FdKind::EventFd
+            | FdKind::TimerFd
+            | FdKind::SignalFd
+            | FdKind::Inotify => {
                 let ours = native.remove(&f.fd).ok_or_else(|| {
                     RestoreError::NotSupported(format!("descriptor {} was not rebuilt", f.fd))
                 })?;

@@ -8,17 +8,19 @@
 //! deleted first, so the ids are 1 and 2: SIGUSR2 once after 3 s, and a
 //! silent one at 40 s then every 3 s on CLOCK_BOOTTIME), and waits in
 //! `epoll_wait` on the listener, the UDP socket, the signalfd (SIGUSR1 and
-//! SIGUSR2, blocked) and every accepted connection. Prints `ready TCP_PORT
-//! UDP_PORT` on stdout.
+//! SIGUSR2, blocked) and every accepted connection. With a directory
+//! argument it also watches DIR/a then DIR/b with inotify and removes the
+//! first watch (the one left has descriptor 2), in the epoll set too.
+//! Prints `ready TCP_PORT UDP_PORT` on stdout.
 //!
 //! Every accepted connection takes line commands, each answered with one
 //! line: `ping` -> `pong`; `sleep MS` (sleeps in the loop, then `slept`);
 //! `eventfd` (reads it) -> `eventfd N`; `timer` -> `timer REMAINING_MS
 //! INTERVAL_MS`; `pair` -> `pair M1,M2`; `stream` -> `stream BYTES`;
 //! `ptimers` -> `ptimers ID:REMAINING_MS:INTERVAL_MS,...`;
-//! `events` -> `events usr1=N usr2=N udp=D1,D2 accepted=N`.
+//! `events` -> `events usr1=N usr2=N udp=D1,D2 accepted=N inotify=WD:NAME,...`.
 //!
-//! Usage: `fdkinds`
+//! Usage: `fdkinds [WATCH_DIR]`
 
 use std::{collections::HashMap, io::Write as _, os::fd::RawFd};
 
@@ -34,6 +36,7 @@ fn ok(r: libc::c_int, what: &str) -> libc::c_int {
 const LISTENER: u64 = 0x11;
 const UDP: u64 = 0x0d;
 const SIGNALS: u64 = 0x516;
+const INOTIFY: u64 = 0x1f;
 /// Data of a connection: this tag in the high half, the fd in the low.
 const CONN: u64 = 0xc0_0000_0000;
 
@@ -223,6 +226,30 @@ fn main() {
         let ep = ok(libc::epoll_create1(libc::EPOLL_CLOEXEC), "epoll_create1");
         (ep, listener, udp, efd, tfd, sfd, p[1], q[1])
     };
+    let ino = std::env::args().nth(1).map(|dir| {
+        // SAFETY: plain syscalls on our own descriptor and paths.
+        unsafe {
+            let fd = ok(libc::inotify_init1(libc::IN_NONBLOCK), "inotify_init1");
+            let mut wds = Vec::new();
+            for sub in ["a", "b"] {
+                let p = format!("{dir}/{sub}");
+                let _ = std::fs::create_dir_all(&p);
+                let c = std::ffi::CString::new(p).unwrap_or_default();
+                wds.push(ok(
+                    libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_CREATE),
+                    "inotify_add_watch",
+                ));
+            }
+            libc::inotify_rm_watch(fd, wds[0]);
+            // The IN_IGNORED of the removed watch.
+            let mut buf = [0u8; 256];
+            libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+            fd
+        }
+    });
+    if let Some(fd) = ino {
+        add(ep, fd, INOTIFY);
+    }
     add(ep, listener, LISTENER);
     add(ep, udp, UDP);
     add(ep, sfd, SIGNALS);
@@ -230,6 +257,7 @@ fn main() {
     let _ = std::io::stdout().flush();
 
     let (mut signals, mut accepted, mut datagrams) = ([0u32; 2], 0u32, Vec::<String>::new());
+    let mut watched = Vec::<String>::new();
     let mut lines: HashMap<RawFd, Vec<u8>> = HashMap::new();
     loop {
         // SAFETY: zeroed events are valid; epoll_wait fills at most 16.
@@ -253,6 +281,26 @@ fn main() {
                     }
                 }
                 UDP => datagrams.extend(read_messages(udp)),
+                INOTIFY => {
+                    let mut buf = [0u8; 4096];
+                    let fd = ino.unwrap_or(-1);
+                    // SAFETY: reading inotify events into our buffer.
+                    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                    let mut at = 0;
+                    while n > 0 && at + 16 <= n as usize {
+                        // struct inotify_event: wd, mask, cookie, len, name.
+                        let wd = i32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or([0; 4]));
+                        let len =
+                            u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap_or([0; 4]))
+                                as usize;
+                        let name = &buf[at + 16..(at + 16 + len).min(n as usize)];
+                        let name = String::from_utf8_lossy(name)
+                            .trim_end_matches('\0')
+                            .to_string();
+                        watched.push(format!("{wd}:{name}"));
+                        at += 16 + len;
+                    }
+                }
                 SIGNALS => {
                     let mut si = [0u8; 128];
                     // SAFETY: reading siginfo records into our buffer.
@@ -280,8 +328,11 @@ fn main() {
                     while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
                         let line: Vec<u8> = pending.drain(..=nl).collect();
                         let line = String::from_utf8_lossy(&line).trim().to_string();
-                        let reply =
+                        let mut reply =
                             answer(&line, efd, tfd, pair, stream, signals, accepted, &datagrams);
+                        if line == "events" {
+                            reply += &format!(" inotify={}", watched.join(","));
+                        }
                         write_all(c, format!("{reply}\n").as_bytes());
                     }
                 }
