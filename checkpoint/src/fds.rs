@@ -172,6 +172,11 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
             ..FdInfo::default()
         };
         info.kind = match ftype {
+            libc::S_IFREG if crate::shmem::memfd_name(&link).is_some() => {
+                info.size = meta.size();
+                info.state = cr_ebpf_image::FdState::Memfd { id: meta.ino() };
+                FdKind::Memfd
+            }
             libc::S_IFREG | libc::S_IFDIR => {
                 if link.ends_with(" (deleted)") {
                     return Err(not_supported(pid, fd, format!("deleted file {link}")));

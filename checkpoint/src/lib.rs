@@ -21,6 +21,7 @@ mod fds;
 mod incremental;
 mod maps;
 mod proc;
+mod shmem;
 mod sockets;
 mod state;
 

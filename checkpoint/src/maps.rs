@@ -36,6 +36,8 @@ impl MapEntry {
             "[vsyscall]" => MappingKind::Vsyscall,
             p if p.starts_with("[vvar") => MappingKind::Vvar,
             p if p.starts_with('[') => MappingKind::Anon,
+            "/dev/zero (deleted)" if self.shared => MappingKind::Shmem,
+            p if p.starts_with("/memfd:") => MappingKind::Shmem,
             _ if self.inode == 0 => MappingKind::Anon,
             _ => MappingKind::File,
         }
@@ -122,7 +124,7 @@ pub fn dumpable_runs(pagemap: &File, m: &MapEntry) -> std::io::Result<Vec<(u64, 
     for (i, e) in entries.chunks_exact(8).enumerate() {
         let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
         let keep = match kind {
-            MappingKind::File => e & PM_PRESENT != 0 && e & PM_FILE == 0,
+            MappingKind::File | MappingKind::Shmem => e & PM_PRESENT != 0 && e & PM_FILE == 0,
             _ => e & (PM_PRESENT | PM_SWAPPED) != 0,
         };
         if keep {

@@ -6,8 +6,8 @@
 use std::{fs::File, path::Path};
 
 use cr_ebpf_image::{
-    ChainInfo, FdInfo, Manifest, MappingInfo, MappingKind, PosixTimer, ProcessInfo, SigAction,
-    ThreadInfo,
+    ChainInfo, FdInfo, Manifest, MappingInfo, MappingKind, PosixTimer, ProcessInfo, ShmemObject,
+    SigAction, ThreadInfo,
 };
 use cr_ebpf_tracee::{regs, Frozen, Injector};
 
@@ -80,6 +80,8 @@ pub(crate) struct State {
     pub process: ProcessInfo,
     pub threads: Vec<ThreadInfo>,
     pub fds: Vec<FdInfo>,
+    /// Shared memory objects, with their contents.
+    pub shmem: Vec<ShmemObject>,
     /// Duplicates of the established TCP connections (see [`crate::fds::Fds`]).
     pub tcp: Vec<(i32, std::os::fd::OwnedFd)>,
     pub pagemap: File,
@@ -187,15 +189,27 @@ pub(crate) fn collect(
         path: maps_path.clone(),
         source: std::io::Error::other(e),
     })?;
-    if let Some(shared) = entries
+    if let Some(m) = entries
         .iter()
-        .find(|m| m.shared && m.kind() != MappingKind::File)
+        .find(|m| m.path.starts_with("/SYSV") && m.kind() == MappingKind::File)
     {
         return Err(DumpError::NotSupported {
             pid,
             what: format!(
-                "shared anonymous memory at {:#x}-{:#x} (comes with process trees)",
-                shared.start, shared.end
+                "System V shared memory at {:#x}-{:#x} ({})",
+                m.start, m.end, m.path
+            ),
+        });
+    }
+    if let Some(m) = entries
+        .iter()
+        .find(|m| m.kind() == MappingKind::File && m.path.ends_with(" (deleted)"))
+    {
+        return Err(DumpError::NotSupported {
+            pid,
+            what: format!(
+                "a mapping of the deleted file {} at {:#x}-{:#x}",
+                m.path, m.start, m.end
             ),
         });
     }
@@ -347,6 +361,7 @@ pub(crate) fn collect(
         }
     }
     let posix_timers = posix_timers(pid, &injector, main, &mut queries)?;
+    let shmem = crate::shmem::capture(pid, &entries, &fds)?;
     let pending = main.pending_signals(true).map_err(trace)?;
     let creds = proc::creds(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
     let umask = proc::umask(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
@@ -378,6 +393,7 @@ pub(crate) fn collect(
         },
         threads,
         fds,
+        shmem,
         tcp,
         pagemap,
         queries,
@@ -419,6 +435,7 @@ impl State {
             mappings,
             fds: self.fds.clone(),
             chain,
+            shmem: self.shmem.clone(),
         }
     }
 }

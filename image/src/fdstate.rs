@@ -25,6 +25,7 @@ const STATE_TIMERFD: u16 = 3;
 const STATE_SIGNALFD: u16 = 4;
 const STATE_SOCKET: u16 = 5;
 const STATE_INOTIFY: u16 = 6;
+const STATE_MEMFD: u16 = 7;
 /// Most watches of one inotify instance.
 const WATCHES_CAP: usize = 1 << 20;
 /// Longest watched path.
@@ -143,6 +144,8 @@ pub enum FdState {
     Socket(Box<SocketInfo>),
     /// An inotify instance and its watches, by watch descriptor.
     Inotify(Vec<InotifyWatch>),
+    /// A memfd: the shared memory object (`Manifest::shmem`) it opens.
+    Memfd { id: u64 },
 }
 
 fn encode_socket(b: &mut Enc, s: &SocketInfo) {
@@ -311,6 +314,10 @@ impl FdState {
                 }
                 STATE_INOTIFY
             }
+            Self::Memfd { id } => {
+                b.u64(*id);
+                STATE_MEMFD
+            }
         };
         out.u16(tag);
         out.bytes(&b.buf);
@@ -377,6 +384,7 @@ impl FdState {
                 }
                 Self::Inotify(watches)
             }
+            STATE_MEMFD => Self::Memfd { id: b.u64()? },
             other => {
                 return Err(DecErr {
                     offset: at,

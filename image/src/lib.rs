@@ -30,7 +30,8 @@ pub use fdstate::{
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
     ChainInfo, FdInfo, FdKind, Manifest, MappingInfo, MappingKind, PosixTimer, ProcessInfo,
-    SigAction, ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED,
+    ShmemKind, ShmemObject, SigAction, ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED,
+    SHMEM_CAP,
 };
 pub use publish::publish;
 

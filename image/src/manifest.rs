@@ -20,6 +20,9 @@ const TAG_MAPPING: u16 = 3;
 const TAG_FD: u16 = 4;
 const TAG_CHAIN: u16 = 5;
 const TAG_POSIX_TIMER: u16 = 6;
+const TAG_SHMEM: u16 = 7;
+/// Largest shared memory object stored (its contents are in the manifest).
+pub const SHMEM_CAP: u64 = 64 << 20;
 /// Most POSIX timers of one process stored.
 const POSIX_TIMERS_CAP: usize = 1 << 16;
 /// Largest pipe contents stored.
@@ -90,6 +93,37 @@ pub struct ProcessInfo {
     pub creds: [u32; 8],
     /// POSIX timers (`timer_create`), by id (format 1.2, sections POSIX_TIMER).
     pub posix_timers: Vec<PosixTimer>,
+}
+
+/// What kind of shared memory object.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ShmemKind {
+    /// Not a kind; decoding it is an error.
+    #[default]
+    Invalid = 0,
+    /// Shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`, `/dev/zero (deleted)`).
+    Anonymous = 1,
+    /// A memfd (`memfd_create`), with its name and seals.
+    Memfd = 2,
+}
+
+/// A shared memory object without a file to reopen, with its contents
+/// (format 1.2, section SHMEM). Mappings of kind [`MappingKind::Shmem`] and
+/// memfd descriptors refer to it by `id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShmemObject {
+    /// Its inode at checkpoint time: the id mappings and descriptors use.
+    pub id: u64,
+    pub kind: ShmemKind,
+    /// A memfd's name (without `memfd:`).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `F_SEAL_*` of a memfd.
+    pub seals: u32,
+    /// Contents: (offset, bytes) runs; holes are zero.
+    pub data: Vec<(u64, Vec<u8>)>,
 }
 
 /// One POSIX timer (`timer_create`), as `/proc/PID/timers` and an injected
@@ -174,6 +208,9 @@ pub enum MappingKind {
     Vvar = 6,
     /// `[vsyscall]`: fixed by the kernel, nothing to restore.
     Vsyscall = 7,
+    /// Format 1.2: a shared memory object with no file to reopen (shared
+    /// anonymous memory, a memfd); `inode` names it in [`Manifest::shmem`].
+    Shmem = 8,
 }
 
 impl TryFrom<u16> for MappingKind {
@@ -187,6 +224,7 @@ impl TryFrom<u16> for MappingKind {
             5 => Self::Vdso,
             6 => Self::Vvar,
             7 => Self::Vsyscall,
+            8 => Self::Shmem,
             other => return Err(other),
         })
     }
@@ -246,6 +284,8 @@ pub enum FdKind {
     Socket = 9,
     /// An inotify instance (format 1.2; state [`FdState::Inotify`]).
     Inotify = 10,
+    /// A memfd (format 1.2; state [`FdState::Memfd`], contents in [`Manifest::shmem`]).
+    Memfd = 11,
 }
 
 impl TryFrom<u16> for FdKind {
@@ -262,6 +302,7 @@ impl TryFrom<u16> for FdKind {
             8 => Self::SignalFd,
             9 => Self::Socket,
             10 => Self::Inotify,
+            11 => Self::Memfd,
             other => return Err(other),
         })
     }
@@ -311,6 +352,8 @@ pub struct Manifest {
     pub fds: Vec<FdInfo>,
     /// Its place in a chain of checkpoints; `None` for a standalone image.
     pub chain: Option<ChainInfo>,
+    /// Shared memory objects its mappings and descriptors refer to (format 1.2).
+    pub shmem: Vec<ShmemObject>,
 }
 
 /// Size of a `siginfo_t`.
@@ -452,6 +495,21 @@ impl Manifest {
             f.state.encode(&mut b);
             section(&mut out, TAG_FD, b);
         }
+        for o in &self.shmem {
+            let mut b = Enc::default();
+            b.u64(o.id);
+            b.u16(o.kind as u16);
+            b.u16(0);
+            b.u32(o.seals);
+            b.str(&o.name);
+            b.u64(o.size);
+            b.u32(o.data.len() as u32);
+            for (off, bytes) in &o.data {
+                b.u64(*off);
+                b.bytes(bytes);
+            }
+            section(&mut out, TAG_SHMEM, b);
+        }
         if let Some(c) = &self.chain {
             let mut b = Enc::default();
             b.str(&c.id);
@@ -472,6 +530,7 @@ impl Manifest {
         let mut fds: Vec<FdInfo> = Vec::new();
         let mut chain = None;
         let mut posix_timers: Vec<PosixTimer> = Vec::new();
+        let mut shmem: Vec<ShmemObject> = Vec::new();
         while !d.done() {
             let at = d.offset();
             let tag = d.u16()?;
@@ -551,6 +610,55 @@ impl Manifest {
                         pending,
                         creds,
                         posix_timers: Vec::new(),
+                    });
+                }
+                TAG_SHMEM => {
+                    let id = b.u64()?;
+                    let kind_at = b.offset();
+                    let kind = match b.u16()? {
+                        1 => ShmemKind::Anonymous,
+                        2 => ShmemKind::Memfd,
+                        k => {
+                            return Err(DecErr {
+                                offset: kind_at,
+                                what: format!("unknown shared memory kind {k}"),
+                            })
+                        }
+                    };
+                    b.u16()?;
+                    let seals = b.u32()?;
+                    let name = b.str(NAME_CAP, "memfd name")?;
+                    let size = b.u64()?;
+                    if size > SHMEM_CAP {
+                        return Err(b.err(format!(
+                            "shared memory object of {size} bytes (at most {SHMEM_CAP})"
+                        )));
+                    }
+                    let n = b.u32()? as usize;
+                    let mut data = Vec::new();
+                    for _ in 0..n {
+                        let off = b.u64()?;
+                        let bytes = b.bytes(SHMEM_CAP as usize, "shared memory contents")?;
+                        if off.checked_add(bytes.len() as u64).is_none_or(|e| e > size) {
+                            return Err(
+                                b.err(format!("shared memory contents past its size {size}"))
+                            );
+                        }
+                        data.push((off, bytes.to_vec()));
+                    }
+                    if shmem.iter().any(|o: &ShmemObject| o.id == id) {
+                        return Err(DecErr {
+                            offset: at,
+                            what: format!("shared memory object {id} twice"),
+                        });
+                    }
+                    shmem.push(ShmemObject {
+                        id,
+                        kind,
+                        name,
+                        size,
+                        seals,
+                        data,
                     });
                 }
                 TAG_POSIX_TIMER => {
@@ -661,6 +769,7 @@ impl Manifest {
                             | (FdKind::SignalFd, FdState::SignalFd { .. })
                             | (FdKind::Socket, FdState::Socket(_))
                             | (FdKind::Inotify, FdState::Inotify(_))
+                            | (FdKind::Memfd, FdState::Memfd { .. })
                             | (
                                 FdKind::File
                                     | FdKind::CharDevice
@@ -738,6 +847,24 @@ impl Manifest {
         if chain.is_none() && mappings.iter().any(|m| m.flags & MAP_INHERITS != 0) {
             return Err(d.err("a mapping inherits pages but the image has no parent"));
         }
+        for f in &fds {
+            if let FdState::Memfd { id } = f.state {
+                if !shmem.iter().any(|o| o.id == id) {
+                    return Err(d.err(format!(
+                        "descriptor {} refers to shared memory object {id} that is not in the image",
+                        f.fd
+                    )));
+                }
+            }
+        }
+        for m in mappings.iter().filter(|m| m.kind == MappingKind::Shmem) {
+            if !shmem.iter().any(|o| o.id == m.inode) {
+                return Err(d.err(format!(
+                    "the mapping at {:#x} refers to shared memory object {} that is not in the image",
+                    m.start, m.inode
+                )));
+            }
+        }
         if let Some(c) = &chain {
             if c.parent.is_empty() && mappings.iter().any(|m| m.flags & MAP_INHERITS != 0) {
                 return Err(d.err("a mapping inherits pages but the image has no parent"));
@@ -749,6 +876,7 @@ impl Manifest {
             mappings,
             fds,
             chain,
+            shmem,
         })
     }
 

@@ -87,6 +87,14 @@ fn manifest() -> Manifest {
                 pages_stored: 0,
             },
         ],
+        shmem: vec![cr_ebpf_image::ShmemObject {
+            id: 1032,
+            kind: cr_ebpf_image::ShmemKind::Memfd,
+            name: "buf".into(),
+            size: 8192,
+            seals: 0x6,
+            data: vec![(4096, b"world".to_vec())],
+        }],
         chain: Some(cr_ebpf_image::ChainInfo {
             id: "ckpt-000002".into(),
             parent: "ckpt-000001".into(),
@@ -238,6 +246,7 @@ fn unknown_enum_values_are_errors() {
     m.mappings.truncate(1);
     m.fds.clear();
     m.chain = None;
+    m.shmem.clear();
     let mut payload = m.encode();
     // The kind field of the only mapping: find its encoded u16 (1, Anon).
     let at = payload.len() - (4 + 8 + 8 + 8) - 2;

@@ -318,3 +318,92 @@ fn an_unsupported_descriptor_is_named_and_the_process_keeps_running() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Shared anonymous memory and a memfd (two mappings of it, contents
+/// beyond them written through the descriptor, seals) in python3: after a
+/// round trip the contents, the sharing between the two mappings, the
+/// seals and the `/dev/zero (deleted)` name are all back.
+#[test]
+fn shared_anonymous_memory_and_memfds_round_trip() {
+    if !cr_ebpf_perf::privileged("shared_anonymous_memory_and_memfds_round_trip") {
+        return;
+    }
+    let scratch = Scratch::new("shm");
+    let img = scratch.0.join("image");
+    let ctl = scratch.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let script = r#"
+import fcntl, mmap, os, sys, time
+ctl = sys.argv[1]
+m = mmap.mmap(-1, 3 * 4096, flags=mmap.MAP_SHARED)
+m[0:11] = b'anon-shared'
+m[8192:8196] = b'tail'
+fd = os.memfd_create('buf', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+os.ftruncate(fd, 16384)
+os.pwrite(fd, b'via-write', 12288)
+m2 = mmap.mmap(fd, 8192, flags=mmap.MAP_SHARED)
+m3 = mmap.mmap(fd, 4096, flags=mmap.MAP_SHARED, offset=4096)
+m2[0:5] = b'world'
+m2[4096:4100] = b'SAME'
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+open(os.path.join(ctl, 'ready'), 'w').close()
+while not os.path.exists(os.path.join(ctl, 'check')):
+    time.sleep(0.02)
+bad = []
+if m[0:11] != b'anon-shared' or m[8192:8196] != b'tail': bad.append('anonymous contents')
+if m2[0:5] != b'world' or m3[0:4] != b'SAME': bad.append('memfd contents')
+if os.pread(fd, 9, 12288) != b'via-write': bad.append('memfd contents past the mappings')
+m2[4100:4104] = b'LIVE'
+if m3[4:8] != b'LIVE': bad.append('the two mappings no longer share')
+if fcntl.fcntl(fd, fcntl.F_GET_SEALS) != fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK: bad.append('seals')
+if not any('/dev/zero (deleted)' in l for l in open('/proc/self/maps')): bad.append('maps name')
+with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
+    f.write('ok' if not bad else ' '.join(bad))
+os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
+time.sleep(60)
+"#;
+    let mut child = spawn_clean(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(&ctl)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctl.join("ready").exists() {
+        assert!(Instant::now() < deadline, "python did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dump(
+        pid,
+        &img,
+        &DumpOptions {
+            leave_running: false,
+            threads: 0,
+        },
+    )
+    .expect("dump");
+    let m = cr_ebpf_image::Manifest::read(&img).unwrap();
+    assert_eq!(
+        m.shmem.len(),
+        2,
+        "{:?}",
+        m.shmem.iter().map(|o| (o.kind, o.size)).collect::<Vec<_>>()
+    );
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _guard = KillOnDrop(r.pid);
+    std::fs::write(ctl.join("check"), b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctl.join("out").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the restored process did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
+}

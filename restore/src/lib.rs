@@ -23,6 +23,7 @@
 //! shared memory come next.
 
 mod anon_fds;
+mod shmem;
 mod sockets;
 mod stub;
 
@@ -236,7 +237,9 @@ fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
         }
     }
     for map in &m.mappings {
-        if map.flags & cr_ebpf_image::MAP_SHARED != 0 && map.kind != MappingKind::File {
+        if map.flags & cr_ebpf_image::MAP_SHARED != 0
+            && !matches!(map.kind, MappingKind::File | MappingKind::Shmem)
+        {
             return Err(RestoreError::NotSupported(format!(
                 "shared anonymous memory at {:#x}",
                 map.start

@@ -92,6 +92,51 @@ impl Stub<'_> {
 }
 
 /// The address of a `syscall` instruction in the restored vDSO.
+/// Hands descriptors of the restorer to the stub: `pidfd_getfd` through a
+/// pidfd of ours the stub opens once.
+struct Adopter {
+    pidfd: Option<i64>,
+    /// The pidfd is kept at or above this number, clear of the process's
+    /// own descriptors (which are put in place later with `dup3`).
+    floor: u64,
+}
+
+impl Adopter {
+    /// The stub's new descriptor on the same file as `ours`.
+    fn adopt(&mut self, s: &Stub<'_>, ours: &std::os::fd::OwnedFd) -> Result<i64, RestoreError> {
+        let pidfd = match self.pidfd {
+            Some(p) => p,
+            None => {
+                let low = s.sys(
+                    "pidfd_open(restorer)",
+                    libc::SYS_pidfd_open,
+                    [std::process::id() as u64, 0, 0, 0, 0, 0],
+                )?;
+                let p = s.sys(
+                    "fcntl(F_DUPFD)",
+                    libc::SYS_fcntl,
+                    [low as u64, libc::F_DUPFD as u64, self.floor, 0, 0, 0],
+                )?;
+                s.sys("close", libc::SYS_close, [low as u64, 0, 0, 0, 0, 0])?;
+                self.pidfd = Some(p);
+                p
+            }
+        };
+        s.sys(
+            "pidfd_getfd",
+            libc::SYS_pidfd_getfd,
+            [pidfd as u64, ours.as_raw_fd() as u64, 0, 0, 0, 0],
+        )
+    }
+
+    fn close(self, s: &Stub<'_>) -> Result<(), RestoreError> {
+        if let Some(p) = self.pidfd {
+            s.sys("close", libc::SYS_close, [p as u64, 0, 0, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+}
+
 fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
     let vdso = m
         .mappings
@@ -114,7 +159,13 @@ fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
 /// Recreates the descriptors of the image at their numbers: files and
 /// devices reopened by path at their offsets, pipes recreated with their
 /// buffered bytes; inherited ones are the restorer's own 0, 1, 2.
-fn restore_fds(s: &Stub<'_>, m: &Manifest, close_connections: bool) -> Result<(), RestoreError> {
+fn restore_fds(
+    s: &Stub<'_>,
+    m: &Manifest,
+    close_connections: bool,
+    shm: &std::collections::HashMap<u64, std::os::fd::OwnedFd>,
+    adopter: &mut Adopter,
+) -> Result<(), RestoreError> {
     let max_fd = m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
     let base = (max_fd + 64) as u64;
     // Image fd -> temporary fd in the stub, above every target number.
@@ -138,26 +189,8 @@ fn restore_fds(s: &Stub<'_>, m: &Manifest, close_connections: bool) -> Result<()
             native.insert(f.fd, fd);
         }
     }
-    let mut our_pidfd: Option<i64> = None;
     let mut adopt = |ours: &std::os::fd::OwnedFd| -> Result<i64, RestoreError> {
-        let pidfd = match our_pidfd {
-            Some(p) => p,
-            None => {
-                let p = s.sys(
-                    "pidfd_open(restorer)",
-                    libc::SYS_pidfd_open,
-                    [std::process::id() as u64, 0, 0, 0, 0, 0],
-                )?;
-                let p = above(p)?;
-                our_pidfd = Some(p);
-                p
-            }
-        };
-        let t = s.sys(
-            "pidfd_getfd",
-            libc::SYS_pidfd_getfd,
-            [pidfd as u64, ours.as_raw_fd() as u64, 0, 0, 0, 0],
-        )?;
+        let t = adopter.adopt(s, ours)?;
         above(t)
     };
     for f in &m.fds {
@@ -172,6 +205,18 @@ fn restore_fds(s: &Stub<'_>, m: &Manifest, close_connections: bool) -> Result<()
                     RestoreError::NotSupported(format!("descriptor {} was not rebuilt", f.fd))
                 })?;
                 adopt(&ours)?
+            }
+            FdKind::Memfd => {
+                let FdState::Memfd { id } = f.state else {
+                    unreachable!("checked when the image was read")
+                };
+                let ours = shm.get(&id).ok_or_else(|| {
+                    RestoreError::NotSupported(format!(
+                        "memfd on descriptor {} was not rebuilt",
+                        f.fd
+                    ))
+                })?;
+                adopt(ours)?
             }
             FdKind::File | FdKind::CharDevice => {
                 let mut path = f.path.clone().into_bytes();
@@ -296,9 +341,6 @@ fn restore_fds(s: &Stub<'_>, m: &Manifest, close_connections: bool) -> Result<()
     for (r, w) in pipes.into_values() {
         s.sys("close", libc::SYS_close, [r as u64, 0, 0, 0, 0, 0])?;
         s.sys("close", libc::SYS_close, [w as u64, 0, 0, 0, 0, 0])?;
-    }
-    if let Some(p) = our_pidfd {
-        s.sys("close", libc::SYS_close, [p as u64, 0, 0, 0, 0, 0])?;
     }
     restore_epolls(s, m)
 }
@@ -697,6 +739,14 @@ pub fn build(
 
     clock.mark("vdso");
 
+    // Shared memory objects, with their contents, for the mappings and
+    // memfd descriptors that refer to them.
+    let shm = crate::shmem::build(&m.shmem)?;
+    let mut adopter = Adopter {
+        pidfd: None,
+        floor: m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 32,
+    };
+
     // 3. The recorded mappings, writable where pages will be filled.
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
     for x in &m.mappings {
@@ -717,7 +767,29 @@ pub fn build(
         } else {
             libc::MAP_PRIVATE
         };
-        let got_addr = if x.kind == MappingKind::File {
+        let got_addr = if x.kind == MappingKind::Shmem {
+            let ours = shm.get(&x.inode).ok_or_else(|| {
+                RestoreError::NotSupported(format!(
+                    "shared memory at {:#x} was not rebuilt",
+                    x.start
+                ))
+            })?;
+            let fd = adopter.adopt(&s, ours)?;
+            let r = s.sys(
+                "mmap(shared memory)",
+                libc::SYS_mmap,
+                [
+                    x.start,
+                    len,
+                    prot as u64,
+                    (share | libc::MAP_FIXED) as u64,
+                    fd as u64,
+                    x.offset,
+                ],
+            );
+            s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+            r?
+        } else if x.kind == MappingKind::File {
             let mut path = x.path.clone().into_bytes();
             path.push(0);
             if path.len() as u64 > PAGE {
@@ -939,7 +1011,9 @@ pub fn build(
     clock.mark("process");
 
     // 7. File descriptors.
-    restore_fds(&s, m, close_connections)?;
+    restore_fds(&s, m, close_connections, &shm, &mut adopter)?;
+    adopter.close(&s)?;
+    crate::shmem::seal(&m.shmem, &shm)?;
     clock.mark("fds");
 
     // 8. Threads, each with its own tid, then each thread's own state.

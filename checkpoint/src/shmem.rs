@@ -1,0 +1,114 @@
+//! Shared memory objects with no file to reopen: shared anonymous memory
+//! and memfds. Their contents are read through `/proc/PID/map_files` (or
+//! the memfd's descriptor), skipping holes, and stored whole in the
+//! manifest at every checkpoint.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::{fd::AsRawFd, unix::fs::MetadataExt as _},
+};
+
+use cr_ebpf_image::{FdInfo, FdState, MappingKind, ShmemKind, ShmemObject, SHMEM_CAP};
+
+use crate::{maps::MapEntry, state::proc_err, DumpError};
+
+/// The data runs of `f` within `0..size`: `SEEK_DATA`/`SEEK_HOLE`.
+fn read_runs(f: &File, size: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+    use std::os::unix::fs::FileExt as _;
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        // SAFETY: lseek on our own descriptor.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), at as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            size
+        } else {
+            (hole as u64).min(size)
+        };
+        let mut buf = vec![0u8; (end - data as u64) as usize];
+        f.read_exact_at(&mut buf, data as u64)?;
+        out.push((data as u64, buf));
+        at = end;
+    }
+    Ok(out)
+}
+
+fn object(pid: i32, path: &str, kind: ShmemKind, name: &str) -> Result<ShmemObject, DumpError> {
+    let f = File::open(path).map_err(proc_err(pid, path.to_string()))?;
+    let meta = f.metadata().map_err(proc_err(pid, path.to_string()))?;
+    if meta.size() > SHMEM_CAP {
+        return Err(DumpError::NotSupported {
+            pid,
+            what: format!(
+                "a shared memory object of {} MiB ({path}; at most {} MiB)",
+                meta.size() >> 20,
+                SHMEM_CAP >> 20
+            ),
+        });
+    }
+    // Only a memfd's seals mean anything (other shared memory reports
+    // F_SEAL_SEAL).
+    let seals = match kind {
+        ShmemKind::Memfd => {
+            // SAFETY: fcntl query on our descriptor.
+            let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
+            r.max(0) as u32
+        }
+        _ => 0,
+    };
+    Ok(ShmemObject {
+        id: meta.ino(),
+        kind,
+        name: name.to_string(),
+        size: meta.size(),
+        seals,
+        data: read_runs(&f, meta.size()).map_err(proc_err(pid, path.to_string()))?,
+    })
+}
+
+/// `memfd:NAME (deleted)` -> `NAME`.
+pub(crate) fn memfd_name(path: &str) -> Option<&str> {
+    path.strip_prefix("/memfd:")
+        .map(|n| n.strip_suffix(" (deleted)").unwrap_or(n))
+}
+
+/// Every shared memory object the process's mappings and descriptors refer to.
+pub(crate) fn capture(
+    pid: i32,
+    entries: &[MapEntry],
+    fds: &[FdInfo],
+) -> Result<Vec<ShmemObject>, DumpError> {
+    let mut out: BTreeMap<u64, ShmemObject> = BTreeMap::new();
+    for m in entries.iter().filter(|m| m.kind() == MappingKind::Shmem) {
+        if out.contains_key(&m.inode) {
+            continue;
+        }
+        let (kind, name) = match memfd_name(&m.path) {
+            Some(n) => (ShmemKind::Memfd, n),
+            None => (ShmemKind::Anonymous, ""),
+        };
+        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+        out.insert(m.inode, object(pid, &path, kind, name)?);
+    }
+    for f in fds {
+        if let FdState::Memfd { id } = f.state {
+            if out.contains_key(&id) {
+                continue;
+            }
+            let name = memfd_name(&f.path).unwrap_or("");
+            let path = format!("/proc/{pid}/fd/{}", f.fd);
+            out.insert(id, object(pid, &path, ShmemKind::Memfd, name)?);
+        }
+    }
+    Ok(out.into_values().collect())
+}

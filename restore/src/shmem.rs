@@ -1,0 +1,135 @@
+//! Shared memory objects rebuilt in the restorer, with their contents,
+//! before the stub maps them: shared anonymous memory (made by a shared
+//! anonymous mapping of ours, kept through `/proc/self/map_files`, so the
+//! process sees `/dev/zero (deleted)` again) and memfds (same name, seals
+//! added back once every mapping exists).
+
+use std::{
+    collections::HashMap,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::FileExt as _,
+    },
+};
+
+use cr_ebpf_image::{ShmemKind, ShmemObject};
+
+use crate::RestoreError;
+
+fn fail(call: String) -> impl FnOnce(io::Error) -> RestoreError {
+    move |err| RestoreError::Syscall { call, err }
+}
+
+fn anonymous(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
+    let len = o.size.max(1) as usize;
+    // SAFETY: a new shared anonymous mapping of ours, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(fail("mmap(MAP_SHARED | MAP_ANONYMOUS)".into())(
+            io::Error::last_os_error(),
+        ));
+    }
+    let result = fill_and_open(p as usize, len, o);
+    // SAFETY: our mapping; the object lives on through the descriptor.
+    unsafe { libc::munmap(p, len) };
+    result
+}
+
+/// Copies the object's contents into our mapping at `start` and opens the
+/// shared memory file behind it.
+fn fill_and_open(start: usize, len: usize, o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
+    for (off, bytes) in &o.data {
+        // SAFETY: inside the mapping (the image decoder checked the runs
+        // against the size).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (start + *off as usize) as *mut u8,
+                bytes.len(),
+            )
+        };
+    }
+    let path = format!(
+        "/proc/self/map_files/{:x}-{:x}",
+        start,
+        start + len.div_ceil(4096) * 4096
+    );
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map(OwnedFd::from)
+        .map_err(fail(format!("open {path}")))
+}
+
+fn memfd(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
+    let name = std::ffi::CString::new(o.name.as_bytes())
+        .map_err(|_| RestoreError::NotSupported(format!("memfd name {:?} with a NUL", o.name)))?;
+    // A memfd made without MFD_ALLOW_SEALING reports just F_SEAL_SEAL.
+    let mut flags = libc::MFD_CLOEXEC;
+    if o.seals != libc::F_SEAL_SEAL as u32 {
+        flags |= libc::MFD_ALLOW_SEALING;
+    }
+    // SAFETY: plain syscall with our name.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(fail("memfd_create".into())(io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let f = std::fs::File::from(fd);
+    f.set_len(o.size).map_err(fail("ftruncate(memfd)".into()))?;
+    for (off, bytes) in &o.data {
+        f.write_all_at(bytes, *off)
+            .map_err(fail("writing a memfd".into()))?;
+    }
+    Ok(OwnedFd::from(f))
+}
+
+/// Every object of the image, by id.
+pub(crate) fn build(objects: &[ShmemObject]) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
+    let mut out = HashMap::new();
+    for o in objects {
+        let fd = match o.kind {
+            ShmemKind::Anonymous => anonymous(o)?,
+            ShmemKind::Memfd => memfd(o)?,
+            ShmemKind::Invalid => unreachable!("rejected when the image was read"),
+        };
+        out.insert(o.id, fd);
+    }
+    Ok(out)
+}
+
+/// Adds the memfds' seals back (after the process mapped them: a write
+/// seal forbids new writable shared mappings).
+pub(crate) fn seal(
+    objects: &[ShmemObject],
+    built: &HashMap<u64, OwnedFd>,
+) -> Result<(), RestoreError> {
+    for o in objects.iter().filter(|o| {
+        o.kind == ShmemKind::Memfd && o.seals != 0 && o.seals != libc::F_SEAL_SEAL as u32
+    }) {
+        if let Some(fd) = built.get(&o.id) {
+            // SAFETY: fcntl on our descriptor.
+            if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, o.seals as libc::c_int) }
+                != 0
+            {
+                return Err(fail(format!(
+                    "F_ADD_SEALS({:#x}) on memfd {}",
+                    o.seals, o.name
+                ))(io::Error::last_os_error()));
+            }
+        }
+    }
+    Ok(())
+}
