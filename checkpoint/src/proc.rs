@@ -108,3 +108,21 @@ pub fn creds(pid: i32) -> io::Result<[u32; 8]> {
     }
     Ok([u[0], u[1], u[2], u[3], g[0], g[1], g[2], g[3]])
 }
+
+/// The children of process `pid` (of all its threads), zombies included.
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}

@@ -222,6 +222,19 @@ pub(crate) fn collect(
             what: format!("a root directory other than / ({})", root.display()),
         });
     }
+    // Children would be lost: a restored parent waiting for them would
+    // wait forever.
+    let children = proc::children(pid);
+    if !children.is_empty() {
+        let list: Vec<String> = children.iter().map(i32::to_string).collect();
+        return Err(DumpError::NotSupported {
+            pid,
+            what: format!(
+                "child processes ({}): process trees are not checkpointed yet",
+                list.join(", ")
+            ),
+        });
+    }
     // Descriptors first: an unsupported one fails before the long part.
     let crate::fds::Fds { fds, tcp } = crate::fds::collect(pid)?;
     let pagemap_path = format!("/proc/{pid}/pagemap");

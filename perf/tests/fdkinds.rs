@@ -407,3 +407,52 @@ time.sleep(60)
     }
     assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
 }
+
+/// A process with a child is refused (process trees come later), named,
+/// and left running.
+#[test]
+fn a_process_with_children_is_refused_and_keeps_running() {
+    if !cr_ebpf_perf::privileged("a_process_with_children_is_refused_and_keeps_running") {
+        return;
+    }
+    let scratch = Scratch::new("children");
+    let img = scratch.0.join("image");
+    let mut child = spawn_clean(
+        Command::new("python3")
+            .args([
+                "-c",
+                "import os,subprocess,time\n\
+                 c=subprocess.Popen(['sleep','60'])\n\
+                 print(c.pid,flush=True)\n\
+                 time.sleep(60)",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    );
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let sleeper: i32 = line.trim().parse().unwrap();
+    let _sleeper = KillOnDrop(sleeper);
+    let err = dump(
+        pid,
+        &img,
+        &DumpOptions {
+            leave_running: false,
+            threads: 0,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("child processes ({sleeper})")),
+        "{err}"
+    );
+    assert!(!img.exists());
+    assert!(matches!(state(pid), 'S' | 'R'), "state {}", state(pid));
+    let _ = child.kill();
+    let _ = child.wait();
+}
