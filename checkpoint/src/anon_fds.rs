@@ -104,6 +104,11 @@ pub(crate) fn parse(name: &str, fdinfo: &str) -> Option<Result<(FdKind, FdState)
             watches.sort_by_key(|w| w.wd);
             Ok((FdKind::Inotify, FdState::Inotify(watches)))
         }
+        "[pidfd]" => match field("Pid:").and_then(|v| v.parse::<i32>().ok()) {
+            Some(pid) if pid > 0 => Ok((FdKind::Pidfd, FdState::Pidfd { pid })),
+            Some(_) => Err("a pidfd of a process that has exited".to_string()),
+            None => bad("pidfd's process"),
+        },
         "[signalfd]" => match field("sigmask:").and_then(|v| u64::from_str_radix(v, 16).ok()) {
             Some(mask) => Ok((FdKind::SignalFd, FdState::SignalFd { mask })),
             None => bad("signalfd mask"),
@@ -296,6 +301,13 @@ mod tests {
             }
         );
         assert!(parse("[io_uring]", "").is_none());
+        let pfd = "pos:\t0\nflags:\t02000002\nmnt_id:\t4\nino:\t2\nPid:\t7830\nNSpid:\t7830\n";
+        assert_eq!(
+            parse("[pidfd]", pfd).unwrap().unwrap().1,
+            FdState::Pidfd { pid: 7830 }
+        );
+        let gone = "pos:\t0\nflags:\t02000002\nPid:\t-1\nNSpid:\t-1\n";
+        assert!(parse("[pidfd]", gone).unwrap().is_err());
         // A watch whose handle cannot be resolved is an error, not a guess.
         let bad = "pos:\t0\nflags:\t00\nmnt_id:\t16\nino:\t26\ninotify wd:1 ino:2 sdev:fff00000 mask:2 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:0000000000000000\n";
         assert!(parse("inotify", bad).unwrap().is_err());

@@ -175,6 +175,7 @@ fn describe(f: &FdInfo) -> String {
             *interval_ns as f64 / 1e9
         ),
         FdState::SignalFd { mask } => format!("signalfd mask {mask:#x}"),
+        FdState::Pidfd { pid } => format!("pidfd of process {pid}"),
         FdState::Memfd { id } => format!("{} (shared memory object {id})", f.path),
         FdState::Inotify(watches) => {
             let w: Vec<String> = watches

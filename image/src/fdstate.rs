@@ -26,6 +26,7 @@ const STATE_SIGNALFD: u16 = 4;
 const STATE_SOCKET: u16 = 5;
 const STATE_INOTIFY: u16 = 6;
 const STATE_MEMFD: u16 = 7;
+const STATE_PIDFD: u16 = 8;
 /// Most watches of one inotify instance.
 const WATCHES_CAP: usize = 1 << 20;
 /// Longest watched path.
@@ -146,6 +147,8 @@ pub enum FdState {
     Inotify(Vec<InotifyWatch>),
     /// A memfd: the shared memory object (`Manifest::shmem`) it opens.
     Memfd { id: u64 },
+    /// A pidfd of process `pid`.
+    Pidfd { pid: i32 },
 }
 
 fn encode_socket(b: &mut Enc, s: &SocketInfo) {
@@ -318,6 +321,10 @@ impl FdState {
                 b.u64(*id);
                 STATE_MEMFD
             }
+            Self::Pidfd { pid } => {
+                b.i32(*pid);
+                STATE_PIDFD
+            }
         };
         out.u16(tag);
         out.bytes(&b.buf);
@@ -385,6 +392,7 @@ impl FdState {
                 Self::Inotify(watches)
             }
             STATE_MEMFD => Self::Memfd { id: b.u64()? },
+            STATE_PIDFD => Self::Pidfd { pid: b.i32()? },
             other => {
                 return Err(DecErr {
                     offset: at,

@@ -286,6 +286,8 @@ pub enum FdKind {
     Inotify = 10,
     /// A memfd (format 1.2; state [`FdState::Memfd`], contents in [`Manifest::shmem`]).
     Memfd = 11,
+    /// A pidfd (format 1.2; state [`FdState::Pidfd`]).
+    Pidfd = 12,
 }
 
 impl TryFrom<u16> for FdKind {
@@ -303,6 +305,7 @@ impl TryFrom<u16> for FdKind {
             9 => Self::Socket,
             10 => Self::Inotify,
             11 => Self::Memfd,
+            12 => Self::Pidfd,
             other => return Err(other),
         })
     }
@@ -770,6 +773,7 @@ impl Manifest {
                             | (FdKind::Socket, FdState::Socket(_))
                             | (FdKind::Inotify, FdState::Inotify(_))
                             | (FdKind::Memfd, FdState::Memfd { .. })
+                            | (FdKind::Pidfd, FdState::Pidfd { .. })
                             | (
                                 FdKind::File
                                     | FdKind::CharDevice

@@ -128,6 +128,7 @@ fn sockets_epoll_eventfd_timerfd_signalfd_round_trip() {
         FdKind::SignalFd,
         FdKind::Socket,
         FdKind::Inotify,
+        FdKind::Pidfd,
     ] {
         assert!(kinds.contains(&k), "{k:?} in {kinds:?}");
     }
@@ -185,6 +186,11 @@ fn sockets_epoll_eventfd_timerfd_signalfd_round_trip() {
     assert!(
         timers[1][1] <= 40_000 && timers[1][1] >= 40_000 - elapsed - 2000,
         "the 40 s timer after {elapsed} ms: {pt}"
+    );
+    assert_eq!(
+        c.ask("pidfd"),
+        format!("pidfd {} 0", std::process::id()),
+        "the pidfd on its parent"
     );
     assert_eq!(c.ask("pair"), "pair hello,world");
     assert_eq!(c.ask("stream"), "stream stream-bytes");

@@ -1,4 +1,4 @@
-//! eventfd, timerfd, signalfd and inotify descriptors, rebuilt in the
+//! eventfd, timerfd, signalfd, inotify and pidfd descriptors, rebuilt in the
 //! restorer and handed to the stub. (Epoll sets are built inside the stub, where the
 //! descriptor numbers of their registrations are the process's own.)
 
@@ -111,6 +111,17 @@ pub(crate) fn build(state: &FdState) -> Result<Option<OwnedFd>, RestoreError> {
             owned(fd, "signalfd")?
         }
         FdState::Inotify(ref watches) => inotify(watches)?,
+        FdState::Pidfd { pid } => {
+            // SAFETY: plain syscall.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+            if fd < 0 {
+                return Err(RestoreError::NotSupported(format!(
+                    "a pidfd of process {pid}, which does not exist here: {}",
+                    io::Error::last_os_error()
+                )));
+            }
+            owned(fd, "pidfd_open")?
+        }
         _ => return Ok(None),
     }))
 }

@@ -200,7 +200,8 @@ fn restore_fds(
             | FdKind::EventFd
             | FdKind::TimerFd
             | FdKind::SignalFd
-            | FdKind::Inotify => {
+            | FdKind::Inotify
+            | FdKind::Pidfd => {
                 let ours = native.remove(&f.fd).ok_or_else(|| {
                     RestoreError::NotSupported(format!("descriptor {} was not rebuilt", f.fd))
                 })?;

@@ -17,7 +17,8 @@
 //! line: `ping` -> `pong`; `sleep MS` (sleeps in the loop, then `slept`);
 //! `eventfd` (reads it) -> `eventfd N`; `timer` -> `timer REMAINING_MS
 //! INTERVAL_MS`; `pair` -> `pair M1,M2`; `stream` -> `stream BYTES`;
-//! `ptimers` -> `ptimers ID:REMAINING_MS:INTERVAL_MS,...`;
+//! `ptimers` -> `ptimers ID:REMAINING_MS:INTERVAL_MS,...`; `pidfd` -> `pidfd
+//! PID SIGNAL0_RESULT` for the pidfd it holds on its parent;
 //! `events` -> `events usr1=N usr2=N udp=D1,D2 accepted=N inotify=WD:NAME,...`.
 //!
 //! Usage: `fdkinds [WATCH_DIR]`
@@ -37,6 +38,8 @@ const LISTENER: u64 = 0x11;
 const UDP: u64 = 0x0d;
 const SIGNALS: u64 = 0x516;
 const INOTIFY: u64 = 0x1f;
+/// The pidfd on the parent.
+static PIDFD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 /// Data of a connection: this tag in the high half, the fd in the low.
 const CONN: u64 = 0xc0_0000_0000;
 
@@ -220,6 +223,11 @@ fn main() {
         write_all(q[0], b"stream-");
         write_all(q[0], b"bytes");
         posix_timers();
+        let pidfd = ok(
+            libc::syscall(libc::SYS_pidfd_open, libc::getppid(), 0) as i32,
+            "pidfd_open",
+        );
+        PIDFD.store(pidfd, std::sync::atomic::Ordering::Relaxed);
         let listener = inet_socket(libc::SOCK_STREAM);
         ok(libc::listen(listener, 7), "listen");
         let udp = inet_socket(libc::SOCK_DGRAM);
@@ -383,6 +391,19 @@ fn answer(
             signals[1],
             datagrams.join(",")
         ),
+        Some("pidfd") => {
+            let fd = PIDFD.load(std::sync::atomic::Ordering::Relaxed);
+            let info =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+            let pid = info
+                .lines()
+                .find_map(|l| l.strip_prefix("Pid:"))
+                .map_or("?", str::trim)
+                .to_string();
+            // SAFETY: signal 0 through our pidfd: only checks the process exists.
+            let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd, 0, 0usize, 0) };
+            format!("pidfd {pid} {r}")
+        }
         Some("ptimers") => {
             let ids = std::fs::read_to_string("/proc/self/timers").unwrap_or_default();
             let mut out = Vec::new();
