@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
-use cr_ebpf_restore::{restore, RestoreOptions};
+use cr_ebpf_restore::{restore, RestoreOptions, TimeNamespace};
 use nix::{
     sys::wait::{waitpid, WaitStatus},
     unistd::Pid,
@@ -32,6 +32,12 @@ pub struct Args {
     /// reset) instead of re-establishing them.
     #[arg(long)]
     pub close_connections: bool,
+    /// When to give the process a time namespace whose CLOCK_MONOTONIC and
+    /// CLOCK_BOOTTIME go on from the checkpoint's: `auto` (when this
+    /// machine's clocks are behind them: after a reboot, on another
+    /// machine), `always`, `never`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    pub time_namespace: String,
     /// Print what the restore did (pid, pages, time per phase) as one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -45,6 +51,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             allow_other_credentials: args.allow_other_credentials,
             checkpoint: args.checkpoint.clone(),
             close_connections: args.close_connections,
+            time_namespace: match args.time_namespace.as_str() {
+                "always" => TimeNamespace::Always,
+                "never" => TimeNamespace::Never,
+                _ => TimeNamespace::Auto,
+            },
         },
     )
     .with_context(|| format!("restoring {}", args.images_dir.display()))?;
@@ -62,6 +73,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .map(|p| format!("{} {:.1}", p.name, p.time.as_secs_f64() * 1e3))
         .collect();
     eprintln!("cr-ebpf: restore phases (ms): {}", phases.join(", "));
+    if let Some((mono, boot)) = r.time_offsets {
+        eprintln!(
+            "cr-ebpf: restored into a new time namespace: CLOCK_MONOTONIC +{:.3} s, CLOCK_BOOTTIME +{:.3} s",
+            mono as f64 / 1e9,
+            boot as f64 / 1e9
+        );
+    }
     if args.json {
         let phases: serde_json::Map<String, serde_json::Value> = r
             .phases
@@ -77,6 +95,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "fill_ms": r.fill.as_secs_f64() * 1e3,
                 "total_ms": r.total.as_secs_f64() * 1e3,
                 "phases_ms": phases,
+                "time_offsets_ns": r.time_offsets.map(|(m, b)| serde_json::json!({"monotonic": m, "boottime": b})),
             })
         );
     }

@@ -93,6 +93,13 @@ pub struct ProcessInfo {
     pub creds: [u32; 8],
     /// POSIX timers (`timer_create`), by id (format 1.2, sections POSIX_TIMER).
     pub posix_timers: Vec<PosixTimer>,
+    /// Format 1.2: `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` (ns) when the
+    /// process was frozen, and the kernel's boot id then: a restore after
+    /// a reboot puts the process in a time namespace whose clocks go on
+    /// from these instead of going backwards. Zero and empty in older images.
+    pub monotonic_ns: u64,
+    pub boottime_ns: u64,
+    pub boot_id: String,
 }
 
 /// What kind of shared memory object.
@@ -431,6 +438,9 @@ impl Manifest {
         for c in p.creds {
             b.u32(c);
         }
+        b.u64(p.monotonic_ns);
+        b.u64(p.boottime_ns);
+        b.str(&p.boot_id);
         section(&mut out, TAG_PROCESS, b);
         for t in &p.posix_timers {
             let mut b = Enc::default();
@@ -597,6 +607,12 @@ impl Manifest {
                     for c in &mut creds {
                         *c = b.u32()?;
                     }
+                    // Format 1.2 appends the clocks; 1.0/1.1 end here.
+                    let (monotonic_ns, boottime_ns, boot_id) = if b.done() {
+                        (0, 0, String::new())
+                    } else {
+                        (b.u64()?, b.u64()?, b.str(NAME_CAP, "boot id")?)
+                    };
                     process = Some(ProcessInfo {
                         pid,
                         exe,
@@ -613,6 +629,9 @@ impl Manifest {
                         pending,
                         creds,
                         posix_timers: Vec::new(),
+                        monotonic_ns,
+                        boottime_ns,
+                        boot_id,
                     });
                 }
                 TAG_SHMEM => {

@@ -38,6 +38,9 @@ fn manifest() -> Manifest {
             itimers: [(0, 0), (1000, 500), (0, 0)],
             pending: vec![vec![3; 128]],
             creds: [1000, 1000, 1000, 1000, 100, 100, 100, 100],
+            monotonic_ns: 123_456_789_000,
+            boottime_ns: 123_999_000_000,
+            boot_id: "5c3f0e61-1d5e-4a8e-9b0b-7d1f2d6f9b11".into(),
             posix_timers: vec![cr_ebpf_image::PosixTimer {
                 id: 2,
                 clockid: 7,

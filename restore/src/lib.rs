@@ -107,6 +107,9 @@ pub struct RestoreReport {
     pub workers: usize,
     /// Where the time went, phase by phase, in order (they add up to `total`).
     pub phases: Vec<Phase>,
+    /// The new time namespace's `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME`
+    /// offsets (ns), when the process was restored into one.
+    pub time_offsets: Option<(u64, u64)>,
 }
 
 /// One phase of a restore and how long it took.
@@ -161,6 +164,26 @@ pub struct RestoreOptions {
     /// Close established TCP connections (their peers get a reset, the
     /// process a broken connection) instead of re-establishing them.
     pub close_connections: bool,
+    /// When to restore into a new time namespace.
+    pub time_namespace: TimeNamespace,
+}
+
+/// When the restored process gets a time namespace of its own, whose
+/// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` go on from their values at the
+/// checkpoint. The restorer itself moves there for the children it makes
+/// from then on (`unshare(CLONE_NEWTIME)`), so a long-lived caller should
+/// leave it at `Never`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TimeNamespace {
+    /// Only when the clocks here are behind the checkpoint's (a restore
+    /// after a reboot or on another machine): the process would see them
+    /// go backwards.
+    Auto,
+    /// Always (offsets of zero when the clocks here are ahead).
+    Always,
+    /// Never: the clocks are this machine's (the default for the library).
+    #[default]
+    Never,
 }
 
 /// Checks everything that can be checked before anything is started.
@@ -266,6 +289,61 @@ fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
     Ok(())
 }
 
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Moves the restorer's future children into a new time namespace whose
+/// clocks continue from the checkpoint's, when `mode` asks for it; returns
+/// the offsets.
+fn time_namespace(
+    p: &cr_ebpf_image::ProcessInfo,
+    mode: TimeNamespace,
+) -> Result<Option<(u64, u64)>, RestoreError> {
+    let (mono, boot) = (
+        clock_ns(libc::CLOCK_MONOTONIC),
+        clock_ns(libc::CLOCK_BOOTTIME),
+    );
+    let behind = p.monotonic_ns > mono || p.boottime_ns > boot;
+    let wanted = match mode {
+        TimeNamespace::Never => false,
+        TimeNamespace::Always => true,
+        TimeNamespace::Auto => behind,
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let offsets = (
+        p.monotonic_ns.saturating_sub(mono),
+        p.boottime_ns.saturating_sub(boot),
+    );
+    // SAFETY: plain syscall; only children made from now on enter it.
+    if unsafe { libc::unshare(libc::CLONE_NEWTIME) } != 0 {
+        return Err(RestoreError::Syscall {
+            call: "unshare(CLONE_NEWTIME) (a time namespace, so the clocks do not go back)".into(),
+            err: std::io::Error::last_os_error(),
+        });
+    }
+    let text = format!(
+        "monotonic {} {}\nboottime {} {}\n",
+        offsets.0 / 1_000_000_000,
+        offsets.0 % 1_000_000_000,
+        offsets.1 / 1_000_000_000,
+        offsets.1 % 1_000_000_000
+    );
+    std::fs::write("/proc/self/timens_offsets", text).map_err(|err| RestoreError::Syscall {
+        call: "writing /proc/self/timens_offsets".into(),
+        err,
+    })?;
+    Ok(Some(offsets))
+}
+
 /// Restores the image in `dir`, or, when `dir` is an images directory,
 /// its checkpoint `opts.checkpoint` (default: the newest), resolving pages
 /// through the checkpoint's parents. Returns once the process runs; it is a
@@ -280,6 +358,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     clock.mark("read");
     let manifest = chain.manifest();
     preflight(manifest, opts)?;
+    let time_offsets = time_namespace(&manifest.process, opts.time_namespace)?;
     clock.mark("preflight");
     let workers = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -300,5 +379,6 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
         total: clock.last - start,
         workers,
         phases: clock.phases,
+        time_offsets,
     })
 }
