@@ -106,32 +106,44 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
     // SAFETY: a new descriptor the kernel just returned.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
 
-    let mut links = Vec::new();
+    // What /proc says of each descriptor (its link, fdinfo, and a stat
+    // through the link), read on all cores: with thousands of descriptors
+    // this is most of a checkpoint's freeze.
+    use rayon::prelude::*;
+    type Seen = (i32, String, u64, u32, String, std::fs::Metadata);
+    let links: Vec<Seen> = numbers
+        .par_iter()
+        .map(|&fd| -> Result<Seen, DumpError> {
+            let proc_err = |path: String| move |source| DumpError::Proc { pid, path, source };
+            let path = format!("{dir}/{fd}");
+            let link = std::fs::read_link(&path)
+                .map_err(proc_err(path.clone()))?
+                .display()
+                .to_string();
+            let (pos, flags, text) =
+                fdinfo(pid, fd).map_err(proc_err(format!("/proc/{pid}/fdinfo/{fd}")))?;
+            let meta = std::fs::metadata(&path).map_err(proc_err(path))?;
+            Ok((fd, link, pos, flags, text, meta))
+        })
+        .collect::<Result<_, _>>()?;
     // Which ends of each pipe the process holds: (read, write).
     let mut pipe_ends: HashMap<String, (bool, bool)> = HashMap::new();
-    for &fd in &numbers {
-        let link = std::fs::read_link(format!("{dir}/{fd}"))
-            .map_err(proc_err(format!("{dir}/{fd}")))?
-            .display()
-            .to_string();
-        let (pos, flags, text) =
-            fdinfo(pid, fd).map_err(proc_err(format!("/proc/{pid}/fdinfo/{fd}")))?;
+    for (_, link, _, flags, _, _) in &links {
         if link.starts_with("pipe:") {
             let e = pipe_ends.entry(link.clone()).or_default();
-            match flags as i32 & libc::O_ACCMODE {
+            match *flags as i32 & libc::O_ACCMODE {
                 libc::O_RDONLY => e.0 = true,
                 libc::O_WRONLY => e.1 = true,
                 _ => *e = (true, true),
             }
         }
-        links.push((fd, link, pos, flags, text));
     }
 
     let mut out = Vec::new();
     let mut tcp = Vec::new();
     let mut sockets = crate::sockets::Context::default();
     let mut data_taken: HashMap<String, ()> = HashMap::new();
-    for (fd, link, pos, flags, text) in links {
+    for (fd, link, pos, flags, text, meta) in links {
         if let Some(name) = link.strip_prefix("anon_inode:") {
             let (kind, state) = match crate::anon_fds::parse(name, &text) {
                 None => return Err(not_supported(pid, fd, name.to_string())),
@@ -153,13 +165,9 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
             });
             continue;
         }
-        let dup = fetch(&pidfd, fd).map_err(proc_err(format!("descriptor {fd} (pidfd_getfd)")))?;
-        let meta = File::from(
-            dup.try_clone()
-                .map_err(proc_err(format!("descriptor {fd}")))?,
-        )
-        .metadata()
-        .map_err(proc_err(format!("descriptor {fd}")))?;
+        // Our own duplicate, for what only the file itself can tell (pipe
+        // sizes and contents, sockets).
+        let dup = || fetch(&pidfd, fd).map_err(proc_err(format!("descriptor {fd} (pidfd_getfd)")));
         let ftype = meta.mode() & libc::S_IFMT;
         let mut info = FdInfo {
             fd,
@@ -189,6 +197,7 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
             libc::S_IFIFO if link.starts_with("pipe:") => {
                 let (r, w) = pipe_ends[&link];
                 if r && w {
+                    let dup = dup()?;
                     // SAFETY: fcntl query on our duplicate.
                     let size = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETPIPE_SZ) };
                     info.pipe_size = size.max(0) as u32;
@@ -215,6 +224,7 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
             }
             libc::S_IFIFO if fd <= 2 => FdKind::Inherited,
             libc::S_IFSOCK => {
+                let dup = dup()?;
                 let inode = meta.ino();
                 let sock =
                     crate::sockets::save(&dup, inode, &mut sockets).map_err(|e| match e {
