@@ -298,8 +298,13 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
     }
     let dir = std::env::temp_dir().join(format!("cr-ebpf-exec-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut cmd = clean("/bin/sh");
-    cmd.args(["-c", "sleep 1; exec /bin/sleep 60"])
+    // Waits without a child process (a child is a process tree, which
+    // checkpoints refuse), then execs.
+    let mut cmd = clean("python3");
+    cmd.args([
+        "-c",
+        "import os,time\ntime.sleep(1)\nos.execv('/bin/sleep', ['sleep', '60'])",
+    ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
