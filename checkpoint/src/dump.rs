@@ -203,6 +203,10 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         }
         .into());
     }
+    // A process with children: the whole tree, as one checkpoint.
+    if !crate::proc::children(pid).is_empty() {
+        return crate::tree::dump_tree(pid, dir, opts, start);
+    }
     let pool = worker_pool(pid, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
 

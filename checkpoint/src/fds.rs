@@ -86,8 +86,50 @@ fn peek_pipe(read_end: &OwnedFd, size: usize) -> std::io::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// Every open descriptor of the (frozen) process `pid`.
-pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
+/// What descriptors of a process tree share: which pipe ends are held
+/// anywhere in the tree, and which pipes' contents were already stored.
+#[derive(Default)]
+pub(crate) struct TreeScope {
+    pub pipe_ends: HashMap<String, (bool, bool)>,
+    pub data_taken: std::collections::HashSet<String>,
+}
+
+impl TreeScope {
+    /// The pipe ends held by the processes `pids`.
+    pub fn new(pids: &[i32]) -> Self {
+        let mut scope = Self::default();
+        for &pid in pids {
+            let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let Ok(link) = std::fs::read_link(e.path()) else {
+                    continue;
+                };
+                let link = link.display().to_string();
+                if !link.starts_with("pipe:") {
+                    continue;
+                }
+                let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let flags = fdinfo(pid, fd).map(|f| f.1).unwrap_or(libc::O_RDWR as u32);
+                let end = scope.pipe_ends.entry(link).or_default();
+                match flags as i32 & libc::O_ACCMODE {
+                    libc::O_RDONLY => end.0 = true,
+                    libc::O_WRONLY => end.1 = true,
+                    _ => *end = (true, true),
+                }
+            }
+        }
+        scope
+    }
+}
+
+/// Every open descriptor of the (frozen) process `pid`. In a tree, `scope`
+/// says which pipe ends the other processes hold (and the caller checks
+/// unix socket pairs across the tree).
+pub(crate) fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, DumpError> {
     let dir = format!("/proc/{pid}/fd");
     let proc_err = |path: String| move |source| DumpError::Proc { pid, path, source };
     let mut numbers: Vec<i32> = std::fs::read_dir(&dir)
@@ -126,11 +168,13 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
             Ok((fd, link, pos, flags, text, meta))
         })
         .collect::<Result<_, _>>()?;
-    // Which ends of each pipe the process holds: (read, write).
-    let mut pipe_ends: HashMap<String, (bool, bool)> = HashMap::new();
-    for (_, link, _, flags, _, _) in &links {
+    // Which ends of each pipe the process (or its tree) holds: (read, write).
+    let in_tree = scope.is_some();
+    let mut own = TreeScope::default();
+    let scope = scope.unwrap_or(&mut own);
+    for (_, link, _, flags, _, _) in links.iter().filter(|_| !in_tree) {
         if link.starts_with("pipe:") {
-            let e = pipe_ends.entry(link.clone()).or_default();
+            let e = scope.pipe_ends.entry(link.clone()).or_default();
             match *flags as i32 & libc::O_ACCMODE {
                 libc::O_RDONLY => e.0 = true,
                 libc::O_WRONLY => e.1 = true,
@@ -142,7 +186,6 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
     let mut out = Vec::new();
     let mut tcp = Vec::new();
     let mut sockets = crate::sockets::Context::default();
-    let mut data_taken: HashMap<String, ()> = HashMap::new();
     for (fd, link, pos, flags, text, meta) in links {
         if let Some(name) = link.strip_prefix("anon_inode:") {
             let (kind, state) = match crate::anon_fds::parse(name, &text) {
@@ -195,13 +238,13 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
             }
             libc::S_IFCHR => FdKind::CharDevice,
             libc::S_IFIFO if link.starts_with("pipe:") => {
-                let (r, w) = pipe_ends[&link];
+                let (r, w) = scope.pipe_ends.get(&link).copied().unwrap_or_default();
                 if r && w {
                     let dup = dup()?;
                     // SAFETY: fcntl query on our duplicate.
                     let size = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETPIPE_SZ) };
                     info.pipe_size = size.max(0) as u32;
-                    if data_taken.insert(link.clone(), ()).is_none() {
+                    if scope.data_taken.insert(link.clone()) {
                         // A read end of our own on the same pipe, for tee.
                         let reader = std::fs::OpenOptions::new()
                             .read(true)
@@ -253,34 +296,44 @@ pub(crate) fn collect(pid: i32) -> Result<Fds, DumpError> {
         };
         out.push(info);
     }
-    check_unix_pairs(pid, &out)?;
+    if !in_tree {
+        check_unix_pairs(&[(pid, &out[..])])?;
+    }
     Ok(Fds { fds: out, tcp })
 }
 
 /// Connected unix sockets are restored as pairs: both ends must be here,
 /// and queued datagrams need their sender.
-fn check_unix_pairs(pid: i32, fds: &[FdInfo]) -> Result<(), DumpError> {
+pub(crate) fn check_unix_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), DumpError> {
     let unix = |f: &FdInfo| match &f.state {
         cr_ebpf_image::FdState::Socket(s) if s.family == libc::AF_UNIX as u16 => Some(s.clone()),
         _ => None,
     };
-    let inodes: std::collections::HashSet<u64> =
-        fds.iter().filter_map(unix).map(|s| s.inode).collect();
-    for f in fds {
-        let Some(s) = unix(f) else { continue };
-        if s.peer_inode != 0 && !inodes.contains(&s.peer_inode) {
-            return Err(not_supported(
-                pid,
-                f.fd,
-                "a unix socket connected to a socket outside the process".into(),
-            ));
-        }
-        if s.peer_inode == 0 && !s.queue.is_empty() {
-            return Err(not_supported(
-                pid,
-                f.fd,
-                "queued messages on an unconnected unix socket (their senders are unknown)".into(),
-            ));
+    let inodes: std::collections::HashSet<u64> = procs
+        .iter()
+        .flat_map(|(_, fds)| fds.iter())
+        .filter_map(unix)
+        .map(|s| s.inode)
+        .collect();
+    let outside = if procs.len() > 1 {
+        "a unix socket connected to a socket outside the process tree"
+    } else {
+        "a unix socket connected to a socket outside the process"
+    };
+    for &(pid, fds) in procs {
+        for f in fds {
+            let Some(s) = unix(f) else { continue };
+            if s.peer_inode != 0 && !inodes.contains(&s.peer_inode) {
+                return Err(not_supported(pid, f.fd, outside.into()));
+            }
+            if s.peer_inode == 0 && !s.queue.is_empty() {
+                return Err(not_supported(
+                    pid,
+                    f.fd,
+                    "queued messages on an unconnected unix socket (their senders are unknown)"
+                        .into(),
+                ));
+            }
         }
     }
     Ok(())

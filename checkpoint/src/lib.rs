@@ -24,6 +24,7 @@ mod proc;
 mod shmem;
 mod sockets;
 mod state;
+mod tree;
 
 pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport};
 pub use dump::{dump, DumpError, DumpOptions, DumpReport};

@@ -188,6 +188,17 @@ pub(crate) fn collect(
     prev: Option<&Manifest>,
     changes: &Changes,
 ) -> Result<State, DumpError> {
+    collect_in(frozen, prev, changes, None)
+}
+
+/// [`collect`] for one process of a tree checkpointed as a whole: its
+/// children are part of the checkpoint, and `scope` is shared by the tree.
+pub(crate) fn collect_in(
+    frozen: &Frozen,
+    prev: Option<&Manifest>,
+    changes: &Changes,
+    tree: Option<&mut crate::fds::TreeScope>,
+) -> Result<State, DumpError> {
     let pid = frozen.pid();
     let trace = |source| DumpError::Trace { pid, source };
     let mut queries = Queries::default();
@@ -235,7 +246,7 @@ pub(crate) fn collect(
     // Children would be lost: a restored parent waiting for them would
     // wait forever.
     let children = proc::children(pid);
-    if !children.is_empty() {
+    if !children.is_empty() && tree.is_none() {
         let list: Vec<String> = children.iter().map(i32::to_string).collect();
         return Err(DumpError::NotSupported {
             pid,
@@ -246,7 +257,7 @@ pub(crate) fn collect(
         });
     }
     // Descriptors first: an unsupported one fails before the long part.
-    let crate::fds::Fds { fds, tcp } = crate::fds::collect(pid)?;
+    let crate::fds::Fds { fds, tcp } = crate::fds::collect(pid, tree)?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path))?;
 

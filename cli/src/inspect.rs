@@ -19,6 +19,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if !cr_ebpf_image::images_dir::is_image(&args.dir) {
         return chain(args);
     }
+    if cr_ebpf_image::tree::is_tree(&args.dir) {
+        return tree(args);
+    }
     let m = Manifest::read(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
     let store = pages::PageStore::open(&args.dir)
         .with_context(|| format!("reading {}", args.dir.display()))?;
@@ -218,6 +221,58 @@ fn describe(f: &FdInfo) -> String {
             text
         }
     }
+}
+
+/// A process tree image: its processes, then each one's image.
+fn tree(args: &Args) -> Result<ExitCode> {
+    let t = cr_ebpf_image::tree::Tree::read(&args.dir)
+        .with_context(|| format!("reading {}", args.dir.display()))?;
+    if args.json {
+        let procs: Vec<_> = t
+            .processes
+            .iter()
+            .map(|p| {
+                serde_json::json!({"pid": p.pid, "ppid": p.ppid, "pgid": p.pgid, "sid": p.sid,
+                    "zombie_status": p.zombie, "dir": p.dir})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "processes": procs }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "process tree {} ({} processes)",
+        args.dir.display(),
+        t.processes.len()
+    );
+    println!(
+        "  {:>8} {:>8} {:>8} {:>8}  what",
+        "pid", "ppid", "pgid", "sid"
+    );
+    for p in &t.processes {
+        let what = match p.zombie {
+            Some(status) => format!("zombie, wait status {status:#x}"),
+            None => {
+                let m = Manifest::read(&args.dir.join(&p.dir))
+                    .with_context(|| format!("reading {}", p.dir))?;
+                format!(
+                    "{} ({} threads, {} mappings, {} descriptors) in {}/",
+                    m.process.exe,
+                    m.threads.len(),
+                    m.mappings.len(),
+                    m.fds.len(),
+                    p.dir
+                )
+            }
+        };
+        println!(
+            "  {:>8} {:>8} {:>8} {:>8}  {what}",
+            p.pid, p.ppid, p.pgid, p.sid
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The checkpoints of an images directory, oldest first.

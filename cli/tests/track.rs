@@ -305,9 +305,9 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
         "-c",
         "import os,time\ntime.sleep(1)\nos.execv('/bin/sleep', ['sleep', '60'])",
     ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     let pid = child.id() as i32;
     let out = Command::new(BIN)

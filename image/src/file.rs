@@ -5,7 +5,7 @@
 //! | 0 | 8 | magic `CREBPFIM` |
 //! | 8 | 2 | format major (1) |
 //! | 10 | 2 | format minor (2) |
-//! | 12 | 2 | file kind (1 manifest, 2 pages) |
+//! | 12 | 2 | file kind (1 manifest, 2 pages, 3 tree) |
 //! | 14 | 2 | flags (0) |
 //! | 16 | 8 | payload length |
 //! | 24 | 4 | CRC-32 of the payload |
@@ -38,6 +38,8 @@ pub enum FileKind {
     Manifest = 1,
     /// Page store.
     Pages = 2,
+    /// A process tree (format 1.2).
+    Tree = 3,
 }
 
 impl TryFrom<u16> for FileKind {
@@ -46,6 +48,7 @@ impl TryFrom<u16> for FileKind {
         match v {
             1 => Ok(Self::Manifest),
             2 => Ok(Self::Pages),
+            3 => Ok(Self::Tree),
             other => Err(other),
         }
     }

@@ -67,7 +67,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>, ImageError> {
 
 /// Whether `dir` is a single image rather than an images directory.
 pub fn is_image(dir: &Path) -> bool {
-    dir.join(crate::MANIFEST_FILE).exists()
+    dir.join(crate::MANIFEST_FILE).exists() || crate::tree::is_tree(dir)
 }
 
 /// The image to restore from `dir`: `dir` itself when it is an image;

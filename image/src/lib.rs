@@ -22,6 +22,7 @@ pub mod images_dir;
 mod manifest;
 pub mod pages;
 mod publish;
+pub mod tree;
 
 pub use chain::Chain;
 pub use fdstate::{

@@ -23,9 +23,11 @@
 //! shared memory come next.
 
 mod anon_fds;
+mod natives;
 mod shmem;
 mod sockets;
 mod stub;
+mod tree;
 
 use std::{path::Path, time::Duration, time::Instant};
 
@@ -132,7 +134,7 @@ pub(crate) struct Clock {
 }
 
 impl Clock {
-    fn new(start: Instant) -> Self {
+    pub(crate) fn new(start: Instant) -> Self {
         Self {
             last: start,
             phases: Vec::new(),
@@ -186,8 +188,32 @@ pub enum TimeNamespace {
     Never,
 }
 
+/// Fails when `pid` is taken, naming what holds it.
+pub(crate) fn pid_free(pid: i32) -> Result<(), RestoreError> {
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let comm = if field("State:").starts_with('Z') {
+            format!(
+                "{}, a zombie its parent pid {} has not reaped",
+                field("Name:"),
+                field("PPid:")
+            )
+        } else {
+            field("Name:")
+        };
+        return Err(RestoreError::PidInUse { pid, comm });
+    }
+    Ok(())
+}
+
 /// Checks everything that can be checked before anything is started.
-fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
+pub(crate) fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
     // SAFETY: getres[ug]id write three ids each.
     let ours = unsafe {
         let (mut r, mut e, mut s) = (0, 0, 0);
@@ -211,26 +237,7 @@ fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
             ours,
         });
     }
-    let pid = m.process.pid;
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        let field = |k: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        let comm = if field("State:").starts_with('Z') {
-            format!(
-                "{}, a zombie its parent pid {} has not reaped",
-                field("Name:"),
-                field("PPid:")
-            )
-        } else {
-            field("Name:")
-        };
-        return Err(RestoreError::PidInUse { pid, comm });
-    }
+    pid_free(m.process.pid)?;
     for f in &m.fds {
         if f.kind != cr_ebpf_image::FdKind::File {
             continue;
@@ -302,7 +309,7 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 /// Moves the restorer's future children into a new time namespace whose
 /// clocks continue from the checkpoint's, when `mode` asks for it; returns
 /// the offsets.
-fn time_namespace(
+pub(crate) fn time_namespace(
     p: &cr_ebpf_image::ProcessInfo,
     mode: TimeNamespace,
 ) -> Result<Option<(u64, u64)>, RestoreError> {
@@ -352,6 +359,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     let start = Instant::now();
     let mut clock = Clock::new(start);
     let dir = images_dir::locate(dir, opts.checkpoint.as_deref())?;
+    if cr_ebpf_image::tree::is_tree(&dir) {
+        return tree::restore_tree(&dir, opts, start, clock);
+    }
     // Reads the image and its ancestors, maps their page stores and verifies
     // them before anything is started.
     let chain = Chain::open(&dir)?;

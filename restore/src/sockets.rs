@@ -9,7 +9,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use cr_ebpf_image::{FdInfo, FdState, SocketInfo, TcpRepair};
+use cr_ebpf_image::{SocketInfo, TcpRepair};
 
 use crate::RestoreError;
 
@@ -322,23 +322,17 @@ fn socketpair(s: &SocketInfo) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Every socket of the image, by descriptor number (a socket open under
-/// several numbers is one socket, duplicated). With `close_connections`,
-/// established TCP connections are closed instead of re-established.
+/// Every socket of `sockets` (descriptor number, socket) once, by inode (a
+/// socket open under several numbers, or in several processes, is one
+/// socket). With `close_connections`, established TCP connections are
+/// closed instead of re-established.
 pub(crate) fn build(
-    fds: &[FdInfo],
+    sockets: &[(i32, &SocketInfo)],
     close_connections: bool,
-) -> Result<HashMap<i32, OwnedFd>, RestoreError> {
-    let sockets: Vec<(i32, &SocketInfo)> = fds
-        .iter()
-        .filter_map(|f| match &f.state {
-            FdState::Socket(s) => Some((f.fd, s.as_ref())),
-            _ => None,
-        })
-        .collect();
+) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
     let by_inode: HashMap<u64, &SocketInfo> = sockets.iter().map(|(_, s)| (s.inode, *s)).collect();
     let mut made: HashMap<u64, OwnedFd> = HashMap::new();
-    for (_, s) in &sockets {
+    for (_, s) in sockets {
         if made.contains_key(&s.inode) {
             continue;
         }
@@ -360,10 +354,5 @@ pub(crate) fn build(
             }
         }
     }
-    let mut out = HashMap::new();
-    for (fd, s) in sockets {
-        let sock = made.get(&s.inode).expect("made above");
-        out.insert(fd, sock.try_clone().map_err(fail("dup (restored socket)"))?);
-    }
-    Ok(out)
+    Ok(made)
 }

@@ -19,14 +19,21 @@ use nix::{
 };
 use rayon::prelude::*;
 
-use crate::RestoreError;
+use crate::{natives::Natives, RestoreError};
 
 const PAGE: u64 = 4096;
 /// Code page (`syscall; int3`) plus data page.
 const TRAMPOLINE_LEN: u64 = 2 * PAGE;
 
 /// Kills the stub unless disarmed: a half-built process must never run.
-struct KillGuard(i32, bool);
+pub(crate) struct KillGuard(i32, bool);
+
+impl KillGuard {
+    /// The process is done: leave it be.
+    pub(crate) fn disarm(&mut self) {
+        self.1 = true;
+    }
+}
 
 impl Drop for KillGuard {
     fn drop(&mut self) {
@@ -162,7 +169,7 @@ fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
 fn restore_fds(
     s: &Stub<'_>,
     m: &Manifest,
-    close_connections: bool,
+    natives: &Natives,
     shm: &std::collections::HashMap<u64, std::os::fd::OwnedFd>,
     adopter: &mut Adopter,
 ) -> Result<(), RestoreError> {
@@ -170,8 +177,6 @@ fn restore_fds(
     let base = (max_fd + 64) as u64;
     // Image fd -> temporary fd in the stub, above every target number.
     let mut temp: Vec<(i32, i64, bool)> = Vec::new();
-    // Pipe inode -> (read end, write end) temporaries.
-    let mut pipes: std::collections::HashMap<u64, (i64, i64)> = std::collections::HashMap::new();
     let above = |fd: i64| -> Result<i64, RestoreError> {
         let t = s.sys(
             "fcntl(F_DUPFD)",
@@ -181,9 +186,10 @@ fn restore_fds(
         s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
         Ok(t)
     };
-    // Sockets, eventfds, timerfds and signalfds are made here and taken by
-    // the stub with pidfd_getfd (through a pidfd of ours it opens once).
-    let mut native = crate::sockets::build(&m.fds, close_connections)?;
+    // Pipes and sockets (made once for the whole tree), eventfds, timerfds,
+    // signalfds, inotify instances and pidfds are made by the restorer and
+    // taken by the stub with pidfd_getfd (through a pidfd of ours).
+    let mut native = std::collections::HashMap::new();
     for f in &m.fds {
         if let Some(fd) = crate::anon_fds::build(&f.state)? {
             native.insert(f.fd, fd);
@@ -196,8 +202,19 @@ fn restore_fds(
     for f in &m.fds {
         let t = match f.kind {
             FdKind::Inherited | FdKind::Epoll => continue,
-            FdKind::Socket
-            | FdKind::EventFd
+            FdKind::Socket => {
+                let FdState::Socket(sock) = &f.state else {
+                    unreachable!("checked when the image was read")
+                };
+                let ours = natives.sockets.get(&sock.inode).ok_or_else(|| {
+                    RestoreError::NotSupported(format!(
+                        "socket on descriptor {} was not rebuilt",
+                        f.fd
+                    ))
+                })?;
+                adopt(ours)?
+            }
+            FdKind::EventFd
             | FdKind::TimerFd
             | FdKind::SignalFd
             | FdKind::Inotify
@@ -252,63 +269,17 @@ fn restore_fds(
                 above(fd)?
             }
             FdKind::Pipe => {
-                let (r, w) = match pipes.get(&f.inode) {
-                    Some(&ends) => ends,
-                    None => {
-                        let at = s.put(0, &[0u8; 8])?;
-                        s.sys("pipe2", libc::SYS_pipe2, [at, 0, 0, 0, 0, 0])?;
-                        let mut b = [0u8; 8];
-                        cr_ebpf_tracee::read_memory(s.pid, at, &mut b).map_err(|source| {
-                            RestoreError::Build {
-                                what: "reading the new pipe's descriptors".into(),
-                                source,
-                            }
-                        })?;
-                        let r = above(i32::from_le_bytes(b[0..4].try_into().expect("4")) as i64)?;
-                        let w = above(i32::from_le_bytes(b[4..8].try_into().expect("4")) as i64)?;
-                        if f.pipe_size > 0 {
-                            s.sys(
-                                "fcntl(F_SETPIPE_SZ)",
-                                libc::SYS_fcntl,
-                                [
-                                    w as u64,
-                                    libc::F_SETPIPE_SZ as u64,
-                                    f.pipe_size as u64,
-                                    0,
-                                    0,
-                                    0,
-                                ],
-                            )?;
-                        }
-                        pipes.insert(f.inode, (r, w));
-                        (r, w)
-                    }
-                };
-                if !f.data.is_empty() {
-                    for piece in f.data.chunks(2048) {
-                        let at = s.put(2048, piece)?;
-                        let n = s.sys(
-                            "write",
-                            libc::SYS_write,
-                            [w as u64, at, piece.len() as u64, 0, 0, 0],
-                        )?;
-                        if n as usize != piece.len() {
-                            return Err(RestoreError::NotSupported(
-                                "short write refilling a pipe".into(),
-                            ));
-                        }
-                    }
-                }
-                let end = if f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY {
-                    w
+                let (r, w) = natives.pipes.get(&f.inode).ok_or_else(|| {
+                    RestoreError::NotSupported(format!(
+                        "pipe on descriptor {} was not rebuilt",
+                        f.fd
+                    ))
+                })?;
+                if f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY {
+                    adopt(w)?
                 } else {
-                    r
-                };
-                s.sys(
-                    "fcntl(F_DUPFD)",
-                    libc::SYS_fcntl,
-                    [end as u64, libc::F_DUPFD as u64, base, 0, 0, 0],
-                )?
+                    adopt(r)?
+                }
             }
             FdKind::Invalid => unreachable!("rejected when the image was read"),
         };
@@ -338,10 +309,6 @@ fn restore_fds(
             [t as u64, fd as u64, flags, 0, 0, 0],
         )?;
         s.sys("close", libc::SYS_close, [t as u64, 0, 0, 0, 0, 0])?;
-    }
-    for (r, w) in pipes.into_values() {
-        s.sys("close", libc::SYS_close, [r as u64, 0, 0, 0, 0, 0])?;
-        s.sys("close", libc::SYS_close, [w as u64, 0, 0, 0, 0, 0])?;
     }
     restore_epolls(s, m)
 }
@@ -542,18 +509,17 @@ fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Reg
 }
 
 /// Builds the process. Returns (pid, pages written, fill time).
-pub fn build(
-    m: &Manifest,
-    chain: &Chain,
-    workers: usize,
-    close_connections: bool,
-    clock: &mut crate::Clock,
-) -> Result<(i32, u64, Duration), RestoreError> {
+/// Addresses free in every layout of `ms` and in ours: the trampoline's,
+/// and a span to move the vDSO through.
+pub(crate) fn addresses(ms: &[&Manifest]) -> Result<(u64, u64), RestoreError> {
     let own = std::fs::read_to_string("/proc/self/maps")
         .ok()
         .and_then(|t| parse_maps(&t).ok())
         .unwrap_or_default();
-    let mut busy: Vec<(u64, u64)> = m.mappings.iter().map(|x| (x.start, x.end)).collect();
+    let mut busy: Vec<(u64, u64)> = ms
+        .iter()
+        .flat_map(|m| m.mappings.iter().map(|x| (x.start, x.end)))
+        .collect();
     busy.extend(own.iter().map(|x| (x.start, x.end)));
     let tramp = free_range(TRAMPOLINE_LEN, &busy)
         .ok_or_else(|| RestoreError::NotSupported("no free address for the trampoline".into()))?;
@@ -561,8 +527,31 @@ pub fn build(
     let vdso_span = 64 * PAGE;
     let vdso_tmp = free_range(vdso_span, &busy)
         .ok_or_else(|| RestoreError::NotSupported("no free address to move the vDSO".into()))?;
+    Ok((tramp, vdso_tmp))
+}
 
-    let pid = m.process.pid;
+/// Rebuilds one process: a stub with its pid, its whole state, then it runs.
+pub fn build(
+    m: &Manifest,
+    chain: &Chain,
+    workers: usize,
+    close_connections: bool,
+    clock: &mut crate::Clock,
+) -> Result<(i32, u64, Duration), RestoreError> {
+    let (tramp, vdso_tmp) = addresses(&[m])?;
+    let (t, guard) = spawn_root(m.process.pid, tramp)?;
+    let natives = Natives::build(&[m], close_connections)?;
+    let ready = build_in(
+        t, guard, m, chain, workers, &natives, clock, tramp, vdso_tmp,
+    )?;
+    let done = release(ready)?;
+    clock.mark("resume");
+    Ok(done)
+}
+
+/// A stub with pid `pid`, a child of ours, stopped under ptrace with its
+/// trampoline at `tramp` and every signal blocked.
+pub(crate) fn spawn_root(pid: i32, tramp: u64) -> Result<(Tracee, KillGuard), RestoreError> {
     let child = move || -> i32 {
         // SAFETY: raw syscalls only (the parent may have other threads).
         unsafe {
@@ -613,7 +602,7 @@ pub fn build(
             RestoreError::NotSupported(format!("clone3 with set_tid = {pid}: {e}"))
         }
     })?;
-    let mut guard = KillGuard(got, false);
+    let guard = KillGuard(got, false);
     match waitpid(Pid::from_raw(got), Some(WaitPidFlag::__WALL)) {
         Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
         other => {
@@ -626,6 +615,105 @@ pub fn build(
         what: "taking over the stub".into(),
         source,
     })?;
+    Ok((t, guard))
+}
+
+/// A child of the bare stub `parent` with pid `pid` (an injected `clone3`),
+/// a copy of it: same trampoline, stopped under ptrace.
+pub(crate) fn spawn_child(
+    parent: &Tracee,
+    tramp: u64,
+    pid: i32,
+) -> Result<(Tracee, KillGuard), RestoreError> {
+    let s = Stub {
+        t: parent,
+        pid: parent.tid(),
+        insn: tramp,
+        data: tramp + PAGE,
+    };
+    let tid_at = s.put(1024, &pid.to_le_bytes())?;
+    let mut args = Vec::with_capacity(88);
+    // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
+    // tls, set_tid, set_tid_size, cgroup
+    for v in [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, tid_at, 1, 0] {
+        args.extend_from_slice(&v.to_le_bytes());
+    }
+    let args_at = s.put(512, &args)?;
+    let got = s
+        .sys(
+            "clone3",
+            libc::SYS_clone3,
+            [args_at, args.len() as u64, 0, 0, 0, 0],
+        )
+        .map_err(|e| match e {
+            RestoreError::Syscall { err, .. } if err.raw_os_error() == Some(libc::EEXIST) => {
+                RestoreError::PidInUse {
+                    pid,
+                    comm: "taken just now".into(),
+                }
+            }
+            other => other,
+        })?;
+    if got != pid as i64 {
+        return Err(RestoreError::NotSupported(format!(
+            "process {pid} came back as {got}"
+        )));
+    }
+    let guard = KillGuard(pid, false);
+    let t = Tracee::adopt_clone(pid).map_err(|source| RestoreError::Build {
+        what: format!("taking over the stub of process {pid}"),
+        source,
+    })?;
+    Ok((t, guard))
+}
+
+/// Injects syscall `nr` into the bare stub `t`.
+pub(crate) fn stub_syscall(
+    t: &Tracee,
+    tramp: u64,
+    name: &str,
+    nr: i64,
+    args: [u64; 6],
+) -> Result<i64, RestoreError> {
+    Stub {
+        t,
+        pid: t.tid(),
+        insn: tramp,
+        data: tramp + PAGE,
+    }
+    .sys(name, nr, args)
+}
+
+/// A process built and stopped, waiting for [`release`].
+pub(crate) struct Ready {
+    t: Tracee,
+    guard: KillGuard,
+    others: Vec<(Tracee, regs::Regs, u64)>,
+    final_regs: regs::Regs,
+    sigmask: u64,
+    vdso_insn: u64,
+    tramp: u64,
+    pages: u64,
+    fill: Duration,
+}
+
+/// Builds the process `m` inside the stub `t` (everything but letting it run).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per kind of restore"
+)]
+pub(crate) fn build_in(
+    t: Tracee,
+    guard: KillGuard,
+    m: &Manifest,
+    chain: &Chain,
+    workers: usize,
+    natives: &Natives,
+    clock: &mut crate::Clock,
+    tramp: u64,
+    vdso_tmp: u64,
+) -> Result<Ready, RestoreError> {
+    let got = t.tid();
     let s = Stub {
         t: &t,
         pid: got,
@@ -1012,7 +1100,7 @@ pub fn build(
     clock.mark("process");
 
     // 7. File descriptors.
-    restore_fds(&s, m, close_connections, &shm, &mut adopter)?;
+    restore_fds(&s, m, natives, &shm, &mut adopter)?;
     adopter.close(&s)?;
     crate::shmem::seal(&m.shmem, &shm)?;
     clock.mark("fds");
@@ -1088,6 +1176,40 @@ pub fn build(
     }
     posix_timers(&s, p)?;
     clock.mark("signals");
+    let vdso_insn = vdso_syscall_insn(got, m)?;
+    Ok(Ready {
+        t,
+        guard,
+        others,
+        final_regs,
+        sigmask: m.threads[0].sigmask,
+        vdso_insn,
+        tramp,
+        pages,
+        fill,
+    })
+}
+
+/// Lets a built process run: each thread gets its own mask and registers.
+pub(crate) fn release(r: Ready) -> Result<(i32, u64, Duration), RestoreError> {
+    let Ready {
+        t,
+        mut guard,
+        others,
+        final_regs,
+        sigmask,
+        vdso_insn,
+        tramp,
+        pages,
+        fill,
+    } = r;
+    let got = t.tid();
+    let s = Stub {
+        t: &t,
+        pid: got,
+        insn: tramp,
+        data: tramp + PAGE,
+    };
     // Each other thread: its own signal mask as its last syscall, its own
     // registers at that syscall's exit, then it runs (a pending signal it
     // does not block is delivered right then, as the kernel would).
@@ -1151,7 +1273,7 @@ pub fn build(
     // The main thread's own mask, last, through the vDSO's `syscall`
     // instruction (the trampoline is gone), with the mask written just
     // below its stack pointer and the bytes there put back.
-    let insn = vdso_syscall_insn(got, m)?;
+    let insn = vdso_insn;
     let scratch = (final_regs.rsp - 4096) & !15;
     let mut saved = [0u8; 8];
     let mem = |what: &str, source| RestoreError::Build {
@@ -1160,7 +1282,7 @@ pub fn build(
     };
     cr_ebpf_tracee::read_memory(got, scratch, &mut saved)
         .map_err(|e| mem("reading the stack", e))?;
-    cr_ebpf_tracee::write_memory(got, scratch, &m.threads[0].sigmask.to_le_bytes())
+    cr_ebpf_tracee::write_memory(got, scratch, &sigmask.to_le_bytes())
         .map_err(|e| mem("writing the stack", e))?;
     let base = t.regs().map_err(|e| mem("reading registers", e))?;
     let r = t
@@ -1189,6 +1311,5 @@ pub fn build(
         source,
     })?;
     guard.1 = true;
-    clock.mark("resume");
     Ok((got, pages, fill))
 }

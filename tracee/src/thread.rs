@@ -94,7 +94,8 @@ impl Tracee {
             pid,
             ptrace::Options::PTRACE_O_TRACESYSGOOD
                 | ptrace::Options::PTRACE_O_EXITKILL
-                | ptrace::Options::PTRACE_O_TRACECLONE,
+                | ptrace::Options::PTRACE_O_TRACECLONE
+                | ptrace::Options::PTRACE_O_TRACEFORK,
         )
         .map_err(perr("PTRACE_SETOPTIONS", pid))?;
         Ok(Self {

@@ -1,0 +1,184 @@
+//! A full checkpoint of a process tree: every process frozen before any is
+//! read, one image per live process under `proc-PID/`, and `tree.img` with
+//! the parent links, process groups, sessions and zombies.
+
+use std::{path::Path, time::Instant};
+
+use cr_ebpf_image::{
+    publish,
+    tree::{Tree, TreeProcess},
+};
+use cr_ebpf_tracee::Frozen;
+
+use crate::{
+    dump::{split_runs, worker_pool, write_pages, DumpOptions, DumpReport},
+    fds::{check_unix_pairs, TreeScope},
+    maps, proc,
+    state::{self, proc_err, Changes, State},
+    DumpError,
+};
+
+/// `state`, ppid, pgid, sid and exit code of `pid` from `/proc/PID/stat`.
+fn stat(pid: i32) -> Result<(char, i32, i32, i32, i32), DumpError> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(proc_err(pid, path.clone()))?;
+    let rest = text
+        .rfind(')')
+        .map(|i| &text[i + 2..])
+        .ok_or_else(|| DumpError::NotSupported {
+            pid,
+            what: format!("an unreadable {path}"),
+        })?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Field n (1-based) of the whole line is f[n - 3].
+    let num = |n: usize| f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let state = f.first().and_then(|s| s.chars().next()).unwrap_or('?');
+    Ok((state, num(4), num(5), num(6), num(52)))
+}
+
+/// `root` and its descendants, parents before children.
+fn processes(root: i32) -> Vec<i32> {
+    let mut order = vec![root];
+    let mut i = 0;
+    while i < order.len() {
+        for c in proc::children(order[i]) {
+            if !order.contains(&c) {
+                order.push(c);
+            }
+        }
+        i += 1;
+    }
+    order
+}
+
+/// Checkpoints `root` and all its descendants into the new image `dir`.
+pub(crate) fn dump_tree(
+    root: i32,
+    dir: &Path,
+    opts: &DumpOptions,
+    start: Instant,
+) -> Result<DumpReport, DumpError> {
+    let pool = worker_pool(root, opts.threads, "dump-reader")?;
+    let workers = pool.current_num_threads();
+    let pids = processes(root);
+    let mut tree = Tree::default();
+    // Every live process frozen before anything is read: the checkpoint is
+    // one instant of the whole tree. Dropping them resumes them.
+    let mut frozen: Vec<Frozen> = Vec::new();
+    for &pid in &pids {
+        let (state, ppid, pgid, sid, exit) = stat(pid)?;
+        let zombie = state == 'Z';
+        if !zombie {
+            frozen.push(Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?);
+        }
+        tree.processes.push(TreeProcess {
+            pid,
+            ppid: if pid == root { 0 } else { ppid },
+            pgid,
+            sid,
+            zombie: zombie.then_some(exit),
+            dir: if zombie {
+                String::new()
+            } else {
+                format!("proc-{pid}")
+            },
+        });
+    }
+    let since = frozen.first().map(|f| f.since).unwrap_or_else(Instant::now);
+    // A child forked while the tree was being frozen is not in it.
+    if processes(root).len() != pids.len() {
+        return Err(DumpError::NotSupported {
+            pid: root,
+            what: "the process tree changed while it was being frozen (try again)".into(),
+        });
+    }
+    let live: Vec<i32> = frozen.iter().map(Frozen::pid).collect();
+    let mut scope = TreeScope::new(&live);
+    let mut states: Vec<State> = Vec::new();
+    for f in &frozen {
+        states.push(state::collect_in(
+            f,
+            None,
+            &Changes::all(),
+            Some(&mut scope),
+        )?);
+    }
+    let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> = live
+        .iter()
+        .zip(&states)
+        .map(|(p, s)| (*p, &s.fds[..]))
+        .collect();
+    check_unix_pairs(&all)?;
+
+    // Pages of every process, planned while frozen.
+    let mut plans = Vec::new();
+    for (pid, s) in live.iter().zip(&states) {
+        let mut mappings = Vec::new();
+        let mut work = Vec::new();
+        for m in &s.entries {
+            let runs = maps::dumpable_runs(&s.pagemap, m)
+                .map_err(proc_err(*pid, format!("/proc/{pid}/pagemap")))?;
+            let stored: u64 = runs.iter().map(|r| r.1).sum();
+            split_runs(&runs, &mut work);
+            mappings.push(State::mapping(m, stored, 0));
+        }
+        plans.push((mappings, work));
+    }
+    let threads: usize = states.iter().map(|s| s.threads.len()).sum();
+    let mappings: usize = plans.iter().map(|p| p.0.len()).sum();
+    let (pages, page_bytes) = publish(dir, |tmp| {
+        tree.write(tmp)?;
+        let (mut pages, mut bytes) = (0, 0);
+        for ((pid, s), (maps, work)) in live.iter().zip(&states).zip(&plans) {
+            let sub = tmp.join(format!("proc-{pid}"));
+            std::fs::create_dir(&sub).map_err(|source| cr_ebpf_image::ImageError::Io {
+                path: sub.display().to_string(),
+                what: "creating",
+                source,
+            })?;
+            let (p, b) = write_pages(&sub, &pool, *pid, work, Vec::new(), || Ok(()))?;
+            pages += p;
+            bytes += b;
+            s.manifest(maps.clone(), since.elapsed().as_nanos() as u64, None)
+                .write(&sub)?;
+        }
+        Ok((pages, bytes))
+    })?;
+    let freeze;
+    if opts.leave_running {
+        freeze = since.elapsed();
+        for f in frozen {
+            let pid = f.pid();
+            f.thaw()
+                .map_err(|source| DumpError::Trace { pid, source })?;
+        }
+    } else {
+        // TCP connections close silently (repair mode) when they die.
+        for s in &states {
+            for (_, sock) in &s.tcp {
+                let _ = crate::sockets::setsockopt_int(
+                    sock,
+                    libc::IPPROTO_TCP,
+                    crate::sockets::TCP_REPAIR,
+                    1,
+                );
+            }
+        }
+        for f in frozen.into_iter().rev() {
+            let pid = f.pid();
+            f.kill()
+                .map_err(|source| DumpError::Trace { pid, source })?;
+        }
+        freeze = since.elapsed();
+    }
+    Ok(DumpReport {
+        pid: root,
+        threads,
+        mappings,
+        pages,
+        page_bytes,
+        freeze,
+        total: start.elapsed(),
+        workers,
+    })
+}

@@ -1,0 +1,217 @@
+//! A forking server for process-tree tests: a parent (a session leader)
+//! and four workers, each worker on its own socket pair with the parent,
+//! each with an epoll loop on a timerfd (every 20 ms it sends the parent
+//! `I N`, its tick count); worker 1 leads its own process group. A fifth
+//! child exits at once with status 3 and stays a zombie until the parent
+//! is told to reap.
+//!
+//! The parent epolls on the workers' sockets, a signalfd (SIGUSR1) and a
+//! 100 ms timerfd; every tick it appends `status w0=N w1=N w2=N w3=N
+//! reaped=PID:CODE,...` to LOG. On SIGUSR1 it tells worker 0 to exit and
+//! from then on reaps its children at every tick.
+//!
+//! Usage: `forkserver LOG` (prints `ready PARENT W0 W1 W2 W3 ZOMBIE` to LOG).
+
+use std::{io::Write as _, os::fd::RawFd};
+
+fn ok(r: i64, what: &str) -> i64 {
+    if r < 0 {
+        eprintln!("forkserver: {what}: {}", std::io::Error::last_os_error());
+        std::process::exit(1);
+    }
+    r
+}
+
+fn timerfd(ms: i64) -> RawFd {
+    // SAFETY: plain syscalls on our own descriptor.
+    unsafe {
+        let fd = ok(
+            libc::timerfd_create(libc::CLOCK_MONOTONIC, 0) as i64,
+            "timerfd_create",
+        ) as RawFd;
+        let t = libc::timespec {
+            tv_sec: ms / 1000,
+            tv_nsec: (ms % 1000) * 1_000_000,
+        };
+        let spec = libc::itimerspec {
+            it_interval: t,
+            it_value: t,
+        };
+        ok(
+            libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) as i64,
+            "timerfd_settime",
+        );
+        fd
+    }
+}
+
+fn add(ep: RawFd, fd: RawFd, data: u64) {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: data,
+    };
+    // SAFETY: registering our own descriptor.
+    ok(
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } as i64,
+        "epoll_ctl",
+    );
+}
+
+fn read_some(fd: RawFd) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    // SAFETY: reading into our buffer.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    buf[..n.max(0) as usize].to_vec()
+}
+
+fn worker(i: usize, sock: RawFd) -> ! {
+    // SAFETY: plain syscalls on our own descriptors.
+    unsafe {
+        let ep = ok(libc::epoll_create1(0) as i64, "epoll_create1") as RawFd;
+        let tfd = timerfd(20);
+        add(ep, tfd, 1);
+        add(ep, sock, 2);
+        let mut n = 0u64;
+        loop {
+            let mut evs: [libc::epoll_event; 4] = std::mem::zeroed();
+            let k = libc::epoll_wait(ep, evs.as_mut_ptr(), 4, -1);
+            for ev in &evs[..k.max(0) as usize] {
+                match ev.u64 {
+                    1 => {
+                        read_some(tfd);
+                        n += 1;
+                        let line = format!("{i} {n}\n");
+                        libc::write(sock, line.as_ptr().cast(), line.len());
+                    }
+                    _ => {
+                        let got = read_some(sock);
+                        if got.is_empty() || got.windows(4).any(|w| w == b"exit") {
+                            libc::_exit(10 + i as i32);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn main() {
+    let log_path = std::env::args().nth(1).expect("usage: forkserver LOG");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .expect("opening the log");
+    // SAFETY: plain syscalls creating and configuring our own descriptors
+    // and children.
+    unsafe {
+        libc::setsid();
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut mask);
+        libc::sigaddset(&mut mask, libc::SIGUSR1);
+        libc::sigprocmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut());
+        let sfd = ok(libc::signalfd(-1, &mask, 0) as i64, "signalfd") as RawFd;
+        let mut socks = Vec::new();
+        let mut pids = Vec::new();
+        for i in 0..4 {
+            let mut sp = [0; 2];
+            ok(
+                libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sp.as_mut_ptr()) as i64,
+                "socketpair",
+            );
+            let pid = ok(libc::fork() as i64, "fork") as i32;
+            if pid == 0 {
+                libc::close(sp[0]);
+                if i == 1 {
+                    libc::setpgid(0, 0);
+                }
+                worker(i, sp[1]);
+            }
+            libc::close(sp[1]);
+            socks.push(sp[0]);
+            pids.push(pid);
+        }
+        let zombie = ok(libc::fork() as i64, "fork") as i32;
+        if zombie == 0 {
+            libc::_exit(3);
+        }
+        let ep = ok(libc::epoll_create1(0) as i64, "epoll_create1") as RawFd;
+        add(ep, sfd, 1);
+        let tfd = timerfd(100);
+        add(ep, tfd, 2);
+        for (i, s) in socks.iter().enumerate() {
+            add(ep, *s, 100 + i as u64);
+        }
+        let _ = writeln!(
+            log,
+            "ready {} {} {} {} {} {zombie}",
+            libc::getpid(),
+            pids[0],
+            pids[1],
+            pids[2],
+            pids[3]
+        );
+        let mut last = [0u64; 4];
+        let mut pending = [String::new(), String::new(), String::new(), String::new()];
+        let mut reaping = false;
+        let mut reaped: Vec<String> = Vec::new();
+        loop {
+            let mut evs: [libc::epoll_event; 8] = std::mem::zeroed();
+            let k = libc::epoll_wait(ep, evs.as_mut_ptr(), 8, -1);
+            for ev in &evs[..k.max(0) as usize] {
+                match ev.u64 {
+                    1 => {
+                        read_some(sfd);
+                        reaping = true;
+                        libc::write(socks[0], b"exit\n".as_ptr().cast(), 5);
+                    }
+                    2 => {
+                        read_some(tfd);
+                        if reaping {
+                            loop {
+                                let mut st = 0;
+                                let p = libc::waitpid(-1, &mut st, libc::WNOHANG);
+                                if p <= 0 {
+                                    break;
+                                }
+                                reaped.push(format!("{p}:{}", libc::WEXITSTATUS(st)));
+                            }
+                        }
+                        let _ = writeln!(
+                            log,
+                            "status w0={} w1={} w2={} w3={} reaped={}",
+                            last[0],
+                            last[1],
+                            last[2],
+                            last[3],
+                            reaped.join(",")
+                        );
+                    }
+                    d => {
+                        let i = (d - 100) as usize;
+                        let got = read_some(socks[i]);
+                        if got.is_empty() {
+                            // The worker is gone: stop watching its socket.
+                            libc::epoll_ctl(
+                                ep,
+                                libc::EPOLL_CTL_DEL,
+                                socks[i],
+                                std::ptr::null_mut(),
+                            );
+                            continue;
+                        }
+                        pending[i].push_str(&String::from_utf8_lossy(&got));
+                        while let Some(nl) = pending[i].find('\n') {
+                            let line: String = pending[i].drain(..=nl).collect();
+                            if let Some(n) =
+                                line.split_whitespace().nth(1).and_then(|v| v.parse().ok())
+                            {
+                                last[i] = n;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

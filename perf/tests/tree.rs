@@ -1,0 +1,174 @@
+//! Process trees: a forking server (a parent that leads its session, four
+//! workers on socket pairs with epoll loops and timerfds, one leading its
+//! own process group, and an unreaped zombie) checkpointed as a whole and
+//! restored: same pids and parent links, every worker continues, the parent
+//! still talks to each one and reaps both the restored zombie and a worker
+//! that exits after the restore.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_checkpoint::{dump, DumpOptions};
+use cr_ebpf_restore::{restore, RestoreOptions};
+
+const FORKSERVER: &str = env!("CARGO_BIN_EXE_forkserver");
+
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn lines(log: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete.lines().map(str::to_string).collect()
+}
+
+/// Worker tick counts and the reaped list of the newest status line.
+fn status(log: &Path) -> Option<([u64; 4], String)> {
+    let l = lines(log)
+        .into_iter()
+        .rev()
+        .find(|l| l.starts_with("status "))?;
+    let mut w = [0u64; 4];
+    let mut reaped = String::new();
+    for f in l.split_whitespace().skip(1) {
+        let (k, v) = f.split_once('=')?;
+        match k {
+            "reaped" => reaped = v.to_string(),
+            _ => w[k.strip_prefix('w')?.parse::<usize>().ok()?] = v.parse().ok()?,
+        }
+    }
+    Some((w, reaped))
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (ppid, pgid, sid) of `pid`.
+fn ids(pid: i32) -> (i32, i32, i32) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<i32> = s[s.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    (f[0], f[1], f[2])
+}
+
+fn reap(pid: i32) {
+    // SAFETY: signalling and reaping processes of this test.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+#[test]
+fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
+    if !cr_ebpf_perf::privileged("a_forking_server_restores_with_its_workers_sessions_and_zombie") {
+        return;
+    }
+    // Workers of a killed parent come to us, and we reap them.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-tree-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch(dir.clone());
+    let log = dir.join("log");
+    let img = dir.join("image");
+    let mut child = cr_ebpf_perf::spawn_clean(
+        Command::new(FORKSERVER)
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let parent = child.id() as i32;
+    let ready: Vec<i32> = wait_for("the server", || {
+        lines(&log)
+            .iter()
+            .find(|l| l.starts_with("ready "))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .map(|v| v.parse().unwrap())
+                    .collect()
+            })
+    });
+    assert_eq!(ready[0], parent);
+    let (workers, zombie) = (&ready[1..5], ready[5]);
+    let all: Vec<i32> = ready.clone();
+    let before = wait_for("every worker ticking", || {
+        status(&log)
+            .filter(|(w, _)| w.iter().all(|n| *n > 2))
+            .map(|s| s.0)
+    });
+    assert_eq!(ids(parent).2, parent, "the parent leads its session");
+    assert_eq!(ids(workers[1]).1, workers[1], "worker 1 leads its group");
+
+    let d = dump(
+        parent,
+        &img,
+        &DumpOptions {
+            leave_running: false,
+            threads: 0,
+        },
+    )
+    .expect("dump of the tree");
+    assert_eq!(d.pid, parent);
+    assert!(img.join("tree.img").exists());
+    let _ = child.wait();
+    for &p in &all[1..] {
+        // SAFETY: reaping the workers and the zombie, ours now.
+        unsafe { libc::waitpid(p, std::ptr::null_mut(), 0) };
+    }
+
+    let r = restore(&img, &RestoreOptions::default()).expect("restore of the tree");
+    assert_eq!(r.pid, parent);
+    for &w in workers {
+        assert_eq!(ids(w).0, parent, "worker {w} is the parent's child again");
+        assert_eq!(ids(w).2, parent, "in the parent's session");
+    }
+    assert_eq!(ids(parent).2, parent, "the parent leads its session again");
+    assert_eq!(
+        ids(workers[1]).1,
+        workers[1],
+        "worker 1 leads its group again"
+    );
+    assert_eq!(ids(workers[0]).1, parent);
+    let st = std::fs::read_to_string(format!("/proc/{zombie}/stat")).unwrap();
+    assert!(st.contains(") Z "), "the zombie is back: {st}");
+    // Every worker goes on counting, and the parent hears each one.
+    wait_for("every worker ticking after the restore", || {
+        status(&log).filter(|(w, _)| w.iter().zip(before).all(|(n, b)| *n > b + 5))
+    });
+    // The parent still reaps its children: the zombie, and worker 0 told to exit.
+    // SAFETY: signalling the restored parent.
+    unsafe { libc::kill(parent, libc::SIGUSR1) };
+    let reaped = wait_for("the parent reaping", || {
+        status(&log).map(|s| s.1).filter(|r| {
+            r.contains(&format!("{zombie}:3")) && r.contains(&format!("{}:10", workers[0]))
+        })
+    });
+    assert!(!reaped.is_empty());
+    for &p in &all {
+        reap(p);
+    }
+    drop(scratch);
+}

@@ -1,0 +1,171 @@
+//! Restoring a process tree: every image verified, then a stub per process
+//! made by its parent's stub (an injected `clone3` with the original pid,
+//! so parent links are the real ones), sessions and process groups set as
+//! each is made, zombies made to exit with their status, then every
+//! process built, and all of them let run, children first.
+
+use std::{collections::HashMap, path::Path, time::Instant};
+
+use cr_ebpf_image::{tree::Tree, Chain};
+use cr_ebpf_tracee::Tracee;
+
+use crate::{
+    natives::Natives,
+    pid_free, preflight,
+    stub::{self, KillGuard},
+    time_namespace, Clock, RestoreError, RestoreOptions, RestoreReport,
+};
+
+pub(crate) fn restore_tree(
+    dir: &Path,
+    opts: &RestoreOptions,
+    start: Instant,
+    mut clock: Clock,
+) -> Result<RestoreReport, RestoreError> {
+    let tree = Tree::read(dir)?;
+    let mut chains: HashMap<i32, Chain> = HashMap::new();
+    for p in tree.processes.iter().filter(|p| p.zombie.is_none()) {
+        let chain = Chain::open(&dir.join(&p.dir))?;
+        if chain.manifest().process.pid != p.pid {
+            return Err(RestoreError::NotSupported(format!(
+                "{} holds process {}, not {}",
+                p.dir,
+                chain.manifest().process.pid,
+                p.pid
+            )));
+        }
+        chains.insert(p.pid, chain);
+    }
+    clock.mark("read");
+    for p in &tree.processes {
+        match chains.get(&p.pid) {
+            Some(c) => preflight(c.manifest(), opts)?,
+            None => pid_free(p.pid)?,
+        }
+    }
+    let root = &tree.processes[0];
+    let time_offsets = time_namespace(&chains[&root.pid].manifest().process, opts.time_namespace)?;
+    clock.mark("preflight");
+    let manifests: Vec<&cr_ebpf_image::Manifest> = tree
+        .processes
+        .iter()
+        .filter_map(|p| chains.get(&p.pid).map(Chain::manifest))
+        .collect();
+    let (tramp, vdso_tmp) = stub::addresses(&manifests)?;
+    let natives = Natives::build(&manifests, opts.close_connections)?;
+    let workers = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+
+    // The stubs, parents first: each is made by its parent's stub, then
+    // joins its session and group before it makes children of its own.
+    let mut stubs: HashMap<i32, (Tracee, KillGuard)> = HashMap::new();
+    let mut zombies = Vec::new();
+    for p in &tree.processes {
+        let (t, guard) = if p.ppid == 0 {
+            stub::spawn_root(p.pid, tramp)?
+        } else {
+            let parent = &stubs
+                .get(&p.ppid)
+                .ok_or_else(|| {
+                    RestoreError::NotSupported(format!(
+                        "the parent {} of process {} is not in the tree",
+                        p.ppid, p.pid
+                    ))
+                })?
+                .0;
+            stub::spawn_child(parent, tramp, p.pid)?
+        };
+        let parent_pgid = tree
+            .processes
+            .iter()
+            .find(|q| q.pid == p.ppid)
+            .map(|q| q.pgid);
+        let sys =
+            |name: &str, nr: i64, args: [u64; 6]| stub::stub_syscall(&t, tramp, name, nr, args);
+        if p.sid == p.pid {
+            sys("setsid", libc::SYS_setsid, [0; 6])?;
+        } else if p.pgid == p.pid {
+            sys("setpgid", libc::SYS_setpgid, [0, 0, 0, 0, 0, 0])?;
+        } else if p.ppid != 0 && Some(p.pgid) != parent_pgid {
+            sys("setpgid", libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0]).map_err(|e| {
+                RestoreError::NotSupported(format!(
+                    "process {} joining process group {}: {e}",
+                    p.pid, p.pgid
+                ))
+            })?;
+        }
+        match p.zombie {
+            Some(status) => zombies.push((p.pid, status, t, guard)),
+            None => {
+                stubs.insert(p.pid, (t, guard));
+            }
+        }
+    }
+    // Zombies: they exit as they did; their parents reap them.
+    for (pid, status, t, mut guard) in zombies {
+        let (nr, arg) = if status & 0x7f == 0 {
+            (libc::SYS_exit_group, ((status >> 8) & 0xff) as u64)
+        } else if status & 0x7f == libc::SIGKILL {
+            (libc::SYS_kill, pid as u64)
+        } else {
+            return Err(RestoreError::NotSupported(format!(
+                "zombie {pid} killed by signal {}",
+                status & 0x7f
+            )));
+        };
+        let args = if nr == libc::SYS_kill {
+            [arg, libc::SIGKILL as u64, 0, 0, 0, 0]
+        } else {
+            [arg, 0, 0, 0, 0, 0]
+        };
+        let r = stub::stub_syscall(&t, tramp, "exit", nr, args);
+        if !matches!(r, Err(RestoreError::Build { .. })) {
+            return Err(RestoreError::NotSupported(format!(
+                "zombie {pid} did not exit: {r:?}"
+            )));
+        }
+        t.forget();
+        guard.disarm();
+    }
+    clock.mark("stub");
+
+    // Every process built, children first (each keeps its stub stopped).
+    let mut ready = Vec::new();
+    let (mut pages, mut fill) = (0, std::time::Duration::ZERO);
+    for p in tree.processes.iter().rev().filter(|p| p.zombie.is_none()) {
+        let (t, guard) = stubs.remove(&p.pid).expect("made above");
+        let chain = &chains[&p.pid];
+        let r = stub::build_in(
+            t,
+            guard,
+            chain.manifest(),
+            chain,
+            workers,
+            &natives,
+            &mut clock,
+            tramp,
+            vdso_tmp,
+        )?;
+        ready.push(r);
+    }
+    // Then let all of them run.
+    for r in ready {
+        let (_, p, f) = stub::release(r)?;
+        pages += p;
+        fill += f;
+    }
+    drop(natives);
+    clock.mark("resume");
+    Ok(RestoreReport {
+        pid: root.pid,
+        pages,
+        fill,
+        total: start.elapsed(),
+        workers,
+        phases: clock.phases,
+        time_offsets,
+    })
+}
