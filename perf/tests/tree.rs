@@ -1,7 +1,8 @@
 //! Process trees: a forking server (a parent that leads its session, four
 //! workers on socket pairs with epoll loops and timerfds, one leading its
 //! own process group, and an unreaped zombie) checkpointed as a whole and
-//! restored: same pids and parent links, every worker continues, the parent
+//! restored: same pids and parent links, the page of memory they share still
+//! shared, every worker continues, the parent
 //! still talks to each one and reaps both the restored zombie and a worker
 //! that exits after the restore.
 
@@ -30,22 +31,25 @@ fn lines(log: &Path) -> Vec<String> {
     complete.lines().map(str::to_string).collect()
 }
 
-/// Worker tick counts and the reaped list of the newest status line.
-fn status(log: &Path) -> Option<([u64; 4], String)> {
+/// Worker tick counts, the reaped list and the counts the workers wrote in
+/// the shared page, of the newest status line.
+fn status(log: &Path) -> Option<([u64; 4], String, Vec<u64>)> {
     let l = lines(log)
         .into_iter()
         .rev()
         .find(|l| l.starts_with("status "))?;
     let mut w = [0u64; 4];
     let mut reaped = String::new();
+    let mut shm = Vec::new();
     for f in l.split_whitespace().skip(1) {
         let (k, v) = f.split_once('=')?;
         match k {
             "reaped" => reaped = v.to_string(),
+            "shm" => shm = v.split(',').filter_map(|x| x.parse().ok()).collect(),
             _ => w[k.strip_prefix('w')?.parse::<usize>().ok()?] = v.parse().ok()?,
         }
     }
-    Some((w, reaped))
+    Some((w, reaped, shm))
 }
 
 fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -71,11 +75,25 @@ fn ids(pid: i32) -> (i32, i32, i32) {
     (f[0], f[1], f[2])
 }
 
-fn reap(pid: i32) {
-    // SAFETY: signalling and reaping processes of this test.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-        libc::waitpid(pid, std::ptr::null_mut(), 0);
+/// Kills and reaps the tree's processes however the test ends (a restored
+/// process holds our stdout: left running, it would keep the harness
+/// waiting).
+struct Reap(Vec<i32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: signalling and reaping processes of this test.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        for &pid in &self.0 {
+            // SAFETY: as above.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        }
     }
 }
 
@@ -114,9 +132,10 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
     assert_eq!(ready[0], parent);
     let (workers, zombie) = (&ready[1..5], ready[5]);
     let all: Vec<i32> = ready.clone();
+    let reap = Reap(all.clone());
     let before = wait_for("every worker ticking", || {
         status(&log)
-            .filter(|(w, _)| w.iter().all(|n| *n > 2))
+            .filter(|(w, _, _)| w.iter().all(|n| *n > 2))
             .map(|s| s.0)
     });
     assert_eq!(ids(parent).2, parent, "the parent leads its session");
@@ -156,7 +175,13 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
     assert!(st.contains(") Z "), "the zombie is back: {st}");
     // Every worker goes on counting, and the parent hears each one.
     wait_for("every worker ticking after the restore", || {
-        status(&log).filter(|(w, _)| w.iter().zip(before).all(|(n, b)| *n > b + 5))
+        status(&log).filter(|(w, _, _)| w.iter().zip(before).all(|(n, b)| *n > b + 5))
+    });
+    // The page they share is still shared: the parent sees the workers'
+    // counts there go on too.
+    wait_for("the shared page", || {
+        status(&log)
+            .filter(|(_, _, shm)| shm.len() == 4 && shm.iter().zip(before).all(|(n, b)| *n > b + 5))
     });
     // The parent still reaps its children: the zombie, and worker 0 told to exit.
     // SAFETY: signalling the restored parent.
@@ -167,8 +192,6 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
         })
     });
     assert!(!reaped.is_empty());
-    for &p in &all {
-        reap(p);
-    }
+    drop(reap);
     drop(scratch);
 }

@@ -1,6 +1,6 @@
-//! Pipes and sockets rebuilt once in the restorer for every process that
-//! holds them (a pipe or socket inherited across `fork` is one object), and
-//! handed to each with `pidfd_getfd`.
+//! Pipes, sockets and shared memory objects rebuilt once in the restorer
+//! for every process that holds them (one inherited across `fork` is one
+//! object), and handed to each with `pidfd_getfd`.
 
 use std::{
     collections::HashMap,
@@ -17,6 +17,8 @@ pub(crate) struct Natives {
     /// (read end, write end).
     pub pipes: HashMap<u64, (OwnedFd, OwnedFd)>,
     pub sockets: HashMap<u64, OwnedFd>,
+    /// Shared memory objects, by id.
+    pub shmem: HashMap<u64, OwnedFd>,
 }
 
 fn pipe(size: u32, data: &[u8]) -> Result<(OwnedFd, OwnedFd), RestoreError> {
@@ -75,6 +77,18 @@ impl Natives {
             })
             .collect();
         let sockets = crate::sockets::build(&sockets, close_connections)?;
-        Ok(Self { pipes, sockets })
+        // Every process of a tree stored the objects it maps: one of each.
+        let mut objects: Vec<cr_ebpf_image::ShmemObject> = Vec::new();
+        for o in ms.iter().flat_map(|m| m.shmem.iter()) {
+            if !objects.iter().any(|x| x.id == o.id) {
+                objects.push(o.clone());
+            }
+        }
+        let shmem = crate::shmem::build(&objects)?;
+        Ok(Self {
+            pipes,
+            sockets,
+            shmem,
+        })
     }
 }

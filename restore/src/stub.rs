@@ -830,7 +830,7 @@ pub(crate) fn build_in(
 
     // Shared memory objects, with their contents, for the mappings and
     // memfd descriptors that refer to them.
-    let shm = crate::shmem::build(&m.shmem)?;
+    let shm = &natives.shmem;
     let mut adopter = Adopter {
         pidfd: None,
         floor: m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 32,
@@ -1100,9 +1100,9 @@ pub(crate) fn build_in(
     clock.mark("process");
 
     // 7. File descriptors.
-    restore_fds(&s, m, natives, &shm, &mut adopter)?;
+    restore_fds(&s, m, natives, shm, &mut adopter)?;
     adopter.close(&s)?;
-    crate::shmem::seal(&m.shmem, &shm)?;
+    crate::shmem::seal(&m.shmem, shm)?;
     clock.mark("fds");
 
     // 8. Threads, each with its own tid, then each thread's own state.

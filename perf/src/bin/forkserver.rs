@@ -10,6 +10,10 @@
 //! reaped=PID:CODE,...` to LOG. On SIGUSR1 it tells worker 0 to exit and
 //! from then on reaps its children at every tick.
 //!
+//! The parent and the workers share a page of anonymous memory
+//! (`MAP_SHARED`): each worker also counts its ticks there, and the status
+//! line shows those counts as `shm=N,N,N,N`.
+//!
 //! Usage: `forkserver LOG` (prints `ready PARENT W0 W1 W2 W3 ZOMBIE` to LOG).
 
 use std::{io::Write as _, os::fd::RawFd};
@@ -64,7 +68,7 @@ fn read_some(fd: RawFd) -> Vec<u8> {
     buf[..n.max(0) as usize].to_vec()
 }
 
-fn worker(i: usize, sock: RawFd) -> ! {
+fn worker(i: usize, sock: RawFd, shared: *mut u64) -> ! {
     // SAFETY: plain syscalls on our own descriptors.
     unsafe {
         let ep = ok(libc::epoll_create1(0) as i64, "epoll_create1") as RawFd;
@@ -80,6 +84,7 @@ fn worker(i: usize, sock: RawFd) -> ! {
                     1 => {
                         read_some(tfd);
                         n += 1;
+                        shared.add(i).write_volatile(n);
                         let line = format!("{i} {n}\n");
                         libc::write(sock, line.as_ptr().cast(), line.len());
                     }
@@ -111,6 +116,18 @@ fn main() {
         libc::sigaddset(&mut mask, libc::SIGUSR1);
         libc::sigprocmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut());
         let sfd = ok(libc::signalfd(-1, &mask, 0) as i64, "signalfd") as RawFd;
+        let shared = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if shared == libc::MAP_FAILED {
+            ok(-1, "mmap(MAP_SHARED)");
+        }
+        let shared = shared.cast::<u64>();
         let mut socks = Vec::new();
         let mut pids = Vec::new();
         for i in 0..4 {
@@ -125,7 +142,7 @@ fn main() {
                 if i == 1 {
                     libc::setpgid(0, 0);
                 }
-                worker(i, sp[1]);
+                worker(i, sp[1], shared);
             }
             libc::close(sp[1]);
             socks.push(sp[0]);
@@ -177,14 +194,18 @@ fn main() {
                                 reaped.push(format!("{p}:{}", libc::WEXITSTATUS(st)));
                             }
                         }
+                        let shm: Vec<String> = (0..4)
+                            .map(|i| shared.add(i).read_volatile().to_string())
+                            .collect();
                         let _ = writeln!(
                             log,
-                            "status w0={} w1={} w2={} w3={} reaped={}",
+                            "status w0={} w1={} w2={} w3={} reaped={} shm={}",
                             last[0],
                             last[1],
                             last[2],
                             last[3],
-                            reaped.join(",")
+                            reaped.join(","),
+                            shm.join(",")
                         );
                     }
                     d => {
