@@ -29,7 +29,7 @@ mod tree;
 pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport};
 pub use dump::{dump, DumpError, DumpOptions, DumpReport};
 pub use incremental::{
-    monotonic_ns, page_hash, CheckpointReport, Method, Phases, PrecopyReport, Session,
+    clock_ns, monotonic_ns, page_hash, CheckpointReport, Method, Phases, PrecopyReport, Session,
     SessionOptions,
 };
 pub use maps::{parse_maps, MapEntry};

@@ -166,16 +166,6 @@ fn posix_timers(
     Ok(out)
 }
 
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 pub(crate) fn proc_err(pid: i32, path: String) -> impl FnOnce(std::io::Error) -> DumpError {
     move |source| DumpError::Proc { pid, path, source }
 }
@@ -425,7 +415,7 @@ pub(crate) fn collect_in(
             creds,
             posix_timers,
             monotonic_ns: crate::monotonic_ns(),
-            boottime_ns: clock_ns(libc::CLOCK_BOOTTIME),
+            boottime_ns: crate::clock_ns(libc::CLOCK_BOOTTIME),
             boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
                 .unwrap_or_default()
                 .trim()

@@ -53,7 +53,7 @@ async fn trace(args: &Args) -> Result<ExitCode> {
         );
     }
 
-    let start_ns = monotonic_ns();
+    let start_ns = cr_ebpf_checkpoint::monotonic_ns();
     let mut batch = Vec::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut reported_losses = 0u64;
@@ -148,14 +148,4 @@ async fn trace(args: &Args) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC is the clock bpf_ktime_get_ns uses.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -13,11 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
+mod common;
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
+use common::{clean, in_ci};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
 
 /// Root and redis-server present; outside CI a missing one skips.
 fn ready(test: &str) -> bool {
@@ -42,20 +42,6 @@ fn ready(test: &str) -> bool {
     assert!(!in_ci(), "{test} needs {why}, and CI=true: a failure in CI");
     eprintln!("SKIPPED {test}: needs {why}");
     false
-}
-
-/// A command with no descriptors but 0, 1, 2.
-fn clean(program: &str) -> Command {
-    use std::os::unix::process::CommandExt as _;
-    let mut cmd = Command::new(program);
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    cmd
 }
 
 /// One redis connection speaking RESP.

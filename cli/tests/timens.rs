@@ -8,11 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
+mod common;
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
+use common::{clean, root};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
 
 fn last_value(log: &std::path::Path) -> Option<f64> {
     let text = std::fs::read_to_string(log).ok()?;
@@ -23,10 +23,7 @@ fn last_value(log: &std::path::Path) -> Option<f64> {
 #[test]
 fn monotonic_time_goes_on_from_the_checkpoint_when_the_clocks_here_are_behind() {
     let test = "monotonic_time_goes_on_from_the_checkpoint_when_the_clocks_here_are_behind";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!in_ci(), "{test} needs root, and CI=true: a failure in CI");
-        eprintln!("SKIPPED {test}: needs root");
+    if !root(test) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("cr-ebpf-timens-{}", std::process::id()));
@@ -34,7 +31,7 @@ fn monotonic_time_goes_on_from_the_checkpoint_when_the_clocks_here_are_behind() 
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("log");
     let img = dir.join("image");
-    let mut cmd = Command::new("python3");
+    let mut cmd = clean("python3");
     cmd.args([
         "-c",
         "import sys,time\n\
@@ -45,16 +42,6 @@ fn monotonic_time_goes_on_from_the_checkpoint_when_the_clocks_here_are_behind() 
     .arg(&log)
     .stdin(Stdio::null())
     .stdout(Stdio::null());
-    {
-        use std::os::unix::process::CommandExt as _;
-        // SAFETY: close_range is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
-    }
     let mut child = cmd.spawn().unwrap();
     let pid = child.id() as i32;
     let deadline = Instant::now() + Duration::from_secs(20);

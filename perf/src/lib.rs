@@ -45,6 +45,71 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The `p` quantile (0 to 1) of samples, nearest rank.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A scratch directory of a test, emptied at creation and removed on drop.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    /// `$TMPDIR/cr-ebpf-NAME-PID`, empty.
+    pub fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("cr-ebpf-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("creating a scratch directory");
+        Self(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Registers `fd` for `EPOLLIN` in the epoll set `ep` with `data`; panics
+/// on failure (workloads).
+pub fn epoll_add(ep: i32, fd: i32, data: u64) {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: data,
+    };
+    // SAFETY: registering a descriptor of ours with our own event.
+    let r = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    assert_eq!(r, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+}
+
+/// A periodic `CLOCK_MONOTONIC` timerfd firing every `ms` milliseconds.
+pub fn periodic_timerfd(ms: i64) -> i32 {
+    // SAFETY: plain syscalls on our own descriptor.
+    unsafe {
+        let fd = libc::timerfd_create(libc::CLOCK_MONOTONIC, 0);
+        assert!(
+            fd >= 0,
+            "timerfd_create: {}",
+            std::io::Error::last_os_error()
+        );
+        let t = libc::timespec {
+            tv_sec: ms / 1000,
+            tv_nsec: (ms % 1000) * 1_000_000,
+        };
+        let spec = libc::itimerspec {
+            it_interval: t,
+            it_value: t,
+        };
+        let r = libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut());
+        assert_eq!(r, 0, "timerfd_settime: {}", std::io::Error::last_os_error());
+        fd
+    }
+}
+
 /// A seeded pattern the workloads keep in memory and check themselves: each
 /// step changes a few words on pages spread over the area and compares a
 /// checksum of the whole area with the one tracked along the way, so any

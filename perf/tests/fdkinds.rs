@@ -8,34 +8,16 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{TcpStream, UdpSocket},
-    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use cr_ebpf_checkpoint::{dump, DumpError, DumpOptions};
 use cr_ebpf_image::{FdKind, FdState};
-use cr_ebpf_perf::{spawn_clean, KillOnDrop};
+use cr_ebpf_perf::{spawn_clean, KillOnDrop, Scratch};
 use cr_ebpf_restore::{restore, RestoreOptions};
 
 const FDKINDS: &str = env!("CARGO_BIN_EXE_fdkinds");
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("cr-ebpf-fdk-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Control {
     out: TcpStream,
@@ -68,6 +50,40 @@ impl Control {
     }
 }
 
+/// The `fdkinds` workload started (a child of ours) with `args`: the child,
+/// a guard that kills it, and its TCP and UDP ports.
+fn start_fdkinds(args: &[&std::path::Path]) -> (std::process::Child, KillOnDrop, u16, u16) {
+    let mut child = spawn_clean(
+        Command::new(FDKINDS)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    );
+    let guard = KillOnDrop(child.id() as i32);
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let f: Vec<&str> = ready.split_whitespace().collect();
+    assert_eq!(f.first(), Some(&"ready"), "{ready:?}");
+    (child, guard, f[1].parse().unwrap(), f[2].parse().unwrap())
+}
+
+/// A full dump of `pid` into `img`, the process killed after it.
+fn dump_killing(
+    pid: i32,
+    img: &std::path::Path,
+) -> Result<cr_ebpf_checkpoint::DumpReport, DumpError> {
+    dump(
+        pid,
+        img,
+        &DumpOptions {
+            leave_running: false,
+            threads: 0,
+        },
+    )
+}
+
 fn state(pid: i32) -> char {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rfind(')')
@@ -80,24 +96,11 @@ fn sockets_epoll_eventfd_timerfd_signalfd_round_trip() {
     if !cr_ebpf_perf::privileged("sockets_epoll_eventfd_timerfd_signalfd_round_trip") {
         return;
     }
-    let scratch = Scratch::new("all");
+    let scratch = Scratch::new("fdk-all");
     let img = scratch.0.join("image");
     let watch = scratch.0.join("watch");
-    let mut child = spawn_clean(
-        Command::new(FDKINDS)
-            .arg(&watch)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped()),
-    );
+    let (mut child, guard, tcp_port, udp_port) = start_fdkinds(&[&watch]);
     let pid = child.id() as i32;
-    let guard = KillOnDrop(pid);
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    let f: Vec<&str> = ready.split_whitespace().collect();
-    assert_eq!(f.first(), Some(&"ready"), "{ready:?}");
-    let (tcp_port, udp_port): (u16, u16) = (f[1].parse().unwrap(), f[2].parse().unwrap());
     let started = Instant::now();
 
     let mut c = Control::connect(tcp_port);
@@ -107,15 +110,7 @@ fn sockets_epoll_eventfd_timerfd_signalfd_round_trip() {
     c.send("sleep 300");
     c.send("ping");
     std::thread::sleep(Duration::from_millis(100));
-    let d = dump(
-        pid,
-        &img,
-        &DumpOptions {
-            leave_running: false,
-            threads: 0,
-        },
-    )
-    .expect("dump");
+    let d = dump_killing(pid, &img).expect("dump");
     assert!(d.pages > 0);
     // What the image holds: one of each kind, and the unread command in
     // the connection's receive queue.
@@ -221,31 +216,13 @@ fn connections_can_be_closed_instead_of_restored() {
     if !cr_ebpf_perf::privileged("connections_can_be_closed_instead_of_restored") {
         return;
     }
-    let scratch = Scratch::new("close");
+    let scratch = Scratch::new("fdk-close");
     let img = scratch.0.join("image");
-    let mut child = spawn_clean(
-        Command::new(FDKINDS)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped()),
-    );
+    let (mut child, guard, tcp_port, _) = start_fdkinds(&[]);
     let pid = child.id() as i32;
-    let guard = KillOnDrop(pid);
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    let tcp_port: u16 = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut c = Control::connect(tcp_port);
     assert_eq!(c.ask("ping"), "pong");
-    dump(
-        pid,
-        &img,
-        &DumpOptions {
-            leave_running: false,
-            threads: 0,
-        },
-    )
-    .expect("dump");
+    dump_killing(pid, &img).expect("dump");
     let _ = child.wait();
     drop(guard);
     let r = restore(
@@ -278,7 +255,7 @@ fn an_unsupported_descriptor_is_named_and_the_process_keeps_running() {
     {
         return;
     }
-    let scratch = Scratch::new("unsupported");
+    let scratch = Scratch::new("fdk-unsupported");
     let img = scratch.0.join("image");
     // python3 holding a userfaultfd.
     let mut child = spawn_clean(
@@ -300,15 +277,7 @@ fn an_unsupported_descriptor_is_named_and_the_process_keeps_running() {
         .read_line(&mut line)
         .unwrap();
     let fd: i32 = line.trim().parse().expect("the userfaultfd descriptor");
-    let err = dump(
-        pid,
-        &img,
-        &DumpOptions {
-            leave_running: false,
-            threads: 0,
-        },
-    )
-    .unwrap_err();
+    let err = dump_killing(pid, &img).unwrap_err();
     assert!(matches!(err, DumpError::NotSupportedFd { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
@@ -334,7 +303,7 @@ fn shared_anonymous_memory_and_memfds_round_trip() {
     if !cr_ebpf_perf::privileged("shared_anonymous_memory_and_memfds_round_trip") {
         return;
     }
-    let scratch = Scratch::new("shm");
+    let scratch = Scratch::new("fdk-shm");
     let img = scratch.0.join("image");
     let ctl = scratch.0.join("ctl");
     std::fs::create_dir_all(&ctl).unwrap();
@@ -382,15 +351,7 @@ time.sleep(60)
         assert!(Instant::now() < deadline, "python did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    dump(
-        pid,
-        &img,
-        &DumpOptions {
-            leave_running: false,
-            threads: 0,
-        },
-    )
-    .expect("dump");
+    dump_killing(pid, &img).expect("dump");
     let m = cr_ebpf_image::Manifest::read(&img).unwrap();
     assert_eq!(
         m.shmem.len(),

@@ -9,7 +9,7 @@ use std::{
 };
 
 use cr_ebpf_checkpoint::{dump, DumpOptions};
-use cr_ebpf_perf::{spawn_clean, stop, KillOnDrop};
+use cr_ebpf_perf::{spawn_clean, stop, KillOnDrop, Scratch};
 use cr_ebpf_restore::{restore, RestoreError, RestoreOptions};
 use nix::{
     sys::{
@@ -20,23 +20,6 @@ use nix::{
 };
 
 const TICKER: &str = env!("CARGO_BIN_EXE_ticker");
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("cr-ebpf-rt-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The tick numbers in a workload's log (which may hold other lines too),
 /// checking every tick line is `ok`.
@@ -88,7 +71,7 @@ fn dump_kill_restore_continues_with_same_pid_and_memory() {
     if !cr_ebpf_perf::privileged("dump_kill_restore_continues_with_same_pid_and_memory") {
         return;
     }
-    let s = Scratch::new("basic");
+    let s = Scratch::new("rt-basic");
     let log = s.0.join("log");
     let mut w = start_ticker(&log, 64);
     let pid = w.id() as i32;
@@ -127,7 +110,7 @@ fn restore_refuses_a_pid_in_use_and_starts_nothing() {
     if !cr_ebpf_perf::privileged("restore_refuses_a_pid_in_use_and_starts_nothing") {
         return;
     }
-    let s = Scratch::new("inuse");
+    let s = Scratch::new("rt-inuse");
     let log = s.0.join("log");
     let mut w = start_ticker(&log, 8);
     let pid = w.id() as i32;
@@ -182,7 +165,7 @@ fn a_damaged_image_is_refused_before_anything_starts() {
     if !cr_ebpf_perf::privileged("a_damaged_image_is_refused_before_anything_starts") {
         return;
     }
-    let s = Scratch::new("damaged");
+    let s = Scratch::new("rt-damaged");
     let log = s.0.join("log");
     let mut w = start_ticker(&log, 8);
     let pid = w.id() as i32;
@@ -228,7 +211,7 @@ fn dump_of_a_missing_pid_is_a_clear_error() {
     if !cr_ebpf_perf::privileged("dump_of_a_missing_pid_is_a_clear_error") {
         return;
     }
-    let s = Scratch::new("missing");
+    let s = Scratch::new("rt-missing");
     let err = dump(1 << 23, &s.0.join("img"), &DumpOptions::default()).unwrap_err();
     let msg = format!(
         "{err}: {}",
@@ -278,7 +261,7 @@ fn threads_files_pipes_and_blocked_syscalls_survive_a_round_trip() {
     if !cr_ebpf_perf::privileged("threads_files_pipes_and_blocked_syscalls_survive_a_round_trip") {
         return;
     }
-    let s = Scratch::new("threads");
+    let s = Scratch::new("rt-threads");
     let log = s.0.join("log");
     // Main thread, a pipe reader (read), a sleeper (nanosleep), a futex
     // waiter, two spinners; a file open at an offset, a pipe with unread
@@ -325,7 +308,7 @@ fn an_unsupported_descriptor_fails_the_dump_and_leaves_the_process_running() {
         return;
     }
     use std::os::{fd::AsRawFd, unix::process::CommandExt as _};
-    let s = Scratch::new("unsupported");
+    let s = Scratch::new("rt-unsupported");
     let log = s.0.join("log");
     let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
     let fd = a.as_raw_fd();
@@ -377,7 +360,7 @@ fn python_with_a_dict_a_generator_and_a_thread_finishes_after_restore() {
     let Ok(python) = which_python() else {
         panic!("python3 is needed for this test (Debian's python3 package)");
     };
-    let s = Scratch::new("python");
+    let s = Scratch::new("rt-python");
     let log = s.0.join("log");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/workloads/pystate.py");
     let mut w = spawn_clean(
@@ -432,7 +415,7 @@ fn a_gibibyte_round_trips_twice() {
     if !cr_ebpf_perf::privileged("a_gibibyte_round_trips_twice") {
         return;
     }
-    let s = Scratch::new("gib");
+    let s = Scratch::new("rt-gib");
     let log = s.0.join("log");
     let mut w = start_ticker(&log, 1024);
     let pid = w.id() as i32;
@@ -462,7 +445,7 @@ fn other_credentials_are_refused_unless_allowed() {
     if !cr_ebpf_perf::privileged("other_credentials_are_refused_unless_allowed") {
         return;
     }
-    let s = Scratch::new("creds");
+    let s = Scratch::new("rt-creds");
     let log = s.0.join("log");
     let mut w = start_ticker(&log, 4);
     let pid = w.id() as i32;
@@ -503,7 +486,7 @@ fn a_changed_file_is_refused_and_the_same_file_accepted() {
     if !cr_ebpf_perf::privileged("a_changed_file_is_refused_and_the_same_file_accepted") {
         return;
     }
-    let s = Scratch::new("changed");
+    let s = Scratch::new("rt-changed");
     let log = s.0.join("log");
     let mut w = spawn_clean(Command::new(MTWORK).arg(&log).args(["4", "0"]));
     let pid = w.id() as i32;

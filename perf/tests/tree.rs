@@ -7,7 +7,7 @@
 //! that exits after the restore.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -16,14 +16,6 @@ use cr_ebpf_checkpoint::{dump, DumpOptions};
 use cr_ebpf_restore::{restore, RestoreOptions};
 
 const FORKSERVER: &str = env!("CARGO_BIN_EXE_forkserver");
-
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn lines(log: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -105,10 +97,8 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
     // Workers of a killed parent come to us, and we reap them.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-tree-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let scratch = Scratch(dir.clone());
+    let scratch = cr_ebpf_perf::Scratch::new("tree");
+    let dir = scratch.0.clone();
     let log = dir.join("log");
     let img = dir.join("image");
     let mut child = cr_ebpf_perf::spawn_clean(

@@ -296,16 +296,6 @@ pub(crate) fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), Resto
     Ok(())
 }
 
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Moves the restorer's future children into a new time namespace whose
 /// clocks continue from the checkpoint's, when `mode` asks for it; returns
 /// the offsets.
@@ -314,8 +304,8 @@ pub(crate) fn time_namespace(
     mode: TimeNamespace,
 ) -> Result<Option<(u64, u64)>, RestoreError> {
     let (mono, boot) = (
-        clock_ns(libc::CLOCK_MONOTONIC),
-        clock_ns(libc::CLOCK_BOOTTIME),
+        cr_ebpf_checkpoint::clock_ns(libc::CLOCK_MONOTONIC),
+        cr_ebpf_checkpoint::clock_ns(libc::CLOCK_BOOTTIME),
     );
     let behind = p.monotonic_ns > mono || p.boottime_ns > boot;
     let wanted = match mode {

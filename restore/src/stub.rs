@@ -313,6 +313,31 @@ fn restore_fds(
     restore_epolls(s, m)
 }
 
+/// Maps the recorded mapping `x` from the stub's descriptor `fd` (closed
+/// afterwards, whatever happens).
+fn map_fd(
+    s: &Stub<'_>,
+    x: &cr_ebpf_image::MappingInfo,
+    prot: u32,
+    share: i32,
+    fd: i64,
+) -> Result<i64, RestoreError> {
+    let r = s.sys(
+        "mmap",
+        libc::SYS_mmap,
+        [
+            x.start,
+            x.end - x.start,
+            prot as u64,
+            (share | libc::MAP_FIXED) as u64,
+            fd as u64,
+            x.offset,
+        ],
+    );
+    s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+    r
+}
+
 /// POSIX timers with their ids (`PR_TIMER_CREATE_RESTORE_IDS`: while on,
 /// `timer_create` takes the id from the `timer_t` it is given), clocks,
 /// notification, and remaining time and interval.
@@ -864,20 +889,7 @@ pub(crate) fn build_in(
                 ))
             })?;
             let fd = adopter.adopt(&s, ours)?;
-            let r = s.sys(
-                "mmap(shared memory)",
-                libc::SYS_mmap,
-                [
-                    x.start,
-                    len,
-                    prot as u64,
-                    (share | libc::MAP_FIXED) as u64,
-                    fd as u64,
-                    x.offset,
-                ],
-            );
-            s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-            r?
+            map_fd(&s, x, prot, share, fd)?
         } else if x.kind == MappingKind::File {
             let mut path = x.path.clone().into_bytes();
             path.push(0);
@@ -905,20 +917,7 @@ pub(crate) fn build_in(
                     0,
                 ],
             )?;
-            let r = s.sys(
-                "mmap",
-                libc::SYS_mmap,
-                [
-                    x.start,
-                    len,
-                    prot as u64,
-                    (share | libc::MAP_FIXED) as u64,
-                    fd as u64,
-                    x.offset,
-                ],
-            );
-            s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-            r?
+            map_fd(&s, x, prot, share, fd)?
         } else {
             let mut flags = share | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
             if x.flags & MAP_GROWSDOWN != 0 {

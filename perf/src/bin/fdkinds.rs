@@ -85,18 +85,6 @@ fn inet_socket(kind: i32) -> RawFd {
     }
 }
 
-fn add(ep: RawFd, fd: RawFd, data: u64) {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: data,
-    };
-    // SAFETY: registering our own descriptor.
-    ok(
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) },
-        "epoll_ctl",
-    );
-}
-
 fn write_all(fd: RawFd, b: &[u8]) {
     let mut off = 0;
     while off < b.len() {
@@ -256,11 +244,11 @@ fn main() {
         }
     });
     if let Some(fd) = ino {
-        add(ep, fd, INOTIFY);
+        cr_ebpf_perf::epoll_add(ep, fd, INOTIFY);
     }
-    add(ep, listener, LISTENER);
-    add(ep, udp, UDP);
-    add(ep, sfd, SIGNALS);
+    cr_ebpf_perf::epoll_add(ep, listener, LISTENER);
+    cr_ebpf_perf::epoll_add(ep, udp, UDP);
+    cr_ebpf_perf::epoll_add(ep, sfd, SIGNALS);
     println!("ready {} {}", port(listener), port(udp));
     let _ = std::io::stdout().flush();
 
@@ -285,7 +273,7 @@ fn main() {
                     };
                     if c >= 0 {
                         accepted += 1;
-                        add(ep, c, CONN | c as u64);
+                        cr_ebpf_perf::epoll_add(ep, c, CONN | c as u64);
                     }
                 }
                 UDP => datagrams.extend(read_messages(udp)),

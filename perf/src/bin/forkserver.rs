@@ -26,41 +26,6 @@ fn ok(r: i64, what: &str) -> i64 {
     r
 }
 
-fn timerfd(ms: i64) -> RawFd {
-    // SAFETY: plain syscalls on our own descriptor.
-    unsafe {
-        let fd = ok(
-            libc::timerfd_create(libc::CLOCK_MONOTONIC, 0) as i64,
-            "timerfd_create",
-        ) as RawFd;
-        let t = libc::timespec {
-            tv_sec: ms / 1000,
-            tv_nsec: (ms % 1000) * 1_000_000,
-        };
-        let spec = libc::itimerspec {
-            it_interval: t,
-            it_value: t,
-        };
-        ok(
-            libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) as i64,
-            "timerfd_settime",
-        );
-        fd
-    }
-}
-
-fn add(ep: RawFd, fd: RawFd, data: u64) {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: data,
-    };
-    // SAFETY: registering our own descriptor.
-    ok(
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } as i64,
-        "epoll_ctl",
-    );
-}
-
 fn read_some(fd: RawFd) -> Vec<u8> {
     let mut buf = [0u8; 4096];
     // SAFETY: reading into our buffer.
@@ -72,9 +37,9 @@ fn worker(i: usize, sock: RawFd, shared: *mut u64) -> ! {
     // SAFETY: plain syscalls on our own descriptors.
     unsafe {
         let ep = ok(libc::epoll_create1(0) as i64, "epoll_create1") as RawFd;
-        let tfd = timerfd(20);
-        add(ep, tfd, 1);
-        add(ep, sock, 2);
+        let tfd = cr_ebpf_perf::periodic_timerfd(20);
+        cr_ebpf_perf::epoll_add(ep, tfd, 1);
+        cr_ebpf_perf::epoll_add(ep, sock, 2);
         let mut n = 0u64;
         loop {
             let mut evs: [libc::epoll_event; 4] = std::mem::zeroed();
@@ -153,11 +118,11 @@ fn main() {
             libc::_exit(3);
         }
         let ep = ok(libc::epoll_create1(0) as i64, "epoll_create1") as RawFd;
-        add(ep, sfd, 1);
-        let tfd = timerfd(100);
-        add(ep, tfd, 2);
+        cr_ebpf_perf::epoll_add(ep, sfd, 1);
+        let tfd = cr_ebpf_perf::periodic_timerfd(100);
+        cr_ebpf_perf::epoll_add(ep, tfd, 2);
         for (i, s) in socks.iter().enumerate() {
-            add(ep, *s, 100 + i as u64);
+            cr_ebpf_perf::epoll_add(ep, *s, 100 + i as u64);
         }
         let _ = writeln!(
             log,

@@ -32,7 +32,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use cr_ebpf_perf::{median, xorshift};
+use cr_ebpf_perf::{median, percentile, xorshift};
 
 static PHASE: AtomicBool = AtomicBool::new(false);
 
@@ -244,16 +244,6 @@ fn end_phase(pid: i32, log: &Path) -> Result<Phase> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((v.len() - 1) as f64 * p).round() as usize;
-    v[i]
 }
 
 fn main() -> Result<()> {

@@ -15,16 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use cr_ebpf_perf::{median, spawn_clean, KillOnDrop};
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
+use cr_ebpf_perf::{median, percentile, spawn_clean, KillOnDrop};
 
 /// Requests per second of one redis-benchmark run (mean of SET and GET).
 fn load(port: u16, requests: u64) -> Result<f64> {
