@@ -374,3 +374,80 @@ time.sleep(60)
     }
     assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
 }
+
+/// Unix sockets beyond socket pairs: a named listener, a connection to it
+/// accepted in the same process with bytes queued, a datagram pair with
+/// messages queued, and an abstract-namespace datagram socket (python3).
+/// After a round trip the queued data is there, in order and with message
+/// boundaries, and the listener takes new connections on its path.
+#[test]
+fn named_and_datagram_unix_sockets_round_trip() {
+    if !cr_ebpf_perf::privileged("named_and_datagram_unix_sockets_round_trip") {
+        return;
+    }
+    let scratch = Scratch::new("fdk-unix");
+    let img = scratch.0.join("image");
+    let ctl = scratch.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let path = scratch.0.join("listener.sock");
+    let script = r#"
+import os, socket, sys, time
+ctl, path = sys.argv[1], sys.argv[2]
+lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+lst.bind(path); lst.listen(5)
+cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); cli.connect(path)
+srv, _ = lst.accept()
+cli.sendall(b'queued-stream')
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+a.send(b'first'); a.send(b'second')
+ab = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); ab.bind(b'\0cr-ebpf-test-' + str(os.getpid()).encode())
+open(os.path.join(ctl, 'ready'), 'w').close()
+while not os.path.exists(os.path.join(ctl, 'check')):
+    time.sleep(0.02)
+bad = []
+srv.settimeout(5); b.settimeout(5)
+if srv.recv(100) != b'queued-stream': bad.append('stream queue')
+if b.recv(100) != b'first' or b.recv(100) != b'second': bad.append('datagram queue')
+srv.sendall(b'back'); cli.settimeout(5)
+if cli.recv(100) != b'back': bad.append('stream pair')
+lst.settimeout(5)
+c2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c2.connect(path)
+s2, _ = lst.accept(); c2.sendall(b'new')
+if s2.recv(100) != b'new': bad.append('listener')
+if ab.getsockname() != b'\0cr-ebpf-test-' + str(os.getpid()).encode(): bad.append('abstract name')
+with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
+    f.write('ok' if not bad else ' '.join(bad))
+os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
+time.sleep(60)
+"#;
+    let mut child = spawn_clean(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(&ctl)
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctl.join("ready").exists() {
+        assert!(Instant::now() < deadline, "python did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dump_killing(pid, &img).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _guard = KillOnDrop(r.pid);
+    std::fs::write(ctl.join("check"), b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctl.join("out").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the restored process did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
+}
