@@ -38,6 +38,7 @@ impl MapEntry {
             p if p.starts_with('[') => MappingKind::Anon,
             "/dev/zero (deleted)" if self.shared => MappingKind::Shmem,
             p if p.starts_with("/memfd:") => MappingKind::Shmem,
+            p if p.starts_with("/SYSV") && self.shared => MappingKind::Shmem,
             _ if self.inode == 0 => MappingKind::Anon,
             _ => MappingKind::File,
         }

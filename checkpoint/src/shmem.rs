@@ -43,6 +43,31 @@ fn read_runs(f: &File, size: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
     Ok(out)
 }
 
+/// key and permission bits of System V segment `shmid` (`/proc/sysvipc/shm`).
+fn sysv(pid: i32, shmid: u64) -> Result<(i32, u32), DumpError> {
+    let path = "/proc/sysvipc/shm";
+    let text = std::fs::read_to_string(path).map_err(proc_err(pid, path.into()))?;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1).and_then(|v| v.parse::<u64>().ok()) == Some(shmid) {
+            let key = f[0].parse::<i64>().unwrap_or(0) as i32;
+            let mode = u32::from_str_radix(f.get(2).unwrap_or(&"0"), 8).unwrap_or(0);
+            // SHM_DEST: removed, alive only while attached.
+            if mode & 0o1000 != 0 {
+                return Err(DumpError::NotSupported {
+                    pid,
+                    what: format!("System V shared memory segment {shmid} marked for removal"),
+                });
+            }
+            return Ok((key, mode & 0o777));
+        }
+    }
+    Err(DumpError::NotSupported {
+        pid,
+        what: format!("System V shared memory segment {shmid} not in {path}"),
+    })
+}
+
 fn object(pid: i32, path: &str, kind: ShmemKind, name: &str) -> Result<ShmemObject, DumpError> {
     let f = File::open(path).map_err(proc_err(pid, path.to_string()))?;
     let meta = f.metadata().map_err(proc_err(pid, path.to_string()))?;
@@ -66,12 +91,18 @@ fn object(pid: i32, path: &str, kind: ShmemKind, name: &str) -> Result<ShmemObje
         }
         _ => 0,
     };
+    let (key, mode) = match kind {
+        ShmemKind::SysV => sysv(pid, meta.ino())?,
+        _ => (0, 0),
+    };
     Ok(ShmemObject {
         id: meta.ino(),
         kind,
         name: name.to_string(),
         size: meta.size(),
         seals,
+        key,
+        mode,
         data: read_runs(&f, meta.size()).map_err(proc_err(pid, path.to_string()))?,
     })
 }
@@ -95,6 +126,7 @@ pub(crate) fn capture(
         }
         let (kind, name) = match memfd_name(&m.path) {
             Some(n) => (ShmemKind::Memfd, n),
+            None if m.path.starts_with("/SYSV") => (ShmemKind::SysV, ""),
             None => (ShmemKind::Anonymous, ""),
         };
         let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);

@@ -202,18 +202,6 @@ pub(crate) fn collect_in(
     })?;
     if let Some(m) = entries
         .iter()
-        .find(|m| m.path.starts_with("/SYSV") && m.kind() == MappingKind::File)
-    {
-        return Err(DumpError::NotSupported {
-            pid,
-            what: format!(
-                "System V shared memory at {:#x}-{:#x} ({})",
-                m.start, m.end, m.path
-            ),
-        });
-    }
-    if let Some(m) = entries
-        .iter()
         .find(|m| m.kind() == MappingKind::File && m.path.ends_with(" (deleted)"))
     {
         return Err(DumpError::NotSupported {

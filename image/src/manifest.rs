@@ -113,6 +113,8 @@ pub enum ShmemKind {
     Anonymous = 1,
     /// A memfd (`memfd_create`), with its name and seals.
     Memfd = 2,
+    /// A System V segment (`shmget`): `id` is its shmid.
+    SysV = 3,
 }
 
 /// A shared memory object without a file to reopen, with its contents
@@ -129,6 +131,9 @@ pub struct ShmemObject {
     pub size: u64,
     /// `F_SEAL_*` of a memfd.
     pub seals: u32,
+    /// A System V segment's key and permission bits.
+    pub key: i32,
+    pub mode: u32,
     /// Contents: (offset, bytes) runs; holes are zero.
     pub data: Vec<(u64, Vec<u8>)>,
 }
@@ -514,6 +519,8 @@ impl Manifest {
             b.u16(o.kind as u16);
             b.u16(0);
             b.u32(o.seals);
+            b.i32(o.key);
+            b.u32(o.mode);
             b.str(&o.name);
             b.u64(o.size);
             b.u32(o.data.len() as u32);
@@ -640,6 +647,7 @@ impl Manifest {
                     let kind = match b.u16()? {
                         1 => ShmemKind::Anonymous,
                         2 => ShmemKind::Memfd,
+                        3 => ShmemKind::SysV,
                         k => {
                             return Err(DecErr {
                                 offset: kind_at,
@@ -649,6 +657,8 @@ impl Manifest {
                     };
                     b.u16()?;
                     let seals = b.u32()?;
+                    let key = b.i32()?;
+                    let mode = b.u32()?;
                     let name = b.str(NAME_CAP, "memfd name")?;
                     let size = b.u64()?;
                     if size > SHMEM_CAP {
@@ -680,6 +690,8 @@ impl Manifest {
                         name,
                         size,
                         seals,
+                        key,
+                        mode,
                         data,
                     });
                 }

@@ -96,6 +96,8 @@ fn manifest() -> Manifest {
             name: "buf".into(),
             size: 8192,
             seals: 0x6,
+            key: 0,
+            mode: 0,
             data: vec![(4096, b"world".to_vec())],
         }],
         chain: Some(cr_ebpf_image::ChainInfo {

@@ -451,3 +451,86 @@ time.sleep(60)
     }
     assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
 }
+
+/// A System V shared memory segment attached by python3: removed after
+/// the checkpoint (as a reboot would), it is made again with the same id
+/// and contents and attached at the same address.
+#[test]
+fn system_v_shared_memory_round_trip() {
+    if !cr_ebpf_perf::privileged("system_v_shared_memory_round_trip") {
+        return;
+    }
+    let scratch = Scratch::new("fdk-sysv");
+    let img = scratch.0.join("image");
+    let ctl = scratch.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let script = r#"
+import ctypes, os, sys, time
+ctl = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+shmid = libc.shmget(0, 8192, 0o1000 | 0o600)
+addr = libc.shmat(shmid, None, 0)
+ctypes.memmove(addr, b'sysv-contents', 13)
+ctypes.memmove(addr + 4096, b'page-two', 8)
+with open(os.path.join(ctl, 'ready.tmp'), 'w') as f:
+    f.write('%d %d' % (shmid, addr))
+os.rename(os.path.join(ctl, 'ready.tmp'), os.path.join(ctl, 'ready'))
+while not os.path.exists(os.path.join(ctl, 'check')):
+    time.sleep(0.02)
+bad = []
+if ctypes.string_at(addr, 13) != b'sysv-contents' or ctypes.string_at(addr + 4096, 8) != b'page-two':
+    bad.append('contents')
+if not any(l.startswith('%x-' % addr) and 'SYSV' in l for l in open('/proc/self/maps')):
+    bad.append('mapping')
+with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
+    f.write('ok' if not bad else ' '.join(bad))
+os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
+time.sleep(60)
+"#;
+    let mut child = spawn_clean(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(&ctl)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctl.join("ready").exists() {
+        assert!(Instant::now() < deadline, "python did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let shmid: i32 = std::fs::read_to_string(ctl.join("ready"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    dump_killing(pid, &img).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    // SAFETY: removing the test's own segment, now attached nowhere.
+    assert_eq!(
+        unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) },
+        0
+    );
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _guard = KillOnDrop(r.pid);
+    std::fs::write(ctl.join("check"), b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctl.join("out").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the restored process did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = std::fs::read_to_string(ctl.join("out")).unwrap();
+    // SAFETY: removing the segment again (it outlives the process).
+    unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) };
+    assert_eq!(out, "ok");
+}

@@ -96,13 +96,75 @@ fn memfd(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
     Ok(OwnedFd::from(f))
 }
 
-/// Every object of the image, by id.
+/// A System V segment with id `o.id`: the one that still exists (it
+/// outlives the processes that attached it, as a file would; left as it
+/// is), or a new one made with that id (`shm_next_id`) and filled.
+fn sysv(o: &ShmemObject) -> Result<(), RestoreError> {
+    let id = o.id as i32;
+    // SAFETY: zeroed shmid_ds is valid; IPC_STAT fills it.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) } == 0 {
+        if ds.shm_perm.__key == o.key && ds.shm_segsz as u64 == o.size {
+            return Ok(());
+        }
+        return Err(RestoreError::NotSupported(format!(
+            "System V shared memory id {id} is taken by another segment (key {:#x}, {} bytes)",
+            ds.shm_perm.__key, ds.shm_segsz
+        )));
+    }
+    std::fs::write("/proc/sys/kernel/shm_next_id", id.to_string())
+        .map_err(fail("writing /proc/sys/kernel/shm_next_id".into()))?;
+    // SAFETY: plain syscall.
+    let got = unsafe {
+        libc::shmget(
+            o.key,
+            o.size as usize,
+            libc::IPC_CREAT | libc::IPC_EXCL | (o.mode & 0o777) as i32,
+        )
+    };
+    if got < 0 {
+        return Err(fail(format!("shmget(key {:#x})", o.key))(
+            io::Error::last_os_error(),
+        ));
+    }
+    if got != id {
+        // SAFETY: removing the segment we just made.
+        unsafe { libc::shmctl(got, libc::IPC_RMID, std::ptr::null_mut()) };
+        return Err(RestoreError::NotSupported(format!(
+            "System V shared memory segment {id} came back as {got}"
+        )));
+    }
+    // SAFETY: attaching our new segment anywhere, filling it, detaching.
+    unsafe {
+        let p = libc::shmat(id, std::ptr::null(), 0);
+        if p as isize == -1 {
+            return Err(fail("shmat".into())(io::Error::last_os_error()));
+        }
+        for (off, bytes) in &o.data {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (p as *mut u8).add(*off as usize),
+                bytes.len(),
+            );
+        }
+        libc::shmdt(p);
+    }
+    Ok(())
+}
+
+/// Every object of the image, by id (System V segments are made or found
+/// here, and attached by id in the stub: no descriptor).
 pub(crate) fn build(objects: &[ShmemObject]) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
     let mut out = HashMap::new();
     for o in objects {
         let fd = match o.kind {
             ShmemKind::Anonymous => anonymous(o)?,
             ShmemKind::Memfd => memfd(o)?,
+            ShmemKind::SysV => {
+                sysv(o)?;
+                continue;
+            }
             ShmemKind::Invalid => unreachable!("rejected when the image was read"),
         };
         out.insert(o.id, fd);

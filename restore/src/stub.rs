@@ -881,7 +881,32 @@ pub(crate) fn build_in(
         } else {
             libc::MAP_PRIVATE
         };
-        let got_addr = if x.kind == MappingKind::Shmem {
+        let sysv = x.kind == MappingKind::Shmem
+            && m.shmem
+                .iter()
+                .any(|o| o.id == x.inode && o.kind == cr_ebpf_image::ShmemKind::SysV);
+        let got_addr = if sysv && x.offset > 0 {
+            // The rest of a segment attached at a lower address.
+            s.sys(
+                "mprotect",
+                libc::SYS_mprotect,
+                [x.start, len, prot as u64, 0, 0, 0],
+            )?;
+            x.start as i64
+        } else if sysv {
+            let mut flags = 0;
+            if x.prot & libc::PROT_WRITE as u32 == 0 {
+                flags |= libc::SHM_RDONLY;
+            }
+            if x.prot & libc::PROT_EXEC as u32 != 0 {
+                flags |= libc::SHM_EXEC;
+            }
+            s.sys(
+                "shmat",
+                libc::SYS_shmat,
+                [x.inode, x.start, flags as u64, 0, 0, 0],
+            )?
+        } else if x.kind == MappingKind::Shmem {
             let ours = shm.get(&x.inode).ok_or_else(|| {
                 RestoreError::NotSupported(format!(
                     "shared memory at {:#x} was not rebuilt",
