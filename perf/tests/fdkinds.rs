@@ -514,10 +514,8 @@ time.sleep(60)
     let _ = child.wait();
     drop(guard);
     // SAFETY: removing the test's own segment, now attached nowhere.
-    assert_eq!(
-        unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) },
-        0
-    );
+    let removed = unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) };
+    assert_eq!(removed, 0);
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     let _guard = KillOnDrop(r.pid);
     std::fs::write(ctl.join("check"), b"").unwrap();
