@@ -15,6 +15,9 @@ use cr_ebpf_image::{FdInfo, FdKind};
 
 use crate::DumpError;
 
+/// From this many descriptors on, `/proc` is read on all cores.
+const PARALLEL_FDS: usize = 256;
+
 fn not_supported(pid: i32, fd: i32, what: String) -> DumpError {
     DumpError::NotSupportedFd { pid, fd, what }
 }
@@ -153,21 +156,24 @@ pub(crate) fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, Du
     // this is most of a checkpoint's freeze.
     use rayon::prelude::*;
     type Seen = (i32, String, u64, u32, String, std::fs::Metadata);
-    let links: Vec<Seen> = numbers
-        .par_iter()
-        .map(|&fd| -> Result<Seen, DumpError> {
-            let proc_err = |path: String| move |source| DumpError::Proc { pid, path, source };
-            let path = format!("{dir}/{fd}");
-            let link = std::fs::read_link(&path)
-                .map_err(proc_err(path.clone()))?
-                .display()
-                .to_string();
-            let (pos, flags, text) =
-                fdinfo(pid, fd).map_err(proc_err(format!("/proc/{pid}/fdinfo/{fd}")))?;
-            let meta = std::fs::metadata(&path).map_err(proc_err(path))?;
-            Ok((fd, link, pos, flags, text, meta))
-        })
-        .collect::<Result<_, _>>()?;
+    let see = |&fd: &i32| -> Result<Seen, DumpError> {
+        let proc_err = |path: String| move |source| DumpError::Proc { pid, path, source };
+        let path = format!("{dir}/{fd}");
+        let link = std::fs::read_link(&path)
+            .map_err(proc_err(path.clone()))?
+            .display()
+            .to_string();
+        let (pos, flags, text) =
+            fdinfo(pid, fd).map_err(proc_err(format!("/proc/{pid}/fdinfo/{fd}")))?;
+        let meta = std::fs::metadata(&path).map_err(proc_err(path))?;
+        Ok((fd, link, pos, flags, text, meta))
+    };
+    // Waking the other cores costs more than a few dozen descriptors take.
+    let links: Vec<Seen> = if numbers.len() >= PARALLEL_FDS {
+        numbers.par_iter().map(see).collect::<Result<_, _>>()?
+    } else {
+        numbers.iter().map(see).collect::<Result<_, _>>()?
+    };
     // Which ends of each pipe the process (or its tree) holds: (read, write).
     let in_tree = scope.is_some();
     let mut own = TreeScope::default();
