@@ -295,6 +295,13 @@ impl Service {
                 last = r.pages;
             }
         }
+        // What piled up during the pre-copy is folded now, while the
+        // process runs, so that little is left to fold while it is frozen.
+        let mut batch = Vec::new();
+        events.drain(&mut batch);
+        for e in batch.iter().flatten() {
+            self.log.fold(self.pid as u32, e);
+        }
         // Events up to the freeze: the session drains them once the
         // process is stopped, so nothing it did before is missed.
         let pid = self.pid as u32;
