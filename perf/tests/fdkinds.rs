@@ -84,6 +84,49 @@ fn dump_killing(
     )
 }
 
+/// Runs the python3 `script` with a control directory (and `args`): the
+/// script writes `CTL/ready`, waits for `CTL/check`, then writes its verdict
+/// to `CTL/out`. Once it is ready it is dumped (and killed), `between` runs
+/// on the image and the control directory, and it is restored and asked for
+/// its verdict, which is returned.
+fn python_round_trip(
+    scratch: &Scratch,
+    script: &str,
+    args: &[&std::path::Path],
+    between: impl FnOnce(&std::path::Path, &std::path::Path),
+) -> String {
+    let img = scratch.0.join("image");
+    let ctl = scratch.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut child = spawn_clean(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(&ctl)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    let wait = |file: &str, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ctl.join(file).exists() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("ready", "python did not start");
+    dump_killing(pid, &img).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    between(&img, &ctl);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _guard = KillOnDrop(r.pid);
+    std::fs::write(ctl.join("check"), b"").unwrap();
+    wait("out", "the restored process did not answer");
+    std::fs::read_to_string(ctl.join("out")).unwrap()
+}
+
 fn state(pid: i32) -> char {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rfind(')')
@@ -304,9 +347,6 @@ fn shared_anonymous_memory_and_memfds_round_trip() {
         return;
     }
     let scratch = Scratch::new("fdk-shm");
-    let img = scratch.0.join("image");
-    let ctl = scratch.0.join("ctl");
-    std::fs::create_dir_all(&ctl).unwrap();
     let script = r#"
 import fcntl, mmap, os, sys, time
 ctl = sys.argv[1]
@@ -337,42 +377,12 @@ with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
 os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
 time.sleep(60)
 "#;
-    let mut child = spawn_clean(
-        Command::new("python3")
-            .args(["-c", script])
-            .arg(&ctl)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null()),
-    );
-    let pid = child.id() as i32;
-    let guard = KillOnDrop(pid);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ctl.join("ready").exists() {
-        assert!(Instant::now() < deadline, "python did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    dump_killing(pid, &img).expect("dump");
-    let m = cr_ebpf_image::Manifest::read(&img).unwrap();
-    assert_eq!(
-        m.shmem.len(),
-        2,
-        "{:?}",
-        m.shmem.iter().map(|o| (o.kind, o.size)).collect::<Vec<_>>()
-    );
-    let _ = child.wait();
-    drop(guard);
-    let r = restore(&img, &RestoreOptions::default()).expect("restore");
-    let _guard = KillOnDrop(r.pid);
-    std::fs::write(ctl.join("check"), b"").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ctl.join("out").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the restored process did not answer"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
+    let out = python_round_trip(&scratch, script, &[], |img, _| {
+        let m = cr_ebpf_image::Manifest::read(img).unwrap();
+        let kinds: Vec<_> = m.shmem.iter().map(|o| (o.kind, o.size)).collect();
+        assert_eq!(m.shmem.len(), 2, "{kinds:?}");
+    });
+    assert_eq!(out, "ok");
 }
 
 /// Unix sockets beyond socket pairs: a named listener, a connection to it
@@ -386,9 +396,6 @@ fn named_and_datagram_unix_sockets_round_trip() {
         return;
     }
     let scratch = Scratch::new("fdk-unix");
-    let img = scratch.0.join("image");
-    let ctl = scratch.0.join("ctl");
-    std::fs::create_dir_all(&ctl).unwrap();
     let path = scratch.0.join("listener.sock");
     let script = r#"
 import os, socket, sys, time
@@ -420,36 +427,8 @@ with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
 os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
 time.sleep(60)
 "#;
-    let mut child = spawn_clean(
-        Command::new("python3")
-            .args(["-c", script])
-            .arg(&ctl)
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null()),
-    );
-    let pid = child.id() as i32;
-    let guard = KillOnDrop(pid);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ctl.join("ready").exists() {
-        assert!(Instant::now() < deadline, "python did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    dump_killing(pid, &img).expect("dump");
-    let _ = child.wait();
-    drop(guard);
-    let r = restore(&img, &RestoreOptions::default()).expect("restore");
-    let _guard = KillOnDrop(r.pid);
-    std::fs::write(ctl.join("check"), b"").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ctl.join("out").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the restored process did not answer"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
+    let out = python_round_trip(&scratch, script, &[&path], |_, _| {});
+    assert_eq!(out, "ok");
 }
 
 /// A System V shared memory segment attached by python3: removed after
@@ -461,9 +440,6 @@ fn system_v_shared_memory_round_trip() {
         return;
     }
     let scratch = Scratch::new("fdk-sysv");
-    let img = scratch.0.join("image");
-    let ctl = scratch.0.join("ctl");
-    std::fs::create_dir_all(&ctl).unwrap();
     let script = r#"
 import ctypes, os, sys, time
 ctl = sys.argv[1]
@@ -489,45 +465,19 @@ with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
 os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
 time.sleep(60)
 "#;
-    let mut child = spawn_clean(
-        Command::new("python3")
-            .args(["-c", script])
-            .arg(&ctl)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null()),
-    );
-    let pid = child.id() as i32;
-    let guard = KillOnDrop(pid);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ctl.join("ready").exists() {
-        assert!(Instant::now() < deadline, "python did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let shmid: i32 = std::fs::read_to_string(ctl.join("ready"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    dump_killing(pid, &img).expect("dump");
-    let _ = child.wait();
-    drop(guard);
-    // SAFETY: removing the test's own segment, now attached nowhere.
-    let removed = unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) };
-    assert_eq!(removed, 0);
-    let r = restore(&img, &RestoreOptions::default()).expect("restore");
-    let _guard = KillOnDrop(r.pid);
-    std::fs::write(ctl.join("check"), b"").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ctl.join("out").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the restored process did not answer"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = std::fs::read_to_string(ctl.join("out")).unwrap();
+    let mut shmid = -1;
+    let out = python_round_trip(&scratch, script, &[], |_, ctl| {
+        shmid = std::fs::read_to_string(ctl.join("ready"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // SAFETY: removing the test's own segment, now attached nowhere.
+        let removed = unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) };
+        assert_eq!(removed, 0);
+    });
     // SAFETY: removing the segment again (it outlives the process).
     unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) };
     assert_eq!(out, "ok");
