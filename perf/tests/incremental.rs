@@ -12,17 +12,10 @@ use std::{
 
 use cr_ebpf_checkpoint::{compact, retain, Changes, Method, Session, SessionOptions};
 use cr_ebpf_image::{pages::PageStore, Manifest};
-use cr_ebpf_perf::{spawn_clean, stop, KillOnDrop};
+use cr_ebpf_perf::{spawn_clean, stop, KillOnDrop, Scratch};
 use cr_ebpf_restore::{restore, RestoreOptions};
 
 const EPOCHS: &str = env!("CARGO_BIN_EXE_epochs");
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cr-ebpf-incr-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// The complete lines of the log.
 fn lines(log: &Path) -> Vec<String> {
@@ -134,7 +127,8 @@ fn every_incremental_checkpoint_holds_exactly_the_written_pages() {
     if !cr_ebpf_perf::privileged("every_incremental_checkpoint_holds_exactly_the_written_pages") {
         return;
     }
-    let dir = tempdir("exact");
+    let scratch = Scratch::new("incr-exact");
+    let dir = scratch.0.clone();
     let mut w = Workload::start(&dir, 64, 10, false);
     let _guard = KillOnDrop(w.pid);
     let images = dir.join("images");
@@ -232,7 +226,8 @@ fn any_checkpoint_of_a_gibibyte_chain_restores_its_epoch() {
     if !cr_ebpf_perf::privileged("any_checkpoint_of_a_gibibyte_chain_restores_its_epoch") {
         return;
     }
-    let dir = tempdir("chain");
+    let scratch = Scratch::new("incr-chain");
+    let dir = scratch.0.clone();
     let mut w = Workload::start(&dir, 1024, 10, false);
     let guard = KillOnDrop(w.pid);
     let images = dir.join("images");
@@ -286,7 +281,8 @@ fn maps_unmaps_opens_and_closes_between_checkpoints_are_restored() {
     if !cr_ebpf_perf::privileged("maps_unmaps_opens_and_closes_between_checkpoints_are_restored") {
         return;
     }
-    let dir = tempdir("layout");
+    let scratch = Scratch::new("incr-layout");
+    let dir = scratch.0.clone();
     let mut w = Workload::start(&dir, 16, 20, true);
     let guard = KillOnDrop(w.pid);
     let images = dir.join("images");
@@ -370,7 +366,8 @@ fn killing_compaction_at_any_moment_leaves_every_checkpoint_as_it_was() {
         );
         return;
     }
-    let dir = tempdir("compact-kill");
+    let scratch = Scratch::new("incr-compact-kill");
+    let dir = scratch.0.clone();
     let mut w = Workload::start(&dir, 64, 50, false);
     let guard = KillOnDrop(w.pid);
     let images = dir.join("images");
