@@ -3,8 +3,9 @@
 //!
 //! * Debian's `rustc-web`, `cargo-web` and `rust-web-src` (a rustc that
 //!   ships the library source `-Z build-std=core` needs for the eBPF target;
-//!   the rustup toolchains here have no `rust-src`), with `libpolly-22-dev`
-//!   and `libzstd-dev` for building bpf-linker against LLVM 22.
+//!   the rustup toolchains here have no `rust-src`), with `llvm-22-dev`
+//!   (`llvm-config` and the `libLLVM.so` link), `libpolly-22-dev` and
+//!   `libzstd-dev` for building bpf-linker against LLVM 22.
 //! * `bpf-linker` 0.13.0 built against LLVM 22.
 //! * tracefs mounted at `/sys/kernel/tracing`.
 //! * Debian's `redis-server` and `redis-tools`: the real service the tests
@@ -20,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "rust-web-src",
+    "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
 ];
