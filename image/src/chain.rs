@@ -57,8 +57,9 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// Reads the image in `dir` and every ancestor it names (siblings of
-    /// `dir`), checks that they fit together, and resolves the pages.
+    /// Reads the image in `dir` and every ancestor it names (checkpoints
+    /// beside the one holding `dir`; of a tree checkpoint, the image of the
+    /// same process), checks that they fit together, and resolves the pages.
     /// Fails, naming the image, if an ancestor is missing or damaged.
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
         let mut links: Vec<Link> = Vec::new();
@@ -83,19 +84,28 @@ impl Chain {
                             format!("chain longer than {MAX_CHAIN} images (a loop?)"),
                         ));
                     }
-                    let next = cur.parent().unwrap_or(Path::new(".")).join(&p);
-                    if !next.join(crate::MANIFEST_FILE).exists() {
-                        return Err(ImageError::Corrupt {
-                            path: cur.join(crate::MANIFEST_FILE).display().to_string(),
-                            offset: 0,
-                            what: format!(
-                                "its parent checkpoint {} is missing: this checkpoint \
-                                 cannot be restored (restore an older full one, or one \
-                                 whose chain is complete)",
-                                next.display()
-                            ),
-                        });
+                    let pid = links.last().map_or(0, |l| l.manifest.process.pid);
+                    let ckpt = crate::images_dir::checkpoint_of(&cur);
+                    let parent = ckpt.parent().unwrap_or(Path::new(".")).join(&p);
+                    let missing = |what: String| ImageError::Corrupt {
+                        path: cur.join(crate::MANIFEST_FILE).display().to_string(),
+                        offset: 0,
+                        what,
+                    };
+                    if !crate::images_dir::is_image(&parent) {
+                        return Err(missing(format!(
+                            "its parent checkpoint {} is missing: this checkpoint \
+                             cannot be restored (restore an older full one, or one \
+                             whose chain is complete)",
+                            parent.display()
+                        )));
                     }
+                    let Some(next) = crate::images_dir::process_image(&parent, pid)? else {
+                        return Err(missing(format!(
+                            "its parent checkpoint {} holds no image of process {pid}",
+                            parent.display()
+                        )));
+                    };
                     cur = next;
                 }
                 _ => break,

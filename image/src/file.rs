@@ -24,7 +24,7 @@ pub const MAGIC: &[u8; 8] = b"CREBPFIM";
 /// Format major version: a reader refuses any other major.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Newest format minor version this build knows.
-pub const FORMAT_MINOR: u16 = 2;
+pub const FORMAT_MINOR: u16 = 3;
 /// Header size.
 pub const HEADER_LEN: usize = 32;
 /// Largest manifest payload accepted.

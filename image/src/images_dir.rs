@@ -1,7 +1,14 @@
-//! An images directory: the checkpoints of one process, `ckpt-000001`,
-//! `ckpt-000002`, … each an image directory whose parent (if any) is a
-//! sibling. Entries starting with `.` are temporary (being written, or
-//! being deleted) and never read.
+//! An images directory: the checkpoints of one process or process tree,
+//! `ckpt-000001`, `ckpt-000002`, … each an image directory whose parent (if
+//! any) is a sibling. Entries starting with `.` are temporary (being
+//! written, or being deleted) and never read.
+//!
+//! A checkpoint is either the image of one process or the image of a tree
+//! (`tree.img` and one image per live process, `proc-PID/`). The parent a
+//! process image names is a checkpoint; the image of that process in it
+//! ([`process_image`]) is the one it takes inherited pages from, whichever
+//! of the two shapes the parent has: a process that had no children at one
+//! checkpoint and has some at the next chains on all the same.
 
 use std::{
     fs::File,
@@ -52,7 +59,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>, ImageError> {
         let e = e.map_err(file::io(dir, "listing"))?;
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(seq) = parse_name(&name) {
-            if e.path().join(crate::MANIFEST_FILE).exists() {
+            if is_image(&e.path()) {
                 out.push(Entry {
                     name,
                     seq,
@@ -68,6 +75,60 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>, ImageError> {
 /// Whether `dir` is a single image rather than an images directory.
 pub fn is_image(dir: &Path) -> bool {
     dir.join(crate::MANIFEST_FILE).exists() || crate::tree::is_tree(dir)
+}
+
+/// The live processes of checkpoint `dir` and their image directories: the
+/// one process of a single image, or every live process of a tree, root
+/// first.
+pub fn processes(dir: &Path) -> Result<Vec<(i32, PathBuf)>, ImageError> {
+    if crate::tree::is_tree(dir) {
+        let tree = crate::tree::Tree::read(dir)?;
+        return Ok(tree
+            .processes
+            .iter()
+            .filter(|p| p.zombie.is_none())
+            .map(|p| (p.pid, dir.join(&p.dir)))
+            .collect());
+    }
+    let m = crate::Manifest::read(dir)?;
+    Ok(vec![(m.process.pid, dir.to_path_buf())])
+}
+
+/// The process a checkpoint is of: the root of a tree, or its one process.
+pub fn root_pid(dir: &Path) -> Result<i32, ImageError> {
+    Ok(processes(dir)?.first().map_or(0, |p| p.0))
+}
+
+/// The image of process `pid` in checkpoint `dir`, if it has one.
+pub fn process_image(dir: &Path, pid: i32) -> Result<Option<PathBuf>, ImageError> {
+    Ok(processes(dir)?
+        .into_iter()
+        .find(|p| p.0 == pid)
+        .map(|p| p.1))
+}
+
+/// The checkpoint a process image belongs to: the tree holding it, or the
+/// image itself.
+pub fn checkpoint_of(image: &Path) -> &Path {
+    match image.parent() {
+        Some(p) if crate::tree::is_tree(p) => p,
+        _ => image,
+    }
+}
+
+/// The parents named by the process images of checkpoint `dir` (none for a
+/// full one), each once.
+pub fn parents(dir: &Path) -> Result<Vec<String>, ImageError> {
+    let mut out: Vec<String> = Vec::new();
+    for (_, image) in processes(dir)? {
+        let m = crate::Manifest::read(&image)?;
+        if let Some(p) = m.chain.map(|c| c.parent).filter(|p| !p.is_empty()) {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The image to restore from `dir`: `dir` itself when it is an image;

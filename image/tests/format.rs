@@ -364,3 +364,126 @@ fn a_damaged_chunk_with_a_consistent_file_checksum_is_still_caught() {
         "{e}"
     );
 }
+
+/// Writes checkpoint `seq` of process `pid` into `dir` (a process image):
+/// the first mapping's pages as `pages` (first page, bytes), inheriting the
+/// rest from `parent` when there is one.
+fn write_process(dir: &Path, pid: i32, seq: u64, parent: &str, pages: &[(u64, u8)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut m = manifest();
+    m.process.pid = pid;
+    m.threads.iter_mut().for_each(|t| t.tid = pid);
+    m.chain = Some(cr_ebpf_image::ChainInfo {
+        id: cr_ebpf_image::images_dir::checkpoint_name(seq),
+        parent: parent.into(),
+        seq,
+        method: if parent.is_empty() { "full" } else { "uffd-wp" }.into(),
+    });
+    if !parent.is_empty() {
+        m.mappings[0].flags |= cr_ebpf_image::MAP_INHERITS;
+    }
+    m.mappings[0].pages_stored = pages.len() as u64;
+    m.write(dir).unwrap();
+    let mut w = PageWriter::create(dir).unwrap();
+    for &(page, byte) in pages {
+        let addr = m.mappings[0].start + page * PAGE as u64;
+        w.write(&Chunk::compress(addr, &vec![byte; PAGE])).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// Writes a tree checkpoint of `pids` (the first is the root) into `dir`.
+fn write_tree(dir: &Path, pids: &[i32]) {
+    use cr_ebpf_image::tree::{Tree, TreeProcess};
+    std::fs::create_dir_all(dir).unwrap();
+    Tree {
+        processes: pids
+            .iter()
+            .map(|&pid| TreeProcess {
+                pid,
+                ppid: if pid == pids[0] { 0 } else { pids[0] },
+                pgid: pids[0],
+                sid: pids[0],
+                zombie: None,
+                dir: format!("proc-{pid}"),
+            })
+            .collect(),
+    }
+    .write(dir)
+    .unwrap();
+}
+
+/// The first byte of each resolved page of the first mapping.
+fn resolved(image: &Path) -> Vec<(u64, u8)> {
+    let chain = cr_ebpf_image::Chain::open(image).unwrap();
+    let start = chain.manifest().mappings[0].start;
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for f in chain.fills() {
+        chain
+            .read(
+                f,
+                &mut buf,
+                |addr, bytes| {
+                    for (i, p) in bytes.chunks(PAGE).enumerate() {
+                        out.push(((addr - start) / PAGE as u64 + i as u64, p[0]));
+                    }
+                    Ok::<(), String>(())
+                },
+                |e| e,
+            )
+            .unwrap();
+    }
+    out.sort_unstable();
+    out
+}
+
+#[test]
+fn a_chain_goes_through_single_and_tree_checkpoints_by_process() {
+    use cr_ebpf_image::images_dir;
+    let d = tempdir("treechain");
+    // 1: process 42 alone; 2: it has a child 43 (new: stored whole);
+    // 3: the child is gone again.
+    write_process(&d.join("ckpt-000001"), 42, 1, "", &[(0, 1), (1, 2)]);
+    write_tree(&d.join("ckpt-000002"), &[42, 43]);
+    write_process(
+        &d.join("ckpt-000002/proc-42"),
+        42,
+        2,
+        "ckpt-000001",
+        &[(1, 3)],
+    );
+    write_process(&d.join("ckpt-000002/proc-43"), 43, 2, "", &[(0, 9)]);
+    write_process(&d.join("ckpt-000003"), 42, 3, "ckpt-000002", &[(0, 4)]);
+
+    let names: Vec<String> = images_dir::list(&d)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["ckpt-000001", "ckpt-000002", "ckpt-000003"]);
+    assert_eq!(images_dir::root_pid(&d.join("ckpt-000002")).unwrap(), 42);
+    assert_eq!(
+        images_dir::parents(&d.join("ckpt-000002")).unwrap(),
+        ["ckpt-000001"]
+    );
+    assert!(images_dir::parents(&d.join("ckpt-000001"))
+        .unwrap()
+        .is_empty());
+
+    // Each process resolves through the image of the same process.
+    assert_eq!(resolved(&d.join("ckpt-000002/proc-42")), [(0, 1), (1, 3)]);
+    assert_eq!(resolved(&d.join("ckpt-000002/proc-43")), [(0, 9)]);
+    assert_eq!(resolved(&d.join("ckpt-000003")), [(0, 4), (1, 3)]);
+
+    // A process naming a parent that has no image of it is refused.
+    write_tree(&d.join("ckpt-000004"), &[42, 44]);
+    write_process(&d.join("ckpt-000004/proc-42"), 42, 4, "ckpt-000003", &[]);
+    write_process(&d.join("ckpt-000004/proc-44"), 44, 4, "ckpt-000003", &[]);
+    let e = cr_ebpf_image::Chain::open(&d.join("ckpt-000004/proc-44"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("holds no image of process 44"), "{e}");
+    assert!(cr_ebpf_image::Chain::open(&d.join("ckpt-000004/proc-42")).is_ok());
+}
