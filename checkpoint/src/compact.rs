@@ -4,7 +4,7 @@
 //! readable after.
 //!
 //! * [`compact`] rewrites one checkpoint as a full image holding every page
-//!   it resolves to. The new image is written beside the old one and the two
+//!   it resolves to (every process's, for the checkpoint of a tree). The new image is written beside the old one and the two
 //!   directories are exchanged atomically (`renameat2(RENAME_EXCHANGE)`), so
 //!   the name always holds a complete image with the same contents; its
 //!   children, which name it as their parent, stay valid.
@@ -22,7 +22,7 @@ use std::{
 use cr_ebpf_image::{
     images_dir,
     pages::{Chunk, PageWriter},
-    publish, Chain, ChainInfo, ImageError, MAP_INHERITS,
+    publish, tree, Chain, ChainInfo, ImageError, MAP_INHERITS,
 };
 use rayon::prelude::*;
 
@@ -67,7 +67,66 @@ pub fn compact(dir: &Path, name: &str, threads: usize) -> Result<CompactReport, 
 fn compact_locked(dir: &Path, name: &str, threads: usize) -> Result<CompactReport, ImageError> {
     let t = Instant::now();
     let target = dir.join(name);
-    let chain = Chain::open(&target)?;
+    // Every process's chain read and verified before anything is written.
+    let mut chains = Vec::new();
+    for (_, image) in images_dir::processes(&target)? {
+        let sub = image
+            .strip_prefix(&target)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        chains.push((sub, Chain::open(&image)?));
+    }
+    let tree = tree::is_tree(&target)
+        .then(|| tree::Tree::read(&target))
+        .transpose()?;
+    let workers = if threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .build()
+        .map_err(|e| io(dir, "starting threads")(std::io::Error::other(e.to_string())))?;
+    let staging = dir.join(format!(".{name}.compact-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let (pages, page_bytes) = publish(&staging, |tmp| {
+        if let Some(tree) = &tree {
+            tree.write(tmp)?;
+        }
+        let (mut pages, mut bytes) = (0, 0);
+        for (sub, chain) in &chains {
+            let out = tmp.join(sub);
+            if !sub.as_os_str().is_empty() {
+                std::fs::create_dir(&out).map_err(io(&out, "creating"))?;
+            }
+            let (p, b) = write_full(chain, name, &out, &pool, workers, &target)?;
+            pages += p;
+            bytes += b;
+        }
+        Ok((pages, bytes))
+    })?;
+    exchange(&staging, &target)?;
+    std::fs::remove_dir_all(&staging).map_err(io(&staging, "removing"))?;
+    Ok(CompactReport {
+        name: name.to_string(),
+        chain_len: chains.iter().map(|c| c.1.links().len()).max().unwrap_or(0),
+        pages,
+        page_bytes,
+        took: t.elapsed(),
+    })
+}
+
+/// Writes into `out` one process image holding every page `chain`
+/// resolves to, with no parent.
+fn write_full(
+    chain: &Chain,
+    name: &str,
+    out: &Path,
+    pool: &rayon::ThreadPool,
+    workers: usize,
+    target: &Path,
+) -> Result<(u64, u64), ImageError> {
     let mut manifest = chain.manifest().clone();
     let old = manifest.chain.clone().unwrap_or_else(|| ChainInfo {
         id: name.to_string(),
@@ -83,60 +142,38 @@ fn compact_locked(dir: &Path, name: &str, threads: usize) -> Result<CompactRepor
     for m in &mut manifest.mappings {
         m.flags &= !MAP_INHERITS;
     }
-    let workers = if threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        threads
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(workers)
-        .build()
-        .map_err(|e| io(dir, "starting threads")(std::io::Error::other(e.to_string())))?;
-    let staging = dir.join(format!(".{name}.compact-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let (pages, page_bytes) = publish(&staging, |tmp| {
-        let mut writer = PageWriter::create(tmp)?;
-        let (tx, rx) = crossbeam_channel::bounded::<Chunk>(workers * 4);
-        let (read, written) = std::thread::scope(|s| {
-            let w = s.spawn(move || -> Result<PageWriter, ImageError> {
-                for c in rx {
-                    writer.write(&c)?;
-                }
-                Ok(writer)
-            });
-            let read: Result<(), ImageError> = pool.install(|| {
-                chain
-                    .fills()
-                    .par_iter()
-                    .try_for_each_init(Vec::new, |buf, f| {
-                        chain.read(
-                            f,
-                            buf,
-                            |addr, bytes| {
-                                let _ = tx.send(Chunk::compress(addr, bytes));
-                                Ok(())
-                            },
-                            |e| io(&target, "reading")(std::io::Error::other(e)),
-                        )
-                    })
-            });
-            drop(tx);
-            (read, w.join().expect("page writer thread panicked"))
+    let mut writer = PageWriter::create(out)?;
+    let (tx, rx) = crossbeam_channel::bounded::<Chunk>(workers * 4);
+    let (read, written) = std::thread::scope(|s| {
+        let w = s.spawn(move || -> Result<PageWriter, ImageError> {
+            for c in rx {
+                writer.write(&c)?;
+            }
+            Ok(writer)
         });
-        read?;
-        let stored = written?.finish()?;
-        manifest.write(tmp)?;
-        Ok(stored)
-    })?;
-    exchange(&staging, &target)?;
-    std::fs::remove_dir_all(&staging).map_err(io(&staging, "removing"))?;
-    Ok(CompactReport {
-        name: name.to_string(),
-        chain_len: chain.links().len(),
-        pages,
-        page_bytes,
-        took: t.elapsed(),
-    })
+        let read: Result<(), ImageError> = pool.install(|| {
+            chain
+                .fills()
+                .par_iter()
+                .try_for_each_init(Vec::new, |buf, f| {
+                    chain.read(
+                        f,
+                        buf,
+                        |addr, bytes| {
+                            let _ = tx.send(Chunk::compress(addr, bytes));
+                            Ok(())
+                        },
+                        |e| io(target, "reading")(std::io::Error::other(e)),
+                    )
+                })
+        });
+        drop(tx);
+        (read, w.join().expect("page writer thread panicked"))
+    });
+    read?;
+    let stored = written?.finish()?;
+    manifest.write(out)?;
+    Ok(stored)
 }
 
 /// Swaps two directories atomically.
@@ -182,9 +219,8 @@ pub fn retain(dir: &Path, keep: usize, threads: usize) -> Result<RetainReport, I
     // Every kept checkpoint must resolve within the kept ones.
     let mut compacted = None;
     for e in kept {
-        let m = cr_ebpf_image::Manifest::read(&e.dir)?;
-        let parent = m.chain.map(|c| c.parent).unwrap_or_default();
-        if !parent.is_empty() && !kept_names.contains(&parent.as_str()) {
+        let parents = images_dir::parents(&e.dir)?;
+        if parents.iter().any(|p| !kept_names.contains(&p.as_str())) {
             compacted = Some(compact_locked(dir, &e.name, threads)?);
         }
     }

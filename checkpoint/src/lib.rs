@@ -30,7 +30,7 @@ pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport}
 pub use dump::{dump, DumpError, DumpOptions, DumpReport};
 pub use incremental::{
     clock_ns, monotonic_ns, page_hash, CheckpointReport, Method, Phases, PrecopyReport, Session,
-    SessionOptions,
+    SessionOptions, TreeChanges,
 };
 pub use maps::{parse_maps, MapEntry};
 pub use state::{Changes, Queries};

@@ -222,14 +222,15 @@ pub(crate) fn collect_in(
         });
     }
     // Children would be lost: a restored parent waiting for them would
-    // wait forever.
+    // wait forever. (A process with children is checkpointed as a tree; one
+    // forked after the tree was listed lands here.)
     let children = proc::children(pid);
     if !children.is_empty() && tree.is_none() {
         let list: Vec<String> = children.iter().map(i32::to_string).collect();
         return Err(DumpError::NotSupported {
             pid,
             what: format!(
-                "child processes ({}): process trees are not checkpointed yet",
+                "child processes ({}) that appeared while it was being checkpointed (try again)",
                 list.join(", ")
             ),
         });

@@ -18,8 +18,21 @@ use crate::{
     DumpError,
 };
 
-/// `state`, ppid, pgid, sid and exit code of `pid` from `/proc/PID/stat`.
-fn stat(pid: i32) -> Result<(char, i32, i32, i32, i32), DumpError> {
+/// What `/proc/PID/stat` says of a process.
+pub(crate) struct Stat {
+    pub state: char,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// When it started, in clock ticks since boot: a pid reused by another
+    /// process has another start time.
+    pub start_time: u64,
+    /// A zombie's wait status.
+    pub exit_code: i32,
+}
+
+/// Reads `/proc/PID/stat`.
+pub(crate) fn stat(pid: i32) -> Result<Stat, DumpError> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).map_err(proc_err(pid, path.clone()))?;
     let rest = text
@@ -31,13 +44,19 @@ fn stat(pid: i32) -> Result<(char, i32, i32, i32, i32), DumpError> {
         })?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // Field n (1-based) of the whole line is f[n - 3].
-    let num = |n: usize| f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let state = f.first().and_then(|s| s.chars().next()).unwrap_or('?');
-    Ok((state, num(4), num(5), num(6), num(52)))
+    let num = |n: usize| -> i64 { f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    Ok(Stat {
+        state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'),
+        ppid: num(4) as i32,
+        pgid: num(5) as i32,
+        sid: num(6) as i32,
+        start_time: num(22) as u64,
+        exit_code: num(52) as i32,
+    })
 }
 
 /// `root` and its descendants, parents before children.
-fn processes(root: i32) -> Vec<i32> {
+pub(crate) fn processes(root: i32) -> Vec<i32> {
     let mut order = vec![root];
     let mut i = 0;
     while i < order.len() {
@@ -51,6 +70,89 @@ fn processes(root: i32) -> Vec<i32> {
     order
 }
 
+/// A process tree with every live process stopped.
+pub(crate) struct FrozenTree {
+    /// Parent links, groups, sessions, zombies; live processes' images go
+    /// to `proc-PID/`.
+    pub tree: Tree,
+    /// The live processes, in the tree's order. Dropping one resumes it.
+    pub frozen: Vec<Frozen>,
+    /// Their start times (see [`Stat::start_time`]).
+    pub start_times: Vec<u64>,
+}
+
+impl FrozenTree {
+    /// When the first process was stopped.
+    pub fn since(&self) -> Instant {
+        self.frozen
+            .first()
+            .map(|f| f.since)
+            .unwrap_or_else(Instant::now)
+    }
+
+    /// Lets every process run again.
+    pub fn thaw(self) -> Result<(), DumpError> {
+        let mut first = None;
+        for f in self.frozen {
+            let pid = f.pid();
+            if let Err(source) = f.thaw() {
+                first.get_or_insert(DumpError::Trace { pid, source });
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Stops `root` and every descendant (each thread, by ptrace) before
+/// anything is read, so that a checkpoint is one instant of the whole tree.
+/// A process forked while the tree was being stopped would be missed: then
+/// everything is let go and stopping starts again (a few times).
+pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
+    const TRIES: usize = 5;
+    for _ in 0..TRIES {
+        let pids = processes(root);
+        let mut tree = Tree::default();
+        let mut frozen: Vec<Frozen> = Vec::new();
+        let mut start_times = Vec::new();
+        for &pid in &pids {
+            let st = stat(pid)?;
+            let zombie = st.state == 'Z';
+            if !zombie {
+                frozen
+                    .push(Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?);
+                start_times.push(st.start_time);
+            }
+            tree.processes.push(TreeProcess {
+                pid,
+                ppid: if pid == root { 0 } else { st.ppid },
+                pgid: st.pgid,
+                sid: st.sid,
+                zombie: zombie.then_some(st.exit_code),
+                dir: if zombie {
+                    String::new()
+                } else {
+                    format!("proc-{pid}")
+                },
+            });
+        }
+        // Nothing can fork any more; a child made meanwhile shows now.
+        if processes(root) == pids {
+            return Ok(FrozenTree {
+                tree,
+                frozen,
+                start_times,
+            });
+        }
+    }
+    Err(DumpError::NotSupported {
+        pid: root,
+        what: format!(
+            "a process tree that kept changing while it was being stopped ({TRIES} tries; \
+             try again)"
+        ),
+    })
+}
+
 /// Checkpoints `root` and all its descendants into the new image `dir`.
 pub(crate) fn dump_tree(
     root: i32,
@@ -60,38 +162,8 @@ pub(crate) fn dump_tree(
 ) -> Result<DumpReport, DumpError> {
     let pool = worker_pool(root, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
-    let pids = processes(root);
-    let mut tree = Tree::default();
-    // Every live process frozen before anything is read: the checkpoint is
-    // one instant of the whole tree. Dropping them resumes them.
-    let mut frozen: Vec<Frozen> = Vec::new();
-    for &pid in &pids {
-        let (state, ppid, pgid, sid, exit) = stat(pid)?;
-        let zombie = state == 'Z';
-        if !zombie {
-            frozen.push(Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?);
-        }
-        tree.processes.push(TreeProcess {
-            pid,
-            ppid: if pid == root { 0 } else { ppid },
-            pgid,
-            sid,
-            zombie: zombie.then_some(exit),
-            dir: if zombie {
-                String::new()
-            } else {
-                format!("proc-{pid}")
-            },
-        });
-    }
+    let FrozenTree { tree, frozen, .. } = freeze_tree(root)?;
     let since = frozen.first().map(|f| f.since).unwrap_or_else(Instant::now);
-    // A child forked while the tree was being frozen is not in it.
-    if processes(root).len() != pids.len() {
-        return Err(DumpError::NotSupported {
-            pid: root,
-            what: "the process tree changed while it was being frozen (try again)".into(),
-        });
-    }
     let live: Vec<i32> = frozen.iter().map(Frozen::pid).collect();
     let mut scope = TreeScope::new(&live);
     let mut states: Vec<State> = Vec::new();
