@@ -228,14 +228,21 @@ fn tree(args: &Args) -> Result<ExitCode> {
     let t = cr_ebpf_image::tree::Tree::read(&args.dir)
         .with_context(|| format!("reading {}", args.dir.display()))?;
     if args.json {
-        let procs: Vec<_> = t
-            .processes
-            .iter()
-            .map(|p| {
-                serde_json::json!({"pid": p.pid, "ppid": p.ppid, "pgid": p.pgid, "sid": p.sid,
-                    "zombie_status": p.zombie, "dir": p.dir})
-            })
-            .collect();
+        let mut procs = Vec::new();
+        for p in &t.processes {
+            // Of a checkpoint in a chain: which one each process builds on.
+            let chain = match p.zombie {
+                Some(_) => None,
+                None => Manifest::read(&args.dir.join(&p.dir))
+                    .with_context(|| format!("reading {}", p.dir))?
+                    .chain
+                    .map(|c| serde_json::json!({"parent": c.parent, "method": c.method})),
+            };
+            procs.push(
+                serde_json::json!({"pid": p.pid, "ppid": p.ppid, "pgid": p.pgid,
+                "sid": p.sid, "zombie_status": p.zombie, "dir": p.dir, "chain": chain}),
+            );
+        }
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "processes": procs }))?
@@ -258,12 +265,17 @@ fn tree(args: &Args) -> Result<ExitCode> {
                 let m = Manifest::read(&args.dir.join(&p.dir))
                     .with_context(|| format!("reading {}", p.dir))?;
                 format!(
-                    "{} ({} threads, {} mappings, {} descriptors) in {}/",
+                    "{} ({} threads, {} mappings, {} descriptors) in {}/{}",
                     m.process.exe,
                     m.threads.len(),
                     m.mappings.len(),
                     m.fds.len(),
-                    p.dir
+                    p.dir,
+                    match m.chain {
+                        Some(c) if c.parent.is_empty() => format!(", {} (no parent)", c.method),
+                        Some(c) => format!(", {} on {}", c.method, c.parent),
+                        None => String::new(),
+                    }
                 )
             }
         };
@@ -286,15 +298,26 @@ fn chain(args: &Args) -> Result<ExitCode> {
     }
     let mut rows = Vec::new();
     for e in &all {
-        let m = Manifest::read(&e.dir).with_context(|| format!("reading {}", e.dir.display()))?;
-        let store = pages::PageStore::open(&e.dir)
-            .with_context(|| format!("reading {}", e.dir.display()))?;
+        let reading = || format!("reading {}", e.dir.display());
+        // A tree's checkpoint: the root's chain and pause, every process's pages.
+        let procs = cr_ebpf_image::images_dir::processes(&e.dir).with_context(reading)?;
+        let (mut pages, mut bytes) = (0, 0);
+        let mut root = None;
+        for (_, image) in &procs {
+            let store = pages::PageStore::open(image).with_context(reading)?;
+            pages += store.pages();
+            bytes += store.compressed_bytes();
+            if root.is_none() {
+                root = Some(Manifest::read(image).with_context(reading)?);
+            }
+        }
+        let m = root.with_context(|| format!("{} holds no process", e.dir.display()))?;
         let c = m.chain.clone().unwrap_or_default();
         rows.push(serde_json::json!({
             "id": e.name, "seq": e.seq,
             "parent": if c.parent.is_empty() { None } else { Some(c.parent) },
-            "method": c.method, "pid": m.process.pid,
-            "pages": store.pages(), "bytes": store.compressed_bytes(),
+            "method": c.method, "pid": m.process.pid, "processes": procs.len(),
+            "pages": pages, "bytes": bytes,
             "freeze_ms": m.process.freeze_ns as f64 / 1e6,
             "taken_unix_ns": m.process.taken_unix_ns,
         }));
@@ -308,15 +331,16 @@ fn chain(args: &Args) -> Result<ExitCode> {
     }
     println!("{}: {} checkpoint(s)", args.dir.display(), rows.len());
     println!(
-        "  {:<12} {:<12} {:<10} {:>9} {:>11} {:>10}",
-        "id", "parent", "method", "pages", "size KiB", "pause ms"
+        "  {:<12} {:<12} {:<10} {:>9} {:>9} {:>11} {:>10}",
+        "id", "parent", "method", "processes", "pages", "size KiB", "pause ms"
     );
     for r in &rows {
         println!(
-            "  {:<12} {:<12} {:<10} {:>9} {:>11.1} {:>10.2}",
+            "  {:<12} {:<12} {:<10} {:>9} {:>9} {:>11.1} {:>10.2}",
             r["id"].as_str().unwrap_or(""),
             r["parent"].as_str().unwrap_or("-"),
             r["method"].as_str().unwrap_or(""),
+            r["processes"].as_u64().unwrap_or(1),
             r["pages"].as_u64().unwrap_or(0),
             r["bytes"].as_f64().unwrap_or(0.0) / 1024.0,
             r["freeze_ms"].as_f64().unwrap_or(0.0)

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context as _, Result};
 use cr_ebpf_checkpoint::{Changes, Session, SessionOptions};
-use cr_ebpf_image::{images_dir, Manifest};
+use cr_ebpf_image::images_dir;
 
 /// Options of `cr-ebpf snapshot`.
 #[derive(clap::Args)]
@@ -41,7 +41,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let newest = images_dir::list(&args.images_dir)?.pop();
     let pid = match (args.pid, &newest) {
         (Some(p), _) => p,
-        (None, Some(e)) => Manifest::read(&e.dir)?.process.pid,
+        (None, Some(e)) => images_dir::root_pid(&e.dir)?,
         (None, None) => bail!(
             "no service answers in {} and it holds no checkpoint: pass --pid",
             args.images_dir.display()

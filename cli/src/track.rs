@@ -12,7 +12,9 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use cr_ebpf_checkpoint::{Changes, CheckpointReport, Session, SessionOptions};
+use std::collections::HashMap;
+
+use cr_ebpf_checkpoint::{Changes, CheckpointReport, Session, SessionOptions, TreeChanges};
 use cr_ebpf_common::syscalls as nr;
 use cr_ebpf_loader::{Event, Tracer, TracerOptions};
 use tokio::{
@@ -77,90 +79,113 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// What the resource log saw since the previous checkpoint.
+/// What the resource log saw of one process since the previous checkpoint.
 #[derive(Default)]
-struct Log {
+struct ProcLog {
     changes: Option<Changes>,
-    faults: u64,
     new_mappings: Vec<(u64, u64)>,
-    children: Vec<u32>,
-    exited: bool,
     /// The process called `execve`: its memory is new.
     exec: bool,
-    /// When the process was stopped by our recent checkpoints: its
-    /// syscalls then are the ones we injected, not its own.
-    ours: Vec<(u64, u64)>,
     /// Descriptor ranges the process closed or replaced since last looked at.
     closed: Vec<(i32, i32)>,
 }
 
-impl Log {
-    fn changes(&mut self) -> &mut Changes {
-        self.changes.get_or_insert_with(Changes::none)
-    }
+/// What the resource log saw of the tree since the previous checkpoint.
+#[derive(Default)]
+struct Log {
+    procs: HashMap<u32, ProcLog>,
+    faults: u64,
+    /// Processes forked since last looked at.
+    children: Vec<u32>,
+    /// The root exited.
+    exited: bool,
+    /// When the processes were stopped by our recent checkpoints: their
+    /// syscalls then are the ones we injected, not their own.
+    ours: Vec<(u64, u64)>,
+}
 
-    fn fold(&mut self, pid: u32, e: &Event) {
+impl Log {
+    fn fold(&mut self, root: u32, e: &Event) {
         match e {
             Event::Syscall(s)
-                if s.origin.tgid == pid
-                    && !self
-                        .ours
-                        .iter()
-                        .any(|&(a, b)| (a..=b).contains(&s.origin.ts_ns)) =>
+                if !self
+                    .ours
+                    .iter()
+                    .any(|&(a, b)| (a..=b).contains(&s.origin.ts_ns)) =>
             {
                 let ok = s.ret.is_some_and(|r| r >= 0);
+                let p = self.procs.entry(s.origin.tgid).or_default();
+                let changes = p.changes.get_or_insert_with(Changes::none);
                 match s.nr {
-                    nr::RT_SIGACTION => self.changes().sigactions = true,
+                    nr::RT_SIGACTION => changes.sigactions = true,
                     nr::SETITIMER
                     | nr::ALARM
                     | nr::TIMER_CREATE
                     | nr::TIMER_SETTIME
-                    | nr::TIMER_DELETE => self.changes().itimers = true,
-                    nr::SIGALTSTACK | nr::SET_TID_ADDRESS => self.changes().thread_state = true,
+                    | nr::TIMER_DELETE => changes.itimers = true,
+                    nr::SIGALTSTACK | nr::SET_TID_ADDRESS => changes.thread_state = true,
                     nr::MMAP if ok => {
                         let a = s.ret.unwrap_or(0) as u64;
-                        self.changes().layout.push((a, a + s.args[1]));
+                        changes.layout.push((a, a + s.args[1]));
                         // Private and readable: what checkpoints copy pages of.
                         let private = s.args[3] & libc::MAP_SHARED as u64 == 0;
                         let readable = s.args[2] & libc::PROT_READ as u64 != 0;
                         if private && readable {
-                            self.new_mappings.push((a, a + s.args[1]));
+                            p.new_mappings.push((a, a + s.args[1]));
                         }
                     }
                     // Descriptors closed or replaced: held connections on
                     // them are let go.
-                    nr::CLOSE if ok => self.closed.push((s.args[0] as i32, s.args[0] as i32)),
-                    nr::CLOSE_RANGE if ok => self.closed.push((
+                    nr::CLOSE if ok => p.closed.push((s.args[0] as i32, s.args[0] as i32)),
+                    nr::CLOSE_RANGE if ok => p.closed.push((
                         s.args[0].min(i32::MAX as u64) as i32,
                         s.args[1].min(i32::MAX as u64) as i32,
                     )),
                     nr::DUP2 | nr::DUP3 if ok => {
-                        self.closed.push((s.args[1] as i32, s.args[1] as i32))
+                        p.closed.push((s.args[1] as i32, s.args[1] as i32))
                     }
-                    nr::MUNMAP => self
-                        .changes()
-                        .layout
-                        .push((s.args[0], s.args[0] + s.args[1])),
+                    nr::MUNMAP => changes.layout.push((s.args[0], s.args[0] + s.args[1])),
                     nr::MREMAP => {
-                        self.changes()
-                            .layout
-                            .push((s.args[0], s.args[0] + s.args[1]));
+                        changes.layout.push((s.args[0], s.args[0] + s.args[1]));
                         if ok {
                             let a = s.ret.unwrap_or(0) as u64;
-                            self.changes().layout.push((a, a + s.args[2]));
+                            changes.layout.push((a, a + s.args[2]));
                         }
                     }
                     _ => {}
                 }
             }
-            Event::Fault(f) if f.origin.tgid == pid => self.faults += 1,
-            Event::Fork(f) if !f.thread && f.origin.tgid == pid => self.children.push(f.child_tgid),
-            Event::Exit(x) if x.origin.tgid == pid && x.group_dead == Some(true) => {
-                self.exited = true
+            Event::Fault(_) => self.faults += 1,
+            Event::Fork(f) if !f.thread => self.children.push(f.child_tgid),
+            Event::Exit(x) if x.group_dead == Some(true) => {
+                if x.origin.tgid == root {
+                    self.exited = true;
+                }
+                self.procs.remove(&x.origin.tgid);
             }
-            Event::Exec(x) if x.origin.tgid == pid => self.exec = true,
+            Event::Exec(x) => self.procs.entry(x.origin.tgid).or_default().exec = true,
             _ => {}
         }
+    }
+
+    /// The changes of every process in `pids`, taken; `lost` ones (the ring
+    /// buffer dropped their records) are unknown.
+    fn take_changes(&mut self, pids: &[i32], lost: &[i32], undecodable: bool) -> TreeChanges {
+        let mut t = TreeChanges::same(Changes::all());
+        for &pid in pids {
+            let c = self
+                .procs
+                .get_mut(&(pid as u32))
+                .and_then(|p| p.changes.take())
+                .unwrap_or_else(Changes::none);
+            let c = if undecodable || lost.contains(&pid) {
+                Changes::all()
+            } else {
+                c
+            };
+            t.by_pid.insert(pid, c);
+        }
+        t
     }
 }
 
@@ -207,6 +232,7 @@ fn report_json(r: &CheckpointReport) -> serde_json::Value {
     serde_json::json!({
         "ok": true,
         "id": r.name, "seq": r.seq, "parent": r.parent, "method": r.method.name(),
+        "processes": r.processes, "new_processes": r.new_processes, "zombies": r.zombies,
         "pages": r.pages, "precopied_pages": r.precopied, "bytes": r.page_bytes,
         "freeze_ms": r.freeze.as_secs_f64() * 1e3, "total_ms": r.total.as_secs_f64() * 1e3,
         "inherited_mappings": r.inherited, "whole_mappings": r.whole,
@@ -221,13 +247,31 @@ fn report_json(r: &CheckpointReport) -> serde_json::Value {
 
 fn report_text(r: &CheckpointReport) -> String {
     format!(
-        "{} ({}{}): {} pages, {:.1} KiB, freeze {:.2} ms, total {:.1} ms{}",
+        "{} ({}{}){}: {} pages, {:.1} KiB, freeze {:.2} ms, total {:.1} ms{}",
         r.name,
         r.method.name(),
         r.parent
             .as_deref()
             .map(|p| format!(" on {p}"))
             .unwrap_or_default(),
+        if r.processes + r.zombies > 1 {
+            format!(
+                ", {} processes{}{}",
+                r.processes,
+                if r.new_processes > 0 {
+                    format!(" ({} new)", r.new_processes)
+                } else {
+                    String::new()
+                },
+                if r.zombies > 0 {
+                    format!(", {} zombie(s)", r.zombies)
+                } else {
+                    String::new()
+                }
+            )
+        } else {
+            String::new()
+        },
         r.pages,
         r.page_bytes as f64 / 1024.0,
         r.freeze.as_secs_f64() * 1e3,
@@ -260,24 +304,53 @@ struct Service {
 }
 
 impl Service {
-    fn checkpoint(&mut self, events: &mut cr_ebpf_loader::EventStream) -> Result<CheckpointReport> {
-        let mut batch = Vec::new();
-        events.drain(&mut batch);
+    fn fold(&mut self, batch: &[Result<Event, cr_ebpf_loader::DecodeError>]) {
         for e in batch.iter().flatten() {
             self.log.fold(self.pid as u32, e);
         }
-        if std::mem::take(&mut self.log.exec) {
+    }
+
+    /// Applies what the log showed while the tree runs: new processes get
+    /// a tracker (and their memory pre-copied), a process that called
+    /// `execve` a new one, new mappings are registered early, held
+    /// connections on closed descriptors are let go.
+    fn follow_log(&mut self) -> Result<()> {
+        let children = std::mem::take(&mut self.log.children);
+        let exec: Vec<u32> = self
+            .log
+            .procs
+            .iter_mut()
+            .filter_map(|(&p, l)| std::mem::take(&mut l.exec).then_some(p))
+            .collect();
+        for &pid in &exec {
             // A new address space: a new userfaultfd for it.
-            let wp = cr_ebpf_dirty_tracker::attach::attach(self.pid).ok();
-            self.session.replace_tracker(wp);
-            self.log.new_mappings.clear();
-            if self.precopy {
-                self.session.prime()?;
+            let wp = cr_ebpf_dirty_tracker::attach::attach(pid as i32).ok();
+            self.session.replace_tracker(pid as i32, wp);
+            if let Some(l) = self.log.procs.get_mut(&pid) {
+                l.new_mappings.clear();
             }
         }
-        for (s, e) in std::mem::take(&mut self.log.new_mappings) {
-            self.session.register_early(s, e);
+        if !children.is_empty() || !exec.is_empty() {
+            if self.precopy {
+                self.session.prime()?;
+            } else {
+                self.session.follow();
+            }
         }
+        for (&pid, l) in &mut self.log.procs {
+            for (s, e) in std::mem::take(&mut l.new_mappings) {
+                self.session.register_early(pid as i32, s, e);
+            }
+        }
+        self.release_closed();
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, events: &mut cr_ebpf_loader::EventStream) -> Result<CheckpointReport> {
+        let mut batch = Vec::new();
+        events.drain(&mut batch);
+        self.fold(&batch);
+        self.follow_log()?;
         // Fault records lost (the ring buffer filled while a long write ran)
         // mean many pages were written: as good a trigger as counted faults.
         let fault_losses = self.tracer.fault_losses()?;
@@ -296,41 +369,40 @@ impl Service {
             }
         }
         // What piled up during the pre-copy is folded now, while the
-        // process runs, so that little is left to fold while it is frozen.
+        // processes run, so that little is left to fold while they are frozen.
         let mut batch = Vec::new();
         events.drain(&mut batch);
-        for e in batch.iter().flatten() {
-            self.log.fold(self.pid as u32, e);
-        }
+        self.fold(&batch);
         // Events up to the freeze: the session drains them once the
-        // process is stopped, so nothing it did before is missed.
-        let pid = self.pid as u32;
-        let lost = self
+        // processes are stopped, so nothing they did before is missed.
+        let root = self.pid as u32;
+        let pids = self.session.pids();
+        let lost: Vec<i32> = self
             .tracer
             .losses()?
             .iter()
-            .any(|l| l.tgid == pid && l.dropped > 0);
+            .filter(|l| l.dropped > 0)
+            .map(|l| l.tgid as i32)
+            .collect();
         let log = &mut self.log;
         let r = self.session.checkpoint_with(|| {
             let mut batch = Vec::new();
             events.drain(&mut batch);
             for e in batch.iter().flatten() {
-                log.fold(pid, e);
+                log.fold(root, e);
             }
             let undecodable = batch.iter().any(|e| e.is_err());
-            tracing::debug!(lost, undecodable, changes = ?log.changes, "log up to the freeze");
-            match log.changes.take() {
-                _ if lost || undecodable => Changes::all(),
-                Some(c) => c,
-                None => Changes::none(),
-            }
+            tracing::debug!(?lost, undecodable, "log up to the freeze");
+            log.take_changes(&pids, &lost, undecodable)
         });
         self.log.faults = 0;
-        self.log.new_mappings.clear();
-        // Closed before the freeze: the checkpoint's connections reflect it.
-        self.log.closed.clear();
-        if lost {
-            self.tracer.acknowledge_loss(pid)?;
+        for l in self.log.procs.values_mut() {
+            l.new_mappings.clear();
+            // Closed before the freeze: the checkpoint's connections reflect it.
+            l.closed.clear();
+        }
+        for &pid in &lost {
+            self.tracer.acknowledge_loss(pid as u32)?;
         }
         let r = r?;
         self.log.ours.push(r.stopped_window);
@@ -338,14 +410,24 @@ impl Service {
             self.log.ours.remove(0);
         }
         self.taken += 1;
+        // Processes that appeared while frozen get their trackers now.
+        if r.new_processes > 0 || r.processes != self.session.pids().len() {
+            if self.precopy {
+                self.session.prime()?;
+            } else {
+                self.session.follow();
+            }
+        }
         self.retain(false);
         Ok(r)
     }
 
-    /// Lets go of held connections on descriptors the process closed.
+    /// Lets go of held connections on descriptors the processes closed.
     fn release_closed(&mut self) {
-        for (a, b) in std::mem::take(&mut self.log.closed) {
-            self.session.release_connections(a..=b);
+        for (&pid, l) in &mut self.log.procs {
+            for (a, b) in std::mem::take(&mut l.closed) {
+                self.session.release_connections(pid as i32, a..=b);
+            }
         }
     }
 
@@ -504,30 +586,26 @@ async fn track(args: &Args) -> Result<ExitCode> {
             }
             r = events.next_batch(&mut batch) => {
                 r.context("reading the event ring buffer")?;
-                for e in batch.drain(..).flatten() {
-                    svc.log.fold(pid as u32, &e);
-                }
-                let new = std::mem::take(&mut svc.log.new_mappings);
-                for (s, e) in &new {
-                    svc.session.register_early(*s, *e);
-                }
-                svc.release_closed();
-                for child in std::mem::take(&mut svc.log.children) {
-                    eprintln!(
-                        "cr-ebpf: process {pid} started child {child}; it is followed by the \
-                         resource log but not yet part of the checkpoints (process trees)"
-                    );
-                }
+                let got = std::mem::take(&mut batch);
+                svc.fold(&got);
                 if svc.log.exited {
                     break format!("process {pid} exited");
+                }
+                let children = svc.log.children.clone();
+                if let Err(e) = svc.follow_log() {
+                    eprintln!("cr-ebpf: following the tree: {e:#}");
+                }
+                for child in children {
+                    if svc.session.pids().contains(&(child as i32)) {
+                        eprintln!("cr-ebpf: process {child} joined the tree; it is checkpointed with it");
+                    }
                 }
             }
             _ = alive.tick() => {
                 // Fault records do not wake us one by one: count them here.
                 events.drain(&mut batch);
-                for e in batch.drain(..).flatten() {
-                    svc.log.fold(pid as u32, &e);
-                }
+                let got = std::mem::take(&mut batch);
+                svc.fold(&got);
                 svc.release_closed();
                 if gone(pid) {
                     break format!("process {pid} exited");
