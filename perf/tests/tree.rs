@@ -38,6 +38,7 @@ fn status(log: &Path) -> Option<([u64; 4], String, Vec<u64>)> {
         match k {
             "reaped" => reaped = v.to_string(),
             "shm" => shm = v.split(',').filter_map(|x| x.parse().ok()).collect(),
+            "bad" => assert!(v.is_empty(), "memory damaged in the tree: {l}"),
             _ => w[k.strip_prefix('w')?.parse::<usize>().ok()?] = v.parse().ok()?,
         }
     }

@@ -14,6 +14,15 @@
 //! (`MAP_SHARED`): each worker also counts its ticks there, and the status
 //! line shows those counts as `shm=N,N,N,N`.
 //!
+//! On SIGUSR2, once worker 0 is gone, the parent starts a new worker 0 (a
+//! new process, on a new socket pair, with only the descriptors it needs)
+//! and logs `respawned 0 PID`: the tree gains a process.
+//!
+//! The parent and every worker keep a self-checking memory pattern (1 MiB,
+//! a few words changed every 100 ms): a page lost or stale after a restore
+//! shows as `bad=WHO:N` in the status line (`P` for the parent, a worker's
+//! number otherwise); it stays empty while memory is intact.
+//!
 //! Usage: `forkserver LOG` (prints `ready PARENT W0 W1 W2 W3 ZOMBIE` to LOG).
 
 use std::{io::Write as _, os::fd::RawFd};
@@ -34,6 +43,7 @@ fn read_some(fd: RawFd) -> Vec<u8> {
 }
 
 fn worker(i: usize, sock: RawFd, shared: *mut u64) -> ! {
+    let mut pattern = cr_ebpf_perf::Pattern::new(1);
     // SAFETY: plain syscalls on our own descriptors.
     unsafe {
         let ep = ok(libc::epoll_create1(0) as i64, "epoll_create1") as RawFd;
@@ -50,7 +60,13 @@ fn worker(i: usize, sock: RawFd, shared: *mut u64) -> ! {
                         read_some(tfd);
                         n += 1;
                         shared.add(i).write_volatile(n);
-                        let line = format!("{i} {n}\n");
+                        let bad = if n.is_multiple_of(5) {
+                            let (got, want) = pattern.step(n);
+                            got != want
+                        } else {
+                            false
+                        };
+                        let line = format!("{i} {n}{}\n", if bad { " BAD" } else { "" });
                         libc::write(sock, line.as_ptr().cast(), line.len());
                     }
                     _ => {
@@ -62,6 +78,36 @@ fn worker(i: usize, sock: RawFd, shared: *mut u64) -> ! {
                 }
             }
         }
+    }
+}
+
+/// Starts a new worker 0 with only its own socket (and the shared page):
+/// returns its pid and the parent's end of its socket pair.
+///
+/// # Safety
+/// `shared` points at the shared page.
+unsafe fn respawn(shared: *mut u64) -> (i32, RawFd) {
+    // SAFETY: plain syscalls on descriptors we create, and a fork whose
+    // child only makes syscalls before running the worker.
+    unsafe {
+        let mut sp = [0; 2];
+        ok(
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sp.as_mut_ptr()) as i64,
+            "socketpair",
+        );
+        let pid = ok(libc::fork() as i64, "fork") as i32;
+        if pid == 0 {
+            let keep = 200;
+            libc::dup2(sp[1], keep);
+            libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, 0u32);
+            libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            worker(0, keep, shared);
+        }
+        libc::close(sp[1]);
+        (pid, sp[0])
     }
 }
 
@@ -79,6 +125,7 @@ fn main() {
         let mut mask: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut mask);
         libc::sigaddset(&mut mask, libc::SIGUSR1);
+        libc::sigaddset(&mut mask, libc::SIGUSR2);
         libc::sigprocmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut());
         let sfd = ok(libc::signalfd(-1, &mask, 0) as i64, "signalfd") as RawFd;
         let shared = libc::mmap(
@@ -93,7 +140,7 @@ fn main() {
             ok(-1, "mmap(MAP_SHARED)");
         }
         let shared = shared.cast::<u64>();
-        let mut socks = Vec::new();
+        let mut socks: Vec<RawFd> = Vec::new();
         let mut pids = Vec::new();
         for i in 0..4 {
             let mut sp = [0; 2];
@@ -134,6 +181,10 @@ fn main() {
             pids[3]
         );
         let mut last = [0u64; 4];
+        let mut alive = [true; 4];
+        let mut pattern = cr_ebpf_perf::Pattern::new(1);
+        let mut ticks = 0u64;
+        let mut bad: Vec<String> = Vec::new();
         let mut pending = [String::new(), String::new(), String::new(), String::new()];
         let mut reaping = false;
         let mut reaped: Vec<String> = Vec::new();
@@ -143,12 +194,33 @@ fn main() {
             for ev in &evs[..k.max(0) as usize] {
                 match ev.u64 {
                     1 => {
-                        read_some(sfd);
-                        reaping = true;
-                        libc::write(socks[0], b"exit\n".as_ptr().cast(), 5);
+                        // struct signalfd_siginfo starts with the signal number.
+                        let info = read_some(sfd);
+                        let signo = info
+                            .get(..4)
+                            .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+                        if signo == libc::SIGUSR2 as u32 {
+                            if !alive[0] {
+                                let (pid, sock) = respawn(shared);
+                                cr_ebpf_perf::epoll_add(ep, sock, 100);
+                                socks[0] = sock;
+                                alive[0] = true;
+                                last[0] = 0;
+                                pending[0].clear();
+                                let _ = writeln!(log, "respawned 0 {pid}");
+                            }
+                        } else {
+                            reaping = true;
+                            libc::write(socks[0], b"exit\n".as_ptr().cast(), 5);
+                        }
                     }
                     2 => {
                         read_some(tfd);
+                        ticks += 1;
+                        let (got, want) = pattern.step(ticks);
+                        if got != want {
+                            bad.push(format!("P:{ticks}"));
+                        }
                         if reaping {
                             loop {
                                 let mut st = 0;
@@ -164,13 +236,14 @@ fn main() {
                             .collect();
                         let _ = writeln!(
                             log,
-                            "status w0={} w1={} w2={} w3={} reaped={} shm={}",
+                            "status w0={} w1={} w2={} w3={} reaped={} shm={} bad={}",
                             last[0],
                             last[1],
                             last[2],
                             last[3],
                             reaped.join(","),
-                            shm.join(",")
+                            shm.join(","),
+                            bad.join(",")
                         );
                     }
                     d => {
@@ -184,6 +257,8 @@ fn main() {
                                 socks[i],
                                 std::ptr::null_mut(),
                             );
+                            libc::close(socks[i]);
+                            alive[i] = false;
                             continue;
                         }
                         pending[i].push_str(&String::from_utf8_lossy(&got));
@@ -193,6 +268,9 @@ fn main() {
                                 line.split_whitespace().nth(1).and_then(|v| v.parse().ok())
                             {
                                 last[i] = n;
+                                if line.contains("BAD") {
+                                    bad.push(format!("{i}:{n}"));
+                                }
                             }
                         }
                     }
