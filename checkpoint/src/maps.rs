@@ -23,6 +23,9 @@ pub struct MapEntry {
     pub inode: u64,
     /// Path or `[name]`; empty for anonymous memory.
     pub path: String,
+    /// A shared mapping of a file on tmpfs (`shm_open`, `/dev/shm`): shared
+    /// memory whose contents are stored (see [`mark_tmpfs`]).
+    pub tmpfs: bool,
 }
 
 impl MapEntry {
@@ -39,6 +42,7 @@ impl MapEntry {
             "/dev/zero (deleted)" if self.shared => MappingKind::Shmem,
             p if p.starts_with("/memfd:") => MappingKind::Shmem,
             p if p.starts_with("/SYSV") && self.shared => MappingKind::Shmem,
+            _ if self.tmpfs => MappingKind::Shmem,
             _ if self.inode == 0 => MappingKind::Anon,
             _ => MappingKind::File,
         }
@@ -54,6 +58,34 @@ impl MapEntry {
             f |= MAP_GROWSDOWN;
         }
         f
+    }
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Marks the shared mappings of files (not deleted) that live on tmpfs, by
+/// `statfs` through `/proc/PID/map_files`.
+pub fn mark_tmpfs(pid: i32, entries: &mut [MapEntry]) {
+    for m in entries.iter_mut() {
+        if !m.shared
+            || m.inode == 0
+            || !m.path.starts_with('/')
+            || m.path.ends_with(" (deleted)")
+            || m.kind() != MappingKind::File
+        {
+            continue;
+        }
+        let Ok(path) =
+            std::ffi::CString::new(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+        else {
+            continue;
+        };
+        // SAFETY: a NUL-terminated path and a zeroed out-struct.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type == TMPFS_MAGIC {
+            m.tmpfs = true;
+        }
     }
 }
 
@@ -94,6 +126,7 @@ pub fn parse_maps(text: &str) -> Result<Vec<MapEntry>, String> {
             dev: hex(maj)? << 32 | hex(min)?,
             inode: inode.parse().map_err(|_| bad())?,
             path,
+            tmpfs: false,
         });
     }
     Ok(out)

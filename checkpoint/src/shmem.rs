@@ -1,7 +1,9 @@
-//! Shared memory objects with no file to reopen: shared anonymous memory
-//! and memfds. Their contents are read through `/proc/PID/map_files` (or
-//! the memfd's descriptor), skipping holes, and stored whole in the
-//! manifest at every checkpoint.
+//! Shared memory objects: shared anonymous memory, memfds, System V
+//! segments and files on tmpfs mapped shared (`shm_open`). Their contents
+//! are read through `/proc/PID/map_files` (or the memfd's descriptor),
+//! skipping holes, and stored whole in the manifest at every checkpoint: a
+//! tmpfs file is memory that a reboot loses and that the process goes on
+//! changing after the checkpoint, not a file on disk to reuse.
 
 use std::{
     collections::BTreeMap,
@@ -93,6 +95,7 @@ fn object(pid: i32, path: &str, kind: ShmemKind, name: &str) -> Result<ShmemObje
     };
     let (key, mode) = match kind {
         ShmemKind::SysV => sysv(pid, meta.ino())?,
+        ShmemKind::TmpfsFile => (0, meta.mode() & 0o7777),
         _ => (0, 0),
     };
     Ok(ShmemObject {
@@ -126,6 +129,7 @@ pub(crate) fn capture(
         }
         let (kind, name) = match memfd_name(&m.path) {
             Some(n) => (ShmemKind::Memfd, n),
+            None if m.tmpfs => (ShmemKind::TmpfsFile, m.path.as_str()),
             None if m.path.starts_with("/SYSV") => (ShmemKind::SysV, ""),
             None => (ShmemKind::Anonymous, ""),
         };

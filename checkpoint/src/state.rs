@@ -195,11 +195,12 @@ pub(crate) fn collect_in(
     let maps_path = format!("/proc/{pid}/maps");
     let maps_text =
         std::fs::read_to_string(&maps_path).map_err(proc_err(pid, maps_path.clone()))?;
-    let entries = maps::parse_maps(&maps_text).map_err(|e| DumpError::Proc {
+    let mut entries = maps::parse_maps(&maps_text).map_err(|e| DumpError::Proc {
         pid,
         path: maps_path.clone(),
         source: std::io::Error::other(e),
     })?;
+    maps::mark_tmpfs(pid, &mut entries);
     if let Some(m) = entries
         .iter()
         .find(|m| m.kind() == MappingKind::File && m.path.ends_with(" (deleted)"))

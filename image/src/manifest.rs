@@ -115,6 +115,11 @@ pub enum ShmemKind {
     Memfd = 2,
     /// A System V segment (`shmget`): `id` is its shmid.
     SysV = 3,
+    /// A file on tmpfs mapped shared (`shm_open`, `/dev/shm`; format 1.3):
+    /// `name` is its path, `mode` its permission bits. Its contents are the
+    /// process's memory as much as its other shared memory: stored, and
+    /// written back into the file at restore.
+    TmpfsFile = 4,
 }
 
 /// A shared memory object without a file to reopen, with its contents
@@ -125,7 +130,7 @@ pub struct ShmemObject {
     /// Its inode at checkpoint time: the id mappings and descriptors use.
     pub id: u64,
     pub kind: ShmemKind,
-    /// A memfd's name (without `memfd:`).
+    /// A memfd's name (without `memfd:`), a tmpfs file's path.
     pub name: String,
     /// Size in bytes.
     pub size: u64,
@@ -648,6 +653,7 @@ impl Manifest {
                         1 => ShmemKind::Anonymous,
                         2 => ShmemKind::Memfd,
                         3 => ShmemKind::SysV,
+                        4 => ShmemKind::TmpfsFile,
                         k => {
                             return Err(DecErr {
                                 offset: kind_at,
@@ -659,7 +665,10 @@ impl Manifest {
                     let seals = b.u32()?;
                     let key = b.i32()?;
                     let mode = b.u32()?;
-                    let name = b.str(NAME_CAP, "memfd name")?;
+                    let name = match kind {
+                        ShmemKind::TmpfsFile => b.str(PATH_CAP, "tmpfs file path")?,
+                        _ => b.str(NAME_CAP, "memfd name")?,
+                    };
                     let size = b.u64()?;
                     if size > SHMEM_CAP {
                         return Err(b.err(format!(

@@ -482,3 +482,63 @@ time.sleep(60)
     unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) };
     assert_eq!(out, "ok");
 }
+
+/// A file on tmpfs mapped shared, as `shm_open` makes it (python3): two
+/// mappings of it, a hole, contents written through the mappings. Between
+/// checkpoint and restore the file is overwritten and then removed (as the
+/// process writing on, then a reboot, would): the restore writes it back
+/// with the checkpoint's contents and mode, and the mappings share it again.
+#[test]
+fn tmpfs_files_mapped_shared_round_trip() {
+    if !cr_ebpf_perf::privileged("tmpfs_files_mapped_shared_round_trip") {
+        return;
+    }
+    let scratch = Scratch::new("fdk-tmpfs");
+    let shm = std::path::PathBuf::from(format!("/dev/shm/cr-ebpf-test-{}", std::process::id()));
+    let _ = std::fs::remove_file(&shm);
+    let script = r#"
+import mmap, os, stat, sys, time
+ctl, path = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+os.fchmod(fd, 0o640)
+os.ftruncate(fd, 4 * 4096)
+a = mmap.mmap(fd, 2 * 4096, flags=mmap.MAP_SHARED)
+b = mmap.mmap(fd, 4096, flags=mmap.MAP_SHARED, offset=3 * 4096)
+os.close(fd)
+a[0:9] = b'shm-first'
+a[4096:4100] = b'next'
+b[0:4] = b'last'
+open(os.path.join(ctl, 'ready'), 'w').close()
+while not os.path.exists(os.path.join(ctl, 'check')):
+    time.sleep(0.02)
+bad = []
+if a[0:9] != b'shm-first' or a[4096:4100] != b'next' or b[0:4] != b'last': bad.append('contents')
+with open(path, 'rb') as f:
+    whole = f.read()
+if len(whole) != 4 * 4096 or whole[8192:12288] != bytes(4096): bad.append('size or hole')
+a[100:104] = b'LIVE'
+with open(path, 'rb') as f:
+    if f.read(104)[100:] != b'LIVE': bad.append('the mapping no longer shares the file')
+if stat.S_IMODE(os.stat(path).st_mode) != 0o640: bad.append('mode')
+if not any(path in l and ' rw-s ' in l for l in open('/proc/self/maps')): bad.append('maps name')
+with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
+    f.write('ok' if not bad else ' '.join(bad))
+os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
+time.sleep(60)
+"#;
+    let out = python_round_trip(&scratch, script, &[&shm], |img, _| {
+        let m = cr_ebpf_image::Manifest::read(img).unwrap();
+        let files: Vec<_> = m
+            .shmem
+            .iter()
+            .filter(|o| o.kind == cr_ebpf_image::ShmemKind::TmpfsFile)
+            .collect();
+        assert_eq!(files.len(), 1, "{:?}", m.shmem);
+        assert_eq!(files[0].name, shm.display().to_string());
+        // Written on after the checkpoint, then lost.
+        std::fs::write(&shm, b"garbage").unwrap();
+        std::fs::remove_file(&shm).unwrap();
+    });
+    let _ = std::fs::remove_file(&shm);
+    assert_eq!(out, "ok");
+}

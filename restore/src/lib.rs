@@ -242,6 +242,14 @@ pub(crate) fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), Resto
         if f.kind != cr_ebpf_image::FdKind::File {
             continue;
         }
+        // A tmpfs file the process maps shared is written back from the
+        // image before descriptors are opened.
+        let rebuilt = m.shmem.iter().any(|o| {
+            o.kind == cr_ebpf_image::ShmemKind::TmpfsFile && o.id == f.inode && o.name == f.path
+        });
+        if rebuilt {
+            continue;
+        }
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(&f.path).map_err(|e| RestoreError::File {
             path: f.path.clone(),

@@ -1,8 +1,11 @@
 //! Shared memory objects rebuilt in the restorer, with their contents,
 //! before the stub maps them: shared anonymous memory (made by a shared
 //! anonymous mapping of ours, kept through `/proc/self/map_files`, so the
-//! process sees `/dev/zero (deleted)` again) and memfds (same name, seals
-//! added back once every mapping exists).
+//! process sees `/dev/zero (deleted)` again), memfds (same name, seals
+//! added back once every mapping exists), and files on tmpfs (written back
+//! at their path with the checkpoint's contents: created if a reboot or
+//! another machine lost them, rolled back if the process wrote on after
+//! the checkpoint).
 
 use std::{
     collections::HashMap,
@@ -96,6 +99,32 @@ fn memfd(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
     Ok(OwnedFd::from(f))
 }
 
+fn tmpfs_file(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(o.mode & 0o7777)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&o.name)
+        .map_err(fail(format!(
+            "opening {} (a tmpfs file the process shares)",
+            o.name
+        )))?;
+    // Exactly the checkpoint's contents: what was written since is dropped,
+    // holes stay holes.
+    f.set_len(0)
+        .and_then(|()| f.set_len(o.size))
+        .map_err(fail(format!("ftruncate({})", o.name)))?;
+    for (off, bytes) in &o.data {
+        f.write_all_at(bytes, *off)
+            .map_err(fail(format!("writing {}", o.name)))?;
+    }
+    Ok(OwnedFd::from(f))
+}
+
 /// A System V segment with id `o.id`: the one that still exists (it
 /// outlives the processes that attached it, as a file would; left as it
 /// is), or a new one made with that id (`shm_next_id`) and filled.
@@ -161,6 +190,7 @@ pub(crate) fn build(objects: &[ShmemObject]) -> Result<HashMap<u64, OwnedFd>, Re
         let fd = match o.kind {
             ShmemKind::Anonymous => anonymous(o)?,
             ShmemKind::Memfd => memfd(o)?,
+            ShmemKind::TmpfsFile => tmpfs_file(o)?,
             ShmemKind::SysV => {
                 sysv(o)?;
                 continue;
