@@ -453,6 +453,7 @@ pub fn write_all(dir: &Path) -> Result<Vec<String>> {
             ("threads", "threads"),
             ("mappings", "mappings"),
             ("fds", "descriptors"),
+            ("processes", "processes"),
         ] {
             let mut points: Vec<(f64, f64)> = sc["median"]
                 .as_object()
@@ -461,13 +462,12 @@ pub fn write_all(dir: &Path) -> Result<Vec<String>> {
                 .filter_map(|(key, m)| {
                     // "threads: 8 threads, 10 mappings, 10 fds"
                     let (kind, rest) = key.split_once(": ")?;
-                    let n = rest
-                        .split(", ")
-                        .find(|p| p.ends_with(&format!(" {dim}")))?
-                        .split(' ')
-                        .next()?
-                        .parse::<f64>()
-                        .ok()?;
+                    // One process unless the key says otherwise.
+                    let n = match rest.split(", ").find(|p| p.ends_with(&format!(" {dim}"))) {
+                        Some(p) => p.split(' ').next()?.parse::<f64>().ok()?,
+                        None if dim == "processes" => 1.0,
+                        None => return None,
+                    };
                     (kind == dim || kind == "base")
                         .then(|| Some((n, m["incremental_freeze_ms"].as_f64()?)))
                         .flatten()
@@ -482,7 +482,7 @@ pub fn write_all(dir: &Path) -> Result<Vec<String>> {
         charts.push((
             "scaling.svg",
             LineChart {
-                title: "Incremental freeze vs threads, mappings, descriptors".into(),
+                title: "Incremental freeze vs threads, mappings, descriptors, processes".into(),
                 x_label: "count (the other two at their smallest)".into(),
                 y_label: "freeze, ms".into(),
                 log_x: true,

@@ -138,6 +138,10 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             ("threads64", "threads: 64 threads, 10 mappings, 10 fds"),
             ("mappings10k", "mappings: 1 threads, 10000 mappings, 10 fds"),
             ("fds10k", "fds: 1 threads, 10 mappings, 10000 fds"),
+            (
+                "processes16",
+                "processes: 1 threads, 10 mappings, 10 fds, 16 processes",
+            ),
         ] {
             push(
                 &format!("scaling.{name}_freeze_over_base"),
