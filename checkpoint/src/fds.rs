@@ -95,6 +95,8 @@ fn peek_pipe(read_end: &OwnedFd, size: usize) -> std::io::Result<Vec<u8>> {
 pub(crate) struct TreeScope {
     pub pipe_ends: HashMap<String, (bool, bool)>,
     pub data_taken: std::collections::HashSet<String>,
+    /// Shared memory objects whose contents a process of the tree stored.
+    pub shmem_taken: std::collections::HashSet<u64>,
 }
 
 impl TreeScope {

@@ -6,7 +6,7 @@
 //! changing after the checkpoint, not a file on disk to reuse.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs::File,
     os::{fd::AsRawFd, unix::fs::MetadataExt as _},
 };
@@ -70,7 +70,15 @@ fn sysv(pid: i32, shmid: u64) -> Result<(i32, u32), DumpError> {
     })
 }
 
-fn object(pid: i32, path: &str, kind: ShmemKind, name: &str) -> Result<ShmemObject, DumpError> {
+/// Object `path` of process `pid`; its contents only if `with_data` (else
+/// they are in another process's image of the same tree checkpoint).
+fn object(
+    pid: i32,
+    path: &str,
+    kind: ShmemKind,
+    name: &str,
+    with_data: bool,
+) -> Result<ShmemObject, DumpError> {
     let f = File::open(path).map_err(proc_err(pid, path.to_string()))?;
     let meta = f.metadata().map_err(proc_err(pid, path.to_string()))?;
     if meta.size() > SHMEM_CAP {
@@ -106,7 +114,12 @@ fn object(pid: i32, path: &str, kind: ShmemKind, name: &str) -> Result<ShmemObje
         seals,
         key,
         mode,
-        data: read_runs(&f, meta.size()).map_err(proc_err(pid, path.to_string()))?,
+        data: if with_data {
+            read_runs(&f, meta.size()).map_err(proc_err(pid, path.to_string()))?
+        } else {
+            Vec::new()
+        },
+        elsewhere: !with_data,
     })
 }
 
@@ -116,13 +129,18 @@ pub(crate) fn memfd_name(path: &str) -> Option<&str> {
         .map(|n| n.strip_suffix(" (deleted)").unwrap_or(n))
 }
 
-/// Every shared memory object the process's mappings and descriptors refer to.
+/// Every shared memory object the process's mappings and descriptors refer
+/// to. In a tree, `taken` holds the objects an earlier process of the same
+/// checkpoint stored: their contents are not read or stored again.
 pub(crate) fn capture(
     pid: i32,
     entries: &[MapEntry],
     fds: &[FdInfo],
+    mut taken: Option<&mut HashSet<u64>>,
 ) -> Result<Vec<ShmemObject>, DumpError> {
     let mut out: BTreeMap<u64, ShmemObject> = BTreeMap::new();
+    // Whether this process stores the contents of `id` (and claims it).
+    let mut first = |id: u64| taken.as_deref_mut().is_none_or(|t| t.insert(id));
     for m in entries.iter().filter(|m| m.kind() == MappingKind::Shmem) {
         if out.contains_key(&m.inode) {
             continue;
@@ -134,7 +152,8 @@ pub(crate) fn capture(
             None => (ShmemKind::Anonymous, ""),
         };
         let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-        out.insert(m.inode, object(pid, &path, kind, name)?);
+        let with_data = first(m.inode);
+        out.insert(m.inode, object(pid, &path, kind, name, with_data)?);
     }
     for f in fds {
         if let FdState::Memfd { id } = f.state {
@@ -143,7 +162,8 @@ pub(crate) fn capture(
             }
             let name = memfd_name(&f.path).unwrap_or("");
             let path = format!("/proc/{pid}/fd/{}", f.fd);
-            out.insert(id, object(pid, &path, ShmemKind::Memfd, name)?);
+            let with_data = first(id);
+            out.insert(id, object(pid, &path, ShmemKind::Memfd, name, with_data)?);
         }
     }
     Ok(out.into_values().collect())

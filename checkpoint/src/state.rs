@@ -237,7 +237,8 @@ pub(crate) fn collect_in(
         });
     }
     // Descriptors first: an unsupported one fails before the long part.
-    let crate::fds::Fds { fds, tcp } = crate::fds::collect(pid, tree)?;
+    let mut tree = tree;
+    let crate::fds::Fds { fds, tcp } = crate::fds::collect(pid, tree.as_deref_mut())?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path))?;
 
@@ -375,7 +376,7 @@ pub(crate) fn collect_in(
         }
     }
     let posix_timers = posix_timers(pid, &injector, main, &mut queries)?;
-    let shmem = crate::shmem::capture(pid, &entries, &fds)?;
+    let shmem = crate::shmem::capture(pid, &entries, &fds, tree.map(|t| &mut t.shmem_taken))?;
     let pending = main.pending_signals(true).map_err(trace)?;
     let creds = proc::creds(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
     let umask = proc::umask(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;

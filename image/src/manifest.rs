@@ -31,6 +31,8 @@ const SECTION_OPTIONAL: u16 = 1;
 
 const PATH_CAP: usize = 4096;
 const NAME_CAP: usize = 255;
+/// SHMEM flag: the contents are in another process image of the tree.
+const SHMEM_ELSEWHERE: u16 = 1;
 const REGS_CAP: usize = 1024;
 const XSTATE_CAP: usize = 64 * 1024;
 const AUXV_CAP: usize = 4096;
@@ -141,6 +143,9 @@ pub struct ShmemObject {
     pub mode: u32,
     /// Contents: (offset, bytes) runs; holes are zero.
     pub data: Vec<(u64, Vec<u8>)>,
+    /// The contents are in the image of another process of the same tree
+    /// checkpoint (format 1.3): each object is stored once per tree.
+    pub elsewhere: bool,
 }
 
 /// One POSIX timer (`timer_create`), as `/proc/PID/timers` and an injected
@@ -522,7 +527,7 @@ impl Manifest {
             let mut b = Enc::default();
             b.u64(o.id);
             b.u16(o.kind as u16);
-            b.u16(0);
+            b.u16(u16::from(o.elsewhere));
             b.u32(o.seals);
             b.i32(o.key);
             b.u32(o.mode);
@@ -661,7 +666,15 @@ impl Manifest {
                             })
                         }
                     };
-                    b.u16()?;
+                    let flags_at = b.offset();
+                    let flags = b.u16()?;
+                    if flags & !SHMEM_ELSEWHERE != 0 {
+                        return Err(DecErr {
+                            offset: flags_at,
+                            what: format!("unknown shared memory flags {flags:#x}"),
+                        });
+                    }
+                    let elsewhere = flags & SHMEM_ELSEWHERE != 0;
                     let seals = b.u32()?;
                     let key = b.i32()?;
                     let mode = b.u32()?;
@@ -687,6 +700,11 @@ impl Manifest {
                         }
                         data.push((off, bytes.to_vec()));
                     }
+                    if elsewhere && !data.is_empty() {
+                        return Err(b.err(format!(
+                            "shared memory object {id} stored elsewhere has contents here"
+                        )));
+                    }
                     if shmem.iter().any(|o: &ShmemObject| o.id == id) {
                         return Err(DecErr {
                             offset: at,
@@ -702,6 +720,7 @@ impl Manifest {
                         key,
                         mode,
                         data,
+                        elsewhere,
                     });
                 }
                 TAG_POSIX_TIMER => {

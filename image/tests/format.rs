@@ -121,6 +121,7 @@ fn manifest() -> Manifest {
             key: 0,
             mode: 0,
             data: vec![(4096, b"world".to_vec())],
+            elsewhere: false,
         }],
         chain: Some(cr_ebpf_image::ChainInfo {
             id: "ckpt-000002".into(),
@@ -486,4 +487,20 @@ fn a_chain_goes_through_single_and_tree_checkpoints_by_process() {
         .to_string();
     assert!(e.contains("holds no image of process 44"), "{e}");
     assert!(cr_ebpf_image::Chain::open(&d.join("ckpt-000004/proc-42")).is_ok());
+}
+
+#[test]
+fn shared_memory_stored_elsewhere_round_trips_and_holds_no_contents() {
+    let mut m = manifest();
+    m.shmem[0].data.clear();
+    m.shmem[0].elsewhere = true;
+    assert_eq!(Manifest::decode(&m.encode(), 32).unwrap(), m);
+    let mut both = manifest();
+    both.shmem[0].elsewhere = true;
+    let e = Manifest::decode(&both.encode(), 32).unwrap_err();
+    assert!(
+        e.what.contains("stored elsewhere has contents"),
+        "{}",
+        e.what
+    );
 }

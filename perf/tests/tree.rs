@@ -143,6 +143,20 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
     .expect("dump of the tree");
     assert_eq!(d.pid, parent);
     assert!(img.join("tree.img").exists());
+    // The page they share is stored once: by the first process of the tree
+    // mapping it; the others name it.
+    let mut stored = 0;
+    let mut named = 0;
+    for (_, image) in cr_ebpf_image::images_dir::processes(&img).unwrap() {
+        for o in cr_ebpf_image::Manifest::read(&image).unwrap().shmem {
+            named += 1;
+            if !o.elsewhere {
+                stored += 1;
+                assert!(!o.data.is_empty(), "{o:?}");
+            }
+        }
+    }
+    assert_eq!((stored, named), (1, 5), "one shared page, five processes");
     let _ = child.wait();
     for &p in &all[1..] {
         // SAFETY: reaping the workers and the zombie, ours now.

@@ -77,12 +77,22 @@ impl Natives {
             })
             .collect();
         let sockets = crate::sockets::build(&sockets, close_connections)?;
-        // Every process of a tree stored the objects it maps: one of each.
+        // Every process of a tree names the objects it maps; one of them
+        // holds each object's contents.
         let mut objects: Vec<cr_ebpf_image::ShmemObject> = Vec::new();
         for o in ms.iter().flat_map(|m| m.shmem.iter()) {
-            if !objects.iter().any(|x| x.id == o.id) {
-                objects.push(o.clone());
+            match objects.iter_mut().find(|x| x.id == o.id) {
+                Some(x) if x.elsewhere && !o.elsewhere => *x = o.clone(),
+                Some(_) => {}
+                None => objects.push(o.clone()),
             }
+        }
+        if let Some(o) = objects.iter().find(|o| o.elsewhere) {
+            return Err(RestoreError::NotSupported(format!(
+                "the contents of shared memory object {} ({:?} {:?}) are in no image of \
+                 this checkpoint (an image of the tree is missing?)",
+                o.id, o.kind, o.name
+            )));
         }
         let shmem = crate::shmem::build(&objects)?;
         Ok(Self {
