@@ -15,9 +15,7 @@ use std::{
 
 mod common;
 
-use common::{clean, in_ci};
-
-const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
+use common::{clean, in_ci, Tracking, BIN};
 
 /// Root and redis-server present; outside CI a missing one skips.
 fn ready(test: &str) -> bool {
@@ -184,37 +182,8 @@ fn redis_under_load_is_killed_and_restored_from_its_newest_checkpoint() {
         .unwrap();
     let bench_pid = bench.id() as i32;
     reap.0.push(bench);
-    let mut track = clean(BIN)
-        .args([
-            "track",
-            "--pid",
-            &pid.to_string(),
-            "--interval",
-            "1s",
-            "--json",
-        ])
-        .arg("--images-dir")
-        .arg(&images)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(track.stdout.take().unwrap());
-    let err = track.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = BufReader::new(err).read_to_string(&mut s);
-        s
-    });
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
+    let track = Tracking::start(pid, &["--interval", "1s"], &images);
+    let rx = &track.reports;
     // Several checkpoints under load.
     let mut reports = Vec::new();
     while reports.len() < 4 {
@@ -251,8 +220,7 @@ fn redis_under_load_is_killed_and_restored_from_its_newest_checkpoint() {
     // SAFETY: killing our own child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let _ = reap.0[0].wait();
-    let status = track.wait().unwrap();
-    let err = err_reader.join().unwrap();
+    let (status, err) = track.finish();
     assert!(status.success(), "track: {err}");
     assert!(
         err.contains("1 established TCP connection(s)"),

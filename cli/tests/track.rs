@@ -13,35 +13,10 @@ use std::{
 
 mod common;
 
-use common::{clean, in_ci, root};
+use common::{clean, complete_lines, root, workload_bin, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
-
-/// The `epochs` workload, built next to `cr-ebpf` by a workspace build.
 fn epochs_bin(test: &str) -> Option<PathBuf> {
-    if !root(test) {
-        return None;
-    }
-    let p = Path::new(BIN).with_file_name("epochs");
-    if !p.exists() {
-        assert!(
-            !in_ci(),
-            "{} is missing: build the whole workspace",
-            p.display()
-        );
-        eprintln!(
-            "SKIPPED {test}: {} not built (run `cargo xtask test`)",
-            p.display()
-        );
-        return None;
-    }
-    Some(p)
-}
-
-fn complete_lines(log: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete.lines().map(str::to_string).collect()
+    workload_bin("epochs", test)
 }
 
 fn wait_for(log: &Path, what: &str, pred: impl Fn(&[String]) -> Option<String>) -> String {

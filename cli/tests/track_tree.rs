@@ -11,7 +11,6 @@
 //! keep the chain restorable.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc::Receiver,
@@ -20,35 +19,10 @@ use std::{
 
 mod common;
 
-use common::{clean, in_ci, root};
-
-const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
-
-/// The `forkserver` workload, built next to `cr-ebpf` by a workspace build.
-fn forkserver_bin(test: &str) -> Option<PathBuf> {
-    if !root(test) {
-        return None;
-    }
-    let p = Path::new(BIN).with_file_name("forkserver");
-    if !p.exists() {
-        assert!(
-            !in_ci(),
-            "{} is missing: build the whole workspace",
-            p.display()
-        );
-        eprintln!(
-            "SKIPPED {test}: {} not built (run `cargo xtask test`)",
-            p.display()
-        );
-        return None;
-    }
-    Some(p)
-}
+use common::{complete_lines, workload_bin, Tracking, BIN};
 
 fn lines(log: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete.lines().map(str::to_string).collect()
+    complete_lines(log)
 }
 
 /// One `status` line of the server.
@@ -232,7 +206,7 @@ fn chain_parent(tree: &serde_json::Value, pid: i32) -> String {
 #[test]
 fn a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored() {
     let test = "a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored";
-    let Some(server) = forkserver_bin(test) else {
+    let Some(server) = workload_bin("forkserver", test) else {
         return;
     };
     // Restored roots and orphaned workers come to us, and we reap them.
@@ -243,7 +217,7 @@ fn a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored() {
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("log");
     let images = dir.join("images");
-    let child = clean(&server)
+    let child = common::clean(&server)
         .arg(&log)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -264,44 +238,15 @@ fn a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored() {
         dir: dir.clone(),
     };
 
-    let mut track = clean(BIN)
-        .args([
-            "track",
-            "--pid",
-            &parent.to_string(),
-            "--interval",
-            "300ms",
-            "--json",
-        ])
-        .arg("--images-dir")
-        .arg(&images)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(track.stdout.take().unwrap());
-    let err = track.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = BufReader::new(err).read_to_string(&mut s);
-        s
-    });
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
+    let track = Tracking::start(parent, &["--interval", "300ms"], &images);
+    let rx = &track.reports;
 
     // The whole tree, the zombie with it; then incrementally.
-    let first = report(&rx, "the first checkpoint", |_| true);
+    let first = report(rx, "the first checkpoint", |_| true);
     assert_eq!(first["method"], "full", "{first}");
     assert_eq!(first["processes"], 5, "{first}");
     assert_eq!(first["zombies"], 1, "{first}");
-    let early = report(&rx, "an incremental checkpoint", |_| true);
+    let early = report(rx, "an incremental checkpoint", |_| true);
     assert_eq!(early["method"], "uffd-wp", "{early}");
     assert_eq!(early["processes"], 5, "{early}");
     assert_eq!(early["new_processes"], 0, "{early}");
@@ -316,7 +261,7 @@ fn a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored() {
         })?;
         Some(())
     });
-    let shrunk = report(&rx, "a checkpoint of the smaller tree", |r| {
+    let shrunk = report(rx, "a checkpoint of the smaller tree", |r| {
         r["processes"] == 4 && r["zombies"] == 0
     });
     assert_eq!(shrunk["method"], "uffd-wp", "{shrunk}");
@@ -329,7 +274,7 @@ fn a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored() {
             .find_map(|l| l.strip_prefix("respawned 0 ")?.parse().ok())
     });
     cleanup.pids = vec![parent, workers[1], workers[2], workers[3], new_w0];
-    let grown = report(&rx, "a checkpoint with the new worker", |r| {
+    let grown = report(rx, "a checkpoint with the new worker", |r| {
         r["processes"] == 5
     });
     assert_eq!(grown["new_processes"], 1, "{grown}");
@@ -341,8 +286,8 @@ fn a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored() {
         "the new worker is stored whole"
     );
     assert_eq!(chain_parent(&tree, parent), shrunk["id"].as_str().unwrap());
-    report(&rx, "one more checkpoint", |_| true);
-    let newest = report(&rx, "yet another checkpoint", |r| {
+    report(rx, "one more checkpoint", |_| true);
+    let newest = report(rx, "yet another checkpoint", |r| {
         r["processes"] == 5 && r["new_processes"] == 0
     });
     let newest_id = newest["id"].as_str().unwrap().to_string();
@@ -356,8 +301,7 @@ fn a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored() {
     let at_kill = statuses(&log, 0).last().cloned().unwrap();
     kill_tree(parent, &[workers[1], workers[2], workers[3], new_w0]);
     let _ = child;
-    let status = track.wait().unwrap();
-    let err = err_reader.join().unwrap();
+    let (status, err) = track.finish();
     assert!(status.success(), "track: {err}");
     let listed = inspect(&images);
     let ids: Vec<&str> = listed["checkpoints"]

@@ -81,12 +81,13 @@ fn worker(i: usize, sock: RawFd, shared: *mut u64) -> ! {
     }
 }
 
-/// Starts a new worker 0 with only its own socket (and the shared page):
-/// returns its pid and the parent's end of its socket pair.
+/// Forks worker `i` on a new socket pair: returns its pid and the parent's
+/// end. A `clean` worker keeps only its own socket (and the shared page);
+/// otherwise it inherits the parent's descriptors, as the first ones do.
 ///
 /// # Safety
 /// `shared` points at the shared page.
-unsafe fn respawn(shared: *mut u64) -> (i32, RawFd) {
+unsafe fn spawn_worker(i: usize, shared: *mut u64, clean: bool) -> (i32, RawFd) {
     // SAFETY: plain syscalls on descriptors we create, and a fork whose
     // child only makes syscalls before running the worker.
     unsafe {
@@ -97,14 +98,19 @@ unsafe fn respawn(shared: *mut u64) -> (i32, RawFd) {
         );
         let pid = ok(libc::fork() as i64, "fork") as i32;
         if pid == 0 {
-            let keep = 200;
-            libc::dup2(sp[1], keep);
-            libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, 0u32);
-            libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            worker(0, keep, shared);
+            libc::close(sp[0]);
+            let mut sock = sp[1];
+            if clean {
+                let keep = 200;
+                libc::dup2(sock, keep);
+                libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, 0u32);
+                libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
+                sock = keep;
+            }
+            if i == 1 {
+                libc::setpgid(0, 0);
+            }
+            worker(i, sock, shared);
         }
         libc::close(sp[1]);
         (pid, sp[0])
@@ -143,21 +149,8 @@ fn main() {
         let mut socks: Vec<RawFd> = Vec::new();
         let mut pids = Vec::new();
         for i in 0..4 {
-            let mut sp = [0; 2];
-            ok(
-                libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sp.as_mut_ptr()) as i64,
-                "socketpair",
-            );
-            let pid = ok(libc::fork() as i64, "fork") as i32;
-            if pid == 0 {
-                libc::close(sp[0]);
-                if i == 1 {
-                    libc::setpgid(0, 0);
-                }
-                worker(i, sp[1], shared);
-            }
-            libc::close(sp[1]);
-            socks.push(sp[0]);
+            let (pid, sock) = spawn_worker(i, shared, false);
+            socks.push(sock);
             pids.push(pid);
         }
         let zombie = ok(libc::fork() as i64, "fork") as i32;
@@ -201,7 +194,7 @@ fn main() {
                             .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
                         if signo == libc::SIGUSR2 as u32 {
                             if !alive[0] {
-                                let (pid, sock) = respawn(shared);
+                                let (pid, sock) = spawn_worker(0, shared, true);
                                 cr_ebpf_perf::epoll_add(ep, sock, 100);
                                 socks[0] = sock;
                                 alive[0] = true;
