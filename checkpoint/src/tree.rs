@@ -2,7 +2,10 @@
 //! read, one image per live process under `proc-PID/`, and `tree.img` with
 //! the parent links, process groups, sessions and zombies.
 
-use std::{path::Path, time::Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use cr_ebpf_image::{
     publish,
@@ -92,14 +95,7 @@ impl FrozenTree {
 
     /// Lets every process run again.
     pub fn thaw(self) -> Result<(), DumpError> {
-        let mut first = None;
-        for f in self.frozen {
-            let pid = f.pid();
-            if let Err(source) = f.thaw() {
-                first.get_or_insert(DumpError::Trace { pid, source });
-            }
-        }
-        first.map_or(Ok(()), Err)
+        thaw_all(self.frozen)
     }
 }
 
@@ -153,6 +149,18 @@ pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
     })
 }
 
+/// Resumes every process; the first failure is returned after all were tried.
+fn thaw_all(all: Vec<Frozen>) -> Result<(), DumpError> {
+    let mut first = None;
+    for f in all {
+        let pid = f.pid();
+        if let Err(source) = f.thaw() {
+            first.get_or_insert(DumpError::Trace { pid, source });
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
 /// Checkpoints `root` and all its descendants into the new image `dir`.
 pub(crate) fn dump_tree(
     root: i32,
@@ -198,48 +206,70 @@ pub(crate) fn dump_tree(
     }
     let threads: usize = states.iter().map(|s| s.threads.len()).sum();
     let mappings: usize = plans.iter().map(|p| p.0.len()).sum();
+    let n = live.len();
+    let mut frozen = Some(frozen);
+    let mut freeze = Duration::ZERO;
     let (pages, page_bytes) = publish(dir, |tmp| {
         tree.write(tmp)?;
         let (mut pages, mut bytes) = (0, 0);
-        for ((pid, s), (maps, work)) in live.iter().zip(&states).zip(&plans) {
+        let mut subs = Vec::new();
+        for (i, (pid, (_, work))) in live.iter().zip(&plans).enumerate() {
             let sub = tmp.join(format!("proc-{pid}"));
             std::fs::create_dir(&sub).map_err(|source| cr_ebpf_image::ImageError::Io {
                 path: sub.display().to_string(),
                 what: "creating",
                 source,
             })?;
-            let (p, b) = write_pages(&sub, &pool, *pid, work, Vec::new(), || Ok(()))?;
+            let (p, b) = write_pages(&sub, &pool, *pid, work, Vec::new(), || {
+                // Everything read: a tree that stays alive runs again while
+                // the files are finished.
+                if opts.leave_running && i + 1 == n {
+                    if let Some(all) = frozen.take() {
+                        freeze = since.elapsed();
+                        thaw_all(all).map_err(|e| cr_ebpf_image::ImageError::Io {
+                            path: format!("process tree of {root}"),
+                            what: "resuming",
+                            source: std::io::Error::other(e.to_string()),
+                        })?;
+                    }
+                }
+                Ok(())
+            })?;
             pages += p;
             bytes += b;
-            s.manifest(maps.clone(), since.elapsed().as_nanos() as u64, None)
-                .write(&sub)?;
+            subs.push(sub);
+        }
+        let freeze_ns = match &frozen {
+            Some(_) => since.elapsed(),
+            None => freeze,
+        }
+        .as_nanos() as u64;
+        for ((s, (maps, _)), sub) in states.iter().zip(&plans).zip(&subs) {
+            s.manifest(maps.clone(), freeze_ns, None).write(sub)?;
         }
         Ok((pages, bytes))
     })?;
-    let freeze;
-    if opts.leave_running {
-        freeze = since.elapsed();
-        for f in frozen {
-            let pid = f.pid();
-            f.thaw()
-                .map_err(|source| DumpError::Trace { pid, source })?;
-        }
-    } else {
-        // TCP connections close silently (repair mode) when they die.
-        for s in &states {
-            for (_, sock) in &s.tcp {
-                let _ = crate::sockets::setsockopt_int(
-                    sock,
-                    libc::IPPROTO_TCP,
-                    crate::sockets::TCP_REPAIR,
-                    1,
-                );
+    // Published: only now may a tree that is not left running go.
+    if let Some(all) = frozen.take() {
+        if opts.leave_running {
+            thaw_all(all)?;
+        } else {
+            // TCP connections close silently (repair mode) when they die.
+            for s in &states {
+                for (_, sock) in &s.tcp {
+                    let _ = crate::sockets::setsockopt_int(
+                        sock,
+                        libc::IPPROTO_TCP,
+                        crate::sockets::TCP_REPAIR,
+                        1,
+                    );
+                }
             }
-        }
-        for f in frozen.into_iter().rev() {
-            let pid = f.pid();
-            f.kill()
-                .map_err(|source| DumpError::Trace { pid, source })?;
+            for f in all.into_iter().rev() {
+                let pid = f.pid();
+                f.kill()
+                    .map_err(|source| DumpError::Trace { pid, source })?;
+            }
         }
         freeze = since.elapsed();
     }
