@@ -483,7 +483,7 @@ pub fn write_all(dir: &Path) -> Result<Vec<String>> {
             "scaling.svg",
             LineChart {
                 title: "Incremental freeze vs threads, mappings, descriptors, processes".into(),
-                x_label: "count (the other two at their smallest)".into(),
+                x_label: "count (the others at their smallest)".into(),
                 y_label: "freeze, ms".into(),
                 log_x: true,
                 log_y: true,
