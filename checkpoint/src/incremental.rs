@@ -343,7 +343,8 @@ impl Session {
 
     /// Gives every live process of the tree that has none yet a dirty
     /// tracker (attached while it runs), and forgets processes that are
-    /// gone. Returns the processes newly followed.
+    /// gone. Returns the processes new to the session or given a tracker
+    /// now: those whose memory is worth pre-copying ([`Session::prime`]).
     pub fn follow(&mut self) -> Vec<i32> {
         let mut new = Vec::new();
         let pids = tree::processes(self.root);
@@ -367,6 +368,9 @@ impl Session {
                 // A process that cannot be attached (it is exiting, say) is
                 // stored whole, and tried again next time.
                 p.wp = cr_ebpf_dirty_tracker::attach::attach(pid).ok();
+                if p.wp.is_some() && known {
+                    new.push(pid);
+                }
             }
         }
         new

@@ -310,6 +310,16 @@ impl Service {
         }
     }
 
+    /// Gives the processes of the tree that have none a tracker, and
+    /// pre-copies the memory of those that just got one.
+    fn follow(&mut self) -> Result<()> {
+        let new = self.session.follow();
+        if self.precopy && !new.is_empty() {
+            self.session.prime()?;
+        }
+        Ok(())
+    }
+
     /// Applies what the log showed while the tree runs: new processes get
     /// a tracker (and their memory pre-copied), a process that called
     /// `execve` a new one, new mappings are registered early, held
@@ -331,11 +341,7 @@ impl Service {
             }
         }
         if !children.is_empty() || !exec.is_empty() {
-            if self.precopy {
-                self.session.prime()?;
-            } else {
-                self.session.follow();
-            }
+            self.follow()?;
         }
         for (&pid, l) in &mut self.log.procs {
             for (s, e) in std::mem::take(&mut l.new_mappings) {
@@ -410,14 +416,9 @@ impl Service {
             self.log.ours.remove(0);
         }
         self.taken += 1;
-        // Processes that appeared while frozen get their trackers now.
-        if r.new_processes > 0 || r.processes != self.session.pids().len() {
-            if self.precopy {
-                self.session.prime()?;
-            } else {
-                self.session.follow();
-            }
-        }
+        // Processes that appeared while frozen (or that could not be
+        // attached before) get their trackers now.
+        self.follow()?;
         self.retain(false);
         Ok(r)
     }
@@ -536,9 +537,13 @@ async fn track(args: &Args) -> Result<ExitCode> {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     };
-    if svc.precopy {
-        // The base too: copied while the process runs, so its freeze only
-        // covers the pages written meanwhile.
+    if !svc.precopy {
+        // Its descendants get trackers of their own.
+        svc.session.follow();
+    } else {
+        // The base too: copied while the processes run (each descendant
+        // given a tracker first), so its freeze only covers the pages
+        // written meanwhile.
         let p = svc
             .session
             .prime()
