@@ -115,6 +115,16 @@ impl TreeChanges {
     }
 }
 
+/// What [`Session::follow`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Followed {
+    /// Processes new to the session or given a tracker now: those whose
+    /// memory is worth pre-copying ([`Session::prime`]).
+    pub new: Vec<i32>,
+    /// Processes left alone for now, younger than asked.
+    pub too_young: usize,
+}
+
 /// What one checkpoint did.
 #[derive(Debug, Clone)]
 pub struct CheckpointReport {
@@ -341,18 +351,26 @@ impl Session {
         }
     }
 
-    /// Gives every live process of the tree that has none yet a dirty
-    /// tracker (attached while it runs), and forgets processes that are
-    /// gone. Returns the processes new to the session or given a tracker
-    /// now: those whose memory is worth pre-copying ([`Session::prime`]).
-    pub fn follow(&mut self) -> Vec<i32> {
+    /// Gives every live process of the tree that has run for at least
+    /// `min_age` and has none yet a dirty tracker (attached while it runs),
+    /// and forgets processes that are gone. Younger ones are left alone (a
+    /// short-lived child costs nothing; one alive at a checkpoint is stored
+    /// whole).
+    pub fn follow(&mut self, min_age: Duration) -> Followed {
         let mut new = Vec::new();
+        let mut too_young = 0;
         let pids = tree::processes(self.root);
         self.procs.retain(|p, _| pids.contains(p));
+        let now = tree::uptime_ticks();
+        let min_ticks = (min_age.as_secs_f64() * tree::clock_ticks() as f64).ceil() as u64;
         for pid in pids {
             let Ok(st) = tree::stat(pid) else { continue };
             if st.state == 'Z' {
                 self.procs.remove(&pid);
+                continue;
+            }
+            if pid != self.root && now.saturating_sub(st.start_time) < min_ticks {
+                too_young += 1;
                 continue;
             }
             let known = self
@@ -373,7 +391,7 @@ impl Session {
                 }
             }
         }
-        new
+        Followed { new, too_young }
     }
 
     /// The processes followed.
@@ -454,17 +472,16 @@ impl Session {
         }
     }
 
-    /// Follows new processes of the tree ([`Session::follow`]), then
-    /// registers every mapping not registered yet and copies its present
-    /// pages while the processes run, so the next checkpoint only copies,
-    /// during its freeze, the pages written after that (the first, full
-    /// checkpoint included). Returns what was copied.
+    /// Registers every mapping of the processes followed (see
+    /// [`Session::follow`]) not registered yet and copies its present pages
+    /// while the processes run, so the next checkpoint only copies, during
+    /// its freeze, the pages written after that (the first, full checkpoint
+    /// included). Returns what was copied.
     pub fn prime(&mut self) -> Result<PrecopyReport, DumpError> {
         let t = Instant::now();
         if !self.uffd {
             return Ok(PrecopyReport::default());
         }
-        self.follow();
         let mut pages = 0;
         let pids = self.pids();
         for pid in pids {
@@ -473,6 +490,9 @@ impl Session {
             };
             match prime_one(p) {
                 Ok(work) => pages += copy_runs(&self.pool, p, &work),
+                // A descendant that exited or replaced its memory meanwhile:
+                // whatever it is now is stored whole by the next checkpoint.
+                Err(_) if pid != self.root => p.reset(),
                 // Gone meanwhile: the next checkpoint will not find it.
                 Err(_) if tree::stat(pid).is_err() => {}
                 Err(e) => return Err(e),

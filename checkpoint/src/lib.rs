@@ -29,8 +29,8 @@ mod tree;
 pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport};
 pub use dump::{dump, DumpError, DumpOptions, DumpReport};
 pub use incremental::{
-    clock_ns, monotonic_ns, page_hash, CheckpointReport, Method, Phases, PrecopyReport, Session,
-    SessionOptions, TreeChanges,
+    clock_ns, monotonic_ns, page_hash, CheckpointReport, Followed, Method, Phases, PrecopyReport,
+    Session, SessionOptions, TreeChanges,
 };
 pub use maps::{parse_maps, MapEntry};
 pub use state::{Changes, Queries};

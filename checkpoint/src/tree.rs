@@ -58,6 +58,26 @@ pub(crate) fn stat(pid: i32) -> Result<Stat, DumpError> {
     })
 }
 
+/// Clock ticks per second (`/proc/PID/stat` times are in these).
+pub(crate) fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Time since boot in clock ticks (the unit of [`Stat::start_time`]).
+pub(crate) fn uptime_ticks() -> u64 {
+    let secs: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    (secs * clock_ticks() as f64) as u64
+}
+
 /// `root` and its descendants, parents before children.
 pub(crate) fn processes(root: i32) -> Vec<i32> {
     let mut order = vec![root];

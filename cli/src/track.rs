@@ -256,8 +256,9 @@ fn report_text(r: &CheckpointReport) -> String {
             .unwrap_or_default(),
         if r.processes + r.zombies > 1 {
             format!(
-                ", {} processes{}{}",
+                ", {} process{}{}{}",
                 r.processes,
+                if r.processes == 1 { "" } else { "es" },
                 if r.new_processes > 0 {
                     format!(" ({} new)", r.new_processes)
                 } else {
@@ -301,7 +302,16 @@ struct Service {
     taken: u64,
     precopy: bool,
     retention: Option<std::thread::JoinHandle<()>>,
+    /// When to give new processes of the tree their trackers: a little
+    /// after their fork, so that short-lived children (a shell command, a
+    /// helper that execs and exits) cost nothing.
+    follow_at: Option<std::time::Instant>,
 }
+
+/// How long a new child must have run before it gets a tracker (and its
+/// memory is pre-copied); a younger one alive at a checkpoint is stored
+/// whole.
+const FOLLOW_DELAY: Duration = Duration::from_millis(100);
 
 impl Service {
     fn fold(&mut self, batch: &[Result<Event, cr_ebpf_loader::DecodeError>]) {
@@ -313,9 +323,26 @@ impl Service {
     /// Gives the processes of the tree that have none a tracker, and
     /// pre-copies the memory of those that just got one.
     fn follow(&mut self) -> Result<()> {
-        let new = self.session.follow();
-        if self.precopy && !new.is_empty() {
+        let before = self.session.pids();
+        let f = self.session.follow(FOLLOW_DELAY);
+        // Children too young for now are looked at again a little later.
+        self.follow_at = (f.too_young > 0).then(|| std::time::Instant::now() + FOLLOW_DELAY);
+        for p in f.new.iter().filter(|p| !before.contains(p)) {
+            eprintln!("cr-ebpf: process {p} joined the tree; it is checkpointed with it");
+        }
+        if self.precopy && !f.new.is_empty() {
             self.session.prime()?;
+        }
+        Ok(())
+    }
+
+    /// [`Service::follow`] once the delay after a fork has passed.
+    fn follow_when_due(&mut self) -> Result<()> {
+        if self
+            .follow_at
+            .is_some_and(|at| std::time::Instant::now() >= at)
+        {
+            self.follow()?;
         }
         Ok(())
     }
@@ -332,16 +359,26 @@ impl Service {
             .iter_mut()
             .filter_map(|(&p, l)| std::mem::take(&mut l.exec).then_some(p))
             .collect();
+        let followed = self.session.pids();
+        let mut replaced = false;
         for &pid in &exec {
-            // A new address space: a new userfaultfd for it.
-            let wp = cr_ebpf_dirty_tracker::attach::attach(pid as i32).ok();
-            self.session.replace_tracker(pid as i32, wp);
             if let Some(l) = self.log.procs.get_mut(&pid) {
                 l.new_mappings.clear();
             }
+            // A new address space: a new userfaultfd for it (a process not
+            // followed yet gets one when it is).
+            if followed.contains(&(pid as i32)) {
+                let wp = cr_ebpf_dirty_tracker::attach::attach(pid as i32).ok();
+                self.session.replace_tracker(pid as i32, wp);
+                replaced = true;
+            }
         }
-        if !children.is_empty() || !exec.is_empty() {
-            self.follow()?;
+        if replaced && self.precopy {
+            self.session.prime()?;
+        }
+        if !children.is_empty() {
+            self.follow_at
+                .get_or_insert(std::time::Instant::now() + FOLLOW_DELAY);
         }
         for (&pid, l) in &mut self.log.procs {
             for (s, e) in std::mem::take(&mut l.new_mappings) {
@@ -517,6 +554,7 @@ async fn track(args: &Args) -> Result<ExitCode> {
         taken: 0,
         precopy: !args.no_precopy,
         retention: None,
+        follow_at: None,
     };
     eprintln!(
         "cr-ebpf: tracking pid {pid} ({} process{}) into {}, every {:?}; \
@@ -539,11 +577,12 @@ async fn track(args: &Args) -> Result<ExitCode> {
     };
     if !svc.precopy {
         // Its descendants get trackers of their own.
-        svc.session.follow();
+        svc.session.follow(Duration::ZERO);
     } else {
         // The base too: copied while the processes run (each descendant
         // given a tracker first), so its freeze only covers the pages
         // written meanwhile.
+        svc.session.follow(Duration::ZERO);
         let p = svc
             .session
             .prime()
@@ -596,14 +635,8 @@ async fn track(args: &Args) -> Result<ExitCode> {
                 if svc.log.exited {
                     break format!("process {pid} exited");
                 }
-                let children = svc.log.children.clone();
                 if let Err(e) = svc.follow_log() {
                     eprintln!("cr-ebpf: following the tree: {e:#}");
-                }
-                for child in children {
-                    if svc.session.pids().contains(&(child as i32)) {
-                        eprintln!("cr-ebpf: process {child} joined the tree; it is checkpointed with it");
-                    }
                 }
             }
             _ = alive.tick() => {
@@ -614,6 +647,9 @@ async fn track(args: &Args) -> Result<ExitCode> {
                 svc.release_closed();
                 if gone(pid) {
                     break format!("process {pid} exited");
+                }
+                if let Err(e) = svc.follow_log().and_then(|()| svc.follow_when_due()) {
+                    eprintln!("cr-ebpf: following the tree: {e:#}");
                 }
             }
         }

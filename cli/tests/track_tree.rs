@@ -401,3 +401,99 @@ fn a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored() {
     );
     drop(cleanup);
 }
+
+/// A shell loop running `/bin/sleep` again and again (Debian's bash and
+/// coreutils): short-lived children come and go between and during
+/// checkpoints. Every checkpoint succeeds; after SIGKILL of the shell and
+/// its child the newest restores, whichever child it caught, and the loop
+/// counts on from where that checkpoint saw it.
+#[test]
+fn a_shell_loop_with_short_lived_children_is_tracked_and_restored() {
+    let test = "a_shell_loop_with_short_lived_children_is_tracked_and_restored";
+    if !common::root(test) {
+        return;
+    }
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-shell-tree-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("count");
+    let images = dir.join("images");
+    let script = format!(
+        "n=0; while :; do /bin/sleep 0.05; n=$((n+1)); echo $n >> {}; done",
+        log.display()
+    );
+    let shell = common::clean("/bin/bash")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = shell.id() as i32;
+    let mut cleanup = Cleanup {
+        pids: vec![pid],
+        dir: dir.clone(),
+    };
+    let counts = || -> Vec<u64> { lines(&log).iter().filter_map(|l| l.parse().ok()).collect() };
+    wait_for("the loop", || (counts().len() > 2).then_some(()));
+    let track = Tracking::start(pid, &["--interval", "300ms"], &images);
+    for i in 0..6 {
+        let r = report(&track.reports, "a checkpoint", |_| true);
+        assert_eq!(r["method"], if i == 0 { "full" } else { "uffd-wp" }, "{r}");
+    }
+    // The shell and whichever child it has now.
+    let child: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    kill_tree(pid, &child);
+    drop(shell);
+    let (status, err) = track.finish();
+    assert!(status.success(), "track: {err}");
+    let before = counts();
+    let last = *before.last().unwrap();
+
+    let from = lines(&log).len();
+    restore(&images, None);
+    let tree = inspect(&images);
+    let newest = tree["checkpoints"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    let restored_tree = images.join(newest["id"].as_str().unwrap());
+    let procs = cr_ebpf_pids(&restored_tree);
+    eprintln!("restored {} with processes {procs:?}", newest["id"]);
+    cleanup.pids = procs.clone();
+    // It counts on: consecutive numbers from where the checkpoint was, at
+    // most where the killed loop had got to, plus one.
+    let after: Vec<u64> = wait_for("the restored loop counting", || {
+        let c: Vec<u64> = counts().into_iter().skip(from).collect();
+        (c.len() >= 5).then_some(c)
+    });
+    assert!(
+        after[0] <= last + 1 && after[0] > 1,
+        "{after:?} after {last}"
+    );
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "the restored loop skipped or repeated: {after:?}"
+    );
+    drop(cleanup);
+}
+
+/// The pids of a checkpoint: the root and every other live process.
+fn cr_ebpf_pids(checkpoint: &Path) -> Vec<i32> {
+    let v = inspect(checkpoint);
+    match v["processes"].as_array() {
+        Some(ps) => ps
+            .iter()
+            .map(|p| p["pid"].as_i64().unwrap() as i32)
+            .collect(),
+        None => vec![v["pid"].as_i64().unwrap() as i32],
+    }
+}

@@ -111,7 +111,7 @@ fn measure(
     let images = dir.join(format!("incr-{round}-{t}-{m}-{f}-{p}"));
     let mut s = Session::new(pid, &images, Some(tracker), SessionOptions::default())?;
     // The children get trackers of their own.
-    s.follow();
+    s.follow(Duration::ZERO);
     s.checkpoint(&Changes::all())?;
     let incr = s.checkpoint(&Changes::none())?;
     Ok((full, incr))
