@@ -33,22 +33,27 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cr_ebpf_dirty_tracker::uffd_wp::{WpError, WpTracker};
-use cr_ebpf_image::{
-    images_dir, publish, Chain, ChainInfo, ImageError, Manifest, MappingInfo, MappingKind,
-    MAP_INHERITS,
-};
+use cr_ebpf_dirty_tracker::uffd_wp::WpTracker;
+use cr_ebpf_image::{images_dir, publish, ChainInfo, ImageError, Manifest, MAP_INHERITS};
 use rayon::prelude::*;
+
+mod baseline;
+mod memory;
+
+pub use baseline::page_hash;
+use baseline::Baseline;
+use memory::{
+    copy_runs, forget, merge_pages, plan_pages, prime_one, recount, Plan, Proc, Registered,
+};
 
 use crate::{
     dump::{split_runs, worker_pool, write_pages},
     fds::{check_unix_pairs, TreeScope},
-    maps::{self, MapEntry},
-    state::{self, proc_err, Changes, Queries, State},
+    state::{self, Changes, Queries},
     tree, DumpError,
 };
 
-const PAGE: u64 = 4096;
+pub(super) const PAGE: u64 = 4096;
 
 /// How pages that changed were found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,16 +198,6 @@ pub struct PrecopyReport {
     pub took: Duration,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Registered {
-    end: u64,
-    /// Whether every page written before the registration is in a
-    /// published image (false until the checkpoint after registering).
-    stored: bool,
-    /// Whether every page present at registration was pre-copied since.
-    primed: bool,
-}
-
 /// The checkpoint the next one builds on.
 struct Parent {
     name: String,
@@ -210,42 +205,6 @@ struct Parent {
     /// Its image of each process, with the process's start time when this
     /// session took it (unknown for a checkpoint found on disk).
     images: HashMap<i32, (Manifest, Option<u64>)>,
-}
-
-/// What a session keeps about one process between checkpoints.
-struct Proc {
-    pid: i32,
-    /// Its start time: the same pid with another one is another process.
-    start_time: u64,
-    wp: Option<WpTracker>,
-    registered: BTreeMap<u64, Registered>,
-    precopied: BTreeMap<u64, Vec<u8>>,
-    /// The established TCP connections of the newest checkpoint, held open
-    /// (see [`Session::silence_connections`]), by descriptor number.
-    connections: Vec<(i32, std::os::fd::OwnedFd)>,
-}
-
-impl Proc {
-    fn new(pid: i32, start_time: u64, wp: Option<WpTracker>) -> Self {
-        Self {
-            pid,
-            start_time,
-            wp,
-            registered: BTreeMap::new(),
-            precopied: BTreeMap::new(),
-            connections: Vec::new(),
-        }
-    }
-
-    fn forget(&mut self, start: u64, end: u64) {
-        forget(&mut self.registered, &mut self.precopied, start, end);
-    }
-
-    /// Pages may have been re-armed without being stored.
-    fn reset(&mut self) {
-        self.registered.clear();
-        self.precopied.clear();
-    }
 }
 
 /// An incremental checkpointing session on a process and its descendants.
@@ -261,30 +220,12 @@ pub struct Session {
     opts: SessionOptions,
 }
 
-fn image_io(what: &'static str, path: String, e: impl std::fmt::Display) -> ImageError {
+pub(super) fn image_io(what: &'static str, path: String, e: impl std::fmt::Display) -> ImageError {
     ImageError::Io {
         path,
         what,
         source: std::io::Error::other(e.to_string()),
     }
-}
-
-/// What one process's checkpoint stores, planned while frozen.
-struct Plan {
-    pid: i32,
-    state: State,
-    /// Its image in the parent checkpoint, when it was there.
-    parent: Option<Manifest>,
-    mappings: Vec<MappingInfo>,
-    /// Runs to read from the process.
-    live: Vec<(u64, u64)>,
-    /// Pre-copied pages still valid.
-    reuse: Vec<u64>,
-    /// Pages read already.
-    buffered: Vec<(u64, Vec<u8>)>,
-    baseline: Option<Baseline>,
-    inherited: usize,
-    whole: usize,
 }
 
 impl Session {
@@ -854,324 +795,6 @@ impl Session {
     }
 }
 
-/// Registers every readable private mapping of `p` not registered yet and
-/// returns the runs of its present pages to copy.
-fn prime_one(p: &mut Proc) -> Result<Vec<(u64, u64)>, DumpError> {
-    let Some(wp) = &p.wp else {
-        return Ok(Vec::new());
-    };
-    let pid = p.pid;
-    let maps_path = format!("/proc/{pid}/maps");
-    let text = std::fs::read_to_string(&maps_path).map_err(proc_err(pid, maps_path.clone()))?;
-    let entries = maps::parse_maps(&text).map_err(|e| DumpError::Proc {
-        pid,
-        path: maps_path,
-        source: std::io::Error::other(e),
-    })?;
-    let pagemap_path = format!("/proc/{pid}/pagemap");
-    let pagemap =
-        std::fs::File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
-    let mut work = Vec::new();
-    for m in &entries {
-        let special = matches!(
-            m.kind(),
-            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
-        ) || m.shared;
-        if special
-            || m.prot & libc::PROT_READ as u32 == 0
-            || p.registered.get(&m.start).is_some_and(|r| r.end == m.end)
-        {
-            continue;
-        }
-        forget(&mut p.registered, &mut p.precopied, m.start, m.end);
-        // Registered first: a write after this point is seen by the next scan.
-        if wp.register(m.start..m.end).is_err() {
-            continue;
-        }
-        p.registered.insert(
-            m.start,
-            Registered {
-                end: m.end,
-                stored: false,
-                primed: true,
-            },
-        );
-        let runs = maps::dumpable_runs(&pagemap, m).map_err(proc_err(pid, pagemap_path.clone()))?;
-        split_runs(&runs, &mut work);
-    }
-    Ok(work)
-}
-
-/// Copies `work` runs of `p` while it runs (on the pool) and keeps them
-/// page by page. Returns the pages copied.
-fn copy_runs(pool: &rayon::ThreadPool, p: &mut Proc, work: &[(u64, u64)]) -> u64 {
-    let pid = p.pid;
-    let copied = pool.install(|| {
-        work.par_iter()
-            .map(|&(addr, n)| {
-                let mut b = vec![0u8; (n * PAGE) as usize];
-                (
-                    addr,
-                    cr_ebpf_tracee::read_memory(pid, addr, &mut b).map(|()| b),
-                )
-            })
-            .collect::<Vec<_>>()
-    });
-    keep_copies(p, copied)
-}
-
-/// Stores pre-copied runs page by page; a run that could not be read
-/// (unmapped meanwhile) makes its mapping be stored whole next time.
-fn keep_copies(
-    p: &mut Proc,
-    copied: Vec<(u64, Result<Vec<u8>, cr_ebpf_tracee::TraceError>)>,
-) -> u64 {
-    let mut pages = 0;
-    for (addr, c) in copied {
-        match c {
-            Ok(b) => {
-                for (i, pg) in b.chunks_exact(PAGE as usize).enumerate() {
-                    p.precopied.insert(addr + i as u64 * PAGE, pg.to_vec());
-                    pages += 1;
-                }
-            }
-            Err(_) => {
-                let hit = p
-                    .registered
-                    .range(..=addr)
-                    .next_back()
-                    .filter(|(_, r)| r.end > addr)
-                    .map(|(&s, r)| (s, r.end));
-                if let Some((s, e)) = hit {
-                    p.forget(s, e);
-                }
-            }
-        }
-    }
-    pages
-}
-
-/// Decides, for every mapping of a frozen process, whether it inherits
-/// from the parent image and which pages are stored.
-fn plan_pages(p: &mut Proc, plan: &mut Plan, changes: &Changes) -> Result<(), DumpError> {
-    let pid = plan.pid;
-    let state = &plan.state;
-    let pagemap_err = || proc_err(pid, format!("/proc/{pid}/pagemap"));
-
-    // Registrations that no longer match a mapping are dropped.
-    let current: HashMap<u64, u64> = state.entries.iter().map(|m| (m.start, m.end)).collect();
-    let stale: Vec<(u64, u64)> = p
-        .registered
-        .iter()
-        .filter(|(s, r)| current.get(s) != Some(&r.end))
-        .map(|(&s, r)| (s, r.end))
-        .collect();
-    for (s, e) in stale {
-        p.forget(s, e);
-    }
-
-    for m in &state.entries {
-        let kind = m.kind();
-        if matches!(
-            kind,
-            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
-        ) || m.shared
-        {
-            plan.mappings.push(State::mapping(m, 0, 0));
-            continue;
-        }
-        // Without read access pages cannot be copied by the tracker
-        // (guard regions): such a mapping is stored whole, as dumps do.
-        let readable = m.prot & libc::PROT_READ as u32 != 0;
-        let same = readable
-            && plan
-                .parent
-                .as_ref()
-                .and_then(|parent| same_mapping(parent, m))
-                .is_some();
-        let mut runs = Vec::new();
-        let mut inherit = false;
-        // Registered and pre-copied while running: the pre-copy and the
-        // pages written since make the whole mapping.
-        let mut primed = false;
-        let reg = p
-            .registered
-            .get(&m.start)
-            .copied()
-            .filter(|r| r.end == m.end && !changes.layout_touched(m.start, m.end));
-        let scan = |wp: &WpTracker| -> Result<Option<Vec<(u64, u64)>>, DumpError> {
-            let mut dirty = Vec::new();
-            match wp.scan(m.start..m.end, &mut dirty) {
-                Ok(()) => Ok(Some(
-                    dirty
-                        .iter()
-                        .map(|r| (r.start, (r.end - r.start) / PAGE))
-                        .collect(),
-                )),
-                // No longer registered: replaced since.
-                Err(WpError::Ioctl { source, .. })
-                    if source.raw_os_error() == Some(libc::EPERM) =>
-                {
-                    Ok(None)
-                }
-                Err(e) => Err(DumpError::NotSupported {
-                    pid,
-                    what: format!("scanning dirty pages: {e}"),
-                }),
-            }
-        };
-        match (&p.wp, &plan.baseline) {
-            (Some(wp), _) if same && reg.is_some_and(|r| r.stored) => {
-                if let Some(dirty) = scan(wp)? {
-                    inherit = true;
-                    runs = dirty;
-                }
-            }
-            (Some(wp), _) if readable && reg.is_some_and(|r| r.primed) => {
-                if let Some(dirty) = scan(wp)? {
-                    primed = true;
-                    runs = dirty;
-                }
-            }
-            (None, Some(b)) if same => {
-                // Candidates: present now or stored in the chain; compared
-                // by content after reading.
-                inherit = true;
-                let now = maps::dumpable_runs(&state.pagemap, m).map_err(pagemap_err())?;
-                runs = union_runs(now, b.runs(m.start, m.end));
-            }
-            _ => {}
-        }
-        let before = plan.reuse.len();
-        if inherit || primed {
-            // Pre-copied pages not written since stay valid.
-            let written: std::collections::HashSet<u64> = runs
-                .iter()
-                .flat_map(|&(a, n)| (0..n).map(move |i| a + i * PAGE))
-                .collect();
-            for &a in p.precopied.range(m.start..m.end).map(|(a, _)| a) {
-                if !written.contains(&a) {
-                    plan.reuse.push(a);
-                }
-            }
-        }
-        if inherit {
-            plan.inherited += 1;
-        } else if primed {
-            plan.whole += 1;
-            if let Some(r) = p.registered.get_mut(&m.start) {
-                r.primed = false;
-            }
-        } else {
-            plan.whole += 1;
-            runs = maps::dumpable_runs(&state.pagemap, m).map_err(pagemap_err())?;
-            if let Some(wp) = p.wp.as_ref().filter(|_| readable) {
-                forget(&mut p.registered, &mut p.precopied, m.start, m.end);
-                // Some mappings cannot be registered (e.g. device memory):
-                // they are stored whole every time.
-                if wp.register(m.start..m.end).is_ok() {
-                    p.registered.insert(
-                        m.start,
-                        Registered {
-                            end: m.end,
-                            stored: true,
-                            primed: false,
-                        },
-                    );
-                }
-            }
-        }
-        let pages = runs.iter().map(|r| r.1).sum::<u64>() + (plan.reuse.len() - before) as u64;
-        split_runs(&runs, &mut plan.live);
-        plan.mappings.push(State::mapping(
-            m,
-            pages,
-            if inherit { MAP_INHERITS } else { 0 },
-        ));
-    }
-    Ok(())
-}
-
-fn forget(
-    registered: &mut BTreeMap<u64, Registered>,
-    precopied: &mut BTreeMap<u64, Vec<u8>>,
-    start: u64,
-    end: u64,
-) {
-    let gone: Vec<u64> = registered
-        .range(..end)
-        .filter(|(&s, r)| r.end > start && s < end)
-        .map(|(&s, _)| s)
-        .collect();
-    for s in gone {
-        let e = registered.remove(&s).map_or(end, |r| r.end);
-        precopied.retain(|&a, _| a < s || a >= e);
-    }
-}
-
-/// The parent's record of the same mapping, if `m` is unchanged.
-fn same_mapping<'a>(parent: &'a Manifest, m: &MapEntry) -> Option<&'a MappingInfo> {
-    let i = parent
-        .mappings
-        .binary_search_by_key(&m.start, |p| p.start)
-        .ok()?;
-    let p = &parent.mappings[i];
-    (p.end == m.end
-        && p.prot == m.prot
-        && p.offset == m.offset
-        && p.kind == m.kind()
-        && p.path == m.path
-        && p.inode == m.inode
-        && p.dev == m.dev
-        && p.flags & !MAP_INHERITS == m.image_flags())
-    .then_some(p)
-}
-
-fn union_runs(a: Vec<(u64, u64)>, b: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    let mut pages: Vec<u64> = a
-        .into_iter()
-        .chain(b)
-        .flat_map(|(s, n)| (0..n).map(move |i| s + i * PAGE))
-        .collect();
-    pages.sort_unstable();
-    pages.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for p in pages {
-        match out.last_mut() {
-            Some((s, n)) if *s + *n * PAGE == p => *n += 1,
-            _ => out.push((p, 1)),
-        }
-    }
-    out
-}
-
-/// Joins single pages at consecutive addresses back into runs.
-fn merge_pages(mut pages: Vec<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> {
-    pages.sort_unstable_by_key(|p| p.0);
-    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
-    for (a, p) in pages {
-        match out.last_mut() {
-            Some((s, b)) if *s + b.len() as u64 == a && b.len() < 256 * PAGE as usize => {
-                b.extend_from_slice(&p)
-            }
-            _ => out.push((a, p)),
-        }
-    }
-    out
-}
-
-fn recount(mappings: &mut [MappingInfo], stored: &[(u64, Vec<u8>)]) {
-    for m in mappings.iter_mut() {
-        if m.flags & MAP_INHERITS != 0 {
-            m.pages_stored = stored
-                .iter()
-                .filter(|(a, _)| *a >= m.start && *a < m.end)
-                .map(|(_, b)| b.len() as u64 / PAGE)
-                .sum();
-        }
-    }
-}
-
 /// `CLOCK_MONOTONIC` in nanoseconds (the clock of the resource log).
 pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
@@ -1186,56 +809,4 @@ pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     // SAFETY: a valid out-pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// A 64-bit hash of one page's contents.
-pub fn page_hash(page: &[u8]) -> u64 {
-    cr_ebpf_dirty_tracker::hashing::page_hash(page)
-}
-
-/// The content of the newest checkpoint, as page hashes.
-struct Baseline {
-    hashes: HashMap<u64, u64>,
-}
-
-impl Baseline {
-    fn load(dir: &Path, pool: &rayon::ThreadPool) -> Result<Self, ImageError> {
-        let chain = Chain::open(dir)?;
-        let per_fill: Result<Vec<Vec<(u64, u64)>>, ImageError> = pool.install(|| {
-            chain
-                .fills()
-                .par_iter()
-                .map_init(Vec::new, |buf, f| {
-                    let mut out = Vec::new();
-                    chain.read(
-                        f,
-                        buf,
-                        |addr, bytes| {
-                            for (i, p) in bytes.chunks_exact(PAGE as usize).enumerate() {
-                                out.push((addr + i as u64 * PAGE, page_hash(p)));
-                            }
-                            Ok(())
-                        },
-                        |e| image_io("reading", dir.display().to_string(), e),
-                    )?;
-                    Ok(out)
-                })
-                .collect()
-        });
-        Ok(Self {
-            hashes: per_fill?.into_iter().flatten().collect(),
-        })
-    }
-
-    /// The pages of `start..end` the chain stores, as runs.
-    fn runs(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut pages: Vec<u64> = self
-            .hashes
-            .keys()
-            .copied()
-            .filter(|&a| a >= start && a < end)
-            .collect();
-        pages.sort_unstable();
-        union_runs(pages.into_iter().map(|p| (p, 1)).collect(), Vec::new())
-    }
 }
