@@ -12,15 +12,16 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use std::collections::HashMap;
-
-use cr_ebpf_checkpoint::{Changes, CheckpointReport, Session, SessionOptions, TreeChanges};
-use cr_ebpf_common::syscalls as nr;
+use cr_ebpf_checkpoint::{CheckpointReport, Session, SessionOptions};
 use cr_ebpf_loader::{Event, Tracer, TracerOptions};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
 };
+
+mod log;
+
+use log::Log;
 
 /// Name of the control socket inside the images directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -77,116 +78,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
-}
-
-/// What the resource log saw of one process since the previous checkpoint.
-#[derive(Default)]
-struct ProcLog {
-    changes: Option<Changes>,
-    new_mappings: Vec<(u64, u64)>,
-    /// The process called `execve`: its memory is new.
-    exec: bool,
-    /// Descriptor ranges the process closed or replaced since last looked at.
-    closed: Vec<(i32, i32)>,
-}
-
-/// What the resource log saw of the tree since the previous checkpoint.
-#[derive(Default)]
-struct Log {
-    procs: HashMap<u32, ProcLog>,
-    faults: u64,
-    /// Processes forked since last looked at.
-    children: Vec<u32>,
-    /// The root exited.
-    exited: bool,
-    /// When the processes were stopped by our recent checkpoints: their
-    /// syscalls then are the ones we injected, not their own.
-    ours: Vec<(u64, u64)>,
-}
-
-impl Log {
-    fn fold(&mut self, root: u32, e: &Event) {
-        match e {
-            Event::Syscall(s)
-                if !self
-                    .ours
-                    .iter()
-                    .any(|&(a, b)| (a..=b).contains(&s.origin.ts_ns)) =>
-            {
-                let ok = s.ret.is_some_and(|r| r >= 0);
-                let p = self.procs.entry(s.origin.tgid).or_default();
-                let changes = p.changes.get_or_insert_with(Changes::none);
-                match s.nr {
-                    nr::RT_SIGACTION => changes.sigactions = true,
-                    nr::SETITIMER
-                    | nr::ALARM
-                    | nr::TIMER_CREATE
-                    | nr::TIMER_SETTIME
-                    | nr::TIMER_DELETE => changes.itimers = true,
-                    nr::SIGALTSTACK | nr::SET_TID_ADDRESS => changes.thread_state = true,
-                    nr::MMAP if ok => {
-                        let a = s.ret.unwrap_or(0) as u64;
-                        changes.layout.push((a, a + s.args[1]));
-                        // Private and readable: what checkpoints copy pages of.
-                        let private = s.args[3] & libc::MAP_SHARED as u64 == 0;
-                        let readable = s.args[2] & libc::PROT_READ as u64 != 0;
-                        if private && readable {
-                            p.new_mappings.push((a, a + s.args[1]));
-                        }
-                    }
-                    // Descriptors closed or replaced: held connections on
-                    // them are let go.
-                    nr::CLOSE if ok => p.closed.push((s.args[0] as i32, s.args[0] as i32)),
-                    nr::CLOSE_RANGE if ok => p.closed.push((
-                        s.args[0].min(i32::MAX as u64) as i32,
-                        s.args[1].min(i32::MAX as u64) as i32,
-                    )),
-                    nr::DUP2 | nr::DUP3 if ok => {
-                        p.closed.push((s.args[1] as i32, s.args[1] as i32))
-                    }
-                    nr::MUNMAP => changes.layout.push((s.args[0], s.args[0] + s.args[1])),
-                    nr::MREMAP => {
-                        changes.layout.push((s.args[0], s.args[0] + s.args[1]));
-                        if ok {
-                            let a = s.ret.unwrap_or(0) as u64;
-                            changes.layout.push((a, a + s.args[2]));
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            Event::Fault(_) => self.faults += 1,
-            Event::Fork(f) if !f.thread => self.children.push(f.child_tgid),
-            Event::Exit(x) if x.group_dead == Some(true) => {
-                if x.origin.tgid == root {
-                    self.exited = true;
-                }
-                self.procs.remove(&x.origin.tgid);
-            }
-            Event::Exec(x) => self.procs.entry(x.origin.tgid).or_default().exec = true,
-            _ => {}
-        }
-    }
-
-    /// The changes of every process in `pids`, taken; `lost` ones (the ring
-    /// buffer dropped their records) are unknown.
-    fn take_changes(&mut self, pids: &[i32], lost: &[i32], undecodable: bool) -> TreeChanges {
-        let mut t = TreeChanges::same(Changes::all());
-        for &pid in pids {
-            let c = self
-                .procs
-                .get_mut(&(pid as u32))
-                .and_then(|p| p.changes.take())
-                .unwrap_or_else(Changes::none);
-            let c = if undecodable || lost.contains(&pid) {
-                Changes::all()
-            } else {
-                c
-            };
-            t.by_pid.insert(pid, c);
-        }
-        t
-    }
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
