@@ -141,13 +141,15 @@ impl Clock {
         }
     }
 
-    /// Ends the phase `name`, which began where the previous one ended.
+    /// Ends the phase `name`, which began where the previous one ended. A
+    /// phase met again (once per process of a tree) adds up.
     pub(crate) fn mark(&mut self, name: &'static str) {
         let now = Instant::now();
-        self.phases.push(Phase {
-            name,
-            time: now - self.last,
-        });
+        let time = now - self.last;
+        match self.phases.iter_mut().find(|p| p.name == name) {
+            Some(p) => p.time += time,
+            None => self.phases.push(Phase { name, time }),
+        }
         self.last = now;
     }
 }
