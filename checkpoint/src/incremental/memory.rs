@@ -64,11 +64,11 @@ impl Proc {
 }
 
 /// What one process's checkpoint stores, planned while frozen.
-pub(super) struct Plan {
+pub(super) struct Plan<'a> {
     pub(super) pid: i32,
     pub(super) state: State,
     /// Its image in the parent checkpoint, when it was there.
-    pub(super) parent: Option<Manifest>,
+    pub(super) parent: Option<&'a Manifest>,
     pub(super) mappings: Vec<MappingInfo>,
     /// Runs to read from the process.
     pub(super) live: Vec<(u64, u64)>,
@@ -217,7 +217,6 @@ pub(super) fn plan_pages(
         let same = readable
             && plan
                 .parent
-                .as_ref()
                 .and_then(|parent| same_mapping(parent, m))
                 .is_some();
         let mut runs = Vec::new();

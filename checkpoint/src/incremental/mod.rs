@@ -47,7 +47,7 @@ use memory::{
 };
 
 use crate::{
-    dump::{split_runs, worker_pool, write_pages},
+    dump::{split_runs, worker_pool},
     fds::{check_unix_pairs, TreeScope},
     state::{self, Changes, Queries},
     tree, DumpError,
@@ -530,9 +530,23 @@ impl Session {
             (Some(_), false) => Method::Hashing,
         };
 
+        // Content comparison needs the chain's pages: read before freezing,
+        // for every process of the parent checkpoint still in the tree.
+        let mut baselines: HashMap<i32, Baseline> = HashMap::new();
+        if let (false, Some(parent)) = (self.uffd, &self.parent) {
+            let ckpt = self.dir.join(&parent.name);
+            for pid in tree::processes(root) {
+                if parent.images.contains_key(&pid) {
+                    if let Some(image) = images_dir::process_image(&ckpt, pid)? {
+                        baselines.insert(pid, Baseline::load(&image, &self.pool)?);
+                    }
+                }
+            }
+        }
+
         let t0 = Instant::now();
-        let frozen = tree::freeze_tree(root)?;
-        let tree_img = frozen.tree.clone();
+        let mut frozen = tree::freeze_tree(root)?;
+        let tree_img = std::mem::take(&mut frozen.tree);
         let mut window = (monotonic_ns(), 0);
         let mut phases = Phases {
             stop: t0.elapsed(),
@@ -540,7 +554,7 @@ impl Session {
         };
         let t = Instant::now();
         let changes = changes();
-        let is_tree = frozen.tree.processes.len() > 1;
+        let is_tree = tree_img.processes.len() > 1;
         let live: Vec<i32> = frozen.frozen.iter().map(|f| f.pid()).collect();
         // Processes that are not the ones followed so far (new, or a pid
         // reused) start afresh.
@@ -574,15 +588,16 @@ impl Session {
             let state = state::collect_in(f, prev, changes.of(pid), scope.as_mut())?;
             queries.injected += state.queries.injected;
             queries.reused += state.queries.reused;
+            let parent = parent.map(|(m, _)| m);
             plans.push(Plan {
                 pid,
                 state,
-                parent: parent.map(|(m, _)| m.clone()),
+                parent,
                 mappings: Vec::new(),
                 live: Vec::new(),
                 reuse: Vec::new(),
                 buffered: Vec::new(),
-                baseline: None,
+                baseline: parent.and_then(|_| baselines.remove(&pid)),
                 inherited: 0,
                 whole: 0,
             });
@@ -593,18 +608,6 @@ impl Session {
             check_unix_pairs(&all)?;
         }
         phases.collect = t.elapsed();
-
-        // Content comparison needs the chain's pages.
-        if !self.uffd {
-            if let Some(parent) = &self.parent {
-                let ckpt = self.dir.join(&parent.name);
-                for plan in plans.iter_mut().filter(|p| p.parent.is_some()) {
-                    if let Some(image) = images_dir::process_image(&ckpt, plan.pid)? {
-                        plan.baseline = Some(Baseline::load(&image, &self.pool)?);
-                    }
-                }
-            }
-        }
 
         let t = Instant::now();
         for plan in &mut plans {
@@ -693,36 +696,23 @@ impl Session {
             if is_tree {
                 tree_img.write(tmp)?;
             }
-            let (mut pages, mut page_bytes) = (0, 0);
-            let mut dirs = Vec::new();
-            for (i, plan) in plans.iter_mut().enumerate() {
-                let sub = if is_tree {
-                    let sub = tmp.join(format!("proc-{}", plan.pid));
-                    std::fs::create_dir(&sub)
-                        .map_err(|e| image_io("creating", sub.display().to_string(), e))?;
-                    sub
-                } else {
-                    tmp.to_path_buf()
-                };
-                let buffered = std::mem::take(&mut plan.buffered);
-                let (p, b) = write_pages(&sub, pool, plan.pid, &plan.live, buffered, || {
+            let procs = plans
+                .iter_mut()
+                .map(|p| (p.pid, &p.live[..], std::mem::take(&mut p.buffered)))
+                .collect();
+            let (dirs, pages, page_bytes) =
+                tree::write_processes(tmp, is_tree, pool, procs, || {
                     // Everything read: the tree may run again.
-                    if i + 1 == n {
-                        if let Some(f) = frozen.take() {
-                            window.1 = monotonic_ns();
-                            let since = f.since();
-                            f.thaw().map_err(|e| {
-                                image_io("resuming", format!("process tree of {root}"), e)
-                            })?;
-                            freeze = since.elapsed();
-                        }
+                    if let Some(f) = frozen.take() {
+                        window.1 = monotonic_ns();
+                        let since = f.since();
+                        f.thaw().map_err(|e| {
+                            image_io("resuming", format!("process tree of {root}"), e)
+                        })?;
+                        freeze = since.elapsed();
                     }
                     Ok(())
                 })?;
-                pages += p;
-                page_bytes += b;
-                dirs.push(sub);
-            }
             let mut manifests = Vec::new();
             for (plan, sub) in plans.iter_mut().zip(&dirs) {
                 let chain = ChainInfo {
