@@ -4,7 +4,8 @@
 //! readable after.
 //!
 //! * [`compact`] rewrites one checkpoint as a full image holding every page
-//!   it resolves to (every process's, for the checkpoint of a tree). The new image is written beside the old one and the two
+//!   it resolves to (every process's, for the checkpoint of a tree). The
+//!   new image is written beside the old one and the two
 //!   directories are exchanged atomically (`renameat2(RENAME_EXCHANGE)`), so
 //!   the name always holds a complete image with the same contents; its
 //!   children, which name it as their parent, stay valid.

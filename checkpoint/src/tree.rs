@@ -69,13 +69,10 @@ pub(crate) fn clock_ticks() -> u64 {
     }
 }
 
-/// Time since boot in clock ticks (the unit of [`Stat::start_time`]).
+/// Time since boot in clock ticks (the unit of [`Stat::start_time`], which
+/// the kernel counts on `CLOCK_BOOTTIME`).
 pub(crate) fn uptime_ticks() -> u64 {
-    let secs: f64 = std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
-    (secs * clock_ticks() as f64) as u64
+    crate::clock_ns(libc::CLOCK_BOOTTIME) / (1_000_000_000 / clock_ticks())
 }
 
 /// `root` and its descendants, parents before children.
@@ -169,6 +166,48 @@ pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
     })
 }
 
+/// The pages of one process for [`write_processes`]: its pid, the runs to
+/// read from it (frozen) and the pages copied already.
+pub(crate) type ProcessPages<'a> = (i32, &'a [(u64, u64)], Vec<(u64, Vec<u8>)>);
+
+/// Writes the page store of every process into `tmp`: into `proc-PID/` of
+/// a tree image, or `tmp` itself for a single process. `read_done` runs
+/// once the memory of the last process is read (the tree may run again).
+/// Returns each process's image directory, pages and bytes on disk.
+pub(crate) fn write_processes(
+    tmp: &Path,
+    is_tree: bool,
+    pool: &rayon::ThreadPool,
+    procs: Vec<ProcessPages<'_>>,
+    read_done: impl FnOnce() -> Result<(), cr_ebpf_image::ImageError>,
+) -> Result<(Vec<std::path::PathBuf>, u64, u64), cr_ebpf_image::ImageError> {
+    let n = procs.len();
+    let mut read_done = Some(read_done);
+    let (mut pages, mut bytes) = (0, 0);
+    let mut dirs = Vec::new();
+    for (i, (pid, live, buffered)) in procs.into_iter().enumerate() {
+        let sub = if is_tree {
+            let sub = tmp.join(format!("proc-{pid}"));
+            std::fs::create_dir(&sub).map_err(|source| cr_ebpf_image::ImageError::Io {
+                path: sub.display().to_string(),
+                what: "creating",
+                source,
+            })?;
+            sub
+        } else {
+            tmp.to_path_buf()
+        };
+        let last = (i + 1 == n).then(|| read_done.take()).flatten();
+        let (p, b) = write_pages(&sub, pool, pid, live, buffered, || {
+            last.map_or(Ok(()), |done| done())
+        })?;
+        pages += p;
+        bytes += b;
+        dirs.push(sub);
+    }
+    Ok((dirs, pages, bytes))
+}
+
 /// Resumes every process; the first failure is returned after all were tried.
 fn thaw_all(all: Vec<Frozen>) -> Result<(), DumpError> {
     let mut first = None;
@@ -190,8 +229,9 @@ pub(crate) fn dump_tree(
 ) -> Result<DumpReport, DumpError> {
     let pool = worker_pool(root, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
-    let FrozenTree { tree, frozen, .. } = freeze_tree(root)?;
-    let since = frozen.first().map(|f| f.since).unwrap_or_else(Instant::now);
+    let stopped = freeze_tree(root)?;
+    let since = stopped.since();
+    let FrozenTree { tree, frozen, .. } = stopped;
     let live: Vec<i32> = frozen.iter().map(Frozen::pid).collect();
     let mut scope = TreeScope::new(&live);
     let mut states: Vec<State> = Vec::new();
@@ -226,39 +266,30 @@ pub(crate) fn dump_tree(
     }
     let threads: usize = states.iter().map(|s| s.threads.len()).sum();
     let mappings: usize = plans.iter().map(|p| p.0.len()).sum();
-    let n = live.len();
     let mut frozen = Some(frozen);
     let mut freeze = Duration::ZERO;
     let (pages, page_bytes) = publish(dir, |tmp| {
         tree.write(tmp)?;
-        let (mut pages, mut bytes) = (0, 0);
-        let mut subs = Vec::new();
-        for (i, (pid, (_, work))) in live.iter().zip(&plans).enumerate() {
-            let sub = tmp.join(format!("proc-{pid}"));
-            std::fs::create_dir(&sub).map_err(|source| cr_ebpf_image::ImageError::Io {
-                path: sub.display().to_string(),
-                what: "creating",
-                source,
-            })?;
-            let (p, b) = write_pages(&sub, &pool, *pid, work, Vec::new(), || {
-                // Everything read: a tree that stays alive runs again while
-                // the files are finished.
-                if opts.leave_running && i + 1 == n {
-                    if let Some(all) = frozen.take() {
-                        freeze = since.elapsed();
-                        thaw_all(all).map_err(|e| cr_ebpf_image::ImageError::Io {
-                            path: format!("process tree of {root}"),
-                            what: "resuming",
-                            source: std::io::Error::other(e.to_string()),
-                        })?;
-                    }
+        let procs = live
+            .iter()
+            .zip(&plans)
+            .map(|(pid, (_, work))| (*pid, &work[..], Vec::new()))
+            .collect();
+        let (subs, pages, bytes) = write_processes(tmp, true, &pool, procs, || {
+            // Everything read: a tree that stays alive runs again while the
+            // files are finished.
+            if opts.leave_running {
+                if let Some(all) = frozen.take() {
+                    freeze = since.elapsed();
+                    thaw_all(all).map_err(|e| cr_ebpf_image::ImageError::Io {
+                        path: format!("process tree of {root}"),
+                        what: "resuming",
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
                 }
-                Ok(())
-            })?;
-            pages += p;
-            bytes += b;
-            subs.push(sub);
-        }
+            }
+            Ok(())
+        })?;
         let freeze_ns = match &frozen {
             Some(_) => since.elapsed(),
             None => freeze,
