@@ -64,8 +64,13 @@ impl Chain {
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
         let mut links: Vec<Link> = Vec::new();
         let mut cur = dir.to_path_buf();
+        // A parent's manifest read while finding it, not read again.
+        let mut next_manifest: Option<Manifest> = None;
         loop {
-            let manifest = Manifest::read(&cur)?;
+            let manifest = match next_manifest.take() {
+                Some(m) => m,
+                None => Manifest::read(&cur)?,
+            };
             let store = PageStore::open(&cur)?;
             let parent = manifest.chain.as_ref().map(|c| c.parent.clone());
             if let Some(child) = links.last() {
@@ -100,11 +105,21 @@ impl Chain {
                             parent.display()
                         )));
                     }
-                    let Some(next) = crate::images_dir::process_image(&parent, pid)? else {
-                        return Err(missing(format!(
+                    let no_image = || {
+                        missing(format!(
                             "its parent checkpoint {} holds no image of process {pid}",
                             parent.display()
-                        )));
+                        ))
+                    };
+                    let next = if crate::tree::is_tree(&parent) {
+                        crate::images_dir::process_image(&parent, pid)?.ok_or_else(no_image)?
+                    } else {
+                        let m = Manifest::read(&parent)?;
+                        if m.process.pid != pid {
+                            return Err(no_image());
+                        }
+                        next_manifest = Some(m);
+                        parent.clone()
                     };
                     cur = next;
                 }
