@@ -238,10 +238,10 @@ impl Service {
         Ok(())
     }
 
-    /// Applies what the log showed while the tree runs: new processes get
-    /// a tracker (and their memory pre-copied), a process that called
-    /// `execve` a new one, new mappings are registered early, held
-    /// connections on closed descriptors are let go.
+    /// Applies what the log showed while the tree runs: a fork schedules
+    /// [`Service::follow`] ([`FOLLOW_DELAY`] later), a followed process that
+    /// called `execve` gets a new tracker, new mappings are registered
+    /// early, held connections on closed descriptors are let go.
     fn follow_log(&mut self) -> Result<()> {
         let children = std::mem::take(&mut self.log.children);
         let exec: Vec<u32> = self
@@ -345,8 +345,11 @@ impl Service {
         }
         self.taken += 1;
         // Processes that appeared while frozen (or that could not be
-        // attached before) get their trackers now.
-        self.follow()?;
+        // attached before) get their trackers now. The checkpoint is
+        // published whatever happens here.
+        if let Err(e) = self.follow() {
+            eprintln!("cr-ebpf: following the tree: {e:#}");
+        }
         self.retain(false);
         Ok(r)
     }
