@@ -101,6 +101,18 @@ fn signal(pid: i32, sig: i32) {
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal to {pid}");
 }
 
+/// Makes us the subreaper of what we start (restored roots and orphaned
+/// workers come to us, and we reap them) and returns a fresh scratch
+/// directory (removed by [`Cleanup`]).
+fn scratch(name: &str) -> PathBuf {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Kills the processes of a tree, the root last, and reaps them all (we
 /// are their subreaper once the root is gone).
 fn kill_tree(root: i32, others: &[i32]) {
@@ -209,12 +221,7 @@ fn a_tracked_forking_server_is_checkpointed_as_its_tree_changes_and_restored() {
     let Some(server) = workload_bin("forkserver", test) else {
         return;
     };
-    // Restored roots and orphaned workers come to us, and we reap them.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-track-tree-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("track-tree");
     let log = dir.join("log");
     let images = dir.join("images");
     let child = common::clean(&server)
@@ -413,11 +420,7 @@ fn a_shell_loop_with_short_lived_children_is_tracked_and_restored() {
     if !common::root(test) {
         return;
     }
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-shell-tree-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("shell-tree");
     let log = dir.join("count");
     let images = dir.join("images");
     let script = format!(
@@ -466,7 +469,7 @@ fn a_shell_loop_with_short_lived_children_is_tracked_and_restored() {
         .unwrap()
         .clone();
     let restored_tree = images.join(newest["id"].as_str().unwrap());
-    let procs = cr_ebpf_pids(&restored_tree);
+    let procs = checkpoint_pids(&restored_tree);
     eprintln!("restored {} with processes {procs:?}", newest["id"]);
     cleanup.pids = procs.clone();
     // It counts on: consecutive numbers from where the checkpoint was, at
@@ -487,7 +490,7 @@ fn a_shell_loop_with_short_lived_children_is_tracked_and_restored() {
 }
 
 /// The pids of a checkpoint: the root and every other live process.
-fn cr_ebpf_pids(checkpoint: &Path) -> Vec<i32> {
+fn checkpoint_pids(checkpoint: &Path) -> Vec<i32> {
     let v = inspect(checkpoint);
     match v["processes"].as_array() {
         Some(ps) => ps

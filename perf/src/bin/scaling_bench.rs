@@ -59,6 +59,8 @@ fn workload(threads: usize, mappings: usize, fds: usize, processes: usize) -> Re
         files.push(std::fs::File::open("/dev/null").context("open /dev/null")?);
     }
     for _ in 1..processes {
+        // SAFETY: plain syscall.
+        let parent = unsafe { libc::getpid() };
         // SAFETY: the child only sleeps (and dies with its parent).
         let pid = unsafe { libc::fork() };
         if pid < 0 {
@@ -68,6 +70,10 @@ fn workload(threads: usize, mappings: usize, fds: usize, processes: usize) -> Re
             // SAFETY: plain syscalls in the child.
             unsafe {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // The parent may have died before the line above.
+                if libc::getppid() != parent {
+                    libc::_exit(0);
+                }
                 loop {
                     libc::sleep(3600);
                 }
