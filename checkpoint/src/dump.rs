@@ -101,6 +101,17 @@ pub enum DumpError {
     },
 }
 
+impl From<cr_ebpf_resources::SaveError> for DumpError {
+    fn from(e: cr_ebpf_resources::SaveError) -> Self {
+        use cr_ebpf_resources::SaveError as S;
+        match e {
+            S::Proc { pid, path, source } => Self::Proc { pid, path, source },
+            S::NotSupported { pid, what } => Self::NotSupported { pid, what },
+            S::NotSupportedFd { pid, fd, what } => Self::NotSupportedFd { pid, fd, what },
+        }
+    }
+}
+
 /// A pool of `threads` workers (0: one per core).
 pub(crate) fn worker_pool(
     pid: i32,
@@ -263,12 +274,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         // Its TCP connections close silently (repair mode) when it dies: the
         // peers wait for the restored process instead of seeing a reset.
         for (_, sock) in &state.tcp {
-            let _ = crate::sockets::setsockopt_int(
-                sock,
-                libc::IPPROTO_TCP,
-                crate::sockets::TCP_REPAIR,
-                1,
-            );
+            let _ = cr_ebpf_resources::fd::socket::tcp::repair_mode(sock, true);
         }
         f.kill().map_err(trace)?;
         freeze = since.elapsed();

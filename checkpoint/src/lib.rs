@@ -13,24 +13,20 @@
 //! handlers, itimers, cwd, umask, rlimits, credentials. `docs/IMAGE.md`
 //! describes the format.
 
-mod anon_fds;
 mod compact;
-mod diag;
 mod dump;
-mod fds;
 mod incremental;
-mod maps;
-mod proc;
-mod shmem;
-mod sockets;
 mod state;
 mod tree;
 
+// Each resource kind's save side lives in the resources crate.
+use cr_ebpf_resources::{fd as fds, proc, proc::maps, shmem};
+
 pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport};
+pub use cr_ebpf_resources::proc::{clock_ns, monotonic_ns, parse_maps, MapEntry};
 pub use dump::{dump, DumpError, DumpOptions, DumpReport};
 pub use incremental::{
-    clock_ns, monotonic_ns, page_hash, CheckpointReport, Followed, Method, Phases, PrecopyReport,
-    Session, SessionOptions, TreeChanges,
+    page_hash, CheckpointReport, Followed, Method, Phases, PrecopyReport, Session, SessionOptions,
+    TreeChanges,
 };
-pub use maps::{parse_maps, MapEntry};
 pub use state::{Changes, Queries};

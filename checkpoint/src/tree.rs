@@ -15,7 +15,7 @@ use cr_ebpf_tracee::Frozen;
 
 use crate::{
     dump::{split_runs, worker_pool, write_pages, DumpOptions, DumpReport},
-    fds::{check_unix_pairs, TreeScope},
+    fds::{check_tree as check_unix_pairs, TreeScope},
     maps, proc,
     state::{self, proc_err, Changes, State},
     DumpError,
@@ -308,12 +308,7 @@ pub(crate) fn dump_tree(
             // TCP connections close silently (repair mode) when they die.
             for s in &states {
                 for (_, sock) in &s.tcp {
-                    let _ = crate::sockets::setsockopt_int(
-                        sock,
-                        libc::IPPROTO_TCP,
-                        crate::sockets::TCP_REPAIR,
-                        1,
-                    );
+                    let _ = cr_ebpf_resources::fd::socket::tcp::repair_mode(sock, true);
                 }
             }
             for f in all.into_iter().rev() {

@@ -22,77 +22,13 @@
 //! a single image or any checkpoint of a chain. Process trees, sockets and
 //! shared memory come next.
 
-mod anon_fds;
-mod natives;
-mod shmem;
-mod sockets;
 mod stub;
 mod tree;
 
 use std::{path::Path, time::Duration, time::Instant};
 
-use cr_ebpf_image::{images_dir, Chain, ImageError, Manifest, MappingKind};
-use cr_ebpf_tracee::TraceError;
-
-/// Why a restore failed. Nothing half-built keeps running: the stub is
-/// traced with `PTRACE_O_EXITKILL` and killed on any error.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    /// The image cannot be read or is damaged.
-    #[error("reading the image")]
-    Image(#[from] ImageError),
-    /// The original pid is taken.
-    #[error(
-        "pid {pid} is in use by another process ({comm}): the checkpointed process needs \
-         its original pid; stop that process or restore in a new pid namespace"
-    )]
-    PidInUse {
-        /// The pid.
-        pid: i32,
-        /// What holds it.
-        comm: String,
-    },
-    /// The process ran under other credentials.
-    #[error(
-        "the process ran as uid/gid {image:?} (real, effective, saved, fs), cr-ebpf runs as \
-         {ours:?}: restoring would change who it runs as; restore as that user, or pass \
-         --allow-other-credentials to run it with ours"
-    )]
-    Credentials {
-        /// Credentials in the image.
-        image: [u32; 8],
-        /// Ours.
-        ours: [u32; 8],
-    },
-    /// The image needs something this version cannot restore yet.
-    #[error("not supported yet: {0}")]
-    NotSupported(String),
-    /// A file the process had mapped is gone or changed.
-    #[error("file {path}, mapped by the process, {what}")]
-    File {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        what: String,
-    },
-    /// Building the process failed.
-    #[error("building the process: {what}")]
-    Build {
-        /// What was being done.
-        what: String,
-        /// The cause.
-        #[source]
-        source: TraceError,
-    },
-    /// An injected syscall failed.
-    #[error("building the process: {call} failed: {err}")]
-    Syscall {
-        /// The syscall and its arguments.
-        call: String,
-        /// The errno.
-        err: std::io::Error,
-    },
-}
+use cr_ebpf_image::{images_dir, Chain, Manifest, MappingKind};
+pub use cr_ebpf_resources::RestoreError;
 
 /// What a restore did.
 #[derive(Debug, Clone)]
@@ -240,42 +176,7 @@ pub(crate) fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), Resto
         });
     }
     pid_free(m.process.pid)?;
-    for f in &m.fds {
-        if f.kind != cr_ebpf_image::FdKind::File {
-            continue;
-        }
-        // A tmpfs file the process maps shared is written back from the
-        // image before descriptors are opened.
-        let rebuilt = m.shmem.iter().any(|o| {
-            o.kind == cr_ebpf_image::ShmemKind::TmpfsFile && o.id == f.inode && o.name == f.path
-        });
-        if rebuilt {
-            continue;
-        }
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(&f.path).map_err(|e| RestoreError::File {
-            path: f.path.clone(),
-            what: format!("(open on fd {}) cannot be found: {e}", f.fd),
-        })?;
-        let mtime = meta.mtime() as u64 * 1_000_000_000 + meta.mtime_nsec() as u64;
-        // A file the process only reads must be unchanged; one it may write
-        // (a log, often shared with other writers) must be the same file, but
-        // its size and time legitimately move on.
-        let writable = f.flags as i32 & libc::O_ACCMODE != libc::O_RDONLY;
-        let changed =
-            meta.ino() != f.inode || (!writable && (meta.size() != f.size || mtime != f.mtime_ns));
-        if changed {
-            return Err(RestoreError::File {
-                path: f.path.clone(),
-                what: format!(
-                    "(open on fd {}) changed since the checkpoint (inode, size or \
-                     modification time differ): restoring would hand the process a \
-                     different file",
-                    f.fd
-                ),
-            });
-        }
-    }
+    cr_ebpf_resources::fd::preflight(m)?;
     for map in &m.mappings {
         if map.flags & cr_ebpf_image::MAP_SHARED != 0
             && !matches!(map.kind, MappingKind::File | MappingKind::Shmem)
@@ -314,8 +215,8 @@ pub(crate) fn time_namespace(
     mode: TimeNamespace,
 ) -> Result<Option<(u64, u64)>, RestoreError> {
     let (mono, boot) = (
-        cr_ebpf_checkpoint::clock_ns(libc::CLOCK_MONOTONIC),
-        cr_ebpf_checkpoint::clock_ns(libc::CLOCK_BOOTTIME),
+        cr_ebpf_resources::proc::clock_ns(libc::CLOCK_MONOTONIC),
+        cr_ebpf_resources::proc::clock_ns(libc::CLOCK_BOOTTIME),
     );
     let behind = p.monotonic_ns > mono || p.boottime_ns > boot;
     let wanted = match mode {

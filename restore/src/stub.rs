@@ -1,13 +1,16 @@
 //! Building the process inside a ptrace-controlled stub.
 
 use std::{
-    os::fd::AsRawFd as _,
+    collections::HashMap,
+    os::fd::{AsFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
-use cr_ebpf_checkpoint::{parse_maps, MapEntry};
-use cr_ebpf_image::{
-    Chain, FdKind, FdState, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED,
+use cr_ebpf_image::{Chain, Manifest, MappingKind, ThreadInfo, MAP_GROWSDOWN, MAP_SHARED};
+use cr_ebpf_resources::{
+    fd::{RestoreCx, Shared},
+    proc::{parse_maps, MapEntry},
+    sys::{CloneArgs, Injected, Sys as _},
 };
 use cr_ebpf_tracee::{regs, Tracee};
 use nix::{
@@ -19,11 +22,30 @@ use nix::{
 };
 use rayon::prelude::*;
 
-use crate::{natives::Natives, RestoreError};
+use crate::RestoreError;
 
 const PAGE: u64 = 4096;
 /// Code page (`syscall; int3`) plus data page.
 const TRAMPOLINE_LEN: u64 = 2 * PAGE;
+
+/// What is made once in the restorer for every process of a restore:
+/// the objects descriptors share (pipes, sockets) and shared memory.
+pub(crate) struct Natives {
+    fds: Shared,
+    shmem: HashMap<u64, OwnedFd>,
+}
+
+impl Natives {
+    /// The objects of every process in `ms`.
+    pub(crate) fn build(ms: &[&Manifest], close_connections: bool) -> Result<Self, RestoreError> {
+        let shmem = cr_ebpf_resources::shmem::prepare(ms)?;
+        let fds = cr_ebpf_resources::fd::prepare(
+            ms,
+            &cr_ebpf_resources::fd::Prepare { close_connections },
+        )?;
+        Ok(Self { fds, shmem })
+    }
+}
 
 /// Kills the stub unless disarmed: a half-built process must never run.
 pub(crate) struct KillGuard(i32, bool);
@@ -55,95 +77,7 @@ fn free_range(len: u64, busy: &[(u64, u64)]) -> Option<u64> {
         .find(|&a| busy.iter().all(|&r| !overlaps((a, a + len), r)))
 }
 
-struct Stub<'a> {
-    t: &'a Tracee,
-    pid: i32,
-    insn: u64,
-    data: u64,
-}
-
-impl Stub<'_> {
-    fn sys(&self, name: &str, nr: i64, args: [u64; 6]) -> Result<i64, RestoreError> {
-        self.sys_on(self.t, name, nr, args)
-    }
-
-    fn sys_on(&self, t: &Tracee, name: &str, nr: i64, args: [u64; 6]) -> Result<i64, RestoreError> {
-        let r = t
-            .inject_syscall(self.insn, nr, args)
-            .map_err(|source| RestoreError::Build {
-                what: format!("injecting {name}({:#x}, {:#x}, ...)", args[0], args[1]),
-                source,
-            })?;
-        if (-4095..0).contains(&r) {
-            return Err(RestoreError::Syscall {
-                call: format!(
-                    "{name}({:#x}, {:#x}, {:#x}, ...)",
-                    args[0], args[1], args[2]
-                ),
-                err: std::io::Error::from_raw_os_error(-r as i32),
-            });
-        }
-        Ok(r)
-    }
-
-    fn put(&self, offset: u64, bytes: &[u8]) -> Result<u64, RestoreError> {
-        assert!(offset + bytes.len() as u64 <= PAGE);
-        cr_ebpf_tracee::write_memory(self.pid, self.data + offset, bytes).map_err(|source| {
-            RestoreError::Build {
-                what: "writing the trampoline data page".into(),
-                source,
-            }
-        })?;
-        Ok(self.data + offset)
-    }
-}
-
 /// The address of a `syscall` instruction in the restored vDSO.
-/// Hands descriptors of the restorer to the stub: `pidfd_getfd` through a
-/// pidfd of ours the stub opens once.
-struct Adopter {
-    pidfd: Option<i64>,
-    /// The pidfd is kept at or above this number, clear of the process's
-    /// own descriptors (which are put in place later with `dup3`).
-    floor: u64,
-}
-
-impl Adopter {
-    /// The stub's new descriptor on the same file as `ours`.
-    fn adopt(&mut self, s: &Stub<'_>, ours: &std::os::fd::OwnedFd) -> Result<i64, RestoreError> {
-        let pidfd = match self.pidfd {
-            Some(p) => p,
-            None => {
-                let low = s.sys(
-                    "pidfd_open(restorer)",
-                    libc::SYS_pidfd_open,
-                    [std::process::id() as u64, 0, 0, 0, 0, 0],
-                )?;
-                let p = s.sys(
-                    "fcntl(F_DUPFD)",
-                    libc::SYS_fcntl,
-                    [low as u64, libc::F_DUPFD as u64, self.floor, 0, 0, 0],
-                )?;
-                s.sys("close", libc::SYS_close, [low as u64, 0, 0, 0, 0, 0])?;
-                self.pidfd = Some(p);
-                p
-            }
-        };
-        s.sys(
-            "pidfd_getfd",
-            libc::SYS_pidfd_getfd,
-            [pidfd as u64, ours.as_raw_fd() as u64, 0, 0, 0, 0],
-        )
-    }
-
-    fn close(self, s: &Stub<'_>) -> Result<(), RestoreError> {
-        if let Some(p) = self.pidfd {
-            s.sys("close", libc::SYS_close, [p as u64, 0, 0, 0, 0, 0])?;
-        }
-        Ok(())
-    }
-}
-
 fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
     let vdso = m
         .mappings
@@ -163,166 +97,16 @@ fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
         .ok_or_else(|| RestoreError::NotSupported("no syscall instruction in the vDSO".into()))
 }
 
-/// Recreates the descriptors of the image at their numbers: files and
-/// devices reopened by path at their offsets, pipes recreated with their
-/// buffered bytes; inherited ones are the restorer's own 0, 1, 2.
-fn restore_fds(
-    s: &Stub<'_>,
-    m: &Manifest,
-    natives: &Natives,
-    shm: &std::collections::HashMap<u64, std::os::fd::OwnedFd>,
-    adopter: &mut Adopter,
-) -> Result<(), RestoreError> {
-    let max_fd = m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
-    let base = (max_fd + 64) as u64;
-    // Image fd -> temporary fd in the stub, above every target number.
-    let mut temp: Vec<(i32, i64, bool)> = Vec::new();
-    let above = |fd: i64| -> Result<i64, RestoreError> {
-        let t = s.sys(
-            "fcntl(F_DUPFD)",
-            libc::SYS_fcntl,
-            [fd as u64, libc::F_DUPFD as u64, base, 0, 0, 0],
-        )?;
-        s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-        Ok(t)
-    };
-    // Pipes and sockets (made once for the whole tree), eventfds, timerfds,
-    // signalfds, inotify instances and pidfds are made by the restorer and
-    // taken by the stub with pidfd_getfd (through a pidfd of ours).
-    let mut native = std::collections::HashMap::new();
-    for f in &m.fds {
-        if let Some(fd) = crate::anon_fds::build(&f.state)? {
-            native.insert(f.fd, fd);
-        }
-    }
-    let mut adopt = |ours: &std::os::fd::OwnedFd| -> Result<i64, RestoreError> {
-        let t = adopter.adopt(s, ours)?;
-        above(t)
-    };
-    for f in &m.fds {
-        let t = match f.kind {
-            FdKind::Inherited | FdKind::Epoll => continue,
-            FdKind::Socket => {
-                let FdState::Socket(sock) = &f.state else {
-                    unreachable!("checked when the image was read")
-                };
-                let ours = natives.sockets.get(&sock.inode).ok_or_else(|| {
-                    RestoreError::NotSupported(format!(
-                        "socket on descriptor {} was not rebuilt",
-                        f.fd
-                    ))
-                })?;
-                adopt(ours)?
-            }
-            FdKind::EventFd
-            | FdKind::TimerFd
-            | FdKind::SignalFd
-            | FdKind::Inotify
-            | FdKind::Pidfd => {
-                let ours = native.remove(&f.fd).ok_or_else(|| {
-                    RestoreError::NotSupported(format!("descriptor {} was not rebuilt", f.fd))
-                })?;
-                adopt(&ours)?
-            }
-            FdKind::Memfd => {
-                let FdState::Memfd { id } = f.state else {
-                    unreachable!("checked when the image was read")
-                };
-                let ours = shm.get(&id).ok_or_else(|| {
-                    RestoreError::NotSupported(format!(
-                        "memfd on descriptor {} was not rebuilt",
-                        f.fd
-                    ))
-                })?;
-                adopt(ours)?
-            }
-            FdKind::File | FdKind::CharDevice => {
-                let mut path = f.path.clone().into_bytes();
-                path.push(0);
-                if path.len() as u64 > PAGE {
-                    return Err(RestoreError::NotSupported(format!(
-                        "path longer than a page: {}",
-                        f.path
-                    )));
-                }
-                let at = s.put(0, &path)?;
-                let flags = (f.flags as i32
-                    & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC))
-                    as u64;
-                let fd = s
-                    .sys(
-                        "openat",
-                        libc::SYS_openat,
-                        [libc::AT_FDCWD as u64, at, flags, 0, 0, 0],
-                    )
-                    .map_err(|e| RestoreError::File {
-                        path: f.path.clone(),
-                        what: format!("(fd {}) cannot be reopened: {e}", f.fd),
-                    })?;
-                if f.kind == FdKind::File && f.pos > 0 {
-                    s.sys(
-                        "lseek",
-                        libc::SYS_lseek,
-                        [fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
-                    )?;
-                }
-                above(fd)?
-            }
-            FdKind::Pipe => {
-                let (r, w) = natives.pipes.get(&f.inode).ok_or_else(|| {
-                    RestoreError::NotSupported(format!(
-                        "pipe on descriptor {} was not rebuilt",
-                        f.fd
-                    ))
-                })?;
-                if f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY {
-                    adopt(w)?
-                } else {
-                    adopt(r)?
-                }
-            }
-            FdKind::Invalid => unreachable!("rejected when the image was read"),
-        };
-        // Status flags the kernel lets F_SETFL change (O_NONBLOCK, O_APPEND, ...).
-        let settable =
-            (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME)
-                as u32;
-        s.sys(
-            "fcntl(F_SETFL)",
-            libc::SYS_fcntl,
-            [
-                t as u64,
-                libc::F_SETFL as u64,
-                (f.flags & settable) as u64,
-                0,
-                0,
-                0,
-            ],
-        )?;
-        temp.push((f.fd, t, f.cloexec));
-    }
-    for (fd, t, cloexec) in temp {
-        let flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-        s.sys(
-            "dup3",
-            libc::SYS_dup3,
-            [t as u64, fd as u64, flags, 0, 0, 0],
-        )?;
-        s.sys("close", libc::SYS_close, [t as u64, 0, 0, 0, 0, 0])?;
-    }
-    restore_epolls(s, m)
-}
-
 /// Maps the recorded mapping `x` from the stub's descriptor `fd` (closed
 /// afterwards, whatever happens).
 fn map_fd(
-    s: &Stub<'_>,
+    s: &Injected<'_>,
     x: &cr_ebpf_image::MappingInfo,
     prot: u32,
     share: i32,
     fd: i64,
 ) -> Result<i64, RestoreError> {
-    let r = s.sys(
+    let r = s.call(
         "mmap",
         libc::SYS_mmap,
         [
@@ -334,19 +118,19 @@ fn map_fd(
             x.offset,
         ],
     );
-    s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+    s.call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
     r
 }
 
 /// POSIX timers with their ids (`PR_TIMER_CREATE_RESTORE_IDS`: while on,
 /// `timer_create` takes the id from the `timer_t` it is given), clocks,
 /// notification, and remaining time and interval.
-fn posix_timers(s: &Stub<'_>, p: &cr_ebpf_image::ProcessInfo) -> Result<(), RestoreError> {
+fn posix_timers(s: &Injected<'_>, p: &cr_ebpf_image::ProcessInfo) -> Result<(), RestoreError> {
     const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
     if p.posix_timers.is_empty() {
         return Ok(());
     }
-    s.sys(
+    s.call(
         "prctl(PR_TIMER_CREATE_RESTORE_IDS, on)",
         libc::SYS_prctl,
         [PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0, 0],
@@ -366,14 +150,14 @@ fn posix_timers(s: &Stub<'_>, p: &cr_ebpf_image::ProcessInfo) -> Result<(), Rest
         ev[16..20].copy_from_slice(&t.tid.to_le_bytes());
         let ev_at = s.put(0, &ev)?;
         let id_at = s.put(128, &t.id.to_le_bytes())?;
-        s.sys(
+        s.call(
             "timer_create",
             libc::SYS_timer_create,
             [t.clockid as u64, ev_at, id_at, 0, 0, 0],
         )
         .map_err(|e| RestoreError::NotSupported(format!("POSIX timer {}: {e}", t.id)))?;
     }
-    s.sys(
+    s.call(
         "prctl(PR_TIMER_CREATE_RESTORE_IDS, off)",
         libc::SYS_prctl,
         [PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0, 0],
@@ -389,7 +173,7 @@ fn posix_timers(s: &Stub<'_>, p: &cr_ebpf_image::ProcessInfo) -> Result<(), Rest
             its.extend_from_slice(&v.to_le_bytes());
         }
         let at = s.put(256, &its)?;
-        s.sys(
+        s.call(
             "timer_settime",
             libc::SYS_timer_settime,
             [t.id as u64, 0, at, 0, 0, 0],
@@ -398,92 +182,25 @@ fn posix_timers(s: &Stub<'_>, p: &cr_ebpf_image::ProcessInfo) -> Result<(), Rest
     Ok(())
 }
 
-/// Epoll sets last, made in the stub once every other descriptor has its
-/// number: a registration is keyed by the process's own descriptor number.
-fn restore_epolls(s: &Stub<'_>, m: &Manifest) -> Result<(), RestoreError> {
-    for f in &m.fds {
-        let FdState::Epoll(items) = &f.state else {
-            continue;
-        };
-        let flags = if f.cloexec {
-            libc::EPOLL_CLOEXEC as u64
-        } else {
-            0
-        };
-        let e = s.sys(
-            "epoll_create1",
-            libc::SYS_epoll_create1,
-            [flags, 0, 0, 0, 0, 0],
-        )?;
-        if e != f.fd as i64 {
-            s.sys(
-                "dup3",
-                libc::SYS_dup3,
-                [e as u64, f.fd as u64, flags, 0, 0, 0],
-            )?;
-            s.sys("close", libc::SYS_close, [e as u64, 0, 0, 0, 0, 0])?;
-        }
-        for item in items {
-            // struct epoll_event is packed on x86_64: u32 events, u64 data.
-            let mut ev = Vec::with_capacity(12);
-            ev.extend_from_slice(&item.events.to_le_bytes());
-            ev.extend_from_slice(&item.data.to_le_bytes());
-            let at = s.put(0, &ev)?;
-            s.sys(
-                "epoll_ctl(EPOLL_CTL_ADD)",
-                libc::SYS_epoll_ctl,
-                [
-                    f.fd as u64,
-                    libc::EPOLL_CTL_ADD as u64,
-                    item.fd as u64,
-                    at,
-                    0,
-                    0,
-                ],
-            )
-            .map_err(|e| {
-                RestoreError::NotSupported(format!(
-                    "registering descriptor {} in the epoll set on fd {}: {e}",
-                    item.fd, f.fd
-                ))
-            })?;
-        }
-        if f.flags as i32 & libc::O_NONBLOCK != 0 {
-            s.sys(
-                "fcntl(F_SETFL)",
-                libc::SYS_fcntl,
-                [
-                    f.fd as u64,
-                    libc::F_SETFL as u64,
-                    libc::O_NONBLOCK as u64,
-                    0,
-                    0,
-                    0,
-                ],
-            )?;
-        }
-    }
-    Ok(())
-}
-
 /// Sets a thread's own kernel state by syscalls in that thread; returns the
 /// registers it must resume with.
-fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Regs, RestoreError> {
-    s.sys_on(
-        t,
+fn thread_state(
+    s: &Injected<'_>,
+    t: &Tracee,
+    info: &ThreadInfo,
+) -> Result<regs::Regs, RestoreError> {
+    s.on(t).call(
         "set_robust_list",
         libc::SYS_set_robust_list,
         [info.robust_list.0, info.robust_list.1, 0, 0, 0, 0],
     )?;
-    s.sys_on(
-        t,
+    s.on(t).call(
         "set_tid_address",
         libc::SYS_set_tid_address,
         [info.clear_child_tid, 0, 0, 0, 0, 0],
     )?;
     if info.rseq.0 != 0 {
-        s.sys_on(
-            t,
+        s.on(t).call(
             "rseq",
             libc::SYS_rseq,
             [info.rseq.0, info.rseq.1 as u64, 0, info.rseq.2 as u64, 0, 0],
@@ -494,8 +211,7 @@ fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Reg
         name.truncate(15);
         name.push(0);
         let at = s.put(0, &name)?;
-        s.sys_on(
-            t,
+        s.on(t).call(
             "prctl(PR_SET_NAME)",
             libc::SYS_prctl,
             [libc::PR_SET_NAME as u64, at, 0, 0, 0, 0],
@@ -507,18 +223,18 @@ fn thread_state(s: &Stub<'_>, t: &Tracee, info: &ThreadInfo) -> Result<regs::Reg
         ss.extend_from_slice(&0u32.to_le_bytes());
         ss.extend_from_slice(&info.sigaltstack.2.to_le_bytes());
         let at = s.put(0, &ss)?;
-        s.sys_on(t, "sigaltstack", libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0])?;
+        s.on(t)
+            .call("sigaltstack", libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0])?;
     }
     // Signals that were pending for this thread, queued again (all signals
     // are blocked until the thread's own mask is set, last).
     for siginfo in &info.pending {
         let signo = i32::from_le_bytes(siginfo[0..4].try_into().expect("4 bytes"));
         let at = s.put(0, siginfo)?;
-        s.sys_on(
-            t,
+        s.on(t).call(
             "rt_tgsigqueueinfo",
             libc::SYS_rt_tgsigqueueinfo,
-            [s.pid as u64, info.tid as u64, signo as u64, at, 0, 0],
+            [s.pid() as u64, info.tid as u64, signo as u64, at, 0, 0],
         )?;
     }
     if !info.xstate.is_empty() {
@@ -650,26 +366,13 @@ pub(crate) fn spawn_child(
     tramp: u64,
     pid: i32,
 ) -> Result<(Tracee, KillGuard), RestoreError> {
-    let s = Stub {
-        t: parent,
-        pid: parent.tid(),
-        insn: tramp,
-        data: tramp + PAGE,
-    };
-    let tid_at = s.put(1024, &pid.to_le_bytes())?;
-    let mut args = Vec::with_capacity(88);
-    // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
-    // tls, set_tid, set_tid_size, cgroup
-    for v in [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, tid_at, 1, 0] {
-        args.extend_from_slice(&v.to_le_bytes());
-    }
-    let args_at = s.put(512, &args)?;
+    let s = Injected::new(parent, parent.tid(), tramp, tramp + PAGE);
     let got = s
-        .sys(
-            "clone3",
-            libc::SYS_clone3,
-            [args_at, args.len() as u64, 0, 0, 0, 0],
-        )
+        .clone3(&CloneArgs {
+            flags: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            set_tid: pid,
+        })
         .map_err(|e| match e {
             RestoreError::Syscall { err, .. } if err.raw_os_error() == Some(libc::EEXIST) => {
                 RestoreError::PidInUse {
@@ -700,13 +403,7 @@ pub(crate) fn stub_syscall(
     nr: i64,
     args: [u64; 6],
 ) -> Result<i64, RestoreError> {
-    Stub {
-        t,
-        pid: t.tid(),
-        insn: tramp,
-        data: tramp + PAGE,
-    }
-    .sys(name, nr, args)
+    Injected::new(t, t.tid(), tramp, tramp + PAGE).call(name, nr, args)
 }
 
 /// A process built and stopped, waiting for [`release`].
@@ -739,12 +436,10 @@ pub(crate) fn build_in(
     vdso_tmp: u64,
 ) -> Result<Ready, RestoreError> {
     let got = t.tid();
-    let s = Stub {
-        t: &t,
-        pid: got,
-        insn: tramp,
-        data: tramp + PAGE,
-    };
+    // The pidfd descriptors are handed over through stays clear of the
+    // process's own numbers.
+    let floor = m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 32;
+    let s = Injected::new(&t, got, tramp, tramp + PAGE).with_floor(floor);
 
     // 0. The stub's rseq area is about to vanish: the kernel would fault on
     //    it at the next preemption.
@@ -753,7 +448,7 @@ pub(crate) fn build_in(
         source,
     })? {
         const RSEQ_FLAG_UNREGISTER: u64 = 1;
-        s.sys(
+        s.call(
             "rseq(unregister)",
             libc::SYS_rseq,
             [
@@ -784,7 +479,7 @@ pub(crate) fn build_in(
         if overlaps((e.start, e.end), (tramp, tramp + TRAMPOLINE_LEN)) || is_special(e) {
             continue;
         }
-        s.sys(
+        s.call(
             "munmap",
             libc::SYS_munmap,
             [e.start, e.end - e.start, 0, 0, 0, 0],
@@ -814,7 +509,7 @@ pub(crate) fn build_in(
             }
             _ => {}
         }
-        s.sys(
+        s.call(
             "mremap",
             libc::SYS_mremap,
             [
@@ -832,7 +527,7 @@ pub(crate) fn build_in(
         let at = vdso_tmp + (e.start - lo);
         match m.mappings.iter().find(|x| x.path == e.path) {
             Some(w) => {
-                s.sys(
+                s.call(
                     "mremap",
                     libc::SYS_mremap,
                     [
@@ -846,7 +541,7 @@ pub(crate) fn build_in(
                 )?;
             }
             None => {
-                s.sys("munmap", libc::SYS_munmap, [at, len, 0, 0, 0, 0])?;
+                s.call("munmap", libc::SYS_munmap, [at, len, 0, 0, 0, 0])?;
             }
         }
     }
@@ -856,10 +551,6 @@ pub(crate) fn build_in(
     // Shared memory objects, with their contents, for the mappings and
     // memfd descriptors that refer to them.
     let shm = &natives.shmem;
-    let mut adopter = Adopter {
-        pidfd: None,
-        floor: m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 32,
-    };
 
     // 3. The recorded mappings, writable where pages will be filled.
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
@@ -887,7 +578,7 @@ pub(crate) fn build_in(
                 .any(|o| o.id == x.inode && o.kind == cr_ebpf_image::ShmemKind::SysV);
         let got_addr = if sysv && x.offset > 0 {
             // The rest of a segment attached at a lower address.
-            s.sys(
+            s.call(
                 "mprotect",
                 libc::SYS_mprotect,
                 [x.start, len, prot as u64, 0, 0, 0],
@@ -901,7 +592,7 @@ pub(crate) fn build_in(
             if x.prot & libc::PROT_EXEC as u32 != 0 {
                 flags |= libc::SHM_EXEC;
             }
-            s.sys(
+            s.call(
                 "shmat",
                 libc::SYS_shmat,
                 [x.inode, x.start, flags as u64, 0, 0, 0],
@@ -913,7 +604,7 @@ pub(crate) fn build_in(
                     x.start
                 ))
             })?;
-            let fd = adopter.adopt(&s, ours)?;
+            let fd = s.adopt(ours.as_fd())?;
             map_fd(&s, x, prot, share, fd)?
         } else if x.kind == MappingKind::File {
             let mut path = x.path.clone().into_bytes();
@@ -930,7 +621,7 @@ pub(crate) fn build_in(
             } else {
                 libc::O_RDONLY
             };
-            let fd = s.sys(
+            let fd = s.call(
                 "openat",
                 libc::SYS_openat,
                 [
@@ -948,7 +639,7 @@ pub(crate) fn build_in(
             if x.flags & MAP_GROWSDOWN != 0 {
                 flags |= libc::MAP_GROWSDOWN;
             }
-            s.sys(
+            s.call(
                 "mmap",
                 libc::SYS_mmap,
                 [x.start, len, prot as u64, flags as u64, u64::MAX, 0],
@@ -1002,7 +693,7 @@ pub(crate) fn build_in(
                 MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
             )
         {
-            s.sys(
+            s.call(
                 "mprotect",
                 libc::SYS_mprotect,
                 [x.start, x.end - x.start, x.prot as u64, 0, 0, 0],
@@ -1023,7 +714,7 @@ pub(crate) fn build_in(
     exe.push(0);
     let exe_fd = if exe.len() <= 2048 {
         let at = s.put(2048, &exe)?;
-        s.sys(
+        s.call(
             "openat(exe)",
             libc::SYS_openat,
             [
@@ -1050,7 +741,7 @@ pub(crate) fn build_in(
     mm_map.extend_from_slice(&exe_fd.map_or(u32::MAX, |fd| fd as u32).to_le_bytes());
     let set_mm = |mm_map: &[u8]| -> Result<i64, RestoreError> {
         let map_at = s.put(0, mm_map)?;
-        s.sys(
+        s.call(
             "prctl(PR_SET_MM_MAP)",
             libc::SYS_prctl,
             [
@@ -1070,7 +761,7 @@ pub(crate) fn build_in(
         set_mm(&mm_map)?;
     }
     if let Some(fd) = exe_fd {
-        s.sys("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        s.call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
     }
 
     clock.mark("mm");
@@ -1080,14 +771,14 @@ pub(crate) fn build_in(
     cwd.push(0);
     if cwd.len() as u64 <= PAGE {
         let at = s.put(0, &cwd)?;
-        s.sys("chdir", libc::SYS_chdir, [at, 0, 0, 0, 0, 0])
+        s.call("chdir", libc::SYS_chdir, [at, 0, 0, 0, 0, 0])
             .map_err(|e| RestoreError::File {
                 path: p.cwd.clone(),
                 what: format!("(the working directory) cannot be entered: {e}"),
             })?;
     }
-    s.sys("umask", libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0])?;
-    s.sys(
+    s.call("umask", libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0])?;
+    s.call(
         "personality",
         libc::SYS_personality,
         [p.personality as u64, 0, 0, 0, 0, 0],
@@ -1096,7 +787,7 @@ pub(crate) fn build_in(
         let mut lim = cur.to_le_bytes().to_vec();
         lim.extend_from_slice(&max.to_le_bytes());
         let at = s.put(0, &lim)?;
-        s.sys(
+        s.call(
             "prlimit64",
             libc::SYS_prlimit64,
             [0, res as u64, at, 0, 0, 0],
@@ -1114,7 +805,7 @@ pub(crate) fn build_in(
             act.extend_from_slice(&v.to_le_bytes());
         }
         let at = s.put(0, &act)?;
-        s.sys(
+        s.call(
             "rt_sigaction",
             libc::SYS_rt_sigaction,
             [a.signo as u64, at, 0, 8, 0, 0],
@@ -1124,9 +815,14 @@ pub(crate) fn build_in(
     clock.mark("process");
 
     // 7. File descriptors.
-    restore_fds(&s, m, natives, shm, &mut adopter)?;
-    adopter.close(&s)?;
-    crate::shmem::seal(&m.shmem, shm)?;
+    let cx = RestoreCx {
+        sys: &s,
+        shared: &natives.fds,
+        shmem: shm,
+    };
+    cr_ebpf_resources::fd::restore(&cx, m)?;
+    s.close_adopter()?;
+    cr_ebpf_resources::shmem::seal(&m.shmem, shm)?;
     clock.mark("fds");
 
     // 8. Threads, each with its own tid, then each thread's own state.
@@ -1138,19 +834,11 @@ pub(crate) fn build_in(
             | libc::CLONE_SIGHAND
             | libc::CLONE_THREAD
             | libc::CLONE_SYSVSEM) as u64;
-        let tid_at = s.put(1024, &info.tid.to_le_bytes())?;
-        let mut args = Vec::with_capacity(80);
-        // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
-        // tls, set_tid, set_tid_size
-        for v in [THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, tid_at, 1] {
-            args.extend_from_slice(&v.to_le_bytes());
-        }
-        let args_at = s.put(512, &args)?;
-        let new = s.sys(
-            "clone3",
-            libc::SYS_clone3,
-            [args_at, args.len() as u64, 0, 0, 0, 0],
-        )?;
+        let new = s.clone3(&CloneArgs {
+            flags: THREAD_FLAGS,
+            exit_signal: 0,
+            set_tid: info.tid,
+        })?;
         if new != info.tid as i64 {
             return Err(RestoreError::NotSupported(format!(
                 "thread {} came back as {new}",
@@ -1170,10 +858,10 @@ pub(crate) fn build_in(
     for siginfo in &p.pending {
         let signo = i32::from_le_bytes(siginfo[0..4].try_into().expect("4 bytes"));
         let at = s.put(0, siginfo)?;
-        s.sys(
+        s.call(
             "rt_sigqueueinfo",
             libc::SYS_rt_sigqueueinfo,
-            [s.pid as u64, signo as u64, at, 0, 0, 0],
+            [s.pid() as u64, signo as u64, at, 0, 0, 0],
         )?;
     }
 
@@ -1192,7 +880,7 @@ pub(crate) fn build_in(
             v.extend_from_slice(&x.to_le_bytes());
         }
         let at = s.put(0, &v)?;
-        s.sys(
+        s.call(
             "setitimer",
             libc::SYS_setitimer,
             [which as u64, at, 0, 0, 0, 0],
@@ -1228,12 +916,7 @@ pub(crate) fn release(r: Ready) -> Result<(i32, u64, Duration), RestoreError> {
         fill,
     } = r;
     let got = t.tid();
-    let s = Stub {
-        t: &t,
-        pid: got,
-        insn: tramp,
-        data: tramp + PAGE,
-    };
+    let s = Injected::new(&t, got, tramp, tramp + PAGE);
     // Each other thread: its own signal mask as its last syscall, its own
     // registers at that syscall's exit, then it runs (a pending signal it
     // does not block is delivered right then, as the kernel would).
@@ -1277,8 +960,8 @@ pub(crate) fn release(r: Ready) -> Result<(i32, u64, Duration), RestoreError> {
         what: "reading registers".into(),
         source,
     })?;
-    let r =
-        s.t.run_syscall(
+    let r = t
+        .run_syscall(
             &base,
             tramp,
             libc::SYS_munmap,

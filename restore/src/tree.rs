@@ -10,9 +10,8 @@ use cr_ebpf_image::{tree::Tree, Chain};
 use cr_ebpf_tracee::Tracee;
 
 use crate::{
-    natives::Natives,
     pid_free, preflight,
-    stub::{self, KillGuard},
+    stub::{self, KillGuard, Natives},
     time_namespace, Clock, RestoreError, RestoreOptions, RestoreReport,
 };
 

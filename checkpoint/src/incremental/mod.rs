@@ -48,7 +48,8 @@ use memory::{
 
 use crate::{
     dump::{split_runs, worker_pool},
-    fds::{check_unix_pairs, TreeScope},
+    fds::{check_tree as check_unix_pairs, TreeScope},
+    monotonic_ns,
     state::{self, Changes, Queries},
     tree, DumpError,
 };
@@ -361,12 +362,7 @@ impl Session {
         for p in self.procs.values_mut() {
             n += p.connections.len();
             for (_, sock) in p.connections.drain(..) {
-                let _ = crate::sockets::setsockopt_int(
-                    &sock,
-                    libc::IPPROTO_TCP,
-                    crate::sockets::TCP_REPAIR,
-                    1,
-                );
+                let _ = cr_ebpf_resources::fd::socket::tcp::repair_mode(&sock, true);
             }
         }
         n
@@ -783,20 +779,4 @@ impl Session {
             stopped_window: window,
         })
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds (the clock of the resource log).
-pub fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-/// Clock `clock` now, in ns.
-pub fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

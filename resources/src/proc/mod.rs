@@ -1,6 +1,27 @@
-//! Process-wide facts from /proc.
+//! What `/proc` shows of a process: `stat`, `status`, `maps` and the
+//! clocks, each parsed in one place.
+
+pub mod maps;
 
 use std::io;
+
+pub use maps::{dumpable_runs, mark_tmpfs, parse_maps, MapEntry};
+
+/// Clock `clock` now, in ns.
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `CLOCK_MONOTONIC` now, in ns.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
 
 /// `start_code, end_code, start_data, end_data, start_brk, brk, start_stack,
 /// arg_start, arg_end, env_start, env_end` of process `pid`. `brk` is not in

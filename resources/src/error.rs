@@ -1,0 +1,104 @@
+//! What can go wrong saving or restoring a resource.
+
+use cr_ebpf_image::ImageError;
+use cr_ebpf_tracee::TraceError;
+
+/// Why a resource of a frozen process could not be saved. The process is
+/// resumed by the caller; nothing is published.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// Reading /proc (or asking a duplicate of a descriptor) failed.
+    #[error("reading {path} of process {pid}")]
+    Proc {
+        /// The process.
+        pid: i32,
+        /// The file, or what was asked.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process holds something this version cannot save.
+    #[error("not supported: {what} in process {pid}")]
+    NotSupported {
+        /// The process.
+        pid: i32,
+        /// What.
+        what: String,
+    },
+    /// A descriptor of the process cannot be saved by this version.
+    #[error("not supported: {what} on fd {fd} of pid {pid}")]
+    NotSupportedFd {
+        /// The process.
+        pid: i32,
+        /// The descriptor.
+        fd: i32,
+        /// What it is.
+        what: String,
+    },
+}
+
+/// A [`SaveError::Proc`] maker for `map_err`.
+pub fn proc_err(pid: i32, path: String) -> impl FnOnce(std::io::Error) -> SaveError {
+    move |source| SaveError::Proc { pid, path, source }
+}
+
+/// Why a restore failed. Nothing half-built keeps running: the stub is
+/// traced with `PTRACE_O_EXITKILL` and killed on any error.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The image cannot be read or is damaged.
+    #[error("reading the image")]
+    Image(#[from] ImageError),
+    /// The original pid is taken.
+    #[error(
+        "pid {pid} is in use by another process ({comm}): the checkpointed process needs \
+         its original pid; stop that process or restore in a new pid namespace"
+    )]
+    PidInUse {
+        /// The pid.
+        pid: i32,
+        /// What holds it.
+        comm: String,
+    },
+    /// The process ran under other credentials.
+    #[error(
+        "the process ran as uid/gid {image:?} (real, effective, saved, fs), cr-ebpf runs as \
+         {ours:?}: restoring would change who it runs as; restore as that user, or pass \
+         --allow-other-credentials to run it with ours"
+    )]
+    Credentials {
+        /// Credentials in the image.
+        image: [u32; 8],
+        /// Ours.
+        ours: [u32; 8],
+    },
+    /// The image needs something this version cannot restore yet.
+    #[error("not supported yet: {0}")]
+    NotSupported(String),
+    /// A file the process had mapped is gone or changed.
+    #[error("file {path}, mapped by the process, {what}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// Building the process failed.
+    #[error("building the process: {what}")]
+    Build {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: TraceError,
+    },
+    /// An injected syscall failed.
+    #[error("building the process: {call} failed: {err}")]
+    Syscall {
+        /// The syscall and its arguments.
+        call: String,
+        /// The errno.
+        err: std::io::Error,
+    },
+}

@@ -1,0 +1,161 @@
+//! Regular files, directories and character devices: reopened by path at
+//! restore (files at their offset), after checking the file is still the
+//! one the process had.
+
+use std::os::unix::fs::MetadataExt as _;
+
+use cr_ebpf_image::{FdInfo, FdKind, Manifest, ShmemKind};
+
+use super::{Descriptor, RestoreCx, SaveCx, Seen};
+use crate::{RestoreError, SaveError};
+
+/// Files, directories (kind `File`) and character devices (`CharDevice`).
+pub struct File;
+
+impl Descriptor for File {
+    fn kinds(&self) -> &'static [FdKind] {
+        &[FdKind::File, FdKind::CharDevice]
+    }
+
+    fn save(&self, cx: &mut SaveCx<'_>, seen: &Seen) -> Option<Result<FdInfo, SaveError>> {
+        match seen.file_type() {
+            libc::S_IFREG | libc::S_IFDIR => {
+                if seen.link.ends_with(" (deleted)") {
+                    return Some(Err(
+                        cx.refuse(seen.fd, format!("deleted file {}", seen.link))
+                    ));
+                }
+                let mut info = seen.info(FdKind::File);
+                info.size = seen.meta.size();
+                info.mtime_ns =
+                    seen.meta.mtime() as u64 * 1_000_000_000 + seen.meta.mtime_nsec() as u64;
+                Some(Ok(info))
+            }
+            libc::S_IFCHR => Some(Ok(seen.info(FdKind::CharDevice))),
+            _ => None,
+        }
+    }
+
+    fn preflight(&self, m: &Manifest, f: &FdInfo) -> Result<(), RestoreError> {
+        if f.kind != FdKind::File {
+            return Ok(());
+        }
+        // A tmpfs file the process maps shared is written back from the
+        // image before descriptors are opened.
+        let rebuilt = m
+            .shmem
+            .iter()
+            .any(|o| o.kind == ShmemKind::TmpfsFile && o.id == f.inode && o.name == f.path);
+        if rebuilt {
+            return Ok(());
+        }
+        let meta = std::fs::metadata(&f.path).map_err(|e| RestoreError::File {
+            path: f.path.clone(),
+            what: format!("(open on fd {}) cannot be found: {e}", f.fd),
+        })?;
+        let mtime = meta.mtime() as u64 * 1_000_000_000 + meta.mtime_nsec() as u64;
+        // A file the process only reads must be unchanged; one it may write
+        // (a log, often shared with other writers) must be the same file, but
+        // its size and time legitimately move on.
+        let writable = f.flags as i32 & libc::O_ACCMODE != libc::O_RDONLY;
+        let changed =
+            meta.ino() != f.inode || (!writable && (meta.size() != f.size || mtime != f.mtime_ns));
+        if changed {
+            return Err(RestoreError::File {
+                path: f.path.clone(),
+                what: format!(
+                    "(open on fd {}) changed since the checkpoint (inode, size or \
+                     modification time differ): restoring would hand the process a \
+                     different file",
+                    f.fd
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn open(&self, cx: &RestoreCx<'_>, f: &FdInfo) -> Result<Option<i64>, RestoreError> {
+        let flags =
+            f.flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC);
+        let fd = cx.sys.openat(&f.path, flags).map_err(|e| match e {
+            e @ RestoreError::NotSupported(_) => e,
+            e => RestoreError::File {
+                path: f.path.clone(),
+                what: format!("(fd {}) cannot be reopened: {e}", f.fd),
+            },
+        })?;
+        if f.kind == FdKind::File && f.pos > 0 {
+            cx.sys.seek(fd, f.pos)?;
+        }
+        Ok(Some(fd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Seek as _, os::fd::AsRawFd as _};
+
+    use super::*;
+    use crate::fd::testing;
+
+    #[test]
+    fn a_file_at_an_offset_round_trips() {
+        let dir = testing::scratch("file");
+        let path = dir.join("data");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.seek(std::io::SeekFrom::Start(4)).unwrap();
+        let info = testing::save_own(f.as_raw_fd());
+        assert_eq!(info.kind, FdKind::File);
+        assert_eq!((info.pos, info.size), (4, 10));
+        assert_eq!(info.path, path.display().to_string());
+        assert!(info.cloexec);
+
+        let m = testing::manifest(vec![info.clone()]);
+        File.preflight(&m, &info).expect("the same file passes");
+        let rec = testing::restore(&m);
+        assert_eq!(
+            rec.names(),
+            [
+                "openat",
+                "lseek",
+                "fcntl(F_DUPFD)",
+                "close",
+                "fcntl(F_SETFL)",
+                "dup3",
+                "close"
+            ]
+        );
+        let open = rec.calls("openat")[0];
+        assert_eq!(rec.string(open[1]), info.path);
+        assert_eq!(open[2] as i32 & libc::O_ACCMODE, libc::O_RDWR);
+        assert_eq!(
+            open[2] as i32 & libc::O_CLOEXEC,
+            0,
+            "close-on-exec comes with dup3"
+        );
+        assert_eq!(rec.calls("lseek")[0][1], 4);
+        assert_eq!(rec.calls("fcntl(F_SETFL)")[0][2] as i32, libc::O_APPEND);
+        let dup3 = rec.calls("dup3")[0];
+        assert_eq!((dup3[1] as i32, dup3[2] as i32), (info.fd, libc::O_CLOEXEC));
+
+        // Replaced since: refused before anything starts.
+        std::fs::write(dir.join("new"), b"0123456789").unwrap();
+        std::fs::rename(dir.join("new"), &path).unwrap();
+        assert!(File.preflight(&m, &info).is_err());
+    }
+
+    #[test]
+    fn a_device_is_reopened_without_a_seek() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let info = testing::save_own(f.as_raw_fd());
+        assert_eq!(info.kind, FdKind::CharDevice);
+        let rec = testing::restore(&testing::manifest(vec![info]));
+        assert!(rec.calls("lseek").is_empty());
+        assert_eq!(rec.string(rec.calls("openat")[0][1]), "/dev/null");
+    }
+}

@@ -1,0 +1,309 @@
+//! inotify instances: each watch with its watch descriptor, its mask and
+//! the watched file (found again from the kernel's file handle in fdinfo,
+//! checked by inode at restore); rebuilt in the restorer with the same
+//! watch descriptors and handed over.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use cr_ebpf_image::{FdInfo, FdKind, FdState, InotifyWatch};
+
+use super::{owned, Descriptor, RestoreCx, SaveCx, Seen};
+use crate::{RestoreError, SaveError};
+
+/// An inotify instance.
+pub struct Inotify;
+
+impl Descriptor for Inotify {
+    fn kinds(&self) -> &'static [FdKind] {
+        &[FdKind::Inotify]
+    }
+
+    fn save(&self, cx: &mut SaveCx<'_>, seen: &Seen) -> Option<Result<FdInfo, SaveError>> {
+        if seen.anon_name() != Some("inotify") {
+            return None;
+        }
+        let mut watches = Vec::new();
+        for line in seen.fdinfo.lines().filter(|l| l.starts_with("inotify wd:")) {
+            match inotify_watch(line) {
+                Ok(w) => watches.push(w),
+                Err(e) => return Some(Err(cx.refuse(seen.fd, e))),
+            }
+        }
+        watches.sort_by_key(|w| w.wd);
+        let mut info = seen.info(FdKind::Inotify);
+        info.state = FdState::Inotify(watches);
+        Some(Ok(info))
+    }
+
+    fn open(&self, cx: &RestoreCx<'_>, f: &FdInfo) -> Result<Option<i64>, RestoreError> {
+        let FdState::Inotify(watches) = &f.state else {
+            return Err(RestoreError::NotSupported(format!(
+                "inotify instance {} without its state",
+                f.fd
+            )));
+        };
+        let fd = rebuild(watches)?;
+        cx.adopt(&fd).map(Some)
+    }
+}
+
+/// One `inotify wd:2 ino:9a8157 sdev:fe00000 mask:80000002 ignored_mask:0
+/// fhandle-bytes:8 fhandle-type:1 f_handle:57819a00733d77df` line, with the
+/// watched file's path found from its handle.
+fn inotify_watch(line: &str) -> Result<InotifyWatch, String> {
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .ok_or_else(|| format!("no {k} in the inotify line {line:?}"))
+    };
+    let hex = |k: &str| {
+        field(k).and_then(|v| {
+            u64::from_str_radix(v, 16).map_err(|_| format!("bad {k} in the inotify line {line:?}"))
+        })
+    };
+    let wd: i32 = field("wd:")?
+        .parse()
+        .map_err(|_| format!("bad wd in {line:?}"))?;
+    let ino = hex("ino:")?;
+    let sdev = hex("sdev:")?;
+    let mask = hex("mask:")? as u32;
+    let handle_type = hex("fhandle-type:")? as i32;
+    let bytes: Vec<u8> = {
+        let h = field("f_handle:")?;
+        (0..h.len() / 2)
+            .map(|i| u8::from_str_radix(&h[i * 2..i * 2 + 2], 16))
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("bad f_handle in {line:?}"))?
+    };
+    // The kernel's dev_t: major in the bits above 20.
+    let (major, minor) = ((sdev >> 20) as u32, (sdev & 0xf_ffff) as u32);
+    let path = path_of_handle(major, minor, handle_type, &bytes)
+        .map_err(|e| format!("the file of inotify watch {wd} (inode {ino}): {e}"))?;
+    Ok(InotifyWatch {
+        wd,
+        mask,
+        path,
+        ino,
+        dev: libc::makedev(major, minor),
+    })
+}
+
+/// The path of a file given by a file handle on the filesystem `major:minor`
+/// (a mount of it is looked up in our mountinfo; needs CAP_DAC_READ_SEARCH).
+fn path_of_handle(
+    major: u32,
+    minor: u32,
+    handle_type: i32,
+    handle: &[u8],
+) -> Result<String, String> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let want = format!("{major}:{minor}");
+    let mount = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&want.as_str())).then(|| f.get(4).map(|m| m.to_string()))?
+        })
+        .ok_or_else(|| format!("no mount of device {want} here"))?;
+    let mount_fd = std::fs::File::open(&mount).map_err(|e| format!("{mount}: {e}"))?;
+    // struct file_handle: u32 handle_bytes, i32 handle_type, bytes.
+    let mut fh = Vec::with_capacity(8 + handle.len());
+    fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    fh.extend_from_slice(&handle_type.to_ne_bytes());
+    fh.extend_from_slice(handle);
+    // SAFETY: the handle buffer is ours and well formed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd.as_raw_fd(),
+            fh.as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "open_by_handle_at: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a new descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| e.to_string())?
+        .display()
+        .to_string();
+    if path.ends_with(" (deleted)") {
+        return Err(format!("{path}: deleted"));
+    }
+    Ok(path)
+}
+
+/// An inotify instance whose watches get their original descriptors: the
+/// kernel hands them out counting up from 1, so gaps (watches removed
+/// before the checkpoint) are filled with watches on scratch directories,
+/// removed again, and their events drained before the process sees them.
+fn rebuild(watches: &[InotifyWatch]) -> Result<OwnedFd, RestoreError> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: plain syscall.
+    let fd = owned(
+        unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) },
+        "inotify_init1",
+    )?;
+    let scratch = std::env::temp_dir().join(format!("cr-ebpf-inotify-{}", std::process::id()));
+    let mut fillers = Vec::new();
+    let add = |path: &std::path::Path, mask: u32| -> Result<i32, RestoreError> {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+            RestoreError::NotSupported(format!("an inotify path with a NUL: {}", path.display()))
+        })?;
+        // SAFETY: a NUL-terminated path of ours.
+        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            return Err(RestoreError::File {
+                path: path.display().to_string(),
+                what: format!(
+                    "(watched by inotify) cannot be watched again: {}",
+                    io::Error::last_os_error()
+                ),
+            });
+        }
+        Ok(wd)
+    };
+    let result = (|| {
+        let mut next = 1;
+        for w in watches {
+            while next < w.wd {
+                let dir = scratch.join(next.to_string());
+                std::fs::create_dir_all(&dir).map_err(|e| RestoreError::Syscall {
+                    call: format!("mkdir {}", dir.display()),
+                    err: e,
+                })?;
+                let got = add(&dir, libc::IN_IGNORED | libc::IN_DELETE_SELF)?;
+                fillers.push(got);
+                next = got + 1;
+            }
+            let meta = std::fs::metadata(&w.path).map_err(|e| RestoreError::File {
+                path: w.path.clone(),
+                what: format!("(watched by inotify) is gone: {e}"),
+            })?;
+            if meta.ino() != w.ino || meta.dev() != w.dev {
+                return Err(RestoreError::File {
+                    path: w.path.clone(),
+                    what: "(watched by inotify) was replaced since the checkpoint".into(),
+                });
+            }
+            let got = add(std::path::Path::new(&w.path), w.mask)?;
+            if got != w.wd {
+                return Err(RestoreError::NotSupported(format!(
+                    "inotify watch {} of {} came back as {got}",
+                    w.wd, w.path
+                )));
+            }
+            next = got + 1;
+        }
+        Ok(())
+    })();
+    for wd in fillers {
+        // SAFETY: removing a watch of ours.
+        unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) };
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    // The fillers' IN_IGNORED events: not for the process.
+    let mut buf = [0u8; 4096];
+    // SAFETY: reading our own nonblocking descriptor into our buffer.
+    while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    result?;
+    // Blocking again unless the process had it nonblocking (set by the stub).
+    // SAFETY: fcntl on our descriptor.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, 0) };
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+    use crate::fd::testing;
+
+    #[test]
+    fn watches_come_back_with_their_descriptors() {
+        let dir = testing::scratch("inotify");
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let watch = |wd, p: &std::path::Path, mask| {
+            let m = std::fs::metadata(p).unwrap();
+            InotifyWatch {
+                wd,
+                mask,
+                path: p.display().to_string(),
+                ino: m.ino(),
+                dev: m.dev(),
+            }
+        };
+        // Watch 1 and 3 were removed before the checkpoint: the gaps are
+        // filled and emptied again.
+        let info = FdInfo {
+            fd: 7,
+            kind: FdKind::Inotify,
+            state: FdState::Inotify(vec![
+                watch(2, &a, libc::IN_CREATE),
+                watch(4, &b, libc::IN_DELETE | libc::IN_MODIFY),
+            ]),
+            ..FdInfo::default()
+        };
+        let rec = testing::restore_one(&Inotify, &info);
+        let made = rec.adopted().pop().unwrap();
+        let text =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", made.as_raw_fd())).unwrap();
+        let wds: Vec<(String, String)> = text
+            .lines()
+            .filter(|l| l.starts_with("inotify wd:"))
+            .map(|l| {
+                let f = |k: &str| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix(k))
+                        .unwrap()
+                        .to_string()
+                };
+                (f("wd:"), f("mask:"))
+            })
+            .collect();
+        let mut wds = wds;
+        wds.sort();
+        assert_eq!(
+            wds,
+            [
+                ("2".to_string(), format!("{:x}", libc::IN_CREATE)),
+                (
+                    "4".to_string(),
+                    format!("{:x}", libc::IN_DELETE | libc::IN_MODIFY)
+                )
+            ]
+        );
+        // A watched directory replaced since the checkpoint is refused.
+        std::fs::create_dir(dir.join("c")).unwrap();
+        std::fs::remove_dir(&b).unwrap();
+        std::fs::rename(dir.join("c"), &b).unwrap();
+        let shared = super::super::Shared::default();
+        let shmem = std::collections::HashMap::new();
+        let rec = crate::sys::fake::Recording::new();
+        let cx = RestoreCx {
+            sys: &rec,
+            shared: &shared,
+            shmem: &shmem,
+        };
+        let err = Inotify.open(&cx, &info).unwrap_err();
+        assert!(err.to_string().contains("replaced"), "{err}");
+    }
+
+    #[test]
+    fn a_watch_whose_file_cannot_be_found_is_refused() {
+        let line = "inotify wd:1 ino:2 sdev:fff00000 mask:2 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:0000000000000000";
+        assert!(inotify_watch(line).is_err());
+        assert!(inotify_watch("inotify wd:x").is_err());
+    }
+}

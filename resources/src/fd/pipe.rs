@@ -1,0 +1,213 @@
+//! Pipes whose both ends the process (or its tree) holds: recreated with
+//! their buffer size and the bytes buffered in them, which are read at
+//! checkpoint time without being consumed (`tee` into a scratch pipe).
+
+use std::{
+    fs,
+    io::{self, Read as _},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::OpenOptionsExt as _,
+    },
+};
+
+use cr_ebpf_image::{FdInfo, FdKind};
+
+use super::{Descriptor, Prepare, RestoreCx, SaveCx, Seen, Shared};
+use crate::{error::proc_err, RestoreError, SaveError};
+
+/// One end of a pipe held inside what is checkpointed.
+pub struct Pipe;
+
+/// The bytes buffered in pipe `read_end` (a descriptor of ours on it), left
+/// in place: `tee` duplicates them into a scratch pipe, which we drain.
+fn peek_pipe(read_end: &OwnedFd, size: usize) -> io::Result<Vec<u8>> {
+    let (r, w) = pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK)?;
+    // SAFETY: fcntl on our own pipe.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    // SAFETY: tee between two pipes; nonblocking, so an empty pipe returns EAGAIN.
+    let n = unsafe {
+        libc::tee(
+            read_end.as_raw_fd(),
+            w.as_raw_fd(),
+            size,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(Vec::new());
+        }
+        return Err(e);
+    }
+    drop(w);
+    let mut data = Vec::with_capacity(n as usize);
+    fs::File::from(r).read_to_end(&mut data)?;
+    Ok(data)
+}
+
+fn pipe2(flags: i32) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are new descriptors we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A new pipe of `size` bytes holding `data`: (read end, write end).
+fn refilled(size: u32, data: &[u8]) -> Result<(OwnedFd, OwnedFd), RestoreError> {
+    let fail = |call: &str| {
+        let call = call.to_string();
+        move |err| RestoreError::Syscall { call, err }
+    };
+    let (r, w) = pipe2(libc::O_CLOEXEC).map_err(fail("pipe2"))?;
+    if size > 0 {
+        // SAFETY: fcntl on our pipe.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    }
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: writing our own buffer into our pipe.
+        let n =
+            unsafe { libc::write(w.as_raw_fd(), data[off..].as_ptr().cast(), data.len() - off) };
+        if n <= 0 {
+            return Err(fail("refilling a pipe")(io::Error::last_os_error()));
+        }
+        off += n as usize;
+    }
+    Ok((r, w))
+}
+
+impl Descriptor for Pipe {
+    fn kinds(&self) -> &'static [FdKind] {
+        &[FdKind::Pipe]
+    }
+
+    fn save(&self, cx: &mut SaveCx<'_>, seen: &Seen) -> Option<Result<FdInfo, SaveError>> {
+        if seen.file_type() != libc::S_IFIFO || !seen.link.starts_with("pipe:") {
+            return None;
+        }
+        let (r, w) = cx
+            .scope
+            .pipe_ends
+            .get(&seen.link)
+            .copied()
+            .unwrap_or_default();
+        if !(r && w) {
+            // Stdio to the outside is inherited; anything else is refused.
+            return (seen.fd > 2)
+                .then(|| Err(cx.refuse(seen.fd, "a pipe whose other end is outside the process")));
+        }
+        Some((|| {
+            let (pid, fd) = (cx.pid, seen.fd);
+            let mut info = seen.info(FdKind::Pipe);
+            let dup = cx.dup(fd)?;
+            // SAFETY: fcntl query on our duplicate.
+            let size = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            info.pipe_size = size.max(0) as u32;
+            if cx.scope.data_taken.insert(seen.link.clone()) {
+                // A read end of our own on the same pipe, for tee.
+                let path = format!("/proc/{pid}/fd/{fd}");
+                let reader = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&path)
+                    .map_err(proc_err(pid, path))?;
+                info.data = peek_pipe(&OwnedFd::from(reader), info.pipe_size as usize)
+                    .map_err(proc_err(pid, format!("contents of the pipe on fd {fd}")))?;
+            }
+            Ok(info)
+        })())
+    }
+
+    fn prepare(
+        &self,
+        fds: &[&FdInfo],
+        _opts: &Prepare,
+        shared: &mut Shared,
+    ) -> Result<(), RestoreError> {
+        for f in fds {
+            if shared.contains(FdKind::Pipe, f.inode) {
+                continue;
+            }
+            let same = fds.iter().filter(|g| g.inode == f.inode);
+            let size = same.clone().map(|g| g.pipe_size).max().unwrap_or(0);
+            let data = same
+                .map(|g| &g.data[..])
+                .find(|d| !d.is_empty())
+                .unwrap_or(&[]);
+            let (r, w) = refilled(size, data)?;
+            shared.insert(FdKind::Pipe, f.inode, 0, r);
+            shared.insert(FdKind::Pipe, f.inode, 1, w);
+        }
+        Ok(())
+    }
+
+    fn open(&self, cx: &RestoreCx<'_>, f: &FdInfo) -> Result<Option<i64>, RestoreError> {
+        let end = u8::from(f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY);
+        let ours = cx.shared.get(FdKind::Pipe, f.inode, end, f.fd)?;
+        cx.adopt(ours).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write as _, os::fd::AsRawFd as _};
+
+    use super::*;
+    use crate::{fd::testing, sys::fake::Event};
+
+    #[test]
+    fn a_pipe_with_buffered_bytes_round_trips() {
+        let (r, w) = pipe2(libc::O_CLOEXEC).unwrap();
+        fs::File::from(w.try_clone().unwrap())
+            .write_all(b"unread bytes")
+            .unwrap();
+        let saved = testing::save_own_many(&[r.as_raw_fd(), w.as_raw_fd()]);
+        assert!(saved.iter().all(|f| f.kind == FdKind::Pipe));
+        assert_eq!(saved[0].data, b"unread bytes");
+        assert!(saved[1].data.is_empty(), "the contents are stored once");
+        // The bytes are still there for the process.
+        let mut buf = [0u8; 64];
+        // SAFETY: reading our own pipe into our buffer.
+        let n = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), 64) };
+        assert_eq!(&buf[..n as usize], b"unread bytes");
+
+        let m = testing::manifest(saved.clone());
+        let (rec, shared) = testing::restore_keeping(&m);
+        let adopted: Vec<i32> = rec
+            .events()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Adopt { ours, .. } => Some(*ours),
+                _ => None,
+            })
+            .collect();
+        let read_end = shared.get(FdKind::Pipe, saved[0].inode, 0, 0).unwrap();
+        let write_end = shared.get(FdKind::Pipe, saved[0].inode, 1, 0).unwrap();
+        assert_eq!(adopted, [read_end.as_raw_fd(), write_end.as_raw_fd()]);
+        // SAFETY: as above, on the rebuilt pipe.
+        let n = unsafe { libc::read(read_end.as_raw_fd(), buf.as_mut_ptr().cast(), 64) };
+        assert_eq!(&buf[..n as usize], b"unread bytes");
+        let targets: Vec<i32> = rec.calls("dup3").iter().map(|a| a[1] as i32).collect();
+        assert_eq!(targets, [saved[0].fd, saved[1].fd]);
+    }
+
+    #[test]
+    fn a_pipe_to_the_outside_is_refused_above_stdio() {
+        let (r, _w) = pipe2(libc::O_CLOEXEC).unwrap();
+        let seen = testing::seen(r.as_raw_fd());
+        let mut owner = testing::SaveOwner::new();
+        owner
+            .scope
+            .add_pipe_end(seen.link.clone(), libc::O_RDONLY as u32);
+        let mut cx = owner.cx();
+        let err = Pipe.save(&mut cx, &seen).unwrap().unwrap_err();
+        assert!(err.to_string().contains("other end is outside"), "{err}");
+        let stdio = Seen { fd: 1, ..seen };
+        assert!(Pipe.save(&mut cx, &stdio).is_none(), "stdio is inherited");
+    }
+}

@@ -1,0 +1,34 @@
+//! Objects made once in the restorer for every process of a restore that
+//! holds them (a pipe or socket inherited across `fork` is one object), and
+//! handed to each process with `pidfd_getfd`.
+
+use std::{collections::HashMap, os::fd::OwnedFd};
+
+use cr_ebpf_image::FdKind;
+
+use crate::RestoreError;
+
+/// The shared objects, by kind, id (an inode) and part (a pipe's two ends).
+#[derive(Debug, Default)]
+pub struct Shared {
+    objects: HashMap<(u16, u64, u8), OwnedFd>,
+}
+
+impl Shared {
+    /// Keeps part `part` of object `id` of `kind`.
+    pub fn insert(&mut self, kind: FdKind, id: u64, part: u8, fd: OwnedFd) {
+        self.objects.insert((kind as u16, id, part), fd);
+    }
+
+    /// Whether object `id` of `kind` was made.
+    pub fn contains(&self, kind: FdKind, id: u64) -> bool {
+        self.objects.contains_key(&(kind as u16, id, 0))
+    }
+
+    /// Part `part` of object `id` of `kind`, or an error naming descriptor `fd`.
+    pub fn get(&self, kind: FdKind, id: u64, part: u8, fd: i32) -> Result<&OwnedFd, RestoreError> {
+        self.objects.get(&(kind as u16, id, part)).ok_or_else(|| {
+            RestoreError::NotSupported(format!("{kind:?} on descriptor {fd} was not rebuilt"))
+        })
+    }
+}

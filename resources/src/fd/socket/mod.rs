@@ -1,0 +1,633 @@
+//! Sockets: addresses, options, queued data, and established TCP
+//! connections, read from a duplicate of the frozen process's descriptor
+//! (same socket); rebuilt once per restore in the restorer and handed to
+//! every process that holds them.
+//!
+//! Covered: TCP (listening, established through `TCP_REPAIR` in [`tcp`],
+//! unconnected), UDP (bound, connected; queued datagrams are not kept, as
+//! a network may lose them), unix stream, datagram and seqpacket sockets
+//! ([`unix`]: socket pairs whose both ends are checkpointed, with their
+//! queued messages; named and unnamed listeners and bound sockets).
+//! Anything else is refused with what and where.
+
+mod diag;
+pub mod tcp;
+pub mod unix;
+
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use cr_ebpf_image::{FdInfo, FdKind, FdState, SockOpt, SocketInfo};
+
+use self::{
+    diag::UnixDiag,
+    tcp::{
+        closed_connection, tcp_connection, tcp_repair, tcp_state_name, TCP_CLOSE, TCP_ESTABLISHED,
+        TCP_LISTEN,
+    },
+    unix::{peek_messages, socketpair, unix_path},
+};
+use super::{Descriptor, Prepare, RestoreCx, SaveCx, Seen, Shared};
+use crate::{RestoreError, SaveError};
+
+/// Sockets of every family covered.
+pub struct Socket;
+
+impl Descriptor for Socket {
+    fn kinds(&self) -> &'static [FdKind] {
+        &[FdKind::Socket]
+    }
+
+    fn save(&self, cx: &mut SaveCx<'_>, seen: &Seen) -> Option<Result<FdInfo, SaveError>> {
+        if seen.file_type() != libc::S_IFSOCK {
+            return None;
+        }
+        Some((|| {
+            let (pid, fd) = (cx.pid, seen.fd);
+            let dup = cx.dup(fd)?;
+            let mut info = seen.info(FdKind::Socket);
+            let sock = save_socket(&dup, info.inode, cx.sockets).map_err(|e| match e {
+                SocketError::NotSupported(what) => cx.refuse(fd, what),
+                SocketError::Io(what, source) => SaveError::Proc {
+                    pid,
+                    path: format!("the socket on descriptor {fd} ({what})"),
+                    source,
+                },
+            })?;
+            if sock.tcp.is_some() {
+                cx.tcp.push((fd, dup));
+            }
+            info.state = FdState::Socket(Box::new(sock));
+            Ok(info)
+        })())
+    }
+
+    fn check_tree(&self, procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
+        unix::check_pairs(procs)
+    }
+
+    fn prepare(
+        &self,
+        fds: &[&FdInfo],
+        opts: &Prepare,
+        shared: &mut Shared,
+    ) -> Result<(), RestoreError> {
+        let sockets: Vec<(i32, &SocketInfo)> = fds
+            .iter()
+            .filter_map(|f| match &f.state {
+                FdState::Socket(s) => Some((f.fd, s.as_ref())),
+                _ => None,
+            })
+            .collect();
+        for (inode, fd) in build(&sockets, opts.close_connections)? {
+            shared.insert(FdKind::Socket, inode, 0, fd);
+        }
+        Ok(())
+    }
+
+    fn open(&self, cx: &RestoreCx<'_>, f: &FdInfo) -> Result<Option<i64>, RestoreError> {
+        let FdState::Socket(sock) = &f.state else {
+            return Err(RestoreError::NotSupported(format!(
+                "socket {} without its state",
+                f.fd
+            )));
+        };
+        let ours = cx.shared.get(FdKind::Socket, sock.inode, 0, f.fd)?;
+        cx.adopt(ours).map(Some)
+    }
+}
+
+/// Options saved for every socket, when `getsockopt` answers: level, name.
+/// Buffer sizes are saved but only set again for established TCP
+/// connections (whose queues must fit).
+pub const SAVED_OPTIONS: &[(i32, i32)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::SOL_SOCKET, libc::SO_LINGER),
+    (libc::SOL_SOCKET, libc::SO_PASSCRED),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+    (libc::SOL_SOCKET, libc::SO_SNDBUF),
+    (libc::SOL_SOCKET, libc::SO_RCVBUF),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+];
+
+/// Why a socket cannot be saved: a sentence for "not supported: ...".
+#[derive(Debug)]
+pub(super) enum SocketError {
+    NotSupported(String),
+    Io(&'static str, io::Error),
+}
+
+impl From<(&'static str, io::Error)> for SocketError {
+    fn from((what, e): (&'static str, io::Error)) -> Self {
+        Self::Io(what, e)
+    }
+}
+
+pub(super) fn getsockopt(fd: &OwnedFd, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut n = len as libc::socklen_t;
+    // SAFETY: the buffer and its length describe our own memory.
+    let r =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &mut n) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+pub(super) fn getsockopt_int(fd: &OwnedFd, level: i32, name: i32) -> io::Result<i32> {
+    let v = getsockopt(fd, level, name, 4)?;
+    Ok(i32::from_ne_bytes(
+        v.get(..4).unwrap_or(&[0; 4]).try_into().expect("4"),
+    ))
+}
+
+pub(super) fn setsockopt_int(fd: &OwnedFd, level: i32, name: i32, v: i32) -> io::Result<()> {
+    // SAFETY: a 4-byte value of ours.
+    let r = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (&v as *const i32).cast(), 4) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `getsockname` or `getpeername` as raw `sockaddr` bytes; empty for none.
+fn address(fd: &OwnedFd, peer: bool) -> io::Result<Vec<u8>> {
+    // SAFETY: zeroed sockaddr_storage is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let p = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
+    // SAFETY: the storage and its length are ours.
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd.as_raw_fd(), p, &mut len)
+        } else {
+            libc::getsockname(fd.as_raw_fd(), p, &mut len)
+        }
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            return Ok(Vec::new());
+        }
+        return Err(e);
+    }
+    // SAFETY: the kernel wrote `len` bytes (bounded by the storage size).
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&ss as *const libc::sockaddr_storage).cast::<u8>(),
+            (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>()),
+        )
+    };
+    Ok(bytes.to_vec())
+}
+
+/// Whether an inet address is the unbound one (any address, port 0).
+fn unbound_inet(addr: &[u8]) -> bool {
+    addr.len() < 4 || (addr[2] == 0 && addr[3] == 0 && addr[4..].iter().all(|b| *b == 0))
+}
+
+/// Socket facts shared by every socket of one checkpoint (asked once).
+#[derive(Default)]
+pub struct Context {
+    unix: Option<HashMap<u64, UnixDiag>>,
+    backlogs: HashMap<i32, HashMap<u64, u32>>,
+}
+
+impl Context {
+    fn unix(&mut self, ino: u64) -> Result<UnixDiag, SocketError> {
+        if self.unix.is_none() {
+            self.unix = Some(diag::unix_sockets().map_err(|e| ("sock_diag (unix)", e))?);
+        }
+        Ok(self
+            .unix
+            .as_ref()
+            .and_then(|m| m.get(&ino).copied())
+            .unwrap_or_default())
+    }
+
+    fn backlog(&mut self, family: i32, ino: u64) -> Result<u32, SocketError> {
+        let m = match self.backlogs.entry(family) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(diag::tcp_backlogs(family).map_err(|e| ("sock_diag (tcp)", e))?)
+            }
+        };
+        Ok(m.get(&ino).copied().unwrap_or(128))
+    }
+}
+
+/// Saves the socket `dup` (a duplicate of the process's descriptor) whose
+/// `/proc` link is `socket:[inode]`.
+fn save_socket(dup: &OwnedFd, inode: u64, ctx: &mut Context) -> Result<SocketInfo, SocketError> {
+    let int = |level, name, what: &'static str| {
+        getsockopt_int(dup, level, name).map_err(|e| SocketError::Io(what, e))
+    };
+    let family = int(libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?;
+    let sock_type = int(libc::SOL_SOCKET, libc::SO_TYPE, "SO_TYPE")?;
+    let protocol = int(libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
+    let listening = int(libc::SOL_SOCKET, libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? != 0;
+    let mut s = SocketInfo {
+        family: family as u16,
+        sock_type: sock_type as u16,
+        protocol: protocol as u32,
+        listening,
+        inode,
+        local: address(dup, false).map_err(|e| ("getsockname", e))?,
+        peer: address(dup, true).map_err(|e| ("getpeername", e))?,
+        ..SocketInfo::default()
+    };
+    for &(level, name) in SAVED_OPTIONS {
+        if (level == libc::IPPROTO_TCP && protocol != libc::IPPROTO_TCP)
+            || (level == libc::IPPROTO_IPV6 && family != libc::AF_INET6)
+        {
+            continue;
+        }
+        let len = if name == libc::SO_LINGER && level == libc::SOL_SOCKET {
+            8
+        } else {
+            4
+        };
+        if let Ok(value) = getsockopt(dup, level, name, len) {
+            s.options.push(SockOpt { level, name, value });
+        }
+    }
+    match (family, sock_type) {
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM) if protocol == libc::IPPROTO_TCP => {
+            let info = getsockopt(dup, libc::IPPROTO_TCP, libc::TCP_INFO, 8)
+                .map_err(|e| ("TCP_INFO", e))?;
+            match info.first().copied().unwrap_or(0) {
+                TCP_LISTEN => s.backlog = ctx.backlog(family, inode)?,
+                TCP_ESTABLISHED => s.tcp = Some(tcp_repair(dup)?),
+                TCP_CLOSE => {
+                    if unbound_inet(&s.local) {
+                        s.local.clear();
+                    }
+                }
+                other => {
+                    return Err(SocketError::NotSupported(format!(
+                        "a TCP connection in state {}",
+                        tcp_state_name(other)
+                    )))
+                }
+            }
+        }
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM) => {
+            // Datagrams queued for a UDP socket are not kept (as a network
+            // would, they may be lost); the socket itself is.
+            if unbound_inet(&s.local) {
+                s.local.clear();
+            }
+        }
+        (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
+            let d = ctx.unix(inode)?;
+            s.peer_inode = d.peer;
+            if listening {
+                s.backlog = d.backlog;
+            } else {
+                s.queue = peek_messages(dup, sock_type == libc::SOCK_STREAM)?;
+            }
+            // An unbound unix socket's name is just the family.
+            if s.local.len() <= 2 {
+                s.local.clear();
+            }
+            if s.peer.len() <= 2 {
+                s.peer.clear();
+            }
+        }
+        _ => {
+            return Err(SocketError::NotSupported(format!(
+                "a socket of family {family}, type {sock_type}, protocol {protocol}"
+            )))
+        }
+    }
+    Ok(s)
+}
+
+pub(super) fn fail(call: impl Into<String>) -> impl FnOnce(io::Error) -> RestoreError {
+    let call = call.into();
+    move |err| RestoreError::Syscall { call, err }
+}
+
+pub(super) fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+pub(super) fn setsockopt(fd: &OwnedFd, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
+    // SAFETY: the value is our own buffer of the given length.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    })
+}
+
+pub(super) fn set_int(fd: &OwnedFd, level: i32, name: i32, v: i32) -> io::Result<()> {
+    setsockopt(fd, level, name, &v.to_ne_bytes())
+}
+
+pub(super) fn socket(s: &SocketInfo) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            s.family as i32,
+            s.sock_type as i32 | libc::SOCK_CLOEXEC,
+            s.protocol as i32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn sockaddr(addr: &[u8]) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let n = addr
+        .len()
+        .min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: copying at most the storage's size.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            addr.as_ptr(),
+            (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
+            n,
+        )
+    };
+    (ss, n as libc::socklen_t)
+}
+
+pub(super) fn bind(fd: &OwnedFd, addr: &[u8]) -> io::Result<()> {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: a sockaddr of ours.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })
+}
+
+pub(super) fn connect(fd: &OwnedFd, addr: &[u8]) -> io::Result<()> {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: a sockaddr of ours.
+    check(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })
+}
+
+/// Sends all of `data` (one message), retrying short writes of a stream.
+pub(super) fn send_all(fd: &OwnedFd, data: &[u8], flags: i32) -> io::Result<()> {
+    let mut off = 0;
+    loop {
+        // SAFETY: sending our own buffer.
+        let n = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                data[off..].as_ptr().cast(),
+                data.len() - off,
+                flags | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        off += n as usize;
+        if off >= data.len() {
+            return Ok(());
+        }
+    }
+}
+
+/// Options as saved, before binding; buffer sizes are left to the kernel
+/// (they are forced for TCP connections only, whose queues must fit).
+pub(super) fn apply_options(
+    fd: &OwnedFd,
+    s: &SocketInfo,
+    skip_reuseaddr: bool,
+) -> Result<(), RestoreError> {
+    for o in &s.options {
+        let buffer =
+            o.level == libc::SOL_SOCKET && matches!(o.name, libc::SO_SNDBUF | libc::SO_RCVBUF);
+        let reuse = o.level == libc::SOL_SOCKET && o.name == libc::SO_REUSEADDR;
+        if buffer || (reuse && skip_reuseaddr) {
+            continue;
+        }
+        setsockopt(fd, o.level, o.name, &o.value).map_err(fail(format!(
+            "setsockopt({}, {}) on a restored socket",
+            o.level, o.name
+        )))?;
+    }
+    Ok(())
+}
+
+pub(super) fn option_int(s: &SocketInfo, level: i32, name: i32) -> Option<i32> {
+    s.options
+        .iter()
+        .find(|o| o.level == level && o.name == name)
+        .and_then(|o| Some(i32::from_ne_bytes(o.value.get(..4)?.try_into().ok()?)))
+}
+
+/// Any socket but a connected unix pair.
+fn single(s: &SocketInfo, close_connections: bool) -> Result<OwnedFd, RestoreError> {
+    if let Some(t) = &s.tcp {
+        if close_connections {
+            return closed_connection(s, t);
+        }
+        return tcp_connection(s, t);
+    }
+    let fd = socket(s).map_err(fail(format!("socket({}, {})", s.family, s.sock_type)))?;
+    apply_options(&fd, s, false)?;
+    if !s.local.is_empty() {
+        if s.family == libc::AF_UNIX as u16 {
+            // A socket file left by the dead process: only a socket is removed.
+            if let Some(p) = unix_path(&s.local) {
+                use std::os::unix::fs::FileTypeExt as _;
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        bind(&fd, &s.local).map_err(fail("bind (restored socket)"))?;
+    }
+    if s.listening {
+        // SAFETY: plain syscall on our socket.
+        check(unsafe { libc::listen(fd.as_raw_fd(), s.backlog.max(1) as i32) })
+            .map_err(fail("listen (restored socket)"))?;
+    } else if !s.peer.is_empty() {
+        connect(&fd, &s.peer).map_err(fail("connect (restored socket)"))?;
+    }
+    Ok(fd)
+}
+
+/// Every socket of `sockets` (descriptor number, socket) once, by inode (a
+/// socket open under several numbers, or in several processes, is one
+/// socket). With `close_connections`, established TCP connections are
+/// closed instead of re-established.
+fn build(
+    sockets: &[(i32, &SocketInfo)],
+    close_connections: bool,
+) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
+    let by_inode: HashMap<u64, &SocketInfo> = sockets.iter().map(|(_, s)| (s.inode, *s)).collect();
+    let mut made: HashMap<u64, OwnedFd> = HashMap::new();
+    for (_, s) in sockets {
+        if made.contains_key(&s.inode) {
+            continue;
+        }
+        match by_inode.get(&s.peer_inode) {
+            Some(peer) if s.family == libc::AF_UNIX as u16 && s.peer_inode != 0 => {
+                let (a, b) = socketpair(s).map_err(fail("socketpair"))?;
+                // Each end's queue was written by the other end.
+                for (to, from) in [(s, &b), (peer, &a)] {
+                    for m in &to.queue {
+                        send_all(from, m, libc::MSG_DONTWAIT)
+                            .map_err(fail("refilling a unix socket's queue"))?;
+                    }
+                }
+                made.insert(s.inode, a);
+                made.insert(peer.inode, b);
+            }
+            _ => {
+                made.insert(s.inode, single(s, close_connections)?);
+            }
+        }
+    }
+    Ok(made)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        os::{fd::AsRawFd as _, unix::net::UnixStream},
+    };
+
+    use super::*;
+    use crate::fd::testing;
+
+    #[test]
+    fn a_unix_socket_pair_comes_back_with_its_queued_bytes() {
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(b"to b").unwrap();
+        (&b).write_all(b"to a").unwrap();
+        let saved = testing::save_own_many(&[a.as_raw_fd(), b.as_raw_fd()]);
+        let (sa, sb) = match (&saved[0].state, &saved[1].state) {
+            (FdState::Socket(x), FdState::Socket(y)) => (x.clone(), y.clone()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((sa.peer_inode, sb.peer_inode), (sb.inode, sa.inode));
+        assert_eq!(
+            (sa.queue.clone(), sb.queue.clone()),
+            (vec![b"to a".to_vec()], vec![b"to b".to_vec()])
+        );
+        // Left in place for the process.
+        let mut buf = [0u8; 4];
+        (&a).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"to a");
+
+        let (rec, shared) = testing::restore_keeping(&testing::manifest(saved.clone()));
+        assert_eq!(rec.names().iter().filter(|n| *n == "adopt").count(), 2);
+        let na = UnixStream::from(
+            shared
+                .get(FdKind::Socket, sa.inode, 0, 0)
+                .unwrap()
+                .try_clone()
+                .unwrap(),
+        );
+        let nb = UnixStream::from(
+            shared
+                .get(FdKind::Socket, sb.inode, 0, 0)
+                .unwrap()
+                .try_clone()
+                .unwrap(),
+        );
+        (&na).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"to a");
+        (&nb).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"to b");
+        (&na).write_all(b"ping").unwrap();
+        (&nb).read_exact(&mut buf).unwrap();
+        assert_eq!(
+            &buf, b"ping",
+            "the rebuilt ends are connected to each other"
+        );
+    }
+
+    #[test]
+    fn one_end_of_a_pair_alone_is_refused() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut owner = testing::SaveOwner::new();
+        let info = Socket
+            .save(&mut owner.cx(), &testing::seen(a.as_raw_fd()))
+            .unwrap()
+            .unwrap();
+        let err = Socket.check_tree(&[(1, &[info][..])]).unwrap_err();
+        assert!(
+            err.to_string().contains("connected to a socket outside"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tcp_listener_and_a_udp_socket_are_bound_again() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.connect(l.local_addr().unwrap()).unwrap();
+        let saved = testing::save_own_many(&[l.as_raw_fd(), u.as_raw_fd()]);
+        let (sl, su) = match (&saved[0].state, &saved[1].state) {
+            (FdState::Socket(x), FdState::Socket(y)) => (x.clone(), y.clone()),
+            other => panic!("{other:?}"),
+        };
+        assert!(sl.listening && sl.backlog > 0);
+        assert_eq!(su.sock_type as i32, libc::SOCK_DGRAM);
+        let (l_addr, u_addr) = (l.local_addr().unwrap(), u.local_addr().unwrap());
+        drop((l, u)); // the process is gone: its addresses are free again
+        let (_rec, shared) = testing::restore_keeping(&testing::manifest(saved));
+        let nl = std::net::TcpListener::from(
+            shared
+                .get(FdKind::Socket, sl.inode, 0, 0)
+                .unwrap()
+                .try_clone()
+                .unwrap(),
+        );
+        let nu = std::net::UdpSocket::from(
+            shared
+                .get(FdKind::Socket, su.inode, 0, 0)
+                .unwrap()
+                .try_clone()
+                .unwrap(),
+        );
+        assert_eq!(nl.local_addr().unwrap(), l_addr);
+        assert_eq!(nu.local_addr().unwrap(), u_addr);
+        assert_eq!(nu.peer_addr().unwrap(), l_addr);
+        let c = std::net::TcpStream::connect(l_addr).unwrap();
+        let (s, _) = nl.accept().unwrap();
+        assert_eq!(s.peer_addr().unwrap(), c.local_addr().unwrap());
+    }
+}

@@ -1,0 +1,286 @@
+//! Established TCP connections through `TCP_REPAIR`: saved from a
+//! duplicate of the frozen process's socket (sequence numbers, both queues,
+//! MSS, window scaling, SACK, timestamps, the window), and rebuilt in the
+//! restorer without a handshake, or closed with a reset when asked.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, OwnedFd},
+};
+
+use cr_ebpf_image::{SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
+
+use super::{
+    apply_options, bind, connect, fail, getsockopt, getsockopt_int, option_int, send_all, set_int,
+    setsockopt, setsockopt_int, socket, SocketError,
+};
+use crate::RestoreError;
+
+/// `TCP_REPAIR`: the socket in repair mode (no packets; state settable).
+pub(super) const TCP_REPAIR: i32 = 19;
+const TCP_REPAIR_QUEUE: i32 = 20;
+const TCP_QUEUE_SEQ: i32 = 21;
+const TCP_REPAIR_OPTIONS: i32 = 22;
+const TCP_TIMESTAMP: i32 = 24;
+const TCP_REPAIR_WINDOW: i32 = 29;
+const TCP_RECV_QUEUE: i32 = 1;
+const TCP_SEND_QUEUE: i32 = 2;
+const TCP_NO_QUEUE: i32 = 0;
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+/// `TCP_INFO` states.
+pub(super) const TCP_ESTABLISHED: u8 = 1;
+pub(super) const TCP_CLOSE: u8 = 7;
+pub(super) const TCP_LISTEN: u8 = 10;
+const TCPOPT_MAXSEG: u32 = 2;
+const TCPOPT_WINDOW: u32 = 3;
+const TCPOPT_SACK_PERM: u32 = 4;
+const TCPOPT_TIMESTAMP: u32 = 8;
+
+/// Puts a duplicate of a connection in repair mode (`on`) or out of it: a
+/// socket closed in repair mode sends nothing to its peer.
+pub fn repair_mode(fd: &OwnedFd, on: bool) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, i32::from(on))
+}
+
+fn ioctl_int(fd: &OwnedFd, req: libc::c_ulong) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: the request writes one int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut v) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// Reads (without consuming) up to `cap` bytes of the selected queue.
+fn peek(fd: &OwnedFd, cap: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; cap.max(1)];
+    // SAFETY: our buffer.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(Vec::new());
+        }
+        return Err(e);
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// Reads one TCP connection's state in repair mode; the socket is back in
+/// normal mode afterwards (with `SO_REUSEADDR` as it was), whatever happens.
+pub(super) fn tcp_repair(fd: &OwnedFd) -> Result<TcpRepair, SocketError> {
+    let reuse = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)
+        .map_err(|e| ("SO_REUSEADDR", e))?;
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            SocketError::NotSupported(
+                "an established TCP connection without CAP_NET_ADMIN (TCP_REPAIR)".into(),
+            )
+        } else {
+            SocketError::Io("TCP_REPAIR", e)
+        }
+    })?;
+    let r = read_repair(fd);
+    // Leaving repair mode resets SO_REUSEADDR: put it back.
+    let off = setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 0);
+    let re = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuse);
+    let r = r?;
+    off.map_err(|e| ("leaving TCP_REPAIR", e))?;
+    re.map_err(|e| ("SO_REUSEADDR", e))?;
+    Ok(r)
+}
+
+fn read_repair(fd: &OwnedFd) -> Result<TcpRepair, SocketError> {
+    let int = |level, name, what: &'static str| {
+        getsockopt_int(fd, level, name).map_err(|e| SocketError::Io(what, e))
+    };
+    let queue = |q: i32| {
+        setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, q)
+            .map_err(|e| SocketError::Io("TCP_REPAIR_QUEUE", e))
+    };
+    let check = |len: usize| {
+        if len > SOCKET_QUEUE_CAP {
+            Err(SocketError::NotSupported(format!(
+                "a TCP queue over {} MiB",
+                SOCKET_QUEUE_CAP >> 20
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    // The peer may still deliver data (the process is frozen, the network
+    // is not): the receive queue is read until its end stops moving.
+    queue(TCP_RECV_QUEUE)?;
+    let (recv_seq, recv_queue) = {
+        let mut tries = 0;
+        loop {
+            let end = int(libc::IPPROTO_TCP, TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
+            let inq = ioctl_int(fd, libc::FIONREAD).map_err(|e| ("SIOCINQ", e))? as usize;
+            check(inq)?;
+            let data = peek(fd, inq + 65536).map_err(|e| ("reading the receive queue", e))?;
+            let again = int(libc::IPPROTO_TCP, TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
+            tries += 1;
+            if again == end || tries > 20 {
+                break (end.wrapping_sub(data.len() as u32), data);
+            }
+        }
+    };
+    queue(TCP_SEND_QUEUE)?;
+    let write_seq = int(libc::IPPROTO_TCP, TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
+    let outq = ioctl_int(fd, libc::TIOCOUTQ).map_err(|e| ("SIOCOUTQ", e))? as usize;
+    check(outq)?;
+    let unsent = ioctl_int(fd, SIOCOUTQNSD).map_err(|e| ("SIOCOUTQNSD", e))? as u32;
+    let send_queue = peek(fd, outq).map_err(|e| ("reading the send queue", e))?;
+    queue(TCP_NO_QUEUE)?;
+    let mss = int(libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")? as u32;
+    let timestamp = int(libc::IPPROTO_TCP, TCP_TIMESTAMP, "TCP_TIMESTAMP")? as u32;
+    let w = getsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, 20)
+        .map_err(|e| ("TCP_REPAIR_WINDOW", e))?;
+    let mut window = [0u32; 5];
+    for (i, v) in window.iter_mut().enumerate() {
+        *v = u32::from_ne_bytes(
+            w.get(i * 4..i * 4 + 4)
+                .unwrap_or(&[0; 4])
+                .try_into()
+                .expect("4"),
+        );
+    }
+    let info = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, 8).map_err(|e| ("TCP_INFO", e))?;
+    Ok(TcpRepair {
+        send_seq: write_seq.wrapping_sub(send_queue.len() as u32),
+        recv_seq,
+        unsent: unsent.min(send_queue.len() as u32),
+        send_queue,
+        recv_queue,
+        mss,
+        timestamp,
+        options: info.get(5).copied().unwrap_or(0),
+        snd_wscale: info.get(6).copied().unwrap_or(0) & 0xf,
+        rcv_wscale: info.get(6).copied().unwrap_or(0) >> 4,
+        window,
+    })
+}
+
+pub(super) fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        2 => "SYN-SENT",
+        3 => "SYN-RECV",
+        4 => "FIN-WAIT-1",
+        5 => "FIN-WAIT-2",
+        6 => "TIME-WAIT",
+        8 => "CLOSE-WAIT",
+        9 => "LAST-ACK",
+        11 => "CLOSING",
+        _ => "unknown",
+    }
+}
+
+/// An established TCP connection, rebuilt without a handshake.
+pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
+    let fd = socket(s).map_err(fail("socket (TCP connection)"))?;
+    // The queues must fit: the buffers as they were (the kernel doubles these).
+    for (name, saved) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
+        if let Some(v) = option_int(s, libc::SOL_SOCKET, saved) {
+            set_int(&fd, libc::SOL_SOCKET, name, v / 2)
+                .map_err(fail("SO_SNDBUFFORCE/SO_RCVBUFFORCE"))?;
+        }
+    }
+    set_int(&fd, libc::IPPROTO_TCP, TCP_REPAIR, 1).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            RestoreError::NotSupported(
+                "re-establishing a TCP connection needs CAP_NET_ADMIN (TCP_REPAIR)".into(),
+            )
+        } else {
+            fail("setsockopt(TCP_REPAIR)")(e)
+        }
+    })?;
+    let tcp = |name, v: i32, what: &str| {
+        set_int(&fd, libc::IPPROTO_TCP, name, v).map_err(fail(what.to_string()))
+    };
+    // In repair mode binding succeeds next to a listener on the same port.
+    bind(&fd, &s.local).map_err(fail("bind (TCP connection)"))?;
+    tcp(TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")?;
+    tcp(TCP_QUEUE_SEQ, t.recv_seq as i32, "TCP_QUEUE_SEQ (receive)")?;
+    tcp(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")?;
+    tcp(TCP_QUEUE_SEQ, t.send_seq as i32, "TCP_QUEUE_SEQ (send)")?;
+    tcp(TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE")?;
+    // No SYN: the socket becomes established as it was.
+    connect(&fd, &s.peer).map_err(fail("connect (TCP repair)"))?;
+    let mut opts: Vec<u8> = Vec::new();
+    let mut opt = |code: u32, val: u32| {
+        opts.extend_from_slice(&code.to_ne_bytes());
+        opts.extend_from_slice(&val.to_ne_bytes());
+    };
+    opt(TCPOPT_MAXSEG, t.mss);
+    if t.options & 4 != 0 {
+        opt(
+            TCPOPT_WINDOW,
+            t.snd_wscale as u32 | (t.rcv_wscale as u32) << 16,
+        );
+    }
+    if t.options & 2 != 0 {
+        opt(TCPOPT_SACK_PERM, 0);
+    }
+    if t.options & 1 != 0 {
+        opt(TCPOPT_TIMESTAMP, 0);
+    }
+    setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_OPTIONS, &opts)
+        .map_err(fail("TCP_REPAIR_OPTIONS"))?;
+    // The peer checks timestamps: the connection's own clock goes on.
+    tcp(TCP_TIMESTAMP, t.timestamp as i32, "TCP_TIMESTAMP")?;
+    let sent = t.send_queue.len() - t.unsent as usize;
+    if sent > 0 {
+        tcp(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")?;
+        send_all(&fd, &t.send_queue[..sent], 0).map_err(fail("refilling the TCP send queue"))?;
+    }
+    if !t.recv_queue.is_empty() {
+        tcp(TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")?;
+        send_all(&fd, &t.recv_queue, 0).map_err(fail("refilling the TCP receive queue"))?;
+    }
+    tcp(TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE")?;
+    let mut w = Vec::with_capacity(20);
+    for v in t.window {
+        w.extend_from_slice(&v.to_ne_bytes());
+    }
+    setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(fail("TCP_REPAIR_WINDOW"))?;
+    apply_options(&fd, s, true)?;
+    tcp(TCP_REPAIR, 0, "leaving TCP_REPAIR")?;
+    // Leaving repair mode cleared SO_REUSEADDR.
+    if let Some(v) = option_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR) {
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, v).map_err(fail("SO_REUSEADDR"))?;
+    }
+    // What the process wrote and the kernel had not sent yet goes out now.
+    if t.unsent > 0 {
+        send_all(&fd, &t.send_queue[sent..], 0).map_err(fail("sending the unsent TCP bytes"))?;
+    }
+    Ok(fd)
+}
+
+/// An established TCP connection closed instead of restored: the peer
+/// gets a reset (through the connection rebuilt for a moment, when that is
+/// possible), the process an unconnected socket in its place, on which its
+/// reads and writes fail as on a connection that broke.
+pub(super) fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
+    if let Ok(fd) = tcp_connection(s, t) {
+        // SO_LINGER {on, 0 s}: close sends RST.
+        let _ = setsockopt(
+            &fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &[1, 0, 0, 0, 0, 0, 0, 0],
+        );
+        drop(fd);
+    }
+    socket(s).map_err(fail("socket (closed TCP connection)"))
+}

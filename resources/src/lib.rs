@@ -1,0 +1,22 @@
+//! Every kind of resource cr-ebpf saves and restores, one file each: the
+//! save side (what the frozen process's `/proc` entries and a duplicate of
+//! its descriptor show), the restore side (syscalls in the restorer and
+//! syscalls injected into the stub through [`sys::Sys`]) and a round-trip
+//! unit test driven by the recording fake [`sys::fake::Recording`].
+//!
+//! * [`fd`]: descriptors, behind the [`fd::Descriptor`] trait and the
+//!   registry [`fd::KINDS`] (files, pipes, sockets, epoll, eventfd, timerfd,
+//!   signalfd, inotify, pidfd, memfd, inherited stdio).
+//! * [`shmem`]: shared memory objects (shared anonymous memory, memfds,
+//!   System V segments, tmpfs files mapped shared).
+//! * [`proc`]: what `/proc/PID/{stat,status,maps}` say, parsed once.
+//!
+//! `docs/ARCHITECTURE.md` has the recipe for adding a resource kind.
+
+pub mod error;
+pub mod fd;
+pub mod proc;
+pub mod shmem;
+pub mod sys;
+
+pub use error::{proc_err, RestoreError, SaveError};
