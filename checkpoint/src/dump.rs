@@ -105,6 +105,7 @@ impl From<cr_ebpf_resources::SaveError> for DumpError {
     fn from(e: cr_ebpf_resources::SaveError) -> Self {
         use cr_ebpf_resources::SaveError as S;
         match e {
+            S::Trace { pid, source } => Self::Trace { pid, source },
             S::Proc { pid, path, source } => Self::Proc { pid, path, source },
             S::NotSupported { pid, what } => Self::NotSupported { pid, what },
             S::NotSupportedFd { pid, fd, what } => Self::NotSupportedFd { pid, fd, what },

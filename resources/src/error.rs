@@ -7,6 +7,16 @@ use cr_ebpf_tracee::TraceError;
 /// resumed by the caller; nothing is published.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
+    /// Inspecting the process with ptrace (or a syscall injected into it)
+    /// failed.
+    #[error("freezing or inspecting process {pid}")]
+    Trace {
+        /// The process.
+        pid: i32,
+        /// The cause.
+        #[source]
+        source: TraceError,
+    },
     /// Reading /proc (or asking a duplicate of a descriptor) failed.
     #[error("reading {path} of process {pid}")]
     Proc {

@@ -7,6 +7,10 @@
 //! * [`fd`]: descriptors, behind the [`fd::Descriptor`] trait and the
 //!   registry [`fd::KINDS`] (files, pipes, sockets, epoll, eventfd, timerfd,
 //!   signalfd, inotify, pidfd, memfd, inherited stdio).
+//! * [`process`]: process-wide state behind the [`process::ProcessKind`]
+//!   trait and the registry [`process::KINDS`] (mm fields, cwd/umask/limits,
+//!   signal handlers, threads, pending signals, interval and POSIX timers),
+//!   each declaring the logged syscalls that invalidate its saved answers.
 //! * [`shmem`]: shared memory objects (shared anonymous memory, memfds,
 //!   System V segments, tmpfs files mapped shared).
 //! * [`proc`]: what `/proc/PID/{stat,status,maps}` say, parsed once.
@@ -16,6 +20,7 @@
 pub mod error;
 pub mod fd;
 pub mod proc;
+pub mod process;
 pub mod shmem;
 pub mod sys;
 

@@ -22,6 +22,8 @@
 //! a single image or any checkpoint of a chain. Process trees, sockets and
 //! shared memory come next.
 
+mod build;
+mod release;
 mod stub;
 mod tree;
 

@@ -137,7 +137,7 @@ pub(crate) fn restore_tree(
     for p in tree.processes.iter().rev().filter(|p| p.zombie.is_none()) {
         let (t, guard) = stubs.remove(&p.pid).expect("made above");
         let chain = &chains[&p.pid];
-        let r = stub::build_in(
+        let r = crate::build::build_in(
             t,
             guard,
             chain.manifest(),
@@ -152,7 +152,7 @@ pub(crate) fn restore_tree(
     }
     // Then let all of them run.
     for r in ready {
-        let (_, p, f) = stub::release(r)?;
+        let (_, p, f) = crate::release::release(r)?;
         pages += p;
         fill += f;
     }

@@ -1,0 +1,109 @@
+//! What `/proc` shows of the process itself: working directory, umask,
+//! execution domain, resource limits and credentials. Restored with
+//! `chdir`, `umask`, `personality` and `prlimit64`; credentials are checked
+//! against the restorer's before anything starts (not set).
+
+use cr_ebpf_image::ProcessInfo;
+
+use super::{Phase, ProcessKind, SaveCx};
+use crate::{error::proc_err, proc, sys::Sys, RestoreError, SaveError};
+
+/// cwd, umask, personality, rlimits, credentials.
+pub struct Settings;
+
+impl ProcessKind for Settings {
+    fn name(&self) -> &'static str {
+        "working directory, umask, personality, limits"
+    }
+
+    fn phase(&self) -> Phase {
+        Phase::Process
+    }
+
+    fn save(&self, cx: &mut SaveCx<'_>, p: &mut ProcessInfo) -> Result<(), SaveError> {
+        let pid = cx.pid;
+        let status = format!("/proc/{pid}/status");
+        p.creds = proc::creds(pid).map_err(proc_err(pid, status.clone()))?;
+        p.umask = proc::umask(pid).map_err(proc_err(pid, status))?;
+        p.personality =
+            proc::personality(pid).map_err(proc_err(pid, format!("/proc/{pid}/personality")))?;
+        p.cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .map_err(proc_err(pid, format!("/proc/{pid}/cwd")))?
+            .display()
+            .to_string();
+        p.rlimits = proc::rlimits(pid).map_err(proc_err(pid, "prlimit64".into()))?;
+        Ok(())
+    }
+
+    fn restore(&self, sys: &dyn Sys, p: &ProcessInfo) -> Result<(), RestoreError> {
+        let mut cwd = p.cwd.clone().into_bytes();
+        cwd.push(0);
+        if cwd.len() as u64 <= crate::sys::PAGE {
+            let at = sys.put(0, &cwd)?;
+            sys.call("chdir", libc::SYS_chdir, [at, 0, 0, 0, 0, 0])
+                .map_err(|e| RestoreError::File {
+                    path: p.cwd.clone(),
+                    what: format!("(the working directory) cannot be entered: {e}"),
+                })?;
+        }
+        sys.call("umask", libc::SYS_umask, [p.umask as u64, 0, 0, 0, 0, 0])?;
+        sys.call(
+            "personality",
+            libc::SYS_personality,
+            [p.personality as u64, 0, 0, 0, 0, 0],
+        )?;
+        for (res, &(cur, max)) in p.rlimits.iter().enumerate() {
+            let mut lim = cur.to_le_bytes().to_vec();
+            lim.extend_from_slice(&max.to_le_bytes());
+            let at = sys.put(0, &lim)?;
+            sys.call(
+                "prlimit64",
+                libc::SYS_prlimit64,
+                [0, res as u64, at, 0, 0, 0],
+            )
+            .map_err(|e| {
+                RestoreError::NotSupported(format!(
+                    "resource limit {res} of the image ({cur}, {max}) cannot be set here \
+                     (raising a hard limit needs CAP_SYS_RESOURCE): {e}"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::fake::Recording;
+
+    #[test]
+    fn directory_mask_domain_and_limits_are_set_in_order() {
+        let p = ProcessInfo {
+            cwd: "/var/lib/x".into(),
+            umask: 0o027,
+            personality: 0x0040_0000,
+            rlimits: vec![(1, 2), (u64::MAX, u64::MAX)],
+            ..ProcessInfo::default()
+        };
+        let rec = Recording::new();
+        Settings.restore(&rec, &p).unwrap();
+        assert_eq!(
+            rec.names(),
+            ["chdir", "umask", "personality", "prlimit64", "prlimit64"]
+        );
+        assert_eq!(
+            rec.memory("chdir", 0, rec.calls("chdir")[0][0], 11),
+            b"/var/lib/x\0"
+        );
+        assert_eq!(rec.calls("umask")[0][0], 0o027);
+        let lim = rec.calls("prlimit64")[1];
+        assert_eq!(lim[1], 1);
+        assert_eq!(rec.memory("prlimit64", 1, lim[2], 16), [0xff; 16]);
+        // A limit this machine refuses is named.
+        let rec = Recording::new();
+        rec.fail("prlimit64", libc::EPERM);
+        let err = Settings.restore(&rec, &p).unwrap_err();
+        assert!(err.to_string().contains("resource limit 0"), "{err}");
+    }
+}

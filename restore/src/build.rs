@@ -1,0 +1,529 @@
+//! Building a process inside its ptrace-controlled stub: a table of
+//! phases run in order ([`PHASES`]), each timed under its name in the
+//! restore report. Resource kinds are restored by the resources crate's
+//! registries in their phases; this module holds the memory layout.
+
+use std::{
+    os::fd::AsFd as _,
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_image::{Chain, Manifest, MappingKind, MAP_GROWSDOWN, MAP_SHARED};
+use cr_ebpf_resources::{
+    fd::RestoreCx,
+    proc::{parse_maps, MapEntry},
+    process::{self, threads::restore_thread, Phase},
+    sys::{CloneArgs, Injected, Sys as _, PAGE},
+};
+use cr_ebpf_tracee::{regs, Tracee};
+use rayon::prelude::*;
+
+use crate::{
+    release::Ready,
+    stub::{overlaps, KillGuard, Natives, TRAMPOLINE_LEN},
+    RestoreError,
+};
+
+/// A process being built: what the phases read and what they leave for
+/// the next ones.
+struct Build<'a> {
+    t: &'a Tracee,
+    s: Injected<'a>,
+    pid: i32,
+    m: &'a Manifest,
+    chain: &'a Chain,
+    workers: usize,
+    natives: &'a Natives,
+    tramp: u64,
+    vdso_tmp: u64,
+    /// The stub's own mappings, as found before clearing them.
+    stub_maps: Vec<MapEntry>,
+    /// The other threads, made, with the registers they resume with and
+    /// their signal masks.
+    others: Vec<(Tracee, regs::Regs, u64)>,
+    /// The registers the main thread resumes with.
+    final_regs: Option<regs::Regs>,
+    pages: u64,
+    fill: Duration,
+}
+
+type PhaseFn = fn(&mut Build<'_>) -> Result<(), RestoreError>;
+
+/// The phases, in order, with the names the report uses.
+const PHASES: &[(&str, PhaseFn)] = &[
+    ("stub", forget_rseq),
+    ("clear", clear),
+    ("vdso", vdso),
+    ("map", map),
+    ("fill", fill),
+    ("mm", mm),
+    ("process", process_wide),
+    ("fds", fds),
+    ("threads", threads),
+    ("signals", signals),
+];
+
+/// Builds the process `m` inside the stub `t` (everything but letting it run).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per kind of restore"
+)]
+pub(crate) fn build_in(
+    t: Tracee,
+    guard: KillGuard,
+    m: &Manifest,
+    chain: &Chain,
+    workers: usize,
+    natives: &Natives,
+    clock: &mut crate::Clock,
+    tramp: u64,
+    vdso_tmp: u64,
+) -> Result<Ready, RestoreError> {
+    let got = t.tid();
+    // The pidfd descriptors are handed over through stays clear of the
+    // process's own numbers.
+    let floor = m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 32;
+    let (others, final_regs, pages, fill) = {
+        let mut b = Build {
+            t: &t,
+            s: Injected::new(&t, got, tramp, tramp + PAGE).with_floor(floor),
+            pid: got,
+            m,
+            chain,
+            workers,
+            natives,
+            tramp,
+            vdso_tmp,
+            stub_maps: Vec::new(),
+            others: Vec::new(),
+            final_regs: None,
+            pages: 0,
+            fill: Duration::ZERO,
+        };
+        for (name, phase) in PHASES {
+            phase(&mut b)?;
+            clock.mark(name);
+        }
+        let final_regs = b
+            .final_regs
+            .ok_or_else(|| RestoreError::NotSupported("the image has no thread".into()))?;
+        (b.others, final_regs, b.pages, b.fill)
+    };
+    let vdso_insn = vdso_syscall_insn(got, m)?;
+    Ok(Ready {
+        t,
+        guard,
+        others,
+        final_regs,
+        sigmask: m.threads[0].sigmask,
+        vdso_insn,
+        tramp,
+        pages,
+        fill,
+    })
+}
+
+/// The stub's rseq area is about to vanish: the kernel would fault on it
+/// at the next preemption.
+fn forget_rseq(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    let (t, s) = (b.t, &b.s);
+    if let Some(q) = t.rseq().map_err(|source| RestoreError::Build {
+        what: "reading the stub's rseq area".into(),
+        source,
+    })? {
+        const RSEQ_FLAG_UNREGISTER: u64 = 1;
+        s.call(
+            "rseq(unregister)",
+            libc::SYS_rseq,
+            [
+                q.ptr,
+                q.len as u64,
+                RSEQ_FLAG_UNREGISTER,
+                q.sig as u64,
+                0,
+                0,
+            ],
+        )?;
+    }
+
+    Ok(())
+}
+
+/// Everything of the stub goes but the trampoline and the vDSO.
+fn clear(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    let (s, got, tramp) = (&b.s, b.pid, b.tramp);
+    b.stub_maps = std::fs::read_to_string(format!("/proc/{got}/maps"))
+        .ok()
+        .and_then(|t| parse_maps(&t).ok())
+        .ok_or_else(|| RestoreError::NotSupported("cannot read the stub's maps".into()))?;
+    let is_special = |e: &MapEntry| {
+        matches!(
+            e.kind(),
+            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+        )
+    };
+    for e in &b.stub_maps {
+        if overlaps((e.start, e.end), (tramp, tramp + TRAMPOLINE_LEN)) || is_special(e) {
+            continue;
+        }
+        s.call(
+            "munmap",
+            libc::SYS_munmap,
+            [e.start, e.end - e.start, 0, 0, 0, 0],
+        )?;
+    }
+
+    Ok(())
+}
+
+/// The vDSO and its data pages to the recorded addresses (through a free
+/// area first, in case the two layouts overlap).
+fn vdso(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    let (s, m, vdso_tmp) = (&b.s, b.m, b.vdso_tmp);
+    let specials: Vec<&MapEntry> = b
+        .stub_maps
+        .iter()
+        .filter(|e| matches!(e.kind(), MappingKind::Vdso | MappingKind::Vvar))
+        .collect();
+    let lo = specials.iter().map(|e| e.start).min().unwrap_or(0);
+    for e in &specials {
+        let len = e.end - e.start;
+        let want = m.mappings.iter().find(|x| x.path == e.path);
+        match want {
+            Some(w) if w.end - w.start != len => {
+                return Err(RestoreError::NotSupported(format!(
+                    "{} is {} pages on this kernel, {} in the image (taken on another kernel?)",
+                    e.path,
+                    len / PAGE,
+                    (w.end - w.start) / PAGE
+                )));
+            }
+            _ => {}
+        }
+        s.call(
+            "mremap",
+            libc::SYS_mremap,
+            [
+                e.start,
+                len,
+                len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                vdso_tmp + (e.start - lo),
+                0,
+            ],
+        )?;
+    }
+    for e in &specials {
+        let len = e.end - e.start;
+        let at = vdso_tmp + (e.start - lo);
+        match m.mappings.iter().find(|x| x.path == e.path) {
+            Some(w) => {
+                s.call(
+                    "mremap",
+                    libc::SYS_mremap,
+                    [
+                        at,
+                        len,
+                        len,
+                        (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                        w.start,
+                        0,
+                    ],
+                )?;
+            }
+            None => {
+                s.call("munmap", libc::SYS_munmap, [at, len, 0, 0, 0, 0])?;
+            }
+        }
+    }
+
+    Ok(())
+}
+
+/// The recorded mappings, writable where pages will be filled; shared
+/// memory from the objects made for the restore.
+fn map(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    let (s, m) = (&b.s, b.m);
+    // Shared memory objects, with their contents, for the mappings and
+    // memfd descriptors that refer to them.
+    let shm = &b.natives.shmem;
+
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+    for x in &m.mappings {
+        if matches!(
+            x.kind,
+            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+        ) {
+            continue;
+        }
+        let len = x.end - x.start;
+        let prot = if x.pages_stored > 0 {
+            x.prot | rw
+        } else {
+            x.prot
+        };
+        let share = if x.flags & MAP_SHARED != 0 {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        let sysv = x.kind == MappingKind::Shmem
+            && m.shmem
+                .iter()
+                .any(|o| o.id == x.inode && o.kind == cr_ebpf_image::ShmemKind::SysV);
+        let got_addr = if sysv && x.offset > 0 {
+            // The rest of a segment attached at a lower address.
+            s.call(
+                "mprotect",
+                libc::SYS_mprotect,
+                [x.start, len, prot as u64, 0, 0, 0],
+            )?;
+            x.start as i64
+        } else if sysv {
+            let mut flags = 0;
+            if x.prot & libc::PROT_WRITE as u32 == 0 {
+                flags |= libc::SHM_RDONLY;
+            }
+            if x.prot & libc::PROT_EXEC as u32 != 0 {
+                flags |= libc::SHM_EXEC;
+            }
+            s.call(
+                "shmat",
+                libc::SYS_shmat,
+                [x.inode, x.start, flags as u64, 0, 0, 0],
+            )?
+        } else if x.kind == MappingKind::Shmem {
+            let ours = shm.get(&x.inode).ok_or_else(|| {
+                RestoreError::NotSupported(format!(
+                    "shared memory at {:#x} was not rebuilt",
+                    x.start
+                ))
+            })?;
+            let fd = s.adopt(ours.as_fd())?;
+            map_fd(s, x, prot, share, fd)?
+        } else if x.kind == MappingKind::File {
+            let mut path = x.path.clone().into_bytes();
+            path.push(0);
+            if path.len() as u64 > PAGE {
+                return Err(RestoreError::NotSupported(format!(
+                    "path longer than a page: {}",
+                    x.path
+                )));
+            }
+            let at = s.put(0, &path)?;
+            let mode = if share == libc::MAP_SHARED && x.prot & libc::PROT_WRITE as u32 != 0 {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let fd = s.call(
+                "openat",
+                libc::SYS_openat,
+                [
+                    libc::AT_FDCWD as u64,
+                    at,
+                    (mode | libc::O_CLOEXEC) as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            )?;
+            map_fd(s, x, prot, share, fd)?
+        } else {
+            let mut flags = share | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+            if x.flags & MAP_GROWSDOWN != 0 {
+                flags |= libc::MAP_GROWSDOWN;
+            }
+            s.call(
+                "mmap",
+                libc::SYS_mmap,
+                [x.start, len, prot as u64, flags as u64, u64::MAX, 0],
+            )?
+        };
+        if got_addr as u64 != x.start {
+            return Err(RestoreError::NotSupported(format!(
+                "mapping {:#x} landed at {got_addr:#x}",
+                x.start
+            )));
+        }
+    }
+
+    Ok(())
+}
+
+/// Pages, on all cores.
+fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    let (chain, workers, got) = (b.chain, b.workers, b.pid);
+    let fill_start = Instant::now();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(|i| format!("restore-fill-{i}"))
+        .build()
+        .map_err(|e| RestoreError::NotSupported(format!("starting the fill threads: {e}")))?;
+    b.pages = chain.pages();
+    pool.install(|| {
+        chain
+            .fills()
+            .par_iter()
+            .try_for_each_init(Vec::new, |buf, f| {
+                chain.read(
+                    f,
+                    buf,
+                    |addr, bytes| {
+                        cr_ebpf_tracee::write_memory(got, addr, bytes).map_err(|source| {
+                            RestoreError::Build {
+                                what: format!("filling pages at {addr:#x}"),
+                                source,
+                            }
+                        })
+                    },
+                    |e| RestoreError::NotSupported(format!("page data: {e}")),
+                )
+            })
+    })?;
+    b.fill = fill_start.elapsed();
+    Ok(())
+}
+
+/// Final protections, then the mm fields, auxv and executable.
+fn mm(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    let (s, m) = (&b.s, b.m);
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+    for x in &m.mappings {
+        if x.pages_stored > 0
+            && x.prot != x.prot | rw
+            && !matches!(
+                x.kind,
+                MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+            )
+        {
+            s.call(
+                "mprotect",
+                libc::SYS_mprotect,
+                [x.start, x.end - x.start, x.prot as u64, 0, 0, 0],
+            )?;
+        }
+    }
+
+    process::restore(Phase::Mm, s, &m.process)
+}
+
+/// Process-wide state set before the descriptors.
+fn process_wide(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    process::restore(Phase::Process, &b.s, &b.m.process)
+}
+
+/// File descriptors, each kind from the resources registry.
+fn fds(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    let (s, m, shm) = (&b.s, b.m, &b.natives.shmem);
+    let cx = RestoreCx {
+        sys: s,
+        shared: &b.natives.fds,
+        shmem: shm,
+    };
+    cr_ebpf_resources::fd::restore(&cx, m)?;
+    s.close_adopter()?;
+    cr_ebpf_resources::shmem::seal(&m.shmem, shm)
+}
+
+/// Threads, each with its own tid, then each thread's own state.
+fn threads(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    const THREAD_FLAGS: u64 = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM) as u64;
+    for info in &b.m.threads[1..] {
+        let new = b.s.clone3(&CloneArgs {
+            flags: THREAD_FLAGS,
+            exit_signal: 0,
+            set_tid: info.tid,
+        })?;
+        if new != info.tid as i64 {
+            return Err(RestoreError::NotSupported(format!(
+                "thread {} came back as {new}",
+                info.tid
+            )));
+        }
+        let nt = Tracee::adopt_clone(info.tid).map_err(|source| RestoreError::Build {
+            what: format!("taking over thread {}", info.tid),
+            source,
+        })?;
+        let regs = thread_state(&b.s, &nt, info)?;
+        b.others.push((nt, regs, info.sigmask));
+    }
+    b.final_regs = Some(thread_state(&b.s, b.t, &b.m.threads[0])?);
+    Ok(())
+}
+
+/// Sets a thread's own kernel state by syscalls in that thread, then its
+/// FPU state; returns the registers it must resume with.
+fn thread_state(
+    s: &Injected<'_>,
+    t: &Tracee,
+    info: &cr_ebpf_image::ThreadInfo,
+) -> Result<regs::Regs, RestoreError> {
+    restore_thread(&s.on(t), s.pid(), info)?;
+    if !info.xstate.is_empty() {
+        t.set_xstate(&info.xstate)
+            .map_err(|source| RestoreError::Build {
+                what: format!("setting the FPU state of thread {}", info.tid),
+                source,
+            })?;
+    }
+    let saved = regs::from_bytes(&info.regs)
+        .ok_or_else(|| RestoreError::NotSupported("registers of an unknown size".into()))?;
+    Ok(regs::restarted(&saved, true))
+}
+
+/// Pending signals and timers last: a timer firing or a signal delivered
+/// earlier would interrupt the build.
+fn signals(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    process::restore(Phase::Signals, &b.s, &b.m.process)
+}
+
+/// The address of a `syscall` instruction in the restored vDSO.
+fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
+    let vdso = m
+        .mappings
+        .iter()
+        .find(|x| x.kind == MappingKind::Vdso)
+        .ok_or_else(|| RestoreError::NotSupported("the image has no vDSO".into()))?;
+    let mut code = vec![0u8; (vdso.end - vdso.start) as usize];
+    cr_ebpf_tracee::read_memory(pid, vdso.start, &mut code).map_err(|source| {
+        RestoreError::Build {
+            what: "reading the vDSO".into(),
+            source,
+        }
+    })?;
+    code.windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .map(|i| vdso.start + i as u64)
+        .ok_or_else(|| RestoreError::NotSupported("no syscall instruction in the vDSO".into()))
+}
+
+/// Maps the recorded mapping `x` from the stub's descriptor `fd` (closed
+/// afterwards, whatever happens).
+fn map_fd(
+    s: &Injected<'_>,
+    x: &cr_ebpf_image::MappingInfo,
+    prot: u32,
+    share: i32,
+    fd: i64,
+) -> Result<i64, RestoreError> {
+    let r = s.call(
+        "mmap",
+        libc::SYS_mmap,
+        [
+            x.start,
+            x.end - x.start,
+            prot as u64,
+            (share | libc::MAP_FIXED) as u64,
+            fd as u64,
+            x.offset,
+        ],
+    );
+    s.call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+    r
+}
