@@ -47,13 +47,6 @@ impl Log {
                 let p = self.procs.entry(s.origin.tgid).or_default();
                 let changes = p.changes.get_or_insert_with(Changes::none);
                 match s.nr {
-                    nr::RT_SIGACTION => changes.sigactions = true,
-                    nr::SETITIMER
-                    | nr::ALARM
-                    | nr::TIMER_CREATE
-                    | nr::TIMER_SETTIME
-                    | nr::TIMER_DELETE => changes.itimers = true,
-                    nr::SIGALTSTACK | nr::SET_TID_ADDRESS => changes.thread_state = true,
                     nr::MMAP if ok => {
                         let a = s.ret.unwrap_or(0) as u64;
                         changes.layout.push((a, a + s.args[1]));
@@ -82,7 +75,9 @@ impl Log {
                             changes.layout.push((a, a + s.args[2]));
                         }
                     }
-                    _ => {}
+                    // What a process-wide kind's saved answers depend on:
+                    // each kind names its syscalls.
+                    other => cr_ebpf_resources::process::invalidate(other, changes),
                 }
             }
             Event::Fault(_) => self.faults += 1,
