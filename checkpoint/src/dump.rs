@@ -1,20 +1,24 @@
-//! `dump`: a full checkpoint of one live process.
+//! `dump`: a full checkpoint of one live process, or of a process tree
+//! (every process frozen before any is read, one image per live process
+//! under `proc-PID/`, and `tree.img` with the parent links, process groups,
+//! sessions and zombies).
 
 use std::{
     path::Path,
     time::{Duration, Instant},
 };
 
-use cr_ebpf_image::{
-    pages::{Chunk, PageWriter, MAX_CHUNK_PAGES},
-    publish, ImageError,
-};
-use cr_ebpf_tracee::{Frozen, TraceError};
-use rayon::prelude::*;
+use cr_ebpf_image::{publish, ImageError};
+use cr_ebpf_tracee::Frozen;
 
 use crate::{
+    error::proc_err,
+    fds::{check_tree as check_unix_pairs, TreeScope},
+    freeze::{freeze_tree, thaw_all, FrozenTree},
     maps,
-    state::{self, proc_err, Changes, State},
+    pages::{split_runs, worker_pool, write_pages, write_processes},
+    state::{self, Changes, State},
+    DumpError,
 };
 
 /// How to dump.
@@ -54,152 +58,6 @@ impl DumpReport {
     }
 }
 
-/// Why a dump failed. The process is running again (never left stopped or
-/// killed by a failure), and no image was published.
-#[derive(Debug, thiserror::Error)]
-pub enum DumpError {
-    /// Freezing or inspecting with ptrace failed.
-    #[error("freezing or inspecting process {pid}")]
-    Trace {
-        /// The process.
-        pid: i32,
-        /// The cause.
-        #[source]
-        source: TraceError,
-    },
-    /// Reading /proc failed.
-    #[error("reading {path} of process {pid}")]
-    Proc {
-        /// The process.
-        pid: i32,
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Writing the image failed.
-    #[error("writing the image")]
-    Image(#[from] ImageError),
-    /// The process cannot be checkpointed by this version.
-    #[error("not supported: {what} in process {pid}")]
-    NotSupported {
-        /// The process.
-        pid: i32,
-        /// What.
-        what: String,
-    },
-    /// A descriptor of the process cannot be checkpointed by this version.
-    #[error("not supported: {what} on fd {fd} of pid {pid}")]
-    NotSupportedFd {
-        /// The process.
-        pid: i32,
-        /// The descriptor.
-        fd: i32,
-        /// What it is.
-        what: String,
-    },
-}
-
-impl From<cr_ebpf_resources::SaveError> for DumpError {
-    fn from(e: cr_ebpf_resources::SaveError) -> Self {
-        use cr_ebpf_resources::SaveError as S;
-        match e {
-            S::Trace { pid, source } => Self::Trace { pid, source },
-            S::Proc { pid, path, source } => Self::Proc { pid, path, source },
-            S::NotSupported { pid, what } => Self::NotSupported { pid, what },
-            S::NotSupportedFd { pid, fd, what } => Self::NotSupportedFd { pid, fd, what },
-        }
-    }
-}
-
-/// A pool of `threads` workers (0: one per core).
-pub(crate) fn worker_pool(
-    pid: i32,
-    threads: usize,
-    name: &'static str,
-) -> Result<rayon::ThreadPool, DumpError> {
-    let workers = if threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        threads
-    };
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(workers)
-        .thread_name(move |i| format!("{name}-{i}"))
-        .build()
-        .map_err(|e| DumpError::NotSupported {
-            pid,
-            what: format!("starting the worker threads: {e}"),
-        })
-}
-
-/// Splits page runs into chunks of at most 256 pages for the readers.
-pub(crate) fn split_runs(runs: &[(u64, u64)], work: &mut Vec<(u64, u64)>) {
-    for &(addr, n) in runs {
-        let mut off = 0;
-        while off < n {
-            let k = (n - off).min(256.min(MAX_CHUNK_PAGES as u64));
-            work.push((addr + off * 4096, k));
-            off += k;
-        }
-    }
-}
-
-/// Writes `pages.img` into `tmp`: the `live` runs are read from the process
-/// (which must be frozen) and `buffered` pages were copied earlier; both are
-/// compressed on `pool` while one thread appends chunks in arrival order.
-/// `read_done` runs once nothing more needs to be read from the process.
-/// Returns (pages, bytes on disk).
-pub(crate) fn write_pages(
-    tmp: &Path,
-    pool: &rayon::ThreadPool,
-    pid: i32,
-    live: &[(u64, u64)],
-    buffered: Vec<(u64, Vec<u8>)>,
-    read_done: impl FnOnce() -> Result<(), ImageError>,
-) -> Result<(u64, u64), ImageError> {
-    let mut writer = PageWriter::create(tmp)?;
-    let (tx, rx) = crossbeam_channel::bounded::<Chunk>(pool.current_num_threads() * 4);
-    let (read, writer) = std::thread::scope(|s| {
-        let w = s.spawn(move || -> Result<PageWriter, ImageError> {
-            for c in rx {
-                writer.write(&c)?;
-            }
-            Ok(writer)
-        });
-        let read: Result<(), ImageError> = pool.install(|| {
-            live.par_iter()
-                .try_for_each_init(
-                    || vec![0u8; 256 * 4096],
-                    |buf, &(addr, n)| {
-                        let b = &mut buf[..n as usize * 4096];
-                        cr_ebpf_tracee::read_memory(pid, addr, b)?;
-                        // A closed channel means the writer failed: its error wins.
-                        let _ = tx.send(Chunk::compress(addr, b));
-                        Ok(())
-                    },
-                )
-                .map_err(|e: TraceError| ImageError::Io {
-                    path: format!("memory of process {pid}"),
-                    what: "reading",
-                    source: std::io::Error::other(e.to_string()),
-                })
-        });
-        let read = read.and_then(|()| read_done()).map(|()| {
-            pool.install(|| {
-                buffered.par_iter().for_each(|(addr, b)| {
-                    let _ = tx.send(Chunk::compress(*addr, b));
-                })
-            })
-        });
-        drop(tx);
-        (read, w.join().expect("page writer thread panicked"))
-    });
-    read?;
-    writer?.finish()
-}
-
 /// Checkpoints process `pid` into a new image directory `dir`.
 pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     let start = Instant::now();
@@ -217,7 +75,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     }
     // A process with children: the whole tree, as one checkpoint.
     if !crate::proc::children(pid).is_empty() {
-        return crate::tree::dump_tree(pid, dir, opts, start);
+        return dump_tree(pid, dir, opts, start);
     }
     let pool = worker_pool(pid, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
@@ -284,6 +142,117 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         pid,
         threads,
         mappings: mappings.len(),
+        pages,
+        page_bytes,
+        freeze,
+        total: start.elapsed(),
+        workers,
+    })
+}
+
+/// Checkpoints `root` and all its descendants into the new image `dir`.
+fn dump_tree(
+    root: i32,
+    dir: &Path,
+    opts: &DumpOptions,
+    start: Instant,
+) -> Result<DumpReport, DumpError> {
+    let pool = worker_pool(root, opts.threads, "dump-reader")?;
+    let workers = pool.current_num_threads();
+    let stopped = freeze_tree(root)?;
+    let since = stopped.since();
+    let FrozenTree { tree, frozen, .. } = stopped;
+    let live: Vec<i32> = frozen.iter().map(Frozen::pid).collect();
+    let mut scope = TreeScope::new(&live);
+    let mut states: Vec<State> = Vec::new();
+    for f in &frozen {
+        states.push(state::collect_in(
+            f,
+            None,
+            &Changes::all(),
+            Some(&mut scope),
+        )?);
+    }
+    let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> = live
+        .iter()
+        .zip(&states)
+        .map(|(p, s)| (*p, &s.fds[..]))
+        .collect();
+    check_unix_pairs(&all)?;
+
+    // Pages of every process, planned while frozen.
+    let mut plans = Vec::new();
+    for (pid, s) in live.iter().zip(&states) {
+        let mut mappings = Vec::new();
+        let mut work = Vec::new();
+        for m in &s.entries {
+            let runs = maps::dumpable_runs(&s.pagemap, m)
+                .map_err(proc_err(*pid, format!("/proc/{pid}/pagemap")))?;
+            let stored: u64 = runs.iter().map(|r| r.1).sum();
+            split_runs(&runs, &mut work);
+            mappings.push(State::mapping(m, stored, 0));
+        }
+        plans.push((mappings, work));
+    }
+    let threads: usize = states.iter().map(|s| s.threads.len()).sum();
+    let mappings: usize = plans.iter().map(|p| p.0.len()).sum();
+    let mut frozen = Some(frozen);
+    let mut freeze = Duration::ZERO;
+    let (pages, page_bytes) = publish(dir, |tmp| {
+        tree.write(tmp)?;
+        let procs = live
+            .iter()
+            .zip(&plans)
+            .map(|(pid, (_, work))| (*pid, &work[..], Vec::new()))
+            .collect();
+        let (subs, pages, bytes) = write_processes(tmp, true, &pool, procs, || {
+            // Everything read: a tree that stays alive runs again while the
+            // files are finished.
+            if opts.leave_running {
+                if let Some(all) = frozen.take() {
+                    freeze = since.elapsed();
+                    thaw_all(all).map_err(|e| cr_ebpf_image::ImageError::Io {
+                        path: format!("process tree of {root}"),
+                        what: "resuming",
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                }
+            }
+            Ok(())
+        })?;
+        let freeze_ns = match &frozen {
+            Some(_) => since.elapsed(),
+            None => freeze,
+        }
+        .as_nanos() as u64;
+        for ((s, (maps, _)), sub) in states.iter().zip(&plans).zip(&subs) {
+            s.manifest(maps.clone(), freeze_ns, None).write(sub)?;
+        }
+        Ok((pages, bytes))
+    })?;
+    // Published: only now may a tree that is not left running go.
+    if let Some(all) = frozen.take() {
+        if opts.leave_running {
+            thaw_all(all)?;
+        } else {
+            // TCP connections close silently (repair mode) when they die.
+            for s in &states {
+                for (_, sock) in &s.tcp {
+                    let _ = cr_ebpf_resources::fd::socket::tcp::repair_mode(sock, true);
+                }
+            }
+            for f in all.into_iter().rev() {
+                let pid = f.pid();
+                f.kill()
+                    .map_err(|source| DumpError::Trace { pid, source })?;
+            }
+        }
+        freeze = since.elapsed();
+    }
+    Ok(DumpReport {
+        pid: root,
+        threads,
+        mappings,
         pages,
         page_bytes,
         freeze,

@@ -15,16 +15,19 @@
 
 mod compact;
 mod dump;
+mod error;
+mod freeze;
 mod incremental;
+mod pages;
 mod state;
-mod tree;
 
 // Each resource kind's save side lives in the resources crate.
 use cr_ebpf_resources::{fd as fds, proc, proc::maps, shmem};
 
 pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport};
 pub use cr_ebpf_resources::proc::{clock_ns, monotonic_ns, parse_maps, MapEntry};
-pub use dump::{dump, DumpError, DumpOptions, DumpReport};
+pub use dump::{dump, DumpOptions, DumpReport};
+pub use error::DumpError;
 pub use incremental::{
     page_hash, CheckpointReport, Followed, Method, Phases, PrecopyReport, Session, SessionOptions,
     TreeChanges,

@@ -12,7 +12,7 @@ use cr_ebpf_resources::process;
 pub use cr_ebpf_resources::process::{Changes, Queries};
 use cr_ebpf_tracee::{Frozen, Injector};
 
-use crate::{maps, maps::MapEntry, proc, DumpError};
+use crate::{error::proc_err, maps, maps::MapEntry, proc, DumpError};
 
 /// The frozen process's state, memory contents excepted.
 pub(crate) struct State {
@@ -26,10 +26,6 @@ pub(crate) struct State {
     pub tcp: Vec<(i32, std::os::fd::OwnedFd)>,
     pub pagemap: File,
     pub queries: Queries,
-}
-
-pub(crate) fn proc_err(pid: i32, path: String) -> impl FnOnce(std::io::Error) -> DumpError {
-    move |source| DumpError::Proc { pid, path, source }
 }
 
 /// Collects the state of the frozen process. `prev` is the previous

@@ -11,9 +11,10 @@ use rayon::prelude::*;
 
 use super::{baseline::Baseline, PAGE};
 use crate::{
-    dump::split_runs,
+    error::proc_err,
     maps::{self, MapEntry},
-    state::{proc_err, Changes, State},
+    pages::split_runs,
+    state::{Changes, State},
     DumpError,
 };
 

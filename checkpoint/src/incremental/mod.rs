@@ -47,11 +47,11 @@ use memory::{
 };
 
 use crate::{
-    dump::{split_runs, worker_pool},
     fds::{check_tree as check_unix_pairs, TreeScope},
-    monotonic_ns,
+    freeze, monotonic_ns, pages,
+    pages::{split_runs, worker_pool},
     state::{self, Changes, Queries},
-    tree, DumpError,
+    DumpError,
 };
 
 pub(super) const PAGE: u64 = 4096;
@@ -261,7 +261,7 @@ impl Session {
             pool,
             opts,
         };
-        let start_time = tree::stat(pid)?.start_time;
+        let start_time = freeze::stat(pid)?.start_time;
         s.procs.insert(pid, Proc::new(pid, start_time, tracker));
         if let Some(newest) = images_dir::list(dir)?.pop() {
             let mut images = HashMap::new();
@@ -301,12 +301,12 @@ impl Session {
     pub fn follow(&mut self, min_age: Duration) -> Followed {
         let mut new = Vec::new();
         let mut too_young = 0;
-        let pids = tree::processes(self.root);
+        let pids = freeze::processes(self.root);
         self.procs.retain(|p, _| pids.contains(p));
-        let now = tree::uptime_ticks();
-        let min_ticks = (min_age.as_secs_f64() * tree::clock_ticks() as f64).ceil() as u64;
+        let now = freeze::uptime_ticks();
+        let min_ticks = (min_age.as_secs_f64() * freeze::clock_ticks() as f64).ceil() as u64;
         for pid in pids {
-            let Ok(st) = tree::stat(pid) else { continue };
+            let Ok(st) = freeze::stat(pid) else { continue };
             if st.state == 'Z' {
                 self.procs.remove(&pid);
                 continue;
@@ -431,7 +431,7 @@ impl Session {
                 // whatever it is now is stored whole by the next checkpoint.
                 Err(_) if pid != self.root => p.reset(),
                 // Gone meanwhile: the next checkpoint will not find it.
-                Err(_) if tree::stat(pid).is_err() => {}
+                Err(_) if freeze::stat(pid).is_err() => {}
                 Err(e) => return Err(e),
             }
         }
@@ -531,7 +531,7 @@ impl Session {
         let mut baselines: HashMap<i32, Baseline> = HashMap::new();
         if let (false, Some(parent)) = (self.uffd, &self.parent) {
             let ckpt = self.dir.join(&parent.name);
-            for pid in tree::processes(root) {
+            for pid in freeze::processes(root) {
                 if parent.images.contains_key(&pid) {
                     if let Some(image) = images_dir::process_image(&ckpt, pid)? {
                         baselines.insert(pid, Baseline::load(&image, &self.pool)?);
@@ -541,7 +541,7 @@ impl Session {
         }
 
         let t0 = Instant::now();
-        let mut frozen = tree::freeze_tree(root)?;
+        let mut frozen = freeze::freeze_tree(root)?;
         let tree_img = std::mem::take(&mut frozen.tree);
         let mut window = (monotonic_ns(), 0);
         let mut phases = Phases {
@@ -697,7 +697,7 @@ impl Session {
                 .map(|p| (p.pid, &p.live[..], std::mem::take(&mut p.buffered)))
                 .collect();
             let (dirs, pages, page_bytes) =
-                tree::write_processes(tmp, is_tree, pool, procs, || {
+                pages::write_processes(tmp, is_tree, pool, procs, || {
                     // Everything read: the tree may run again.
                     if let Some(f) = frozen.take() {
                         window.1 = monotonic_ns();

@@ -1,0 +1,67 @@
+//! Why a checkpoint failed.
+
+use cr_ebpf_image::ImageError;
+use cr_ebpf_tracee::TraceError;
+
+/// Why a dump failed. The process is running again (never left stopped or
+/// killed by a failure), and no image was published.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    /// Freezing or inspecting with ptrace failed.
+    #[error("freezing or inspecting process {pid}")]
+    Trace {
+        /// The process.
+        pid: i32,
+        /// The cause.
+        #[source]
+        source: TraceError,
+    },
+    /// Reading /proc failed.
+    #[error("reading {path} of process {pid}")]
+    Proc {
+        /// The process.
+        pid: i32,
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the image failed.
+    #[error("writing the image")]
+    Image(#[from] ImageError),
+    /// The process cannot be checkpointed by this version.
+    #[error("not supported: {what} in process {pid}")]
+    NotSupported {
+        /// The process.
+        pid: i32,
+        /// What.
+        what: String,
+    },
+    /// A descriptor of the process cannot be checkpointed by this version.
+    #[error("not supported: {what} on fd {fd} of pid {pid}")]
+    NotSupportedFd {
+        /// The process.
+        pid: i32,
+        /// The descriptor.
+        fd: i32,
+        /// What it is.
+        what: String,
+    },
+}
+
+impl From<cr_ebpf_resources::SaveError> for DumpError {
+    fn from(e: cr_ebpf_resources::SaveError) -> Self {
+        use cr_ebpf_resources::SaveError as S;
+        match e {
+            S::Trace { pid, source } => Self::Trace { pid, source },
+            S::Proc { pid, path, source } => Self::Proc { pid, path, source },
+            S::NotSupported { pid, what } => Self::NotSupported { pid, what },
+            S::NotSupportedFd { pid, fd, what } => Self::NotSupportedFd { pid, fd, what },
+        }
+    }
+}
+
+pub(crate) fn proc_err(pid: i32, path: String) -> impl FnOnce(std::io::Error) -> DumpError {
+    move |source| DumpError::Proc { pid, path, source }
+}

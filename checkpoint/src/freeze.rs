@@ -1,0 +1,167 @@
+//! Stopping a process tree (a single process is a tree of one): every
+//! descendant found from `/proc`, each thread stopped with ptrace before
+//! anything is read, and resumed together.
+
+use std::time::Instant;
+
+use cr_ebpf_image::tree::{Tree, TreeProcess};
+use cr_ebpf_tracee::Frozen;
+
+use crate::{error::proc_err, proc, DumpError};
+
+/// What `/proc/PID/stat` says of a process.
+pub(crate) struct Stat {
+    pub state: char,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// When it started, in clock ticks since boot: a pid reused by another
+    /// process has another start time.
+    pub start_time: u64,
+    /// A zombie's wait status.
+    pub exit_code: i32,
+}
+
+/// Reads `/proc/PID/stat`.
+pub(crate) fn stat(pid: i32) -> Result<Stat, DumpError> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(proc_err(pid, path.clone()))?;
+    let rest = text
+        .rfind(')')
+        .map(|i| &text[i + 2..])
+        .ok_or_else(|| DumpError::NotSupported {
+            pid,
+            what: format!("an unreadable {path}"),
+        })?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Field n (1-based) of the whole line is f[n - 3].
+    let num = |n: usize| -> i64 { f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    Ok(Stat {
+        state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'),
+        ppid: num(4) as i32,
+        pgid: num(5) as i32,
+        sid: num(6) as i32,
+        start_time: num(22) as u64,
+        exit_code: num(52) as i32,
+    })
+}
+
+/// Clock ticks per second (`/proc/PID/stat` times are in these).
+pub(crate) fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Time since boot in clock ticks (the unit of [`Stat::start_time`], which
+/// the kernel counts on `CLOCK_BOOTTIME`).
+pub(crate) fn uptime_ticks() -> u64 {
+    crate::clock_ns(libc::CLOCK_BOOTTIME) / (1_000_000_000 / clock_ticks())
+}
+
+/// `root` and its descendants, parents before children.
+pub(crate) fn processes(root: i32) -> Vec<i32> {
+    let mut order = vec![root];
+    let mut i = 0;
+    while i < order.len() {
+        for c in proc::children(order[i]) {
+            if !order.contains(&c) {
+                order.push(c);
+            }
+        }
+        i += 1;
+    }
+    order
+}
+
+/// A process tree with every live process stopped.
+pub(crate) struct FrozenTree {
+    /// Parent links, groups, sessions, zombies; live processes' images go
+    /// to `proc-PID/`.
+    pub tree: Tree,
+    /// The live processes, in the tree's order. Dropping one resumes it.
+    pub frozen: Vec<Frozen>,
+    /// Their start times (see [`Stat::start_time`]).
+    pub start_times: Vec<u64>,
+}
+
+impl FrozenTree {
+    /// When the first process was stopped.
+    pub fn since(&self) -> Instant {
+        self.frozen
+            .first()
+            .map(|f| f.since)
+            .unwrap_or_else(Instant::now)
+    }
+
+    /// Lets every process run again.
+    pub fn thaw(self) -> Result<(), DumpError> {
+        thaw_all(self.frozen)
+    }
+}
+
+/// Stops `root` and every descendant (each thread, by ptrace) before
+/// anything is read, so that a checkpoint is one instant of the whole tree.
+/// A process forked while the tree was being stopped would be missed: then
+/// everything is let go and stopping starts again (a few times).
+pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
+    const TRIES: usize = 5;
+    for _ in 0..TRIES {
+        let pids = processes(root);
+        let mut tree = Tree::default();
+        let mut frozen: Vec<Frozen> = Vec::new();
+        let mut start_times = Vec::new();
+        for &pid in &pids {
+            let st = stat(pid)?;
+            let zombie = st.state == 'Z';
+            if !zombie {
+                frozen
+                    .push(Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?);
+                start_times.push(st.start_time);
+            }
+            tree.processes.push(TreeProcess {
+                pid,
+                ppid: if pid == root { 0 } else { st.ppid },
+                pgid: st.pgid,
+                sid: st.sid,
+                zombie: zombie.then_some(st.exit_code),
+                dir: if zombie {
+                    String::new()
+                } else {
+                    format!("proc-{pid}")
+                },
+            });
+        }
+        // Nothing can fork any more; a child made meanwhile shows now.
+        if processes(root) == pids {
+            return Ok(FrozenTree {
+                tree,
+                frozen,
+                start_times,
+            });
+        }
+    }
+    Err(DumpError::NotSupported {
+        pid: root,
+        what: format!(
+            "a process tree that kept changing while it was being stopped ({TRIES} tries; \
+             try again)"
+        ),
+    })
+}
+
+/// Resumes every process; the first failure is returned after all were tried.
+pub(crate) fn thaw_all(all: Vec<Frozen>) -> Result<(), DumpError> {
+    let mut first = None;
+    for f in all {
+        let pid = f.pid();
+        if let Err(source) = f.thaw() {
+            first.get_or_insert(DumpError::Trace { pid, source });
+        }
+    }
+    first.map_or(Ok(()), Err)
+}

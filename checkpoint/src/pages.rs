@@ -1,0 +1,142 @@
+//! The page writer of every checkpoint: a pool of readers copying and
+//! compressing page runs, one thread appending chunks to the page store.
+
+use std::path::Path;
+
+use cr_ebpf_image::{
+    pages::{Chunk, PageWriter, MAX_CHUNK_PAGES},
+    ImageError,
+};
+use cr_ebpf_tracee::TraceError;
+use rayon::prelude::*;
+
+use crate::DumpError;
+
+/// A pool of `threads` workers (0: one per core).
+pub(crate) fn worker_pool(
+    pid: i32,
+    threads: usize,
+    name: &'static str,
+) -> Result<rayon::ThreadPool, DumpError> {
+    let workers = if threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        threads
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|e| DumpError::NotSupported {
+            pid,
+            what: format!("starting the worker threads: {e}"),
+        })
+}
+
+/// Splits page runs into chunks of at most 256 pages for the readers.
+pub(crate) fn split_runs(runs: &[(u64, u64)], work: &mut Vec<(u64, u64)>) {
+    for &(addr, n) in runs {
+        let mut off = 0;
+        while off < n {
+            let k = (n - off).min(256.min(MAX_CHUNK_PAGES as u64));
+            work.push((addr + off * 4096, k));
+            off += k;
+        }
+    }
+}
+
+/// Writes `pages.img` into `tmp`: the `live` runs are read from the process
+/// (which must be frozen) and `buffered` pages were copied earlier; both are
+/// compressed on `pool` while one thread appends chunks in arrival order.
+/// `read_done` runs once nothing more needs to be read from the process.
+/// Returns (pages, bytes on disk).
+pub(crate) fn write_pages(
+    tmp: &Path,
+    pool: &rayon::ThreadPool,
+    pid: i32,
+    live: &[(u64, u64)],
+    buffered: Vec<(u64, Vec<u8>)>,
+    read_done: impl FnOnce() -> Result<(), ImageError>,
+) -> Result<(u64, u64), ImageError> {
+    let mut writer = PageWriter::create(tmp)?;
+    let (tx, rx) = crossbeam_channel::bounded::<Chunk>(pool.current_num_threads() * 4);
+    let (read, writer) = std::thread::scope(|s| {
+        let w = s.spawn(move || -> Result<PageWriter, ImageError> {
+            for c in rx {
+                writer.write(&c)?;
+            }
+            Ok(writer)
+        });
+        let read: Result<(), ImageError> = pool.install(|| {
+            live.par_iter()
+                .try_for_each_init(
+                    || vec![0u8; 256 * 4096],
+                    |buf, &(addr, n)| {
+                        let b = &mut buf[..n as usize * 4096];
+                        cr_ebpf_tracee::read_memory(pid, addr, b)?;
+                        // A closed channel means the writer failed: its error wins.
+                        let _ = tx.send(Chunk::compress(addr, b));
+                        Ok(())
+                    },
+                )
+                .map_err(|e: TraceError| ImageError::Io {
+                    path: format!("memory of process {pid}"),
+                    what: "reading",
+                    source: std::io::Error::other(e.to_string()),
+                })
+        });
+        let read = read.and_then(|()| read_done()).map(|()| {
+            pool.install(|| {
+                buffered.par_iter().for_each(|(addr, b)| {
+                    let _ = tx.send(Chunk::compress(*addr, b));
+                })
+            })
+        });
+        drop(tx);
+        (read, w.join().expect("page writer thread panicked"))
+    });
+    read?;
+    writer?.finish()
+}
+
+/// The pages of one process for [`write_processes`]: its pid, the runs to
+/// read from it (frozen) and the pages copied already.
+pub(crate) type ProcessPages<'a> = (i32, &'a [(u64, u64)], Vec<(u64, Vec<u8>)>);
+
+/// Writes the page store of every process into `tmp`: into `proc-PID/` of
+/// a tree image, or `tmp` itself for a single process. `read_done` runs
+/// once the memory of the last process is read (the tree may run again).
+/// Returns each process's image directory, pages and bytes on disk.
+pub(crate) fn write_processes(
+    tmp: &Path,
+    is_tree: bool,
+    pool: &rayon::ThreadPool,
+    procs: Vec<ProcessPages<'_>>,
+    read_done: impl FnOnce() -> Result<(), cr_ebpf_image::ImageError>,
+) -> Result<(Vec<std::path::PathBuf>, u64, u64), cr_ebpf_image::ImageError> {
+    let n = procs.len();
+    let mut read_done = Some(read_done);
+    let (mut pages, mut bytes) = (0, 0);
+    let mut dirs = Vec::new();
+    for (i, (pid, live, buffered)) in procs.into_iter().enumerate() {
+        let sub = if is_tree {
+            let sub = tmp.join(format!("proc-{pid}"));
+            std::fs::create_dir(&sub).map_err(|source| cr_ebpf_image::ImageError::Io {
+                path: sub.display().to_string(),
+                what: "creating",
+                source,
+            })?;
+            sub
+        } else {
+            tmp.to_path_buf()
+        };
+        let last = (i + 1 == n).then(|| read_done.take()).flatten();
+        let (p, b) = write_pages(&sub, pool, pid, live, buffered, || {
+            last.map_or(Ok(()), |done| done())
+        })?;
+        pages += p;
+        bytes += b;
+        dirs.push(sub);
+    }
+    Ok((dirs, pages, bytes))
+}
