@@ -16,7 +16,6 @@
 
 pub mod chain;
 mod codec;
-mod fdstate;
 pub mod file;
 pub mod images_dir;
 mod manifest;
@@ -25,14 +24,11 @@ mod publish;
 pub mod tree;
 
 pub use chain::Chain;
-pub use fdstate::{
-    EpollItem, FdState, InotifyWatch, SockOpt, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP,
-};
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
-    ChainInfo, FdInfo, FdKind, Manifest, MappingInfo, MappingKind, PosixTimer, ProcessInfo,
-    ShmemKind, ShmemObject, SigAction, ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED,
-    SHMEM_CAP,
+    ChainInfo, EpollItem, FdInfo, FdKind, FdState, InotifyWatch, Manifest, MappingInfo,
+    MappingKind, PosixTimer, ProcessInfo, ShmemKind, ShmemObject, SigAction, SockOpt, SocketInfo,
+    TcpRepair, ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED, SHMEM_CAP, SOCKET_QUEUE_CAP,
 };
 pub use publish::publish;
 
