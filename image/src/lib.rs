@@ -12,7 +12,12 @@
 //! Readers reject a newer major version, a minor version they do not know,
 //! unknown required sections and enum values, bad checksums, and sizes over
 //! the caps: a damaged image is an error that names the file and offset,
-//! never a guess. Images appear atomically ([`publish`]).
+//! never a guess. Images appear atomically ([`publish()`]).
+//!
+//! A writer writes the newest format ([`FORMAT_MINOR`]); a reader reads
+//! every minor up to its own, each file as its header's minor says. Every
+//! added section tag, descriptor kind, mapping kind or shared memory kind
+//! bumps the minor version (see the `manifest` module and `docs/IMAGE.md`).
 
 pub mod chain;
 mod codec;

@@ -485,3 +485,134 @@ fn a_format_1_3_images_directory_decodes() {
     );
     assert_eq!(resolved(&two.join("proc-4101")), [(0, 0x33)]);
 }
+
+/// A scratch directory, removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("cr-ebpf-fixture-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies the manifest of image `rel` into `dir` with `patch` applied to
+/// the body of every section (tag, body), checksums made right again: only
+/// the decoder can object.
+fn patched_copy(rel: &str, dir: &Path, mut patch: impl FnMut(u16, &mut [u8])) {
+    let mut b = std::fs::read(fixture(rel).join(cr_ebpf_image::MANIFEST_FILE)).unwrap();
+    let mut at = 32;
+    while at < b.len() {
+        let tag = u16::from_le_bytes([b[at], b[at + 1]]);
+        let len = u32::from_le_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        patch(tag, &mut b[at + 8..at + 8 + len]);
+        at += 8 + len;
+    }
+    let crc = crc32fast::hash(&b[32..]);
+    b[24..28].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32fast::hash(&b[0..28]);
+    b[28..32].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(dir.join(cr_ebpf_image::MANIFEST_FILE), b).unwrap();
+}
+
+/// Sets the kind (`u16` after the `i32` number) of descriptor `fd`.
+fn set_fd_kind(fd: i32, kind: u16) -> impl FnMut(u16, &mut [u8]) {
+    move |tag, body| {
+        if tag == 4 && body[0..4] == fd.to_le_bytes() {
+            body[4..6].copy_from_slice(&kind.to_le_bytes());
+        }
+    }
+}
+
+#[test]
+fn an_old_descriptor_with_the_state_of_another_kind_is_refused() {
+    for (rel, version) in [("1.2/proc-4100", "1.2"), ("1.3/ckpt-000001", "1.3")] {
+        let d = Scratch::new(&format!("mismatch-{version}"));
+        // Descriptor 8 is a signalfd: call it a timerfd.
+        patched_copy(rel, &d.0, set_fd_kind(8, FdKind::TimerFd as u16));
+        let e = Manifest::read(&d.0).unwrap_err().to_string();
+        assert!(
+            e.contains("descriptor 8 of kind TimerFd with the state of another kind"),
+            "{e}"
+        );
+        // Descriptor 2 is a file without state: call it a socket.
+        patched_copy(rel, &d.0, set_fd_kind(2, FdKind::Socket as u16));
+        let e = Manifest::read(&d.0).unwrap_err().to_string();
+        assert!(e.contains("descriptor 2 of kind Socket"), "{e}");
+        // And the other way round: the pidfd (13) called a file.
+        patched_copy(rel, &d.0, set_fd_kind(13, FdKind::File as u16));
+        let e = Manifest::read(&d.0).unwrap_err().to_string();
+        assert!(e.contains("descriptor 13 of kind File"), "{e}");
+    }
+}
+
+#[test]
+fn unknown_values_in_an_old_image_name_its_version() {
+    let d = Scratch::new("unknown");
+    patched_copy("1.2/proc-4100", &d.0, set_fd_kind(3, 13));
+    let e = Manifest::read(&d.0).unwrap_err().to_string();
+    assert!(
+        e.contains("unknown descriptor kind 13 (not defined in image format 1.2)"),
+        "{e}"
+    );
+    // The kind of the first mapping (after start, end, prot, flags, offset).
+    let mut first = true;
+    patched_copy("1.1", &d.0, |tag, body| {
+        if tag == 3 && std::mem::take(&mut first) {
+            body[32..34].copy_from_slice(&77u16.to_le_bytes());
+        }
+    });
+    let e = Manifest::read(&d.0).unwrap_err().to_string();
+    assert!(
+        e.contains("unknown mapping kind 77 (not defined in image format 1.1)"),
+        "{e}"
+    );
+    // A shared memory kind (after the u64 id).
+    patched_copy("1.3/ckpt-000001", &d.0, |tag, body| {
+        if tag == 7 {
+            body[8..10].copy_from_slice(&5u16.to_le_bytes());
+        }
+    });
+    let e = Manifest::read(&d.0).unwrap_err().to_string();
+    assert!(
+        e.contains("unknown shared memory kind 5 (not defined in image format 1.3)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn old_images_are_written_again_in_the_current_format() {
+    let d = Scratch::new("rewrite");
+    for rel in [
+        "1.1",
+        "1.2/proc-4100",
+        "1.2/proc-4101",
+        "1.3/ckpt-000002/proc-4101",
+    ] {
+        let m = Manifest::read(&fixture(rel)).unwrap();
+        m.write(&d.0).unwrap();
+        let path = d.0.join(cr_ebpf_image::MANIFEST_FILE);
+        assert_eq!(version(&path), (1, cr_ebpf_image::FORMAT_MINOR));
+        assert_eq!(Manifest::read(&d.0).unwrap(), m);
+        if rel == "1.1" {
+            continue; // 1.2 added the clocks to PROCESS.
+        }
+        let old = std::fs::read(fixture(rel).join(cr_ebpf_image::MANIFEST_FILE)).unwrap();
+        let new = std::fs::read(&path).unwrap();
+        // Without a state tag and its length, 6 bytes less per descriptor
+        // with state; otherwise the same.
+        let with_state = m.fds.iter().filter(|f| f.state != FdState::None).count();
+        assert_eq!(old.len() - new.len(), 6 * with_state, "{rel}");
+        if with_state == 0 {
+            assert_eq!(old[32..], new[32..], "{rel}");
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Section MAPPING (one per memory mapping, by increasing address, no overlap).
 
-use super::PATH_CAP;
+use super::{unknown, PATH_CAP};
 use crate::codec::{Dec, DecErr, Enc};
 
 /// `MappingInfo::flags`: `MAP_SHARED` (otherwise private).
@@ -94,9 +94,9 @@ impl MappingInfo {
         b.u64(self.pages_stored);
     }
 
-    /// Reads a MAPPING section's body, which starts at `at`; the range must
-    /// be page-aligned and not empty.
-    pub(super) fn decode(b: &mut Dec<'_>, at: u64) -> Result<Self, DecErr> {
+    /// Reads a MAPPING section's body, which starts at `at`, of an image of
+    /// format 1.`minor`; the range must be page-aligned and not empty.
+    pub(super) fn decode(b: &mut Dec<'_>, at: u64, minor: u16) -> Result<Self, DecErr> {
         let start = b.u64()?;
         let end = b.u64()?;
         let prot = b.u32()?;
@@ -105,7 +105,7 @@ impl MappingInfo {
         let kind_at = b.offset();
         let kind = MappingKind::try_from(b.u16()?).map_err(|k| DecErr {
             offset: kind_at,
-            what: format!("unknown mapping kind {k}"),
+            what: unknown("mapping kind", k, minor),
         })?;
         let m = Self {
             start,
@@ -156,7 +156,7 @@ mod tests {
             };
             let buf = encoded(&m);
             let mut d = Dec::new(&buf, 0);
-            assert_eq!(MappingInfo::decode(&mut d, 0).unwrap(), m);
+            assert_eq!(MappingInfo::decode(&mut d, 0, 4).unwrap(), m);
             assert!(d.done());
         }
     }
@@ -169,17 +169,17 @@ mod tests {
             kind: MappingKind::Anon,
             ..MappingInfo::default()
         };
-        let e = MappingInfo::decode(&mut Dec::new(&encoded(&m), 0), 0).unwrap_err();
+        let e = MappingInfo::decode(&mut Dec::new(&encoded(&m), 0), 0, 4).unwrap_err();
         assert!(e.what.contains("bad mapping range"), "{}", e.what);
         let m = MappingInfo { end: 0x2800, ..m };
-        let e = MappingInfo::decode(&mut Dec::new(&encoded(&m), 0), 0).unwrap_err();
+        let e = MappingInfo::decode(&mut Dec::new(&encoded(&m), 0), 0, 4).unwrap_err();
         assert!(e.what.contains("bad mapping range"), "{}", e.what);
         let m = MappingInfo {
             end: 0x3000,
             kind: MappingKind::Invalid,
             ..m
         };
-        let e = MappingInfo::decode(&mut Dec::new(&encoded(&m), 0), 0).unwrap_err();
+        let e = MappingInfo::decode(&mut Dec::new(&encoded(&m), 0), 0, 4).unwrap_err();
         assert!(e.what.contains("unknown mapping kind 0"), "{}", e.what);
     }
 }

@@ -1,6 +1,6 @@
 //! Section SHMEM (format 1.2; one per shared memory object, ids unique).
 
-use super::{NAME_CAP, PATH_CAP};
+use super::{unknown, NAME_CAP, PATH_CAP};
 use crate::codec::{Dec, DecErr, Enc};
 
 /// Largest shared memory object stored (its contents are in the manifest).
@@ -87,21 +87,21 @@ impl ShmemObject {
         }
     }
 
-    /// Reads a SHMEM section's body: contents within the size, none for an
-    /// object stored elsewhere.
-    pub(super) fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
+    /// Reads a SHMEM section's body in an image of format 1.`minor`:
+    /// contents within the size, none for an object stored elsewhere.
+    pub(super) fn decode(b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
         let id = b.u64()?;
         let kind_at = b.offset();
         let kind = ShmemKind::try_from(b.u16()?).map_err(|k| DecErr {
             offset: kind_at,
-            what: format!("unknown shared memory kind {k}"),
+            what: unknown("shared memory kind", k, minor),
         })?;
         let flags_at = b.offset();
         let flags = b.u16()?;
         if flags & !SHMEM_ELSEWHERE != 0 {
             return Err(DecErr {
                 offset: flags_at,
-                what: format!("unknown shared memory flags {flags:#x}"),
+                what: unknown("shared memory flags", format!("{flags:#x}"), minor),
             });
         }
         let elsewhere = flags & SHMEM_ELSEWHERE != 0;
@@ -159,7 +159,7 @@ mod tests {
 
     fn decoded(buf: &[u8]) -> Result<ShmemObject, DecErr> {
         let mut d = Dec::new(buf, 0);
-        let o = ShmemObject::decode(&mut d)?;
+        let o = ShmemObject::decode(&mut d, 4)?;
         assert!(d.done());
         Ok(o)
     }
