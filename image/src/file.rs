@@ -26,8 +26,9 @@ pub const FORMAT_MAJOR: u16 = 1;
 /// Newest format minor version this build knows, and the one it writes.
 ///
 /// Every new section tag, descriptor kind, mapping kind or shared memory
-/// kind (or flag) bumps it: a reader refuses a newer minor in the header, so
-/// it never meets a value it does not know in an image it accepts.
+/// kind bumps it, as do new flag bits and other changes of layout: a reader
+/// refuses a newer minor in the header, so it never meets a tag or kind it
+/// does not know in an image it accepts.
 pub const FORMAT_MINOR: u16 = 4;
 /// Header size.
 pub const HEADER_LEN: usize = 32;

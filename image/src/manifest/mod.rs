@@ -18,11 +18,11 @@
 //! the kind, instead of a state tag and a length-prefixed body (1.2, 1.3).
 //!
 //! **Every added section tag, descriptor kind, mapping kind or shared
-//! memory kind (or flag) bumps the minor version.** A reader refuses a
-//! newer minor in the header, so an image it accepts never holds a value
-//! it does not know; one that does anyway is refused with a message naming
-//! the image's version, never skipped or guessed at. Only a section marked
-//! optional may be skipped.
+//! memory kind bumps the minor version** (so do new flag bits and any other
+//! change of layout). A reader refuses a newer minor in the header, so an
+//! image it accepts never holds a tag or kind it does not know; one that
+//! does anyway is refused with a message naming the image's version, never
+//! skipped or guessed at. Only a section marked optional may be skipped.
 
 use std::path::Path;
 
