@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `CREBPFIM` |
 //! | 8 | 2 | format major (1) |
-//! | 10 | 2 | format minor (2) |
+//! | 10 | 2 | format minor (4): the writer's; a reader takes any minor up to its own |
 //! | 12 | 2 | file kind (1 manifest, 2 pages, 3 tree) |
 //! | 14 | 2 | flags (0) |
 //! | 16 | 8 | payload length |
@@ -23,8 +23,13 @@ use crate::{codec::Dec, ImageError};
 pub const MAGIC: &[u8; 8] = b"CREBPFIM";
 /// Format major version: a reader refuses any other major.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Newest format minor version this build knows.
-pub const FORMAT_MINOR: u16 = 3;
+/// Newest format minor version this build knows, and the one it writes.
+///
+/// Every new section tag, descriptor kind, mapping kind or shared memory
+/// kind bumps it, as do new flag bits and other changes of layout: a reader
+/// refuses a newer minor in the header, so it never meets a tag or kind it
+/// does not know in an image it accepts.
+pub const FORMAT_MINOR: u16 = 4;
 /// Header size.
 pub const HEADER_LEN: usize = 32;
 /// Largest manifest payload accepted.
@@ -71,6 +76,9 @@ pub fn header(kind: FileKind, payload_len: u64, payload_crc: u32) -> [u8; HEADER
 /// A parsed, validated header.
 #[derive(Debug, Clone, Copy)]
 pub struct Header {
+    /// Format minor version the file was written with (at most
+    /// [`FORMAT_MINOR`]): how to read its payload.
+    pub minor: u16,
     /// Payload length.
     pub payload_len: u64,
     /// CRC-32 of the payload.
@@ -122,6 +130,7 @@ pub fn parse_header(path: &str, h: &[u8], kind: FileKind) -> Result<Header, Imag
         return Err(corrupt(14, format!("unknown header flags {flags:#x}")));
     }
     Ok(Header {
+        minor,
         payload_len: d.u64().map_err(e)?,
         payload_crc: d.u32().map_err(e)?,
     })
@@ -153,6 +162,16 @@ pub fn write_whole(path: &Path, kind: FileKind, payload: &[u8]) -> Result<(), Im
 
 /// Reads a whole small file, checks header and payload CRC, returns the payload.
 pub fn read_whole(path: &Path, kind: FileKind, cap: u64) -> Result<Vec<u8>, ImageError> {
+    read_whole_with_header(path, kind, cap).map(|(_, payload)| payload)
+}
+
+/// [`read_whole`], with the file's header (its format minor version says
+/// how to read the payload).
+pub fn read_whole_with_header(
+    path: &Path,
+    kind: FileKind,
+    cap: u64,
+) -> Result<(Header, Vec<u8>), ImageError> {
     let name = path.display().to_string();
     let mut f = File::open(path).map_err(io(path, "opening"))?;
     let mut h = Vec::with_capacity(HEADER_LEN);
@@ -194,7 +213,7 @@ pub fn read_whole(path: &Path, kind: FileKind, cap: u64) -> Result<Vec<u8>, Imag
             what: "payload checksum mismatch".into(),
         });
     }
-    Ok(payload)
+    Ok((header, payload))
 }
 
 /// Rewrites the header of an already written file (streamed payloads).

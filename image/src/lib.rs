@@ -12,11 +12,15 @@
 //! Readers reject a newer major version, a minor version they do not know,
 //! unknown required sections and enum values, bad checksums, and sizes over
 //! the caps: a damaged image is an error that names the file and offset,
-//! never a guess. Images appear atomically ([`publish`]).
+//! never a guess. Images appear atomically ([`publish()`]).
+//!
+//! A writer writes the newest format ([`FORMAT_MINOR`]); a reader reads
+//! every minor up to its own, each file as its header's minor says. Every
+//! added section tag, descriptor kind, mapping kind or shared memory kind
+//! bumps the minor version (see the `manifest` module and `docs/IMAGE.md`).
 
 pub mod chain;
 mod codec;
-mod fdstate;
 pub mod file;
 pub mod images_dir;
 mod manifest;
@@ -25,14 +29,11 @@ mod publish;
 pub mod tree;
 
 pub use chain::Chain;
-pub use fdstate::{
-    EpollItem, FdState, InotifyWatch, SockOpt, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP,
-};
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
-    ChainInfo, FdInfo, FdKind, Manifest, MappingInfo, MappingKind, PosixTimer, ProcessInfo,
-    ShmemKind, ShmemObject, SigAction, ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED,
-    SHMEM_CAP,
+    ChainInfo, EpollItem, FdInfo, FdKind, FdState, InotifyWatch, Manifest, MappingInfo,
+    MappingKind, PosixTimer, ProcessInfo, ShmemKind, ShmemObject, SigAction, SockOpt, SocketInfo,
+    TcpRepair, ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED, SHMEM_CAP, SOCKET_QUEUE_CAP,
 };
 pub use publish::publish;
 

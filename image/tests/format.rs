@@ -504,3 +504,80 @@ fn shared_memory_stored_elsewhere_round_trips_and_holds_no_contents() {
         e.what
     );
 }
+
+#[test]
+fn a_header_claiming_minor_5_is_refused_naming_the_version() {
+    let d = tempdir("minor5");
+    write_image(&d);
+    let p = d.join(MANIFEST_FILE);
+    let mut b = std::fs::read(&p).unwrap();
+    assert_eq!(
+        b[10..12],
+        cr_ebpf_image::FORMAT_MINOR.to_le_bytes(),
+        "written in the current format"
+    );
+    assert_eq!(cr_ebpf_image::FORMAT_MINOR, 4);
+    b[10..12].copy_from_slice(&5u16.to_le_bytes());
+    let crc = crc32(&b[0..28]);
+    b[28..32].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&p, b).unwrap();
+    let e = Manifest::read(&d).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ImageError::Version {
+                major: 1,
+                minor: 5,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = e.to_string();
+    assert!(
+        e.contains("image format 1.5 is not readable") && e.contains("reads 1.0 to 1.4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_descriptor_state_is_the_body_of_its_kind() {
+    use cr_ebpf_image::{FdInfo, FdKind, FdState};
+    let mut m = manifest();
+    m.fds.push(FdInfo {
+        fd: 9,
+        kind: FdKind::Pidfd,
+        path: "anon_inode:[pidfd]".into(),
+        state: FdState::Pidfd { pid: 77 },
+        ..Default::default()
+    });
+    let payload = m.encode();
+    assert_eq!(Manifest::decode(&payload, 32).unwrap(), m);
+    // Find the last FD section: (offset of its body, its length).
+    let mut at = 0;
+    let mut last_fd = None;
+    while at < payload.len() {
+        let tag = u16::from_le_bytes([payload[at], payload[at + 1]]);
+        let len = u32::from_le_bytes(payload[at + 4..at + 8].try_into().unwrap()) as usize;
+        if tag == 4 {
+            last_fd = Some((at + 8, len));
+        }
+        at += 8 + len;
+    }
+    let (start, len) = last_fd.unwrap();
+    let body = &payload[start..start + len];
+    assert_eq!(body[0..4], 9i32.to_le_bytes());
+    assert_eq!(body[4..6], (FdKind::Pidfd as u16).to_le_bytes());
+    // It ends with the pid itself: no state tag, no length.
+    assert_eq!(
+        body[len - 8..len - 4],
+        0u32.to_le_bytes(),
+        "empty pipe data"
+    );
+    assert_eq!(body[len - 4..], 77i32.to_le_bytes());
+    // Calling it a file leaves the pid over: refused.
+    let mut bad = payload.clone();
+    bad[start + 4..start + 6].copy_from_slice(&(FdKind::File as u16).to_le_bytes());
+    let e = Manifest::decode(&bad, 32).unwrap_err();
+    assert!(e.what.contains("4 unexpected bytes"), "{}", e.what);
+}

@@ -1,0 +1,350 @@
+//! Section FD (one per open descriptor, by increasing number).
+//!
+//! Format 1.4: `i32` number, `u16` kind, the fields every kind has, then
+//! the state of the kind (nothing for kinds 1 to 4), read according to the
+//! kind: a section cannot hold the state of another kind. Formats 1.0 to
+//! 1.3 are read by [`legacy`].
+
+mod legacy;
+mod socket;
+mod state;
+
+pub use socket::{SockOpt, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
+pub use state::{EpollItem, FdState, InotifyWatch};
+
+use super::{unknown, PATH_CAP};
+use crate::codec::{Dec, DecErr, Enc};
+
+/// The first format whose FD sections end with the kind's state body (no
+/// state tag).
+const STATE_BY_KIND: u16 = 4;
+
+/// Largest pipe contents stored.
+const PIPE_DATA_CAP: usize = 16 << 20;
+
+/// What an open file descriptor refers to. On disk as a `u16`; `0` is invalid.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FdKind {
+    /// Not a kind; decoding it is an error.
+    #[default]
+    Invalid = 0,
+    /// A regular file or directory, reopened by path and checked by identity.
+    File = 1,
+    /// A character device (`/dev/null`, a terminal), reopened by path.
+    CharDevice = 2,
+    /// One end of a pipe whose both ends the process holds; recreated with
+    /// its buffered bytes.
+    Pipe = 3,
+    /// Connected to the outside (a pipe end whose other end is elsewhere):
+    /// the restorer passes its own descriptor of the same number.
+    Inherited = 4,
+    /// An epoll set (format 1.2; state [`FdState::Epoll`]).
+    Epoll = 5,
+    /// An eventfd (format 1.2; state [`FdState::EventFd`]).
+    EventFd = 6,
+    /// A timerfd (format 1.2; state [`FdState::TimerFd`]).
+    TimerFd = 7,
+    /// A signalfd (format 1.2; state [`FdState::SignalFd`]).
+    SignalFd = 8,
+    /// A socket (format 1.2; state [`FdState::Socket`]).
+    Socket = 9,
+    /// An inotify instance (format 1.2; state [`FdState::Inotify`]).
+    Inotify = 10,
+    /// A memfd (format 1.2; state [`FdState::Memfd`], contents in
+    /// [`Manifest::shmem`](super::Manifest::shmem)).
+    Memfd = 11,
+    /// A pidfd (format 1.2; state [`FdState::Pidfd`]).
+    Pidfd = 12,
+}
+
+impl TryFrom<u16> for FdKind {
+    type Error = u16;
+    fn try_from(v: u16) -> Result<Self, u16> {
+        Ok(match v {
+            1 => Self::File,
+            2 => Self::CharDevice,
+            3 => Self::Pipe,
+            4 => Self::Inherited,
+            5 => Self::Epoll,
+            6 => Self::EventFd,
+            7 => Self::TimerFd,
+            8 => Self::SignalFd,
+            9 => Self::Socket,
+            10 => Self::Inotify,
+            11 => Self::Memfd,
+            12 => Self::Pidfd,
+            other => return Err(other),
+        })
+    }
+}
+
+/// One open file descriptor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FdInfo {
+    /// Descriptor number.
+    pub fd: i32,
+    /// What it refers to.
+    pub kind: FdKind,
+    /// `O_*` status flags and access mode, as in `/proc/PID/fdinfo`.
+    pub flags: u32,
+    /// Close-on-exec.
+    pub cloexec: bool,
+    /// File position.
+    pub pos: u64,
+    /// Path (files, devices).
+    pub path: String,
+    /// Inode (files: checked at restore; pipes: identifies the pipe).
+    pub inode: u64,
+    /// Device of the file.
+    pub dev: u64,
+    /// Size of the file at checkpoint time.
+    pub size: u64,
+    /// Modification time of the file, nanoseconds since the epoch.
+    pub mtime_ns: u64,
+    /// Pipe buffer size (`F_GETPIPE_SZ`).
+    pub pipe_size: u32,
+    /// Bytes buffered in the pipe (stored once, on its read end).
+    pub data: Vec<u8>,
+    /// What the kinds added in format 1.2 hold: the state of `kind`
+    /// ([`FdState::None`] for kinds 1 to 4). A state of another kind is a
+    /// programming error; see [`Manifest::encode`](super::Manifest::encode).
+    pub state: FdState,
+}
+
+impl FdInfo {
+    /// The FD section's body. A state that is not its kind's is a bug of
+    /// the caller: debug builds panic; otherwise the kind is written as 0,
+    /// which every reader refuses, so the image is never misread.
+    pub(super) fn encode(&self, b: &mut Enc) {
+        debug_assert!(
+            self.state.fits(self.kind),
+            "descriptor {} of kind {:?} with the state {:?}",
+            self.fd,
+            self.kind,
+            self.state
+        );
+        b.i32(self.fd);
+        b.u16(self.written_kind() as u16);
+        b.u16(self.cloexec as u16);
+        b.u32(self.flags);
+        b.u64(self.pos);
+        b.str(&self.path);
+        b.u64(self.inode);
+        b.u64(self.dev);
+        b.u64(self.size);
+        b.u64(self.mtime_ns);
+        b.u32(self.pipe_size);
+        b.bytes(&self.data);
+        self.state.encode_body(b);
+    }
+
+    /// The kind as written: [`FdKind::Invalid`] when the state is another
+    /// kind's.
+    fn written_kind(&self) -> FdKind {
+        if self.state.fits(self.kind) {
+            self.kind
+        } else {
+            FdKind::Invalid
+        }
+    }
+
+    /// Reads an FD section's body, which starts at `at`, of an image of
+    /// format 1.`minor`.
+    pub(super) fn decode(b: &mut Dec<'_>, at: u64, minor: u16) -> Result<Self, DecErr> {
+        let fd = b.i32()?;
+        let kind_at = b.offset();
+        let kind = FdKind::try_from(b.u16()?).map_err(|k| DecErr {
+            offset: kind_at,
+            what: unknown("descriptor kind", k, minor),
+        })?;
+        let cloexec = b.u16()? != 0;
+        let mut f = Self {
+            fd,
+            kind,
+            cloexec,
+            flags: b.u32()?,
+            pos: b.u64()?,
+            path: b.str(PATH_CAP, "descriptor path")?,
+            inode: b.u64()?,
+            dev: b.u64()?,
+            size: b.u64()?,
+            mtime_ns: b.u64()?,
+            pipe_size: b.u32()?,
+            data: b.bytes(PIPE_DATA_CAP, "pipe contents")?.to_vec(),
+            state: FdState::None,
+        };
+        if minor >= STATE_BY_KIND {
+            f.state = FdState::decode_body(kind, b)?;
+            return Ok(f);
+        }
+        f.state = legacy::decode(b, minor)?;
+        if !f.state.fits(kind) {
+            return Err(DecErr {
+                offset: at,
+                what: format!(
+                    "descriptor {} of kind {:?} with the state of another kind",
+                    f.fd, f.kind
+                ),
+            });
+        }
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FORMAT_MINOR;
+
+    fn common(fd: i32, state: FdState) -> FdInfo {
+        FdInfo {
+            fd,
+            kind: state.kind().unwrap_or(FdKind::Pipe),
+            flags: 0o2,
+            cloexec: true,
+            pos: 12,
+            path: "anon_inode:[x]".into(),
+            inode: 123,
+            dev: 14,
+            size: 5,
+            mtime_ns: 6,
+            pipe_size: 65536,
+            data: b"unread".to_vec(),
+            state,
+        }
+    }
+
+    fn encoded(f: &FdInfo) -> Vec<u8> {
+        let mut e = Enc::default();
+        f.encode(&mut e);
+        e.buf
+    }
+
+    fn decoded(buf: &[u8], minor: u16) -> Result<FdInfo, DecErr> {
+        let mut d = Dec::new(buf, 8);
+        let f = FdInfo::decode(&mut d, 0, minor)?;
+        if !d.done() {
+            return Err(d.err("left over"));
+        }
+        Ok(f)
+    }
+
+    #[test]
+    fn every_kind_round_trips_with_its_state_after_the_common_fields() {
+        let bare = encoded(&common(3, FdState::None)).len();
+        for s in state::tests::every_state() {
+            let f = common(3, s);
+            let buf = encoded(&f);
+            assert_eq!(decoded(&buf, FORMAT_MINOR).unwrap(), f);
+            // No tag, no length: the body alone follows the common fields.
+            let mut body = Enc::default();
+            f.state.encode_body(&mut body);
+            assert_eq!(buf.len(), bare + body.buf.len());
+            assert_eq!(buf[bare..], body.buf[..]);
+        }
+        for kind in [FdKind::File, FdKind::CharDevice, FdKind::Inherited] {
+            let f = FdInfo {
+                kind,
+                ..common(0, FdState::None)
+            };
+            assert_eq!(decoded(&encoded(&f), FORMAT_MINOR).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn a_kind_reads_its_own_state_only() {
+        // A pidfd's body after the kind of a file: 4 bytes too many.
+        let mut buf = encoded(&common(3, FdState::Pidfd { pid: 9 }));
+        buf[4..6].copy_from_slice(&(FdKind::File as u16).to_le_bytes());
+        assert!(decoded(&buf, FORMAT_MINOR).is_err());
+        // An eventfd without its body.
+        let mut buf = encoded(&common(3, FdState::None));
+        buf[4..6].copy_from_slice(&(FdKind::EventFd as u16).to_le_bytes());
+        assert!(decoded(&buf, FORMAT_MINOR).is_err());
+        // An unknown kind, naming the image's version.
+        buf[4..6].copy_from_slice(&13u16.to_le_bytes());
+        let e = decoded(&buf, FORMAT_MINOR).unwrap_err();
+        assert!(e.what.contains("unknown descriptor kind 13"), "{}", e.what);
+        assert!(e.what.contains(&format!("1.{FORMAT_MINOR}")), "{}", e.what);
+        assert_eq!(e.offset, 8 + 4);
+    }
+
+    /// The section body as format 1.2/1.3 wrote it.
+    fn legacy_encoded(f: &FdInfo) -> Vec<u8> {
+        let mut buf = encoded(&FdInfo {
+            state: FdState::None,
+            kind: FdKind::File,
+            ..f.clone()
+        });
+        buf[4..6].copy_from_slice(&(f.kind as u16).to_le_bytes());
+        let mut e = Enc::default();
+        legacy::encode(&f.state, &mut e);
+        buf.extend_from_slice(&e.buf);
+        buf
+    }
+
+    #[test]
+    fn sections_of_formats_1_0_to_1_3_still_read() {
+        for s in state::tests::every_state() {
+            let f = common(5, s);
+            let buf = legacy_encoded(&f);
+            for minor in [2, 3] {
+                assert_eq!(decoded(&buf, minor).unwrap(), f);
+            }
+            // 1.4 reads the same bytes by the kind: the tag is not a body.
+            if f.state != FdState::None {
+                assert_ne!(decoded(&buf, FORMAT_MINOR).ok(), Some(f.clone()));
+            }
+        }
+        let pipe = common(3, FdState::None);
+        for minor in 0..=3 {
+            assert_eq!(decoded(&legacy_encoded(&pipe), minor).unwrap(), pipe);
+        }
+    }
+
+    #[test]
+    fn a_state_of_another_kind_in_an_old_section_is_refused() {
+        let mut buf = legacy_encoded(&common(5, FdState::SignalFd { mask: 1 }));
+        buf[4..6].copy_from_slice(&(FdKind::TimerFd as u16).to_le_bytes());
+        let e = decoded(&buf, 3).unwrap_err();
+        assert!(
+            e.what
+                .contains("descriptor 5 of kind TimerFd with the state of another kind"),
+            "{}",
+            e.what
+        );
+        assert_eq!(e.offset, 0);
+        // A kind with state but none stored.
+        let mut buf = legacy_encoded(&common(5, FdState::None));
+        buf[4..6].copy_from_slice(&(FdKind::Socket as u16).to_le_bytes());
+        assert!(decoded(&buf, 2).is_err());
+        // A file with a state.
+        let mut buf = legacy_encoded(&common(5, FdState::Memfd { id: 3 }));
+        buf[4..6].copy_from_slice(&(FdKind::File as u16).to_le_bytes());
+        assert!(decoded(&buf, 3).unwrap_err().what.contains("another kind"));
+    }
+
+    #[test]
+    fn a_state_of_another_kind_is_written_as_kind_0() {
+        let f = FdInfo {
+            kind: FdKind::Inherited,
+            ..common(2, FdState::Pidfd { pid: 1 })
+        };
+        assert_eq!(f.written_kind(), FdKind::Invalid);
+        assert_eq!(
+            common(2, FdState::Pidfd { pid: 1 }).written_kind(),
+            FdKind::Pidfd
+        );
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "with the state")]
+    fn encoding_a_state_of_another_kind_panics_in_debug_builds() {
+        encoded(&FdInfo {
+            kind: FdKind::Socket,
+            ..common(2, FdState::None)
+        });
+    }
+}

@@ -1,0 +1,316 @@
+//! A socket's state (descriptor kind 9, format 1.2): addresses, options,
+//! queued messages and an established TCP connection's repair state.
+
+use crate::codec::{Dec, DecErr, Enc};
+
+/// Largest queue of one socket stored (bytes, all messages together).
+pub const SOCKET_QUEUE_CAP: usize = 64 << 20;
+/// Most messages in one socket queue.
+const MESSAGES_CAP: usize = 1 << 20;
+/// Largest socket address.
+const ADDR_CAP: usize = 128;
+/// Largest socket option value.
+const OPTION_CAP: usize = 256;
+/// Most socket options.
+const OPTIONS_CAP: usize = 64;
+
+/// A TCP connection's state as `TCP_REPAIR` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TcpRepair {
+    /// Sequence number of the first byte of the send queue (oldest unacknowledged).
+    pub send_seq: u32,
+    /// Sequence number of the first byte of the receive queue (oldest unread).
+    pub recv_seq: u32,
+    /// The send queue: bytes sent and not acknowledged, then bytes not sent yet.
+    pub send_queue: Vec<u8>,
+    /// How many bytes at the end of `send_queue` were never sent.
+    pub unsent: u32,
+    /// The receive queue: bytes received and not read.
+    pub recv_queue: Vec<u8>,
+    /// Maximum segment size.
+    pub mss: u32,
+    /// The connection's TCP timestamp clock (`TCP_TIMESTAMP`).
+    pub timestamp: u32,
+    /// `tcpi_options` bits: 1 timestamps, 2 SACK, 4 window scaling.
+    pub options: u8,
+    /// Send window scale.
+    pub snd_wscale: u8,
+    /// Receive window scale.
+    pub rcv_wscale: u8,
+    /// `struct tcp_repair_window`: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
+}
+
+/// A socket option to set again, as `getsockopt` returned it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SockOpt {
+    /// `SOL_SOCKET`, `IPPROTO_TCP`, ...
+    pub level: i32,
+    /// `SO_*`, `TCP_*`, ...
+    pub name: i32,
+    /// The option's bytes.
+    pub value: Vec<u8>,
+}
+
+/// A socket: address family, type, addresses, options and queued data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketInfo {
+    /// `AF_UNIX`, `AF_INET`, `AF_INET6`.
+    pub family: u16,
+    /// `SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_SEQPACKET`.
+    pub sock_type: u16,
+    /// Protocol number (`IPPROTO_TCP`, ...).
+    pub protocol: u32,
+    /// Listening.
+    pub listening: bool,
+    /// The backlog of a listening socket.
+    pub backlog: u32,
+    /// Local address (`struct sockaddr_*` bytes); empty when not bound.
+    pub local: Vec<u8>,
+    /// Peer address; empty when not connected.
+    pub peer: Vec<u8>,
+    /// Socket options that differ from a new socket's.
+    pub options: Vec<SockOpt>,
+    /// Unix sockets: this socket's inode. Both ends of a socket pair held
+    /// by the process are recreated together.
+    pub inode: u64,
+    /// Unix sockets: the peer's inode (0: none).
+    pub peer_inode: u64,
+    /// Messages waiting in the receive queue (unix and UDP; a stream
+    /// socket's bytes as one message).
+    pub queue: Vec<Vec<u8>>,
+    /// An established TCP connection.
+    pub tcp: Option<TcpRepair>,
+}
+
+impl SocketInfo {
+    /// The socket's state body.
+    pub(super) fn encode(&self, b: &mut Enc) {
+        b.u16(self.family);
+        b.u16(self.sock_type);
+        b.u32(self.protocol);
+        b.u16(self.listening as u16);
+        b.u16(0);
+        b.u32(self.backlog);
+        b.bytes(&self.local);
+        b.bytes(&self.peer);
+        b.u32(self.options.len() as u32);
+        for o in &self.options {
+            b.i32(o.level);
+            b.i32(o.name);
+            b.bytes(&o.value);
+        }
+        b.u64(self.inode);
+        b.u64(self.peer_inode);
+        b.u32(self.queue.len() as u32);
+        for m in &self.queue {
+            b.bytes(m);
+        }
+        match &self.tcp {
+            None => b.u16(0),
+            Some(t) => {
+                b.u16(1);
+                t.encode(b);
+            }
+        }
+    }
+
+    /// Reads a socket's state body.
+    pub(super) fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
+        let mut s = SocketInfo {
+            family: b.u16()?,
+            sock_type: b.u16()?,
+            protocol: b.u32()?,
+            listening: b.u16()? != 0,
+            ..SocketInfo::default()
+        };
+        b.u16()?;
+        s.backlog = b.u32()?;
+        s.local = b.bytes(ADDR_CAP, "socket address")?.to_vec();
+        s.peer = b.bytes(ADDR_CAP, "peer address")?.to_vec();
+        let n = b.u32()? as usize;
+        if n > OPTIONS_CAP {
+            return Err(b.err(format!("{n} socket options (at most {OPTIONS_CAP})")));
+        }
+        for _ in 0..n {
+            s.options.push(SockOpt {
+                level: b.i32()?,
+                name: b.i32()?,
+                value: b.bytes(OPTION_CAP, "socket option")?.to_vec(),
+            });
+        }
+        s.inode = b.u64()?;
+        s.peer_inode = b.u64()?;
+        let n = b.u32()? as usize;
+        if n > MESSAGES_CAP {
+            return Err(b.err(format!("{n} queued messages (at most {MESSAGES_CAP})")));
+        }
+        let mut total = 0;
+        for _ in 0..n {
+            let m = b.bytes(SOCKET_QUEUE_CAP, "queued message")?;
+            total += m.len();
+            if total > SOCKET_QUEUE_CAP {
+                return Err(b.err(format!("socket queue over {SOCKET_QUEUE_CAP} bytes")));
+            }
+            s.queue.push(m.to_vec());
+        }
+        s.tcp = match b.u16()? {
+            0 => None,
+            1 => Some(TcpRepair::decode(b)?),
+            other => return Err(b.err(format!("unknown TCP state marker {other}"))),
+        };
+        Ok(s)
+    }
+}
+
+impl TcpRepair {
+    fn encode(&self, b: &mut Enc) {
+        b.u32(self.send_seq);
+        b.u32(self.recv_seq);
+        b.bytes(&self.send_queue);
+        b.u32(self.unsent);
+        b.bytes(&self.recv_queue);
+        b.u32(self.mss);
+        b.u32(self.timestamp);
+        b.u16(self.options as u16);
+        b.u16(self.snd_wscale as u16 | (self.rcv_wscale as u16) << 8);
+        for w in self.window {
+            b.u32(w);
+        }
+    }
+
+    /// Reads a TCP connection's state: no more unsent bytes than queued.
+    fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
+        let mut t = TcpRepair {
+            send_seq: b.u32()?,
+            recv_seq: b.u32()?,
+            send_queue: b.bytes(SOCKET_QUEUE_CAP, "TCP send queue")?.to_vec(),
+            unsent: b.u32()?,
+            recv_queue: b.bytes(SOCKET_QUEUE_CAP, "TCP receive queue")?.to_vec(),
+            mss: b.u32()?,
+            timestamp: b.u32()?,
+            options: b.u16()? as u8,
+            ..TcpRepair::default()
+        };
+        let scales = b.u16()?;
+        t.snd_wscale = scales as u8;
+        t.rcv_wscale = (scales >> 8) as u8;
+        for w in t.window.iter_mut() {
+            *w = b.u32()?;
+        }
+        if t.unsent as usize > t.send_queue.len() {
+            return Err(b.err(format!(
+                "{} unsent bytes in a send queue of {}",
+                t.unsent,
+                t.send_queue.len()
+            )));
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(s: &SocketInfo) -> Vec<u8> {
+        let mut e = Enc::default();
+        s.encode(&mut e);
+        e.buf
+    }
+
+    fn decoded(buf: &[u8]) -> Result<SocketInfo, DecErr> {
+        let mut d = Dec::new(buf, 0);
+        let s = SocketInfo::decode(&mut d)?;
+        assert!(d.done());
+        Ok(s)
+    }
+
+    #[test]
+    fn sockets_round_trip() {
+        let pair_end = SocketInfo {
+            family: 1,
+            sock_type: 5,
+            inode: 77,
+            peer_inode: 78,
+            queue: vec![b"hello".to_vec(), Vec::new(), b"again".to_vec()],
+            ..SocketInfo::default()
+        };
+        let listener = SocketInfo {
+            family: 10,
+            sock_type: 1,
+            protocol: 6,
+            listening: true,
+            backlog: 128,
+            local: vec![10, 0, 0x1f, 0x90],
+            options: vec![
+                SockOpt {
+                    level: 1,
+                    name: 2,
+                    value: 1i32.to_le_bytes().to_vec(),
+                },
+                SockOpt {
+                    level: 41,
+                    name: 26,
+                    value: 0i32.to_le_bytes().to_vec(),
+                },
+            ],
+            ..SocketInfo::default()
+        };
+        let connection = SocketInfo {
+            family: 2,
+            sock_type: 1,
+            protocol: 6,
+            tcp: Some(TcpRepair {
+                send_seq: 7,
+                recv_seq: 9,
+                send_queue: b"pending".to_vec(),
+                unsent: 7,
+                recv_queue: b"unread".to_vec(),
+                mss: 1460,
+                timestamp: 99,
+                options: 5,
+                snd_wscale: 14,
+                rcv_wscale: 7,
+                window: [10, 20, 30, 40, 50],
+            }),
+            ..SocketInfo::default()
+        };
+        for s in [pair_end, listener, connection] {
+            assert_eq!(decoded(&encoded(&s)).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn damaged_sockets_are_refused() {
+        let long = SocketInfo {
+            local: vec![0; ADDR_CAP + 1],
+            ..SocketInfo::default()
+        };
+        let e = decoded(&encoded(&long)).unwrap_err();
+        assert!(e.what.contains("socket address"), "{}", e.what);
+        let many = SocketInfo {
+            options: vec![SockOpt::default(); OPTIONS_CAP + 1],
+            ..SocketInfo::default()
+        };
+        let e = decoded(&encoded(&many)).unwrap_err();
+        assert!(e.what.contains("socket options"), "{}", e.what);
+        let mut bad = encoded(&SocketInfo::default());
+        let at = bad.len() - 2;
+        bad[at] = 2;
+        let e = decoded(&bad).unwrap_err();
+        assert!(e.what.contains("unknown TCP state marker 2"), "{}", e.what);
+        // Every message under the cap, together over it.
+        let mut e = Enc::default();
+        SocketInfo::default().encode(&mut e);
+        let mut buf = e.buf[..e.buf.len() - 6].to_vec();
+        let half = vec![0u8; SOCKET_QUEUE_CAP / 2 + 1];
+        let mut q = Enc::default();
+        q.u32(2);
+        q.bytes(&half);
+        q.bytes(&half);
+        buf.extend_from_slice(&q.buf);
+        let e = decoded(&buf).unwrap_err();
+        assert!(e.what.contains("socket queue over"), "{}", e.what);
+    }
+}

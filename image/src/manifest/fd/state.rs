@@ -1,0 +1,397 @@
+//! Kind-specific state of a descriptor (kinds 5 to 12, format 1.2): epoll
+//! sets, eventfd counters, timerfd timers, signalfd masks, sockets
+//! ([`socket`](super::socket)), inotify watches, memfds and pidfds.
+//!
+//! Each kind's state has one body encoding, the same in every version.
+//! Format 1.4 writes it straight after an FD section's common fields and
+//! reads it by the section's kind; 1.2 and 1.3 wrapped it in a tag and a
+//! length ([`legacy`](super::legacy)).
+
+use super::{socket::SocketInfo, FdKind};
+use crate::codec::{Dec, DecErr, Enc};
+
+/// Most registrations of one epoll set.
+const EPOLL_ITEMS_CAP: usize = 1 << 20;
+/// Most watches of one inotify instance.
+const WATCHES_CAP: usize = 1 << 20;
+/// Longest watched path.
+const WATCH_PATH_CAP: usize = 4096;
+/// Most elements reserved ahead of reading them (a count is only trusted as
+/// far as the bytes that follow it go).
+const RESERVE_CAP: usize = 4096;
+
+/// One watch of an inotify instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InotifyWatch {
+    /// The watch descriptor the process knows it by.
+    pub wd: i32,
+    /// `IN_*` events and flags watched.
+    pub mask: u32,
+    /// The watched file's path (found from the kernel's file handle).
+    pub path: String,
+    /// Its inode (checked at restore).
+    pub ino: u64,
+    /// Its device (checked at restore).
+    pub dev: u64,
+}
+
+/// One registration of an epoll set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EpollItem {
+    /// The descriptor number it was registered with (the process's own).
+    pub fd: i32,
+    /// `EPOLL*` event bits, including `EPOLLET`/`EPOLLONESHOT`.
+    pub events: u32,
+    /// The user data word, all 64 bits.
+    pub data: u64,
+}
+
+/// What a descriptor holds beyond the common fields: the state of its
+/// [`FdKind`]. Kinds 1 to 4 (files, devices, pipes, inherited) have
+/// [`FdState::None`]; every other kind has the variant of the same name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FdState {
+    /// Nothing more (files, devices, pipes).
+    #[default]
+    None,
+    /// An epoll set and its registrations.
+    Epoll(Vec<EpollItem>),
+    /// An eventfd counter.
+    EventFd {
+        /// The counter.
+        count: u64,
+        /// Made with `EFD_SEMAPHORE`.
+        semaphore: bool,
+    },
+    /// A timerfd: clock, remaining time and interval (ns), expirations not read yet.
+    TimerFd {
+        /// Its clock.
+        clockid: i32,
+        /// Set with `TFD_TIMER_ABSTIME` (restored relative to the remaining time).
+        abstime: bool,
+        /// Time until it fires (0: disarmed).
+        value_ns: u64,
+        /// Its interval (0: fires once).
+        interval_ns: u64,
+        /// Expirations not read yet.
+        ticks: u64,
+    },
+    /// A signalfd and its mask (bit n-1 for signal n).
+    SignalFd {
+        /// The signals it reads.
+        mask: u64,
+    },
+    /// A socket.
+    Socket(Box<SocketInfo>),
+    /// An inotify instance and its watches, by watch descriptor.
+    Inotify(Vec<InotifyWatch>),
+    /// A memfd: the shared memory object (`Manifest::shmem`) it opens.
+    Memfd {
+        /// The object's id.
+        id: u64,
+    },
+    /// A pidfd of process `pid`.
+    Pidfd {
+        /// The process it refers to.
+        pid: i32,
+    },
+}
+
+impl FdKind {
+    /// Whether descriptors of this kind have a state (kinds 5 to 12).
+    pub(super) fn has_state(self) -> bool {
+        !matches!(
+            self,
+            Self::Invalid | Self::File | Self::CharDevice | Self::Pipe | Self::Inherited
+        )
+    }
+}
+
+impl FdState {
+    /// The kind this is the state of; `None` for [`FdState::None`], the
+    /// state of every kind without one.
+    pub(super) fn kind(&self) -> Option<FdKind> {
+        Some(match self {
+            Self::None => return None,
+            Self::Epoll(_) => FdKind::Epoll,
+            Self::EventFd { .. } => FdKind::EventFd,
+            Self::TimerFd { .. } => FdKind::TimerFd,
+            Self::SignalFd { .. } => FdKind::SignalFd,
+            Self::Socket(_) => FdKind::Socket,
+            Self::Inotify(_) => FdKind::Inotify,
+            Self::Memfd { .. } => FdKind::Memfd,
+            Self::Pidfd { .. } => FdKind::Pidfd,
+        })
+    }
+
+    /// Whether this is the state a descriptor of `kind` has.
+    pub(super) fn fits(&self, kind: FdKind) -> bool {
+        match self.kind() {
+            Some(k) => k == kind,
+            None => !kind.has_state(),
+        }
+    }
+
+    /// Appends the state's body (nothing for [`FdState::None`]).
+    pub(super) fn encode_body(&self, b: &mut Enc) {
+        match self {
+            Self::None => {}
+            Self::Epoll(items) => encode_epoll(b, items),
+            Self::EventFd { count, semaphore } => {
+                b.u64(*count);
+                b.u32(*semaphore as u32);
+            }
+            Self::TimerFd {
+                clockid,
+                abstime,
+                value_ns,
+                interval_ns,
+                ticks,
+            } => {
+                b.i32(*clockid);
+                b.u32(*abstime as u32);
+                b.u64(*value_ns);
+                b.u64(*interval_ns);
+                b.u64(*ticks);
+            }
+            Self::SignalFd { mask } => b.u64(*mask),
+            Self::Socket(s) => s.encode(b),
+            Self::Inotify(watches) => encode_inotify(b, watches),
+            Self::Memfd { id } => b.u64(*id),
+            Self::Pidfd { pid } => b.i32(*pid),
+        }
+    }
+
+    /// Reads the body of the state of `kind` (nothing for a kind without
+    /// state).
+    pub(super) fn decode_body(kind: FdKind, b: &mut Dec<'_>) -> Result<Self, DecErr> {
+        Ok(match kind {
+            FdKind::Invalid
+            | FdKind::File
+            | FdKind::CharDevice
+            | FdKind::Pipe
+            | FdKind::Inherited => Self::None,
+            FdKind::Epoll => Self::Epoll(decode_epoll(b)?),
+            FdKind::EventFd => Self::EventFd {
+                count: b.u64()?,
+                semaphore: b.u32()? != 0,
+            },
+            FdKind::TimerFd => Self::TimerFd {
+                clockid: b.i32()?,
+                abstime: b.u32()? != 0,
+                value_ns: b.u64()?,
+                interval_ns: b.u64()?,
+                ticks: b.u64()?,
+            },
+            FdKind::SignalFd => Self::SignalFd { mask: b.u64()? },
+            FdKind::Socket => Self::Socket(Box::new(SocketInfo::decode(b)?)),
+            FdKind::Inotify => Self::Inotify(decode_inotify(b)?),
+            FdKind::Memfd => Self::Memfd { id: b.u64()? },
+            FdKind::Pidfd => Self::Pidfd { pid: b.i32()? },
+        })
+    }
+}
+
+fn encode_epoll(b: &mut Enc, items: &[EpollItem]) {
+    b.u32(items.len() as u32);
+    for i in items {
+        b.i32(i.fd);
+        b.u32(i.events);
+        b.u64(i.data);
+    }
+}
+
+fn decode_epoll(b: &mut Dec<'_>) -> Result<Vec<EpollItem>, DecErr> {
+    let n = b.u32()? as usize;
+    if n > EPOLL_ITEMS_CAP {
+        return Err(b.err(format!(
+            "{n} epoll registrations (at most {EPOLL_ITEMS_CAP})"
+        )));
+    }
+    let mut items = Vec::with_capacity(n.min(RESERVE_CAP));
+    for _ in 0..n {
+        items.push(EpollItem {
+            fd: b.i32()?,
+            events: b.u32()?,
+            data: b.u64()?,
+        });
+    }
+    Ok(items)
+}
+
+fn encode_inotify(b: &mut Enc, watches: &[InotifyWatch]) {
+    b.u32(watches.len() as u32);
+    for w in watches {
+        b.i32(w.wd);
+        b.u32(w.mask);
+        b.str(&w.path);
+        b.u64(w.ino);
+        b.u64(w.dev);
+    }
+}
+
+/// Watches by increasing watch descriptor, each at least 1.
+fn decode_inotify(b: &mut Dec<'_>) -> Result<Vec<InotifyWatch>, DecErr> {
+    let n = b.u32()? as usize;
+    if n > WATCHES_CAP {
+        return Err(b.err(format!("{n} inotify watches (at most {WATCHES_CAP})")));
+    }
+    let mut watches: Vec<InotifyWatch> = Vec::with_capacity(n.min(RESERVE_CAP));
+    for _ in 0..n {
+        let w = InotifyWatch {
+            wd: b.i32()?,
+            mask: b.u32()?,
+            path: b.str(WATCH_PATH_CAP, "watched path")?,
+            ino: b.u64()?,
+            dev: b.u64()?,
+        };
+        if w.wd < 1 || watches.last().is_some_and(|p| p.wd >= w.wd) {
+            return Err(b.err(format!("inotify watch {} out of order", w.wd)));
+        }
+        watches.push(w);
+    }
+    Ok(watches)
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::{SockOpt, TcpRepair};
+
+    /// A state of every kind that has one, and `None`.
+    pub(in super::super) fn every_state() -> Vec<FdState> {
+        vec![
+            FdState::None,
+            FdState::Epoll(vec![
+                EpollItem {
+                    fd: 3,
+                    events: 0x8000_0019,
+                    data: 0x1122_3344_5566_7788,
+                },
+                EpollItem {
+                    fd: 9,
+                    events: 1,
+                    data: 9,
+                },
+            ]),
+            FdState::EventFd {
+                count: 5,
+                semaphore: true,
+            },
+            FdState::TimerFd {
+                clockid: 1,
+                abstime: true,
+                value_ns: 8_999_837_282,
+                interval_ns: 2_500_000_000,
+                ticks: 3,
+            },
+            FdState::SignalFd {
+                mask: 0x2_0000_4200,
+            },
+            FdState::Socket(Box::new(SocketInfo {
+                family: 2,
+                sock_type: 1,
+                protocol: 6,
+                local: vec![2, 0, 0x18, 0xff, 127, 0, 0, 1],
+                peer: vec![2, 0, 0xc0, 0x01, 127, 0, 0, 1],
+                options: vec![SockOpt {
+                    level: 6,
+                    name: 1,
+                    value: 1i32.to_le_bytes().to_vec(),
+                }],
+                queue: vec![b"one".to_vec(), b"two".to_vec()],
+                tcp: Some(TcpRepair {
+                    send_seq: 1,
+                    recv_seq: u32::MAX,
+                    send_queue: b"abcdef".to_vec(),
+                    unsent: 2,
+                    recv_queue: b"xyz".to_vec(),
+                    mss: 65483,
+                    timestamp: 3_149_598_432,
+                    options: 7,
+                    snd_wscale: 10,
+                    rcv_wscale: 9,
+                    window: [1, 2, 3, 4, 5],
+                }),
+                ..SocketInfo::default()
+            })),
+            FdState::Inotify(vec![
+                InotifyWatch {
+                    wd: 1,
+                    mask: 0x100,
+                    path: "/srv".into(),
+                    ino: 54,
+                    dev: 8 << 32 | 1,
+                },
+                InotifyWatch {
+                    wd: 4,
+                    mask: 0x2,
+                    path: "/etc/hosts".into(),
+                    ino: 12,
+                    dev: 8 << 32 | 1,
+                },
+            ]),
+            FdState::Memfd { id: 1032 },
+            FdState::Pidfd { pid: 4242 },
+        ]
+    }
+
+    #[test]
+    fn every_body_round_trips_by_its_kind() {
+        for s in every_state() {
+            let kind = s.kind().unwrap_or(FdKind::File);
+            assert!(s.fits(kind));
+            let mut e = Enc::default();
+            s.encode_body(&mut e);
+            assert_eq!(e.buf.is_empty(), s == FdState::None);
+            let mut d = Dec::new(&e.buf, 0);
+            assert_eq!(FdState::decode_body(kind, &mut d).unwrap(), s);
+            assert!(d.done());
+        }
+    }
+
+    #[test]
+    fn states_fit_their_kind_only() {
+        for s in every_state() {
+            for k in 0..=12 {
+                let kind = FdKind::try_from(k).unwrap_or_default();
+                let expected = match s.kind() {
+                    Some(own) => own == kind,
+                    None => k <= 4,
+                };
+                assert_eq!(s.fits(kind), expected, "{s:?} {kind:?}");
+                assert_eq!(kind.has_state(), k > 4);
+            }
+        }
+    }
+
+    #[test]
+    fn counts_over_the_caps_and_disordered_watches_are_refused() {
+        let mut e = Enc::default();
+        e.u32(EPOLL_ITEMS_CAP as u32 + 1);
+        let err = FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0)).unwrap_err();
+        assert!(err.what.contains("epoll registrations"), "{}", err.what);
+        // A count within the cap but past the bytes: refused, not reserved.
+        let mut e = Enc::default();
+        e.u32(EPOLL_ITEMS_CAP as u32);
+        assert!(FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0)).is_err());
+        let mut e = Enc::default();
+        e.u32(WATCHES_CAP as u32 + 1);
+        let err = FdState::decode_body(FdKind::Inotify, &mut Dec::new(&e.buf, 0)).unwrap_err();
+        assert!(err.what.contains("inotify watches"), "{}", err.what);
+        let watch = |wd| InotifyWatch {
+            wd,
+            ..InotifyWatch::default()
+        };
+        for bad in [
+            vec![watch(0)],
+            vec![watch(3), watch(3)],
+            vec![watch(5), watch(2)],
+        ] {
+            let mut e = Enc::default();
+            FdState::Inotify(bad).encode_body(&mut e);
+            let err = FdState::decode_body(FdKind::Inotify, &mut Dec::new(&e.buf, 0)).unwrap_err();
+            assert!(err.what.contains("out of order"), "{}", err.what);
+        }
+    }
+}

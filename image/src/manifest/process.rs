@@ -1,0 +1,275 @@
+//! Section PROCESS (exactly one): the process-wide state.
+
+use super::{decode_siginfos, encode_siginfos, PATH_CAP};
+use crate::codec::{Dec, DecErr, Enc};
+
+/// Largest auxiliary vector stored.
+const AUXV_CAP: usize = 4096;
+/// Most resource limits, and most signal dispositions.
+const RLIMITS_CAP: usize = 64;
+const SIGACTIONS_CAP: usize = 64;
+/// Longest boot id.
+const BOOT_ID_CAP: usize = 255;
+
+/// The process-wide part of a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Process id at checkpoint time.
+    pub pid: i32,
+    /// Path of the executable.
+    pub exe: String,
+    /// `start_code, end_code, start_data, end_data, start_brk, brk,
+    /// start_stack, arg_start, arg_end, env_start, env_end`.
+    pub mm: [u64; 11],
+    /// The auxiliary vector (`/proc/PID/auxv`).
+    pub auxv: Vec<u8>,
+    /// Wall-clock time of the checkpoint (Unix nanoseconds).
+    pub taken_unix_ns: u64,
+    /// How long the process was frozen (first thread stopped to last resumed
+    /// or killed), in nanoseconds.
+    pub freeze_ns: u64,
+    /// File mode creation mask.
+    pub umask: u32,
+    /// Execution domain (`personality(0xffffffff)`).
+    pub personality: u32,
+    /// Working directory.
+    pub cwd: String,
+    /// Resource limits, `RLIMIT_*` order: (soft, hard); `u64::MAX` is infinity.
+    pub rlimits: Vec<(u64, u64)>,
+    /// Signal dispositions that are not the default.
+    pub sigactions: Vec<SigAction>,
+    /// `ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`: (interval, remaining)
+    /// in microseconds.
+    pub itimers: [(u64, u64); 3],
+    /// Signals pending for the whole process, as 128-byte `siginfo_t`s.
+    pub pending: Vec<Vec<u8>>,
+    /// Credentials: real, effective, saved, filesystem uid, then the same gids.
+    pub creds: [u32; 8],
+    /// POSIX timers (`timer_create`), by id (format 1.2, sections POSIX_TIMER).
+    pub posix_timers: Vec<super::PosixTimer>,
+    /// Format 1.2: `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` (ns) when the
+    /// process was frozen, and the kernel's boot id then: a restore after
+    /// a reboot puts the process in a time namespace whose clocks go on
+    /// from these instead of going backwards. Zero and empty in older images.
+    pub monotonic_ns: u64,
+    /// `CLOCK_BOOTTIME` when the process was frozen (format 1.2; see
+    /// `monotonic_ns`).
+    pub boottime_ns: u64,
+    /// The kernel's boot id when the process was frozen (format 1.2).
+    pub boot_id: String,
+}
+
+/// One signal disposition, as the kernel's `struct sigaction` for `rt_sigaction`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SigAction {
+    /// Signal number.
+    pub signo: u32,
+    /// Handler address, or 0 `SIG_DFL`, 1 `SIG_IGN`.
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// `sa_restorer`.
+    pub restorer: u64,
+    /// Signals blocked while the handler runs.
+    pub mask: u64,
+}
+
+impl ProcessInfo {
+    /// The PROCESS section's body (the POSIX timers are sections of their own).
+    pub(super) fn encode(&self, b: &mut Enc) {
+        b.i32(self.pid);
+        b.str(&self.exe);
+        for v in self.mm {
+            b.u64(v);
+        }
+        b.bytes(&self.auxv);
+        b.u64(self.taken_unix_ns);
+        b.u64(self.freeze_ns);
+        b.u32(self.umask);
+        b.u32(self.personality);
+        b.str(&self.cwd);
+        b.u32(self.rlimits.len() as u32);
+        for (cur, max) in &self.rlimits {
+            b.u64(*cur);
+            b.u64(*max);
+        }
+        b.u32(self.sigactions.len() as u32);
+        for a in &self.sigactions {
+            b.u32(a.signo);
+            b.u32(0);
+            b.u64(a.handler);
+            b.u64(a.flags);
+            b.u64(a.restorer);
+            b.u64(a.mask);
+        }
+        for (interval, value) in self.itimers {
+            b.u64(interval);
+            b.u64(value);
+        }
+        encode_siginfos(b, &self.pending);
+        for c in self.creds {
+            b.u32(c);
+        }
+        b.u64(self.monotonic_ns);
+        b.u64(self.boottime_ns);
+        b.str(&self.boot_id);
+    }
+
+    /// Reads a PROCESS section's body; `posix_timers` is left empty.
+    pub(super) fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
+        let pid = b.i32()?;
+        let exe = b.str(PATH_CAP, "exe path")?;
+        let mut mm = [0u64; 11];
+        for v in &mut mm {
+            *v = b.u64()?;
+        }
+        let auxv = b.bytes(AUXV_CAP, "auxv")?.to_vec();
+        let taken_unix_ns = b.u64()?;
+        let freeze_ns = b.u64()?;
+        let umask = b.u32()?;
+        let personality = b.u32()?;
+        let cwd = b.str(PATH_CAP, "working directory")?;
+        let n = b.u32()? as usize;
+        if n > RLIMITS_CAP {
+            return Err(b.err(format!("{n} resource limits (at most {RLIMITS_CAP})")));
+        }
+        let mut rlimits = Vec::with_capacity(n);
+        for _ in 0..n {
+            rlimits.push((b.u64()?, b.u64()?));
+        }
+        let sigactions = decode_sigactions(b)?;
+        let mut itimers = [(0, 0); 3];
+        for t in &mut itimers {
+            *t = (b.u64()?, b.u64()?);
+        }
+        let pending = decode_siginfos(b)?;
+        let mut creds = [0u32; 8];
+        for c in &mut creds {
+            *c = b.u32()?;
+        }
+        // Format 1.2 appends the clocks; 1.0/1.1 end here.
+        let (monotonic_ns, boottime_ns, boot_id) = if b.done() {
+            (0, 0, String::new())
+        } else {
+            (b.u64()?, b.u64()?, b.str(BOOT_ID_CAP, "boot id")?)
+        };
+        Ok(Self {
+            pid,
+            exe,
+            mm,
+            auxv,
+            taken_unix_ns,
+            freeze_ns,
+            umask,
+            personality,
+            cwd,
+            rlimits,
+            sigactions,
+            itimers,
+            pending,
+            creds,
+            posix_timers: Vec::new(),
+            monotonic_ns,
+            boottime_ns,
+            boot_id,
+        })
+    }
+}
+
+fn decode_sigactions(b: &mut Dec<'_>) -> Result<Vec<SigAction>, DecErr> {
+    let n = b.u32()? as usize;
+    if n > SIGACTIONS_CAP {
+        return Err(b.err(format!(
+            "{n} signal dispositions (at most {SIGACTIONS_CAP})"
+        )));
+    }
+    let mut sigactions = Vec::with_capacity(n);
+    for _ in 0..n {
+        let signo = b.u32()?;
+        let _pad = b.u32()?;
+        if !(1..=64).contains(&signo) {
+            return Err(b.err(format!("signal number {signo}")));
+        }
+        sigactions.push(SigAction {
+            signo,
+            handler: b.u64()?,
+            flags: b.u64()?,
+            restorer: b.u64()?,
+            mask: b.u64()?,
+        });
+    }
+    Ok(sigactions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ProcessInfo {
+        ProcessInfo {
+            pid: 42,
+            exe: "/usr/bin/thing".into(),
+            mm: core::array::from_fn(|i| i as u64 * 3),
+            auxv: vec![7; 64],
+            taken_unix_ns: 123,
+            freeze_ns: 456,
+            umask: 0o022,
+            personality: 8,
+            cwd: "/srv".into(),
+            rlimits: vec![(8 << 20, u64::MAX); 16],
+            sigactions: vec![SigAction {
+                signo: 10,
+                handler: 0x5555_0000_1000,
+                flags: 0x0400_0000,
+                restorer: 0x7f00_0000_2000,
+                mask: 1 << 9,
+            }],
+            itimers: [(0, 0), (1000, 500), (7, 8)],
+            pending: vec![vec![3; 128]],
+            creds: [1, 2, 3, 4, 5, 6, 7, 8],
+            posix_timers: Vec::new(),
+            monotonic_ns: 11,
+            boottime_ns: 12,
+            boot_id: "boot".into(),
+        }
+    }
+
+    #[test]
+    fn a_process_round_trips() {
+        let p = sample();
+        let mut e = Enc::default();
+        p.encode(&mut e);
+        let mut d = Dec::new(&e.buf, 0);
+        assert_eq!(ProcessInfo::decode(&mut d).unwrap(), p);
+        assert!(d.done());
+    }
+
+    #[test]
+    fn a_process_of_format_1_1_has_no_clocks() {
+        let p = sample();
+        let mut e = Enc::default();
+        p.encode(&mut e);
+        // 1.1 ends after the credentials: u64, u64 and str "boot" cut off.
+        let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4)];
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        assert_eq!((back.monotonic_ns, back.boottime_ns), (0, 0));
+        assert_eq!(back.boot_id, "");
+        assert_eq!(back.creds, p.creds);
+    }
+
+    #[test]
+    fn a_bad_signal_number_and_too_many_limits_are_refused() {
+        let mut p = sample();
+        p.sigactions[0].signo = 65;
+        let mut e = Enc::default();
+        p.encode(&mut e);
+        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap_err();
+        assert!(err.what.contains("signal number 65"), "{}", err.what);
+        let mut p = sample();
+        p.rlimits = vec![(0, 0); 65];
+        let mut e = Enc::default();
+        p.encode(&mut e);
+        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap_err();
+        assert!(err.what.contains("65 resource limits"), "{}", err.what);
+    }
+}

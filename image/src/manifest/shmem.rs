@@ -1,0 +1,251 @@
+//! Section SHMEM (format 1.2; one per shared memory object, ids unique).
+
+use super::{unknown, NAME_CAP, PATH_CAP};
+use crate::codec::{Dec, DecErr, Enc};
+
+/// Largest shared memory object stored (its contents are in the manifest).
+pub const SHMEM_CAP: u64 = 64 << 20;
+/// SHMEM flag (format 1.3): the contents are in another process image of
+/// the tree.
+const SHMEM_ELSEWHERE: u16 = 1;
+
+/// What kind of shared memory object.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ShmemKind {
+    /// Not a kind; decoding it is an error.
+    #[default]
+    Invalid = 0,
+    /// Shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`, `/dev/zero (deleted)`).
+    Anonymous = 1,
+    /// A memfd (`memfd_create`), with its name and seals.
+    Memfd = 2,
+    /// A System V segment (`shmget`): `id` is its shmid.
+    SysV = 3,
+    /// A file on tmpfs mapped shared (`shm_open`, `/dev/shm`; format 1.3):
+    /// `name` is its path, `mode` its permission bits. Its contents are the
+    /// process's memory as much as its other shared memory: stored, and
+    /// written back into the file at restore.
+    TmpfsFile = 4,
+}
+
+impl TryFrom<u16> for ShmemKind {
+    type Error = u16;
+    fn try_from(v: u16) -> Result<Self, u16> {
+        Ok(match v {
+            1 => Self::Anonymous,
+            2 => Self::Memfd,
+            3 => Self::SysV,
+            4 => Self::TmpfsFile,
+            other => return Err(other),
+        })
+    }
+}
+
+/// A shared memory object without a file to reopen, with its contents
+/// (format 1.2, section SHMEM). Mappings of kind
+/// [`MappingKind::Shmem`](super::MappingKind::Shmem) and memfd descriptors
+/// refer to it by `id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShmemObject {
+    /// Its inode at checkpoint time: the id mappings and descriptors use.
+    pub id: u64,
+    /// What it is.
+    pub kind: ShmemKind,
+    /// A memfd's name (without `memfd:`), a tmpfs file's path.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `F_SEAL_*` of a memfd.
+    pub seals: u32,
+    /// A System V segment's key.
+    pub key: i32,
+    /// A System V segment's or a tmpfs file's permission bits.
+    pub mode: u32,
+    /// Contents: (offset, bytes) runs; holes are zero.
+    pub data: Vec<(u64, Vec<u8>)>,
+    /// The contents are in the image of another process of the same tree
+    /// checkpoint (format 1.3): each object is stored once per tree.
+    pub elsewhere: bool,
+}
+
+impl ShmemObject {
+    /// The SHMEM section's body.
+    pub(super) fn encode(&self, b: &mut Enc) {
+        b.u64(self.id);
+        b.u16(self.kind as u16);
+        b.u16(if self.elsewhere { SHMEM_ELSEWHERE } else { 0 });
+        b.u32(self.seals);
+        b.i32(self.key);
+        b.u32(self.mode);
+        b.str(&self.name);
+        b.u64(self.size);
+        b.u32(self.data.len() as u32);
+        for (off, bytes) in &self.data {
+            b.u64(*off);
+            b.bytes(bytes);
+        }
+    }
+
+    /// Reads a SHMEM section's body in an image of format 1.`minor`:
+    /// contents within the size, none for an object stored elsewhere.
+    pub(super) fn decode(b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
+        let id = b.u64()?;
+        let kind_at = b.offset();
+        let kind = ShmemKind::try_from(b.u16()?).map_err(|k| DecErr {
+            offset: kind_at,
+            what: unknown("shared memory kind", k, minor),
+        })?;
+        let flags_at = b.offset();
+        let flags = b.u16()?;
+        if flags & !SHMEM_ELSEWHERE != 0 {
+            return Err(DecErr {
+                offset: flags_at,
+                what: unknown("shared memory flags", format!("{flags:#x}"), minor),
+            });
+        }
+        let elsewhere = flags & SHMEM_ELSEWHERE != 0;
+        let seals = b.u32()?;
+        let key = b.i32()?;
+        let mode = b.u32()?;
+        let name = match kind {
+            ShmemKind::TmpfsFile => b.str(PATH_CAP, "tmpfs file path")?,
+            _ => b.str(NAME_CAP, "memfd name")?,
+        };
+        let size = b.u64()?;
+        if size > SHMEM_CAP {
+            return Err(b.err(format!(
+                "shared memory object of {size} bytes (at most {SHMEM_CAP})"
+            )));
+        }
+        let n = b.u32()? as usize;
+        let mut data = Vec::new();
+        for _ in 0..n {
+            let off = b.u64()?;
+            let bytes = b.bytes(SHMEM_CAP as usize, "shared memory contents")?;
+            if off.checked_add(bytes.len() as u64).is_none_or(|e| e > size) {
+                return Err(b.err(format!("shared memory contents past its size {size}")));
+            }
+            data.push((off, bytes.to_vec()));
+        }
+        if elsewhere && !data.is_empty() {
+            return Err(b.err(format!(
+                "shared memory object {id} stored elsewhere has contents here"
+            )));
+        }
+        Ok(Self {
+            id,
+            kind,
+            name,
+            size,
+            seals,
+            key,
+            mode,
+            data,
+            elsewhere,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(o: &ShmemObject) -> Vec<u8> {
+        let mut e = Enc::default();
+        o.encode(&mut e);
+        e.buf
+    }
+
+    fn decoded(buf: &[u8]) -> Result<ShmemObject, DecErr> {
+        let mut d = Dec::new(buf, 0);
+        let o = ShmemObject::decode(&mut d, 4)?;
+        assert!(d.done());
+        Ok(o)
+    }
+
+    fn memfd() -> ShmemObject {
+        ShmemObject {
+            id: 1032,
+            kind: ShmemKind::Memfd,
+            name: "buf".into(),
+            size: 8192,
+            seals: 0x6,
+            key: 0,
+            mode: 0,
+            data: vec![(0, b"hello".to_vec()), (4096, b"world".to_vec())],
+            elsewhere: false,
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let objects = [
+            memfd(),
+            ShmemObject {
+                kind: ShmemKind::Anonymous,
+                name: String::new(),
+                ..memfd()
+            },
+            ShmemObject {
+                kind: ShmemKind::SysV,
+                key: 0x1234,
+                mode: 0o600,
+                ..memfd()
+            },
+            ShmemObject {
+                kind: ShmemKind::TmpfsFile,
+                name: format!("/dev/shm/{}", "x".repeat(300)),
+                mode: 0o640,
+                ..memfd()
+            },
+            ShmemObject {
+                data: Vec::new(),
+                elsewhere: true,
+                ..memfd()
+            },
+        ];
+        for o in &objects {
+            assert_eq!(&decoded(&encoded(o)).unwrap(), o);
+        }
+    }
+
+    #[test]
+    fn damaged_objects_are_refused() {
+        let past = ShmemObject {
+            data: vec![(8190, b"abc".to_vec())],
+            ..memfd()
+        };
+        let e = decoded(&encoded(&past)).unwrap_err();
+        assert!(e.what.contains("past its size 8192"), "{}", e.what);
+        let big = ShmemObject {
+            size: SHMEM_CAP + 1,
+            data: Vec::new(),
+            ..memfd()
+        };
+        let e = decoded(&encoded(&big)).unwrap_err();
+        assert!(e.what.contains("at most"), "{}", e.what);
+        let mut bad = encoded(&memfd());
+        bad[8] = 9;
+        let e = decoded(&bad).unwrap_err();
+        assert!(
+            e.what.contains("unknown shared memory kind 9"),
+            "{}",
+            e.what
+        );
+        let mut bad = encoded(&memfd());
+        bad[10] = 2;
+        let e = decoded(&bad).unwrap_err();
+        assert!(
+            e.what.contains("unknown shared memory flags 0x2"),
+            "{}",
+            e.what
+        );
+        // A memfd name is at most 255 bytes.
+        let long = ShmemObject {
+            name: "x".repeat(256),
+            ..memfd()
+        };
+        assert!(decoded(&encoded(&long)).is_err());
+    }
+}
