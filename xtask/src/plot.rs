@@ -370,6 +370,90 @@ fn pause_series(runs: &[(f64, Value)]) -> Vec<Series> {
     ]
 }
 
+/// The incremental freeze against threads, mappings, descriptors and processes.
+fn scaling_chart(dir: &Path) -> Option<(&'static str, String)> {
+    let sc = read(dir, "scaling.json")?;
+    let mut series = Vec::new();
+    for (dim, name) in [
+        ("threads", "threads"),
+        ("mappings", "mappings"),
+        ("fds", "descriptors"),
+        ("processes", "processes"),
+    ] {
+        let mut points: Vec<(f64, f64)> = sc["median"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(key, m)| {
+                // "threads: 8 threads, 10 mappings, 10 fds"
+                let (kind, rest) = key.split_once(": ")?;
+                // One process unless the key says otherwise.
+                let n = match rest.split(", ").find(|p| p.ends_with(&format!(" {dim}"))) {
+                    Some(p) => p.split(' ').next()?.parse::<f64>().ok()?,
+                    None if dim == "processes" => 1.0,
+                    None => return None,
+                };
+                (kind == dim || kind == "base")
+                    .then(|| Some((n, m["incremental_freeze_ms"].as_f64()?)))
+                    .flatten()
+            })
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        series.push(Series {
+            name: name.into(),
+            points,
+        });
+    }
+    Some((
+        "scaling.svg",
+        LineChart {
+            title: "Incremental freeze vs threads, mappings, descriptors, processes".into(),
+            x_label: "count (the others at their smallest)".into(),
+            y_label: "freeze, ms".into(),
+            log_x: true,
+            log_y: true,
+            series,
+        }
+        .svg(),
+    ))
+}
+
+/// Full dump and restore rates with the machine's copy limits.
+fn dump_restore_chart(dir: &Path) -> Option<(&'static str, String)> {
+    let d = read(dir, "dump-restore.json")?;
+    let mut groups = Vec::new();
+    for (key, m) in d["median"].as_object().into_iter().flatten() {
+        groups.push((
+            key.replace("-compressible", " comp.").replace('/', " "),
+            vec![
+                m["dump_gb_s"].as_f64().unwrap_or(f64::NAN),
+                m["restore_gb_s"].as_f64().unwrap_or(f64::NAN),
+            ],
+        ));
+    }
+    let mut references = Vec::new();
+    for (name, key) in [
+        ("memcpy", "memcpy_gb_s"),
+        ("pvr", "process_vm_readv_gb_s"),
+        ("disk", "disk_write_fsync_gb_s"),
+    ] {
+        if let Some(v) = d[key].as_f64() {
+            references.push((name.to_string(), v));
+        }
+    }
+    Some((
+        "dump-restore.svg",
+        BarChart {
+            title: "Full dump and restore (size, data, workers)".into(),
+            y_label: "GB/s".into(),
+            series: vec!["dump".into(), "restore".into()],
+            groups,
+            references,
+        }
+        .svg(),
+    ))
+}
+
 /// Draws every chart the results in `dir` allow; returns the files written.
 pub fn write_all(dir: &Path) -> Result<Vec<String>> {
     let mut charts: Vec<(&str, String)> = Vec::new();
@@ -447,84 +531,8 @@ pub fn write_all(dir: &Path) -> Result<Vec<String>> {
             ));
         }
     }
-    if let Some(sc) = read(dir, "scaling.json") {
-        let mut series = Vec::new();
-        for (dim, name) in [
-            ("threads", "threads"),
-            ("mappings", "mappings"),
-            ("fds", "descriptors"),
-            ("processes", "processes"),
-        ] {
-            let mut points: Vec<(f64, f64)> = sc["median"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(key, m)| {
-                    // "threads: 8 threads, 10 mappings, 10 fds"
-                    let (kind, rest) = key.split_once(": ")?;
-                    // One process unless the key says otherwise.
-                    let n = match rest.split(", ").find(|p| p.ends_with(&format!(" {dim}"))) {
-                        Some(p) => p.split(' ').next()?.parse::<f64>().ok()?,
-                        None if dim == "processes" => 1.0,
-                        None => return None,
-                    };
-                    (kind == dim || kind == "base")
-                        .then(|| Some((n, m["incremental_freeze_ms"].as_f64()?)))
-                        .flatten()
-                })
-                .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            series.push(Series {
-                name: name.into(),
-                points,
-            });
-        }
-        charts.push((
-            "scaling.svg",
-            LineChart {
-                title: "Incremental freeze vs threads, mappings, descriptors, processes".into(),
-                x_label: "count (the others at their smallest)".into(),
-                y_label: "freeze, ms".into(),
-                log_x: true,
-                log_y: true,
-                series,
-            }
-            .svg(),
-        ));
-    }
-    if let Some(d) = read(dir, "dump-restore.json") {
-        let mut groups = Vec::new();
-        for (key, m) in d["median"].as_object().into_iter().flatten() {
-            groups.push((
-                key.replace("-compressible", " comp.").replace('/', " "),
-                vec![
-                    m["dump_gb_s"].as_f64().unwrap_or(f64::NAN),
-                    m["restore_gb_s"].as_f64().unwrap_or(f64::NAN),
-                ],
-            ));
-        }
-        let mut references = Vec::new();
-        for (name, key) in [
-            ("memcpy", "memcpy_gb_s"),
-            ("pvr", "process_vm_readv_gb_s"),
-            ("disk", "disk_write_fsync_gb_s"),
-        ] {
-            if let Some(v) = d[key].as_f64() {
-                references.push((name.to_string(), v));
-            }
-        }
-        charts.push((
-            "dump-restore.svg",
-            BarChart {
-                title: "Full dump and restore (size, data, workers)".into(),
-                y_label: "GB/s".into(),
-                series: vec!["dump".into(), "restore".into()],
-                groups,
-                references,
-            }
-            .svg(),
-        ));
-    }
+    charts.extend(scaling_chart(dir));
+    charts.extend(dump_restore_chart(dir));
     let mut written = Vec::new();
     for (name, svg) in charts {
         let p = dir.join(name);

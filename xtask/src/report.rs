@@ -42,48 +42,66 @@ fn read(dir: &Path, file: &str) -> Result<Option<Value>> {
     ))
 }
 
+/// Adds metric `name` to `out` when `value` is a number.
+fn push(out: &mut Vec<Metric>, name: &str, value: Option<f64>, better: Better, what: &str) {
+    if let Some(v) = value.filter(|v| v.is_finite()) {
+        // The disk rate (buffered write + fsync) varies 3x between runs here.
+        let noise = if name.ends_with("dump_over_disk") {
+            2.0
+        } else {
+            0.0
+        };
+        out.push(Metric {
+            name: name.into(),
+            value: v,
+            better,
+            what: what.into(),
+            noise,
+        });
+    }
+}
+
 /// The metrics found in the bench outputs in `dir`.
 pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
     let mut out = Vec::new();
-    let mut push = |name: &str, value: Option<f64>, better, what: &str| {
-        if let Some(v) = value.filter(|v| v.is_finite()) {
-            // The disk rate (buffered write + fsync) varies 3x between runs here.
-            let noise = if name.ends_with("dump_over_disk") {
-                2.0
-            } else {
-                0.0
-            };
-            out.push(Metric {
-                name: name.into(),
-                value: v,
-                better,
-                what: what.into(),
-                noise,
-            });
-        }
-    };
+    for each in [ebpf, dump_restore, criu, redis, scaling, incremental] {
+        each(dir, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// eBPF costs against no programs.
+fn ebpf(dir: &Path, out: &mut Vec<Metric>) -> Result<()> {
     if let Some(e) = read(dir, "ebpf-overhead.json")? {
         let m = &e["median_ns"];
         let ratio = |a: &str, b: &str| Some(m[a].as_f64()? / m[b].as_f64()?);
         push(
+            out,
             "ebpf.syscall_untracked_over_none",
             ratio("syscall/untracked", "syscall/none"),
             Better::Lower,
             "a syscall with the programs loaded, process untracked / no programs",
         );
         push(
+            out,
             "ebpf.syscall_logged_over_none",
             ratio("logged-syscall/tracked", "logged-syscall/none"),
             Better::Lower,
             "a logged syscall, tracked / no programs",
         );
         push(
+            out,
             "ebpf.wp_fault_tracked_over_none",
             ratio("wp-fault/tracked", "wp-fault/none"),
             Better::Lower,
             "a write fault on a uffd-wp page, tracked / no programs",
         );
     }
+    Ok(())
+}
+
+/// Full dump and restore rates against the machine's limits.
+fn dump_restore(dir: &Path, out: &mut Vec<Metric>) -> Result<()> {
     if let Some(d) = read(dir, "dump-restore.json")? {
         let memcpy = d["memcpy_gb_s"].as_f64();
         let disk = d["disk_write_fsync_gb_s"].as_f64();
@@ -95,12 +113,14 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
                 }
                 let size = key.split('/').next().unwrap_or(key);
                 push(
+                    out,
                     &format!("dump.{size}.dump_over_disk"),
                     m["dump_gb_s"].as_f64().zip(disk).map(|(a, b)| a / b),
                     Better::Higher,
                     &format!("full dump GB/s / buffered write+fsync GB/s, {size}, all cores"),
                 );
                 push(
+                    out,
                     &format!("dump.{size}.restore_over_memcpy"),
                     m["restore_gb_s"].as_f64().zip(memcpy).map(|(a, b)| a / b),
                     Better::Higher,
@@ -109,12 +129,18 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             }
         }
     }
+    Ok(())
+}
+
+/// Full dump and restore times against CRIU's, when it ran.
+fn criu(dir: &Path, out: &mut Vec<Metric>) -> Result<()> {
     if let Some(d) = read(dir, "dump-restore.json")? {
         let cores = d["cores"].as_u64().unwrap_or(1);
         for (size, c) in d["criu"].as_object().into_iter().flatten() {
             let ours = &d["median"][format!("{size}/{cores}w")];
             for (what, key) in [("dump", "dump_s"), ("restore", "restore_s")] {
                 push(
+                    out,
                     &format!("criu.{size}.{what}_ours_over_criu"),
                     ours[key].as_f64().zip(c[key].as_f64()).map(|(a, b)| a / b),
                     Better::Lower,
@@ -123,14 +149,26 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             }
         }
     }
+    Ok(())
+}
+
+/// redis-server's requests per second, tracked against untracked.
+fn redis(dir: &Path, out: &mut Vec<Metric>) -> Result<()> {
     if let Some(r) = read(dir, "redis.json")? {
         push(
+            out,
             "redis.requests_tracked_over_untracked",
             r["requests_per_s"]["ratio"].as_f64(),
             Better::Higher,
             "redis-benchmark requests/s against redis-server, tracked / untracked (same run)",
         );
     }
+    Ok(())
+}
+
+/// The incremental freeze against the number of threads, mappings,
+/// descriptors and processes.
+fn scaling(dir: &Path, out: &mut Vec<Metric>) -> Result<()> {
     if let Some(sc) = read(dir, "scaling.json")? {
         let med = &sc["median"];
         let base = med["base: 1 threads, 10 mappings, 10 fds"]["incremental_freeze_ms"].as_f64();
@@ -144,6 +182,7 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             ),
         ] {
             push(
+                out,
                 &format!("scaling.{name}_freeze_over_base"),
                 med[key]["incremental_freeze_ms"]
                     .as_f64()
@@ -154,6 +193,11 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             );
         }
     }
+    Ok(())
+}
+
+/// Throughput and freeze of every incremental-bench run.
+fn incremental(dir: &Path, out: &mut Vec<Metric>) -> Result<()> {
     let mut incr: Vec<(String, Value)> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
@@ -179,6 +223,7 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             v["write_rate_permille_per_s"].as_f64().unwrap_or(0.0)
         );
         push(
+            out,
             &format!("incremental.{tag}.throughput_tracked_over_untracked"),
             v["throughput"]["ratio"].as_f64(),
             Better::Higher,
@@ -191,6 +236,7 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             .zip(v["memcpy_gb_s"].as_f64())
             .map(|(kib, gbs)| kib * 1024.0 / (gbs * 1e9));
         push(
+            out,
             &format!("incremental.{tag}.freeze_p50_over_memcpy"),
             v["freeze_ms"]["p50"]
                 .as_f64()
@@ -200,7 +246,7 @@ pub fn metrics(dir: &Path) -> Result<Vec<Metric>> {
             "freeze p50 / memcpy time of the median checkpoint's bytes",
         );
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Whether the CRIU at `criu` can checkpoint on this kernel (`criu check`),

@@ -413,48 +413,12 @@ async fn track(args: &Args) -> Result<ExitCode> {
     let _cleanup = RemoveOnDrop(socket_path(&args.images_dir));
     let _ = cr_ebpf_checkpoint::clean_leftovers(&args.images_dir);
 
-    let mut tracer = Tracer::load(&TracerOptions::default())
-        .context("loading the eBPF programs (see `cr-ebpf check`)")?;
-    let tracked = tracer.track(pid as u32)?;
-    let mut events = tracer.events()?;
-    let wp = match cr_ebpf_dirty_tracker::attach::attach(pid) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            eprintln!(
-                "cr-ebpf: uffd-wp tracking unavailable ({}); pages are compared by content",
-                crate::error_chain(&e)
-            );
-            None
-        }
-    };
-    // Every thread started from here on (the session's workers) inherits it.
-    // SAFETY: setpriority on the calling thread.
-    unsafe {
-        libc::setpriority(
-            libc::PRIO_PROCESS,
-            libc::syscall(libc::SYS_gettid) as libc::id_t,
-            args.nice,
-        )
-    };
-    let session = Session::new(pid, &args.images_dir, wp, SessionOptions::default())
-        .with_context(|| format!("starting to checkpoint process {pid}"))?;
-    let mut svc = Service {
-        pid,
-        fault_losses: 0,
-        session,
-        tracer,
-        log: Log::default(),
-        keep: args.keep,
-        taken: 0,
-        precopy: !args.no_precopy,
-        retention: None,
-        follow_at: None,
-    };
+    let (mut svc, mut events, tracked) = start(args)?;
     eprintln!(
         "cr-ebpf: tracking pid {pid} ({} process{}) into {}, every {:?}; \
          `cr-ebpf snapshot --incremental --images-dir {}` for one now; Ctrl-C detaches",
-        tracked.len(),
-        if tracked.len() == 1 { "" } else { "es" },
+        tracked,
+        if tracked == 1 { "" } else { "es" },
         args.images_dir.display(),
         args.interval,
         args.images_dir.display(),
@@ -548,6 +512,59 @@ async fn track(args: &Args) -> Result<ExitCode> {
             }
         }
     };
+    finish(svc, args, &status);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the programs, tracks `args.pid`, attaches its dirty tracker and
+/// starts the session: the service, its event stream and how many
+/// processes are tracked.
+fn start(args: &Args) -> Result<(Service, cr_ebpf_loader::EventStream, usize)> {
+    let pid = args.pid;
+    let mut tracer = Tracer::load(&TracerOptions::default())
+        .context("loading the eBPF programs (see `cr-ebpf check`)")?;
+    let tracked = tracer.track(pid as u32)?;
+    let events = tracer.events()?;
+    let wp = match cr_ebpf_dirty_tracker::attach::attach(pid) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!(
+                "cr-ebpf: uffd-wp tracking unavailable ({}); pages are compared by content",
+                crate::error_chain(&e)
+            );
+            None
+        }
+    };
+    // Every thread started from here on (the session's workers) inherits it.
+    // SAFETY: setpriority on the calling thread.
+    unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::syscall(libc::SYS_gettid) as libc::id_t,
+            args.nice,
+        )
+    };
+    let session = Session::new(pid, &args.images_dir, wp, SessionOptions::default())
+        .with_context(|| format!("starting to checkpoint process {pid}"))?;
+    let svc = Service {
+        pid,
+        fault_losses: 0,
+        session,
+        tracer,
+        log: Log::default(),
+        keep: args.keep,
+        taken: 0,
+        precopy: !args.no_precopy,
+        retention: None,
+        follow_at: None,
+    };
+    Ok((svc, events, tracked.len()))
+}
+
+/// What the service does when it stops: a dead process's connections
+/// closed silently, retention run, the last word printed.
+fn finish(mut svc: Service, args: &Args, status: &str) {
+    let pid = args.pid;
     // The exit event comes before /proc shows the process dead.
     let dead = svc.log.exited || gone(pid);
     if dead {
@@ -578,7 +595,6 @@ async fn track(args: &Args) -> Result<ExitCode> {
         args.images_dir.display(),
         all.last().map_or("none", |e| e.name.as_str())
     );
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Lowest CPU and idle I/O priority for the calling thread: compaction
