@@ -86,6 +86,28 @@ pub enum RestoreError {
     /// The image needs something this version cannot restore yet.
     #[error("not supported yet: {0}")]
     NotSupported(String),
+    /// The stub the process is built in did not behave as it must (a
+    /// failure of the restorer or of this machine, not of the image).
+    #[error("the restore stub: {what}")]
+    Stub {
+        /// What went wrong.
+        what: String,
+    },
+    /// Page data of the image failed its checksum or does not decompress.
+    #[error("damaged page data in the image: {what}; restore an older checkpoint (--checkpoint) or another copy")]
+    PageData {
+        /// What is wrong, and where.
+        what: String,
+    },
+    /// Restoring one process of the image failed.
+    #[error("restoring process {pid}")]
+    Process {
+        /// The process.
+        pid: i32,
+        /// Why.
+        #[source]
+        source: Box<RestoreError>,
+    },
     /// A file the process had mapped is gone or changed.
     #[error("file {path}, mapped by the process, {what}")]
     File {
@@ -111,4 +133,23 @@ pub enum RestoreError {
         /// The errno.
         err: std::io::Error,
     },
+}
+
+impl RestoreError {
+    /// This error, as one of restoring process `pid` (once: an error that
+    /// names its process already is left as it is).
+    pub fn in_process(self, pid: i32) -> Self {
+        match self {
+            e @ (Self::Process { .. } | Self::PidInUse { .. }) => e,
+            e => Self::Process {
+                pid,
+                source: Box::new(e),
+            },
+        }
+    }
+
+    /// A [`RestoreError::Stub`].
+    pub fn stub(what: impl Into<String>) -> Self {
+        Self::Stub { what: what.into() }
+    }
 }

@@ -155,7 +155,7 @@ fn clear(b: &mut Build<'_>) -> Result<(), RestoreError> {
     b.stub_maps = std::fs::read_to_string(format!("/proc/{got}/maps"))
         .ok()
         .and_then(|t| parse_maps(&t).ok())
-        .ok_or_else(|| RestoreError::NotSupported("cannot read the stub's maps".into()))?;
+        .ok_or_else(|| RestoreError::stub("cannot read the stub's maps"))?;
     let is_special = |e: &MapEntry| {
         matches!(
             e.kind(),
@@ -294,10 +294,7 @@ fn map(b: &mut Build<'_>) -> Result<(), RestoreError> {
             )?
         } else if x.kind == MappingKind::Shmem {
             let ours = shm.get(&x.inode).ok_or_else(|| {
-                RestoreError::NotSupported(format!(
-                    "shared memory at {:#x} was not rebuilt",
-                    x.start
-                ))
+                RestoreError::stub(format!("shared memory at {:#x} was not rebuilt", x.start))
             })?;
             let fd = s.adopt(ours.as_fd())?;
             map_fd(s, x, prot, share, fd)?
@@ -341,7 +338,7 @@ fn map(b: &mut Build<'_>) -> Result<(), RestoreError> {
             )?
         };
         if got_addr as u64 != x.start {
-            return Err(RestoreError::NotSupported(format!(
+            return Err(RestoreError::stub(format!(
                 "mapping {:#x} landed at {got_addr:#x}",
                 x.start
             )));
@@ -359,7 +356,7 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
         .num_threads(workers)
         .thread_name(|i| format!("restore-fill-{i}"))
         .build()
-        .map_err(|e| RestoreError::NotSupported(format!("starting the fill threads: {e}")))?;
+        .map_err(|e| RestoreError::stub(format!("starting the fill threads: {e}")))?;
     b.pages = chain.pages();
     pool.install(|| {
         chain
@@ -377,7 +374,9 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
                             }
                         })
                     },
-                    |e| RestoreError::NotSupported(format!("page data: {e}")),
+                    |e| RestoreError::PageData {
+                        what: e.to_string(),
+                    },
                 )
             })
     })?;
@@ -441,7 +440,7 @@ fn threads(b: &mut Build<'_>) -> Result<(), RestoreError> {
             set_tid: info.tid,
         })?;
         if new != info.tid as i64 {
-            return Err(RestoreError::NotSupported(format!(
+            return Err(RestoreError::stub(format!(
                 "thread {} came back as {new}",
                 info.tid
             )));
@@ -473,7 +472,7 @@ fn thread_state(
             })?;
     }
     let saved = regs::from_bytes(&info.regs)
-        .ok_or_else(|| RestoreError::NotSupported("registers of an unknown size".into()))?;
+        .ok_or_else(|| RestoreError::stub("registers of an unknown size"))?;
     Ok(regs::restarted(&saved, true))
 }
 
@@ -500,7 +499,7 @@ fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
     code.windows(2)
         .position(|w| w == [0x0f, 0x05])
         .map(|i| vdso.start + i as u64)
-        .ok_or_else(|| RestoreError::NotSupported("no syscall instruction in the vDSO".into()))
+        .ok_or_else(|| RestoreError::stub("no syscall instruction in the vDSO"))
 }
 
 /// Maps the recorded mapping `x` from the stub's descriptor `fd` (closed

@@ -84,11 +84,11 @@ pub(crate) fn addresses(ms: &[&Manifest]) -> Result<(u64, u64), RestoreError> {
         .collect();
     busy.extend(own.iter().map(|x| (x.start, x.end)));
     let tramp = free_range(TRAMPOLINE_LEN, &busy)
-        .ok_or_else(|| RestoreError::NotSupported("no free address for the trampoline".into()))?;
+        .ok_or_else(|| RestoreError::stub("no free address for the trampoline"))?;
     busy.push((tramp, tramp + TRAMPOLINE_LEN));
     let vdso_span = 64 * PAGE;
     let vdso_tmp = free_range(vdso_span, &busy)
-        .ok_or_else(|| RestoreError::NotSupported("no free address to move the vDSO".into()))?;
+        .ok_or_else(|| RestoreError::stub("no free address to move the vDSO"))?;
     Ok((tramp, vdso_tmp))
 }
 
@@ -103,10 +103,12 @@ pub fn build(
     let (tramp, vdso_tmp) = addresses(&[m])?;
     let (t, guard) = spawn_root(m.process.pid, tramp)?;
     let natives = Natives::build(&[m], close_connections)?;
+    let pid = m.process.pid;
     let ready = crate::build::build_in(
         t, guard, m, chain, workers, &natives, clock, tramp, vdso_tmp,
-    )?;
-    let done = crate::release::release(ready)?;
+    )
+    .map_err(|e| e.in_process(pid))?;
+    let done = crate::release::release(ready).map_err(|e| e.in_process(pid))?;
     clock.mark("resume");
     Ok(done)
 }
@@ -154,21 +156,22 @@ pub(crate) fn spawn_root(pid: i32, tramp: u64) -> Result<(Tracee, KillGuard), Re
         }
         93
     };
-    let got = cr_ebpf_tracee::fork_with_pid(pid, child).map_err(|e| {
+    // SAFETY: `child` makes raw syscalls only.
+    let got = unsafe { cr_ebpf_tracee::fork_with_pid(pid, child) }.map_err(|e| {
         if e.raw_os_error() == Some(libc::EEXIST) {
             RestoreError::PidInUse {
                 pid,
                 comm: "taken just now".into(),
             }
         } else {
-            RestoreError::NotSupported(format!("clone3 with set_tid = {pid}: {e}"))
+            RestoreError::stub(format!("clone3 with set_tid = {pid}: {e}"))
         }
     })?;
     let guard = KillGuard(got, false);
     match waitpid(Pid::from_raw(got), Some(WaitPidFlag::__WALL)) {
         Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
         other => {
-            return Err(RestoreError::NotSupported(format!(
+            return Err(RestoreError::stub(format!(
                 "the restore stub did not stop as expected: {other:?}"
             )));
         }
@@ -204,7 +207,7 @@ pub(crate) fn spawn_child(
             other => other,
         })?;
     if got != pid as i64 {
-        return Err(RestoreError::NotSupported(format!(
+        return Err(RestoreError::stub(format!(
             "process {pid} came back as {got}"
         )));
     }

@@ -64,7 +64,7 @@ pub(crate) fn restore_tree(
     let mut zombies = Vec::new();
     for p in &tree.processes {
         let (t, guard) = if p.ppid == 0 {
-            stub::spawn_root(p.pid, tramp)?
+            stub::spawn_root(p.pid, tramp).map_err(|e| e.in_process(p.pid))?
         } else {
             let parent = &stubs
                 .get(&p.ppid)
@@ -75,7 +75,7 @@ pub(crate) fn restore_tree(
                     ))
                 })?
                 .0;
-            stub::spawn_child(parent, tramp, p.pid)?
+            stub::spawn_child(parent, tramp, p.pid).map_err(|e| e.in_process(p.pid))?
         };
         let parent_pgid = tree
             .processes
@@ -85,9 +85,10 @@ pub(crate) fn restore_tree(
         let sys =
             |name: &str, nr: i64, args: [u64; 6]| stub::stub_syscall(&t, tramp, name, nr, args);
         if p.sid == p.pid {
-            sys("setsid", libc::SYS_setsid, [0; 6])?;
+            sys("setsid", libc::SYS_setsid, [0; 6]).map_err(|e| e.in_process(p.pid))?;
         } else if p.pgid == p.pid {
-            sys("setpgid", libc::SYS_setpgid, [0, 0, 0, 0, 0, 0])?;
+            sys("setpgid", libc::SYS_setpgid, [0, 0, 0, 0, 0, 0])
+                .map_err(|e| e.in_process(p.pid))?;
         } else if p.ppid != 0 && Some(p.pgid) != parent_pgid {
             sys("setpgid", libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0]).map_err(|e| {
                 RestoreError::NotSupported(format!(
@@ -105,7 +106,7 @@ pub(crate) fn restore_tree(
     }
     // Zombies: they exit as they did; their parents reap them.
     for (pid, status, t, guard) in zombies {
-        exit_as_zombie(pid, status, t, guard, tramp)?;
+        exit_as_zombie(pid, status, t, guard, tramp).map_err(|e| e.in_process(pid))?;
     }
     clock.mark("stub");
 
@@ -125,12 +126,14 @@ pub(crate) fn restore_tree(
             &mut clock,
             tramp,
             vdso_tmp,
-        )?;
+        )
+        .map_err(|e| e.in_process(p.pid))?;
         ready.push(r);
     }
     // Then let all of them run.
     for r in ready {
-        let (_, p, f) = crate::release::release(r)?;
+        let pid = r.t.tid();
+        let (_, p, f) = crate::release::release(r).map_err(|e| e.in_process(pid))?;
         pages += p;
         fill += f;
     }
@@ -173,7 +176,7 @@ fn exit_as_zombie(
     };
     let r = stub::stub_syscall(&t, tramp, "exit", nr, args);
     if !matches!(r, Err(RestoreError::Build { .. })) {
-        return Err(RestoreError::NotSupported(format!(
+        return Err(RestoreError::stub(format!(
             "zombie {pid} did not exit: {r:?}"
         )));
     }

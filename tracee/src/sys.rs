@@ -140,8 +140,13 @@ struct CloneArgs {
 
 /// Forks (`clone3` without `CLONE_VM`) with the pid `pid`; the child runs
 /// `child` and exits with its return value. Returns the child's pid.
-/// `child` must only make raw syscalls: the caller may have other threads.
-pub fn fork_with_pid(pid: i32, child: impl FnOnce() -> i32) -> io::Result<i32> {
+///
+/// # Safety
+///
+/// `child` runs in a copy of a possibly multi-threaded process with only
+/// the calling thread: it must only make raw syscalls (no allocation, no
+/// locks, nothing another thread may have held at the fork).
+pub unsafe fn fork_with_pid(pid: i32, child: impl FnOnce() -> i32) -> io::Result<i32> {
     let tids = [pid];
     let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,

@@ -118,7 +118,8 @@ fn clone3_set_tid() -> Result<String, String> {
         if std::path::Path::new(&format!("/proc/{want}")).exists() {
             continue;
         }
-        match cr_ebpf_tracee::fork_with_pid(want, || 0) {
+        // SAFETY: the child only returns 0 and exits.
+        match unsafe { cr_ebpf_tracee::fork_with_pid(want, || 0) } {
             Ok(got) => {
                 let _ = waitpid(Pid::from_raw(got), None);
                 return if got == want {
