@@ -13,7 +13,7 @@ use cr_ebpf_resources::{
     fd::RestoreCx,
     proc::{parse_maps, MapEntry},
     process::{self, threads::restore_thread, Phase},
-    sys::{CloneArgs, Injected, Sys as _, PAGE},
+    sys::{CloneArgs, Injected, Sys, PAGE},
 };
 use cr_ebpf_tracee::{regs, Tracee};
 use rayon::prelude::*;
@@ -27,11 +27,12 @@ use crate::{
 /// A process being built: what the phases read and what they leave for
 /// the next ones.
 struct Build<'a> {
-    t: &'a Tracee,
-    s: Injected<'a>,
+    /// The stub's main thread (absent when the phases run on the fake).
+    t: Option<&'a Tracee>,
+    s: &'a dyn Sys,
     pid: i32,
     m: &'a Manifest,
-    chain: &'a Chain,
+    chain: Option<&'a Chain>,
     workers: usize,
     natives: &'a Natives,
     tramp: u64,
@@ -83,18 +84,23 @@ pub(crate) fn build_in(
     // The pidfd descriptors are handed over through stays clear of the
     // process's own numbers.
     let floor = m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 32;
+    let stub_maps = std::fs::read_to_string(format!("/proc/{got}/maps"))
+        .ok()
+        .and_then(|t| parse_maps(&t).ok())
+        .ok_or_else(|| RestoreError::stub("cannot read the stub's maps"))?;
+    let s = Injected::new(&t, got, tramp, tramp + PAGE).with_floor(floor);
     let (others, final_regs, pages, fill) = {
         let mut b = Build {
-            t: &t,
-            s: Injected::new(&t, got, tramp, tramp + PAGE).with_floor(floor),
+            t: Some(&t),
+            s: &s,
             pid: got,
             m,
-            chain,
+            chain: Some(chain),
             workers,
             natives,
             tramp,
             vdso_tmp,
-            stub_maps: Vec::new(),
+            stub_maps,
             others: Vec::new(),
             final_regs: None,
             pages: 0,
@@ -126,7 +132,9 @@ pub(crate) fn build_in(
 /// The stub's rseq area is about to vanish: the kernel would fault on it
 /// at the next preemption.
 fn forget_rseq(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (t, s) = (b.t, &b.s);
+    let (Some(t), s) = (b.t, b.s) else {
+        return Ok(());
+    };
     if let Some(q) = t.rseq().map_err(|source| RestoreError::Build {
         what: "reading the stub's rseq area".into(),
         source,
@@ -151,11 +159,7 @@ fn forget_rseq(b: &mut Build<'_>) -> Result<(), RestoreError> {
 
 /// Everything of the stub goes but the trampoline and the vDSO.
 fn clear(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (s, got, tramp) = (&b.s, b.pid, b.tramp);
-    b.stub_maps = std::fs::read_to_string(format!("/proc/{got}/maps"))
-        .ok()
-        .and_then(|t| parse_maps(&t).ok())
-        .ok_or_else(|| RestoreError::stub("cannot read the stub's maps"))?;
+    let (s, tramp) = (b.s, b.tramp);
     let is_special = |e: &MapEntry| {
         matches!(
             e.kind(),
@@ -179,7 +183,7 @@ fn clear(b: &mut Build<'_>) -> Result<(), RestoreError> {
 /// The vDSO and its data pages to the recorded addresses (through a free
 /// area first, in case the two layouts overlap).
 fn vdso(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (s, m, vdso_tmp) = (&b.s, b.m, b.vdso_tmp);
+    let (s, m, vdso_tmp) = (b.s, b.m, b.vdso_tmp);
     let specials: Vec<&MapEntry> = b
         .stub_maps
         .iter()
@@ -243,7 +247,7 @@ fn vdso(b: &mut Build<'_>) -> Result<(), RestoreError> {
 /// The recorded mappings, writable where pages will be filled; shared
 /// memory from the objects made for the restore.
 fn map(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (s, m) = (&b.s, b.m);
+    let (s, m) = (b.s, b.m);
     // Shared memory objects, with their contents, for the mappings and
     // memfd descriptors that refer to them.
     let shm = &b.natives.shmem;
@@ -350,7 +354,10 @@ fn map(b: &mut Build<'_>) -> Result<(), RestoreError> {
 
 /// Pages, on all cores.
 fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (chain, workers, got) = (b.chain, b.workers, b.pid);
+    let (workers, got) = (b.workers, b.pid);
+    let chain = b
+        .chain
+        .ok_or_else(|| RestoreError::stub("no chain to fill pages from"))?;
     let fill_start = Instant::now();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(workers)
@@ -386,7 +393,7 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
 
 /// Final protections, then the mm fields, auxv and executable.
 fn mm(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (s, m) = (&b.s, b.m);
+    let (s, m) = (b.s, b.m);
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
     for x in &m.mappings {
         if x.pages_stored > 0
@@ -409,19 +416,19 @@ fn mm(b: &mut Build<'_>) -> Result<(), RestoreError> {
 
 /// Process-wide state set before the descriptors.
 fn process_wide(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    process::restore(Phase::Process, &b.s, &b.m.process)
+    process::restore(Phase::Process, b.s, &b.m.process)
 }
 
 /// File descriptors, each kind from the resources registry.
 fn fds(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (s, m, shm) = (&b.s, b.m, &b.natives.shmem);
+    let (s, m, shm) = (b.s, b.m, &b.natives.shmem);
     let cx = RestoreCx {
         sys: s,
         shared: &b.natives.fds,
         shmem: shm,
     };
     cr_ebpf_resources::fd::restore(&cx, m)?;
-    s.close_adopter()?;
+    s.release_adopter()?;
     cr_ebpf_resources::shmem::seal(&m.shmem, shm)
 }
 
@@ -449,21 +456,24 @@ fn threads(b: &mut Build<'_>) -> Result<(), RestoreError> {
             what: format!("taking over thread {}", info.tid),
             source,
         })?;
-        let regs = thread_state(&b.s, &nt, info)?;
+        let regs = thread_state(b, &nt, info)?;
         b.others.push((nt, regs, info.sigmask));
     }
-    b.final_regs = Some(thread_state(&b.s, b.t, &b.m.threads[0])?);
+    let main =
+        b.t.ok_or_else(|| RestoreError::stub("no stub to make threads in"))?;
+    b.final_regs = Some(thread_state(b, main, &b.m.threads[0])?);
     Ok(())
 }
 
 /// Sets a thread's own kernel state by syscalls in that thread, then its
 /// FPU state; returns the registers it must resume with.
 fn thread_state(
-    s: &Injected<'_>,
+    b: &Build<'_>,
     t: &Tracee,
     info: &cr_ebpf_image::ThreadInfo,
 ) -> Result<regs::Regs, RestoreError> {
-    restore_thread(&s.on(t), s.pid(), info)?;
+    let in_thread = Injected::new(t, b.pid, b.tramp, b.tramp + PAGE);
+    restore_thread(&in_thread, b.pid, info)?;
     if !info.xstate.is_empty() {
         t.set_xstate(&info.xstate)
             .map_err(|source| RestoreError::Build {
@@ -479,7 +489,7 @@ fn thread_state(
 /// Pending signals and timers last: a timer firing or a signal delivered
 /// earlier would interrupt the build.
 fn signals(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    process::restore(Phase::Signals, &b.s, &b.m.process)
+    process::restore(Phase::Signals, b.s, &b.m.process)
 }
 
 /// The address of a `syscall` instruction in the restored vDSO.
@@ -505,7 +515,7 @@ fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
 /// Maps the recorded mapping `x` from the stub's descriptor `fd` (closed
 /// afterwards, whatever happens).
 fn map_fd(
-    s: &Injected<'_>,
+    s: &dyn Sys,
     x: &cr_ebpf_image::MappingInfo,
     prot: u32,
     share: i32,
@@ -525,4 +535,213 @@ fn map_fd(
     );
     s.call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use cr_ebpf_image::{FdInfo, FdKind, MappingInfo, ProcessInfo, SigAction, ThreadInfo};
+    use cr_ebpf_resources::sys::fake::Recording;
+
+    use super::*;
+
+    const TRAMP: u64 = 0x5f00_0000_0000;
+    const VDSO_TMP: u64 = 0x5f01_0000_0000;
+
+    fn entry(start: u64, pages: u64, path: &str) -> MapEntry {
+        MapEntry {
+            start,
+            end: start + pages * PAGE,
+            prot: 5,
+            shared: false,
+            offset: 0,
+            dev: 0,
+            inode: 0,
+            path: path.into(),
+            tmpfs: false,
+        }
+    }
+
+    fn mapping(start: u64, pages: u64, prot: i32, kind: MappingKind, stored: u64) -> MappingInfo {
+        MappingInfo {
+            start,
+            end: start + pages * PAGE,
+            prot: prot as u32,
+            kind,
+            pages_stored: stored,
+            ..MappingInfo::default()
+        }
+    }
+
+    /// Runs the phases `names` of a build of `m` on the fake.
+    fn run(
+        m: &Manifest,
+        stub_maps: Vec<MapEntry>,
+        names: &[&str],
+    ) -> Result<Recording, RestoreError> {
+        let rec = Recording::new();
+        let natives = Natives::build(&[m], false)?;
+        let mut b = Build {
+            t: None,
+            s: &rec,
+            pid: 4242,
+            m,
+            chain: None,
+            workers: 1,
+            natives: &natives,
+            tramp: TRAMP,
+            vdso_tmp: VDSO_TMP,
+            stub_maps,
+            others: Vec::new(),
+            final_regs: None,
+            pages: 0,
+            fill: Duration::ZERO,
+        };
+        for (_, phase) in PHASES.iter().filter(|(n, _)| names.contains(n)) {
+            phase(&mut b)?;
+        }
+        Ok(rec)
+    }
+
+    fn layout() -> Vec<MapEntry> {
+        vec![
+            entry(0x5555_0000_0000, 3, "/usr/bin/cr-ebpf"),
+            entry(TRAMP, 2, ""),
+            entry(0x7ffd_000f_0000, 4, "[vvar]"),
+            entry(0x7ffd_000f_4000, 2, "[vvar_vclock]"),
+            entry(0x7ffd_000f_6000, 2, "[vdso]"),
+            entry(0x7ffd_0010_0000, 33, "[stack]"),
+        ]
+    }
+
+    #[test]
+    fn the_stub_is_cleared_and_its_vdso_moved_to_the_recorded_place() {
+        let mut m = Manifest::default();
+        for (start, pages, name) in [
+            (0x7fff_1000_0000u64, 4, "[vvar]"),
+            (0x7fff_1000_4000, 2, "[vvar_vclock]"),
+            (0x7fff_1000_6000, 2, "[vdso]"),
+        ] {
+            let mut x = mapping(start, pages, 1, MappingKind::Vvar, 0);
+            x.path = name.into();
+            m.mappings.push(x);
+        }
+        let rec = run(&m, layout(), &["clear", "vdso"]).unwrap();
+        // Only the binary and the stack go: the trampoline and vDSO stay.
+        let unmapped: Vec<u64> = rec.calls("munmap").iter().map(|a| a[0]).collect();
+        assert_eq!(unmapped, [0x5555_0000_0000, 0x7ffd_0010_0000]);
+        // Each special mapping through the free area, keeping its place
+        // relative to the others, then to the recorded address.
+        let moves: Vec<(u64, u64)> = rec.calls("mremap").iter().map(|a| (a[0], a[4])).collect();
+        assert_eq!(
+            moves,
+            [
+                (0x7ffd_000f_0000, VDSO_TMP),
+                (0x7ffd_000f_4000, VDSO_TMP + 0x4000),
+                (0x7ffd_000f_6000, VDSO_TMP + 0x6000),
+                (VDSO_TMP, 0x7fff_1000_0000),
+                (VDSO_TMP + 0x4000, 0x7fff_1000_4000),
+                (VDSO_TMP + 0x6000, 0x7fff_1000_6000),
+            ]
+        );
+        // A vDSO of another size (another kernel) is refused.
+        m.mappings[2].end += PAGE;
+        let err = run(&m, layout(), &["clear", "vdso"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("[vdso] is 2 pages on this kernel, 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mappings_are_writable_while_filled_then_get_their_protection() {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let rx = libc::PROT_READ | libc::PROT_EXEC;
+        let mut code = mapping(0x5555_0000_0000, 2, rx, MappingKind::File, 1);
+        code.path = "/usr/bin/true".into();
+        let mut stack = mapping(0x7ffd_0010_0000, 33, rw, MappingKind::Stack, 3);
+        stack.flags = cr_ebpf_image::MAP_GROWSDOWN;
+        let m = Manifest {
+            mappings: vec![
+                code,
+                mapping(0x5555_1000_0000, 8, rw, MappingKind::Anon, 8),
+                mapping(0x5555_2000_0000, 1, libc::PROT_READ, MappingKind::Anon, 0),
+                stack,
+            ],
+            ..Manifest::default()
+        };
+        let rec = run(&m, Vec::new(), &["map", "mm"]).unwrap();
+        let mmaps = rec.calls("mmap");
+        assert_eq!(mmaps.len(), 4);
+        let fixed_private = (libc::MAP_FIXED | libc::MAP_PRIVATE) as u64;
+        // The code: opened by path, mapped writable for its copied page.
+        let open = rec.calls("openat")[0];
+        assert_eq!(rec.memory("openat", 0, open[1], 14), b"/usr/bin/true\0");
+        assert_eq!(mmaps[0][2], (rx | libc::PROT_WRITE) as u64);
+        assert_eq!(mmaps[0][3], fixed_private);
+        assert_eq!(
+            rec.calls("close")[0][0],
+            mmaps[0][4],
+            "the file is closed once mapped"
+        );
+        assert_eq!(mmaps[1][3], fixed_private | libc::MAP_ANONYMOUS as u64);
+        assert_eq!(
+            mmaps[2][2],
+            libc::PROT_READ as u64,
+            "no pages: its own protection"
+        );
+        assert_eq!(
+            mmaps[3][3],
+            fixed_private | (libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN) as u64
+        );
+        // After the fill only the code needs its protection back.
+        let protect = rec.calls("mprotect");
+        assert_eq!(protect.len(), 1);
+        assert_eq!(
+            (protect[0][0], protect[0][2]),
+            (0x5555_0000_0000, rx as u64)
+        );
+        assert!(rec.names().contains(&"prctl(PR_SET_MM_MAP)".to_string()));
+    }
+
+    #[test]
+    fn process_descriptors_and_signals_follow_the_registries_in_order() {
+        let m = Manifest {
+            process: ProcessInfo {
+                pid: 4242,
+                cwd: "/".into(),
+                sigactions: vec![SigAction {
+                    signo: 10,
+                    handler: 0x5555_0000_1000,
+                    ..SigAction::default()
+                }],
+                itimers: [(0, 500_000), (0, 0), (0, 0)],
+                ..ProcessInfo::default()
+            },
+            threads: vec![ThreadInfo::default()],
+            fds: vec![FdInfo {
+                fd: 7,
+                kind: FdKind::CharDevice,
+                path: "/dev/null".into(),
+                flags: libc::O_RDWR as u32,
+                ..FdInfo::default()
+            }],
+            ..Manifest::default()
+        };
+        let rec = run(&m, Vec::new(), &["process", "fds", "signals"]).unwrap();
+        let names = rec.names();
+        let at = |n: &str| {
+            names
+                .iter()
+                .position(|x| x == n)
+                .unwrap_or_else(|| panic!("{n} in {names:?}"))
+        };
+        assert!(at("chdir") < at("rt_sigaction"));
+        assert!(
+            at("rt_sigaction") < at("openat"),
+            "handlers before descriptors"
+        );
+        assert!(at("dup3") < at("setitimer"), "timers last");
+        assert_eq!(rec.calls("dup3")[0][1], 7);
+    }
 }

@@ -56,14 +56,6 @@ impl<'a> Injected<'a> {
     pub fn tracee(&self) -> &Tracee {
         self.t
     }
-
-    /// Closes the pidfd [`Sys::adopt`] opened, if any.
-    pub fn close_adopter(&self) -> Result<(), RestoreError> {
-        match self.pidfd.take() {
-            Some(p) => self.close(p),
-            None => Ok(()),
-        }
-    }
 }
 
 impl Sys for Injected<'_> {
@@ -96,6 +88,13 @@ impl Sys for Injected<'_> {
             }
         })?;
         Ok(self.data + offset)
+    }
+
+    fn release_adopter(&self) -> Result<(), RestoreError> {
+        match self.pidfd.take() {
+            Some(p) => self.close(p),
+            None => Ok(()),
+        }
     }
 
     fn adopt(&self, ours: BorrowedFd<'_>) -> Result<i64, RestoreError> {

@@ -48,6 +48,12 @@ pub trait Sys {
     /// the process opens once).
     fn adopt(&self, ours: BorrowedFd<'_>) -> Result<i64, RestoreError>;
 
+    /// Closes what [`Sys::adopt`] keeps open in the process (its pidfd of
+    /// the restorer), once every descriptor is handed over.
+    fn release_adopter(&self) -> Result<(), RestoreError> {
+        Ok(())
+    }
+
     /// `close(fd)`.
     fn close(&self, fd: i64) -> Result<(), RestoreError> {
         self.call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])
