@@ -140,3 +140,22 @@ pub(crate) fn write_processes(
     }
     Ok((dirs, pages, bytes))
 }
+
+/// The union of two sets of page runs `(first page address, pages)`, as runs.
+pub(crate) fn union_runs(a: Vec<(u64, u64)>, b: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut pages: Vec<u64> = a
+        .into_iter()
+        .chain(b)
+        .flat_map(|(s, n)| (0..n).map(move |i| s + i * 4096))
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for p in pages {
+        match out.last_mut() {
+            Some((s, n)) if *s + *n * 4096 == p => *n += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
+}

@@ -278,7 +278,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     } else {
         opts.threads
     };
-    let (pid, pages, fill) = stub::build(
+    let (pid, pages, fill) = restore_single(
         manifest,
         &chain,
         workers,
@@ -294,4 +294,26 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
         phases: clock.phases,
         time_offsets,
     })
+}
+
+/// Rebuilds one process: a stub with its pid, its whole state, then it
+/// runs. Returns (pid, pages written, fill time).
+fn restore_single(
+    m: &Manifest,
+    chain: &Chain,
+    workers: usize,
+    close_connections: bool,
+    clock: &mut Clock,
+) -> Result<(i32, u64, Duration), RestoreError> {
+    let (tramp, vdso_tmp) = stub::addresses(&[m])?;
+    let (t, guard) = stub::spawn_root(m.process.pid, tramp)?;
+    let natives = stub::Natives::build(&[m], close_connections)?;
+    let pid = m.process.pid;
+    let ready = build::build_in(
+        t, guard, m, chain, workers, &natives, clock, tramp, vdso_tmp,
+    )
+    .map_err(|e| e.in_process(pid))?;
+    let done = release::release(ready).map_err(|e| e.in_process(pid))?;
+    clock.mark("resume");
+    Ok(done)
 }

@@ -1,9 +1,9 @@
 //! Building the process inside a ptrace-controlled stub.
 
-use std::{collections::HashMap, os::fd::OwnedFd, time::Duration};
+use std::{collections::HashMap, os::fd::OwnedFd};
 
 use crate::RestoreError;
-use cr_ebpf_image::{Chain, Manifest};
+use cr_ebpf_image::Manifest;
 use cr_ebpf_resources::{
     fd::Shared,
     proc::parse_maps,
@@ -70,7 +70,6 @@ fn free_range(len: u64, busy: &[(u64, u64)]) -> Option<u64> {
         .find(|&a| busy.iter().all(|&r| !overlaps((a, a + len), r)))
 }
 
-/// Builds the process. Returns (pid, pages written, fill time).
 /// Addresses free in every layout of `ms` and in ours: the trampoline's,
 /// and a span to move the vDSO through.
 pub(crate) fn addresses(ms: &[&Manifest]) -> Result<(u64, u64), RestoreError> {
@@ -90,27 +89,6 @@ pub(crate) fn addresses(ms: &[&Manifest]) -> Result<(u64, u64), RestoreError> {
     let vdso_tmp = free_range(vdso_span, &busy)
         .ok_or_else(|| RestoreError::stub("no free address to move the vDSO"))?;
     Ok((tramp, vdso_tmp))
-}
-
-/// Rebuilds one process: a stub with its pid, its whole state, then it runs.
-pub fn build(
-    m: &Manifest,
-    chain: &Chain,
-    workers: usize,
-    close_connections: bool,
-    clock: &mut crate::Clock,
-) -> Result<(i32, u64, Duration), RestoreError> {
-    let (tramp, vdso_tmp) = addresses(&[m])?;
-    let (t, guard) = spawn_root(m.process.pid, tramp)?;
-    let natives = Natives::build(&[m], close_connections)?;
-    let pid = m.process.pid;
-    let ready = crate::build::build_in(
-        t, guard, m, chain, workers, &natives, clock, tramp, vdso_tmp,
-    )
-    .map_err(|e| e.in_process(pid))?;
-    let done = crate::release::release(ready).map_err(|e| e.in_process(pid))?;
-    clock.mark("resume");
-    Ok(done)
 }
 
 /// A stub with pid `pid`, a child of ours, stopped under ptrace with its

@@ -6,7 +6,8 @@ use std::{collections::HashMap, path::Path};
 use cr_ebpf_image::{Chain, ImageError};
 use rayon::prelude::*;
 
-use super::{image_io, memory::union_runs, PAGE};
+use super::{image_io, PAGE};
+use crate::pages::union_runs;
 
 /// A 64-bit hash of one page's contents.
 pub fn page_hash(page: &[u8]) -> u64 {

@@ -10,6 +10,7 @@ use cr_ebpf_image::{Manifest, MappingInfo, MappingKind, MAP_INHERITS};
 use rayon::prelude::*;
 
 use super::{baseline::Baseline, PAGE};
+use crate::pages::union_runs;
 use crate::{
     error::proc_err,
     maps::{self, MapEntry},
@@ -356,24 +357,6 @@ pub(super) fn same_mapping<'a>(parent: &'a Manifest, m: &MapEntry) -> Option<&'a
         && p.dev == m.dev
         && p.flags & !MAP_INHERITS == m.image_flags())
     .then_some(p)
-}
-
-pub(super) fn union_runs(a: Vec<(u64, u64)>, b: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    let mut pages: Vec<u64> = a
-        .into_iter()
-        .chain(b)
-        .flat_map(|(s, n)| (0..n).map(move |i| s + i * PAGE))
-        .collect();
-    pages.sort_unstable();
-    pages.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for p in pages {
-        match out.last_mut() {
-            Some((s, n)) if *s + *n * PAGE == p => *n += 1,
-            _ => out.push((p, 1)),
-        }
-    }
-    out
 }
 
 /// Joins single pages at consecutive addresses back into runs.
