@@ -9,41 +9,9 @@ use cr_ebpf_tracee::Frozen;
 
 use crate::{error::proc_err, proc, DumpError};
 
-/// What `/proc/PID/stat` says of a process.
-pub(crate) struct Stat {
-    pub state: char,
-    pub ppid: i32,
-    pub pgid: i32,
-    pub sid: i32,
-    /// When it started, in clock ticks since boot: a pid reused by another
-    /// process has another start time.
-    pub start_time: u64,
-    /// A zombie's wait status.
-    pub exit_code: i32,
-}
-
-/// Reads `/proc/PID/stat`.
-pub(crate) fn stat(pid: i32) -> Result<Stat, DumpError> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).map_err(proc_err(pid, path.clone()))?;
-    let rest = text
-        .rfind(')')
-        .map(|i| &text[i + 2..])
-        .ok_or_else(|| DumpError::NotSupported {
-            pid,
-            what: format!("an unreadable {path}"),
-        })?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Field n (1-based) of the whole line is f[n - 3].
-    let num = |n: usize| -> i64 { f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
-    Ok(Stat {
-        state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'),
-        ppid: num(4) as i32,
-        pgid: num(5) as i32,
-        sid: num(6) as i32,
-        start_time: num(22) as u64,
-        exit_code: num(52) as i32,
-    })
+/// What `/proc/PID/stat` says of process `pid`.
+pub(crate) fn stat(pid: i32) -> Result<proc::Stat, DumpError> {
+    proc::stat(pid).map_err(proc_err(pid, format!("/proc/{pid}/stat")))
 }
 
 /// Clock ticks per second (`/proc/PID/stat` times are in these).
@@ -57,7 +25,7 @@ pub(crate) fn clock_ticks() -> u64 {
     }
 }
 
-/// Time since boot in clock ticks (the unit of [`Stat::start_time`], which
+/// Time since boot in clock ticks (the unit of `Stat::start_time`, which
 /// the kernel counts on `CLOCK_BOOTTIME`).
 pub(crate) fn uptime_ticks() -> u64 {
     crate::clock_ns(libc::CLOCK_BOOTTIME) / (1_000_000_000 / clock_ticks())
@@ -85,7 +53,7 @@ pub(crate) struct FrozenTree {
     pub tree: Tree,
     /// The live processes, in the tree's order. Dropping one resumes it.
     pub frozen: Vec<Frozen>,
-    /// Their start times (see [`Stat::start_time`]).
+    /// Their start times (see `Stat::start_time`).
     pub start_times: Vec<u64>,
 }
 

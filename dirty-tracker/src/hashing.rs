@@ -351,16 +351,13 @@ fn read_maps(pid: i32) -> Result<Vec<Vma>, HashError> {
 }
 
 fn parse_maps(text: &str) -> Vec<Vma> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (start, end) = fields.next()?.split_once('-')?;
-            let perms = fields.next()?;
-            Some(Vma {
-                start: u64::from_str_radix(start, 16).ok()?,
-                end: u64::from_str_radix(end, 16).ok()?,
-                readable: perms.starts_with('r'),
-            })
+    cr_ebpf_resources::proc::parse_maps(text)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| Vma {
+            start: m.start,
+            end: m.end,
+            readable: m.prot & libc::PROT_READ as u32 != 0,
         })
         .collect()
 }

@@ -130,22 +130,16 @@ pub enum TimeNamespace {
 
 /// Fails when `pid` is taken, naming what holds it.
 pub(crate) fn pid_free(pid: i32) -> Result<(), RestoreError> {
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        let field = |k: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        let comm = if field("State:").starts_with('Z') {
+    if let Ok(status) = cr_ebpf_resources::proc::Status::of(pid) {
+        let field = |k: &str| status.field(k).unwrap_or_default().to_string();
+        let comm = if field("State").starts_with('Z') {
             format!(
                 "{}, a zombie its parent pid {} has not reaped",
-                field("Name:"),
-                field("PPid:")
+                field("Name"),
+                field("PPid")
             )
         } else {
-            field("Name:")
+            field("Name")
         };
         return Err(RestoreError::PidInUse { pid, comm });
     }

@@ -617,12 +617,7 @@ fn background_priority() {
 
 fn gone(pid: i32) -> bool {
     // A zombie has exited too.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => true,
-    }
+    cr_ebpf_resources::proc::stat(pid).map_or(true, |s| matches!(s.state, 'Z' | 'X'))
 }
 
 async fn serve(

@@ -23,58 +23,115 @@ pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
-/// `start_code, end_code, start_data, end_data, start_brk, brk, start_stack,
-/// arg_start, arg_end, env_start, env_end` of process `pid`. `brk` is not in
-/// `/proc/PID/stat`; `brk_now` supplies it (the end of `[heap]`).
+/// What `/proc/PID/stat` says of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// `R`, `S`, `D`, `Z`, `T`, ...
+    pub state: char,
+    /// Parent, process group and session.
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// Start time after boot, in clock ticks: with the pid, it tells a
+    /// process from a later one that got the same pid.
+    pub start_time: u64,
+    /// `start_code, end_code, start_data, end_data, start_brk, brk,
+    /// start_stack, arg_start, arg_end, env_start, env_end`; `brk` is not
+    /// in `/proc/PID/stat` and is 0 here.
+    pub mm: [u64; 11],
+    /// A zombie's wait status.
+    pub exit_code: i32,
+}
+
+/// Parses the text of `/proc/PID/stat`.
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    // The command name may hold spaces and parentheses: after the last ')'.
+    let rest = text.get(text.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Field n (1-based) of the whole line is f[n - 3].
+    let num = |n: usize| -> i64 { f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    let u = |n: usize| -> u64 { f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    if f.len() < 49 {
+        return None;
+    }
+    Some(Stat {
+        state: f.first()?.chars().next()?,
+        ppid: num(4) as i32,
+        pgid: num(5) as i32,
+        sid: num(6) as i32,
+        start_time: u(22),
+        mm: [
+            u(26),
+            u(27),
+            u(45),
+            u(46),
+            u(47),
+            0,
+            u(28),
+            u(48),
+            u(49),
+            u(50),
+            u(51),
+        ],
+        exit_code: num(52) as i32,
+    })
+}
+
+/// Reads `/proc/PID/stat`.
+pub fn stat(pid: i32) -> io::Result<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| io::Error::other(format!("an unreadable /proc/{pid}/stat")))
+}
+
+/// The mm fields of `pid` ([`Stat::mm`]), with `brk_now` for `brk` (the
+/// end of `[heap]`).
 pub fn mm_fields(pid: i32, brk_now: u64) -> io::Result<[u64; 11]> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat
-        .rfind(')')
-        .map(|i| &stat[i + 2..])
-        .ok_or_else(|| io::Error::other("malformed /proc/PID/stat"))?;
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|s| s.parse().unwrap_or(0))
-        .collect();
-    // /proc/PID/stat field n (1-based) is f[n - 3].
-    let at = |n: usize| {
-        f.get(n - 3)
-            .copied()
-            .ok_or_else(|| io::Error::other("short /proc/PID/stat"))
-    };
-    Ok([
-        at(26)?,
-        at(27)?,
-        at(45)?,
-        at(46)?,
-        at(47)?,
-        brk_now,
-        at(28)?,
-        at(48)?,
-        at(49)?,
-        at(50)?,
-        at(51)?,
-    ])
+    let mut mm = stat(pid)?.mm;
+    mm[5] = brk_now;
+    Ok(mm)
+}
+
+/// The text of `/proc/PID/status` (or of a thread's).
+#[derive(Debug, Clone)]
+pub struct Status(String);
+
+impl Status {
+    /// `/proc/PID/status`.
+    pub fn of(pid: i32) -> io::Result<Self> {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map(Self)
+    }
+
+    /// `/proc/PID/task/TID/status`.
+    pub fn of_thread(pid: i32, tid: i32) -> io::Result<Self> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).map(Self)
+    }
+
+    /// The value of field `key` (`"Umask"`), trimmed.
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.0.lines().find_map(|l| {
+            l.strip_prefix(key)
+                .and_then(|r| r.strip_prefix(':'))
+                .map(str::trim)
+        })
+    }
+
+    /// Field `key` as a number in `radix`, or an error naming it.
+    pub fn number(&self, key: &str, radix: u32) -> io::Result<u64> {
+        let v = self
+            .field(key)
+            .ok_or_else(|| io::Error::other(format!("no {key} in status")))?;
+        u64::from_str_radix(v, radix).map_err(io::Error::other)
+    }
 }
 
 /// The blocked-signal mask of thread `tid` of `pid`.
 pub fn sigmask(pid: i32, tid: i32) -> io::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))?;
-    let hex = s
-        .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .ok_or_else(|| io::Error::other("no SigBlk in status"))?;
-    u64::from_str_radix(hex.trim(), 16).map_err(io::Error::other)
+    Status::of_thread(pid, tid)?.number("SigBlk", 16)
 }
 
 /// The file mode creation mask of `pid`.
 pub fn umask(pid: i32) -> io::Result<u32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let v = s
-        .lines()
-        .find_map(|l| l.strip_prefix("Umask:"))
-        .ok_or_else(|| io::Error::other("no Umask in status"))?;
-    u32::from_str_radix(v.trim(), 8).map_err(io::Error::other)
+    Status::of(pid)?.number("Umask", 8).map(|v| v as u32)
 }
 
 /// The execution domain of `pid`.
@@ -114,16 +171,16 @@ pub fn rlimits(pid: i32) -> io::Result<Vec<(u64, u64)>> {
 
 /// Real, effective, saved and filesystem uids, then gids, of `pid`.
 pub fn creds(pid: i32) -> io::Result<[u32; 8]> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let status = Status::of(pid)?;
     let ids = |key: &str| -> io::Result<Vec<u32>> {
-        s.lines()
-            .find_map(|l| l.strip_prefix(key))
+        status
+            .field(key)
             .ok_or_else(|| io::Error::other(format!("no {key} in status")))?
             .split_whitespace()
             .map(|v| v.parse().map_err(io::Error::other))
             .collect()
     };
-    let (u, g) = (ids("Uid:")?, ids("Gid:")?);
+    let (u, g) = (ids("Uid")?, ids("Gid")?);
     if u.len() != 4 || g.len() != 4 {
         return Err(io::Error::other("unexpected Uid/Gid lines"));
     }
@@ -146,4 +203,41 @@ pub fn children(pid: i32) -> Vec<i32> {
     out.sort_unstable();
     out.dedup();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_and_status_of_ourselves_parse() {
+        let me = std::process::id() as i32;
+        let st = stat(me).unwrap();
+        assert!(matches!(st.state, 'R' | 'S'));
+        assert_eq!(st.ppid as u32, std::os::unix::process::parent_id());
+        assert!(st.mm[0] < st.mm[1], "code start before code end");
+        let line = std::fs::read_to_string("/proc/self/stat").unwrap();
+        // A command name with spaces and parentheses.
+        let odd = line.replacen('(', "(a) (b ", 1);
+        assert_eq!(parse_stat(&odd).unwrap().start_time, st.start_time);
+        assert!(parse_stat("12 (x) S 1").is_none());
+        assert_eq!(
+            Status::of(me).unwrap().field("Tgid"),
+            Some(me.to_string().as_str())
+        );
+        assert_eq!(creds(me).unwrap()[0], own_uid());
+        assert!(umask(me).unwrap() <= 0o777);
+    }
+
+    fn own_uid() -> u32 {
+        Status::of(std::process::id() as i32)
+            .unwrap()
+            .field("Uid")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
 }
