@@ -13,10 +13,10 @@ use cr_ebpf_tracee::Frozen;
 
 use crate::{
     error::proc_err,
-    fds::{check_tree as check_unix_pairs, TreeScope},
-    freeze::{freeze_tree, thaw_all, FrozenTree},
+    fds::{check_tree, TreeScope},
+    freeze::freeze_tree,
     maps,
-    pages::{split_runs, worker_pool, write_pages, write_processes},
+    pages::{split_runs, worker_pool, write_processes},
     state::{self, Changes, State},
     DumpError,
 };
@@ -58,7 +58,9 @@ impl DumpReport {
     }
 }
 
-/// Checkpoints process `pid` into a new image directory `dir`.
+/// Checkpoints process `pid` into a new image directory `dir`: a single
+/// image, or a tree image when it has children (each process frozen before
+/// any is read).
 pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     let start = Instant::now();
     if pid == std::process::id() as i32 {
@@ -73,75 +75,80 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         }
         .into());
     }
-    // A process with children: the whole tree, as one checkpoint.
-    if !crate::proc::children(pid).is_empty() {
-        return dump_tree(pid, dir, opts, start);
-    }
     let pool = worker_pool(pid, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
-
-    // From here on an error drops `frozen`, which resumes every thread.
-    let frozen = Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?;
-    let trace = |source| DumpError::Trace { pid, source };
-    let state = state::collect(&frozen, None, &Changes::all())?;
-
-    // Which pages to store, split into chunks for the readers.
-    let mut mappings = Vec::new();
-    let mut work: Vec<(u64, u64)> = Vec::new();
-    for m in &state.entries {
-        let runs = maps::dumpable_runs(&state.pagemap, m)
-            .map_err(proc_err(pid, format!("/proc/{pid}/pagemap")))?;
-        let stored: u64 = runs.iter().map(|r| r.1).sum();
-        split_runs(&runs, &mut work);
-        mappings.push(State::mapping(m, stored, 0));
+    // From here on an error drops `stopped`, which resumes every thread.
+    let mut stopped = freeze_tree(pid)?;
+    let since = stopped.since();
+    let tree = std::mem::take(&mut stopped.tree);
+    let is_tree = tree.processes.len() > 1;
+    let live: Vec<i32> = stopped.frozen.iter().map(Frozen::pid).collect();
+    let mut scope = TreeScope::new(&live);
+    let mut states: Vec<State> = Vec::new();
+    for f in &stopped.frozen {
+        states.push(state::collect(f, None, &Changes::all(), Some(&mut scope))?);
     }
-    let threads = state.threads.len();
+    let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> = live
+        .iter()
+        .zip(&states)
+        .map(|(p, s)| (*p, &s.fds[..]))
+        .collect();
+    check_tree(&all)?;
+    let plans = plan_pages(&live, &states)?;
+    let threads: usize = states.iter().map(|s| s.threads.len()).sum();
+    let mappings: usize = plans.iter().map(|p| p.0.len()).sum();
 
-    let mut frozen = Some(frozen);
+    let mut frozen = Some(stopped);
     let mut freeze = Duration::ZERO;
     let (pages, page_bytes) = publish(dir, |tmp| {
-        let stored = write_pages(tmp, &pool, pid, &work, Vec::new(), || {
-            // Everything is read: a process that stays alive can run again
-            // while the files are finished.
+        if is_tree {
+            tree.write(tmp)?;
+        }
+        let procs = live
+            .iter()
+            .zip(&plans)
+            .map(|(pid, (_, work))| (*pid, &work[..], Vec::new()))
+            .collect();
+        let (subs, pages, bytes) = write_processes(tmp, is_tree, &pool, procs, || {
+            // Everything read: what stays alive runs again while the files
+            // are finished.
             if opts.leave_running {
-                if let Some(f) = frozen.take() {
-                    let since = f.since;
-                    f.thaw().map_err(|e| ImageError::Io {
-                        path: format!("process {pid}"),
+                if let Some(t) = frozen.take() {
+                    freeze = since.elapsed();
+                    t.thaw().map_err(|e| ImageError::Io {
+                        path: format!("process {pid} (and its descendants)"),
                         what: "resuming",
                         source: std::io::Error::other(e.to_string()),
                     })?;
-                    freeze = since.elapsed();
                 }
             }
             Ok(())
         })?;
         let freeze_ns = match &frozen {
             // Killed right after publication: count up to now.
-            Some(f) => f.since.elapsed().as_nanos() as u64,
-            None => freeze.as_nanos() as u64,
-        };
-        state
-            .manifest(mappings.clone(), freeze_ns, None)
-            .write(tmp)?;
-        Ok(stored)
+            Some(_) => since.elapsed(),
+            None => freeze,
+        }
+        .as_nanos() as u64;
+        for ((s, (maps, _)), sub) in states.iter().zip(&plans).zip(&subs) {
+            s.manifest(maps.clone(), freeze_ns, None).write(sub)?;
+        }
+        Ok((pages, bytes))
     })?;
-
-    // Published: only now may the process go, as `criu dump` does.
-    if let Some(f) = frozen.take() {
-        let since = f.since;
-        // Its TCP connections close silently (repair mode) when it dies: the
-        // peers wait for the restored process instead of seeing a reset.
-        for (_, sock) in &state.tcp {
+    // Published: only now may what is not left running go, as `criu dump`
+    // does. Its TCP connections close silently (repair mode) when it dies:
+    // the peers wait for the restored process instead of seeing a reset.
+    if let Some(t) = frozen.take() {
+        for (_, sock) in states.iter().flat_map(|s| &s.tcp) {
             let _ = cr_ebpf_resources::fd::socket::tcp::repair_mode(sock, true);
         }
-        f.kill().map_err(trace)?;
+        t.kill()?;
         freeze = since.elapsed();
     }
     Ok(DumpReport {
         pid,
         threads,
-        mappings: mappings.len(),
+        mappings,
         pages,
         page_bytes,
         freeze,
@@ -150,39 +157,13 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     })
 }
 
-/// Checkpoints `root` and all its descendants into the new image `dir`.
-fn dump_tree(
-    root: i32,
-    dir: &Path,
-    opts: &DumpOptions,
-    start: Instant,
-) -> Result<DumpReport, DumpError> {
-    let pool = worker_pool(root, opts.threads, "dump-reader")?;
-    let workers = pool.current_num_threads();
-    let stopped = freeze_tree(root)?;
-    let since = stopped.since();
-    let FrozenTree { tree, frozen, .. } = stopped;
-    let live: Vec<i32> = frozen.iter().map(Frozen::pid).collect();
-    let mut scope = TreeScope::new(&live);
-    let mut states: Vec<State> = Vec::new();
-    for f in &frozen {
-        states.push(state::collect_in(
-            f,
-            None,
-            &Changes::all(),
-            Some(&mut scope),
-        )?);
-    }
-    let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> = live
-        .iter()
-        .zip(&states)
-        .map(|(p, s)| (*p, &s.fds[..]))
-        .collect();
-    check_unix_pairs(&all)?;
+/// The mappings of each frozen process with the pages they store, and the
+/// page runs to read, in chunks for the readers.
+type Plans = Vec<(Vec<cr_ebpf_image::MappingInfo>, Vec<(u64, u64)>)>;
 
-    // Pages of every process, planned while frozen.
+fn plan_pages(live: &[i32], states: &[State]) -> Result<Plans, DumpError> {
     let mut plans = Vec::new();
-    for (pid, s) in live.iter().zip(&states) {
+    for (pid, s) in live.iter().zip(states) {
         let mut mappings = Vec::new();
         let mut work = Vec::new();
         for m in &s.entries {
@@ -194,69 +175,5 @@ fn dump_tree(
         }
         plans.push((mappings, work));
     }
-    let threads: usize = states.iter().map(|s| s.threads.len()).sum();
-    let mappings: usize = plans.iter().map(|p| p.0.len()).sum();
-    let mut frozen = Some(frozen);
-    let mut freeze = Duration::ZERO;
-    let (pages, page_bytes) = publish(dir, |tmp| {
-        tree.write(tmp)?;
-        let procs = live
-            .iter()
-            .zip(&plans)
-            .map(|(pid, (_, work))| (*pid, &work[..], Vec::new()))
-            .collect();
-        let (subs, pages, bytes) = write_processes(tmp, true, &pool, procs, || {
-            // Everything read: a tree that stays alive runs again while the
-            // files are finished.
-            if opts.leave_running {
-                if let Some(all) = frozen.take() {
-                    freeze = since.elapsed();
-                    thaw_all(all).map_err(|e| cr_ebpf_image::ImageError::Io {
-                        path: format!("process tree of {root}"),
-                        what: "resuming",
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-                }
-            }
-            Ok(())
-        })?;
-        let freeze_ns = match &frozen {
-            Some(_) => since.elapsed(),
-            None => freeze,
-        }
-        .as_nanos() as u64;
-        for ((s, (maps, _)), sub) in states.iter().zip(&plans).zip(&subs) {
-            s.manifest(maps.clone(), freeze_ns, None).write(sub)?;
-        }
-        Ok((pages, bytes))
-    })?;
-    // Published: only now may a tree that is not left running go.
-    if let Some(all) = frozen.take() {
-        if opts.leave_running {
-            thaw_all(all)?;
-        } else {
-            // TCP connections close silently (repair mode) when they die.
-            for s in &states {
-                for (_, sock) in &s.tcp {
-                    let _ = cr_ebpf_resources::fd::socket::tcp::repair_mode(sock, true);
-                }
-            }
-            for f in all.into_iter().rev() {
-                let pid = f.pid();
-                f.kill()
-                    .map_err(|source| DumpError::Trace { pid, source })?;
-            }
-        }
-        freeze = since.elapsed();
-    }
-    Ok(DumpReport {
-        pid: root,
-        threads,
-        mappings,
-        pages,
-        page_bytes,
-        freeze,
-        total: start.elapsed(),
-        workers,
-    })
+    Ok(plans)
 }

@@ -70,6 +70,17 @@ impl FrozenTree {
     pub fn thaw(self) -> Result<(), DumpError> {
         thaw_all(self.frozen)
     }
+
+    /// Kills every process, children first (a dump that does not leave
+    /// them running, once its image is published).
+    pub fn kill(self) -> Result<(), DumpError> {
+        for f in self.frozen.into_iter().rev() {
+            let pid = f.pid();
+            f.kill()
+                .map_err(|source| DumpError::Trace { pid, source })?;
+        }
+        Ok(())
+    }
 }
 
 /// Stops `root` and every descendant (each thread, by ptrace) before
@@ -123,7 +134,7 @@ pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
 }
 
 /// Resumes every process; the first failure is returned after all were tried.
-pub(crate) fn thaw_all(all: Vec<Frozen>) -> Result<(), DumpError> {
+fn thaw_all(all: Vec<Frozen>) -> Result<(), DumpError> {
     let mut first = None;
     for f in all {
         let pid = f.pid();

@@ -30,18 +30,10 @@ pub(crate) struct State {
 
 /// Collects the state of the frozen process. `prev` is the previous
 /// checkpoint of the same process, whose injected answers are reused where
-/// `changes` says they still hold.
+/// `changes` says they still hold. `tree`: the scope shared by the
+/// processes checkpointed together (their children are part of the
+/// checkpoint); without it, a process with children is refused.
 pub(crate) fn collect(
-    frozen: &Frozen,
-    prev: Option<&Manifest>,
-    changes: &Changes,
-) -> Result<State, DumpError> {
-    collect_in(frozen, prev, changes, None)
-}
-
-/// [`collect`] for one process of a tree checkpointed as a whole: its
-/// children are part of the checkpoint, and `scope` is shared by the tree.
-pub(crate) fn collect_in(
     frozen: &Frozen,
     prev: Option<&Manifest>,
     changes: &Changes,

@@ -228,7 +228,7 @@ fn collect<'a>(
             .filter(|(m, _)| m.chain.is_some());
         // Earlier answers hold only for the very same process.
         let prev = parent.filter(|(_, when)| *when == Some(st)).map(|(m, _)| m);
-        let state = state::collect_in(f, prev, changes.of(pid), scope.as_mut())?;
+        let state = state::collect(f, prev, changes.of(pid), scope.as_mut())?;
         queries.injected += state.queries.injected;
         queries.reused += state.queries.reused;
         let parent = parent.map(|(m, _)| m);
