@@ -113,10 +113,14 @@ pub(crate) fn collect(
             .to_string(),
         ..ProcessInfo::default()
     };
-    let mut cx = process::SaveCx {
+    let ask = cr_ebpf_resources::sys::ask::Frozen {
         pid,
         injector: &injector,
         main: &frozen.threads()[0],
+    };
+    let mut cx = process::SaveCx {
+        pid,
+        ask: &ask,
         known: prev.filter(|_| !changes.unknown),
         changes,
         queries: &mut queries,

@@ -42,12 +42,9 @@ impl ProcessKind for ITimers {
                 continue;
             }
             cx.queries.injected += 1;
-            let (ret, out) = cx
-                .injector
-                .call_out(cx.main, libc::SYS_getitimer, 32, |at| {
-                    [which as u64, at, 0, 0, 0, 0]
-                })
-                .map_err(cx.trace())?;
+            let (ret, out) = cx.ask.call_out(libc::SYS_getitimer, 32, &|at| {
+                [which as u64, at, 0, 0, 0, 0]
+            })?;
             if ret == 0 {
                 *slot = (
                     word(&out, 0) * 1_000_000 + word(&out, 1),
@@ -107,5 +104,35 @@ mod tests {
         let mut ch = Changes::none();
         super::super::invalidate(nr::ALARM, &mut ch);
         assert!(ch.itimers && !ch.sigactions);
+    }
+
+    #[test]
+    fn armed_timers_are_asked_every_time_and_idle_ones_reused() {
+        use crate::{process::testing::save_with, sys::ask::Scripted};
+        let answer = |a: [u64; 6]| {
+            let mut v = vec![0u8; 32];
+            if a[0] == libc::ITIMER_REAL as u64 {
+                for (i, x) in [0u64, 250_000, 2, 500_000].iter().enumerate() {
+                    v[i * 8..i * 8 + 8].copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            (0, v)
+        };
+        let ask = Scripted::default().answer(libc::SYS_getitimer, answer);
+        let (p, q) = save_with(&ITimers, &ask, None, &Changes::all());
+        assert_eq!(p.itimers, [(250_000, 2_500_000), (0, 0), (0, 0)]);
+        assert_eq!(q.injected, 3);
+        let prev = cr_ebpf_image::Manifest {
+            process: p,
+            ..Default::default()
+        };
+        let ask = Scripted::default().answer(libc::SYS_getitimer, answer);
+        let (_, q) = save_with(&ITimers, &ask, Some(&prev), &Changes::none());
+        assert_eq!(
+            (q.injected, q.reused),
+            (1, 2),
+            "only the armed one is asked again"
+        );
+        assert_eq!(ask.asked()[0].1[0], libc::ITIMER_REAL as u64);
     }
 }

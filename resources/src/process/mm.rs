@@ -154,4 +154,24 @@ mod tests {
         assert!(Mm.restore(&rec, &p).is_err());
         assert_eq!(rec.calls("prctl(PR_SET_MM_MAP)").len(), 2);
     }
+
+    #[test]
+    fn fields_auxv_and_executable_of_the_process_are_saved() {
+        use crate::{process::testing::save_with, sys::ask::Scripted};
+        let (p, _) = save_with(
+            &Mm,
+            &Scripted::default(),
+            None,
+            &super::super::Changes::all(),
+        );
+        assert_eq!(
+            p.exe,
+            std::env::current_exe().unwrap().display().to_string()
+        );
+        assert!(p.auxv.len() >= 16 && p.auxv.len() % 16 == 0);
+        assert!(
+            p.mm[0] < p.mm[1] && p.mm[5] == p.mm[4],
+            "no heap given: brk at its start"
+        );
+    }
 }

@@ -18,7 +18,6 @@ pub mod sigactions;
 pub mod threads;
 
 use cr_ebpf_image::{Manifest, ProcessInfo};
-use cr_ebpf_tracee::{Injector, Tracee};
 
 use crate::{sys::Sys, RestoreError, SaveError};
 
@@ -96,10 +95,8 @@ pub fn save(cx: &mut SaveCx<'_>, p: &mut ProcessInfo) -> Result<(), SaveError> {
 pub struct SaveCx<'a> {
     /// The process.
     pub pid: i32,
-    /// Syscalls injected into it.
-    pub injector: &'a Injector,
-    /// Its main thread (stopped).
-    pub main: &'a Tracee,
+    /// Questions only the process can answer (injected syscalls).
+    pub ask: &'a dyn crate::sys::ask::Ask,
     /// The previous checkpoint of the process, when its answers may be
     /// reused (the resource log is complete since).
     pub known: Option<&'a Manifest>,
@@ -112,18 +109,40 @@ pub struct SaveCx<'a> {
 }
 
 impl SaveCx<'_> {
-    /// A [`SaveError::Trace`] maker for `map_err`.
-    pub fn trace(&self) -> impl Fn(cr_ebpf_tracee::TraceError) -> SaveError {
-        let pid = self.pid;
-        move |source| SaveError::Trace { pid, source }
-    }
-
     /// "not supported: WHAT in process P".
     pub fn refuse(&self, what: impl Into<String>) -> SaveError {
         SaveError::NotSupported {
             pid: self.pid,
             what: what.into(),
         }
+    }
+}
+
+/// Saving a kind through a scripted [`Ask`](crate::sys::ask::Ask).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// `kind` saved from `ask` (the process is the test itself, for what
+    /// is read from `/proc`), with the previous checkpoint `prev`.
+    pub fn save_with(
+        kind: &dyn ProcessKind,
+        ask: &dyn crate::sys::ask::Ask,
+        prev: Option<&Manifest>,
+        changes: &Changes,
+    ) -> (ProcessInfo, Queries) {
+        let mut queries = Queries::default();
+        let mut p = ProcessInfo::default();
+        let mut cx = SaveCx {
+            pid: std::process::id() as i32,
+            ask,
+            known: prev.filter(|_| !changes.unknown),
+            changes,
+            queries: &mut queries,
+            brk: None,
+        };
+        kind.save(&mut cx, &mut p).unwrap();
+        (p, queries)
     }
 }
 

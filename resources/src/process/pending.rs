@@ -20,7 +20,7 @@ impl ProcessKind for Pending {
     }
 
     fn save(&self, cx: &mut SaveCx<'_>, p: &mut ProcessInfo) -> Result<(), SaveError> {
-        p.pending = cx.main.pending_signals(true).map_err(cx.trace())?;
+        p.pending = cx.ask.pending_signals()?;
         Ok(())
     }
 
@@ -58,5 +58,14 @@ mod tests {
         let c = rec.calls("rt_sigqueueinfo")[0];
         assert_eq!((c[0], c[1]), (4242, 12));
         assert_eq!(rec.memory("rt_sigqueueinfo", 0, c[2], 128), info);
+    }
+
+    #[test]
+    fn pending_signals_are_read_as_they_are() {
+        use crate::{process::testing::save_with, sys::ask::Scripted};
+        let mut ask = Scripted::default();
+        ask.pending = vec![vec![7; 128]];
+        let (p, _) = save_with(&Pending, &ask, None, &super::super::Changes::all());
+        assert_eq!(p.pending, [vec![7; 128]]);
     }
 }

@@ -84,12 +84,9 @@ impl ProcessKind for PosixTimers {
         let mut timers = parse(&text).map_err(|e| cx.refuse(e))?;
         for t in &mut timers {
             cx.queries.injected += 1;
-            let (ret, its) = cx
-                .injector
-                .call_out(cx.main, libc::SYS_timer_gettime, 32, |at| {
-                    [t.id as u64, at, 0, 0, 0, 0]
-                })
-                .map_err(cx.trace())?;
+            let (ret, its) = cx.ask.call_out(libc::SYS_timer_gettime, 32, &|at| {
+                [t.id as u64, at, 0, 0, 0, 0]
+            })?;
             if ret != 0 {
                 return Err(cx.refuse(format!(
                     "timer_gettime of POSIX timer {} failed ({ret})",
@@ -207,5 +204,28 @@ mod tests {
         assert_eq!(set[0], 3);
         let its = rec.memory("timer_settime", 0, set[2], 32);
         assert_eq!((word(&its, 2), word(&its, 3)), (2, 500_000_000));
+    }
+
+    #[test]
+    fn a_timer_of_the_process_is_saved_with_its_remaining_time() {
+        use crate::{process::testing::save_with, sys::ask::Scripted};
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: a timer of ours with the default notification.
+        let made =
+            unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, std::ptr::null_mut(), &mut id) };
+        assert_eq!(made, 0);
+        let ask = Scripted::default().answer(libc::SYS_timer_gettime, |_| {
+            let mut its = vec![0u8; 32];
+            its[16..24].copy_from_slice(&3u64.to_le_bytes());
+            (0, its)
+        });
+        let (p, q) = save_with(&PosixTimers, &ask, None, &Changes::all());
+        // SAFETY: our timer.
+        unsafe { libc::timer_delete(id) };
+        assert_eq!(p.posix_timers.len(), 1);
+        assert_eq!(p.posix_timers[0].id as i64, id as i64);
+        assert_eq!(p.posix_timers[0].remaining_ns, 3_000_000_000);
+        assert_eq!(q.injected, 1);
+        assert_eq!(ask.asked()[0].1[0], id as u64);
     }
 }

@@ -106,4 +106,22 @@ mod tests {
         let err = Settings.restore(&rec, &p).unwrap_err();
         assert!(err.to_string().contains("resource limit 0"), "{err}");
     }
+
+    #[test]
+    fn what_proc_shows_of_the_process_is_saved() {
+        use crate::{process::testing::save_with, sys::ask::Scripted};
+        let (p, q) = save_with(
+            &Settings,
+            &Scripted::default(),
+            None,
+            &super::super::Changes::all(),
+        );
+        assert_eq!(q.injected, 0, "nothing is injected for these");
+        assert_eq!(
+            p.cwd,
+            std::env::current_dir().unwrap().display().to_string()
+        );
+        assert_eq!(p.rlimits.len(), crate::proc::RLIMITS as usize);
+        assert!(p.umask <= 0o777);
+    }
 }

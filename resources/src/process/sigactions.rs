@@ -40,12 +40,9 @@ impl ProcessKind for SigActions {
                 continue;
             }
             cx.queries.injected += 1;
-            let (ret, out) = cx
-                .injector
-                .call_out(cx.main, libc::SYS_rt_sigaction, 32, |at| {
-                    [signo as u64, 0, at, 8, 0, 0]
-                })
-                .map_err(cx.trace())?;
+            let (ret, out) = cx.ask.call_out(libc::SYS_rt_sigaction, 32, &|at| {
+                [signo as u64, 0, at, 8, 0, 0]
+            })?;
             if ret != 0 {
                 continue;
             }
@@ -120,5 +117,44 @@ mod tests {
         let mut c = Changes::none();
         super::super::invalidate(nr::RT_SIGACTION, &mut c);
         assert!(c.sigactions && !c.itimers && !c.thread_state);
+    }
+
+    #[test]
+    fn every_signal_is_asked_and_only_set_ones_kept_until_the_log_says_otherwise() {
+        use crate::{process::testing::save_with, sys::ask::Scripted};
+        // SIGUSR1 has a handler; every other signal is at its default.
+        let ask = Scripted::default().answer(libc::SYS_rt_sigaction, |a| {
+            let mut act = vec![0u8; 32];
+            if a[0] == libc::SIGUSR1 as u64 {
+                act[..8].copy_from_slice(&0x5555_0000_1000u64.to_le_bytes());
+                act[8..16].copy_from_slice(&0x0400_0000u64.to_le_bytes());
+            }
+            (0, act)
+        });
+        let (p, q) = save_with(&SigActions, &ask, None, &Changes::all());
+        assert_eq!(
+            ask.asked().len(),
+            62,
+            "every signal but SIGKILL and SIGSTOP"
+        );
+        assert!(
+            ask.asked().iter().all(|(_, a)| a[1] == 0 && a[3] == 8),
+            "asked, never set"
+        );
+        assert_eq!(p.sigactions.len(), 1);
+        assert_eq!(
+            (p.sigactions[0].signo, p.sigactions[0].handler),
+            (10, 0x5555_0000_1000)
+        );
+        assert_eq!((q.injected, q.reused), (62, 0));
+        // With a complete log that shows no rt_sigaction: reused, not asked.
+        let prev = cr_ebpf_image::Manifest {
+            process: p.clone(),
+            ..Default::default()
+        };
+        let quiet = Scripted::default();
+        let (again, q) = save_with(&SigActions, &quiet, Some(&prev), &Changes::none());
+        assert!(quiet.asked().is_empty());
+        assert_eq!((again.sigactions, q.reused), (p.sigactions, 62));
     }
 }

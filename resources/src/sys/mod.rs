@@ -1,11 +1,13 @@
 //! The one typed layer of syscalls a restore makes inside the process being
-//! built. [`Injected`] runs them in a ptrace-stopped stub; [`fake::Recording`]
+//! built (and, in [`ask`], of the questions a checkpoint asks a frozen
+//! process). [`Injected`] runs them in a ptrace-stopped stub; [`fake::Recording`]
 //! records them, so a resource's restore side can be unit-tested without a
 //! process.
 //!
 //! The stub has a scratch page for syscall arguments that live in memory
 //! (paths, structs): [`Sys::put`] writes there and returns the address.
 
+pub mod ask;
 pub mod fake;
 mod injected;
 
