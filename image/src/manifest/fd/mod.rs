@@ -10,7 +10,7 @@ mod socket;
 mod state;
 
 pub use socket::{SockOpt, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
-pub use state::{EpollItem, FdState, InotifyWatch};
+pub use state::{EpollItem, FdKind, FdState, InotifyWatch};
 
 use super::{unknown, PATH_CAP};
 use crate::codec::{Dec, DecErr, Enc};
@@ -21,63 +21,6 @@ const STATE_BY_KIND: u16 = 4;
 
 /// Largest pipe contents stored.
 const PIPE_DATA_CAP: usize = 16 << 20;
-
-/// What an open file descriptor refers to. On disk as a `u16`; `0` is invalid.
-#[repr(u16)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FdKind {
-    /// Not a kind; decoding it is an error.
-    #[default]
-    Invalid = 0,
-    /// A regular file or directory, reopened by path and checked by identity.
-    File = 1,
-    /// A character device (`/dev/null`, a terminal), reopened by path.
-    CharDevice = 2,
-    /// One end of a pipe whose both ends the process holds; recreated with
-    /// its buffered bytes.
-    Pipe = 3,
-    /// Connected to the outside (a pipe end whose other end is elsewhere):
-    /// the restorer passes its own descriptor of the same number.
-    Inherited = 4,
-    /// An epoll set (format 1.2; state [`FdState::Epoll`]).
-    Epoll = 5,
-    /// An eventfd (format 1.2; state [`FdState::EventFd`]).
-    EventFd = 6,
-    /// A timerfd (format 1.2; state [`FdState::TimerFd`]).
-    TimerFd = 7,
-    /// A signalfd (format 1.2; state [`FdState::SignalFd`]).
-    SignalFd = 8,
-    /// A socket (format 1.2; state [`FdState::Socket`]).
-    Socket = 9,
-    /// An inotify instance (format 1.2; state [`FdState::Inotify`]).
-    Inotify = 10,
-    /// A memfd (format 1.2; state [`FdState::Memfd`], contents in
-    /// [`Manifest::shmem`](super::Manifest::shmem)).
-    Memfd = 11,
-    /// A pidfd (format 1.2; state [`FdState::Pidfd`]).
-    Pidfd = 12,
-}
-
-impl TryFrom<u16> for FdKind {
-    type Error = u16;
-    fn try_from(v: u16) -> Result<Self, u16> {
-        Ok(match v {
-            1 => Self::File,
-            2 => Self::CharDevice,
-            3 => Self::Pipe,
-            4 => Self::Inherited,
-            5 => Self::Epoll,
-            6 => Self::EventFd,
-            7 => Self::TimerFd,
-            8 => Self::SignalFd,
-            9 => Self::Socket,
-            10 => Self::Inotify,
-            11 => Self::Memfd,
-            12 => Self::Pidfd,
-            other => return Err(other),
-        })
-    }
-}
 
 /// One open file descriptor.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! Kind-specific state of a descriptor (kinds 5 to 12, format 1.2): epoll
+//! The kinds of descriptor ([`FdKind`]) and the state of each (kinds 5
+//! to 12, format 1.2): epoll
 //! sets, eventfd counters, timerfd timers, signalfd masks, sockets
 //! ([`socket`](super::socket)), inotify watches, memfds and pidfds.
 //!
@@ -7,7 +8,7 @@
 //! reads it by the section's kind; 1.2 and 1.3 wrapped it in a tag and a
 //! length ([`legacy`](super::legacy)).
 
-use super::{socket::SocketInfo, FdKind};
+use super::socket::SocketInfo;
 use crate::codec::{Dec, DecErr, Enc};
 
 /// Most registrations of one epoll set.
@@ -19,6 +20,63 @@ const WATCH_PATH_CAP: usize = 4096;
 /// Most elements reserved ahead of reading them (a count is only trusted as
 /// far as the bytes that follow it go).
 const RESERVE_CAP: usize = 4096;
+
+/// What an open file descriptor refers to. On disk as a `u16`; `0` is invalid.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FdKind {
+    /// Not a kind; decoding it is an error.
+    #[default]
+    Invalid = 0,
+    /// A regular file or directory, reopened by path and checked by identity.
+    File = 1,
+    /// A character device (`/dev/null`, a terminal), reopened by path.
+    CharDevice = 2,
+    /// One end of a pipe whose both ends the process holds; recreated with
+    /// its buffered bytes.
+    Pipe = 3,
+    /// Connected to the outside (a pipe end whose other end is elsewhere):
+    /// the restorer passes its own descriptor of the same number.
+    Inherited = 4,
+    /// An epoll set (format 1.2; state [`FdState::Epoll`]).
+    Epoll = 5,
+    /// An eventfd (format 1.2; state [`FdState::EventFd`]).
+    EventFd = 6,
+    /// A timerfd (format 1.2; state [`FdState::TimerFd`]).
+    TimerFd = 7,
+    /// A signalfd (format 1.2; state [`FdState::SignalFd`]).
+    SignalFd = 8,
+    /// A socket (format 1.2; state [`FdState::Socket`]).
+    Socket = 9,
+    /// An inotify instance (format 1.2; state [`FdState::Inotify`]).
+    Inotify = 10,
+    /// A memfd (format 1.2; state [`FdState::Memfd`], contents in
+    /// [`Manifest::shmem`](crate::Manifest::shmem)).
+    Memfd = 11,
+    /// A pidfd (format 1.2; state [`FdState::Pidfd`]).
+    Pidfd = 12,
+}
+
+impl TryFrom<u16> for FdKind {
+    type Error = u16;
+    fn try_from(v: u16) -> Result<Self, u16> {
+        Ok(match v {
+            1 => Self::File,
+            2 => Self::CharDevice,
+            3 => Self::Pipe,
+            4 => Self::Inherited,
+            5 => Self::Epoll,
+            6 => Self::EventFd,
+            7 => Self::TimerFd,
+            8 => Self::SignalFd,
+            9 => Self::Socket,
+            10 => Self::Inotify,
+            11 => Self::Memfd,
+            12 => Self::Pidfd,
+            other => return Err(other),
+        })
+    }
+}
 
 /// One watch of an inotify instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
