@@ -95,8 +95,26 @@ pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
         let mut frozen: Vec<Frozen> = Vec::new();
         let mut start_times = Vec::new();
         for &pid in &pids {
-            let st = stat(pid)?;
+            let st = match proc::stat(pid) {
+                Ok(st) => st,
+                // The root gone (or never there): say so as the freezer would.
+                Err(e) if pid == root && e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(DumpError::Trace {
+                        pid,
+                        source: cr_ebpf_tracee::TraceError::NoSuchProcess { pid },
+                    })
+                }
+                Err(e) => return Err(proc_err(pid, format!("/proc/{pid}/stat"))(e)),
+            };
             let zombie = st.state == 'Z';
+            if zombie && pid == root {
+                return Err(DumpError::NotSupported {
+                    pid,
+                    what: "a zombie (it has exited and its parent has not reaped it): \
+                           nothing is left to checkpoint"
+                        .into(),
+                });
+            }
             if !zombie {
                 frozen
                     .push(Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?);

@@ -223,6 +223,29 @@ fn dump_of_a_missing_pid_is_a_clear_error() {
     assert!(!s.0.join("img").exists(), "no image left behind");
 }
 
+#[test]
+fn dump_of_a_zombie_is_refused_and_leaves_nothing() {
+    if !cr_ebpf_perf::privileged("dump_of_a_zombie_is_refused_and_leaves_nothing") {
+        return;
+    }
+    let s = Scratch::new("rt-zombie");
+    let mut child = std::process::Command::new("/bin/true").spawn().unwrap();
+    let pid = child.id() as i32;
+    // Not reaped yet: a zombie once it has exited.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .contains(") Z ")
+    {
+        assert!(Instant::now() < deadline, "the child never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = dump(pid, &s.0.join("img"), &DumpOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("a zombie"), "{err}");
+    assert!(!s.0.join("img").exists(), "no image left behind");
+    child.wait().unwrap();
+}
+
 const MTWORK: &str = env!("CARGO_BIN_EXE_mtwork");
 
 fn tids(pid: i32) -> Vec<i32> {
