@@ -542,3 +542,40 @@ time.sleep(60)
     let _ = std::fs::remove_file(&shm);
     assert_eq!(out, "ok");
 }
+
+/// A process with a directory open (and as its cwd) restores after files
+/// came and went in that directory: a directory is checked for being the
+/// same directory, not for its size or time.
+#[test]
+fn a_directory_that_gained_files_since_the_checkpoint_restores() {
+    if !cr_ebpf_perf::privileged("a_directory_that_gained_files_since_the_checkpoint_restores") {
+        return;
+    }
+    let scratch = Scratch::new("fdk-dir");
+    let dir = scratch.0.join("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("old"), b"x").unwrap();
+    let script = r#"
+import os, sys, time
+ctl, d = sys.argv[1], sys.argv[2]
+fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+os.chdir(d)
+open(os.path.join(ctl, 'ready'), 'w').close()
+while not os.path.exists(os.path.join(ctl, 'check')):
+    time.sleep(0.02)
+bad = []
+if os.fstat(fd).st_ino != os.stat(d).st_ino: bad.append('another directory')
+if sorted(os.listdir(fd)) != ['new', 'sub']: bad.append('listing %r' % sorted(os.listdir(fd)))
+if os.getcwd() != d: bad.append('cwd')
+with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
+    f.write('ok' if not bad else ' '.join(bad))
+os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
+time.sleep(60)
+"#;
+    let out = python_round_trip(&scratch, script, &[&dir], |_, _| {
+        std::fs::remove_file(dir.join("old")).unwrap();
+        std::fs::write(dir.join("new"), b"y").unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+    });
+    assert_eq!(out, "ok");
+}

@@ -56,19 +56,31 @@ impl Descriptor for File {
         let mtime = meta.mtime() as u64 * 1_000_000_000 + meta.mtime_nsec() as u64;
         // A file the process only reads must be unchanged; one it may write
         // (a log, often shared with other writers) must be the same file, but
-        // its size and time legitimately move on.
+        // its size and time legitimately move on. A directory (the cwd most
+        // programs hold open) changes whenever a file in it comes or goes:
+        // it must be the same directory (device and inode), nothing more.
         let writable = f.flags as i32 & libc::O_ACCMODE != libc::O_RDONLY;
-        let changed =
-            meta.ino() != f.inode || (!writable && (meta.size() != f.size || mtime != f.mtime_ns));
+        let same = meta.ino() == f.inode && (f.dev == 0 || meta.dev() == f.dev);
+        let changed = !same
+            || (!writable && !meta.is_dir() && (meta.size() != f.size || mtime != f.mtime_ns));
         if changed {
             return Err(RestoreError::File {
                 path: f.path.clone(),
-                what: format!(
-                    "(open on fd {}) changed since the checkpoint (inode, size or \
-                     modification time differ): restoring would hand the process a \
-                     different file",
-                    f.fd
-                ),
+                what: if meta.is_dir() {
+                    format!(
+                        "(a directory open on fd {}) was replaced since the checkpoint \
+                         (device or inode differ): restoring would hand the process \
+                         another directory",
+                        f.fd
+                    )
+                } else {
+                    format!(
+                        "(open on fd {}) changed since the checkpoint (inode, size or \
+                         modification time differ): restoring would hand the process a \
+                         different file",
+                        f.fd
+                    )
+                },
             });
         }
         Ok(())
@@ -157,5 +169,25 @@ mod tests {
         let rec = testing::restore(&testing::manifest(vec![info]));
         assert!(rec.calls("lseek").is_empty());
         assert_eq!(rec.string(rec.calls("openat")[0][1]), "/dev/null");
+    }
+
+    #[test]
+    fn a_directory_is_checked_for_identity_not_for_its_contents() {
+        let dir = testing::scratch("dir");
+        let d = std::fs::File::open(&*dir).unwrap();
+        let info = testing::save_own(d.as_raw_fd());
+        assert_eq!(info.kind, FdKind::File);
+        let m = testing::manifest(vec![info.clone()]);
+        // Files come and go in it: still the same directory.
+        std::fs::write(dir.join("new"), b"x").unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        File.preflight(&m, &info).expect("a directory that gained files");
+        // Replaced by another directory at the same path: refused.
+        let other = testing::scratch("dir-other");
+        std::fs::remove_dir_all(&*dir).unwrap();
+        std::fs::rename(&*other, &*dir).unwrap();
+        let err = File.preflight(&m, &info).unwrap_err();
+        assert!(err.to_string().contains("a directory open on fd"), "{err}");
+        drop(other);
     }
 }
