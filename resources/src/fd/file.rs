@@ -181,7 +181,8 @@ mod tests {
         // Files come and go in it: still the same directory.
         std::fs::write(dir.join("new"), b"x").unwrap();
         std::fs::create_dir(dir.join("sub")).unwrap();
-        File.preflight(&m, &info).expect("a directory that gained files");
+        File.preflight(&m, &info)
+            .expect("a directory that gained files");
         // Replaced by another directory at the same path: refused.
         let other = testing::scratch("dir-other");
         std::fs::remove_dir_all(&*dir).unwrap();
