@@ -101,6 +101,7 @@ pub(crate) fn collect(
         changes,
         &mut queries,
     )?;
+    let together: Vec<i32> = tree.as_ref().map_or(vec![pid], |t| t.pids.clone());
     let shmem = crate::shmem::capture(pid, &entries, &fds, tree.map(|t| &mut t.shmem_taken))?;
     // Process-wide state, each kind from its own file.
     let mut info = ProcessInfo {
@@ -120,6 +121,7 @@ pub(crate) fn collect(
     };
     let mut cx = process::SaveCx {
         pid,
+        together: &together,
         ask: &ask,
         known: prev.filter(|_| !changes.unknown),
         changes,

@@ -160,7 +160,6 @@ fn dump_inspect_restore_from_the_command_line() {
     if !privileged("dump_inspect_restore_from_the_command_line") {
         return;
     }
-    use std::os::unix::process::CommandExt as _;
     let dir = std::env::temp_dir().join(format!("cr-ebpf-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -170,13 +169,7 @@ fn dump_inspect_restore_from_the_command_line() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: close_range is async-signal-safe (drops the harness's own fds).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    cr_ebpf_perf::workload(&mut cmd);
     let mut sleeper = cmd.spawn().unwrap();
     let pid = sleeper.id();
     std::thread::sleep(Duration::from_millis(200));
@@ -206,7 +199,7 @@ fn dump_inspect_restore_from_the_command_line() {
     assert!(out.status.success());
     let image: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(image["pid"], pid);
-    assert_eq!(image["format"], "1.4");
+    assert_eq!(image["format"], "1.5");
     assert!(image["mappings"]
         .as_array()
         .unwrap()

@@ -63,6 +63,8 @@ fn manifest() -> Manifest {
             monotonic_ns: 123_456_789_000,
             boottime_ns: 123_999_000_000,
             boot_id: "5c3f0e61-1d5e-4a8e-9b0b-7d1f2d6f9b11".into(),
+            sid: 4242,
+            pgid: 4242,
             posix_timers: vec![cr_ebpf_image::PosixTimer {
                 id: 2,
                 clockid: 7,
@@ -506,8 +508,8 @@ fn shared_memory_stored_elsewhere_round_trips_and_holds_no_contents() {
 }
 
 #[test]
-fn a_header_claiming_minor_5_is_refused_naming_the_version() {
-    let d = tempdir("minor5");
+fn a_header_claiming_a_newer_minor_is_refused_naming_the_version() {
+    let d = tempdir("minor6");
     write_image(&d);
     let p = d.join(MANIFEST_FILE);
     let mut b = std::fs::read(&p).unwrap();
@@ -516,8 +518,8 @@ fn a_header_claiming_minor_5_is_refused_naming_the_version() {
         cr_ebpf_image::FORMAT_MINOR.to_le_bytes(),
         "written in the current format"
     );
-    assert_eq!(cr_ebpf_image::FORMAT_MINOR, 4);
-    b[10..12].copy_from_slice(&5u16.to_le_bytes());
+    assert_eq!(cr_ebpf_image::FORMAT_MINOR, 5);
+    b[10..12].copy_from_slice(&6u16.to_le_bytes());
     let crc = crc32(&b[0..28]);
     b[28..32].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&p, b).unwrap();
@@ -527,7 +529,7 @@ fn a_header_claiming_minor_5_is_refused_naming_the_version() {
             e,
             ImageError::Version {
                 major: 1,
-                minor: 5,
+                minor: 6,
                 ..
             }
         ),
@@ -535,7 +537,7 @@ fn a_header_claiming_minor_5_is_refused_naming_the_version() {
     );
     let e = e.to_string();
     assert!(
-        e.contains("image format 1.5 is not readable") && e.contains("reads 1.0 to 1.4"),
+        e.contains("image format 1.6 is not readable") && e.contains("reads 1.0 to 1.5"),
         "{e}"
     );
 }

@@ -155,19 +155,46 @@ impl Pattern {
     }
 }
 
-/// Spawns a workload with no descriptors but 0, 1, 2: the test harness
-/// leaks its own (cargo's jobserver pipe), which a checkpoint would rightly
-/// refuse as a pipe to the outside.
-pub fn spawn_clean(cmd: &mut std::process::Command) -> std::process::Child {
+/// In a child between fork and exec (async-signal-safe calls only): a
+/// session of its own, so no controlling terminal, and any of stdin,
+/// stdout and stderr that is a terminal pointed at `/dev/null` instead. A
+/// checkpoint refuses a terminal (it is not restored): a workload started
+/// from an interactive shell must not hold one.
+pub fn leave_terminal() -> std::io::Result<()> {
+    // SAFETY: setsid, isatty, open and dup2 are async-signal-safe.
+    unsafe {
+        libc::setsid();
+        for fd in 0..=2 {
+            if libc::isatty(fd) == 1 {
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null < 0 || libc::dup2(null, fd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(null);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `cmd` made a checkpointable workload: off the terminal
+/// ([`leave_terminal`]) and with no descriptors but 0, 1, 2 (shells and
+/// harnesses leak their own, pipes to the outside a checkpoint rightly
+/// refuses).
+pub fn workload(cmd: &mut std::process::Command) -> &mut std::process::Command {
     use std::os::unix::process::CommandExt as _;
-    // SAFETY: close_range is async-signal-safe; runs between fork and exec.
+    // SAFETY: close_range and leave_terminal are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
+            leave_terminal()
+        })
     }
-    cmd.spawn().expect("start the workload")
+}
+
+/// Starts `cmd` as a checkpointable [`workload`].
+pub fn spawn_clean(cmd: &mut std::process::Command) -> std::process::Child {
+    workload(cmd).spawn().expect("start the workload")
 }
 
 /// Kills `pid` and reaps it if it is our child.

@@ -25,18 +25,11 @@ struct Writer {
 
 impl Writer {
     fn spawn() -> Self {
-        use std::os::unix::process::CommandExt as _;
         let mut cmd = Command::new(PAGEWRITER);
         cmd.arg(PAGES.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
-        // SAFETY: close_range is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
+        cr_ebpf_perf::workload(&mut cmd);
         let mut child = cmd.spawn().unwrap();
         let pid = child.id() as i32;
         let input = child.stdin.take().unwrap();

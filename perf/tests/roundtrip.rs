@@ -345,7 +345,7 @@ fn an_unsupported_descriptor_fails_the_dump_and_leaves_the_process_running() {
                 return Err(std::io::Error::last_os_error());
             }
             libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
-            Ok(())
+            cr_ebpf_perf::leave_terminal()
         });
     }
     let mut w = cmd.spawn().expect("start ticker");

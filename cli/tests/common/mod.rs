@@ -19,18 +19,12 @@ pub fn root(test: &str) -> bool {
     false
 }
 
-/// `program` with no descriptors but 0, 1, 2 (the harness leaks its own,
-/// which a checkpoint rightly refuses as pipes to the outside).
+/// `program` as a checkpointable workload: no descriptors but 0, 1, 2
+/// (the harness leaks its own, which a checkpoint rightly refuses as pipes
+/// to the outside), off the terminal.
 pub fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    use std::os::unix::process::CommandExt as _;
     let mut cmd = Command::new(program);
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    cr_ebpf_perf::workload(&mut cmd);
     cmd
 }
 

@@ -57,6 +57,12 @@ pub struct ProcessInfo {
     pub boottime_ns: u64,
     /// The kernel's boot id when the process was frozen (format 1.2).
     pub boot_id: String,
+    /// Format 1.5: its session and process group (0: not recorded, older
+    /// images). A restore makes the process lead them again when it led
+    /// them.
+    pub sid: i32,
+    /// Its process group (format 1.5; see `sid`).
+    pub pgid: i32,
 }
 
 /// One signal disposition, as the kernel's `struct sigaction` for `rt_sigaction`.
@@ -113,6 +119,8 @@ impl ProcessInfo {
         b.u64(self.monotonic_ns);
         b.u64(self.boottime_ns);
         b.str(&self.boot_id);
+        b.i32(self.sid);
+        b.i32(self.pgid);
     }
 
     /// Reads a PROCESS section's body; `posix_timers` is left empty.
@@ -153,6 +161,12 @@ impl ProcessInfo {
         } else {
             (b.u64()?, b.u64()?, b.str(BOOT_ID_CAP, "boot id")?)
         };
+        // Format 1.5 appends the session and process group.
+        let (sid, pgid) = if b.done() {
+            (0, 0)
+        } else {
+            (b.i32()?, b.i32()?)
+        };
         Ok(Self {
             pid,
             exe,
@@ -172,6 +186,8 @@ impl ProcessInfo {
             monotonic_ns,
             boottime_ns,
             boot_id,
+            sid,
+            pgid,
         })
     }
 }
@@ -231,6 +247,8 @@ mod tests {
             monotonic_ns: 11,
             boottime_ns: 12,
             boot_id: "boot".into(),
+            sid: 42,
+            pgid: 40,
         }
     }
 
@@ -249,12 +267,23 @@ mod tests {
         let p = sample();
         let mut e = Enc::default();
         p.encode(&mut e);
-        // 1.1 ends after the credentials: u64, u64 and str "boot" cut off.
-        let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4)];
+        // 1.1 ends after the credentials: u64, u64, str "boot", i32, i32 cut off.
+        let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4 + 4 + 4)];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!((back.monotonic_ns, back.boottime_ns), (0, 0));
         assert_eq!(back.boot_id, "");
         assert_eq!(back.creds, p.creds);
+    }
+
+    #[test]
+    fn a_process_of_format_1_4_has_no_session() {
+        let p = sample();
+        let mut e = Enc::default();
+        p.encode(&mut e);
+        let old = &e.buf[..e.buf.len() - 8];
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        assert_eq!((back.sid, back.pgid), (0, 0));
+        assert_eq!(back.boot_id, "boot");
     }
 
     #[test]

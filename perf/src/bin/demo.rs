@@ -81,19 +81,11 @@ fn run(cr: &Path, counter: &Path, images: &Path) -> Result<()> {
     );
     let mut cmd = Command::new(counter);
     cmd.arg("200").stdout(Stdio::piped());
-    // Only stdin, stdout, stderr: whatever else this shell or harness left
-    // open (a build jobserver, say) would be a pipe to the outside, which a
-    // checkpoint rightly refuses.
-    {
-        use std::os::unix::process::CommandExt as _;
-        // SAFETY: close_range is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
-    }
+    // Only stdin, stdout, stderr, and off the terminal: whatever else this
+    // shell or harness left open (a build jobserver, say) would be a pipe to
+    // the outside, and a terminal is not restored: a checkpoint rightly
+    // refuses both.
+    cr_ebpf_perf::workload(&mut cmd);
     let mut work = cmd.spawn().context("starting the counter workload")?;
     let pid = work.id();
     let ticks = lines_of(&mut work)?;

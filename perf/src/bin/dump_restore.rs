@@ -42,20 +42,13 @@ fn disk_rate(dir: &Path, bytes: usize) -> Result<f64> {
 }
 
 fn start(ticker: &Path, log: &Path, mib: usize, compressible: bool) -> Result<Child> {
-    use std::os::unix::process::CommandExt as _;
     let mut cmd = Command::new(ticker);
     // One tick a minute: the workload sits still while it is measured.
     cmd.arg(log).arg(mib.to_string()).arg("60000");
     if compressible {
         cmd.arg("compressible");
     }
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    cr_ebpf_perf::workload(&mut cmd);
     let child = cmd.spawn().context("starting ticker")?;
     let t = Instant::now();
     while std::fs::metadata(log).map(|m| m.len()).unwrap_or(0) == 0 {

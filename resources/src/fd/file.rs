@@ -12,6 +12,13 @@ use crate::{RestoreError, SaveError};
 /// Files, directories (kind `File`) and character devices (`CharDevice`).
 pub struct File;
 
+/// Whether character devices of `major` are terminals: virtual consoles and
+/// serial lines (4), `/dev/tty`, `/dev/console`, `/dev/ptmx` (5), pseudo
+/// terminals (136-143).
+fn is_terminal(major: u32) -> bool {
+    matches!(major, 4 | 5 | 136..=143)
+}
+
 impl Descriptor for File {
     fn kinds(&self) -> &'static [FdKind] {
         &[FdKind::File, FdKind::CharDevice]
@@ -31,7 +38,22 @@ impl Descriptor for File {
                     seen.meta.mtime() as u64 * 1_000_000_000 + seen.meta.mtime_nsec() as u64;
                 Some(Ok(info))
             }
-            libc::S_IFCHR => Some(Ok(seen.info(FdKind::CharDevice))),
+            libc::S_IFCHR => {
+                let major = libc::major(seen.meta.rdev());
+                if is_terminal(major) {
+                    return Some(Err(cx.refuse(
+                        seen.fd,
+                        format!(
+                            "a terminal ({}, device {major}:{}): terminals are not restored yet, \
+                             and reopening it by path could attach the process to another \
+                             session's terminal",
+                            seen.link,
+                            libc::minor(seen.meta.rdev())
+                        ),
+                    )));
+                }
+                Some(Ok(seen.info(FdKind::CharDevice)))
+            }
             _ => None,
         }
     }
@@ -159,6 +181,23 @@ mod tests {
         std::fs::write(dir.join("new"), b"0123456789").unwrap();
         std::fs::rename(dir.join("new"), &path).unwrap();
         assert!(File.preflight(&m, &info).is_err());
+    }
+
+    #[test]
+    fn a_terminal_is_refused() {
+        assert!(is_terminal(136) && is_terminal(5) && is_terminal(4));
+        assert!(!is_terminal(1), "/dev/null, /dev/zero are memory devices");
+        // SAFETY: a new pseudo-terminal master of ours.
+        let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        assert!(fd >= 0);
+        let mut owner = testing::SaveOwner::new();
+        let err = File
+            .save(&mut owner.cx(), &testing::seen(fd))
+            .expect("claimed")
+            .unwrap_err();
+        assert!(err.to_string().contains("a terminal (/dev/ptmx"), "{err}");
+        // SAFETY: ours.
+        unsafe { libc::close(fd) };
     }
 
     #[test]

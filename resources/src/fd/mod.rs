@@ -19,6 +19,7 @@ pub mod eventfd;
 pub mod file;
 pub mod inherited;
 pub mod inotify;
+pub mod locks;
 pub mod memfd;
 pub mod pidfd;
 pub mod pipe;
@@ -229,6 +230,8 @@ pub struct TreeScope {
     pub shmem_taken: HashSet<u64>,
     /// Whether the scope covers a whole tree (else one process).
     in_tree: bool,
+    /// The processes of the scope.
+    pub pids: Vec<i32>,
 }
 
 impl TreeScope {
@@ -236,6 +239,7 @@ impl TreeScope {
     pub fn new(pids: &[i32]) -> Self {
         let mut scope = Self {
             in_tree: true,
+            pids: pids.to_vec(),
             ..Self::default()
         };
         for &pid in pids {
@@ -371,6 +375,7 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
     };
     let mut out = Vec::with_capacity(seen.len());
     for s in &seen {
+        locks::refuse_held(&cx, s)?;
         let saved = KINDS.iter().find_map(|k| k.save(&mut cx, s));
         out.push(match saved {
             Some(r) => r?,

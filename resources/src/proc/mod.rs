@@ -32,6 +32,9 @@ pub struct Stat {
     pub ppid: i32,
     pub pgid: i32,
     pub sid: i32,
+    /// The controlling terminal (`major << 8 | minor` in the kernel's
+    /// encoding), 0 for none.
+    pub tty_nr: i32,
     /// Start time after boot, in clock ticks: with the pid, it tells a
     /// process from a later one that got the same pid.
     pub start_time: u64,
@@ -59,6 +62,7 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
         ppid: num(4) as i32,
         pgid: num(5) as i32,
         sid: num(6) as i32,
+        tty_nr: num(7) as i32,
         start_time: u(22),
         mm: [
             u(26),
@@ -104,6 +108,11 @@ impl Status {
     /// `/proc/PID/task/TID/status`.
     pub fn of_thread(pid: i32, tid: i32) -> io::Result<Self> {
         std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).map(Self)
+    }
+
+    /// A status read some other way.
+    pub fn from_text(text: String) -> Self {
+        Self(text)
     }
 
     /// The value of field `key` (`"Umask"`), trimmed.

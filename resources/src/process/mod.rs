@@ -9,12 +9,17 @@
 //! by the engines; its kind is in the registry for the syscalls that
 //! invalidate it.
 
+pub mod cgroup;
 pub mod itimers;
 pub mod mm;
+pub mod namespaces;
 pub mod pending;
 pub mod posix_timers;
+pub mod security;
+pub mod session;
 pub mod settings;
 pub mod sigactions;
+pub mod terminal;
 pub mod threads;
 
 use cr_ebpf_image::{Manifest, ProcessInfo};
@@ -23,6 +28,11 @@ use crate::{sys::Sys, RestoreError, SaveError};
 
 /// Every process-wide kind, in restore order within each phase.
 pub static KINDS: &[&dyn ProcessKind] = &[
+    &namespaces::Namespaces,
+    &cgroup::Cgroups,
+    &security::Security,
+    &terminal::Terminal,
+    &session::Session,
     &mm::Mm,
     &settings::Settings,
     &sigactions::SigActions,
@@ -106,6 +116,8 @@ pub struct SaveCx<'a> {
     pub queries: &'a mut Queries,
     /// The end of `[heap]` (the program break), if there is a heap.
     pub brk: Option<u64>,
+    /// The processes checkpointed together with it (itself included).
+    pub together: &'a [i32],
 }
 
 impl SaveCx<'_> {
@@ -131,18 +143,45 @@ pub(crate) mod testing {
         prev: Option<&Manifest>,
         changes: &Changes,
     ) -> (ProcessInfo, Queries) {
+        let me = std::process::id() as i32;
+        // The test runs in the harness's session: as if checkpointed with it.
+        let st = crate::proc::stat(me).unwrap();
+        let together = [me, st.sid, st.pgid];
         let mut queries = Queries::default();
         let mut p = ProcessInfo::default();
         let mut cx = SaveCx {
-            pid: std::process::id() as i32,
+            pid: me,
             ask,
             known: prev.filter(|_| !changes.unknown),
             changes,
             queries: &mut queries,
             brk: None,
+            together: &together,
         };
         kind.save(&mut cx, &mut p).unwrap();
         (p, queries)
+    }
+
+    /// `kind` saved from `ask` for the test process checkpointed together
+    /// with `together`.
+    pub fn try_save_with(
+        kind: &dyn ProcessKind,
+        ask: &dyn crate::sys::ask::Ask,
+        together: &[i32],
+    ) -> Result<ProcessInfo, SaveError> {
+        let changes = Changes::all();
+        let mut queries = Queries::default();
+        let mut p = ProcessInfo::default();
+        let mut cx = SaveCx {
+            pid: std::process::id() as i32,
+            ask,
+            known: None,
+            changes: &changes,
+            queries: &mut queries,
+            brk: None,
+            together,
+        };
+        kind.save(&mut cx, &mut p).map(|()| p)
     }
 }
 
