@@ -1,0 +1,158 @@
+//! Refuse, never lose: state a process can see that an image does not carry
+//! is refused at checkpoint time, naming it, while the process keeps
+//! running untouched (not stopped, not traced, no image published); and
+//! what is carried comes back (a session leader leads its session again).
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_checkpoint::{dump, DumpOptions};
+use cr_ebpf_perf::{spawn_clean, KillOnDrop, Scratch};
+use cr_ebpf_restore::{restore, RestoreOptions};
+
+/// Starts the python3 `script` (its first argument a control directory)
+/// and waits for it to write `CTL/ready`.
+fn start(s: &Scratch, script: &str, prefix: &[&str]) -> (std::process::Child, i32) {
+    let ctl = s.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut cmd = Command::new(prefix.first().copied().unwrap_or("python3"));
+    cmd.args(prefix.iter().skip(1));
+    if !prefix.is_empty() {
+        cmd.arg("python3");
+    }
+    cmd.args(["-c", script])
+        .arg(&ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let child = spawn_clean(&mut cmd);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctl.join("ready").exists() {
+        assert!(Instant::now() < deadline, "the workload did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The python process itself: the child, or the child of `unshare`.
+    let pid = python_pid(child.id() as i32);
+    (child, pid)
+}
+
+fn python_pid(pid: i32) -> i32 {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    if exe.to_string_lossy().contains("python") {
+        return pid;
+    }
+    let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    kids.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn stat_field(pid: i32, n: usize) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(n - 3).unwrap().to_string()
+}
+
+/// Dumps `pid`, which must be refused with `want` in the message, and
+/// checks the process runs on untouched.
+fn refused(s: &Scratch, pid: i32, want: &str) {
+    let img = s.0.join("img");
+    let err = dump(pid, &img, &DumpOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("not supported") && msg.contains(want), "{msg}");
+    assert!(!img.exists(), "no image published");
+    let state = stat_field(pid, 3);
+    assert!(state == "S" || state == "R", "state {state}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("TracerPid:\t0\n"), "not traced any more");
+}
+
+const SLEEPER: &str = r#"
+import os, sys, time
+ctl = sys.argv[1]
+SETUP
+open(os.path.join(ctl, 'ready'), 'w').close()
+time.sleep(120)
+"#;
+
+fn script(setup: &str) -> String {
+    SLEEPER.replace("SETUP", setup)
+}
+
+#[test]
+fn namespaces_of_its_own_are_refused_naming_the_kind() {
+    if !cr_ebpf_perf::privileged("namespaces_of_its_own_are_refused_naming_the_kind") {
+        return;
+    }
+    for (flag, want) in [
+        ("--uts", "UTS (hostname) namespace"),
+        ("--ipc", "IPC namespace"),
+        ("--net", "network namespace"),
+    ] {
+        let s = Scratch::new("ref-ns");
+        let (mut child, pid) = start(&s, &script(""), &["unshare", flag]);
+        let _k = KillOnDrop(child.id() as i32);
+        let _k2 = KillOnDrop(pid);
+        refused(&s, pid, want);
+        let _ = child.kill();
+    }
+}
+
+#[test]
+fn file_locks_of_each_kind_are_refused() {
+    if !cr_ebpf_perf::privileged("file_locks_of_each_kind_are_refused") {
+        return;
+    }
+    for (setup, want) in [
+        ("import fcntl\nf = open(os.path.join(ctl, 'l'), 'w')\nfcntl.flock(f, fcntl.LOCK_EX)", "FLOCK write lock"),
+        ("import fcntl\nf = open(os.path.join(ctl, 'l'), 'w')\nfcntl.lockf(f, fcntl.LOCK_EX, 10, 5)", "POSIX write lock"),
+        (
+            "import fcntl, struct\nfd = os.open(os.path.join(ctl, 'l'), os.O_RDWR | os.O_CREAT)\nfcntl.fcntl(fd, 37, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0) + bytes(4))",
+            "OFDLCK read lock",
+        ),
+    ] {
+        let s = Scratch::new("ref-lock");
+        let (mut child, pid) = start(&s, &script(setup), &[]);
+        let _k = KillOnDrop(pid);
+        refused(&s, pid, want);
+        let _ = child.kill();
+    }
+}
+
+#[test]
+fn a_terminal_and_a_controlling_terminal_are_refused() {
+    if !cr_ebpf_perf::privileged("a_terminal_and_a_controlling_terminal_are_refused") {
+        return;
+    }
+    // A pty whose slave becomes the controlling terminal of the process.
+    let setup =
+        "import pty, fcntl, termios\nm, sl = pty.openpty()\nfcntl.ioctl(sl, termios.TIOCSCTTY, 0)";
+    let s = Scratch::new("ref-tty");
+    let (mut child, pid) = start(&s, &script(setup), &[]);
+    let _k = KillOnDrop(pid);
+    assert_ne!(stat_field(pid, 7), "0", "it has a controlling terminal");
+    refused(&s, pid, "terminal");
+    let _ = child.kill();
+}
+
+#[test]
+fn a_session_leader_restores_as_the_leader_of_its_session() {
+    if !cr_ebpf_perf::privileged("a_session_leader_restores_as_the_leader_of_its_session") {
+        return;
+    }
+    let s = Scratch::new("ref-sid");
+    let (mut child, pid) = start(&s, &script(""), &[]);
+    let guard = KillOnDrop(pid);
+    // Started in a session of its own (as a daemon would be).
+    assert_eq!(stat_field(pid, 6), pid.to_string());
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let m = cr_ebpf_image::Manifest::read(&img).unwrap();
+    assert_eq!((m.process.sid, m.process.pgid), (pid, pid));
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    assert_eq!(r.pid, pid);
+    assert_eq!(stat_field(pid, 6), pid.to_string(), "session");
+    assert_eq!(stat_field(pid, 5), pid.to_string(), "process group");
+}
