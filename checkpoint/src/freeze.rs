@@ -88,58 +88,14 @@ impl FrozenTree {
 /// A process forked while the tree was being stopped would be missed: then
 /// everything is let go and stopping starts again (a few times).
 pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
-    const TRIES: usize = 5;
-    for _ in 0..TRIES {
-        let pids = processes(root);
-        let mut tree = Tree::default();
-        let mut frozen: Vec<Frozen> = Vec::new();
-        let mut start_times = Vec::new();
-        for &pid in &pids {
-            let st = match proc::stat(pid) {
-                Ok(st) => st,
-                // The root gone (or never there): say so as the freezer would.
-                Err(e) if pid == root && e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(DumpError::Trace {
-                        pid,
-                        source: cr_ebpf_tracee::TraceError::NoSuchProcess { pid },
-                    })
-                }
-                Err(e) => return Err(proc_err(pid, format!("/proc/{pid}/stat"))(e)),
-            };
-            let zombie = st.state == 'Z';
-            if zombie && pid == root {
-                return Err(DumpError::NotSupported {
-                    pid,
-                    what: "a zombie (it has exited and its parent has not reaped it): \
-                           nothing is left to checkpoint"
-                        .into(),
-                });
-            }
-            if !zombie {
-                frozen
-                    .push(Frozen::freeze(pid).map_err(|source| DumpError::Trace { pid, source })?);
-                start_times.push(st.start_time);
-            }
-            tree.processes.push(TreeProcess {
-                pid,
-                ppid: if pid == root { 0 } else { st.ppid },
-                pgid: st.pgid,
-                sid: st.sid,
-                zombie: zombie.then_some(st.exit_code),
-                dir: if zombie {
-                    String::new()
-                } else {
-                    format!("proc-{pid}")
-                },
-            });
-        }
-        // Nothing can fork any more; a child made meanwhile shows now.
-        if processes(root) == pids {
-            return Ok(FrozenTree {
-                tree,
-                frozen,
-                start_times,
-            });
+    const TRIES: u32 = 10;
+    for i in 0..TRIES {
+        match try_freeze(root)? {
+            Some(t) => return Ok(t),
+            // A process came or went meanwhile: everything let go (dropping
+            // the frozen ones resumes them), and again a little later (a
+            // shell starting a program forks and exits helpers for a while).
+            None => std::thread::sleep(std::time::Duration::from_millis((1 << i).min(50))),
         }
     }
     Err(DumpError::NotSupported {
@@ -161,4 +117,69 @@ fn thaw_all(all: Vec<Frozen>) -> Result<(), DumpError> {
         }
     }
     first.map_or(Ok(()), Err)
+}
+
+/// One attempt of [`freeze_tree`]: `None` when the tree changed while it
+/// was being stopped (a process forked, or one of the descendants exited).
+fn try_freeze(root: i32) -> Result<Option<FrozenTree>, DumpError> {
+    let pids = processes(root);
+    let mut tree = Tree::default();
+    let mut frozen: Vec<Frozen> = Vec::new();
+    let mut start_times = Vec::new();
+    for &pid in &pids {
+        let st = match proc::stat(pid) {
+            Ok(st) => st,
+            // The root gone (or never there): say so as the freezer would.
+            Err(e) if pid == root && e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DumpError::Trace {
+                    pid,
+                    source: cr_ebpf_tracee::TraceError::NoSuchProcess { pid },
+                })
+            }
+            // A descendant that exited since the tree was listed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(proc_err(pid, format!("/proc/{pid}/stat"))(e)),
+        };
+        let zombie = st.state == 'Z';
+        if zombie && pid == root {
+            return Err(DumpError::NotSupported {
+                pid,
+                what: "a zombie (it has exited and its parent has not reaped it): \
+                       nothing is left to checkpoint"
+                    .into(),
+            });
+        }
+        if !zombie {
+            match Frozen::freeze(pid) {
+                Ok(f) => frozen.push(f),
+                // It exited meanwhile.
+                Err(_) if pid != root && proc::stat(pid).ok().is_none_or(|s| s.state == 'Z') => {
+                    return Ok(None)
+                }
+                Err(source) => return Err(DumpError::Trace { pid, source }),
+            }
+            start_times.push(st.start_time);
+        }
+        tree.processes.push(TreeProcess {
+            pid,
+            ppid: if pid == root { 0 } else { st.ppid },
+            pgid: st.pgid,
+            sid: st.sid,
+            zombie: zombie.then_some(st.exit_code),
+            dir: if zombie {
+                String::new()
+            } else {
+                format!("proc-{pid}")
+            },
+        });
+    }
+    // Nothing can fork any more; a child made meanwhile shows now.
+    if processes(root) != pids {
+        return Ok(None);
+    }
+    Ok(Some(FrozenTree {
+        tree,
+        frozen,
+        start_times,
+    }))
 }

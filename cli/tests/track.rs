@@ -249,7 +249,13 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
     let _ = std::fs::remove_dir_all(&dir);
     // Waits without a child process (a child is a process tree, which
     // checkpoints refuse), then execs.
-    let mut cmd = clean("python3");
+    // Debian's python3 itself (a version manager's shim on PATH would fork
+    // helpers while the tracking starts).
+    let python = ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| !p.starts_with('/') || std::path::Path::new(p).exists())
+        .unwrap();
+    let mut cmd = clean(python);
     cmd.args([
         "-c",
         "import os,time\ntime.sleep(1)\nos.execv('/bin/sleep', ['sleep', '60'])",
