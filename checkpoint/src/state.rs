@@ -24,6 +24,8 @@ pub(crate) struct State {
     pub shmem: Vec<ShmemObject>,
     /// Duplicates of the established TCP connections (see [`crate::fds::Fds`]).
     pub tcp: Vec<(i32, std::os::fd::OwnedFd)>,
+    /// File locks held, each through one descriptor.
+    pub locks: Vec<cr_ebpf_image::FileLock>,
     pub pagemap: File,
     pub queries: Queries,
 }
@@ -88,7 +90,7 @@ pub(crate) fn collect(
     }
     // Descriptors first: an unsupported one fails before the long part.
     let mut tree = tree;
-    let crate::fds::Fds { fds, tcp } = crate::fds::collect(pid, tree.as_deref_mut())?;
+    let crate::fds::Fds { fds, tcp, locks } = crate::fds::collect(pid, tree.as_deref_mut())?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path))?;
 
@@ -139,6 +141,7 @@ pub(crate) fn collect(
         fds,
         shmem,
         tcp,
+        locks,
         pagemap,
         queries,
     })
@@ -180,6 +183,7 @@ impl State {
             fds: self.fds.clone(),
             chain,
             shmem: self.shmem.clone(),
+            locks: self.locks.clone(),
         }
     }
 }

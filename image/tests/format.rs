@@ -125,6 +125,7 @@ fn manifest() -> Manifest {
             data: vec![(4096, b"world".to_vec())],
             elsewhere: false,
         }],
+        locks: Vec::new(),
         chain: Some(cr_ebpf_image::ChainInfo {
             id: "ckpt-000002".into(),
             parent: "ckpt-000001".into(),
@@ -509,7 +510,7 @@ fn shared_memory_stored_elsewhere_round_trips_and_holds_no_contents() {
 
 #[test]
 fn a_header_claiming_a_newer_minor_is_refused_naming_the_version() {
-    let d = tempdir("minor6");
+    let d = tempdir("minor7");
     write_image(&d);
     let p = d.join(MANIFEST_FILE);
     let mut b = std::fs::read(&p).unwrap();
@@ -518,8 +519,8 @@ fn a_header_claiming_a_newer_minor_is_refused_naming_the_version() {
         cr_ebpf_image::FORMAT_MINOR.to_le_bytes(),
         "written in the current format"
     );
-    assert_eq!(cr_ebpf_image::FORMAT_MINOR, 5);
-    b[10..12].copy_from_slice(&6u16.to_le_bytes());
+    assert_eq!(cr_ebpf_image::FORMAT_MINOR, 6);
+    b[10..12].copy_from_slice(&7u16.to_le_bytes());
     let crc = crc32(&b[0..28]);
     b[28..32].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&p, b).unwrap();
@@ -529,7 +530,7 @@ fn a_header_claiming_a_newer_minor_is_refused_naming_the_version() {
             e,
             ImageError::Version {
                 major: 1,
-                minor: 6,
+                minor: 7,
                 ..
             }
         ),
@@ -537,7 +538,7 @@ fn a_header_claiming_a_newer_minor_is_refused_naming_the_version() {
     );
     let e = e.to_string();
     assert!(
-        e.contains("image format 1.6 is not readable") && e.contains("reads 1.0 to 1.5"),
+        e.contains("image format 1.7 is not readable") && e.contains("reads 1.0 to 1.6"),
         "{e}"
     );
 }

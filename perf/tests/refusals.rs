@@ -97,24 +97,66 @@ fn namespaces_of_its_own_are_refused_naming_the_kind() {
     }
 }
 
+/// Whether the lock `op` (an `flock` operation, or an `fcntl` command with
+/// a `struct flock`) on `path` is refused to this process: someone holds it.
+fn blocked(path: &std::path::Path, what: &str) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let fd = f.as_raw_fd();
+    // SAFETY: locks on our own descriptor, with a struct of ours.
+    let r = unsafe {
+        match what {
+            "flock" => libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB),
+            cmd => {
+                let mut fl: libc::flock = std::mem::zeroed();
+                fl.l_type = libc::F_WRLCK as i16;
+                fl.l_whence = libc::SEEK_SET as i16;
+                fl.l_start = 12;
+                fl.l_len = 1;
+                let cmd = if cmd == "ofd" { 37 } else { libc::F_SETLK };
+                libc::fcntl(fd, cmd, &fl)
+            }
+        }
+    };
+    r != 0
+}
+
 #[test]
-fn file_locks_of_each_kind_are_refused() {
-    if !cr_ebpf_perf::privileged("file_locks_of_each_kind_are_refused") {
+fn file_locks_of_each_kind_are_held_again_after_a_restore() {
+    if !cr_ebpf_perf::privileged("file_locks_of_each_kind_are_held_again_after_a_restore") {
         return;
     }
-    for (setup, want) in [
-        ("import fcntl\nf = open(os.path.join(ctl, 'l'), 'w')\nfcntl.flock(f, fcntl.LOCK_EX)", "FLOCK write lock"),
-        ("import fcntl\nf = open(os.path.join(ctl, 'l'), 'w')\nfcntl.lockf(f, fcntl.LOCK_EX, 10, 5)", "POSIX write lock"),
-        (
-            "import fcntl, struct\nfd = os.open(os.path.join(ctl, 'l'), os.O_RDWR | os.O_CREAT)\nfcntl.fcntl(fd, 37, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 0, 0, 0) + bytes(4))",
-            "OFDLCK read lock",
-        ),
-    ] {
-        let s = Scratch::new("ref-lock");
-        let (mut child, pid) = start(&s, &script(setup), &[]);
-        let _k = KillOnDrop(pid);
-        refused(&s, pid, want);
-        let _ = child.kill();
+    let s = Scratch::new("ref-lock");
+    let setup = "import fcntl, struct\n\
+        a = open(os.path.join(ctl, 'flock'), 'w'); fcntl.flock(a, fcntl.LOCK_EX)\n\
+        b = open(os.path.join(ctl, 'posix'), 'w'); fcntl.lockf(b, fcntl.LOCK_EX, 10, 5)\n\
+        c = os.open(os.path.join(ctl, 'ofd'), os.O_RDWR | os.O_CREAT)\n\
+        fcntl.fcntl(c, 37, struct.pack('hhqqi', fcntl.F_WRLCK, 0, 0, 0, 0) + bytes(4))";
+    let (mut child, pid) = start(&s, &script(setup), &[]);
+    let guard = KillOnDrop(pid);
+    let ctl = s.0.join("ctl");
+    for what in ["flock", "posix", "ofd"] {
+        assert!(blocked(&ctl.join(what), what), "{what} held before");
+    }
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let m = cr_ebpf_image::Manifest::read(&img).unwrap();
+    assert_eq!(m.locks.len(), 3, "{:?}", m.locks);
+    // Down: the locks are free meanwhile.
+    assert!(!blocked(&ctl.join("posix"), "posix"));
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    for what in ["flock", "posix", "ofd"] {
+        assert!(
+            blocked(&ctl.join(what), what),
+            "{what} held again after the restore"
+        );
     }
 }
 

@@ -34,6 +34,7 @@ use crate::{
 
 mod chain;
 mod fd;
+mod lock;
 mod mapping;
 mod posix_timer;
 mod process;
@@ -45,6 +46,7 @@ pub use fd::{
     EpollItem, FdInfo, FdKind, FdState, InotifyWatch, SockOpt, SocketInfo, TcpRepair,
     SOCKET_QUEUE_CAP,
 };
+pub use lock::{FileLock, LockKind};
 pub use mapping::{MappingInfo, MappingKind, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED};
 pub use posix_timer::PosixTimer;
 pub use process::{ProcessInfo, SigAction};
@@ -58,10 +60,13 @@ const TAG_FD: u16 = 4;
 const TAG_CHAIN: u16 = 5;
 const TAG_POSIX_TIMER: u16 = 6;
 const TAG_SHMEM: u16 = 7;
+const TAG_LOCK: u16 = 8;
 const SECTION_OPTIONAL: u16 = 1;
 
 /// Most POSIX timers of one process stored.
 const POSIX_TIMERS_CAP: usize = 1 << 16;
+/// Most file locks of one process stored.
+const LOCKS_CAP: usize = 1 << 16;
 /// Longest path (files, mappings, the executable, the working directory).
 const PATH_CAP: usize = 4096;
 /// Longest name (checkpoints, memfds).
@@ -119,6 +124,8 @@ pub struct Manifest {
     pub chain: Option<ChainInfo>,
     /// Shared memory objects its mappings and descriptors refer to (format 1.2).
     pub shmem: Vec<ShmemObject>,
+    /// File locks it holds (format 1.6), each through one of its descriptors.
+    pub locks: Vec<FileLock>,
 }
 
 /// Appends a section: its header, then the body `body` writes.
@@ -155,6 +162,9 @@ impl Manifest {
         }
         for o in &self.shmem {
             section(&mut out, TAG_SHMEM, |b| o.encode(b));
+        }
+        for l in &self.locks {
+            section(&mut out, TAG_LOCK, |b| l.encode(b));
         }
         if let Some(c) = &self.chain {
             section(&mut out, TAG_CHAIN, |b| c.encode(b));
@@ -237,6 +247,7 @@ struct Sections {
     chain: Option<ChainInfo>,
     posix_timers: Vec<PosixTimer>,
     shmem: Vec<ShmemObject>,
+    locks: Vec<FileLock>,
 }
 
 impl Sections {
@@ -277,6 +288,12 @@ impl Sections {
                 self.posix_timers.push(t);
             }
             TAG_THREAD => self.threads.push(ThreadInfo::decode(b)?),
+            TAG_LOCK if minor >= lock::SINCE => {
+                if self.locks.len() >= LOCKS_CAP {
+                    return Err(b.err(format!("more than {LOCKS_CAP} file locks")));
+                }
+                self.locks.push(FileLock::decode(b, minor)?);
+            }
             TAG_MAPPING => {
                 let m = MappingInfo::decode(b, at, minor)?;
                 if self.mappings.last().is_some_and(|p| p.end > m.start) {
@@ -341,6 +358,14 @@ impl Sections {
                 )));
             }
         }
+        for l in &self.locks {
+            if !self.fds.iter().any(|f| f.fd == l.fd) {
+                return Err(d.err(format!(
+                    "a file lock held through descriptor {} that is not in the image",
+                    l.fd
+                )));
+            }
+        }
         Ok(Manifest {
             process,
             threads: self.threads,
@@ -348,6 +373,7 @@ impl Sections {
             fds: self.fds,
             chain: self.chain,
             shmem: self.shmem,
+            locks: self.locks,
         })
     }
 }

@@ -1,42 +1,156 @@
 //! File locks (`flock`, POSIX record locks, OFD locks). `/proc/PID/fdinfo`
 //! lists, for each descriptor, the locks held through it (`lock:` lines;
-//! other processes' locks on the same file are not listed). They are not
-//! restored yet: a descriptor holding one is refused at checkpoint time,
-//! naming the lock, while the process keeps running. (A thread blocked
-//! waiting for a lock is in its syscall, which the restore redoes.)
+//! other processes' locks on the same file are not listed): each is saved
+//! once, with one descriptor it is held through, and taken again through
+//! that descriptor once every descriptor of the restored process has its
+//! number, before the process runs. A lock another process took while this
+//! one was down fails the restore, naming it. Leases and delegations are
+//! refused. (A thread blocked waiting for a lock is in its syscall, which
+//! the restore redoes.)
+
+use cr_ebpf_image::{FileLock, LockKind};
 
 use super::{SaveCx, Seen};
-use crate::SaveError;
+use crate::{sys::Sys, RestoreError, SaveError};
 
-/// The kind, mode and range of the first lock held through `seen`, as
-/// fdinfo words (`FLOCK ADVISORY WRITE`, ...).
-fn held(fdinfo: &str) -> Option<String> {
-    let line = fdinfo.lines().find(|l| l.starts_with("lock:"))?;
-    // lock:	1: FLOCK  ADVISORY  WRITE 13391 fe:00:10035309 0 EOF
+/// `F_OFD_SETLK`.
+const F_OFD_SETLK: u64 = 37;
+/// `KCMP_FILE`: whether two descriptors are the same open file description.
+const KCMP_FILE: i32 = 0;
+
+/// One `lock:` line of fdinfo: the lock and its file (`dev:ino`), or why
+/// it cannot be saved.
+fn parse(fd: i32, line: &str) -> Result<(FileLock, String), String> {
+    // lock:	1: POSIX  ADVISORY  WRITE 13391 fe:00:10035310 100 199
     let w: Vec<&str> = line.split_whitespace().collect();
-    Some(format!(
-        "{} {} lock, {}, bytes {}-{}",
-        w.get(2).copied().unwrap_or("?"),
-        w.get(4).copied().unwrap_or("?").to_lowercase(),
-        w.get(3).copied().unwrap_or("?").to_lowercase(),
-        w.get(7).copied().unwrap_or("?"),
-        w.get(8).copied().unwrap_or("?"),
+    let bad = || format!("an unreadable lock line {line:?}");
+    let kind = match *w.get(2).ok_or_else(bad)? {
+        "FLOCK" => LockKind::Flock,
+        "POSIX" => LockKind::Posix,
+        "OFDLCK" => LockKind::Ofd,
+        other => return Err(format!("a {} held through it", other.to_lowercase())),
+    };
+    if w.get(3) != Some(&"ADVISORY") {
+        return Err(format!(
+            "a {} file lock",
+            w.get(3).unwrap_or(&"?").to_lowercase()
+        ));
+    }
+    let write = match *w.get(4).ok_or_else(bad)? {
+        "WRITE" => true,
+        "READ" => false,
+        other => return Err(format!("a file lock of type {other}")),
+    };
+    let file = w.get(6).ok_or_else(bad)?.to_string();
+    let start: u64 = w.get(7).and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let len = match *w.get(8).ok_or_else(bad)? {
+        "EOF" => 0,
+        end => end
+            .parse::<u64>()
+            .ok()
+            .and_then(|e| (e + 1).checked_sub(start))
+            .ok_or_else(bad)?,
+    };
+    Ok((
+        FileLock {
+            fd,
+            kind,
+            write,
+            start,
+            len,
+        },
+        file,
     ))
 }
 
-/// Refuses a descriptor through which a lock is held.
-pub fn refuse_held(cx: &SaveCx<'_>, seen: &Seen) -> Result<(), SaveError> {
-    match held(&seen.fdinfo) {
-        Some(lock) => Err(cx.refuse(
-            seen.fd,
-            format!(
-                "a file lock held through it ({lock} on {}): file locks are not restored yet, \
-                 and another process could take it while this one is down",
-                seen.link
-            ),
-        )),
-        None => Ok(()),
+/// The locks held through `seen` not already saved (through another
+/// descriptor of the same file, and for `flock` and OFD locks of the same
+/// open file description) in `saved`, whose files `files` names.
+pub(super) fn save(
+    cx: &SaveCx<'_>,
+    seen: &Seen,
+    saved: &mut Vec<FileLock>,
+    files: &mut Vec<String>,
+) -> Result<(), SaveError> {
+    let lines = seen
+        .fdinfo
+        .lines()
+        .filter(|l| l.starts_with("lock:") && !l.contains("->"));
+    for line in lines {
+        let (lock, file) = parse(seen.fd, line).map_err(|e| cx.refuse(seen.fd, e))?;
+        let same = saved.iter().zip(files.iter()).any(|(o, f)| {
+            *f == file
+                && (o.kind, o.write, o.start, o.len)
+                    == (lock.kind, lock.write, lock.start, lock.len)
+                && (lock.kind == LockKind::Posix || same_file(cx.pid, o.fd, lock.fd))
+        });
+        if !same {
+            saved.push(lock);
+            files.push(file);
+        }
     }
+    Ok(())
+}
+
+/// Whether descriptors `a` and `b` of `pid` are one open file description.
+fn same_file(pid: i32, a: i32, b: i32) -> bool {
+    // SAFETY: kcmp with integer arguments only.
+    unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) == 0 }
+}
+
+/// Takes every lock of `locks` in the process being built.
+pub fn restore(
+    sys: &dyn Sys,
+    locks: &[FileLock],
+    path_of: impl Fn(i32) -> String,
+) -> Result<(), RestoreError> {
+    for l in locks {
+        let r = match l.kind {
+            LockKind::Flock => {
+                let op = if l.write {
+                    libc::LOCK_EX
+                } else {
+                    libc::LOCK_SH
+                } | libc::LOCK_NB;
+                sys.call(
+                    "flock",
+                    libc::SYS_flock,
+                    [l.fd as u64, op as u64, 0, 0, 0, 0],
+                )
+            }
+            LockKind::Posix | LockKind::Ofd => {
+                // struct flock: short l_type, l_whence; long l_start, l_len; int l_pid.
+                let mut f = [0u8; 32];
+                let ty = if l.write {
+                    libc::F_WRLCK
+                } else {
+                    libc::F_RDLCK
+                } as i16;
+                f[0..2].copy_from_slice(&ty.to_le_bytes());
+                f[2..4].copy_from_slice(&(libc::SEEK_SET as i16).to_le_bytes());
+                f[8..16].copy_from_slice(&l.start.to_le_bytes());
+                f[16..24].copy_from_slice(&l.len.to_le_bytes());
+                let at = sys.put(0, &f)?;
+                let (name, cmd) = match l.kind {
+                    LockKind::Ofd => ("fcntl(F_OFD_SETLK)", F_OFD_SETLK),
+                    _ => ("fcntl(F_SETLK)", libc::F_SETLK as u64),
+                };
+                sys.call(name, libc::SYS_fcntl, [l.fd as u64, cmd, at, 0, 0, 0])
+            }
+            LockKind::Invalid => unreachable!("refused when the image was read"),
+        };
+        r.map_err(|e| {
+            RestoreError::NotSupported(format!(
+                "the {:?} {} lock on {} (fd {}) cannot be taken again: {e} (another \
+                 process took it while this one was down?)",
+                l.kind,
+                if l.write { "write" } else { "read" },
+                path_of(l.fd),
+                l.fd
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -44,25 +158,75 @@ mod tests {
     use std::os::fd::AsRawFd as _;
 
     use super::*;
-    use crate::fd::testing;
+    use crate::{fd::testing, sys::fake::Recording};
 
     #[test]
-    fn a_held_lock_of_each_kind_is_refused() {
+    fn lock_lines_of_this_kernel_parse() {
+        let (l, f) = parse(
+            3,
+            "lock:\t1: FLOCK  ADVISORY  WRITE 13391 fe:00:10035309 0 EOF",
+        )
+        .unwrap();
+        assert_eq!(
+            (l.kind, l.write, l.start, l.len, f.as_str()),
+            (LockKind::Flock, true, 0, 0, "fe:00:10035309")
+        );
+        let (l, _) = parse(4, "lock:\t1: POSIX  ADVISORY  READ 77 fe:00:12 100 199").unwrap();
+        assert_eq!(
+            (l.kind, l.write, l.start, l.len),
+            (LockKind::Posix, false, 100, 100)
+        );
+        let (l, _) = parse(5, "lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:1 0 EOF").unwrap();
+        assert_eq!(l.kind, LockKind::Ofd);
+        assert!(parse(5, "lock:\t1: LEASE  ACTIVE    READ 77 fe:00:1 0 EOF")
+            .unwrap_err()
+            .contains("lease"));
+        assert!(parse(5, "lock:\t1: POSIX  MANDATORY WRITE 77 fe:00:1 0 EOF").is_err());
+    }
+
+    #[test]
+    fn locks_of_the_process_are_saved_once_and_taken_again() {
         let dir = testing::scratch("locks");
         let f = std::fs::File::create(dir.join("a")).unwrap();
-        let mut owner = testing::SaveOwner::new();
-        refuse_held(&owner.cx(), &testing::seen(f.as_raw_fd())).expect("no lock yet");
+        let dup = f.try_clone().unwrap();
         // SAFETY: flock on our own descriptor.
         assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
-        let err = refuse_held(&owner.cx(), &testing::seen(f.as_raw_fd())).unwrap_err();
-        assert!(err.to_string().contains("FLOCK write lock"), "{err}");
+        let mut owner = testing::SaveOwner::new();
+        let cx = owner.cx();
+        let (mut saved, mut files) = (Vec::new(), Vec::new());
+        for fd in [f.as_raw_fd(), dup.as_raw_fd()] {
+            save(&cx, &testing::seen(fd), &mut saved, &mut files).unwrap();
+        }
+        assert_eq!(saved.len(), 1, "one lock, seen through two descriptors");
         assert_eq!(
-            held("lock:\t1: POSIX  ADVISORY  READ 77 fe:00:12 100 199\n").as_deref(),
-            Some("POSIX read lock, advisory, bytes 100-199")
+            (saved[0].fd, saved[0].kind, saved[0].write),
+            (f.as_raw_fd(), LockKind::Flock, true)
         );
-        assert!(held("pos:\t0\nflags:\t02\n").is_none());
-        assert!(held("lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:1 0 EOF\n")
-            .unwrap()
-            .starts_with("OFDLCK write"));
+        let rec = Recording::new();
+        restore(&rec, &saved, |_| "a".into()).unwrap();
+        let c = rec.calls("flock")[0];
+        assert_eq!(
+            (c[0] as i32, c[1] as i32),
+            (f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)
+        );
+        let posix = [FileLock {
+            fd: 9,
+            kind: LockKind::Posix,
+            write: false,
+            start: 10,
+            len: 5,
+        }];
+        let rec = Recording::new();
+        restore(&rec, &posix, |_| "b".into()).unwrap();
+        let c = rec.calls("fcntl(F_SETLK)")[0];
+        let fl = rec.memory("fcntl(F_SETLK)", 0, c[2], 32);
+        assert_eq!(i16::from_le_bytes([fl[0], fl[1]]), libc::F_RDLCK as i16);
+        assert_eq!(u64::from_le_bytes(fl[8..16].try_into().unwrap()), 10);
+        assert_eq!(u64::from_le_bytes(fl[16..24].try_into().unwrap()), 5);
+        // Taken by someone else meanwhile: named.
+        let rec = Recording::new();
+        rec.fail("flock", libc::EWOULDBLOCK);
+        let err = restore(&rec, &saved, |_| "/x/a".into()).unwrap_err();
+        assert!(err.to_string().contains("/x/a"), "{err}");
     }
 }

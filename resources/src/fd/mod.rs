@@ -288,6 +288,8 @@ pub struct Fds {
     pub fds: Vec<FdInfo>,
     /// (descriptor number in the process, our duplicate).
     pub tcp: Vec<(i32, OwnedFd)>,
+    /// The file locks held through them, each once.
+    pub locks: Vec<cr_ebpf_image::FileLock>,
 }
 
 /// `pos` and `flags` from `/proc/PID/fdinfo/N`, and the whole text.
@@ -374,8 +376,9 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
         tcp: &mut tcp,
     };
     let mut out = Vec::with_capacity(seen.len());
+    let (mut held, mut files) = (Vec::new(), Vec::new());
     for s in &seen {
-        locks::refuse_held(&cx, s)?;
+        locks::save(&cx, s, &mut held, &mut files)?;
         let saved = KINDS.iter().find_map(|k| k.save(&mut cx, s));
         out.push(match saved {
             Some(r) => r?,
@@ -385,7 +388,11 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
     if alone {
         check_tree(&[(pid, &out[..])])?;
     }
-    Ok(Fds { fds: out, tcp })
+    Ok(Fds {
+        fds: out,
+        tcp,
+        locks: held,
+    })
 }
 
 /// What a descriptor no kind claims is, for the refusal.
@@ -494,7 +501,14 @@ pub fn restore(cx: &RestoreCx<'_>, m: &Manifest) -> Result<(), RestoreError> {
     for f in &m.fds {
         handler(f.kind)?.finish(cx, f)?;
     }
-    Ok(())
+    // Locks last: a POSIX lock goes when any descriptor of its file closes.
+    let path_of = |fd: i32| {
+        m.fds
+            .iter()
+            .find(|f| f.fd == fd)
+            .map_or_else(String::new, |f| f.path.clone())
+    };
+    locks::restore(cx.sys, &m.locks, path_of)
 }
 
 /// Helpers of the round-trip tests: save descriptors of the test process
