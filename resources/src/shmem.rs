@@ -118,7 +118,7 @@ fn object(
     };
     let (key, mode) = match kind {
         ShmemKind::SysV => sysv_key_mode(pid, meta.ino())?,
-        ShmemKind::TmpfsFile => (0, meta.mode() & 0o7777),
+        ShmemKind::TmpfsFile | ShmemKind::Memfd => (0, meta.mode() & 0o7777),
         _ => (0, 0),
     };
     Ok(ShmemObject {
@@ -255,6 +255,12 @@ fn memfd(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
     // SAFETY: a new descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let f = std::fs::File::from(fd);
+    // Its permission bits (0 in images before they were recorded).
+    if o.mode != 0 {
+        use std::os::unix::fs::PermissionsExt as _;
+        f.set_permissions(std::fs::Permissions::from_mode(o.mode & 0o7777))
+            .map_err(fail(format!("fchmod(memfd {})", o.name)))?;
+    }
     f.set_len(o.size).map_err(fail("ftruncate(memfd)".into()))?;
     for (off, bytes) in &o.data {
         f.write_all_at(bytes, *off)
@@ -427,6 +433,9 @@ mod tests {
         // SAFETY: a new descriptor we own.
         let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         f.set_len(3 << 20).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .unwrap();
         f.write_all_at(b"head", 0).unwrap();
         f.write_all_at(b"tail", (3 << 20) - 4).unwrap();
         // SAFETY: fcntl on our memfd.
@@ -448,6 +457,7 @@ mod tests {
             (ShmemKind::Memfd, "cr-ebpf-shm", 3 << 20)
         );
         assert_eq!(o.seals as i32, libc::F_SEAL_SHRINK);
+        assert_eq!(o.mode, 0o600, "its permission bits");
         let stored: usize = o.data.iter().map(|(_, d)| d.len()).sum();
         assert!(stored < 3 << 20, "holes are not stored ({stored} bytes)");
 
@@ -464,6 +474,10 @@ mod tests {
         back.read_exact_at(&mut buf, (3 << 20) - 4).unwrap();
         assert_eq!(&buf, b"tail");
         assert_eq!(back.metadata().unwrap().len(), 3 << 20);
+        assert_eq!(
+            back.metadata().unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
         // SAFETY: fcntl query on our descriptor.
         let seals = unsafe { libc::fcntl(back.as_raw_fd(), libc::F_GET_SEALS) };
         assert_eq!(seals, libc::F_SEAL_SHRINK);

@@ -10,6 +10,7 @@
 //! invalidate it.
 
 pub mod cgroup;
+pub mod flags;
 pub mod itimers;
 pub mod mm;
 pub mod namespaces;
@@ -18,6 +19,7 @@ pub mod posix_timers;
 pub mod security;
 pub mod session;
 pub mod settings;
+pub mod sharing;
 pub mod sigactions;
 pub mod terminal;
 pub mod threads;
@@ -33,6 +35,8 @@ pub static KINDS: &[&dyn ProcessKind] = &[
     &security::Security,
     &terminal::Terminal,
     &session::Session,
+    &sharing::Sharing,
+    &flags::Flags,
     &mm::Mm,
     &settings::Settings,
     &sigactions::SigActions,

@@ -1,5 +1,6 @@
-//! What limits the process beyond its credentials: seccomp, the
-//! no-new-privileges flag and its capability sets. A restored process gets
+//! What limits or marks the process beyond its credentials: seccomp, the
+//! no-new-privileges flag, its capability sets, supplementary groups and
+//! audit login uid and session. A restored process gets
 //! the restorer's, so any that differ from cr-ebpf's are refused at
 //! checkpoint time, naming them, while the process keeps running.
 
@@ -20,6 +21,13 @@ const SAME: &[(&str, &str)] = &[
     ("CapEff", "effective capabilities"),
     ("CapBnd", "capability bounding set"),
     ("CapAmb", "ambient capabilities"),
+    ("Groups", "supplementary groups"),
+];
+
+/// Files of `/proc/PID` that must read as the restorer's, with what they are.
+const SAME_FILES: &[(&str, &str)] = &[
+    ("loginuid", "login uid (audit)"),
+    ("sessionid", "audit session"),
 ];
 
 /// The first field of [`SAME`] that differs: (field, what, theirs, ours).
@@ -59,6 +67,21 @@ impl ProcessKind for Security {
                 "a {what} other than cr-ebpf's ({key} {t}, cr-ebpf's {o}): it would be \
                  restored with cr-ebpf's"
             )));
+        }
+        for (file, what) in SAME_FILES {
+            let read = |p: String| std::fs::read_to_string(&p).map_err(proc_err(pid, p));
+            let (t, o) = (
+                read(format!("/proc/{pid}/{file}"))?,
+                read(format!("/proc/self/{file}"))?,
+            );
+            if t != o {
+                return Err(cx.refuse(format!(
+                    "a {what} other than cr-ebpf's ({file} {}, cr-ebpf's {}): it would be \
+                     restored with cr-ebpf's",
+                    t.trim(),
+                    o.trim()
+                )));
+            }
         }
         Ok(())
     }

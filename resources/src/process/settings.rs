@@ -31,6 +31,12 @@ impl ProcessKind for Settings {
             .map_err(proc_err(pid, format!("/proc/{pid}/cwd")))?
             .display()
             .to_string();
+        if p.cwd.ends_with(" (deleted)") {
+            return Err(cx.refuse(format!(
+                "a working directory that was deleted ({}): it cannot be entered again",
+                p.cwd
+            )));
+        }
         p.rlimits = proc::rlimits(pid).map_err(proc_err(pid, "prlimit64".into()))?;
         Ok(())
     }
