@@ -12,6 +12,11 @@ use crate::{RestoreError, SaveError};
 /// Files, directories (kind `File`) and character devices (`CharDevice`).
 pub struct File;
 
+/// `N` of a path under `/proc/N/`.
+fn proc_pid(path: &str) -> Option<i32> {
+    path.strip_prefix("/proc/")?.split('/').next()?.parse().ok()
+}
+
 /// `KCMP_FILE`: whether two descriptors are one open file description.
 const KCMP_FILE: i32 = 0;
 
@@ -69,6 +74,19 @@ impl Descriptor for File {
                         cx.refuse(seen.fd, format!("deleted file {}", seen.link))
                     ));
                 }
+                // A file of a process's /proc: only of a process restored
+                // with it (it has the same pid then).
+                if let Some(other) = proc_pid(&seen.link) {
+                    if other != cx.pid && !cx.scope.pids.contains(&other) {
+                        return Some(Err(cx.refuse(
+                            seen.fd,
+                            format!(
+                                "{} of process {other}, which is not checkpointed with it",
+                                seen.link
+                            ),
+                        )));
+                    }
+                }
                 let mut info = seen.info(FdKind::File);
                 info.size = seen.meta.size();
                 info.mtime_ns =
@@ -109,7 +127,9 @@ impl Descriptor for File {
             .shmem
             .iter()
             .any(|o| o.kind == ShmemKind::TmpfsFile && o.id == f.inode && o.name == f.path);
-        if rebuilt {
+        // Files of /proc/PID of the restored processes exist once they do;
+        // their inodes are new ones anyway.
+        if rebuilt || proc_pid(&f.path).is_some() {
             return Ok(());
         }
         let meta = std::fs::metadata(&f.path).map_err(|e| RestoreError::File {
@@ -243,6 +263,28 @@ mod tests {
         let log2 = log.try_clone().unwrap();
         let saved = testing::save_own_many(&[log.as_raw_fd(), log2.as_raw_fd()]);
         shared_description(&[(me, &saved)]).expect("appending");
+    }
+
+    #[test]
+    fn files_of_proc_are_only_those_of_processes_restored_with_it() {
+        assert_eq!(proc_pid("/proc/42/maps"), Some(42));
+        assert_eq!(proc_pid("/proc/self/maps"), None);
+        assert_eq!(proc_pid("/etc/passwd"), None);
+        let parent = std::os::unix::process::parent_id();
+        let f = std::fs::File::open(format!("/proc/{parent}/stat")).unwrap();
+        let mut owner = testing::SaveOwner::new();
+        let err = File
+            .save(&mut owner.cx(), &testing::seen(f.as_raw_fd()))
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not checkpointed with it"),
+            "{err}"
+        );
+        let own = std::fs::File::open("/proc/self/status").unwrap();
+        let info = testing::save_own(own.as_raw_fd());
+        File.preflight(&testing::manifest(vec![info.clone()]), &info)
+            .expect("its own /proc files exist once it does");
     }
 
     #[test]
