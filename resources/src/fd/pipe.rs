@@ -81,6 +81,40 @@ fn refilled(size: u32, data: &[u8]) -> Result<(OwnedFd, OwnedFd), RestoreError> 
     Ok((r, w))
 }
 
+/// `KCMP_FILE`: whether two descriptors are one open file description.
+const KCMP_FILE: i32 = 0;
+
+/// Each end of a pipe is restored as one open file description, handed to
+/// every descriptor on that end: an end opened a second time (through
+/// `/proc/PID/fd/N`, with flags of its own) is refused.
+fn one_description_per_end(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
+    let ends: Vec<(i32, &FdInfo)> = procs
+        .iter()
+        .flat_map(|(pid, fds)| fds.iter().map(move |f| (*pid, f)))
+        .filter(|(_, f)| f.kind == FdKind::Pipe)
+        .collect();
+    let write_end = |f: &FdInfo| f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY;
+    for (i, &(pa, a)) in ends.iter().enumerate() {
+        if let Some(&(pb, b)) = ends[i + 1..].iter().find(|(pb, b)| {
+            b.inode == a.inode
+                && write_end(b) == write_end(a)
+                // SAFETY: kcmp with integer arguments only.
+                && unsafe { libc::syscall(libc::SYS_kcmp, pa, *pb, KCMP_FILE, a.fd, b.fd) } != 0
+        }) {
+            return Err(SaveError::NotSupportedFd {
+                pid: pb,
+                fd: b.fd,
+                what: format!(
+                    "an end of {} opened a second time (fd {} of pid {pa} is another \
+                     description of it): both would be restored as one",
+                    b.path, a.fd
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Descriptor for Pipe {
     fn kinds(&self) -> &'static [FdKind] {
         &[FdKind::Pipe]
@@ -121,6 +155,10 @@ impl Descriptor for Pipe {
             }
             Ok(info)
         })())
+    }
+
+    fn check_tree(&self, procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
+        one_description_per_end(procs)
     }
 
     fn prepare(
@@ -194,6 +232,19 @@ mod tests {
         assert_eq!(&buf[..n as usize], b"unread bytes");
         let targets: Vec<i32> = rec.calls("dup3").iter().map(|a| a[1] as i32).collect();
         assert_eq!(targets, [saved[0].fd, saved[1].fd]);
+    }
+
+    #[test]
+    fn an_end_opened_twice_is_refused() {
+        let (r, w) = pipe2(libc::O_CLOEXEC).unwrap();
+        let again = fs::File::open(format!("/proc/self/fd/{}", r.as_raw_fd())).unwrap();
+        let saved = testing::save_own_many(&[r.as_raw_fd(), w.as_raw_fd(), again.as_raw_fd()]);
+        let me = std::process::id() as i32;
+        let err = one_description_per_end(&[(me, &saved)]).unwrap_err();
+        assert!(err.to_string().contains("opened a second time"), "{err}");
+        let dup = r.try_clone().unwrap();
+        let saved = testing::save_own_many(&[r.as_raw_fd(), w.as_raw_fd(), dup.as_raw_fd()]);
+        one_description_per_end(&[(me, &saved)]).expect("a dup is the same description");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod mm;
 pub mod namespaces;
 pub mod pending;
 pub mod posix_timers;
+pub mod scheduling;
 pub mod security;
 pub mod session;
 pub mod settings;
@@ -37,6 +38,7 @@ pub static KINDS: &[&dyn ProcessKind] = &[
     &session::Session,
     &sharing::Sharing,
     &flags::Flags,
+    &scheduling::Scheduling,
     &mm::Mm,
     &settings::Settings,
     &sigactions::SigActions,
