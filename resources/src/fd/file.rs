@@ -17,43 +17,6 @@ fn proc_pid(path: &str) -> Option<i32> {
     path.strip_prefix("/proc/")?.split('/').next()?.parse().ok()
 }
 
-/// `KCMP_FILE`: whether two descriptors are one open file description.
-const KCMP_FILE: i32 = 0;
-
-/// Refuses a regular file's open file description held through two
-/// descriptors (`dup`, or inherited across `fork`): each is reopened on its
-/// own at restore, so their offset and status flags would no longer be
-/// shared. One opened `O_APPEND` passes: every write goes to the end, where
-/// each writer's offset is after its own write either way.
-fn shared_description(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
-    let files: Vec<(i32, &FdInfo)> = procs
-        .iter()
-        .flat_map(|(pid, fds)| fds.iter().map(move |f| (*pid, f)))
-        .filter(|(_, f)| f.kind == FdKind::File && f.flags as i32 & libc::O_APPEND == 0)
-        .collect();
-    for (i, &(pa, a)) in files.iter().enumerate() {
-        for &(pb, b) in &files[i + 1..] {
-            if (a.dev, a.inode) != (b.dev, b.inode) {
-                continue;
-            }
-            // SAFETY: kcmp with integer arguments only.
-            let same = unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a.fd, b.fd) == 0 };
-            if same {
-                return Err(SaveError::NotSupportedFd {
-                    pid: pb,
-                    fd: b.fd,
-                    what: format!(
-                        "{} open through one file description with fd {} of pid {pa} (dup, \
-                         or inherited across fork): their offset would no longer be shared",
-                        b.path, a.fd
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Whether character devices of `major` are terminals: virtual consoles and
 /// serial lines (4), `/dev/tty`, `/dev/console`, `/dev/ptmx` (5), pseudo
 /// terminals (136-143).
@@ -111,10 +74,6 @@ impl Descriptor for File {
             }
             _ => None,
         }
-    }
-
-    fn check_tree(&self, procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
-        shared_description(procs)
     }
 
     fn preflight(&self, m: &Manifest, f: &FdInfo) -> Result<(), RestoreError> {
@@ -242,27 +201,6 @@ mod tests {
         std::fs::write(dir.join("new"), b"0123456789").unwrap();
         std::fs::rename(dir.join("new"), &path).unwrap();
         assert!(File.preflight(&m, &info).is_err());
-    }
-
-    #[test]
-    fn a_description_shared_by_two_descriptors_is_refused_unless_appending() {
-        let dir = testing::scratch("shared");
-        let f = std::fs::File::create(dir.join("a")).unwrap();
-        let dup = f.try_clone().unwrap();
-        let other = std::fs::File::open(dir.join("a")).unwrap();
-        let saved = testing::save_own_many(&[f.as_raw_fd(), other.as_raw_fd()]);
-        shared_description(&[(std::process::id() as i32, &saved)]).expect("two descriptions");
-        let saved = testing::save_own_many(&[f.as_raw_fd(), dup.as_raw_fd()]);
-        let me = std::process::id() as i32;
-        let err = shared_description(&[(me, &saved)]).unwrap_err();
-        assert!(err.to_string().contains("one file description"), "{err}");
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.join("a"))
-            .unwrap();
-        let log2 = log.try_clone().unwrap();
-        let saved = testing::save_own_many(&[log.as_raw_fd(), log2.as_raw_fd()]);
-        shared_description(&[(me, &saved)]).expect("appending");
     }
 
     #[test]
