@@ -100,6 +100,11 @@ impl Descriptor for Socket {
     }
 }
 
+/// `SO_BUF_LOCK` (Linux 5.14+).
+const SO_BUF_LOCK: i32 = 72;
+/// `SO_GET_FILTER`: the length of an attached classic BPF filter.
+const SO_GET_FILTER: i32 = 26;
+
 /// Options saved for every socket, when `getsockopt` answers: level, name.
 /// Buffer sizes are saved but only set again for established TCP
 /// connections (whose queues must fit).
@@ -113,7 +118,15 @@ pub const SAVED_OPTIONS: &[(i32, i32)] = &[
     (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
     (libc::SOL_SOCKET, libc::SO_SNDBUF),
     (libc::SOL_SOCKET, libc::SO_RCVBUF),
+    (libc::SOL_SOCKET, libc::SO_BINDTODEVICE),
+    (libc::SOL_SOCKET, SO_BUF_LOCK),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY),
+    (libc::SOL_SOCKET, libc::SO_MARK),
     (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_CORK),
+    (libc::IPPROTO_TCP, libc::TCP_QUICKACK),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
     (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
     (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
     (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
@@ -248,16 +261,35 @@ fn save_socket(dup: &OwnedFd, inode: u64, ctx: &mut Context) -> Result<SocketInf
         peer: address(dup, true).map_err(|e| ("getpeername", e))?,
         ..SocketInfo::default()
     };
+    // A socket filter (SO_ATTACH_FILTER, SO_ATTACH_BPF) is not restored yet.
+    // SAFETY: a zero-length query; the kernel answers the filter's length in `n`.
+    let filter = unsafe {
+        let mut n: libc::socklen_t = 0;
+        let r = libc::getsockopt(
+            dup.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_GET_FILTER,
+            std::ptr::null_mut(),
+            &mut n,
+        );
+        (r, n)
+    };
+    if filter.0 == 0 && filter.1 > 0 {
+        return Err(SocketError::NotSupported(format!(
+            "a socket filter ({} instructions; SO_ATTACH_FILTER)",
+            filter.1
+        )));
+    }
     for &(level, name) in SAVED_OPTIONS {
         if (level == libc::IPPROTO_TCP && protocol != libc::IPPROTO_TCP)
             || (level == libc::IPPROTO_IPV6 && family != libc::AF_INET6)
         {
             continue;
         }
-        let len = if name == libc::SO_LINGER && level == libc::SOL_SOCKET {
-            8
-        } else {
-            4
+        let len = match (level, name) {
+            (libc::SOL_SOCKET, libc::SO_LINGER) => 8,
+            (libc::SOL_SOCKET, libc::SO_BINDTODEVICE) => libc::IFNAMSIZ,
+            _ => 4,
         };
         if let Ok(value) = getsockopt(dup, level, name, len) {
             s.options.push(SockOpt { level, name, value });
@@ -629,5 +661,57 @@ mod tests {
         let c = std::net::TcpStream::connect(l_addr).unwrap();
         let (s, _) = nl.accept().unwrap();
         assert_eq!(s.peer_addr().unwrap(), c.local_addr().unwrap());
+    }
+
+    #[test]
+    fn a_socket_filter_is_refused_and_options_are_saved() {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // SAFETY: setsockopt on our socket with a value of ours.
+        let set = |name: i32, v: i32| unsafe {
+            libc::setsockopt(
+                u.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&v as *const i32).cast(),
+                4,
+            )
+        };
+        assert_eq!(set(libc::SO_PRIORITY, 5), 0);
+        let saved = testing::save_own(u.as_raw_fd());
+        let FdState::Socket(sock) = &saved.state else {
+            panic!("{saved:?}")
+        };
+        assert!(sock
+            .options
+            .iter()
+            .any(|o| o.name == libc::SO_PRIORITY && o.value == 5i32.to_ne_bytes()));
+        // "accept everything": one BPF_RET instruction.
+        let insn = [libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: u32::MAX,
+        }];
+        let prog = libc::sock_fprog {
+            len: 1,
+            filter: insn.as_ptr().cast_mut(),
+        };
+        // SAFETY: attaching our filter program to our socket.
+        let r = unsafe {
+            libc::setsockopt(
+                u.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&prog as *const libc::sock_fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as u32,
+            )
+        };
+        assert_eq!(r, 0);
+        let mut owner = testing::SaveOwner::new();
+        let err = Socket
+            .save(&mut owner.cx(), &testing::seen(u.as_raw_fd()))
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("socket filter"), "{err}");
     }
 }
