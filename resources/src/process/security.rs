@@ -64,7 +64,7 @@ impl ProcessKind for Security {
             .map_err(proc_err(pid, "/proc/self/status".into()))?;
         if let Some((key, what, t, o)) = first_difference(&theirs, &ours) {
             return Err(cx.refuse(format!(
-                "a {what} other than cr-ebpf's ({key} {t}, cr-ebpf's {o}): it would be \
+                "{what} other than cr-ebpf's ({key} {t}, cr-ebpf's {o}): it would be \
                  restored with cr-ebpf's"
             )));
         }
@@ -76,7 +76,7 @@ impl ProcessKind for Security {
             );
             if t != o {
                 return Err(cx.refuse(format!(
-                    "a {what} other than cr-ebpf's ({file} {}, cr-ebpf's {}): it would be \
+                    "{what} other than cr-ebpf's ({file} {}, cr-ebpf's {}): it would be \
                      restored with cr-ebpf's",
                     t.trim(),
                     o.trim()
