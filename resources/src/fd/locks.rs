@@ -78,6 +78,9 @@ pub(super) fn save(
         .filter(|l| l.starts_with("lock:") && !l.contains("->"));
     for line in lines {
         let (lock, file) = parse(seen.fd, line).map_err(|e| cx.refuse(seen.fd, e))?;
+        if lock.kind != LockKind::Posix {
+            refuse_shared(cx, seen, line)?;
+        }
         let same = saved.iter().zip(files.iter()).any(|(o, f)| {
             *f == file
                 && (o.kind, o.write, o.start, o.len)
@@ -90,6 +93,60 @@ pub(super) fn save(
         }
     }
     Ok(())
+}
+
+/// An `flock` or OFD lock belongs to the open file description, which
+/// each restored process gets its own of: one shared with another process
+/// (inherited across fork) would be held twice, or conflict with itself,
+/// after a restore. Refused: a description of another process of the
+/// checkpoint, or a lock taken by a process outside it.
+fn refuse_shared(cx: &SaveCx<'_>, seen: &Seen, line: &str) -> Result<(), SaveError> {
+    let owner: i32 = line
+        .split_whitespace()
+        .nth(5)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    let ours = |p: i32| p == cx.pid || cx.scope.pids.contains(&p);
+    if owner > 0 && !ours(owner) {
+        return Err(cx.refuse(
+            seen.fd,
+            format!(
+                "a file lock on {} taken by process {owner}, which is not checkpointed with it \
+                 (a description inherited across fork)",
+                seen.link
+            ),
+        ));
+    }
+    for &other in cx.scope.pids.iter().filter(|&&p| p != cx.pid) {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{other}/fd")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let Some(ofd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let same_path =
+                std::fs::read_link(e.path()).is_ok_and(|l| l.display().to_string() == seen.link);
+            if same_path && same_description(cx.pid, seen.fd, other, ofd) {
+                return Err(cx.refuse(
+                    seen.fd,
+                    format!(
+                        "a file lock on {} held through a description shared with fd {ofd} of \
+                         process {other}: each would be restored with its own",
+                        seen.link
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether descriptor `a` of `pa` and `b` of `pb` are one open file
+/// description.
+fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
+    // SAFETY: kcmp with integer arguments only.
+    unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
 }
 
 /// Whether descriptors `a` and `b` of `pid` are one open file description.
