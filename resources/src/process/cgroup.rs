@@ -5,7 +5,7 @@
 use cr_ebpf_image::ProcessInfo;
 
 use super::{Phase, ProcessKind, SaveCx};
-use crate::{error::proc_err, sys::Sys, RestoreError, SaveError};
+use crate::{sys::Sys, RestoreError, SaveError};
 
 /// Cgroup membership (v1 hierarchies and v2).
 pub struct Cgroups;
@@ -28,11 +28,7 @@ impl ProcessKind for Cgroups {
     }
 
     fn save(&self, cx: &mut SaveCx<'_>, _p: &mut ProcessInfo) -> Result<(), SaveError> {
-        let pid = cx.pid;
-        let theirs = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map_err(proc_err(pid, format!("/proc/{pid}/cgroup")))?;
-        let ours = std::fs::read_to_string("/proc/self/cgroup")
-            .map_err(proc_err(pid, "/proc/self/cgroup".into()))?;
+        let (theirs, ours) = cx.theirs_and_ours("cgroup")?;
         let other = differing(&theirs, &ours);
         if !other.is_empty() {
             return Err(cx.refuse(format!(

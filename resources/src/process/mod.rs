@@ -127,6 +127,16 @@ pub struct SaveCx<'a> {
 }
 
 impl SaveCx<'_> {
+    /// `/proc/PID/FILE` of the process and `/proc/self/FILE` of cr-ebpf:
+    /// what the process has, and what a restore would give it.
+    pub fn theirs_and_ours(&self, file: &str) -> Result<(String, String), SaveError> {
+        let read = |p: String| std::fs::read_to_string(&p).map_err(crate::proc_err(self.pid, p));
+        Ok((
+            read(format!("/proc/{}/{file}", self.pid))?,
+            read(format!("/proc/self/{file}"))?,
+        ))
+    }
+
     /// "not supported: WHAT in process P".
     pub fn refuse(&self, what: impl Into<String>) -> SaveError {
         SaveError::NotSupported {

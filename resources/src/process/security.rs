@@ -69,11 +69,7 @@ impl ProcessKind for Security {
             )));
         }
         for (file, what) in SAME_FILES {
-            let read = |p: String| std::fs::read_to_string(&p).map_err(proc_err(pid, p));
-            let (t, o) = (
-                read(format!("/proc/{pid}/{file}"))?,
-                read(format!("/proc/self/{file}"))?,
-            );
+            let (t, o) = cx.theirs_and_ours(file)?;
             if t != o {
                 return Err(cx.refuse(format!(
                     "{what} other than cr-ebpf's ({file} {}, cr-ebpf's {}): it would be \
