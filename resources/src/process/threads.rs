@@ -158,14 +158,25 @@ pub fn restore_thread(sys: &dyn Sys, pid: i32, info: &ThreadInfo) -> Result<(), 
             [libc::PR_SET_NAME as u64, at, 0, 0, 0, 0],
         )?;
     }
-    if info.sigaltstack.1 & libc::SS_DISABLE as u32 == 0 {
-        let mut ss = info.sigaltstack.0.to_le_bytes().to_vec();
-        ss.extend_from_slice(&(info.sigaltstack.1 & !(libc::SS_ONSTACK as u32)).to_le_bytes());
-        ss.extend_from_slice(&0u32.to_le_bytes());
-        ss.extend_from_slice(&info.sigaltstack.2.to_le_bytes());
-        let at = sys.put(0, &ss)?;
-        sys.call("sigaltstack", libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0])?;
-    }
+    // Always set, a disabled one too: the main thread inherited the
+    // restorer's alternate stack, which points into memory that is gone
+    // (a handler with SA_ONSTACK would then kill the process).
+    let disabled = info.sigaltstack.1 & libc::SS_DISABLE as u32 != 0;
+    let (sp, flags, size) = if disabled {
+        (0, libc::SS_DISABLE as u32, 0)
+    } else {
+        (
+            info.sigaltstack.0,
+            info.sigaltstack.1 & !(libc::SS_ONSTACK as u32),
+            info.sigaltstack.2,
+        )
+    };
+    let mut ss = sp.to_le_bytes().to_vec();
+    ss.extend_from_slice(&flags.to_le_bytes());
+    ss.extend_from_slice(&0u32.to_le_bytes());
+    ss.extend_from_slice(&size.to_le_bytes());
+    let at = sys.put(0, &ss)?;
+    sys.call("sigaltstack", libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0])?;
     for siginfo in &info.pending {
         let signo = i32::from_le_bytes(siginfo[0..4].try_into().expect("4 bytes"));
         let at = sys.put(0, siginfo)?;
@@ -224,14 +235,23 @@ mod tests {
         );
         let q = rec.calls("rt_tgsigqueueinfo")[0];
         assert_eq!((q[0], q[1], q[2]), (70, 77, 34));
-        // A disabled alternate stack is left alone.
+        // A disabled alternate stack is set disabled: the restorer's own
+        // is not left behind.
         let rec = Recording::new();
         let plain = ThreadInfo {
             sigaltstack: (0, libc::SS_DISABLE as u32, 0),
             ..ThreadInfo::default()
         };
         restore_thread(&rec, 70, &plain).unwrap();
-        assert_eq!(rec.names(), ["set_robust_list", "set_tid_address"]);
+        assert_eq!(
+            rec.names(),
+            ["set_robust_list", "set_tid_address", "sigaltstack"]
+        );
+        let ss = rec.memory("sigaltstack", 0, rec.calls("sigaltstack")[0][0], 24);
+        assert_eq!(
+            u32::from_le_bytes(ss[8..12].try_into().unwrap()),
+            libc::SS_DISABLE as u32
+        );
         let mut c = Changes::none();
         super::super::invalidate(nr::SIGALTSTACK, &mut c);
         assert!(c.thread_state);
