@@ -65,6 +65,12 @@ fn manifest() -> Manifest {
             boot_id: "5c3f0e61-1d5e-4a8e-9b0b-7d1f2d6f9b11".into(),
             sid: 4242,
             pgid: 4242,
+            prctl: Some(cr_ebpf_image::Prctl {
+                pdeath_signal: 15,
+                dumpable: 1,
+                thp_disabled: false,
+                job_stop: 0,
+            }),
             posix_timers: vec![cr_ebpf_image::PosixTimer {
                 id: 2,
                 clockid: 7,
@@ -241,7 +247,7 @@ fn a_truncated_manifest_is_an_error() {
 fn unknown_versions_are_refused() {
     let d = tempdir("version");
     write_image(&d);
-    for (major, minor) in [(2u16, 0u16), (1, 7)] {
+    for (major, minor) in [(2u16, 0u16), (1, cr_ebpf_image::FORMAT_MINOR + 1)] {
         let p = d.join(MANIFEST_FILE);
         let mut b = std::fs::read(&p).unwrap();
         b[8..10].copy_from_slice(&major.to_le_bytes());
@@ -519,8 +525,8 @@ fn a_header_claiming_a_newer_minor_is_refused_naming_the_version() {
         cr_ebpf_image::FORMAT_MINOR.to_le_bytes(),
         "written in the current format"
     );
-    assert_eq!(cr_ebpf_image::FORMAT_MINOR, 6);
-    b[10..12].copy_from_slice(&7u16.to_le_bytes());
+    let newer = cr_ebpf_image::FORMAT_MINOR + 1;
+    b[10..12].copy_from_slice(&newer.to_le_bytes());
     let crc = crc32(&b[0..28]);
     b[28..32].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&p, b).unwrap();
@@ -530,15 +536,16 @@ fn a_header_claiming_a_newer_minor_is_refused_naming_the_version() {
             e,
             ImageError::Version {
                 major: 1,
-                minor: 7,
+                minor,
                 ..
-            }
+            } if minor == newer
         ),
         "{e}"
     );
     let e = e.to_string();
     assert!(
-        e.contains("image format 1.7 is not readable") && e.contains("reads 1.0 to 1.6"),
+        e.contains(&format!("image format 1.{newer} is not readable"))
+            && e.contains(&format!("reads 1.0 to 1.{}", newer - 1)),
         "{e}"
     );
 }

@@ -43,6 +43,10 @@ pub struct Tracee {
     /// A signal that arrived while we drove the thread; delivered when we
     /// let it go.
     deferred: std::cell::Cell<Option<Signal>>,
+    /// The stop signal of the job-control stop the process was in at the
+    /// last `PTRACE_EVENT_STOP` (the kernel reports it instead of
+    /// `SIGTRAP` while the group is stopped).
+    job_stop: std::cell::Cell<Option<Signal>>,
 }
 
 fn perr(request: &'static str, tid: Pid) -> impl FnOnce(nix::Error) -> TraceError {
@@ -64,6 +68,7 @@ impl Tracee {
             tid,
             attached: true,
             deferred: std::cell::Cell::new(None),
+            job_stop: std::cell::Cell::new(None),
         })
     }
 
@@ -74,6 +79,7 @@ impl Tracee {
             tid: Pid::from_raw(tid),
             attached: true,
             deferred: std::cell::Cell::new(None),
+            job_stop: std::cell::Cell::new(None),
         };
         loop {
             match t.wait()? {
@@ -102,6 +108,7 @@ impl Tracee {
             tid: pid,
             attached: true,
             deferred: std::cell::Cell::new(None),
+            job_stop: std::cell::Cell::new(None),
         })
     }
 
@@ -141,7 +148,8 @@ impl Tracee {
                 }
             })?;
             return Ok(match status {
-                WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => {
+                WaitStatus::PtraceEvent(_, sig, ev) if ev == libc::PTRACE_EVENT_STOP => {
+                    self.job_stop.set((sig != Signal::SIGTRAP).then_some(sig));
                     StopKind::Interrupt
                 }
                 WaitStatus::PtraceEvent(_, _, ev) => StopKind::Event(ev),
@@ -336,6 +344,13 @@ impl Tracee {
             }
         }
         Ok(self.regs()?.rax as i64)
+    }
+
+    /// The signal of the job-control stop (`SIGSTOP`, `SIGTSTP`, ...) the
+    /// process was in when this seized thread was last interrupted, or
+    /// `None` when it was running.
+    pub fn job_stop(&self) -> Option<Signal> {
+        self.job_stop.get()
     }
 
     /// The signal held back while the thread was driven, if any.

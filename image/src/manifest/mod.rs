@@ -49,7 +49,7 @@ pub use fd::{
 pub use lock::{FileLock, LockKind};
 pub use mapping::{MappingInfo, MappingKind, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED};
 pub use posix_timer::PosixTimer;
-pub use process::{ProcessInfo, SigAction};
+pub use process::{Prctl, ProcessInfo, SigAction};
 pub use shmem::{ShmemKind, ShmemObject, SHMEM_CAP};
 pub use thread::ThreadInfo;
 

@@ -63,6 +63,24 @@ pub struct ProcessInfo {
     pub sid: i32,
     /// Its process group (format 1.5; see `sid`).
     pub pgid: i32,
+    /// Format 1.7: the process's own `prctl` settings (parent-death
+    /// signal, dumpable, THP disabled) and whether it was stopped by job
+    /// control. `None` in older images (nothing is set at restore).
+    pub prctl: Option<Prctl>,
+}
+
+/// The `prctl` settings of a process and its job-control stop (format 1.7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Prctl {
+    /// `PR_GET_PDEATHSIG`: the signal it gets when its parent dies (0: none).
+    pub pdeath_signal: u32,
+    /// `PR_GET_DUMPABLE` (0, 1 or 2).
+    pub dumpable: u32,
+    /// `PR_GET_THP_DISABLE`: transparent huge pages disabled.
+    pub thp_disabled: bool,
+    /// The signal that stopped it by job control (`SIGSTOP`, `SIGTSTP`,
+    /// `SIGTTIN`, `SIGTTOU`) when it was stopped; 0 when it was running.
+    pub job_stop: u32,
 }
 
 /// One signal disposition, as the kernel's `struct sigaction` for `rt_sigaction`.
@@ -121,6 +139,12 @@ impl ProcessInfo {
         b.str(&self.boot_id);
         b.i32(self.sid);
         b.i32(self.pgid);
+        if let Some(c) = self.prctl {
+            b.u32(c.pdeath_signal);
+            b.u32(c.dumpable);
+            b.u32(c.thp_disabled as u32);
+            b.u32(c.job_stop);
+        }
     }
 
     /// Reads a PROCESS section's body; `posix_timers` is left empty.
@@ -167,6 +191,25 @@ impl ProcessInfo {
         } else {
             (b.i32()?, b.i32()?)
         };
+        // Format 1.7 appends the prctl settings and the job-control stop.
+        let prctl = if b.done() {
+            None
+        } else {
+            let c = Prctl {
+                pdeath_signal: b.u32()?,
+                dumpable: b.u32()?,
+                thp_disabled: b.u32()? != 0,
+                job_stop: b.u32()?,
+            };
+            if c.pdeath_signal > 64 || c.job_stop > 64 || c.dumpable > 2 {
+                return Err(b.err(format!(
+                    "prctl settings out of range (parent-death signal {}, dumpable {}, \
+                     stop signal {})",
+                    c.pdeath_signal, c.dumpable, c.job_stop
+                )));
+            }
+            Some(c)
+        };
         Ok(Self {
             pid,
             exe,
@@ -188,6 +231,7 @@ impl ProcessInfo {
             boot_id,
             sid,
             pgid,
+            prctl,
         })
     }
 }
@@ -249,6 +293,12 @@ mod tests {
             boot_id: "boot".into(),
             sid: 42,
             pgid: 40,
+            prctl: Some(Prctl {
+                pdeath_signal: 10,
+                dumpable: 0,
+                thp_disabled: true,
+                job_stop: 19,
+            }),
         }
     }
 
@@ -268,7 +318,7 @@ mod tests {
         let mut e = Enc::default();
         p.encode(&mut e);
         // 1.1 ends after the credentials: u64, u64, str "boot", i32, i32 cut off.
-        let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4 + 4 + 4)];
+        let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4 + 4 + 4 + 16)];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!((back.monotonic_ns, back.boottime_ns), (0, 0));
         assert_eq!(back.boot_id, "");
@@ -280,10 +330,27 @@ mod tests {
         let p = sample();
         let mut e = Enc::default();
         p.encode(&mut e);
-        let old = &e.buf[..e.buf.len() - 8];
+        let old = &e.buf[..e.buf.len() - 8 - 16];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!((back.sid, back.pgid), (0, 0));
         assert_eq!(back.boot_id, "boot");
+    }
+
+    #[test]
+    fn a_process_of_format_1_6_has_no_prctl_settings() {
+        let p = sample();
+        let mut e = Enc::default();
+        p.encode(&mut e);
+        let old = &e.buf[..e.buf.len() - 16];
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        assert_eq!(back.prctl, None);
+        assert_eq!((back.sid, back.pgid), (42, 40));
+        // Out of range values are refused.
+        let mut bad = e.buf.clone();
+        let n = bad.len();
+        bad[n - 4..].copy_from_slice(&99u32.to_le_bytes());
+        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
+        assert!(err.what.contains("stop signal 99"), "{}", err.what);
     }
 
     #[test]

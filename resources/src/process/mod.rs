@@ -16,6 +16,7 @@ pub mod mm;
 pub mod namespaces;
 pub mod pending;
 pub mod posix_timers;
+pub mod prctl;
 pub mod scheduling;
 pub mod security;
 pub mod session;
@@ -46,6 +47,7 @@ pub static KINDS: &[&dyn ProcessKind] = &[
     &pending::Pending,
     &itimers::ITimers,
     &posix_timers::PosixTimers,
+    &prctl::Prctls,
 ];
 
 /// When a kind is restored.
@@ -221,6 +223,8 @@ pub struct Changes {
     /// Per-thread state only the thread can be asked for may have changed
     /// (`sigaltstack`, `set_tid_address`, new threads).
     pub thread_state: bool,
+    /// `prctl` settings may have changed.
+    pub prctl: bool,
     /// Address ranges whose mappings were created, moved or removed
     /// (`mmap`, `munmap`, `mremap`, `brk`, `shmat`/`shmdt`).
     pub layout: Vec<(u64, u64)>,
@@ -234,6 +238,7 @@ impl Changes {
             sigactions: true,
             itimers: true,
             thread_state: true,
+            prctl: true,
             layout: Vec::new(),
         }
     }
@@ -245,6 +250,7 @@ impl Changes {
             sigactions: false,
             itimers: false,
             thread_state: false,
+            prctl: false,
             layout: Vec::new(),
         }
     }

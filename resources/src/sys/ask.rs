@@ -24,6 +24,11 @@ pub trait Ask {
     /// The signals pending for the whole process, as `siginfo_t`s (left
     /// pending).
     fn pending_signals(&self) -> Result<Vec<Vec<u8>>, SaveError>;
+
+    /// The signal of the job-control stop the process is in (`SIGSTOP`,
+    /// `SIGTSTP`, `SIGTTIN`, `SIGTTOU`), or 0 when it was running when it
+    /// was frozen.
+    fn job_stop(&self) -> i32;
 }
 
 /// [`Ask`] through ptrace, in the stopped main thread `main` of `pid`.
@@ -59,6 +64,10 @@ impl Ask for Frozen<'_> {
                 source,
             })
     }
+
+    fn job_stop(&self) -> i32 {
+        self.main.job_stop().map_or(0, |s| s as i32)
+    }
 }
 
 /// Address of the buffer [`Scripted`] hands out.
@@ -76,6 +85,8 @@ pub struct Scripted {
     answers: Vec<(i64, Answer)>,
     /// Pending signals to report.
     pub pending: Vec<Vec<u8>>,
+    /// The job-control stop signal to report.
+    pub job_stop: i32,
     asked: RefCell<Vec<(i64, [u64; 6])>>,
 }
 
@@ -83,6 +94,12 @@ impl Scripted {
     /// Answers syscall `nr` with `f(args)`; unscripted calls fail with `ENOSYS`.
     pub fn answer(mut self, nr: i64, f: impl Fn([u64; 6]) -> (i64, Vec<u8>) + 'static) -> Self {
         self.answers.push((nr, Box::new(f)));
+        self
+    }
+
+    /// Reports `signo` as the job-control stop.
+    pub fn stopped_by(mut self, signo: i32) -> Self {
+        self.job_stop = signo;
         self
     }
 
@@ -111,5 +128,9 @@ impl Ask for Scripted {
 
     fn pending_signals(&self) -> Result<Vec<Vec<u8>>, SaveError> {
         Ok(self.pending.clone())
+    }
+
+    fn job_stop(&self) -> i32 {
+        self.job_stop
     }
 }

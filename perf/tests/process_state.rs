@@ -1,0 +1,167 @@
+//! Process-wide state only the process itself can be asked for comes back
+//! after a dump and restore: `prctl` settings (THP disabled, dumpable),
+//! a job-control stop; a parent-death signal whose parent is left behind
+//! is refused. The answers come through a Python signal handler, which
+//! runs with `SA_ONSTACK`: a restore once left the main thread with the
+//! restorer's alternate signal stack, and the first such signal killed it.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_checkpoint::{dump, DumpOptions};
+use cr_ebpf_perf::{spawn_clean, KillOnDrop, Scratch};
+use cr_ebpf_restore::{restore, RestoreOptions};
+
+/// A python3 workload: `SETUP`, then `ctl/ready`; on SIGUSR1 it writes
+/// its prctl answers to `ctl/answer`; it counts into `ctl/count`.
+const WORKLOAD: &str = r#"
+import ctypes, os, signal, sys, time
+ctl = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+def answer(*_):
+    sig = ctypes.c_int(0)
+    libc.prctl(2, ctypes.byref(sig), 0, 0, 0)
+    vals = [libc.prctl(3, 0, 0, 0, 0), libc.prctl(42, 0, 0, 0, 0), sig.value]
+    with open(os.path.join(ctl, 'answer.tmp'), 'w') as f:
+        f.write(' '.join(map(str, vals)))
+    os.rename(os.path.join(ctl, 'answer.tmp'), os.path.join(ctl, 'answer'))
+signal.signal(signal.SIGUSR1, answer)
+SETUP
+open(os.path.join(ctl, 'ready'), 'w').close()
+n = 0
+while True:
+    n += 1
+    with open(os.path.join(ctl, 'count.tmp'), 'w') as f:
+        f.write(str(n))
+    os.rename(os.path.join(ctl, 'count.tmp'), os.path.join(ctl, 'count'))
+    time.sleep(0.02)
+"#;
+
+fn start(s: &Scratch, setup: &str) -> (std::process::Child, i32, std::path::PathBuf) {
+    let ctl = s.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", &WORKLOAD.replace("SETUP", setup)])
+        .arg(&ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let child = spawn_clean(&mut cmd);
+    wait_for(&ctl.join("ready"));
+    let pid = child.id() as i32;
+    (child, pid, ctl)
+}
+
+fn wait_for(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn count(ctl: &std::path::Path) -> u64 {
+    std::fs::read_to_string(ctl.join("count"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn state(pid: i32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    s[s.rfind(')').unwrap() + 2..].chars().next().unwrap()
+}
+
+/// Asks the process for its prctl answers: dumpable, THP disabled, pdeath.
+fn answers(pid: i32, ctl: &std::path::Path) -> String {
+    let _ = std::fs::remove_file(ctl.join("answer"));
+    // SAFETY: plain kill.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    wait_for(&ctl.join("answer"));
+    std::fs::read_to_string(ctl.join("answer")).unwrap()
+}
+
+#[test]
+fn prctl_settings_come_back_after_a_restore() {
+    if !cr_ebpf_perf::privileged("prctl_settings_come_back_after_a_restore") {
+        return;
+    }
+    let s = Scratch::new("ps-prctl");
+    let (mut child, pid, ctl) = start(&s, "libc.prctl(41, 1, 0, 0, 0)\nlibc.prctl(4, 0, 0, 0, 0)");
+    let guard = KillOnDrop(pid);
+    assert_eq!(answers(pid, &ctl), "0 1 0", "set before the checkpoint");
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    assert_eq!(answers(r.pid, &ctl), "0 1 0", "not dumpable, THP disabled");
+}
+
+#[test]
+fn a_stopped_process_comes_back_stopped_and_continues_on_sigcont() {
+    if !cr_ebpf_perf::privileged("a_stopped_process_comes_back_stopped_and_continues_on_sigcont") {
+        return;
+    }
+    let s = Scratch::new("ps-stop");
+    let (mut child, pid, ctl) = start(&s, "");
+    let guard = KillOnDrop(pid);
+    // SAFETY: plain kill.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state(pid) != 'T' {
+        assert!(Instant::now() < deadline, "did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = count(&ctl);
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let m = cr_ebpf_image::Manifest::read(&img).unwrap();
+    assert_eq!(m.process.prctl.unwrap().job_stop, libc::SIGSTOP as u32);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state(r.pid), 'T', "stopped again");
+    assert_eq!(count(&ctl), before, "it ran none of its own code");
+    // SAFETY: plain kill.
+    unsafe { libc::kill(r.pid, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&ctl) < before + 3 {
+        assert!(Instant::now() < deadline, "did not continue after SIGCONT");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_parent_death_signal_from_a_parent_left_behind_is_refused() {
+    if !cr_ebpf_perf::privileged("a_parent_death_signal_from_a_parent_left_behind_is_refused") {
+        return;
+    }
+    let s = Scratch::new("ps-pdeath");
+    let (mut child, pid, ctl) = start(&s, "libc.prctl(1, 10, 0, 0, 0)");
+    let _k = KillOnDrop(pid);
+    let img = s.0.join("img");
+    let err = dump(pid, &img, &DumpOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("not supported") && msg.contains("parent-death signal (10)"),
+        "{msg}"
+    );
+    assert!(!img.exists(), "no image published");
+    let before = count(&ctl);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&ctl) <= before {
+        assert!(Instant::now() < deadline, "left running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_none());
+}
