@@ -504,6 +504,29 @@ mod tests {
     }
 
     #[test]
+    fn an_unbound_udp_socket_shut_down_comes_back_shut_down() {
+        let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        // An unbound one: sock_diag does not list it.
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor we own.
+        let v = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // ENOTCONN, but shut down.
+        // SAFETY: plain syscall on our socket.
+        let r = unsafe { libc::shutdown(v.as_raw_fd(), libc::SHUT_RDWR) };
+        assert_eq!(r, -1);
+        let saved = testing::save_own_many(&[u.as_raw_fd(), v.as_raw_fd()]);
+        assert_eq!(
+            (socket_of(&saved[0]).shutdown, socket_of(&saved[1]).shutdown),
+            (0, 3)
+        );
+        drop((u, v));
+        let fds = restored(&saved);
+        assert_eq!(super::super::poll_shutdown(&fds[1]).unwrap(), 3);
+    }
+
+    #[test]
     fn a_udp_socket_shut_down_for_writing_cannot_send_again() {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -208,8 +208,9 @@ fn address(fd: &OwnedFd, peer: bool) -> io::Result<Vec<u8>> {
     Ok(bytes.to_vec())
 }
 
-/// Whether `fd` reports its receiving side shut down.
-fn poll_rdhup(fd: &OwnedFd) -> io::Result<bool> {
+/// The directions of `fd` poll shows shut down: receiving (1), or both (3,
+/// a hang-up); sending alone is not visible.
+fn poll_shutdown(fd: &OwnedFd) -> io::Result<u8> {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLRDHUP,
@@ -217,7 +218,11 @@ fn poll_rdhup(fd: &OwnedFd) -> io::Result<bool> {
     };
     // SAFETY: one pollfd of ours, no waiting.
     check(unsafe { libc::poll(&mut p, 1, 0) })?;
-    Ok(p.revents & libc::POLLRDHUP != 0)
+    Ok(if p.revents & libc::POLLHUP != 0 {
+        3
+    } else {
+        u8::from(p.revents & libc::POLLRDHUP != 0)
+    })
 }
 
 /// Whether an inet address is the unbound one (any address, port 0).
@@ -351,16 +356,17 @@ fn save_socket(
             }
             s.shutdown = match ctx.inet(family, protocol, inode)? {
                 Some(d) => d.shutdown,
-                None if protocol == libc::IPPROTO_UDP => {
+                None if protocol == libc::IPPROTO_UDP && !s.local.is_empty() => {
                     return Err(SocketError::NotSupported(
                         "a UDP socket that sock_diag does not list (its shutdown state is unknown)"
                             .into(),
                     ))
                 }
-                // Ping sockets have no sock_diag handler: poll shows a
-                // shut down receiving side (a sending side alone is not
-                // visible; ping sockets are rarely shut down).
-                None => u8::from(poll_rdhup(dup).map_err(|e| ("poll", e))?),
+                // Unbound UDP sockets (sock_diag lists bound ones) and ping
+                // sockets (no sock_diag handler): poll shows a shut down
+                // receiving side; a sending side shut down alone is not
+                // visible (such sockets are rarely shut down).
+                None => poll_shutdown(dup).map_err(|e| ("poll", e))?,
             };
         }
         (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
