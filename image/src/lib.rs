@@ -33,8 +33,8 @@ pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
     ChainInfo, EpollItem, FdInfo, FdKind, FdState, FileLock, InotifyWatch, LockKind, Manifest,
     MappingInfo, MappingKind, PosixTimer, Prctl, ProcessInfo, ShmemKind, ShmemObject, SigAction,
-    SockOpt, SocketInfo, TcpRepair, ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED, SHMEM_CAP,
-    SOCKET_QUEUE_CAP,
+    SockOpt, SocketFile, SocketInfo, TcpRepair, ThreadInfo, MAP_GROWSDOWN, MAP_INHERITS,
+    MAP_SHARED, SHMEM_CAP, SOCKET_QUEUE_CAP,
 };
 pub use publish::publish;
 

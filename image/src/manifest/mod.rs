@@ -43,7 +43,7 @@ mod thread;
 
 pub use chain::ChainInfo;
 pub use fd::{
-    EpollItem, FdInfo, FdKind, FdState, InotifyWatch, SockOpt, SocketInfo, TcpRepair,
+    EpollItem, FdInfo, FdKind, FdState, InotifyWatch, SockOpt, SocketFile, SocketInfo, TcpRepair,
     SOCKET_QUEUE_CAP,
 };
 pub use lock::{FileLock, LockKind};

@@ -9,7 +9,7 @@ mod legacy;
 mod socket;
 mod state;
 
-pub use socket::{SockOpt, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
+pub use socket::{SockOpt, SocketFile, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
 pub use state::{EpollItem, FdKind, FdState, InotifyWatch};
 
 use super::{unknown, PATH_CAP};

@@ -1,5 +1,8 @@
 //! A socket's state (descriptor kind 9, format 1.2): addresses, options,
-//! queued messages and an established TCP connection's repair state.
+//! queued messages and an established TCP connection's repair state;
+//! since format 1.7 also the directions shut down and a bound unix
+//! socket's file permissions and owner (appended: older images end
+//! before them).
 
 use crate::codec::{Dec, DecErr, Enc};
 
@@ -81,6 +84,30 @@ pub struct SocketInfo {
     pub queue: Vec<Vec<u8>>,
     /// An established TCP connection.
     pub tcp: Option<TcpRepair>,
+    /// Directions shut down (`sk_shutdown`: 1 receiving, 2 sending), to
+    /// be shut down again with `shutdown` (format 1.7; 0 before).
+    pub shutdown: u8,
+    /// A unix socket bound to a path: its file as it was (format 1.7;
+    /// `None` before, and for other sockets).
+    pub file: Option<SocketFile>,
+}
+
+/// The file of a unix socket bound to a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketFile {
+    /// The path leads to the socket: its file's permissions and owner, as
+    /// `stat` showed them.
+    Kept {
+        /// Permission bits (`st_mode & 07777`).
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+    /// The file was removed (or the path now leads to another file): the
+    /// socket keeps its name, but nothing reaches it through the path.
+    Removed,
 }
 
 impl SocketInfo {
@@ -112,6 +139,18 @@ impl SocketInfo {
                 b.u16(1);
                 t.encode(b);
             }
+        }
+        // Format 1.7.
+        b.u16(self.shutdown.into());
+        match self.file {
+            None => b.u16(0),
+            Some(SocketFile::Kept { mode, uid, gid }) => {
+                b.u16(1);
+                b.u32(mode);
+                b.u32(uid);
+                b.u32(gid);
+            }
+            Some(SocketFile::Removed) => b.u16(2),
         }
     }
 
@@ -158,6 +197,25 @@ impl SocketInfo {
             0 => None,
             1 => Some(TcpRepair::decode(b)?),
             other => return Err(b.err(format!("unknown TCP state marker {other}"))),
+        };
+        // Format 1.7 appends the shutdown state and the bound file; older
+        // sockets end here.
+        if b.done() {
+            return Ok(s);
+        }
+        s.shutdown = match b.u16()? {
+            v @ 0..=3 => v as u8,
+            other => return Err(b.err(format!("unknown socket shutdown state {other}"))),
+        };
+        s.file = match b.u16()? {
+            0 => None,
+            1 => Some(SocketFile::Kept {
+                mode: b.u32()?,
+                uid: b.u32()?,
+                gid: b.u32()?,
+            }),
+            2 => Some(SocketFile::Removed),
+            other => return Err(b.err(format!("unknown socket file marker {other}"))),
         };
         Ok(s)
     }
@@ -234,6 +292,20 @@ mod tests {
             inode: 77,
             peer_inode: 78,
             queue: vec![b"hello".to_vec(), Vec::new(), b"again".to_vec()],
+            shutdown: 3,
+            file: Some(SocketFile::Kept {
+                mode: 0o640,
+                uid: 18943,
+                gid: 58467,
+            }),
+            ..SocketInfo::default()
+        };
+        let ghost = SocketInfo {
+            family: 1,
+            sock_type: 2,
+            local: b"\x01\x00/tmp/gone".to_vec(),
+            file: Some(SocketFile::Removed),
+            shutdown: 1,
             ..SocketInfo::default()
         };
         let listener = SocketInfo {
@@ -276,9 +348,22 @@ mod tests {
             }),
             ..SocketInfo::default()
         };
-        for s in [pair_end, listener, connection] {
+        for s in [pair_end, ghost, listener, connection] {
             assert_eq!(decoded(&encoded(&s)).unwrap(), s);
         }
+    }
+
+    #[test]
+    fn a_socket_of_format_1_6_ends_before_the_shutdown_state() {
+        let s = SocketInfo {
+            family: 1,
+            sock_type: 1,
+            local: b"\x01\x00/tmp/x".to_vec(),
+            ..SocketInfo::default()
+        };
+        let mut old = encoded(&s);
+        old.truncate(old.len() - 4);
+        assert_eq!(decoded(&old).unwrap(), s);
     }
 
     #[test]
@@ -296,14 +381,24 @@ mod tests {
         let e = decoded(&encoded(&many)).unwrap_err();
         assert!(e.what.contains("socket options"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 2;
+        let at = bad.len() - 6;
         bad[at] = 2;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("unknown TCP state marker 2"), "{}", e.what);
+        let mut bad = encoded(&SocketInfo::default());
+        let at = bad.len() - 4;
+        bad[at] = 4;
+        let e = decoded(&bad).unwrap_err();
+        assert!(e.what.contains("shutdown state 4"), "{}", e.what);
+        let mut bad = encoded(&SocketInfo::default());
+        let at = bad.len() - 2;
+        bad[at] = 3;
+        let e = decoded(&bad).unwrap_err();
+        assert!(e.what.contains("socket file marker 3"), "{}", e.what);
         // Every message under the cap, together over it.
         let mut e = Enc::default();
         SocketInfo::default().encode(&mut e);
-        let mut buf = e.buf[..e.buf.len() - 6].to_vec();
+        let mut buf = e.buf[..e.buf.len() - 10].to_vec();
         let half = vec![0u8; SOCKET_QUEUE_CAP / 2 + 1];
         let mut q = Enc::default();
         q.u32(2);

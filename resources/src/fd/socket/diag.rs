@@ -1,7 +1,9 @@
 //! What only the kernel's socket diagnostics (`NETLINK_SOCK_DIAG`) tell:
-//! which unix socket is connected to which, and a listening TCP socket's
-//! backlog. One dump request per question, answered for every socket of
-//! the network namespace, keyed by socket inode.
+//! which unix socket is connected to which and the file it is bound to, a
+//! listening socket's backlog, what a socket has sent that is still
+//! queued at its peer, and which directions were shut down (`shutdown`).
+//! One dump request per question, answered for every socket of the
+//! network namespace, keyed by socket inode.
 
 use std::{
     collections::HashMap,
@@ -15,11 +17,17 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
+const UDIAG_SHOW_VFS: u32 = 2;
 const UDIAG_SHOW_PEER: u32 = 4;
 const UDIAG_SHOW_RQLEN: u32 = 16;
+const UNIX_DIAG_VFS: u16 = 1;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_RQLEN: u16 = 4;
+const UNIX_DIAG_SHUTDOWN: u16 = 6;
+const INET_DIAG_SHUTDOWN: u16 = 8;
 const TCP_LISTEN_STATE: u32 = 10;
+/// Length of `struct inet_diag_msg`, after which its attributes follow.
+const INET_DIAG_MSG_LEN: usize = 72;
 
 fn netlink() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the result is checked.
@@ -79,13 +87,38 @@ fn dump(body: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<()> {
     }
 }
 
+/// Calls `each` with the kind and payload of every netlink attribute of
+/// `attrs`.
+fn attributes(mut attrs: &[u8], mut each: impl FnMut(u16, &[u8])) {
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes(attrs[0..2].try_into().expect("2")) as usize;
+        let kind = u16::from_ne_bytes(attrs[2..4].try_into().expect("2"));
+        if len < 4 || len > attrs.len() {
+            break;
+        }
+        each(kind, &attrs[4..len]);
+        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
 /// What sock_diag says of one unix socket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UnixDiag {
-    /// The peer's inode (0: none).
+    /// The peer's inode (0: none, or a connection not accepted yet).
     pub peer: u64,
     /// For a listener, its backlog.
     pub backlog: u32,
+    /// For any other socket, the bytes it sent that its peer has not read.
+    pub outq: u32,
+    /// `sk_shutdown`: 1 receiving shut down, 2 sending.
+    pub shutdown: u8,
+    /// The file it is bound to: inode and device (the kernel's `dev_t`,
+    /// major << 20 | minor); `None` for an unbound or abstract socket.
+    pub vfs: Option<(u32, u32)>,
 }
 
 /// Every unix socket of the namespace, by inode.
@@ -96,7 +129,7 @@ pub fn unix_sockets() -> io::Result<HashMap<u64, UnixDiag>> {
     body.extend_from_slice(&0u16.to_ne_bytes());
     body.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
     body.extend_from_slice(&0u32.to_ne_bytes()); // any inode
-    body.extend_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    body.extend_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | UDIAG_SHOW_VFS).to_ne_bytes());
     body.extend_from_slice(&u32::MAX.to_ne_bytes()); // no cookie
     body.extend_from_slice(&u32::MAX.to_ne_bytes());
     let mut out = HashMap::new();
@@ -106,45 +139,62 @@ pub fn unix_sockets() -> io::Result<HashMap<u64, UnixDiag>> {
             return;
         }
         let ino = u32::from_ne_bytes(m[4..8].try_into().expect("4")) as u64;
+        let listening = m[2] == TCP_LISTEN_STATE as u8;
         let mut d = UnixDiag::default();
-        let mut attrs = &m[16..];
-        while attrs.len() >= 4 {
-            let len = u16::from_ne_bytes(attrs[0..2].try_into().expect("2")) as usize;
-            let kind = u16::from_ne_bytes(attrs[2..4].try_into().expect("2"));
-            if len < 4 || len > attrs.len() {
-                break;
-            }
-            if kind == UNIX_DIAG_PEER && len >= 8 {
-                d.peer = u32::from_ne_bytes(attrs[4..8].try_into().expect("4")) as u64;
-            }
-            if kind == UNIX_DIAG_RQLEN && len >= 12 {
-                // {rqueue, wqueue}: for a listener, pending connections and backlog.
-                d.backlog = u32::from_ne_bytes(attrs[8..12].try_into().expect("4"));
-            }
-            attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
-        }
+        attributes(&m[16..], |kind, a| match kind {
+            UNIX_DIAG_PEER => d.peer = u32_at(a, 0).unwrap_or(0) as u64,
+            // {rqueue, wqueue}: for a listener, pending connections and
+            // backlog; otherwise unread bytes and bytes sent not yet read.
+            UNIX_DIAG_RQLEN if listening => d.backlog = u32_at(a, 4).unwrap_or(0),
+            UNIX_DIAG_RQLEN => d.outq = u32_at(a, 4).unwrap_or(0),
+            UNIX_DIAG_SHUTDOWN => d.shutdown = a.first().copied().unwrap_or(0),
+            UNIX_DIAG_VFS => d.vfs = u32_at(a, 0).zip(u32_at(a, 4)),
+            _ => {}
+        });
         out.insert(ino, d);
     })?;
     Ok(out)
 }
 
-/// Listening TCP sockets of `family` (`AF_INET`/`AF_INET6`): inode -> backlog.
-pub fn tcp_backlogs(family: i32) -> io::Result<HashMap<u64, u32>> {
-    let mut body = vec![family as u8, libc::IPPROTO_TCP as u8, 0, 0];
-    body.extend_from_slice(&(1u32 << TCP_LISTEN_STATE).to_ne_bytes());
+/// What sock_diag says of one TCP or UDP socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InetDiag {
+    /// For a listener, its backlog.
+    pub backlog: u32,
+    /// `sk_shutdown`: 1 receiving shut down, 2 sending.
+    pub shutdown: u8,
+}
+
+/// The sockets of `family` (`AF_INET`/`AF_INET6`) and `protocol`
+/// (`IPPROTO_TCP`/`IPPROTO_UDP`) in every state, by inode; none for a
+/// protocol sock_diag has no handler for (`ENOENT`, ping sockets).
+pub fn inet_sockets(family: i32, protocol: i32) -> io::Result<HashMap<u64, InetDiag>> {
+    let mut body = vec![family as u8, protocol as u8, 0, 0];
+    body.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
     body.extend_from_slice(&[0u8; 48]); // struct inet_diag_sockid: any
     let mut out = HashMap::new();
-    dump(&body, |m| {
+    let r = dump(&body, |m| {
         // struct inet_diag_msg: family, state, timer, retrans, id (48 bytes),
         // expires, rqueue, wqueue (the backlog for a listener), uid, inode.
-        if m.len() < 72 {
+        if m.len() < INET_DIAG_MSG_LEN {
             return;
         }
-        let backlog = u32::from_ne_bytes(m[60..64].try_into().expect("4"));
-        let ino = u32::from_ne_bytes(m[68..72].try_into().expect("4")) as u64;
-        out.insert(ino, backlog);
-    })?;
-    Ok(out)
+        let mut d = InetDiag::default();
+        if u32::from(m[1]) == TCP_LISTEN_STATE {
+            d.backlog = u32_at(m, 60).unwrap_or(0);
+        }
+        let ino = u32_at(m, 68).unwrap_or(0) as u64;
+        attributes(&m[INET_DIAG_MSG_LEN..], |kind, a| {
+            if kind == INET_DIAG_SHUTDOWN {
+                d.shutdown = a.first().copied().unwrap_or(0);
+            }
+        });
+        out.insert(ino, d);
+    });
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(HashMap::new()),
+        other => other.map(|()| out),
+    }
 }
 
 #[cfg(test)]
@@ -174,7 +224,32 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         // SAFETY: listen again on our own socket with another backlog.
         assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 77) }, 0);
-        let backlogs = tcp_backlogs(libc::AF_INET).expect("sock_diag for TCP");
-        assert_eq!(backlogs.get(&inode(&l)), Some(&77));
+        let all = inet_sockets(libc::AF_INET, libc::IPPROTO_TCP).expect("sock_diag for TCP");
+        assert_eq!(all[&inode(&l)].backlog, 77);
+    }
+
+    #[test]
+    fn shutdown_and_bound_files_are_reported() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.shutdown(std::net::Shutdown::Read).unwrap();
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.connect(u.local_addr().unwrap()).unwrap();
+        // SAFETY: plain syscall on our socket.
+        assert_eq!(unsafe { libc::shutdown(u.as_raw_fd(), libc::SHUT_WR) }, 0);
+        let dir = std::env::temp_dir().join(format!("diag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sock");
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let all = unix_sockets().expect("sock_diag for unix sockets");
+        // Shutting down one end shuts the other's opposite direction.
+        assert_eq!((all[&inode(&a)].shutdown, all[&inode(&b)].shutdown), (1, 2));
+        let st = std::fs::metadata(&path).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(all[&inode(&l)].vfs.map(|v| v.0 as u64), Some(st.ino()));
+        assert_eq!(all[&inode(&a)].vfs, None);
+        let udp = inet_sockets(libc::AF_INET, libc::IPPROTO_UDP).expect("sock_diag for UDP");
+        assert_eq!(udp[&inode(&u)].shutdown, 2);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,9 +7,13 @@
 //! unconnected), UDP (bound, connected; queued datagrams are not kept, as
 //! a network may lose them), unix stream, datagram and seqpacket sockets
 //! ([`unix`]: socket pairs whose both ends are checkpointed, with their
-//! queued messages; named and unnamed listeners and bound sockets).
+//! queued messages; named and unnamed listeners and bound sockets, with
+//! their file's permissions and owner, or bound to a file since removed).
+//! Directions shut down come back shut down. The restore side, which
+//! makes every socket once, is `build.rs`.
 //! Anything else is refused with what and where.
 
+mod build;
 mod diag;
 pub mod tcp;
 pub mod unix;
@@ -23,12 +27,10 @@ use std::{
 use cr_ebpf_image::{FdInfo, FdKind, FdState, SockOpt, SocketInfo};
 
 use self::{
-    diag::UnixDiag,
-    tcp::{
-        closed_connection, tcp_connection, tcp_repair, tcp_state_name, TCP_CLOSE, TCP_ESTABLISHED,
-        TCP_LISTEN,
-    },
-    unix::{peek_messages, socketpair, unix_path},
+    build::build,
+    diag::{InetDiag, UnixDiag},
+    tcp::{tcp_repair, tcp_state_name, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN},
+    unix::save_unix,
 };
 use super::{Descriptor, Prepare, RestoreCx, SaveCx, Seen, Shared};
 use crate::{RestoreError, SaveError};
@@ -49,7 +51,7 @@ impl Descriptor for Socket {
             let (pid, fd) = (cx.pid, seen.fd);
             let dup = cx.dup(fd)?;
             let mut info = seen.info(FdKind::Socket);
-            let sock = save_socket(&dup, info.inode, cx.sockets).map_err(|e| match e {
+            let sock = save_socket(&dup, info.inode, pid, cx.sockets).map_err(|e| match e {
                 SocketError::NotSupported(what) => cx.refuse(fd, what),
                 SocketError::Io(what, source) => SaveError::Proc {
                     pid,
@@ -206,6 +208,23 @@ fn address(fd: &OwnedFd, peer: bool) -> io::Result<Vec<u8>> {
     Ok(bytes.to_vec())
 }
 
+/// The directions of `fd` poll shows shut down: receiving (1), or both (3,
+/// a hang-up); sending alone is not visible.
+fn poll_shutdown(fd: &OwnedFd) -> io::Result<u8> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd of ours, no waiting.
+    check(unsafe { libc::poll(&mut p, 1, 0) })?;
+    Ok(if p.revents & libc::POLLHUP != 0 {
+        3
+    } else {
+        u8::from(p.revents & libc::POLLRDHUP != 0)
+    })
+}
+
 /// Whether an inet address is the unbound one (any address, port 0).
 fn unbound_inet(addr: &[u8]) -> bool {
     addr.len() < 4 || (addr[2] == 0 && addr[3] == 0 && addr[4..].iter().all(|b| *b == 0))
@@ -215,7 +234,7 @@ fn unbound_inet(addr: &[u8]) -> bool {
 #[derive(Default)]
 pub struct Context {
     unix: Option<HashMap<u64, UnixDiag>>,
-    backlogs: HashMap<i32, HashMap<u64, u32>>,
+    inet: HashMap<(i32, i32), HashMap<u64, InetDiag>>,
 }
 
 impl Context {
@@ -230,20 +249,32 @@ impl Context {
             .unwrap_or_default())
     }
 
-    fn backlog(&mut self, family: i32, ino: u64) -> Result<u32, SocketError> {
-        let m = match self.backlogs.entry(family) {
+    /// What sock_diag says of a TCP or UDP socket; `None` when it does not
+    /// list it.
+    fn inet(
+        &mut self,
+        family: i32,
+        protocol: i32,
+        ino: u64,
+    ) -> Result<Option<InetDiag>, SocketError> {
+        let m = match self.inet.entry((family, protocol)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(diag::tcp_backlogs(family).map_err(|e| ("sock_diag (tcp)", e))?)
+                e.insert(diag::inet_sockets(family, protocol).map_err(|e| ("sock_diag (inet)", e))?)
             }
         };
-        Ok(m.get(&ino).copied().unwrap_or(128))
+        Ok(m.get(&ino).copied())
     }
 }
 
 /// Saves the socket `dup` (a duplicate of the process's descriptor) whose
 /// `/proc` link is `socket:[inode]`.
-fn save_socket(dup: &OwnedFd, inode: u64, ctx: &mut Context) -> Result<SocketInfo, SocketError> {
+fn save_socket(
+    dup: &OwnedFd,
+    inode: u64,
+    pid: i32,
+    ctx: &mut Context,
+) -> Result<SocketInfo, SocketError> {
     let int = |level, name, what: &'static str| {
         getsockopt_int(dup, level, name).map_err(|e| SocketError::Io(what, e))
     };
@@ -299,8 +330,10 @@ fn save_socket(dup: &OwnedFd, inode: u64, ctx: &mut Context) -> Result<SocketInf
         (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM) if protocol == libc::IPPROTO_TCP => {
             let info = getsockopt(dup, libc::IPPROTO_TCP, libc::TCP_INFO, 8)
                 .map_err(|e| ("TCP_INFO", e))?;
+            let d = ctx.inet(family, protocol, inode)?;
+            s.shutdown = d.map_or(0, |d| d.shutdown);
             match info.first().copied().unwrap_or(0) {
-                TCP_LISTEN => s.backlog = ctx.backlog(family, inode)?,
+                TCP_LISTEN => s.backlog = d.map_or(128, |d| d.backlog),
                 TCP_ESTABLISHED => s.tcp = Some(tcp_repair(dup)?),
                 TCP_CLOSE => {
                     if unbound_inet(&s.local) {
@@ -321,22 +354,24 @@ fn save_socket(dup: &OwnedFd, inode: u64, ctx: &mut Context) -> Result<SocketInf
             if unbound_inet(&s.local) {
                 s.local.clear();
             }
+            s.shutdown = match ctx.inet(family, protocol, inode)? {
+                Some(d) => d.shutdown,
+                None if protocol == libc::IPPROTO_UDP && !s.local.is_empty() => {
+                    return Err(SocketError::NotSupported(
+                        "a UDP socket that sock_diag does not list (its shutdown state is unknown)"
+                            .into(),
+                    ))
+                }
+                // Unbound UDP sockets (sock_diag lists bound ones) and ping
+                // sockets (no sock_diag handler): poll shows a shut down
+                // receiving side; a sending side shut down alone is not
+                // visible (such sockets are rarely shut down).
+                None => poll_shutdown(dup).map_err(|e| ("poll", e))?,
+            };
         }
         (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
             let d = ctx.unix(inode)?;
-            s.peer_inode = d.peer;
-            if listening {
-                s.backlog = d.backlog;
-            } else {
-                s.queue = peek_messages(dup, sock_type == libc::SOCK_STREAM)?;
-            }
-            // An unbound unix socket's name is just the family.
-            if s.local.len() <= 2 {
-                s.local.clear();
-            }
-            if s.peer.len() <= 2 {
-                s.peer.clear();
-            }
+            save_unix(dup, &mut s, &d, pid)?;
         }
         _ => {
             return Err(SocketError::NotSupported(format!(
@@ -484,73 +519,6 @@ pub(super) fn option_int(s: &SocketInfo, level: i32, name: i32) -> Option<i32> {
         .iter()
         .find(|o| o.level == level && o.name == name)
         .and_then(|o| Some(i32::from_ne_bytes(o.value.get(..4)?.try_into().ok()?)))
-}
-
-/// Any socket but a connected unix pair.
-fn single(s: &SocketInfo, close_connections: bool) -> Result<OwnedFd, RestoreError> {
-    if let Some(t) = &s.tcp {
-        if close_connections {
-            return closed_connection(s, t);
-        }
-        return tcp_connection(s, t);
-    }
-    let fd = socket(s).map_err(fail(format!("socket({}, {})", s.family, s.sock_type)))?;
-    apply_options(&fd, s, false)?;
-    if !s.local.is_empty() {
-        if s.family == libc::AF_UNIX as u16 {
-            // A socket file left by the dead process: only a socket is removed.
-            if let Some(p) = unix_path(&s.local) {
-                use std::os::unix::fs::FileTypeExt as _;
-                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket()) {
-                    let _ = std::fs::remove_file(&p);
-                }
-            }
-        }
-        bind(&fd, &s.local).map_err(fail("bind (restored socket)"))?;
-    }
-    if s.listening {
-        // SAFETY: plain syscall on our socket.
-        check(unsafe { libc::listen(fd.as_raw_fd(), s.backlog.max(1) as i32) })
-            .map_err(fail("listen (restored socket)"))?;
-    } else if !s.peer.is_empty() {
-        connect(&fd, &s.peer).map_err(fail("connect (restored socket)"))?;
-    }
-    Ok(fd)
-}
-
-/// Every socket of `sockets` (descriptor number, socket) once, by inode (a
-/// socket open under several numbers, or in several processes, is one
-/// socket). With `close_connections`, established TCP connections are
-/// closed instead of re-established.
-fn build(
-    sockets: &[(i32, &SocketInfo)],
-    close_connections: bool,
-) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
-    let by_inode: HashMap<u64, &SocketInfo> = sockets.iter().map(|(_, s)| (s.inode, *s)).collect();
-    let mut made: HashMap<u64, OwnedFd> = HashMap::new();
-    for (_, s) in sockets {
-        if made.contains_key(&s.inode) {
-            continue;
-        }
-        match by_inode.get(&s.peer_inode) {
-            Some(peer) if s.family == libc::AF_UNIX as u16 && s.peer_inode != 0 => {
-                let (a, b) = socketpair(s).map_err(fail("socketpair"))?;
-                // Each end's queue was written by the other end.
-                for (to, from) in [(s, &b), (peer, &a)] {
-                    for m in &to.queue {
-                        send_all(from, m, libc::MSG_DONTWAIT)
-                            .map_err(fail("refilling a unix socket's queue"))?;
-                    }
-                }
-                made.insert(s.inode, a);
-                made.insert(peer.inode, b);
-            }
-            _ => {
-                made.insert(s.inode, single(s, close_connections)?);
-            }
-        }
-    }
-    Ok(made)
 }
 
 #[cfg(test)]

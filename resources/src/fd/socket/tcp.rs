@@ -2,6 +2,11 @@
 //! duplicate of the frozen process's socket (sequence numbers, both queues,
 //! MSS, window scaling, SACK, timestamps, the window), and rebuilt in the
 //! restorer without a handshake, or closed with a reset when asked.
+//!
+//! A rebuilt connection leaves repair mode only once every socket of the
+//! restore exists (`release`): leaving it sends a window probe, which a
+//! peer restored in the same restore but not made yet would answer with a
+//! reset.
 
 use std::{
     io,
@@ -183,7 +188,8 @@ pub(super) fn tcp_state_name(state: u8) -> &'static str {
     }
 }
 
-/// An established TCP connection, rebuilt without a handshake.
+/// An established TCP connection, rebuilt without a handshake; still in
+/// repair mode (see [`release`]).
 pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
     let fd = socket(s).map_err(fail("socket (TCP connection)"))?;
     // The queues must fit: the buffers as they were (the kernel doubles these).
@@ -255,24 +261,32 @@ pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, R
     }
     setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(fail("TCP_REPAIR_WINDOW"))?;
     apply_options(&fd, s, true)?;
-    tcp(TCP_REPAIR, 0, "leaving TCP_REPAIR")?;
+    Ok(fd)
+}
+
+/// Takes a connection made by [`tcp_connection`] out of repair mode: it
+/// talks to its peer again.
+pub(super) fn release(fd: &OwnedFd, s: &SocketInfo, t: &TcpRepair) -> Result<(), RestoreError> {
+    let sent = t.send_queue.len() - t.unsent as usize;
+    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 0).map_err(fail("leaving TCP_REPAIR"))?;
     // Leaving repair mode cleared SO_REUSEADDR.
     if let Some(v) = option_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR) {
-        set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, v).map_err(fail("SO_REUSEADDR"))?;
+        set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, v).map_err(fail("SO_REUSEADDR"))?;
     }
     // What the process wrote and the kernel had not sent yet goes out now.
     if t.unsent > 0 {
-        send_all(&fd, &t.send_queue[sent..], 0).map_err(fail("sending the unsent TCP bytes"))?;
+        send_all(fd, &t.send_queue[sent..], 0).map_err(fail("sending the unsent TCP bytes"))?;
     }
-    Ok(fd)
+    Ok(())
 }
 
 /// An established TCP connection closed instead of restored: the peer
 /// gets a reset (through the connection rebuilt for a moment, when that is
-/// possible), the process an unconnected socket in its place, on which its
-/// reads and writes fail as on a connection that broke.
+/// possible), the process a closed socket in its place (both directions
+/// shut down): reads find the end of the stream, writes fail with `EPIPE`,
+/// poll reports a hang-up.
 pub(super) fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
-    if let Ok(fd) = tcp_connection(s, t) {
+    if let Ok(fd) = tcp_connection(s, t).and_then(|fd| release(&fd, s, t).map(|()| fd)) {
         // SO_LINGER {on, 0 s}: close sends RST.
         let _ = setsockopt(
             &fd,
@@ -282,5 +296,9 @@ pub(super) fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd
         );
         drop(fd);
     }
-    socket(s).map_err(fail("socket (closed TCP connection)"))
+    let fd = socket(s).map_err(fail("socket (closed TCP connection)"))?;
+    // On a socket that is not connected this answers ENOTCONN, but shuts down.
+    // SAFETY: plain syscall on our socket.
+    let _ = unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+    Ok(fd)
 }

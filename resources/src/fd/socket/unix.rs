@@ -1,16 +1,83 @@
 //! Unix sockets: socket pairs whose both ends are checkpointed, rebuilt
 //! together with the messages queued on each end (read at checkpoint time
-//! without being consumed); named sockets bound again at their path.
+//! without being consumed); named sockets bound again at their path, their
+//! file given its permissions and owner back (or removed again when it was
+//! removed); directions shut down shut down again.
 
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use cr_ebpf_image::{FdInfo, FdState, SocketInfo, SOCKET_QUEUE_CAP};
+use cr_ebpf_image::{FdInfo, FdState, SocketFile, SocketInfo, SOCKET_QUEUE_CAP};
 
-use super::{check, getsockopt_int, setsockopt_int, SocketError};
+use super::{check, diag::UnixDiag, getsockopt_int, setsockopt_int, SocketError};
 use crate::SaveError;
+
+/// The unix part of a socket's state: peer, backlog or queued messages,
+/// directions shut down, the file it is bound to (`pid`'s cwd resolves a
+/// relative name).
+pub(super) fn save_unix(
+    dup: &OwnedFd,
+    s: &mut SocketInfo,
+    d: &UnixDiag,
+    pid: i32,
+) -> Result<(), SocketError> {
+    let stream = s.sock_type as i32 != libc::SOCK_DGRAM;
+    s.peer_inode = d.peer;
+    s.shutdown = d.shutdown;
+    if s.listening {
+        s.backlog = d.backlog;
+    } else {
+        s.queue = peek_messages(dup, s.sock_type as i32 == libc::SOCK_STREAM)?;
+        // Connected to a connection its listener has not accepted yet: what
+        // it sent waits in that connection, which nothing can read before
+        // the listener accepts it.
+        if stream && d.peer == 0 && d.outq > 0 {
+            return Err(SocketError::NotSupported(
+                "data sent on a unix connection not accepted yet".into(),
+            ));
+        }
+        // Whether its shutdown reached that connection is not visible.
+        if stream && d.peer == 0 && d.shutdown != 0 && !s.peer.is_empty() {
+            return Err(SocketError::NotSupported(
+                "a unix connection not accepted yet, shut down".into(),
+            ));
+        }
+    }
+    // An unbound unix socket's name is just the family.
+    if s.local.len() <= 2 {
+        s.local.clear();
+    }
+    if s.peer.len() <= 2 {
+        s.peer.clear();
+    }
+    if let (Some(path), Some((ino, dev))) = (unix_path(&s.local), d.vfs) {
+        let full = if path.is_absolute() {
+            path.clone()
+        } else {
+            std::path::Path::new(&format!("/proc/{pid}/cwd")).join(&path)
+        };
+        use std::os::unix::fs::MetadataExt as _;
+        s.file = Some(match std::fs::symlink_metadata(&full) {
+            Ok(m)
+                if m.ino() == u64::from(ino)
+                    && libc::major(m.dev()) == dev >> 20
+                    && libc::minor(m.dev()) == dev & 0xfffff =>
+            {
+                SocketFile::Kept {
+                    mode: m.mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                }
+            }
+            Ok(_) => SocketFile::Removed,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => SocketFile::Removed,
+            Err(e) => return Err(SocketError::Io("stat of a unix socket's file", e)),
+        });
+    }
+    Ok(())
+}
 
 /// The messages in a unix or UDP socket's receive queue, left in place:
 /// `SO_PEEK_OFF` walks the queue (the socket's own setting is put back).
@@ -124,19 +191,66 @@ pub(super) fn socketpair(s: &SocketInfo) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// The listener among `all` through which the stream connection
+/// `accepted` (whose other end is `other`) was accepted: it is named after
+/// the listener, and the other end's peer name is the listener's.
+pub(super) fn listener_of<'a>(
+    accepted: &SocketInfo,
+    other: &SocketInfo,
+    all: impl IntoIterator<Item = &'a SocketInfo>,
+) -> Option<&'a SocketInfo> {
+    if accepted.local.is_empty()
+        || other.peer != accepted.local
+        || accepted.sock_type as i32 == libc::SOCK_DGRAM
+    {
+        return None;
+    }
+    all.into_iter()
+        .find(|l| l.listening && l.local == accepted.local && l.sock_type == accepted.sock_type)
+}
+
+/// The shutdown bits a stream end gives its peer: receiving shut down here
+/// is sending shut down there.
+fn mirrored(bits: u8) -> u8 {
+    (bits & 1) << 1 | (bits & 2) >> 1
+}
+
+/// Whether the restore reproduces the shutdown state of the connection
+/// `x`-`y` exactly: `shutdown` on one end of a stream connection shuts the
+/// peer's opposite direction too, so an end shut down before it connected
+/// (its peer not shut down to match) can only come back through the
+/// listener that accepted it (see `build::pair`).
+fn shutdown_restorable(x: &SocketInfo, y: &SocketInfo, all: &[&SocketInfo]) -> bool {
+    if x.sock_type as i32 == libc::SOCK_DGRAM {
+        return true;
+    }
+    let covers =
+        |a: &SocketInfo, b: &SocketInfo| a.shutdown & mirrored(b.shutdown) == mirrored(b.shutdown);
+    if listener_of(y, x, all.iter().copied()).is_some() {
+        covers(x, y)
+    } else if listener_of(x, y, all.iter().copied()).is_some() {
+        covers(y, x)
+    } else {
+        covers(x, y) && covers(y, x)
+    }
+}
+
 /// Connected unix sockets are restored as pairs: both ends must be here,
-/// and queued datagrams need their sender.
+/// queued datagrams need their sender, and the directions shut down must
+/// come back as they were.
 pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
     let unix = |f: &FdInfo| match &f.state {
         FdState::Socket(s) if s.family == libc::AF_UNIX as u16 => Some(s.clone()),
         _ => None,
     };
-    let inodes: std::collections::HashSet<u64> = procs
+    let all: Vec<Box<SocketInfo>> = procs
         .iter()
         .flat_map(|(_, fds)| fds.iter())
         .filter_map(unix)
-        .map(|s| s.inode)
         .collect();
+    let all: Vec<&SocketInfo> = all.iter().map(|s| s.as_ref()).collect();
+    let inodes: std::collections::HashMap<u64, &SocketInfo> =
+        all.iter().map(|s| (s.inode, *s)).collect();
     let outside = if procs.len() > 1 {
         "a unix socket connected to a socket outside the process tree"
     } else {
@@ -145,13 +259,6 @@ pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
     for &(pid, fds) in procs {
         for f in fds {
             let Some(s) = unix(f) else { continue };
-            if s.peer_inode != 0 && !inodes.contains(&s.peer_inode) {
-                return Err(SaveError::NotSupportedFd {
-                    pid,
-                    fd: f.fd,
-                    what: outside.into(),
-                });
-            }
             if s.peer_inode == 0 && !s.queue.is_empty() {
                 return Err(SaveError::NotSupportedFd {
                     pid,
@@ -161,7 +268,35 @@ pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
                             .into(),
                 });
             }
+            let Some(peer) = (s.peer_inode != 0).then(|| inodes.get(&s.peer_inode)) else {
+                continue;
+            };
+            let Some(peer) = peer else {
+                return Err(SaveError::NotSupportedFd {
+                    pid,
+                    fd: f.fd,
+                    what: outside.into(),
+                });
+            };
+            if !shutdown_restorable(&s, peer, &all) {
+                return Err(SaveError::NotSupportedFd {
+                    pid,
+                    fd: f.fd,
+                    what: "a unix connection one end of which was shut down before it was \
+                           connected, without its listener"
+                        .into(),
+                });
+            }
         }
     }
     Ok(())
+}
+
+/// The `sockaddr_un` bytes of `path`.
+#[cfg(test)]
+pub(super) fn tests_addr(path: &std::path::Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut a = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+    a.extend_from_slice(path.as_os_str().as_bytes());
+    a
 }

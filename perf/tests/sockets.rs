@@ -1,0 +1,206 @@
+//! Privileged round trips of socket state beyond addresses and queues
+//! (python3 workloads): directions shut down (unix pairs, a unix connection
+//! shut down before it connected, UDP, TCP), a bound unix socket's file
+//! permissions, a unix socket whose file was removed, and a TCP
+//! connection both of whose ends are in the process. And what cannot come
+//! back is refused at checkpoint time with the process left running.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_checkpoint::{dump, DumpOptions};
+use cr_ebpf_perf::{spawn_clean, KillOnDrop, Scratch};
+use cr_ebpf_restore::{restore, RestoreOptions};
+
+const PYTHON: &str = "/usr/bin/python3";
+
+fn wait_for(path: &std::path::Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts the python3 `script` with a control directory and `args`, and
+/// waits for it to write `CTL/ready`.
+fn start(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> std::process::Child {
+    let ctl = scratch.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let child = spawn_clean(
+        Command::new(PYTHON)
+            .args(["-c", script])
+            .arg(&ctl)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    wait_for(&ctl.join("ready"), "python did not start");
+    child
+}
+
+/// Dumps the ready `script` (killing it), restores it, lets it check
+/// itself and returns its verdict.
+fn round_trip(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> String {
+    let img = scratch.0.join("image");
+    let ctl = scratch.0.join("ctl");
+    let mut child = start(scratch, script, args);
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    dump(
+        pid,
+        &img,
+        &DumpOptions {
+            leave_running: false,
+            threads: 0,
+        },
+    )
+    .expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _guard = KillOnDrop(r.pid);
+    std::fs::write(ctl.join("check"), b"").unwrap();
+    wait_for(&ctl.join("out"), "the restored process did not answer");
+    std::fs::read_to_string(ctl.join("out")).unwrap()
+}
+
+/// What every script ends with: wait for `check`, run CHECKS (which append
+/// to `bad`), write the verdict.
+const CHECK: &str = r#"
+open(os.path.join(ctl, 'ready'), 'w').close()
+while not os.path.exists(os.path.join(ctl, 'check')):
+    time.sleep(0.02)
+bad = []
+CHECKS
+with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
+    f.write('ok' if not bad else ' '.join(bad))
+os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
+time.sleep(60)
+"#;
+
+fn script(setup: &str, checks: &str) -> String {
+    format!(
+        "import errno, os, socket, stat, sys, time\nctl = sys.argv[1]\n{setup}{}",
+        CHECK.replace("CHECKS", checks)
+    )
+}
+
+/// Directions shut down stay shut down; the rest works.
+#[test]
+fn shut_down_sockets_stay_shut_down() {
+    if !cr_ebpf_perf::privileged("shut_down_sockets_stay_shut_down") {
+        return;
+    }
+    let scratch = Scratch::new("sk-shutdown");
+    let path = scratch.0.join("listener.sock");
+    let setup = r#"
+path = sys.argv[2]
+def fails(s):
+    try:
+        s.send(b'x', socket.MSG_DONTWAIT)
+    except BrokenPipeError:
+        return True
+    return False
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+a.shutdown(socket.SHUT_RD)
+c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+c.send(b'queued'); c.shutdown(socket.SHUT_WR)
+lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+lst.bind(path); os.chmod(path, 0o640); lst.listen(4)
+x = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+x.shutdown(socket.SHUT_RD); x.connect(path)
+y, _ = lst.accept()
+u1 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u1.bind(('127.0.0.1', 0))
+u2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u2.bind(('127.0.0.1', 0))
+u1.connect(u2.getsockname()); u2.connect(u1.getsockname())
+u1.shutdown(socket.SHUT_WR)
+tl = socket.socket(socket.AF_INET, socket.SOCK_STREAM); tl.bind(('127.0.0.1', 0)); tl.listen(1)
+tc = socket.create_connection(tl.getsockname())
+ts, _ = tl.accept()
+tc.sendall(b'unread')
+ts.shutdown(socket.SHUT_RD)
+"#;
+    let checks = r#"
+if not fails(b) or fails(a): bad.append('stream pair')
+if d.recv(100) != b'queued' or not fails(c) or fails(d): bad.append('datagram pair')
+if stat.S_IMODE(os.stat(path).st_mode) != 0o640: bad.append('socket file mode %o' % os.stat(path).st_mode)
+if y.getsockname() != path or x.getpeername() != path: bad.append('accepted names')
+x.sendall(b'ping'); y.settimeout(5)
+if y.recv(100) != b'ping': bad.append('accepted connection')
+if not fails(y): bad.append('shut down before connecting')
+if not fails(u1): bad.append('udp shutdown')
+u2.send(b'dgram'); u1.settimeout(5)
+if u1.recv(100) != b'dgram': bad.append('udp')
+ts.settimeout(5)
+try:
+    if ts.recv(100) != b'unread' or ts.recv(100) != b'': bad.append('tcp receive shutdown')
+except OSError as e:
+    bad.append('tcp receive shutdown: %s' % e)
+ts.sendall(b'back'); tc.settimeout(5)
+try:
+    if tc.recv(100) != b'back': bad.append('tcp connection')
+except OSError as e:
+    bad.append('tcp connection: %s' % e)
+"#;
+    let out = round_trip(&scratch, &script(setup, checks), &[&path]);
+    assert_eq!(out, "ok");
+}
+
+/// A datagram server whose file was removed after its client connected:
+/// the client still reaches it, and the file stays removed.
+#[test]
+fn a_unix_socket_whose_file_was_removed_stays_unreachable_by_path() {
+    if !cr_ebpf_perf::privileged("a_unix_socket_whose_file_was_removed_stays_unreachable_by_path") {
+        return;
+    }
+    let scratch = Scratch::new("sk-removed");
+    let path = scratch.0.join("server.sock");
+    let setup = r#"
+path = sys.argv[2]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); srv.bind(path)
+cli = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); cli.connect(path)
+os.unlink(path)
+"#;
+    let checks = r#"
+if os.path.exists(path): bad.append('file came back')
+if srv.getsockname() != path: bad.append('name')
+cli.send(b'hello'); srv.settimeout(5)
+if srv.recv(100) != b'hello': bad.append('client')
+"#;
+    let out = round_trip(&scratch, &script(setup, checks), &[&path]);
+    assert_eq!(out, "ok");
+}
+
+/// Data sent on a unix connection its listener has not accepted is out of
+/// reach: refused, and the process runs on.
+#[test]
+fn data_on_a_unix_connection_not_accepted_is_refused() {
+    if !cr_ebpf_perf::privileged("data_on_a_unix_connection_not_accepted_is_refused") {
+        return;
+    }
+    let scratch = Scratch::new("sk-unaccepted");
+    let path = scratch.0.join("listener.sock");
+    let setup = r#"
+path = sys.argv[2]
+lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); lst.bind(path); lst.listen(4)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect(path)
+c.sendall(b'waits')
+"#;
+    let mut child = start(&scratch, &script(setup, ""), &[&path]);
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    let img = scratch.0.join("img");
+    let err = dump(pid, &img, &DumpOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("not supported: data sent on a unix connection not accepted yet"),
+        "{msg}"
+    );
+    assert!(!img.exists(), "no image published");
+    assert!(child.try_wait().unwrap().is_none(), "the process runs on");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("TracerPid:\t0\n"), "not traced any more");
+}

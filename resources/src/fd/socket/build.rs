@@ -1,0 +1,542 @@
+//! Making the sockets of a restore, once each, in the restorer: the
+//! sockets others reach by address first (listeners, bound sockets), then
+//! connections: unix ones accepted through their restored listener or made
+//! as pairs, TCP ones rebuilt in repair mode; then every TCP connection is
+//! let go at once, the directions shut down are shut down again, and the
+//! files of sockets whose file had been removed are removed again.
+
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::PathBuf,
+};
+
+use cr_ebpf_image::{SocketFile, SocketInfo};
+
+use super::{
+    apply_options, bind, check, connect, fail, send_all,
+    tcp::{closed_connection, release, tcp_connection},
+    unix::{listener_of, socketpair, unix_path},
+};
+use crate::RestoreError;
+
+/// Every socket of `sockets` (descriptor number, socket) once, by inode (a
+/// socket open under several numbers, or in several processes, is one
+/// socket). With `close_connections`, established TCP connections are
+/// closed instead of re-established.
+pub(super) fn build(
+    sockets: &[(i32, &SocketInfo)],
+    close_connections: bool,
+) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
+    let by_inode: HashMap<u64, &SocketInfo> = sockets.iter().map(|(_, s)| (s.inode, *s)).collect();
+    let mut order: Vec<&SocketInfo> = Vec::new();
+    for (_, s) in sockets {
+        if !order.iter().any(|o| o.inode == s.inode) {
+            order.push(s);
+        }
+    }
+    // What others connect to exists before they connect (a stable sort:
+    // otherwise in descriptor order); pairs accepted through a listener
+    // come before the connections still waiting in its queue.
+    order.sort_by_key(|s| match () {
+        _ if s.listening || (s.peer.is_empty() && s.tcp.is_none()) => 0,
+        _ if pair_peer(s, &by_inode).is_some() => 1,
+        _ => 2,
+    });
+    let mut made: HashMap<u64, OwnedFd> = HashMap::new();
+    let mut removed = Removed::default();
+    // Shut down before connecting: the shutdown did not reach the peer.
+    let mut shut: Vec<u64> = Vec::new();
+    for s in order {
+        if made.contains_key(&s.inode) {
+            continue;
+        }
+        if let Some(peer) = pair_peer(s, &by_inode) {
+            let (a, b, early) = pair(s, peer, &by_inode, &made, &mut removed)?;
+            made.insert(s.inode, a);
+            made.insert(peer.inode, b);
+            shut.extend(early);
+        } else {
+            made.insert(s.inode, single(s, close_connections, &mut removed)?);
+        }
+    }
+    for (_, s) in sockets {
+        if let (Some(t), false) = (&s.tcp, close_connections) {
+            if let Some(fd) = made.get(&s.inode) {
+                release(fd, s, t)?;
+            }
+        }
+    }
+    for s in by_inode.values() {
+        if s.shutdown != 0 && !shut.contains(&s.inode) {
+            if let Some(fd) = made.get(&s.inode) {
+                shutdown(fd, s.shutdown).map_err(fail("shutdown (restored socket)"))?;
+            }
+        }
+    }
+    removed
+        .finish()
+        .map_err(fail("removing a unix socket's file again"))?;
+    Ok(made)
+}
+
+/// The other end of a unix connection both of whose ends are restored.
+fn pair_peer<'a>(
+    s: &SocketInfo,
+    by_inode: &HashMap<u64, &'a SocketInfo>,
+) -> Option<&'a SocketInfo> {
+    let peer = *by_inode.get(&s.peer_inode)?;
+    (s.family == libc::AF_UNIX as u16 && s.peer_inode != 0 && peer.peer_inode == s.inode)
+        .then_some(peer)
+}
+
+/// `shutdown` with the kernel's `sk_shutdown` bits (1 receiving, 2
+/// sending). On a socket that is not connected the kernel answers
+/// `ENOTCONN` but shuts it down all the same.
+fn shutdown(fd: &OwnedFd, bits: u8) -> io::Result<()> {
+    let how = match bits & 3 {
+        1 => libc::SHUT_RD,
+        2 => libc::SHUT_WR,
+        _ => libc::SHUT_RDWR,
+    };
+    // SAFETY: plain syscall on our socket.
+    match check(unsafe { libc::shutdown(fd.as_raw_fd(), how) }) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        r => r,
+    }
+}
+
+/// Both ends of a unix connection, with their options and the messages
+/// queued on each, and the inode of an end already shut down. A stream one
+/// accepted by a listener that is restored too is connected through that
+/// listener, as it was: the accepted end is named after the listener and
+/// the other end's shutdown from before it connected does not reach its
+/// peer.
+fn pair(
+    s: &SocketInfo,
+    peer: &SocketInfo,
+    by_inode: &HashMap<u64, &SocketInfo>,
+    made: &HashMap<u64, OwnedFd>,
+    removed: &mut Removed,
+) -> Result<(OwnedFd, OwnedFd, Option<u64>), RestoreError> {
+    let listener = |accepted: &SocketInfo, other: &SocketInfo| {
+        listener_of(accepted, other, by_inode.values().copied()).and_then(|l| made.get(&l.inode))
+    };
+    let (a, b, early) = if let Some(l) = listener(peer, s) {
+        let (a, b) = accept_through(l, s, removed)?;
+        (a, b, Some(s.inode))
+    } else if let Some(l) = listener(s, peer) {
+        let (b, a) = accept_through(l, peer, removed)?;
+        (a, b, Some(peer.inode))
+    } else {
+        let (a, b) = socketpair(s).map_err(fail("socketpair"))?;
+        (a, b, None)
+    };
+    for (fd, of) in [(&a, s), (&b, peer)] {
+        if early != Some(of.inode) {
+            apply_options(fd, of, false)?;
+        }
+    }
+    // Each end's queue was written by the other end.
+    for (to, from) in [(s, &b), (peer, &a)] {
+        for m in &to.queue {
+            send_all(from, m, libc::MSG_DONTWAIT)
+                .map_err(fail("refilling a unix socket's queue"))?;
+        }
+    }
+    Ok((a, b, early))
+}
+
+/// `s` connected to the restored listener `l` and accepted there at once:
+/// (`s`, the accepted end). `s` is shut down as it was before connecting.
+fn accept_through(
+    l: &OwnedFd,
+    s: &SocketInfo,
+    removed: &mut Removed,
+) -> Result<(OwnedFd, OwnedFd), RestoreError> {
+    let a = super::socket(s).map_err(fail("socket (unix connection)"))?;
+    apply_options(&a, s, false)?;
+    match unix_path(&s.local) {
+        Some(p) => bind_unix(&a, s, &p, removed)?,
+        None if !s.local.is_empty() => {
+            bind(&a, &s.local).map_err(fail("bind (unix connection)"))?
+        }
+        None => {}
+    }
+    if s.shutdown != 0 {
+        shutdown(&a, s.shutdown).map_err(fail("shutdown (unix connection)"))?;
+    }
+    connect(&a, &s.peer).map_err(fail("connect (unix connection)"))?;
+    // SAFETY: accepting on our listener; no address wanted.
+    let b = unsafe {
+        libc::accept4(
+            l.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    };
+    if b < 0 {
+        return Err(fail("accept4 (unix connection)")(io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor we own.
+    let b = unsafe { OwnedFd::from_raw_fd(b) };
+    // The process sets its own O_NONBLOCK on its descriptor.
+    // SAFETY: plain fcntl on our descriptor.
+    check(unsafe { libc::fcntl(b.as_raw_fd(), libc::F_SETFL, 0) })
+        .map_err(fail("fcntl (accepted unix connection)"))?;
+    Ok((a, b))
+}
+
+/// Any socket but the ends of a unix connection restored together.
+fn single(
+    s: &SocketInfo,
+    close_connections: bool,
+    removed: &mut Removed,
+) -> Result<OwnedFd, RestoreError> {
+    if let Some(t) = &s.tcp {
+        if close_connections {
+            return closed_connection(s, t);
+        }
+        return tcp_connection(s, t);
+    }
+    let fd = super::socket(s).map_err(fail(format!("socket({}, {})", s.family, s.sock_type)))?;
+    apply_options(&fd, s, false)?;
+    if !s.local.is_empty() {
+        match (s.family == libc::AF_UNIX as u16)
+            .then(|| unix_path(&s.local))
+            .flatten()
+        {
+            Some(p) => bind_unix(&fd, s, &p, removed)?,
+            None => bind(&fd, &s.local).map_err(fail("bind (restored socket)"))?,
+        }
+    }
+    if s.listening {
+        // SAFETY: plain syscall on our socket.
+        check(unsafe { libc::listen(fd.as_raw_fd(), s.backlog.max(1) as i32) })
+            .map_err(fail("listen (restored socket)"))?;
+    } else if !s.peer.is_empty() {
+        connect(&fd, &s.peer).map_err(fail("connect (restored socket)"))?;
+    }
+    Ok(fd)
+}
+
+/// Binds a unix socket at its path: a socket file left there by the dead
+/// process is replaced; the new file gets the permissions and owner the
+/// old one had. A socket whose file had been removed is bound with any
+/// file at its path moved aside for a moment, and its own file is removed
+/// again once everything has connected ([`Removed::finish`]).
+fn bind_unix(
+    fd: &OwnedFd,
+    s: &SocketInfo,
+    p: &std::path::Path,
+    removed: &mut Removed,
+) -> Result<(), RestoreError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let at = std::fs::symlink_metadata(p);
+    if s.file == Some(SocketFile::Removed) {
+        if at.is_ok() {
+            let aside = aside_name(p);
+            std::fs::rename(p, &aside).map_err(fail(format!(
+                "moving {} aside to bind a removed socket's name",
+                p.display()
+            )))?;
+            removed.aside.push((p.to_path_buf(), aside));
+        }
+        removed.paths.push(p.to_path_buf());
+        return bind(fd, &s.local).map_err(fail("bind (restored socket)"));
+    }
+    if at.is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(p);
+    }
+    bind(fd, &s.local).map_err(fail("bind (restored socket)"))?;
+    if let Some(SocketFile::Kept { mode, uid, gid }) = s.file {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+            .map_err(fail(format!("chown of {}", p.display())))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(fail(format!("chmod of {}", p.display())))?;
+    }
+    Ok(())
+}
+
+/// A name next to `p` that nothing uses.
+fn aside_name(p: &std::path::Path) -> PathBuf {
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let mut n = 0;
+    loop {
+        let c = p.with_file_name(format!(
+            ".{}.cr-ebpf-aside.{}.{n}",
+            name.as_deref().unwrap_or("socket"),
+            std::process::id()
+        ));
+        if std::fs::symlink_metadata(&c).is_err() {
+            return c;
+        }
+        n += 1;
+    }
+}
+
+/// Socket files to remove again, and files moved aside to put back, when
+/// the sockets are made (or their making failed).
+#[derive(Default)]
+struct Removed {
+    paths: Vec<PathBuf>,
+    aside: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Removed {
+    fn finish(mut self) -> io::Result<()> {
+        self.undo()
+    }
+
+    fn undo(&mut self) -> io::Result<()> {
+        let mut first = Ok(());
+        for p in self.paths.drain(..) {
+            if let Err(e) = std::fs::remove_file(&p) {
+                first = first.and(Err(e));
+            }
+        }
+        for (p, aside) in self.aside.drain(..) {
+            if let Err(e) = std::fs::rename(&aside, &p) {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+}
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = self.undo();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        os::{
+            fd::{AsRawFd as _, OwnedFd},
+            unix::{
+                fs::MetadataExt as _,
+                net::{UnixDatagram, UnixListener, UnixStream},
+            },
+        },
+    };
+
+    use cr_ebpf_image::{FdInfo, FdKind, FdState, SocketFile, SocketInfo};
+
+    use crate::fd::{socket::diag, testing, Descriptor as _};
+
+    fn socket_of(f: &FdInfo) -> SocketInfo {
+        match &f.state {
+            FdState::Socket(s) => (**s).clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The sockets `saved` made by a restore, in the same order.
+    fn restored(saved: &[FdInfo]) -> Vec<OwnedFd> {
+        let (_rec, shared) = testing::restore_keeping(&testing::manifest(saved.to_vec()));
+        saved
+            .iter()
+            .map(|f| {
+                shared
+                    .get(FdKind::Socket, socket_of(f).inode, 0, f.fd)
+                    .unwrap()
+                    .try_clone()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn inode(fd: &impl std::os::fd::AsRawFd) -> u64 {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        let s = link.to_string_lossy();
+        s.trim_start_matches("socket:[")
+            .trim_end_matches(']')
+            .parse()
+            .unwrap()
+    }
+
+    fn shutdowns(fds: &[&dyn std::os::fd::AsRawFd]) -> Vec<u8> {
+        let all = diag::unix_sockets().unwrap();
+        fds.iter()
+            .map(|fd| all[&inode(&fd.as_raw_fd())].shutdown)
+            .collect()
+    }
+
+    fn shut(fd: &impl std::os::fd::AsRawFd, how: i32) {
+        // SAFETY: plain syscall on our socket.
+        assert_eq!(unsafe { libc::shutdown(fd.as_raw_fd(), how) }, 0);
+    }
+
+    /// `send` without SIGPIPE: the errno when it fails.
+    fn send_errno(fd: &impl std::os::fd::AsRawFd) -> Option<i32> {
+        // SAFETY: sending one byte of ours.
+        let r = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                b"x".as_ptr().cast(),
+                1,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        (r < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+
+    #[test]
+    fn shut_down_unix_pairs_come_back_shut_down() {
+        let (a, b) = UnixStream::pair().unwrap();
+        shut(&a, libc::SHUT_RD);
+        let (c, d) = UnixDatagram::pair().unwrap();
+        c.send(b"queued").unwrap();
+        shut(&c, libc::SHUT_WR);
+        let before = shutdowns(&[&a, &b, &c, &d]);
+        assert_eq!(before, vec![1, 2, 2, 0]);
+        let saved =
+            testing::save_own_many(&[a.as_raw_fd(), b.as_raw_fd(), c.as_raw_fd(), d.as_raw_fd()]);
+        assert_eq!(
+            saved
+                .iter()
+                .map(|f| socket_of(f).shutdown)
+                .collect::<Vec<_>>(),
+            before
+        );
+        let fds = restored(&saved);
+        assert_eq!(shutdowns(&[&fds[0], &fds[1], &fds[2], &fds[3]]), before);
+        let d = UnixDatagram::from(fds[3].try_clone().unwrap());
+        let mut buf = [0u8; 16];
+        assert_eq!(d.recv(&mut buf).unwrap(), 6, "the queued datagram is there");
+        assert_eq!(send_errno(&fds[2]), Some(libc::EPIPE));
+    }
+
+    #[test]
+    fn an_accepted_connection_comes_back_through_its_listener_with_its_file() {
+        let dir = testing::scratch("accepted");
+        let path = dir.join("listener");
+        let l = UnixListener::bind(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // Shut down before connecting: the accepted end is not shut down.
+        // SAFETY: plain syscall; the result is checked.
+        let x = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        assert!(x >= 0);
+        // SAFETY: a new descriptor we own.
+        let x = UnixStream::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(x) });
+        shut(&x, libc::SHUT_RD);
+        let addr = super::super::unix::tests_addr(&path);
+        super::super::connect(&OwnedFd::from(x.try_clone().unwrap()), &addr).unwrap();
+        let (y, _) = l.accept().unwrap();
+        assert_eq!(shutdowns(&[&x, &y]), vec![1, 0]);
+        let saved = testing::save_own_many(&[l.as_raw_fd(), x.as_raw_fd(), y.as_raw_fd()]);
+        let file = socket_of(&saved[0]).file;
+        let me = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            file,
+            Some(SocketFile::Kept {
+                mode: 0o640,
+                uid: me.uid(),
+                gid: me.gid()
+            })
+        );
+        drop((l, x, y)); // the process is gone; its socket file stays
+        let fds = restored(&saved);
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o640);
+        assert_eq!(shutdowns(&[&fds[1], &fds[2]]), vec![1, 0]);
+        let (x, y) = (
+            UnixStream::from(fds[1].try_clone().unwrap()),
+            UnixStream::from(fds[2].try_clone().unwrap()),
+        );
+        assert_eq!(y.local_addr().unwrap().as_pathname(), Some(path.as_path()));
+        assert_eq!(x.peer_addr().unwrap().as_pathname(), Some(path.as_path()));
+        (&x).write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        (&y).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        assert_eq!(send_errno(&y), Some(libc::EPIPE), "x does not receive");
+    }
+
+    #[test]
+    fn a_socket_whose_file_was_removed_is_reached_by_its_clients_only() {
+        let dir = testing::scratch("removed");
+        let path = dir.join("server");
+        let srv = UnixDatagram::bind(&path).unwrap();
+        let cli = UnixDatagram::unbound().unwrap();
+        cli.connect(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let saved = testing::save_own_many(&[srv.as_raw_fd(), cli.as_raw_fd()]);
+        assert_eq!(socket_of(&saved[0]).file, Some(SocketFile::Removed));
+        drop((srv, cli));
+        let fds = restored(&saved);
+        assert!(!path.exists(), "the file is removed again");
+        let (srv, cli) = (
+            UnixDatagram::from(fds[0].try_clone().unwrap()),
+            UnixDatagram::from(fds[1].try_clone().unwrap()),
+        );
+        assert_eq!(
+            srv.local_addr().unwrap().as_pathname(),
+            Some(path.as_path())
+        );
+        cli.send(b"hello").unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(srv.recv(&mut buf).unwrap(), 5);
+    }
+
+    #[test]
+    fn data_sent_on_a_connection_not_accepted_yet_is_refused() {
+        let dir = testing::scratch("unaccepted");
+        let path = dir.join("listener");
+        let _l = UnixListener::bind(&path).unwrap();
+        let c = UnixStream::connect(&path).unwrap();
+        let mut owner = testing::SaveOwner::new();
+        let fine = super::super::Socket.save(&mut owner.cx(), &testing::seen(c.as_raw_fd()));
+        assert!(fine.unwrap().is_ok(), "nothing sent yet");
+        (&c).write_all(b"waits in the listener").unwrap();
+        let mut owner = testing::SaveOwner::new();
+        let err = super::super::Socket
+            .save(&mut owner.cx(), &testing::seen(c.as_raw_fd()))
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("not accepted yet"), "{err}");
+    }
+
+    #[test]
+    fn an_unbound_udp_socket_shut_down_comes_back_shut_down() {
+        let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        // An unbound one: sock_diag does not list it.
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor we own.
+        let v = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // ENOTCONN, but shut down.
+        // SAFETY: plain syscall on our socket.
+        let r = unsafe { libc::shutdown(v.as_raw_fd(), libc::SHUT_RDWR) };
+        assert_eq!(r, -1);
+        let saved = testing::save_own_many(&[u.as_raw_fd(), v.as_raw_fd()]);
+        assert_eq!(
+            (socket_of(&saved[0]).shutdown, socket_of(&saved[1]).shutdown),
+            (0, 3)
+        );
+        drop((u, v));
+        let fds = restored(&saved);
+        assert_eq!(super::super::poll_shutdown(&fds[1]).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_udp_socket_shut_down_for_writing_cannot_send_again() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.connect(b.local_addr().unwrap()).unwrap();
+        shut(&a, libc::SHUT_WR);
+        assert_eq!(send_errno(&a), Some(libc::EPIPE));
+        let saved = testing::save_own_many(&[a.as_raw_fd(), b.as_raw_fd()]);
+        assert_eq!(socket_of(&saved[0]).shutdown, 2);
+        drop((a, b));
+        let fds = restored(&saved);
+        assert_eq!(send_errno(&fds[0]), Some(libc::EPIPE));
+    }
+}
