@@ -24,6 +24,13 @@ pub(super) fn save_unix(
     pid: i32,
 ) -> Result<(), SocketError> {
     let stream = s.sock_type as i32 != libc::SOCK_DGRAM;
+    // An unbound (or unnamed: a socket pair's) unix socket's name is just the family.
+    if s.local.len() <= 2 {
+        s.local.clear();
+    }
+    if s.peer.len() <= 2 {
+        s.peer.clear();
+    }
     s.peer_inode = d.peer;
     s.shutdown = d.shutdown;
     if s.listening {
@@ -44,13 +51,6 @@ pub(super) fn save_unix(
                 "a unix connection not accepted yet, shut down".into(),
             ));
         }
-    }
-    // An unbound unix socket's name is just the family.
-    if s.local.len() <= 2 {
-        s.local.clear();
-    }
-    if s.peer.len() <= 2 {
-        s.peer.clear();
     }
     if let (Some(path), Some((ino, dev))) = (unix_path(&s.local), d.vfs) {
         let full = if path.is_absolute() {
