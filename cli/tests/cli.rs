@@ -199,7 +199,10 @@ fn dump_inspect_restore_from_the_command_line() {
     assert!(out.status.success());
     let image: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(image["pid"], pid);
-    assert_eq!(image["format"], "1.6");
+    assert_eq!(
+        image["format"],
+        format!("1.{}", cr_ebpf_image::FORMAT_MINOR)
+    );
     assert!(image["mappings"]
         .as_array()
         .unwrap()
