@@ -8,8 +8,8 @@ use std::{fs::File, path::Path};
 use cr_ebpf_image::{
     ChainInfo, FdInfo, Manifest, MappingInfo, MappingKind, ProcessInfo, ShmemObject, ThreadInfo,
 };
-use cr_ebpf_resources::process;
 pub use cr_ebpf_resources::process::{Changes, Queries};
+use cr_ebpf_resources::{advice, process};
 use cr_ebpf_tracee::{Frozen, Injector};
 
 use crate::{error::proc_err, maps, maps::MapEntry, proc, DumpError};
@@ -53,6 +53,20 @@ pub(crate) fn collect(
         source: std::io::Error::other(e),
     })?;
     maps::mark_tmpfs(pid, &mut entries);
+    // Each mapping's own settings: carried over while the log shows no
+    // change, read from smaps (a page-table walk) otherwise.
+    let carried = prev.is_some_and(|p| advice::inherit(&mut entries, &p.mappings, changes));
+    if !carried {
+        let smaps = format!("/proc/{pid}/smaps");
+        if let Some(at) = advice::read(pid, &mut entries).map_err(proc_err(pid, smaps))? {
+            return Err(DumpError::NotSupported {
+                pid,
+                what: format!(
+                    "a sealed mapping (mseal) at {at:#x}: it would not be sealed after a restore"
+                ),
+            });
+        }
+    }
     if let Some(m) = entries
         .iter()
         .find(|m| m.kind() == MappingKind::File && m.path.ends_with(" (deleted)"))

@@ -79,6 +79,12 @@ syscalls! {
     CLOSE_RANGE = 436 => "close_range",
     OPENAT2 = 437 => "openat2",
     PIPE = 22 => "pipe",
+    MLOCK = 149 => "mlock",
+    MUNLOCK = 150 => "munlock",
+    MLOCKALL = 151 => "mlockall",
+    MUNLOCKALL = 152 => "munlockall",
+    MLOCK2 = 325 => "mlock2",
+    MSEAL = 462 => "mseal",
 }
 
 /// The syscalls logged by default.
@@ -89,6 +95,12 @@ pub const RESOURCE_SYSCALLS: &[u32] = &[
     MPROTECT,
     BRK,
     MADVISE,
+    MLOCK,
+    MUNLOCK,
+    MLOCKALL,
+    MUNLOCKALL,
+    MLOCK2,
+    MSEAL,
     SHMAT,
     SHMDT,
     OPEN,

@@ -165,3 +165,48 @@ fn a_parent_death_signal_from_a_parent_left_behind_is_refused() {
     }
     assert!(child.try_wait().unwrap().is_none());
 }
+
+/// `VmFlags` of the mapping at `addr` in `pid`.
+fn vm_flags(pid: i32, addr: u64) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let head = format!("{addr:x}-");
+    let at = smaps.find(&head).expect("the mapping");
+    let rest = &smaps[at..];
+    let line = rest.lines().find(|l| l.starts_with("VmFlags:")).unwrap();
+    line.to_string()
+}
+
+#[test]
+fn a_mappings_own_settings_come_back_after_a_restore() {
+    if !cr_ebpf_perf::privileged("a_mappings_own_settings_come_back_after_a_restore") {
+        return;
+    }
+    let s = Scratch::new("ps-advice");
+    // 16 pages, MAP_NORESERVE, advised don't-fork and wipe-on-fork, written.
+    let setup = "libc.mmap.restype = ctypes.c_void_p\n\
+        a = libc.mmap(None, 65536, 3, 0x22 | 0x4000, -1, 0)\n\
+        libc.madvise(ctypes.c_void_p(a), 65536, 10)\n\
+        libc.madvise(ctypes.c_void_p(a), 65536, 18)\n\
+        ctypes.memset(a, 7, 65536)\n\
+        open(os.path.join(ctl, 'addr'), 'w').write(str(a))";
+    let (mut child, pid, ctl) = start(&s, setup);
+    let guard = KillOnDrop(pid);
+    let addr: u64 = std::fs::read_to_string(ctl.join("addr"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let before = vm_flags(pid, addr);
+    for f in [" dc", " wf", " nr"] {
+        assert!(before.contains(f), "{before}");
+    }
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    let after = vm_flags(r.pid, addr);
+    for f in [" dc", " wf", " nr"] {
+        assert!(after.contains(f), "{f} lost: {before} -> {after}");
+    }
+}

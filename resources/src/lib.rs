@@ -13,10 +13,14 @@
 //!   each declaring the logged syscalls that invalidate its saved answers.
 //! * [`shmem`]: shared memory objects (shared anonymous memory, memfds,
 //!   System V segments, tmpfs files mapped shared).
+//! * [`advice`]: a mapping's own settings (`madvise`, `mlock`,
+//!   `MAP_DROPPABLE`), carried over between checkpoints while the log
+//!   shows no change.
 //! * [`proc`]: what `/proc/PID/{stat,status,maps}` say, parsed once.
 //!
 //! `docs/ARCHITECTURE.md` has the recipe for adding a resource kind.
 
+pub mod advice;
 pub mod error;
 pub mod fd;
 pub mod proc;

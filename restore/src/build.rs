@@ -8,8 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cr_ebpf_image::{Chain, Manifest, MappingKind, MAP_GROWSDOWN, MAP_SHARED};
+use cr_ebpf_image::{
+    Chain, Manifest, MappingKind, MAP_DROPPABLE, MAP_GROWSDOWN, MAP_MAYWRITE, MAP_NORESERVE,
+    MAP_SHARED,
+};
 use cr_ebpf_resources::{
+    advice,
     fd::RestoreCx,
     proc::{parse_maps, MapEntry},
     process::{self, threads::restore_thread, Phase},
@@ -266,11 +270,14 @@ fn map(b: &mut Build<'_>) -> Result<(), RestoreError> {
         } else {
             x.prot
         };
-        let share = if x.flags & MAP_SHARED != 0 {
+        let mut share = if x.flags & MAP_SHARED != 0 {
             libc::MAP_SHARED
         } else {
             libc::MAP_PRIVATE
         };
+        if x.flags & MAP_NORESERVE != 0 {
+            share |= libc::MAP_NORESERVE;
+        }
         let sysv = x.kind == MappingKind::Shmem
             && m.shmem
                 .iter()
@@ -312,7 +319,8 @@ fn map(b: &mut Build<'_>) -> Result<(), RestoreError> {
                 )));
             }
             let at = s.put(0, &path)?;
-            let mode = if share == libc::MAP_SHARED && x.prot & libc::PROT_WRITE as u32 != 0 {
+            let writes = x.prot & libc::PROT_WRITE as u32 != 0 || x.flags & MAP_MAYWRITE != 0;
+            let mode = if share & libc::MAP_SHARED != 0 && writes {
                 libc::O_RDWR
             } else {
                 libc::O_RDONLY
@@ -331,6 +339,11 @@ fn map(b: &mut Build<'_>) -> Result<(), RestoreError> {
             )?;
             map_fd(s, x, prot, share, fd)?
         } else {
+            let share = if x.flags & MAP_DROPPABLE != 0 {
+                advice::MMAP_DROPPABLE | (share & libc::MAP_NORESERVE)
+            } else {
+                share
+            };
             let mut flags = share | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
             if x.flags & MAP_GROWSDOWN != 0 {
                 flags |= libc::MAP_GROWSDOWN;
@@ -408,6 +421,13 @@ fn mm(b: &mut Build<'_>) -> Result<(), RestoreError> {
                 libc::SYS_mprotect,
                 [x.start, x.end - x.start, x.prot as u64, 0, 0, 0],
             )?;
+        }
+        let special = matches!(
+            x.kind,
+            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+        );
+        if x.flags & advice::ADVICE != 0 && !special {
+            advice::restore(s, x)?;
         }
     }
 
@@ -558,6 +578,7 @@ mod tests {
             inode: 0,
             path: path.into(),
             tmpfs: false,
+            advice: 0,
         }
     }
 

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use cr_ebpf_checkpoint::{Changes, TreeChanges};
 use cr_ebpf_common::syscalls as nr;
 use cr_ebpf_loader::Event;
+use cr_ebpf_resources::advice;
 
 /// What the resource log saw of one process since the previous checkpoint.
 #[derive(Default)]
@@ -56,7 +57,17 @@ impl Log {
                         if private && readable {
                             p.new_mappings.push((a, a + s.args[1]));
                         }
+                        // Made locked or droppable: a setting of its own.
+                        let droppable = s.args[3] & 0x0f == advice::MMAP_DROPPABLE as u64;
+                        if droppable || s.args[3] & libc::MAP_LOCKED as u64 != 0 {
+                            changes.advice.push((a, a + s.args[1]));
+                        }
                     }
+                    // A mapping's own settings (see resources' advice).
+                    nr::MADVISE | nr::MLOCK | nr::MUNLOCK | nr::MLOCK2 | nr::MSEAL => changes
+                        .advice
+                        .push((s.args[0], s.args[0].saturating_add(s.args[1]))),
+                    nr::MLOCKALL | nr::MUNLOCKALL => changes.advice_unknown = true,
                     // Descriptors closed or replaced: held connections on
                     // them are let go.
                     nr::CLOSE if ok => p.closed.push((s.args[0] as i32, s.args[0] as i32)),
@@ -73,6 +84,8 @@ impl Log {
                         if ok {
                             let a = s.ret.unwrap_or(0) as u64;
                             changes.layout.push((a, a + s.args[2]));
+                            // Moved or grown with its settings.
+                            changes.advice.push((a, a + s.args[2]));
                         }
                     }
                     // What a process-wide kind's saved answers depend on:
@@ -163,6 +176,12 @@ mod tests {
             ),
         );
         log.fold(10, &call(11, 120, nr::CLOSE, [7, 0, 0, 0, 0, 0], 0));
+        // It advises part of it; the root locks all its memory.
+        log.fold(
+            10,
+            &call(11, 130, nr::MADVISE, [0x7000_1000, 4096, 10, 0, 0, 0], 0),
+        );
+        log.fold(10, &call(10, 140, nr::MLOCKALL, [3, 0, 0, 0, 0, 0], 0));
         // Our own injected queries, inside a window we had the tree stopped.
         log.ours.push((200, 300));
         log.fold(10, &call(12, 250, nr::SETITIMER, [0; 6], 0));
@@ -183,6 +202,8 @@ mod tests {
         let t = log.take_changes(&[10, 11, 12], &[], false);
         assert!(t.of(10).sigactions && !t.of(10).unknown);
         assert!(!t.of(11).sigactions);
+        assert_eq!(t.of(11).advice, [(0x7000_1000, 0x7000_2000)]);
+        assert!(t.of(10).advice_unknown && !t.of(11).advice_unknown);
         assert!(t.of(11).layout_touched(0x7000_1000, 0x7000_1001));
         assert_eq!(
             t.of(12),

@@ -11,6 +11,39 @@ pub const MAP_GROWSDOWN: u32 = 2;
 /// image live in the parent image's mapping with the same range.
 pub const MAP_INHERITS: u32 = 4;
 
+/// Mapping flags of format 1.7: the mapping's own settings, made with
+/// `madvise`, `mlock` or `mmap` flags, restored on it (the kernel's
+/// `VmFlags` of `/proc/PID/smaps`). `MADV_SEQUENTIAL`.
+pub const MAP_SEQUENTIAL: u32 = 1 << 3;
+/// `MADV_RANDOM`.
+pub const MAP_RANDOM: u32 = 1 << 4;
+/// `MADV_DONTFORK`: not inherited by children.
+pub const MAP_DONTFORK: u32 = 1 << 5;
+/// `MADV_DONTDUMP`: left out of core dumps.
+pub const MAP_DONTDUMP: u32 = 1 << 6;
+/// `MADV_HUGEPAGE`.
+pub const MAP_HUGEPAGE: u32 = 1 << 7;
+/// `MADV_NOHUGEPAGE`.
+pub const MAP_NOHUGEPAGE: u32 = 1 << 8;
+/// `MADV_MERGEABLE` (KSM).
+pub const MAP_MERGEABLE: u32 = 1 << 9;
+/// `MADV_WIPEONFORK`: a child gets it zeroed.
+pub const MAP_WIPEONFORK: u32 = 1 << 10;
+/// Locked in memory (`mlock`, `MAP_LOCKED`).
+pub const MAP_LOCKED: u32 = 1 << 11;
+/// Locked as pages fault in (`MLOCK_ONFAULT`); with [`MAP_LOCKED`].
+pub const MAP_LOCKONFAULT: u32 = 1 << 12;
+/// `MAP_DROPPABLE`: the kernel may drop its pages (to zero) at any time;
+/// no page of it is stored.
+pub const MAP_DROPPABLE: u32 = 1 << 13;
+/// A shared file mapping whose file was opened for writing although the
+/// mapping is not writable now (`mprotect` may make it writable).
+pub const MAP_MAYWRITE: u32 = 1 << 14;
+/// `MAP_NORESERVE`: no swap space reserved for it.
+pub const MAP_NORESERVE: u32 = 1 << 15;
+/// Every flag bit a reader of this version knows.
+pub const MAP_KNOWN: u32 = (1 << 16) - 1;
+
 /// What a mapping is. On disk as a `u16`; `0` is invalid.
 #[repr(u16)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -119,6 +152,21 @@ impl MappingInfo {
             inode: b.u64()?,
             pages_stored: b.u64()?,
         };
+        let known = if minor >= 7 {
+            MAP_KNOWN
+        } else {
+            MAP_SHARED | MAP_GROWSDOWN | MAP_INHERITS
+        };
+        if m.flags & !known != 0 {
+            return Err(DecErr {
+                offset: at,
+                what: format!(
+                    "unknown mapping flags {:#x} at {:#x} (format 1.{minor})",
+                    m.flags & !known,
+                    m.start
+                ),
+            });
+        }
         if m.start >= m.end || !m.start.is_multiple_of(4096) || !m.end.is_multiple_of(4096) {
             return Err(DecErr {
                 offset: at,
@@ -137,6 +185,30 @@ mod tests {
         let mut e = Enc::default();
         m.encode(&mut e);
         e.buf
+    }
+
+    #[test]
+    fn settings_flags_are_known_from_format_1_7_only() {
+        let m = MappingInfo {
+            start: 0x7000,
+            end: 0x9000,
+            flags: MAP_DONTFORK | MAP_LOCKED | MAP_MAYWRITE,
+            kind: MappingKind::Anon,
+            ..MappingInfo::default()
+        };
+        let buf = encoded(&m);
+        assert_eq!(
+            MappingInfo::decode(&mut Dec::new(&buf, 0), 0, 7).unwrap(),
+            m
+        );
+        let e = MappingInfo::decode(&mut Dec::new(&buf, 0), 0, 6).unwrap_err();
+        assert!(e.what.contains("unknown mapping flags"), "{}", e.what);
+        let bad = MappingInfo {
+            flags: 1 << 20,
+            ..m
+        };
+        let buf = encoded(&bad);
+        assert!(MappingInfo::decode(&mut Dec::new(&buf, 0), 0, 7).is_err());
     }
 
     #[test]

@@ -47,7 +47,12 @@ pub use fd::{
     SOCKET_QUEUE_CAP,
 };
 pub use lock::{FileLock, LockKind};
-pub use mapping::{MappingInfo, MappingKind, MAP_GROWSDOWN, MAP_INHERITS, MAP_SHARED};
+pub use mapping::{
+    MappingInfo, MappingKind, MAP_DONTDUMP, MAP_DONTFORK, MAP_DROPPABLE, MAP_GROWSDOWN,
+    MAP_HUGEPAGE, MAP_INHERITS, MAP_KNOWN, MAP_LOCKED, MAP_LOCKONFAULT, MAP_MAYWRITE,
+    MAP_MERGEABLE, MAP_NOHUGEPAGE, MAP_NORESERVE, MAP_RANDOM, MAP_SEQUENTIAL, MAP_SHARED,
+    MAP_WIPEONFORK,
+};
 pub use posix_timer::PosixTimer;
 pub use process::{Prctl, ProcessInfo, SigAction};
 pub use shmem::{ShmemKind, ShmemObject, SHMEM_CAP};

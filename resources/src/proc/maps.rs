@@ -26,6 +26,9 @@ pub struct MapEntry {
     /// A shared mapping of a file on tmpfs (`shm_open`, `/dev/shm`): shared
     /// memory whose contents are stored (see [`mark_tmpfs`]).
     pub tmpfs: bool,
+    /// The mapping's own settings, as image flags (see [`crate::advice`]);
+    /// 0 until read or carried over.
+    pub advice: u32,
 }
 
 impl MapEntry {
@@ -57,7 +60,7 @@ impl MapEntry {
         if self.kind() == MappingKind::Stack {
             f |= MAP_GROWSDOWN;
         }
-        f
+        f | self.advice
     }
 }
 
@@ -127,6 +130,7 @@ pub fn parse_maps(text: &str) -> Result<Vec<MapEntry>, String> {
             inode: inode.parse().map_err(|_| bad())?,
             path,
             tmpfs: false,
+            advice: 0,
         });
     }
     Ok(out)
@@ -148,7 +152,9 @@ pub fn dumpable_runs(pagemap: &File, m: &MapEntry) -> std::io::Result<Vec<(u64, 
         kind,
         MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
     ) || m.shared
+        || m.advice & cr_ebpf_image::MAP_DROPPABLE != 0
     {
+        // Droppable memory may read as zeroes at any time: none is stored.
         return Ok(Vec::new());
     }
     let pages = ((m.end - m.start) / 4096) as usize;

@@ -225,6 +225,12 @@ pub struct Changes {
     pub thread_state: bool,
     /// `prctl` settings may have changed.
     pub prctl: bool,
+    /// Address ranges whose mappings' own settings may have changed
+    /// (`madvise`, `mlock`, `munlock`, `mseal`, `mmap` with
+    /// `MAP_LOCKED`): see [`crate::advice`].
+    pub advice: Vec<(u64, u64)>,
+    /// Settings of any mapping may have changed (`mlockall`, `munlockall`).
+    pub advice_unknown: bool,
     /// Address ranges whose mappings were created, moved or removed
     /// (`mmap`, `munmap`, `mremap`, `brk`, `shmat`/`shmdt`).
     pub layout: Vec<(u64, u64)>,
@@ -239,6 +245,8 @@ impl Changes {
             itimers: true,
             thread_state: true,
             prctl: true,
+            advice: Vec::new(),
+            advice_unknown: true,
             layout: Vec::new(),
         }
     }
@@ -251,6 +259,8 @@ impl Changes {
             itimers: false,
             thread_state: false,
             prctl: false,
+            advice: Vec::new(),
+            advice_unknown: false,
             layout: Vec::new(),
         }
     }
