@@ -447,6 +447,7 @@ fn fds(b: &mut Build<'_>) -> Result<(), RestoreError> {
         shared: &b.natives.fds,
         shmem: shm,
     };
+    cr_ebpf_resources::fd::inherited::close_unheld(s, m)?;
     cr_ebpf_resources::fd::restore(&cx, m)?;
     s.release_adopter()?;
     cr_ebpf_resources::shmem::seal(&m.shmem, shm)

@@ -1,11 +1,24 @@
 //! Standard input, output and error connected to the outside (a pipe or
 //! FIFO whose other end is not checkpointed): not saved; the restored
-//! process gets the restorer's own descriptors 0, 1 and 2.
+//! process gets the restorer's own descriptors 0, 1 and 2. Those of 0, 1
+//! and 2 the process did not have at all are closed ([`close_unheld`]).
 
-use cr_ebpf_image::{FdInfo, FdKind};
+use cr_ebpf_image::{FdInfo, FdKind, Manifest};
 
 use super::{Descriptor, RestoreCx, SaveCx, Seen};
-use crate::{RestoreError, SaveError};
+use crate::{sys::Sys, RestoreError, SaveError};
+
+/// Closes those of the stub's 0, 1 and 2 (the restorer's) that process `m`
+/// did not have, so that it gets exactly its own descriptors. A number
+/// already free is fine (`close_range` ignores it).
+pub fn close_unheld(sys: &dyn Sys, m: &Manifest) -> Result<(), RestoreError> {
+    for n in 0..=2u64 {
+        if !m.fds.iter().any(|f| f.fd as u64 == n) {
+            sys.call("close_range", libc::SYS_close_range, [n, n, 0, 0, 0, 0])?;
+        }
+    }
+    Ok(())
+}
 
 /// Stdio inherited from whoever restores the process.
 pub struct Inherited;
@@ -44,7 +57,36 @@ mod tests {
             .expect("claimed")
             .unwrap();
         assert_eq!((info.fd, info.kind), (0, FdKind::Inherited));
-        let rec = testing::restore(&testing::manifest(vec![info]));
+        let rec = testing::restore(&testing::manifest(vec![info.clone()]));
         assert!(rec.events().is_empty(), "nothing is done in the process");
+        // 0 is the restorer's, kept; 1 and 2 the process did not have.
+        let rec = crate::sys::fake::Recording::new();
+        close_unheld(&rec, &testing::manifest(vec![info])).unwrap();
+        let closed: Vec<u64> = rec.calls("close_range").iter().map(|c| c[0]).collect();
+        assert_eq!(closed, [1, 2]);
+    }
+
+    #[test]
+    fn stdio_the_process_did_not_have_is_closed() {
+        let rec = crate::sys::fake::Recording::new();
+        let m = testing::manifest(Vec::new());
+        close_unheld(&rec, &m).unwrap();
+        let closed: Vec<[u64; 2]> = rec
+            .calls("close_range")
+            .iter()
+            .map(|c| [c[0], c[1]])
+            .collect();
+        assert_eq!(closed, [[0, 0], [1, 1], [2, 2]]);
+        // All three held: nothing closed.
+        let held = (0..3)
+            .map(|fd| FdInfo {
+                fd,
+                kind: FdKind::Inherited,
+                ..FdInfo::default()
+            })
+            .collect();
+        let rec = crate::sys::fake::Recording::new();
+        close_unheld(&rec, &testing::manifest(held)).unwrap();
+        assert!(rec.events().is_empty());
     }
 }
