@@ -26,7 +26,7 @@ pub struct MapEntry {
     /// A shared mapping of a file on tmpfs (`shm_open`, `/dev/shm`): shared
     /// memory whose contents are stored (see [`mark_tmpfs`]).
     pub tmpfs: bool,
-    /// The mapping's own settings, as image flags (see [`crate::advice`]);
+    /// The mapping's own settings, as image flags (see the advice module);
     /// 0 until read or carried over.
     pub advice: u32,
 }

@@ -227,7 +227,7 @@ pub struct Changes {
     pub prctl: bool,
     /// Address ranges whose mappings' own settings may have changed
     /// (`madvise`, `mlock`, `munlock`, `mseal`, `mmap` with
-    /// `MAP_LOCKED`): see [`crate::advice`].
+    /// `MAP_LOCKED`): see the advice module.
     pub advice: Vec<(u64, u64)>,
     /// Settings of any mapping may have changed (`mlockall`, `munlockall`).
     pub advice_unknown: bool,
