@@ -67,7 +67,11 @@ fn same_open_file(pid: i32, a: i32, b: i32) -> bool {
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -105,7 +109,11 @@ fn closed_stdio_stays_closed_and_memfd_open_files_keep_position_and_mode() {
     drop(guard);
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     let _k = KillOnDrop(r.pid);
-    assert_eq!(fds(r.pid), before, "exactly its descriptors, no stdio of ours");
+    assert_eq!(
+        fds(r.pid),
+        before,
+        "exactly its descriptors, no stdio of ours"
+    );
     assert_eq!(pos_mode(r.pid, 7), (3, libc::O_RDWR), "read-write at 3");
     assert_eq!(pos_mode(r.pid, 8), (1, libc::O_RDONLY), "read-only at 1");
     assert!(
@@ -113,5 +121,8 @@ fn closed_stdio_stays_closed_and_memfd_open_files_keep_position_and_mode() {
         "two open files: reading one does not move the other"
     );
     let link = std::fs::read_link(format!("/proc/{}/fd/8", r.pid)).unwrap();
-    assert!(link.to_string_lossy().contains("memfd:cr-ebpf-exact"), "{link:?}");
+    assert!(
+        link.to_string_lossy().contains("memfd:cr-ebpf-exact"),
+        "{link:?}"
+    );
 }
