@@ -91,7 +91,8 @@ pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
     const TRIES: u32 = 10;
     for i in 0..TRIES {
         match try_freeze(root)? {
-            Some(t) => return Ok(t),
+            // A tree the restorer cannot rebuild: refused, and (dropped) let go.
+            Some(t) => return crate::tree_check::check(&t.tree).map(|()| t),
             // A process came or went meanwhile: everything let go (dropping
             // the frozen ones resumes them), and again a little later (a
             // shell starting a program forks and exits helpers for a while).

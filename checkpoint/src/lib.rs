@@ -20,6 +20,7 @@ mod freeze;
 mod incremental;
 mod pages;
 mod state;
+mod tree_check;
 
 // Each resource kind's save side lives in the resources crate.
 use cr_ebpf_resources::{fd as fds, proc, proc::maps, shmem};

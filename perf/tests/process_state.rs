@@ -210,3 +210,81 @@ fn a_mappings_own_settings_come_back_after_a_restore() {
         assert!(after.contains(f), "{f} lost: {before} -> {after}");
     }
 }
+
+/// Unmaps its vDSO (as on a kernel booted with `vdso=0`, ZDTM `vdso02`),
+/// then waits for signals using only plain syscalls (its clock calls, and
+/// Python's text files, would go through the vDSO): SIGUSR1 makes it write
+/// `ctl/answer`.
+const NO_VDSO: &str = r#"
+import ctypes, os, signal, sys
+ctl = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+ready, answer = os.path.join(ctl, "ready"), os.path.join(ctl, "answer")
+def maps():
+    fd = os.open("/proc/self/maps", os.O_RDONLY)
+    data = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(fd)
+    return data
+def put(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+def reply(*_):
+    put(answer, b"vdso" if b"[vdso]" in maps() else b"none")
+signal.signal(signal.SIGUSR1, reply)
+for line in maps().splitlines():
+    if line.endswith(b"[vdso]"):
+        lo, hi = (int(x, 16) for x in line.split()[0].split(b"-"))
+        libc.munmap(lo, hi - lo)
+put(ready, b"")
+while True:
+    signal.pause()
+"#;
+
+#[test]
+fn a_process_without_a_vdso_comes_back_without_one() {
+    if !cr_ebpf_perf::privileged("a_process_without_a_vdso_comes_back_without_one") {
+        return;
+    }
+    let s = Scratch::new("ps-novdso");
+    let ctl = s.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut child = spawn_clean(
+        Command::new("/usr/bin/python3")
+            .args(["-c", NO_VDSO])
+            .arg(&ctl)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    wait_for(&ctl.join("ready"));
+    // Asked again until it answers: a signal that comes just before its
+    // pause() (where a restored process resumes) only wakes the next one.
+    let ask = |pid: i32| {
+        let at = ctl.join("answer");
+        let _ = std::fs::remove_file(&at);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !at.exists() {
+            assert!(Instant::now() < deadline, "process {pid} never answered");
+            // SAFETY: plain kill.
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::fs::read_to_string(&at).unwrap()
+    };
+    assert_eq!(ask(pid), "none", "unmapped before the checkpoint");
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    assert_eq!(ask(r.pid), "none", "restored, and still without a vDSO");
+}

@@ -204,3 +204,40 @@ c.sendall(b'waits')
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.contains("TracerPid:\t0\n"), "not traced any more");
 }
+
+/// IPv6 TCP sockets with `IPV6_V6ONLY` set (or left clear) keep it: a
+/// listener and both ends of an established connection. The kernel takes
+/// the option only before `bind`, so a connection rebuilt in repair mode
+/// must set it first (ZDTM socket-tcp6 once failed with EINVAL).
+#[test]
+fn ipv6_tcp_sockets_keep_v6only() {
+    if !cr_ebpf_perf::privileged("ipv6_tcp_sockets_keep_v6only") {
+        return;
+    }
+    let scratch = Scratch::new("sk-v6only");
+    let setup = r#"
+def v6only(s):
+    return s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+tl = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+tl.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+tl.bind(('::1', 0)); tl.listen(1)
+tc = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+tc.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+tc.connect(tl.getsockname()[:2])
+ts, _ = tl.accept()
+dual = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+dual.bind(('::', 0)); dual.listen(1)
+"#;
+    let checks = r#"
+got = [v6only(s) for s in (tl, tc, ts, dual)]
+if got != [1, 1, 1, 0]: bad.append('v6only %s' % got)
+tc.sendall(b'ping'); ts.settimeout(5)
+try:
+    if ts.recv(100) != b'ping': bad.append('tcp6 connection')
+except OSError as e:
+    bad.append('tcp6 connection: %s' % e)
+"#;
+    let out = round_trip(&scratch, &script(setup, checks), &[]);
+    assert_eq!(out, "ok");
+}

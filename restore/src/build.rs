@@ -513,24 +513,26 @@ fn signals(b: &mut Build<'_>) -> Result<(), RestoreError> {
     process::restore(Phase::Signals, b.s, &b.m.process)
 }
 
-/// The address of a `syscall` instruction in the restored vDSO.
+/// The address of a `syscall` instruction in the restored process: in its
+/// vDSO, or, for a process that unmapped its vDSO, in another of its
+/// executable mappings (any `0f 05` is one when jumped to).
 fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
-    let vdso = m
-        .mappings
-        .iter()
-        .find(|x| x.kind == MappingKind::Vdso)
-        .ok_or_else(|| RestoreError::NotSupported("the image has no vDSO".into()))?;
-    let mut code = vec![0u8; (vdso.end - vdso.start) as usize];
-    cr_ebpf_tracee::read_memory(pid, vdso.start, &mut code).map_err(|source| {
-        RestoreError::Build {
-            what: "reading the vDSO".into(),
-            source,
+    let vdso = m.mappings.iter().filter(|x| x.kind == MappingKind::Vdso);
+    let code = m.mappings.iter().filter(|x| {
+        x.kind != MappingKind::Vdso && x.prot & libc::PROT_EXEC as u32 != 0 && x.end > x.start
+    });
+    for x in vdso.chain(code) {
+        let mut bytes = vec![0u8; (x.end - x.start) as usize];
+        if cr_ebpf_tracee::read_memory(pid, x.start, &mut bytes).is_err() {
+            continue;
         }
-    })?;
-    code.windows(2)
-        .position(|w| w == [0x0f, 0x05])
-        .map(|i| vdso.start + i as u64)
-        .ok_or_else(|| RestoreError::stub("no syscall instruction in the vDSO"))
+        if let Some(i) = bytes.windows(2).position(|w| w == [0x0f, 0x05]) {
+            return Ok(x.start + i as u64);
+        }
+    }
+    Err(RestoreError::stub(
+        "no syscall instruction in the vDSO or any executable mapping",
+    ))
 }
 
 /// Maps the recorded mapping `x` from the stub's descriptor `fd` (closed

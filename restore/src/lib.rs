@@ -26,6 +26,7 @@ mod build;
 mod release;
 mod stub;
 mod tree;
+mod zombie;
 
 use std::{path::Path, time::Duration, time::Instant};
 

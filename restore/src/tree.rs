@@ -106,7 +106,8 @@ pub(crate) fn restore_tree(
     }
     // Zombies: they exit as they did; their parents reap them.
     for (pid, status, t, guard) in zombies {
-        exit_as_zombie(pid, status, t, guard, tramp).map_err(|e| e.in_process(pid))?;
+        crate::zombie::exit_as_zombie(pid, status, t, guard, tramp)
+            .map_err(|e| e.in_process(pid))?;
     }
     clock.mark("stub");
 
@@ -148,39 +149,4 @@ pub(crate) fn restore_tree(
         phases: clock.phases,
         time_offsets,
     })
-}
-
-/// Makes the stub `t` of zombie `pid` exit with `status`, as it did; its
-/// parent reaps it later.
-fn exit_as_zombie(
-    pid: i32,
-    status: i32,
-    t: Tracee,
-    mut guard: KillGuard,
-    tramp: u64,
-) -> Result<(), RestoreError> {
-    let (nr, arg) = if status & 0x7f == 0 {
-        (libc::SYS_exit_group, ((status >> 8) & 0xff) as u64)
-    } else if status & 0x7f == libc::SIGKILL {
-        (libc::SYS_kill, pid as u64)
-    } else {
-        return Err(RestoreError::NotSupported(format!(
-            "zombie {pid} killed by signal {}",
-            status & 0x7f
-        )));
-    };
-    let args = if nr == libc::SYS_kill {
-        [arg, libc::SIGKILL as u64, 0, 0, 0, 0]
-    } else {
-        [arg, 0, 0, 0, 0, 0]
-    };
-    let r = stub::stub_syscall(&t, tramp, "exit", nr, args);
-    if !matches!(r, Err(RestoreError::Build { .. })) {
-        return Err(RestoreError::stub(format!(
-            "zombie {pid} did not exit: {r:?}"
-        )));
-    }
-    t.forget();
-    guard.disarm();
-    Ok(())
 }

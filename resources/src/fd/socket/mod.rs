@@ -493,17 +493,22 @@ pub(super) fn send_all(fd: &OwnedFd, data: &[u8], flags: i32) -> io::Result<()> 
 }
 
 /// Options as saved, before binding; buffer sizes are left to the kernel
-/// (they are forced for TCP connections only, whose queues must fit).
+/// (they are forced for TCP connections only, whose queues must fit). On a
+/// TCP connection rebuilt in repair mode (`repaired`) they come after
+/// `connect`: then `SO_REUSEADDR` waits for the end of repair mode, which
+/// clears it, and `IPV6_V6ONLY`, which the kernel takes only before `bind`,
+/// was set already ([`set_v6only`]).
 pub(super) fn apply_options(
     fd: &OwnedFd,
     s: &SocketInfo,
-    skip_reuseaddr: bool,
+    repaired: bool,
 ) -> Result<(), RestoreError> {
     for o in &s.options {
         let buffer =
             o.level == libc::SOL_SOCKET && matches!(o.name, libc::SO_SNDBUF | libc::SO_RCVBUF);
         let reuse = o.level == libc::SOL_SOCKET && o.name == libc::SO_REUSEADDR;
-        if buffer || (reuse && skip_reuseaddr) {
+        let v6only = o.level == libc::IPPROTO_IPV6 && o.name == libc::IPV6_V6ONLY;
+        if buffer || (repaired && (reuse || v6only)) {
             continue;
         }
         setsockopt(fd, o.level, o.name, &o.value).map_err(fail(format!(
@@ -512,6 +517,15 @@ pub(super) fn apply_options(
         )))?;
     }
     Ok(())
+}
+
+/// `IPV6_V6ONLY` as saved, on a socket not bound yet.
+pub(super) fn set_v6only(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> {
+    match option_int(s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) {
+        Some(v) => set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v)
+            .map_err(fail("setsockopt(IPV6_V6ONLY) on a restored socket")),
+        None => Ok(()),
+    }
 }
 
 pub(super) fn option_int(s: &SocketInfo, level: i32, name: i32) -> Option<i32> {

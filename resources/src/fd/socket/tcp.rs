@@ -17,7 +17,7 @@ use cr_ebpf_image::{SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
 
 use super::{
     apply_options, bind, connect, fail, getsockopt, getsockopt_int, option_int, send_all, set_int,
-    setsockopt, setsockopt_int, socket, SocketError,
+    set_v6only, setsockopt, setsockopt_int, socket, SocketError,
 };
 use crate::RestoreError;
 
@@ -214,6 +214,7 @@ pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, R
     let tcp = |name, v: i32, what: &str| {
         set_int(&fd, libc::IPPROTO_TCP, name, v).map_err(fail(what.to_string()))
     };
+    set_v6only(&fd, s)?;
     // In repair mode binding succeeds next to a listener on the same port.
     bind(&fd, &s.local).map_err(fail("bind (TCP connection)"))?;
     tcp(TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")?;
