@@ -288,3 +288,35 @@ fn a_process_without_a_vdso_comes_back_without_one() {
     let _k = KillOnDrop(r.pid);
     assert_eq!(ask(r.pid), "none", "restored, and still without a vDSO");
 }
+
+/// `SigCgt` and `SigIgn` of `/proc/PID/status`: which signals are handled
+/// and which ignored.
+fn dispositions(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("SigCgt:") || l.starts_with("SigIgn:"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A signal at its default disposition stays there: the restorer's own
+/// (SIGPIPE ignored, SIGSEGV and SIGBUS handled by the Rust runtime) once
+/// stayed in the restored process.
+#[test]
+fn default_signal_dispositions_stay_default() {
+    if !cr_ebpf_perf::privileged("default_signal_dispositions_stay_default") {
+        return;
+    }
+    let s = Scratch::new("ps-sigdfl");
+    let (mut child, pid, _ctl) = start(&s, "signal.signal(signal.SIGPIPE, signal.SIG_DFL)");
+    let guard = KillOnDrop(pid);
+    let before = dispositions(pid);
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    assert_eq!(dispositions(r.pid), before);
+}

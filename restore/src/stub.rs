@@ -127,6 +127,21 @@ pub(crate) fn spawn_root(pid: i32, tramp: u64) -> Result<(Tracee, KillGuard), Re
                 0usize,
                 8usize,
             );
+            // Every disposition at its default: the image holds the others,
+            // and the restorer's own (SIGPIPE ignored, SIGSEGV and SIGBUS
+            // handled by the Rust runtime) must not stay in the process.
+            let default = [0u64; 4];
+            for sig in 1..=64 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        default.as_ptr(),
+                        0usize,
+                        8usize,
+                    );
+                }
+            }
             if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
                 return 92;
             }
