@@ -197,6 +197,20 @@ pub fn spawn_clean(cmd: &mut std::process::Command) -> std::process::Child {
     workload(cmd).spawn().expect("start the workload")
 }
 
+/// Waits up to 20 s for `path` to exist (a workload's control file);
+/// panics naming it otherwise.
+pub fn wait_for_file(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Kills `pid` and reaps it if it is our child.
 pub fn stop(pid: i32) {
     // SAFETY: plain syscalls on a pid.

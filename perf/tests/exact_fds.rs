@@ -5,11 +5,7 @@
 //! apart from the read-write one `memfd_create` made (ZDTM `memfd00`,
 //! `memfd01`).
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::process::{Command, Stdio};
 
 use cr_ebpf_checkpoint::{dump, DumpOptions};
 use cr_ebpf_perf::{spawn_clean, KillOnDrop, Scratch};
@@ -64,18 +60,6 @@ fn same_open_file(pid: i32, a: i32, b: i32) -> bool {
     unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, 0, a, b) == 0 }
 }
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn closed_stdio_stays_closed_and_memfd_open_files_keep_position_and_mode() {
     if !cr_ebpf_perf::privileged(
@@ -96,7 +80,7 @@ fn closed_stdio_stays_closed_and_memfd_open_files_keep_position_and_mode() {
     );
     let pid = child.id() as i32;
     let guard = KillOnDrop(pid);
-    wait_for(&ctl.join("ready"));
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
     let before = fds(pid);
     assert_eq!(before, [7, 8], "the workload's own descriptors");
     assert_eq!(pos_mode(pid, 7), (3, libc::O_RDWR));

@@ -48,21 +48,9 @@ fn start(s: &Scratch, setup: &str) -> (std::process::Child, i32, std::path::Path
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let child = spawn_clean(&mut cmd);
-    wait_for(&ctl.join("ready"));
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
     let pid = child.id() as i32;
     (child, pid, ctl)
-}
-
-fn wait_for(path: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn count(ctl: &std::path::Path) -> u64 {
@@ -83,7 +71,7 @@ fn answers(pid: i32, ctl: &std::path::Path) -> String {
     let _ = std::fs::remove_file(ctl.join("answer"));
     // SAFETY: plain kill.
     unsafe { libc::kill(pid, libc::SIGUSR1) };
-    wait_for(&ctl.join("answer"));
+    cr_ebpf_perf::wait_for_file(&ctl.join("answer"));
     std::fs::read_to_string(ctl.join("answer")).unwrap()
 }
 
@@ -264,7 +252,7 @@ fn a_process_without_a_vdso_comes_back_without_one() {
     );
     let pid = child.id() as i32;
     let guard = KillOnDrop(pid);
-    wait_for(&ctl.join("ready"));
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
     // Asked again until it answers: a signal that comes just before its
     // pause() (where a restored process resumes) only wakes the next one.
     let ask = |pid: i32| {

@@ -5,24 +5,13 @@
 //! connection both of whose ends are in the process. And what cannot come
 //! back is refused at checkpoint time with the process left running.
 
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::process::{Command, Stdio};
 
 use cr_ebpf_checkpoint::{dump, DumpOptions};
 use cr_ebpf_perf::{spawn_clean, KillOnDrop, Scratch};
 use cr_ebpf_restore::{restore, RestoreOptions};
 
 const PYTHON: &str = "/usr/bin/python3";
-
-fn wait_for(path: &std::path::Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Starts the python3 `script` with a control directory and `args`, and
 /// waits for it to write `CTL/ready`.
@@ -37,7 +26,7 @@ fn start(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> std::pro
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
     );
-    wait_for(&ctl.join("ready"), "python did not start");
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
     child
 }
 
@@ -63,7 +52,7 @@ fn round_trip(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> Str
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     let _guard = KillOnDrop(r.pid);
     std::fs::write(ctl.join("check"), b"").unwrap();
-    wait_for(&ctl.join("out"), "the restored process did not answer");
+    cr_ebpf_perf::wait_for_file(&ctl.join("out"));
     std::fs::read_to_string(ctl.join("out")).unwrap()
 }
 

@@ -62,18 +62,6 @@ while True:
     time.sleep(0.05)
 "#;
 
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn start(s: &Scratch, kids: &str) -> (std::process::Child, i32, std::path::PathBuf) {
     let ctl = s.0.join("ctl");
     std::fs::create_dir_all(&ctl).unwrap();
@@ -84,7 +72,7 @@ fn start(s: &Scratch, kids: &str) -> (std::process::Child, i32, std::path::PathB
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
     );
-    wait_for(&ctl.join("ready"));
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
     let pid = child.id() as i32;
     (child, pid, ctl)
 }
@@ -133,7 +121,7 @@ fn zombies_come_back_with_their_exit_codes_and_signals() {
     }
     // SAFETY: plain kill.
     unsafe { libc::kill(r.pid, libc::SIGUSR1) };
-    wait_for(&ctl.join("answer"));
+    cr_ebpf_perf::wait_for_file(&ctl.join("answer"));
     let got = std::fs::read_to_string(ctl.join("answer")).unwrap();
     let want: Vec<String> = kids
         .iter()
