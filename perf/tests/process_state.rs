@@ -49,6 +49,7 @@ fn start(s: &Scratch, setup: &str) -> (std::process::Child, i32, std::path::Path
         .stdout(Stdio::null());
     let child = spawn_clean(&mut cmd);
     cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
+    cr_ebpf_perf::wait_for_file(&ctl.join("count"));
     let pid = child.id() as i32;
     (child, pid, ctl)
 }
