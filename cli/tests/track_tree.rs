@@ -453,6 +453,20 @@ fn a_shell_loop_with_short_lived_children_is_tracked_and_restored() {
         .filter_map(|c| c.parse().ok())
         .collect();
     kill_tree(pid, &child);
+    // A child the shell started after that list came to us as an orphan:
+    // reaped too, or its pid stays taken.
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let kids = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for p in kids
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                kill_tree(p, &[]);
+            }
+        }
+    }
     drop(shell);
     let (status, err) = track.finish();
     assert!(status.success(), "track: {err}");

@@ -34,7 +34,10 @@ impl Natives {
         let shmem = cr_ebpf_resources::shmem::prepare(ms)?;
         let fds = cr_ebpf_resources::fd::prepare(
             ms,
-            &cr_ebpf_resources::fd::Prepare { close_connections },
+            &cr_ebpf_resources::fd::Prepare {
+                close_connections,
+                ..Default::default()
+            },
         )?;
         Ok(Self { fds, shmem })
     }

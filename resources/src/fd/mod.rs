@@ -34,7 +34,7 @@ use std::{
     os::fd::{AsFd as _, AsRawFd, FromRawFd, OwnedFd},
 };
 
-use cr_ebpf_image::{FdInfo, FdKind, Manifest};
+use cr_ebpf_image::{FdInfo, FdKind, FdState, Manifest};
 
 pub use shared::Shared;
 
@@ -114,10 +114,14 @@ pub trait Descriptor: Sync {
 }
 
 /// How the objects of a restore are made.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Prepare {
     /// Close established TCP connections instead of re-establishing them.
     pub close_connections: bool,
+    /// The working directory of the process holding each socket (by
+    /// inode), where a relative unix name is bound or connected to; filled
+    /// by [`prepare`].
+    pub cwds: HashMap<u64, std::path::PathBuf>,
 }
 
 /// What `/proc` shows of one descriptor of a frozen process.
@@ -449,6 +453,15 @@ pub fn preflight(m: &Manifest) -> Result<(), RestoreError> {
 /// The objects the descriptors of the processes `ms` share, made once.
 pub fn prepare(ms: &[&Manifest], opts: &Prepare) -> Result<Shared, RestoreError> {
     let fds: Vec<&FdInfo> = ms.iter().flat_map(|m| m.fds.iter()).collect();
+    let mut opts = opts.clone();
+    for m in ms {
+        for f in &m.fds {
+            if let FdState::Socket(s) = &f.state {
+                opts.cwds.insert(s.inode, m.process.cwd.clone().into());
+            }
+        }
+    }
+    let opts = &opts;
     let mut shared = Shared::default();
     for k in KINDS {
         let mine: Vec<&FdInfo> = fds

@@ -9,15 +9,15 @@ use std::{
     collections::HashMap,
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use cr_ebpf_image::{SocketFile, SocketInfo};
 
 use super::{
-    apply_options, bind, check, connect, fail, send_all,
+    apply_options, bind, check, connect, fail, option_int, send_all, setsockopt_int,
     tcp::{closed_connection, release, tcp_connection},
-    unix::{listener_of, socketpair, unix_path},
+    unix::{listener_of, orphan, socketpair, unix_path},
 };
 use crate::RestoreError;
 
@@ -25,9 +25,12 @@ use crate::RestoreError;
 /// socket open under several numbers, or in several processes, is one
 /// socket). With `close_connections`, established TCP connections are
 /// closed instead of re-established.
+/// A relative unix name is bound or connected to in the directory of
+/// `cwds` (by socket inode): the working directory of its process.
 pub(super) fn build(
     sockets: &[(i32, &SocketInfo)],
     close_connections: bool,
+    cwds: &HashMap<u64, PathBuf>,
 ) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
     let by_inode: HashMap<u64, &SocketInfo> = sockets.iter().map(|(_, s)| (s.inode, *s)).collect();
     let mut order: Vec<&SocketInfo> = Vec::new();
@@ -45,20 +48,43 @@ pub(super) fn build(
         _ => 2,
     });
     let mut made: HashMap<u64, OwnedFd> = HashMap::new();
-    let mut removed = Removed::default();
+    let mut removed = Names::default();
+    removed.cwds = cwds.clone();
     // Shut down before connecting: the shutdown did not reach the peer.
     let mut shut: Vec<u64> = Vec::new();
     for s in order {
         if made.contains_key(&s.inode) {
             continue;
         }
-        if let Some(peer) = pair_peer(s, &by_inode) {
+        if orphan(s) {
+            made.insert(s.inode, orphaned(s, &mut removed)?);
+        } else if let Some(peer) = pair_peer(s, &by_inode) {
             let (a, b, early) = pair(s, peer, &by_inode, &made, &mut removed)?;
             made.insert(s.inode, a);
             made.insert(peer.inode, b);
             shut.extend(early);
         } else {
             made.insert(s.inode, single(s, close_connections, &mut removed)?);
+            // Sockets connected to this one by name connect now, before
+            // another socket may be bound at the same name.
+            let named = s.family == libc::AF_UNIX as u16 && !s.local.is_empty() && !s.listening;
+            let clients = sockets
+                .iter()
+                .map(|(_, c)| *c)
+                .filter(|c| named && c.peer_inode == s.inode && pair_peer(c, &by_inode).is_none());
+            for c in clients {
+                if let std::collections::hash_map::Entry::Vacant(e) = made.entry(c.inode) {
+                    e.insert(single(c, close_connections, &mut removed)?);
+                }
+            }
+        }
+    }
+    for (_, s) in sockets {
+        if let Some(fd) = made.get(&s.inode).filter(|_| rebound(s)) {
+            for &(level, name) in BIND_OPTIONS {
+                let saved = option_int(s, level, name).unwrap_or(0);
+                setsockopt_int(fd, level, name, saved).map_err(fail("setsockopt after bind"))?;
+            }
         }
     }
     for (_, s) in sockets {
@@ -81,13 +107,17 @@ pub(super) fn build(
     Ok(made)
 }
 
-/// The other end of a unix connection both of whose ends are restored.
+/// The other end of a unix connection both of whose ends are restored (a
+/// datagram socket connected to itself is no pair).
 fn pair_peer<'a>(
     s: &SocketInfo,
     by_inode: &HashMap<u64, &'a SocketInfo>,
 ) -> Option<&'a SocketInfo> {
     let peer = *by_inode.get(&s.peer_inode)?;
-    (s.family == libc::AF_UNIX as u16 && s.peer_inode != 0 && peer.peer_inode == s.inode)
+    (s.family == libc::AF_UNIX as u16
+        && s.peer_inode != 0
+        && s.peer_inode != s.inode
+        && peer.peer_inode == s.inode)
         .then_some(peer)
 }
 
@@ -118,7 +148,7 @@ fn pair(
     peer: &SocketInfo,
     by_inode: &HashMap<u64, &SocketInfo>,
     made: &HashMap<u64, OwnedFd>,
-    removed: &mut Removed,
+    removed: &mut Names,
 ) -> Result<(OwnedFd, OwnedFd, Option<u64>), RestoreError> {
     let listener = |accepted: &SocketInfo, other: &SocketInfo| {
         listener_of(accepted, other, by_inode.values().copied()).and_then(|l| made.get(&l.inode))
@@ -148,12 +178,39 @@ fn pair(
     Ok((a, b, early))
 }
 
+/// An end whose peer had closed ([`orphan`]): one end of a new pair,
+/// named as it was, holding what the other end (named as the peer was, for
+/// a moment) sent before it is closed.
+fn orphaned(s: &SocketInfo, removed: &mut Names) -> Result<OwnedFd, RestoreError> {
+    let (a, b) = socketpair(s).map_err(fail("socketpair (unix connection)"))?;
+    apply_options(&a, s, false)?;
+    let gone = SocketInfo {
+        local: s.peer.clone(),
+        file: Some(SocketFile::Removed),
+        ..s.clone()
+    };
+    for (fd, of) in [(&a, s), (&b, &gone)] {
+        match unix_path(&of.local) {
+            Some(p) => bind_unix(fd, of, &p, removed)?,
+            None if !of.local.is_empty() => {
+                bind(fd, &of.local).map_err(fail("bind (unix connection)"))?
+            }
+            None => {}
+        }
+    }
+    for m in &s.queue {
+        send_all(&b, m, libc::MSG_DONTWAIT).map_err(fail("refilling a unix socket's queue"))?;
+    }
+    drop(b);
+    Ok(a)
+}
+
 /// `s` connected to the restored listener `l` and accepted there at once:
 /// (`s`, the accepted end). `s` is shut down as it was before connecting.
 fn accept_through(
     l: &OwnedFd,
     s: &SocketInfo,
-    removed: &mut Removed,
+    removed: &mut Names,
 ) -> Result<(OwnedFd, OwnedFd), RestoreError> {
     let a = super::socket(s).map_err(fail("socket (unix connection)"))?;
     apply_options(&a, s, false)?;
@@ -167,7 +224,9 @@ fn accept_through(
     if s.shutdown != 0 {
         shutdown(&a, s.shutdown).map_err(fail("shutdown (unix connection)"))?;
     }
-    connect(&a, &s.peer).map_err(fail("connect (unix connection)"))?;
+    removed
+        .connect(&a, s)
+        .map_err(fail("connect (unix connection)"))?;
     // SAFETY: accepting on our listener; no address wanted.
     let b = unsafe {
         libc::accept4(
@@ -193,7 +252,7 @@ fn accept_through(
 fn single(
     s: &SocketInfo,
     close_connections: bool,
-    removed: &mut Removed,
+    removed: &mut Names,
 ) -> Result<OwnedFd, RestoreError> {
     if let Some(t) = &s.tcp {
         if close_connections {
@@ -209,7 +268,7 @@ fn single(
             .flatten()
         {
             Some(p) => bind_unix(&fd, s, &p, removed)?,
-            None => bind(&fd, &s.local).map_err(fail("bind (restored socket)"))?,
+            None => bind_as_before(&fd, s)?,
         }
     }
     if s.listening {
@@ -217,25 +276,70 @@ fn single(
         check(unsafe { libc::listen(fd.as_raw_fd(), s.backlog.max(1) as i32) })
             .map_err(fail("listen (restored socket)"))?;
     } else if !s.peer.is_empty() {
-        connect(&fd, &s.peer).map_err(fail("connect (restored socket)"))?;
+        removed
+            .connect(&fd, s)
+            .map_err(fail("connect (restored socket)"))?;
     }
     Ok(fd)
 }
 
-/// Binds a unix socket at its path: a socket file left there by the dead
-/// process is replaced; the new file gets the permissions and owner the
-/// old one had. A socket whose file had been removed is bound with any
-/// file at its path moved aside for a moment, and its own file is removed
-/// again once everything has connected ([`Removed::finish`]).
+/// Options a bind may have needed that the socket cleared afterwards:
+/// they are on for the bind and set as saved once all are bound.
+const BIND_OPTIONS: &[(i32, i32)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::IPPROTO_IP, libc::IP_FREEBIND),
+];
+
+/// Binds a TCP or UDP socket at its address as it was bound: with the
+/// options that let it share a port or bind an address not (yet) on this
+/// host, which it may have turned off after binding.
+fn bind_as_before(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> {
+    let inet = [libc::AF_INET as u16, libc::AF_INET6 as u16].contains(&s.family);
+    if !inet {
+        return bind(fd, &s.local).map_err(fail("bind (restored socket)"));
+    }
+    for &(level, name) in BIND_OPTIONS {
+        setsockopt_int(fd, level, name, 1).map_err(fail("setsockopt before bind"))?;
+    }
+    bind(fd, &s.local).map_err(fail("bind (restored socket)"))
+}
+
+/// Whether `s` is bound by [`bind_as_before`], whose options are set as
+/// saved once every socket is bound (two sockets sharing a port both
+/// have `SO_REUSEPORT` until then).
+fn rebound(s: &SocketInfo) -> bool {
+    [libc::AF_INET as u16, libc::AF_INET6 as u16].contains(&s.family)
+        && !s.local.is_empty()
+        && s.tcp.is_none()
+}
+
+/// Binds a unix socket at its path (a relative one in its process's
+/// working directory): a socket file left there by the dead process is
+/// replaced; the new file gets the permissions and owner the old one had.
+/// A socket whose file had been removed is bound with any file at its path
+/// moved aside for a moment (and its directory made for a moment when that
+/// was removed too), and its own file is removed again once everything
+/// has connected ([`Names::finish`]).
 fn bind_unix(
     fd: &OwnedFd,
     s: &SocketInfo,
-    p: &std::path::Path,
-    removed: &mut Removed,
+    p: &Path,
+    removed: &mut Names,
 ) -> Result<(), RestoreError> {
     use std::os::unix::fs::FileTypeExt as _;
+    let dir = removed.dir_of(s, p).map(Path::to_path_buf);
+    let dir = dir.as_deref();
+    let p = &dir.map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf());
     let at = std::fs::symlink_metadata(p);
+    let bind_here = || in_dir(dir, || bind(fd, &s.local));
     if s.file == Some(SocketFile::Removed) {
+        if at.is_ok() && removed.paths.contains(p) {
+            // Another socket of the restore was bound at this name and
+            // its file is to go anyway.
+            std::fs::remove_file(p).map_err(fail(format!("removing {}", p.display())))?;
+            return bind_here().map_err(fail("bind (restored socket)"));
+        }
         if at.is_ok() {
             let aside = aside_name(p);
             std::fs::rename(p, &aside).map_err(fail(format!(
@@ -243,14 +347,16 @@ fn bind_unix(
                 p.display()
             )))?;
             removed.aside.push((p.to_path_buf(), aside));
+        } else if let Some(parent) = p.parent() {
+            removed.make_dir(parent)?;
         }
         removed.paths.push(p.to_path_buf());
-        return bind(fd, &s.local).map_err(fail("bind (restored socket)"));
+        return bind_here().map_err(fail("bind (restored socket)"));
     }
     if at.is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(p);
     }
-    bind(fd, &s.local).map_err(fail("bind (restored socket)"))?;
+    bind_here().map_err(fail("bind (restored socket)"))?;
     if let Some(SocketFile::Kept { mode, uid, gid }) = s.file {
         std::os::unix::fs::lchown(p, Some(uid), Some(gid))
             .map_err(fail(format!("chown of {}", p.display())))?;
@@ -259,6 +365,24 @@ fn bind_unix(
             .map_err(fail(format!("chmod of {}", p.display())))?;
     }
     Ok(())
+}
+
+/// Runs `f` with `dir` as the working directory of the calling thread
+/// only (a thread of its own with its own filesystem context), so that a
+/// relative unix name means what it meant to the restored process.
+fn in_dir<T: Send>(dir: Option<&Path>, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    let Some(dir) = dir else { return f() };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: unshare of this thread's filesystem context only.
+                check(unsafe { libc::unshare(libc::CLONE_FS) })?;
+                std::env::set_current_dir(dir)?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("a socket thread panicked")))
+    })
 }
 
 /// A name next to `p` that nothing uses.
@@ -278,15 +402,52 @@ fn aside_name(p: &std::path::Path) -> PathBuf {
     }
 }
 
-/// Socket files to remove again, and files moved aside to put back, when
+/// How unix names are made: the working directory of each socket's
+/// process (by inode), and the socket files to remove again, directories
+/// made for them to remove again and files moved aside to put back, when
 /// the sockets are made (or their making failed).
 #[derive(Default)]
-struct Removed {
+struct Names {
+    cwds: HashMap<u64, PathBuf>,
     paths: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
     aside: Vec<(PathBuf, PathBuf)>,
 }
 
-impl Removed {
+impl Names {
+    /// The directory a relative name `p` of `s` is in (`None`: absolute).
+    fn dir_of(&self, s: &SocketInfo, p: &Path) -> Option<&Path> {
+        p.is_relative()
+            .then(|| self.cwds.get(&s.inode).map(PathBuf::as_path))
+            .flatten()
+    }
+
+    /// `s` connected to its peer's name.
+    fn connect(&self, fd: &OwnedFd, s: &SocketInfo) -> io::Result<()> {
+        let dir = (s.family == libc::AF_UNIX as u16)
+            .then(|| unix_path(&s.peer))
+            .flatten()
+            .and_then(|p| self.dir_of(s, &p).map(Path::to_path_buf));
+        in_dir(dir.as_deref(), || connect(fd, &s.peer))
+    }
+
+    /// Makes `dir` and its missing parents, to be removed again.
+    fn make_dir(&mut self, dir: &Path) -> Result<(), RestoreError> {
+        let mut missing: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+            .collect();
+        missing.reverse();
+        for d in missing {
+            std::fs::create_dir(d).map_err(fail(format!(
+                "making {} for a moment to bind a removed socket's name",
+                d.display()
+            )))?;
+            self.dirs.push(d.to_path_buf());
+        }
+        Ok(())
+    }
+
     fn finish(mut self) -> io::Result<()> {
         self.undo()
     }
@@ -295,6 +456,11 @@ impl Removed {
         let mut first = Ok(());
         for p in self.paths.drain(..) {
             if let Err(e) = std::fs::remove_file(&p) {
+                first = first.and(Err(e));
+            }
+        }
+        for d in self.dirs.drain(..).rev() {
+            if let Err(e) = std::fs::remove_dir(&d) {
                 first = first.and(Err(e));
             }
         }
@@ -307,7 +473,7 @@ impl Removed {
     }
 }
 
-impl Drop for Removed {
+impl Drop for Names {
     fn drop(&mut self) {
         let _ = self.undo();
     }
@@ -538,5 +704,107 @@ mod tests {
         drop((a, b));
         let fds = restored(&saved);
         assert_eq!(send_errno(&fds[0]), Some(libc::EPIPE));
+    }
+
+    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: the kernel writes two descriptors into the array.
+        let r =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        // SAFETY: two new descriptors we own.
+        unsafe {
+            (
+                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[0]),
+                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    /// `recv` of up to 64 bytes without waiting: the bytes, or the errno.
+    fn recv_now(fd: &impl std::os::fd::AsRawFd) -> Result<Vec<u8>, i32> {
+        let mut buf = [0u8; 64];
+        // SAFETY: into our buffer.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+        }
+        Ok(buf[..n as usize].to_vec())
+    }
+
+    #[test]
+    fn a_seqpacket_end_whose_peer_closed_keeps_its_messages_then_ends() {
+        let (a, b) = seqpacket_pair();
+        for m in [&b"one"[..], b"", b"three"] {
+            // SAFETY: sending our bytes.
+            let n = unsafe { libc::send(b.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+            assert_eq!(n, m.len() as isize);
+        }
+        drop(b);
+        let saved = testing::save_own_many(&[a.as_raw_fd()]);
+        assert_eq!(socket_of(&saved[0]).queue.len(), 3, "an empty message too");
+        drop(a);
+        let fds = restored(&saved);
+        assert_eq!(recv_now(&fds[0]), Ok(b"one".to_vec()));
+        assert_eq!(recv_now(&fds[0]), Ok(Vec::new()));
+        assert_eq!(recv_now(&fds[0]), Ok(b"three".to_vec()));
+        assert_eq!(recv_now(&fds[0]), Ok(Vec::new()), "then the end");
+        assert_eq!(send_errno(&fds[0]), Some(libc::EPIPE));
+    }
+
+    #[test]
+    fn a_datagram_socket_connected_to_itself_still_is() {
+        let dir = testing::scratch("self");
+        let path = dir.join("me");
+        let me = UnixDatagram::bind(&path).unwrap();
+        me.connect(&path).unwrap();
+        let saved = testing::save_own_many(&[me.as_raw_fd()]);
+        drop(me);
+        let fds = restored(&saved);
+        let me = UnixDatagram::from(fds[0].try_clone().unwrap());
+        me.send(b"echo").unwrap();
+        assert_eq!(recv_now(&me), Ok(b"echo".to_vec()));
+    }
+
+    #[test]
+    fn a_port_shared_while_binding_is_shared_again_and_the_option_cleared() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Two sockets on one port: both had SO_REUSEPORT when binding...
+        let port_of = |s: &OwnedFd| {
+            let saved = testing::save_own_many(&[s.as_raw_fd()]);
+            socket_of(&saved[0]).local
+        };
+        let make = || {
+            // SAFETY: a new socket of ours.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+            // SAFETY: we own it.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            super::super::setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1).unwrap();
+            fd
+        };
+        let (x, y) = (make(), make());
+        let local = port_of(&OwnedFd::from(a.try_clone().unwrap()));
+        drop(a);
+        for s in [&x, &y] {
+            super::super::bind(s, &local).unwrap();
+        }
+        // ...and the first turned it off afterwards.
+        super::super::setsockopt_int(&x, libc::SOL_SOCKET, libc::SO_REUSEPORT, 0).unwrap();
+        let saved = testing::save_own_many(&[x.as_raw_fd(), y.as_raw_fd()]);
+        drop((x, y));
+        let fds = restored(&saved);
+        let reuse = |fd: &OwnedFd| {
+            super::super::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT).unwrap()
+        };
+        assert_eq!((reuse(&fds[0]), reuse(&fds[1])), (0, 1));
+        assert_eq!(port_of(&fds[0]), local);
+        assert_eq!(port_of(&fds[1]), local);
     }
 }

@@ -119,6 +119,8 @@ pub struct UnixDiag {
     /// The file it is bound to: inode and device (the kernel's `dev_t`,
     /// major << 20 | minor); `None` for an unbound or abstract socket.
     pub vfs: Option<(u32, u32)>,
+    /// The connection state (`TCP_ESTABLISHED`, `TCP_LISTEN`, `TCP_CLOSE`).
+    pub state: u8,
 }
 
 /// Every unix socket of the namespace, by inode.
@@ -140,7 +142,10 @@ pub fn unix_sockets() -> io::Result<HashMap<u64, UnixDiag>> {
         }
         let ino = u32::from_ne_bytes(m[4..8].try_into().expect("4")) as u64;
         let listening = m[2] == TCP_LISTEN_STATE as u8;
-        let mut d = UnixDiag::default();
+        let mut d = UnixDiag {
+            state: m[2],
+            ..UnixDiag::default()
+        };
         attributes(&m[16..], |kind, a| match kind {
             UNIX_DIAG_PEER => d.peer = u32_at(a, 0).unwrap_or(0) as u64,
             // {rqueue, wqueue}: for a listener, pending connections and
@@ -216,6 +221,43 @@ mod tests {
         let all = unix_sockets().expect("sock_diag for unix sockets");
         assert_eq!(all[&inode(&a)].peer, inode(&b));
         assert_eq!(all[&inode(&b)].peer, inode(&a));
+    }
+
+    #[test]
+    fn a_closed_socket_is_found_only_while_it_holds_its_port() {
+        // SAFETY: a new socket of ours.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(raw >= 0);
+        // SAFETY: we own it.
+        let bound = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a sockaddr_in of ours.
+        let r = unsafe {
+            libc::bind(
+                bound.as_raw_fd(),
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of_val(&addr) as u32,
+            )
+        };
+        assert_eq!(r, 0);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        drop(l);
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let all = inet_sockets(libc::AF_INET, libc::IPPROTO_TCP).expect("sock_diag for TCP");
+        assert!(all.contains_key(&inode(&bound)), "bound, never connected");
+        assert!(!all.contains_key(&inode(&a)), "its connection closed");
+        assert!(!all.contains_key(&inode(&c)), "its connection closed");
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl Descriptor for Socket {
                 _ => None,
             })
             .collect();
-        for (inode, fd) in build(&sockets, opts.close_connections)? {
+        for (inode, fd) in build(&sockets, opts.close_connections, &opts.cwds)? {
             shared.insert(FdKind::Socket, inode, 0, fd);
         }
         Ok(())
@@ -125,6 +125,17 @@ pub const SAVED_OPTIONS: &[(i32, i32)] = &[
     (libc::SOL_SOCKET, libc::SO_OOBINLINE),
     (libc::SOL_SOCKET, libc::SO_PRIORITY),
     (libc::SOL_SOCKET, libc::SO_MARK),
+    (libc::SOL_SOCKET, libc::SO_PASSSEC),
+    (libc::SOL_SOCKET, libc::SO_DONTROUTE),
+    (libc::SOL_SOCKET, libc::SO_NO_CHECK),
+    (libc::SOL_SOCKET, libc::SO_TIMESTAMP),
+    (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
+    (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+    (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
+    (libc::SOL_SOCKET, libc::SO_PEEK_OFF),
+    (libc::IPPROTO_IP, libc::IP_FREEBIND),
+    (libc::IPPROTO_IP, libc::IP_TOS),
+    (libc::IPPROTO_IP, libc::IP_PKTINFO),
     (libc::IPPROTO_TCP, libc::TCP_NODELAY),
     (libc::IPPROTO_TCP, libc::TCP_CORK),
     (libc::IPPROTO_TCP, libc::TCP_QUICKACK),
@@ -133,6 +144,8 @@ pub const SAVED_OPTIONS: &[(i32, i32)] = &[
     (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
     (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
     (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+    (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND),
+    (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
 ];
 
 /// Why a socket cannot be saved: a sentence for "not supported: ...".
@@ -312,14 +325,17 @@ fn save_socket(
         )));
     }
     for &(level, name) in SAVED_OPTIONS {
+        let inet = matches!(family, libc::AF_INET | libc::AF_INET6);
         if (level == libc::IPPROTO_TCP && protocol != libc::IPPROTO_TCP)
             || (level == libc::IPPROTO_IPV6 && family != libc::AF_INET6)
+            || (level == libc::IPPROTO_IP && !inet)
         {
             continue;
         }
         let len = match (level, name) {
             (libc::SOL_SOCKET, libc::SO_LINGER) => 8,
             (libc::SOL_SOCKET, libc::SO_BINDTODEVICE) => libc::IFNAMSIZ,
+            (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) => 16,
             _ => 4,
         };
         if let Ok(value) = getsockopt(dup, level, name, len) {
@@ -336,8 +352,27 @@ fn save_socket(
                 TCP_LISTEN => s.backlog = d.map_or(128, |d| d.backlog),
                 TCP_ESTABLISHED => s.tcp = Some(tcp_repair(dup)?),
                 TCP_CLOSE => {
-                    if unbound_inet(&s.local) {
+                    // sock_diag shows a closed socket only while it holds
+                    // its port (bound, not yet connected); one whose
+                    // connection ended gave its port back and keeps only
+                    // the name.
+                    if unbound_inet(&s.local) || d.is_none() {
                         s.local.clear();
+                    }
+                    // A connection that ended (or a socket shut down for
+                    // reading) reads as the end of the stream, not ENOTCONN.
+                    let mut b = 0u8;
+                    // SAFETY: a 1-byte peek into our buffer.
+                    let n = unsafe {
+                        libc::recv(
+                            dup.as_raw_fd(),
+                            (&mut b as *mut u8).cast(),
+                            1,
+                            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                        )
+                    };
+                    if n == 0 {
+                        s.shutdown = 3;
                     }
                 }
                 other => {

@@ -36,7 +36,13 @@ pub(super) fn save_unix(
     if s.listening {
         s.backlog = d.backlog;
     } else {
-        s.queue = peek_messages(dup, s.sock_type as i32 == libc::SOCK_STREAM)?;
+        // A stream or seqpacket socket that is not connected has no queue
+        // (and reading it is an error).
+        let connected = d.state == TCP_ESTABLISHED;
+        if !stream || connected {
+            let eof = d.shutdown & RCV_SHUTDOWN != 0;
+            s.queue = peek_messages(dup, s.sock_type as i32, eof)?;
+        }
         // Connected to a connection its listener has not accepted yet: what
         // it sent waits in that connection, which nothing can read before
         // the listener accepts it.
@@ -79,9 +85,27 @@ pub(super) fn save_unix(
     Ok(())
 }
 
-/// The messages in a unix or UDP socket's receive queue, left in place:
-/// `SO_PEEK_OFF` walks the queue (the socket's own setting is put back).
-pub(super) fn peek_messages(fd: &OwnedFd, stream: bool) -> Result<Vec<Vec<u8>>, SocketError> {
+/// `sk_state` of a connected socket.
+const TCP_ESTABLISHED: u8 = 1;
+/// `sk_shutdown` bit: nothing more will be received.
+const RCV_SHUTDOWN: u8 = 1;
+/// At most this many empty messages are read from one queue.
+const EMPTY_MESSAGES_CAP: usize = 1 << 16;
+
+/// The messages in a unix socket's receive queue (of socket type `ty`),
+/// left in place: `SO_PEEK_OFF` walks the queue (the socket's own setting
+/// is put back). `eof`: receiving is shut down, so an empty queue reads as
+/// end of file (0) instead of `EAGAIN`; for a seqpacket socket the queue's
+/// byte count then tells an empty message from the end.
+pub(super) fn peek_messages(fd: &OwnedFd, ty: i32, eof: bool) -> Result<Vec<Vec<u8>>, SocketError> {
+    let stream = ty == libc::SOCK_STREAM;
+    let mut queued: libc::c_int = 0;
+    if eof && ty == libc::SOCK_SEQPACKET {
+        // SAFETY: FIONREAD writes one int.
+        check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut queued) })
+            .map_err(|e| SocketError::Io("reading the queue's length", e))?;
+    }
+    let mut empty = 0;
     let before =
         getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF).map_err(|e| ("SO_PEEK_OFF", e))?;
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).map_err(|e| ("SO_PEEK_OFF", e))?;
@@ -143,8 +167,16 @@ pub(super) fn peek_messages(fd: &OwnedFd, stream: bool) -> Result<Vec<Vec<u8>>, 
                     ));
                 }
             }
-            if n == 0 && stream {
+            if n == 0 && (stream || (eof && total >= queued as usize)) {
                 break;
+            }
+            if n == 0 {
+                empty += 1;
+                if empty > EMPTY_MESSAGES_CAP {
+                    return Err(SocketError::NotSupported(format!(
+                        "a socket queue of over {EMPTY_MESSAGES_CAP} empty messages"
+                    )));
+                }
             }
             total += n as usize;
             if total > SOCKET_QUEUE_CAP {
@@ -235,6 +267,18 @@ fn shutdown_restorable(x: &SocketInfo, y: &SocketInfo, all: &[&SocketInfo]) -> b
     }
 }
 
+/// A stream or seqpacket end whose peer has closed: it is shut down both
+/// ways (the peer's close did that) but may still hold what the peer sent,
+/// and its peer's name.
+pub(super) fn orphan(s: &SocketInfo) -> bool {
+    s.family == libc::AF_UNIX as u16
+        && s.sock_type as i32 != libc::SOCK_DGRAM
+        && !s.listening
+        && s.peer_inode == 0
+        && s.shutdown == 3
+        && (!s.peer.is_empty() || !s.queue.is_empty())
+}
+
 /// Connected unix sockets are restored as pairs: both ends must be here,
 /// queued datagrams need their sender, and the directions shut down must
 /// come back as they were.
@@ -259,7 +303,7 @@ pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
     for &(pid, fds) in procs {
         for f in fds {
             let Some(s) = unix(f) else { continue };
-            if s.peer_inode == 0 && !s.queue.is_empty() {
+            if s.peer_inode == 0 && !s.queue.is_empty() && !orphan(&s) {
                 return Err(SaveError::NotSupportedFd {
                     pid,
                     fd: f.fd,
