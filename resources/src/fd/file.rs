@@ -17,6 +17,40 @@ fn proc_pid(path: &str) -> Option<i32> {
     path.strip_prefix("/proc/")?.split('/').next()?.parse().ok()
 }
 
+/// Where a descriptor of a namespace of cr-ebpf's own is reopened.
+const OWN_NAMESPACE: &str = "/proc/self/ns/";
+
+/// The kind of namespace a `/proc/PID/fd/N` link such as `net:[4026531833]`
+/// names.
+fn namespace_kind(link: &str) -> Option<&str> {
+    let (kind, rest) = link.split_once(":[")?;
+    let ino = rest.strip_suffix(']')?;
+    let known = ["net", "uts", "ipc", "pid", "mnt", "user", "cgroup", "time"];
+    (known.contains(&kind) && ino.bytes().all(|b| b.is_ascii_digit())).then_some(kind)
+}
+
+/// A descriptor of a namespace (`open("/proc/self/ns/net")`): one of
+/// cr-ebpf's own namespaces is carried as that (a restore hands over the
+/// restorer's: on this host, the same one); any other is refused.
+fn namespace(cx: &mut SaveCx<'_>, seen: &Seen) -> Result<FdInfo, SaveError> {
+    let kind = namespace_kind(&seen.link).unwrap_or_default();
+    let own = format!("{OWN_NAMESPACE}{kind}");
+    match std::fs::metadata(&own) {
+        Ok(m) if m.ino() == seen.meta.ino() && m.dev() == seen.meta.dev() => {
+            let mut info = seen.info(FdKind::File);
+            info.path = own;
+            Ok(info)
+        }
+        _ => Err(cx.refuse(
+            seen.fd,
+            format!(
+                "a descriptor of a {kind} namespace other than cr-ebpf's ({})",
+                seen.link
+            ),
+        )),
+    }
+}
+
 /// Whether character devices of `major` are terminals: virtual consoles and
 /// serial lines (4), `/dev/tty`, `/dev/console`, `/dev/ptmx` (5), pseudo
 /// terminals (136-143).
@@ -31,6 +65,7 @@ impl Descriptor for File {
 
     fn save(&self, cx: &mut SaveCx<'_>, seen: &Seen) -> Option<Result<FdInfo, SaveError>> {
         match seen.file_type() {
+            libc::S_IFREG if namespace_kind(&seen.link).is_some() => Some(namespace(cx, seen)),
             libc::S_IFREG | libc::S_IFDIR => {
                 if seen.link.ends_with(" (deleted)") {
                     return Some(Err(
@@ -87,8 +122,9 @@ impl Descriptor for File {
             .iter()
             .any(|o| o.kind == ShmemKind::TmpfsFile && o.id == f.inode && o.name == f.path);
         // Files of /proc/PID of the restored processes exist once they do;
-        // their inodes are new ones anyway.
-        if rebuilt || proc_pid(&f.path).is_some() {
+        // their inodes are new ones anyway. A namespace of the restorer's
+        // own is one it has.
+        if rebuilt || proc_pid(&f.path).is_some() || f.path.starts_with(OWN_NAMESPACE) {
             return Ok(());
         }
         let meta = std::fs::metadata(&f.path).map_err(|e| RestoreError::File {
@@ -129,6 +165,14 @@ impl Descriptor for File {
     }
 
     fn open(&self, cx: &RestoreCx<'_>, f: &FdInfo) -> Result<Option<i64>, RestoreError> {
+        if f.path.starts_with(OWN_NAMESPACE) {
+            // Opened here: the restored process may have namespaces of its own.
+            let ns = std::fs::File::open(&f.path).map_err(|e| RestoreError::File {
+                path: f.path.clone(),
+                what: format!("(fd {}) cannot be opened: {e}", f.fd),
+            })?;
+            return cx.adopt(&std::os::fd::OwnedFd::from(ns)).map(Some);
+        }
         let flags =
             f.flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC);
         let fd = cx.sys.openat(&f.path, flags).map_err(|e| match e {
@@ -271,5 +315,17 @@ mod tests {
         let err = File.preflight(&m, &info).unwrap_err();
         assert!(err.to_string().contains("a directory open on fd"), "{err}");
         drop(other);
+    }
+
+    #[test]
+    fn a_descriptor_of_our_own_namespace_is_reopened_as_ours() {
+        let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let info = testing::save_own(ns.as_raw_fd());
+        assert_eq!(info.path, "/proc/self/ns/net");
+        let m = testing::manifest(vec![info.clone()]);
+        File.preflight(&m, &info).expect("ours exists here");
+        assert_eq!(namespace_kind("time:[4026531834]"), Some("time"));
+        assert_eq!(namespace_kind("/tmp/net:[1]"), None);
+        assert_eq!(namespace_kind("pipe:[1]"), None);
     }
 }

@@ -506,7 +506,10 @@ pub fn restore(cx: &RestoreCx<'_>, m: &Manifest) -> Result<(), RestoreError> {
         };
         let t = cx.sys.dup_above(got, base)?;
         cx.sys.close(got)?;
-        cx.sys.set_status_flags(t, f.flags & SETTABLE_FLAGS)?;
+        // An O_PATH descriptor has no status flags (F_SETFL: EBADF).
+        if f.flags & libc::O_PATH as u32 == 0 {
+            cx.sys.set_status_flags(t, f.flags & SETTABLE_FLAGS)?;
+        }
         placed.push((f.fd, t, f.cloexec));
     }
     for (fd, t, cloexec) in placed {
