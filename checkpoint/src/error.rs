@@ -62,6 +62,21 @@ impl From<cr_ebpf_resources::SaveError> for DumpError {
     }
 }
 
+/// A freezing failure as a dump error: a thread that already has a
+/// tracer is a refusal (the process runs on, untouched).
+pub(crate) fn trace_err(pid: i32, source: TraceError) -> DumpError {
+    match source {
+        TraceError::Traced { tid, tracer } => DumpError::NotSupported {
+            pid,
+            what: format!(
+                "a traced thread ({tid}, traced by process {tracer}: a debugger, strace, \
+                 or ptrace between processes): a thread has only one tracer; detach it first"
+            ),
+        },
+        source => DumpError::Trace { pid, source },
+    }
+}
+
 pub(crate) fn proc_err(pid: i32, path: String) -> impl FnOnce(std::io::Error) -> DumpError {
     move |source| DumpError::Proc { pid, path, source }
 }

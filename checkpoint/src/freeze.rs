@@ -108,6 +108,35 @@ pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
     })
 }
 
+/// A process under a seccomp mode other than cr-ebpf's is refused before
+/// anything is injected into it: strict mode kills a process at its first
+/// other syscall, and a filter may kill it or fail the call.
+fn seccomp_first(pid: i32) -> Result<(), DumpError> {
+    let mode = |p: &str| {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:").map(|v| v.trim().to_string()))
+    };
+    let (theirs, ours) = (mode(&pid.to_string()), mode("self"));
+    if theirs.is_some() && theirs != ours {
+        let name = match theirs.as_deref() {
+            Some("1") => "strict mode",
+            _ => "filters",
+        };
+        return Err(DumpError::NotSupported {
+            pid,
+            what: format!(
+                "seccomp {name} (Seccomp {}, cr-ebpf's {}): filters are not carried, and \
+                 cr-ebpf's own calls in the process could kill it",
+                theirs.unwrap_or_default(),
+                ours.unwrap_or_default()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Resumes every process; the first failure is returned after all were tried.
 fn thaw_all(all: Vec<Frozen>) -> Result<(), DumpError> {
     let mut first = None;
@@ -151,13 +180,14 @@ fn try_freeze(root: i32) -> Result<Option<FrozenTree>, DumpError> {
             });
         }
         if !zombie {
+            seccomp_first(pid)?;
             match Frozen::freeze(pid) {
                 Ok(f) => frozen.push(f),
                 // It exited meanwhile.
                 Err(_) if pid != root && proc::stat(pid).ok().is_none_or(|s| s.state == 'Z') => {
                     return Ok(None)
                 }
-                Err(source) => return Err(DumpError::Trace { pid, source }),
+                Err(source) => return Err(crate::error::trace_err(pid, source)),
             }
             start_times.push(st.start_time);
         }

@@ -22,6 +22,18 @@ pub enum TraceError {
         /// What happened.
         what: String,
     },
+    /// A thread already has a tracer (a debugger, strace, or a process
+    /// that traces another with ptrace): it cannot have a second one.
+    #[error(
+        "thread {tid} is traced by process {tracer} (a debugger, strace, or ptrace \
+         between processes)"
+    )]
+    Traced {
+        /// The thread.
+        tid: i32,
+        /// Its tracer.
+        tracer: i32,
+    },
     /// The process went away.
     #[error("process {pid} exited while being frozen or inspected")]
     Gone {

@@ -64,13 +64,7 @@ impl Frozen {
                         ..
                     }) if tracer_of(pid, tid).is_some_and(|t| t != 0) => {
                         let tracer = tracer_of(pid, tid).unwrap_or(0);
-                        return Err(TraceError::Unexpected {
-                            tid,
-                            what: format!(
-                                "already traced by process {tracer} (a debugger or strace?): \
-                                 detach it first; a thread can have only one tracer"
-                            ),
-                        });
+                        return Err(TraceError::Traced { tid, tracer });
                     }
                     Err(e) => return Err(e),
                 };

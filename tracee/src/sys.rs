@@ -69,7 +69,12 @@ pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), TraceError
         };
         // SAFETY: both iovecs describe valid ranges: ours in `buf`, the
         // remote one is checked by the kernel.
-        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        let mut n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if n <= 0 {
+            // Pages the process cannot read itself (PROT_NONE) are read
+            // through /proc/PID/mem, which may.
+            n = read_proc_mem(pid, addr + done as u64, &mut buf[done..]);
+        }
         if n <= 0 {
             return Err(TraceError::Memory {
                 op: "reading",
@@ -86,6 +91,18 @@ pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), TraceError
         done += n as usize;
     }
     Ok(())
+}
+
+/// `pread` of `/proc/PID/mem` at `addr`: the bytes read, or -1.
+fn read_proc_mem(pid: i32, addr: u64, buf: &mut [u8]) -> isize {
+    use std::os::unix::fs::FileExt as _;
+    let Ok(mem) = std::fs::File::open(format!("/proc/{pid}/mem")) else {
+        return -1;
+    };
+    match mem.read_at(buf, addr) {
+        Ok(n) => n as isize,
+        Err(_) => -1,
+    }
 }
 
 /// Writes `data` at `addr` of process `pid` (`process_vm_writev`); the

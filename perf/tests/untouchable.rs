@@ -1,0 +1,129 @@
+//! Processes cr-ebpf must not inject into are refused before anything is
+//! done to them, and run on: one in seccomp strict mode (its first other
+//! syscall would kill it) and one another process traces with ptrace (a
+//! thread has one tracer).
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_checkpoint::{dump, DumpOptions};
+use cr_ebpf_perf::{spawn_clean, KillOnDrop, Scratch};
+
+/// A python3 parent with one child: `CHILD` runs in the child after the
+/// fork; the parent writes the child's pid to `ctl/child` and `PARENT`
+/// runs, then it sleeps.
+const TREE: &str = r#"
+import ctypes, os, sys, time
+ctl = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    CHILD
+    os._exit(0)
+PARENT
+with open(os.path.join(ctl, 'child.tmp'), 'w') as f:
+    f.write(str(pid))
+os.rename(os.path.join(ctl, 'child.tmp'), os.path.join(ctl, 'child'))
+while True:
+    time.sleep(0.05)
+"#;
+
+fn start(s: &Scratch, child: &str, parent: &str) -> (std::process::Child, i32, i32) {
+    let ctl = s.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let code = TREE.replace("CHILD", child).replace("PARENT", parent);
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", &code])
+        .arg(&ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let p = spawn_clean(&mut cmd);
+    cr_ebpf_perf::wait_for_file(&ctl.join("child"));
+    let kid: i32 = std::fs::read_to_string(ctl.join("child"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid = p.id() as i32;
+    (p, pid, kid)
+}
+
+/// The process's state letter, `None` once it is gone.
+fn state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 2..].chars().next()
+}
+
+/// `pid` stays alive (not a zombie, not gone) for a while.
+fn runs_on(pid: i32, what: &str) {
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        let st = state(pid);
+        assert!(st.is_some_and(|c| c != 'Z' && c != 'X'), "{what}: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_child_in_seccomp_strict_mode_is_refused_before_anything_is_injected() {
+    if !cr_ebpf_perf::privileged("a_child_in_seccomp_strict_mode_is_refused") {
+        return;
+    }
+    let s = Scratch::new("untouch-strict");
+    // PR_SET_SECCOMP (22), SECCOMP_MODE_STRICT (1): then only read, write,
+    // exit and sigreturn; it blocks reading a pipe nobody writes.
+    let (mut p, pid, kid) = start(&s, "libc.prctl(22, 1, 0, 0, 0)\n    os.read(r, 1)", "");
+    let _k = KillOnDrop(kid);
+    let _g = KillOnDrop(pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{kid}/status"))
+        .unwrap_or_default()
+        .contains("Seccomp:\t1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the child never entered strict mode"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let img = s.0.join("img");
+    let err = dump(pid, &img, &DumpOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not supported: seccomp strict mode"), "{err}");
+    assert!(!img.exists(), "no image published");
+    runs_on(kid, "the strict-mode child");
+    runs_on(pid, "the parent");
+    assert!(p.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn a_child_traced_by_its_parent_is_refused_and_both_run_on() {
+    if !cr_ebpf_perf::privileged("a_child_traced_by_its_parent_is_refused") {
+        return;
+    }
+    let s = Scratch::new("untouch-traced");
+    // PTRACE_SEIZE (0x4206) of the child by the parent.
+    let (mut p, pid, kid) = start(
+        &s,
+        "while True:\n        time.sleep(0.05)",
+        "assert libc.ptrace(0x4206, pid, 0, 0) == 0, ctypes.get_errno()",
+    );
+    let _k = KillOnDrop(kid);
+    let _g = KillOnDrop(pid);
+    let img = s.0.join("img");
+    let err = dump(pid, &img, &DumpOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not supported: a traced thread")
+            && err.contains(&format!("traced by process {pid}")),
+        "{err}"
+    );
+    assert!(!img.exists(), "no image published");
+    runs_on(kid, "the traced child");
+    runs_on(pid, "the tracing parent");
+    assert!(p.try_wait().unwrap().is_none());
+}
