@@ -12,7 +12,6 @@ use cr_ebpf_image::{publish, ImageError};
 use cr_ebpf_tracee::Frozen;
 
 use crate::{
-    error::proc_err,
     fds::{check_tree, TreeScope},
     freeze::freeze_tree,
     maps,
@@ -167,8 +166,7 @@ fn plan_pages(live: &[i32], states: &[State]) -> Result<Plans, DumpError> {
         let mut mappings = Vec::new();
         let mut work = Vec::new();
         for m in &s.entries {
-            let runs = maps::dumpable_runs(&s.pagemap, m)
-                .map_err(proc_err(*pid, format!("/proc/{pid}/pagemap")))?;
+            let runs = maps::dumpable_runs(&s.pagemap, m).map_err(crate::error::runs_err(*pid))?;
             let stored: u64 = runs.iter().map(|r| r.1).sum();
             split_runs(&runs, &mut work);
             mappings.push(State::mapping(m, stored, 0));

@@ -77,6 +77,25 @@ pub(crate) fn trace_err(pid: i32, source: TraceError) -> DumpError {
     }
 }
 
+/// A failure to list the pages of a mapping: what the image cannot carry
+/// (guard pages) is a refusal.
+pub(crate) fn runs_err(pid: i32) -> impl FnOnce(std::io::Error) -> DumpError {
+    move |source| {
+        if source.kind() == std::io::ErrorKind::Unsupported {
+            DumpError::NotSupported {
+                pid,
+                what: source.to_string(),
+            }
+        } else {
+            DumpError::Proc {
+                pid,
+                path: format!("/proc/{pid}/pagemap"),
+                source,
+            }
+        }
+    }
+}
+
 pub(crate) fn proc_err(pid: i32, path: String) -> impl FnOnce(std::io::Error) -> DumpError {
     move |source| DumpError::Proc { pid, path, source }
 }

@@ -125,7 +125,7 @@ pub(super) fn prime_one(p: &mut Proc) -> Result<Vec<(u64, u64)>, DumpError> {
                 primed: true,
             },
         );
-        let runs = maps::dumpable_runs(&pagemap, m).map_err(proc_err(pid, pagemap_path.clone()))?;
+        let runs = maps::dumpable_runs(&pagemap, m).map_err(crate::error::runs_err(pid))?;
         split_runs(&runs, &mut work);
     }
     Ok(work)
@@ -189,7 +189,6 @@ pub(super) fn plan_pages(
 ) -> Result<(), DumpError> {
     let pid = plan.pid;
     let state = &plan.state;
-    let pagemap_err = || proc_err(pid, format!("/proc/{pid}/pagemap"));
 
     // Registrations that no longer match a mapping are dropped.
     let current: HashMap<u64, u64> = state.entries.iter().map(|m| (m.start, m.end)).collect();
@@ -269,7 +268,8 @@ pub(super) fn plan_pages(
                 // Candidates: present now or stored in the chain; compared
                 // by content after reading.
                 inherit = true;
-                let now = maps::dumpable_runs(&state.pagemap, m).map_err(pagemap_err())?;
+                let now =
+                    maps::dumpable_runs(&state.pagemap, m).map_err(crate::error::runs_err(pid))?;
                 runs = union_runs(now, b.runs(m.start, m.end));
             }
             _ => {}
@@ -296,7 +296,7 @@ pub(super) fn plan_pages(
             }
         } else {
             plan.whole += 1;
-            runs = maps::dumpable_runs(&state.pagemap, m).map_err(pagemap_err())?;
+            runs = maps::dumpable_runs(&state.pagemap, m).map_err(crate::error::runs_err(pid))?;
             if let Some(wp) = p.wp.as_ref().filter(|_| readable) {
                 forget(&mut p.registered, &mut p.precopied, m.start, m.end);
                 // Some mappings cannot be registered (e.g. device memory):

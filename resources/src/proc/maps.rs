@@ -142,10 +142,13 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 /// pagemap: file page or shared anonymous page (not a private copy).
 const PM_FILE: u64 = 1 << 61;
+/// pagemap: a guard region page (`MADV_GUARD_INSTALL`, Linux 6.14+).
+const PM_GUARD_REGION: u64 = 1 << 58;
 
 /// The pages of `m` whose contents must be stored: every present or swapped
 /// page of anonymous memory, and the private copies (copy-on-write) inside
 /// private file mappings. Returned as runs `(first page address, pages)`.
+/// Guard pages are an `Unsupported` error naming them.
 pub fn dumpable_runs(pagemap: &File, m: &MapEntry) -> std::io::Result<Vec<(u64, u64)>> {
     let kind = m.kind();
     if matches!(
@@ -163,6 +166,15 @@ pub fn dumpable_runs(pagemap: &File, m: &MapEntry) -> std::io::Result<Vec<(u64, 
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (i, e) in entries.chunks_exact(8).enumerate() {
         let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+        if e & PM_GUARD_REGION != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!(
+                    "guard pages (MADV_GUARD_INSTALL) at {:#x}: they are not restored yet",
+                    m.start + i as u64 * 4096
+                ),
+            ));
+        }
         let keep = match kind {
             MappingKind::File | MappingKind::Shmem => e & PM_PRESENT != 0 && e & PM_FILE == 0,
             _ => e & (PM_PRESENT | PM_SWAPPED) != 0,
@@ -206,5 +218,39 @@ mod tests {
         assert_eq!((m[6].kind(), m[6].prot), (MappingKind::Anon, 0));
         assert_eq!(m[1].prot, 3);
         assert!(parse_maps("garbage").is_err());
+    }
+
+    #[test]
+    fn guard_pages_are_named_not_read() {
+        // SAFETY: a private anonymous mapping of our own, unmapped below.
+        let a = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(a, libc::MAP_FAILED);
+        // SAFETY: touching our own mapping, then MADV_GUARD_INSTALL (102) on its second page.
+        let guarded = unsafe {
+            a.cast::<u8>().write(1);
+            libc::madvise(a.cast::<u8>().add(4096).cast(), 4096, 102)
+        } == 0;
+        let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap()).unwrap();
+        let m = maps.iter().find(|m| m.start == a as u64).unwrap();
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let runs = dumpable_runs(&pagemap, m);
+        // SAFETY: our mapping.
+        unsafe { libc::munmap(a, 4 * 4096) };
+        if !guarded {
+            eprintln!("skipped: no MADV_GUARD_INSTALL on this kernel (6.13+)");
+            return;
+        }
+        let err = runs.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::Unsupported);
+        assert!(err.to_string().contains("guard pages"), "{err}");
     }
 }
