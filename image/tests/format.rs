@@ -153,6 +153,7 @@ fn manifest() -> Manifest {
                 pipe_size: 65536,
                 data: b"unread".to_vec(),
                 state: cr_ebpf_image::FdState::None,
+                desc: 0,
             },
             cr_ebpf_image::FdInfo {
                 fd: 4,
@@ -578,13 +579,15 @@ fn a_descriptor_state_is_the_body_of_its_kind() {
     let body = &payload[start..start + len];
     assert_eq!(body[0..4], 9i32.to_le_bytes());
     assert_eq!(body[4..6], (FdKind::Pidfd as u16).to_le_bytes());
-    // It ends with the pid itself: no state tag, no length.
+    // The pid itself, then the shared description (1.8): no state tag, no
+    // length.
     assert_eq!(
-        body[len - 8..len - 4],
+        body[len - 16..len - 12],
         0u32.to_le_bytes(),
         "empty pipe data"
     );
-    assert_eq!(body[len - 4..], 77i32.to_le_bytes());
+    assert_eq!(body[len - 12..len - 8], 77i32.to_le_bytes());
+    assert_eq!(body[len - 8..], 0u64.to_le_bytes());
     // Calling it a file leaves the pid over: refused.
     let mut bad = payload.clone();
     bad[start + 4..start + 6].copy_from_slice(&(FdKind::File as u16).to_le_bytes());

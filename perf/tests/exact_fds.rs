@@ -110,3 +110,89 @@ fn closed_stdio_stays_closed_and_memfd_open_files_keep_position_and_mode() {
         "{link:?}"
     );
 }
+
+/// Opens a file read-write at 5 (at position 3), dups it to 6, opens it
+/// again at 7, forks a child that sleeps, writes the child's pid, sleeps.
+const SHARING: &str = r#"
+import os, sys, time
+ctl = sys.argv[1]
+path = os.path.join(ctl, "data")
+with open(path, "wb") as f:
+    f.write(b"0123456789")
+a = os.open(path, os.O_RDWR)
+os.lseek(a, 3, os.SEEK_SET)
+os.dup2(a, 5), os.dup2(a, 6)
+os.dup2(os.open(path, os.O_RDONLY), 7)
+pid = os.fork()
+if pid == 0:
+    while True:
+        time.sleep(0.05)
+with open(os.path.join(ctl, "child.tmp"), "w") as f:
+    f.write(str(pid))
+os.rename(os.path.join(ctl, "child.tmp"), os.path.join(ctl, "child"))
+while True:
+    time.sleep(0.05)
+"#;
+
+/// Whether descriptor `a` of `pa` and `b` of `pb` are one open file.
+fn one_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
+    // SAFETY: kcmp with integer arguments only (KCMP_FILE = 0).
+    unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, 0, a, b) == 0 }
+}
+
+#[test]
+fn an_open_file_shared_by_dup_and_fork_is_one_open_file_again() {
+    if !cr_ebpf_perf::privileged("an_open_file_shared_by_dup_and_fork_is_one_open_file_again") {
+        return;
+    }
+    // The child comes to us when the dump kills its parent: reaped here.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let s = Scratch::new("shared-desc");
+    let ctl = s.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut parent = spawn_clean(
+        Command::new("/usr/bin/python3")
+            .args(["-c", SHARING])
+            .arg(&ctl)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let pid = parent.id() as i32;
+    let guard = KillOnDrop(pid);
+    cr_ebpf_perf::wait_for_file(&ctl.join("child"));
+    let kid: i32 = std::fs::read_to_string(ctl.join("child"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let kid_guard = KillOnDrop(kid);
+    let shape = |p: i32, k: i32| {
+        (
+            one_description(p, 5, p, 6),
+            one_description(p, 5, k, 5),
+            one_description(p, 6, k, 6),
+            one_description(p, 5, p, 7),
+            one_description(p, 7, k, 7),
+        )
+    };
+    assert_eq!(shape(pid, kid), (true, true, true, false, true));
+
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = parent.wait();
+    // SAFETY: reaping the killed child, ours as its subreaper.
+    unsafe { libc::waitpid(kid, std::ptr::null_mut(), 0) };
+    drop((guard, kid_guard));
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = (KillOnDrop(kid), KillOnDrop(r.pid));
+    assert_eq!(r.pid, pid);
+    assert_eq!(
+        shape(pid, kid),
+        (true, true, true, false, true),
+        "dup'd and inherited descriptors share one open file again; the second open is its own"
+    );
+    assert_eq!(pos_mode(pid, 5), (3, libc::O_RDWR));
+    assert_eq!(pos_mode(kid, 6), (3, libc::O_RDWR));
+    assert_eq!(pos_mode(kid, 7), (0, libc::O_RDONLY));
+}

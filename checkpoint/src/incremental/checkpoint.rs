@@ -245,6 +245,11 @@ fn collect<'a>(
             whole: 0,
         });
     }
+    let mut all: Vec<(i32, &mut [cr_ebpf_image::FdInfo])> = plans
+        .iter_mut()
+        .map(|p| (p.pid, &mut p.state.fds[..]))
+        .collect();
+    cr_ebpf_resources::fd::description::share(&mut all);
     if is_tree {
         let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> =
             plans.iter().map(|p| (p.pid, &p.state.fds[..])).collect();

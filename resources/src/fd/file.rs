@@ -164,7 +164,22 @@ impl Descriptor for File {
         Ok(())
     }
 
+    fn prepare(
+        &self,
+        fds: &[&FdInfo],
+        _opts: &super::Prepare,
+        shared: &mut super::Shared,
+    ) -> Result<(), RestoreError> {
+        super::description::prepare(fds, shared)
+    }
+
     fn open(&self, cx: &RestoreCx<'_>, f: &FdInfo) -> Result<Option<i64>, RestoreError> {
+        if f.desc != 0 && cx.shared.contains(FdKind::File, f.desc) {
+            // One description with other descriptors: made once, handed over.
+            return cx
+                .adopt(cx.shared.get(FdKind::File, f.desc, 0, f.fd)?)
+                .map(Some);
+        }
         if f.path.starts_with(OWN_NAMESPACE) {
             // Opened here: the restored process may have namespaces of its own.
             let ns = std::fs::File::open(&f.path).map_err(|e| RestoreError::File {

@@ -15,6 +15,7 @@
 //! per restore by [`Descriptor::prepare`] into [`Shared`].
 
 pub mod async_io;
+pub mod description;
 pub mod epoll;
 pub mod eventfd;
 pub mod file;

@@ -3,7 +3,8 @@
 //! Format 1.4: `i32` number, `u16` kind, the fields every kind has, then
 //! the state of the kind (nothing for kinds 1 to 4), read according to the
 //! kind: a section cannot hold the state of another kind. Formats 1.0 to
-//! 1.3 are read by [`legacy`].
+//! 1.3 are read by [`legacy`]. Format 1.8 ends the section with a `u64`:
+//! the open file description it shares with other descriptors (0: none).
 
 mod legacy;
 mod socket;
@@ -18,6 +19,9 @@ use crate::codec::{Dec, DecErr, Enc};
 /// The first format whose FD sections end with the kind's state body (no
 /// state tag).
 const STATE_BY_KIND: u16 = 4;
+
+/// The first format whose FD sections end with the shared description.
+const SHARED_DESCRIPTION: u16 = 8;
 
 /// Largest pipe contents stored.
 const PIPE_DATA_CAP: usize = 16 << 20;
@@ -53,6 +57,11 @@ pub struct FdInfo {
     /// ([`FdState::None`] for kinds 1 to 4). A state of another kind is a
     /// programming error; see [`Manifest::encode`](super::Manifest::encode).
     pub state: FdState,
+    /// The open file description this descriptor shares with other
+    /// descriptors of the process or of its tree (`dup`, inherited across
+    /// `fork`), by an id the same for all of them; 0 when it is its own
+    /// (format 1.8; regular files).
+    pub desc: u64,
 }
 
 impl FdInfo {
@@ -80,6 +89,7 @@ impl FdInfo {
         b.u32(self.pipe_size);
         b.bytes(&self.data);
         self.state.encode_body(b);
+        b.u64(self.desc);
     }
 
     /// The kind as written: [`FdKind::Invalid`] when the state is another
@@ -116,9 +126,13 @@ impl FdInfo {
             pipe_size: b.u32()?,
             data: b.bytes(PIPE_DATA_CAP, "pipe contents")?.to_vec(),
             state: FdState::None,
+            desc: 0,
         };
         if minor >= STATE_BY_KIND {
             f.state = FdState::decode_body(kind, b)?;
+            if minor >= SHARED_DESCRIPTION {
+                f.desc = b.u64()?;
+            }
             return Ok(f);
         }
         f.state = legacy::decode(b, minor)?;
@@ -155,6 +169,7 @@ mod tests {
             pipe_size: 65536,
             data: b"unread".to_vec(),
             state,
+            desc: 0,
         }
     }
 
@@ -180,11 +195,12 @@ mod tests {
             let f = common(3, s);
             let buf = encoded(&f);
             assert_eq!(decoded(&buf, FORMAT_MINOR).unwrap(), f);
-            // No tag, no length: the body alone follows the common fields.
+            // No tag, no length: the body alone follows the common fields,
+            // then the shared description.
             let mut body = Enc::default();
             f.state.encode_body(&mut body);
             assert_eq!(buf.len(), bare + body.buf.len());
-            assert_eq!(buf[bare..], body.buf[..]);
+            assert_eq!(buf[bare - 8..buf.len() - 8], body.buf[..]);
         }
         for kind in [FdKind::File, FdKind::CharDevice, FdKind::Inherited] {
             let f = FdInfo {
@@ -193,6 +209,27 @@ mod tests {
             };
             assert_eq!(decoded(&encoded(&f), FORMAT_MINOR).unwrap(), f);
         }
+    }
+
+    #[test]
+    fn the_shared_description_is_read_from_1_8_on() {
+        let f = FdInfo {
+            kind: FdKind::File,
+            desc: 0x1234_0000_0005,
+            ..common(5, FdState::None)
+        };
+        let buf = encoded(&f);
+        assert_eq!(decoded(&buf, 8).unwrap(), f);
+        // 1.7 has no such field: the same bytes are 8 too many.
+        assert!(decoded(&buf, 7).is_err());
+        let old = &buf[..buf.len() - 8];
+        assert_eq!(
+            decoded(old, 7).unwrap(),
+            FdInfo {
+                desc: 0,
+                ..f.clone()
+            }
+        );
     }
 
     #[test]
@@ -221,6 +258,7 @@ mod tests {
             ..f.clone()
         });
         buf[4..6].copy_from_slice(&(f.kind as u16).to_le_bytes());
+        buf.truncate(buf.len() - 8); // no shared description before 1.8
         let mut e = Enc::default();
         legacy::encode(&f.state, &mut e);
         buf.extend_from_slice(&e.buf);
