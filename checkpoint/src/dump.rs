@@ -99,7 +99,15 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         .map(|(p, s)| (*p, &s.fds[..]))
         .collect();
     check_tree(&all)?;
-    let plans = plan_pages(&live, &states)?;
+    // Each live process's parent among them, by index.
+    let parents: Vec<Option<usize>> = live
+        .iter()
+        .map(|p| {
+            let ppid = tree.processes.iter().find(|t| t.pid == *p)?.ppid;
+            live.iter().position(|q| *q == ppid)
+        })
+        .collect();
+    let plans = plan_pages(&live, &states, &parents)?;
     let threads: usize = states.iter().map(|s| s.threads.len()).sum();
     let mappings: usize = plans.iter().map(|p| p.0.len()).sum();
 
@@ -112,7 +120,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         let procs = live
             .iter()
             .zip(&plans)
-            .map(|(pid, (_, work))| (*pid, &work[..], Vec::new()))
+            .map(|(pid, (_, work, _))| (*pid, &work[..], Vec::new()))
             .collect();
         let (subs, pages, bytes) = write_processes(tmp, is_tree, &pool, procs, || {
             // Everything read: what stays alive runs again while the files
@@ -135,8 +143,10 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             None => freeze,
         }
         .as_nanos() as u64;
-        for ((s, (maps, _)), sub) in states.iter().zip(&plans).zip(&subs) {
-            s.manifest(maps.clone(), freeze_ns, None).write(sub)?;
+        for ((s, (maps, _, cow)), sub) in states.iter().zip(&plans).zip(&subs) {
+            let mut m = s.manifest(maps.clone(), freeze_ns, None);
+            m.cow = cow.clone();
+            m.write(sub)?;
         }
         Ok((pages, bytes))
     })?;
@@ -162,22 +172,43 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     })
 }
 
-/// The mappings of each frozen process with the pages they store, and the
-/// page runs to read, in chunks for the readers.
-type Plans = Vec<(Vec<cr_ebpf_image::MappingInfo>, Vec<(u64, u64)>)>;
+/// The mappings of each frozen process with the pages they store, the
+/// page runs to read (in chunks for the readers), and the runs it shares
+/// with its parent (copy-on-write since a fork: not stored, shared again
+/// by the restore).
+type Plans = Vec<(
+    Vec<cr_ebpf_image::MappingInfo>,
+    Vec<(u64, u64)>,
+    Vec<cr_ebpf_image::CowRun>,
+)>;
 
-fn plan_pages(live: &[i32], states: &[State]) -> Result<Plans, DumpError> {
+fn plan_pages(
+    live: &[i32],
+    states: &[State],
+    parents: &[Option<usize>],
+) -> Result<Plans, DumpError> {
     let mut plans = Vec::new();
-    for (pid, s) in live.iter().zip(states) {
+    for ((pid, s), parent) in live.iter().zip(states).zip(parents) {
         let mut mappings = Vec::new();
         let mut work = Vec::new();
+        let mut cow = Vec::new();
         for m in &s.entries {
-            let runs = maps::dumpable_runs(&s.pagemap, m).map_err(crate::error::runs_err(*pid))?;
+            let from = parent
+                .map(|i| &states[i])
+                .filter(|p| maps::inheritable(&p.entries, m))
+                .map(|p| &p.pagemap);
+            let (runs, shared) =
+                maps::runs_sharing(&s.pagemap, from, m).map_err(crate::error::runs_err(*pid))?;
             let stored: u64 = runs.iter().map(|r| r.1).sum();
             split_runs(&runs, &mut work);
+            cow.extend(
+                shared
+                    .iter()
+                    .map(|&(start, pages)| cr_ebpf_image::CowRun { start, pages }),
+            );
             mappings.push(State::mapping(m, stored, 0));
         }
-        plans.push((mappings, work));
+        plans.push((mappings, work, cow));
     }
     Ok(plans)
 }

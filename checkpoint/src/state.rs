@@ -198,6 +198,7 @@ impl State {
             chain,
             shmem: self.shmem.clone(),
             locks: self.locks.clone(),
+            cow: Vec::new(),
         }
     }
 }

@@ -132,6 +132,10 @@ fn manifest() -> Manifest {
             elsewhere: false,
         }],
         locks: Vec::new(),
+        cow: vec![cr_ebpf_image::CowRun {
+            start: 0x2000,
+            pages: 1,
+        }],
         chain: Some(cr_ebpf_image::ChainInfo {
             id: "ckpt-000002".into(),
             parent: "ckpt-000001".into(),
@@ -285,6 +289,7 @@ fn unknown_enum_values_are_errors() {
     m.fds.clear();
     m.chain = None;
     m.shmem.clear();
+    m.cow.clear();
     let mut payload = m.encode();
     // The kind field of the only mapping: find its encoded u16 (1, Anon).
     let at = payload.len() - (4 + 8 + 8 + 8) - 2;

@@ -23,6 +23,7 @@
 //! shared memory come next.
 
 mod build;
+mod inherit;
 mod release;
 mod stub;
 mod tree;

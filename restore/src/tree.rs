@@ -11,7 +11,7 @@ use cr_ebpf_tracee::Tracee;
 
 use crate::{
     pid_free, preflight,
-    stub::{self, KillGuard, Natives},
+    stub::{self, Natives},
     time_namespace, Clock, RestoreError, RestoreOptions, RestoreReport,
 };
 
@@ -58,49 +58,56 @@ pub(crate) fn restore_tree(
         opts.threads
     };
 
-    // The stubs, parents first: each is made by its parent's stub, then
-    // joins its session and group before it makes children of its own.
-    let mut stubs: HashMap<i32, (Tracee, KillGuard)> = HashMap::new();
+    // The stubs, parents first: each is made by its parent's stub, joins
+    // its session and group, and gets its memory before it makes children
+    // of its own (which so share the pages they shared before).
+    let mut built: HashMap<i32, crate::build::Memory> = HashMap::new();
     let mut zombies = Vec::new();
     for p in &tree.processes {
         let (t, guard) = if p.ppid == 0 {
             stub::spawn_root(p.pid, tramp).map_err(|e| e.in_process(p.pid))?
         } else {
-            let parent = &stubs
-                .get(&p.ppid)
-                .ok_or_else(|| {
-                    RestoreError::NotSupported(format!(
-                        "the parent {} of process {} is not in the tree",
-                        p.ppid, p.pid
-                    ))
-                })?
-                .0;
-            stub::spawn_child(parent, tramp, p.pid).map_err(|e| e.in_process(p.pid))?
+            let parent = built.get(&p.ppid).ok_or_else(|| {
+                RestoreError::NotSupported(format!(
+                    "the parent {} of process {} is not in the tree",
+                    p.ppid, p.pid
+                ))
+            })?;
+            stub::spawn_child(parent.tracee(), tramp, p.pid).map_err(|e| e.in_process(p.pid))?
         };
         let parent_pgid = tree
             .processes
             .iter()
             .find(|q| q.pid == p.ppid)
             .map(|q| q.pgid);
-        let sys =
-            |name: &str, nr: i64, args: [u64; 6]| stub::stub_syscall(&t, tramp, name, nr, args);
-        if p.sid == p.pid {
-            sys("setsid", libc::SYS_setsid, [0; 6]).map_err(|e| e.in_process(p.pid))?;
-        } else if p.pgid == p.pid {
-            sys("setpgid", libc::SYS_setpgid, [0, 0, 0, 0, 0, 0])
-                .map_err(|e| e.in_process(p.pid))?;
-        } else if p.ppid != 0 && Some(p.pgid) != parent_pgid {
-            sys("setpgid", libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0]).map_err(|e| {
-                RestoreError::NotSupported(format!(
-                    "process {} joining process group {}: {e}",
-                    p.pid, p.pgid
-                ))
-            })?;
-        }
+        join_session(&t, tramp, p, parent_pgid)?;
         match p.zombie {
             Some(status) => zombies.push((p.pid, status, t, guard)),
             None => {
-                stubs.insert(p.pid, (t, guard));
+                let m = chains[&p.pid].manifest();
+                let kept = match chains.get(&p.ppid) {
+                    Some(pc) if !m.cow.is_empty() => crate::inherit::kept(m, pc.manifest())?,
+                    _ if !m.cow.is_empty() => {
+                        return Err(RestoreError::NotSupported(format!(
+                            "process {} shares pages with a parent that is not restored with it",
+                            p.pid
+                        )))
+                    }
+                    _ => Vec::new(),
+                };
+                let mem = crate::build::build_memory(
+                    t,
+                    guard,
+                    m,
+                    &chains[&p.pid],
+                    workers,
+                    &natives,
+                    &mut clock,
+                    (tramp, vdso_tmp),
+                    kept,
+                )
+                .map_err(|e| e.in_process(p.pid))?;
+                built.insert(p.pid, mem);
             }
         }
     }
@@ -111,18 +118,15 @@ pub(crate) fn restore_tree(
     }
     clock.mark("stub");
 
-    // Every process built, children first (each keeps its stub stopped).
+    // Everything else of every process, children first (each keeps its
+    // stub stopped).
     let mut ready = Vec::new();
     let (mut pages, mut fill) = (0, std::time::Duration::ZERO);
     for p in tree.processes.iter().rev().filter(|p| p.zombie.is_none()) {
-        let (t, guard) = stubs.remove(&p.pid).expect("made above");
-        let chain = &chains[&p.pid];
-        let r = crate::build::build_in(
-            t,
-            guard,
-            chain.manifest(),
-            chain,
-            workers,
+        let mem = built.remove(&p.pid).expect("made above");
+        let r = crate::build::build_rest(
+            mem,
+            chains[&p.pid].manifest(),
             &natives,
             &mut clock,
             tramp,
@@ -149,4 +153,28 @@ pub(crate) fn restore_tree(
         phases: clock.phases,
         time_offsets,
     })
+}
+
+/// The new stub `t` of `p` leads its session or group, or joins its
+/// parent's group, as `p` did.
+fn join_session(
+    t: &Tracee,
+    tramp: u64,
+    p: &cr_ebpf_image::tree::TreeProcess,
+    parent_pgid: Option<i32>,
+) -> Result<(), RestoreError> {
+    let sys = |name: &str, nr: i64, args: [u64; 6]| stub::stub_syscall(t, tramp, name, nr, args);
+    if p.sid == p.pid {
+        sys("setsid", libc::SYS_setsid, [0; 6]).map_err(|e| e.in_process(p.pid))?;
+    } else if p.pgid == p.pid {
+        sys("setpgid", libc::SYS_setpgid, [0, 0, 0, 0, 0, 0]).map_err(|e| e.in_process(p.pid))?;
+    } else if p.ppid != 0 && Some(p.pgid) != parent_pgid {
+        sys("setpgid", libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0]).map_err(|e| {
+            RestoreError::NotSupported(format!(
+                "process {} joining process group {}: {e}",
+                p.pid, p.pgid
+            ))
+        })?;
+    }
+    Ok(())
 }

@@ -33,6 +33,7 @@ use crate::{
 };
 
 mod chain;
+mod cow;
 mod fd;
 mod lock;
 mod mapping;
@@ -42,6 +43,7 @@ mod shmem;
 mod thread;
 
 pub use chain::ChainInfo;
+pub use cow::CowRun;
 pub use fd::{
     EpollItem, FdInfo, FdKind, FdState, InotifyWatch, SockOpt, SocketFile, SocketInfo, TcpRepair,
     SOCKET_QUEUE_CAP,
@@ -66,12 +68,15 @@ const TAG_CHAIN: u16 = 5;
 const TAG_POSIX_TIMER: u16 = 6;
 const TAG_SHMEM: u16 = 7;
 const TAG_LOCK: u16 = 8;
+const TAG_COW: u16 = 9;
 const SECTION_OPTIONAL: u16 = 1;
 
 /// Most POSIX timers of one process stored.
 const POSIX_TIMERS_CAP: usize = 1 << 16;
 /// Most file locks of one process stored.
 const LOCKS_CAP: usize = 1 << 16;
+/// Most runs of pages shared with the parent process.
+const COW_CAP: usize = 1 << 24;
 /// Longest path (files, mappings, the executable, the working directory).
 const PATH_CAP: usize = 4096;
 /// Longest name (checkpoints, memfds).
@@ -131,6 +136,9 @@ pub struct Manifest {
     pub shmem: Vec<ShmemObject>,
     /// File locks it holds (format 1.6), each through one of its descriptors.
     pub locks: Vec<FileLock>,
+    /// Runs of its pages that are its parent's, shared copy-on-write, and
+    /// not in its page store (format 1.8), by increasing address.
+    pub cow: Vec<CowRun>,
 }
 
 /// Appends a section: its header, then the body `body` writes.
@@ -170,6 +178,9 @@ impl Manifest {
         }
         for l in &self.locks {
             section(&mut out, TAG_LOCK, |b| l.encode(b));
+        }
+        for r in &self.cow {
+            section(&mut out, TAG_COW, |b| r.encode(b));
         }
         if let Some(c) = &self.chain {
             section(&mut out, TAG_CHAIN, |b| c.encode(b));
@@ -253,6 +264,7 @@ struct Sections {
     posix_timers: Vec<PosixTimer>,
     shmem: Vec<ShmemObject>,
     locks: Vec<FileLock>,
+    cow: Vec<CowRun>,
 }
 
 impl Sections {
@@ -298,6 +310,13 @@ impl Sections {
                     return Err(b.err(format!("more than {LOCKS_CAP} file locks")));
                 }
                 self.locks.push(FileLock::decode(b, minor)?);
+            }
+            TAG_COW if minor >= cow::SINCE => {
+                if self.cow.len() >= COW_CAP {
+                    return Err(b.err(format!("more than {COW_CAP} shared page runs")));
+                }
+                let r = CowRun::decode(b, self.cow.last())?;
+                self.cow.push(r);
             }
             TAG_MAPPING => {
                 let m = MappingInfo::decode(b, at, minor)?;
@@ -371,6 +390,19 @@ impl Sections {
                 )));
             }
         }
+        for r in &self.cow {
+            let end = r.start + r.pages * 4096;
+            let private = self
+                .mappings
+                .iter()
+                .any(|m| m.start <= r.start && end <= m.end && m.flags & MAP_SHARED == 0);
+            if !private {
+                return Err(d.err(format!(
+                    "pages shared with the parent at {:#x} outside a private mapping",
+                    r.start
+                )));
+            }
+        }
         Ok(Manifest {
             process,
             threads: self.threads,
@@ -379,6 +411,7 @@ impl Sections {
             chain: self.chain,
             shmem: self.shmem,
             locks: self.locks,
+            cow: self.cow,
         })
     }
 }

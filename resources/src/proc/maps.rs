@@ -145,11 +145,54 @@ const PM_FILE: u64 = 1 << 61;
 /// pagemap: a guard region page (`MADV_GUARD_INSTALL`, Linux 6.14+).
 const PM_GUARD_REGION: u64 = 1 << 58;
 
+/// Whether the private mapping `m` of a child lies inside one mapping of
+/// its parent (`parent`) of the same kind, file and offset, flags and
+/// droppability: then a fork gave it the parent's pages, and a restore can
+/// make it so again.
+pub fn inheritable(parent: &[MapEntry], m: &MapEntry) -> bool {
+    let kinds = matches!(
+        m.kind(),
+        MappingKind::Anon | MappingKind::Heap | MappingKind::Stack | MappingKind::File
+    );
+    let own = cr_ebpf_image::MAP_DROPPABLE | cr_ebpf_image::MAP_NORESERVE;
+    kinds
+        && !m.shared
+        && m.advice & cr_ebpf_image::MAP_DROPPABLE == 0
+        && parent.iter().any(|p| {
+            p.start <= m.start
+                && m.end <= p.end
+                && !p.shared
+                && p.kind() == m.kind()
+                && p.path == m.path
+                && (p.advice ^ m.advice) & own == 0
+                && (m.kind() != MappingKind::File
+                    || (p.dev, p.inode, p.offset + (m.start - p.start))
+                        == (m.dev, m.inode, m.offset))
+        })
+}
+
+/// pagemap: the page frame number (shown to CAP_SYS_ADMIN only).
+const PM_PFN: u64 = (1 << 55) - 1;
+
 /// The pages of `m` whose contents must be stored: every present or swapped
 /// page of anonymous memory, and the private copies (copy-on-write) inside
 /// private file mappings. Returned as runs `(first page address, pages)`.
 /// Guard pages are an `Unsupported` error naming them.
 pub fn dumpable_runs(pagemap: &File, m: &MapEntry) -> std::io::Result<Vec<(u64, u64)>> {
+    Ok(runs_sharing(pagemap, None, m)?.0)
+}
+
+/// Page runs: (first page address, pages).
+pub type Runs = Vec<(u64, u64)>;
+
+/// As [`dumpable_runs`], with the parent process's pagemap: the pages that
+/// are the parent's very pages at the same address (the same frame:
+/// copy-on-write sharing since a fork) come apart, as the second list.
+pub fn runs_sharing(
+    pagemap: &File,
+    parent: Option<&File>,
+    m: &MapEntry,
+) -> std::io::Result<(Runs, Runs)> {
     let kind = m.kind();
     if matches!(
         kind,
@@ -158,14 +201,23 @@ pub fn dumpable_runs(pagemap: &File, m: &MapEntry) -> std::io::Result<Vec<(u64, 
         || m.advice & cr_ebpf_image::MAP_DROPPABLE != 0
     {
         // Droppable memory may read as zeroes at any time: none is stored.
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let pages = ((m.end - m.start) / 4096) as usize;
     let mut entries = vec![0u8; pages * 8];
     pagemap.read_exact_at(&mut entries, m.start / 4096 * 8)?;
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for (i, e) in entries.chunks_exact(8).enumerate() {
-        let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+    let mut theirs = Vec::new();
+    if let Some(p) = parent {
+        theirs = vec![0u8; pages * 8];
+        p.read_exact_at(&mut theirs, m.start / 4096 * 8)?;
+    }
+    let entry = |b: &[u8], i: usize| {
+        b.get(i * 8..i * 8 + 8)
+            .map_or(0, |e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+    };
+    let (mut runs, mut shared): (Runs, Runs) = (Vec::new(), Vec::new());
+    for i in 0..pages {
+        let e = entry(&entries, i);
         if e & PM_GUARD_REGION != 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
@@ -179,15 +231,23 @@ pub fn dumpable_runs(pagemap: &File, m: &MapEntry) -> std::io::Result<Vec<(u64, 
             MappingKind::File | MappingKind::Shmem => e & PM_PRESENT != 0 && e & PM_FILE == 0,
             _ => e & (PM_PRESENT | PM_SWAPPED) != 0,
         };
-        if keep {
-            let addr = m.start + i as u64 * 4096;
-            match runs.last_mut() {
-                Some((a, n)) if *a + *n * 4096 == addr => *n += 1,
-                _ => runs.push((addr, 1)),
-            }
+        if !keep {
+            continue;
+        }
+        let t = entry(&theirs, i);
+        let same_frame = e & PM_PRESENT != 0
+            && t & PM_PRESENT != 0
+            && t & PM_FILE == 0
+            && e & PM_PFN != 0
+            && e & PM_PFN == t & PM_PFN;
+        let addr = m.start + i as u64 * 4096;
+        let to = if same_frame { &mut shared } else { &mut runs };
+        match to.last_mut() {
+            Some((a, n)) if *a + *n * 4096 == addr => *n += 1,
+            _ => to.push((addr, 1)),
         }
     }
-    Ok(runs)
+    Ok((runs, shared))
 }
 
 #[cfg(test)]

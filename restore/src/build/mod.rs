@@ -1,17 +1,13 @@
 //! Building a process inside its ptrace-controlled stub: a table of
 //! phases run in order ([`PHASES`]), each timed under its name in the
 //! restore report. Resource kinds are restored by the resources crate's
-//! registries in their phases; this module holds the memory layout.
+//! registries in their phases; [`layout`] holds the memory layout.
 
-use std::{
-    os::fd::AsFd as _,
-    time::{Duration, Instant},
-};
+mod layout;
 
-use cr_ebpf_image::{
-    Chain, Manifest, MappingKind, MAP_DROPPABLE, MAP_GROWSDOWN, MAP_MAYWRITE, MAP_NORESERVE,
-    MAP_SHARED,
-};
+use std::time::{Duration, Instant};
+
+use cr_ebpf_image::{Chain, Manifest, MappingKind};
 use cr_ebpf_resources::{
     advice,
     fd::RestoreCx,
@@ -24,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::{
     release::Ready,
-    stub::{overlaps, KillGuard, Natives, TRAMPOLINE_LEN},
+    stub::{KillGuard, Natives},
     RestoreError,
 };
 
@@ -43,6 +39,9 @@ struct Build<'a> {
     vdso_tmp: u64,
     /// The stub's own mappings, as found before clearing them.
     stub_maps: Vec<MapEntry>,
+    /// Mappings inherited from the parent's stub with the pages the process
+    /// shares with its parent (see the inherit module): kept, not remade.
+    kept: Vec<(u64, u64)>,
     /// The other threads, made, with the registers they resume with and
     /// their signal masks.
     others: Vec<(Tracee, regs::Regs, u64)>,
@@ -54,19 +53,41 @@ struct Build<'a> {
 
 type PhaseFn = fn(&mut Build<'_>) -> Result<(), RestoreError>;
 
-/// The phases, in order, with the names the report uses.
+/// The phases, in order, with the names the report uses: the first
+/// [`MEMORY_PHASES`] build the memory (children are made from it, sharing
+/// its pages), the others the rest.
 const PHASES: &[(&str, PhaseFn)] = &[
     ("stub", forget_rseq),
-    ("clear", clear),
-    ("vdso", vdso),
-    ("map", map),
+    ("clear", layout::clear),
+    ("vdso", layout::vdso),
+    ("map", layout::map),
     ("fill", fill),
     ("mm", mm),
+    ("advice", advice_phase),
     ("process", process_wide),
     ("fds", fds),
     ("threads", threads),
     ("signals", signals),
 ];
+
+/// How many of [`PHASES`] build the memory.
+const MEMORY_PHASES: usize = 6;
+
+/// A process whose memory is built, in its stub: children may be made from
+/// it now.
+pub(crate) struct Memory {
+    t: Tracee,
+    guard: KillGuard,
+    pages: u64,
+    fill: Duration,
+}
+
+impl Memory {
+    /// The stub's main thread (children are made through it).
+    pub(crate) fn tracee(&self) -> &Tracee {
+        &self.t
+    }
+}
 
 /// Builds the process `m` inside the stub `t` (everything but letting it run).
 #[allow(
@@ -84,40 +105,151 @@ pub(crate) fn build_in(
     tramp: u64,
     vdso_tmp: u64,
 ) -> Result<Ready, RestoreError> {
+    let mem = build_memory(
+        t,
+        guard,
+        m,
+        chain,
+        workers,
+        natives,
+        clock,
+        (tramp, vdso_tmp),
+        Vec::new(),
+    )?;
+    build_rest(mem, m, natives, clock, tramp, vdso_tmp)
+}
+
+/// The pidfd descriptors are handed over through stays clear of the
+/// process's own numbers.
+fn floor(m: &Manifest) -> u64 {
+    m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 32
+}
+
+/// Runs `phases` on a build of `m` in the stub `t`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the halves of one build share its inputs"
+)]
+fn run_phases<'a>(
+    t: &'a Tracee,
+    s: &'a dyn Sys,
+    m: &'a Manifest,
+    chain: Option<&'a Chain>,
+    workers: usize,
+    natives: &'a Natives,
+    (tramp, vdso_tmp): (u64, u64),
+    (stub_maps, kept): (Vec<MapEntry>, Vec<(u64, u64)>),
+    phases: &[(&'static str, PhaseFn)],
+    clock: &mut crate::Clock,
+) -> Result<Build<'a>, RestoreError> {
+    let mut b = Build {
+        t: Some(t),
+        s,
+        pid: t.tid(),
+        m,
+        chain,
+        workers,
+        natives,
+        tramp,
+        vdso_tmp,
+        stub_maps,
+        kept,
+        others: Vec::new(),
+        final_regs: None,
+        pages: 0,
+        fill: Duration::ZERO,
+    };
+    for (name, phase) in phases {
+        phase(&mut b)?;
+        clock.mark(name);
+    }
+    Ok(b)
+}
+
+/// The memory of `m` in the stub `t`: its mappings, pages and protections,
+/// keeping the mappings `kept` that `t` inherited from its parent with the
+/// pages they share.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per kind of restore"
+)]
+pub(crate) fn build_memory(
+    t: Tracee,
+    guard: KillGuard,
+    m: &Manifest,
+    chain: &Chain,
+    workers: usize,
+    natives: &Natives,
+    clock: &mut crate::Clock,
+    addrs: (u64, u64),
+    kept: Vec<(u64, u64)>,
+) -> Result<Memory, RestoreError> {
     let got = t.tid();
-    // The pidfd descriptors are handed over through stays clear of the
-    // process's own numbers.
-    let floor = m.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) as u64 + 32;
     let stub_maps = std::fs::read_to_string(format!("/proc/{got}/maps"))
         .ok()
         .and_then(|t| parse_maps(&t).ok())
         .ok_or_else(|| RestoreError::stub("cannot read the stub's maps"))?;
-    let s = Injected::new(&t, got, tramp, tramp + PAGE).with_floor(floor);
-    let (others, final_regs, pages, fill) = {
-        let mut b = Build {
-            t: Some(&t),
-            s: &s,
-            pid: got,
+    let (pages, fill) = {
+        let s = Injected::new(&t, got, addrs.0, addrs.0 + PAGE).with_floor(floor(m));
+        let b = run_phases(
+            &t,
+            &s,
             m,
-            chain: Some(chain),
+            Some(chain),
             workers,
             natives,
-            tramp,
-            vdso_tmp,
-            stub_maps,
-            others: Vec::new(),
-            final_regs: None,
-            pages: 0,
-            fill: Duration::ZERO,
-        };
-        for (name, phase) in PHASES {
-            phase(&mut b)?;
-            clock.mark(name);
-        }
+            addrs,
+            (stub_maps, kept),
+            &PHASES[..MEMORY_PHASES],
+            clock,
+        )?;
+        // Children made from this stub must not inherit its descriptors.
+        s.release_adopter()?;
+        (b.pages, b.fill)
+    };
+    Ok(Memory {
+        t,
+        guard,
+        pages,
+        fill,
+    })
+}
+
+/// Everything of `m` but its memory and letting it run, in the stub whose
+/// memory `mem` built.
+pub(crate) fn build_rest(
+    mem: Memory,
+    m: &Manifest,
+    natives: &Natives,
+    clock: &mut crate::Clock,
+    tramp: u64,
+    vdso_tmp: u64,
+) -> Result<Ready, RestoreError> {
+    let Memory {
+        t,
+        guard,
+        pages,
+        fill,
+    } = mem;
+    let got = t.tid();
+    let (others, final_regs) = {
+        let s = Injected::new(&t, got, tramp, tramp + PAGE).with_floor(floor(m));
+        let b = run_phases(
+            &t,
+            &s,
+            m,
+            None,
+            1,
+            natives,
+            (tramp, vdso_tmp),
+            (Vec::new(), Vec::new()),
+            &PHASES[MEMORY_PHASES..],
+            clock,
+        )?;
         let final_regs = b
             .final_regs
             .ok_or_else(|| RestoreError::NotSupported("the image has no thread".into()))?;
-        (b.others, final_regs, b.pages, b.fill)
+        (b.others, final_regs)
     };
     let vdso_insn = vdso_syscall_insn(got, m)?;
     Ok(Ready {
@@ -134,8 +266,14 @@ pub(crate) fn build_in(
 }
 
 /// The stub's rseq area is about to vanish: the kernel would fault on it
-/// at the next preemption.
+/// at the next preemption. A stub made from its parent's after that one's
+/// memory was built drops any descriptor it inherited above stdio.
 fn forget_rseq(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    b.s.call(
+        "close_range",
+        libc::SYS_close_range,
+        [3, u32::MAX as u64, 0, 0, 0, 0],
+    )?;
     let (Some(t), s) = (b.t, b.s) else {
         return Ok(());
     };
@@ -156,210 +294,6 @@ fn forget_rseq(b: &mut Build<'_>) -> Result<(), RestoreError> {
                 0,
             ],
         )?;
-    }
-
-    Ok(())
-}
-
-/// Everything of the stub goes but the trampoline and the vDSO.
-fn clear(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (s, tramp) = (b.s, b.tramp);
-    let is_special = |e: &MapEntry| {
-        matches!(
-            e.kind(),
-            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
-        )
-    };
-    for e in &b.stub_maps {
-        if overlaps((e.start, e.end), (tramp, tramp + TRAMPOLINE_LEN)) || is_special(e) {
-            continue;
-        }
-        s.call(
-            "munmap",
-            libc::SYS_munmap,
-            [e.start, e.end - e.start, 0, 0, 0, 0],
-        )?;
-    }
-
-    Ok(())
-}
-
-/// The vDSO and its data pages to the recorded addresses (through a free
-/// area first, in case the two layouts overlap).
-fn vdso(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (s, m, vdso_tmp) = (b.s, b.m, b.vdso_tmp);
-    let specials: Vec<&MapEntry> = b
-        .stub_maps
-        .iter()
-        .filter(|e| matches!(e.kind(), MappingKind::Vdso | MappingKind::Vvar))
-        .collect();
-    let lo = specials.iter().map(|e| e.start).min().unwrap_or(0);
-    for e in &specials {
-        let len = e.end - e.start;
-        let want = m.mappings.iter().find(|x| x.path == e.path);
-        match want {
-            Some(w) if w.end - w.start != len => {
-                return Err(RestoreError::NotSupported(format!(
-                    "{} is {} pages on this kernel, {} in the image (taken on another kernel?)",
-                    e.path,
-                    len / PAGE,
-                    (w.end - w.start) / PAGE
-                )));
-            }
-            _ => {}
-        }
-        s.call(
-            "mremap",
-            libc::SYS_mremap,
-            [
-                e.start,
-                len,
-                len,
-                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
-                vdso_tmp + (e.start - lo),
-                0,
-            ],
-        )?;
-    }
-    for e in &specials {
-        let len = e.end - e.start;
-        let at = vdso_tmp + (e.start - lo);
-        match m.mappings.iter().find(|x| x.path == e.path) {
-            Some(w) => {
-                s.call(
-                    "mremap",
-                    libc::SYS_mremap,
-                    [
-                        at,
-                        len,
-                        len,
-                        (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
-                        w.start,
-                        0,
-                    ],
-                )?;
-            }
-            None => {
-                s.call("munmap", libc::SYS_munmap, [at, len, 0, 0, 0, 0])?;
-            }
-        }
-    }
-
-    Ok(())
-}
-
-/// The recorded mappings, writable where pages will be filled; shared
-/// memory from the objects made for the restore.
-fn map(b: &mut Build<'_>) -> Result<(), RestoreError> {
-    let (s, m) = (b.s, b.m);
-    // Shared memory objects, with their contents, for the mappings and
-    // memfd descriptors that refer to them.
-    let shm = &b.natives.shmem;
-
-    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
-    for x in &m.mappings {
-        if matches!(
-            x.kind,
-            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
-        ) {
-            continue;
-        }
-        let len = x.end - x.start;
-        let prot = if x.pages_stored > 0 {
-            x.prot | rw
-        } else {
-            x.prot
-        };
-        let mut share = if x.flags & MAP_SHARED != 0 {
-            libc::MAP_SHARED
-        } else {
-            libc::MAP_PRIVATE
-        };
-        if x.flags & MAP_NORESERVE != 0 {
-            share |= libc::MAP_NORESERVE;
-        }
-        let sysv = x.kind == MappingKind::Shmem
-            && m.shmem
-                .iter()
-                .any(|o| o.id == x.inode && o.kind == cr_ebpf_image::ShmemKind::SysV);
-        let got_addr = if sysv && x.offset > 0 {
-            // The rest of a segment attached at a lower address.
-            s.call(
-                "mprotect",
-                libc::SYS_mprotect,
-                [x.start, len, prot as u64, 0, 0, 0],
-            )?;
-            x.start as i64
-        } else if sysv {
-            let mut flags = 0;
-            if x.prot & libc::PROT_WRITE as u32 == 0 {
-                flags |= libc::SHM_RDONLY;
-            }
-            if x.prot & libc::PROT_EXEC as u32 != 0 {
-                flags |= libc::SHM_EXEC;
-            }
-            s.call(
-                "shmat",
-                libc::SYS_shmat,
-                [x.inode, x.start, flags as u64, 0, 0, 0],
-            )?
-        } else if x.kind == MappingKind::Shmem {
-            let ours = shm.get(&x.inode).ok_or_else(|| {
-                RestoreError::stub(format!("shared memory at {:#x} was not rebuilt", x.start))
-            })?;
-            let fd = s.adopt(ours.as_fd())?;
-            map_fd(s, x, prot, share, fd)?
-        } else if x.kind == MappingKind::File {
-            let mut path = x.path.clone().into_bytes();
-            path.push(0);
-            if path.len() as u64 > PAGE {
-                return Err(RestoreError::NotSupported(format!(
-                    "path longer than a page: {}",
-                    x.path
-                )));
-            }
-            let at = s.put(0, &path)?;
-            let writes = x.prot & libc::PROT_WRITE as u32 != 0 || x.flags & MAP_MAYWRITE != 0;
-            let mode = if share & libc::MAP_SHARED != 0 && writes {
-                libc::O_RDWR
-            } else {
-                libc::O_RDONLY
-            };
-            let fd = s.call(
-                "openat",
-                libc::SYS_openat,
-                [
-                    libc::AT_FDCWD as u64,
-                    at,
-                    (mode | libc::O_CLOEXEC) as u64,
-                    0,
-                    0,
-                    0,
-                ],
-            )?;
-            map_fd(s, x, prot, share, fd)?
-        } else {
-            let share = if x.flags & MAP_DROPPABLE != 0 {
-                advice::MMAP_DROPPABLE | (share & libc::MAP_NORESERVE)
-            } else {
-                share
-            };
-            let mut flags = share | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
-            if x.flags & MAP_GROWSDOWN != 0 {
-                flags |= libc::MAP_GROWSDOWN;
-            }
-            s.call(
-                "mmap",
-                libc::SYS_mmap,
-                [x.start, len, prot as u64, flags as u64, u64::MAX, 0],
-            )?
-        };
-        if got_addr as u64 != x.start {
-            return Err(RestoreError::stub(format!(
-                "mapping {:#x} landed at {got_addr:#x}",
-                x.start
-            )));
-        }
     }
 
     Ok(())
@@ -422,16 +356,25 @@ fn mm(b: &mut Build<'_>) -> Result<(), RestoreError> {
                 [x.start, x.end - x.start, x.prot as u64, 0, 0, 0],
             )?;
         }
+    }
+
+    process::restore(Phase::Mm, s, &m.process)
+}
+
+/// Each mapping's own settings, once the children were made from this
+/// process's memory (`MADV_DONTFORK`, `MADV_WIPEONFORK` would keep them
+/// from inheriting what they shared).
+fn advice_phase(b: &mut Build<'_>) -> Result<(), RestoreError> {
+    for x in &b.m.mappings {
         let special = matches!(
             x.kind,
             MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
         );
         if x.flags & advice::ADVICE != 0 && !special {
-            advice::restore(s, x)?;
+            advice::restore(b.s, x)?;
         }
     }
-
-    process::restore(Phase::Mm, s, &m.process)
+    Ok(())
 }
 
 /// Process-wide state set before the descriptors.
@@ -535,31 +478,6 @@ fn vdso_syscall_insn(pid: i32, m: &Manifest) -> Result<u64, RestoreError> {
     ))
 }
 
-/// Maps the recorded mapping `x` from the stub's descriptor `fd` (closed
-/// afterwards, whatever happens).
-fn map_fd(
-    s: &dyn Sys,
-    x: &cr_ebpf_image::MappingInfo,
-    prot: u32,
-    share: i32,
-    fd: i64,
-) -> Result<i64, RestoreError> {
-    let r = s.call(
-        "mmap",
-        libc::SYS_mmap,
-        [
-            x.start,
-            x.end - x.start,
-            prot as u64,
-            (share | libc::MAP_FIXED) as u64,
-            fd as u64,
-            x.offset,
-        ],
-    );
-    s.call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-    r
-}
-
 #[cfg(test)]
 mod tests {
     use cr_ebpf_image::{FdInfo, FdKind, MappingInfo, ProcessInfo, SigAction, ThreadInfo};
@@ -615,6 +533,7 @@ mod tests {
             tramp: TRAMP,
             vdso_tmp: VDSO_TMP,
             stub_maps,
+            kept: Vec::new(),
             others: Vec::new(),
             final_regs: None,
             pages: 0,
