@@ -38,6 +38,15 @@ pub struct Args {
     /// machine), `always`, `never`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
     pub time_namespace: String,
+    /// Restore a shell job (an image taken with `dump --shell-job`): the
+    /// process joins cr-ebpf's session and controlling terminal (it does
+    /// not take the session; it leads a process group of its own again if
+    /// it led one, else it joins cr-ebpf's), and its descriptors on its old
+    /// terminal get new open files of cr-ebpf's standard input, which must
+    /// be cr-ebpf's controlling terminal. The terminal's foreground process
+    /// group is left as it is. Such an image is refused without it.
+    #[arg(long)]
+    pub shell_job: bool,
     /// Print what the restore did (pid, pages, time per phase) as one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -51,6 +60,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             allow_other_credentials: args.allow_other_credentials,
             checkpoint: args.checkpoint.clone(),
             close_connections: args.close_connections,
+            shell_job: args.shell_job,
             time_namespace: match args.time_namespace.as_str() {
                 "always" => TimeNamespace::Always,
                 "never" => TimeNamespace::Never,

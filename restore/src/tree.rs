@@ -51,7 +51,7 @@ pub(crate) fn restore_tree(
         .filter_map(|p| chains.get(&p.pid).map(Chain::manifest))
         .collect();
     let (tramp, vdso_tmp) = stub::addresses(&manifests)?;
-    let natives = Natives::build(&manifests, opts.close_connections)?;
+    let natives = Natives::build(&manifests, opts)?;
     let workers = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -97,12 +97,21 @@ pub(crate) fn restore_tree(
                 ))
             })?;
         }
+        if let Some(c) = chains.get(&p.pid) {
+            stub::terminal(&t, tramp, &natives, &c.manifest().process)
+                .map_err(|e| e.in_process(p.pid))?;
+        }
         match p.zombie {
             Some(status) => zombies.push((p.pid, status, t, guard)),
             None => {
                 stubs.insert(p.pid, (t, guard));
             }
         }
+    }
+    // Every group exists: the terminals' foreground groups.
+    for (pid, (t, _)) in &stubs {
+        stub::foreground(t, tramp, &chains[pid].manifest().process)
+            .map_err(|e| e.in_process(*pid))?;
     }
     // Zombies: they exit as they did; their parents reap them.
     for (pid, status, t, guard) in zombies {
