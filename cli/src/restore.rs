@@ -112,7 +112,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.detach {
         return Ok(ExitCode::SUCCESS);
     }
-    match waitpid(Pid::from_raw(r.pid), None).context("waiting for the restored process")? {
+    let status = waitpid(Pid::from_raw(r.pid), None).context("waiting for the restored process");
+    if args.shell_job {
+        take_terminal_back();
+    }
+    match status? {
         WaitStatus::Exited(_, code) => Ok(ExitCode::from(code as u8)),
         WaitStatus::Signaled(_, sig, _) => {
             eprintln!(
@@ -128,5 +132,19 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             );
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// A shell job may have had the foreground of our terminal: take it back
+/// for our own process group before the shell sees us end.
+fn take_terminal_back() {
+    // SAFETY: signal dispositions and terminal calls on our own stdin.
+    unsafe {
+        if libc::isatty(0) != 1 {
+            return;
+        }
+        let old = libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+        libc::tcsetpgrp(0, libc::getpgrp());
+        libc::signal(libc::SIGTTOU, old);
     }
 }

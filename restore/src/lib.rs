@@ -314,6 +314,8 @@ fn restore_single(
     // Its session and controlling terminal before anything else.
     if m.process.sid == pid {
         stub::stub_syscall(&t, tramp, "setsid", libc::SYS_setsid, [0; 6])?;
+    } else if m.process.pgid == pid {
+        stub::stub_syscall(&t, tramp, "setpgid", libc::SYS_setpgid, [0; 6])?;
     }
     stub::terminal(&t, tramp, &natives, &m.process)?;
     stub::foreground(&t, tramp, &m.process)?;

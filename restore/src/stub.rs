@@ -30,7 +30,10 @@ pub(crate) struct Natives {
 
 impl Natives {
     /// The objects of every process in `ms`.
-    pub(crate) fn build(ms: &[&Manifest], opts: &crate::RestoreOptions) -> Result<Self, RestoreError> {
+    pub(crate) fn build(
+        ms: &[&Manifest],
+        opts: &crate::RestoreOptions,
+    ) -> Result<Self, RestoreError> {
         let shmem = cr_ebpf_resources::shmem::prepare(ms)?;
         let fds = cr_ebpf_resources::fd::prepare(
             ms,

@@ -194,7 +194,12 @@ fn outside_holder(index: u32, pids: &[i32]) -> Option<i32> {
 
 /// The settings of the pair of master `dup` (a duplicate of ours), after
 /// checking it can be made again as it is.
-fn save_pair(cx: &SaveCx<'_>, seen: &Seen, dup: &OwnedFd, index: u32) -> Result<PtyPair, SaveError> {
+fn save_pair(
+    cx: &SaveCx<'_>,
+    seen: &Seen,
+    dup: &OwnedFd,
+    index: u32,
+) -> Result<PtyPair, SaveError> {
     let refuse = |what: String| cx.refuse(seen.fd, what);
     let io = |what: &str| {
         let what = format!("pseudo-terminal pair {index}: {what}");
@@ -500,7 +505,10 @@ impl Descriptor for Tty {
             TtyRole::Controlling => {
                 let flags = f.flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL)
                     | libc::O_NOCTTY;
-                return cx.sys.openat("/dev/tty", flags & !libc::O_CLOEXEC).map(Some);
+                return cx
+                    .sys
+                    .openat("/dev/tty", flags & !libc::O_CLOEXEC)
+                    .map(Some);
             }
             TtyRole::Invalid => {
                 return Err(RestoreError::NotSupported("terminal role 0".into()));
@@ -512,5 +520,4 @@ impl Descriptor for Tty {
 }
 
 #[cfg(test)]
-mod tests {
-}
+mod tests {}

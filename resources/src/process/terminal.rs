@@ -64,7 +64,12 @@ impl ProcessKind for Terminal {
                 )));
             }
         };
-        let mut foreground = 0;
+        // A shell job that was its terminal's foreground job.
+        let mut foreground = if ctty == Ctty::Outside && st.tpgid > 0 && st.tpgid == st.pgid {
+            st.tpgid
+        } else {
+            0
+        };
         if let Ctty::Pty(i) = ctty {
             if st.sid != pid {
                 // Only a session leader takes a terminal: the others inherit it.
@@ -106,9 +111,9 @@ impl ProcessKind for Terminal {
 /// Whether restoring `m` needs `restore --shell-job`.
 pub fn needs_shell_job(m: &Manifest) -> bool {
     m.process.terminal.is_some_and(|t| t.shell_job)
-        || m.fds
-            .iter()
-            .any(|f| matches!(&f.state, cr_ebpf_image::FdState::Tty(t) if t.role == TtyRole::Outside))
+        || m.fds.iter().any(
+            |f| matches!(&f.state, cr_ebpf_image::FdState::Tty(t) if t.role == TtyRole::Outside),
+        )
 }
 
 /// Checks cr-ebpf can give a shell job its terminal: its standard input
@@ -144,12 +149,11 @@ pub fn take_controlling(
         Ctty::Pty(i) => {
             let master = shared.get(FdKind::Tty, i as u64, 0, -1)?;
             if p.sid == p.pid {
-                let peer = tty::open_peer(master, libc::O_RDWR).map_err(|err| {
-                    RestoreError::Syscall {
+                let peer =
+                    tty::open_peer(master, libc::O_RDWR).map_err(|err| RestoreError::Syscall {
                         call: "TIOCGPTPEER".into(),
                         err,
-                    }
-                })?;
+                    })?;
                 let fd = sys.adopt(peer.as_fd())?;
                 sys.call(
                     "ioctl(TIOCSCTTY)",
@@ -189,12 +193,25 @@ pub fn take_controlling(
 }
 
 /// Makes the foreground process group of the terminal that session leader
-/// `p` controls the one it was, once every group exists.
+/// `p` controls the one it was, once every group exists. A shell job that
+/// was the foreground job and led its group gets the foreground of the
+/// restorer's terminal when the restorer has it (as a shell's `fg` does;
+/// `cr-ebpf restore` takes it back when the job ends).
 pub fn set_foreground(sys: &dyn Sys, p: &ProcessInfo) -> Result<(), RestoreError> {
     let Some(t) = p.terminal else {
         return Ok(());
     };
-    if !matches!(t.ctty, Ctty::Pty(_)) || t.foreground <= 0 || p.sid != p.pid {
+    let wanted = match t.ctty {
+        Ctty::Pty(_) => t.foreground > 0 && p.sid == p.pid,
+        // SAFETY: plain calls on our standard input.
+        Ctty::Outside => {
+            t.foreground == p.pid
+                && p.pgid == p.pid
+                && unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+        }
+        Ctty::None => false,
+    };
+    if !wanted {
         return Ok(());
     }
     let fd = sys.openat("/dev/tty", libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)?;
