@@ -158,7 +158,7 @@ pub fn take_controlling(
                 sys.call(
                     "ioctl(TIOCSCTTY)",
                     libc::SYS_ioctl,
-                    [fd as u64, libc::TIOCSCTTY as u64, 0, 0, 0, 0],
+                    [fd as u64, libc::TIOCSCTTY, 0, 0, 0, 0],
                 )?;
                 sys.close(fd)?;
                 return Ok(());
@@ -177,7 +177,7 @@ pub fn take_controlling(
             sys.call(
                 "ioctl(TIOCNOTTY)",
                 libc::SYS_ioctl,
-                [fd as u64, libc::TIOCNOTTY as u64, 0, 0, 0, 0],
+                [fd as u64, libc::TIOCNOTTY, 0, 0, 0, 0],
             )?;
             sys.close(fd)?;
         }
@@ -203,11 +203,10 @@ pub fn set_foreground(sys: &dyn Sys, p: &ProcessInfo) -> Result<(), RestoreError
     };
     let wanted = match t.ctty {
         Ctty::Pty(_) => t.foreground > 0 && p.sid == p.pid,
-        // SAFETY: plain calls on our standard input.
         Ctty::Outside => {
-            t.foreground == p.pid
-                && p.pgid == p.pid
-                && unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+            // SAFETY: plain calls on our standard input.
+            let ours = unsafe { libc::tcgetpgrp(0) == libc::getpgrp() };
+            t.foreground == p.pid && p.pgid == p.pid && ours
         }
         Ctty::None => false,
     };
@@ -219,14 +218,140 @@ pub fn set_foreground(sys: &dyn Sys, p: &ProcessInfo) -> Result<(), RestoreError
     sys.call(
         "ioctl(TIOCSPGRP)",
         libc::SYS_ioctl,
-        [fd as u64, libc::TIOCSPGRP as u64, at, 0, 0, 0],
+        [fd as u64, libc::TIOCSPGRP, at, 0, 0, 0],
     )?;
     sys.close(fd)
 }
 
 #[cfg(test)]
 mod tests {
+    use cr_ebpf_image::{FdInfo, FdState, PtyPair, TtyInfo, TERMIOS_LEN};
+
     use super::*;
+    use crate::sys::fake::{Event, Recording};
+
+    fn process(pid: i32, sid: i32, ctty: Ctty, shell_job: bool, foreground: i32) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            sid,
+            pgid: pid,
+            terminal: Some(Saved {
+                ctty,
+                shell_job,
+                foreground,
+            }),
+            ..ProcessInfo::default()
+        }
+    }
+
+    /// A new pair of ours kept as pair 9 of a restore.
+    fn shared_pair() -> Shared {
+        let mut termios = vec![0u8; TERMIOS_LEN];
+        termios[12] = 0x3b; // c_lflag: ISIG | ICANON | ECHO | ECHOE | ECHOK
+        let master = tty::make_pair(&PtyPair {
+            termios,
+            winsize: [10, 20, 0, 0],
+            mode: 0o620,
+            ..PtyPair::default()
+        })
+        .unwrap();
+        let mut shared = Shared::default();
+        shared.insert(FdKind::Tty, 9, 0, master);
+        shared
+    }
+
+    #[test]
+    fn a_session_leader_takes_the_new_slave_and_the_others_inherit_it() {
+        let shared = shared_pair();
+        let leader = process(50, 50, Ctty::Pty(9), false, 51);
+        let rec = Recording::new();
+        take_controlling(&rec, &shared, &leader, 0).unwrap();
+        assert_eq!(rec.names(), ["adopt", "ioctl(TIOCSCTTY)", "close"]);
+        assert!(
+            matches!(rec.events()[0], Event::Adopt { .. }),
+            "the slave handed over"
+        );
+        assert_eq!(rec.calls("ioctl(TIOCSCTTY)")[0][1], libc::TIOCSCTTY);
+        // A process of its session made after it: inherited, nothing to do.
+        let new = tty::pair_index(shared.get(FdKind::Tty, 9, 0, 0).unwrap()).unwrap();
+        let member = process(51, 50, Ctty::Pty(9), false, 51);
+        let rec = Recording::new();
+        let inherited = (136 << 8) | (new as i32 & 0xff) | ((new as i32 & !0xff) << 12);
+        take_controlling(&rec, &shared, &member, inherited).unwrap();
+        assert!(rec.events().is_empty());
+        // One that did not inherit it: an error, not a silent difference.
+        assert!(take_controlling(&Recording::new(), &shared, &member, 0).is_err());
+        // The foreground group, set by the leader only.
+        let rec = Recording::new();
+        set_foreground(&rec, &leader).unwrap();
+        assert_eq!(rec.names(), ["openat", "ioctl(TIOCSPGRP)", "close"]);
+        let at = rec.calls("ioctl(TIOCSPGRP)")[0][2];
+        assert_eq!(
+            rec.memory("ioctl(TIOCSPGRP)", 0, at, 4),
+            51i32.to_le_bytes()
+        );
+        assert_eq!(rec.string(rec.calls("openat")[0][1]), "/dev/tty");
+        let rec = Recording::new();
+        set_foreground(&rec, &member).unwrap();
+        assert!(rec.events().is_empty());
+    }
+
+    #[test]
+    fn one_without_a_terminal_gives_up_an_inherited_one() {
+        let shared = Shared::default();
+        let p = process(60, 50, Ctty::None, false, 0);
+        let rec = Recording::new();
+        take_controlling(&rec, &shared, &p, 136 << 8).unwrap();
+        assert_eq!(rec.names(), ["openat", "ioctl(TIOCNOTTY)", "close"]);
+        let rec = Recording::new();
+        take_controlling(&rec, &shared, &p, 0).unwrap();
+        assert!(rec.events().is_empty());
+        // An image older than 1.8: nothing.
+        let rec = Recording::new();
+        take_controlling(&rec, &shared, &ProcessInfo::default(), 136 << 8).unwrap();
+        assert!(rec.events().is_empty());
+    }
+
+    #[test]
+    fn a_shell_job_keeps_the_restorers_terminal_and_needs_the_option() {
+        let shared = Shared::default();
+        let job = process(70, 5, Ctty::Outside, true, 0);
+        let rec = Recording::new();
+        take_controlling(&rec, &shared, &job, 136 << 8 | 4).unwrap();
+        assert!(rec.events().is_empty(), "the stub already has ours");
+        assert!(
+            take_controlling(&rec, &shared, &job, 0).is_err(),
+            "we have none"
+        );
+        let m = Manifest {
+            process: job,
+            ..Manifest::default()
+        };
+        assert!(needs_shell_job(&m));
+        let fd = FdInfo {
+            fd: 0,
+            kind: FdKind::Tty,
+            state: FdState::Tty(TtyInfo {
+                role: TtyRole::Outside,
+                ..TtyInfo::default()
+            }),
+            ..FdInfo::default()
+        };
+        let m = Manifest {
+            fds: vec![fd],
+            ..Manifest::default()
+        };
+        assert!(needs_shell_job(&m));
+        assert!(!needs_shell_job(&Manifest::default()));
+        // Its group, led outside, stays the restorer's.
+        let mut job = process(70, 5, Ctty::Outside, true, 0);
+        job.pgid = 5;
+        let rec = Recording::new();
+        rec.returns("getsid", 5);
+        rec.returns("getpgid", 6);
+        super::super::session::Session.restore(&rec, &job).unwrap();
+        assert_eq!(rec.names(), ["getsid", "getpgid"]);
+    }
 
     #[test]
     fn terminal_devices_are_named_as_the_kernel_encodes_them() {
