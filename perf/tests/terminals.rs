@@ -17,7 +17,7 @@ use cr_ebpf_perf::{spawn_clean, KillOnDrop, Scratch};
 use cr_ebpf_restore::{restore, RestoreOptions};
 
 /// A terminal owner: opens a pair, makes the slave its controlling
-/// terminal with a 33x101 window, runs an interactive bash on it as the
+/// terminal with a 33x101 window, keeps `/dev/tty` open on fd 9, runs an interactive bash on it as the
 /// foreground job, copies what the master reads to `DIR/out` and writes
 /// the contents of `DIR/cmd` (when it appears) into the master.
 const OWNER: &str = r#"
@@ -26,9 +26,13 @@ d = sys.argv[1]
 m, s = os.openpty()
 fcntl.ioctl(s, termios.TIOCSCTTY, 0)
 fcntl.ioctl(s, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+tty = os.open("/dev/tty", os.O_RDWR)
+os.dup2(tty, 9)
+os.close(tty)
 pid = os.fork()
 if pid == 0:
     os.close(m)
+    os.close(9)
     for n in range(3):
         os.dup2(s, n)
     os.close(s)
@@ -207,6 +211,17 @@ fn bash_on_a_pty_of_the_tree_comes_back_on_a_new_pair_and_runs_what_is_typed() {
     );
     drop(master);
     type_line(&dir, "echo after-$((6*7))", "after-42");
+    // The owner's /dev/tty is open again, on the new terminal.
+    let tty = std::fs::read_link(format!("/proc/{owner}/fd/9")).unwrap();
+    assert_eq!(tty, Path::new("/dev/tty"));
+    let mut dev: libc::c_uint = 0;
+    // SAFETY: TIOCGDEV writes one unsigned int.
+    let r = unsafe { libc::ioctl(grab(owner, 9).as_raw_fd(), libc::TIOCGDEV, &mut dev) };
+    assert_eq!(
+        (r, dev as i32),
+        (0, after.2),
+        "/dev/tty is the new terminal"
+    );
 }
 
 /// A shell on a terminal the test holds (outside the checkpoint) and its
