@@ -58,10 +58,8 @@ fn a_tmux_server_with_bash_inside_comes_back_and_serves_new_clients() {
     // tmux daemonizes its server: as our subreaper it stays our child, and
     // its pid is free again once the dump killed it and we reaped it.
     // SAFETY: prctl with integer arguments.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0);
     let s = Scratch::new("terminals-tmux");
     let sock = s.0.join("sock");
     tmux(
