@@ -43,8 +43,10 @@ pub struct Args {
     /// not take the session; it leads a process group of its own again if
     /// it led one, else it joins cr-ebpf's), and its descriptors on its old
     /// terminal get new open files of cr-ebpf's standard input, which must
-    /// be cr-ebpf's controlling terminal. The terminal's foreground process
-    /// group is left as it is. Such an image is refused without it.
+    /// be cr-ebpf's controlling terminal. A job that was its terminal's
+    /// foreground job gets the foreground of ours when we have it (as a
+    /// shell's `fg`), and we take it back when it ends (with --detach, the
+    /// shell does). Such an image is refused without it.
     #[arg(long)]
     pub shell_job: bool,
     /// Print what the restore did (pid, pages, time per phase) as one JSON line on stdout.
