@@ -241,7 +241,7 @@ fn save_pair(
             return Err(refuse(format!(
                 "a pseudo-terminal pair ({index}) with {unread} byte(s) waiting to be read and \
                  {unsent} to be sent on its {end} side: a terminal's queues cannot be read \
-                 without consuming them"
+                 without consuming them (try again once its reader has caught up)"
             )));
         }
     }
