@@ -27,6 +27,11 @@ pub struct DumpOptions {
     pub leave_running: bool,
     /// Threads reading and compressing pages (0: all cores).
     pub threads: usize,
+    /// Take a shell job: a process whose session and controlling terminal
+    /// are its shell's (outside the checkpoint) is recorded as such, and a
+    /// restore with `--shell-job` puts it in the restorer's session with
+    /// the restorer's terminal. Refused without it.
+    pub shell_job: bool,
 }
 
 /// What a dump did.
@@ -83,6 +88,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     let is_tree = tree.processes.len() > 1;
     let live: Vec<i32> = stopped.frozen.iter().map(Frozen::pid).collect();
     let mut scope = TreeScope::new(&live);
+    scope.shell_job = opts.shell_job;
     let mut states: Vec<State> = Vec::new();
     for f in &stopped.frozen {
         states.push(state::collect(f, None, &Changes::all(), Some(&mut scope))?);

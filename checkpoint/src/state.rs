@@ -118,6 +118,7 @@ pub(crate) fn collect(
         &mut queries,
     )?;
     let together: Vec<i32> = tree.as_ref().map_or(vec![pid], |t| t.pids.clone());
+    let shell_job = tree.as_ref().is_some_and(|t| t.shell_job);
     let shmem = crate::shmem::capture(pid, &entries, &fds, tree.map(|t| &mut t.shmem_taken))?;
     // Process-wide state, each kind from its own file.
     let mut info = ProcessInfo {
@@ -138,6 +139,7 @@ pub(crate) fn collect(
     let mut cx = process::SaveCx {
         pid,
         together: &together,
+        shell_job,
         ask: &ask,
         known: prev.filter(|_| !changes.unknown),
         changes,

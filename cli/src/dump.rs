@@ -20,6 +20,13 @@ pub struct Args {
     /// Threads reading and compressing memory (default: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Take a shell job: a process whose controlling terminal and session
+    /// are its shell's (outside what is checkpointed). Without this it is
+    /// refused. Its image then needs `restore --shell-job`, which puts it
+    /// in the restorer's session and gives its terminal descriptors the
+    /// restorer's terminal.
+    #[arg(long)]
+    pub shell_job: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -29,6 +36,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let opts = DumpOptions {
         leave_running: args.leave_running,
         threads: args.threads,
+        shell_job: args.shell_job,
     };
     let r = dump(args.pid, &args.images_dir, &opts)
         .with_context(|| format!("checkpointing process {}", args.pid))?;

@@ -179,6 +179,15 @@ fn describe(f: &FdInfo) -> String {
         ),
         FdState::SignalFd { mask } => format!("signalfd mask {mask:#x}"),
         FdState::Pidfd { pid } => format!("pidfd of process {pid}"),
+        FdState::Tty(t) => match t.role {
+            cr_ebpf_image::TtyRole::Master => format!("pseudo-terminal master of pair {}", t.index),
+            cr_ebpf_image::TtyRole::Slave => format!(
+                "pseudo-terminal slave of pair {} (open file {})",
+                t.index, t.open
+            ),
+            cr_ebpf_image::TtyRole::Controlling => "/dev/tty (its controlling terminal)".into(),
+            _ => "a shell job's terminal (the restorer's at restore)".into(),
+        },
         FdState::Memfd { id } => format!("{} (shared memory object {id})", f.path),
         FdState::Inotify(watches) => {
             let w: Vec<String> = watches

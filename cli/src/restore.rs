@@ -38,6 +38,17 @@ pub struct Args {
     /// machine), `always`, `never`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
     pub time_namespace: String,
+    /// Restore a shell job (an image taken with `dump --shell-job`): the
+    /// process joins cr-ebpf's session and controlling terminal (it does
+    /// not take the session; it leads a process group of its own again if
+    /// it led one, else it joins cr-ebpf's), and its descriptors on its old
+    /// terminal get new open files of cr-ebpf's standard input, which must
+    /// be cr-ebpf's controlling terminal. A job that was its terminal's
+    /// foreground job gets the foreground of ours when we have it (as a
+    /// shell's `fg`), and we take it back when it ends (with --detach, the
+    /// shell does). Such an image is refused without it.
+    #[arg(long)]
+    pub shell_job: bool,
     /// Print what the restore did (pid, pages, time per phase) as one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -51,6 +62,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             allow_other_credentials: args.allow_other_credentials,
             checkpoint: args.checkpoint.clone(),
             close_connections: args.close_connections,
+            shell_job: args.shell_job,
             time_namespace: match args.time_namespace.as_str() {
                 "always" => TimeNamespace::Always,
                 "never" => TimeNamespace::Never,
@@ -102,7 +114,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.detach {
         return Ok(ExitCode::SUCCESS);
     }
-    match waitpid(Pid::from_raw(r.pid), None).context("waiting for the restored process")? {
+    let status = waitpid(Pid::from_raw(r.pid), None).context("waiting for the restored process");
+    if args.shell_job {
+        take_terminal_back();
+    }
+    match status? {
         WaitStatus::Exited(_, code) => Ok(ExitCode::from(code as u8)),
         WaitStatus::Signaled(_, sig, _) => {
             eprintln!(
@@ -118,5 +134,19 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             );
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// A shell job may have had the foreground of our terminal: take it back
+/// for our own process group before the shell sees us end.
+fn take_terminal_back() {
+    // SAFETY: signal dispositions and terminal calls on our own stdin.
+    unsafe {
+        if libc::isatty(0) != 1 {
+            return;
+        }
+        let old = libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+        libc::tcsetpgrp(0, libc::getpgrp());
+        libc::signal(libc::SIGTTOU, old);
     }
 }

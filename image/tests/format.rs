@@ -71,6 +71,11 @@ fn manifest() -> Manifest {
                 thp_disabled: false,
                 job_stop: 0,
             }),
+            terminal: Some(cr_ebpf_image::Terminal {
+                ctty: cr_ebpf_image::Ctty::Pty(4),
+                shell_job: false,
+                foreground: 4242,
+            }),
             posix_timers: vec![cr_ebpf_image::PosixTimer {
                 id: 2,
                 clockid: 7,

@@ -105,7 +105,11 @@ fn pages_a_child_shares_with_its_parent_are_shared_again() {
     drop((g, k));
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     let _k = (KillOnDrop(kid), KillOnDrop(r.pid));
-    assert_eq!(shared(pid, kid, addr), before, "shared again after the restore");
+    assert_eq!(
+        shared(pid, kid, addr),
+        before,
+        "shared again after the restore"
+    );
     for i in [0, CHILD_WRITES - 1] {
         assert_eq!(head(kid, addr, i), format!("child  {i:8}\0").into_bytes());
         assert_eq!(head(pid, addr, i), format!("parent {i:8}\0").into_bytes());

@@ -161,19 +161,28 @@ fn file_locks_of_each_kind_are_held_again_after_a_restore() {
 }
 
 #[test]
-fn a_terminal_and_a_controlling_terminal_are_refused() {
-    if !cr_ebpf_perf::privileged("a_terminal_and_a_controlling_terminal_are_refused") {
+fn terminal_state_that_cannot_be_made_again_is_refused() {
+    if !cr_ebpf_perf::privileged("terminal_state_that_cannot_be_made_again_is_refused") {
         return;
     }
-    // A pty whose slave becomes the controlling terminal of the process.
-    let setup =
-        "import pty, fcntl, termios\nm, sl = pty.openpty()\nfcntl.ioctl(sl, termios.TIOCSCTTY, 0)";
-    let s = Scratch::new("ref-tty");
-    let (mut child, pid) = start(&s, &script(setup), &[]);
-    let _k = KillOnDrop(pid);
-    assert_ne!(stat_field(pid, 7), "0", "it has a controlling terminal");
-    refused(&s, pid, "terminal");
-    let _ = child.kill();
+    // A pty whose slave is the controlling terminal of the process, with a
+    // line typed into the master that nobody read (a terminal's queues
+    // cannot be read without consuming them).
+    let typed = "import pty, fcntl, termios, os\nm, sl = pty.openpty()\n\
+                 fcntl.ioctl(sl, termios.TIOCSCTTY, 0)\nos.write(m, b'typed\\n')";
+    // A master whose slave is closed everywhere (a new pair would not be
+    // hung up as this one is).
+    let closed = "import pty, os\nm, sl = pty.openpty()\nos.close(sl)";
+    for (name, setup, want) in [
+        ("ref-tty-typed", typed, "waiting to be read"),
+        ("ref-tty-closed", closed, "slave is closed everywhere"),
+    ] {
+        let s = Scratch::new(name);
+        let (mut child, pid) = start(&s, &script(setup), &[]);
+        let _k = KillOnDrop(pid);
+        refused(&s, pid, want);
+        let _ = child.kill();
+    }
 }
 
 #[test]

@@ -110,6 +110,8 @@ pub struct RestoreOptions {
     pub close_connections: bool,
     /// When to restore into a new time namespace.
     pub time_namespace: TimeNamespace,
+    /// Restore a shell job: in our session, with our terminal.
+    pub shell_job: bool,
 }
 
 /// When the restored process gets a time namespace of its own, whose
@@ -174,6 +176,17 @@ pub(crate) fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), Resto
         });
     }
     pid_free(m.process.pid)?;
+    if cr_ebpf_resources::process::terminal::needs_shell_job(m) {
+        if !opts.shell_job {
+            return Err(RestoreError::NotSupported(format!(
+                "process {} was checkpointed as a shell job (its session and terminal were \
+                 its shell's): restore it with --shell-job, which puts it in cr-ebpf's \
+                 session with cr-ebpf's terminal",
+                m.process.pid
+            )));
+        }
+        cr_ebpf_resources::process::terminal::check_shell_job_terminal()?;
+    }
     cr_ebpf_resources::fd::preflight(m)?;
     for map in &m.mappings {
         if map.flags & cr_ebpf_image::MAP_SHARED != 0
@@ -274,13 +287,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     } else {
         opts.threads
     };
-    let (pid, pages, fill) = restore_single(
-        manifest,
-        &chain,
-        workers,
-        opts.close_connections,
-        &mut clock,
-    )?;
+    let (pid, pages, fill) = restore_single(manifest, &chain, workers, opts, &mut clock)?;
     Ok(RestoreReport {
         pid,
         pages,
@@ -298,13 +305,21 @@ fn restore_single(
     m: &Manifest,
     chain: &Chain,
     workers: usize,
-    close_connections: bool,
+    opts: &RestoreOptions,
     clock: &mut Clock,
 ) -> Result<(i32, u64, Duration), RestoreError> {
     let (tramp, vdso_tmp) = stub::addresses(&[m])?;
     let (t, guard) = stub::spawn_root(m.process.pid, tramp)?;
-    let natives = stub::Natives::build(&[m], close_connections)?;
+    let natives = stub::Natives::build(&[m], opts)?;
     let pid = m.process.pid;
+    // Its session and controlling terminal before anything else.
+    if m.process.sid == pid {
+        stub::stub_syscall(&t, tramp, "setsid", libc::SYS_setsid, [0; 6])?;
+    } else if m.process.pgid == pid {
+        stub::stub_syscall(&t, tramp, "setpgid", libc::SYS_setpgid, [0; 6])?;
+    }
+    stub::terminal(&t, tramp, &natives, &m.process)?;
+    stub::foreground(&t, tramp, &m.process)?;
     let ready = build::build_in(
         t, guard, m, chain, workers, &natives, clock, tramp, vdso_tmp,
     )

@@ -30,12 +30,16 @@ pub(crate) struct Natives {
 
 impl Natives {
     /// The objects of every process in `ms`.
-    pub(crate) fn build(ms: &[&Manifest], close_connections: bool) -> Result<Self, RestoreError> {
+    pub(crate) fn build(
+        ms: &[&Manifest],
+        opts: &crate::RestoreOptions,
+    ) -> Result<Self, RestoreError> {
         let shmem = cr_ebpf_resources::shmem::prepare(ms)?;
         let fds = cr_ebpf_resources::fd::prepare(
             ms,
             &cr_ebpf_resources::fd::Prepare {
-                close_connections,
+                close_connections: opts.close_connections,
+                shell_job: opts.shell_job,
                 ..Default::default()
             },
         )?;
@@ -224,4 +228,30 @@ pub(crate) fn stub_syscall(
     args: [u64; 6],
 ) -> Result<i64, RestoreError> {
     Injected::new(t, t.tid(), tramp, tramp + PAGE).call(name, nr, args)
+}
+
+/// Gives the stub `t`, just made and in its session, the controlling
+/// terminal of process `p` (before it makes children, which inherit it).
+pub(crate) fn terminal(
+    t: &Tracee,
+    tramp: u64,
+    natives: &Natives,
+    p: &cr_ebpf_image::ProcessInfo,
+) -> Result<(), RestoreError> {
+    use cr_ebpf_resources::sys::Sys as _;
+    let current = cr_ebpf_resources::proc::stat(t.tid()).map_or(0, |s| s.tty_nr);
+    let s = Injected::new(t, t.tid(), tramp, tramp + PAGE);
+    cr_ebpf_resources::process::terminal::take_controlling(&s, &natives.fds, p, current)?;
+    s.release_adopter()
+}
+
+/// Sets the foreground process group of the terminal session leader `p`
+/// controls (once every process group exists).
+pub(crate) fn foreground(
+    t: &Tracee,
+    tramp: u64,
+    p: &cr_ebpf_image::ProcessInfo,
+) -> Result<(), RestoreError> {
+    let s = Injected::new(t, t.tid(), tramp, tramp + PAGE);
+    cr_ebpf_resources::process::terminal::set_foreground(&s, p)
 }

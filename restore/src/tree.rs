@@ -51,7 +51,7 @@ pub(crate) fn restore_tree(
         .filter_map(|p| chains.get(&p.pid).map(Chain::manifest))
         .collect();
     let (tramp, vdso_tmp) = stub::addresses(&manifests)?;
-    let natives = Natives::build(&manifests, opts.close_connections)?;
+    let natives = Natives::build(&manifests, opts)?;
     let workers = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -81,6 +81,10 @@ pub(crate) fn restore_tree(
             .find(|q| q.pid == p.ppid)
             .map(|q| q.pgid);
         join_session(&t, tramp, p, parent_pgid)?;
+        if let Some(c) = chains.get(&p.pid) {
+            stub::terminal(&t, tramp, &natives, &c.manifest().process)
+                .map_err(|e| e.in_process(p.pid))?;
+        }
         match p.zombie {
             Some(status) => zombies.push((p.pid, status, t, guard)),
             None => {
@@ -110,6 +114,11 @@ pub(crate) fn restore_tree(
                 built.insert(p.pid, mem);
             }
         }
+    }
+    // Every group exists: the terminals' foreground groups.
+    for (pid, mem) in &built {
+        stub::foreground(mem.tracee(), tramp, &chains[pid].manifest().process)
+            .map_err(|e| e.in_process(*pid))?;
     }
     // Zombies: they exit as they did; their parents reap them.
     for (pid, status, t, guard) in zombies {

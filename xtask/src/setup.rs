@@ -9,7 +9,8 @@
 //! * `bpf-linker` 0.13.0 built against LLVM 22.
 //! * tracefs mounted at `/sys/kernel/tracing`.
 //! * Debian's `redis-server` and `redis-tools`: the real service the tests
-//!   and benches checkpoint under its own load tool.
+//!   and benches checkpoint under its own load tool; `tmux`, the terminal
+//!   multiplexer the terminal tests checkpoint with a shell inside.
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -103,13 +104,14 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
-const SERVICE_PACKAGES: &[&str] = &["redis-server", "redis-tools"];
+const SERVICE_PACKAGES: &[&str] = &["redis-server", "redis-tools", "tmux"];
 
 fn services() -> Result<()> {
     let present = [
         "/usr/bin/redis-server",
         "/usr/bin/redis-benchmark",
         "/usr/bin/redis-cli",
+        "/usr/bin/tmux",
     ]
     .iter()
     .all(|p| Path::new(p).exists());
@@ -118,7 +120,7 @@ fn services() -> Result<()> {
     }
     if !is_root() {
         eprintln!(
-            "setup: the redis tests and benches need {}; as root run: apt-get install -y {}",
+            "setup: the redis and terminal tests and benches need {}; as root run: apt-get install -y {}",
             SERVICE_PACKAGES.join(" "),
             SERVICE_PACKAGES.join(" ")
         );

@@ -45,8 +45,8 @@ mod thread;
 pub use chain::ChainInfo;
 pub use cow::CowRun;
 pub use fd::{
-    EpollItem, FdInfo, FdKind, FdState, InotifyWatch, SockOpt, SocketFile, SocketInfo, TcpRepair,
-    SOCKET_QUEUE_CAP,
+    EpollItem, FdInfo, FdKind, FdState, InotifyWatch, PtyPair, SockOpt, SocketFile, SocketInfo,
+    TcpRepair, TtyInfo, TtyRole, SOCKET_QUEUE_CAP, TERMIOS_LEN,
 };
 pub use lock::{FileLock, LockKind};
 pub use mapping::{
@@ -56,7 +56,7 @@ pub use mapping::{
     MAP_WIPEONFORK,
 };
 pub use posix_timer::PosixTimer;
-pub use process::{Prctl, ProcessInfo, SigAction};
+pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal};
 pub use shmem::{ShmemKind, ShmemObject, SHMEM_CAP};
 pub use thread::ThreadInfo;
 

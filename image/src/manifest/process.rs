@@ -67,6 +67,38 @@ pub struct ProcessInfo {
     /// signal, dumpable, THP disabled) and whether it was stopped by job
     /// control. `None` in older images (nothing is set at restore).
     pub prctl: Option<Prctl>,
+    /// Format 1.8: its controlling terminal and whether it was checkpointed
+    /// as a shell job. `None` in older images (which refused terminals).
+    pub terminal: Option<Terminal>,
+}
+
+/// A process's controlling terminal (format 1.8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Ctty {
+    /// None.
+    #[default]
+    None,
+    /// The slave of pseudo-terminal pair `N` (`/dev/pts/N`), whose master
+    /// is checkpointed with it.
+    Pty(u32),
+    /// A terminal outside the checkpoint (a shell job's): the restorer's
+    /// at restore.
+    Outside,
+}
+
+/// The terminal side of a process (format 1.8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Terminal {
+    /// Its controlling terminal.
+    pub ctty: Ctty,
+    /// Checkpointed with `--shell-job`: a session (and a process group,
+    /// unless it led it) led outside the checkpoint are the restorer's
+    /// at restore.
+    pub shell_job: bool,
+    /// The foreground process group of its controlling terminal (`tpgid`
+    /// of `/proc/PID/stat`) when that is a pair of the checkpoint; 0
+    /// otherwise.
+    pub foreground: i32,
 }
 
 /// The `prctl` settings of a process and its job-control stop (format 1.7).
@@ -144,6 +176,18 @@ impl ProcessInfo {
             b.u32(c.dumpable);
             b.u32(c.thp_disabled as u32);
             b.u32(c.job_stop);
+            // Format 1.8 appends the terminal (after the 1.7 fields only).
+            if let Some(t) = self.terminal {
+                let (kind, index) = match t.ctty {
+                    Ctty::None => (0u16, 0u32),
+                    Ctty::Pty(n) => (1, n),
+                    Ctty::Outside => (2, 0),
+                };
+                b.u16(kind);
+                b.u16(t.shell_job as u16);
+                b.u32(index);
+                b.i32(t.foreground);
+            }
         }
     }
 
@@ -210,6 +254,26 @@ impl ProcessInfo {
             }
             Some(c)
         };
+        // Format 1.8 appends the terminal.
+        let terminal = if b.done() {
+            None
+        } else {
+            let (kind, shell_job, index) = (b.u16()?, b.u16()?, b.u32()?);
+            let ctty = match kind {
+                0 => Ctty::None,
+                1 => Ctty::Pty(index),
+                2 => Ctty::Outside,
+                other => return Err(b.err(format!("controlling terminal kind {other}"))),
+            };
+            if shell_job > 1 {
+                return Err(b.err(format!("shell job marker {shell_job}")));
+            }
+            Some(Terminal {
+                ctty,
+                shell_job: shell_job == 1,
+                foreground: b.i32()?,
+            })
+        };
         Ok(Self {
             pid,
             exe,
@@ -232,6 +296,7 @@ impl ProcessInfo {
             sid,
             pgid,
             prctl,
+            terminal,
         })
     }
 }
@@ -299,6 +364,11 @@ mod tests {
                 thp_disabled: true,
                 job_stop: 19,
             }),
+            terminal: Some(Terminal {
+                ctty: Ctty::Pty(3),
+                shell_job: false,
+                foreground: 44,
+            }),
         }
     }
 
@@ -318,7 +388,7 @@ mod tests {
         let mut e = Enc::default();
         p.encode(&mut e);
         // 1.1 ends after the credentials: u64, u64, str "boot", i32, i32 cut off.
-        let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4 + 4 + 4 + 16)];
+        let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4 + 4 + 4 + 16 + 12)];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!((back.monotonic_ns, back.boottime_ns), (0, 0));
         assert_eq!(back.boot_id, "");
@@ -330,7 +400,7 @@ mod tests {
         let p = sample();
         let mut e = Enc::default();
         p.encode(&mut e);
-        let old = &e.buf[..e.buf.len() - 8 - 16];
+        let old = &e.buf[..e.buf.len() - 8 - 16 - 12];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!((back.sid, back.pgid), (0, 0));
         assert_eq!(back.boot_id, "boot");
@@ -341,16 +411,53 @@ mod tests {
         let p = sample();
         let mut e = Enc::default();
         p.encode(&mut e);
-        let old = &e.buf[..e.buf.len() - 16];
+        let old = &e.buf[..e.buf.len() - 16 - 12];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!(back.prctl, None);
         assert_eq!((back.sid, back.pgid), (42, 40));
         // Out of range values are refused.
-        let mut bad = e.buf.clone();
+        let mut bad = e.buf[..e.buf.len() - 12].to_vec();
         let n = bad.len();
         bad[n - 4..].copy_from_slice(&99u32.to_le_bytes());
         let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
         assert!(err.what.contains("stop signal 99"), "{}", err.what);
+    }
+
+    #[test]
+    fn a_process_of_format_1_7_has_no_terminal() {
+        let p = sample();
+        let mut e = Enc::default();
+        p.encode(&mut e);
+        let old = &e.buf[..e.buf.len() - 12];
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        assert_eq!(back.terminal, None);
+        assert_eq!(back.prctl, p.prctl);
+        for (ctty, shell_job) in [(Ctty::None, false), (Ctty::Outside, true)] {
+            let q = ProcessInfo {
+                terminal: Some(Terminal {
+                    ctty,
+                    shell_job,
+                    foreground: 0,
+                }),
+                ..sample()
+            };
+            let mut e = Enc::default();
+            q.encode(&mut e);
+            assert_eq!(ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(), q);
+        }
+        // Unknown kinds and markers are refused.
+        let n = e.buf.len();
+        let mut bad = e.buf.clone();
+        bad[n - 12..n - 10].copy_from_slice(&3u16.to_le_bytes());
+        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
+        assert!(
+            err.what.contains("controlling terminal kind 3"),
+            "{}",
+            err.what
+        );
+        let mut bad = e.buf.clone();
+        bad[n - 10..n - 8].copy_from_slice(&2u16.to_le_bytes());
+        assert!(ProcessInfo::decode(&mut Dec::new(&bad, 0)).is_err());
     }
 
     #[test]

@@ -157,6 +157,7 @@ fn main() -> Result<()> {
                         &DumpOptions {
                             leave_running: false,
                             threads: w,
+                            shell_job: false,
                         },
                     )
                     .with_context(|| format!("dump of {mib} MiB"))?;

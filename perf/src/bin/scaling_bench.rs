@@ -110,6 +110,7 @@ fn measure(
         &DumpOptions {
             leave_running: true,
             threads: 0,
+            shell_job: false,
         },
     )
     .with_context(|| format!("dump of {key}"))?;

@@ -51,13 +51,6 @@ fn namespace(cx: &mut SaveCx<'_>, seen: &Seen) -> Result<FdInfo, SaveError> {
     }
 }
 
-/// Whether character devices of `major` are terminals: virtual consoles and
-/// serial lines (4), `/dev/tty`, `/dev/console`, `/dev/ptmx` (5), pseudo
-/// terminals (136-143).
-fn is_terminal(major: u32) -> bool {
-    matches!(major, 4 | 5 | 136..=143)
-}
-
 impl Descriptor for File {
     fn kinds(&self) -> &'static [FdKind] {
         &[FdKind::File, FdKind::CharDevice]
@@ -92,19 +85,7 @@ impl Descriptor for File {
                 Some(Ok(info))
             }
             libc::S_IFCHR => {
-                let major = libc::major(seen.meta.rdev());
-                if is_terminal(major) {
-                    return Some(Err(cx.refuse(
-                        seen.fd,
-                        format!(
-                            "a terminal ({}, device {major}:{}): terminals are not restored yet, \
-                             and reopening it by path could attach the process to another \
-                             session's terminal",
-                            seen.link,
-                            libc::minor(seen.meta.rdev())
-                        ),
-                    )));
-                }
+                // Terminals are the tty kind's, asked first.
                 Some(Ok(seen.info(FdKind::CharDevice)))
             }
             _ => None,
@@ -282,23 +263,6 @@ mod tests {
         let info = testing::save_own(own.as_raw_fd());
         File.preflight(&testing::manifest(vec![info.clone()]), &info)
             .expect("its own /proc files exist once it does");
-    }
-
-    #[test]
-    fn a_terminal_is_refused() {
-        assert!(is_terminal(136) && is_terminal(5) && is_terminal(4));
-        assert!(!is_terminal(1), "/dev/null, /dev/zero are memory devices");
-        // SAFETY: a new pseudo-terminal master of ours.
-        let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
-        assert!(fd >= 0);
-        let mut owner = testing::SaveOwner::new();
-        let err = File
-            .save(&mut owner.cx(), &testing::seen(fd))
-            .expect("claimed")
-            .unwrap_err();
-        assert!(err.to_string().contains("a terminal (/dev/ptmx"), "{err}");
-        // SAFETY: ours.
-        unsafe { libc::close(fd) };
     }
 
     #[test]

@@ -29,6 +29,7 @@ mod shared;
 pub mod signalfd;
 pub mod socket;
 pub mod timerfd;
+pub mod tty;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -52,6 +53,7 @@ const PARALLEL_FDS: usize = 256;
 /// descriptor (a memfd is a regular file too: it comes first).
 pub static KINDS: &[&dyn Descriptor] = &[
     &memfd::Memfd,
+    &tty::Tty,
     &file::File,
     &pipe::Pipe,
     &inherited::Inherited,
@@ -123,6 +125,8 @@ pub struct Prepare {
     /// inode), where a relative unix name is bound or connected to; filled
     /// by [`prepare`].
     pub cwds: HashMap<u64, std::path::PathBuf>,
+    /// Give a shell job's terminal descriptors cr-ebpf's own terminal.
+    pub shell_job: bool,
 }
 
 /// What `/proc` shows of one descriptor of a frozen process.
@@ -238,6 +242,11 @@ pub struct TreeScope {
     in_tree: bool,
     /// The processes of the scope.
     pub pids: Vec<i32>,
+    /// Terminals held by the processes of the scope.
+    pub ttys: tty::Scope,
+    /// Take a terminal outside the scope that is a process's controlling
+    /// terminal (`dump --shell-job`).
+    pub shell_job: bool,
 }
 
 impl TreeScope {
@@ -246,6 +255,7 @@ impl TreeScope {
         let mut scope = Self {
             in_tree: true,
             pids: pids.to_vec(),
+            ttys: tty::Scope::scan(pids),
             ..Self::default()
         };
         for &pid in pids {
@@ -371,6 +381,7 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
         for s in seen.iter().filter(|s| s.link.starts_with("pipe:")) {
             scope.add_pipe_end(s.link.clone(), s.flags);
         }
+        scope.ttys = tty::Scope::scan(&[pid]);
     }
     let mut tcp = Vec::new();
     let mut sockets = socket::Context::default();

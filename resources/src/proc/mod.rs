@@ -35,6 +35,8 @@ pub struct Stat {
     /// The controlling terminal (`major << 8 | minor` in the kernel's
     /// encoding), 0 for none.
     pub tty_nr: i32,
+    /// The foreground process group of the controlling terminal (-1: none).
+    pub tpgid: i32,
     /// Start time after boot, in clock ticks: with the pid, it tells a
     /// process from a later one that got the same pid.
     pub start_time: u64,
@@ -63,6 +65,7 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
         pgid: num(5) as i32,
         sid: num(6) as i32,
         tty_nr: num(7) as i32,
+        tpgid: num(8) as i32,
         start_time: u(22),
         mm: [
             u(26),

@@ -126,6 +126,9 @@ pub struct SaveCx<'a> {
     pub brk: Option<u64>,
     /// The processes checkpointed together with it (itself included).
     pub together: &'a [i32],
+    /// Take a shell job (`dump --shell-job`): a session and controlling
+    /// terminal outside the checkpoint become the restorer's at restore.
+    pub shell_job: bool,
 }
 
 impl SaveCx<'_> {
@@ -175,6 +178,7 @@ pub(crate) mod testing {
             queries: &mut queries,
             brk: None,
             together: &together,
+            shell_job: false,
         };
         kind.save(&mut cx, &mut p).unwrap();
         (p, queries)
@@ -198,6 +202,7 @@ pub(crate) mod testing {
             queries: &mut queries,
             brk: None,
             together,
+            shell_job: false,
         };
         kind.save(&mut cx, &mut p).map(|()| p)
     }

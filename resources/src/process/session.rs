@@ -28,11 +28,12 @@ impl ProcessKind for Session {
         let pid = cx.pid;
         let st = proc::stat(pid).map_err(proc_err(pid, format!("/proc/{pid}/stat")))?;
         for (id, what) in [(st.sid, "session"), (st.pgid, "process group")] {
-            if id != pid && !cx.together.contains(&id) {
+            if id != pid && !cx.together.contains(&id) && !cx.shell_job {
                 return Err(cx.refuse(format!(
                     "a {what} led by process {id}, which is not checkpointed with it: it \
-                     would be restored in cr-ebpf's {what}; start it with setsid, or \
-                     checkpoint its leader's tree"
+                     would be restored in cr-ebpf's {what}; start it with setsid, \
+                     checkpoint its leader's tree, or take it as a shell job (`dump \
+                     --shell-job`)"
                 )));
             }
         }
@@ -50,7 +51,9 @@ impl ProcessKind for Session {
             sys.call("setsid", libc::SYS_setsid, [0; 6])?;
         }
         let pgid = sys.call("getpgid", libc::SYS_getpgid, [0; 6])?;
-        if pgid != p.pgid as i64 {
+        // A shell job's group led outside becomes the restorer's.
+        let shell_job = p.terminal.is_some_and(|t| t.shell_job);
+        if pgid != p.pgid as i64 && !(shell_job && p.pgid != p.pid) {
             let target = if p.pgid == p.pid { 0 } else { p.pgid as u64 };
             sys.call("setpgid", libc::SYS_setpgid, [0, target, 0, 0, 0, 0])
                 .map_err(|e| {

@@ -249,4 +249,3 @@ fn map_fd(
     s.call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
     r
 }
-

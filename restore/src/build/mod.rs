@@ -521,7 +521,7 @@ mod tests {
         names: &[&str],
     ) -> Result<Recording, RestoreError> {
         let rec = Recording::new();
-        let natives = Natives::build(&[m], false)?;
+        let natives = Natives::build(&[m], &crate::RestoreOptions::default())?;
         let mut b = Build {
             t: None,
             s: &rec,

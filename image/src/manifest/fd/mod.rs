@@ -9,9 +9,11 @@
 mod legacy;
 mod socket;
 mod state;
+mod tty;
 
 pub use socket::{SockOpt, SocketFile, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
 pub use state::{EpollItem, FdKind, FdState, InotifyWatch};
+pub use tty::{PtyPair, TtyInfo, TtyRole, TERMIOS_LEN};
 
 use super::{unknown, PATH_CAP};
 use crate::codec::{Dec, DecErr, Enc};
@@ -22,6 +24,8 @@ const STATE_BY_KIND: u16 = 4;
 
 /// The first format whose FD sections end with the shared description.
 const SHARED_DESCRIPTION: u16 = 8;
+/// The first format with terminal descriptors ([`FdKind::Tty`]).
+const TTY_SINCE: u16 = 8;
 
 /// Largest pipe contents stored.
 const PIPE_DATA_CAP: usize = 16 << 20;
@@ -107,10 +111,18 @@ impl FdInfo {
     pub(super) fn decode(b: &mut Dec<'_>, at: u64, minor: u16) -> Result<Self, DecErr> {
         let fd = b.i32()?;
         let kind_at = b.offset();
-        let kind = FdKind::try_from(b.u16()?).map_err(|k| DecErr {
-            offset: kind_at,
-            what: unknown("descriptor kind", k, minor),
-        })?;
+        let kind = FdKind::try_from(b.u16()?)
+            .and_then(|k| {
+                if k == FdKind::Tty && minor < TTY_SINCE {
+                    Err(k as u16)
+                } else {
+                    Ok(k)
+                }
+            })
+            .map_err(|k| DecErr {
+                offset: kind_at,
+                what: unknown("descriptor kind", k, minor),
+            })?;
         let cloexec = b.u16()? != 0;
         let mut f = Self {
             fd,
@@ -191,7 +203,7 @@ mod tests {
     #[test]
     fn every_kind_round_trips_with_its_state_after_the_common_fields() {
         let bare = encoded(&common(3, FdState::None)).len();
-        for s in state::tests::every_state() {
+        for s in state::tests::every_state_now() {
             let f = common(3, s);
             let buf = encoded(&f);
             assert_eq!(decoded(&buf, FORMAT_MINOR).unwrap(), f);
@@ -243,11 +255,21 @@ mod tests {
         buf[4..6].copy_from_slice(&(FdKind::EventFd as u16).to_le_bytes());
         assert!(decoded(&buf, FORMAT_MINOR).is_err());
         // An unknown kind, naming the image's version.
-        buf[4..6].copy_from_slice(&13u16.to_le_bytes());
+        buf[4..6].copy_from_slice(&14u16.to_le_bytes());
         let e = decoded(&buf, FORMAT_MINOR).unwrap_err();
-        assert!(e.what.contains("unknown descriptor kind 13"), "{}", e.what);
+        assert!(e.what.contains("unknown descriptor kind 14"), "{}", e.what);
         assert!(e.what.contains(&format!("1.{FORMAT_MINOR}")), "{}", e.what);
         assert_eq!(e.offset, 8 + 4);
+    }
+
+    #[test]
+    fn a_terminal_is_not_a_kind_of_format_1_7() {
+        let t = common(3, FdState::Tty(tty::tests::master()));
+        let buf = encoded(&t);
+        assert_eq!(decoded(&buf, TTY_SINCE).unwrap(), t);
+        let e = decoded(&buf, TTY_SINCE - 1).unwrap_err();
+        assert!(e.what.contains("unknown descriptor kind 13"), "{}", e.what);
+        assert!(e.what.contains("1.7"), "{}", e.what);
     }
 
     /// The section body as format 1.2/1.3 wrote it.

@@ -8,7 +8,7 @@
 //! reads it by the section's kind; 1.2 and 1.3 wrapped it in a tag and a
 //! length ([`legacy`](super::legacy)).
 
-use super::socket::SocketInfo;
+use super::{socket::SocketInfo, tty::TtyInfo};
 use crate::codec::{Dec, DecErr, Enc};
 
 /// Most registrations of one epoll set.
@@ -55,6 +55,9 @@ pub enum FdKind {
     Memfd = 11,
     /// A pidfd (format 1.2; state [`FdState::Pidfd`]).
     Pidfd = 12,
+    /// A terminal: an end of a pseudo-terminal pair, `/dev/tty`, or a
+    /// shell job's terminal (format 1.8; state [`FdState::Tty`]).
+    Tty = 13,
 }
 
 impl TryFrom<u16> for FdKind {
@@ -73,6 +76,7 @@ impl TryFrom<u16> for FdKind {
             10 => Self::Inotify,
             11 => Self::Memfd,
             12 => Self::Pidfd,
+            13 => Self::Tty,
             other => return Err(other),
         })
     }
@@ -153,6 +157,8 @@ pub enum FdState {
         /// The process it refers to.
         pid: i32,
     },
+    /// A terminal (format 1.8).
+    Tty(TtyInfo),
 }
 
 impl FdKind {
@@ -179,6 +185,7 @@ impl FdState {
             Self::Inotify(_) => FdKind::Inotify,
             Self::Memfd { .. } => FdKind::Memfd,
             Self::Pidfd { .. } => FdKind::Pidfd,
+            Self::Tty(_) => FdKind::Tty,
         })
     }
 
@@ -217,6 +224,7 @@ impl FdState {
             Self::Inotify(watches) => encode_inotify(b, watches),
             Self::Memfd { id } => b.u64(*id),
             Self::Pidfd { pid } => b.i32(*pid),
+            Self::Tty(t) => t.encode(b),
         }
     }
 
@@ -246,6 +254,7 @@ impl FdState {
             FdKind::Inotify => Self::Inotify(decode_inotify(b)?),
             FdKind::Memfd => Self::Memfd { id: b.u64()? },
             FdKind::Pidfd => Self::Pidfd { pid: b.i32()? },
+            FdKind::Tty => Self::Tty(TtyInfo::decode(b)?),
         })
     }
 }
@@ -394,9 +403,16 @@ pub(super) mod tests {
         ]
     }
 
+    /// [`every_state`] and those of the kinds added since format 1.4.
+    pub(in super::super) fn every_state_now() -> Vec<FdState> {
+        let mut all = every_state();
+        all.push(FdState::Tty(super::super::tty::tests::master()));
+        all
+    }
+
     #[test]
     fn every_body_round_trips_by_its_kind() {
-        for s in every_state() {
+        for s in every_state_now() {
             let kind = s.kind().unwrap_or(FdKind::File);
             assert!(s.fits(kind));
             let mut e = Enc::default();
@@ -410,8 +426,8 @@ pub(super) mod tests {
 
     #[test]
     fn states_fit_their_kind_only() {
-        for s in every_state() {
-            for k in 0..=12 {
+        for s in every_state_now() {
+            for k in 0..=13 {
                 let kind = FdKind::try_from(k).unwrap_or_default();
                 let expected = match s.kind() {
                     Some(own) => own == kind,

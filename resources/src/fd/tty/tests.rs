@@ -1,0 +1,159 @@
+//! Round trips and refusals of terminals, on pairs of the test process.
+
+use std::os::fd::AsRawFd as _;
+
+use super::*;
+use crate::fd::testing;
+
+/// A pair of ours with a 24x90 window: (master, slave).
+fn our_pair() -> (OwnedFd, OwnedFd) {
+    let master = OwnedFd::from(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags_noctty()
+            .open("/dev/ptmx")
+            .unwrap(),
+    );
+    let off: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int.
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &off) };
+    assert_eq!(r, 0);
+    let slave = open_peer(&master, libc::O_RDWR).unwrap();
+    let ws = [24u16, 90, 0, 0];
+    // SAFETY: TIOCSWINSZ reads a struct winsize.
+    let r = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, ws.as_ptr()) };
+    assert_eq!(r, 0);
+    (master, slave)
+}
+
+fn tty_state(f: &FdInfo) -> &TtyInfo {
+    state(f).unwrap()
+}
+
+#[test]
+fn a_pair_comes_back_as_a_new_pair_with_its_settings_and_open_files() {
+    let (master, slave) = our_pair();
+    let again = open_peer(&master, libc::O_RDONLY).unwrap();
+    let dup = slave.try_clone().unwrap();
+    let saved = testing::save_own_many(&[
+        master.as_raw_fd(),
+        slave.as_raw_fd(),
+        again.as_raw_fd(),
+        dup.as_raw_fd(),
+    ]);
+    assert!(saved.iter().all(|f| f.kind == FdKind::Tty));
+    let index = pair_index(&master).unwrap();
+    let roles: Vec<(TtyRole, u16, u32)> = saved
+        .iter()
+        .map(tty_state)
+        .map(|t| (t.role, t.open, t.index))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            (TtyRole::Master, 0, index),
+            (TtyRole::Slave, 0, index),
+            (TtyRole::Slave, 1, index),
+            (TtyRole::Slave, 0, index)
+        ],
+        "a dup shares its open file, a second open has its own"
+    );
+    let pair = tty_state(&saved[0]).pair.clone().unwrap();
+    assert_eq!(pair.winsize, [24, 90, 0, 0]);
+
+    let m = testing::manifest(saved.clone());
+    let (rec, shared) = testing::restore_keeping(&m);
+    let new_master = shared.get(FdKind::Tty, index as u64, 0, 0).unwrap();
+    assert_ne!(pair_index(new_master).unwrap(), index, "a new pair");
+    let ours: Vec<i32> = rec
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            crate::sys::fake::Event::Adopt { ours, .. } => Some(*ours),
+            _ => None,
+        })
+        .collect();
+    let part = |p| {
+        shared
+            .get(FdKind::Tty, index as u64, p, 0)
+            .unwrap()
+            .as_raw_fd()
+    };
+    assert_eq!(ours, [part(0), part(1), part(2), part(1)]);
+    // The new slave has the old one's termios and window size.
+    let peer = open_peer(new_master, libc::O_RDWR).unwrap();
+    let mut t = [0u8; TERMIOS_LEN];
+    let mut ws = [0u16; 4];
+    // SAFETY: TCGETS2 and TIOCGWINSZ write into our buffers.
+    unsafe {
+        assert_eq!(
+            libc::ioctl(peer.as_raw_fd(), libc::TCGETS2, t.as_mut_ptr()),
+            0
+        );
+        assert_eq!(
+            libc::ioctl(peer.as_raw_fd(), libc::TIOCGWINSZ, ws.as_mut_ptr()),
+            0
+        );
+    }
+    assert_eq!((t.to_vec(), ws), (pair.termios, pair.winsize));
+    // Written into the new master, read from the slave it handed over.
+    // SAFETY: our buffers and descriptors.
+    unsafe {
+        assert_eq!(
+            libc::write(new_master.as_raw_fd(), b"x\n".as_ptr().cast(), 2),
+            2
+        );
+        let mut buf = [0u8; 8];
+        let n = libc::read(part(1), buf.as_mut_ptr().cast(), 8);
+        assert_eq!(&buf[..n as usize], b"x\n");
+    }
+}
+
+#[test]
+fn unread_bytes_a_closed_slave_and_a_foreign_slave_are_refused() {
+    let (master, slave) = our_pair();
+    // SAFETY: writing our buffer into our master.
+    let n = unsafe { libc::write(master.as_raw_fd(), b"ls\n".as_ptr().cast(), 3) };
+    assert_eq!(n, 3);
+    let me = std::process::id() as i32;
+    let save = |fd: i32| {
+        let mut owner = testing::SaveOwner::new();
+        owner.scope = crate::fd::TreeScope::new(&[me]);
+        let mut cx = owner.cx();
+        Tty.save(&mut cx, &testing::seen(fd)).expect("claimed")
+    };
+    let err = save(master.as_raw_fd()).unwrap_err().to_string();
+    assert!(err.contains("waiting to be read"), "{err}");
+    // The bytes are still there for the slave.
+    let mut buf = [0u8; 8];
+    // SAFETY: reading into our buffer.
+    let n = unsafe { libc::read(slave.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    assert_eq!(&buf[..n as usize], b"ls\n");
+    // And its echo for the master.
+    // SAFETY: reading into our buffer.
+    let n = unsafe { libc::read(master.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    assert_eq!(&buf[..n as usize], b"ls\r\n");
+    save(master.as_raw_fd()).expect("nothing waiting any more");
+    drop(slave);
+    let err = save(master.as_raw_fd()).unwrap_err().to_string();
+    assert!(err.contains("slave is closed everywhere"), "{err}");
+    // A slave whose master is not checkpointed (not in the scope).
+    let (_m2, s2) = our_pair();
+    let mut owner = testing::SaveOwner::new();
+    let err = Tty
+        .save(&mut owner.cx(), &testing::seen(s2.as_raw_fd()))
+        .expect("claimed")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("neither a pseudo-terminal pair"), "{err}");
+}
+
+#[test]
+fn device_numbers_decode_as_the_kernel_encodes_them() {
+    assert_eq!(pts_index(136, 5), Some(5));
+    assert_eq!(pts_index(137, 1), Some(257));
+    assert_eq!(pts_index(4, 1), None);
+    assert_eq!(decode_dev((136 << 8) | 7), (136, 7));
+    assert!(is_terminal(5) && is_terminal(4) && is_terminal(143) && !is_terminal(1));
+}
