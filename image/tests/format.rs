@@ -130,6 +130,7 @@ fn manifest() -> Manifest {
             mode: 0,
             data: vec![(4096, b"world".to_vec())],
             elsewhere: false,
+            ..Default::default()
         }],
         locks: Vec::new(),
         chain: Some(cr_ebpf_image::ChainInfo {
@@ -153,6 +154,11 @@ fn manifest() -> Manifest {
                 pipe_size: 65536,
                 data: b"unread".to_vec(),
                 state: cr_ebpf_image::FdState::None,
+                owner: cr_ebpf_image::FileOwner {
+                    kind: 1,
+                    pid: 42,
+                    signal: 10,
+                },
             },
             cr_ebpf_image::FdInfo {
                 fd: 4,
@@ -578,16 +584,22 @@ fn a_descriptor_state_is_the_body_of_its_kind() {
     let body = &payload[start..start + len];
     assert_eq!(body[0..4], 9i32.to_le_bytes());
     assert_eq!(body[4..6], (FdKind::Pidfd as u16).to_le_bytes());
-    // It ends with the pid itself: no state tag, no length.
+    // The pid itself, no state tag, no length, then (format 1.8) the
+    // owner of signal-driven I/O (none here: 12 zero bytes).
     assert_eq!(
-        body[len - 8..len - 4],
+        body[len - 20..len - 16],
         0u32.to_le_bytes(),
         "empty pipe data"
     );
-    assert_eq!(body[len - 4..], 77i32.to_le_bytes());
+    assert_eq!(body[len - 16..len - 12], 77i32.to_le_bytes());
+    assert_eq!(body[len - 12..], [0; 12]);
     // Calling it a file leaves the pid over: refused.
     let mut bad = payload.clone();
     bad[start + 4..start + 6].copy_from_slice(&(FdKind::File as u16).to_le_bytes());
     let e = Manifest::decode(&bad, 32).unwrap_err();
-    assert!(e.what.contains("4 unexpected bytes"), "{}", e.what);
+    assert!(
+        e.what.contains("4 unexpected bytes") || e.what.contains("owner"),
+        "{}",
+        e.what
+    );
 }

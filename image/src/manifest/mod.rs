@@ -43,8 +43,8 @@ mod thread;
 
 pub use chain::ChainInfo;
 pub use fd::{
-    EpollItem, FdInfo, FdKind, FdState, InotifyWatch, SockOpt, SocketFile, SocketInfo, TcpRepair,
-    SOCKET_QUEUE_CAP,
+    EpollItem, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, SockOpt, SocketFile, SocketInfo,
+    TcpRepair, SOCKET_QUEUE_CAP,
 };
 pub use lock::{FileLock, LockKind};
 pub use mapping::{
@@ -55,7 +55,7 @@ pub use mapping::{
 };
 pub use posix_timer::PosixTimer;
 pub use process::{Prctl, ProcessInfo, SigAction};
-pub use shmem::{ShmemKind, ShmemObject, SHMEM_CAP};
+pub use shmem::{ShmemKind, ShmemObject, GHOST_CAP, SHMEM_CAP};
 pub use thread::ThreadInfo;
 
 const TAG_PROCESS: u16 = 1;

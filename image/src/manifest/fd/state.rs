@@ -55,6 +55,24 @@ pub enum FdKind {
     Memfd = 11,
     /// A pidfd (format 1.2; state [`FdState::Pidfd`]).
     Pidfd = 12,
+    /// A deleted file or directory, or shared anonymous memory, held open
+    /// (format 1.8; state [`FdState::Deleted`], the file in
+    /// [`Manifest::shmem`](crate::Manifest::shmem)).
+    Deleted = 13,
+    /// A named FIFO (format 1.8; state [`FdState::Fifo`]; its buffered
+    /// bytes in the common fields, as a pipe's).
+    Fifo = 14,
+}
+
+impl FdKind {
+    /// The first format minor that defines the kind.
+    pub(super) fn since(self) -> u16 {
+        match self {
+            Self::Deleted | Self::Fifo => 8,
+            Self::Invalid | Self::File | Self::CharDevice | Self::Pipe | Self::Inherited => 0,
+            _ => 2,
+        }
+    }
 }
 
 impl TryFrom<u16> for FdKind {
@@ -73,6 +91,8 @@ impl TryFrom<u16> for FdKind {
             10 => Self::Inotify,
             11 => Self::Memfd,
             12 => Self::Pidfd,
+            13 => Self::Deleted,
+            14 => Self::Fifo,
             other => return Err(other),
         })
     }
@@ -153,6 +173,24 @@ pub enum FdState {
         /// The process it refers to.
         pid: i32,
     },
+    /// A deleted file (format 1.8): the object (`Manifest::shmem`, a
+    /// deleted file or shared anonymous memory) it opens.
+    Deleted {
+        /// The object's id.
+        id: u64,
+    },
+    /// A named FIFO (format 1.8).
+    Fifo {
+        /// It was removed from its directory: made again at its path with
+        /// `mode`, `uid` and `gid`, opened, and removed.
+        deleted: bool,
+        /// Its permission bits.
+        mode: u32,
+        /// Its owner.
+        uid: u32,
+        /// Its group.
+        gid: u32,
+    },
 }
 
 impl FdKind {
@@ -179,6 +217,8 @@ impl FdState {
             Self::Inotify(_) => FdKind::Inotify,
             Self::Memfd { .. } => FdKind::Memfd,
             Self::Pidfd { .. } => FdKind::Pidfd,
+            Self::Deleted { .. } => FdKind::Deleted,
+            Self::Fifo { .. } => FdKind::Fifo,
         })
     }
 
@@ -217,6 +257,18 @@ impl FdState {
             Self::Inotify(watches) => encode_inotify(b, watches),
             Self::Memfd { id } => b.u64(*id),
             Self::Pidfd { pid } => b.i32(*pid),
+            Self::Deleted { id } => b.u64(*id),
+            Self::Fifo {
+                deleted,
+                mode,
+                uid,
+                gid,
+            } => {
+                b.u32(*deleted as u32);
+                b.u32(*mode);
+                b.u32(*uid);
+                b.u32(*gid);
+            }
         }
     }
 
@@ -246,6 +298,26 @@ impl FdState {
             FdKind::Inotify => Self::Inotify(decode_inotify(b)?),
             FdKind::Memfd => Self::Memfd { id: b.u64()? },
             FdKind::Pidfd => Self::Pidfd { pid: b.i32()? },
+            FdKind::Deleted => Self::Deleted { id: b.u64()? },
+            FdKind::Fifo => {
+                let at = b.offset();
+                let deleted = match b.u32()? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(DecErr {
+                            offset: at,
+                            what: format!("FIFO deleted flag {other} (0 or 1)"),
+                        })
+                    }
+                };
+                Self::Fifo {
+                    deleted,
+                    mode: b.u32()?,
+                    uid: b.u32()?,
+                    gid: b.u32()?,
+                }
+            }
         })
     }
 }
@@ -391,6 +463,13 @@ pub(super) mod tests {
             ]),
             FdState::Memfd { id: 1032 },
             FdState::Pidfd { pid: 4242 },
+            FdState::Deleted { id: 77 },
+            FdState::Fifo {
+                deleted: true,
+                mode: 0o640,
+                uid: 1000,
+                gid: 100,
+            },
         ]
     }
 
