@@ -28,6 +28,9 @@ pub struct DumpOptions {
     pub leave_running: bool,
     /// Threads reading and compressing pages (0: all cores).
     pub threads: usize,
+    /// Most bytes of a deleted file held open or mapped stored in the
+    /// image (0: the default, `cr_ebpf_resources::ghost::DEFAULT_LIMIT`).
+    pub ghost_limit: u64,
 }
 
 /// What a dump did.
@@ -84,6 +87,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     let is_tree = tree.processes.len() > 1;
     let live: Vec<i32> = stopped.frozen.iter().map(Frozen::pid).collect();
     let mut scope = TreeScope::new(&live);
+    scope.ghost_limit = opts.ghost_limit;
     let mut states: Vec<State> = Vec::new();
     for f in &stopped.frozen {
         states.push(state::collect(f, None, &Changes::all(), Some(&mut scope))?);

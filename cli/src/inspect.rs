@@ -180,6 +180,13 @@ fn describe(f: &FdInfo) -> String {
         FdState::SignalFd { mask } => format!("signalfd mask {mask:#x}"),
         FdState::Pidfd { pid } => format!("pidfd of process {pid}"),
         FdState::Memfd { id } => format!("{} (shared memory object {id})", f.path),
+        FdState::Deleted { id } => format!("{} (stored as object {id})", f.path),
+        FdState::Fifo { deleted, .. } => format!(
+            "named FIFO {}{}, {} bytes buffered",
+            f.path,
+            if *deleted { " (made again)" } else { "" },
+            f.data.len()
+        ),
         FdState::Inotify(watches) => {
             let w: Vec<String> = watches
                 .iter()

@@ -80,6 +80,7 @@ fn dump_killing(
         &DumpOptions {
             leave_running: false,
             threads: 0,
+            ghost_limit: 0,
         },
     )
 }

@@ -44,6 +44,7 @@ fn round_trip(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> Str
         &DumpOptions {
             leave_running: false,
             threads: 0,
+            ghost_limit: 0,
         },
     )
     .expect("dump");

@@ -138,6 +138,7 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
         &DumpOptions {
             leave_running: false,
             threads: 0,
+            ghost_limit: 0,
         },
     )
     .expect("dump of the tree");

@@ -581,6 +581,7 @@ mod tests {
             inode: 0,
             path: path.into(),
             tmpfs: false,
+            ghost: false,
             advice: 0,
         }
     }

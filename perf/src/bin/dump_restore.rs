@@ -157,6 +157,7 @@ fn main() -> Result<()> {
                         &DumpOptions {
                             leave_running: false,
                             threads: w,
+                            ghost_limit: 0,
                         },
                     )
                     .with_context(|| format!("dump of {mib} MiB"))?;

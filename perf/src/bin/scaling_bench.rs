@@ -110,6 +110,7 @@ fn measure(
         &DumpOptions {
             leave_running: true,
             threads: 0,
+            ghost_limit: 0,
         },
     )
     .with_context(|| format!("dump of {key}"))?;

@@ -15,6 +15,7 @@
 //! per restore by [`Descriptor::prepare`] into [`Shared`].
 
 pub mod async_io;
+pub mod deleted;
 pub mod epoll;
 pub mod eventfd;
 pub mod file;
@@ -48,9 +49,11 @@ use crate::{
 const PARALLEL_FDS: usize = 256;
 
 /// Every descriptor kind, in the order they are asked to claim a
-/// descriptor (a memfd is a regular file too: it comes first).
+/// descriptor (a memfd or a deleted file is a regular file too: they come
+/// first).
 pub static KINDS: &[&dyn Descriptor] = &[
     &memfd::Memfd,
+    &deleted::Deleted,
     &file::File,
     &pipe::Pipe,
     &inherited::Inherited,
@@ -233,9 +236,20 @@ pub struct TreeScope {
     in_tree: bool,
     /// The processes of the scope.
     pub pids: Vec<i32>,
+    /// Most bytes of a deleted file stored (0: [`crate::ghost::DEFAULT_LIMIT`]).
+    pub ghost_limit: u64,
 }
 
 impl TreeScope {
+    /// The limit on a deleted file's contents.
+    pub fn ghost_limit(&self) -> u64 {
+        if self.ghost_limit == 0 {
+            crate::ghost::DEFAULT_LIMIT
+        } else {
+            self.ghost_limit
+        }
+    }
+
     /// The pipe ends held by the processes `pids`.
     pub fn new(pids: &[i32]) -> Self {
         let mut scope = Self {
