@@ -109,7 +109,6 @@ mod tests {
         let dir = testing::scratch("deleted-fd");
         let path = dir.join("log");
         let mut f = std::fs::OpenOptions::new()
-            .write(true)
             .append(true)
             .create(true)
             .open(&path)
