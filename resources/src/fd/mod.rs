@@ -23,6 +23,7 @@ pub mod inherited;
 pub mod inotify;
 pub mod locks;
 pub mod memfd;
+pub mod outside;
 pub mod pidfd;
 pub mod pipe;
 mod shared;
@@ -238,6 +239,8 @@ pub struct TreeScope {
     pub pids: Vec<i32>,
     /// Most bytes of a deleted file stored (0: [`crate::ghost::DEFAULT_LIMIT`]).
     pub ghost_limit: u64,
+    /// The pipes and FIFOs processes outside hold, read when first asked.
+    outside: Option<outside::Outside>,
 }
 
 impl TreeScope {
@@ -248,6 +251,17 @@ impl TreeScope {
         } else {
             self.ghost_limit
         }
+    }
+
+    /// What processes outside the scope (which holds `pid`) hold.
+    pub fn outside(&mut self, pid: i32) -> &outside::Outside {
+        let inside = if self.pids.is_empty() {
+            vec![pid]
+        } else {
+            self.pids.clone()
+        };
+        self.outside
+            .get_or_insert_with(|| outside::Outside::scan(&inside, true))
     }
 
     /// The pipe ends held by the processes `pids`.
