@@ -239,61 +239,79 @@ fn set_times(fd: &OwnedFd, atime_ns: u64, mtime_ns: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes the deleted file `o` again: at its path, filled, with its owner,
-/// permissions and times, opened (read-write, or a directory read-only),
-/// and removed. The open file is the one the process's descriptors and
-/// mappings are made from.
-pub fn make(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
-    let p = Path::new(&o.name);
-    let dir = o.mode & libc::S_IFMT == libc::S_IFDIR;
+/// Makes a file at `p` for a moment: missing parent directories made and
+/// anything at `p` moved aside first; `make` creates it (a directory if
+/// `dir`) and opens it; then it is removed again, the rest undone, and the
+/// open file returned.
+pub(crate) fn transient(
+    p: &Path,
+    dir: bool,
+    make: impl FnOnce(&Path) -> Result<OwnedFd, RestoreError>,
+) -> Result<OwnedFd, RestoreError> {
     let mut scaffold = Scaffold::default();
     scaffold.prepare(p)?;
-    let what = |w: &str| format!("{w} {} (a deleted file made again)", o.name);
-    let fd = if dir {
-        std::fs::create_dir(p).map_err(fail(what("mkdir")))?;
-        scaffold.made = Some((p.to_path_buf(), true));
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(p)
-            .map_err(fail(what("opening")))?
-    } else {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(p)
-            .map_err(fail(what("creating")))?;
-        scaffold.made = Some((p.to_path_buf(), false));
-        for (off, bytes) in &o.data {
-            f.write_all_at(bytes, *off).map_err(fail(what("writing")))?;
-        }
-        f.set_len(o.size).map_err(fail(what("ftruncate")))?;
-        f
-    };
-    let fd = OwnedFd::from(fd);
-    // Owner before permissions (a chown drops set-user-id), times last.
-    // SAFETY: fchown on our own descriptor.
-    if unsafe { libc::fchown(fd.as_raw_fd(), o.uid, o.gid) } != 0 {
-        return Err(fail(what("fchown"))(io::Error::last_os_error()));
-    }
-    // SAFETY: fchmod on our own descriptor.
-    if unsafe { libc::fchmod(fd.as_raw_fd(), o.mode & 0o7777) } != 0 {
-        return Err(fail(what("fchmod"))(io::Error::last_os_error()));
-    }
-    set_times(&fd, o.atime_ns, o.mtime_ns).map_err(fail(what("futimens")))?;
-    // Removed again (the scaffold's drop): the open file stays.
-    let (made, _) = scaffold.made.take().expect("made above");
+    // Nothing is at `p` now: whatever `make` leaves there is removed.
+    scaffold.made = Some((p.to_path_buf(), dir));
+    let fd = make(p)?;
+    let (made, _) = scaffold.made.take().expect("set above");
     let removed = if dir {
         std::fs::remove_dir(&made)
     } else {
         std::fs::remove_file(&made)
     };
-    removed.map_err(fail(what("removing")))?;
+    removed.map_err(fail(format!("removing {} again", made.display())))?;
     drop(scaffold);
     Ok(fd)
+}
+
+/// `fchown`, then `fchmod` (a chown drops set-user-id) of our `fd`.
+pub(crate) fn set_owner_mode(fd: &OwnedFd, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+    // SAFETY: fchown on our own descriptor.
+    if unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fchmod on our own descriptor.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), mode & 0o7777) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the deleted file `o` again: at its path, filled, with its owner,
+/// permissions and times, opened (read-write, or a directory read-only),
+/// and removed. The open file is the one the process's descriptors and
+/// mappings are made from.
+pub fn make(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
+    let dir = o.mode & libc::S_IFMT == libc::S_IFDIR;
+    let what = |w: &str| format!("{w} {} (a deleted file made again)", o.name);
+    transient(Path::new(&o.name), dir, |p| {
+        let fd = if dir {
+            std::fs::create_dir(p).map_err(fail(what("mkdir")))?;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(p)
+                .map_err(fail(what("opening")))?
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(p)
+                .map_err(fail(what("creating")))?;
+            for (off, bytes) in &o.data {
+                f.write_all_at(bytes, *off).map_err(fail(what("writing")))?;
+            }
+            f.set_len(o.size).map_err(fail(what("ftruncate")))?;
+            f
+        };
+        let fd = OwnedFd::from(fd);
+        set_owner_mode(&fd, o.uid, o.gid, o.mode).map_err(fail(what("fchown/fchmod")))?;
+        set_times(&fd, o.atime_ns, o.mtime_ns).map_err(fail(what("futimens")))?;
+        Ok(fd)
+    })
 }
 
 #[cfg(test)]

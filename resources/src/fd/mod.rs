@@ -18,6 +18,7 @@ pub mod async_io;
 pub mod deleted;
 pub mod epoll;
 pub mod eventfd;
+pub mod fifo;
 pub mod file;
 pub mod inherited;
 pub mod inotify;
@@ -57,6 +58,7 @@ pub static KINDS: &[&dyn Descriptor] = &[
     &deleted::Deleted,
     &file::File,
     &pipe::Pipe,
+    &fifo::Fifo,
     &inherited::Inherited,
     &socket::Socket,
     &epoll::Epoll,

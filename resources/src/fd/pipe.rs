@@ -27,7 +27,7 @@ pub struct Pipe;
 
 /// The bytes buffered in pipe `read_end` (a descriptor of ours on it), left
 /// in place: `tee` duplicates them into a scratch pipe, which we drain.
-fn peek_pipe(read_end: &OwnedFd, size: usize) -> io::Result<Vec<u8>> {
+pub(super) fn peek_pipe(read_end: &OwnedFd, size: usize) -> io::Result<Vec<u8>> {
     let (r, w) = pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK)?;
     // SAFETY: fcntl on our own pipe.
     unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
@@ -74,17 +74,26 @@ fn refilled(size: u32, data: &[u8]) -> Result<(OwnedFd, OwnedFd), RestoreError> 
         // SAFETY: fcntl on our pipe.
         unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
     }
+    write_all(&w, data)?;
+    Ok((r, w))
+}
+
+/// Writes `data` into the pipe or FIFO `w`, which has room for it.
+pub(super) fn write_all(w: &OwnedFd, data: &[u8]) -> Result<(), RestoreError> {
     let mut off = 0;
     while off < data.len() {
         // SAFETY: writing our own buffer into our pipe.
         let n =
             unsafe { libc::write(w.as_raw_fd(), data[off..].as_ptr().cast(), data.len() - off) };
         if n <= 0 {
-            return Err(fail("refilling a pipe")(io::Error::last_os_error()));
+            return Err(RestoreError::Syscall {
+                call: "refilling a pipe".into(),
+                err: io::Error::last_os_error(),
+            });
         }
         off += n as usize;
     }
-    Ok((r, w))
+    Ok(())
 }
 
 /// Whether `f` is a write end.
