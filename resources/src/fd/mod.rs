@@ -409,13 +409,14 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
     let mut out = Vec::with_capacity(seen.len());
     let (mut held, mut files) = (Vec::new(), Vec::new());
     for s in &seen {
-        async_io::refuse(&cx, s)?;
         locks::save(&cx, s, &mut held, &mut files)?;
         let saved = KINDS.iter().find_map(|k| k.save(&mut cx, s));
-        out.push(match saved {
+        let mut info = match saved {
             Some(r) => r?,
             None => return Err(cx.refuse(s.fd, unclaimed(s))),
-        });
+        };
+        async_io::save(&cx, s, &mut info)?;
+        out.push(info);
     }
     if alone {
         check_tree(&[(pid, &out[..])])?;
@@ -532,6 +533,9 @@ pub fn restore(cx: &RestoreCx<'_>, m: &Manifest) -> Result<(), RestoreError> {
     }
     for f in &m.fds {
         handler(f.kind)?.finish(cx, f)?;
+    }
+    for f in &m.fds {
+        async_io::restore(cx.sys, f)?;
     }
     // Locks last: a POSIX lock goes when any descriptor of its file closes.
     let path_of = |fd: i32| {
