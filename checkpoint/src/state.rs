@@ -75,10 +75,14 @@ pub(crate) fn collect(
         .find(|m| m.kind() == MappingKind::File && m.path.ends_with(" (deleted)"))
     {
         let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-        let why = std::fs::metadata(&path)
-            .ok()
-            .and_then(|meta| cr_ebpf_resources::ghost::refusal(&m.path, &meta))
-            .unwrap_or_else(|| format!("the deleted file {}", m.path));
+        let why = if m.path.starts_with("/[") {
+            format!("the kernel's {} (an AIO ring or the like)", m.path)
+        } else {
+            std::fs::metadata(&path)
+                .ok()
+                .and_then(|meta| cr_ebpf_resources::ghost::refusal(&m.path, &meta))
+                .unwrap_or_else(|| format!("the deleted file {}", m.path))
+        };
         return Err(DumpError::NotSupported {
             pid,
             what: format!("a mapping of {why} at {:#x}-{:#x}", m.start, m.end),

@@ -17,6 +17,9 @@ use cr_ebpf_image::{FdInfo, FdKind, FdState};
 use super::{Descriptor, RestoreCx, SaveCx, Seen};
 use crate::{ghost, shmem::ANONYMOUS, RestoreError, SaveError};
 
+/// `__O_TMPFILE`, without the `O_DIRECTORY` that `O_TMPFILE` adds.
+const O_TMPFILE_BIT: i32 = 0o20_000_000;
+
 /// A deleted file, directory, or shared anonymous memory, open.
 pub struct Deleted;
 
@@ -59,7 +62,15 @@ impl Descriptor for Deleted {
             ))
         })?;
         let path = format!("/proc/self/fd/{}", object.as_raw_fd());
+        // A file made with O_TMPFILE shows it (with O_DIRECTORY) in its
+        // flags: it is reopened as the file it is.
+        let tmpfile = if f.flags as i32 & O_TMPFILE_BIT != 0 {
+            O_TMPFILE_BIT | libc::O_DIRECTORY
+        } else {
+            0
+        };
         let flags = f.flags as i32
+            & !tmpfile
             & !(libc::O_ACCMODE
                 | libc::O_CREAT
                 | libc::O_TRUNC
@@ -150,5 +161,41 @@ mod tests {
         );
         // Its own open file, not the restorer's.
         assert_eq!(position(&shmem[&id]), 0);
+    }
+
+    #[test]
+    fn a_file_made_with_o_tmpfile_is_reopened_as_a_file() {
+        let dir = testing::scratch("deleted-tmpfile");
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; a new descriptor we own.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: ours.
+        let f = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let info = testing::save_own(f.as_raw_fd());
+        assert_eq!(info.kind, FdKind::Deleted);
+        assert_ne!(info.flags as i32 & O_TMPFILE_BIT, 0, "{:o}", info.flags);
+        let FdState::Deleted { id } = info.state else {
+            panic!("{:?}", info.state)
+        };
+        let pid = std::process::id() as i32;
+        let shm =
+            crate::shmem::capture(pid, &[], std::slice::from_ref(&info), None, 1 << 20).unwrap();
+        let mut shmem = std::collections::HashMap::new();
+        shmem.insert(id, ghost::make(&shm[0]).unwrap());
+        let shared = super::super::Shared::default();
+        let rec = crate::sys::fake::Recording::new();
+        let cx = RestoreCx {
+            sys: &rec,
+            shared: &shared,
+            shmem: &shmem,
+        };
+        Deleted.open(&cx, &info).expect("not ENOTDIR");
     }
 }
