@@ -28,9 +28,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use cr_ebpf_image::{ShmemKind, ShmemObject, GHOST_CAP};
+use std::{collections::HashMap, os::fd::AsFd as _};
 
-use crate::{error::proc_err, RestoreError, SaveError};
+use cr_ebpf_image::{Manifest, ShmemKind, ShmemObject, GHOST_CAP};
+
+use crate::{error::proc_err, sys::Sys, RestoreError, SaveError};
 
 /// The default limit on the bytes a deleted file has allocated.
 pub const DEFAULT_LIMIT: u64 = 64 << 20;
@@ -314,6 +316,34 @@ pub fn make(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
     })
 }
 
+/// Enters the process's working directory if it was removed: the deleted
+/// directory of that path the restorer made (`built`, by id), handed over
+/// and entered with `fchdir`.
+pub fn enter_cwd(
+    sys: &dyn Sys,
+    m: &Manifest,
+    built: &HashMap<u64, OwnedFd>,
+) -> Result<(), RestoreError> {
+    let Some(name) = deleted_path(&m.process.cwd) else {
+        return Ok(());
+    };
+    let mut dirs = m.shmem.iter().filter(|o| {
+        o.kind == ShmemKind::DeletedFile && o.name == name && o.mode & libc::S_IFMT == libc::S_IFDIR
+    });
+    let (Some(o), None) = (dirs.next(), dirs.next()) else {
+        return Err(RestoreError::NotSupported(format!(
+            "the removed working directory {name}: not exactly one deleted directory of              that path in the image"
+        )));
+    };
+    let ours = built.get(&o.id).ok_or_else(|| {
+        RestoreError::NotSupported(format!("the removed working directory {name} was not made"))
+    })?;
+    let fd = sys.adopt(ours.as_fd())?;
+    let r = sys.call("fchdir", libc::SYS_fchdir, [fd as u64, 0, 0, 0, 0, 0]);
+    sys.close(fd)?;
+    r.map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt as _;
@@ -423,5 +453,34 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let why = refusal("x (deleted)", &f.metadata().unwrap()).unwrap();
         assert!(why.contains("1 other link"), "{why}");
+    }
+
+    #[test]
+    fn a_removed_working_directory_is_entered_from_its_deleted_directory() {
+        let dir = testing::scratch("ghost-cwd");
+        let o = ShmemObject {
+            id: 7,
+            kind: ShmemKind::DeletedFile,
+            name: dir.join("gone").display().to_string(),
+            mode: libc::S_IFDIR | 0o700,
+            ..ShmemObject::default()
+        };
+        let mut m = Manifest::default();
+        m.process.cwd = format!("{} (deleted)", o.name);
+        m.shmem.push(o.clone());
+        let mut built = HashMap::new();
+        built.insert(7, make(&o).unwrap());
+        let rec = crate::sys::fake::Recording::new();
+        enter_cwd(&rec, &m, &built).unwrap();
+        assert_eq!(rec.names(), ["adopt", "fchdir", "close"]);
+        assert_eq!(rec.adopted().len(), 1);
+        // Without its directory: an error, not a guess.
+        m.shmem.clear();
+        assert!(enter_cwd(&rec, &m, &built).is_err());
+        // A working directory that exists is entered by path, elsewhere.
+        m.process.cwd = "/tmp".into();
+        let rec = crate::sys::fake::Recording::new();
+        enter_cwd(&rec, &m, &built).unwrap();
+        assert!(rec.names().is_empty());
     }
 }

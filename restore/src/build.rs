@@ -449,6 +449,7 @@ fn fds(b: &mut Build<'_>) -> Result<(), RestoreError> {
     };
     cr_ebpf_resources::fd::inherited::close_unheld(s, m)?;
     cr_ebpf_resources::fd::restore(&cx, m)?;
+    cr_ebpf_resources::ghost::enter_cwd(s, m, shm)?;
     s.release_adopter()?;
     cr_ebpf_resources::shmem::seal(&m.shmem, shm)
 }

@@ -32,10 +32,20 @@ impl ProcessKind for Settings {
             .display()
             .to_string();
         if p.cwd.ends_with(" (deleted)") {
-            return Err(cx.refuse(format!(
-                "a working directory that was deleted ({}): it cannot be entered again",
-                p.cwd
-            )));
+            // A removed directory is stored as a deleted file and entered
+            // again from it (`crate::ghost::enter_cwd`); anything else is
+            // refused.
+            let meta = std::fs::metadata(format!("/proc/{pid}/cwd"))
+                .map_err(proc_err(pid, format!("/proc/{pid}/cwd")))?;
+            let why = crate::ghost::refusal(&p.cwd, &meta).or_else(|| {
+                (p.cwd.starts_with("/proc/") || !meta.is_dir())
+                    .then(|| format!("{} (not a directory of a file system)", p.cwd))
+            });
+            if let Some(why) = why {
+                return Err(cx.refuse(format!(
+                    "a working directory that was deleted: {why}: it cannot be entered again"
+                )));
+            }
         }
         p.rlimits = proc::rlimits(pid).map_err(proc_err(pid, "prlimit64".into()))?;
         Ok(())
@@ -44,7 +54,9 @@ impl ProcessKind for Settings {
     fn restore(&self, sys: &dyn Sys, p: &ProcessInfo) -> Result<(), RestoreError> {
         let mut cwd = p.cwd.clone().into_bytes();
         cwd.push(0);
-        if cwd.len() as u64 <= crate::sys::PAGE {
+        // A removed one is entered with the descriptors (`ghost::enter_cwd`).
+        let deleted = crate::ghost::deleted_path(&p.cwd).is_some();
+        if cwd.len() as u64 <= crate::sys::PAGE && !deleted {
             let at = sys.put(0, &cwd)?;
             sys.call("chdir", libc::SYS_chdir, [at, 0, 0, 0, 0, 0])
                 .map_err(|e| RestoreError::File {
