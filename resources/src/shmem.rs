@@ -186,18 +186,21 @@ pub fn capture(
         let with_data = first(m.inode);
         out.insert(m.inode, object(pid, &path, kind, name, with_data)?);
     }
-    // A working directory that was removed.
+    // A working directory that was removed (anything else deleted there is
+    // refused with the process's settings).
     let cwd = format!("/proc/{pid}/cwd");
     if let Some(name) = std::fs::read_link(&cwd)
         .ok()
         .and_then(|l| ghost::deleted_path(&l.to_string_lossy()).map(str::to_string))
     {
-        let id = std::fs::metadata(&cwd)
-            .map_err(proc_err(pid, cwd.clone()))?
-            .ino();
-        if let std::collections::btree_map::Entry::Vacant(e) = out.entry(id) {
-            let with_data = first(id);
-            e.insert(ghost::object(pid, &cwd, &name, with_data, ghost_limit)?);
+        let meta = std::fs::metadata(&cwd).ok().filter(|m| {
+            m.is_dir() && !name.starts_with("/proc/") && ghost::refusal(&name, m).is_none()
+        });
+        if let Some(meta) = meta {
+            if let std::collections::btree_map::Entry::Vacant(e) = out.entry(meta.ino()) {
+                let with_data = first(meta.ino());
+                e.insert(ghost::object(pid, &cwd, &name, with_data, ghost_limit)?);
+            }
         }
     }
     for f in fds {

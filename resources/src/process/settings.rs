@@ -35,12 +35,14 @@ impl ProcessKind for Settings {
             // A removed directory is stored as a deleted file and entered
             // again from it (`crate::ghost::enter_cwd`); anything else is
             // refused.
-            let meta = std::fs::metadata(format!("/proc/{pid}/cwd"))
-                .map_err(proc_err(pid, format!("/proc/{pid}/cwd")))?;
-            let why = crate::ghost::refusal(&p.cwd, &meta).or_else(|| {
-                (p.cwd.starts_with("/proc/") || !meta.is_dir())
-                    .then(|| format!("{} (not a directory of a file system)", p.cwd))
-            });
+            let why = match std::fs::metadata(format!("/proc/{pid}/cwd")) {
+                _ if p.cwd.starts_with("/proc/") => {
+                    Some(format!("{} (of a process that is gone)", p.cwd))
+                }
+                Err(e) => Some(format!("{} ({e})", p.cwd)),
+                Ok(meta) if !meta.is_dir() => Some(format!("{} (not a directory)", p.cwd)),
+                Ok(meta) => crate::ghost::refusal(&p.cwd, &meta),
+            };
             if let Some(why) = why {
                 return Err(cx.refuse(format!(
                     "a working directory that was deleted: {why}: it cannot be entered again"
