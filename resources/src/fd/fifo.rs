@@ -97,11 +97,11 @@ impl Descriptor for Fifo {
                 ),
             )));
         }
-        if let Some(holder) = cx.scope.outside(cx.pid).fifo(dev, ino) {
+        if let Some(why) = cx.scope.outside(cx.pid).fifo(dev, ino) {
             return Some(Err(cx.refuse(
                 seen.fd,
                 format!(
-                    "named FIFO {} also held by process {holder}, outside the checkpoint",
+                    "named FIFO {} also outside the checkpoint ({why})",
                     seen.link
                 ),
             )));

@@ -12,6 +12,8 @@ use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
 pub struct Outside {
     pipes: HashMap<String, i32>,
     fifos: HashMap<(u64, u64), i32>,
+    /// A process whose descriptors could not be read (not for being gone).
+    unreadable: Option<i32>,
 }
 
 impl Outside {
@@ -30,8 +32,13 @@ impl Outside {
             if pid == me || inside.contains(&pid) {
                 continue;
             }
-            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-                continue; // gone, or a kernel thread
+            let fds = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+                Ok(fds) => fds,
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    out.unreadable.get_or_insert(pid);
+                    continue;
+                }
+                Err(_) => continue, // gone
             };
             for e in fds.flatten() {
                 let Ok(link) = std::fs::read_link(e.path()) else {
@@ -52,14 +59,26 @@ impl Outside {
         out
     }
 
-    /// A process outside that holds the pipe `link`.
-    pub fn pipe(&self, link: &str) -> Option<i32> {
-        self.pipes.get(link).copied()
+    /// Why the pipe `link` may be held outside: a process that holds it,
+    /// or one whose descriptors could not be read.
+    pub fn pipe(&self, link: &str) -> Option<String> {
+        self.pipes
+            .get(link)
+            .map(|p| format!("held by process {p}"))
+            .or_else(|| self.unknown())
     }
 
-    /// A process outside that holds the FIFO `(dev, ino)`.
-    pub fn fifo(&self, dev: u64, ino: u64) -> Option<i32> {
-        self.fifos.get(&(dev, ino)).copied()
+    /// Why the FIFO `(dev, ino)` may be held outside.
+    pub fn fifo(&self, dev: u64, ino: u64) -> Option<String> {
+        self.fifos
+            .get(&(dev, ino))
+            .map(|p| format!("held by process {p}"))
+            .or_else(|| self.unknown())
+    }
+
+    fn unknown(&self) -> Option<String> {
+        self.unreadable
+            .map(|p| format!("perhaps held by process {p}, whose descriptors cannot be read"))
     }
 }
 
@@ -88,7 +107,7 @@ mod tests {
         let inside = Outside::scan(&[child.id() as i32], false).pipe(&link);
         child.kill().unwrap();
         child.wait().unwrap();
-        assert_eq!(found, Some(child.id() as i32));
+        assert_eq!(found, Some(format!("held by process {}", child.id())));
         assert_eq!(inside, None, "a process inside does not count");
     }
 }
