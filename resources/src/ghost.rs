@@ -54,14 +54,35 @@ pub fn refusal(link: &str, meta: &std::fs::Metadata) -> Option<String> {
     if ty != libc::S_IFREG && ty != libc::S_IFDIR {
         return Some(format!("deleted file {link} (of mode {:#o})", meta.mode()));
     }
-    if meta.nlink() > 0 {
+    if meta.nlink() > 0 && other_link(link, meta).is_none() {
         return Some(format!(
-            "deleted file {link} that still has {} other link(s): the process could see \
-             them, and they are not found",
+            "deleted file {link} that still has {} other link(s), none of them in its \
+             directory",
             meta.nlink()
         ));
     }
     None
+}
+
+/// Another name, in the directory it was in, of the deleted regular file
+/// `link` (`PATH (deleted)`, `meta` from a `stat` through it): the same
+/// device and inode.
+pub fn other_link(link: &str, meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::DirEntryExt as _;
+    if meta.nlink() == 0 || !meta.is_file() {
+        return None;
+    }
+    let dir = Path::new(deleted_path(link)?).parent()?;
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.ino() == meta.ino())
+        .map(|e| e.path())
+        .find(|p| {
+            std::fs::symlink_metadata(p)
+                .is_ok_and(|m| m.is_file() && m.ino() == meta.ino() && m.dev() == meta.dev())
+        })
+        .map(|p| p.display().to_string())
 }
 
 /// The data runs of `f` within `0..size` (`SEEK_DATA`/`SEEK_HOLE`), cut in
@@ -116,6 +137,26 @@ pub fn object(
     if let Some(why) = refusal(&format!("{name}{SUFFIX}"), &meta) {
         return Err(refuse(why));
     }
+    let common = ShmemObject {
+        id: meta.ino(),
+        kind: ShmemKind::DeletedFile,
+        name: name.to_string(),
+        mode: meta.mode(),
+        elsewhere: !with_data,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        atime_ns: (meta.atime() as u64) * 1_000_000_000 + meta.atime_nsec() as u64,
+        mtime_ns: (meta.mtime() as u64) * 1_000_000_000 + meta.mtime_nsec() as u64,
+        ..ShmemObject::default()
+    };
+    // Still linked elsewhere: found again through that link, like a file.
+    if let Some(link) = other_link(&format!("{name}{SUFFIX}"), &meta) {
+        return Ok(ShmemObject {
+            size: meta.size(),
+            link,
+            ..common
+        });
+    }
     let limit = limit.min(GHOST_CAP);
     let allocated = meta.blocks() * 512;
     let regular = meta.mode() & libc::S_IFMT == libc::S_IFREG;
@@ -138,18 +179,9 @@ pub fn object(
         return Err(too_big(stored));
     }
     Ok(ShmemObject {
-        id: meta.ino(),
-        kind: ShmemKind::DeletedFile,
-        name: name.to_string(),
         size: if regular { meta.size() } else { 0 },
-        mode: meta.mode(),
         data,
-        elsewhere: !with_data,
-        uid: meta.uid(),
-        gid: meta.gid(),
-        atime_ns: (meta.atime() as u64) * 1_000_000_000 + meta.atime_nsec() as u64,
-        mtime_ns: (meta.mtime() as u64) * 1_000_000_000 + meta.mtime_nsec() as u64,
-        ..ShmemObject::default()
+        ..common
     })
 }
 
@@ -284,6 +316,9 @@ pub(crate) fn set_owner_mode(fd: &OwnedFd, uid: u32, gid: u32, mode: u32) -> io:
 /// and removed. The open file is the one the process's descriptors and
 /// mappings are made from.
 pub fn make(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
+    if !o.link.is_empty() {
+        return relink(o);
+    }
     let dir = o.mode & libc::S_IFMT == libc::S_IFDIR;
     let what = |w: &str| format!("{w} {} (a deleted file made again)", o.name);
     transient(Path::new(&o.name), dir, |p| {
@@ -313,6 +348,42 @@ pub fn make(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
         set_owner_mode(&fd, o.uid, o.gid, o.mode).map_err(fail(what("fchown/fchmod")))?;
         set_times(&fd, o.atime_ns, o.mtime_ns).map_err(fail(what("futimens")))?;
         Ok(fd)
+    })
+}
+
+/// The deleted file `o` that still has the link `o.link`: linked at its
+/// old path again for a moment, opened there, and removed. The link must
+/// still be the same file (inode), as a file reopened by path must.
+fn relink(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
+    let same = std::fs::symlink_metadata(&o.link).is_ok_and(|m| m.is_file() && m.ino() == o.id);
+    if !same {
+        return Err(RestoreError::File {
+            path: o.link.clone(),
+            what: format!(
+                "(the other link of the deleted file {}) is gone or another file now",
+                o.name
+            ),
+        });
+    }
+    transient(Path::new(&o.name), false, |p| {
+        std::fs::hard_link(&o.link, p).map_err(fail(format!(
+            "linking {} at {} (a deleted file)",
+            o.link,
+            p.display()
+        )))?;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(p)
+            .or_else(|_| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                    .open(p)
+            })
+            .map(OwnedFd::from)
+            .map_err(fail(format!("opening {} (a deleted file)", p.display())))
     })
 }
 
@@ -444,15 +515,54 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_file_with_another_link_is_refused() {
+    fn a_deleted_file_with_another_link_comes_back_through_it() {
         let dir = testing::scratch("ghost-link");
         let path = dir.join("one");
+        let other = dir.join("two");
         std::fs::write(&path, b"x").unwrap();
-        std::fs::hard_link(&path, dir.join("two")).unwrap();
+        std::fs::hard_link(&path, &other).unwrap();
         let f = File::open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
-        let why = refusal("x (deleted)", &f.metadata().unwrap()).unwrap();
-        assert!(why.contains("1 other link"), "{why}");
+        let name = path.display().to_string();
+        let link = format!("{name} (deleted)");
+        let meta = f.metadata().unwrap();
+        assert_eq!(refusal(&link, &meta), None);
+        assert_eq!(other_link(&link, &meta), Some(other.display().to_string()));
+        let pid = std::process::id() as i32;
+        let o = object(
+            pid,
+            &format!("/proc/self/fd/{}", f.as_raw_fd()),
+            &name,
+            true,
+            0,
+        )
+        .unwrap();
+        assert_eq!(o.link, other.display().to_string());
+        assert!(o.data.is_empty(), "the contents stay in the file");
+        let back = make(&o).unwrap();
+        let l = std::fs::read_link(format!("/proc/self/fd/{}", back.as_raw_fd())).unwrap();
+        assert_eq!(l.display().to_string(), link);
+        let m = File::from(back).metadata().unwrap();
+        assert_eq!((m.ino(), m.nlink()), (meta.ino(), 1));
+        assert!(!path.exists());
+
+        // The other link replaced: an error, not another file.
+        std::fs::remove_file(&other).unwrap();
+        std::fs::write(&other, b"x").unwrap();
+        assert!(make(&o).is_err());
+        // Not in its directory: refused.
+        std::fs::remove_file(&other).unwrap();
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let g = File::create(dir.join("three")).unwrap();
+        std::fs::hard_link(dir.join("three"), sub.join("four")).unwrap();
+        std::fs::remove_file(dir.join("three")).unwrap();
+        let link = format!("{} (deleted)", dir.join("three").display());
+        let why = refusal(&link, &g.metadata().unwrap()).unwrap();
+        assert!(
+            why.contains("1 other link(s), none of them in its directory"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct ShmemObject {
     pub atime_ns: u64,
     /// A deleted file's modification time, nanoseconds since the epoch.
     pub mtime_ns: u64,
+    /// Another link the deleted file still has (its path), through which
+    /// it is found again at restore (no contents stored); empty: none.
+    pub link: String,
 }
 
 impl ShmemObject {
@@ -108,6 +111,7 @@ impl ShmemObject {
             b.u32(self.gid);
             b.u64(self.atime_ns);
             b.u64(self.mtime_ns);
+            b.str(&self.link);
         }
     }
 
@@ -170,11 +174,18 @@ impl ShmemObject {
             )));
         }
         let (mut uid, mut gid, mut atime_ns, mut mtime_ns) = (0, 0, 0, 0);
+        let mut link = String::new();
         if ghost {
             uid = b.u32()?;
             gid = b.u32()?;
             atime_ns = b.u64()?;
             mtime_ns = b.u64()?;
+            link = b.str(PATH_CAP, "another link of a deleted file")?;
+            if !link.is_empty() && !data.is_empty() {
+                return Err(b.err(format!(
+                    "deleted file {name:?} found through another link has contents here"
+                )));
+            }
             let ty = mode & libc::S_IFMT;
             if ![libc::S_IFREG, libc::S_IFDIR].contains(&ty) {
                 return Err(b.err(format!(
@@ -196,6 +207,7 @@ impl ShmemObject {
             gid,
             atime_ns,
             mtime_ns,
+            link,
         })
     }
 }
@@ -267,6 +279,14 @@ mod tests {
                 gid: 100,
                 atime_ns: 1,
                 mtime_ns: 2,
+                ..memfd()
+            },
+            ShmemObject {
+                kind: ShmemKind::DeletedFile,
+                name: "/srv/data/old".into(),
+                mode: 0o100644,
+                link: "/srv/data/old.link".into(),
+                data: Vec::new(),
                 ..memfd()
             },
         ];
