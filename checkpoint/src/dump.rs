@@ -32,6 +32,9 @@ pub struct DumpOptions {
     /// restore with `--shell-job` puts it in the restorer's session with
     /// the restorer's terminal. Refused without it.
     pub shell_job: bool,
+    /// Most bytes of a deleted file held open or mapped stored in the
+    /// image (0: the default, `cr_ebpf_resources::ghost::DEFAULT_LIMIT`).
+    pub ghost_limit: u64,
 }
 
 /// What a dump did.
@@ -89,6 +92,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     let live: Vec<i32> = stopped.frozen.iter().map(Frozen::pid).collect();
     let mut scope = TreeScope::new(&live);
     scope.shell_job = opts.shell_job;
+    scope.ghost_limit = opts.ghost_limit;
     let mut states: Vec<State> = Vec::new();
     for f in &stopped.frozen {
         states.push(state::collect(f, None, &Changes::all(), Some(&mut scope))?);

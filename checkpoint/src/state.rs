@@ -53,6 +53,7 @@ pub(crate) fn collect(
         source: std::io::Error::other(e),
     })?;
     maps::mark_tmpfs(pid, &mut entries);
+    maps::mark_ghosts(pid, &mut entries);
     // Each mapping's own settings: carried over while the log shows no
     // change, read from smaps (a page-table walk) otherwise.
     let carried = prev.is_some_and(|p| advice::inherit(&mut entries, &p.mappings, changes));
@@ -67,16 +68,24 @@ pub(crate) fn collect(
             });
         }
     }
+    // Deleted files with no link left are stored (marked above); one with
+    // a link left, or a kernel object's file (`/[aio]`), is not.
     if let Some(m) = entries
         .iter()
         .find(|m| m.kind() == MappingKind::File && m.path.ends_with(" (deleted)"))
     {
+        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+        let why = if m.path.starts_with("/[") {
+            format!("the kernel's {} (an AIO ring or the like)", m.path)
+        } else {
+            std::fs::metadata(&path)
+                .ok()
+                .and_then(|meta| cr_ebpf_resources::ghost::refusal(&m.path, &meta))
+                .unwrap_or_else(|| format!("the deleted file {}", m.path))
+        };
         return Err(DumpError::NotSupported {
             pid,
-            what: format!(
-                "a mapping of the deleted file {} at {:#x}-{:#x}",
-                m.path, m.start, m.end
-            ),
+            what: format!("a mapping of {why} at {:#x}-{:#x}", m.start, m.end),
         });
     }
     // A process confined to another root directory cannot be rebuilt yet.
@@ -119,7 +128,16 @@ pub(crate) fn collect(
     )?;
     let together: Vec<i32> = tree.as_ref().map_or(vec![pid], |t| t.pids.clone());
     let shell_job = tree.as_ref().is_some_and(|t| t.shell_job);
-    let shmem = crate::shmem::capture(pid, &entries, &fds, tree.map(|t| &mut t.shmem_taken))?;
+    let ghost_limit = tree
+        .as_ref()
+        .map_or(cr_ebpf_resources::ghost::DEFAULT_LIMIT, |t| t.ghost_limit());
+    let shmem = crate::shmem::capture(
+        pid,
+        &entries,
+        &fds,
+        tree.map(|t| &mut t.shmem_taken),
+        ghost_limit,
+    )?;
     // Process-wide state, each kind from its own file.
     let mut info = ProcessInfo {
         pid,

@@ -27,6 +27,11 @@ pub struct Args {
     /// restorer's terminal.
     #[arg(long)]
     pub shell_job: bool,
+    /// Most bytes of a deleted file the process holds open or mapped that
+    /// are stored in the image (its allocated size; holes are free); a
+    /// larger one is refused. Suffixes K, M, G.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub ghost_limit: u64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -37,6 +42,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         leave_running: args.leave_running,
         threads: args.threads,
         shell_job: args.shell_job,
+        ghost_limit: args.ghost_limit,
     };
     let r = dump(args.pid, &args.images_dir, &opts)
         .with_context(|| format!("checkpointing process {}", args.pid))?;
@@ -76,4 +82,19 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `N`, `NK`, `NM` or `NG` bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size (like 1048576, 512K, 64M, 1G)"))
 }

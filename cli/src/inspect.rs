@@ -189,6 +189,13 @@ fn describe(f: &FdInfo) -> String {
             _ => "a shell job's terminal (the restorer's at restore)".into(),
         },
         FdState::Memfd { id } => format!("{} (shared memory object {id})", f.path),
+        FdState::Deleted { id } => format!("{} (stored as object {id})", f.path),
+        FdState::Fifo { deleted, .. } => format!(
+            "named FIFO {}{}, {} bytes buffered",
+            f.path,
+            if *deleted { " (made again)" } else { "" },
+            f.data.len()
+        ),
         FdState::Inotify(watches) => {
             let w: Vec<String> = watches
                 .iter()

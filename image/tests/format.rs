@@ -135,6 +135,7 @@ fn manifest() -> Manifest {
             mode: 0,
             data: vec![(4096, b"world".to_vec())],
             elsewhere: false,
+            ..Default::default()
         }],
         locks: Vec::new(),
         cow: vec![cr_ebpf_image::CowRun {
@@ -163,6 +164,11 @@ fn manifest() -> Manifest {
                 data: b"unread".to_vec(),
                 state: cr_ebpf_image::FdState::None,
                 desc: 0,
+                owner: cr_ebpf_image::FileOwner {
+                    kind: 1,
+                    pid: 42,
+                    signal: 10,
+                },
             },
             cr_ebpf_image::FdInfo {
                 fd: 4,
@@ -589,18 +595,23 @@ fn a_descriptor_state_is_the_body_of_its_kind() {
     let body = &payload[start..start + len];
     assert_eq!(body[0..4], 9i32.to_le_bytes());
     assert_eq!(body[4..6], (FdKind::Pidfd as u16).to_le_bytes());
-    // The pid itself, then the shared description (1.8): no state tag, no
-    // length.
+    // The pid itself, no state tag, no length, then (format 1.8) the
+    // shared description and the owner of signal-driven I/O (none here:
+    // 20 zero bytes).
     assert_eq!(
-        body[len - 16..len - 12],
+        body[len - 28..len - 24],
         0u32.to_le_bytes(),
         "empty pipe data"
     );
-    assert_eq!(body[len - 12..len - 8], 77i32.to_le_bytes());
-    assert_eq!(body[len - 8..], 0u64.to_le_bytes());
+    assert_eq!(body[len - 24..len - 20], 77i32.to_le_bytes());
+    assert_eq!(body[len - 20..], [0; 20]);
     // Calling it a file leaves the pid over: refused.
     let mut bad = payload.clone();
     bad[start + 4..start + 6].copy_from_slice(&(FdKind::File as u16).to_le_bytes());
     let e = Manifest::decode(&bad, 32).unwrap_err();
-    assert!(e.what.contains("4 unexpected bytes"), "{}", e.what);
+    assert!(
+        e.what.contains("4 unexpected bytes") || e.what.contains("owner"),
+        "{}",
+        e.what
+    );
 }

@@ -81,6 +81,7 @@ fn dump_killing(
             leave_running: false,
             threads: 0,
             shell_job: false,
+            ghost_limit: 0,
         },
     )
 }

@@ -45,6 +45,7 @@ fn round_trip(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> Str
             leave_running: false,
             threads: 0,
             shell_job: false,
+            ghost_limit: 0,
         },
     )
     .expect("dump");

@@ -139,6 +139,7 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
             leave_running: false,
             threads: 0,
             shell_job: false,
+            ghost_limit: 0,
         },
     )
     .expect("dump of the tree");

@@ -186,6 +186,7 @@ mod tests {
             inode: 0,
             path: String::new(),
             tmpfs: false,
+            ghost: false,
             advice: 0,
         }
     }

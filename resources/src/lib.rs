@@ -13,6 +13,8 @@
 //!   each declaring the logged syscalls that invalidate its saved answers.
 //! * [`shmem`]: shared memory objects (shared anonymous memory, memfds,
 //!   System V segments, tmpfs files mapped shared).
+//! * [`ghost`]: deleted files held open or mapped, stored with their
+//!   contents and made again (and removed) at restore.
 //! * [`advice`]: a mapping's own settings (`madvise`, `mlock`,
 //!   `MAP_DROPPABLE`), carried over between checkpoints while the log
 //!   shows no change.
@@ -23,6 +25,7 @@
 pub mod advice;
 pub mod error;
 pub mod fd;
+pub mod ghost;
 pub mod proc;
 pub mod process;
 pub mod shmem;

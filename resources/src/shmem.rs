@@ -28,7 +28,7 @@ use std::{
 
 use cr_ebpf_image::{FdInfo, FdState, Manifest, MappingKind, ShmemKind, ShmemObject, SHMEM_CAP};
 
-use crate::{error::proc_err, proc::MapEntry, RestoreError, SaveError};
+use crate::{error::proc_err, ghost, proc::MapEntry, RestoreError, SaveError};
 
 /// The data runs of `f` within `0..size`: `SEEK_DATA`/`SEEK_HOLE`.
 fn read_runs(f: &File, size: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
@@ -135,8 +135,12 @@ fn object(
             Vec::new()
         },
         elsewhere: !with_data,
+        ..ShmemObject::default()
     })
 }
+
+/// What shared anonymous memory's file is called.
+pub const ANONYMOUS: &str = "/dev/zero (deleted)";
 
 /// `memfd:NAME (deleted)` -> `NAME`.
 pub fn memfd_name(path: &str) -> Option<&str> {
@@ -145,13 +149,16 @@ pub fn memfd_name(path: &str) -> Option<&str> {
 }
 
 /// Every shared memory object the process's mappings and descriptors refer
-/// to. In a tree, `taken` holds the objects an earlier process of the same
-/// checkpoint stored: their contents are not read or stored again.
+/// to, and the deleted files they hold (at most `ghost_limit` bytes each,
+/// see [`crate::ghost`]). In a tree, `taken` holds the objects an earlier
+/// process of the same checkpoint stored: their contents are not read or
+/// stored again.
 pub fn capture(
     pid: i32,
     entries: &[MapEntry],
     fds: &[FdInfo],
     mut taken: Option<&mut HashSet<u64>>,
+    ghost_limit: u64,
 ) -> Result<Vec<ShmemObject>, SaveError> {
     let mut out: BTreeMap<u64, ShmemObject> = BTreeMap::new();
     // Whether this process stores the contents of `id` (and claims it).
@@ -160,15 +167,41 @@ pub fn capture(
         if out.contains_key(&m.inode) {
             continue;
         }
+        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+        if m.ghost {
+            let name = ghost::deleted_path(&m.path).unwrap_or(&m.path);
+            let with_data = first(m.inode);
+            out.insert(
+                m.inode,
+                ghost::object(pid, &path, name, with_data, ghost_limit)?,
+            );
+            continue;
+        }
         let (kind, name) = match memfd_name(&m.path) {
             Some(n) => (ShmemKind::Memfd, n),
             None if m.tmpfs => (ShmemKind::TmpfsFile, m.path.as_str()),
             None if m.path.starts_with("/SYSV") => (ShmemKind::SysV, ""),
             None => (ShmemKind::Anonymous, ""),
         };
-        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
         let with_data = first(m.inode);
         out.insert(m.inode, object(pid, &path, kind, name, with_data)?);
+    }
+    // A working directory that was removed (anything else deleted there is
+    // refused with the process's settings).
+    let cwd = format!("/proc/{pid}/cwd");
+    if let Some(name) = std::fs::read_link(&cwd)
+        .ok()
+        .and_then(|l| ghost::deleted_path(&l.to_string_lossy()).map(str::to_string))
+    {
+        let meta = std::fs::metadata(&cwd).ok().filter(|m| {
+            m.is_dir() && !name.starts_with("/proc/") && ghost::refusal(&name, m).is_none()
+        });
+        if let Some(meta) = meta {
+            if let std::collections::btree_map::Entry::Vacant(e) = out.entry(meta.ino()) {
+                let with_data = first(meta.ino());
+                e.insert(ghost::object(pid, &cwd, &name, with_data, ghost_limit)?);
+            }
+        }
     }
     for f in fds {
         if let FdState::Memfd { id } = f.state {
@@ -179,6 +212,20 @@ pub fn capture(
             let path = format!("/proc/{pid}/fd/{}", f.fd);
             let with_data = first(id);
             out.insert(id, object(pid, &path, ShmemKind::Memfd, name, with_data)?);
+        }
+        if let FdState::Deleted { id } = f.state {
+            if out.contains_key(&id) {
+                continue;
+            }
+            let path = format!("/proc/{pid}/fd/{}", f.fd);
+            let with_data = first(id);
+            let o = if f.path == ANONYMOUS {
+                object(pid, &path, ShmemKind::Anonymous, "", with_data)?
+            } else {
+                let name = ghost::deleted_path(&f.path).unwrap_or(&f.path);
+                ghost::object(pid, &path, name, with_data, ghost_limit)?
+            };
+            out.insert(id, o);
         }
     }
     Ok(out.into_values().collect())
@@ -361,6 +408,7 @@ fn build(objects: &[ShmemObject]) -> Result<HashMap<u64, OwnedFd>, RestoreError>
             ShmemKind::Anonymous => anonymous(o)?,
             ShmemKind::Memfd => memfd(o)?,
             ShmemKind::TmpfsFile => tmpfs_file(o)?,
+            ShmemKind::DeletedFile => ghost::make(o)?,
             ShmemKind::SysV => {
                 sysv(o)?;
                 continue;
@@ -449,7 +497,7 @@ mod tests {
             ..FdInfo::default()
         }];
         let pid = std::process::id() as i32;
-        let saved = capture(pid, &[], &fds, None).unwrap();
+        let saved = capture(pid, &[], &fds, None, 0).unwrap();
         assert_eq!(saved.len(), 1);
         let o = &saved[0];
         assert_eq!(

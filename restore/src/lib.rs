@@ -324,6 +324,9 @@ fn restore_single(
         t, guard, m, chain, workers, &natives, clock, tramp, vdso_tmp,
     )
     .map_err(|e| e.in_process(pid))?;
+    // The restorer's own ends of pipes and FIFOs go before the process
+    // runs: it must not see a reader or writer more than it had.
+    drop(natives);
     let done = release::release(ready).map_err(|e| e.in_process(pid))?;
     clock.mark("resume");
     Ok(done)

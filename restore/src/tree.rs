@@ -144,14 +144,15 @@ pub(crate) fn restore_tree(
         .map_err(|e| e.in_process(p.pid))?;
         ready.push(r);
     }
-    // Then let all of them run.
+    // The restorer's own ends of pipes and FIFOs go before any process
+    // runs. Then let all of them run.
+    drop(natives);
     for r in ready {
         let pid = r.t.tid();
         let (_, p, f) = crate::release::release(r).map_err(|e| e.in_process(pid))?;
         pages += p;
         fill += f;
     }
-    drop(natives);
     clock.mark("resume");
     Ok(RestoreReport {
         pid: root.pid,

@@ -45,8 +45,8 @@ mod thread;
 pub use chain::ChainInfo;
 pub use cow::CowRun;
 pub use fd::{
-    EpollItem, FdInfo, FdKind, FdState, InotifyWatch, PtyPair, SockOpt, SocketFile, SocketInfo,
-    TcpRepair, TtyInfo, TtyRole, SOCKET_QUEUE_CAP, TERMIOS_LEN,
+    EpollItem, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, PtyPair, SockOpt, SocketFile,
+    SocketInfo, TcpRepair, TtyInfo, TtyRole, SOCKET_QUEUE_CAP, TERMIOS_LEN,
 };
 pub use lock::{FileLock, LockKind};
 pub use mapping::{
@@ -57,7 +57,7 @@ pub use mapping::{
 };
 pub use posix_timer::PosixTimer;
 pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal};
-pub use shmem::{ShmemKind, ShmemObject, SHMEM_CAP};
+pub use shmem::{ShmemKind, ShmemObject, GHOST_CAP, SHMEM_CAP};
 pub use thread::ThreadInfo;
 
 const TAG_PROCESS: u16 = 1;

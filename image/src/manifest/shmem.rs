@@ -5,6 +5,9 @@ use crate::codec::{Dec, DecErr, Enc};
 
 /// Largest shared memory object stored (its contents are in the manifest).
 pub const SHMEM_CAP: u64 = 64 << 20;
+/// Most bytes of contents stored for one deleted file (its size may be
+/// larger: holes are not stored).
+pub const GHOST_CAP: u64 = 1 << 30;
 /// SHMEM flag (format 1.3): the contents are in another process image of
 /// the tree.
 const SHMEM_ELSEWHERE: u16 = 1;
@@ -27,6 +30,12 @@ pub enum ShmemKind {
     /// process's memory as much as its other shared memory: stored, and
     /// written back into the file at restore.
     TmpfsFile = 4,
+    /// A file or directory removed from its directory while the process
+    /// held it open or mapped (format 1.8): `name` is the path it had,
+    /// `mode` its whole `st_mode` (a regular file or a directory), and
+    /// owner and times follow. Made again at that path at restore, opened,
+    /// and removed.
+    DeletedFile = 5,
 }
 
 impl TryFrom<u16> for ShmemKind {
@@ -37,6 +46,7 @@ impl TryFrom<u16> for ShmemKind {
             2 => Self::Memfd,
             3 => Self::SysV,
             4 => Self::TmpfsFile,
+            5 => Self::DeletedFile,
             other => return Err(other),
         })
     }
@@ -67,6 +77,17 @@ pub struct ShmemObject {
     /// The contents are in the image of another process of the same tree
     /// checkpoint (format 1.3): each object is stored once per tree.
     pub elsewhere: bool,
+    /// A deleted file's owner (format 1.8).
+    pub uid: u32,
+    /// A deleted file's group.
+    pub gid: u32,
+    /// A deleted file's access time, nanoseconds since the epoch.
+    pub atime_ns: u64,
+    /// A deleted file's modification time, nanoseconds since the epoch.
+    pub mtime_ns: u64,
+    /// Another link the deleted file still has (its path), through which
+    /// it is found again at restore (no contents stored); empty: none.
+    pub link: String,
 }
 
 impl ShmemObject {
@@ -85,6 +106,13 @@ impl ShmemObject {
             b.u64(*off);
             b.bytes(bytes);
         }
+        if self.kind == ShmemKind::DeletedFile {
+            b.u32(self.uid);
+            b.u32(self.gid);
+            b.u64(self.atime_ns);
+            b.u64(self.mtime_ns);
+            b.str(&self.link);
+        }
     }
 
     /// Reads a SHMEM section's body in an image of format 1.`minor`:
@@ -92,10 +120,14 @@ impl ShmemObject {
     pub(super) fn decode(b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
         let id = b.u64()?;
         let kind_at = b.offset();
-        let kind = ShmemKind::try_from(b.u16()?).map_err(|k| DecErr {
-            offset: kind_at,
-            what: unknown("shared memory kind", k, minor),
-        })?;
+        let raw = b.u16()?;
+        let kind = ShmemKind::try_from(raw)
+            .ok()
+            .filter(|k| *k != ShmemKind::DeletedFile || minor >= 8)
+            .ok_or_else(|| DecErr {
+                offset: kind_at,
+                what: unknown("shared memory kind", raw, minor),
+            })?;
         let flags_at = b.offset();
         let flags = b.u16()?;
         if flags & !SHMEM_ELSEWHERE != 0 {
@@ -108,23 +140,31 @@ impl ShmemObject {
         let seals = b.u32()?;
         let key = b.i32()?;
         let mode = b.u32()?;
+        let ghost = kind == ShmemKind::DeletedFile;
         let name = match kind {
-            ShmemKind::TmpfsFile => b.str(PATH_CAP, "tmpfs file path")?,
+            ShmemKind::TmpfsFile | ShmemKind::DeletedFile => b.str(PATH_CAP, "file path")?,
             _ => b.str(NAME_CAP, "memfd name")?,
         };
         let size = b.u64()?;
-        if size > SHMEM_CAP {
+        if size > SHMEM_CAP && !ghost {
             return Err(b.err(format!(
                 "shared memory object of {size} bytes (at most {SHMEM_CAP})"
             )));
         }
         let n = b.u32()? as usize;
         let mut data = Vec::new();
+        let mut total = 0u64;
         for _ in 0..n {
             let off = b.u64()?;
             let bytes = b.bytes(SHMEM_CAP as usize, "shared memory contents")?;
             if off.checked_add(bytes.len() as u64).is_none_or(|e| e > size) {
                 return Err(b.err(format!("shared memory contents past its size {size}")));
+            }
+            total += bytes.len() as u64;
+            if total > GHOST_CAP {
+                return Err(b.err(format!(
+                    "more than {GHOST_CAP} bytes of contents of one object"
+                )));
             }
             data.push((off, bytes.to_vec()));
         }
@@ -132,6 +172,26 @@ impl ShmemObject {
             return Err(b.err(format!(
                 "shared memory object {id} stored elsewhere has contents here"
             )));
+        }
+        let (mut uid, mut gid, mut atime_ns, mut mtime_ns) = (0, 0, 0, 0);
+        let mut link = String::new();
+        if ghost {
+            uid = b.u32()?;
+            gid = b.u32()?;
+            atime_ns = b.u64()?;
+            mtime_ns = b.u64()?;
+            link = b.str(PATH_CAP, "another link of a deleted file")?;
+            if !link.is_empty() && !data.is_empty() {
+                return Err(b.err(format!(
+                    "deleted file {name:?} found through another link has contents here"
+                )));
+            }
+            let ty = mode & libc::S_IFMT;
+            if ![libc::S_IFREG, libc::S_IFDIR].contains(&ty) {
+                return Err(b.err(format!(
+                    "deleted file {name:?} of mode {mode:#o} (a regular file or a directory)"
+                )));
+            }
         }
         Ok(Self {
             id,
@@ -143,6 +203,11 @@ impl ShmemObject {
             mode,
             data,
             elsewhere,
+            uid,
+            gid,
+            atime_ns,
+            mtime_ns,
+            link,
         })
     }
 }
@@ -159,7 +224,7 @@ mod tests {
 
     fn decoded(buf: &[u8]) -> Result<ShmemObject, DecErr> {
         let mut d = Dec::new(buf, 0);
-        let o = ShmemObject::decode(&mut d, 4)?;
+        let o = ShmemObject::decode(&mut d, 8)?;
         assert!(d.done());
         Ok(o)
     }
@@ -175,6 +240,7 @@ mod tests {
             mode: 0,
             data: vec![(0, b"hello".to_vec()), (4096, b"world".to_vec())],
             elsewhere: false,
+            ..ShmemObject::default()
         }
     }
 
@@ -202,6 +268,25 @@ mod tests {
             ShmemObject {
                 data: Vec::new(),
                 elsewhere: true,
+                ..memfd()
+            },
+            ShmemObject {
+                kind: ShmemKind::DeletedFile,
+                name: "/srv/data/log".into(),
+                size: 3 << 30,
+                mode: 0o100640,
+                uid: 1000,
+                gid: 100,
+                atime_ns: 1,
+                mtime_ns: 2,
+                ..memfd()
+            },
+            ShmemObject {
+                kind: ShmemKind::DeletedFile,
+                name: "/srv/data/old".into(),
+                mode: 0o100644,
+                link: "/srv/data/old.link".into(),
+                data: Vec::new(),
                 ..memfd()
             },
         ];
@@ -238,6 +323,26 @@ mod tests {
         let e = decoded(&bad).unwrap_err();
         assert!(
             e.what.contains("unknown shared memory flags 0x2"),
+            "{}",
+            e.what
+        );
+        // A deleted file is a regular file or a directory, and only in 1.8.
+        let fifo = ShmemObject {
+            kind: ShmemKind::DeletedFile,
+            mode: 0o010644,
+            ..memfd()
+        };
+        let e = decoded(&encoded(&fifo)).unwrap_err();
+        assert!(e.what.contains("regular file or a directory"), "{}", e.what);
+        let file = ShmemObject {
+            mode: 0o100644,
+            ..fifo
+        };
+        let buf = encoded(&file);
+        let mut d = Dec::new(&buf, 0);
+        let e = ShmemObject::decode(&mut d, 7).unwrap_err();
+        assert!(
+            e.what.contains("unknown shared memory kind 5"),
             "{}",
             e.what
         );

@@ -158,6 +158,7 @@ fn main() -> Result<()> {
                             leave_running: false,
                             threads: w,
                             shell_job: false,
+                            ghost_limit: 0,
                         },
                     )
                     .with_context(|| format!("dump of {mib} MiB"))?;

@@ -111,6 +111,7 @@ fn measure(
             leave_running: true,
             threads: 0,
             shell_job: false,
+            ghost_limit: 0,
         },
     )
     .with_context(|| format!("dump of {key}"))?;

@@ -15,14 +15,17 @@
 //! per restore by [`Descriptor::prepare`] into [`Shared`].
 
 pub mod async_io;
+pub mod deleted;
 pub mod description;
 pub mod epoll;
 pub mod eventfd;
+pub mod fifo;
 pub mod file;
 pub mod inherited;
 pub mod inotify;
 pub mod locks;
 pub mod memfd;
+pub mod outside;
 pub mod pidfd;
 pub mod pipe;
 mod shared;
@@ -50,12 +53,15 @@ use crate::{
 const PARALLEL_FDS: usize = 256;
 
 /// Every descriptor kind, in the order they are asked to claim a
-/// descriptor (a memfd is a regular file too: it comes first).
+/// descriptor (a memfd or a deleted file is a regular file too: they come
+/// first).
 pub static KINDS: &[&dyn Descriptor] = &[
     &memfd::Memfd,
     &tty::Tty,
+    &deleted::Deleted,
     &file::File,
     &pipe::Pipe,
+    &fifo::Fifo,
     &inherited::Inherited,
     &socket::Socket,
     &epoll::Epoll,
@@ -247,9 +253,33 @@ pub struct TreeScope {
     /// Take a terminal outside the scope that is a process's controlling
     /// terminal (`dump --shell-job`).
     pub shell_job: bool,
+    /// Most bytes of a deleted file stored (0: [`crate::ghost::DEFAULT_LIMIT`]).
+    pub ghost_limit: u64,
+    /// The pipes and FIFOs processes outside hold, read when first asked.
+    outside: Option<outside::Outside>,
 }
 
 impl TreeScope {
+    /// The limit on a deleted file's contents.
+    pub fn ghost_limit(&self) -> u64 {
+        if self.ghost_limit == 0 {
+            crate::ghost::DEFAULT_LIMIT
+        } else {
+            self.ghost_limit
+        }
+    }
+
+    /// What processes outside the scope (which holds `pid`) hold.
+    pub fn outside(&mut self, pid: i32) -> &outside::Outside {
+        let inside = if self.pids.is_empty() {
+            vec![pid]
+        } else {
+            self.pids.clone()
+        };
+        self.outside
+            .get_or_insert_with(|| outside::Outside::scan(&inside, true))
+    }
+
     /// The pipe ends held by the processes `pids`.
     pub fn new(pids: &[i32]) -> Self {
         let mut scope = Self {
@@ -395,13 +425,14 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
     let mut out = Vec::with_capacity(seen.len());
     let (mut held, mut files) = (Vec::new(), Vec::new());
     for s in &seen {
-        async_io::refuse(&cx, s)?;
         locks::save(&cx, s, &mut held, &mut files)?;
         let saved = KINDS.iter().find_map(|k| k.save(&mut cx, s));
-        out.push(match saved {
+        let mut info = match saved {
             Some(r) => r?,
             None => return Err(cx.refuse(s.fd, unclaimed(s))),
-        });
+        };
+        async_io::save(&cx, s, &mut info)?;
+        out.push(info);
     }
     if alone {
         check_tree(&[(pid, &out[..])])?;
@@ -530,6 +561,9 @@ pub fn restore(cx: &RestoreCx<'_>, m: &Manifest) -> Result<(), RestoreError> {
     }
     for f in &m.fds {
         handler(f.kind)?.finish(cx, f)?;
+    }
+    for f in &m.fds {
+        async_io::restore(cx.sys, f)?;
     }
     // Locks last: a POSIX lock goes when any descriptor of its file closes.
     let path_of = |fd: i32| {

@@ -1,6 +1,12 @@
 //! Pipes whose both ends the process (or its tree) holds: recreated with
 //! their buffer size and the bytes buffered in them, which are read at
 //! checkpoint time without being consumed (`tee` into a scratch pipe).
+//!
+//! A pipe whose other end no process holds any more (closed) is restored
+//! with that end closed again: a reader reads the buffered bytes, then end
+//! of file; a writer gets `EPIPE`. One whose other end a process outside
+//! the checkpoint holds is refused (stdio excepted: the restorer passes its
+//! own, [`super::inherited`]).
 
 use std::{
     fs,
@@ -21,7 +27,7 @@ pub struct Pipe;
 
 /// The bytes buffered in pipe `read_end` (a descriptor of ours on it), left
 /// in place: `tee` duplicates them into a scratch pipe, which we drain.
-fn peek_pipe(read_end: &OwnedFd, size: usize) -> io::Result<Vec<u8>> {
+pub(super) fn peek_pipe(read_end: &OwnedFd, size: usize) -> io::Result<Vec<u8>> {
     let (r, w) = pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK)?;
     // SAFETY: fcntl on our own pipe.
     unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
@@ -68,17 +74,31 @@ fn refilled(size: u32, data: &[u8]) -> Result<(OwnedFd, OwnedFd), RestoreError> 
         // SAFETY: fcntl on our pipe.
         unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
     }
+    write_all(&w, data)?;
+    Ok((r, w))
+}
+
+/// Writes `data` into the pipe or FIFO `w`, which has room for it.
+pub(super) fn write_all(w: &OwnedFd, data: &[u8]) -> Result<(), RestoreError> {
     let mut off = 0;
     while off < data.len() {
         // SAFETY: writing our own buffer into our pipe.
         let n =
             unsafe { libc::write(w.as_raw_fd(), data[off..].as_ptr().cast(), data.len() - off) };
         if n <= 0 {
-            return Err(fail("refilling a pipe")(io::Error::last_os_error()));
+            return Err(RestoreError::Syscall {
+                call: "refilling a pipe".into(),
+                err: io::Error::last_os_error(),
+            });
         }
         off += n as usize;
     }
-    Ok((r, w))
+    Ok(())
+}
+
+/// Whether `f` is a write end.
+fn write_end(f: &FdInfo) -> bool {
+    f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY
 }
 
 /// `KCMP_FILE`: whether two descriptors are one open file description.
@@ -93,7 +113,6 @@ fn one_description_per_end(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> 
         .flat_map(|(pid, fds)| fds.iter().map(move |f| (*pid, f)))
         .filter(|(_, f)| f.kind == FdKind::Pipe)
         .collect();
-    let write_end = |f: &FdInfo| f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY;
     for (i, &(pa, a)) in ends.iter().enumerate() {
         if let Some(&(pb, b)) = ends[i + 1..].iter().find(|(pb, b)| {
             b.inode == a.inode
@@ -131,10 +150,22 @@ impl Descriptor for Pipe {
             .copied()
             .unwrap_or_default();
         if !(r && w) {
-            // Stdio to the outside is inherited; anything else is refused.
-            return (seen.fd > 2)
-                .then(|| Err(cx.refuse(seen.fd, "a pipe whose other end is outside the process")));
+            // Stdio to the outside is inherited; a pipe whose other end is
+            // closed is restored so; anything else is refused.
+            if seen.fd <= 2 {
+                return None;
+            }
+            if let Some(holder) = cx.scope.outside(cx.pid).pipe(&seen.link) {
+                return Some(Err(cx.refuse(
+                    seen.fd,
+                    format!(
+                        "a pipe whose other end is outside the process (held by process                          {holder})"
+                    ),
+                )));
+            }
         }
+        // Bytes only a reader can see: none when the read end is closed.
+        let keep_data = r;
         Some((|| {
             let (pid, fd) = (cx.pid, seen.fd);
             let mut info = seen.info(FdKind::Pipe);
@@ -142,7 +173,7 @@ impl Descriptor for Pipe {
             // SAFETY: fcntl query on our duplicate.
             let size = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GETPIPE_SZ) };
             info.pipe_size = size.max(0) as u32;
-            if cx.scope.data_taken.insert(seen.link.clone()) {
+            if keep_data && cx.scope.data_taken.insert(seen.link.clone()) {
                 // A read end of our own on the same pipe, for tee.
                 let path = format!("/proc/{pid}/fd/{fd}");
                 let reader = fs::OpenOptions::new()
@@ -168,7 +199,9 @@ impl Descriptor for Pipe {
         shared: &mut Shared,
     ) -> Result<(), RestoreError> {
         for f in fds {
-            if shared.contains(FdKind::Pipe, f.inode) {
+            if shared.contains(FdKind::Pipe, f.inode)
+                || shared.contains_part(FdKind::Pipe, f.inode, 1)
+            {
                 continue;
             }
             let same = fds.iter().filter(|g| g.inode == f.inode);
@@ -178,14 +211,24 @@ impl Descriptor for Pipe {
                 .find(|d| !d.is_empty())
                 .unwrap_or(&[]);
             let (r, w) = refilled(size, data)?;
-            shared.insert(FdKind::Pipe, f.inode, 0, r);
-            shared.insert(FdKind::Pipe, f.inode, 1, w);
+            // An end no descriptor holds is closed now, before any process
+            // runs.
+            let held = |end: bool| {
+                fds.iter()
+                    .any(|g| g.inode == f.inode && write_end(g) == end)
+            };
+            if held(false) {
+                shared.insert(FdKind::Pipe, f.inode, 0, r);
+            }
+            if held(true) {
+                shared.insert(FdKind::Pipe, f.inode, 1, w);
+            }
         }
         Ok(())
     }
 
     fn open(&self, cx: &RestoreCx<'_>, f: &FdInfo) -> Result<Option<i64>, RestoreError> {
-        let end = u8::from(f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY);
+        let end = u8::from(write_end(f));
         let ours = cx.shared.get(FdKind::Pipe, f.inode, end, f.fd)?;
         cx.adopt(ours).map(Some)
     }
@@ -249,16 +292,67 @@ mod tests {
 
     #[test]
     fn a_pipe_to_the_outside_is_refused_above_stdio() {
-        let (r, _w) = pipe2(libc::O_CLOEXEC).unwrap();
+        let (r, w) = pipe2(libc::O_CLOEXEC).unwrap();
         let seen = testing::seen(r.as_raw_fd());
+        // Another process holds the write end.
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .stdout(std::process::Stdio::from(w))
+            .spawn()
+            .unwrap();
         let mut owner = testing::SaveOwner::new();
         owner
             .scope
             .add_pipe_end(seen.link.clone(), libc::O_RDONLY as u32);
         let mut cx = owner.cx();
-        let err = Pipe.save(&mut cx, &seen).unwrap().unwrap_err();
+        let got = Pipe.save(&mut cx, &seen).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = got.unwrap_err();
         assert!(err.to_string().contains("other end is outside"), "{err}");
+        assert!(
+            err.to_string().contains(&child.id().to_string()),
+            "names the holder: {err}"
+        );
         let stdio = Seen { fd: 1, ..seen };
         assert!(Pipe.save(&mut cx, &stdio).is_none(), "stdio is inherited");
+    }
+
+    #[test]
+    fn a_pipe_whose_writer_closed_comes_back_with_its_bytes_then_end_of_file() {
+        let (r, w) = pipe2(libc::O_CLOEXEC).unwrap();
+        fs::File::from(w).write_all(b"last words").unwrap();
+        let saved = testing::save_own_many(&[r.as_raw_fd()]);
+        assert_eq!(saved[0].kind, FdKind::Pipe);
+        assert_eq!(saved[0].data, b"last words");
+        let m = testing::manifest(saved.clone());
+        let (_rec, shared) = testing::restore_keeping(&m);
+        assert!(
+            shared.get(FdKind::Pipe, saved[0].inode, 1, 0).is_err(),
+            "no write end is kept"
+        );
+        let read_end = shared.get(FdKind::Pipe, saved[0].inode, 0, 0).unwrap();
+        let mut got = Vec::new();
+        fs::File::from(read_end.try_clone().unwrap())
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got, b"last words", "then end of file");
+    }
+
+    #[test]
+    fn a_pipe_whose_reader_closed_comes_back_broken() {
+        let (r, w) = pipe2(libc::O_CLOEXEC).unwrap();
+        drop(r);
+        let saved = testing::save_own_many(&[w.as_raw_fd()]);
+        assert!(saved[0].data.is_empty());
+        let m = testing::manifest(saved.clone());
+        let (_rec, shared) = testing::restore_keeping(&m);
+        let write_end = shared.get(FdKind::Pipe, saved[0].inode, 1, 0).unwrap();
+        // SAFETY: ignoring SIGPIPE in this test process: the write fails instead.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        // SAFETY: writing our buffer into our pipe end.
+        let n = unsafe { libc::write(write_end.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        assert_eq!(n, -1);
+        assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPIPE));
     }
 }

@@ -25,6 +25,11 @@ impl Shared {
         self.objects.contains_key(&(kind as u16, id, 0))
     }
 
+    /// Whether part `part` of object `id` of `kind` was made.
+    pub fn contains_part(&self, kind: FdKind, id: u64, part: u8) -> bool {
+        self.objects.contains_key(&(kind as u16, id, part))
+    }
+
     /// Part `part` of object `id` of `kind`, or an error naming descriptor `fd`.
     pub fn get(&self, kind: FdKind, id: u64, part: u8, fd: i32) -> Result<&OwnedFd, RestoreError> {
         self.objects.get(&(kind as u16, id, part)).ok_or_else(|| {

@@ -1,6 +1,9 @@
 //! `/proc/PID/maps` and `/proc/PID/pagemap`.
 
-use std::{fs::File, os::unix::fs::FileExt};
+use std::{
+    fs::File,
+    os::unix::fs::{FileExt, MetadataExt as _},
+};
 
 use cr_ebpf_image::{MappingKind, MAP_GROWSDOWN, MAP_SHARED};
 
@@ -26,6 +29,9 @@ pub struct MapEntry {
     /// A shared mapping of a file on tmpfs (`shm_open`, `/dev/shm`): shared
     /// memory whose contents are stored (see [`mark_tmpfs`]).
     pub tmpfs: bool,
+    /// A mapping of a deleted file with no link left (see [`mark_ghosts`]):
+    /// its contents are stored as a shared memory object.
+    pub ghost: bool,
     /// The mapping's own settings, as image flags (see the advice module);
     /// 0 until read or carried over.
     pub advice: u32,
@@ -42,10 +48,12 @@ impl MapEntry {
             "[vsyscall]" => MappingKind::Vsyscall,
             p if p.starts_with("[vvar") => MappingKind::Vvar,
             p if p.starts_with('[') => MappingKind::Anon,
-            "/dev/zero (deleted)" if self.shared => MappingKind::Shmem,
+            // Shared anonymous memory, also mapped private through its
+            // file (`/proc/PID/map_files`).
+            "/dev/zero (deleted)" => MappingKind::Shmem,
             p if p.starts_with("/memfd:") => MappingKind::Shmem,
             p if p.starts_with("/SYSV") && self.shared => MappingKind::Shmem,
-            _ if self.tmpfs => MappingKind::Shmem,
+            _ if self.tmpfs || self.ghost => MappingKind::Shmem,
             _ if self.inode == 0 => MappingKind::Anon,
             _ => MappingKind::File,
         }
@@ -92,6 +100,27 @@ pub fn mark_tmpfs(pid: i32, entries: &mut [MapEntry]) {
     }
 }
 
+/// Marks the mappings of deleted files that have no link left (stat
+/// through `/proc/PID/map_files`): deleted files whose contents are stored.
+/// Mappings of deleted files that still have a link stay file mappings
+/// (and are refused).
+pub fn mark_ghosts(pid: i32, entries: &mut [MapEntry]) {
+    for m in entries.iter_mut() {
+        if m.inode == 0
+            || m.kind() != MappingKind::File
+            || crate::ghost::deleted_path(&m.path).is_none()
+            || m.path.starts_with("/[")
+        {
+            continue;
+        }
+        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+        if let Ok(meta) = std::fs::metadata(path) {
+            m.ghost = crate::ghost::refusal(&m.path, &meta).is_none()
+                && meta.mode() & libc::S_IFMT == libc::S_IFREG;
+        }
+    }
+}
+
 /// Parses the text of `/proc/PID/maps`.
 pub fn parse_maps(text: &str) -> Result<Vec<MapEntry>, String> {
     let mut out = Vec::new();
@@ -130,6 +159,7 @@ pub fn parse_maps(text: &str) -> Result<Vec<MapEntry>, String> {
             inode: inode.parse().map_err(|_| bad())?,
             path,
             tmpfs: false,
+            ghost: false,
             advice: 0,
         });
     }

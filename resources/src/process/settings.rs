@@ -32,10 +32,22 @@ impl ProcessKind for Settings {
             .display()
             .to_string();
         if p.cwd.ends_with(" (deleted)") {
-            return Err(cx.refuse(format!(
-                "a working directory that was deleted ({}): it cannot be entered again",
-                p.cwd
-            )));
+            // A removed directory is stored as a deleted file and entered
+            // again from it (`crate::ghost::enter_cwd`); anything else is
+            // refused.
+            let why = match std::fs::metadata(format!("/proc/{pid}/cwd")) {
+                _ if p.cwd.starts_with("/proc/") => {
+                    Some(format!("{} (of a process that is gone)", p.cwd))
+                }
+                Err(e) => Some(format!("{} ({e})", p.cwd)),
+                Ok(meta) if !meta.is_dir() => Some(format!("{} (not a directory)", p.cwd)),
+                Ok(meta) => crate::ghost::refusal(&p.cwd, &meta),
+            };
+            if let Some(why) = why {
+                return Err(cx.refuse(format!(
+                    "a working directory that was deleted: {why}: it cannot be entered again"
+                )));
+            }
         }
         p.rlimits = proc::rlimits(pid).map_err(proc_err(pid, "prlimit64".into()))?;
         Ok(())
@@ -44,7 +56,9 @@ impl ProcessKind for Settings {
     fn restore(&self, sys: &dyn Sys, p: &ProcessInfo) -> Result<(), RestoreError> {
         let mut cwd = p.cwd.clone().into_bytes();
         cwd.push(0);
-        if cwd.len() as u64 <= crate::sys::PAGE {
+        // A removed one is entered with the descriptors (`ghost::enter_cwd`).
+        let deleted = crate::ghost::deleted_path(&p.cwd).is_some();
+        if cwd.len() as u64 <= crate::sys::PAGE && !deleted {
             let at = sys.put(0, &cwd)?;
             sys.call("chdir", libc::SYS_chdir, [at, 0, 0, 0, 0, 0])
                 .map_err(|e| RestoreError::File {

@@ -392,6 +392,7 @@ fn fds(b: &mut Build<'_>) -> Result<(), RestoreError> {
     };
     cr_ebpf_resources::fd::inherited::close_unheld(s, m)?;
     cr_ebpf_resources::fd::restore(&cx, m)?;
+    cr_ebpf_resources::ghost::enter_cwd(s, m, shm)?;
     s.release_adopter()?;
     cr_ebpf_resources::shmem::seal(&m.shmem, shm)
 }
@@ -499,6 +500,7 @@ mod tests {
             inode: 0,
             path: path.into(),
             tmpfs: false,
+            ghost: false,
             advice: 0,
         }
     }

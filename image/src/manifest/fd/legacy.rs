@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn tags_are_the_kinds_less_4() {
-        for k in 0..=13 {
+        for k in 0..=15 {
             let kind = FdKind::try_from(k).unwrap_or_default();
             let expected = (5..=12).contains(&k).then(|| k - 4);
             assert_eq!(tag_of_kind(kind), expected, "{kind:?}");
@@ -117,7 +117,10 @@ mod tests {
 
     #[test]
     fn every_state_of_the_new_kinds_reads_as_written_then() {
-        for s in super::super::state::tests::every_state() {
+        for s in super::super::state::tests::every_state()
+            .into_iter()
+            .filter(|s| s.kind().is_none_or(|k| k.since() < 8))
+        {
             let mut e = Enc::default();
             encode(&s, &mut e);
             assert_eq!(e.buf.is_empty(), s == FdState::None);

@@ -24,11 +24,26 @@ const STATE_BY_KIND: u16 = 4;
 
 /// The first format whose FD sections end with the shared description.
 const SHARED_DESCRIPTION: u16 = 8;
-/// The first format with terminal descriptors ([`FdKind::Tty`]).
-const TTY_SINCE: u16 = 8;
 
 /// Largest pipe contents stored.
 const PIPE_DATA_CAP: usize = 16 << 20;
+
+/// The first format whose FD sections end with the owner of signal-driven
+/// I/O ([`FileOwner`]).
+const OWNER_SINCE: u16 = 8;
+
+/// Who gets the signals of signal-driven I/O (`O_ASYNC`) on a descriptor's
+/// open file (`F_GETOWN_EX`, `F_GETSIG`; format 1.8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileOwner {
+    /// `F_OWNER_TID` 0, `F_OWNER_PID` 1, `F_OWNER_PGRP` 2 (meaningless when
+    /// `pid` is 0).
+    pub kind: u32,
+    /// The thread, process or process group; 0: none.
+    pub pid: i32,
+    /// The signal sent instead of `SIGIO` (`F_SETSIG`; 0: `SIGIO`).
+    pub signal: u32,
+}
 
 /// One open file descriptor.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,6 +81,9 @@ pub struct FdInfo {
     /// `fork`), by an id the same for all of them; 0 when it is its own
     /// (format 1.8; regular files).
     pub desc: u64,
+    /// The owner of signal-driven I/O on its open file (format 1.8; none
+    /// before).
+    pub owner: FileOwner,
 }
 
 impl FdInfo {
@@ -94,6 +112,9 @@ impl FdInfo {
         b.bytes(&self.data);
         self.state.encode_body(b);
         b.u64(self.desc);
+        b.u32(self.owner.kind);
+        b.i32(self.owner.pid);
+        b.u32(self.owner.signal);
     }
 
     /// The kind as written: [`FdKind::Invalid`] when the state is another
@@ -111,17 +132,13 @@ impl FdInfo {
     pub(super) fn decode(b: &mut Dec<'_>, at: u64, minor: u16) -> Result<Self, DecErr> {
         let fd = b.i32()?;
         let kind_at = b.offset();
-        let kind = FdKind::try_from(b.u16()?)
-            .and_then(|k| {
-                if k == FdKind::Tty && minor < TTY_SINCE {
-                    Err(k as u16)
-                } else {
-                    Ok(k)
-                }
-            })
-            .map_err(|k| DecErr {
+        let raw = b.u16()?;
+        let kind = FdKind::try_from(raw)
+            .ok()
+            .filter(|k| k.since() <= minor)
+            .ok_or_else(|| DecErr {
                 offset: kind_at,
-                what: unknown("descriptor kind", k, minor),
+                what: unknown("descriptor kind", raw, minor),
             })?;
         let cloexec = b.u16()? != 0;
         let mut f = Self {
@@ -139,11 +156,29 @@ impl FdInfo {
             data: b.bytes(PIPE_DATA_CAP, "pipe contents")?.to_vec(),
             state: FdState::None,
             desc: 0,
+            owner: FileOwner::default(),
         };
         if minor >= STATE_BY_KIND {
             f.state = FdState::decode_body(kind, b)?;
             if minor >= SHARED_DESCRIPTION {
                 f.desc = b.u64()?;
+            }
+            if minor >= OWNER_SINCE {
+                let at = b.offset();
+                f.owner = FileOwner {
+                    kind: b.u32()?,
+                    pid: b.i32()?,
+                    signal: b.u32()?,
+                };
+                if f.owner.kind > 2 || f.owner.signal > 64 || f.owner.pid < 0 {
+                    return Err(DecErr {
+                        offset: at,
+                        what: format!(
+                            "signal-driven I/O owner {:?} (kind 0 to 2, signal at most 64)",
+                            f.owner
+                        ),
+                    });
+                }
             }
             return Ok(f);
         }
@@ -182,6 +217,11 @@ mod tests {
             data: b"unread".to_vec(),
             state,
             desc: 0,
+            owner: FileOwner {
+                kind: 1,
+                pid: 4321,
+                signal: 10,
+            },
         }
     }
 
@@ -212,7 +252,7 @@ mod tests {
             let mut body = Enc::default();
             f.state.encode_body(&mut body);
             assert_eq!(buf.len(), bare + body.buf.len());
-            assert_eq!(buf[bare - 8..buf.len() - 8], body.buf[..]);
+            assert_eq!(buf[bare - 20..buf.len() - 20], body.buf[..]);
         }
         for kind in [FdKind::File, FdKind::CharDevice, FdKind::Inherited] {
             let f = FdInfo {
@@ -232,13 +272,14 @@ mod tests {
         };
         let buf = encoded(&f);
         assert_eq!(decoded(&buf, 8).unwrap(), f);
-        // 1.7 has no such field: the same bytes are 8 too many.
+        // 1.7 has no such field (nor the owner after it): 20 bytes too many.
         assert!(decoded(&buf, 7).is_err());
-        let old = &buf[..buf.len() - 8];
+        let old = &buf[..buf.len() - 20];
         assert_eq!(
             decoded(old, 7).unwrap(),
             FdInfo {
                 desc: 0,
+                owner: FileOwner::default(),
                 ..f.clone()
             }
         );
@@ -255,9 +296,9 @@ mod tests {
         buf[4..6].copy_from_slice(&(FdKind::EventFd as u16).to_le_bytes());
         assert!(decoded(&buf, FORMAT_MINOR).is_err());
         // An unknown kind, naming the image's version.
-        buf[4..6].copy_from_slice(&14u16.to_le_bytes());
+        buf[4..6].copy_from_slice(&16u16.to_le_bytes());
         let e = decoded(&buf, FORMAT_MINOR).unwrap_err();
-        assert!(e.what.contains("unknown descriptor kind 14"), "{}", e.what);
+        assert!(e.what.contains("unknown descriptor kind 16"), "{}", e.what);
         assert!(e.what.contains(&format!("1.{FORMAT_MINOR}")), "{}", e.what);
         assert_eq!(e.offset, 8 + 4);
     }
@@ -266,21 +307,21 @@ mod tests {
     fn a_terminal_is_not_a_kind_of_format_1_7() {
         let t = common(3, FdState::Tty(tty::tests::master()));
         let buf = encoded(&t);
-        assert_eq!(decoded(&buf, TTY_SINCE).unwrap(), t);
-        let e = decoded(&buf, TTY_SINCE - 1).unwrap_err();
+        assert_eq!(decoded(&buf, 8).unwrap(), t);
+        let e = decoded(&buf, 8 - 1).unwrap_err();
         assert!(e.what.contains("unknown descriptor kind 13"), "{}", e.what);
         assert!(e.what.contains("1.7"), "{}", e.what);
     }
 
-    /// The section body as format 1.2/1.3 wrote it.
+    /// The section body as format 1.2/1.3 wrote it (no shared description, no owner).
     fn legacy_encoded(f: &FdInfo) -> Vec<u8> {
         let mut buf = encoded(&FdInfo {
             state: FdState::None,
             kind: FdKind::File,
             ..f.clone()
         });
+        buf.truncate(buf.len() - 20); // no shared description or owner before 1.8
         buf[4..6].copy_from_slice(&(f.kind as u16).to_le_bytes());
-        buf.truncate(buf.len() - 8); // no shared description before 1.8
         let mut e = Enc::default();
         legacy::encode(&f.state, &mut e);
         buf.extend_from_slice(&e.buf);
@@ -289,8 +330,14 @@ mod tests {
 
     #[test]
     fn sections_of_formats_1_0_to_1_3_still_read() {
-        for s in state::tests::every_state() {
-            let f = common(5, s);
+        for s in state::tests::every_state()
+            .into_iter()
+            .filter(|s| s.kind().is_none_or(|k| k.since() < 8))
+        {
+            let f = FdInfo {
+                owner: FileOwner::default(),
+                ..common(5, s)
+            };
             let buf = legacy_encoded(&f);
             for minor in [2, 3] {
                 assert_eq!(decoded(&buf, minor).unwrap(), f);
@@ -300,10 +347,40 @@ mod tests {
                 assert_ne!(decoded(&buf, FORMAT_MINOR).ok(), Some(f.clone()));
             }
         }
-        let pipe = common(3, FdState::None);
+        let pipe = FdInfo {
+            owner: FileOwner::default(),
+            ..common(3, FdState::None)
+        };
         for minor in 0..=3 {
             assert_eq!(decoded(&legacy_encoded(&pipe), minor).unwrap(), pipe);
         }
+    }
+
+    #[test]
+    fn kinds_and_owners_of_1_8_are_unknown_before() {
+        let f = common(4, FdState::Deleted { id: 9 });
+        let buf = encoded(&f);
+        assert_eq!(decoded(&buf, 8).unwrap(), f);
+        let e = decoded(&buf, 7).unwrap_err();
+        assert!(e.what.contains("unknown descriptor kind 14"), "{}", e.what);
+        // A 1.7 section ends with the state: no shared description, no owner.
+        let plain = common(4, FdState::Pidfd { pid: 3 });
+        let mut old = encoded(&plain);
+        old.truncate(old.len() - 20);
+        let back = decoded(&old, 7).unwrap();
+        assert_eq!(back.owner, FileOwner::default());
+        assert!(decoded(&old, 8).is_err(), "1.8 needs the owner");
+        // Owner out of range.
+        let bad = FdInfo {
+            owner: FileOwner {
+                kind: 3,
+                pid: 1,
+                signal: 0,
+            },
+            ..plain
+        };
+        let e = decoded(&encoded(&bad), 8).unwrap_err();
+        assert!(e.what.contains("owner"), "{}", e.what);
     }
 
     #[test]

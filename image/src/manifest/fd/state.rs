@@ -58,6 +58,24 @@ pub enum FdKind {
     /// A terminal: an end of a pseudo-terminal pair, `/dev/tty`, or a
     /// shell job's terminal (format 1.8; state [`FdState::Tty`]).
     Tty = 13,
+    /// A deleted file or directory, or shared anonymous memory, held open
+    /// (format 1.8; state [`FdState::Deleted`], the file in
+    /// [`Manifest::shmem`](crate::Manifest::shmem)).
+    Deleted = 14,
+    /// A named FIFO (format 1.8; state [`FdState::Fifo`]; its buffered
+    /// bytes in the common fields, as a pipe's).
+    Fifo = 15,
+}
+
+impl FdKind {
+    /// The first format minor that defines the kind.
+    pub(super) fn since(self) -> u16 {
+        match self {
+            Self::Tty | Self::Deleted | Self::Fifo => 8,
+            Self::Invalid | Self::File | Self::CharDevice | Self::Pipe | Self::Inherited => 0,
+            _ => 2,
+        }
+    }
 }
 
 impl TryFrom<u16> for FdKind {
@@ -77,6 +95,8 @@ impl TryFrom<u16> for FdKind {
             11 => Self::Memfd,
             12 => Self::Pidfd,
             13 => Self::Tty,
+            14 => Self::Deleted,
+            15 => Self::Fifo,
             other => return Err(other),
         })
     }
@@ -159,6 +179,24 @@ pub enum FdState {
     },
     /// A terminal (format 1.8).
     Tty(TtyInfo),
+    /// A deleted file (format 1.8): the object (`Manifest::shmem`, a
+    /// deleted file or shared anonymous memory) it opens.
+    Deleted {
+        /// The object's id.
+        id: u64,
+    },
+    /// A named FIFO (format 1.8).
+    Fifo {
+        /// It was removed from its directory: made again at its path with
+        /// `mode`, `uid` and `gid`, opened, and removed.
+        deleted: bool,
+        /// Its permission bits.
+        mode: u32,
+        /// Its owner.
+        uid: u32,
+        /// Its group.
+        gid: u32,
+    },
 }
 
 impl FdKind {
@@ -186,6 +224,8 @@ impl FdState {
             Self::Memfd { .. } => FdKind::Memfd,
             Self::Pidfd { .. } => FdKind::Pidfd,
             Self::Tty(_) => FdKind::Tty,
+            Self::Deleted { .. } => FdKind::Deleted,
+            Self::Fifo { .. } => FdKind::Fifo,
         })
     }
 
@@ -225,6 +265,18 @@ impl FdState {
             Self::Memfd { id } => b.u64(*id),
             Self::Pidfd { pid } => b.i32(*pid),
             Self::Tty(t) => t.encode(b),
+            Self::Deleted { id } => b.u64(*id),
+            Self::Fifo {
+                deleted,
+                mode,
+                uid,
+                gid,
+            } => {
+                b.u32(*deleted as u32);
+                b.u32(*mode);
+                b.u32(*uid);
+                b.u32(*gid);
+            }
         }
     }
 
@@ -255,6 +307,26 @@ impl FdState {
             FdKind::Memfd => Self::Memfd { id: b.u64()? },
             FdKind::Pidfd => Self::Pidfd { pid: b.i32()? },
             FdKind::Tty => Self::Tty(TtyInfo::decode(b)?),
+            FdKind::Deleted => Self::Deleted { id: b.u64()? },
+            FdKind::Fifo => {
+                let at = b.offset();
+                let deleted = match b.u32()? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(DecErr {
+                            offset: at,
+                            what: format!("FIFO deleted flag {other} (0 or 1)"),
+                        })
+                    }
+                };
+                Self::Fifo {
+                    deleted,
+                    mode: b.u32()?,
+                    uid: b.u32()?,
+                    gid: b.u32()?,
+                }
+            }
         })
     }
 }
@@ -400,6 +472,13 @@ pub(super) mod tests {
             ]),
             FdState::Memfd { id: 1032 },
             FdState::Pidfd { pid: 4242 },
+            FdState::Deleted { id: 77 },
+            FdState::Fifo {
+                deleted: true,
+                mode: 0o640,
+                uid: 1000,
+                gid: 100,
+            },
         ]
     }
 
