@@ -16,7 +16,7 @@ use cr_ebpf_image::{SocketFile, SocketInfo};
 
 use super::{
     apply_options, bind, check, connect, fail, option_int, send_all, setsockopt_int,
-    tcp::{closed_connection, release, tcp_connection},
+    tcp::{closed_connection, release, send_unsent, tcp_connection},
     unix::{listener_of, orphan, socketpair, unix_path},
 };
 use crate::RestoreError;
@@ -87,12 +87,16 @@ pub(super) fn build(
             }
         }
     }
-    for (_, s) in sockets {
-        if let (Some(t), false) = (&s.tcp, close_connections) {
-            if let Some(fd) = made.get(&s.inode) {
-                release(fd, s, t)?;
-            }
-        }
+    let connections: Vec<(&OwnedFd, &SocketInfo, &cr_ebpf_image::TcpRepair)> = by_inode
+        .values()
+        .filter_map(|s| Some((made.get(&s.inode)?, *s, s.tcp.as_ref()?)))
+        .filter(|_| !close_connections)
+        .collect();
+    for &(fd, s, _) in &connections {
+        release(fd, s)?;
+    }
+    for &(fd, s, t) in &connections {
+        send_unsent(fd, s, t)?;
     }
     for s in by_inode.values() {
         if s.shutdown != 0 && !shut.contains(&s.inode) {

@@ -192,13 +192,18 @@ pub(super) fn tcp_state_name(state: u8) -> &'static str {
 /// repair mode (see [`release`]).
 pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
     let fd = socket(s).map_err(fail("socket (TCP connection)"))?;
-    // The queues must fit: the buffers as they were (the kernel doubles these).
-    for (name, saved) in [
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    // The queues must fit while they are refilled: the buffers as they
+    // were (the kernel doubles these), or larger for the moment (queued
+    // again in other pieces they take more room); set as they were once
+    // the connection is let go ([`send_unsent`]).
+    for (name, saved, queued) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, t.send_queue.len()),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, t.recv_queue.len()),
     ] {
-        if let Some(v) = option_int(s, libc::SOL_SOCKET, saved) {
-            set_int(&fd, libc::SOL_SOCKET, name, v / 2)
+        let v = option_int(s, libc::SOL_SOCKET, saved).unwrap_or(0) / 2;
+        let room = (queued.saturating_mul(2) + REFILL_SLACK).min(i32::MAX as usize) as i32;
+        if v > 0 || queued > 0 {
+            set_int(&fd, libc::SOL_SOCKET, name, v.max(room))
                 .map_err(fail("SO_SNDBUFFORCE/SO_RCVBUFFORCE"))?;
         }
     }
@@ -265,18 +270,39 @@ pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, R
     Ok(fd)
 }
 
+/// Room beyond twice its bytes a queue gets while it is refilled.
+const REFILL_SLACK: usize = 1 << 20;
+
 /// Takes a connection made by [`tcp_connection`] out of repair mode: it
-/// talks to its peer again.
-pub(super) fn release(fd: &OwnedFd, s: &SocketInfo, t: &TcpRepair) -> Result<(), RestoreError> {
-    let sent = t.send_queue.len() - t.unsent as usize;
+/// talks to its peer again (then [`send_unsent`], once every connection
+/// of the restore is out of repair mode: a peer still in it would answer
+/// with a reset).
+pub(super) fn release(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> {
     set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 0).map_err(fail("leaving TCP_REPAIR"))?;
     // Leaving repair mode cleared SO_REUSEADDR.
     if let Some(v) = option_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR) {
         set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, v).map_err(fail("SO_REUSEADDR"))?;
     }
-    // What the process wrote and the kernel had not sent yet goes out now.
+    Ok(())
+}
+
+/// What the process wrote and the kernel had not sent yet, queued again
+/// (never waiting: it fits in the room [`tcp_connection`] made), then the
+/// buffer sizes as saved.
+pub(super) fn send_unsent(fd: &OwnedFd, s: &SocketInfo, t: &TcpRepair) -> Result<(), RestoreError> {
+    let sent = t.send_queue.len() - t.unsent as usize;
     if t.unsent > 0 {
-        send_all(fd, &t.send_queue[sent..], 0).map_err(fail("sending the unsent TCP bytes"))?;
+        send_all(fd, &t.send_queue[sent..], libc::MSG_DONTWAIT)
+            .map_err(fail("sending the unsent TCP bytes"))?;
+    }
+    for (name, saved) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
+        if let Some(v) = option_int(s, libc::SOL_SOCKET, saved) {
+            set_int(fd, libc::SOL_SOCKET, name, v / 2)
+                .map_err(fail("SO_SNDBUFFORCE/SO_RCVBUFFORCE"))?;
+        }
     }
     Ok(())
 }
@@ -287,7 +313,7 @@ pub(super) fn release(fd: &OwnedFd, s: &SocketInfo, t: &TcpRepair) -> Result<(),
 /// shut down): reads find the end of the stream, writes fail with `EPIPE`,
 /// poll reports a hang-up.
 pub(super) fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
-    if let Ok(fd) = tcp_connection(s, t).and_then(|fd| release(&fd, s, t).map(|()| fd)) {
+    if let Ok(fd) = tcp_connection(s, t).and_then(|fd| release(&fd, s).map(|()| fd)) {
         // SO_LINGER {on, 0 s}: close sends RST.
         let _ = setsockopt(
             &fd,
