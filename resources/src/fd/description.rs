@@ -2,8 +2,10 @@
 //! descriptor inherited across `fork`, one received over a unix socket.
 //! They share one file position and one set of status flags, so a restore
 //! must make one description for all of them: it is opened once, in the
-//! restorer, and handed to each. Regular files only; the other kinds that
-//! are shared (pipes, sockets) are one object per inode already.
+//! restorer, and handed to each. Regular files, and pipe ends (each end is
+//! one object already; an end opened again through `/proc/PID/fd/N` is
+//! another description of it, see the pipe module); sockets are one object
+//! per inode.
 
 use std::collections::HashMap;
 use std::os::{
@@ -26,9 +28,10 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
 }
 
 /// A regular file a restore can open before the processes exist (not one
-/// of their own `/proc` files, not a namespace).
+/// of their own `/proc` files, not a namespace), or a pipe end.
 fn shareable(f: &FdInfo) -> bool {
-    f.kind == FdKind::File && f.path.starts_with('/') && !f.path.starts_with("/proc/")
+    f.kind == FdKind::Pipe
+        || (f.kind == FdKind::File && f.path.starts_with('/') && !f.path.starts_with("/proc/"))
 }
 
 /// Gives every group of descriptors of `procs` (pid, its descriptors) that
@@ -54,9 +57,15 @@ pub fn share(procs: &mut [(i32, &mut [FdInfo])]) {
             }
         }
     }
-    for (_, fds) in procs.iter_mut() {
+    // A pipe end's descriptions are told apart even when each has one
+    // descriptor (its own id); a file's only when shared.
+    for (pid, fds) in procs.iter_mut() {
         for f in fds.iter_mut() {
-            f.desc = 0;
+            f.desc = if f.kind == FdKind::Pipe {
+                (*pid as u64) << 32 | f.fd as u64
+            } else {
+                0
+            };
         }
     }
     for &(pi, fi, id) in &groups {
@@ -73,7 +82,10 @@ pub fn share(procs: &mut [(i32, &mut [FdInfo])]) {
 
 /// Opens, in the restorer, every description `fds` share, at its position.
 pub fn prepare(fds: &[&FdInfo], shared: &mut Shared) -> Result<(), RestoreError> {
-    for f in fds.iter().filter(|f| f.desc != 0 && shareable(f)) {
+    for f in fds
+        .iter()
+        .filter(|f| f.desc != 0 && f.kind == FdKind::File && shareable(f))
+    {
         if shared.contains(FdKind::File, f.desc) {
             continue;
         }

@@ -60,7 +60,8 @@ impl Descriptor for Memfd {
                     pid: pb,
                     fd: b.fd,
                     what: format!(
-                        "memfd {} opened read-write a second time (fd {} of pid {pa} is                          another open file of it): both would be restored as one",
+                        "memfd {} opened read-write a second time (fd {} of pid {pa} is another open \
+                         file of it): both would be restored as one",
                         b.path, a.fd
                     ),
                 });

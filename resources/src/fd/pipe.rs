@@ -101,37 +101,23 @@ fn write_end(f: &FdInfo) -> bool {
     f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY
 }
 
-/// `KCMP_FILE`: whether two descriptors are one open file description.
-const KCMP_FILE: i32 = 0;
+/// The part of [`Shared`] under a description id: an end opened again.
+const AGAIN: u8 = 2;
 
-/// Each end of a pipe is restored as one open file description, handed to
-/// every descriptor on that end: an end opened a second time (through
-/// `/proc/PID/fd/N`, with flags of its own) is refused.
-fn one_description_per_end(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
-    let ends: Vec<(i32, &FdInfo)> = procs
-        .iter()
-        .flat_map(|(pid, fds)| fds.iter().map(move |f| (*pid, f)))
-        .filter(|(_, f)| f.kind == FdKind::Pipe)
-        .collect();
-    for (i, &(pa, a)) in ends.iter().enumerate() {
-        if let Some(&(pb, b)) = ends[i + 1..].iter().find(|(pb, b)| {
-            b.inode == a.inode
-                && write_end(b) == write_end(a)
-                // SAFETY: kcmp with integer arguments only.
-                && unsafe { libc::syscall(libc::SYS_kcmp, pa, *pb, KCMP_FILE, a.fd, b.fd) } != 0
-        }) {
-            return Err(SaveError::NotSupportedFd {
-                pid: pb,
-                fd: b.fd,
-                what: format!(
-                    "an end of {} opened a second time (fd {} of pid {pa} is another \
-                     description of it): both would be restored as one",
-                    b.path, a.fd
-                ),
-            });
-        }
-    }
-    Ok(())
+/// Another open file description of the pipe end `ours` (as opening
+/// `/proc/PID/fd/N` gives).
+fn reopened(ours: &OwnedFd, write: bool) -> Result<OwnedFd, RestoreError> {
+    let path = format!("/proc/self/fd/{}", ours.as_raw_fd());
+    fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+        .map(OwnedFd::from)
+        .map_err(|err| RestoreError::Syscall {
+            call: "opening a pipe end again".into(),
+            err,
+        })
 }
 
 impl Descriptor for Pipe {
@@ -159,7 +145,7 @@ impl Descriptor for Pipe {
                 return Some(Err(cx.refuse(
                     seen.fd,
                     format!(
-                        "a pipe whose other end is outside the process (held by process                          {holder})"
+                        "a pipe whose other end is outside the process (held by process {holder})"
                     ),
                 )));
             }
@@ -188,10 +174,6 @@ impl Descriptor for Pipe {
         })())
     }
 
-    fn check_tree(&self, procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
-        one_description_per_end(procs)
-    }
-
     fn prepare(
         &self,
         fds: &[&FdInfo],
@@ -217,6 +199,21 @@ impl Descriptor for Pipe {
                 fds.iter()
                     .any(|g| g.inode == f.inode && write_end(g) == end)
             };
+            // An end opened a second time (through /proc/PID/fd/N) is
+            // another open file description of it, with flags of its own:
+            // each description after an end's first is opened again so.
+            for (end, ours) in [(false, &r), (true, &w)] {
+                let mut descs: Vec<u64> = fds
+                    .iter()
+                    .filter(|g| g.inode == f.inode && write_end(g) == end)
+                    .map(|g| g.desc)
+                    .collect();
+                descs.sort_unstable();
+                descs.dedup();
+                for &d in descs.iter().skip(1).filter(|&&d| d != 0) {
+                    shared.insert(FdKind::Pipe, d, AGAIN, reopened(ours, end)?);
+                }
+            }
             if held(false) {
                 shared.insert(FdKind::Pipe, f.inode, 0, r);
             }
@@ -228,6 +225,10 @@ impl Descriptor for Pipe {
     }
 
     fn open(&self, cx: &RestoreCx<'_>, f: &FdInfo) -> Result<Option<i64>, RestoreError> {
+        if f.desc != 0 && cx.shared.contains_part(FdKind::Pipe, f.desc, AGAIN) {
+            let again = cx.shared.get(FdKind::Pipe, f.desc, AGAIN, f.fd)?;
+            return cx.adopt(again).map(Some);
+        }
         let end = u8::from(write_end(f));
         let ours = cx.shared.get(FdKind::Pipe, f.inode, end, f.fd)?;
         cx.adopt(ours).map(Some)
@@ -278,16 +279,46 @@ mod tests {
     }
 
     #[test]
-    fn an_end_opened_twice_is_refused() {
+    fn an_end_opened_twice_comes_back_as_two_open_files_of_one_pipe() {
         let (r, w) = pipe2(libc::O_CLOEXEC).unwrap();
         let again = fs::File::open(format!("/proc/self/fd/{}", r.as_raw_fd())).unwrap();
-        let saved = testing::save_own_many(&[r.as_raw_fd(), w.as_raw_fd(), again.as_raw_fd()]);
-        let me = std::process::id() as i32;
-        let err = one_description_per_end(&[(me, &saved)]).unwrap_err();
-        assert!(err.to_string().contains("opened a second time"), "{err}");
         let dup = r.try_clone().unwrap();
-        let saved = testing::save_own_many(&[r.as_raw_fd(), w.as_raw_fd(), dup.as_raw_fd()]);
-        one_description_per_end(&[(me, &saved)]).expect("a dup is the same description");
+        let me = std::process::id() as i32;
+        let raw = [
+            r.as_raw_fd(),
+            w.as_raw_fd(),
+            again.as_raw_fd(),
+            dup.as_raw_fd(),
+        ];
+        let mut saved = testing::save_own_many(&raw);
+        crate::fd::description::share(&mut [(me, &mut saved[..])]);
+        assert_eq!(saved[0].desc, saved[3].desc, "a dup is the same open file");
+        assert_ne!(saved[0].desc, saved[2].desc, "opened again: another");
+        let mut shared = Shared::default();
+        let all: Vec<&FdInfo> = saved.iter().collect();
+        Pipe.prepare(&all, &Prepare::default(), &mut shared)
+            .unwrap();
+        let main = shared.get(FdKind::Pipe, saved[0].inode, 0, 0).unwrap();
+        let other = [saved[0].desc, saved[2].desc]
+            .into_iter()
+            .find(|d| shared.contains_part(FdKind::Pipe, *d, AGAIN))
+            .expect("one read end opened again");
+        let other = shared.get(FdKind::Pipe, other, AGAIN, 0).unwrap();
+        // SAFETY: kcmp with integer arguments only (KCMP_FILE = 0).
+        let same = unsafe {
+            libc::syscall(
+                libc::SYS_kcmp,
+                me,
+                me,
+                0,
+                main.as_raw_fd(),
+                other.as_raw_fd(),
+            )
+        };
+        assert_ne!(same, 0, "two open files");
+        let ino = |fd: &OwnedFd| fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(ino(main).ino(), ino(other).ino(), "of one pipe");
     }
 
     #[test]
