@@ -764,6 +764,21 @@ mod tests {
     }
 
     #[test]
+    fn a_datagram_pair_end_whose_peer_closed_keeps_its_messages() {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        b.send(b"first").unwrap();
+        b.send(b"second").unwrap();
+        drop(b);
+        let saved = testing::save_own_many(&[a.as_raw_fd()]);
+        assert_eq!(socket_of(&saved[0]).queue.len(), 2);
+        drop(a);
+        let fds = restored(&saved);
+        assert_eq!(recv_now(&fds[0]), Ok(b"first".to_vec()));
+        assert_eq!(recv_now(&fds[0]), Ok(b"second".to_vec()));
+        assert_eq!(recv_now(&fds[0]), Err(libc::EAGAIN));
+    }
+
+    #[test]
     fn a_datagram_socket_connected_to_itself_still_is() {
         let dir = testing::scratch("self");
         let path = dir.join("me");

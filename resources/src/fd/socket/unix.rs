@@ -270,13 +270,14 @@ fn shutdown_restorable(x: &SocketInfo, y: &SocketInfo, all: &[&SocketInfo]) -> b
 /// A stream or seqpacket end whose peer has closed: it is shut down both
 /// ways (the peer's close did that) but may still hold what the peer sent,
 /// and its peer's name.
+/// So is an unnamed datagram socket holding messages with no peer: only
+/// the other end of its socket pair, gone since, could have sent them.
 pub(super) fn orphan(s: &SocketInfo) -> bool {
-    s.family == libc::AF_UNIX as u16
-        && s.sock_type as i32 != libc::SOCK_DGRAM
-        && !s.listening
-        && s.peer_inode == 0
-        && s.shutdown == 3
-        && (!s.peer.is_empty() || !s.queue.is_empty())
+    let unix = s.family == libc::AF_UNIX as u16 && !s.listening && s.peer_inode == 0;
+    if s.sock_type as i32 == libc::SOCK_DGRAM {
+        return unix && s.local.is_empty() && s.peer.is_empty() && !s.queue.is_empty();
+    }
+    unix && s.shutdown == 3 && (!s.peer.is_empty() || !s.queue.is_empty())
 }
 
 /// Connected unix sockets are restored as pairs: both ends must be here,
