@@ -87,6 +87,11 @@ pub struct SocketInfo {
     /// Directions shut down (`sk_shutdown`: 1 receiving, 2 sending), to
     /// be shut down again with `shutdown` (format 1.7; 0 before).
     pub shutdown: u8,
+    /// For a datagram socket not connected to one peer, the sender of each
+    /// message of [`SocketInfo::queue`] (its address; empty: unnamed), each
+    /// sent again from a socket of that name (format 1.8; empty for other
+    /// sockets and before).
+    pub senders: Vec<Vec<u8>>,
     /// A unix socket bound to a path: its file as it was (format 1.7;
     /// `None` before, and for other sockets).
     pub file: Option<SocketFile>,
@@ -151,6 +156,11 @@ impl SocketInfo {
                 b.u32(gid);
             }
             Some(SocketFile::Removed) => b.u16(2),
+        }
+        // Format 1.8.
+        b.u32(self.senders.len() as u32);
+        for a in &self.senders {
+            b.bytes(a);
         }
     }
 
@@ -217,6 +227,20 @@ impl SocketInfo {
             2 => Some(SocketFile::Removed),
             other => return Err(b.err(format!("unknown socket file marker {other}"))),
         };
+        // Format 1.8 appends the messages' senders; older sockets end here.
+        if !b.done() {
+            let n = b.u32()? as usize;
+            if n != 0 && n != s.queue.len() {
+                return Err(b.err(format!(
+                    "{n} message senders for {} queued messages",
+                    s.queue.len()
+                )));
+            }
+            for _ in 0..n {
+                s.senders
+                    .push(b.bytes(ADDR_CAP, "message sender")?.to_vec());
+            }
+        }
         Ok(s)
     }
 }
@@ -362,7 +386,7 @@ mod tests {
             ..SocketInfo::default()
         };
         let mut old = encoded(&s);
-        old.truncate(old.len() - 4);
+        old.truncate(old.len() - 8);
         assert_eq!(decoded(&old).unwrap(), s);
     }
 
@@ -381,24 +405,24 @@ mod tests {
         let e = decoded(&encoded(&many)).unwrap_err();
         assert!(e.what.contains("socket options"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 6;
+        let at = bad.len() - 10;
         bad[at] = 2;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("unknown TCP state marker 2"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 4;
+        let at = bad.len() - 8;
         bad[at] = 4;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("shutdown state 4"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 2;
+        let at = bad.len() - 6;
         bad[at] = 3;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("socket file marker 3"), "{}", e.what);
         // Every message under the cap, together over it.
         let mut e = Enc::default();
         SocketInfo::default().encode(&mut e);
-        let mut buf = e.buf[..e.buf.len() - 10].to_vec();
+        let mut buf = e.buf[..e.buf.len() - 14].to_vec();
         let half = vec![0u8; SOCKET_QUEUE_CAP / 2 + 1];
         let mut q = Enc::default();
         q.u32(2);

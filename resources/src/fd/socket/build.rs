@@ -15,7 +15,7 @@ use std::{
 use cr_ebpf_image::{SocketFile, SocketInfo};
 
 use super::{
-    apply_options, bind, check, connect, fail, option_int, send_all, setsockopt_int,
+    apply_options, bind, check, connect, fail, option_int, send_all, send_to, setsockopt_int,
     tcp::{closed_connection, release, send_unsent, tcp_connection},
     unix::{listener_of, orphan, socketpair, unix_path},
 };
@@ -87,6 +87,7 @@ pub(super) fn build(
             }
         }
     }
+    resend(&by_inode, &made, &removed)?;
     let connections: Vec<(&OwnedFd, &SocketInfo, &cr_ebpf_image::TcpRepair)> = by_inode
         .values()
         .filter_map(|s| Some((made.get(&s.inode)?, *s, s.tcp.as_ref()?)))
@@ -109,6 +110,42 @@ pub(super) fn build(
         .finish()
         .map_err(fail("removing a unix socket's file again"))?;
     Ok(made)
+}
+
+/// The messages queued on datagram sockets without a peer of their own,
+/// each sent again to the socket's name by its sender: the restored socket
+/// of that name, or an unnamed one for an unnamed sender.
+fn resend(
+    by_inode: &HashMap<u64, &SocketInfo>,
+    made: &HashMap<u64, OwnedFd>,
+    names: &Names,
+) -> Result<(), RestoreError> {
+    let mut unnamed: Option<OwnedFd> = None;
+    for s in by_inode
+        .values()
+        .filter(|s| !s.senders.is_empty() && !orphan(s))
+    {
+        let dir = unix_path(&s.local).and_then(|p| names.dir_of(s, &p).map(Path::to_path_buf));
+        for (m, from) in s.queue.iter().zip(&s.senders) {
+            let sender = if from.is_empty() {
+                if unnamed.is_none() {
+                    unnamed = Some(super::socket(s).map_err(fail("socket (a message's sender)"))?);
+                }
+                unnamed.as_ref().expect("made")
+            } else {
+                by_inode
+                    .values()
+                    .find(|o| o.family == libc::AF_UNIX as u16 && o.local == *from)
+                    .and_then(|o| made.get(&o.inode))
+                    .ok_or_else(|| {
+                        RestoreError::NotSupported("a queued message's sender was not made".into())
+                    })?
+            };
+            in_dir(dir.as_deref(), || send_to(sender, m, &s.local))
+                .map_err(fail("sending a queued message again"))?;
+        }
+    }
+    Ok(())
 }
 
 /// The other end of a unix connection both of whose ends are restored (a
@@ -776,6 +813,41 @@ mod tests {
         assert_eq!(recv_now(&fds[0]), Ok(b"first".to_vec()));
         assert_eq!(recv_now(&fds[0]), Ok(b"second".to_vec()));
         assert_eq!(recv_now(&fds[0]), Err(libc::EAGAIN));
+    }
+
+    #[test]
+    fn datagrams_queued_on_a_named_socket_come_again_from_their_senders() {
+        let dir = testing::scratch("senders");
+        let (srv_path, named_path) = (dir.join("srv"), dir.join("named"));
+        let srv = UnixDatagram::bind(&srv_path).unwrap();
+        let anon = UnixDatagram::unbound().unwrap();
+        let named = UnixDatagram::bind(&named_path).unwrap();
+        anon.send_to(b"one", &srv_path).unwrap();
+        named.send_to(b"two", &srv_path).unwrap();
+        anon.send_to(b"three", &srv_path).unwrap();
+        drop(anon);
+        let saved = testing::save_own_many(&[srv.as_raw_fd(), named.as_raw_fd()]);
+        assert_eq!(socket_of(&saved[0]).senders.len(), 3);
+        drop((srv, named));
+        let fds = restored(&saved);
+        let srv = UnixDatagram::from(fds[0].try_clone().unwrap());
+        let mut buf = [0u8; 16];
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let (n, from) = srv.recv_from(&mut buf).unwrap();
+            got.push((
+                buf[..n].to_vec(),
+                from.as_pathname().map(|p| p.to_path_buf()),
+            ));
+        }
+        assert_eq!(
+            got,
+            [
+                (b"one".to_vec(), None),
+                (b"two".to_vec(), Some(named_path.clone())),
+                (b"three".to_vec(), None),
+            ]
+        );
     }
 
     #[test]

@@ -505,6 +505,29 @@ pub(super) fn connect(fd: &OwnedFd, addr: &[u8]) -> io::Result<()> {
 }
 
 /// Sends all of `data` (one message), retrying short writes of a stream.
+/// `sendto` of one datagram to `addr`, never waiting.
+pub(super) fn send_to(fd: &OwnedFd, data: &[u8], addr: &[u8]) -> io::Result<()> {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: our buffer and a sockaddr of ours.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != data.len() {
+        return Err(io::Error::other("a datagram sent in part"));
+    }
+    Ok(())
+}
+
 pub(super) fn send_all(fd: &OwnedFd, data: &[u8], flags: i32) -> io::Result<()> {
     let mut off = 0;
     loop {

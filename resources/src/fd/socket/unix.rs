@@ -41,7 +41,13 @@ pub(super) fn save_unix(
         let connected = d.state == TCP_ESTABLISHED;
         if !stream || connected {
             let eof = d.shutdown & RCV_SHUTDOWN != 0;
-            s.queue = peek_messages(dup, s.sock_type as i32, eof)?;
+            let (queue, senders) = peek_messages(dup, s.sock_type as i32, eof)?;
+            s.queue = queue;
+            // A datagram socket without a peer of its own got each message
+            // from whoever sent it: they are sent again from there.
+            if !stream && d.peer == 0 && !s.queue.is_empty() {
+                s.senders = senders;
+            }
         }
         // Connected to a connection its listener has not accepted yet: what
         // it sent waits in that connection, which nothing can read before
@@ -97,7 +103,10 @@ const EMPTY_MESSAGES_CAP: usize = 1 << 16;
 /// is put back). `eof`: receiving is shut down, so an empty queue reads as
 /// end of file (0) instead of `EAGAIN`; for a seqpacket socket the queue's
 /// byte count then tells an empty message from the end.
-pub(super) fn peek_messages(fd: &OwnedFd, ty: i32, eof: bool) -> Result<Vec<Vec<u8>>, SocketError> {
+/// Messages, and their senders' addresses (empty: unnamed).
+type Messages = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+pub(super) fn peek_messages(fd: &OwnedFd, ty: i32, eof: bool) -> Result<Messages, SocketError> {
     let stream = ty == libc::SOCK_STREAM;
     let mut queued: libc::c_int = 0;
     if eof && ty == libc::SOCK_SEQPACKET {
@@ -111,6 +120,9 @@ pub(super) fn peek_messages(fd: &OwnedFd, ty: i32, eof: bool) -> Result<Vec<Vec<
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).map_err(|e| ("SO_PEEK_OFF", e))?;
     let out = (|| {
         let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut senders: Vec<Vec<u8>> = Vec::new();
+        // SAFETY: a zeroed sockaddr_un is a valid buffer for the kernel.
+        let mut name: libc::sockaddr_un = unsafe { std::mem::zeroed() };
         let mut total = 0;
         let mut buf = vec![0u8; 256 << 10];
         let mut control = [0u8; 256];
@@ -125,6 +137,8 @@ pub(super) fn peek_messages(fd: &OwnedFd, ty: i32, eof: bool) -> Result<Vec<Vec<
             msg.msg_iovlen = 1;
             msg.msg_control = control.as_mut_ptr().cast();
             msg.msg_controllen = control.len();
+            msg.msg_name = (&mut name as *mut libc::sockaddr_un).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as u32;
             // SAFETY: recvmsg into our buffers.
             let n = unsafe {
                 libc::recvmsg(
@@ -188,10 +202,21 @@ pub(super) fn peek_messages(fd: &OwnedFd, ty: i32, eof: bool) -> Result<Vec<Vec<
             let chunk = buf[..n as usize].to_vec();
             match out.last_mut() {
                 Some(last) if stream => last.extend_from_slice(&chunk),
-                _ => out.push(chunk),
+                _ => {
+                    out.push(chunk);
+                    let len = (msg.msg_namelen as usize).min(std::mem::size_of_val(&name));
+                    // SAFETY: the kernel wrote `len` bytes of the address.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(
+                            (&name as *const libc::sockaddr_un).cast::<u8>(),
+                            len,
+                        )
+                    };
+                    senders.push(if len <= 2 { Vec::new() } else { bytes.to_vec() });
+                }
             }
         }
-        Ok(out)
+        Ok((out, senders))
     })();
     let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, before);
     out
@@ -280,6 +305,21 @@ pub(super) fn orphan(s: &SocketInfo) -> bool {
     unix && s.shutdown == 3 && (!s.peer.is_empty() || !s.queue.is_empty())
 }
 
+/// Whether the messages queued on the datagram socket `s`, which has no
+/// peer of its own, can be sent to it again by their senders: it has a
+/// name to be sent to, and each sender is unnamed or a socket of `all`.
+pub(super) fn resendable(s: &SocketInfo, all: &[&SocketInfo]) -> bool {
+    s.sock_type as i32 == libc::SOCK_DGRAM
+        && !s.local.is_empty()
+        && s.senders.len() == s.queue.len()
+        && s.senders.iter().all(|a| {
+            a.is_empty()
+                || all
+                    .iter()
+                    .any(|o| o.family == libc::AF_UNIX as u16 && o.local == *a)
+        })
+}
+
 /// Connected unix sockets are restored as pairs: both ends must be here,
 /// queued datagrams need their sender, and the directions shut down must
 /// come back as they were.
@@ -304,13 +344,13 @@ pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
     for &(pid, fds) in procs {
         for f in fds {
             let Some(s) = unix(f) else { continue };
-            if s.peer_inode == 0 && !s.queue.is_empty() && !orphan(&s) {
+            if s.peer_inode == 0 && !s.queue.is_empty() && !orphan(&s) && !resendable(&s, &all) {
                 return Err(SaveError::NotSupportedFd {
                     pid,
                     fd: f.fd,
-                    what:
-                        "queued messages on an unconnected unix socket (their senders are unknown)"
-                            .into(),
+                    what: "queued messages on an unconnected unix socket from senders that are \
+                           not checkpointed with it (or unknown)"
+                        .into(),
                 });
             }
             let Some(peer) = (s.peer_inode != 0).then(|| inodes.get(&s.peer_inode)) else {
