@@ -92,6 +92,11 @@ pub struct SocketInfo {
     /// sent again from a socket of that name (format 1.8; empty for other
     /// sockets and before).
     pub senders: Vec<Vec<u8>>,
+    /// For a unix listener, the connections waiting to be accepted (format
+    /// 1.8; 0 before): each must come from a client checkpointed with it,
+    /// which connects again at restore (one whose client has closed is
+    /// refused: what it sent cannot be read without accepting it).
+    pub pending: u32,
     /// A unix socket bound to a path: its file as it was (format 1.7;
     /// `None` before, and for other sockets).
     pub file: Option<SocketFile>,
@@ -162,6 +167,7 @@ impl SocketInfo {
         for a in &self.senders {
             b.bytes(a);
         }
+        b.u32(self.pending);
     }
 
     /// Reads a socket's state body.
@@ -240,10 +246,20 @@ impl SocketInfo {
                 s.senders
                     .push(b.bytes(ADDR_CAP, "message sender")?.to_vec());
             }
+            s.pending = b.u32()?;
+            if s.pending > PENDING_CAP {
+                return Err(b.err(format!(
+                    "{} pending connections (at most {PENDING_CAP})",
+                    s.pending
+                )));
+            }
         }
         Ok(s)
     }
 }
+
+/// Most connections waiting on a listener (the kernel's `somaxconn` cap).
+const PENDING_CAP: u32 = 1 << 16;
 
 impl TcpRepair {
     fn encode(&self, b: &mut Enc) {
@@ -386,7 +402,7 @@ mod tests {
             ..SocketInfo::default()
         };
         let mut old = encoded(&s);
-        old.truncate(old.len() - 8);
+        old.truncate(old.len() - 12);
         assert_eq!(decoded(&old).unwrap(), s);
     }
 
@@ -405,24 +421,24 @@ mod tests {
         let e = decoded(&encoded(&many)).unwrap_err();
         assert!(e.what.contains("socket options"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 10;
+        let at = bad.len() - 14;
         bad[at] = 2;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("unknown TCP state marker 2"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 8;
+        let at = bad.len() - 12;
         bad[at] = 4;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("shutdown state 4"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 6;
+        let at = bad.len() - 10;
         bad[at] = 3;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("socket file marker 3"), "{}", e.what);
         // Every message under the cap, together over it.
         let mut e = Enc::default();
         SocketInfo::default().encode(&mut e);
-        let mut buf = e.buf[..e.buf.len() - 14].to_vec();
+        let mut buf = e.buf[..e.buf.len() - 18].to_vec();
         let half = vec![0u8; SOCKET_QUEUE_CAP / 2 + 1];
         let mut q = Enc::default();
         q.u32(2);

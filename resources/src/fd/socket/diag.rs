@@ -112,6 +112,8 @@ pub struct UnixDiag {
     pub peer: u64,
     /// For a listener, its backlog.
     pub backlog: u32,
+    /// For a listener, the connections waiting to be accepted.
+    pub pending: u32,
     /// For any other socket, the bytes it sent that its peer has not read.
     pub outq: u32,
     /// `sk_shutdown`: 1 receiving shut down, 2 sending.
@@ -150,7 +152,10 @@ pub fn unix_sockets() -> io::Result<HashMap<u64, UnixDiag>> {
             UNIX_DIAG_PEER => d.peer = u32_at(a, 0).unwrap_or(0) as u64,
             // {rqueue, wqueue}: for a listener, pending connections and
             // backlog; otherwise unread bytes and bytes sent not yet read.
-            UNIX_DIAG_RQLEN if listening => d.backlog = u32_at(a, 4).unwrap_or(0),
+            UNIX_DIAG_RQLEN if listening => {
+                d.pending = u32_at(a, 0).unwrap_or(0);
+                d.backlog = u32_at(a, 4).unwrap_or(0);
+            }
             UNIX_DIAG_RQLEN => d.outq = u32_at(a, 4).unwrap_or(0),
             UNIX_DIAG_SHUTDOWN => d.shutdown = a.first().copied().unwrap_or(0),
             UNIX_DIAG_VFS => d.vfs = u32_at(a, 0).zip(u32_at(a, 4)),

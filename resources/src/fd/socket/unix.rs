@@ -35,6 +35,7 @@ pub(super) fn save_unix(
     s.shutdown = d.shutdown;
     if s.listening {
         s.backlog = d.backlog;
+        s.pending = d.pending;
     } else {
         // A stream or seqpacket socket that is not connected has no queue
         // (and reading it is an error).
@@ -320,6 +321,20 @@ pub(super) fn resendable(s: &SocketInfo, all: &[&SocketInfo]) -> bool {
         })
 }
 
+/// The clients among `all` whose connection waits on the listener `l`:
+/// they connect again at restore.
+fn waiting(l: &SocketInfo, all: &[&SocketInfo]) -> u32 {
+    all.iter()
+        .filter(|c| {
+            c.family == libc::AF_UNIX as u16
+                && !c.listening
+                && c.peer_inode == 0
+                && c.peer == l.local
+                && !orphan(c)
+        })
+        .count() as u32
+}
+
 /// Connected unix sockets are restored as pairs: both ends must be here,
 /// queued datagrams need their sender, and the directions shut down must
 /// come back as they were.
@@ -350,6 +365,15 @@ pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
                     fd: f.fd,
                     what: "queued messages on an unconnected unix socket from senders that are \
                            not checkpointed with it (or unknown)"
+                        .into(),
+                });
+            }
+            if s.listening && s.pending > waiting(&s, &all) {
+                return Err(SaveError::NotSupportedFd {
+                    pid,
+                    fd: f.fd,
+                    what: "a connection waiting to be accepted on a unix listener whose client \
+                           has closed (what it sent cannot be read without accepting it)"
                         .into(),
                 });
             }
