@@ -118,8 +118,21 @@ fn seccomp_first(pid: i32) -> Result<(), DumpError> {
             .lines()
             .find_map(|l| l.strip_prefix("Seccomp:").map(|v| v.trim().to_string()))
     };
-    let (theirs, ours) = (mode(&pid.to_string()), mode("self"));
-    if theirs.is_some() && theirs != ours {
+    let ours = mode("self");
+    // Each thread has its own filters: any thread's mode counts.
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| format!("{pid}/task/{}", e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![pid.to_string()]);
+    let theirs = threads
+        .iter()
+        .map(|t| mode(t))
+        .find(|m| m.is_some() && *m != ours)
+        .flatten();
+    if theirs.is_some() {
         let name = match theirs.as_deref() {
             Some("1") => "strict mode",
             _ => "filters",
