@@ -86,6 +86,12 @@ impl Descriptor for File {
             }
             libc::S_IFCHR => {
                 // Terminals are the tty kind's, asked first.
+                if seen.link.ends_with(" (deleted)") {
+                    return Some(Err(cx.refuse(
+                        seen.fd,
+                        format!("a device node that was removed ({})", seen.link),
+                    )));
+                }
                 Some(Ok(seen.info(FdKind::CharDevice)))
             }
             _ => None,
