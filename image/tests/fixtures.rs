@@ -230,6 +230,7 @@ fn check_rich(m: &Manifest) {
             snd_wscale: 10,
             rcv_wscale: 9,
             window: [1, 2, 3, 4, 5],
+            state: 0,
         }),
         ..Default::default()
     }));

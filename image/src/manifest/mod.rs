@@ -46,7 +46,7 @@ pub use chain::ChainInfo;
 pub use cow::CowRun;
 pub use fd::{
     EpollItem, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, PtyPair, SockOpt, SocketFile,
-    SocketInfo, TcpRepair, TtyInfo, TtyRole, SOCKET_QUEUE_CAP, TERMIOS_LEN,
+    SocketInfo, TcpRepair, TtyInfo, TtyRole, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN,
 };
 pub use lock::{FileLock, LockKind};
 pub use mapping::{

@@ -11,7 +11,7 @@ mod socket;
 mod state;
 mod tty;
 
-pub use socket::{SockOpt, SocketFile, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
+pub use socket::{SockOpt, SocketFile, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED};
 pub use state::{EpollItem, FdKind, FdState, InotifyWatch};
 pub use tty::{PtyPair, TtyInfo, TtyRole, TERMIOS_LEN};
 

@@ -42,7 +42,16 @@ pub struct TcpRepair {
     pub rcv_wscale: u8,
     /// `struct tcp_repair_window`: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
     pub window: [u32; 5],
+    /// The connection's state when it is half closed (format 1.8, in the
+    /// high byte of the options field; 0 before): 4 `FIN_WAIT1`, 5
+    /// `FIN_WAIT2`, 8 `CLOSE_WAIT`, 9 `LAST_ACK`, 11 `CLOSING`; 0 for an
+    /// established one. The queues and sequence numbers leave the FINs out.
+    pub state: u8,
 }
+
+/// The half-closed TCP states a connection may be in (see
+/// [`TcpRepair::state`]).
+pub const TCP_HALF_CLOSED: [u8; 5] = [4, 5, 8, 9, 11];
 
 /// A socket option to set again, as `getsockopt` returned it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -270,7 +279,7 @@ impl TcpRepair {
         b.bytes(&self.recv_queue);
         b.u32(self.mss);
         b.u32(self.timestamp);
-        b.u16(self.options as u16);
+        b.u16(self.options as u16 | (self.state as u16) << 8);
         b.u16(self.snd_wscale as u16 | (self.rcv_wscale as u16) << 8);
         for w in self.window {
             b.u32(w);
@@ -287,9 +296,18 @@ impl TcpRepair {
             recv_queue: b.bytes(SOCKET_QUEUE_CAP, "TCP receive queue")?.to_vec(),
             mss: b.u32()?,
             timestamp: b.u32()?,
-            options: b.u16()? as u8,
             ..TcpRepair::default()
         };
+        let at = b.offset();
+        let options = b.u16()?;
+        t.options = options as u8;
+        t.state = (options >> 8) as u8;
+        if t.state != 0 && !TCP_HALF_CLOSED.contains(&t.state) {
+            return Err(DecErr {
+                offset: at,
+                what: format!("TCP connection state {} (0, 4, 5, 8, 9 or 11)", t.state),
+            });
+        }
         let scales = b.u16()?;
         t.snd_wscale = scales as u8;
         t.rcv_wscale = (scales >> 8) as u8;
@@ -385,6 +403,7 @@ mod tests {
                 snd_wscale: 14,
                 rcv_wscale: 7,
                 window: [10, 20, 30, 40, 50],
+                state: 9,
             }),
             ..SocketInfo::default()
         };

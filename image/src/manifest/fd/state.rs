@@ -451,6 +451,7 @@ pub(super) mod tests {
                     snd_wscale: 10,
                     rcv_wscale: 9,
                     window: [1, 2, 3, 4, 5],
+                    state: 0,
                 }),
                 ..SocketInfo::default()
             })),

@@ -15,7 +15,9 @@ use std::{
 use cr_ebpf_image::{SocketFile, SocketInfo};
 
 use super::{
-    apply_options, bind, check, connect, fail, option_int, send_all, send_to, setsockopt_int,
+    apply_options, bind, check, connect, fail,
+    fin::half_close,
+    option_int, send_all, send_to, setsockopt_int,
     tcp::{closed_connection, release, send_unsent, tcp_connection},
     unix::{listener_of, orphan, socketpair, unix_path},
 };
@@ -93,6 +95,11 @@ pub(super) fn build(
         .filter_map(|s| Some((made.get(&s.inode)?, *s, s.tcp.as_ref()?)))
         .filter(|_| !close_connections)
         .collect();
+    // Half-closed connections get their FINs while every connection is
+    // still in repair mode.
+    for &(fd, s, t) in &connections {
+        half_close(fd, s, t)?;
+    }
     for &(fd, s, _) in &connections {
         release(fd, s)?;
     }
@@ -848,6 +855,65 @@ mod tests {
                 (b"three".to_vec(), None),
             ]
         );
+    }
+
+    /// `tcpi_state` of a TCP socket.
+    fn tcp_state(fd: &impl std::os::fd::AsRawFd) -> u8 {
+        let mut info = [0u8; 8];
+        let mut len = 8u32;
+        // SAFETY: the kernel writes at most `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        info[0]
+    }
+
+    #[test]
+    fn a_half_closed_tcp_connection_comes_back_half_closed() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: TCP_REPAIR and raw sockets need root");
+            return;
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (&b).write_all(b"unread").unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            (tcp_state(&a), tcp_state(&b)),
+            (5, 8),
+            "FIN_WAIT2, CLOSE_WAIT"
+        );
+        let saved = testing::save_own_many(&[a.as_raw_fd(), b.as_raw_fd()]);
+        // The originals go quietly (in repair mode nothing is sent).
+        for f in [&a, &b] {
+            super::super::tcp::repair_mode(&OwnedFd::from(f.try_clone().unwrap()), true).unwrap();
+        }
+        drop((a, b, l));
+        let fds = restored(&saved);
+        let (mut a, mut b) = (
+            std::net::TcpStream::from(fds[0].try_clone().unwrap()),
+            std::net::TcpStream::from(fds[1].try_clone().unwrap()),
+        );
+        assert_eq!((tcp_state(&a), tcp_state(&b)), (5, 8), "half closed again");
+        let mut buf = [0u8; 16];
+        assert_eq!(b.read(&mut buf).unwrap(), 0, "b had read the end");
+        let n = a.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"unread");
+        b.write_all(b"more").unwrap();
+        let n = a.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"more");
+        b.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(a.read(&mut buf).unwrap(), 0, "then a sees the end");
     }
 
     #[test]

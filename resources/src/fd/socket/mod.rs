@@ -15,6 +15,7 @@
 
 mod build;
 mod diag;
+mod fin;
 pub mod tcp;
 pub mod unix;
 
@@ -350,7 +351,10 @@ fn save_socket(
             s.shutdown = d.map_or(0, |d| d.shutdown);
             match info.first().copied().unwrap_or(0) {
                 TCP_LISTEN => s.backlog = d.map_or(128, |d| d.backlog),
-                TCP_ESTABLISHED => s.tcp = Some(tcp_repair(dup)?),
+                TCP_ESTABLISHED => s.tcp = Some(tcp_repair(dup, 0)?),
+                half if cr_ebpf_image::TCP_HALF_CLOSED.contains(&half) => {
+                    s.tcp = Some(tcp_repair(dup, half)?)
+                }
                 TCP_CLOSE => {
                     // sock_diag shows a closed socket only while it holds
                     // its port (bound, not yet connected); one whose

@@ -81,7 +81,7 @@ fn peek(fd: &OwnedFd, cap: usize) -> io::Result<Vec<u8>> {
 
 /// Reads one TCP connection's state in repair mode; the socket is back in
 /// normal mode afterwards (with `SO_REUSEADDR` as it was), whatever happens.
-pub(super) fn tcp_repair(fd: &OwnedFd) -> Result<TcpRepair, SocketError> {
+pub(super) fn tcp_repair(fd: &OwnedFd, state: u8) -> Result<TcpRepair, SocketError> {
     let reuse = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)
         .map_err(|e| ("SO_REUSEADDR", e))?;
     setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1).map_err(|e| {
@@ -93,7 +93,7 @@ pub(super) fn tcp_repair(fd: &OwnedFd) -> Result<TcpRepair, SocketError> {
             SocketError::Io("TCP_REPAIR", e)
         }
     })?;
-    let r = read_repair(fd);
+    let r = read_repair(fd, state);
     // Leaving repair mode resets SO_REUSEADDR: put it back.
     let off = setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 0);
     let re = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuse);
@@ -103,7 +103,11 @@ pub(super) fn tcp_repair(fd: &OwnedFd) -> Result<TcpRepair, SocketError> {
     Ok(r)
 }
 
-fn read_repair(fd: &OwnedFd) -> Result<TcpRepair, SocketError> {
+/// The state of a connection in repair mode; in a half-closed `state`,
+/// the sequence numbers and queues leave its FINs out.
+fn read_repair(fd: &OwnedFd, state: u8) -> Result<TcpRepair, SocketError> {
+    let their_fin = u32::from(super::fin::got_fin(state));
+    let our_fin = u32::from(super::fin::sent_fin(state));
     let int = |level, name, what: &'static str| {
         getsockopt_int(fd, level, name).map_err(|e| SocketError::Io(what, e))
     };
@@ -134,15 +138,18 @@ fn read_repair(fd: &OwnedFd) -> Result<TcpRepair, SocketError> {
             let again = int(libc::IPPROTO_TCP, TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
             tries += 1;
             if again == end || tries > 20 {
+                let end = end.wrapping_sub(their_fin);
                 break (end.wrapping_sub(data.len() as u32), data);
             }
         }
     };
     queue(TCP_SEND_QUEUE)?;
-    let write_seq = int(libc::IPPROTO_TCP, TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
+    let write_seq =
+        (int(libc::IPPROTO_TCP, TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32).wrapping_sub(our_fin);
     let outq = ioctl_int(fd, libc::TIOCOUTQ).map_err(|e| ("SIOCOUTQ", e))? as usize;
     check(outq)?;
-    let unsent = ioctl_int(fd, SIOCOUTQNSD).map_err(|e| ("SIOCOUTQNSD", e))? as u32;
+    let unsent = (ioctl_int(fd, SIOCOUTQNSD).map_err(|e| ("SIOCOUTQNSD", e))? as u32)
+        .saturating_sub(our_fin);
     let send_queue = peek(fd, outq).map_err(|e| ("reading the send queue", e))?;
     queue(TCP_NO_QUEUE)?;
     let mss = int(libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")? as u32;
@@ -171,6 +178,7 @@ fn read_repair(fd: &OwnedFd) -> Result<TcpRepair, SocketError> {
         snd_wscale: info.get(6).copied().unwrap_or(0) & 0xf,
         rcv_wscale: info.get(6).copied().unwrap_or(0) >> 4,
         window,
+        state,
     })
 }
 
@@ -251,7 +259,7 @@ pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, R
         .map_err(fail("TCP_REPAIR_OPTIONS"))?;
     // The peer checks timestamps: the connection's own clock goes on.
     tcp(TCP_TIMESTAMP, t.timestamp as i32, "TCP_TIMESTAMP")?;
-    let sent = t.send_queue.len() - t.unsent as usize;
+    let sent = queued_as_sent(t);
     if sent > 0 {
         tcp(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")?;
         send_all(&fd, &t.send_queue[..sent], 0).map_err(fail("refilling the TCP send queue"))?;
@@ -262,12 +270,24 @@ pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, R
     }
     tcp(TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE")?;
     let mut w = Vec::with_capacity(20);
-    for v in t.window {
+    for v in super::fin::window_before_fin(t) {
         w.extend_from_slice(&v.to_ne_bytes());
     }
     setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(fail("TCP_REPAIR_WINDOW"))?;
     apply_options(&fd, s, true)?;
     Ok(fd)
+}
+
+/// How many bytes of the send queue are queued again in repair mode, as
+/// sent: those sent and not acknowledged; all of them when the connection
+/// had sent its FIN, which must come after them (they go out as
+/// retransmissions).
+fn queued_as_sent(t: &TcpRepair) -> usize {
+    if super::fin::sent_fin(t.state) {
+        t.send_queue.len()
+    } else {
+        t.send_queue.len() - t.unsent as usize
+    }
 }
 
 /// Room beyond twice its bytes a queue gets while it is refilled.
@@ -290,8 +310,8 @@ pub(super) fn release(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> 
 /// (never waiting: it fits in the room [`tcp_connection`] made), then the
 /// buffer sizes as saved.
 pub(super) fn send_unsent(fd: &OwnedFd, s: &SocketInfo, t: &TcpRepair) -> Result<(), RestoreError> {
-    let sent = t.send_queue.len() - t.unsent as usize;
-    if t.unsent > 0 {
+    let sent = queued_as_sent(t);
+    if sent < t.send_queue.len() {
         send_all(fd, &t.send_queue[sent..], libc::MSG_DONTWAIT)
             .map_err(fail("sending the unsent TCP bytes"))?;
     }
