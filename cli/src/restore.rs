@@ -38,6 +38,13 @@ pub struct Args {
     /// machine), `always`, `never`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
     pub time_namespace: String,
+    /// Put the restored tree under another cgroup: the root process's
+    /// cgroup in the hierarchy of CONTROLLER (`cpu`, `name=systemd`,
+    /// `cgroup2` for v2; none: every hierarchy not named otherwise)
+    /// becomes PATH, the other processes keep their place below it.
+    /// Missing directories are created. Repeatable.
+    #[arg(long, value_name = "[CONTROLLER:]PATH")]
+    pub cgroup_root: Vec<cr_ebpf_restore::CgroupRoot>,
     /// Print what the restore did (pid, pages, time per phase) as one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -56,6 +63,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "never" => TimeNamespace::Never,
                 _ => TimeNamespace::Auto,
             },
+            cgroup_roots: args.cgroup_root.clone(),
         },
     )
     .with_context(|| format!("restoring {}", args.images_dir.display()))?;

@@ -71,6 +71,18 @@ fn manifest() -> Manifest {
                 thp_disabled: false,
                 job_stop: 0,
             }),
+            membership: cr_ebpf_image::Membership {
+                cgroups: vec![cr_ebpf_image::Cgroup {
+                    controllers: "name=systemd".into(),
+                    path: "/user.slice".into(),
+                }],
+                thread_cgroups: Vec::new(),
+                uts: Some(cr_ebpf_image::Uts {
+                    ns: 4026532000,
+                    hostname: "restored".into(),
+                    domainname: "(none)".into(),
+                }),
+            },
             posix_timers: vec![cr_ebpf_image::PosixTimer {
                 id: 2,
                 clockid: 7,

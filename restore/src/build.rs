@@ -477,6 +477,7 @@ fn threads(b: &mut Build<'_>) -> Result<(), RestoreError> {
             what: format!("taking over thread {}", info.tid),
             source,
         })?;
+        b.natives.cgroups.enter_thread(info.tid)?;
         let regs = thread_state(b, &nt, info)?;
         b.others.push((nt, regs, info.sigmask));
     }
@@ -603,7 +604,7 @@ mod tests {
         names: &[&str],
     ) -> Result<Recording, RestoreError> {
         let rec = Recording::new();
-        let natives = Natives::build(&[m], false)?;
+        let natives = Natives::build(&[m], false, &[])?;
         let mut b = Build {
             t: None,
             s: &rec,

@@ -31,7 +31,7 @@ mod zombie;
 use std::{path::Path, time::Duration, time::Instant};
 
 use cr_ebpf_image::{images_dir, Chain, Manifest, MappingKind};
-pub use cr_ebpf_resources::RestoreError;
+pub use cr_ebpf_resources::{process::cgroup::NewRoot as CgroupRoot, RestoreError};
 
 /// What a restore did.
 #[derive(Debug, Clone)]
@@ -109,6 +109,9 @@ pub struct RestoreOptions {
     pub close_connections: bool,
     /// When to restore into a new time namespace.
     pub time_namespace: TimeNamespace,
+    /// `--cgroup-root`: where the root process's cgroups go instead of
+    /// the recorded ones (the others keep their place below them).
+    pub cgroup_roots: Vec<CgroupRoot>,
 }
 
 /// When the restored process gets a time namespace of its own, whose
@@ -273,13 +276,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     } else {
         opts.threads
     };
-    let (pid, pages, fill) = restore_single(
-        manifest,
-        &chain,
-        workers,
-        opts.close_connections,
-        &mut clock,
-    )?;
+    let (pid, pages, fill) = restore_single(manifest, &chain, workers, opts, &mut clock)?;
     Ok(RestoreReport {
         pid,
         pages,
@@ -297,13 +294,14 @@ fn restore_single(
     m: &Manifest,
     chain: &Chain,
     workers: usize,
-    close_connections: bool,
+    opts: &RestoreOptions,
     clock: &mut Clock,
 ) -> Result<(i32, u64, Duration), RestoreError> {
     let (tramp, vdso_tmp) = stub::addresses(&[m])?;
+    let natives = stub::Natives::build(&[m], opts.close_connections, &opts.cgroup_roots)?;
     let (t, guard) = stub::spawn_root(m.process.pid, tramp)?;
-    let natives = stub::Natives::build(&[m], close_connections)?;
     let pid = m.process.pid;
+    natives.cgroups.enter(pid).map_err(|e| e.in_process(pid))?;
     let ready = build::build_in(
         t, guard, m, chain, workers, &natives, clock, tramp, vdso_tmp,
     )

@@ -7,6 +7,7 @@ use cr_ebpf_image::Manifest;
 use cr_ebpf_resources::{
     fd::Shared,
     proc::parse_maps,
+    process::cgroup::{self, NewRoot, Placement},
     sys::{CloneArgs, Injected, Sys as _, PAGE},
 };
 use cr_ebpf_tracee::Tracee;
@@ -26,17 +27,30 @@ pub(crate) const TRAMPOLINE_LEN: u64 = 2 * PAGE;
 pub(crate) struct Natives {
     pub fds: Shared,
     pub shmem: HashMap<u64, OwnedFd>,
+    /// The cgroups each process and thread goes into, directories made.
+    pub cgroups: Placement,
 }
 
 impl Natives {
     /// The objects of every process in `ms`.
-    pub(crate) fn build(ms: &[&Manifest], close_connections: bool) -> Result<Self, RestoreError> {
+    /// `ms` starts with the tree's root process.
+    pub(crate) fn build(
+        ms: &[&Manifest],
+        close_connections: bool,
+        cgroup_roots: &[NewRoot],
+    ) -> Result<Self, RestoreError> {
+        let ps: Vec<_> = ms.iter().map(|m| &m.process).collect();
+        let cgroups = Placement::plan(&ps, cgroup_roots, &cgroup::our_mounts())?;
         let shmem = cr_ebpf_resources::shmem::prepare(ms)?;
         let fds = cr_ebpf_resources::fd::prepare(
             ms,
             &cr_ebpf_resources::fd::Prepare { close_connections },
         )?;
-        Ok(Self { fds, shmem })
+        Ok(Self {
+            fds,
+            shmem,
+            cgroups,
+        })
     }
 }
 

@@ -51,7 +51,7 @@ pub(crate) fn restore_tree(
         .filter_map(|p| chains.get(&p.pid).map(Chain::manifest))
         .collect();
     let (tramp, vdso_tmp) = stub::addresses(&manifests)?;
-    let natives = Natives::build(&manifests, opts.close_connections)?;
+    let natives = Natives::build(&manifests, opts.close_connections, &opts.cgroup_roots)?;
     let workers = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -77,6 +77,11 @@ pub(crate) fn restore_tree(
                 .0;
             stub::spawn_child(parent, tramp, p.pid).map_err(|e| e.in_process(p.pid))?
         };
+        // Into its cgroups before it makes children (they inherit them).
+        natives
+            .cgroups
+            .enter(p.pid)
+            .map_err(|e| e.in_process(p.pid))?;
         let parent_pgid = tree
             .processes
             .iter()

@@ -36,6 +36,7 @@ mod chain;
 mod fd;
 mod lock;
 mod mapping;
+mod membership;
 mod posix_timer;
 mod process;
 mod shmem;
@@ -53,6 +54,7 @@ pub use mapping::{
     MAP_MERGEABLE, MAP_NOHUGEPAGE, MAP_NORESERVE, MAP_RANDOM, MAP_SEQUENTIAL, MAP_SHARED,
     MAP_WIPEONFORK,
 };
+pub use membership::{Cgroup, Membership, Uts, UTS_NAME_CAP};
 pub use posix_timer::PosixTimer;
 pub use process::{Prctl, ProcessInfo, SigAction};
 pub use shmem::{ShmemKind, ShmemObject, SHMEM_CAP};

@@ -67,6 +67,9 @@ pub struct ProcessInfo {
     /// signal, dumpable, THP disabled) and whether it was stopped by job
     /// control. `None` in older images (nothing is set at restore).
     pub prctl: Option<Prctl>,
+    /// Format 1.8: its cgroups and UTS namespace (written after the
+    /// `prctl` settings, so only with them). Default in older images.
+    pub membership: super::Membership,
 }
 
 /// The `prctl` settings of a process and its job-control stop (format 1.7).
@@ -144,6 +147,7 @@ impl ProcessInfo {
             b.u32(c.dumpable);
             b.u32(c.thp_disabled as u32);
             b.u32(c.job_stop);
+            self.membership.encode(b);
         }
     }
 
@@ -210,6 +214,12 @@ impl ProcessInfo {
             }
             Some(c)
         };
+        // Format 1.8 appends the cgroups and the UTS namespace.
+        let membership = if prctl.is_none() || b.done() {
+            super::Membership::default()
+        } else {
+            super::Membership::decode(b)?
+        };
         Ok(Self {
             pid,
             exe,
@@ -232,6 +242,7 @@ impl ProcessInfo {
             sid,
             pgid,
             prctl,
+            membership,
         })
     }
 }
@@ -299,6 +310,13 @@ mod tests {
                 thp_disabled: true,
                 job_stop: 19,
             }),
+            membership: super::super::Membership {
+                cgroups: vec![super::super::Cgroup {
+                    controllers: "cpu,cpuacct".into(),
+                    path: "/a".into(),
+                }],
+                ..Default::default()
+            },
         }
     }
 
@@ -314,9 +332,17 @@ mod tests {
 
     #[test]
     fn a_process_of_format_1_1_has_no_clocks() {
-        let p = sample();
+        let mut p = sample();
+        p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
+        // Format 1.7 ends before the (here empty, 16 bytes) membership.
+        e.buf.truncate(e.buf.len() - 16);
+        assert_eq!(
+            ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
+            p,
+            "1.7 reads as 1.8 without cgroups or UTS namespace"
+        );
         // 1.1 ends after the credentials: u64, u64, str "boot", i32, i32 cut off.
         let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4 + 4 + 4 + 16)];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
@@ -327,9 +353,17 @@ mod tests {
 
     #[test]
     fn a_process_of_format_1_4_has_no_session() {
-        let p = sample();
+        let mut p = sample();
+        p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
+        // Format 1.7 ends before the (here empty, 16 bytes) membership.
+        e.buf.truncate(e.buf.len() - 16);
+        assert_eq!(
+            ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
+            p,
+            "1.7 reads as 1.8 without cgroups or UTS namespace"
+        );
         let old = &e.buf[..e.buf.len() - 8 - 16];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!((back.sid, back.pgid), (0, 0));
@@ -338,9 +372,17 @@ mod tests {
 
     #[test]
     fn a_process_of_format_1_6_has_no_prctl_settings() {
-        let p = sample();
+        let mut p = sample();
+        p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
+        // Format 1.7 ends before the (here empty, 16 bytes) membership.
+        e.buf.truncate(e.buf.len() - 16);
+        assert_eq!(
+            ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
+            p,
+            "1.7 reads as 1.8 without cgroups or UTS namespace"
+        );
         let old = &e.buf[..e.buf.len() - 16];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!(back.prctl, None);
