@@ -226,6 +226,25 @@ pub(crate) fn spawn_child(
     Ok((t, guard))
 }
 
+/// Gives the bare stub `t` of process `p` its UTS namespace, when it is
+/// not the one it inherited (see `enter_uts`).
+pub(crate) fn enter_namespaces(
+    t: &Tracee,
+    tramp: u64,
+    p: &cr_ebpf_image::ProcessInfo,
+    inherited: Option<u64>,
+    made: &mut HashMap<u64, i32>,
+) -> Result<(), RestoreError> {
+    let s = Injected::new(t, t.tid(), tramp, tramp + PAGE);
+    cr_ebpf_resources::process::namespaces::enter_uts(
+        &s,
+        p.pid,
+        p.membership.uts.as_ref(),
+        inherited,
+        made,
+    )
+}
+
 /// Injects syscall `nr` into the bare stub `t`.
 pub(crate) fn stub_syscall(
     t: &Tracee,

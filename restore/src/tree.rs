@@ -62,6 +62,10 @@ pub(crate) fn restore_tree(
     // joins its session and group before it makes children of its own.
     let mut stubs: HashMap<i32, (Tracee, KillGuard)> = HashMap::new();
     let mut zombies = Vec::new();
+    // Each process's UTS namespace (a recorded one's inode; `None`: the
+    // restorer's), and a process in each namespace made.
+    let mut uts: HashMap<i32, Option<u64>> = HashMap::new();
+    let mut made_uts = HashMap::new();
     for p in &tree.processes {
         let (t, guard) = if p.ppid == 0 {
             stub::spawn_root(p.pid, tramp).map_err(|e| e.in_process(p.pid))?
@@ -82,6 +86,17 @@ pub(crate) fn restore_tree(
             .cgroups
             .enter(p.pid)
             .map_err(|e| e.in_process(p.pid))?;
+        let inherited = uts.get(&p.ppid).copied().flatten();
+        let mine = match chains.get(&p.pid) {
+            Some(c) => {
+                let info = &c.manifest().process;
+                stub::enter_namespaces(&t, tramp, info, inherited, &mut made_uts)
+                    .map_err(|e| e.in_process(p.pid))?;
+                info.membership.uts.as_ref().map(|u| u.ns)
+            }
+            None => inherited,
+        };
+        uts.insert(p.pid, mine);
         let parent_pgid = tree
             .processes
             .iter()

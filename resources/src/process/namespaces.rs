@@ -1,12 +1,26 @@
-//! Namespaces. A process is restored into the restorer's namespaces, so
-//! one that lives in namespaces of its own (UTS, IPC, network, pid, mount,
-//! user, cgroup) is refused at checkpoint time, naming the kind, while it
-//! keeps running. The time namespace is the exception: its clocks are what
+//! Namespaces. A process is restored into the restorer's namespaces,
+//! except for those this file carries: one that lives in other namespaces
+//! of its own (IPC, network, pid, mount, user, cgroup) is refused at
+//! checkpoint time, naming the kind, while it keeps running.
+//!
+//! A UTS namespace of its own (not cr-ebpf's, compared by inode) is
+//! recorded with its hostname and domain name, read from inside it (a
+//! thread of ours joins it with `setns`). At restore ([`enter_uts`]) the
+//! first stub of each recorded namespace makes a new one
+//! (`unshare(CLONE_NEWUTS)`) and sets the names; every other stub of a
+//! tree inherits its parent's or joins the one it belongs to with `setns`
+//! through `/proc/PID/ns/uts` of a stub already in it (a process of
+//! cr-ebpf's namespace below one in its own joins the restorer's): the
+//! processes that shared a namespace share one again.
+//!
+//! The time namespace: its clocks are what
 //! the image records ([`ProcessInfo::monotonic_ns`], `boottime_ns`, read
 //! through the process's own offsets), and a restore whose clocks are
 //! behind them gives the process a time namespace that goes on from them.
 
-use cr_ebpf_image::ProcessInfo;
+use std::{collections::HashMap, os::fd::AsRawFd as _};
+
+use cr_ebpf_image::{ProcessInfo, Uts};
 
 use super::{Phase, ProcessKind, SaveCx};
 use crate::{error::proc_err, sys::Sys, RestoreError, SaveError};
@@ -14,7 +28,6 @@ use crate::{error::proc_err, sys::Sys, RestoreError, SaveError};
 /// The namespaces a process must share with the restorer, as named in
 /// `/proc/PID/ns` (`*_for_children`: what its next children would get).
 const SHARED: &[(&str, &str)] = &[
-    ("uts", "UTS (hostname) namespace"),
     ("ipc", "IPC namespace"),
     ("net", "network namespace"),
     ("pid", "pid namespace"),
@@ -55,6 +68,7 @@ impl ProcessKind for Namespaces {
 
     fn save(&self, cx: &mut SaveCx<'_>, p: &mut ProcessInfo) -> Result<(), SaveError> {
         let pid = cx.pid;
+        p.membership.uts = uts_of(pid).map_err(|e| cx.refuse(e))?;
         for (ns, what) in SHARED {
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"))
                 .map_err(proc_err(pid, format!("/proc/{pid}/ns/{ns}")))?;
@@ -87,6 +101,109 @@ impl ProcessKind for Namespaces {
     }
 }
 
+/// Inode of namespace `ns` of process `pid` (`self` for ours).
+fn ns_inode(pid: &str, ns: &str) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/{pid}/ns/{ns}")).map(|m| m.ino())
+}
+
+/// The UTS namespace of process `pid` with its names, when it is not ours.
+fn uts_of(pid: i32) -> Result<Option<Uts>, String> {
+    let theirs =
+        ns_inode(&pid.to_string(), "uts").map_err(|e| format!("/proc/{pid}/ns/uts: {e}"))?;
+    let ours = ns_inode("self", "uts").map_err(|e| format!("/proc/self/ns/uts: {e}"))?;
+    if theirs == ours {
+        return Ok(None);
+    }
+    let f = std::fs::File::open(format!("/proc/{pid}/ns/uts"))
+        .map_err(|e| format!("/proc/{pid}/ns/uts: {e}"))?;
+    // A thread of ours joins it for a moment (a UTS namespace is per
+    // thread) and reads the names.
+    let names = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on our descriptor, in this thread only.
+            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWUTS) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: zeroed utsname is valid; uname fills it.
+            let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            if unsafe { libc::uname(&mut u) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let text = |f: &[libc::c_char]| {
+                let b: Vec<u8> = f
+                    .iter()
+                    .take_while(|&&c| c != 0)
+                    .map(|&c| c as u8)
+                    .collect();
+                String::from_utf8_lossy(&b).into_owned()
+            };
+            Ok((text(&u.nodename), text(&u.domainname)))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the reading thread panicked")))
+    })
+    .map_err(|e| format!("reading the hostname of its UTS namespace: {e}"))?;
+    Ok(Some(Uts {
+        ns: theirs,
+        hostname: names.0,
+        domainname: names.1,
+    }))
+}
+
+/// Gives the stub of process `pid` (through `sys`) the UTS namespace
+/// `want` (`None`: the restorer's), when it is not the one it inherited
+/// (`inherited`, a recorded namespace's inode, `None` for the
+/// restorer's). `made` maps each namespace made so far to a process in it.
+pub fn enter_uts(
+    sys: &dyn Sys,
+    pid: i32,
+    want: Option<&Uts>,
+    inherited: Option<u64>,
+    made: &mut HashMap<u64, i32>,
+) -> Result<(), RestoreError> {
+    let ns = want.map(|u| u.ns);
+    if ns == inherited {
+        return Ok(());
+    }
+    let join = match (want, ns.and_then(|n| made.get(&n))) {
+        (None, _) => Some(std::process::id() as i32),
+        (Some(_), Some(&other)) => Some(other),
+        (Some(_), None) => None,
+    };
+    if let Some(other) = join {
+        let fd = sys.openat(
+            &format!("/proc/{other}/ns/uts"),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )?;
+        sys.call(
+            "setns(CLONE_NEWUTS)",
+            libc::SYS_setns,
+            [fd as u64, libc::CLONE_NEWUTS as u64, 0, 0, 0, 0],
+        )?;
+        return sys.close(fd);
+    }
+    let u = want.expect("a namespace to make");
+    sys.call(
+        "unshare(CLONE_NEWUTS)",
+        libc::SYS_unshare,
+        [libc::CLONE_NEWUTS as u64, 0, 0, 0, 0, 0],
+    )?;
+    for (i, (name, nr, text)) in [
+        ("sethostname", libc::SYS_sethostname, &u.hostname),
+        ("setdomainname", libc::SYS_setdomainname, &u.domainname),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let at = sys.put(i as u64 * 128, text.as_bytes())?;
+        sys.call(name, nr, [at, text.len() as u64, 0, 0, 0, 0])?;
+    }
+    made.insert(u.ns, pid);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +226,50 @@ mod tests {
         );
         assert_eq!(parse_offsets("1 0 0\n7 2 0\n"), Some((0, 2_000_000_000)));
         assert!(parse_offsets("monotonic x 0\n").is_none());
+        assert_eq!(uts_of(std::process::id() as i32), Ok(None));
+    }
+
+    #[test]
+    fn a_uts_namespace_is_made_once_then_joined_and_left() {
+        use crate::sys::fake::{Recording, SCRATCH};
+        let box_a = Uts {
+            ns: 7,
+            hostname: "box-a".into(),
+            domainname: "dom".into(),
+        };
+        let mut made = HashMap::new();
+        // The root process in namespace 7: made, named.
+        let f = Recording::new();
+        enter_uts(&f, 100, Some(&box_a), None, &mut made).unwrap();
+        assert_eq!(
+            f.names(),
+            ["unshare(CLONE_NEWUTS)", "sethostname", "setdomainname"]
+        );
+        assert_eq!(f.calls("sethostname")[0], [SCRATCH, 5, 0, 0, 0, 0]);
+        assert_eq!(f.memory("sethostname", 0, SCRATCH, 5), b"box-a");
+        assert_eq!(f.memory("setdomainname", 0, SCRATCH + 128, 3), b"dom");
+        assert_eq!(made[&7], 100);
+        // Its child in the same namespace inherits it: nothing to do.
+        let f = Recording::new();
+        enter_uts(&f, 101, Some(&box_a), Some(7), &mut made).unwrap();
+        assert!(f.names().is_empty());
+        // A child back in cr-ebpf's namespace joins the restorer's.
+        let f = Recording::new();
+        enter_uts(&f, 102, None, Some(7), &mut made).unwrap();
+        assert_eq!(f.names(), ["openat", "setns(CLONE_NEWUTS)", "close"]);
+        assert_eq!(
+            f.string(f.calls("openat")[0][1]),
+            format!("/proc/{}/ns/uts", std::process::id())
+        );
+        // Its child in namespace 7 joins the one made for process 100.
+        let f = Recording::new();
+        enter_uts(&f, 103, Some(&box_a), None, &mut made).unwrap();
+        assert_eq!(f.names(), ["openat", "setns(CLONE_NEWUTS)", "close"]);
+        assert_eq!(f.string(f.calls("openat")[0][1]), "/proc/100/ns/uts");
+        // A failure is an error.
+        let f = Recording::new();
+        f.fail("unshare(CLONE_NEWUTS)", libc::EPERM);
+        let other = Uts { ns: 8, ..box_a };
+        assert!(enter_uts(&f, 104, Some(&other), None, &mut made).is_err());
     }
 }
