@@ -31,13 +31,13 @@ pub mod tree;
 pub use chain::Chain;
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
-    Cgroup, ChainInfo, EpollItem, FdInfo, FdKind, FdState, FileLock, InotifyWatch, LockKind,
-    Manifest, MappingInfo, MappingKind, Membership, PosixTimer, Prctl, ProcessInfo, ShmemKind,
-    ShmemObject, SigAction, SockOpt, SocketFile, SocketInfo, TcpRepair, ThreadInfo, Uts,
-    MAP_DONTDUMP, MAP_DONTFORK, MAP_DROPPABLE, MAP_GROWSDOWN, MAP_HUGEPAGE, MAP_INHERITS,
-    MAP_KNOWN, MAP_LOCKED, MAP_LOCKONFAULT, MAP_MAYWRITE, MAP_MERGEABLE, MAP_NOHUGEPAGE,
-    MAP_NORESERVE, MAP_RANDOM, MAP_SEQUENTIAL, MAP_SHARED, MAP_WIPEONFORK, SHMEM_CAP,
-    SOCKET_QUEUE_CAP, UTS_NAME_CAP,
+    Cgroup, ChainInfo, EpollItem, FdInfo, FdKind, FdState, FileLock, InotifyWatch, IpcNs, IpcPerm,
+    LockKind, Manifest, MappingInfo, MappingKind, Membership, PosixTimer, Prctl, ProcessInfo,
+    ShmemKind, ShmemObject, SigAction, SockOpt, SocketFile, SocketInfo, SysvMsq, SysvSem, SysvShm,
+    TcpRepair, ThreadInfo, Uts, MAP_DONTDUMP, MAP_DONTFORK, MAP_DROPPABLE, MAP_GROWSDOWN,
+    MAP_HUGEPAGE, MAP_INHERITS, MAP_KNOWN, MAP_LOCKED, MAP_LOCKONFAULT, MAP_MAYWRITE,
+    MAP_MERGEABLE, MAP_NOHUGEPAGE, MAP_NORESERVE, MAP_RANDOM, MAP_SEQUENTIAL, MAP_SHARED,
+    MAP_WIPEONFORK, SHMEM_CAP, SOCKET_QUEUE_CAP, UTS_NAME_CAP,
 };
 pub use publish::publish;
 

@@ -82,6 +82,21 @@ fn manifest() -> Manifest {
                     hostname: "restored".into(),
                     domainname: "(none)".into(),
                 }),
+                ipc: Some(cr_ebpf_image::IpcNs {
+                    ns: 4026532001,
+                    sysctls: vec![("kernel/msgmni".into(), "32000".into())],
+                    sem: vec![cr_ebpf_image::SysvSem {
+                        perm: cr_ebpf_image::IpcPerm {
+                            key: 99,
+                            id: 3,
+                            mode: 0o640,
+                            uid: 0,
+                            gid: 0,
+                        },
+                        values: vec![4, 5],
+                    }],
+                    ..Default::default()
+                }),
             },
             posix_timers: vec![cr_ebpf_image::PosixTimer {
                 id: 2,

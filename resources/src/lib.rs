@@ -23,6 +23,7 @@
 pub mod advice;
 pub mod error;
 pub mod fd;
+pub mod ipc;
 pub mod proc;
 pub mod process;
 pub mod shmem;

@@ -154,6 +154,14 @@ pub fn capture(
     mut taken: Option<&mut HashSet<u64>>,
 ) -> Result<Vec<ShmemObject>, SaveError> {
     let mut out: BTreeMap<u64, ShmemObject> = BTreeMap::new();
+    // System V segments of an IPC namespace of its own are saved with
+    // the namespace (`crate::ipc`): here only named, so that the mapping
+    // is attached by id again.
+    let foreign_ipc = {
+        use std::os::unix::fs::MetadataExt as _;
+        let ino = |p: String| std::fs::metadata(p).map(|m| m.ino()).ok();
+        ino(format!("/proc/{pid}/ns/ipc")) != ino("/proc/self/ns/ipc".into())
+    };
     // Whether this process stores the contents of `id` (and claims it).
     let mut first = |id: u64| taken.as_deref_mut().is_none_or(|t| t.insert(id));
     for m in entries.iter().filter(|m| m.kind() == MappingKind::Shmem) {
@@ -166,6 +174,17 @@ pub fn capture(
             None if m.path.starts_with("/SYSV") => (ShmemKind::SysV, ""),
             None => (ShmemKind::Anonymous, ""),
         };
+        if kind == ShmemKind::SysV && foreign_ipc {
+            out.insert(
+                m.inode,
+                ShmemObject {
+                    id: m.inode,
+                    kind,
+                    ..ShmemObject::default()
+                },
+            );
+            continue;
+        }
         let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
         let with_data = first(m.inode);
         out.insert(m.inode, object(pid, &path, kind, name, with_data)?);
@@ -398,7 +417,12 @@ pub fn seal(objects: &[ShmemObject], built: &HashMap<u64, OwnedFd>) -> Result<()
 /// each object's contents.
 pub fn prepare(ms: &[&Manifest]) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
     let mut objects: Vec<ShmemObject> = Vec::new();
-    for o in ms.iter().flat_map(|m| m.shmem.iter()) {
+    // Segments of an IPC namespace of its own are made with it.
+    let here = ms
+        .iter()
+        .filter(|m| m.process.membership.ipc.is_none())
+        .flat_map(|m| m.shmem.iter());
+    for o in here {
         match objects.iter_mut().find(|x| x.id == o.id) {
             Some(x) if x.elsewhere && !o.elsewhere => *x = o.clone(),
             Some(_) => {}

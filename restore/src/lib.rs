@@ -302,8 +302,14 @@ fn restore_single(
     let (t, guard) = stub::spawn_root(m.process.pid, tramp)?;
     let pid = m.process.pid;
     natives.cgroups.enter(pid).map_err(|e| e.in_process(pid))?;
-    stub::enter_namespaces(&t, tramp, &m.process, None, &mut Default::default())
-        .map_err(|e| e.in_process(pid))?;
+    stub::enter_namespaces(
+        &t,
+        tramp,
+        &m.process,
+        Default::default(),
+        &mut Default::default(),
+    )
+    .map_err(|e| e.in_process(pid))?;
     let ready = build::build_in(
         t, guard, m, chain, workers, &natives, clock, tramp, vdso_tmp,
     )

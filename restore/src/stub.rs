@@ -8,6 +8,7 @@ use cr_ebpf_resources::{
     fd::Shared,
     proc::parse_maps,
     process::cgroup::{self, NewRoot, Placement},
+    process::namespaces::{self, NsIds},
     sys::{CloneArgs, Injected, Sys as _, PAGE},
 };
 use cr_ebpf_tracee::Tracee;
@@ -226,23 +227,23 @@ pub(crate) fn spawn_child(
     Ok((t, guard))
 }
 
-/// Gives the bare stub `t` of process `p` its UTS namespace, when it is
-/// not the one it inherited (see `enter_uts`).
+/// Gives the bare stub `t` of process `p` its UTS and IPC namespaces,
+/// where they are not the ones it inherited, and fills an IPC namespace
+/// it made; returns its namespaces (see `enter_all`).
 pub(crate) fn enter_namespaces(
     t: &Tracee,
     tramp: u64,
     p: &cr_ebpf_image::ProcessInfo,
-    inherited: Option<u64>,
+    inherited: NsIds,
     made: &mut HashMap<u64, i32>,
-) -> Result<(), RestoreError> {
+) -> Result<NsIds, RestoreError> {
     let s = Injected::new(t, t.tid(), tramp, tramp + PAGE);
-    cr_ebpf_resources::process::namespaces::enter_uts(
-        &s,
-        p.pid,
-        p.membership.uts.as_ref(),
-        inherited,
-        made,
-    )
+    if namespaces::enter_all(&s, p, inherited, made)? {
+        if let Some(n) = &p.membership.ipc {
+            cr_ebpf_resources::ipc::populate(p.pid, n)?;
+        }
+    }
+    Ok(NsIds::of(p))
 }
 
 /// Injects syscall `nr` into the bare stub `t`.

@@ -7,6 +7,7 @@
 use std::{collections::HashMap, path::Path, time::Instant};
 
 use cr_ebpf_image::{tree::Tree, Chain};
+use cr_ebpf_resources::process::namespaces::NsIds;
 use cr_ebpf_tracee::Tracee;
 
 use crate::{
@@ -62,10 +63,10 @@ pub(crate) fn restore_tree(
     // joins its session and group before it makes children of its own.
     let mut stubs: HashMap<i32, (Tracee, KillGuard)> = HashMap::new();
     let mut zombies = Vec::new();
-    // Each process's UTS namespace (a recorded one's inode; `None`: the
-    // restorer's), and a process in each namespace made.
-    let mut uts: HashMap<i32, Option<u64>> = HashMap::new();
-    let mut made_uts = HashMap::new();
+    // Each process's UTS and IPC namespaces, and a process in each
+    // namespace made.
+    let mut ns: HashMap<i32, NsIds> = HashMap::new();
+    let mut made_ns = HashMap::new();
     for p in &tree.processes {
         let (t, guard) = if p.ppid == 0 {
             stub::spawn_root(p.pid, tramp).map_err(|e| e.in_process(p.pid))?
@@ -86,17 +87,15 @@ pub(crate) fn restore_tree(
             .cgroups
             .enter(p.pid)
             .map_err(|e| e.in_process(p.pid))?;
-        let inherited = uts.get(&p.ppid).copied().flatten();
+        let inherited = ns.get(&p.ppid).copied().unwrap_or_default();
         let mine = match chains.get(&p.pid) {
             Some(c) => {
-                let info = &c.manifest().process;
-                stub::enter_namespaces(&t, tramp, info, inherited, &mut made_uts)
-                    .map_err(|e| e.in_process(p.pid))?;
-                info.membership.uts.as_ref().map(|u| u.ns)
+                stub::enter_namespaces(&t, tramp, &c.manifest().process, inherited, &mut made_ns)
+                    .map_err(|e| e.in_process(p.pid))?
             }
             None => inherited,
         };
-        uts.insert(p.pid, mine);
+        ns.insert(p.pid, mine);
         let parent_pgid = tree
             .processes
             .iter()

@@ -1,6 +1,6 @@
 //! Format 1.8: what the PROCESS section appends after the `prctl`
 //! settings: the process's cgroups (and those of threads in other ones)
-//! and its UTS namespace.
+//! and its UTS and IPC namespaces.
 
 use crate::codec::{Dec, DecErr, Enc};
 
@@ -49,6 +49,8 @@ pub struct Membership {
     pub thread_cgroups: Vec<(i32, Cgroup)>,
     /// Its UTS namespace, when it is not cr-ebpf's.
     pub uts: Option<Uts>,
+    /// Its IPC namespace with what it holds, when it is not cr-ebpf's.
+    pub ipc: Option<super::IpcNs>,
 }
 
 fn encode_cgroup(b: &mut Enc, c: &Cgroup) {
@@ -84,6 +86,10 @@ impl Membership {
                 b.str(&u.domainname);
             }
         }
+        match &self.ipc {
+            None => b.u64(0),
+            Some(n) => n.encode(b),
+        }
     }
 
     pub(super) fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
@@ -109,10 +115,17 @@ impl Membership {
                 domainname: b.str(UTS_NAME_CAP, "domain name")?,
             })
         };
+        let ns = b.u64()?;
+        let ipc = if ns == 0 {
+            None
+        } else {
+            Some(super::IpcNs::decode(b, ns)?)
+        };
         Ok(Self {
             cgroups,
             thread_cgroups,
             uts,
+            ipc,
         })
     }
 }
@@ -145,6 +158,10 @@ mod tests {
                 hostname: "box".into(),
                 domainname: "(none)".into(),
             }),
+            ipc: Some(super::super::IpcNs {
+                ns: 9,
+                ..Default::default()
+            }),
         }
     }
 
@@ -159,6 +176,7 @@ mod tests {
         // Without a UTS namespace it ends with a zero.
         let mut none = sample();
         none.uts = None;
+        none.ipc = None;
         let mut e = Enc::default();
         none.encode(&mut e);
         assert_eq!(Membership::decode(&mut Dec::new(&e.buf, 0)).unwrap(), none);

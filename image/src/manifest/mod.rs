@@ -34,6 +34,7 @@ use crate::{
 
 mod chain;
 mod fd;
+mod ipc;
 mod lock;
 mod mapping;
 mod membership;
@@ -47,6 +48,7 @@ pub use fd::{
     EpollItem, FdInfo, FdKind, FdState, InotifyWatch, SockOpt, SocketFile, SocketInfo, TcpRepair,
     SOCKET_QUEUE_CAP,
 };
+pub use ipc::{IpcNs, IpcPerm, SysvMsq, SysvSem, SysvShm};
 pub use lock::{FileLock, LockKind};
 pub use mapping::{
     MappingInfo, MappingKind, MAP_DONTDUMP, MAP_DONTFORK, MAP_DROPPABLE, MAP_GROWSDOWN,

@@ -336,8 +336,8 @@ mod tests {
         p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
-        // Format 1.7 ends before the (here empty, 16 bytes) membership.
-        e.buf.truncate(e.buf.len() - 16);
+        // Format 1.7 ends before the (here empty, 24 bytes) membership.
+        e.buf.truncate(e.buf.len() - 24);
         assert_eq!(
             ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
             p,
@@ -357,8 +357,8 @@ mod tests {
         p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
-        // Format 1.7 ends before the (here empty, 16 bytes) membership.
-        e.buf.truncate(e.buf.len() - 16);
+        // Format 1.7 ends before the (here empty, 24 bytes) membership.
+        e.buf.truncate(e.buf.len() - 24);
         assert_eq!(
             ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
             p,
@@ -376,8 +376,8 @@ mod tests {
         p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
-        // Format 1.7 ends before the (here empty, 16 bytes) membership.
-        e.buf.truncate(e.buf.len() - 16);
+        // Format 1.7 ends before the (here empty, 24 bytes) membership.
+        e.buf.truncate(e.buf.len() - 24);
         assert_eq!(
             ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
             p,
