@@ -517,10 +517,8 @@ mod tests {
         assert!(id >= 0, "{}", io::Error::last_os_error());
         let vals = [3u16, 9];
         // SAFETY: SETALL reads two shorts.
-        assert_eq!(
-            unsafe { libc::semctl(id, 0, libc::SETALL, vals.as_ptr()) },
-            0
-        );
+        let set = unsafe { libc::semctl(id, 0, libc::SETALL, vals.as_ptr()) };
+        assert_eq!(set, 0);
         let got = semaphores();
         // SAFETY: removing our set.
         unsafe { libc::semctl(id, 0, libc::IPC_RMID) };

@@ -82,19 +82,12 @@ pub(crate) fn restore_tree(
                 .0;
             stub::spawn_child(parent, tramp, p.pid).map_err(|e| e.in_process(p.pid))?
         };
-        // Into its cgroups before it makes children (they inherit them).
-        natives
-            .cgroups
-            .enter(p.pid)
-            .map_err(|e| e.in_process(p.pid))?;
+        // Into its cgroups and namespaces before it makes children (they
+        // inherit them).
         let inherited = ns.get(&p.ppid).copied().unwrap_or_default();
-        let mine = match chains.get(&p.pid) {
-            Some(c) => {
-                stub::enter_namespaces(&t, tramp, &c.manifest().process, inherited, &mut made_ns)
-                    .map_err(|e| e.in_process(p.pid))?
-            }
-            None => inherited,
-        };
+        let info = chains.get(&p.pid).map(|c| &c.manifest().process);
+        let mine = place(&t, tramp, p.pid, info, &natives, inherited, &mut made_ns)
+            .map_err(|e| e.in_process(p.pid))?;
         ns.insert(p.pid, mine);
         let parent_pgid = tree
             .processes
@@ -168,4 +161,23 @@ pub(crate) fn restore_tree(
         phases: clock.phases,
         time_offsets,
     })
+}
+
+/// Puts the new stub `t` of process `pid` (recorded as `info`; `None`
+/// for a zombie, which stays where its parent is) into its cgroups and
+/// namespaces; returns its namespaces.
+fn place(
+    t: &Tracee,
+    tramp: u64,
+    pid: i32,
+    info: Option<&cr_ebpf_image::ProcessInfo>,
+    natives: &Natives,
+    inherited: NsIds,
+    made: &mut HashMap<u64, i32>,
+) -> Result<NsIds, RestoreError> {
+    natives.cgroups.enter(pid)?;
+    match info {
+        Some(info) => stub::enter_namespaces(t, tramp, info, inherited, made),
+        None => Ok(inherited),
+    }
 }
