@@ -393,6 +393,18 @@ impl Placement {
         for t in out.processes.values().chain(out.threads.values()).flatten() {
             make_dirs(t)?;
         }
+        // A v2 cgroup of a thread apart from its process is a threaded
+        // one (a new directory is a domain until told).
+        for t in out.threads.values().flatten().filter(|t| t.v2) {
+            let file = t.dir.join("cgroup.type");
+            if std::fs::read_to_string(&file).is_ok_and(|v| v.trim() == "domain") {
+                std::fs::write(&file, "threaded").map_err(|err| RestoreError::Cgroup {
+                    who: "a threaded cgroup (cgroup.type)".into(),
+                    dir: t.dir.display().to_string(),
+                    err,
+                })?;
+            }
+        }
         Ok(out)
     }
 
