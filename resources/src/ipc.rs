@@ -18,7 +18,8 @@
 //! key, permissions and owner; segments are filled, semaphores set
 //! (`SETALL`), messages sent again in order. A queue is made while
 //! `msgmnb` holds its capacity (raising `msg_qbytes` later would need
-//! `CAP_SYS_RESOURCE`); the recorded `msgmnb` is written last. Not
+//! `CAP_SYS_RESOURCE`); the recorded `msgmnb` and the ids the next
+//! objects get (`*_next_id`, when set) are written last. Not
 //! carried (the kernel lets no one set them): creator uid/gid (the
 //! restorer's), last attach/operation times and pids; semaphore undo
 //! adjustments (`SEM_UNDO`) of the processes are not visible to save.
@@ -50,6 +51,19 @@ pub const SYSCTLS: &[&str] = &[
     "fs/mqueue/msgsize_max",
     "fs/mqueue/msg_default",
     "fs/mqueue/msgsize_default",
+    "kernel/shm_next_id",
+    "kernel/sem_next_id",
+    "kernel/msg_next_id",
+];
+
+/// Of [`SYSCTLS`], those written after the objects are made: the
+/// capacity new queues get, and the ids the next objects get (each object
+/// made uses its `*_next_id`).
+const LAST: &[&str] = &[
+    "kernel/msgmnb",
+    "kernel/shm_next_id",
+    "kernel/sem_next_id",
+    "kernel/msg_next_id",
 ];
 
 /// `MSG_COPY` (`<linux/msg.h>`): read the message at an index, leave it.
@@ -201,9 +215,8 @@ fn check_mode(perm: &IpcPerm, what: &str) -> Result<(), String> {
 }
 
 fn queues() -> Result<Vec<SysvMsq>, String> {
-    let msgmax: usize = std::fs::read_to_string("/proc/sys/kernel/msgmax")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
+    let msgmax: usize = read_sysctl("kernel/msgmax")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(8192);
     let mut buf = vec![0u8; 8 + msgmax];
     let mut out = Vec::new();
@@ -306,11 +319,7 @@ pub fn dump(pid: i32, ns: u64) -> Result<IpcNs, String> {
         }
         let sysctls = SYSCTLS
             .iter()
-            .filter_map(|k| {
-                std::fs::read_to_string(Path::new("/proc/sys").join(k))
-                    .ok()
-                    .map(|v| (k.to_string(), v.trim().to_string()))
-            })
+            .filter_map(|k| read_sysctl(k).map(|v| (k.to_string(), v)))
             .collect();
         Ok(IpcNs {
             ns,
@@ -320,6 +329,18 @@ pub fn dump(pid: i32, ns: u64) -> Result<IpcNs, String> {
             msg: queues()?,
         })
     })
+}
+
+/// A sysctl's value, read in one call: a sysctl file read at an offset
+/// other than 0 gives nothing, so a value longer than a first short read
+/// (`read_to_string` starts with 32 bytes) would be cut.
+fn read_sysctl(name: &str) -> Option<String> {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; 4096];
+    let n = File::open(Path::new("/proc/sys").join(name))
+        .and_then(|mut f| f.read(&mut buf))
+        .ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
 }
 
 fn sysctl(name: &str, value: &str) -> Result<(), String> {
@@ -473,13 +494,17 @@ fn make_queue(q: &SysvMsq) -> Result<(), String> {
 /// `pid`.
 pub fn populate(pid: i32, n: &IpcNs) -> Result<(), RestoreError> {
     in_namespace(pid, || {
-        for (k, v) in n.sysctls.iter().filter(|(k, _)| k != "kernel/msgmnb") {
+        let last = |k: &String| LAST.contains(&k.as_str());
+        for (k, v) in n.sysctls.iter().filter(|(k, _)| !last(k)) {
             sysctl(k, v)?;
         }
         n.shm.iter().try_for_each(make_segment)?;
         n.sem.iter().try_for_each(make_semaphores)?;
         n.msg.iter().try_for_each(make_queue)?;
-        if let Some((k, v)) = n.sysctls.iter().find(|(k, _)| k == "kernel/msgmnb") {
+        // A `*_next_id` of -1 (none set) is what a new namespace has, and
+        // cannot be written.
+        let unset = |k: &String, v: &String| k.ends_with("_next_id") && v == "-1";
+        for (k, v) in n.sysctls.iter().filter(|(k, v)| last(k) && !unset(k, v)) {
             sysctl(k, v)?;
         }
         Ok(())
@@ -494,6 +519,15 @@ pub fn populate(pid: i32, n: &IpcNs) -> Result<(), RestoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sysctl_longer_than_a_short_first_read_is_read_whole() {
+        let full = std::fs::read("/proc/sys/kernel/sem").unwrap();
+        let got = read_sysctl("kernel/sem").unwrap();
+        assert_eq!(got, String::from_utf8_lossy(&full).trim());
+        assert_eq!(got.split_whitespace().count(), 4, "{got:?}");
+        assert!(read_sysctl("kernel/no_such_sysctl").is_none());
+    }
 
     #[test]
     fn only_non_zero_pages_are_kept() {

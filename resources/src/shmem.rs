@@ -417,11 +417,13 @@ pub fn seal(objects: &[ShmemObject], built: &HashMap<u64, OwnedFd>) -> Result<()
 /// each object's contents.
 pub fn prepare(ms: &[&Manifest]) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
     let mut objects: Vec<ShmemObject> = Vec::new();
-    // Segments of an IPC namespace of its own are made with it.
-    let here = ms
-        .iter()
-        .filter(|m| m.process.membership.ipc.is_none())
-        .flat_map(|m| m.shmem.iter());
+    // System V segments of an IPC namespace of its own are made with it.
+    let here = ms.iter().flat_map(|m| {
+        let own_ipc = m.process.membership.ipc.is_some();
+        m.shmem
+            .iter()
+            .filter(move |o| !(own_ipc && o.kind == ShmemKind::SysV))
+    });
     for o in here {
         match objects.iter_mut().find(|x| x.id == o.id) {
             Some(x) if x.elsewhere && !o.elsewhere => *x = o.clone(),
