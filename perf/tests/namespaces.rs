@@ -153,7 +153,7 @@ libc.msgctl(libc.msgget(0, IPC_CREAT | 0o600), IPC_RMID, None)
 with open("/proc/sys/kernel/msgmni", "w") as f:
     f.write("1234")
 with open("/proc/sys/kernel/sem", "w") as f:  # longer than 32 bytes
-    f.write("250 2147483647 2147483647 32000")
+    f.write("32000 2147483647 2147483647 32000")
 shmid = libc.shmget(0x1234, 3 * 4096, IPC_CREAT | 0o640)
 addr = libc.shmat(shmid, None, 0)
 ctypes.memmove(addr + 4096, b"segment contents", 16)
@@ -213,7 +213,7 @@ fn an_ipc_namespace_comes_back_with_its_segments_semaphores_and_messages() {
             && before.contains("sem [4, 5, 6]")
             && before.contains("msgs ['1:first', '7:second!']")
             && before.contains("msgmni 1234")
-            && before.contains("sem 250 2147483647 2147483647 32000"),
+            && before.contains("sem 32000 2147483647 2147483647 32000"),
         "{before}"
     );
     let ids = before.lines().next().unwrap().to_string();
