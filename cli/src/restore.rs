@@ -81,6 +81,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .map(|p| format!("{} {:.1}", p.name, p.time.as_secs_f64() * 1e3))
         .collect();
     eprintln!("cr-ebpf: restore phases (ms): {}", phases.join(", "));
+    if !r.cgroups_made.is_empty() {
+        eprintln!(
+            "cr-ebpf: cgroups that were gone were made again, without the settings they had: {}",
+            r.cgroups_made.join(", ")
+        );
+    }
     if let Some((mono, boot)) = r.time_offsets {
         eprintln!(
             "cr-ebpf: restored into a new time namespace: CLOCK_MONOTONIC +{:.3} s, CLOCK_BOOTTIME +{:.3} s",
@@ -103,6 +109,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "fill_ms": r.fill.as_secs_f64() * 1e3,
                 "total_ms": r.total.as_secs_f64() * 1e3,
                 "phases_ms": phases,
+                "cgroups_made": r.cgroups_made,
                 "time_offsets_ns": r.time_offsets.map(|(m, b)| serde_json::json!({"monotonic": m, "boottime": b})),
             })
         );

@@ -151,6 +151,16 @@ fn a_process_comes_back_in_its_v2_and_v1_cgroups_and_under_another_root() {
     umount(&v1);
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     assert_eq!(r.pid, pid);
+    let mut made = r.cgroups_made.clone();
+    made.sort();
+    assert_eq!(
+        made,
+        [
+            format!("cgroup2:/{top}/app"),
+            format!("name={name}:/{top}/app/worker")
+        ],
+        "the restore says which cgroups it made again"
+    );
     assert_eq!(cgroup_of(pid, ""), format!("/{top}/app"), "v2");
     assert_eq!(cgroup_of(pid, &named), format!("/{top}/app/worker"), "v1");
     mount_v1(&v1, &name);

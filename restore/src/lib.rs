@@ -51,6 +51,9 @@ pub struct RestoreReport {
     /// The new time namespace's `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME`
     /// offsets (ns), when the process was restored into one.
     pub time_offsets: Option<(u64, u64)>,
+    /// Cgroups that were gone and were made again, without the settings
+    /// they had (`CONTROLLERS:PATH`, `cgroup2` for v2).
+    pub cgroups_made: Vec<String>,
 }
 
 /// One phase of a restore and how long it took.
@@ -276,7 +279,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     } else {
         opts.threads
     };
-    let (pid, pages, fill) = restore_single(manifest, &chain, workers, opts, &mut clock)?;
+    let (pid, pages, fill, cgroups_made) =
+        restore_single(manifest, &chain, workers, opts, &mut clock)?;
     Ok(RestoreReport {
         pid,
         pages,
@@ -285,18 +289,19 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
         workers,
         phases: clock.phases,
         time_offsets,
+        cgroups_made,
     })
 }
 
 /// Rebuilds one process: a stub with its pid, its whole state, then it
-/// runs. Returns (pid, pages written, fill time).
+/// runs. Returns (pid, pages written, fill time, cgroups made).
 fn restore_single(
     m: &Manifest,
     chain: &Chain,
     workers: usize,
     opts: &RestoreOptions,
     clock: &mut Clock,
-) -> Result<(i32, u64, Duration), RestoreError> {
+) -> Result<(i32, u64, Duration, Vec<String>), RestoreError> {
     let (tramp, vdso_tmp) = stub::addresses(&[m])?;
     let natives = stub::Natives::build(&[m], opts.close_connections, &opts.cgroup_roots)?;
     let (t, guard) = stub::spawn_root(m.process.pid, tramp)?;
@@ -314,7 +319,7 @@ fn restore_single(
         t, guard, m, chain, workers, &natives, clock, tramp, vdso_tmp,
     )
     .map_err(|e| e.in_process(pid))?;
-    let done = release::release(ready).map_err(|e| e.in_process(pid))?;
+    let (pid, pages, fill) = release::release(ready).map_err(|e| e.in_process(pid))?;
     clock.mark("resume");
-    Ok(done)
+    Ok((pid, pages, fill, natives.cgroups.made.clone()))
 }

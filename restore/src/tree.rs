@@ -150,6 +150,7 @@ pub(crate) fn restore_tree(
         pages += p;
         fill += f;
     }
+    let cgroups_made = natives.cgroups.made.clone();
     drop(natives);
     clock.mark("resume");
     Ok(RestoreReport {
@@ -160,6 +161,7 @@ pub(crate) fn restore_tree(
         workers,
         phases: clock.phases,
         time_offsets,
+        cgroups_made,
     })
 }
 

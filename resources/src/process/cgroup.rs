@@ -248,6 +248,9 @@ pub struct Placement {
     /// Hierarchies mounted for the restore (none was mounted here),
     /// unmounted when it is done.
     mounted: Vec<PathBuf>,
+    /// Cgroups that were gone and were made again (without the settings
+    /// they had), as `CONTROLLERS:PATH`.
+    pub made: Vec<String>,
 }
 
 impl Drop for Placement {
@@ -391,7 +394,12 @@ impl Placement {
             }
         }
         for t in out.processes.values().chain(out.threads.values()).flatten() {
-            make_dirs(t)?;
+            if make_dirs(t)? {
+                let name = format!("{}:{}", hierarchy_name(&t.controllers), t.path);
+                if !out.made.contains(&name) {
+                    out.made.push(name);
+                }
+            }
         }
         // A v2 cgroup of a thread apart from its process is a threaded
         // one (a new directory is a domain until told).
@@ -460,8 +468,8 @@ fn write_id(file: &Path, id: i32, who: &str) -> Result<(), RestoreError> {
 }
 
 /// Creates `t`'s directory and its missing parents; a new cpuset cgroup
-/// gets its parent's cpus and memory nodes.
-fn make_dirs(t: &Target) -> Result<(), RestoreError> {
+/// gets its parent's cpus and memory nodes. Returns whether it made any.
+fn make_dirs(t: &Target) -> Result<bool, RestoreError> {
     let mut missing = Vec::new();
     let mut d = t.dir.as_path();
     while !d.exists() {
@@ -485,7 +493,7 @@ fn make_dirs(t: &Target) -> Result<(), RestoreError> {
             }
         }
     }
-    Ok(())
+    Ok(!missing.is_empty())
 }
 
 /// The cgroup mounts of this machine.
@@ -604,6 +612,14 @@ mod tests {
         assert_eq!(pl.processes[&11][0].dir, base.join("moved/here/worker"));
         assert_eq!(pl.threads[&12][0].dir, base.join("moved/here/worker/t"));
         assert!(base.join("moved/here/worker/t").is_dir());
+        assert_eq!(
+            pl.made,
+            [
+                "name=t:/moved/here",
+                "name=t:/moved/here/worker",
+                "name=t:/moved/here/worker/t"
+            ]
+        );
         // Without --cgroup-root, as recorded; an unmounted hierarchy is an error.
         let pl = Placement::plan(&[&child], &[], &ms).unwrap();
         assert_eq!(pl.processes[&11][0].dir, base.join("app/worker"));
