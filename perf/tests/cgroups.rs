@@ -166,14 +166,16 @@ fn a_process_comes_back_in_its_v2_and_v1_cgroups_and_under_another_root() {
     mount_v1(&v1, &name);
     assert!(v1.join(&top).join("app/worker").is_dir());
 
-    // Again, restored under other roots: v2 by name, v1 by default.
+    // Again, restored under other roots, each hierarchy named (a root
+    // without a controller would move it in every hierarchy of the
+    // machine: covered by the unit tests).
     let img2 = s.0.join("img2");
     dump(pid, &img2, &DumpOptions::default()).expect("second dump");
     // SAFETY: reaping the restored process, our child, killed by the dump.
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
     let roots: Vec<CgroupRoot> = vec![
         format!("cgroup2:/{top}/moved").parse().unwrap(),
-        format!("/{top}/elsewhere").parse().unwrap(),
+        format!("{named}:/{top}/elsewhere").parse().unwrap(),
     ];
     let opts = RestoreOptions {
         cgroup_roots: roots,
