@@ -111,7 +111,10 @@ fn a_process_comes_back_in_its_v2_and_v1_cgroups_and_under_another_root() {
     }
     let s = Scratch::new("cgroups");
     let me = std::process::id();
-    let name = format!("crebpftest{me}");
+    // One name for every run: a v1 hierarchy outlives its last mount
+    // (every process is in its root cgroup), so a run mounts the one an
+    // earlier run left rather than adding another.
+    let name = "crebpftest".to_string();
     let top = format!("cr-ebpf-test-{me}");
     let v2 = v2_mount();
     let v1 = s.0.join("v1");
