@@ -49,6 +49,13 @@ pub struct Args {
     /// shell does). Such an image is refused without it.
     #[arg(long)]
     pub shell_job: bool,
+    /// Put the restored tree under another cgroup: the root process's
+    /// cgroup in the hierarchy of CONTROLLER (`cpu`, `name=systemd`,
+    /// `cgroup2` for v2; none: every hierarchy not named otherwise)
+    /// becomes PATH, the other processes keep their place below it.
+    /// Missing directories are created. Repeatable.
+    #[arg(long, value_name = "[CONTROLLER:]PATH")]
+    pub cgroup_root: Vec<cr_ebpf_restore::CgroupRoot>,
     /// Print what the restore did (pid, pages, time per phase) as one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -68,6 +75,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "never" => TimeNamespace::Never,
                 _ => TimeNamespace::Auto,
             },
+            cgroup_roots: args.cgroup_root.clone(),
         },
     )
     .with_context(|| format!("restoring {}", args.images_dir.display()))?;
@@ -85,6 +93,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .map(|p| format!("{} {:.1}", p.name, p.time.as_secs_f64() * 1e3))
         .collect();
     eprintln!("cr-ebpf: restore phases (ms): {}", phases.join(", "));
+    if !r.cgroups_made.is_empty() {
+        eprintln!(
+            "cr-ebpf: cgroups that were gone were made again, without the settings they had: {}",
+            r.cgroups_made.join(", ")
+        );
+    }
     if let Some((mono, boot)) = r.time_offsets {
         eprintln!(
             "cr-ebpf: restored into a new time namespace: CLOCK_MONOTONIC +{:.3} s, CLOCK_BOOTTIME +{:.3} s",
@@ -107,6 +121,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "fill_ms": r.fill.as_secs_f64() * 1e3,
                 "total_ms": r.total.as_secs_f64() * 1e3,
                 "phases_ms": phases,
+                "cgroups_made": r.cgroups_made,
                 "time_offsets_ns": r.time_offsets.map(|(m, b)| serde_json::json!({"monotonic": m, "boottime": b})),
             })
         );

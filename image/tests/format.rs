@@ -76,6 +76,33 @@ fn manifest() -> Manifest {
                 shell_job: false,
                 foreground: 4242,
             }),
+            membership: cr_ebpf_image::Membership {
+                cgroups: vec![cr_ebpf_image::Cgroup {
+                    controllers: "name=systemd".into(),
+                    path: "/user.slice".into(),
+                }],
+                thread_cgroups: Vec::new(),
+                uts: Some(cr_ebpf_image::Uts {
+                    ns: 4026532000,
+                    hostname: "restored".into(),
+                    domainname: "(none)".into(),
+                }),
+                ipc: Some(cr_ebpf_image::IpcNs {
+                    ns: 4026532001,
+                    sysctls: vec![("kernel/msgmni".into(), "32000".into())],
+                    sem: vec![cr_ebpf_image::SysvSem {
+                        perm: cr_ebpf_image::IpcPerm {
+                            key: 99,
+                            id: 3,
+                            mode: 0o640,
+                            uid: 0,
+                            gid: 0,
+                        },
+                        values: vec![4, 5],
+                    }],
+                    ..Default::default()
+                }),
+            },
             posix_timers: vec![cr_ebpf_image::PosixTimer {
                 id: 2,
                 clockid: 7,

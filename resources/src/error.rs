@@ -125,6 +125,21 @@ pub enum RestoreError {
         #[source]
         source: TraceError,
     },
+    /// A restored process or thread could not be put into its cgroup.
+    #[error(
+        "putting {who} into cgroup {dir} failed: {err}; make that cgroup accept it (a v2 \
+         cgroup whose controllers are enabled for its children takes no processes; a new v1 \
+         cpuset cgroup needs cpuset.cpus and cpuset.mems), or restore under another cgroup \
+         with --cgroup-root [CONTROLLER:]PATH"
+    )]
+    Cgroup {
+        /// The process or thread.
+        who: String,
+        /// The cgroup's directory.
+        dir: String,
+        /// The errno.
+        err: std::io::Error,
+    },
     /// An injected syscall failed.
     #[error("building the process: {call} failed: {err}")]
     Syscall {

@@ -161,6 +161,14 @@ pub fn capture(
     ghost_limit: u64,
 ) -> Result<Vec<ShmemObject>, SaveError> {
     let mut out: BTreeMap<u64, ShmemObject> = BTreeMap::new();
+    // System V segments of an IPC namespace of its own are saved with
+    // the namespace (`crate::ipc`): here only named, so that the mapping
+    // is attached by id again.
+    let foreign_ipc = {
+        use std::os::unix::fs::MetadataExt as _;
+        let ino = |p: String| std::fs::metadata(p).map(|m| m.ino()).ok();
+        ino(format!("/proc/{pid}/ns/ipc")) != ino("/proc/self/ns/ipc".into())
+    };
     // Whether this process stores the contents of `id` (and claims it).
     let mut first = |id: u64| taken.as_deref_mut().is_none_or(|t| t.insert(id));
     for m in entries.iter().filter(|m| m.kind() == MappingKind::Shmem) {
@@ -183,6 +191,17 @@ pub fn capture(
             None if m.path.starts_with("/SYSV") => (ShmemKind::SysV, ""),
             None => (ShmemKind::Anonymous, ""),
         };
+        if kind == ShmemKind::SysV && foreign_ipc {
+            out.insert(
+                m.inode,
+                ShmemObject {
+                    id: m.inode,
+                    kind,
+                    ..ShmemObject::default()
+                },
+            );
+            continue;
+        }
         let with_data = first(m.inode);
         out.insert(m.inode, object(pid, &path, kind, name, with_data)?);
     }
@@ -446,7 +465,14 @@ pub fn seal(objects: &[ShmemObject], built: &HashMap<u64, OwnedFd>) -> Result<()
 /// each object's contents.
 pub fn prepare(ms: &[&Manifest]) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
     let mut objects: Vec<ShmemObject> = Vec::new();
-    for o in ms.iter().flat_map(|m| m.shmem.iter()) {
+    // System V segments of an IPC namespace of its own are made with it.
+    let here = ms.iter().flat_map(|m| {
+        let own_ipc = m.process.membership.ipc.is_some();
+        m.shmem
+            .iter()
+            .filter(move |o| !(own_ipc && o.kind == ShmemKind::SysV))
+    });
+    for o in here {
         match objects.iter_mut().find(|x| x.id == o.id) {
             Some(x) if x.elsewhere && !o.elsewhere => *x = o.clone(),
             Some(_) => {}

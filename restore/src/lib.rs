@@ -32,7 +32,7 @@ mod zombie;
 use std::{path::Path, time::Duration, time::Instant};
 
 use cr_ebpf_image::{images_dir, Chain, Manifest, MappingKind};
-pub use cr_ebpf_resources::RestoreError;
+pub use cr_ebpf_resources::{process::cgroup::NewRoot as CgroupRoot, RestoreError};
 
 /// What a restore did.
 #[derive(Debug, Clone)]
@@ -52,6 +52,9 @@ pub struct RestoreReport {
     /// The new time namespace's `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME`
     /// offsets (ns), when the process was restored into one.
     pub time_offsets: Option<(u64, u64)>,
+    /// Cgroups that were gone and were made again, without the settings
+    /// they had (`CONTROLLERS:PATH`, `cgroup2` for v2).
+    pub cgroups_made: Vec<String>,
 }
 
 /// One phase of a restore and how long it took.
@@ -112,6 +115,9 @@ pub struct RestoreOptions {
     pub time_namespace: TimeNamespace,
     /// Restore a shell job: in our session, with our terminal.
     pub shell_job: bool,
+    /// `--cgroup-root`: where the root process's cgroups go instead of
+    /// the recorded ones (the others keep their place below them).
+    pub cgroup_roots: Vec<CgroupRoot>,
 }
 
 /// When the restored process gets a time namespace of its own, whose
@@ -287,7 +293,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     } else {
         opts.threads
     };
-    let (pid, pages, fill) = restore_single(manifest, &chain, workers, opts, &mut clock)?;
+    let (pid, pages, fill, cgroups_made) =
+        restore_single(manifest, &chain, workers, opts, &mut clock)?;
     Ok(RestoreReport {
         pid,
         pages,
@@ -296,22 +303,32 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
         workers,
         phases: clock.phases,
         time_offsets,
+        cgroups_made,
     })
 }
 
 /// Rebuilds one process: a stub with its pid, its whole state, then it
-/// runs. Returns (pid, pages written, fill time).
+/// runs. Returns (pid, pages written, fill time, cgroups made).
 fn restore_single(
     m: &Manifest,
     chain: &Chain,
     workers: usize,
     opts: &RestoreOptions,
     clock: &mut Clock,
-) -> Result<(i32, u64, Duration), RestoreError> {
+) -> Result<(i32, u64, Duration, Vec<String>), RestoreError> {
     let (tramp, vdso_tmp) = stub::addresses(&[m])?;
-    let (t, guard) = stub::spawn_root(m.process.pid, tramp)?;
     let natives = stub::Natives::build(&[m], opts)?;
+    let (t, guard) = stub::spawn_root(m.process.pid, tramp)?;
     let pid = m.process.pid;
+    natives.cgroups.enter(pid).map_err(|e| e.in_process(pid))?;
+    stub::enter_namespaces(
+        &t,
+        tramp,
+        &m.process,
+        Default::default(),
+        &mut Default::default(),
+    )
+    .map_err(|e| e.in_process(pid))?;
     // Its session and controlling terminal before anything else.
     if m.process.sid == pid {
         stub::stub_syscall(&t, tramp, "setsid", libc::SYS_setsid, [0; 6])?;
@@ -326,8 +343,9 @@ fn restore_single(
     .map_err(|e| e.in_process(pid))?;
     // The restorer's own ends of pipes and FIFOs go before the process
     // runs: it must not see a reader or writer more than it had.
+    let made = natives.cgroups.made.clone();
     drop(natives);
-    let done = release::release(ready).map_err(|e| e.in_process(pid))?;
+    let (pid, pages, fill) = release::release(ready).map_err(|e| e.in_process(pid))?;
     clock.mark("resume");
-    Ok(done)
+    Ok((pid, pages, fill, made))
 }

@@ -7,6 +7,8 @@ use cr_ebpf_image::Manifest;
 use cr_ebpf_resources::{
     fd::Shared,
     proc::parse_maps,
+    process::cgroup::{self, Placement},
+    process::namespaces::{self, NsIds},
     sys::{CloneArgs, Injected, Sys as _, PAGE},
 };
 use cr_ebpf_tracee::Tracee;
@@ -26,14 +28,19 @@ pub(crate) const TRAMPOLINE_LEN: u64 = 2 * PAGE;
 pub(crate) struct Natives {
     pub fds: Shared,
     pub shmem: HashMap<u64, OwnedFd>,
+    /// The cgroups each process and thread goes into, directories made.
+    pub cgroups: Placement,
 }
 
 impl Natives {
-    /// The objects of every process in `ms`.
+    /// The objects of every process in `ms`, which starts with the tree's
+    /// root process.
     pub(crate) fn build(
         ms: &[&Manifest],
         opts: &crate::RestoreOptions,
     ) -> Result<Self, RestoreError> {
+        let ps: Vec<_> = ms.iter().map(|m| &m.process).collect();
+        let cgroups = Placement::plan(&ps, &opts.cgroup_roots, &cgroup::our_mounts())?;
         let shmem = cr_ebpf_resources::shmem::prepare(ms)?;
         let fds = cr_ebpf_resources::fd::prepare(
             ms,
@@ -43,7 +50,11 @@ impl Natives {
                 ..Default::default()
             },
         )?;
-        Ok(Self { fds, shmem })
+        Ok(Self {
+            fds,
+            shmem,
+            cgroups,
+        })
     }
 }
 
@@ -217,6 +228,25 @@ pub(crate) fn spawn_child(
         source,
     })?;
     Ok((t, guard))
+}
+
+/// Gives the bare stub `t` of process `p` its UTS and IPC namespaces,
+/// where they are not the ones it inherited, and fills an IPC namespace
+/// it made; returns its namespaces (see `enter_all`).
+pub(crate) fn enter_namespaces(
+    t: &Tracee,
+    tramp: u64,
+    p: &cr_ebpf_image::ProcessInfo,
+    inherited: NsIds,
+    made: &mut HashMap<u64, i32>,
+) -> Result<NsIds, RestoreError> {
+    let s = Injected::new(t, t.tid(), tramp, tramp + PAGE);
+    if namespaces::enter_all(&s, p, inherited, made)? {
+        if let Some(n) = &p.membership.ipc {
+            cr_ebpf_resources::ipc::populate(p.pid, n)?;
+        }
+    }
+    Ok(NsIds::of(p))
 }
 
 /// Injects syscall `nr` into the bare stub `t`.

@@ -7,6 +7,7 @@
 use std::{collections::HashMap, path::Path, time::Instant};
 
 use cr_ebpf_image::{tree::Tree, Chain};
+use cr_ebpf_resources::process::namespaces::NsIds;
 use cr_ebpf_tracee::Tracee;
 
 use crate::{
@@ -63,6 +64,10 @@ pub(crate) fn restore_tree(
     // of its own (which so share the pages they shared before).
     let mut built: HashMap<i32, crate::build::Memory> = HashMap::new();
     let mut zombies = Vec::new();
+    // Each process's UTS and IPC namespaces, and a process in each
+    // namespace made.
+    let mut ns: HashMap<i32, NsIds> = HashMap::new();
+    let mut made_ns = HashMap::new();
     for p in &tree.processes {
         let (t, guard) = if p.ppid == 0 {
             stub::spawn_root(p.pid, tramp).map_err(|e| e.in_process(p.pid))?
@@ -75,12 +80,14 @@ pub(crate) fn restore_tree(
             })?;
             stub::spawn_child(parent.tracee(), tramp, p.pid).map_err(|e| e.in_process(p.pid))?
         };
-        let parent_pgid = tree
-            .processes
-            .iter()
-            .find(|q| q.pid == p.ppid)
-            .map(|q| q.pgid);
-        join_session(&t, tramp, p, parent_pgid)?;
+        // Into its cgroups and namespaces before it makes children (they
+        // inherit them).
+        let inherited = ns.get(&p.ppid).copied().unwrap_or_default();
+        let info = chains.get(&p.pid).map(|c| &c.manifest().process);
+        let mine = place(&t, tramp, p.pid, info, &natives, inherited, &mut made_ns)
+            .map_err(|e| e.in_process(p.pid))?;
+        ns.insert(p.pid, mine);
+        join_session(&t, tramp, p, &tree.processes)?;
         if let Some(c) = chains.get(&p.pid) {
             stub::terminal(&t, tramp, &natives, &c.manifest().process)
                 .map_err(|e| e.in_process(p.pid))?;
@@ -89,16 +96,7 @@ pub(crate) fn restore_tree(
             Some(status) => zombies.push((p.pid, status, t, guard)),
             None => {
                 let m = chains[&p.pid].manifest();
-                let kept = match chains.get(&p.ppid) {
-                    Some(pc) if !m.cow.is_empty() => crate::inherit::kept(m, pc.manifest())?,
-                    _ if !m.cow.is_empty() => {
-                        return Err(RestoreError::NotSupported(format!(
-                            "process {} shares pages with a parent that is not restored with it",
-                            p.pid
-                        )))
-                    }
-                    _ => Vec::new(),
-                };
+                let kept = kept(m, chains.get(&p.ppid).map(Chain::manifest))?;
                 let mem = crate::build::build_memory(
                     t,
                     guard,
@@ -146,6 +144,7 @@ pub(crate) fn restore_tree(
     }
     // The restorer's own ends of pipes and FIFOs go before any process
     // runs. Then let all of them run.
+    let cgroups_made = natives.cgroups.made.clone();
     drop(natives);
     for r in ready {
         let pid = r.t.tid();
@@ -162,17 +161,35 @@ pub(crate) fn restore_tree(
         workers,
         phases: clock.phases,
         time_offsets,
+        cgroups_made,
     })
 }
 
+/// The mappings the process of `m` keeps from its parent's (`parent`)
+/// stub: those with pages it shares with it.
+fn kept(
+    m: &cr_ebpf_image::Manifest,
+    parent: Option<&cr_ebpf_image::Manifest>,
+) -> Result<Vec<(u64, u64)>, RestoreError> {
+    match parent {
+        _ if m.cow.is_empty() => Ok(Vec::new()),
+        Some(pm) => crate::inherit::kept(m, pm),
+        None => Err(RestoreError::NotSupported(format!(
+            "process {} shares pages with a parent that is not restored with it",
+            m.process.pid
+        ))),
+    }
+}
+
 /// The new stub `t` of `p` leads its session or group, or joins its
-/// parent's group, as `p` did.
+/// parent's group (among `all`), as `p` did.
 fn join_session(
     t: &Tracee,
     tramp: u64,
     p: &cr_ebpf_image::tree::TreeProcess,
-    parent_pgid: Option<i32>,
+    all: &[cr_ebpf_image::tree::TreeProcess],
 ) -> Result<(), RestoreError> {
+    let parent_pgid = all.iter().find(|q| q.pid == p.ppid).map(|q| q.pgid);
     let sys = |name: &str, nr: i64, args: [u64; 6]| stub::stub_syscall(t, tramp, name, nr, args);
     if p.sid == p.pid {
         sys("setsid", libc::SYS_setsid, [0; 6]).map_err(|e| e.in_process(p.pid))?;
@@ -187,4 +204,23 @@ fn join_session(
         })?;
     }
     Ok(())
+}
+
+/// Puts the new stub `t` of process `pid` (recorded as `info`; `None`
+/// for a zombie, which stays where its parent is) into its cgroups and
+/// namespaces; returns its namespaces.
+fn place(
+    t: &Tracee,
+    tramp: u64,
+    pid: i32,
+    info: Option<&cr_ebpf_image::ProcessInfo>,
+    natives: &Natives,
+    inherited: NsIds,
+    made: &mut HashMap<u64, i32>,
+) -> Result<NsIds, RestoreError> {
+    natives.cgroups.enter(pid)?;
+    match info {
+        Some(info) => stub::enter_namespaces(t, tramp, info, inherited, made),
+        None => Ok(inherited),
+    }
 }

@@ -35,8 +35,10 @@ use crate::{
 mod chain;
 mod cow;
 mod fd;
+mod ipc;
 mod lock;
 mod mapping;
+mod membership;
 mod posix_timer;
 mod process;
 mod shmem;
@@ -48,6 +50,7 @@ pub use fd::{
     EpollItem, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, PtyPair, SockOpt, SocketFile,
     SocketInfo, TcpRepair, TtyInfo, TtyRole, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN,
 };
+pub use ipc::{IpcNs, IpcPerm, SysvMsq, SysvSem, SysvShm};
 pub use lock::{FileLock, LockKind};
 pub use mapping::{
     MappingInfo, MappingKind, MAP_DONTDUMP, MAP_DONTFORK, MAP_DROPPABLE, MAP_GROWSDOWN,
@@ -55,6 +58,7 @@ pub use mapping::{
     MAP_MERGEABLE, MAP_NOHUGEPAGE, MAP_NORESERVE, MAP_RANDOM, MAP_SEQUENTIAL, MAP_SHARED,
     MAP_WIPEONFORK,
 };
+pub use membership::{Cgroup, Membership, Uts, UTS_NAME_CAP};
 pub use posix_timer::PosixTimer;
 pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal};
 pub use shmem::{ShmemKind, ShmemObject, GHOST_CAP, SHMEM_CAP};

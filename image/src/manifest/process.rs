@@ -70,6 +70,9 @@ pub struct ProcessInfo {
     /// Format 1.8: its controlling terminal and whether it was checkpointed
     /// as a shell job. `None` in older images (which refused terminals).
     pub terminal: Option<Terminal>,
+    /// Format 1.8: its cgroups and UTS namespace (written after the
+    /// `prctl` settings, so only with them). Default in older images.
+    pub membership: super::Membership,
 }
 
 /// A process's controlling terminal (format 1.8).
@@ -176,18 +179,19 @@ impl ProcessInfo {
             b.u32(c.dumpable);
             b.u32(c.thp_disabled as u32);
             b.u32(c.job_stop);
-            // Format 1.8 appends the terminal (after the 1.7 fields only).
-            if let Some(t) = self.terminal {
-                let (kind, index) = match t.ctty {
-                    Ctty::None => (0u16, 0u32),
-                    Ctty::Pty(n) => (1, n),
-                    Ctty::Outside => (2, 0),
-                };
-                b.u16(kind);
-                b.u16(t.shell_job as u16);
-                b.u32(index);
-                b.i32(t.foreground);
-            }
+            // Format 1.8 appends the terminal, then the cgroups and the
+            // namespaces (after the 1.7 fields only).
+            let t = self.terminal.unwrap_or_default();
+            let (kind, index) = match t.ctty {
+                Ctty::None => (0u16, 0u32),
+                Ctty::Pty(n) => (1, n),
+                Ctty::Outside => (2, 0),
+            };
+            b.u16(kind);
+            b.u16(t.shell_job as u16);
+            b.u32(index);
+            b.i32(t.foreground);
+            self.membership.encode(b);
         }
     }
 
@@ -254,8 +258,8 @@ impl ProcessInfo {
             }
             Some(c)
         };
-        // Format 1.8 appends the terminal.
-        let terminal = if b.done() {
+        // Format 1.8 appends the terminal, then the cgroups and namespaces.
+        let terminal = if prctl.is_none() || b.done() {
             None
         } else {
             let (kind, shell_job, index) = (b.u16()?, b.u16()?, b.u32()?);
@@ -273,6 +277,11 @@ impl ProcessInfo {
                 shell_job: shell_job == 1,
                 foreground: b.i32()?,
             })
+        };
+        let membership = if terminal.is_none() || b.done() {
+            super::Membership::default()
+        } else {
+            super::Membership::decode(b)?
         };
         Ok(Self {
             pid,
@@ -297,6 +306,7 @@ impl ProcessInfo {
             pgid,
             prctl,
             terminal,
+            membership,
         })
     }
 }
@@ -369,6 +379,13 @@ mod tests {
                 shell_job: false,
                 foreground: 44,
             }),
+            membership: super::super::Membership {
+                cgroups: vec![super::super::Cgroup {
+                    controllers: "cpu,cpuacct".into(),
+                    path: "/a".into(),
+                }],
+                ..Default::default()
+            },
         }
     }
 
@@ -384,9 +401,17 @@ mod tests {
 
     #[test]
     fn a_process_of_format_1_1_has_no_clocks() {
-        let p = sample();
+        let mut p = sample();
+        p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
+        // Format 1.7 ends before the (here empty, 24 bytes) membership.
+        e.buf.truncate(e.buf.len() - 24);
+        assert_eq!(
+            ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
+            p,
+            "1.7 reads as 1.8 without cgroups or UTS namespace"
+        );
         // 1.1 ends after the credentials: u64, u64, str "boot", i32, i32 cut off.
         let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4 + 4 + 4 + 16 + 12)];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
@@ -397,10 +422,22 @@ mod tests {
 
     #[test]
     fn a_process_of_format_1_4_has_no_session() {
-        let p = sample();
+        let mut p = sample();
+        p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
-        let old = &e.buf[..e.buf.len() - 8 - 16 - 12];
+        // Format 1.7 ends before the terminal (12 bytes) and the (here
+        // empty, 24 bytes) membership.
+        e.buf.truncate(e.buf.len() - 12 - 24);
+        assert_eq!(
+            ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
+            ProcessInfo {
+                terminal: None,
+                ..p.clone()
+            },
+            "1.7 reads as 1.8 without terminal, cgroups or namespaces"
+        );
+        let old = &e.buf[..e.buf.len() - 8 - 16];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!((back.sid, back.pgid), (0, 0));
         assert_eq!(back.boot_id, "boot");
@@ -408,15 +445,17 @@ mod tests {
 
     #[test]
     fn a_process_of_format_1_6_has_no_prctl_settings() {
-        let p = sample();
+        let mut p = sample();
+        p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
-        let old = &e.buf[..e.buf.len() - 16 - 12];
+        e.buf.truncate(e.buf.len() - 12 - 24);
+        let old = &e.buf[..e.buf.len() - 16];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!(back.prctl, None);
         assert_eq!((back.sid, back.pgid), (42, 40));
         // Out of range values are refused.
-        let mut bad = e.buf[..e.buf.len() - 12].to_vec();
+        let mut bad = e.buf.clone();
         let n = bad.len();
         bad[n - 4..].copy_from_slice(&99u32.to_le_bytes());
         let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
@@ -425,10 +464,12 @@ mod tests {
 
     #[test]
     fn a_process_of_format_1_7_has_no_terminal() {
-        let p = sample();
+        let mut p = sample();
+        p.membership = Default::default();
         let mut e = Enc::default();
         p.encode(&mut e);
-        let old = &e.buf[..e.buf.len() - 12];
+        // The terminal (12 bytes), then the empty membership (24 bytes).
+        let old = &e.buf[..e.buf.len() - 12 - 24];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!(back.terminal, None);
         assert_eq!(back.prctl, p.prctl);
@@ -448,7 +489,7 @@ mod tests {
         // Unknown kinds and markers are refused.
         let n = e.buf.len();
         let mut bad = e.buf.clone();
-        bad[n - 12..n - 10].copy_from_slice(&3u16.to_le_bytes());
+        bad[n - 36..n - 34].copy_from_slice(&3u16.to_le_bytes());
         let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
         assert!(
             err.what.contains("controlling terminal kind 3"),
@@ -456,7 +497,7 @@ mod tests {
             err.what
         );
         let mut bad = e.buf.clone();
-        bad[n - 10..n - 8].copy_from_slice(&2u16.to_le_bytes());
+        bad[n - 34..n - 32].copy_from_slice(&2u16.to_le_bytes());
         assert!(ProcessInfo::decode(&mut Dec::new(&bad, 0)).is_err());
     }
 

@@ -421,6 +421,7 @@ fn threads(b: &mut Build<'_>) -> Result<(), RestoreError> {
             what: format!("taking over thread {}", info.tid),
             source,
         })?;
+        b.natives.cgroups.enter_thread(info.tid)?;
         let regs = thread_state(b, &nt, info)?;
         b.others.push((nt, regs, info.sigmask));
     }
