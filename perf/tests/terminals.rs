@@ -233,7 +233,10 @@ pid = os.fork()
 if pid == 0:
     os.setpgid(0, 0)
     os.execv("/usr/bin/python3", ["python3", "-c", JOB])
-os.setpgid(pid, pid)
+try:
+    os.setpgid(pid, pid)
+except PermissionError:
+    pass  # the child has exec'd: it made its group itself
 signal.signal(signal.SIGTTOU, signal.SIG_IGN)
 os.tcsetpgrp(0, pid)
 os.waitpid(pid, 0)
@@ -378,8 +381,11 @@ fn a_shell_job_is_refused_without_the_option_and_restored_on_our_terminal_with_i
         ..DumpOptions::default()
     };
     dump(job, &img, &opts).expect("dump --shell-job");
+    // Gone, or a zombie (read once: it may be reaped meanwhile).
     wait_for("the job to go", || {
-        !Path::new(&format!("/proc/{job}")).exists() || stat(job)[0] == "Z"
+        std::fs::read_to_string(format!("/proc/{job}/stat")).map_or(true, |s| {
+            s[s.rfind(')').unwrap_or(0) + 2..].starts_with('Z')
+        })
     });
     let _ = shell.wait();
 
@@ -403,9 +409,13 @@ fn a_shell_job_is_refused_without_the_option_and_restored_on_our_terminal_with_i
     .spawn()
     .expect("start cr-ebpf restore");
     let _rg = KillOnDrop(restorer.id() as i32);
+    // Restored and let go: not traced, and its own program again (the
+    // restore's stub, with that pid before, was a copy of cr-ebpf).
     wait_for("the job to come back", || {
+        let exe = std::fs::read_link(format!("/proc/{job}/exe")).unwrap_or_default();
         std::fs::read_to_string(format!("/proc/{job}/status"))
             .is_ok_and(|t| t.contains("TracerPid:\t0\n") && !t.contains("State:\tZ"))
+            && !exe.to_string_lossy().contains("cr-ebpf")
     });
     let cr_pid = restorer.id() as i32;
     let after = ids(job);
