@@ -76,6 +76,7 @@ fn manifest() -> Manifest {
                 shell_job: false,
                 foreground: 4242,
             }),
+            child_subreaper: false,
             membership: cr_ebpf_image::Membership {
                 cgroups: vec![cr_ebpf_image::Cgroup {
                     controllers: "name=systemd".into(),

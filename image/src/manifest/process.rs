@@ -73,6 +73,9 @@ pub struct ProcessInfo {
     /// Format 1.8: its cgroups and UTS namespace (written after the
     /// `prctl` settings, so only with them). Default in older images.
     pub membership: super::Membership,
+    /// Format 1.8 (after the membership): a child subreaper
+    /// (`PR_SET_CHILD_SUBREAPER`), set again at restore.
+    pub child_subreaper: bool,
 }
 
 /// A process's controlling terminal (format 1.8).
@@ -192,6 +195,7 @@ impl ProcessInfo {
             b.u32(index);
             b.i32(t.foreground);
             self.membership.encode(b);
+            b.u32(u32::from(self.child_subreaper));
         }
     }
 
@@ -283,6 +287,15 @@ impl ProcessInfo {
         } else {
             super::Membership::decode(b)?
         };
+        let child_subreaper = if terminal.is_none() || b.done() {
+            false
+        } else {
+            match b.u32()? {
+                0 => false,
+                1 => true,
+                other => return Err(b.err(format!("child subreaper flag {other} (0 or 1)"))),
+            }
+        };
         Ok(Self {
             pid,
             exe,
@@ -307,6 +320,7 @@ impl ProcessInfo {
             prctl,
             terminal,
             membership,
+            child_subreaper,
         })
     }
 }
@@ -386,6 +400,7 @@ mod tests {
                 }],
                 ..Default::default()
             },
+            child_subreaper: true,
         }
     }
 
@@ -403,10 +418,12 @@ mod tests {
     fn a_process_of_format_1_1_has_no_clocks() {
         let mut p = sample();
         p.membership = Default::default();
+        p.child_subreaper = false;
         let mut e = Enc::default();
         p.encode(&mut e);
-        // Format 1.7 ends before the (here empty, 24 bytes) membership.
-        e.buf.truncate(e.buf.len() - 24);
+        // Format 1.7 ends before the (here empty, 24 bytes) membership and
+        // the subreaper flag (4).
+        e.buf.truncate(e.buf.len() - 24 - 4);
         assert_eq!(
             ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
             p,
@@ -424,11 +441,12 @@ mod tests {
     fn a_process_of_format_1_4_has_no_session() {
         let mut p = sample();
         p.membership = Default::default();
+        p.child_subreaper = false;
         let mut e = Enc::default();
         p.encode(&mut e);
         // Format 1.7 ends before the terminal (12 bytes) and the (here
         // empty, 24 bytes) membership.
-        e.buf.truncate(e.buf.len() - 12 - 24);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 4);
         assert_eq!(
             ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
             ProcessInfo {
@@ -447,9 +465,10 @@ mod tests {
     fn a_process_of_format_1_6_has_no_prctl_settings() {
         let mut p = sample();
         p.membership = Default::default();
+        p.child_subreaper = false;
         let mut e = Enc::default();
         p.encode(&mut e);
-        e.buf.truncate(e.buf.len() - 12 - 24);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 4);
         let old = &e.buf[..e.buf.len() - 16];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!(back.prctl, None);
@@ -466,10 +485,12 @@ mod tests {
     fn a_process_of_format_1_7_has_no_terminal() {
         let mut p = sample();
         p.membership = Default::default();
+        p.child_subreaper = false;
         let mut e = Enc::default();
         p.encode(&mut e);
-        // The terminal (12 bytes), then the empty membership (24 bytes).
-        let old = &e.buf[..e.buf.len() - 12 - 24];
+        // The terminal (12 bytes), the empty membership (24 bytes), the
+        // subreaper flag (4 bytes).
+        let old = &e.buf[..e.buf.len() - 12 - 24 - 4];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!(back.terminal, None);
         assert_eq!(back.prctl, p.prctl);
@@ -489,7 +510,7 @@ mod tests {
         // Unknown kinds and markers are refused.
         let n = e.buf.len();
         let mut bad = e.buf.clone();
-        bad[n - 36..n - 34].copy_from_slice(&3u16.to_le_bytes());
+        bad[n - 40..n - 38].copy_from_slice(&3u16.to_le_bytes());
         let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
         assert!(
             err.what.contains("controlling terminal kind 3"),
@@ -497,7 +518,7 @@ mod tests {
             err.what
         );
         let mut bad = e.buf.clone();
-        bad[n - 34..n - 32].copy_from_slice(&2u16.to_le_bytes());
+        bad[n - 38..n - 36].copy_from_slice(&2u16.to_le_bytes());
         assert!(ProcessInfo::decode(&mut Dec::new(&bad, 0)).is_err());
     }
 

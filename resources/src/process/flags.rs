@@ -1,15 +1,17 @@
 //! Per-process flags only the process itself can be asked for: whether it
-//! is a child subreaper (`PR_SET_CHILD_SUBREAPER`), and which membarrier
-//! commands it registered for. Neither is restored yet, so either set is
-//! refused at checkpoint time, naming it, while the process keeps running
-//! (one injected syscall each, every checkpoint: no log shows them).
+//! is a child subreaper (`PR_SET_CHILD_SUBREAPER`, recorded and set again),
+//! and which membarrier commands it registered for (not restored yet:
+//! refused at checkpoint time, naming them, while the process keeps
+//! running). One injected syscall each, every checkpoint: no log shows
+//! them.
 
 use cr_ebpf_image::ProcessInfo;
 
 use super::{Phase, ProcessKind, SaveCx};
 use crate::{sys::Sys, RestoreError, SaveError};
 
-/// `PR_GET_CHILD_SUBREAPER`.
+/// `PR_SET_CHILD_SUBREAPER`, `PR_GET_CHILD_SUBREAPER`.
+const PR_SET_CHILD_SUBREAPER: u64 = 36;
 const PR_GET_CHILD_SUBREAPER: u64 = 37;
 /// `MEMBARRIER_CMD_GET_REGISTRATIONS` (Linux 6.3+).
 const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
@@ -26,17 +28,12 @@ impl ProcessKind for Flags {
         Phase::Process
     }
 
-    fn save(&self, cx: &mut SaveCx<'_>, _p: &mut ProcessInfo) -> Result<(), SaveError> {
+    fn save(&self, cx: &mut SaveCx<'_>, p: &mut ProcessInfo) -> Result<(), SaveError> {
         cx.queries.injected += 2;
         let (ret, out) = cx.ask.call_out(libc::SYS_prctl, 8, &|at| {
             [PR_GET_CHILD_SUBREAPER, at, 0, 0, 0, 0]
         })?;
-        if ret == 0 && out.iter().any(|&b| b != 0) {
-            return Err(cx.refuse(
-                "a child subreaper (PR_SET_CHILD_SUBREAPER): orphans would no longer come \
-                 to it after a restore",
-            ));
-        }
+        p.child_subreaper = ret == 0 && out.iter().any(|&b| b != 0);
         let (ret, _) = cx.ask.call_out(libc::SYS_membarrier, 0, &|_| {
             [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0, 0, 0, 0]
         })?;
@@ -48,7 +45,14 @@ impl ProcessKind for Flags {
         Ok(())
     }
 
-    fn restore(&self, _sys: &dyn Sys, _p: &ProcessInfo) -> Result<(), RestoreError> {
+    fn restore(&self, sys: &dyn Sys, p: &ProcessInfo) -> Result<(), RestoreError> {
+        if p.child_subreaper {
+            sys.call(
+                "prctl(PR_SET_CHILD_SUBREAPER)",
+                libc::SYS_prctl,
+                [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0],
+            )?;
+        }
         Ok(())
     }
 }
@@ -59,16 +63,24 @@ mod tests {
     use crate::{process::testing::try_save_with, sys::ask::Scripted};
 
     #[test]
-    fn a_subreaper_or_registered_membarrier_is_refused() {
+    fn a_subreaper_is_recorded_and_set_again_and_membarrier_refused() {
         let me = [std::process::id() as i32];
         let quiet = Scripted::default()
             .answer(libc::SYS_prctl, |_| (0, vec![0; 8]))
             .answer(libc::SYS_membarrier, |_| (0, Vec::new()));
         try_save_with(&Flags, &quiet, &me).expect("neither set");
         assert_eq!(quiet.asked()[0].1[0], PR_GET_CHILD_SUBREAPER);
-        let reaper = Scripted::default().answer(libc::SYS_prctl, |_| (0, vec![1, 0, 0, 0]));
-        let err = try_save_with(&Flags, &reaper, &me).unwrap_err();
-        assert!(err.to_string().contains("child subreaper"), "{err}");
+        let reaper = Scripted::default()
+            .answer(libc::SYS_prctl, |_| (0, vec![1, 0, 0, 0]))
+            .answer(libc::SYS_membarrier, |_| (0, Vec::new()));
+        let p = try_save_with(&Flags, &reaper, &me).expect("a subreaper is recorded");
+        assert!(p.child_subreaper);
+        let rec = crate::sys::fake::Recording::new();
+        Flags.restore(&rec, &p).unwrap();
+        assert_eq!(
+            rec.calls("prctl(PR_SET_CHILD_SUBREAPER)")[0][..2],
+            [PR_SET_CHILD_SUBREAPER, 1]
+        );
         let barrier = Scripted::default()
             .answer(libc::SYS_prctl, |_| (0, vec![0; 8]))
             .answer(libc::SYS_membarrier, |_| (8, Vec::new()));
