@@ -93,7 +93,16 @@ pub(super) fn tcp_repair(fd: &OwnedFd, state: u8) -> Result<TcpRepair, SocketErr
             SocketError::Io("TCP_REPAIR", e)
         }
     })?;
-    let r = read_repair(fd, state);
+    // Packets still arriving (the network is not frozen) can move the
+    // receive side between the reads: read again until the window read
+    // last agrees with the receive queue read first.
+    let mut r = read_repair(fd, state);
+    for _ in 0..20 {
+        match &r {
+            Ok(t) if !consistent(t) => r = read_repair(fd, state),
+            _ => break,
+        }
+    }
     // Leaving repair mode resets SO_REUSEADDR: put it back.
     let off = setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 0);
     let re = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuse);
@@ -101,6 +110,17 @@ pub(super) fn tcp_repair(fd: &OwnedFd, state: u8) -> Result<TcpRepair, SocketErr
     off.map_err(|e| ("leaving TCP_REPAIR", e))?;
     re.map_err(|e| ("SO_REUSEADDR", e))?;
     Ok(r)
+}
+
+/// Whether a connection's window fits its receive queue: the kernel
+/// refuses a `rcv_wup` past the next expected byte.
+fn consistent(t: &TcpRepair) -> bool {
+    let rcv_nxt = t
+        .recv_seq
+        .wrapping_add(t.recv_queue.len() as u32)
+        .wrapping_add(u32::from(super::fin::got_fin(t.state)));
+    // rcv_wup <= rcv_nxt, in sequence space.
+    rcv_nxt.wrapping_sub(t.window[4]) < 1 << 31
 }
 
 /// The state of a connection in repair mode; in a half-closed `state`,
@@ -279,14 +299,18 @@ pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, R
 }
 
 /// How many bytes of the send queue are queued again in repair mode, as
-/// sent: those sent and not acknowledged; all of them when the connection
-/// had sent its FIN, which must come after them (they go out as
-/// retransmissions).
+/// sent (they go out as retransmissions, when the retransmission timer
+/// says): all of them when the connection had sent its FIN, which must
+/// come after them; none otherwise: the bytes sent and not acknowledged
+/// go out again at once with those never sent, from the first
+/// unacknowledged sequence number, as soon as the peer's window lets them
+/// (the peer had not acknowledged them, so it takes them as new or drops
+/// them as duplicates).
 fn queued_as_sent(t: &TcpRepair) -> usize {
     if super::fin::sent_fin(t.state) {
         t.send_queue.len()
     } else {
-        t.send_queue.len() - t.unsent as usize
+        0
     }
 }
 
