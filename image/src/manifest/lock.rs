@@ -7,6 +7,8 @@ use crate::codec::{Dec, DecErr, Enc};
 
 /// The first format with LOCK sections.
 pub(super) const SINCE: u16 = 6;
+/// The first format with leases.
+const LEASE_SINCE: u16 = 8;
 
 /// What kind of lock. On disk as a `u16`; `0` is invalid.
 #[repr(u16)]
@@ -21,6 +23,9 @@ pub enum LockKind {
     Posix = 2,
     /// An open-file-description lock (`fcntl(F_OFD_SETLK)`).
     Ofd = 3,
+    /// A lease (`fcntl(F_SETLEASE)`, format 1.8): held by the open file
+    /// description; read or write, no range.
+    Lease = 4,
 }
 
 impl TryFrom<u16> for LockKind {
@@ -30,6 +35,7 @@ impl TryFrom<u16> for LockKind {
             1 => Self::Flock,
             2 => Self::Posix,
             3 => Self::Ofd,
+            4 => Self::Lease,
             other => return Err(other),
         })
     }
@@ -65,10 +71,18 @@ impl FileLock {
     pub(super) fn decode(b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
         let fd = b.i32()?;
         let at = b.offset();
-        let kind = LockKind::try_from(b.u16()?).map_err(|k| DecErr {
-            offset: at,
-            what: super::unknown("lock kind", k, minor),
-        })?;
+        let kind = LockKind::try_from(b.u16()?)
+            .and_then(|k| {
+                if k == LockKind::Lease && minor < LEASE_SINCE {
+                    Err(k as u16)
+                } else {
+                    Ok(k)
+                }
+            })
+            .map_err(|k| DecErr {
+                offset: at,
+                what: super::unknown("lock kind", k, minor),
+            })?;
         let at = b.offset();
         let write = match b.u16()? {
             0 => false,

@@ -4,8 +4,8 @@
 //! once, with one descriptor it is held through, and taken again through
 //! that descriptor once every descriptor of the restored process has its
 //! number, before the process runs. A lock another process took while this
-//! one was down fails the restore, naming it. Leases and delegations are
-//! refused. (A thread blocked waiting for a lock is in its syscall, which
+//! one was down fails the restore, naming it. Leases (`F_SETLEASE`) are
+//! taken again too; a lease being broken, and delegations, are refused. (A thread blocked waiting for a lock is in its syscall, which
 //! the restore redoes.)
 
 use cr_ebpf_image::{FileLock, LockKind};
@@ -28,9 +28,13 @@ fn parse(fd: i32, line: &str) -> Result<(FileLock, String), String> {
         "FLOCK" => LockKind::Flock,
         "POSIX" => LockKind::Posix,
         "OFDLCK" => LockKind::Ofd,
+        "LEASE" => LockKind::Lease,
         other => return Err(format!("a {} held through it", other.to_lowercase())),
     };
-    if w.get(3) != Some(&"ADVISORY") {
+    if kind == LockKind::Lease && w.get(3) != Some(&"ACTIVE") {
+        return Err("a lease being broken (another process opened the file)".into());
+    }
+    if kind != LockKind::Lease && w.get(3) != Some(&"ADVISORY") {
         return Err(format!(
             "a {} file lock",
             w.get(3).unwrap_or(&"?").to_lowercase()
@@ -194,6 +198,18 @@ pub fn restore(
                 };
                 sys.call(name, libc::SYS_fcntl, [l.fd as u64, cmd, at, 0, 0, 0])
             }
+            LockKind::Lease => {
+                let ty = if l.write {
+                    libc::F_WRLCK
+                } else {
+                    libc::F_RDLCK
+                };
+                sys.call(
+                    "fcntl(F_SETLEASE)",
+                    libc::SYS_fcntl,
+                    [l.fd as u64, libc::F_SETLEASE as u64, ty as u64, 0, 0, 0],
+                )
+            }
             LockKind::Invalid => unreachable!("refused when the image was read"),
         };
         r.map_err(|e| {
@@ -235,9 +251,14 @@ mod tests {
         );
         let (l, _) = parse(5, "lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:1 0 EOF").unwrap();
         assert_eq!(l.kind, LockKind::Ofd);
-        assert!(parse(5, "lock:\t1: LEASE  ACTIVE    READ 77 fe:00:1 0 EOF")
+        let (l, _) = parse(5, "lock:\t1: LEASE  ACTIVE    READ 77 fe:00:1 0 EOF").unwrap();
+        assert_eq!(
+            (l.kind, l.write, l.start, l.len),
+            (LockKind::Lease, false, 0, 0)
+        );
+        assert!(parse(5, "lock:\t1: LEASE  BREAKING  READ 77 fe:00:1 0 EOF")
             .unwrap_err()
-            .contains("lease"));
+            .contains("being broken"));
         assert!(parse(5, "lock:\t1: POSIX  MANDATORY WRITE 77 fe:00:1 0 EOF").is_err());
     }
 
@@ -285,5 +306,22 @@ mod tests {
         rec.fail("flock", libc::EWOULDBLOCK);
         let err = restore(&rec, &saved, |_| "/x/a".into()).unwrap_err();
         assert!(err.to_string().contains("/x/a"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_is_taken_again_with_f_setlease() {
+        let rec = crate::sys::fake::Recording::new();
+        let lease = FileLock {
+            fd: 5,
+            kind: LockKind::Lease,
+            write: true,
+            start: 0,
+            len: 0,
+        };
+        restore(&rec, &[lease], |_| "/f".into()).unwrap();
+        assert_eq!(
+            rec.calls("fcntl(F_SETLEASE)")[0][..3],
+            [5, libc::F_SETLEASE as u64, libc::F_WRLCK as u64]
+        );
     }
 }
