@@ -111,16 +111,18 @@ fn closed_stdio_stays_closed_and_memfd_open_files_keep_position_and_mode() {
     );
 }
 
-/// Opens a file read-write at 5 (at position 3), dups it to 6, opens it
-/// again at 7, forks a child that sleeps, writes the child's pid, sleeps.
+/// Opens a file read-write at 5 (at position 3), `flock`s it, dups it to
+/// 6, opens it again at 7, forks a child that sleeps, writes the child's
+/// pid, sleeps.
 const SHARING: &str = r#"
-import os, sys, time
+import fcntl, os, sys, time
 ctl = sys.argv[1]
 path = os.path.join(ctl, "data")
 with open(path, "wb") as f:
     f.write(b"0123456789")
 a = os.open(path, os.O_RDWR)
 os.lseek(a, 3, os.SEEK_SET)
+fcntl.flock(a, fcntl.LOCK_EX)
 os.dup2(a, 5), os.dup2(a, 6)
 os.dup2(os.open(path, os.O_RDONLY), 7)
 pid = os.fork()
@@ -195,4 +197,10 @@ fn an_open_file_shared_by_dup_and_fork_is_one_open_file_again() {
     assert_eq!(pos_mode(pid, 5), (3, libc::O_RDWR));
     assert_eq!(pos_mode(kid, 6), (3, libc::O_RDWR));
     assert_eq!(pos_mode(kid, 7), (0, libc::O_RDONLY));
+    // The flock of that shared open file is held again, once.
+    let other = std::fs::File::open(ctl.join("data")).unwrap();
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a descriptor of ours.
+    let r = unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(r, -1, "the lock is held again");
 }

@@ -121,6 +121,15 @@ fn refuse_shared(cx: &SaveCx<'_>, seen: &Seen, line: &str) -> Result<(), SaveErr
             ),
         ));
     }
+    // A regular file's description shared across fork comes back as one
+    // (see the description module), with its lock.
+    let one_again = seen.file_type() == libc::S_IFREG
+        && seen.link.starts_with('/')
+        && !seen.link.starts_with("/proc/")
+        && !seen.link.ends_with(" (deleted)");
+    if one_again {
+        return Ok(());
+    }
     for &other in cx.scope.pids.iter().filter(|&&p| p != cx.pid) {
         let Ok(dir) = std::fs::read_dir(format!("/proc/{other}/fd")) else {
             continue;
