@@ -295,6 +295,11 @@ fn save_socket(
     let family = int(libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?;
     let sock_type = int(libc::SOL_SOCKET, libc::SO_TYPE, "SO_TYPE")?;
     let protocol = int(libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
+    if !matches!(family, libc::AF_UNIX | libc::AF_INET | libc::AF_INET6) {
+        return Err(SocketError::NotSupported(format!(
+            "a socket of family {family}, type {sock_type}, protocol {protocol}"
+        )));
+    }
     let listening = int(libc::SOL_SOCKET, libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? != 0;
     let mut s = SocketInfo {
         family: family as u16,
