@@ -290,12 +290,30 @@ pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, R
     }
     tcp(TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE")?;
     let mut w = Vec::with_capacity(20);
-    for v in super::fin::window_before_fin(t) {
+    for v in in_range(super::fin::window_before_fin(t), t) {
         w.extend_from_slice(&v.to_ne_bytes());
     }
     setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(fail("TCP_REPAIR_WINDOW"))?;
     apply_options(&fd, s, true)?;
     Ok(fd)
+}
+
+/// The window `w` (snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup) within
+/// what `TCP_REPAIR_WINDOW` takes for the refilled receive queue: a
+/// segment still arriving while the connection was read could leave its
+/// last window update, or the window's left edge, past the queue's end
+/// (then the queue's end is taken).
+fn in_range(mut w: [u32; 5], t: &TcpRepair) -> [u32; 5] {
+    let rcv_nxt = t.recv_seq.wrapping_add(t.recv_queue.len() as u32);
+    let after = |a: u32, b: u32| (a.wrapping_sub(b) as i32) > 0;
+    if after(w[4], rcv_nxt) {
+        w[4] = rcv_nxt;
+    }
+    let edge = rcv_nxt.wrapping_add(w[3]);
+    if after(w[0], edge) {
+        w[0] = edge;
+    }
+    w
 }
 
 /// How many bytes of the send queue are queued again in repair mode, as
@@ -372,4 +390,30 @@ pub(super) fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd
     // SAFETY: plain syscall on our socket.
     let _ = unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_past_the_queue_end_is_brought_back_to_it() {
+        let t = TcpRepair {
+            recv_seq: 1000,
+            recv_queue: vec![0; 100],
+            ..TcpRepair::default()
+        };
+        // rcv_wup past rcv_nxt (1100), snd_wl1 past rcv_nxt + rcv_wnd.
+        assert_eq!(in_range([1200, 5, 6, 50, 1150], &t), [1150, 5, 6, 50, 1100]);
+        // Already in range: unchanged, across the sequence wrap too.
+        let w = [1090, 5, 6, 50, 1090];
+        assert_eq!(in_range(w, &t), w);
+        let t = TcpRepair {
+            recv_seq: u32::MAX - 10,
+            recv_queue: vec![0; 20],
+            ..TcpRepair::default()
+        };
+        let w = [3, 1, 1, 10, 5];
+        assert_eq!(in_range(w, &t), w);
+    }
 }
