@@ -394,13 +394,17 @@ impl Placement {
             }
         }
         for t in out.processes.values().chain(out.threads.values()).flatten() {
-            if make_dirs(t)? {
-                let name = format!("{}:{}", hierarchy_name(&t.controllers), t.path);
+            // Each directory made, the target's own and its parents made
+            // with it.
+            let made = make_dirs(t)?;
+            for path in Path::new(&t.path).ancestors().take(made) {
+                let name = format!("{}:{}", hierarchy_name(&t.controllers), path.display());
                 if !out.made.contains(&name) {
                     out.made.push(name);
                 }
             }
         }
+        out.made.sort();
         // A v2 cgroup of a thread apart from its process is a threaded
         // one (a new directory is a domain until told).
         for t in out.threads.values().flatten().filter(|t| t.v2) {
@@ -469,7 +473,7 @@ fn write_id(file: &Path, id: i32, who: &str) -> Result<(), RestoreError> {
 
 /// Creates `t`'s directory and its missing parents; a new cpuset cgroup
 /// gets its parent's cpus and memory nodes. Returns whether it made any.
-fn make_dirs(t: &Target) -> Result<bool, RestoreError> {
+fn make_dirs(t: &Target) -> Result<usize, RestoreError> {
     let mut missing = Vec::new();
     let mut d = t.dir.as_path();
     while !d.exists() {
@@ -493,7 +497,7 @@ fn make_dirs(t: &Target) -> Result<bool, RestoreError> {
             }
         }
     }
-    Ok(!missing.is_empty())
+    Ok(missing.len())
 }
 
 /// The cgroup mounts of this machine.
@@ -615,10 +619,12 @@ mod tests {
         assert_eq!(
             pl.made,
             [
+                "name=t:/moved",
                 "name=t:/moved/here",
                 "name=t:/moved/here/worker",
                 "name=t:/moved/here/worker/t"
-            ]
+            ],
+            "every directory made, parents too, whatever the order processes come in"
         );
         // Without --cgroup-root, as recorded; an unmounted hierarchy is an error.
         let pl = Placement::plan(&[&child], &[], &ms).unwrap();
