@@ -77,6 +77,7 @@ fn manifest() -> Manifest {
                 foreground: 4242,
             }),
             child_subreaper: false,
+            oom_score_adj: 100,
             membership: cr_ebpf_image::Membership {
                 cgroups: vec![cr_ebpf_image::Cgroup {
                     controllers: "name=systemd".into(),

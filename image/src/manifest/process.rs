@@ -76,6 +76,9 @@ pub struct ProcessInfo {
     /// Format 1.8 (after the membership): a child subreaper
     /// (`PR_SET_CHILD_SUBREAPER`), set again at restore.
     pub child_subreaper: bool,
+    /// Format 1.8 (after the subreaper flag): `/proc/PID/oom_score_adj`,
+    /// written again at restore.
+    pub oom_score_adj: i32,
 }
 
 /// A process's controlling terminal (format 1.8).
@@ -196,6 +199,7 @@ impl ProcessInfo {
             b.i32(t.foreground);
             self.membership.encode(b);
             b.u32(u32::from(self.child_subreaper));
+            b.i32(self.oom_score_adj);
         }
     }
 
@@ -296,6 +300,15 @@ impl ProcessInfo {
                 other => return Err(b.err(format!("child subreaper flag {other} (0 or 1)"))),
             }
         };
+        let oom_score_adj = if terminal.is_none() || b.done() {
+            0
+        } else {
+            let v = b.i32()?;
+            if !(-1000..=1000).contains(&v) {
+                return Err(b.err(format!("OOM score adjustment {v} (-1000 to 1000)")));
+            }
+            v
+        };
         Ok(Self {
             pid,
             exe,
@@ -321,6 +334,7 @@ impl ProcessInfo {
             terminal,
             membership,
             child_subreaper,
+            oom_score_adj,
         })
     }
 }
@@ -401,6 +415,7 @@ mod tests {
                 ..Default::default()
             },
             child_subreaper: true,
+            oom_score_adj: -17,
         }
     }
 
@@ -419,11 +434,12 @@ mod tests {
         let mut p = sample();
         p.membership = Default::default();
         p.child_subreaper = false;
+        p.oom_score_adj = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
         // Format 1.7 ends before the (here empty, 24 bytes) membership and
         // the subreaper flag (4).
-        e.buf.truncate(e.buf.len() - 24 - 4);
+        e.buf.truncate(e.buf.len() - 24 - 8);
         assert_eq!(
             ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
             p,
@@ -442,11 +458,12 @@ mod tests {
         let mut p = sample();
         p.membership = Default::default();
         p.child_subreaper = false;
+        p.oom_score_adj = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
         // Format 1.7 ends before the terminal (12 bytes) and the (here
         // empty, 24 bytes) membership.
-        e.buf.truncate(e.buf.len() - 12 - 24 - 4);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 8);
         assert_eq!(
             ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
             ProcessInfo {
@@ -466,9 +483,10 @@ mod tests {
         let mut p = sample();
         p.membership = Default::default();
         p.child_subreaper = false;
+        p.oom_score_adj = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
-        e.buf.truncate(e.buf.len() - 12 - 24 - 4);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 8);
         let old = &e.buf[..e.buf.len() - 16];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!(back.prctl, None);
@@ -486,11 +504,12 @@ mod tests {
         let mut p = sample();
         p.membership = Default::default();
         p.child_subreaper = false;
+        p.oom_score_adj = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
         // The terminal (12 bytes), the empty membership (24 bytes), the
         // subreaper flag (4 bytes).
-        let old = &e.buf[..e.buf.len() - 12 - 24 - 4];
+        let old = &e.buf[..e.buf.len() - 12 - 24 - 8];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
         assert_eq!(back.terminal, None);
         assert_eq!(back.prctl, p.prctl);
@@ -510,7 +529,7 @@ mod tests {
         // Unknown kinds and markers are refused.
         let n = e.buf.len();
         let mut bad = e.buf.clone();
-        bad[n - 40..n - 38].copy_from_slice(&3u16.to_le_bytes());
+        bad[n - 44..n - 42].copy_from_slice(&3u16.to_le_bytes());
         let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
         assert!(
             err.what.contains("controlling terminal kind 3"),
@@ -518,7 +537,7 @@ mod tests {
             err.what
         );
         let mut bad = e.buf.clone();
-        bad[n - 38..n - 36].copy_from_slice(&2u16.to_le_bytes());
+        bad[n - 42..n - 40].copy_from_slice(&2u16.to_le_bytes());
         assert!(ProcessInfo::decode(&mut Dec::new(&bad, 0)).is_err());
     }
 

@@ -1,9 +1,10 @@
 //! Scheduling: nice value, scheduling policy and real-time priority of
-//! each thread, and the OOM score adjustment. They are not recorded yet: a
-//! process whose settings are not the defaults (nice 0, `SCHED_OTHER`,
-//! OOM score adjustment 0) is refused at checkpoint time, naming them,
-//! while it keeps running; a restored process is given the defaults, not
-//! whatever the restorer runs with.
+//! each thread (not recorded yet: settings other than the defaults, nice 0
+//! and `SCHED_OTHER`, are refused at checkpoint time, naming them, while
+//! the process keeps running; a restored process is given the defaults,
+//! not whatever the restorer runs with), and the OOM score adjustment
+//! (recorded and written again; one below cr-ebpf's own is refused when
+//! cr-ebpf lacks `CAP_SYS_RESOURCE`, which lowering it takes).
 
 use cr_ebpf_image::ProcessInfo;
 
@@ -31,7 +32,7 @@ impl ProcessKind for Scheduling {
         Phase::Process
     }
 
-    fn save(&self, cx: &mut SaveCx<'_>, _p: &mut ProcessInfo) -> Result<(), SaveError> {
+    fn save(&self, cx: &mut SaveCx<'_>, p: &mut ProcessInfo) -> Result<(), SaveError> {
         let pid = cx.pid;
         let read = |p: String| std::fs::read_to_string(&p).map_err(proc_err(pid, p));
         let ours = Some((0, 0, libc::SCHED_OTHER as i64));
@@ -57,17 +58,25 @@ impl ProcessKind for Scheduling {
                 )));
             }
         }
-        let adj = read(format!("/proc/{pid}/oom_score_adj"))?;
-        if adj.trim() != "0" {
+        let adj: i32 = read(format!("/proc/{pid}/oom_score_adj"))?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let ours: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if adj < ours && !may_lower_oom_score() {
             return Err(cx.refuse(format!(
-                "an OOM score adjustment of {} (not the default 0): it is not restored yet",
-                adj.trim()
+                "an OOM score adjustment of {adj}, below cr-ebpf's {ours}: setting it again \
+                 needs CAP_SYS_RESOURCE, which cr-ebpf lacks here"
             )));
         }
+        p.oom_score_adj = adj;
         Ok(())
     }
 
-    fn restore(&self, sys: &dyn Sys, _p: &ProcessInfo) -> Result<(), RestoreError> {
+    fn restore(&self, sys: &dyn Sys, p: &ProcessInfo) -> Result<(), RestoreError> {
         // The defaults, whatever the restorer runs with (its threads made
         // later inherit them).
         sys.call(
@@ -81,8 +90,32 @@ impl ProcessKind for Scheduling {
             libc::SYS_sched_setscheduler,
             [0, libc::SCHED_OTHER as u64, param, 0, 0, 0],
         )?;
+        if p.oom_score_adj != 0 {
+            let fd = sys.openat("/proc/self/oom_score_adj", libc::O_WRONLY | libc::O_CLOEXEC)?;
+            let text = p.oom_score_adj.to_string();
+            let at = sys.put(0, text.as_bytes())?;
+            let r = sys.call(
+                "write(oom_score_adj)",
+                libc::SYS_write,
+                [fd as u64, at, text.len() as u64, 0, 0, 0],
+            );
+            sys.close(fd)?;
+            r?;
+        }
         Ok(())
     }
+}
+
+/// Whether cr-ebpf holds `CAP_SYS_RESOURCE` (bit 24 of `CapEff`).
+fn may_lower_oom_score() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
 }
 
 #[cfg(test)]
@@ -101,6 +134,14 @@ mod tests {
         let rec = crate::sys::fake::Recording::new();
         Scheduling.restore(&rec, &ProcessInfo::default()).unwrap();
         assert_eq!(rec.names(), ["setpriority", "sched_setscheduler"]);
+        let rec = crate::sys::fake::Recording::new();
+        let p = ProcessInfo {
+            oom_score_adj: 400,
+            ..ProcessInfo::default()
+        };
+        Scheduling.restore(&rec, &p).unwrap();
+        let w = rec.calls("write(oom_score_adj)")[0];
+        assert_eq!(rec.memory("write(oom_score_adj)", 0, w[1], 3), b"400");
         let line = "7 (a b) S 1 7 7 0 -1 4194560 0 0 0 0 0 0 0 0 20 5 1 0 100 0 0 \
                     18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 10 2 0 0 0";
         assert_eq!(of_stat(line), Some((5, 10, 2)));
