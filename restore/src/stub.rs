@@ -47,6 +47,10 @@ impl Natives {
             &cr_ebpf_resources::fd::Prepare {
                 close_connections: opts.close_connections,
                 shell_job: opts.shell_job,
+                shmem: shmem
+                    .iter()
+                    .map(|(id, fd)| (*id, std::os::fd::AsRawFd::as_raw_fd(fd)))
+                    .collect(),
                 ..Default::default()
             },
         )?;

@@ -3,18 +3,19 @@
 //! the file itself is stored once per checkpoint as a shared memory object
 //! ([`crate::ghost`], [`crate::shmem`]), which the descriptor names by id.
 //!
-//! At restore each descriptor gets an open file of its own, reopened
-//! through `/proc/self/fd` from the one the restorer made, with its access
-//! mode and at its position: it shows `PATH (deleted)` as before.
+//! At restore each open file is reopened through `/proc/self/fd` from the
+//! one the restorer made, with its access mode and at its position (once
+//! for the descriptors that shared it: `dup`, fork): it shows `PATH
+//! (deleted)` as before.
 
 use std::os::{
-    fd::{AsRawFd as _, OwnedFd},
+    fd::{AsRawFd as _, OwnedFd, RawFd},
     unix::fs::{MetadataExt as _, OpenOptionsExt as _},
 };
 
 use cr_ebpf_image::{FdInfo, FdKind, FdState};
 
-use super::{Descriptor, RestoreCx, SaveCx, Seen};
+use super::{Descriptor, Prepare, RestoreCx, SaveCx, Seen, Shared};
 use crate::{ghost, shmem::ANONYMOUS, RestoreError, SaveError};
 
 /// `__O_TMPFILE`, without the `O_DIRECTORY` that `O_TMPFILE` adds.
@@ -48,7 +49,35 @@ impl Descriptor for Deleted {
         Some(Ok(info))
     }
 
+    fn prepare(
+        &self,
+        fds: &[&FdInfo],
+        opts: &Prepare,
+        shared: &mut Shared,
+    ) -> Result<(), RestoreError> {
+        // An open file shared by several descriptors (dup, fork) is made
+        // once, for all of them.
+        for f in fds.iter().filter(|f| f.desc != 0) {
+            if shared.contains(FdKind::Deleted, f.desc) {
+                continue;
+            }
+            let FdState::Deleted { id } = f.state else {
+                continue;
+            };
+            let Some(&object) = opts.shmem.get(&id) else {
+                continue; // open() names what is missing
+            };
+            shared.insert(FdKind::Deleted, f.desc, 0, reopen(object, f)?);
+        }
+        Ok(())
+    }
+
     fn open(&self, cx: &RestoreCx<'_>, f: &FdInfo) -> Result<Option<i64>, RestoreError> {
+        if f.desc != 0 && cx.shared.contains(FdKind::Deleted, f.desc) {
+            return cx
+                .adopt(cx.shared.get(FdKind::Deleted, f.desc, 0, f.fd)?)
+                .map(Some);
+        }
         let FdState::Deleted { id } = f.state else {
             return Err(RestoreError::NotSupported(format!(
                 "deleted file on descriptor {} without its object",
@@ -61,43 +90,49 @@ impl Descriptor for Deleted {
                 f.path, f.fd
             ))
         })?;
-        let path = format!("/proc/self/fd/{}", object.as_raw_fd());
-        // A file made with O_TMPFILE shows it (with O_DIRECTORY) in its
-        // flags: it is reopened as the file it is.
-        let tmpfile = if f.flags as i32 & O_TMPFILE_BIT != 0 {
-            O_TMPFILE_BIT | libc::O_DIRECTORY
-        } else {
-            0
-        };
-        let flags = f.flags as i32
-            & !tmpfile
-            & !(libc::O_ACCMODE
-                | libc::O_CREAT
-                | libc::O_TRUNC
-                | libc::O_EXCL
-                | libc::O_NOCTTY
-                | libc::O_ASYNC
-                | libc::O_CLOEXEC);
-        let mode = f.flags as i32 & libc::O_ACCMODE;
-        let fail = |what: &str| {
-            let call = format!("{what} {} for descriptor {}", f.path, f.fd);
-            move |err| RestoreError::Syscall { call, err }
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(mode == libc::O_RDONLY || mode == libc::O_RDWR)
-            .write(mode == libc::O_WRONLY || mode == libc::O_RDWR)
-            .custom_flags(flags | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(fail("reopening"))?;
-        let file = OwnedFd::from(file);
-        if f.pos > 0 && flags & libc::O_PATH == 0 {
-            // SAFETY: lseek on our descriptor.
-            if unsafe { libc::lseek(file.as_raw_fd(), f.pos as i64, libc::SEEK_SET) } < 0 {
-                return Err(fail("seeking")(std::io::Error::last_os_error()));
-            }
-        }
-        cx.adopt(&file).map(Some)
+        cx.adopt(&reopen(object.as_raw_fd(), f)?).map(Some)
     }
+}
+
+/// An open file of its own of the object the restorer made (`object`),
+/// with the access mode, flags and position of `f`.
+fn reopen(object: RawFd, f: &FdInfo) -> Result<OwnedFd, RestoreError> {
+    let path = format!("/proc/self/fd/{object}");
+    // A file made with O_TMPFILE shows it (with O_DIRECTORY) in its
+    // flags: it is reopened as the file it is.
+    let tmpfile = if f.flags as i32 & O_TMPFILE_BIT != 0 {
+        O_TMPFILE_BIT | libc::O_DIRECTORY
+    } else {
+        0
+    };
+    let flags = f.flags as i32
+        & !tmpfile
+        & !(libc::O_ACCMODE
+            | libc::O_CREAT
+            | libc::O_TRUNC
+            | libc::O_EXCL
+            | libc::O_NOCTTY
+            | libc::O_ASYNC
+            | libc::O_CLOEXEC);
+    let mode = f.flags as i32 & libc::O_ACCMODE;
+    let fail = |what: &str| {
+        let call = format!("{what} {} for descriptor {}", f.path, f.fd);
+        move |err| RestoreError::Syscall { call, err }
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(mode == libc::O_RDONLY || mode == libc::O_RDWR)
+        .write(mode == libc::O_WRONLY || mode == libc::O_RDWR)
+        .custom_flags(flags | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(fail("reopening"))?;
+    let file = OwnedFd::from(file);
+    if f.pos > 0 && flags & libc::O_PATH == 0 {
+        // SAFETY: lseek on our descriptor.
+        if unsafe { libc::lseek(file.as_raw_fd(), f.pos as i64, libc::SEEK_SET) } < 0 {
+            return Err(fail("seeking")(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -113,6 +148,52 @@ mod tests {
     fn position(fd: &OwnedFd) -> i64 {
         // SAFETY: lseek on our descriptor.
         unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_CUR) }
+    }
+
+    #[test]
+    fn a_deleted_file_shared_by_a_dup_comes_back_as_one_open_file() {
+        let dir = testing::scratch("deleted-dup");
+        let path = dir.join("log");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"0123456789").unwrap();
+        let g = f.try_clone().unwrap();
+        let other = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let pid = std::process::id() as i32;
+        let mut saved = testing::save_own_many(&[f.as_raw_fd(), g.as_raw_fd(), other.as_raw_fd()]);
+        crate::fd::description::share(&mut [(pid, &mut saved[..])]);
+        assert_ne!(saved[0].desc, 0);
+        assert_eq!(saved[0].desc, saved[1].desc, "the dup shares it");
+        assert_eq!(saved[2].desc, 0, "a second open is its own");
+        let FdState::Deleted { id } = saved[0].state else {
+            panic!("{:?}", saved[0].state)
+        };
+        let shm = crate::shmem::capture(pid, &[], &saved, None, 1 << 20).unwrap();
+        let mut shmem = std::collections::HashMap::new();
+        shmem.insert(id, ghost::make(&shm[0]).unwrap());
+        let opts = Prepare {
+            shmem: shmem.iter().map(|(i, o)| (*i, o.as_raw_fd())).collect(),
+            ..Prepare::default()
+        };
+        let mut shared = Shared::default();
+        let all: Vec<&FdInfo> = saved.iter().collect();
+        Deleted.prepare(&all, &opts, &mut shared).unwrap();
+        let rec = crate::sys::fake::Recording::new();
+        let cx = RestoreCx {
+            sys: &rec,
+            shared: &shared,
+            shmem: &shmem,
+        };
+        for info in &saved {
+            Deleted.open(&cx, info).unwrap();
+        }
+        let got = rec.adopted();
+        // SAFETY: kcmp with integer arguments only (KCMP_FILE = 0).
+        let same = |a: &OwnedFd, b: &OwnedFd| unsafe {
+            libc::syscall(libc::SYS_kcmp, pid, pid, 0, a.as_raw_fd(), b.as_raw_fd()) == 0
+        };
+        assert!(same(&got[0], &got[1]), "one open file for the dup");
+        assert!(!same(&got[0], &got[2]), "the other open its own");
     }
 
     #[test]

@@ -22,15 +22,16 @@ use crate::RestoreError;
 const KCMP_FILE: i32 = 0;
 
 /// Whether descriptor `a` of `pa` and `b` of `pb` are one description.
-fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
+pub(crate) fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
     // SAFETY: kcmp with integer arguments only.
     unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
 }
 
 /// A regular file a restore can open before the processes exist (not one
-/// of their own `/proc` files, not a namespace), or a pipe end.
+/// of their own `/proc` files, not a namespace), a deleted file (made
+/// again by the restorer; see the deleted module), or a pipe end.
 fn shareable(f: &FdInfo) -> bool {
-    f.kind == FdKind::Pipe
+    matches!(f.kind, FdKind::Pipe | FdKind::Deleted)
         || (f.kind == FdKind::File && f.path.starts_with('/') && !f.path.starts_with("/proc/"))
 }
 

@@ -133,6 +133,9 @@ pub struct Prepare {
     pub cwds: HashMap<u64, std::path::PathBuf>,
     /// Give a shell job's terminal descriptors cr-ebpf's own terminal.
     pub shell_job: bool,
+    /// The restorer's descriptors of the shared memory objects and deleted
+    /// files made for the restore, by id (alive while the objects are made).
+    pub shmem: HashMap<u64, std::os::fd::RawFd>,
 }
 
 /// What `/proc` shows of one descriptor of a frozen process.
