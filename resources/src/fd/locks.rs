@@ -10,13 +10,11 @@
 
 use cr_ebpf_image::{FileLock, LockKind};
 
-use super::{SaveCx, Seen};
+use super::{description::same_description, SaveCx, Seen};
 use crate::{sys::Sys, RestoreError, SaveError};
 
 /// `F_OFD_SETLK`.
 const F_OFD_SETLK: u64 = 37;
-/// `KCMP_FILE`: whether two descriptors are the same open file description.
-const KCMP_FILE: i32 = 0;
 
 /// One `lock:` line of fdinfo: the lock and its file (`dev:ino`), or why
 /// it cannot be saved.
@@ -89,7 +87,7 @@ pub(super) fn save(
             *f == file
                 && (o.kind, o.write, o.start, o.len)
                     == (lock.kind, lock.write, lock.start, lock.len)
-                && (lock.kind == LockKind::Posix || same_file(cx.pid, o.fd, lock.fd))
+                && (lock.kind == LockKind::Posix || same_description(cx.pid, o.fd, cx.pid, lock.fd))
         });
         if !same {
             saved.push(lock);
@@ -153,19 +151,6 @@ fn refuse_shared(cx: &SaveCx<'_>, seen: &Seen, line: &str) -> Result<(), SaveErr
         }
     }
     Ok(())
-}
-
-/// Whether descriptor `a` of `pa` and `b` of `pb` are one open file
-/// description.
-fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
-    // SAFETY: kcmp with integer arguments only.
-    unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
-}
-
-/// Whether descriptors `a` and `b` of `pid` are one open file description.
-fn same_file(pid: i32, a: i32, b: i32) -> bool {
-    // SAFETY: kcmp with integer arguments only.
-    unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) == 0 }
 }
 
 /// Takes every lock of `locks` in the process being built.
