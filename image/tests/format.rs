@@ -115,6 +115,17 @@ fn manifest() -> Manifest {
                 remaining_ns: 39_000_000_000,
                 interval_ns: 3_000_000_000,
             }],
+            cgroup_dirs: vec![cr_ebpf_image::CgroupDir {
+                controllers: "devices".into(),
+                path: "/app/sub".into(),
+                owner: cr_ebpf_image::Owner {
+                    mode: 0o755,
+                    uid: 1000,
+                    gid: 1000,
+                },
+                files: vec![("cgroup.procs".into(), cr_ebpf_image::Owner::default())],
+                settings: vec![("devices.list".into(), "c 1:3 rwm\n".into())],
+            }],
         },
         threads: vec![ThreadInfo {
             tid: 42,

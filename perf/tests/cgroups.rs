@@ -2,7 +2,9 @@
 //! hierarchy and of a v1 one (a named hierarchy the test mounts) comes
 //! back in both, with the directories made again when they are gone and
 //! the v1 hierarchy mounted by the restore when it is mounted nowhere;
-//! with `--cgroup-root` it comes back under other cgroups.
+//! with `--cgroup-root` it comes back under other cgroups. A cgroup made
+//! again comes back with its settings, owners and modes, and with the
+//! empty cgroups that were below it.
 
 use std::{
     path::{Path, PathBuf},
@@ -188,4 +190,105 @@ fn a_process_comes_back_in_its_v2_and_v1_cgroups_and_under_another_root() {
     assert_eq!(r.pid, pid);
     assert_eq!(cgroup_of(pid, ""), format!("/{top}/moved"));
     assert_eq!(cgroup_of(pid, &named), format!("/{top}/elsewhere"));
+}
+
+/// The mount point of the v1 hierarchy of controller `ctl`, if any.
+fn v1_mount(ctl: &str) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter(|l| l.contains(" - cgroup "))
+        .find(|l| {
+            l.rsplit(' ')
+                .next()
+                .is_some_and(|o| o.split(',').any(|x| x == ctl))
+        })
+        .and_then(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+}
+
+fn mode_owner(p: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap();
+    (m.mode() & 0o7777, m.uid(), m.gid())
+}
+
+#[test]
+fn a_cgroup_made_again_has_its_settings_owners_and_empty_children_back() {
+    if !cr_ebpf_perf::privileged(
+        "a_cgroup_made_again_has_its_settings_owners_and_empty_children_back",
+    ) {
+        return;
+    }
+    let Some(pids) = v1_mount("pids") else {
+        assert!(
+            !cr_ebpf_perf::in_ci(),
+            "no v1 pids hierarchy mounted on this machine"
+        );
+        eprintln!("skipped: no v1 pids hierarchy mounted here");
+        return;
+    };
+    let s = Scratch::new("cgroup-settings");
+    let top = format!("cr-ebpf-settings-{}", std::process::id());
+    let app = pids.join(&top).join("app");
+    let mut clean = Cleanup {
+        v2: pids.clone(),
+        v1: s.0.join("unused"),
+        top: top.clone(),
+        pids: Vec::new(),
+    };
+    let ctl = s.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut child = spawn_clean(
+        Command::new("/usr/bin/python3")
+            .args(["-c", WORKLOAD])
+            .arg(&ctl)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let pid = child.id() as i32;
+    clean.pids.push(pid);
+    let _g = KillOnDrop(pid);
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
+    join(&app, pid);
+    std::fs::write(app.join("pids.max"), "77").unwrap();
+    std::fs::write(app.join("notify_on_release"), "1").unwrap();
+    std::fs::create_dir_all(app.join("empty.0/deeper")).unwrap();
+    std::fs::write(app.join("empty.0/pids.max"), "5").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for p in [app.clone(), app.join("cgroup.procs")] {
+        std::os::unix::fs::chown(&p, Some(1000), Some(1001)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o775)).unwrap();
+    }
+
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    for d in ["empty.0/deeper", "empty.0", ""] {
+        std::fs::remove_dir(app.join(d)).unwrap();
+    }
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    assert_eq!(r.pid, pid);
+    let mut made = r.cgroups_made.clone();
+    made.sort();
+    assert_eq!(
+        made,
+        [
+            format!("pids:/{top}/app"),
+            format!("pids:/{top}/app/empty.0"),
+            format!("pids:/{top}/app/empty.0/deeper"),
+        ],
+        "the cgroup and the empty ones below it are made again"
+    );
+    assert_eq!(cgroup_of(pid, "pids"), format!("/{top}/app"));
+    let read = |f: &str| std::fs::read_to_string(app.join(f)).unwrap();
+    assert_eq!(read("pids.max"), "77\n", "a controller setting");
+    assert_eq!(read("notify_on_release"), "1\n", "a core setting");
+    assert_eq!(read("empty.0/pids.max"), "5\n", "a setting below");
+    assert_eq!(mode_owner(&app), (0o775, 1000, 1001), "the directory");
+    assert_eq!(
+        mode_owner(&app.join("cgroup.procs")),
+        (0o775, 1000, 1001),
+        "a file in it"
+    );
+    assert_eq!(mode_owner(&app.join("tasks")).1, 0, "files left as made");
 }

@@ -140,6 +140,21 @@ pub enum RestoreError {
         /// The errno.
         err: std::io::Error,
     },
+    /// A cgroup made again at restore could not be given a recorded
+    /// setting, owner or mode.
+    #[error(
+        "cgroup {dir} was gone and was made again, but setting its {what} failed: {err}; \
+         make that cgroup by hand as it was, or restore under another cgroup with \
+         --cgroup-root [CONTROLLER:]PATH"
+    )]
+    CgroupSetting {
+        /// The cgroup's directory.
+        dir: String,
+        /// The setting (`memory.max = 1G`), or the owner or mode of a file.
+        what: String,
+        /// The errno.
+        err: std::io::Error,
+    },
     /// An injected syscall failed.
     #[error("building the process: {call} failed: {err}")]
     Syscall {

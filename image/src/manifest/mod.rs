@@ -32,6 +32,7 @@ use crate::{
     ImageError,
 };
 
+mod cgroup_dir;
 mod chain;
 mod cow;
 mod fd;
@@ -44,6 +45,7 @@ mod process;
 mod shmem;
 mod thread;
 
+pub use cgroup_dir::{CgroupDir, Owner};
 pub use chain::ChainInfo;
 pub use cow::CowRun;
 pub use fd::{
@@ -73,6 +75,7 @@ const TAG_POSIX_TIMER: u16 = 6;
 const TAG_SHMEM: u16 = 7;
 const TAG_LOCK: u16 = 8;
 const TAG_COW: u16 = 9;
+const TAG_CGROUP_DIR: u16 = 10;
 const SECTION_OPTIONAL: u16 = 1;
 
 /// Most POSIX timers of one process stored.
@@ -167,6 +170,9 @@ impl Manifest {
         section(&mut out, TAG_PROCESS, |b| self.process.encode(b));
         for t in &self.process.posix_timers {
             section(&mut out, TAG_POSIX_TIMER, |b| t.encode(b));
+        }
+        for d in &self.process.cgroup_dirs {
+            section(&mut out, TAG_CGROUP_DIR, |b| d.encode(b));
         }
         for t in &self.threads {
             section(&mut out, TAG_THREAD, |b| t.encode(b));
@@ -266,6 +272,7 @@ struct Sections {
     fds: Vec<FdInfo>,
     chain: Option<ChainInfo>,
     posix_timers: Vec<PosixTimer>,
+    cgroup_dirs: Vec<CgroupDir>,
     shmem: Vec<ShmemObject>,
     locks: Vec<FileLock>,
     cow: Vec<CowRun>,
@@ -307,6 +314,15 @@ impl Sections {
                     return Err(err(format!("POSIX timer {} twice", t.id)));
                 }
                 self.posix_timers.push(t);
+            }
+            TAG_CGROUP_DIR if minor >= cgroup_dir::SINCE => {
+                if self.cgroup_dirs.len() >= cgroup_dir::CGROUP_DIRS_CAP {
+                    return Err(b.err(format!(
+                        "more than {} cgroup directories",
+                        cgroup_dir::CGROUP_DIRS_CAP
+                    )));
+                }
+                self.cgroup_dirs.push(CgroupDir::decode(b)?);
             }
             TAG_THREAD => self.threads.push(ThreadInfo::decode(b)?),
             TAG_LOCK if minor >= lock::SINCE => {
@@ -356,6 +372,7 @@ impl Sections {
     fn finish(self, d: &Dec<'_>) -> Result<Manifest, DecErr> {
         let mut process = self.process.ok_or_else(|| d.err("no PROCESS section"))?;
         process.posix_timers = self.posix_timers;
+        process.cgroup_dirs = self.cgroup_dirs;
         if self.threads.is_empty() {
             return Err(d.err("no THREAD section"));
         }

@@ -47,6 +47,10 @@ pub struct ProcessInfo {
     pub creds: [u32; 8],
     /// POSIX timers (`timer_create`), by id (format 1.2, sections POSIX_TIMER).
     pub posix_timers: Vec<super::PosixTimer>,
+    /// The cgroup directories recorded with it (format 1.9, sections
+    /// CGROUP_DIR): those of its cgroups below each hierarchy's root, their
+    /// parents and everything below them.
+    pub cgroup_dirs: Vec<super::CgroupDir>,
     /// Format 1.2: `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` (ns) when the
     /// process was frozen, and the kernel's boot id then: a restore after
     /// a reboot puts the process in a time namespace whose clocks go on
@@ -325,6 +329,7 @@ impl ProcessInfo {
             pending,
             creds,
             posix_timers: Vec::new(),
+            cgroup_dirs: Vec::new(),
             monotonic_ns,
             boottime_ns,
             boot_id,
@@ -391,6 +396,7 @@ mod tests {
             pending: vec![vec![3; 128]],
             creds: [1, 2, 3, 4, 5, 6, 7, 8],
             posix_timers: Vec::new(),
+            cgroup_dirs: Vec::new(),
             monotonic_ns: 11,
             boottime_ns: 12,
             boot_id: "boot".into(),

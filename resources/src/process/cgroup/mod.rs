@@ -1,14 +1,14 @@
 //! Control group membership. The process's cgroup in every hierarchy (v1
 //! controllers, named v1 hierarchies, v2) is recorded as `/proc/PID/cgroup`
 //! shows it, and so is that of each thread in another one (v1 lets threads
-//! of a process live apart, v2 threaded cgroups too). At restore each stub
-//! is put into the same cgroups before it runs anything of the process's
-//! own ([`Placement`]): directories that are missing are created, with
-//! nothing in them set (controller settings are not part of the image;
-//! a new v1 cpuset cgroup gets its parent's cpus and memory nodes, without
-//! which it takes no process). `restore --cgroup-root [CONTROLLER:]PATH`
-//! moves the recorded tree: the root process's cgroup becomes PATH, the
-//! others keep their place below it.
+//! of a process live apart, v2 threaded cgroups too). So are the cgroup
+//! directories themselves ([`dirs`]): owners, modes, controller settings
+//! and the cgroups below. At restore each stub is put into the same
+//! cgroups before it runs anything of the process's own ([`Placement`]):
+//! directories that are missing are created with what was recorded of
+//! them, and so are missing ones that were below them.
+//! `restore --cgroup-root [CONTROLLER:]PATH` moves the recorded tree: the
+//! root process's cgroup becomes PATH, the others keep their place below it.
 //!
 //! A cgroup namespace of its own stays refused (`namespaces.rs`).
 
@@ -18,6 +18,8 @@ use std::{
 };
 
 use cr_ebpf_image::{Cgroup, ProcessInfo};
+
+pub mod dirs;
 
 use super::{Phase, ProcessKind, SaveCx};
 use crate::{error::proc_err, sys::Sys, RestoreError, SaveError};
@@ -72,6 +74,21 @@ impl ProcessKind for Cgroups {
                 }
             }
         }
+        let mut ms = our_mounts();
+        let mut mounted = Mounted::default();
+        for c in own.iter().chain(threads.iter().map(|(_, c)| c)) {
+            if mount_of(&ms, &c.controllers).is_none() {
+                let m = mount_hierarchy(&c.controllers).map_err(|e| cx.refuse(e.to_string()))?;
+                mounted.0.push(m.dir.clone());
+                ms.push(m);
+            }
+        }
+        let ours = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|t| parse(&t))
+            .unwrap_or_default();
+        let all: Vec<&Cgroup> = own.iter().chain(threads.iter().map(|(_, c)| c)).collect();
+        p.cgroup_dirs = dirs::record(&all, &ms, &ours).map_err(|what| cx.refuse(what))?;
         p.membership.cgroups = own;
         p.membership.thread_cgroups = threads;
         Ok(())
@@ -247,15 +264,19 @@ pub struct Placement {
     threads: HashMap<i32, Vec<Target>>,
     /// Hierarchies mounted for the restore (none was mounted here),
     /// unmounted when it is done.
-    mounted: Vec<PathBuf>,
-    /// Cgroups that were gone and were made again (without the settings
-    /// they had), as `CONTROLLERS:PATH`.
+    mounted: Mounted,
+    /// Cgroups that were gone and were made again (with what was recorded
+    /// of them), as `CONTROLLERS:PATH`.
     pub made: Vec<String>,
 }
 
-impl Drop for Placement {
+/// Hierarchies mounted for a dump or restore, unmounted when dropped.
+#[derive(Debug, Default)]
+struct Mounted(Vec<PathBuf>);
+
+impl Drop for Mounted {
     fn drop(&mut self) {
-        for dir in &self.mounted {
+        for dir in &self.0 {
             if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
                 // SAFETY: a NUL-terminated path; plain syscall.
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
@@ -340,13 +361,19 @@ impl Placement {
         for c in all {
             if mount_of(&ms, &c.controllers).is_none() {
                 let m = mount_hierarchy(&c.controllers)?;
-                out.mounted.push(m.dir.clone());
+                out.mounted.0.push(m.dir.clone());
                 ms.push(m);
             }
         }
         let ms = &ms;
         let target = |c: &Cgroup| -> Result<Target, RestoreError> {
-            let m = mount_of(ms, &c.controllers).expect("mounted above");
+            let m = mount_of(ms, &c.controllers).ok_or_else(|| {
+                RestoreError::NotSupported(format!(
+                    "cgroup {} of hierarchy {}, which is not mounted here",
+                    c.path,
+                    hierarchy_name(&c.controllers)
+                ))
+            })?;
             let path = match new_root(roots, &c.controllers) {
                 None => c.path.clone(),
                 Some(new) => {
@@ -393,17 +420,10 @@ impl Placement {
                 out.threads.entry(*tid).or_default().push(target(c)?);
             }
         }
-        for t in out.processes.values().chain(out.threads.values()).flatten() {
-            // Each directory made, the target's own and its parents made
-            // with it.
-            let made = make_dirs(t)?;
-            for path in Path::new(&t.path).ancestors().take(made) {
-                let name = format!("{}:{}", hierarchy_name(&t.controllers), path.display());
-                if !out.made.contains(&name) {
-                    out.made.push(name);
-                }
-            }
-        }
+        let recorded = dirs::by_dir(ps.iter().flat_map(|p| &p.cgroup_dirs), |c| {
+            target(c).ok().map(|t| (t.dir, t.path))
+        });
+        out.make_all(&recorded)?;
         out.made.sort();
         // A v2 cgroup of a thread apart from its process is a threaded
         // one (a new directory is a domain until told).
@@ -418,6 +438,48 @@ impl Placement {
             }
         }
         Ok(out)
+    }
+
+    /// Makes the missing directories of every target, then the missing
+    /// recorded ones (parents first), each with what `recorded` holds of
+    /// it; names each in `made`.
+    fn make_all(&mut self, recorded: &dirs::Recorded<'_>) -> Result<(), RestoreError> {
+        let mut made = Vec::new();
+        for t in self
+            .processes
+            .values()
+            .chain(self.threads.values())
+            .flatten()
+        {
+            // Each directory made, the target's own and its parents made
+            // with it.
+            let n = make_dirs(&t.dir, &t.controllers, recorded)?;
+            for path in Path::new(&t.path).ancestors().take(n) {
+                made.push(format!(
+                    "{}:{}",
+                    hierarchy_name(&t.controllers),
+                    path.display()
+                ));
+            }
+        }
+        for (dir, (rec, path)) in recorded {
+            if !dir.exists() {
+                let n = make_dirs(dir, &rec.controllers, recorded)?;
+                for path in Path::new(path).ancestors().take(n) {
+                    made.push(format!(
+                        "{}:{}",
+                        hierarchy_name(&rec.controllers),
+                        path.display()
+                    ));
+                }
+            }
+        }
+        for m in made {
+            if !self.made.contains(&m) {
+                self.made.push(m);
+            }
+        }
+        Ok(())
     }
 
     /// Puts process `pid` (a stub not yet running anything of its own)
@@ -471,16 +533,22 @@ fn write_id(file: &Path, id: i32, who: &str) -> Result<(), RestoreError> {
     })
 }
 
-/// Creates `t`'s directory and its missing parents; a new cpuset cgroup
-/// gets its parent's cpus and memory nodes. Returns whether it made any.
-fn make_dirs(t: &Target) -> Result<usize, RestoreError> {
+/// Creates cgroup directory `dir` of hierarchy `controllers` and its
+/// missing parents, each with what `recorded` holds of it; a new cpuset
+/// cgroup gets its parent's cpus and memory nodes first. Returns how many
+/// it made.
+fn make_dirs(
+    dir: &Path,
+    controllers: &str,
+    recorded: &dirs::Recorded<'_>,
+) -> Result<usize, RestoreError> {
     let mut missing = Vec::new();
-    let mut d = t.dir.as_path();
+    let mut d = dir;
     while !d.exists() {
         missing.push(d.to_path_buf());
         d = d.parent().unwrap_or(Path::new("/"));
     }
-    let cpuset = t.controllers.split(',').any(|c| c == "cpuset");
+    let cpuset = controllers.split(',').any(|c| c == "cpuset");
     for dir in missing.iter().rev() {
         std::fs::create_dir(dir).map_err(|err| RestoreError::Cgroup {
             who: "a new cgroup directory".into(),
@@ -495,6 +563,9 @@ fn make_dirs(t: &Target) -> Result<usize, RestoreError> {
                     let _ = std::fs::write(dir.join(f), v.trim());
                 }
             }
+        }
+        if let Some((rec, _)) = recorded.get(dir) {
+            dirs::apply(dir, rec)?;
         }
     }
     Ok(missing.len())
