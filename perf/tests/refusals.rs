@@ -215,3 +215,69 @@ fn a_session_leader_restores_as_the_leader_of_its_session() {
     assert_eq!(stat_field(pid, 6), pid.to_string(), "session");
     assert_eq!(stat_field(pid, 5), pid.to_string(), "process group");
 }
+
+#[test]
+fn a_lease_being_broken_is_being_broken_again_after_a_restore() {
+    if !cr_ebpf_perf::privileged("a_lease_being_broken_is_being_broken_again_after_a_restore") {
+        return;
+    }
+    let s = Scratch::new("ref-lease");
+    // A read lease that a writer broke: the holder got SIGIO once and
+    // F_GETLEASE says F_UNLCK (2) until it lets the file go.
+    let workload = r#"
+import fcntl, os, signal, sys, time
+ctl = sys.argv[1]
+got = []
+signal.signal(signal.SIGIO, lambda *a: got.append(1))
+path = os.path.join(ctl, 'leased')
+open(path, 'w').close()
+f = os.open(path, os.O_RDONLY)
+fcntl.fcntl(f, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+try:
+    os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    raise SystemExit('not broken')
+except BlockingIOError:
+    pass
+while not got:
+    time.sleep(0.01)
+open(os.path.join(ctl, 'ready'), 'w').close()
+while True:
+    state = '%d %d' % (fcntl.fcntl(f, fcntl.F_GETLEASE), len(got))
+    with open(os.path.join(ctl, 'state.tmp'), 'w') as o:
+        o.write(state)
+    os.rename(os.path.join(ctl, 'state.tmp'), os.path.join(ctl, 'state'))
+    time.sleep(0.05)
+"#;
+    let (mut child, pid) = start(&s, workload, &[]);
+    let guard = KillOnDrop(pid);
+    let ctl = s.0.join("ctl");
+    let state = || std::fs::read_to_string(ctl.join("state")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state() != "2 1" {
+        assert!(Instant::now() < deadline, "before: {}", state());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let m = cr_ebpf_image::Manifest::read(&img).unwrap();
+    assert_eq!(
+        m.locks.iter().map(|l| l.kind).collect::<Vec<_>>(),
+        [cr_ebpf_image::LockKind::LeaseBreakingToNone]
+    );
+    std::fs::remove_file(ctl.join("state")).unwrap();
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state().is_empty() {
+        assert!(Instant::now() < deadline, "the restored process runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        state(),
+        "2 1",
+        "still being broken to F_UNLCK, and no second SIGIO"
+    );
+}

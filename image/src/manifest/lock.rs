@@ -9,6 +9,8 @@ use crate::codec::{Dec, DecErr, Enc};
 pub(super) const SINCE: u16 = 6;
 /// The first format with leases.
 const LEASE_SINCE: u16 = 8;
+/// The first format with leases being broken.
+const BREAKING_SINCE: u16 = 9;
 
 /// What kind of lock. On disk as a `u16`; `0` is invalid.
 #[repr(u16)]
@@ -26,6 +28,24 @@ pub enum LockKind {
     /// A lease (`fcntl(F_SETLEASE)`, format 1.8): held by the open file
     /// description; read or write, no range.
     Lease = 4,
+    /// A write lease being broken down to a read lease (format 1.9: a
+    /// process opened the file for reading). Taken again as a write lease,
+    /// then broken again the same way.
+    LeaseBreakingToRead = 5,
+    /// A lease being broken altogether (format 1.9: a process opened the
+    /// file for writing). Taken again (read or write), then broken again
+    /// the same way.
+    LeaseBreakingToNone = 6,
+}
+
+impl LockKind {
+    /// Whether it is a lease, active or being broken.
+    pub fn is_lease(self) -> bool {
+        matches!(
+            self,
+            Self::Lease | Self::LeaseBreakingToRead | Self::LeaseBreakingToNone
+        )
+    }
 }
 
 impl TryFrom<u16> for LockKind {
@@ -36,6 +56,8 @@ impl TryFrom<u16> for LockKind {
             2 => Self::Posix,
             3 => Self::Ofd,
             4 => Self::Lease,
+            5 => Self::LeaseBreakingToRead,
+            6 => Self::LeaseBreakingToNone,
             other => return Err(other),
         })
     }
@@ -73,7 +95,12 @@ impl FileLock {
         let at = b.offset();
         let kind = LockKind::try_from(b.u16()?)
             .and_then(|k| {
-                if k == LockKind::Lease && minor < LEASE_SINCE {
+                let since = match k {
+                    LockKind::Lease => LEASE_SINCE,
+                    LockKind::LeaseBreakingToRead | LockKind::LeaseBreakingToNone => BREAKING_SINCE,
+                    _ => 0,
+                };
+                if minor < since {
                     Err(k as u16)
                 } else {
                     Ok(k)
@@ -101,6 +128,9 @@ impl FileLock {
             start: b.u64()?,
             len: b.u64()?,
         };
+        if l.kind == LockKind::LeaseBreakingToRead && !l.write {
+            return Err(b.err("a read lease being broken down to a read lease"));
+        }
         if l.start.checked_add(l.len).is_none() || l.start > i64::MAX as u64 {
             return Err(b.err(format!("lock range {}+{} out of bounds", l.start, l.len)));
         }
@@ -140,5 +170,31 @@ mod tests {
         let mut e = Enc::default();
         huge.encode(&mut e);
         assert!(FileLock::decode(&mut Dec::new(&e.buf, 0), SINCE).is_err());
+    }
+
+    #[test]
+    fn leases_being_broken_are_format_1_9() {
+        for (kind, write, ok) in [
+            (LockKind::LeaseBreakingToRead, true, true),
+            (LockKind::LeaseBreakingToRead, false, false),
+            (LockKind::LeaseBreakingToNone, false, true),
+        ] {
+            let l = FileLock {
+                fd: 3,
+                kind,
+                write,
+                start: 0,
+                len: 0,
+            };
+            let mut e = Enc::default();
+            l.encode(&mut e);
+            let got = FileLock::decode(&mut Dec::new(&e.buf, 0), BREAKING_SINCE);
+            assert_eq!(got.is_ok(), ok, "{got:?}");
+            if ok {
+                assert_eq!(got.unwrap(), l);
+                let old = FileLock::decode(&mut Dec::new(&e.buf, 0), BREAKING_SINCE - 1);
+                assert!(old.unwrap_err().what.contains("unknown lock kind"));
+            }
+        }
     }
 }

@@ -23,7 +23,7 @@ const OWNER_TID: u32 = 0;
 const OWNER_PID: u32 = 1;
 /// `fcntl` commands the libc crate lacks (`<linux/fcntl.h>` values).
 const F_SETSIG: i32 = 10;
-const F_GETSIG: i32 = 11;
+pub(super) const F_GETSIG: i32 = 11;
 const F_SETOWN_EX: i32 = 15;
 const F_GETOWN_EX: i32 = 16;
 

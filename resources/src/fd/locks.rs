@@ -5,8 +5,11 @@
 //! that descriptor once every descriptor of the restored process has its
 //! number, before the process runs. A lock another process took while this
 //! one was down fails the restore, naming it. Leases (`F_SETLEASE`) are
-//! taken again too; a lease being broken, and delegations, are refused. (A thread blocked waiting for a lock is in its syscall, which
-//! the restore redoes.)
+//! taken again too, and a lease being broken is taken again and broken
+//! again the same way (the break's signal, which the process has had
+//! already, is taken back out of the restored process's queue); delegations
+//! are refused. (A thread blocked waiting for a lock is in its syscall,
+//! which the restore redoes.)
 
 use cr_ebpf_image::{FileLock, LockKind};
 
@@ -15,10 +18,14 @@ use crate::{sys::Sys, RestoreError, SaveError};
 
 /// `F_OFD_SETLK`.
 const F_OFD_SETLK: u64 = 37;
+/// `F_SETOWN_EX`, `F_GETOWN_EX`.
+const F_SETOWN_EX: i32 = 15;
+const F_GETOWN_EX: i32 = 16;
 
-/// One `lock:` line of fdinfo: the lock and its file (`dev:ino`), or why
-/// it cannot be saved.
-fn parse(fd: i32, line: &str) -> Result<(FileLock, String), String> {
+/// One `lock:` line of fdinfo of descriptor `fd` (opened read-only when
+/// `readonly`): the lock and its file (`dev:ino`), or why it cannot be
+/// saved.
+fn parse(fd: i32, readonly: bool, line: &str) -> Result<(FileLock, String), String> {
     // lock:	1: POSIX  ADVISORY  WRITE 13391 fe:00:10035310 100 199
     let w: Vec<&str> = line.split_whitespace().collect();
     let bad = || format!("an unreadable lock line {line:?}");
@@ -29,19 +36,34 @@ fn parse(fd: i32, line: &str) -> Result<(FileLock, String), String> {
         "LEASE" => LockKind::Lease,
         other => return Err(format!("a {} held through it", other.to_lowercase())),
     };
-    if kind == LockKind::Lease && w.get(3) != Some(&"ACTIVE") {
-        return Err("a lease being broken (another process opened the file)".into());
-    }
-    if kind != LockKind::Lease && w.get(3) != Some(&"ADVISORY") {
-        return Err(format!(
-            "a {} file lock",
-            w.get(3).unwrap_or(&"?").to_lowercase()
-        ));
-    }
-    let write = match *w.get(4).ok_or_else(bad)? {
-        "WRITE" => true,
-        "READ" => false,
-        other => return Err(format!("a file lock of type {other}")),
+    let (kind, write) = match (kind, w.get(3).copied(), w.get(4).copied()) {
+        (LockKind::Lease, Some("ACTIVE"), Some("WRITE")) => (kind, true),
+        (LockKind::Lease, Some("ACTIVE"), Some("READ")) => (kind, false),
+        // A lease being broken shows the type it is being broken to: a
+        // write lease down to read, or any lease (a read lease can only be
+        // held through a read-only descriptor) down to nothing.
+        (LockKind::Lease, Some("BREAKING"), Some("READ")) => (LockKind::LeaseBreakingToRead, true),
+        (LockKind::Lease, Some("BREAKING"), Some("UNLCK")) => {
+            (LockKind::LeaseBreakingToNone, !readonly)
+        }
+        (LockKind::Lease, state, ty) => {
+            return Err(format!(
+                "a lease in state {} of type {}",
+                state.unwrap_or("?"),
+                ty.unwrap_or("?")
+            ))
+        }
+        (_, Some("ADVISORY"), Some("WRITE")) => (kind, true),
+        (_, Some("ADVISORY"), Some("READ")) => (kind, false),
+        (_, Some("ADVISORY"), ty) => {
+            return Err(format!("a file lock of type {}", ty.unwrap_or("?")))
+        }
+        (_, state, _) => {
+            return Err(format!(
+                "a {} file lock",
+                state.unwrap_or("?").to_lowercase()
+            ))
+        }
     };
     let file = w.get(6).ok_or_else(bad)?.to_string();
     let start: u64 = w.get(7).and_then(|v| v.parse().ok()).ok_or_else(bad)?;
@@ -79,7 +101,8 @@ pub(super) fn save(
         .lines()
         .filter(|l| l.starts_with("lock:") && !l.contains("->"));
     for line in lines {
-        let (lock, file) = parse(seen.fd, line).map_err(|e| cx.refuse(seen.fd, e))?;
+        let readonly = seen.flags as i32 & libc::O_ACCMODE == libc::O_RDONLY;
+        let (lock, file) = parse(seen.fd, readonly, line).map_err(|e| cx.refuse(seen.fd, e))?;
         if lock.kind != LockKind::Posix {
             refuse_shared(cx, seen, line)?;
         }
@@ -192,7 +215,7 @@ pub fn restore(
                 };
                 sys.call(name, libc::SYS_fcntl, [l.fd as u64, cmd, at, 0, 0, 0])
             }
-            LockKind::Lease => {
+            LockKind::Lease | LockKind::LeaseBreakingToRead | LockKind::LeaseBreakingToNone => {
                 let ty = if l.write {
                     libc::F_WRLCK
                 } else {
@@ -203,6 +226,7 @@ pub fn restore(
                     libc::SYS_fcntl,
                     [l.fd as u64, libc::F_SETLEASE as u64, ty as u64, 0, 0, 0],
                 )
+                .and_then(|r| break_again(sys, l).map(|()| r))
             }
             LockKind::Invalid => unreachable!("refused when the image was read"),
         };
@@ -220,6 +244,74 @@ pub fn restore(
     Ok(())
 }
 
+/// Starts breaking lease `l`, just taken again, as it was being broken:
+/// the process opens its file again through `/proc/self/fd` without
+/// blocking (`EWOULDBLOCK`: the break has begun), the way that breaks it to
+/// the same type, with the file's owner unset meanwhile; then the break's
+/// signal, which the process had at the break before the checkpoint, is
+/// taken out of its queue in case the kernel made it the owner (its own
+/// pending signals are queued after the descriptors).
+fn break_again(sys: &dyn Sys, l: &FileLock) -> Result<(), RestoreError> {
+    let mode = match l.kind {
+        LockKind::LeaseBreakingToRead => libc::O_RDONLY,
+        LockKind::LeaseBreakingToNone => libc::O_WRONLY,
+        _ => return Ok(()),
+    };
+    let path = format!("/proc/self/fd/{}", l.fd);
+    // No owner while it breaks (the owner restored before would get the
+    // signal), then the owner it has again.
+    let owner = sys.put(64, &[0; 8])?;
+    let fcntl = |name: &str, cmd: i32, arg: u64| {
+        sys.call(
+            name,
+            libc::SYS_fcntl,
+            [l.fd as u64, cmd as u64, arg, 0, 0, 0],
+        )
+    };
+    fcntl("fcntl(F_GETOWN_EX)", F_GETOWN_EX, owner)?;
+    let none = sys.put(72, &[0; 8])?;
+    fcntl("fcntl(F_SETOWN_EX)", F_SETOWN_EX, none)?;
+    match sys.openat(&path, mode | libc::O_NONBLOCK | libc::O_CLOEXEC) {
+        Err(RestoreError::Syscall { err, .. }) if err.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+        }
+        Ok(fd) => {
+            sys.close(fd)?;
+            return Err(RestoreError::NotSupported(format!(
+                "the lease on fd {} was taken again but opening its file did not break it",
+                l.fd
+            )));
+        }
+        Err(e) => return Err(e),
+    }
+    fcntl("fcntl(F_SETOWN_EX)", F_SETOWN_EX, owner)?;
+    let sig = match sys.call(
+        "fcntl(F_GETSIG)",
+        libc::SYS_fcntl,
+        [l.fd as u64, super::async_io::F_GETSIG as u64, 0, 0, 0, 0],
+    )? {
+        0 => libc::SIGIO,
+        s => s as i32,
+    };
+    let set: u64 = 1 << (sig - 1);
+    let at = sys.put(0, &[set.to_le_bytes(), [0; 8], [0; 8]].concat())?;
+    // A signal of the real-time range queues once per break; the rest once.
+    for _ in 0..64 {
+        let got = sys.call(
+            "rt_sigtimedwait",
+            libc::SYS_rt_sigtimedwait,
+            [at, 0, at + 8, 8, 0, 0],
+        );
+        match got {
+            Ok(_) => continue,
+            Err(RestoreError::Syscall { err, .. }) if err.raw_os_error() == Some(libc::EAGAIN) => {
+                break
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd as _;
@@ -231,6 +323,7 @@ mod tests {
     fn lock_lines_of_this_kernel_parse() {
         let (l, f) = parse(
             3,
+            false,
             "lock:\t1: FLOCK  ADVISORY  WRITE 13391 fe:00:10035309 0 EOF",
         )
         .unwrap();
@@ -238,22 +331,50 @@ mod tests {
             (l.kind, l.write, l.start, l.len, f.as_str()),
             (LockKind::Flock, true, 0, 0, "fe:00:10035309")
         );
-        let (l, _) = parse(4, "lock:\t1: POSIX  ADVISORY  READ 77 fe:00:12 100 199").unwrap();
+        let (l, _) = parse(
+            4,
+            false,
+            "lock:\t1: POSIX  ADVISORY  READ 77 fe:00:12 100 199",
+        )
+        .unwrap();
         assert_eq!(
             (l.kind, l.write, l.start, l.len),
             (LockKind::Posix, false, 100, 100)
         );
-        let (l, _) = parse(5, "lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:1 0 EOF").unwrap();
+        let (l, _) = parse(
+            5,
+            false,
+            "lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:1 0 EOF",
+        )
+        .unwrap();
         assert_eq!(l.kind, LockKind::Ofd);
-        let (l, _) = parse(5, "lock:\t1: LEASE  ACTIVE    READ 77 fe:00:1 0 EOF").unwrap();
+        let (l, _) = parse(5, false, "lock:\t1: LEASE  ACTIVE    READ 77 fe:00:1 0 EOF").unwrap();
         assert_eq!(
             (l.kind, l.write, l.start, l.len),
             (LockKind::Lease, false, 0, 0)
         );
-        assert!(parse(5, "lock:\t1: LEASE  BREAKING  READ 77 fe:00:1 0 EOF")
-            .unwrap_err()
-            .contains("being broken"));
-        assert!(parse(5, "lock:\t1: POSIX  MANDATORY WRITE 77 fe:00:1 0 EOF").is_err());
+        let (l, _) = parse(5, true, "lock:\t1: LEASE  BREAKING  READ  77 fe:00:1 0 EOF").unwrap();
+        assert_eq!((l.kind, l.write), (LockKind::LeaseBreakingToRead, true));
+        let (l, _) = parse(5, true, "lock:\t1: LEASE  BREAKING  UNLCK 77 fe:00:1 0 EOF").unwrap();
+        assert_eq!((l.kind, l.write), (LockKind::LeaseBreakingToNone, false));
+        let (l, _) = parse(
+            5,
+            false,
+            "lock:\t1: LEASE  BREAKING  UNLCK 77 fe:00:1 0 EOF",
+        )
+        .unwrap();
+        assert_eq!((l.kind, l.write), (LockKind::LeaseBreakingToNone, true));
+        assert!(
+            parse(5, false, "lock:\t1: DELEG  ACTIVE    READ 77 fe:00:1 0 EOF")
+                .unwrap_err()
+                .contains("deleg")
+        );
+        assert!(parse(
+            5,
+            false,
+            "lock:\t1: POSIX  MANDATORY WRITE 77 fe:00:1 0 EOF"
+        )
+        .is_err());
     }
 
     #[test]
@@ -317,5 +438,60 @@ mod tests {
             rec.calls("fcntl(F_SETLEASE)")[0][..3],
             [5, libc::F_SETLEASE as u64, libc::F_WRLCK as u64]
         );
+    }
+
+    #[test]
+    fn a_lease_being_broken_is_broken_again_without_a_signal_to_its_owner() {
+        let lease = FileLock {
+            fd: 6,
+            kind: LockKind::LeaseBreakingToNone,
+            write: false,
+            start: 0,
+            len: 0,
+        };
+        let rec = Recording::new();
+        rec.fail("openat", libc::EWOULDBLOCK);
+        rec.fail("rt_sigtimedwait", libc::EAGAIN);
+        restore(&rec, &[lease], |_| "/f".into()).unwrap();
+        assert_eq!(
+            rec.names(),
+            [
+                "fcntl(F_SETLEASE)",
+                "fcntl(F_GETOWN_EX)",
+                "fcntl(F_SETOWN_EX)",
+                "openat",
+                "fcntl(F_SETOWN_EX)",
+                "fcntl(F_GETSIG)",
+                "rt_sigtimedwait"
+            ]
+        );
+        assert_eq!(rec.calls("fcntl(F_SETLEASE)")[0][2], libc::F_RDLCK as u64);
+        let open = rec.calls("openat")[0];
+        assert_eq!(
+            open[2] as i32 & libc::O_ACCMODE,
+            libc::O_WRONLY,
+            "broken by a writer"
+        );
+        let sets = rec.calls("fcntl(F_SETOWN_EX)");
+        assert_eq!(rec.memory("fcntl(F_SETOWN_EX)", 0, sets[0][2], 8), [0; 8]);
+        // Down to read: a write lease, broken by a reader.
+        let rec = Recording::new();
+        rec.fail("openat", libc::EWOULDBLOCK);
+        rec.fail("rt_sigtimedwait", libc::EAGAIN);
+        let down = FileLock {
+            kind: LockKind::LeaseBreakingToRead,
+            write: true,
+            ..lease
+        };
+        restore(&rec, &[down], |_| "/f".into()).unwrap();
+        assert_eq!(rec.calls("fcntl(F_SETLEASE)")[0][2], libc::F_WRLCK as u64);
+        assert_eq!(
+            rec.calls("openat")[0][2] as i32 & libc::O_ACCMODE,
+            libc::O_RDONLY
+        );
+        // An open that does not block broke nothing: an error.
+        let rec = Recording::new();
+        let err = restore(&rec, &[lease], |_| "/f".into()).unwrap_err();
+        assert!(err.to_string().contains("did not break it"), "{err}");
     }
 }
