@@ -215,6 +215,14 @@ fn try_freeze(root: i32) -> Result<Option<FrozenTree>, DumpError> {
             } else {
                 format!("proc-{pid}")
             },
+            // Made with CLONE_FILES: the parent's image holds the table.
+            shares_files: pid != root
+                && !zombie
+                && cr_ebpf_resources::process::sharing::shared(
+                    pid,
+                    st.ppid,
+                    cr_ebpf_resources::process::sharing::KCMP_FILES,
+                ),
         });
     }
     // Nothing can fork any more; a child made meanwhile shows now.

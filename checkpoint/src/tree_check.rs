@@ -88,6 +88,7 @@ mod tests {
             sid,
             zombie,
             dir: String::new(),
+            shares_files: false,
         }
     }
 

@@ -31,7 +31,14 @@ pub struct TreeProcess {
     pub zombie: Option<i32>,
     /// Its image directory in the tree's, for a live process.
     pub dir: String,
+    /// Format 1.9: it shares its parent's descriptor table (made with
+    /// `CLONE_FILES`); the parent's image holds the descriptors.
+    pub shares_files: bool,
 }
+
+/// Flag bit of a tree record: the process shares its parent's descriptor
+/// table.
+const SHARES_FILES: u16 = 1;
 
 /// A process tree: the root first, parents before their children.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -54,7 +61,7 @@ impl Tree {
             b.i32(p.pgid);
             b.i32(p.sid);
             b.u16(if p.zombie.is_some() { 2 } else { 1 });
-            b.u16(0);
+            b.u16(if p.shares_files { SHARES_FILES } else { 0 });
             b.i32(p.zombie.unwrap_or(0));
             b.str(&p.dir);
         }
@@ -89,7 +96,11 @@ impl Tree {
             let pgid = d.i32().map_err(e)?;
             let sid = d.i32().map_err(e)?;
             let state = d.u16().map_err(e)?;
-            d.u16().map_err(e)?;
+            let flags = d.u16().map_err(e)?;
+            if flags & !SHARES_FILES != 0 {
+                return Err(corrupt(at, format!("unknown process flags {flags:#x}")));
+            }
+            let shares_files = flags & SHARES_FILES != 0;
             let status = d.i32().map_err(e)?;
             let dir = d.str(255, "process directory").map_err(e)?;
             let zombie = match state {
@@ -107,6 +118,12 @@ impl Tree {
                     format!("process {pid} with parent {ppid} out of order"),
                 ));
             }
+            if shares_files && (root || zombie.is_some()) {
+                return Err(corrupt(
+                    at,
+                    format!("process {pid} shares a descriptor table it cannot have"),
+                ));
+            }
             if processes.iter().any(|q| q.pid == pid) {
                 return Err(corrupt(at, format!("process {pid} twice")));
             }
@@ -120,6 +137,7 @@ impl Tree {
                 sid,
                 zombie,
                 dir,
+                shares_files,
             });
         }
         if processes[0].zombie.is_some() {
@@ -154,9 +172,10 @@ mod tests {
             } else {
                 format!("proc-{pid}")
             },
+            shares_files: ppid == 10,
         };
         let t = Tree {
-            processes: vec![p(10, 0, None), p(11, 10, None), p(12, 10, Some(7 << 8))],
+            processes: vec![p(10, 0, None), p(11, 10, None), p(12, 11, Some(7 << 8))],
         };
         t.write(&dir).unwrap();
         assert_eq!(Tree::read(&dir).unwrap(), t);
@@ -169,6 +188,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("out of order"));
+        // A zombie sharing a descriptor table.
+        let mut bad = t.clone();
+        bad.processes[2].shares_files = true;
+        bad.write(&dir).unwrap();
+        assert!(Tree::read(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("shares a descriptor table"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -395,6 +395,7 @@ fn a_format_1_2_tree_decodes() {
         } else {
             format!("proc-{pid}")
         },
+        shares_files: false,
     };
     assert_eq!(
         tree.processes,

@@ -473,6 +473,7 @@ fn write_tree(dir: &Path, pids: &[i32]) {
                 sid: pids[0],
                 zombie: None,
                 dir: format!("proc-{pid}"),
+                shares_files: false,
             })
             .collect(),
     }

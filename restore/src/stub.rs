@@ -199,16 +199,22 @@ pub(crate) fn spawn_root(pid: i32, tramp: u64) -> Result<(Tracee, KillGuard), Re
 }
 
 /// A child of the bare stub `parent` with pid `pid` (an injected `clone3`),
-/// a copy of it: same trampoline, stopped under ptrace.
+/// a copy of it: same trampoline, stopped under ptrace; sharing its
+/// descriptor table when `share_files` (`CLONE_FILES`).
 pub(crate) fn spawn_child(
     parent: &Tracee,
     tramp: u64,
     pid: i32,
+    share_files: bool,
 ) -> Result<(Tracee, KillGuard), RestoreError> {
     let s = Injected::new(parent, parent.tid(), tramp, tramp + PAGE);
     let got = s
         .clone3(&CloneArgs {
-            flags: 0,
+            flags: if share_files {
+                libc::CLONE_FILES as u64
+            } else {
+                0
+            },
             exit_signal: libc::SIGCHLD as u64,
             set_tid: pid,
         })

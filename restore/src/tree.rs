@@ -78,7 +78,8 @@ pub(crate) fn restore_tree(
                     p.ppid, p.pid
                 ))
             })?;
-            stub::spawn_child(parent.tracee(), tramp, p.pid).map_err(|e| e.in_process(p.pid))?
+            stub::spawn_child(parent.tracee(), tramp, p.pid, p.shares_files)
+                .map_err(|e| e.in_process(p.pid))?
         };
         // Into its cgroups and namespaces before it makes children (they
         // inherit them).
@@ -109,6 +110,8 @@ pub(crate) fn restore_tree(
                     kept,
                 )
                 .map_err(|e| e.in_process(p.pid))?;
+                let mut mem = mem;
+                mem.shares_files = p.shares_files;
                 built.insert(p.pid, mem);
             }
         }

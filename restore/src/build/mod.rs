@@ -49,6 +49,9 @@ struct Build<'a> {
     final_regs: Option<regs::Regs>,
     pages: u64,
     fill: Duration,
+    /// It shares its parent's descriptor table (`CLONE_FILES`): the
+    /// parent restores the descriptors.
+    shares_files: bool,
 }
 
 type PhaseFn = fn(&mut Build<'_>) -> Result<(), RestoreError>;
@@ -80,6 +83,8 @@ pub(crate) struct Memory {
     guard: KillGuard,
     pages: u64,
     fill: Duration,
+    /// It shares its parent's descriptor table (see [`Build`]).
+    pub(crate) shares_files: bool,
 }
 
 impl Memory {
@@ -141,6 +146,7 @@ fn run_phases<'a>(
     (stub_maps, kept): (Vec<MapEntry>, Vec<(u64, u64)>),
     phases: &[(&'static str, PhaseFn)],
     clock: &mut crate::Clock,
+    shares_files: bool,
 ) -> Result<Build<'a>, RestoreError> {
     let mut b = Build {
         t: Some(t),
@@ -158,6 +164,7 @@ fn run_phases<'a>(
         final_regs: None,
         pages: 0,
         fill: Duration::ZERO,
+        shares_files,
     };
     for (name, phase) in phases {
         phase(&mut b)?;
@@ -202,6 +209,7 @@ pub(crate) fn build_memory(
             (stub_maps, kept),
             &PHASES[..MEMORY_PHASES],
             clock,
+            false,
         )?;
         // Children made from this stub must not inherit its descriptors.
         s.release_adopter()?;
@@ -212,6 +220,7 @@ pub(crate) fn build_memory(
         guard,
         pages,
         fill,
+        shares_files: false,
     })
 }
 
@@ -225,11 +234,13 @@ pub(crate) fn build_rest(
     tramp: u64,
     vdso_tmp: u64,
 ) -> Result<Ready, RestoreError> {
+    let shares_files = mem.shares_files;
     let Memory {
         t,
         guard,
         pages,
         fill,
+        ..
     } = mem;
     let got = t.tid();
     let (others, final_regs) = {
@@ -245,6 +256,7 @@ pub(crate) fn build_rest(
             (Vec::new(), Vec::new()),
             &PHASES[MEMORY_PHASES..],
             clock,
+            shares_files,
         )?;
         let final_regs = b
             .final_regs
@@ -390,8 +402,12 @@ fn fds(b: &mut Build<'_>) -> Result<(), RestoreError> {
         shared: &b.natives.fds,
         shmem: shm,
     };
-    cr_ebpf_resources::fd::inherited::close_unheld(s, m)?;
-    cr_ebpf_resources::fd::restore(&cx, m)?;
+    // A table shared with the parent is the parent's to fill (it is
+    // built after its children); its image holds the same descriptors.
+    if !b.shares_files {
+        cr_ebpf_resources::fd::inherited::close_unheld(s, m)?;
+        cr_ebpf_resources::fd::restore(&cx, m)?;
+    }
     cr_ebpf_resources::ghost::enter_cwd(s, m, shm)?;
     s.release_adopter()?;
     cr_ebpf_resources::shmem::seal(&m.shmem, shm)
@@ -541,6 +557,7 @@ mod tests {
             final_regs: None,
             pages: 0,
             fill: Duration::ZERO,
+            shares_files: false,
         };
         for (_, phase) in PHASES.iter().filter(|(n, _)| names.contains(n)) {
             phase(&mut b)?;
