@@ -73,6 +73,8 @@ impl Frozen {
                     Err(TraceError::Gone { .. }) => continue,
                     Err(e) => return Err(e),
                 }
+                // Before anything is injected (see abort_rseq).
+                t.abort_rseq()?;
                 threads.push(t);
                 new += 1;
             }

@@ -228,6 +228,52 @@ impl Tracee {
         }))
     }
 
+    /// Aborts the restartable sequence the stopped thread is in, if any, as
+    /// the kernel does when it preempts a thread inside one: its
+    /// instruction pointer goes to the sequence's abort handler and the
+    /// area's `rseq_cs` is cleared. Syscalls injected later return through
+    /// the kernel's rseq check with the injection's instruction pointer,
+    /// which would clear `rseq_cs` and leave the thread inside a sequence
+    /// the kernel no longer guards. Returns whether it aborted one.
+    pub fn abort_rseq(&self) -> Result<bool, TraceError> {
+        let Some(q) = self.rseq()? else {
+            return Ok(false);
+        };
+        let tid = self.tid();
+        // struct rseq: u32 cpu_id_start, u32 cpu_id, u64 rseq_cs, ...
+        let mut cs = [0u8; 8];
+        sys::read_memory(tid, q.ptr + 8, &mut cs)?;
+        let cs = u64::from_le_bytes(cs);
+        if cs == 0 {
+            return Ok(false);
+        }
+        // struct rseq_cs: u32 version, u32 flags, u64 start_ip,
+        // u64 post_commit_offset, u64 abort_ip.
+        let mut d = [0u8; 32];
+        if sys::read_memory(tid, cs, &mut d).is_err() {
+            // The kernel would kill the thread at its next preemption; not
+            // ours to do.
+            return Ok(false);
+        }
+        let word = |i: usize| u64::from_le_bytes(d[i..i + 8].try_into().expect("8 bytes"));
+        let (start, len, abort) = (word(8), word(16), word(24));
+        let mut r = self.regs()?;
+        if r.rip < start || r.rip - start >= len {
+            return Ok(false);
+        }
+        // The abort handler is preceded by the registered signature, or the
+        // kernel kills the thread instead.
+        let mut sig = [0u8; 4];
+        sys::read_memory(tid, abort.wrapping_sub(4), &mut sig)?;
+        if u32::from_le_bytes(sig) != q.sig {
+            return Ok(false);
+        }
+        r.rip = abort;
+        self.set_regs(&r)?;
+        sys::write_memory(tid, q.ptr + 8, &[0; 8])?;
+        Ok(true)
+    }
+
     /// Signals pending for this thread (`shared`: for the whole process),
     /// as 128-byte `siginfo_t`s, read without dequeuing them
     /// (`PTRACE_PEEKSIGINFO`).
