@@ -198,24 +198,27 @@ pub(crate) fn spawn_root(pid: i32, tramp: u64) -> Result<(Tracee, KillGuard), Re
     Ok((t, guard))
 }
 
-/// A child of the bare stub `parent` with pid `pid` (an injected `clone3`),
-/// a copy of it: same trampoline, stopped under ptrace; sharing its
-/// descriptor table when `share_files` (`CLONE_FILES`).
+/// A child of the bare stub `parent` with pid `pid` (an injected `clone3`
+/// with `flags`: `CLONE_FILES` to share its descriptor table,
+/// `CLONE_PARENT` to be its sibling), a copy of it: same trampoline,
+/// stopped under ptrace.
 pub(crate) fn spawn_child(
     parent: &Tracee,
     tramp: u64,
     pid: i32,
-    share_files: bool,
+    flags: u64,
 ) -> Result<(Tracee, KillGuard), RestoreError> {
     let s = Injected::new(parent, parent.tid(), tramp, tramp + PAGE);
     let got = s
         .clone3(&CloneArgs {
-            flags: if share_files {
-                libc::CLONE_FILES as u64
-            } else {
+            flags,
+            // With CLONE_PARENT the child takes its parent's exit signal
+            // (clone3 wants 0 here).
+            exit_signal: if flags & libc::CLONE_PARENT as u64 != 0 {
                 0
+            } else {
+                libc::SIGCHLD as u64
             },
-            exit_signal: libc::SIGCHLD as u64,
             set_tid: pid,
         })
         .map_err(|e| match e {
@@ -268,6 +271,42 @@ pub(crate) fn stub_syscall(
     args: [u64; 6],
 ) -> Result<i64, RestoreError> {
     Injected::new(t, t.tid(), tramp, tramp + PAGE).call(name, nr, args)
+}
+
+/// A child of the stub `parent` with pid `pid`, in process group `pgid`,
+/// which no process leads any more: a stand-in child of `parent` with pid
+/// `pgid` leads the group, makes the child as its sibling
+/// (`CLONE_PARENT`) with `flags`, exits, and `parent` reaps it.
+pub(crate) fn spawn_in_orphan_group(
+    parent: &Tracee,
+    tramp: u64,
+    pid: i32,
+    pgid: i32,
+    flags: u64,
+) -> Result<(Tracee, KillGuard), RestoreError> {
+    let (leader, mut lguard) = spawn_child(parent, tramp, pgid, 0)?;
+    stub_syscall(&leader, tramp, "setpgid", libc::SYS_setpgid, [0; 6])?;
+    let made = spawn_child(&leader, tramp, pid, flags | libc::CLONE_PARENT as u64)?;
+    let r = stub_syscall(&leader, tramp, "exit_group", libc::SYS_exit_group, [0; 6]);
+    if !matches!(r, Err(RestoreError::Build { .. })) {
+        return Err(RestoreError::stub(format!(
+            "the stand-in leader {pgid} of process group {pgid} did not exit: {r:?}"
+        )));
+    }
+    leader.forget();
+    lguard.disarm();
+    // Ours to reap first as its tracer; then its parent's.
+    let mut status = 0;
+    // SAFETY: plain waitpid on a task we trace.
+    unsafe { libc::waitpid(pgid, &mut status, libc::__WALL) };
+    stub_syscall(
+        parent,
+        tramp,
+        "wait4(stand-in group leader)",
+        libc::SYS_wait4,
+        [pgid as u64, 0, libc::__WALL as u64, 0, 0, 0],
+    )?;
+    Ok(made)
 }
 
 /// Gives the stub `t`, just made and in its session, the controlling

@@ -68,6 +68,8 @@ pub(crate) fn restore_tree(
     // namespace made.
     let mut ns: HashMap<i32, NsIds> = HashMap::new();
     let mut made_ns = HashMap::new();
+    // Process groups made so far.
+    let mut groups = std::collections::HashSet::new();
     for p in &tree.processes {
         let (t, guard) = if p.ppid == 0 {
             stub::spawn_root(p.pid, tramp).map_err(|e| e.in_process(p.pid))?
@@ -78,8 +80,24 @@ pub(crate) fn restore_tree(
                     p.ppid, p.pid
                 ))
             })?;
-            stub::spawn_child(parent.tracee(), tramp, p.pid, p.shares_files)
-                .map_err(|e| e.in_process(p.pid))?
+            let flags = if p.shares_files {
+                libc::CLONE_FILES as u64
+            } else {
+                0
+            };
+            let parent_pgid = tree
+                .processes
+                .iter()
+                .find(|q| q.pid == p.ppid)
+                .map(|q| q.pgid);
+            let orphan =
+                p.pgid != p.pid && Some(p.pgid) != parent_pgid && !groups.contains(&p.pgid);
+            if orphan {
+                stub::spawn_in_orphan_group(parent.tracee(), tramp, p.pid, p.pgid, flags)
+            } else {
+                stub::spawn_child(parent.tracee(), tramp, p.pid, flags)
+            }
+            .map_err(|e| e.in_process(p.pid))?
         };
         // Into its cgroups and namespaces before it makes children (they
         // inherit them).
@@ -89,6 +107,7 @@ pub(crate) fn restore_tree(
             .map_err(|e| e.in_process(p.pid))?;
         ns.insert(p.pid, mine);
         join_session(&t, tramp, p, &tree.processes)?;
+        groups.insert(p.pgid);
         if let Some(c) = chains.get(&p.pid) {
             stub::terminal(&t, tramp, &natives, &c.manifest().process)
                 .map_err(|e| e.in_process(p.pid))?;
