@@ -71,34 +71,7 @@ pub(crate) fn restore_tree(
     // Process groups made so far.
     let mut groups = std::collections::HashSet::new();
     for p in &tree.processes {
-        let (t, guard) = if p.ppid == 0 {
-            stub::spawn_root(p.pid, tramp).map_err(|e| e.in_process(p.pid))?
-        } else {
-            let parent = built.get(&p.ppid).ok_or_else(|| {
-                RestoreError::NotSupported(format!(
-                    "the parent {} of process {} is not in the tree",
-                    p.ppid, p.pid
-                ))
-            })?;
-            let flags = if p.shares_files {
-                libc::CLONE_FILES as u64
-            } else {
-                0
-            };
-            let parent_pgid = tree
-                .processes
-                .iter()
-                .find(|q| q.pid == p.ppid)
-                .map(|q| q.pgid);
-            let orphan =
-                p.pgid != p.pid && Some(p.pgid) != parent_pgid && !groups.contains(&p.pgid);
-            if orphan {
-                stub::spawn_in_orphan_group(parent.tracee(), tramp, p.pid, p.pgid, flags)
-            } else {
-                stub::spawn_child(parent.tracee(), tramp, p.pid, flags)
-            }
-            .map_err(|e| e.in_process(p.pid))?
-        };
+        let (t, guard) = make_stub(p, &tree, &built, &groups, tramp)?;
         // Into its cgroups and namespaces before it makes children (they
         // inherit them).
         let inherited = ns.get(&p.ppid).copied().unwrap_or_default();
@@ -185,6 +158,44 @@ pub(crate) fn restore_tree(
         time_offsets,
         cgroups_made,
     })
+}
+
+/// The stub of `p`: the root's spawned, any other made by its parent's
+/// stub (in `built`); one in a process group that no process made (among
+/// `groups`: its leader exited) through a stand-in leader.
+fn make_stub(
+    p: &cr_ebpf_image::tree::TreeProcess,
+    tree: &Tree,
+    built: &HashMap<i32, crate::build::Memory>,
+    groups: &std::collections::HashSet<i32>,
+    tramp: u64,
+) -> Result<(Tracee, stub::KillGuard), RestoreError> {
+    if p.ppid == 0 {
+        return stub::spawn_root(p.pid, tramp).map_err(|e| e.in_process(p.pid));
+    }
+    let parent = built.get(&p.ppid).ok_or_else(|| {
+        RestoreError::NotSupported(format!(
+            "the parent {} of process {} is not in the tree",
+            p.ppid, p.pid
+        ))
+    })?;
+    let flags = if p.shares_files {
+        libc::CLONE_FILES as u64
+    } else {
+        0
+    };
+    let parent_pgid = tree
+        .processes
+        .iter()
+        .find(|q| q.pid == p.ppid)
+        .map(|q| q.pgid);
+    let orphan = p.pgid != p.pid && Some(p.pgid) != parent_pgid && !groups.contains(&p.pgid);
+    if orphan {
+        stub::spawn_in_orphan_group(parent.tracee(), tramp, p.pid, p.pgid, flags)
+    } else {
+        stub::spawn_child(parent.tracee(), tramp, p.pid, flags)
+    }
+    .map_err(|e| e.in_process(p.pid))
 }
 
 /// The mappings the process of `m` keeps from its parent's (`parent`)
