@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `CREBPFIM` |
 //! | 8 | 2 | format major (1) |
-//! | 10 | 2 | format minor (8): the writer's; a reader takes any minor up to its own |
+//! | 10 | 2 | format minor (9): the writer's; a reader takes any minor up to its own |
 //! | 12 | 2 | file kind (1 manifest, 2 pages, 3 tree) |
 //! | 14 | 2 | flags (0) |
 //! | 16 | 8 | payload length |
@@ -29,7 +29,7 @@ pub const FORMAT_MAJOR: u16 = 1;
 /// kind bumps it, as do new flag bits and other changes of layout: a reader
 /// refuses a newer minor in the header, so it never meets a tag or kind it
 /// does not know in an image it accepts.
-pub const FORMAT_MINOR: u16 = 8;
+pub const FORMAT_MINOR: u16 = 9;
 /// Header size.
 pub const HEADER_LEN: usize = 32;
 /// Largest manifest payload accepted.
