@@ -102,6 +102,7 @@ pub fn save_thread(
             .unwrap_or_default(),
         sigmask: proc::sigmask(pid, tid)
             .map_err(proc_err(pid, format!("/proc/{pid}/task/{tid}/status")))?,
+        creds: Some(super::creds::save(pid, injector, t)?),
     })
 }
 
@@ -115,7 +116,7 @@ pub fn save_threads(
     changes: &Changes,
     queries: &mut Queries,
 ) -> Result<Vec<ThreadInfo>, SaveError> {
-    threads
+    let all = threads
         .iter()
         .map(|t| {
             let before = prev
@@ -123,7 +124,11 @@ pub fn save_threads(
                 .and_then(|p| p.threads.iter().find(|x| x.tid == t.tid()));
             save_thread(pid, injector, t, before, queries)
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(what) = super::creds::check_sharing(&all) {
+        return Err(SaveError::NotSupported { pid, what });
+    }
+    Ok(all)
 }
 
 /// Sets the kernel state of thread `info` of process `pid` by syscalls in
