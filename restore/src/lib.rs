@@ -24,6 +24,7 @@
 
 mod build;
 mod inherit;
+mod policy;
 mod release;
 mod stub;
 mod tree;
@@ -153,62 +154,6 @@ pub(crate) fn pid_free(pid: i32) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Who may restore the image, and whether its credentials can be set: root
-/// restores any recorded ones exactly; another user only images of its own
-/// uid. An image recording only uids and gids (before format 1.9) must have
-/// ours.
-fn credentials(m: &Manifest, ours: [u32; 8]) -> Result<(), RestoreError> {
-    use cr_ebpf_resources::process::creds;
-    let Some(first) = m.threads.first().and_then(|t| t.creds.as_ref()) else {
-        if m.process.creds != ours {
-            return Err(RestoreError::Credentials {
-                image: m.process.creds,
-                ours,
-            });
-        }
-        return Ok(());
-    };
-    let recorded: Vec<u32> = first.uids.iter().chain(&first.gids).copied().collect();
-    if recorded != m.process.creds || m.threads.iter().any(|t| t.creds.is_none()) {
-        return Err(RestoreError::NotSupported(format!(
-            "an image whose credentials disagree (process {:?}, main thread {recorded:?}, or \
-             a thread without any): it is damaged or was edited",
-            m.process.creds
-        )));
-    }
-    let me = creds::ours()?;
-    if me.seccomp_mode != 0 {
-        return Err(RestoreError::NotSupported(
-            "cr-ebpf itself runs under seccomp: the restored process would inherit its \
-             filters"
-                .into(),
-        ));
-    }
-    for t in &m.threads {
-        let c = t.creds.as_ref().expect("checked above");
-        if me.uids[1] != 0 && c.uids.iter().any(|&u| u != me.uids[0]) {
-            return Err(RestoreError::OtherUser {
-                tid: t.tid,
-                image: c.uids,
-                ours: me.uids[0],
-            });
-        }
-        if c.seccomp_mode != 0 && !cr_ebpf_tracee::can_suspend_seccomp() {
-            return Err(RestoreError::NotSupported(format!(
-                "seccomp {} of thread {}: cr-ebpf needs CAP_SYS_ADMIN to set them again \
-                 (its own calls in the process must not be filtered meanwhile)",
-                if c.seccomp_mode == 1 {
-                    "strict mode"
-                } else {
-                    "filters"
-                },
-                t.tid
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Checks everything that can be checked before anything is started.
 pub(crate) fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), RestoreError> {
     // SAFETY: getres[ug]id write three ids each.
@@ -228,7 +173,12 @@ pub(crate) fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), Resto
             libc::setfsgid(u32::MAX) as u32,
         ]
     };
-    credentials(m, ours)?;
+    policy::credentials(
+        m,
+        ours,
+        &cr_ebpf_resources::process::creds::ours()?,
+        cr_ebpf_tracee::can_suspend_seccomp(),
+    )?;
     pid_free(m.process.pid)?;
     if cr_ebpf_resources::process::terminal::needs_shell_job(m) {
         if !opts.shell_job {
