@@ -88,6 +88,10 @@ pub fn save_thread(
         }
     };
     let tid = t.tid();
+    // Credentials are read again every time (PR_GET_SECUREBITS injected):
+    // the log does not cover every call that changes them.
+    let creds = super::creds::save(pid, injector, t)?;
+    queries.injected += 1;
     Ok(ThreadInfo {
         tid,
         regs: regs::to_bytes(&r),
@@ -102,7 +106,7 @@ pub fn save_thread(
             .unwrap_or_default(),
         sigmask: proc::sigmask(pid, tid)
             .map_err(proc_err(pid, format!("/proc/{pid}/task/{tid}/status")))?,
-        creds: Some(super::creds::save(pid, injector, t)?),
+        creds: Some(creds),
     })
 }
 
