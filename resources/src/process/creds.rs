@@ -138,6 +138,12 @@ pub fn save(pid: i32, injector: &Injector, t: &Tracee) -> Result<ThreadCreds, Sa
                 }
             }
             for (flags, prog) in filters {
+                if notifies(&prog) {
+                    return Err(refuse(format!(
+                        "a seccomp filter of thread {tid} that hands syscalls to a supervisor \
+                         (SECCOMP_RET_USER_NOTIF): its listener is not carried"
+                    )));
+                }
                 if flags & !u64::from(cr_ebpf_image::SECCOMP_FILTER_LOG) != 0 {
                     return Err(refuse(format!(
                         "a seccomp filter of thread {tid} with flags {flags:#x} (only \
@@ -153,6 +159,16 @@ pub fn save(pid: i32, injector: &Injector, t: &Tracee) -> Result<ThreadCreds, Sa
         mode => return Err(refuse(format!("seccomp mode {mode} of thread {tid}"))),
     }
     Ok(c)
+}
+
+/// Whether a filter program can return `SECCOMP_RET_USER_NOTIF` (a
+/// `BPF_RET | BPF_K` with that action).
+pub fn notifies(prog: &[u8]) -> bool {
+    prog.chunks_exact(8).any(|insn| {
+        let code = u16::from_le_bytes([insn[0], insn[1]]);
+        let k = u32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
+        code == 0x06 && k & 0xffff_0000 == 0x7fc0_0000
+    })
 }
 
 /// How many of the oldest filters every thread of the process has: they

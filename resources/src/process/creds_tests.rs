@@ -147,6 +147,8 @@ fn filters_every_thread_has_are_shared_and_partial_sharing_is_refused() {
         thread(2, vec![filter(1), filter(3)]),
         thread(3, vec![filter(1)]),
     ];
+    assert!(!notifies(&filter(1).prog));
+    assert!(notifies(&[0x06, 0, 0, 0, 0, 0, 0xc0, 0x7f]));
     assert_eq!(shared_filters(&all), 1);
     assert_eq!(check_sharing(&all), None);
     assert_eq!(shared_filters(&all[..1]), 0, "one thread installs its own");
