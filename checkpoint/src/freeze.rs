@@ -108,17 +108,21 @@ pub(crate) fn freeze_tree(root: i32) -> Result<FrozenTree, DumpError> {
     })
 }
 
-/// A process under a seccomp mode other than cr-ebpf's is refused before
-/// anything is injected into it: strict mode kills a process at its first
-/// other syscall, and a filter may kill it or fail the call.
+/// A process under seccomp is refused before anything is injected into it
+/// when cr-ebpf cannot suspend its filters while it holds it
+/// (`PTRACE_O_SUSPEND_SECCOMP` needs `CAP_SYS_ADMIN`, and a cr-ebpf not
+/// under seccomp itself): strict mode kills a process at its first other
+/// syscall, and a filter may kill it or fail the call.
 fn seccomp_first(pid: i32) -> Result<(), DumpError> {
+    if cr_ebpf_tracee::can_suspend_seccomp() {
+        return Ok(());
+    }
     let mode = |p: &str| {
         std::fs::read_to_string(format!("/proc/{p}/status"))
             .ok()?
             .lines()
             .find_map(|l| l.strip_prefix("Seccomp:").map(|v| v.trim().to_string()))
     };
-    let ours = mode("self");
     // Each thread has its own filters: any thread's mode counts.
     let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| {
@@ -127,23 +131,18 @@ fn seccomp_first(pid: i32) -> Result<(), DumpError> {
                 .collect()
         })
         .unwrap_or_else(|_| vec![pid.to_string()]);
-    let theirs = threads
-        .iter()
-        .map(|t| mode(t))
-        .find(|m| m.is_some() && *m != ours)
-        .flatten();
-    if theirs.is_some() {
-        let name = match theirs.as_deref() {
-            Some("1") => "strict mode",
+    let theirs = threads.iter().filter_map(|t| mode(t)).find(|m| m != "0");
+    if let Some(theirs) = theirs {
+        let name = match theirs.as_str() {
+            "1" => "strict mode",
             _ => "filters",
         };
         return Err(DumpError::NotSupported {
             pid,
             what: format!(
-                "seccomp {name} (Seccomp {}, cr-ebpf's {}): filters are not carried, and \
-                 cr-ebpf's own calls in the process could kill it",
-                theirs.unwrap_or_default(),
-                ours.unwrap_or_default()
+                "seccomp {name} (Seccomp {theirs}) while cr-ebpf cannot suspend them (it needs \
+                 CAP_SYS_ADMIN and not to run under seccomp itself): its own calls in the \
+                 process could kill it, and the filters could not be read"
             ),
         });
     }

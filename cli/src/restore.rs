@@ -25,9 +25,6 @@ pub struct Args {
     /// Threads filling memory (default: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Restore even if the process ran under other credentials (it then runs with ours).
-    #[arg(long)]
-    pub allow_other_credentials: bool,
     /// Close the process's established TCP connections (their peers get a
     /// reset) instead of re-establishing them.
     #[arg(long)]
@@ -66,7 +63,6 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         &args.images_dir,
         &RestoreOptions {
             threads: args.threads,
-            allow_other_credentials: args.allow_other_credentials,
             checkpoint: args.checkpoint.clone(),
             close_connections: args.close_connections,
             shell_job: args.shell_job,

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `CREBPFIM` |
 //! | 8 | 2 | format major (1) |
-//! | 10 | 2 | format minor (8): the writer's; a reader takes any minor up to its own |
+//! | 10 | 2 | format minor (9): the writer's; a reader takes any minor up to its own |
 //! | 12 | 2 | file kind (1 manifest, 2 pages, 3 tree) |
 //! | 14 | 2 | flags (0) |
 //! | 16 | 8 | payload length |

@@ -138,6 +138,20 @@ fn manifest() -> Manifest {
             sigaltstack: (0x7000_4000, 0, 8192),
             pending: vec![vec![9; 128], vec![10; 128]],
             comm: "worker".into(),
+            creds: Some(cr_ebpf_image::ThreadCreds {
+                uids: [1000, 1000, 1000, 1000],
+                gids: [100, 100, 100, 100],
+                groups: vec![27, 100],
+                caps: [0, 0, 0, (1 << 41) - 1, 0],
+                securebits: 0,
+                no_new_privs: true,
+                loginuid: u32::MAX,
+                seccomp_mode: 2,
+                seccomp_filters: vec![cr_ebpf_image::SeccompFilter {
+                    flags: 0,
+                    prog: vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f],
+                }],
+            }),
         }],
         mappings: vec![
             MappingInfo {

@@ -464,8 +464,8 @@ fn a_gibibyte_round_trips_twice() {
 }
 
 #[test]
-fn other_credentials_are_refused_unless_allowed() {
-    if !cr_ebpf_perf::privileged("other_credentials_are_refused_unless_allowed") {
+fn edited_credentials_are_refused_and_recorded_ones_come_back_exactly() {
+    if !cr_ebpf_perf::privileged("edited_credentials_are_refused_and_recorded_ones_come_back") {
         return;
     }
     let s = Scratch::new("rt-creds");
@@ -477,28 +477,46 @@ fn other_credentials_are_refused_unless_allowed() {
     let img = s.0.join("img");
     dump(pid, &img, &DumpOptions::default()).expect("dump");
     let _ = w.wait();
-    // Pretend it ran as another user.
+    // The process's ids edited alone disagree with its thread's.
     let mut m = cr_ebpf_image::Manifest::read(&img).unwrap();
-    m.process.creds = [1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000];
-    m.write(&img).unwrap();
+    let mut edited = m.clone();
+    edited.process.creds = [1000; 8];
+    edited.write(&img).unwrap();
     let err = restore(&img, &RestoreOptions::default()).unwrap_err();
-    assert!(matches!(err, RestoreError::Credentials { .. }), "{err}");
-    assert!(
-        err.to_string().contains("--allow-other-credentials"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("disagree"), "{err}");
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
         "nothing started"
     );
-    let r = restore(
-        &img,
-        &RestoreOptions {
-            allow_other_credentials: true,
-            ..RestoreOptions::default()
-        },
-    )
-    .expect("restore when asked");
+    // Recorded as another user without capabilities: root restores it as
+    // that user, never as root.
+    m.process.creds = [1000; 8];
+    for t in &mut m.threads {
+        let c = t.creds.as_mut().expect("format 1.9 records credentials");
+        c.uids = [1000; 4];
+        c.gids = [1000; 4];
+        c.caps = [0, 0, 0, c.caps[3], 0];
+    }
+    m.write(&img).unwrap();
+    // The ticker opens its log again at every tick: as that user too.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&s.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", r.pid)).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(field("Uid:"), "1000 1000 1000 1000");
+    assert_eq!(field("Gid:"), "1000 1000 1000 1000");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("CapPrm:"), "0000000000000000");
     let n = ticks(&log).len();
     wait_for_ticks(&log, n + 2);
     stop(r.pid);

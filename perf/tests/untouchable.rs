@@ -1,7 +1,8 @@
-//! Processes cr-ebpf must not inject into are refused before anything is
-//! done to them, and run on: one in seccomp strict mode (its first other
-//! syscall would kill it) and one another process traces with ptrace (a
-//! thread has one tracer).
+//! Processes cr-ebpf must be careful with: one in seccomp strict mode (its
+//! first other syscall would kill it, so cr-ebpf's injected calls run with
+//! its seccomp suspended) is checkpointed and runs on; one another process
+//! traces with ptrace (a thread has one tracer) is refused before anything
+//! is done to it, and runs on.
 
 use std::{
     process::{Command, Stdio},
@@ -67,8 +68,8 @@ fn runs_on(pid: i32, what: &str) {
 }
 
 #[test]
-fn a_child_in_seccomp_strict_mode_is_refused_before_anything_is_injected() {
-    if !cr_ebpf_perf::privileged("a_child_in_seccomp_strict_mode_is_refused") {
+fn a_child_in_seccomp_strict_mode_survives_a_checkpoint() {
+    if !cr_ebpf_perf::privileged("a_child_in_seccomp_strict_mode_survives_a_checkpoint") {
         return;
     }
     let s = Scratch::new("untouch-strict");
@@ -89,11 +90,20 @@ fn a_child_in_seccomp_strict_mode_is_refused_before_anything_is_injected() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let img = s.0.join("img");
-    let err = dump(pid, &img, &DumpOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("not supported: seccomp strict mode"), "{err}");
-    assert!(!img.exists(), "no image published");
+    dump(
+        pid,
+        &img,
+        &DumpOptions {
+            leave_running: true,
+            ..DumpOptions::default()
+        },
+    )
+    .expect("dump");
+    let tree = cr_ebpf_image::tree::Tree::read(&img).expect("a tree image");
+    let child = tree.processes.iter().find(|p| p.pid == kid).unwrap();
+    let m = cr_ebpf_image::Manifest::read(&img.join(&child.dir)).unwrap();
+    let creds = m.threads[0].creds.as_ref().unwrap();
+    assert_eq!(creds.seccomp_mode, 1, "strict mode recorded");
     runs_on(kid, "the strict-mode child");
     runs_on(pid, "the parent");
     assert!(p.try_wait().unwrap().is_none());

@@ -71,17 +71,32 @@ pub enum RestoreError {
         /// What holds it.
         comm: String,
     },
-    /// The process ran under other credentials.
+    /// The process ran under other credentials, in an image that records
+    /// only its uids and gids (format before 1.9).
     #[error(
         "the process ran as uid/gid {image:?} (real, effective, saved, fs), cr-ebpf runs as \
-         {ours:?}: restoring would change who it runs as; restore as that user, or pass \
-         --allow-other-credentials to run it with ours"
+         {ours:?}, and its image (format before 1.9) does not record the rest of its \
+         credentials (groups, capabilities): restore it as that user"
     )]
     Credentials {
         /// Credentials in the image.
         image: [u32; 8],
         /// Ours.
         ours: [u32; 8],
+    },
+    /// A user other than root restores only images of its own uid.
+    #[error(
+        "thread {tid} of the image ran as uids {image:?} (real, effective, saved, fs) and \
+         cr-ebpf runs as uid {ours} without being root: only root restores a process of \
+         another user (it then runs exactly as recorded, never as root)"
+    )]
+    OtherUser {
+        /// The thread.
+        tid: i32,
+        /// Its uids.
+        image: [u32; 4],
+        /// Our real uid.
+        ours: u32,
     },
     /// The image needs something this version cannot restore yet.
     #[error("not supported yet: {0}")]

@@ -24,6 +24,7 @@
 
 mod build;
 mod inherit;
+mod policy;
 mod release;
 mod stub;
 mod tree;
@@ -102,9 +103,6 @@ impl Clock {
 pub struct RestoreOptions {
     /// Threads filling pages (0: all cores).
     pub threads: usize,
-    /// Restore even when the image's credentials differ from ours; the
-    /// process then runs with ours.
-    pub allow_other_credentials: bool,
     /// In an images directory, the checkpoint to restore (name or number);
     /// `None` takes the newest.
     pub checkpoint: Option<String>,
@@ -175,12 +173,12 @@ pub(crate) fn preflight(m: &Manifest, opts: &RestoreOptions) -> Result<(), Resto
             libc::setfsgid(u32::MAX) as u32,
         ]
     };
-    if m.process.creds != ours && !opts.allow_other_credentials {
-        return Err(RestoreError::Credentials {
-            image: m.process.creds,
-            ours,
-        });
-    }
+    policy::credentials(
+        m,
+        ours,
+        &cr_ebpf_resources::process::creds::ours()?,
+        cr_ebpf_tracee::can_suspend_seccomp(),
+    )?;
     pid_free(m.process.pid)?;
     if cr_ebpf_resources::process::terminal::needs_shell_job(m) {
         if !opts.shell_job {

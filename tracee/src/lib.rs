@@ -20,7 +20,7 @@ pub use error::TraceError;
 pub use frozen::Frozen;
 pub use inject::{Injector, SCRATCH_MAX};
 pub use regs::Regs;
-pub use thread::{Rseq, StopKind, Tracee};
+pub use thread::{can_suspend_seccomp, Rseq, StopKind, Tracee};
 
 /// Reads `len` bytes at `addr` in process `pid` into `buf`.
 pub use sys::{fork_with_pid, read_memory, write_memory};

@@ -190,3 +190,60 @@ pub unsafe fn fork_with_pid(pid: i32, child: impl FnOnce() -> i32) -> io::Result
     }
     Ok(r as i32)
 }
+
+/// Filter `index` of thread `tid`'s seccomp filters (0 the newest), as
+/// `PTRACE_SECCOMP_GET_FILTER` gives it (`struct sock_filter`s, 8 bytes
+/// each), with its flags (`PTRACE_GET_SECCOMP_METADATA`: 2 for
+/// `SECCOMP_FILTER_FLAG_LOG`); `None` past the oldest. Needs
+/// `CAP_SYS_ADMIN` and the thread stopped under our ptrace.
+pub fn seccomp_filter(tid: i32, index: u64) -> io::Result<Option<(u64, Vec<u8>)>> {
+    const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+    const PTRACE_GET_SECCOMP_METADATA: libc::c_uint = 0x420d;
+    // SAFETY: a null buffer asks only for the number of instructions.
+    let n = unsafe {
+        libc::ptrace(
+            PTRACE_SECCOMP_GET_FILTER,
+            tid,
+            index as usize as *mut libc::c_void,
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let mut prog = vec![0u8; n as usize * 8];
+    // SAFETY: the buffer holds the n instructions the kernel reported.
+    let got = unsafe {
+        libc::ptrace(
+            PTRACE_SECCOMP_GET_FILTER,
+            tid,
+            index as usize as *mut libc::c_void,
+            prog.as_mut_ptr().cast::<libc::c_void>(),
+        )
+    };
+    if got != n {
+        return Err(if got < 0 {
+            io::Error::last_os_error()
+        } else {
+            io::Error::other("the filter changed while it was read")
+        });
+    }
+    let mut meta = [index, 0u64];
+    // SAFETY: the kernel reads filter_off and writes flags, 16 bytes.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_GET_SECCOMP_METADATA,
+            tid,
+            16usize as *mut libc::c_void,
+            meta.as_mut_ptr().cast::<libc::c_void>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some((meta[1], prog)))
+}

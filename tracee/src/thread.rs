@@ -49,6 +49,27 @@ pub struct Tracee {
     job_stop: std::cell::Cell<Option<Signal>>,
 }
 
+/// `PTRACE_O_SUSPEND_SECCOMP` (nix does not name it).
+fn suspend_seccomp() -> ptrace::Options {
+    ptrace::Options::from_bits_retain(1 << 21)
+}
+
+/// Whether the seccomp filters of threads we seize are suspended while we
+/// hold them: `PTRACE_O_SUSPEND_SECCOMP` needs `CAP_SYS_ADMIN` and a tracer
+/// not itself under seccomp.
+pub fn can_suspend_seccomp() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+    };
+    let admin = field("CapEff:")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .is_some_and(|caps| caps & (1 << 21) != 0);
+    admin && field("Seccomp:").as_deref() == Some("0")
+}
+
 fn perr(request: &'static str, tid: Pid) -> impl FnOnce(nix::Error) -> TraceError {
     move |source| TraceError::Ptrace {
         request,
@@ -60,9 +81,19 @@ fn perr(request: &'static str, tid: Pid) -> impl FnOnce(nix::Error) -> TraceErro
 impl Tracee {
     /// Seizes thread `tid` (no stop yet) with `PTRACE_O_TRACESYSGOOD`, never
     /// `EXITKILL`: if we die, the kernel detaches and the thread runs on.
+    ///
+    /// With `CAP_SYS_ADMIN` the thread's seccomp filters are also suspended
+    /// while we hold it (`PTRACE_O_SUSPEND_SECCOMP`): the syscalls we inject
+    /// must not be failed or killed by them. They act again once it is
+    /// let go.
     pub fn seize(tid: i32) -> Result<Self, TraceError> {
         let tid = Pid::from_raw(tid);
-        ptrace::seize(tid, ptrace::Options::PTRACE_O_TRACESYSGOOD)
+        let plain = ptrace::Options::PTRACE_O_TRACESYSGOOD;
+        ptrace::seize(tid, plain | suspend_seccomp())
+            .or_else(|e| match e {
+                nix::Error::EPERM | nix::Error::EINVAL => ptrace::seize(tid, plain),
+                e => Err(e),
+            })
             .map_err(perr("PTRACE_SEIZE", tid))?;
         Ok(Self {
             tid,
@@ -96,14 +127,19 @@ impl Tracee {
     /// half-way, it must not run).
     pub fn adopt_traceme_child(tid: i32) -> Result<Self, TraceError> {
         let pid = Pid::from_raw(tid);
-        ptrace::setoptions(
-            pid,
-            ptrace::Options::PTRACE_O_TRACESYSGOOD
-                | ptrace::Options::PTRACE_O_EXITKILL
-                | ptrace::Options::PTRACE_O_TRACECLONE
-                | ptrace::Options::PTRACE_O_TRACEFORK,
-        )
-        .map_err(perr("PTRACE_SETOPTIONS", pid))?;
+        // Seccomp filters suspended where we may (threads and processes it
+        // makes inherit the options): the process being built gets its
+        // filters before our last syscalls in it.
+        let options = ptrace::Options::PTRACE_O_TRACESYSGOOD
+            | ptrace::Options::PTRACE_O_EXITKILL
+            | ptrace::Options::PTRACE_O_TRACECLONE
+            | ptrace::Options::PTRACE_O_TRACEFORK;
+        ptrace::setoptions(pid, options | suspend_seccomp())
+            .or_else(|e| match e {
+                nix::Error::EPERM | nix::Error::EINVAL => ptrace::setoptions(pid, options),
+                e => Err(e),
+            })
+            .map_err(perr("PTRACE_SETOPTIONS", pid))?;
         Ok(Self {
             tid: pid,
             attached: true,
@@ -171,6 +207,23 @@ impl Tracee {
     /// Sets the general registers.
     pub fn set_regs(&self, regs: &Regs) -> Result<(), TraceError> {
         ptrace::setregs(self.tid, *regs).map_err(perr("PTRACE_SETREGS", self.tid))
+    }
+
+    /// The thread's seccomp filters, oldest first, each with its flags
+    /// (see [`crate::sys::seccomp_filter`]).
+    pub fn seccomp_filters(&self) -> Result<Vec<(u64, Vec<u8>)>, TraceError> {
+        let mut all = Vec::new();
+        while let Some(f) =
+            sys::seccomp_filter(self.tid(), all.len() as u64).map_err(|e| TraceError::Ptrace {
+                request: "PTRACE_SECCOMP_GET_FILTER",
+                tid: self.tid(),
+                source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?
+        {
+            all.push(f);
+        }
+        all.reverse();
+        Ok(all)
     }
 
     /// Extended FPU state (XSAVE layout).

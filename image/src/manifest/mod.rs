@@ -64,7 +64,7 @@ pub use membership::{Cgroup, Membership, Uts, UTS_NAME_CAP};
 pub use posix_timer::PosixTimer;
 pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal};
 pub use shmem::{ShmemKind, ShmemObject, GHOST_CAP, SHMEM_CAP};
-pub use thread::ThreadInfo;
+pub use thread::{SeccompFilter, ThreadCreds, ThreadInfo, SECCOMP_FILTER_LOG};
 
 const TAG_PROCESS: u16 = 1;
 const TAG_THREAD: u16 = 2;
@@ -557,7 +557,13 @@ mod tests {
     #[test]
     fn sections_that_clash_are_refused() {
         let process = body(|b| minimal().process.encode(b));
-        let thread = body(|b| minimal().threads[0].encode(b));
+        let thread = body(|b| {
+            ThreadInfo {
+                creds: Some(ThreadCreds::default()),
+                ..minimal().threads[0].clone()
+            }
+            .encode(b)
+        });
         let cases: Vec<(Vec<Raw>, &str)> = vec![
             (vec![(TAG_THREAD, 0, thread.clone())], "no PROCESS section"),
             (vec![(TAG_PROCESS, 0, process.clone())], "no THREAD section"),

@@ -9,6 +9,15 @@ const REGS_CAP: usize = 1024;
 const XSTATE_CAP: usize = 64 * 1024;
 /// Longest thread name (`comm` holds 15 bytes and a NUL).
 const COMM_CAP: usize = 16;
+/// Most supplementary groups (`NGROUPS_MAX`).
+const GROUPS_CAP: usize = 65536;
+/// Most seccomp filters of a thread (the kernel allows 32768 instructions
+/// along a thread's filters, each costing 4 more).
+const FILTERS_CAP: usize = 8192;
+/// Longest seccomp filter (`BPF_MAXINSNS` instructions of 8 bytes).
+const FILTER_CAP: usize = 4096 * 8;
+/// `SECCOMP_FILTER_FLAG_LOG`, the one flag a filter keeps.
+pub const SECCOMP_FILTER_LOG: u32 = 2;
 
 /// One thread.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,6 +42,113 @@ pub struct ThreadInfo {
     pub pending: Vec<Vec<u8>>,
     /// Thread name (`comm`, at most 15 bytes).
     pub comm: String,
+    /// Format 1.9: its credentials and seccomp state, set again last.
+    /// `None` in older images (which refused any that differed from the
+    /// checkpointer's but the uids and gids).
+    pub creds: Option<ThreadCreds>,
+}
+
+/// What a thread runs as and what limits it (format 1.9). The kernel keeps
+/// all of it per thread.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThreadCreds {
+    /// Real, effective, saved and filesystem uid.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and filesystem gid.
+    pub gids: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// Capability sets: effective, permitted, inheritable, bounding,
+    /// ambient (bit N is capability N).
+    pub caps: [u64; 5],
+    /// `PR_GET_SECUREBITS`.
+    pub securebits: u32,
+    /// `PR_GET_NO_NEW_PRIVS`.
+    pub no_new_privs: bool,
+    /// The audit login uid (`/proc/PID/loginuid`; `u32::MAX` unset).
+    pub loginuid: u32,
+    /// Seccomp mode: 0 none, 1 strict, 2 filters.
+    pub seccomp_mode: u32,
+    /// Its seccomp filters, oldest first (mode 2 only).
+    pub seccomp_filters: Vec<SeccompFilter>,
+}
+
+/// One seccomp filter of a thread (format 1.9).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeccompFilter {
+    /// Its flags: [`SECCOMP_FILTER_LOG`] or 0.
+    pub flags: u32,
+    /// Its classic BPF program: `struct sock_filter`s, 8 bytes each.
+    pub prog: Vec<u8>,
+}
+
+impl ThreadCreds {
+    fn encode(&self, b: &mut Enc) {
+        for v in self.uids.iter().chain(&self.gids) {
+            b.u32(*v);
+        }
+        b.u32(self.groups.len() as u32);
+        for g in &self.groups {
+            b.u32(*g);
+        }
+        for c in self.caps {
+            b.u64(c);
+        }
+        b.u32(self.securebits);
+        b.u32(u32::from(self.no_new_privs));
+        b.u32(self.loginuid);
+        b.u32(self.seccomp_mode);
+        b.u32(self.seccomp_filters.len() as u32);
+        for f in &self.seccomp_filters {
+            b.u32(f.flags);
+            b.bytes(&f.prog);
+        }
+    }
+
+    fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
+        let mut c = Self::default();
+        for v in c.uids.iter_mut().chain(&mut c.gids) {
+            *v = b.u32()?;
+        }
+        let n = b.u32()? as usize;
+        if n > GROUPS_CAP {
+            return Err(b.err(format!("{n} supplementary groups (at most {GROUPS_CAP})")));
+        }
+        c.groups = (0..n).map(|_| b.u32()).collect::<Result<_, _>>()?;
+        for v in &mut c.caps {
+            *v = b.u64()?;
+        }
+        c.securebits = b.u32()?;
+        if c.securebits & !0xff != 0 {
+            return Err(b.err(format!("securebits {:#x}", c.securebits)));
+        }
+        c.no_new_privs = match b.u32()? {
+            0 => false,
+            1 => true,
+            other => return Err(b.err(format!("no_new_privs flag {other} (0 or 1)"))),
+        };
+        c.loginuid = b.u32()?;
+        c.seccomp_mode = b.u32()?;
+        let n = b.u32()? as usize;
+        if n > FILTERS_CAP {
+            return Err(b.err(format!("{n} seccomp filters (at most {FILTERS_CAP})")));
+        }
+        for _ in 0..n {
+            let flags = b.u32()?;
+            let prog = b.bytes(FILTER_CAP, "seccomp filter")?.to_vec();
+            if flags & !SECCOMP_FILTER_LOG != 0 || prog.is_empty() || prog.len() % 8 != 0 {
+                return Err(b.err(format!(
+                    "seccomp filter of {} bytes with flags {flags:#x}",
+                    prog.len()
+                )));
+            }
+            c.seccomp_filters.push(SeccompFilter { flags, prog });
+        }
+        match (c.seccomp_mode, n) {
+            (0 | 1, 0) | (2, 1..) => Ok(c),
+            (mode, n) => Err(b.err(format!("seccomp mode {mode} with {n} filters"))),
+        }
+    }
 }
 
 impl ThreadInfo {
@@ -53,6 +169,10 @@ impl ThreadInfo {
         b.u64(self.sigaltstack.2);
         encode_siginfos(b, &self.pending);
         b.str(&self.comm);
+        // Format 1.9 appends the credentials.
+        if let Some(c) = &self.creds {
+            c.encode(b);
+        }
     }
 
     /// Reads a THREAD section's body.
@@ -68,6 +188,11 @@ impl ThreadInfo {
             sigaltstack: (b.u64()?, b.u32()?, b.u64()?),
             pending: decode_siginfos(b)?,
             comm: b.str(COMM_CAP, "thread name")?,
+            creds: if b.done() {
+                None
+            } else {
+                Some(ThreadCreds::decode(b)?)
+            },
         })
     }
 }
@@ -89,12 +214,59 @@ mod tests {
             sigaltstack: (0x7000_4000, 2, 8192),
             pending: vec![vec![9; 128], vec![10; 128]],
             comm: "worker".into(),
+            creds: Some(ThreadCreds {
+                uids: [1, 2, 3, 4],
+                gids: [5, 6, 7, 8],
+                groups: vec![10, 20],
+                caps: [1, 3, 7, 0xff, 1],
+                securebits: 0x15,
+                no_new_privs: true,
+                loginuid: 1000,
+                seccomp_mode: 2,
+                seccomp_filters: vec![SeccompFilter {
+                    flags: SECCOMP_FILTER_LOG,
+                    prog: vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f],
+                }],
+            }),
         };
         let mut e = Enc::default();
         t.encode(&mut e);
         let mut d = Dec::new(&e.buf, 0);
         assert_eq!(ThreadInfo::decode(&mut d).unwrap(), t);
         assert!(d.done());
+
+        // Format 1.8 ends before the credentials.
+        let old = ThreadInfo {
+            creds: None,
+            ..t.clone()
+        };
+        let mut e = Enc::default();
+        old.encode(&mut e);
+        assert_eq!(ThreadInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(), old);
+        // A mode without its filters, and a filter of a bad length, are
+        // refused.
+        for bad in [
+            ThreadCreds {
+                seccomp_mode: 2,
+                ..Default::default()
+            },
+            ThreadCreds {
+                seccomp_mode: 2,
+                seccomp_filters: vec![SeccompFilter {
+                    flags: 0,
+                    prog: vec![0; 7],
+                }],
+                ..Default::default()
+            },
+        ] {
+            let mut e = Enc::default();
+            ThreadInfo {
+                creds: Some(bad),
+                ..old.clone()
+            }
+            .encode(&mut e);
+            assert!(ThreadInfo::decode(&mut Dec::new(&e.buf, 0)).is_err());
+        }
 
         let short = ThreadInfo {
             pending: vec![vec![0; 100]],

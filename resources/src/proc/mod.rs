@@ -155,8 +155,46 @@ pub fn personality(pid: i32) -> io::Result<u32> {
 /// Number of resource limits (`RLIM_NLIMITS`).
 pub const RLIMITS: u32 = 16;
 
-/// The resource limits of `pid`, read from outside with `prlimit64`.
+/// The resource limits of `pid`, read from outside with `prlimit64`, or,
+/// where that is not allowed (another user's process without
+/// `CAP_SYS_RESOURCE`), from `/proc/PID/limits`.
 pub fn rlimits(pid: i32) -> io::Result<Vec<(u64, u64)>> {
+    match prlimits(pid) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            parse_limits(&std::fs::read_to_string(format!("/proc/{pid}/limits"))?)
+        }
+        other => other,
+    }
+}
+
+/// `/proc/PID/limits`: a header, then one line per limit in `RLIMIT_*`
+/// order, the name in 25 columns then the soft and hard limits (numbers or
+/// `unlimited`).
+pub fn parse_limits(text: &str) -> io::Result<Vec<(u64, u64)>> {
+    let value = |v: Option<&str>| match v {
+        Some("unlimited") => Ok(u64::MAX),
+        Some(n) => n.parse().map_err(io::Error::other),
+        None => Err(io::Error::other("a limit without its values")),
+    };
+    let limits = text
+        .lines()
+        .skip(1)
+        .take(RLIMITS as usize)
+        .map(|l| {
+            let mut v = l.get(26..).unwrap_or_default().split_whitespace();
+            Ok((value(v.next())?, value(v.next())?))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    if limits.len() != RLIMITS as usize {
+        return Err(io::Error::other(format!(
+            "{} resource limits in /proc/PID/limits",
+            limits.len()
+        )));
+    }
+    Ok(limits)
+}
+
+fn prlimits(pid: i32) -> io::Result<Vec<(u64, u64)>> {
     (0..RLIMITS)
         .map(|res| {
             let mut old = libc::rlimit64 {
@@ -238,6 +276,9 @@ mod tests {
             Some(me.to_string().as_str())
         );
         assert_eq!(creds(me).unwrap()[0], own_uid());
+        // /proc/PID/limits reads as prlimit64 does.
+        let text = std::fs::read_to_string("/proc/self/limits").unwrap();
+        assert_eq!(parse_limits(&text).unwrap(), prlimits(me).unwrap());
         assert!(umask(me).unwrap() <= 0o777);
     }
 

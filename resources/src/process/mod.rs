@@ -10,6 +10,7 @@
 //! invalidate it.
 
 pub mod cgroup;
+pub mod creds;
 pub mod flags;
 pub mod itimers;
 pub mod mm;

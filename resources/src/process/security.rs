@@ -1,56 +1,34 @@
-//! What limits or marks the process beyond its credentials: seccomp, the
-//! no-new-privileges flag, its capability sets, supplementary groups and
-//! audit login uid and session. A restored process gets
-//! the restorer's, so any that differ from cr-ebpf's are refused at
-//! checkpoint time, naming them, while the process keeps running.
+//! The audit session of a process (`/proc/PID/sessionid`). Credentials
+//! and seccomp are carried thread by thread (see the creds module); the
+//! session id is the kernel's to assign: writing a login uid again at
+//! restore gives the process a new one. A process whose login uid is
+//! cr-ebpf's (nothing is written) but whose session is another is refused
+//! at checkpoint time, naming it, while it keeps running.
 
 use cr_ebpf_image::ProcessInfo;
 
 use super::{Phase, ProcessKind, SaveCx};
-use crate::{error::proc_err, proc::Status, sys::Sys, RestoreError, SaveError};
+use crate::{sys::Sys, RestoreError, SaveError};
 
-/// Seccomp, no_new_privs, capabilities.
+/// The audit session.
 pub struct Security;
 
-/// Fields of `/proc/PID/status` that must be the restorer's, with what they are.
-const SAME: &[(&str, &str)] = &[
-    ("Seccomp", "seccomp mode (filters are not carried)"),
-    ("NoNewPrivs", "no_new_privs flag"),
-    ("CapInh", "inheritable capabilities"),
-    ("CapPrm", "permitted capabilities"),
-    ("CapEff", "effective capabilities"),
-    ("CapBnd", "capability bounding set"),
-    ("CapAmb", "ambient capabilities"),
-    ("Groups", "supplementary groups"),
-];
-
-/// Files of `/proc/PID` that must read as the restorer's, with what they are.
-const SAME_FILES: &[(&str, &str)] = &[
-    ("loginuid", "login uid (audit)"),
-    ("sessionid", "audit session"),
-];
-
-/// The first field of [`SAME`] that differs: (field, what, theirs, ours).
-fn first_difference(
-    theirs: &Status,
-    ours: &Status,
-) -> Option<(&'static str, &'static str, String, String)> {
-    SAME.iter().find_map(|&(key, what)| {
-        let (t, o) = (theirs.field(key), ours.field(key));
-        (t != o).then(|| {
-            (
-                key,
-                what,
-                t.unwrap_or("?").to_string(),
-                o.unwrap_or("?").to_string(),
-            )
-        })
+/// The refusal for a session `theirs` under login uid `login`, where
+/// cr-ebpf has `ours` and `our_login`.
+fn session_refusal(theirs: &str, ours: &str, login: &str, our_login: &str) -> Option<String> {
+    (theirs.trim() != ours.trim() && login.trim() == our_login.trim()).then(|| {
+        format!(
+            "audit session other than cr-ebpf's (sessionid {}, cr-ebpf's {}) under the same \
+             login uid: it would be restored with cr-ebpf's",
+            theirs.trim(),
+            ours.trim()
+        )
     })
 }
 
 impl ProcessKind for Security {
     fn name(&self) -> &'static str {
-        "seccomp, no_new_privs and capabilities"
+        "audit session"
     }
 
     fn phase(&self) -> Phase {
@@ -58,28 +36,15 @@ impl ProcessKind for Security {
     }
 
     fn save(&self, cx: &mut SaveCx<'_>, _p: &mut ProcessInfo) -> Result<(), SaveError> {
-        let pid = cx.pid;
-        let theirs = Status::of(pid).map_err(proc_err(pid, format!("/proc/{pid}/status")))?;
-        let ours = Status::of(std::process::id() as i32)
-            .map_err(proc_err(pid, "/proc/self/status".into()))?;
-        if let Some((key, what, t, o)) = first_difference(&theirs, &ours) {
-            return Err(cx.refuse(format!(
-                "{what} other than cr-ebpf's ({key} {t}, cr-ebpf's {o}): it would be \
-                 restored with cr-ebpf's"
-            )));
+        if !std::path::Path::new("/proc/self/sessionid").exists() {
+            return Ok(());
         }
-        for (file, what) in SAME_FILES {
-            let (t, o) = cx.theirs_and_ours(file)?;
-            if t != o {
-                return Err(cx.refuse(format!(
-                    "{what} other than cr-ebpf's ({file} {}, cr-ebpf's {}): it would be \
-                     restored with cr-ebpf's",
-                    t.trim(),
-                    o.trim()
-                )));
-            }
+        let (t, o) = cx.theirs_and_ours("sessionid")?;
+        let (tl, ol) = cx.theirs_and_ours("loginuid")?;
+        match session_refusal(&t, &o, &tl, &ol) {
+            Some(what) => Err(cx.refuse(what)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn restore(&self, _sys: &dyn Sys, _p: &ProcessInfo) -> Result<(), RestoreError> {
@@ -93,32 +58,17 @@ mod tests {
     use crate::{process::testing::save_with, sys::ask::Scripted};
 
     #[test]
-    fn a_process_limited_otherwise_than_cr_ebpf_is_named() {
+    fn a_session_of_another_login_under_the_same_login_uid_is_named() {
         save_with(
             &Security,
             &Scripted::default(),
             None,
             &super::super::Changes::all(),
         );
-        let me = Status::of(std::process::id() as i32).unwrap();
-        assert!(first_difference(&me, &me).is_none());
-        let text = std::fs::read_to_string("/proc/self/status").unwrap();
-        let strict = text
-            .lines()
-            .map(|l| {
-                if l.starts_with("Seccomp:") {
-                    "Seccomp:\t2"
-                } else {
-                    l
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        let path = std::env::temp_dir().join(format!("cr-ebpf-status-{}", std::process::id()));
-        std::fs::write(&path, strict).unwrap();
-        let theirs = Status::from_text(std::fs::read_to_string(&path).unwrap());
-        std::fs::remove_file(&path).unwrap();
-        let (key, _, t, _) = first_difference(&theirs, &me).expect("seccomp differs");
-        assert_eq!((key, t.as_str()), ("Seccomp", "2"));
+        assert!(session_refusal("3\n", "3\n", "1000", "1000").is_none());
+        let why = session_refusal("4", "3", "1000", "1000").unwrap();
+        assert!(why.contains("sessionid 4, cr-ebpf's 3"), "{why}");
+        // Another login uid is written again, which makes a new session.
+        assert!(session_refusal("4", "3", "1000", "4294967295").is_none());
     }
 }

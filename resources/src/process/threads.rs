@@ -88,6 +88,10 @@ pub fn save_thread(
         }
     };
     let tid = t.tid();
+    // Credentials are read again every time (PR_GET_SECUREBITS injected):
+    // the log does not cover every call that changes them.
+    let creds = super::creds::save(pid, injector, t)?;
+    queries.injected += 1;
     Ok(ThreadInfo {
         tid,
         regs: regs::to_bytes(&r),
@@ -102,6 +106,7 @@ pub fn save_thread(
             .unwrap_or_default(),
         sigmask: proc::sigmask(pid, tid)
             .map_err(proc_err(pid, format!("/proc/{pid}/task/{tid}/status")))?,
+        creds: Some(creds),
     })
 }
 
@@ -115,7 +120,7 @@ pub fn save_threads(
     changes: &Changes,
     queries: &mut Queries,
 ) -> Result<Vec<ThreadInfo>, SaveError> {
-    threads
+    let all = threads
         .iter()
         .map(|t| {
             let before = prev
@@ -123,7 +128,11 @@ pub fn save_threads(
                 .and_then(|p| p.threads.iter().find(|x| x.tid == t.tid()));
             save_thread(pid, injector, t, before, queries)
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(what) = super::creds::check_sharing(&all) {
+        return Err(SaveError::NotSupported { pid, what });
+    }
+    Ok(all)
 }
 
 /// Sets the kernel state of thread `info` of process `pid` by syscalls in

@@ -41,6 +41,8 @@ pub struct Recording {
     kept: RefCell<Vec<OwnedFd>>,
     /// The scratch page as each call saw it, by call name.
     seen: RefCell<Vec<(String, Vec<u8>)>>,
+    /// What [`Sys::write`] wrote, and where.
+    written: RefCell<Vec<(u64, Vec<u8>)>>,
 }
 
 impl Recording {
@@ -50,6 +52,11 @@ impl Recording {
         r.scratch.replace(vec![0; PAGE as usize]);
         r.next_fd.set(100);
         r
+    }
+
+    /// What [`Sys::write`] wrote, and where, in order.
+    pub fn written(&self) -> Vec<(u64, Vec<u8>)> {
+        self.written.borrow().clone()
     }
 
     /// Makes every later call named `name` fail with `errno`.
@@ -172,6 +179,11 @@ impl Sys for Recording {
         self.scratch.borrow_mut()[offset as usize..offset as usize + bytes.len()]
             .copy_from_slice(bytes);
         Ok(SCRATCH + offset)
+    }
+
+    fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), RestoreError> {
+        self.written.borrow_mut().push((addr, bytes.to_vec()));
+        Ok(())
     }
 
     fn adopt(&self, ours: BorrowedFd<'_>) -> Result<i64, RestoreError> {

@@ -90,6 +90,13 @@ impl Sys for Injected<'_> {
         Ok(self.data + offset)
     }
 
+    fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), RestoreError> {
+        cr_ebpf_tracee::write_memory(self.pid, addr, bytes).map_err(|source| RestoreError::Build {
+            what: format!("writing {} bytes at {addr:#x}", bytes.len()),
+            source,
+        })
+    }
+
     fn release_adopter(&self) -> Result<(), RestoreError> {
         match self.pidfd.take() {
             Some(p) => self.close(p),

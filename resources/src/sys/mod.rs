@@ -45,6 +45,10 @@ pub trait Sys {
     /// in the process.
     fn put(&self, offset: u64, bytes: &[u8]) -> Result<u64, RestoreError>;
 
+    /// Writes `bytes` at `addr` of the process (memory it mapped for
+    /// arguments too long for the scratch page).
+    fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), RestoreError>;
+
     /// The process's new descriptor on the same open file as `ours`, a
     /// descriptor of the restorer (`pidfd_getfd` through a pidfd of ours
     /// the process opens once).

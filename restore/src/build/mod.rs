@@ -3,6 +3,7 @@
 //! restore report. Resource kinds are restored by the resources crate's
 //! registries in their phases; [`layout`] holds the memory layout.
 
+mod creds;
 mod layout;
 
 use std::time::{Duration, Instant};
@@ -70,6 +71,7 @@ const PHASES: &[(&str, PhaseFn)] = &[
     ("process", process_wide),
     ("fds", fds),
     ("threads", threads),
+    ("creds", creds::creds),
     ("signals", signals),
 ];
 
