@@ -99,7 +99,7 @@ fn compact_locked(dir: &Path, name: &str, threads: usize) -> Result<CompactRepor
         for (sub, chain) in &chains {
             let out = tmp.join(sub);
             if !sub.as_os_str().is_empty() {
-                std::fs::create_dir(&out).map_err(io(&out, "creating"))?;
+                cr_ebpf_image::trust::create_private_dir(&out).map_err(io(&out, "creating"))?;
             }
             let (p, b) = write_full(chain, name, &out, &pool, workers, &target)?;
             pages += p;

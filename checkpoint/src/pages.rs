@@ -121,10 +121,12 @@ pub(crate) fn write_processes(
     for (i, (pid, live, buffered)) in procs.into_iter().enumerate() {
         let sub = if is_tree {
             let sub = tmp.join(format!("proc-{pid}"));
-            std::fs::create_dir(&sub).map_err(|source| cr_ebpf_image::ImageError::Io {
-                path: sub.display().to_string(),
-                what: "creating",
-                source,
+            cr_ebpf_image::trust::create_private_dir(&sub).map_err(|source| {
+                cr_ebpf_image::ImageError::Io {
+                    path: sub.display().to_string(),
+                    what: "creating",
+                    source,
+                }
             })?;
             sub
         } else {

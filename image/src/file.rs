@@ -149,7 +149,7 @@ pub(crate) fn io<'a>(
 
 /// Writes a whole small file (header + payload) and fsyncs it.
 pub fn write_whole(path: &Path, kind: FileKind, payload: &[u8]) -> Result<(), ImageError> {
-    let mut f = File::create(path).map_err(io(path, "creating"))?;
+    let mut f = crate::trust::create_private_file(path).map_err(io(path, "creating"))?;
     f.write_all(&header(
         kind,
         payload.len() as u64,

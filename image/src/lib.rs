@@ -27,6 +27,7 @@ mod manifest;
 pub mod pages;
 mod publish;
 pub mod tree;
+pub mod trust;
 
 pub use chain::Chain;
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
@@ -92,5 +93,18 @@ pub enum ImageError {
     Exists {
         /// The directory.
         path: String,
+    },
+    /// Another user owns or can write (part of) an image, or a directory
+    /// it goes in: it is not trusted (see the `trust` module).
+    #[error(
+        "{path}: {why}: an image must be owned by you or root and writable by nobody else, \
+         and so must every directory on the way to it (unless sticky, as /tmp); check it, \
+         then fix its owner and mode, or use it as its owner"
+    )]
+    Untrusted {
+        /// What is not trusted.
+        path: String,
+        /// Why.
+        why: String,
     },
 }

@@ -77,7 +77,8 @@ impl PageWriter {
     /// Creates `pages.img` in `dir`.
     pub fn create(dir: &Path) -> Result<Self, ImageError> {
         let path = dir.join(crate::PAGES_FILE);
-        let mut f = File::create(&path).map_err(file::io(&path, "creating"))?;
+        let mut f =
+            crate::trust::create_private_file(&path).map_err(file::io(&path, "creating"))?;
         // Placeholder; the real header is written by finish().
         f.write_all(&[0u8; HEADER_LEN])
             .map_err(file::io(&path, "writing"))?;

@@ -39,7 +39,13 @@ pub fn publish<T>(
             source,
         }
     };
-    std::fs::create_dir(&tmp).map_err(io(&tmp, "creating"))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io(&tmp, "creating"))?;
+    }
     let result = fill(&tmp).and_then(|v| {
         File::open(&tmp)
             .and_then(|d| d.sync_all())

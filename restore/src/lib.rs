@@ -274,6 +274,7 @@ pub(crate) fn time_namespace(
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let start = Instant::now();
     let mut clock = Clock::new(start);
+    cr_ebpf_image::trust::check_trusted(dir)?;
     let dir = images_dir::locate(dir, opts.checkpoint.as_deref())?;
     if cr_ebpf_image::tree::is_tree(&dir) {
         return tree::restore_tree(&dir, opts, start, clock);

@@ -106,7 +106,8 @@ impl Session {
                 what: "cr-ebpf cannot checkpoint itself".into(),
             });
         }
-        std::fs::create_dir_all(dir)
+        cr_ebpf_image::trust::check_destination(dir)?;
+        cr_ebpf_image::trust::create_private_dir(dir)
             .map_err(|e| image_io("creating", dir.display().to_string(), e))?;
         let pool = worker_pool(pid, opts.threads, "ckpt-worker")?;
         let mut s = Self {

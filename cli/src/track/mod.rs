@@ -407,7 +407,8 @@ async fn track(args: &Args) -> Result<ExitCode> {
     if !Path::new(&format!("/proc/{pid}")).exists() {
         bail!("no process {pid} (check the pid with `ps`)");
     }
-    std::fs::create_dir_all(&args.images_dir)
+    cr_ebpf_image::trust::check_destination(&args.images_dir)?;
+    cr_ebpf_image::trust::create_private_dir(&args.images_dir)
         .with_context(|| format!("creating {}", args.images_dir.display()))?;
     let listener = bind_control(&args.images_dir).await?;
     let _cleanup = RemoveOnDrop(socket_path(&args.images_dir));
