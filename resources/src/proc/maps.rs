@@ -174,6 +174,20 @@ const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 /// pagemap: a guard region page (`MADV_GUARD_INSTALL`, Linux 6.14+).
 const PM_GUARD_REGION: u64 = 1 << 58;
+/// Swap type bits of a pagemap entry that is not present (shown to a
+/// reader with `CAP_SYS_ADMIN`; zero otherwise).
+const PM_SWAP_TYPE: u64 = 0x1f;
+/// The swap type of a PTE marker: the kernel's last one, after every swap
+/// device's. A marker (a write-protect mark userfaultfd left on a page
+/// never touched, while the process is tracked) is no page: the kernel
+/// shows it as swapped all the same.
+const SWP_PTE_MARKER: u64 = 0x1f;
+
+/// Whether pagemap entry `e` is a page of memory (present, or swapped out
+/// to a swap device), not a PTE marker on a page never touched.
+fn holds_page(e: u64) -> bool {
+    e & PM_PRESENT != 0 || (e & PM_SWAPPED != 0 && e & PM_SWAP_TYPE != SWP_PTE_MARKER)
+}
 
 /// Whether the private mapping `m` of a child lies inside one mapping of
 /// its parent (`parent`) of the same kind, file and offset, flags and
@@ -259,7 +273,7 @@ pub fn runs_sharing(
         }
         let keep = match kind {
             MappingKind::File | MappingKind::Shmem => e & PM_PRESENT != 0 && e & PM_FILE == 0,
-            _ => e & (PM_PRESENT | PM_SWAPPED) != 0,
+            _ => holds_page(e),
         };
         if !keep {
             continue;
@@ -283,6 +297,19 @@ pub fn runs_sharing(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pte_marker_is_no_page() {
+        assert!(holds_page(PM_PRESENT | 1234));
+        assert!(holds_page(PM_SWAPPED | (77 << 5)), "swap device 0");
+        assert!(holds_page(PM_SWAPPED | (77 << 5) | 3), "swap device 3");
+        assert!(holds_page(PM_SWAPPED), "type hidden to the reader: kept");
+        assert!(
+            !holds_page(PM_SWAPPED | SWP_PTE_MARKER | (1 << 57)),
+            "uffd-wp marker"
+        );
+        assert!(!holds_page(0));
+    }
 
     #[test]
     fn parses_the_kinds_of_lines() {
