@@ -7,7 +7,9 @@ const CAPS: &[(u32, &str, bool, &str)] = &[
         21,
         "CAP_SYS_ADMIN",
         true,
-        "namespaces, PR_SET_MM_MAP, BPF on older kernels",
+        "namespaces, PR_SET_MM_MAP, BPF on older kernels; without it a process under \
+         seccomp is refused (its filters can neither be read nor kept from acting on \
+         cr-ebpf's calls)",
     ),
     (39, "CAP_BPF", true, "loading eBPF programs and maps"),
     (38, "CAP_PERFMON", true, "attaching tracepoints"),
@@ -33,7 +35,9 @@ const CAPS: &[(u32, &str, bool, &str)] = &[
         24,
         "CAP_SYS_RESOURCE",
         false,
-        "raising limits; cr-ebpf works without it",
+        "without it: limits of another user's process are read from /proc/PID/limits; a \
+         restore fails where the process had a hard limit above cr-ebpf's own; an OOM \
+         score adjustment below cr-ebpf's own is refused",
     ),
 ];
 

@@ -8,6 +8,29 @@ use cr_ebpf_image::ProcessInfo;
 use super::{Phase, ProcessKind, SaveCx};
 use crate::{error::proc_err, proc, sys::Sys, RestoreError, SaveError};
 
+/// `CAP_SYS_RESOURCE`.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// The `RLIMIT_*` names, by number.
+const RLIMIT_NAMES: [&str; 16] = [
+    "RLIMIT_CPU",
+    "RLIMIT_FSIZE",
+    "RLIMIT_DATA",
+    "RLIMIT_STACK",
+    "RLIMIT_CORE",
+    "RLIMIT_RSS",
+    "RLIMIT_NPROC",
+    "RLIMIT_NOFILE",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_AS",
+    "RLIMIT_LOCKS",
+    "RLIMIT_SIGPENDING",
+    "RLIMIT_MSGQUEUE",
+    "RLIMIT_NICE",
+    "RLIMIT_RTPRIO",
+    "RLIMIT_RTTIME",
+];
+
 /// cwd, umask, personality, rlimits, credentials.
 pub struct Settings;
 
@@ -50,6 +73,20 @@ impl ProcessKind for Settings {
             }
         }
         p.rlimits = proc::rlimits(pid).map_err(proc_err(pid, "prlimit64".into()))?;
+        // A restore sets them from cr-ebpf's own: a hard limit above ours
+        // takes CAP_SYS_RESOURCE to raise.
+        if !proc::own_capability(CAP_SYS_RESOURCE) {
+            let ours = proc::rlimits(std::process::id() as i32)
+                .map_err(proc_err(pid, "prlimit64 (cr-ebpf's own)".into()))?;
+            if let Some((res, theirs, mine)) = higher_hard_limit(&p.rlimits, &ours) {
+                let name = RLIMIT_NAMES.get(res).copied().unwrap_or("?");
+                return Err(cx.refuse(format!(
+                    "resource limit {res} ({name}) with a hard limit of {} above cr-ebpf's own ({}): \
+                     setting it again at restore takes CAP_SYS_RESOURCE, which cr-ebpf lacks",
+                    theirs, mine
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -92,6 +129,17 @@ impl ProcessKind for Settings {
     }
 }
 
+/// The first resource whose hard limit in `theirs` is above `ours`:
+/// (resource, theirs, ours).
+fn higher_hard_limit(theirs: &[(u64, u64)], ours: &[(u64, u64)]) -> Option<(usize, u64, u64)> {
+    theirs
+        .iter()
+        .zip(ours)
+        .enumerate()
+        .find(|(_, (t, o))| t.1 > o.1)
+        .map(|(res, (t, o))| (res, t.1, o.1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +173,20 @@ mod tests {
         rec.fail("prlimit64", libc::EPERM);
         let err = Settings.restore(&rec, &p).unwrap_err();
         assert!(err.to_string().contains("resource limit 0"), "{err}");
+    }
+
+    #[test]
+    fn a_hard_limit_above_ours_is_found() {
+        let ours = [(10, 20), (5, u64::MAX), (1, 1)];
+        assert_eq!(higher_hard_limit(&[(10, 20), (9, 9), (1, 1)], &ours), None);
+        assert_eq!(
+            higher_hard_limit(&[(10, 20), (9, 9), (1, 2)], &ours),
+            Some((2, 2, 1))
+        );
+        assert_eq!(
+            higher_hard_limit(&[(1, u64::MAX), (9, 9), (1, 2)], &ours),
+            Some((0, u64::MAX, 20))
+        );
     }
 
     #[test]
