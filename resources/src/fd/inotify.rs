@@ -1,7 +1,9 @@
 //! inotify instances: each watch with its watch descriptor, its mask and
 //! the watched file (found again from the kernel's file handle in fdinfo,
 //! checked by inode at restore); rebuilt in the restorer with the same
-//! watch descriptors and handed over.
+//! watch descriptors and handed over. A watched file that was deleted is
+//! watched again on the deleted file the restore makes again, when the
+//! process holds it open (its path is then recorded with ` (deleted)`).
 
 use std::{
     io,
@@ -27,12 +29,26 @@ impl Descriptor for Inotify {
         }
         let mut watches = Vec::new();
         for line in seen.fdinfo.lines().filter(|l| l.starts_with("inotify wd:")) {
-            match inotify_watch(line) {
+            match inotify_watch(line, cx.pid) {
                 Ok(w) => watches.push(w),
                 Err(e) => return Some(Err(cx.refuse(seen.fd, e))),
             }
         }
         watches.sort_by_key(|w| w.wd);
+        // Events waiting to be read cannot be queued again.
+        let queued = match cx.dup(seen.fd) {
+            Ok(ours) => queued_bytes(ours.as_raw_fd()),
+            Err(e) => return Some(Err(e)),
+        };
+        if queued != 0 {
+            return Some(Err(cx.refuse(
+                seen.fd,
+                format!(
+                    "an inotify instance with {queued} byte(s) of events waiting to be read: \
+                     events cannot be queued again"
+                ),
+            )));
+        }
         let mut info = seen.info(FdKind::Inotify);
         info.state = FdState::Inotify(watches);
         Some(Ok(info))
@@ -45,15 +61,16 @@ impl Descriptor for Inotify {
                 f.fd
             )));
         };
-        let fd = rebuild(watches)?;
+        let fd = rebuild(watches, |id| cx.shmem.get(&id).map(|o| o.as_raw_fd()))?;
         cx.adopt(&fd).map(Some)
     }
 }
 
 /// One `inotify wd:2 ino:9a8157 sdev:fe00000 mask:80000002 ignored_mask:0
 /// fhandle-bytes:8 fhandle-type:1 f_handle:57819a00733d77df` line, with the
-/// watched file's path found from its handle.
-fn inotify_watch(line: &str) -> Result<InotifyWatch, String> {
+/// watched file's path found from its handle; a deleted one only when
+/// process `pid` holds it open (the restore makes it again).
+fn inotify_watch(line: &str, pid: i32) -> Result<InotifyWatch, String> {
     let field = |k: &str| {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(k))
@@ -82,6 +99,12 @@ fn inotify_watch(line: &str) -> Result<InotifyWatch, String> {
     let (major, minor) = ((sdev >> 20) as u32, (sdev & 0xf_ffff) as u32);
     let path = path_of_handle(major, minor, handle_type, &bytes)
         .map_err(|e| format!("the file of inotify watch {wd} (inode {ino}): {e}"))?;
+    if path.ends_with(" (deleted)") && !holds_deleted(pid, libc::makedev(major, minor), ino) {
+        return Err(format!(
+            "the file of inotify watch {wd} (inode {ino}): {path}: deleted, and no descriptor \
+             of the process holds it (it could not be made again)"
+        ));
+    }
     Ok(InotifyWatch {
         wd,
         mask,
@@ -135,17 +158,44 @@ fn path_of_handle(
         .map_err(|e| e.to_string())?
         .display()
         .to_string();
-    if path.ends_with(" (deleted)") {
-        return Err(format!("{path}: deleted"));
-    }
     Ok(path)
+}
+
+/// Bytes of events waiting on inotify descriptor `fd` (`FIONREAD`; an
+/// error counts as some).
+fn queued_bytes(fd: i32) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r < 0 {
+        -1
+    } else {
+        n
+    }
+}
+
+/// Whether process `pid` holds open the deleted file `dev`:`ino`.
+fn holds_deleted(pid: i32, dev: u64, ino: u64) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().ends_with(" (deleted)"))
+            && std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == ino && m.dev() == dev)
+    })
 }
 
 /// An inotify instance whose watches get their original descriptors: the
 /// kernel hands them out counting up from 1, so gaps (watches removed
 /// before the checkpoint) are filled with watches on scratch directories,
 /// removed again, and their events drained before the process sees them.
-fn rebuild(watches: &[InotifyWatch]) -> Result<OwnedFd, RestoreError> {
+/// A watched deleted file is watched again through the restorer's
+/// descriptor of it, `deleted(inode)`.
+fn rebuild(
+    watches: &[InotifyWatch],
+    deleted: impl Fn(u64) -> Option<std::os::fd::RawFd>,
+) -> Result<OwnedFd, RestoreError> {
     use std::os::unix::fs::MetadataExt as _;
     // SAFETY: plain syscall.
     let fd = owned(
@@ -184,17 +234,26 @@ fn rebuild(watches: &[InotifyWatch]) -> Result<OwnedFd, RestoreError> {
                 fillers.push(got);
                 next = got + 1;
             }
-            let meta = std::fs::metadata(&w.path).map_err(|e| RestoreError::File {
-                path: w.path.clone(),
-                what: format!("(watched by inotify) is gone: {e}"),
-            })?;
-            if meta.ino() != w.ino || meta.dev() != w.dev {
-                return Err(RestoreError::File {
+            let path = if w.path.ends_with(" (deleted)") {
+                let object = deleted(w.ino).ok_or_else(|| RestoreError::File {
                     path: w.path.clone(),
-                    what: "(watched by inotify) was replaced since the checkpoint".into(),
-                });
-            }
-            let got = add(std::path::Path::new(&w.path), w.mask)?;
+                    what: "(watched by inotify) was not made again".into(),
+                })?;
+                format!("/proc/self/fd/{object}")
+            } else {
+                let meta = std::fs::metadata(&w.path).map_err(|e| RestoreError::File {
+                    path: w.path.clone(),
+                    what: format!("(watched by inotify) is gone: {e}"),
+                })?;
+                if meta.ino() != w.ino || meta.dev() != w.dev {
+                    return Err(RestoreError::File {
+                        path: w.path.clone(),
+                        what: "(watched by inotify) was replaced since the checkpoint".into(),
+                    });
+                }
+                w.path.clone()
+            };
+            let got = add(std::path::Path::new(&path), w.mask)?;
             if got != w.wd {
                 return Err(RestoreError::NotSupported(format!(
                     "inotify watch {} of {} came back as {got}",
@@ -303,7 +362,62 @@ mod tests {
     #[test]
     fn a_watch_whose_file_cannot_be_found_is_refused() {
         let line = "inotify wd:1 ino:2 sdev:fff00000 mask:2 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:0000000000000000";
-        assert!(inotify_watch(line).is_err());
-        assert!(inotify_watch("inotify wd:x").is_err());
+        assert!(inotify_watch(line, 1).is_err());
+        assert!(inotify_watch("inotify wd:x", 1).is_err());
+    }
+
+    #[test]
+    fn a_watched_deleted_file_held_open_is_watched_again_through_its_new_copy() {
+        let dir = testing::scratch("inotify-deleted");
+        let path = dir.join("gone");
+        let held = std::fs::File::create(&path).unwrap();
+        let ino = held.metadata().unwrap().ino();
+        // SAFETY: plain syscalls on our descriptors and paths.
+        let ifd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: as above.
+        let wd = unsafe { libc::inotify_add_watch(ifd, c.as_ptr(), libc::IN_CLOSE_WRITE) };
+        assert_eq!(wd, 1);
+        std::fs::remove_file(&path).unwrap();
+        let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{ifd}")).unwrap();
+        let line = text.lines().find(|l| l.starts_with("inotify wd:")).unwrap();
+        let me = std::process::id() as i32;
+        let w = inotify_watch(line, me).unwrap();
+        assert!(w.path.ends_with(" (deleted)"), "{}", w.path);
+        assert_eq!(w.ino, ino);
+        // Not held by that process: refused.
+        let parent = std::os::unix::process::parent_id() as i32;
+        assert!(inotify_watch(line, parent)
+            .unwrap_err()
+            .contains("no descriptor"));
+        // SAFETY: closing our descriptor.
+        unsafe { libc::close(ifd) };
+        // Rebuilt on the copy the restore made (here, a new file).
+        let copy = std::fs::File::create(dir.join("copy")).unwrap();
+        let fd = rebuild(std::slice::from_ref(&w), |id| {
+            (id == ino).then(|| copy.as_raw_fd())
+        })
+        .unwrap();
+        let text =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let copy_ino = format!("ino:{:x} ", copy.metadata().unwrap().ino());
+        assert!(
+            text.contains("inotify wd:1 ") && text.contains(&copy_ino),
+            "{text}"
+        );
+        let err = rebuild(&[w], |_| None).unwrap_err().to_string();
+        assert!(err.contains("not made again"), "{err}");
+        // Events waiting are counted (and refused by the save).
+        // SAFETY: plain syscalls on our descriptors and paths.
+        let ifd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        let d = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { libc::inotify_add_watch(ifd, d.as_ptr(), libc::IN_CREATE) } > 0);
+        assert_eq!(queued_bytes(ifd), 0);
+        std::fs::File::create(dir.join("new")).unwrap();
+        assert!(queued_bytes(ifd) > 0);
+        // SAFETY: closing our descriptor.
+        unsafe { libc::close(ifd) };
+        drop(held);
     }
 }
