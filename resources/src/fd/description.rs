@@ -29,9 +29,11 @@ pub(crate) fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
 
 /// A regular file a restore can open before the processes exist (not one
 /// of their own `/proc` files, not a namespace), a deleted file (made
-/// again by the restorer; see the deleted module), or a pipe end.
+/// again by the restorer; see the deleted module), a pipe end, or an epoll
+/// set (made once by a process for its descriptors of it: see the epoll
+/// module).
 fn shareable(f: &FdInfo) -> bool {
-    matches!(f.kind, FdKind::Pipe | FdKind::Deleted)
+    matches!(f.kind, FdKind::Pipe | FdKind::Deleted | FdKind::Epoll)
         || (f.kind == FdKind::File && f.path.starts_with('/') && !f.path.starts_with("/proc/"))
 }
 

@@ -222,6 +222,15 @@ impl SaveCx<'_> {
         }
     }
 
+    /// Where the process's descriptor `fd` is: (the process, `fd`), or for
+    /// a file in flight (cr-ebpf, our descriptor of it).
+    pub fn holder(&self, fd: i32) -> (i32, i32) {
+        match self.moved.get(&fd) {
+            Some(own) => (std::process::id() as i32, own.as_raw_fd()),
+            None => (self.pid, fd),
+        }
+    }
+
     /// A duplicate, in this process, of the process's descriptor `fd` (the
     /// same open file description), for what only the file itself tells.
     pub fn dup(&self, fd: i32) -> Result<OwnedFd, SaveError> {
@@ -595,7 +604,12 @@ pub fn restore(cx: &RestoreCx<'_>, m: &Manifest) -> Result<(), RestoreError> {
         cx.sys.dup3(t, fd, cloexec)?;
         cx.sys.close(t)?;
     }
-    for f in &m.fds {
+    for (i, f) in m.fds.iter().enumerate() {
+        // A second descriptor of an epoll set the process made already.
+        if let Some(first) = epoll::made_before(m, i) {
+            cx.sys.dup3(i64::from(first.fd), f.fd, f.cloexec)?;
+            continue;
+        }
         handler(f.kind)?.finish(cx, f)?;
     }
     for f in &m.fds {

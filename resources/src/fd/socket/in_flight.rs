@@ -8,7 +8,8 @@
 //! in order, and the numbers are closed, before the process runs.
 //!
 //! Refused: a file kind whose save reads the holding process's own
-//! `/proc` (those are regular files, pipes, sockets and eventfds only), a
+//! `/proc` (those are regular files, pipes, sockets, eventfds and epoll
+//! sets, whose registrations name the process's descriptors, only), a
 //! socket in flight that carries files in flight itself, a socket whose
 //! queue is held by several processes or is not refilled by one peer.
 
@@ -37,7 +38,13 @@ pub struct Carried {
 }
 
 /// The kinds a file in flight may be.
-const KINDS_IN_FLIGHT: &[FdKind] = &[FdKind::File, FdKind::Pipe, FdKind::Socket, FdKind::EventFd];
+const KINDS_IN_FLIGHT: &[FdKind] = &[
+    FdKind::File,
+    FdKind::Pipe,
+    FdKind::Socket,
+    FdKind::EventFd,
+    FdKind::Epoll,
+];
 
 /// Receives the files in flight on the queues of the sockets of `seen` (a
 /// process's descriptors), numbers them after the process's own, and
