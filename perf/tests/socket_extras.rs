@@ -237,3 +237,35 @@ if srv.recv(100) != b'built': bad.append('raw send')
     let out = round_trip(&scratch, &script(setup, checks), &[]);
     assert_eq!(out, "ok");
 }
+
+/// An epoll set open under two descriptors and sent in flight twice is one
+/// set after the restore: a registration made through one descriptor is
+/// seen through the other and through the received ones.
+#[test]
+fn an_epoll_set_under_several_descriptors_and_in_flight_is_one_set() {
+    if !cr_ebpf_perf::privileged("an_epoll_set_under_several_descriptors_and_in_flight_is_one_set")
+    {
+        return;
+    }
+    let scratch = Scratch::new("sk-epoll-flight");
+    let setup = r#"
+import select
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+ep = select.epoll()
+again = os.dup(ep.fileno())
+socket.send_fds(a, [b'1'], [ep.fileno()])
+socket.send_fds(a, [b'2'], [ep.fileno()])
+x, y = socket.socketpair()
+"#;
+    let checks = r#"
+ep.register(y.fileno(), select.EPOLLIN)
+x.send(b'ready')
+_, fds1, _, _ = socket.recv_fds(b, 10, 1)
+_, fds2, _, _ = socket.recv_fds(b, 10, 1)
+for name, fd in (('dup', again), ('first in flight', fds1[0]), ('second in flight', fds2[0])):
+    got = select.epoll.fromfd(fd).poll(0)
+    if [f for f, _ in got] != [y.fileno()]: bad.append('%s: %r' % (name, got))
+"#;
+    let out = round_trip(&scratch, &script(setup, checks), &[]);
+    assert_eq!(out, "ok");
+}
