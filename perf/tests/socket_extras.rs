@@ -114,8 +114,10 @@ c.send(b'before')
 socket.send_fds(c, [b'abc'], [w])
 c.send(b'def')
 os.close(w)
+open_before = sorted(os.listdir('/proc/self/fd'))
 "#;
     let checks = r#"
+if sorted(os.listdir('/proc/self/fd')) != open_before: bad.append('descriptors left open')
 m, fds, _, _ = socket.recv_fds(b, 100, 4)
 if m != b'first' or len(fds) != 1: bad.append('first %r %r' % (m, fds))
 if os.read(fds[0], 100) != b'456789': bad.append('file offset')
