@@ -98,12 +98,13 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     for f in &stopped.frozen {
         states.push(state::collect(f, None, &Changes::all(), Some(&mut scope))?);
     }
+    let in_flight = State::in_flight(live.iter().copied().zip(&states));
     let mut shared: Vec<(i32, &mut [cr_ebpf_image::FdInfo])> = live
         .iter()
         .zip(&mut states)
         .map(|(p, s)| (*p, &mut s.fds[..]))
         .collect();
-    cr_ebpf_resources::fd::description::share(&mut shared);
+    cr_ebpf_resources::fd::description::share(&mut shared, &in_flight);
     let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> = live
         .iter()
         .zip(&states)

@@ -26,6 +26,8 @@ pub(crate) struct State {
     pub tcp: Vec<(i32, std::os::fd::OwnedFd)>,
     /// File locks held, each through one descriptor.
     pub locks: Vec<cr_ebpf_image::FileLock>,
+    /// The files in flight on its unix sockets (see [`crate::fds::Fds`]).
+    pub in_flight: Vec<(i32, std::os::fd::OwnedFd)>,
     pub pagemap: File,
     pub queries: Queries,
 }
@@ -113,7 +115,12 @@ pub(crate) fn collect(
     }
     // Descriptors first: an unsupported one fails before the long part.
     let mut tree = tree;
-    let crate::fds::Fds { fds, tcp, locks } = crate::fds::collect(pid, tree.as_deref_mut())?;
+    let crate::fds::Fds {
+        fds,
+        tcp,
+        locks,
+        in_flight,
+    } = crate::fds::collect(pid, tree.as_deref_mut())?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path))?;
 
@@ -176,12 +183,29 @@ pub(crate) fn collect(
         shmem,
         tcp,
         locks,
+        in_flight,
         pagemap,
         queries,
     })
 }
 
 impl State {
+    /// Where the files in flight of the processes of `states` (by pid) are
+    /// held here, for [`crate::fds::description::share`].
+    pub fn in_flight<'a>(
+        states: impl IntoIterator<Item = (i32, &'a State)>,
+    ) -> crate::fds::description::InFlight {
+        use std::os::fd::AsRawFd as _;
+        states
+            .into_iter()
+            .flat_map(|(pid, s)| {
+                s.in_flight
+                    .iter()
+                    .map(move |(n, own)| ((pid, *n), own.as_raw_fd()))
+            })
+            .collect()
+    }
+
     /// The image record of mapping `m`.
     pub fn mapping(m: &MapEntry, pages_stored: u64, flags: u32) -> MappingInfo {
         MappingInfo {

@@ -210,6 +210,7 @@ fn describe(f: &FdInfo) -> String {
                 (libc::AF_UNIX, libc::SOCK_SEQPACKET) => "unix seqpacket",
                 (_, libc::SOCK_STREAM) => "TCP",
                 (_, libc::SOCK_DGRAM) => "UDP",
+                (_, libc::SOCK_RAW) => "raw IP",
                 _ => "socket",
             };
             let queued: usize = s.queue.iter().map(Vec::len).sum();
@@ -225,6 +226,16 @@ fn describe(f: &FdInfo) -> String {
             }
             if queued > 0 {
                 text += &format!(", {queued} bytes queued in {} messages", s.queue.len());
+            }
+            let carried: Vec<String> = s.in_flight.iter().flatten().map(i32::to_string).collect();
+            if !carried.is_empty() {
+                text += &format!(
+                    ", carrying descriptors {} in flight (SCM_RIGHTS)",
+                    carried.join(" ")
+                );
+            }
+            if !s.filter.is_empty() {
+                text += &format!(", a socket filter of {} instructions", s.filter.len() / 8);
             }
             if let Some(t) = &s.tcp {
                 text += &format!(

@@ -245,11 +245,12 @@ fn collect<'a>(
             whole: 0,
         });
     }
+    let in_flight = crate::state::State::in_flight(plans.iter().map(|p| (p.pid, &p.state)));
     let mut all: Vec<(i32, &mut [cr_ebpf_image::FdInfo])> = plans
         .iter_mut()
         .map(|p| (p.pid, &mut p.state.fds[..]))
         .collect();
-    cr_ebpf_resources::fd::description::share(&mut all);
+    cr_ebpf_resources::fd::description::share(&mut all, &in_flight);
     if is_tree {
         let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> =
             plans.iter().map(|p| (p.pid, &p.state.fds[..])).collect();

@@ -50,7 +50,8 @@ pub use chain::ChainInfo;
 pub use cow::CowRun;
 pub use fd::{
     EpollItem, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, PtyPair, SockOpt, SocketFile,
-    SocketInfo, TcpRepair, TtyInfo, TtyRole, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN,
+    SocketInfo, TcpRepair, TtyInfo, TtyRole, FILTER_CAP, IN_FLIGHT_CAP, SOCKET_QUEUE_CAP,
+    TCP_HALF_CLOSED, TERMIOS_LEN,
 };
 pub use ipc::{IpcNs, IpcPerm, SysvMsq, SysvSem, SysvShm};
 pub use lock::{FileLock, LockKind};

@@ -161,7 +161,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let pid = std::process::id() as i32;
         let mut saved = testing::save_own_many(&[f.as_raw_fd(), g.as_raw_fd(), other.as_raw_fd()]);
-        crate::fd::description::share(&mut [(pid, &mut saved[..])]);
+        crate::fd::description::share(&mut [(pid, &mut saved[..])], &Default::default());
         assert_ne!(saved[0].desc, 0);
         assert_eq!(saved[0].desc, saved[1].desc, "the dup shares it");
         assert_eq!(saved[2].desc, 0, "a second open is its own");

@@ -29,17 +29,29 @@ pub(crate) fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
 
 /// A regular file a restore can open before the processes exist (not one
 /// of their own `/proc` files, not a namespace), a deleted file (made
-/// again by the restorer; see the deleted module), or a pipe end.
+/// again by the restorer; see the deleted module), a pipe end, or an epoll
+/// set (made once by a process for its descriptors of it: see the epoll
+/// module).
 fn shareable(f: &FdInfo) -> bool {
-    matches!(f.kind, FdKind::Pipe | FdKind::Deleted)
+    matches!(f.kind, FdKind::Pipe | FdKind::Deleted | FdKind::Epoll)
         || (f.kind == FdKind::File && f.path.starts_with('/') && !f.path.starts_with("/proc/"))
 }
+
+/// Where the files in flight of processes are held: (pid, the number a
+/// file in flight is saved under) -> our own descriptor of it.
+pub type InFlight = HashMap<(i32, i32), i32>;
 
 /// Gives every group of descriptors of `procs` (pid, its descriptors) that
 /// are one open file description the same [`FdInfo::desc`]: the first
 /// one's pid and number (`pid << 32 | fd`); a description of one
-/// descriptor keeps 0. The processes must be stopped.
-pub fn share(procs: &mut [(i32, &mut [FdInfo])]) {
+/// descriptor keeps 0. The processes must be stopped. A file in flight
+/// (`in_flight`) is compared through our own descriptor of it.
+pub fn share(procs: &mut [(i32, &mut [FdInfo])], in_flight: &InFlight) {
+    let me = std::process::id() as i32;
+    let at = |pid: i32, fd: i32| match in_flight.get(&(pid, fd)) {
+        Some(own) => (me, *own),
+        None => (pid, fd),
+    };
     // The first descriptor of each description, by file: (pid, fd).
     let mut firsts: HashMap<(u64, u64), Vec<(i32, i32)>> = HashMap::new();
     let mut groups: Vec<(usize, usize, u64)> = Vec::new(); // process, index, id
@@ -49,10 +61,11 @@ pub fn share(procs: &mut [(i32, &mut [FdInfo])]) {
                 continue;
             }
             let of_file = firsts.entry((f.dev, f.inode)).or_default();
-            match of_file
-                .iter()
-                .find(|&&(p, d)| same_description(p, d, *pid, f.fd))
-            {
+            let (q, e) = at(*pid, f.fd);
+            match of_file.iter().find(|&&(p, d)| {
+                let (p, d) = at(p, d);
+                same_description(p, d, q, e)
+            }) {
                 Some(&(p, d)) => groups.push((pi, fi, (p as u64) << 32 | d as u64)),
                 None => of_file.push((*pid, f.fd)),
             }
@@ -147,7 +160,7 @@ mod tests {
             .iter()
             .map(|f| testing::save_own(f.as_raw_fd()))
             .collect();
-        share(&mut [(pid, &mut fds[..])]);
+        share(&mut [(pid, &mut fds[..])], &InFlight::new());
         let id = (pid as u64) << 32 | a.as_raw_fd() as u64;
         assert_eq!((fds[0].desc, fds[1].desc, fds[2].desc), (id, id, 0));
 

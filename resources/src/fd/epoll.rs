@@ -3,7 +3,7 @@
 //! number; rebuilt inside the process once every other descriptor has its
 //! number, since registrations name the process's own numbers.
 
-use cr_ebpf_image::{EpollItem, FdInfo, FdKind, FdState};
+use cr_ebpf_image::{EpollItem, FdInfo, FdKind, FdState, Manifest};
 
 use super::{unreadable, Descriptor, RestoreCx, SaveCx, Seen};
 use crate::{RestoreError, SaveError};
@@ -46,7 +46,7 @@ impl Descriptor for Epoll {
         let Some(items) = parse(&seen.fdinfo) else {
             return Some(Err(unreadable(cx, seen, "epoll registration")));
         };
-        if let Err(e) = check_epoll(cx.pid, seen.fd, &items) {
+        if let Err(e) = check_epoll(cx.pid, cx.holder(seen.fd), &items) {
             return Some(Err(cx.refuse(seen.fd, e)));
         }
         let mut info = seen.info(FdKind::Epoll);
@@ -92,7 +92,24 @@ impl Descriptor for Epoll {
 /// Checks that each registration of the epoll set on `epfd` still refers
 /// to the file open on its descriptor number in `pid` (a registration
 /// outlives a `close` of its number when the file stays open elsewhere).
-pub(crate) fn check_epoll(pid: i32, epfd: i32, items: &[EpollItem]) -> Result<(), String> {
+/// The descriptor of `m` before its descriptor `i` that is the same epoll
+/// set (the same open file description, [`FdInfo::desc`]), if `i` is one:
+/// it is that one's duplicate, not a set of its own. (A set several
+/// processes share is made by each.)
+pub(super) fn made_before(m: &Manifest, i: usize) -> Option<&FdInfo> {
+    let f = &m.fds[i];
+    if f.kind != FdKind::Epoll || f.desc == 0 {
+        return None;
+    }
+    m.fds[..i]
+        .iter()
+        .find(|g| g.kind == FdKind::Epoll && g.desc == f.desc)
+}
+
+/// The epoll set is `ep` (the process holding it and its number there:
+/// another than `pid` for one in flight, which cr-ebpf holds).
+pub(crate) fn check_epoll(pid: i32, ep: (i32, i32), items: &[EpollItem]) -> Result<(), String> {
+    let (ep_pid, epfd) = ep;
     #[repr(C)]
     struct Slot {
         efd: u32,
@@ -113,7 +130,7 @@ pub(crate) fn check_epoll(pid: i32, epfd: i32, items: &[EpollItem]) -> Result<()
             libc::syscall(
                 libc::SYS_kcmp,
                 pid,
-                pid,
+                ep_pid,
                 KCMP_EPOLL_TFD,
                 item.fd as libc::c_ulong,
                 &slot as *const Slot,
@@ -232,5 +249,28 @@ mod tests {
         assert_eq!(items[0].events, 0x4000_201d);
         assert_eq!(items[1].data, 0x1122_3344_5566_7788);
         assert!(parse("tfd: x events: 1 data: 2\n").is_none());
+    }
+
+    #[test]
+    fn a_duplicate_of_an_epoll_set_is_the_same_set_again() {
+        // SAFETY: plain syscall.
+        let ep = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+        let again = ep.try_clone().unwrap();
+        let other = ep.try_clone().unwrap();
+        let mut saved = testing::save_own_many(&[ep.as_raw_fd(), again.as_raw_fd()]);
+        // SAFETY: plain syscall.
+        let lone = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+        saved.push(testing::save_own(lone.as_raw_fd()));
+        let me = std::process::id() as i32;
+        crate::fd::description::share(&mut [(me, &mut saved[..])], &Default::default());
+        assert_ne!(saved[0].desc, 0);
+        assert_eq!((saved[1].desc, saved[2].desc), (saved[0].desc, 0));
+        drop(other);
+        let rec = testing::restore(&testing::manifest(saved.clone()));
+        assert_eq!(rec.calls("epoll_create1").len(), 2, "two sets, not three");
+        let dup3 = rec.calls("dup3");
+        assert!(dup3
+            .iter()
+            .any(|c| (c[0] as i32, c[1] as i32) == (saved[0].fd, saved[1].fd)));
     }
 }

@@ -207,12 +207,39 @@ pub struct SaveCx<'a> {
     pub sockets: &'a mut socket::Context,
     /// Duplicates of established TCP connections (descriptor number, ours).
     pub tcp: &'a mut Vec<(i32, OwnedFd)>,
+    /// The files in flight on the process's unix sockets, received here,
+    /// by the number they are saved under (see `socket::in_flight`).
+    moved: HashMap<i32, OwnedFd>,
 }
 
 impl SaveCx<'_> {
+    /// `/proc/.../fd/N` of the process's descriptor `fd` (for a file in
+    /// flight, our own descriptor of it).
+    pub fn proc_fd(&self, fd: i32) -> String {
+        match self.moved.get(&fd) {
+            Some(own) => format!("/proc/self/fd/{}", own.as_raw_fd()),
+            None => format!("/proc/{}/fd/{fd}", self.pid),
+        }
+    }
+
+    /// Where the process's descriptor `fd` is: (the process, `fd`), or for
+    /// a file in flight (cr-ebpf, our descriptor of it).
+    pub fn holder(&self, fd: i32) -> (i32, i32) {
+        match self.moved.get(&fd) {
+            Some(own) => (std::process::id() as i32, own.as_raw_fd()),
+            None => (self.pid, fd),
+        }
+    }
+
     /// A duplicate, in this process, of the process's descriptor `fd` (the
     /// same open file description), for what only the file itself tells.
     pub fn dup(&self, fd: i32) -> Result<OwnedFd, SaveError> {
+        if let Some(own) = self.moved.get(&fd) {
+            return own.try_clone().map_err(proc_err(
+                self.pid,
+                format!("descriptor {fd} in flight (dup)"),
+            ));
+        }
         // SAFETY: plain syscall with integer arguments.
         let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), fd, 0) };
         if r < 0 {
@@ -260,6 +287,8 @@ pub struct TreeScope {
     pub ghost_limit: u64,
     /// The pipes and FIFOs processes outside hold, read when first asked.
     outside: Option<outside::Outside>,
+    /// The unix sockets whose descriptors in flight a process saved.
+    pub in_flight_taken: HashSet<u64>,
 }
 
 impl TreeScope {
@@ -339,6 +368,10 @@ pub struct Fds {
     pub tcp: Vec<(i32, OwnedFd)>,
     /// The file locks held through them, each once.
     pub locks: Vec<cr_ebpf_image::FileLock>,
+    /// The files in flight on its unix sockets (saved as descriptors of
+    /// it that hold them only for the restore): their numbers there, and
+    /// our descriptors of them, for [`description::share`].
+    pub in_flight: Vec<(i32, OwnedFd)>,
 }
 
 /// `pos` and `flags` from `/proc/PID/fdinfo/N`, and the whole text.
@@ -424,7 +457,10 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
         scope,
         sockets: &mut sockets,
         tcp: &mut tcp,
+        moved: HashMap::new(),
     };
+    // Files in flight first: a pipe end held only there is held all the same.
+    let carried = socket::in_flight::gather(&mut cx, &seen)?;
     let mut out = Vec::with_capacity(seen.len());
     let (mut held, mut files) = (Vec::new(), Vec::new());
     for s in &seen {
@@ -437,6 +473,11 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
         async_io::save(&cx, s, &mut info)?;
         out.push(info);
     }
+    for s in &carried {
+        out.push(socket::in_flight::save(&mut cx, s)?);
+    }
+    let mut in_flight: Vec<(i32, OwnedFd)> = cx.moved.drain().collect();
+    in_flight.sort_by_key(|(fd, _)| *fd);
     if alone {
         check_tree(&[(pid, &out[..])])?;
     }
@@ -444,6 +485,7 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
         fds: out,
         tcp,
         locks: held,
+        in_flight,
     })
 }
 
@@ -562,12 +604,20 @@ pub fn restore(cx: &RestoreCx<'_>, m: &Manifest) -> Result<(), RestoreError> {
         cx.sys.dup3(t, fd, cloexec)?;
         cx.sys.close(t)?;
     }
-    for f in &m.fds {
+    for (i, f) in m.fds.iter().enumerate() {
+        // A second descriptor of an epoll set the process made already.
+        if let Some(first) = epoll::made_before(m, i) {
+            cx.sys.dup3(i64::from(first.fd), f.fd, f.cloexec)?;
+            continue;
+        }
         handler(f.kind)?.finish(cx, f)?;
     }
     for f in &m.fds {
         async_io::restore(cx.sys, f)?;
     }
+    // The files in flight go back on their sockets' queues (and their
+    // descriptors here are closed) once every file is in place.
+    socket::in_flight::send(cx, m)?;
     // Locks last: a POSIX lock goes when any descriptor of its file closes.
     let path_of = |fd: i32| {
         m.fds
@@ -645,6 +695,7 @@ pub(crate) mod testing {
                 scope: &mut self.scope,
                 sockets: &mut self.sockets,
                 tcp: &mut self.tcp,
+                moved: HashMap::new(),
             }
         }
     }

@@ -161,7 +161,7 @@ impl Descriptor for Pipe {
             info.pipe_size = size.max(0) as u32;
             if keep_data && cx.scope.data_taken.insert(seen.link.clone()) {
                 // A read end of our own on the same pipe, for tee.
-                let path = format!("/proc/{pid}/fd/{fd}");
+                let path = cx.proc_fd(fd);
                 let reader = fs::OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NONBLOCK)
@@ -291,7 +291,7 @@ mod tests {
             dup.as_raw_fd(),
         ];
         let mut saved = testing::save_own_many(&raw);
-        crate::fd::description::share(&mut [(me, &mut saved[..])]);
+        crate::fd::description::share(&mut [(me, &mut saved[..])], &Default::default());
         assert_eq!(saved[0].desc, saved[3].desc, "a dup is the same open file");
         assert_ne!(saved[0].desc, saved[2].desc, "opened again: another");
         let mut shared = Shared::default();

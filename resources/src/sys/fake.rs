@@ -43,6 +43,9 @@ pub struct Recording {
     seen: RefCell<Vec<(String, Vec<u8>)>>,
     /// What [`Sys::write`] wrote, and where.
     written: RefCell<Vec<(u64, Vec<u8>)>>,
+    /// What the process's numbers hold, as far as adopted descriptors
+    /// went (through `F_DUPFD` and `dup3`), for [`Sys::take`].
+    numbers: RefCell<std::collections::HashMap<i64, OwnedFd>>,
 }
 
 impl Recording {
@@ -100,7 +103,9 @@ impl Recording {
 
     /// Duplicates of every descriptor handed to the process, in order
     /// (taken: a second call returns only later ones).
+    /// (The copies [`Sys::take`] answers from go with them.)
     pub fn adopted(&self) -> Vec<OwnedFd> {
+        self.numbers.borrow_mut().clear();
         std::mem::take(&mut self.kept.borrow_mut())
     }
 
@@ -135,6 +140,16 @@ impl Recording {
         String::from_utf8_lossy(&s[off..end]).into_owned()
     }
 
+    /// Number `to` now holds what `from` holds.
+    fn copy_number(&self, from: i64, to: i64) {
+        let mut numbers = self.numbers.borrow_mut();
+        let copy = numbers.get(&from).and_then(|f| f.try_clone().ok());
+        match copy {
+            Some(f) => numbers.insert(to, f),
+            None => numbers.remove(&to),
+        };
+    }
+
     fn new_fd(&self) -> i64 {
         let fd = self.next_fd.get();
         self.next_fd.set(fd + 1);
@@ -166,9 +181,17 @@ impl Sys for Recording {
             libc::SYS_fcntl if args[1] == libc::F_DUPFD as u64 => {
                 let fd = self.new_fd().max(args[2] as i64);
                 self.next_fd.set(fd + 1);
+                self.copy_number(args[0] as i64, fd);
                 fd
             }
-            libc::SYS_dup3 => args[1] as i64,
+            libc::SYS_dup3 => {
+                self.copy_number(args[0] as i64, args[1] as i64);
+                args[1] as i64
+            }
+            libc::SYS_close => {
+                self.numbers.borrow_mut().remove(&(args[0] as i64));
+                0
+            }
             libc::SYS_mmap => args[0] as i64,
             _ => 0,
         })
@@ -186,6 +209,23 @@ impl Sys for Recording {
         Ok(())
     }
 
+    fn take(&self, fd: i64) -> Result<OwnedFd, RestoreError> {
+        self.call(
+            "pidfd_getfd (take)",
+            libc::SYS_pidfd_getfd,
+            [fd as u64, 0, 0, 0, 0, 0],
+        )?;
+        self.numbers
+            .borrow()
+            .get(&fd)
+            .and_then(|f| f.try_clone().ok())
+            .ok_or_else(|| {
+                RestoreError::NotSupported(format!(
+                    "descriptor {fd} holds nothing the fake adopted"
+                ))
+            })
+    }
+
     fn adopt(&self, ours: BorrowedFd<'_>) -> Result<i64, RestoreError> {
         let got = self.new_fd();
         let dup = ours
@@ -194,6 +234,9 @@ impl Sys for Recording {
                 call: "dup (fake adopt)".into(),
                 err,
             })?;
+        if let Ok(copy) = dup.try_clone() {
+            self.numbers.borrow_mut().insert(got, copy);
+        }
         self.kept.borrow_mut().push(dup);
         self.events.borrow_mut().push(Event::Adopt {
             ours: ours.as_raw_fd(),

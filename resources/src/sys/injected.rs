@@ -104,6 +104,28 @@ impl Sys for Injected<'_> {
         }
     }
 
+    fn take(&self, fd: i64) -> Result<std::os::fd::OwnedFd, RestoreError> {
+        use std::os::fd::FromRawFd as _;
+        let fail = |call: &str| RestoreError::Syscall {
+            call: format!("{call} (descriptor {fd} of process {})", self.pid),
+            err: std::io::Error::last_os_error(),
+        };
+        // SAFETY: plain syscall with integer arguments.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        if pidfd < 0 {
+            return Err(fail("pidfd_open"));
+        }
+        // SAFETY: a new descriptor we own.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+        // SAFETY: plain syscall with integer arguments.
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if got < 0 {
+            return Err(fail("pidfd_getfd"));
+        }
+        // SAFETY: a new descriptor the kernel just returned.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(got as i32) })
+    }
+
     fn adopt(&self, ours: BorrowedFd<'_>) -> Result<i64, RestoreError> {
         let pidfd = match self.pidfd.get() {
             Some(p) => p,

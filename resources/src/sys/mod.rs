@@ -54,6 +54,14 @@ pub trait Sys {
     /// the process opens once).
     fn adopt(&self, ours: BorrowedFd<'_>) -> Result<i64, RestoreError>;
 
+    /// A descriptor of the restorer on the same open file as the process's
+    /// descriptor `fd` (`pidfd_getfd`).
+    fn take(&self, fd: i64) -> Result<std::os::fd::OwnedFd, RestoreError> {
+        Err(RestoreError::NotSupported(format!(
+            "taking descriptor {fd} of the process being built"
+        )))
+    }
+
     /// Closes what [`Sys::adopt`] keeps open in the process (its pidfd of
     /// the restorer), once every descriptor is handed over.
     fn release_adopter(&self) -> Result<(), RestoreError> {

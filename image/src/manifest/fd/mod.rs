@@ -11,7 +11,10 @@ mod socket;
 mod state;
 mod tty;
 
-pub use socket::{SockOpt, SocketFile, SocketInfo, TcpRepair, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED};
+pub use socket::{
+    SockOpt, SocketFile, SocketInfo, TcpRepair, FILTER_CAP, IN_FLIGHT_CAP, SOCKET_QUEUE_CAP,
+    TCP_HALF_CLOSED,
+};
 pub use state::{EpollItem, FdKind, FdState, InotifyWatch};
 pub use tty::{PtyPair, TtyInfo, TtyRole, TERMIOS_LEN};
 

@@ -109,7 +109,22 @@ pub struct SocketInfo {
     /// A unix socket bound to a path: its file as it was (format 1.7;
     /// `None` before, and for other sockets).
     pub file: Option<SocketFile>,
+    /// Unix sockets: the descriptors in flight (`SCM_RIGHTS`) each message
+    /// of [`SocketInfo::queue`] carries, as numbers of descriptors of the
+    /// same process that hold them only for the restore (format 1.9;
+    /// empty: none, and before). Each message is sent again with them,
+    /// then they are closed.
+    pub in_flight: Vec<Vec<i32>>,
+    /// An attached classic BPF socket filter (`SO_ATTACH_FILTER`), as
+    /// `SO_GET_FILTER` gives it: 8 bytes an instruction (format 1.9;
+    /// empty: none, and before).
+    pub filter: Vec<u8>,
 }
+
+/// Most descriptors one message carries (the kernel's `SCM_MAX_FD`).
+pub const IN_FLIGHT_CAP: usize = 253;
+/// Most instructions of a classic BPF filter (the kernel's `BPF_MAXINSNS`).
+pub const FILTER_CAP: usize = 4096;
 
 /// The file of a unix socket bound to a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +192,15 @@ impl SocketInfo {
             b.bytes(a);
         }
         b.u32(self.pending);
+        // Format 1.9.
+        b.u32(self.in_flight.len() as u32);
+        for fds in &self.in_flight {
+            b.u32(fds.len() as u32);
+            for fd in fds {
+                b.i32(*fd);
+            }
+        }
+        b.bytes(&self.filter);
     }
 
     /// Reads a socket's state body.
@@ -263,8 +287,50 @@ impl SocketInfo {
                 )));
             }
         }
+        // Format 1.9 appends the descriptors in flight and the filter.
+        if !b.done() {
+            s.in_flight = decode_in_flight(b, s.queue.len())?;
+            s.filter = b.bytes(FILTER_CAP * 8, "socket filter")?.to_vec();
+            if !s.filter.len().is_multiple_of(8) {
+                return Err(b.err(format!(
+                    "a socket filter of {} bytes (8 an instruction)",
+                    s.filter.len()
+                )));
+            }
+        }
         Ok(s)
     }
+}
+
+/// The descriptors in flight of each of `messages` queued messages: none,
+/// or a list per message, each of at most [`IN_FLIGHT_CAP`] descriptor
+/// numbers (not negative).
+fn decode_in_flight(b: &mut Dec<'_>, messages: usize) -> Result<Vec<Vec<i32>>, DecErr> {
+    let n = b.u32()? as usize;
+    if n != 0 && n != messages {
+        return Err(b.err(format!(
+            "descriptors in flight for {n} messages of {messages} queued"
+        )));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let k = b.u32()? as usize;
+        if k > IN_FLIGHT_CAP {
+            return Err(b.err(format!(
+                "{k} descriptors in flight in one message (at most {IN_FLIGHT_CAP})"
+            )));
+        }
+        let mut fds = Vec::with_capacity(k);
+        for _ in 0..k {
+            let fd = b.i32()?;
+            if fd < 0 {
+                return Err(b.err(format!("descriptor in flight {fd}")));
+            }
+            fds.push(fd);
+        }
+        out.push(fds);
+    }
+    Ok(out)
 }
 
 /// Most connections waiting on a listener (the kernel's `somaxconn` cap).
@@ -356,6 +422,8 @@ mod tests {
                 uid: 18943,
                 gid: 58467,
             }),
+            in_flight: vec![vec![9, 10], Vec::new(), vec![11]],
+            filter: vec![6, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
             ..SocketInfo::default()
         };
         let ghost = SocketInfo {
@@ -421,8 +489,54 @@ mod tests {
             ..SocketInfo::default()
         };
         let mut old = encoded(&s);
-        old.truncate(old.len() - 12);
+        old.truncate(old.len() - 20);
         assert_eq!(decoded(&old).unwrap(), s);
+    }
+
+    #[test]
+    fn a_socket_of_format_1_8_ends_before_the_descriptors_in_flight() {
+        let s = SocketInfo {
+            family: 1,
+            sock_type: 2,
+            queue: vec![b"x".to_vec()],
+            pending: 3,
+            ..SocketInfo::default()
+        };
+        let mut old = encoded(&s);
+        old.truncate(old.len() - 8);
+        assert_eq!(decoded(&old).unwrap(), s);
+    }
+
+    #[test]
+    fn damaged_descriptors_in_flight_and_filters_are_refused() {
+        let base = SocketInfo {
+            queue: vec![b"a".to_vec(), b"b".to_vec()],
+            ..SocketInfo::default()
+        };
+        let wrong_count = SocketInfo {
+            in_flight: vec![vec![3]],
+            ..base.clone()
+        };
+        let e = decoded(&encoded(&wrong_count)).unwrap_err();
+        assert!(e.what.contains("for 1 messages of 2"), "{}", e.what);
+        let negative = SocketInfo {
+            in_flight: vec![vec![-1], Vec::new()],
+            ..base.clone()
+        };
+        let e = decoded(&encoded(&negative)).unwrap_err();
+        assert!(e.what.contains("descriptor in flight -1"), "{}", e.what);
+        let too_many = SocketInfo {
+            in_flight: vec![vec![3; IN_FLIGHT_CAP + 1], Vec::new()],
+            ..base.clone()
+        };
+        let e = decoded(&encoded(&too_many)).unwrap_err();
+        assert!(e.what.contains("at most 253"), "{}", e.what);
+        let odd = SocketInfo {
+            filter: vec![0; 7],
+            ..base
+        };
+        let e = decoded(&encoded(&odd)).unwrap_err();
+        assert!(e.what.contains("8 an instruction"), "{}", e.what);
     }
 
     #[test]
@@ -440,24 +554,24 @@ mod tests {
         let e = decoded(&encoded(&many)).unwrap_err();
         assert!(e.what.contains("socket options"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 14;
+        let at = bad.len() - 22;
         bad[at] = 2;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("unknown TCP state marker 2"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 12;
+        let at = bad.len() - 20;
         bad[at] = 4;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("shutdown state 4"), "{}", e.what);
         let mut bad = encoded(&SocketInfo::default());
-        let at = bad.len() - 10;
+        let at = bad.len() - 18;
         bad[at] = 3;
         let e = decoded(&bad).unwrap_err();
         assert!(e.what.contains("socket file marker 3"), "{}", e.what);
         // Every message under the cap, together over it.
         let mut e = Enc::default();
         SocketInfo::default().encode(&mut e);
-        let mut buf = e.buf[..e.buf.len() - 18].to_vec();
+        let mut buf = e.buf[..e.buf.len() - 26].to_vec();
         let half = vec![0u8; SOCKET_QUEUE_CAP / 2 + 1];
         let mut q = Enc::default();
         q.u32(2);

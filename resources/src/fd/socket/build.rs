@@ -29,11 +29,14 @@ use crate::RestoreError;
 /// closed instead of re-established.
 /// A relative unix name is bound or connected to in the directory of
 /// `cwds` (by socket inode): the working directory of its process.
+/// Messages that carry files in flight are left to `in_flight::send`; so
+/// are the other ends of pairs whose peer had closed that must send them
+/// (returned by the inode of the socket they send to).
 pub(super) fn build(
     sockets: &[(i32, &SocketInfo)],
     close_connections: bool,
     cwds: &HashMap<u64, PathBuf>,
-) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
+) -> Result<Built, RestoreError> {
     let by_inode: HashMap<u64, &SocketInfo> = sockets.iter().map(|(_, s)| (s.inode, *s)).collect();
     let mut order: Vec<&SocketInfo> = Vec::new();
     for (_, s) in sockets {
@@ -50,6 +53,7 @@ pub(super) fn build(
         _ => 2,
     });
     let mut made: HashMap<u64, OwnedFd> = HashMap::new();
+    let mut senders = Vec::new();
     let mut removed = Names::default();
     removed.cwds = cwds.clone();
     // Shut down before connecting: the shutdown did not reach the peer.
@@ -59,7 +63,9 @@ pub(super) fn build(
             continue;
         }
         if orphan(s) {
-            made.insert(s.inode, orphaned(s, &mut removed)?);
+            let (a, sender) = orphaned(s, &mut removed)?;
+            made.insert(s.inode, a);
+            senders.extend(sender.map(|b| (s.inode, b)));
         } else if let Some(peer) = pair_peer(s, &by_inode) {
             let (a, b, early) = pair(s, peer, &by_inode, &made, &mut removed)?;
             made.insert(s.inode, a);
@@ -106,7 +112,7 @@ pub(super) fn build(
     for &(fd, s, t) in &connections {
         send_unsent(fd, s, t)?;
     }
-    for s in by_inode.values() {
+    for s in by_inode.values().filter(|s| s.in_flight.is_empty()) {
         if s.shutdown != 0 && !shut.contains(&s.inode) {
             if let Some(fd) = made.get(&s.inode) {
                 shutdown(fd, s.shutdown).map_err(fail("shutdown (restored socket)"))?;
@@ -116,8 +122,12 @@ pub(super) fn build(
     removed
         .finish()
         .map_err(fail("removing a unix socket's file again"))?;
-    Ok(made)
+    Ok((made, senders))
 }
+
+/// The sockets made, by inode, and the senders of files in flight kept
+/// (by the inode of the socket they send to).
+pub(super) type Built = (HashMap<u64, OwnedFd>, Vec<(u64, OwnedFd)>);
 
 /// The messages queued on datagram sockets without a peer of their own,
 /// each sent again to the socket's name by its sender: the restored socket
@@ -172,7 +182,7 @@ fn pair_peer<'a>(
 /// `shutdown` with the kernel's `sk_shutdown` bits (1 receiving, 2
 /// sending). On a socket that is not connected the kernel answers
 /// `ENOTCONN` but shuts it down all the same.
-fn shutdown(fd: &OwnedFd, bits: u8) -> io::Result<()> {
+pub(super) fn shutdown(fd: &OwnedFd, bits: u8) -> io::Result<()> {
     let how = match bits & 3 {
         1 => libc::SHUT_RD,
         2 => libc::SHUT_WR,
@@ -216,8 +226,12 @@ fn pair(
             apply_options(fd, of, false)?;
         }
     }
-    // Each end's queue was written by the other end.
+    // Each end's queue was written by the other end (files in flight
+    // later, once they exist).
     for (to, from) in [(s, &b), (peer, &a)] {
+        if !to.in_flight.is_empty() {
+            continue;
+        }
         for m in &to.queue {
             send_all(from, m, libc::MSG_DONTWAIT)
                 .map_err(fail("refilling a unix socket's queue"))?;
@@ -228,8 +242,12 @@ fn pair(
 
 /// An end whose peer had closed ([`orphan`]): one end of a new pair,
 /// named as it was, holding what the other end (named as the peer was, for
-/// a moment) sent before it is closed.
-fn orphaned(s: &SocketInfo, removed: &mut Names) -> Result<OwnedFd, RestoreError> {
+/// a moment) sent before it is closed; when they carry files in flight, it
+/// is kept to send them later.
+fn orphaned(
+    s: &SocketInfo,
+    removed: &mut Names,
+) -> Result<(OwnedFd, Option<OwnedFd>), RestoreError> {
     let (a, b) = socketpair(s).map_err(fail("socketpair (unix connection)"))?;
     apply_options(&a, s, false)?;
     let gone = SocketInfo {
@@ -246,11 +264,14 @@ fn orphaned(s: &SocketInfo, removed: &mut Names) -> Result<OwnedFd, RestoreError
             None => {}
         }
     }
+    if !s.in_flight.is_empty() {
+        return Ok((a, Some(b)));
+    }
     for m in &s.queue {
         send_all(&b, m, libc::MSG_DONTWAIT).map_err(fail("refilling a unix socket's queue"))?;
     }
     drop(b);
-    Ok(a)
+    Ok((a, None))
 }
 
 /// `s` connected to the restored listener `l` and accepted there at once:

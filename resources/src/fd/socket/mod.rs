@@ -15,7 +15,10 @@
 
 mod build;
 mod diag;
+mod filter;
 mod fin;
+pub mod in_flight;
+mod raw;
 pub mod tcp;
 pub mod unix;
 
@@ -85,8 +88,12 @@ impl Descriptor for Socket {
                 _ => None,
             })
             .collect();
-        for (inode, fd) in build(&sockets, opts.close_connections, &opts.cwds)? {
+        let (made, senders) = build(&sockets, opts.close_connections, &opts.cwds)?;
+        for (inode, fd) in made {
             shared.insert(FdKind::Socket, inode, 0, fd);
+        }
+        for (inode, fd) in senders {
+            shared.insert_once(FdKind::Socket, inode, in_flight::ORPHAN_SENDER, fd);
         }
         Ok(())
     }
@@ -105,8 +112,6 @@ impl Descriptor for Socket {
 
 /// `SO_BUF_LOCK` (Linux 5.14+).
 const SO_BUF_LOCK: i32 = 72;
-/// `SO_GET_FILTER`: the length of an attached classic BPF filter.
-const SO_GET_FILTER: i32 = 26;
 
 /// Options saved for every socket, when `getsockopt` answers: level, name.
 /// Buffer sizes are saved but only set again for established TCP
@@ -134,9 +139,11 @@ pub const SAVED_OPTIONS: &[(i32, i32)] = &[
     (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
     (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
     (libc::SOL_SOCKET, libc::SO_PEEK_OFF),
+    (libc::SOL_SOCKET, libc::SO_LOCK_FILTER),
     (libc::IPPROTO_IP, libc::IP_FREEBIND),
     (libc::IPPROTO_IP, libc::IP_TOS),
     (libc::IPPROTO_IP, libc::IP_PKTINFO),
+    (libc::IPPROTO_IP, libc::IP_TTL),
     (libc::IPPROTO_TCP, libc::TCP_NODELAY),
     (libc::IPPROTO_TCP, libc::TCP_CORK),
     (libc::IPPROTO_TCP, libc::TCP_QUICKACK),
@@ -239,6 +246,13 @@ fn poll_shutdown(fd: &OwnedFd) -> io::Result<u8> {
     })
 }
 
+/// The TTL an IPv4 socket that never set one reads (`IP_TTL`), as
+/// `getsockopt` gives it.
+fn default_ttl() -> Option<Vec<u8>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_default_ttl").ok()?;
+    Some(text.trim().parse::<i32>().ok()?.to_ne_bytes().to_vec())
+}
+
 /// Whether an inet address is the unbound one (any address, port 0).
 fn unbound_inet(addr: &[u8]) -> bool {
     addr.len() < 4 || (addr[2] == 0 && addr[3] == 0 && addr[4..].iter().all(|b| *b == 0))
@@ -249,9 +263,45 @@ fn unbound_inet(addr: &[u8]) -> bool {
 pub struct Context {
     unix: Option<HashMap<u64, UnixDiag>>,
     inet: HashMap<(i32, i32), HashMap<u64, InetDiag>>,
+    /// The process's numbers of the descriptors in flight on each unix
+    /// socket's queue (by inode), message by message.
+    in_flight: HashMap<u64, Vec<Vec<i32>>>,
 }
 
 impl Context {
+    /// The descriptors in flight on the queue of the socket `dup` (whose
+    /// inode is `inode`), message by message, received here; empty for
+    /// any socket that carries none (and every other than unix).
+    pub fn peek_in_flight(
+        &mut self,
+        dup: &OwnedFd,
+        inode: u64,
+    ) -> Result<Vec<Vec<OwnedFd>>, (&'static str, io::Error)> {
+        let int = |name, what| getsockopt_int(dup, libc::SOL_SOCKET, name).map_err(|e| (what, e));
+        if int(libc::SO_DOMAIN, "SO_DOMAIN")? != libc::AF_UNIX {
+            return Ok(Vec::new());
+        }
+        let ty = int(libc::SO_TYPE, "SO_TYPE")?;
+        let listening = int(libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? != 0;
+        let d = match self.unix(inode) {
+            Ok(d) => d,
+            Err(SocketError::Io(what, e)) => return Err((what, e)),
+            Err(SocketError::NotSupported(_)) => return Ok(Vec::new()),
+        };
+        match unix::peek_in_flight(dup, ty, &d, listening) {
+            Ok(fds) => Ok(fds),
+            Err(SocketError::Io(what, e)) => Err((what, e)),
+            // Refused when the socket itself is saved.
+            Err(SocketError::NotSupported(_)) => Ok(Vec::new()),
+        }
+    }
+
+    /// Records the process's numbers of the descriptors in flight on the
+    /// socket `inode`, message by message.
+    pub fn carry(&mut self, inode: u64, numbers: Vec<Vec<i32>>) {
+        self.in_flight.insert(inode, numbers);
+    }
+
     fn unix(&mut self, ino: u64) -> Result<UnixDiag, SocketError> {
         if self.unix.is_none() {
             self.unix = Some(diag::unix_sockets().map_err(|e| ("sock_diag (unix)", e))?);
@@ -311,29 +361,13 @@ fn save_socket(
         peer: address(dup, true).map_err(|e| ("getpeername", e))?,
         ..SocketInfo::default()
     };
-    // A socket filter (SO_ATTACH_FILTER, SO_ATTACH_BPF) is not restored yet.
-    // SAFETY: a zero-length query; the kernel answers the filter's length in `n`.
-    let filter = unsafe {
-        let mut n: libc::socklen_t = 0;
-        let r = libc::getsockopt(
-            dup.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_GET_FILTER,
-            std::ptr::null_mut(),
-            &mut n,
-        );
-        (r, n)
-    };
-    if filter.0 == 0 && filter.1 > 0 {
-        return Err(SocketError::NotSupported(format!(
-            "a socket filter ({} instructions; SO_ATTACH_FILTER)",
-            filter.1
-        )));
-    }
+    s.filter = filter::save(dup)?;
     for &(level, name) in SAVED_OPTIONS {
         let inet = matches!(family, libc::AF_INET | libc::AF_INET6);
+        // A raw socket's IPV6_V6ONLY is fixed when it is made.
+        let fixed = sock_type == libc::SOCK_RAW && name == libc::IPV6_V6ONLY;
         if (level == libc::IPPROTO_TCP && protocol != libc::IPPROTO_TCP)
-            || (level == libc::IPPROTO_IPV6 && family != libc::AF_INET6)
+            || (level == libc::IPPROTO_IPV6 && (family != libc::AF_INET6 || fixed))
             || (level == libc::IPPROTO_IP && !inet)
         {
             continue;
@@ -345,6 +379,12 @@ fn save_socket(
             _ => 4,
         };
         if let Ok(value) = getsockopt(dup, level, name, len) {
+            // A TTL never set reads as the namespace's default: left unset.
+            if (level, name) == (libc::IPPROTO_IP, libc::IP_TTL)
+                && Some(&value[..]) == default_ttl().as_deref()
+            {
+                continue;
+            }
             s.options.push(SockOpt { level, name, value });
         }
     }
@@ -413,9 +453,11 @@ fn save_socket(
                 None => poll_shutdown(dup).map_err(|e| ("poll", e))?,
             };
         }
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_RAW) => raw::save_raw(dup, &mut s)?,
         (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
             let d = ctx.unix(inode)?;
-            save_unix(dup, &mut s, &d, pid)?;
+            let carried = ctx.in_flight.get(&inode).cloned();
+            save_unix(dup, &mut s, &d, pid, carried.as_ref())?;
         }
         _ => {
             return Err(SocketError::NotSupported(format!(
@@ -575,7 +617,7 @@ pub(super) fn apply_options(
             o.level == libc::SOL_SOCKET && matches!(o.name, libc::SO_SNDBUF | libc::SO_RCVBUF);
         let reuse = o.level == libc::SOL_SOCKET && o.name == libc::SO_REUSEADDR;
         let v6only = o.level == libc::IPPROTO_IPV6 && o.name == libc::IPV6_V6ONLY;
-        if buffer || (repaired && (reuse || v6only)) {
+        if buffer || lock_filter(o) || (repaired && (reuse || v6only)) {
             continue;
         }
         setsockopt(fd, o.level, o.name, &o.value).map_err(fail(format!(
@@ -583,7 +625,18 @@ pub(super) fn apply_options(
             o.level, o.name
         )))?;
     }
+    if !s.filter.is_empty() {
+        filter::attach(fd, &s.filter).map_err(fail("SO_ATTACH_FILTER on a restored socket"))?;
+    }
+    // Locked once the filter is there (a locked filter cannot change).
+    for o in s.options.iter().filter(|o| lock_filter(o)) {
+        setsockopt(fd, o.level, o.name, &o.value).map_err(fail("SO_LOCK_FILTER"))?;
+    }
     Ok(())
+}
+
+fn lock_filter(o: &SockOpt) -> bool {
+    o.level == libc::SOL_SOCKET && o.name == libc::SO_LOCK_FILTER
 }
 
 /// `IPV6_V6ONLY` as saved, on a socket not bound yet.
@@ -713,7 +766,7 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_filter_is_refused_and_options_are_saved() {
+    fn a_socket_filter_and_options_are_saved_and_set_again() {
         let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         // SAFETY: setsockopt on our socket with a value of ours.
         let set = |name: i32, v: i32| unsafe {
@@ -756,11 +809,31 @@ mod tests {
             )
         };
         assert_eq!(r, 0);
-        let mut owner = testing::SaveOwner::new();
-        let err = Socket
-            .save(&mut owner.cx(), &testing::seen(u.as_raw_fd()))
-            .unwrap()
-            .unwrap_err();
-        assert!(err.to_string().contains("socket filter"), "{err}");
+        assert_eq!(set(libc::SO_LOCK_FILTER, 1), 0);
+        let saved = testing::save_own(u.as_raw_fd());
+        let FdState::Socket(sock) = &saved.state else {
+            panic!("{saved:?}")
+        };
+        assert_eq!(sock.filter, [6, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        let addr = u.local_addr().unwrap();
+        drop(u);
+        let (_rec, shared) = testing::restore_keeping(&testing::manifest(vec![saved.clone()]));
+        let made = shared.get(FdKind::Socket, sock.inode, 0, 0).unwrap();
+        assert_eq!(filter::save(made).unwrap(), sock.filter, "attached again");
+        assert_eq!(
+            getsockopt_int(made, libc::SOL_SOCKET, libc::SO_LOCK_FILTER).unwrap(),
+            1,
+            "and locked again"
+        );
+        assert_eq!(
+            getsockopt_int(made, libc::SOL_SOCKET, libc::SO_PRIORITY).unwrap(),
+            5
+        );
+        assert_eq!(
+            std::net::UdpSocket::from(made.try_clone().unwrap())
+                .local_addr()
+                .unwrap(),
+            addr
+        );
     }
 }

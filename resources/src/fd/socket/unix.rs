@@ -17,11 +17,14 @@ use crate::SaveError;
 /// The unix part of a socket's state: peer, backlog or queued messages,
 /// directions shut down, the file it is bound to (`pid`'s cwd resolves a
 /// relative name).
+/// `carried`: the process's numbers for the descriptors in flight on its
+/// queue, when they were saved ([`peek_in_flight`]).
 pub(super) fn save_unix(
     dup: &OwnedFd,
     s: &mut SocketInfo,
     d: &UnixDiag,
     pid: i32,
+    carried: Option<&Vec<Vec<i32>>>,
 ) -> Result<(), SocketError> {
     let stream = s.sock_type as i32 != libc::SOCK_DGRAM;
     // An unbound (or unnamed: a socket pair's) unix socket's name is just the family.
@@ -39,11 +42,28 @@ pub(super) fn save_unix(
     } else {
         // A stream or seqpacket socket that is not connected has no queue
         // (and reading it is an error).
-        let connected = d.state == TCP_ESTABLISHED;
-        if !stream || connected {
-            let eof = d.shutdown & RCV_SHUTDOWN != 0;
-            let (queue, senders) = peek_messages(dup, s.sock_type as i32, eof)?;
-            s.queue = queue;
+        if let Some(eof) = readable(s.sock_type as i32, d, false) {
+            let messages = peek_messages(dup, s.sock_type as i32, eof)?;
+            if messages.iter().any(|m| !m.fds.is_empty()) {
+                // Saved as descriptors of the process before (see the
+                // in_flight module); the same messages, the same counts.
+                let same = carried.is_some_and(|c| {
+                    c.len() == messages.len()
+                        && c.iter().zip(&messages).all(|(a, m)| a.len() == m.fds.len())
+                });
+                match carried {
+                    Some(c) if same => s.in_flight = c.clone(),
+                    _ => {
+                        return Err(SocketError::NotSupported(
+                            "descriptors in flight (SCM_RIGHTS) queued on a unix socket that is \
+                             itself in flight"
+                                .into(),
+                        ))
+                    }
+                }
+            }
+            let senders: Vec<Vec<u8>>;
+            (s.queue, senders) = messages.into_iter().map(|m| (m.data, m.sender)).unzip();
             // A datagram socket without a peer of its own got each message
             // from whoever sent it: they are sent again from there.
             if !stream && d.peer == 0 && !s.queue.is_empty() {
@@ -99,128 +119,205 @@ const RCV_SHUTDOWN: u8 = 1;
 /// At most this many empty messages are read from one queue.
 const EMPTY_MESSAGES_CAP: usize = 1 << 16;
 
+/// Whether the queue of a unix socket that `d` describes can be read (a
+/// stream or seqpacket one must be connected), and whether it ends in an
+/// end of file.
+fn readable(ty: i32, d: &UnixDiag, listening: bool) -> Option<bool> {
+    let stream = ty != libc::SOCK_DGRAM;
+    (!listening && (!stream || d.state == TCP_ESTABLISHED))
+        .then_some(d.shutdown & RCV_SHUTDOWN != 0)
+}
+
+/// The descriptors in flight on the queue of the unix socket `dup` (of
+/// type `ty`), each message's, received here; empty when it carries none.
+pub(super) fn peek_in_flight(
+    dup: &OwnedFd,
+    ty: i32,
+    d: &UnixDiag,
+    listening: bool,
+) -> Result<Vec<Vec<OwnedFd>>, SocketError> {
+    let Some(eof) = readable(ty, d, listening) else {
+        return Ok(Vec::new());
+    };
+    let messages = peek_messages(dup, ty, eof)?;
+    if messages.iter().all(|m| m.fds.is_empty()) {
+        return Ok(Vec::new());
+    }
+    Ok(messages.into_iter().map(|m| m.fds).collect())
+}
+
+/// One message of a unix socket's receive queue, peeked.
+pub(super) struct Peeked {
+    /// Its bytes (a stream's: as many as came together).
+    pub data: Vec<u8>,
+    /// Its sender's address (empty: unnamed).
+    pub sender: Vec<u8>,
+    /// The descriptors in flight it carries (`SCM_RIGHTS`), received here.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Room for `SCM_MAX_FD` descriptors and a few other control messages.
+const CONTROL_LEN: usize = 4096;
+
 /// The messages in a unix socket's receive queue (of socket type `ty`),
 /// left in place: `SO_PEEK_OFF` walks the queue (the socket's own setting
 /// is put back). `eof`: receiving is shut down, so an empty queue reads as
 /// end of file (0) instead of `EAGAIN`; for a seqpacket socket the queue's
-/// byte count then tells an empty message from the end.
-/// Messages, and their senders' addresses (empty: unnamed).
-type Messages = (Vec<Vec<u8>>, Vec<Vec<u8>>);
-
-pub(super) fn peek_messages(fd: &OwnedFd, ty: i32, eof: bool) -> Result<Messages, SocketError> {
-    let stream = ty == libc::SOCK_STREAM;
+/// byte count then tells an empty message from the end. The stream bytes
+/// that came together are one message, apart from bytes that carry
+/// descriptors in flight (the kernel never reads past those either).
+pub(super) fn peek_messages(fd: &OwnedFd, ty: i32, eof: bool) -> Result<Vec<Peeked>, SocketError> {
     let mut queued: libc::c_int = 0;
     if eof && ty == libc::SOCK_SEQPACKET {
         // SAFETY: FIONREAD writes one int.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut queued) })
             .map_err(|e| SocketError::Io("reading the queue's length", e))?;
     }
-    let mut empty = 0;
     let before =
         getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF).map_err(|e| ("SO_PEEK_OFF", e))?;
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).map_err(|e| ("SO_PEEK_OFF", e))?;
-    let out = (|| {
-        let mut out: Vec<Vec<u8>> = Vec::new();
-        let mut senders: Vec<Vec<u8>> = Vec::new();
-        // SAFETY: a zeroed sockaddr_un is a valid buffer for the kernel.
-        let mut name: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        let mut total = 0;
-        let mut buf = vec![0u8; 256 << 10];
-        let mut control = [0u8; 256];
-        loop {
-            let mut iov = libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            };
-            // SAFETY: zeroed msghdr is valid; pointers below are ours.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = control.len();
-            msg.msg_name = (&mut name as *mut libc::sockaddr_un).cast();
-            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as u32;
-            // SAFETY: recvmsg into our buffers.
-            let n = unsafe {
-                libc::recvmsg(
-                    fd.as_raw_fd(),
-                    &mut msg,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EAGAIN) {
-                    break;
-                }
-                return Err(SocketError::Io("peeking at the queue", e));
-            }
-            if msg.msg_controllen > 0 {
-                // SAFETY: walking the control buffer the kernel filled.
-                let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-                let mut rights = false;
-                while !c.is_null() {
-                    // SAFETY: `c` points into `control`.
-                    let h = unsafe { &*c };
-                    if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
-                        rights = true;
-                        // Descriptors in flight were installed here: close them.
-                        let n = (h.cmsg_len as usize - std::mem::size_of::<libc::cmsghdr>()) / 4;
-                        // SAFETY: the data holds `n` descriptors.
-                        let data = unsafe { libc::CMSG_DATA(c) }.cast::<i32>();
-                        for i in 0..n {
-                            // SAFETY: descriptors just installed in our process.
-                            unsafe { libc::close(data.add(i).read_unaligned()) };
-                        }
-                    }
-                    // SAFETY: as above.
-                    c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
-                }
-                if rights {
-                    return Err(SocketError::NotSupported(
-                        "descriptors in flight (SCM_RIGHTS) queued on a unix socket".into(),
-                    ));
-                }
-            }
-            if n == 0 && (stream || (eof && total >= queued as usize)) {
-                break;
-            }
-            if n == 0 {
-                empty += 1;
-                if empty > EMPTY_MESSAGES_CAP {
-                    return Err(SocketError::NotSupported(format!(
-                        "a socket queue of over {EMPTY_MESSAGES_CAP} empty messages"
-                    )));
-                }
-            }
-            total += n as usize;
-            if total > SOCKET_QUEUE_CAP {
-                return Err(SocketError::NotSupported(format!(
-                    "a socket queue over {} MiB",
-                    SOCKET_QUEUE_CAP >> 20
-                )));
-            }
-            let chunk = buf[..n as usize].to_vec();
-            match out.last_mut() {
-                Some(last) if stream => last.extend_from_slice(&chunk),
-                _ => {
-                    out.push(chunk);
-                    let len = (msg.msg_namelen as usize).min(std::mem::size_of_val(&name));
-                    // SAFETY: the kernel wrote `len` bytes of the address.
-                    let bytes = unsafe {
-                        std::slice::from_raw_parts(
-                            (&name as *const libc::sockaddr_un).cast::<u8>(),
-                            len,
-                        )
-                    };
-                    senders.push(if len <= 2 { Vec::new() } else { bytes.to_vec() });
-                }
-            }
-        }
-        Ok((out, senders))
-    })();
+    let out = peek_all(fd, ty, eof, queued as usize);
     let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, before);
     out
+}
+
+/// [`peek_messages`] with the peek offset at the queue's start.
+fn peek_all(fd: &OwnedFd, ty: i32, eof: bool, queued: usize) -> Result<Vec<Peeked>, SocketError> {
+    let stream = ty == libc::SOCK_STREAM;
+    let mut out: Vec<Peeked> = Vec::new();
+    let (mut total, mut empty) = (0, 0);
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let (n, sender, fds) = peek_one(fd, &mut buf)?;
+        let Some(n) = n else { break };
+        if n == 0 && (stream || (eof && total >= queued)) {
+            break;
+        }
+        if n == 0 {
+            empty += 1;
+            if empty > EMPTY_MESSAGES_CAP {
+                return Err(SocketError::NotSupported(format!(
+                    "a socket queue of over {EMPTY_MESSAGES_CAP} empty messages"
+                )));
+            }
+        }
+        total += n;
+        if total > SOCKET_QUEUE_CAP {
+            return Err(SocketError::NotSupported(format!(
+                "a socket queue over {} MiB",
+                SOCKET_QUEUE_CAP >> 20
+            )));
+        }
+        // A stream's peek glues the bytes of one writer together up to and
+        // including those that carry descriptors (and every peek before
+        // those bytes reports them): where they start cannot be told.
+        if stream && !fds.is_empty() {
+            return Err(SocketError::NotSupported(
+                "descriptors in flight (SCM_RIGHTS) queued on a unix stream socket (which of \
+                 its bytes carry them cannot be read)"
+                    .into(),
+            ));
+        }
+        let chunk = &buf[..n];
+        push(&mut out, chunk, sender, fds, stream);
+    }
+    Ok(out)
+}
+
+/// Adds the bytes `data` (with their sender and descriptors) to the
+/// messages `out`: a stream's bytes without descriptors join the bytes
+/// before them that have none.
+fn push(out: &mut Vec<Peeked>, data: &[u8], sender: Vec<u8>, fds: Vec<OwnedFd>, stream: bool) {
+    match out.last_mut() {
+        Some(last) if stream && fds.is_empty() && last.fds.is_empty() => {
+            last.data.extend_from_slice(data)
+        }
+        _ => out.push(Peeked {
+            data: data.to_vec(),
+            sender,
+            fds,
+        }),
+    }
+}
+
+/// What one peek found: the message's length (`None`: the queue is
+/// empty), its sender, the descriptors it carries.
+type Found = (Option<usize>, Vec<u8>, Vec<OwnedFd>);
+
+/// Peeks at the next message (at the peek offset) into `buf`.
+fn peek_one(fd: &OwnedFd, buf: &mut [u8]) -> Result<Found, SocketError> {
+    // SAFETY: a zeroed sockaddr_un is a valid buffer for the kernel.
+    let mut name: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut control = vec![0u8; CONTROL_LEN];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: zeroed msghdr is valid; pointers below are ours.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    msg.msg_name = (&mut name as *mut libc::sockaddr_un).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as u32;
+    // SAFETY: recvmsg into our buffers.
+    let n = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &mut msg,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok((None, Vec::new(), Vec::new()));
+        }
+        return Err(SocketError::Io("peeking at the queue", e));
+    }
+    let fds = rights(&msg);
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(SocketError::NotSupported(
+            "a queued message whose control data does not fit in 4 KiB".into(),
+        ));
+    }
+    let len = (msg.msg_namelen as usize).min(std::mem::size_of_val(&name));
+    // SAFETY: the kernel wrote `len` bytes of the address.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((&name as *const libc::sockaddr_un).cast::<u8>(), len)
+    };
+    let sender = if len <= 2 { Vec::new() } else { bytes.to_vec() };
+    Ok((Some(n as usize), sender, fds))
+}
+
+/// The descriptors of the `SCM_RIGHTS` messages of `msg`, installed in our
+/// process by the kernel.
+fn rights(msg: &libc::msghdr) -> Vec<OwnedFd> {
+    let mut fds = Vec::new();
+    if msg.msg_controllen == 0 {
+        return fds;
+    }
+    // SAFETY: walking the control buffer the kernel filled.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !c.is_null() {
+        // SAFETY: `c` points into the control buffer.
+        let h = unsafe { &*c };
+        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is the header's aligned length.
+            let head = unsafe { libc::CMSG_LEN(0) } as usize;
+            let n = (h.cmsg_len as usize).saturating_sub(head) / 4;
+            // SAFETY: the data holds `n` descriptors.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<i32>();
+            for i in 0..n {
+                // SAFETY: descriptors the kernel just installed in our process.
+                fds.push(unsafe { OwnedFd::from_raw_fd(data.add(i).read_unaligned()) });
+            }
+        }
+        // SAFETY: as above.
+        c = unsafe { libc::CMSG_NXTHDR(msg, c) };
+    }
+    fds
 }
 
 /// A unix socket's path (for removing a stale socket file before binding).
@@ -335,6 +432,26 @@ fn waiting(l: &SocketInfo, all: &[&SocketInfo]) -> u32 {
         .count() as u32
 }
 
+/// Why the files in flight on `s` could not be sent again at restore, if
+/// they could not: they are sent by its peer, which must be restored with
+/// it and not shut down for sending, or by the other end of the new pair
+/// of an end whose peer had closed.
+fn in_flight_unsendable(
+    s: &SocketInfo,
+    inodes: &std::collections::HashMap<u64, &SocketInfo>,
+) -> Option<&'static str> {
+    if s.in_flight.is_empty() || orphan(s) {
+        return None;
+    }
+    match inodes.get(&s.peer_inode) {
+        Some(p) if p.peer_inode == s.inode && p.inode != s.inode => (p.shutdown & 2 != 0)
+            .then_some("descriptors in flight (SCM_RIGHTS) queued on a unix socket whose peer is shut down for sending"),
+        _ => Some(
+            "descriptors in flight (SCM_RIGHTS) queued on a unix socket without a peer of its own",
+        ),
+    }
+}
+
 /// Connected unix sockets are restored as pairs: both ends must be here,
 /// queued datagrams need their sender, and the directions shut down must
 /// come back as they were.
@@ -375,6 +492,13 @@ pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
                     what: "a connection waiting to be accepted on a unix listener whose client \
                            has closed (what it sent cannot be read without accepting it)"
                         .into(),
+                });
+            }
+            if let Some(what) = in_flight_unsendable(&s, &inodes) {
+                return Err(SaveError::NotSupportedFd {
+                    pid,
+                    fd: f.fd,
+                    what: what.into(),
                 });
             }
             let Some(peer) = (s.peer_inode != 0).then(|| inodes.get(&s.peer_inode)) else {
