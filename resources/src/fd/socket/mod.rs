@@ -18,6 +18,7 @@ mod diag;
 mod filter;
 mod fin;
 pub mod in_flight;
+mod netlink;
 mod raw;
 pub mod tcp;
 pub mod unix;
@@ -345,7 +346,10 @@ fn save_socket(
     let family = int(libc::SOL_SOCKET, libc::SO_DOMAIN, "SO_DOMAIN")?;
     let sock_type = int(libc::SOL_SOCKET, libc::SO_TYPE, "SO_TYPE")?;
     let protocol = int(libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
-    if !matches!(family, libc::AF_UNIX | libc::AF_INET | libc::AF_INET6) {
+    if !matches!(
+        family,
+        libc::AF_UNIX | libc::AF_INET | libc::AF_INET6 | libc::AF_NETLINK
+    ) {
         return Err(SocketError::NotSupported(format!(
             "a socket of family {family}, type {sock_type}, protocol {protocol}"
         )));
@@ -454,6 +458,9 @@ fn save_socket(
             };
         }
         (libc::AF_INET | libc::AF_INET6, libc::SOCK_RAW) => raw::save_raw(dup, &mut s)?,
+        (libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_DGRAM) => {
+            netlink::save_netlink(dup, &mut s)?
+        }
         (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
             let d = ctx.unix(inode)?;
             let carried = ctx.in_flight.get(&inode).cloned();
