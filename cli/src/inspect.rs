@@ -156,6 +156,10 @@ fn address(a: &[u8]) -> String {
 /// One line on what a descriptor holds.
 fn describe(f: &FdInfo) -> String {
     match &f.state {
+        FdState::None if f.kind == cr_ebpf_image::FdKind::Inherited => format!(
+            "{} (connected outside: a restore gives the restorer's own descriptor {})",
+            f.path, f.fd
+        ),
         FdState::None => f.path.clone(),
         FdState::Epoll(items) => {
             let fds: Vec<String> = items.iter().map(|i| i.fd.to_string()).collect();

@@ -34,6 +34,14 @@ enum Command {
     /// Checkpoint a live process into a new image directory.
     Dump(dump::Args),
     /// Rebuild a process from an image, with its original pid.
+    #[command(
+        after_help = "Standard input, output and error that were connected outside the \
+                      checkpoint (a pipe or FIFO whose other end was not checkpointed) become \
+                      the restorer's own descriptors 0, 1 and 2 (`inspect` lists them as \
+                      `inherited`); any other descriptor connected outside is refused at \
+                      checkpoint time. Those of 0, 1 and 2 the process did not have are \
+                      closed."
+    )]
     Restore(restore::Args),
     /// Show what an image holds, or the chain of an images directory.
     Inspect(inspect::Args),

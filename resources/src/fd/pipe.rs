@@ -145,7 +145,10 @@ impl Descriptor for Pipe {
                 return Some(Err(cx.refuse(
                     seen.fd,
                     format!(
-                        "a pipe whose other end is outside the process (held by process {holder})"
+                        "a pipe ({}) whose other end is outside the process ({holder}); only \
+                         standard input, output and error may be (the restorer's are given \
+                         instead)",
+                        seen.link
                     ),
                 )));
             }
