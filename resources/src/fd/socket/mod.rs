@@ -736,6 +736,51 @@ mod tests {
     }
 
     #[test]
+    fn a_datagram_socket_connected_to_a_named_one_outside_connects_to_it_again() {
+        use std::os::unix::net::{UnixDatagram, UnixListener};
+        let dir = testing::scratch("sk-outside");
+        let log = dir.join("log");
+        let outside = UnixDatagram::bind(&log).unwrap();
+        let client = UnixDatagram::unbound().unwrap();
+        client.connect(&log).unwrap();
+        let saved = testing::save_own_many(&[client.as_raw_fd()]);
+        Socket
+            .check_tree(&[(1, &saved[..])])
+            .expect("a datagram socket connected to a name outside is kept");
+        let inode = match &saved[0].state {
+            FdState::Socket(x) => x.inode,
+            other => panic!("{other:?}"),
+        };
+        drop(client);
+        let (_rec, shared) = testing::restore_keeping(&testing::manifest(saved));
+        let again = UnixDatagram::from(
+            shared
+                .get(FdKind::Socket, inode, 0, 0)
+                .unwrap()
+                .try_clone()
+                .unwrap(),
+        );
+        again.send(b"line").unwrap();
+        let mut buf = [0u8; 8];
+        let n = outside.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"line");
+        // A stream connection to a listener outside: refused, naming it.
+        let l = dir.join("stream");
+        let listener = UnixListener::bind(&l).unwrap();
+        let stream = std::os::unix::net::UnixStream::connect(&l).unwrap();
+        let _accepted = listener.accept().unwrap();
+        let saved = testing::save_own_many(&[stream.as_raw_fd()]);
+        let err = Socket
+            .check_tree(&[(1, &saved[..])])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&l.display().to_string()) && err.contains("new client"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_tcp_listener_and_a_udp_socket_are_bound_again() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -320,6 +320,19 @@ fn rights(msg: &libc::msghdr) -> Vec<OwnedFd> {
     fds
 }
 
+/// A unix socket address for messages: its path, `@name` for an abstract
+/// one, empty for none.
+pub(super) fn peer_name(addr: &[u8]) -> String {
+    match addr.get(2..) {
+        None | Some([]) => String::new(),
+        Some([0, rest @ ..]) => {
+            let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+            format!("@{}", String::from_utf8_lossy(&rest[..end]))
+        }
+        Some(_) => unix_path(addr).map_or_else(String::new, |p| p.display().to_string()),
+    }
+}
+
 /// A unix socket's path (for removing a stale socket file before binding).
 pub(super) fn unix_path(addr: &[u8]) -> Option<std::path::PathBuf> {
     use std::os::unix::ffi::OsStrExt as _;
@@ -505,10 +518,32 @@ pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
                 continue;
             };
             let Some(peer) = peer else {
+                // A datagram socket connected to a named socket outside (a
+                // logger's, `/dev/log`) is connected to that name again: a
+                // datagram's peer cannot tell the difference. What it
+                // received from there cannot come again.
+                let name = peer_name(&s.peer);
+                let dgram = s.sock_type as i32 == libc::SOCK_DGRAM;
+                if dgram && !name.is_empty() && s.queue.is_empty() {
+                    continue;
+                }
+                let what = if name.is_empty() {
+                    outside.to_string()
+                } else if dgram {
+                    format!(
+                        "{outside} ({name}) with datagrams from it waiting to be read: they \
+                         cannot come again from there"
+                    )
+                } else {
+                    format!(
+                        "{outside} ({name}): a new connection would be a new client to its \
+                         peer (journald's stdout stream, for one, expects its header first)"
+                    )
+                };
                 return Err(SaveError::NotSupportedFd {
                     pid,
                     fd: f.fd,
-                    what: outside.into(),
+                    what,
                 });
             };
             if !shutdown_restorable(&s, peer, &all) {
