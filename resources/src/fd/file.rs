@@ -17,6 +17,20 @@ fn proc_pid(path: &str) -> Option<i32> {
     path.strip_prefix("/proc/")?.split('/').next()?.parse().ok()
 }
 
+/// Whether process `pid` is the one that started `start` clock ticks after
+/// the boot of the checkpoint of `m`; else why not.
+fn same_process(m: &Manifest, pid: i32, start: u64) -> Result<(), String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    if !m.process.boot_id.is_empty() && boot.trim() != m.process.boot_id.trim() {
+        return Err("the machine rebooted (or is another) since the checkpoint".into());
+    }
+    match crate::proc::stat(pid) {
+        Ok(st) if st.start_time == start => Ok(()),
+        Ok(_) => Err(format!("process {pid} is another one now")),
+        Err(_) => Err(format!("process {pid} is gone")),
+    }
+}
+
 /// Where a descriptor of a namespace of cr-ebpf's own is reopened.
 const OWN_NAMESPACE: &str = "/proc/self/ns/";
 
@@ -65,21 +79,30 @@ impl Descriptor for File {
                         cx.refuse(seen.fd, format!("deleted file {}", seen.link))
                     ));
                 }
-                // A file of a process's /proc: only of a process restored
-                // with it (it has the same pid then).
-                if let Some(other) = proc_pid(&seen.link) {
-                    if other != cx.pid && !cx.scope.pids.contains(&other) {
-                        return Some(Err(cx.refuse(
-                            seen.fd,
-                            format!(
-                                "{} of process {other}, which is not checkpointed with it",
-                                seen.link
-                            ),
-                        )));
-                    }
-                }
                 let mut info = seen.info(FdKind::File);
                 info.size = seen.meta.size();
+                // A file of another process's /proc: of a process restored
+                // with it (it has the same pid then), or of one outside
+                // that must still be the same at restore: its start time
+                // is recorded (in the size field, plus one: such files
+                // have no size).
+                if let Some(other) = proc_pid(&seen.link) {
+                    if other != cx.pid && !cx.scope.pids.contains(&other) {
+                        match crate::proc::stat(other) {
+                            Ok(st) => info.size = st.start_time + 1,
+                            Err(e) => {
+                                return Some(Err(cx.refuse(
+                                    seen.fd,
+                                    format!(
+                                        "{} of process {other}, which is not checkpointed \
+                                         with it and cannot be read ({e})",
+                                        seen.link
+                                    ),
+                                )))
+                            }
+                        }
+                    }
+                }
                 info.mtime_ns =
                     seen.meta.mtime() as u64 * 1_000_000_000 + seen.meta.mtime_nsec() as u64;
                 Some(Ok(info))
@@ -111,6 +134,16 @@ impl Descriptor for File {
         // Files of /proc/PID of the restored processes exist once they do;
         // their inodes are new ones anyway. A namespace of the restorer's
         // own is one it has.
+        if let (Some(other), true) = (proc_pid(&f.path), f.size != 0) {
+            return same_process(m, other, f.size - 1).map_err(|why| RestoreError::File {
+                path: f.path.clone(),
+                what: format!(
+                    "(open on fd {}) is of process {other}, which was not checkpointed with \
+                     it: {why}",
+                    f.fd
+                ),
+            });
+        }
         if rebuilt || proc_pid(&f.path).is_some() || f.path.starts_with(OWN_NAMESPACE) {
             return Ok(());
         }
@@ -250,23 +283,30 @@ mod tests {
     }
 
     #[test]
-    fn files_of_proc_are_only_those_of_processes_restored_with_it() {
+    fn files_of_proc_of_processes_outside_must_be_of_the_same_process_at_restore() {
         assert_eq!(proc_pid("/proc/42/maps"), Some(42));
         assert_eq!(proc_pid("/proc/self/maps"), None);
         assert_eq!(proc_pid("/etc/passwd"), None);
-        let parent = std::os::unix::process::parent_id();
+        let parent = std::os::unix::process::parent_id() as i32;
         let f = std::fs::File::open(format!("/proc/{parent}/stat")).unwrap();
         let mut owner = testing::SaveOwner::new();
-        let err = File
+        let info = File
             .save(&mut owner.cx(), &testing::seen(f.as_raw_fd()))
             .unwrap()
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("not checkpointed with it"),
-            "{err}"
-        );
+            .unwrap();
+        let start = crate::proc::stat(parent).unwrap().start_time;
+        assert_eq!(info.size, start + 1, "its start time is recorded");
+        let m = testing::manifest(vec![info.clone()]);
+        File.preflight(&m, &info).expect("the same process");
+        let other = FdInfo {
+            size: start + 2,
+            ..info.clone()
+        };
+        let err = File.preflight(&m, &other).unwrap_err().to_string();
+        assert!(err.contains("is another one now"), "{err}");
         let own = std::fs::File::open("/proc/self/status").unwrap();
         let info = testing::save_own(own.as_raw_fd());
+        assert_eq!(info.size, 0);
         File.preflight(&testing::manifest(vec![info.clone()]), &info)
             .expect("its own /proc files exist once it does");
     }
