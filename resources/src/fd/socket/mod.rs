@@ -608,8 +608,8 @@ pub(super) fn send_all(fd: &OwnedFd, data: &[u8], flags: i32) -> io::Result<()> 
     }
 }
 
-/// Options as saved, before binding; buffer sizes are left to the kernel
-/// (they are forced for TCP connections only, whose queues must fit). On a
+/// Options as saved, before binding; buffer sizes only where the process
+/// set them (for TCP connections they are set with the queues). On a
 /// TCP connection rebuilt in repair mode (`repaired`) they come after
 /// `connect`: then `SO_REUSEADDR` waits for the end of repair mode, which
 /// clears it, and `IPV6_V6ONLY`, which the kernel takes only before `bind`,
@@ -631,6 +631,23 @@ pub(super) fn apply_options(
             "setsockopt({}, {}) on a restored socket",
             o.level, o.name
         )))?;
+    }
+    // A buffer size the process set (the kernel says so in SO_BUF_LOCK)
+    // is set again: the kernel doubles what it is given, as it did.
+    // Sizes it never set are the kernel's to choose again. (A TCP
+    // connection gets its sizes when its queues are back.)
+    if s.tcp.is_none() {
+        let locked = option_int(s, libc::SOL_SOCKET, SO_BUF_LOCK).unwrap_or(0);
+        for (bit, name, force) in [
+            (1, libc::SO_SNDBUF, libc::SO_SNDBUFFORCE),
+            (2, libc::SO_RCVBUF, libc::SO_RCVBUFFORCE),
+        ] {
+            if let (true, Some(v)) = (locked & bit != 0, option_int(s, libc::SOL_SOCKET, name)) {
+                set_int(fd, libc::SOL_SOCKET, force, v / 2)
+                    .or_else(|_| set_int(fd, libc::SOL_SOCKET, name, v / 2))
+                    .map_err(fail("SO_SNDBUF/SO_RCVBUF on a restored socket"))?;
+            }
+        }
     }
     if !s.filter.is_empty() {
         filter::attach(fd, &s.filter).map_err(fail("SO_ATTACH_FILTER on a restored socket"))?;
@@ -777,6 +794,50 @@ mod tests {
         assert!(
             err.contains(&l.display().to_string()) && err.contains("new client"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn buffer_sizes_the_process_set_come_back_and_the_others_stay_the_kernels() {
+        let set = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let unset = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_int(
+            &std::os::fd::AsFd::as_fd(&set).try_clone_to_owned().unwrap(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            150_000,
+        )
+        .unwrap();
+        let size = |fd: &OwnedFd, name| getsockopt_int(fd, libc::SOL_SOCKET, name).unwrap();
+        let owned =
+            |u: &std::net::UdpSocket| std::os::fd::AsFd::as_fd(u).try_clone_to_owned().unwrap();
+        let want = (
+            size(&owned(&set), libc::SO_RCVBUF),
+            size(&owned(&unset), libc::SO_RCVBUF),
+        );
+        let saved = testing::save_own_many(&[set.as_raw_fd(), unset.as_raw_fd()]);
+        let inodes: Vec<u64> = saved
+            .iter()
+            .map(|f| match &f.state {
+                FdState::Socket(x) => x.inode,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        drop((set, unset));
+        let (_rec, shared) = testing::restore_keeping(&testing::manifest(saved));
+        let again = |i: usize| {
+            shared
+                .get(FdKind::Socket, inodes[i], 0, 0)
+                .unwrap()
+                .try_clone()
+                .unwrap()
+        };
+        assert_eq!(size(&again(0), libc::SO_RCVBUF), want.0, "the size it set");
+        assert_eq!(size(&again(1), libc::SO_RCVBUF), want.1, "the kernel's");
+        assert_eq!(
+            getsockopt_int(&again(1), libc::SOL_SOCKET, SO_BUF_LOCK).unwrap(),
+            0,
+            "not locked"
         );
     }
 
