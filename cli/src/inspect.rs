@@ -200,6 +200,14 @@ fn describe(f: &FdInfo) -> String {
             if *deleted { " (made again)" } else { "" },
             f.data.len()
         ),
+        FdState::Fanotify(g) => {
+            let m: Vec<String> = g
+                .marks
+                .iter()
+                .map(|m| format!("{:#x}={}", m.mask, m.path))
+                .collect();
+            format!("fanotify group, {} mark(s): {}", m.len(), m.join(" "))
+        }
         FdState::Inotify(watches) => {
             let w: Vec<String> = watches
                 .iter()

@@ -49,9 +49,9 @@ pub use cgroup_dir::{CgroupDir, Owner};
 pub use chain::ChainInfo;
 pub use cow::CowRun;
 pub use fd::{
-    EpollItem, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, PtyPair, SockOpt, SocketFile,
-    SocketInfo, TcpRepair, TtyInfo, TtyRole, FILTER_CAP, IN_FLIGHT_CAP, SOCKET_QUEUE_CAP,
-    TCP_HALF_CLOSED, TERMIOS_LEN,
+    EpollItem, Fanotify, FanotifyMark, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, MarkOn,
+    PtyPair, SockOpt, SocketFile, SocketInfo, TcpRepair, TtyInfo, TtyRole, FILTER_CAP,
+    IN_FLIGHT_CAP, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN,
 };
 pub use ipc::{IpcNs, IpcPerm, SysvMsq, SysvSem, SysvShm};
 pub use lock::{FileLock, LockKind};

@@ -116,7 +116,7 @@ fn inotify_watch(line: &str, pid: i32) -> Result<InotifyWatch, String> {
 
 /// The path of a file given by a file handle on the filesystem `major:minor`
 /// (a mount of it is looked up in our mountinfo; needs CAP_DAC_READ_SEARCH).
-fn path_of_handle(
+pub(super) fn path_of_handle(
     major: u32,
     minor: u32,
     handle_type: i32,

@@ -19,6 +19,7 @@ pub mod deleted;
 pub mod description;
 pub mod epoll;
 pub mod eventfd;
+pub mod fanotify;
 pub mod fifo;
 pub mod file;
 pub mod inherited;
@@ -69,6 +70,7 @@ pub static KINDS: &[&dyn Descriptor] = &[
     &timerfd::TimerFd,
     &signalfd::SignalFd,
     &inotify::Inotify,
+    &fanotify::Fanotify,
     &pidfd::Pidfd,
 ];
 

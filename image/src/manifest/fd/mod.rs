@@ -6,11 +6,13 @@
 //! 1.3 are read by [`legacy`]. Format 1.8 ends the section with a `u64`:
 //! the open file description it shares with other descriptors (0: none).
 
+mod fanotify;
 mod legacy;
 mod socket;
 mod state;
 mod tty;
 
+pub use fanotify::{Fanotify, FanotifyMark, MarkOn};
 pub use socket::{
     SockOpt, SocketFile, SocketInfo, TcpRepair, FILTER_CAP, IN_FLIGHT_CAP, SOCKET_QUEUE_CAP,
     TCP_HALF_CLOSED,
@@ -299,9 +301,9 @@ mod tests {
         buf[4..6].copy_from_slice(&(FdKind::EventFd as u16).to_le_bytes());
         assert!(decoded(&buf, FORMAT_MINOR).is_err());
         // An unknown kind, naming the image's version.
-        buf[4..6].copy_from_slice(&16u16.to_le_bytes());
+        buf[4..6].copy_from_slice(&17u16.to_le_bytes());
         let e = decoded(&buf, FORMAT_MINOR).unwrap_err();
-        assert!(e.what.contains("unknown descriptor kind 16"), "{}", e.what);
+        assert!(e.what.contains("unknown descriptor kind 17"), "{}", e.what);
         assert!(e.what.contains(&format!("1.{FORMAT_MINOR}")), "{}", e.what);
         assert_eq!(e.offset, 8 + 4);
     }

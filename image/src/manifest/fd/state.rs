@@ -8,7 +8,7 @@
 //! reads it by the section's kind; 1.2 and 1.3 wrapped it in a tag and a
 //! length ([`legacy`](super::legacy)).
 
-use super::{socket::SocketInfo, tty::TtyInfo};
+use super::{fanotify::Fanotify, socket::SocketInfo, tty::TtyInfo};
 use crate::codec::{Dec, DecErr, Enc};
 
 /// Most registrations of one epoll set.
@@ -65,6 +65,8 @@ pub enum FdKind {
     /// A named FIFO (format 1.8; state [`FdState::Fifo`]; its buffered
     /// bytes in the common fields, as a pipe's).
     Fifo = 15,
+    /// A fanotify group (format 1.9; state [`FdState::Fanotify`]).
+    Fanotify = 16,
 }
 
 impl FdKind {
@@ -72,6 +74,7 @@ impl FdKind {
     pub(super) fn since(self) -> u16 {
         match self {
             Self::Tty | Self::Deleted | Self::Fifo => 8,
+            Self::Fanotify => 9,
             Self::Invalid | Self::File | Self::CharDevice | Self::Pipe | Self::Inherited => 0,
             _ => 2,
         }
@@ -97,6 +100,7 @@ impl TryFrom<u16> for FdKind {
             13 => Self::Tty,
             14 => Self::Deleted,
             15 => Self::Fifo,
+            16 => Self::Fanotify,
             other => return Err(other),
         })
     }
@@ -197,6 +201,8 @@ pub enum FdState {
         /// Its group.
         gid: u32,
     },
+    /// A fanotify group (format 1.9).
+    Fanotify(Box<Fanotify>),
 }
 
 impl FdKind {
@@ -226,6 +232,7 @@ impl FdState {
             Self::Tty(_) => FdKind::Tty,
             Self::Deleted { .. } => FdKind::Deleted,
             Self::Fifo { .. } => FdKind::Fifo,
+            Self::Fanotify(_) => FdKind::Fanotify,
         })
     }
 
@@ -277,6 +284,7 @@ impl FdState {
                 b.u32(*uid);
                 b.u32(*gid);
             }
+            Self::Fanotify(g) => g.encode(b),
         }
     }
 
@@ -327,6 +335,7 @@ impl FdState {
                     gid: b.u32()?,
                 }
             }
+            FdKind::Fanotify => Self::Fanotify(Box::new(Fanotify::decode(b)?)),
         })
     }
 }
@@ -487,6 +496,17 @@ pub(super) mod tests {
     pub(in super::super) fn every_state_now() -> Vec<FdState> {
         let mut all = every_state();
         all.push(FdState::Tty(super::super::tty::tests::master()));
+        all.push(FdState::Fanotify(Box::new(Fanotify {
+            flags: 0x10,
+            event_flags: 0,
+            marks: vec![super::super::fanotify::FanotifyMark {
+                path: "/srv/f".into(),
+                ino: 9,
+                dev: 1,
+                mask: 0x3b,
+                ..Default::default()
+            }],
+        })));
         all
     }
 
