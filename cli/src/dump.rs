@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long)]
     pub leave_running: bool,
     /// Threads reading and compressing memory (default: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::args::threads)]
     pub threads: usize,
     /// Take a shell job: a process whose controlling terminal and session
     /// are its shell's (outside what is checkpointed). Without this it is

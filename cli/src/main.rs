@@ -6,6 +6,7 @@
 //! service taking incremental checkpoints), `snapshot` (one checkpoint now)
 //! and `compact` (keeping chains short).
 
+mod args;
 mod check;
 mod dump;
 mod inspect;

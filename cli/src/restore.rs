@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long)]
     pub detach: bool,
     /// Threads filling memory (default: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::args::threads)]
     pub threads: usize,
     /// Close the process's established TCP connections (their peers get a
     /// reset) instead of re-establishing them.

@@ -96,10 +96,10 @@ pub struct CompactArgs {
     #[arg(long)]
     pub checkpoint: Option<String>,
     /// Instead: keep the newest K checkpoints and delete the others.
-    #[arg(long, conflicts_with = "checkpoint")]
+    #[arg(long, conflicts_with = "checkpoint", value_parser = crate::args::keep)]
     pub keep: Option<usize>,
     /// Threads (default: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::args::threads)]
     pub threads: usize,
 }
 

@@ -41,7 +41,7 @@ pub struct Args {
     pub interval: Duration,
     /// Keep the newest K checkpoints (older ones are merged away in batches:
     /// at most 2K are on disk at any time).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::keep)]
     pub keep: Option<usize>,
     /// Do not copy dirty pages before the freeze.
     #[arg(long)]
