@@ -43,6 +43,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         threads: args.threads,
         shell_job: args.shell_job,
         ghost_limit: args.ghost_limit,
+        network_lock: Some(std::sync::Arc::new(crate::netlock::BpfLock)),
     };
     let r = dump(args.pid, &args.images_dir, &opts)
         .with_context(|| format!("checkpointing process {}", args.pid))?;
@@ -61,6 +62,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "gb_per_s": r.gb_per_s(),
                 "workers": r.workers,
                 "left_running": args.leave_running,
+                "network_lock": r.network_lock,
             })
         );
     } else {
@@ -80,6 +82,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             r.workers,
             if args.leave_running { "left running" } else { "killed" }
         );
+        if let Some(name) = &r.network_lock {
+            println!(
+                "its TCP connections are locked until the restore (network lock {name}; \
+                 `cr-ebpf unlock --images-dir {}` lets them go)",
+                args.images_dir.display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

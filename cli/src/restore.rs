@@ -62,6 +62,12 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
+    let locks = crate::netlock::locks_of(&args.images_dir, args.checkpoint.as_deref())
+        .with_context(|| format!("reading {}", args.images_dir.display()))?;
+    if args.close_connections {
+        // Their peers are to get a reset anyway: let them through now.
+        crate::netlock::release(&locks)?;
+    }
     let r = restore(
         &args.images_dir,
         &RestoreOptions {
@@ -78,7 +84,23 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             cgroup_roots: args.cgroup_root.clone(),
         },
     )
-    .with_context(|| format!("restoring {}", args.images_dir.display()))?;
+    .with_context(|| format!("restoring {}", args.images_dir.display()))
+    .inspect_err(|_| {
+        // As a failed `criu restore`: the lock stays, for another try.
+        for name in locks.iter().filter(|_| !args.close_connections) {
+            eprintln!(
+                "cr-ebpf: the network lock {name} still holds the process's TCP connections: \
+                 restore again, or `cr-ebpf unlock --images-dir {}` lets them go",
+                args.images_dir.display()
+            );
+        }
+    })?;
+    // Every connection exists again (and runs): the peers may reach it.
+    if !args.close_connections {
+        if let Err(e) = crate::netlock::release(&locks) {
+            eprintln!("cr-ebpf: {e:#}");
+        }
+    }
     eprintln!(
         "cr-ebpf: restored pid {} ({} pages filled in {:.1} ms by {} workers, {:.1} ms in all)",
         r.pid,
