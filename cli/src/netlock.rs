@@ -54,13 +54,13 @@ pub fn locks_of(dir: &Path, checkpoint: Option<&str>) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Removes the locks `names`, saying so; a lock already gone is reported:
-/// peers that sent while the process was down have had a reset.
-pub fn release(names: &[String]) -> Result<()> {
+/// After a restore: removes what is left of the locks `names` (the
+/// restore removes each once its connections exist again) and tells of
+/// those that were `gone` before it: their peers may have had a reset.
+pub fn release(names: &[String], gone: &[&String]) -> Result<()> {
     for name in names {
-        let removed =
-            netlock::unlock(name).with_context(|| format!("removing the network lock {name}"))?;
-        if !removed {
+        netlock::unlock(name).with_context(|| format!("removing the network lock {name}"))?;
+        if gone.contains(&name) {
             eprintln!(
                 "cr-ebpf: the network lock {name} of this image was gone (removed, or the machine \
                  restarted): a peer that sent while the process was down got a reset"

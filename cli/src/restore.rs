@@ -64,10 +64,12 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<ExitCode> {
     let locks = crate::netlock::locks_of(&args.images_dir, args.checkpoint.as_deref())
         .with_context(|| format!("reading {}", args.images_dir.display()))?;
-    if args.close_connections {
-        // Their peers are to get a reset anyway: let them through now.
-        crate::netlock::release(&locks)?;
-    }
+    // Restore removes them once the connections exist again; one already
+    // gone let the peers' packets through meanwhile.
+    let gone: Vec<&String> = locks
+        .iter()
+        .filter(|n| !cr_ebpf_loader::netlock::exists(n))
+        .collect();
     let r = restore(
         &args.images_dir,
         &RestoreOptions {
@@ -86,8 +88,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     )
     .with_context(|| format!("restoring {}", args.images_dir.display()))
     .inspect_err(|_| {
-        // As a failed `criu restore`: the lock stays, for another try.
-        for name in locks.iter().filter(|_| !args.close_connections) {
+        // As a failed `criu restore`: a lock not removed yet stays, for
+        // another try.
+        for name in locks.iter().filter(|n| cr_ebpf_loader::netlock::exists(n)) {
             eprintln!(
                 "cr-ebpf: the network lock {name} still holds the process's TCP connections: \
                  restore again, or `cr-ebpf unlock --images-dir {}` lets them go",
@@ -95,11 +98,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             );
         }
     })?;
-    // Every connection exists again (and runs): the peers may reach it.
-    if !args.close_connections {
-        if let Err(e) = crate::netlock::release(&locks) {
-            eprintln!("cr-ebpf: {e:#}");
-        }
+    if let Err(e) = crate::netlock::release(&locks, &gone) {
+        eprintln!("cr-ebpf: {e:#}");
     }
     eprintln!(
         "cr-ebpf: restored pid {} ({} pages filled in {:.1} ms by {} workers, {:.1} ms in all)",

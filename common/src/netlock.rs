@@ -8,6 +8,10 @@ pub const CONNECTIONS_MAP: &str = "NETLOCK_CONNECTIONS";
 /// Name of the classifier program in the `cr-ebpf-netlock` object.
 pub const PROGRAM: &str = "netlock";
 
+/// The directory of every lock in bpffs, one subdirectory each (named in
+/// the image); removing a lock's directory removes the lock.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/cr-ebpf";
+
 /// Most connections one lock holds.
 pub const CAPACITY: u32 = 65536;
 

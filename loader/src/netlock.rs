@@ -37,7 +37,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cr
 /// Where bpffs is mounted (and mounted by [`lock`] when it is not).
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// The directory of every lock, one subdirectory each.
-pub const ROOT: &str = "/sys/fs/bpf/cr-ebpf";
+pub const ROOT: &str = cr_ebpf_common::netlock::PIN_ROOT;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

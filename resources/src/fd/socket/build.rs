@@ -31,9 +31,13 @@ use crate::RestoreError;
 /// `cwds` (by socket inode): the working directory of its process.
 pub(super) fn build(
     sockets: &[(i32, &SocketInfo)],
-    close_connections: bool,
-    cwds: &HashMap<u64, PathBuf>,
+    opts: &crate::fd::Prepare,
 ) -> Result<HashMap<u64, OwnedFd>, RestoreError> {
+    let (close_connections, cwds) = (opts.close_connections, &opts.cwds);
+    if close_connections {
+        // The peers are to get a reset: let their packets through.
+        unlock_network(&opts.network_locks)?;
+    }
     let by_inode: HashMap<u64, &SocketInfo> = sockets.iter().map(|(_, s)| (s.inode, *s)).collect();
     let mut order: Vec<&SocketInfo> = Vec::new();
     for (_, s) in sockets {
@@ -100,6 +104,10 @@ pub(super) fn build(
     for &(fd, s, t) in &connections {
         half_close(fd, s, t)?;
     }
+    // Every connection exists (in repair mode): the peers may reach them
+    // again before they leave it, so that what they send out of repair
+    // mode (a window probe) is not dropped.
+    unlock_network(&opts.network_locks)?;
     for &(fd, s, _) in &connections {
         release(fd, s)?;
     }
@@ -117,6 +125,21 @@ pub(super) fn build(
         .finish()
         .map_err(fail("removing a unix socket's file again"))?;
     Ok(made)
+}
+
+/// Removes the network locks `names` (their directories in bpffs; one
+/// already gone is no error).
+fn unlock_network(names: &[String]) -> Result<(), RestoreError> {
+    for name in names {
+        let dir = Path::new(cr_ebpf_common::netlock::PIN_ROOT).join(name);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(fail("removing the network lock")(e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The messages queued on datagram sockets without a peer of their own,

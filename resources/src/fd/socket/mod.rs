@@ -85,7 +85,7 @@ impl Descriptor for Socket {
                 _ => None,
             })
             .collect();
-        for (inode, fd) in build(&sockets, opts.close_connections, &opts.cwds)? {
+        for (inode, fd) in build(&sockets, opts)? {
             shared.insert(FdKind::Socket, inode, 0, fd);
         }
         Ok(())
