@@ -141,7 +141,12 @@ fn attach(dir: &Path, connections: &[NetLockKey]) -> Result<Vec<String>, LoaderE
         .map_err(|e| err("pinning the connection map", e))?;
     let prog: &mut SchedClassifier = ebpf
         .program_mut(PROGRAM)
-        .ok_or(LoaderError::MissingMap(PROGRAM))?
+        .ok_or_else(|| {
+            err(
+                format!("the embedded object has no program `{PROGRAM}`: rebuild cr-ebpf"),
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        })?
         .try_into()
         .map_err(|e| err("the network lock program", e))?;
     prog.load().map_err(|e| err("loading the classifier", e))?;
