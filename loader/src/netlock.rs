@@ -175,6 +175,17 @@ fn attach(dir: &Path, connections: &[NetLockKey]) -> Result<Vec<String>, LoaderE
 /// was no such lock.
 pub fn unlock(name: &str) -> Result<bool, LoaderError> {
     let dir = dir_of(name)?;
+    // Emptied first: the links detach only when the kernel's work queue
+    // gets to them, the map takes effect at the next packet.
+    if let Ok(data) = aya::maps::MapData::from_pin(dir.join("connections")) {
+        let mut conns: HashMap<_, NetLockKey, u32> =
+            HashMap::try_from(aya::maps::Map::HashMap(data))
+                .map_err(|e| err("opening the connection map", e))?;
+        let keys: Vec<NetLockKey> = conns.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = conns.remove(&k);
+        }
+    }
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),

@@ -5,6 +5,8 @@
 //! same connection, and the restore has removed the lock. Without the lock the peer's connection is reset (the
 //! test that shows the scenario can fail). A refused dump removes the lock
 //! it made and the connection keeps working; `--leave-running` makes none.
+//! A half-closed connection gets its peer's FIN again through the lock's
+//! removal.
 
 use std::{
     io::{Read as _, Write as _},
@@ -141,11 +143,28 @@ fn down_and_back(family: &str, lock: bool) -> Result<String, std::io::Error> {
     // Nobody holds the connection now: without the lock the kernel
     // answers this with a reset.
     let sent = peer.write_all(b"CD");
+    // The lock's map, held open through the restore.
+    let held = name.as_ref().map(|n| {
+        let path = std::path::Path::new(netlock::ROOT)
+            .join(n)
+            .join("connections");
+        let data = aya::maps::MapData::from_pin(path).expect("the pinned map");
+        aya::maps::HashMap::<_, NetLockKey, u32>::try_from(aya::maps::Map::HashMap(data))
+            .expect("a hash map")
+    });
+    assert_eq!(
+        held.as_ref().map_or(0, |m| m.keys().count()),
+        usize::from(lock)
+    );
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     let _guard = KillOnDrop(r.pid);
     if let Some(name) = &name {
         // Removed by the restore once the connection existed again.
         assert!(!netlock::exists(name), "the lock outlived the restore");
+        // Emptied, not only unpinned: the kernel detaches unpinned links
+        // later, from a work queue, and until then they drop what the map
+        // holds (the FINs and probes the restore makes right after).
+        assert_eq!(held.unwrap().keys().count(), 0, "the lock's map emptied");
     }
     sent?;
     peer.write_all(b"EF")?;
@@ -308,4 +327,83 @@ fn the_cli_locks_at_dump_and_unlock_lets_the_connections_go() {
     let _ = peer.write_all(b"GH");
     let e = answer(&mut peer).expect_err("the peer is reset once unlocked");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+}
+
+/// Reads until its peer shuts down, waits for `go`, reads the end of the
+/// stream again (the peer's FIN, made again by the restore) and answers.
+const HALF_CLOSED: &str = r#"
+import os, socket, sys, time
+ctl = sys.argv[1]
+l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+l.bind(('127.0.0.1', 0))
+l.listen(1)
+with open(os.path.join(ctl, 'port.tmp'), 'w') as f:
+    f.write(str(l.getsockname()[1]))
+os.rename(os.path.join(ctl, 'port.tmp'), os.path.join(ctl, 'port'))
+c, _ = l.accept()
+open(os.path.join(ctl, 'ready'), 'w').close()
+got = b''
+while True:
+    d = c.recv(64)
+    if not d:
+        break
+    got += d
+open(os.path.join(ctl, 'eof'), 'w').close()
+while not os.path.exists(os.path.join(ctl, 'go')):
+    time.sleep(0.02)
+again = c.recv(64)
+c.sendall(b'got:' + got + (b' eof' if again == b'' else b' data after eof'))
+c.close()
+time.sleep(60)
+"#;
+
+#[test]
+fn a_half_closed_connection_gets_its_peers_fin_again_through_the_lock() {
+    if !cr_ebpf_perf::privileged(
+        "a_half_closed_connection_gets_its_peers_fin_again_through_the_lock",
+    ) {
+        return;
+    }
+    let scratch = Scratch::new("netlock-half");
+    let ctl = scratch.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut child = spawn_clean(
+        Command::new(PYTHON)
+            .args(["-c", HALF_CLOSED])
+            .arg(&ctl)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    wait_for_file(&ctl.join("port"));
+    let port: u16 = std::fs::read_to_string(ctl.join("port"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut peer = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    wait_for_file(&ctl.join("ready"));
+    peer.write_all(b"ABCDEF").unwrap();
+    peer.shutdown(std::net::Shutdown::Write).unwrap();
+    // The server is in CLOSE_WAIT: its peer's FIN is made again at
+    // restore, a packet the lock must no longer drop.
+    wait_for_file(&ctl.join("eof"));
+    let img = scratch.0.join("image");
+    dump(pid, &img, &options(true, false)).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _guard = KillOnDrop(r.pid);
+    assert_eq!(
+        locks_of(pid),
+        Vec::<String>::new(),
+        "restore removed the lock"
+    );
+    std::fs::write(ctl.join("go"), b"").unwrap();
+    let mut all = String::new();
+    peer.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    peer.read_to_string(&mut all)
+        .expect("the answer, then the end");
+    assert_eq!(all, "got:ABCDEF eof");
 }

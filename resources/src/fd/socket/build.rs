@@ -20,6 +20,7 @@ use super::{
     option_int, send_all, send_to, setsockopt_int,
     tcp::{closed_connection, release, send_unsent, tcp_connection},
     unix::{listener_of, orphan, socketpair, unix_path},
+    unlock::unlock_network,
 };
 use crate::RestoreError;
 
@@ -99,15 +100,15 @@ pub(super) fn build(
         .filter_map(|s| Some((made.get(&s.inode)?, *s, s.tcp.as_ref()?)))
         .filter(|_| !close_connections)
         .collect();
+    // Every connection exists (in repair mode): the peers may reach them
+    // again before they leave it, so that what they send out of repair
+    // mode (a window probe), and the FINs made again below, are not dropped.
+    unlock_network(&opts.network_locks)?;
     // Half-closed connections get their FINs while every connection is
     // still in repair mode.
     for &(fd, s, t) in &connections {
         half_close(fd, s, t)?;
     }
-    // Every connection exists (in repair mode): the peers may reach them
-    // again before they leave it, so that what they send out of repair
-    // mode (a window probe) is not dropped.
-    unlock_network(&opts.network_locks)?;
     for &(fd, s, _) in &connections {
         release(fd, s)?;
     }
@@ -125,21 +126,6 @@ pub(super) fn build(
         .finish()
         .map_err(fail("removing a unix socket's file again"))?;
     Ok(made)
-}
-
-/// Removes the network locks `names` (their directories in bpffs; one
-/// already gone is no error).
-fn unlock_network(names: &[String]) -> Result<(), RestoreError> {
-    for name in names {
-        let dir = Path::new(cr_ebpf_common::netlock::PIN_ROOT).join(name);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(fail("removing the network lock")(e));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// The messages queued on datagram sockets without a peer of their own,

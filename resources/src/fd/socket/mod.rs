@@ -18,6 +18,7 @@ mod diag;
 mod fin;
 pub mod tcp;
 pub mod unix;
+mod unlock;
 
 use std::{
     collections::HashMap,
