@@ -15,6 +15,7 @@ use crate::{
     fds::{check_tree, TreeScope},
     freeze::freeze_tree,
     maps,
+    netlock::Held,
     pages::{split_runs, worker_pool, write_processes},
     state::{self, Changes, State},
     DumpError,
@@ -35,6 +36,10 @@ pub struct DumpOptions {
     /// Most bytes of a deleted file held open or mapped stored in the
     /// image (0: the default, `cr_ebpf_resources::ghost::DEFAULT_LIMIT`).
     pub ghost_limit: u64,
+    /// What locks the process's TCP connections from before they are read
+    /// until the restore, when the process is not left running (`None`: no
+    /// lock; a peer that sends while the process is down gets a reset).
+    pub network_lock: Option<std::sync::Arc<dyn crate::ConnectionLock>>,
 }
 
 /// What a dump did.
@@ -56,6 +61,8 @@ pub struct DumpReport {
     pub total: Duration,
     /// Threads that read and compressed pages.
     pub workers: usize,
+    /// The network lock holding its TCP connections until the restore.
+    pub network_lock: Option<String>,
 }
 
 impl DumpReport {
@@ -91,6 +98,13 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     let tree = std::mem::take(&mut stopped.tree);
     let is_tree = tree.processes.len() > 1;
     let live: Vec<i32> = stopped.frozen.iter().map(Frozen::pid).collect();
+    // Before any connection is read, so that nothing a peer sends from now
+    // on is acknowledged by a socket about to go. Dropped (removed) on any
+    // error below, before the tree is resumed.
+    let held = match (&opts.network_lock, opts.leave_running) {
+        (Some(lock), false) => Held::take(lock, pid, &live)?,
+        _ => None,
+    };
     let mut scope = TreeScope::new(&live);
     scope.shell_job = opts.shell_job;
     scope.ghost_limit = opts.ghost_limit;
@@ -155,9 +169,12 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             None => freeze,
         }
         .as_nanos() as u64;
-        for ((s, (maps, _, cow)), sub) in states.iter().zip(&plans).zip(&subs) {
+        for (i, ((s, (maps, _, cow)), sub)) in states.iter().zip(&plans).zip(&subs).enumerate() {
             let mut m = s.manifest(maps.clone(), freeze_ns, None);
             m.cow = cow.clone();
+            if i == 0 {
+                m.network_lock = held.as_ref().map(|h| h.name().to_string());
+            }
             m.write(sub)?;
         }
         Ok((pages, bytes))
@@ -165,12 +182,18 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     // Published: only now may what is not left running go, as `criu dump`
     // does. Its TCP connections close silently (repair mode) when it dies:
     // the peers wait for the restored process instead of seeing a reset.
+    let mut network_lock = None;
     if let Some(t) = frozen.take() {
         for (_, sock) in states.iter().flat_map(|s| &s.tcp) {
             let _ = cr_ebpf_resources::fd::socket::tcp::repair_mode(sock, true);
         }
         t.kill()?;
         freeze = since.elapsed();
+        // The restore removes it once the connections exist again.
+        if let Some(h) = held {
+            network_lock = Some(h.name().to_string());
+            h.keep();
+        }
     }
     Ok(DumpReport {
         pid,
@@ -181,6 +204,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         freeze,
         total: start.elapsed(),
         workers,
+        network_lock,
     })
 }
 

@@ -48,6 +48,14 @@ pub enum DumpError {
         /// What it is.
         what: String,
     },
+    /// The network lock could not be made (the process runs on).
+    #[error("locking the TCP connections of process {pid} (a network lock keeps their peers from getting a reset while it is down; `dump --leave-running` needs none, `--network-lock skip` takes none): {what}")]
+    NetworkLock {
+        /// The process.
+        pid: i32,
+        /// What went wrong.
+        what: String,
+    },
 }
 
 impl From<cr_ebpf_resources::SaveError> for DumpError {

@@ -18,6 +18,7 @@ mod dump;
 mod error;
 mod freeze;
 mod incremental;
+mod netlock;
 mod pages;
 mod state;
 mod tree_check;
@@ -33,4 +34,5 @@ pub use incremental::{
     page_hash, CheckpointReport, Followed, Method, Phases, PrecopyReport, Session, SessionOptions,
     TreeChanges,
 };
+pub use netlock::{ConnectionLock, NetLockKey};
 pub use state::{Changes, Queries};

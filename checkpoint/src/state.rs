@@ -243,6 +243,7 @@ impl State {
             shmem: self.shmem.clone(),
             locks: self.locks.clone(),
             cow: Vec::new(),
+            network_lock: None,
         }
     }
 }

@@ -32,6 +32,12 @@ pub struct Args {
     /// larger one is refused. Suffixes K, M, G.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub ghost_limit: u64,
+    /// How the TCP connections of a process that is not left running are
+    /// held until its restore: `bpf` (an eBPF classifier pinned in bpffs:
+    /// a peer that sends meanwhile waits), `skip` (no lock: such a peer
+    /// gets a reset, as with `criu --network-lock skip`).
+    #[arg(long, default_value = "bpf", value_parser = ["bpf", "skip"])]
+    pub network_lock: String,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -43,6 +49,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         threads: args.threads,
         shell_job: args.shell_job,
         ghost_limit: args.ghost_limit,
+        network_lock: (args.network_lock == "bpf")
+            .then(|| std::sync::Arc::new(crate::netlock::BpfLock) as _),
     };
     let r = dump(args.pid, &args.images_dir, &opts)
         .with_context(|| format!("checkpointing process {}", args.pid))?;
@@ -61,6 +69,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "gb_per_s": r.gb_per_s(),
                 "workers": r.workers,
                 "left_running": args.leave_running,
+                "network_lock": r.network_lock,
             })
         );
     } else {
@@ -80,6 +89,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             r.workers,
             if args.leave_running { "left running" } else { "killed" }
         );
+        if let Some(name) = &r.network_lock {
+            println!(
+                "its TCP connections are locked until the restore (network lock {name}; \
+                 `cr-ebpf unlock --images-dir {}` lets them go)",
+                args.images_dir.display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -60,6 +60,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "freeze_ms": p.freeze_ns as f64 / 1e6,
                 "threads": threads, "mappings": mappings, "fds": fds,
                 "pages_stored": stored, "compressed_bytes": compressed, "chunks": chunks.len(),
+                "network_lock": m.network_lock.as_ref().map(|n| serde_json::json!({
+                    "name": n, "held": cr_ebpf_loader::netlock::exists(n),
+                })),
             }))?
         );
         return Ok(ExitCode::SUCCESS);
@@ -82,6 +85,16 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         chunks.len(),
         compressed as f64 / (1 << 20) as f64
     );
+    if let Some(name) = &m.network_lock {
+        println!(
+            "  network lock: {name} ({})",
+            if cr_ebpf_loader::netlock::exists(name) {
+                "holding its TCP connections until the restore"
+            } else {
+                "gone: removed by a restore or `cr-ebpf unlock`, or the machine restarted"
+            }
+        );
+    }
     println!("  threads:");
     for t in &m.threads {
         println!(

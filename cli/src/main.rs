@@ -4,12 +4,14 @@
 //! resource and dirty-page log of a process tree), `dump`, `restore` and
 //! `inspect` (checkpoints of single processes), `track` (the always-on
 //! service taking incremental checkpoints), `snapshot` (one checkpoint now)
-//! and `compact` (keeping chains short).
+//! and `compact` (keeping chains short); `unlock` (the network lock a
+//! dump leaves for its restore).
 
 mod args;
 mod check;
 mod dump;
 mod inspect;
+mod netlock;
 mod restore;
 mod snapshot;
 mod sys;
@@ -44,6 +46,9 @@ enum Command {
                       closed."
     )]
     Restore(restore::Args),
+    /// Remove the network lock that holds a dumped process's TCP connections
+    /// until its restore (for an image that will not be restored).
+    Unlock(netlock::Args),
     /// Show what an image holds, or the chain of an images directory.
     Inspect(inspect::Args),
     /// Track a process and checkpoint it incrementally, every interval and on request.
@@ -80,6 +85,7 @@ fn main() -> std::process::ExitCode {
         Command::Trace(args) => trace::run(&args),
         Command::Dump(args) => dump::run(&args),
         Command::Restore(args) => restore::run(&args),
+        Command::Unlock(args) => netlock::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Track(args) => track::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),

@@ -59,6 +59,14 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
+    let locks = crate::netlock::locks_of(&args.images_dir, args.checkpoint.as_deref())
+        .with_context(|| format!("reading {}", args.images_dir.display()))?;
+    // Restore removes them once the connections exist again; one already
+    // gone let the peers' packets through meanwhile.
+    let gone: Vec<&String> = locks
+        .iter()
+        .filter(|n| !cr_ebpf_loader::netlock::exists(n))
+        .collect();
     let r = restore(
         &args.images_dir,
         &RestoreOptions {
@@ -74,7 +82,21 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             cgroup_roots: args.cgroup_root.clone(),
         },
     )
-    .with_context(|| format!("restoring {}", args.images_dir.display()))?;
+    .with_context(|| format!("restoring {}", args.images_dir.display()))
+    .inspect_err(|_| {
+        // As a failed `criu restore`: a lock not removed yet stays, for
+        // another try.
+        for name in locks.iter().filter(|n| cr_ebpf_loader::netlock::exists(n)) {
+            eprintln!(
+                "cr-ebpf: the network lock {name} still holds the process's TCP connections: \
+                 restore again, or `cr-ebpf unlock --images-dir {}` lets them go",
+                args.images_dir.display()
+            );
+        }
+    })?;
+    if let Err(e) = crate::netlock::release(&locks, &gone) {
+        eprintln!("cr-ebpf: {e:#}");
+    }
     eprintln!(
         "cr-ebpf: restored pid {} ({} pages filled in {:.1} ms by {} workers, {:.1} ms in all)",
         r.pid,

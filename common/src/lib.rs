@@ -23,6 +23,7 @@
 //! them. Events of different threads are ordered only by `ts_ns`.
 #![no_std]
 
+pub mod netlock;
 pub mod syscalls;
 
 /// Version of the event record layout. Bump on any change to a record.
@@ -390,6 +391,8 @@ mod pod {
     unsafe impl aya::Pod for super::PendingSyscall {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: #[repr(C)], byte arrays and two u16s (36 bytes, no padding).
+    unsafe impl aya::Pod for super::netlock::NetLockKey {}
 }
 
 #[cfg(test)]

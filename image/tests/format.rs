@@ -196,6 +196,7 @@ fn manifest() -> Manifest {
             start: 0x2000,
             pages: 1,
         }],
+        network_lock: Some("4242-1700000000000000000".into()),
         chain: Some(cr_ebpf_image::ChainInfo {
             id: "ckpt-000002".into(),
             parent: "ckpt-000001".into(),
@@ -355,12 +356,32 @@ fn unknown_enum_values_are_errors() {
     m.chain = None;
     m.shmem.clear();
     m.cow.clear();
+    m.network_lock = None;
     let mut payload = m.encode();
     // The kind field of the only mapping: find its encoded u16 (1, Anon).
     let at = payload.len() - (4 + 8 + 8 + 8) - 2;
     payload[at..at + 2].copy_from_slice(&77u16.to_le_bytes());
     let e = Manifest::decode(&payload, 32).unwrap_err();
     assert!(e.what.contains("unknown mapping kind 77"), "{}", e.what);
+}
+
+#[test]
+fn the_network_lock_round_trips_from_format_1_9_only() {
+    let m = manifest();
+    assert!(m.network_lock.is_some());
+    assert_eq!(Manifest::decode_version(&m.encode(), 32, 9).unwrap(), m);
+    // Format 1.8 has no such section: its tag is unknown there.
+    let e = Manifest::decode_version(&m.encode(), 32, 8).unwrap_err();
+    assert!(e.what.contains("unknown section tag 10"), "{}", e.what);
+    let mut none = manifest();
+    none.network_lock = None;
+    assert_eq!(Manifest::decode(&none.encode(), 32).unwrap(), none);
+    for bad in ["", "../x", ".hidden", "a/b", "sp ace"] {
+        let mut m = manifest();
+        m.network_lock = Some(bad.into());
+        let e = Manifest::decode(&m.encode(), 32).unwrap_err();
+        assert!(e.what.contains("network lock name"), "{bad:?}: {}", e.what);
+    }
 }
 
 #[test]

@@ -95,6 +95,15 @@ pub enum LoaderError {
         /// Map capacity.
         capacity: u32,
     },
+    /// Making, finding or removing a network lock failed.
+    #[error("network lock: {what}")]
+    NetLock {
+        /// What was being done, and on what.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Reading tracefs or /proc failed.
     #[error("reading {path}")]
     Io {

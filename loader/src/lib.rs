@@ -22,6 +22,7 @@ pub mod display;
 mod error;
 pub mod event;
 mod kernel_log;
+pub mod netlock;
 mod proc;
 mod stream;
 pub mod tracefs;

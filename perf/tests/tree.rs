@@ -140,6 +140,7 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
             threads: 0,
             shell_job: false,
             ghost_limit: 0,
+            network_lock: None,
         },
     )
     .expect("dump of the tree");

@@ -6,6 +6,7 @@
 
 mod bpf;
 mod kernel;
+mod netlock;
 mod privileges;
 
 use std::process::ExitCode;
@@ -99,6 +100,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         detection.hashing.clone(),
     ));
     checks.extend(bpf::checks());
+    checks.push(netlock::check());
 
     let core_ok = checks.iter().all(|c| !c.required || c.ok());
     let report = Report {

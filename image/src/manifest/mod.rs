@@ -77,6 +77,9 @@ const TAG_SHMEM: u16 = 7;
 const TAG_LOCK: u16 = 8;
 const TAG_COW: u16 = 9;
 const TAG_CGROUP_DIR: u16 = 10;
+const TAG_NETLOCK: u16 = 11;
+/// The first format with a NETLOCK section.
+const NETLOCK_SINCE: u16 = 9;
 const SECTION_OPTIONAL: u16 = 1;
 
 /// Most POSIX timers of one process stored.
@@ -147,6 +150,9 @@ pub struct Manifest {
     /// Runs of its pages that are its parent's, shared copy-on-write, and
     /// not in its page store (format 1.8), by increasing address.
     pub cow: Vec<CowRun>,
+    /// The network lock holding its TCP connections until a restore
+    /// (format 1.9): the name of a directory below `/sys/fs/bpf/cr-ebpf`.
+    pub network_lock: Option<String>,
 }
 
 /// Appends a section: its header, then the body `body` writes.
@@ -195,6 +201,9 @@ impl Manifest {
         }
         if let Some(c) = &self.chain {
             section(&mut out, TAG_CHAIN, |b| c.encode(b));
+        }
+        if let Some(name) = &self.network_lock {
+            section(&mut out, TAG_NETLOCK, |b| b.str(name));
         }
         out.buf
     }
@@ -277,6 +286,7 @@ struct Sections {
     shmem: Vec<ShmemObject>,
     locks: Vec<FileLock>,
     cow: Vec<CowRun>,
+    network_lock: Option<String>,
 }
 
 impl Sections {
@@ -338,6 +348,21 @@ impl Sections {
                 }
                 let r = CowRun::decode(b, self.cow.last())?;
                 self.cow.push(r);
+            }
+            TAG_NETLOCK if minor >= NETLOCK_SINCE => {
+                if self.network_lock.is_some() {
+                    return Err(err("a second NETLOCK section".into()));
+                }
+                let name = b.str(NAME_CAP, "network lock name")?;
+                let ok = !name.is_empty()
+                    && !name.starts_with('.')
+                    && name
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+                if !ok {
+                    return Err(err(format!("network lock name {name:?}")));
+                }
+                self.network_lock = Some(name);
             }
             TAG_MAPPING => {
                 let m = MappingInfo::decode(b, at, minor)?;
@@ -434,6 +459,7 @@ impl Sections {
             shmem: self.shmem,
             locks: self.locks,
             cow: self.cow,
+            network_lock: self.network_lock,
         })
     }
 }

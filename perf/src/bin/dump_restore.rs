@@ -159,6 +159,7 @@ fn main() -> Result<()> {
                             threads: w,
                             shell_job: false,
                             ghost_limit: 0,
+                            network_lock: None,
                         },
                     )
                     .with_context(|| format!("dump of {mib} MiB"))?;

@@ -138,6 +138,9 @@ pub struct Prepare {
     /// The restorer's descriptors of the shared memory objects and deleted
     /// files made for the restore, by id (alive while the objects are made).
     pub shmem: HashMap<u64, std::os::fd::RawFd>,
+    /// The network locks the images name (filled by [`prepare`]): removed
+    /// once the TCP connections exist again, before they leave repair mode.
+    pub network_locks: Vec<String>,
 }
 
 /// What `/proc` shows of one descriptor of a frozen process.
@@ -545,6 +548,7 @@ pub fn prepare(ms: &[&Manifest], opts: &Prepare) -> Result<Shared, RestoreError>
     let fds: Vec<&FdInfo> = ms.iter().flat_map(|m| m.fds.iter()).collect();
     let mut opts = opts.clone();
     for m in ms {
+        opts.network_locks.extend(m.network_lock.clone());
         for f in &m.fds {
             if let FdState::Socket(s) = &f.state {
                 opts.cwds.insert(s.inode, m.process.cwd.clone().into());

@@ -20,6 +20,7 @@ use super::{
     option_int, send_all, send_to, setsockopt_int,
     tcp::{closed_connection, release, send_unsent, tcp_connection},
     unix::{listener_of, orphan, socketpair, unix_path},
+    unlock::unlock_network,
 };
 use crate::RestoreError;
 
@@ -34,9 +35,13 @@ use crate::RestoreError;
 /// (returned by the inode of the socket they send to).
 pub(super) fn build(
     sockets: &[(i32, &SocketInfo)],
-    close_connections: bool,
-    cwds: &HashMap<u64, PathBuf>,
+    opts: &crate::fd::Prepare,
 ) -> Result<Built, RestoreError> {
+    let (close_connections, cwds) = (opts.close_connections, &opts.cwds);
+    if close_connections {
+        // The peers are to get a reset: let their packets through.
+        unlock_network(&opts.network_locks)?;
+    }
     let by_inode: HashMap<u64, &SocketInfo> = sockets.iter().map(|(_, s)| (s.inode, *s)).collect();
     let mut order: Vec<&SocketInfo> = Vec::new();
     for (_, s) in sockets {
@@ -101,6 +106,10 @@ pub(super) fn build(
         .filter_map(|s| Some((made.get(&s.inode)?, *s, s.tcp.as_ref()?)))
         .filter(|_| !close_connections)
         .collect();
+    // Every connection exists (in repair mode): the peers may reach them
+    // again before they leave it, so that what they send out of repair
+    // mode (a window probe), and the FINs made again below, are not dropped.
+    unlock_network(&opts.network_locks)?;
     // Half-closed connections get their FINs while every connection is
     // still in repair mode.
     for &(fd, s, t) in &connections {

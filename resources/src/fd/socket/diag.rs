@@ -5,6 +5,7 @@
 //! One dump request per question, answered for every socket of the
 //! network namespace, keyed by socket inode.
 
+use cr_ebpf_common::netlock::{mapped_v4, NetLockKey};
 use std::{
     collections::HashMap,
     io,
@@ -173,6 +174,10 @@ pub struct InetDiag {
     pub backlog: u32,
     /// `sk_shutdown`: 1 receiving shut down, 2 sending.
     pub shutdown: u8,
+    /// Its TCP state (`TCP_ESTABLISHED` 1, ... `TCP_LISTEN` 10).
+    pub state: u8,
+    /// Its addresses and ports, from its own side (IPv4 ones mapped).
+    pub key: NetLockKey,
 }
 
 /// The sockets of `family` (`AF_INET`/`AF_INET6`) and `protocol`
@@ -189,7 +194,11 @@ pub fn inet_sockets(family: i32, protocol: i32) -> io::Result<HashMap<u64, InetD
         if m.len() < INET_DIAG_MSG_LEN {
             return;
         }
-        let mut d = InetDiag::default();
+        let mut d = InetDiag {
+            state: m[1],
+            key: key_of(m),
+            ..InetDiag::default()
+        };
         if u32::from(m[1]) == TCP_LISTEN_STATE {
             d.backlog = u32_at(m, 60).unwrap_or(0);
         }
@@ -204,6 +213,26 @@ pub fn inet_sockets(family: i32, protocol: i32) -> io::Result<HashMap<u64, InetD
     match r {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(HashMap::new()),
         other => other.map(|()| out),
+    }
+}
+
+/// The addresses and ports of a `struct inet_diag_msg`'s socket id:
+/// sport, dport (network byte order), src, dst (16 bytes each).
+fn key_of(m: &[u8]) -> NetLockKey {
+    let addr = |at: usize| -> [u8; 16] {
+        let mut a = [0u8; 16];
+        if m[0] == libc::AF_INET as u8 {
+            a = mapped_v4([m[at], m[at + 1], m[at + 2], m[at + 3]]);
+        } else {
+            a.copy_from_slice(&m[at..at + 16]);
+        }
+        a
+    };
+    NetLockKey {
+        local: addr(8),
+        remote: addr(24),
+        local_port: u16::from_ne_bytes([m[4], m[5]]),
+        remote_port: u16::from_ne_bytes([m[6], m[7]]),
     }
 }
 
@@ -263,6 +292,21 @@ mod tests {
         assert!(all.contains_key(&inode(&bound)), "bound, never connected");
         assert!(!all.contains_key(&inode(&a)), "its connection closed");
         assert!(!all.contains_key(&inode(&c)), "its connection closed");
+    }
+
+    #[test]
+    fn a_connection_reports_its_state_addresses_and_ports() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let all = inet_sockets(libc::AF_INET, libc::IPPROTO_TCP).expect("sock_diag for TCP");
+        let k = all[&inode(&c)].key;
+        assert_eq!(k.local, mapped_v4([127, 0, 0, 1]));
+        assert_eq!(k.local_port, c.local_addr().unwrap().port().to_be());
+        assert_eq!(k.remote_port, l.local_addr().unwrap().port().to_be());
+        assert_eq!(all[&inode(&a)].key, k.reversed());
+        assert_eq!(all[&inode(&c)].state, 1);
+        assert_eq!(all[&inode(&l)].state, TCP_LISTEN_STATE as u8);
     }
 
     #[test]

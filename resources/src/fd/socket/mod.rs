@@ -22,6 +22,7 @@ mod netlink;
 mod raw;
 pub mod tcp;
 pub mod unix;
+mod unlock;
 
 use std::{
     collections::HashMap,
@@ -89,7 +90,7 @@ impl Descriptor for Socket {
                 _ => None,
             })
             .collect();
-        let (made, senders) = build(&sockets, opts.close_connections, &opts.cwds)?;
+        let (made, senders) = build(&sockets, opts)?;
         for (inode, fd) in made {
             shared.insert(FdKind::Socket, inode, 0, fd);
         }

@@ -392,6 +392,35 @@ pub(super) fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd
     Ok(fd)
 }
 
+/// The TCP connections held by processes `pids` (through any descriptor),
+/// as the network lock wants them: every socket with a peer (established
+/// or half closed), listeners and closed sockets left out. Read from
+/// `/proc/PID/fd` and `sock_diag`, without touching the sockets.
+pub fn connections_of(pids: &[i32]) -> io::Result<Vec<cr_ebpf_common::netlock::NetLockKey>> {
+    let mut inodes = std::collections::HashSet::new();
+    for pid in pids {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
+            let Ok(link) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let l = link.to_string_lossy();
+            if let Some(n) = l.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                inodes.extend(n.parse::<u64>().ok());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for (ino, d) in super::diag::inet_sockets(family, libc::IPPROTO_TCP)? {
+            let peer = d.key.remote_port != 0 && d.state != TCP_LISTEN && d.state != TCP_CLOSE;
+            if peer && inodes.contains(&ino) && !out.contains(&d.key) {
+                out.push(d.key);
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
