@@ -127,6 +127,13 @@ fn manifest() -> Manifest {
             sigaltstack: (0x7000_4000, 0, 8192),
             pending: vec![vec![9; 128], vec![10; 128]],
             comm: "worker".into(),
+            sched: Some(cr_ebpf_image::Sched {
+                policy: 2,
+                flags: cr_ebpf_image::SCHED_RESET_ON_FORK,
+                nice: 0,
+                priority: 3,
+                slice_ns: 0,
+            }),
         }],
         mappings: vec![
             MappingInfo {

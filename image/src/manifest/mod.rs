@@ -62,7 +62,7 @@ pub use membership::{Cgroup, Membership, Uts, UTS_NAME_CAP};
 pub use posix_timer::PosixTimer;
 pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal};
 pub use shmem::{ShmemKind, ShmemObject, GHOST_CAP, SHMEM_CAP};
-pub use thread::ThreadInfo;
+pub use thread::{Sched, ThreadInfo, SCHED_RESET_ON_FORK};
 
 const TAG_PROCESS: u16 = 1;
 const TAG_THREAD: u16 = 2;
@@ -308,7 +308,7 @@ impl Sections {
                 }
                 self.posix_timers.push(t);
             }
-            TAG_THREAD => self.threads.push(ThreadInfo::decode(b)?),
+            TAG_THREAD => self.threads.push(ThreadInfo::decode(b, minor)?),
             TAG_LOCK if minor >= lock::SINCE => {
                 if self.locks.len() >= LOCKS_CAP {
                     return Err(b.err(format!("more than {LOCKS_CAP} file locks")));
@@ -541,6 +541,13 @@ mod tests {
     fn sections_that_clash_are_refused() {
         let process = body(|b| minimal().process.encode(b));
         let thread = body(|b| minimal().threads[0].encode(b));
+        let scheduled = body(|b| {
+            ThreadInfo {
+                sched: Some(Sched::default()),
+                ..minimal().threads[0].clone()
+            }
+            .encode(b)
+        });
         let cases: Vec<(Vec<Raw>, &str)> = vec![
             (vec![(TAG_THREAD, 0, thread.clone())], "no PROCESS section"),
             (vec![(TAG_PROCESS, 0, process.clone())], "no THREAD section"),
@@ -554,7 +561,7 @@ mod tests {
             (
                 vec![
                     (TAG_PROCESS, 0, process.clone()),
-                    (TAG_THREAD, 0, [thread.clone(), vec![0]].concat()),
+                    (TAG_THREAD, 0, [scheduled, vec![0]].concat()),
                 ],
                 "1 unexpected bytes at the end of section 2",
             ),
