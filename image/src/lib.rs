@@ -72,6 +72,19 @@ pub enum ImageError {
         /// What is wrong.
         what: String,
     },
+    /// A file would be larger than a reader accepts.
+    #[error(
+        "{path}: {size} bytes, more than the {cap} a reader accepts (shared memory \
+         contents are stored in the manifest: the process holds too much of it)"
+    )]
+    TooLarge {
+        /// The file.
+        path: String,
+        /// Its size.
+        size: u64,
+        /// The most a reader accepts.
+        cap: u64,
+    },
     /// Written by a format version this build cannot read.
     #[error(
         "{path}: image format {major}.{minor} is not readable by this cr-ebpf \

@@ -233,13 +233,20 @@ impl Manifest {
         s.finish(&d)
     }
 
-    /// Writes `manifest.img` into `dir`.
+    /// Writes `manifest.img` into `dir`; one larger than a reader accepts
+    /// ([`file::MANIFEST_CAP`]: shared memory contents live in it) is an
+    /// error, not an image that could not be read back.
     pub fn write(&self, dir: &Path) -> Result<(), ImageError> {
-        file::write_whole(
-            &dir.join(crate::MANIFEST_FILE),
-            FileKind::Manifest,
-            &self.encode(),
-        )
+        let path = dir.join(crate::MANIFEST_FILE);
+        let payload = self.encode();
+        if payload.len() as u64 > file::MANIFEST_CAP {
+            return Err(ImageError::TooLarge {
+                path: path.display().to_string(),
+                size: payload.len() as u64,
+                cap: file::MANIFEST_CAP,
+            });
+        }
+        file::write_whole(&path, FileKind::Manifest, &payload)
     }
 
     /// Reads and validates `manifest.img` from `dir`.

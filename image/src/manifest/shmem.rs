@@ -3,8 +3,12 @@
 use super::{unknown, NAME_CAP, PATH_CAP};
 use crate::codec::{Dec, DecErr, Enc};
 
-/// Largest shared memory object stored (its contents are in the manifest).
+/// Largest shared memory object before format 1.9, and the largest run of
+/// contents stored in one piece (the contents are in the manifest).
 pub const SHMEM_CAP: u64 = 64 << 20;
+/// First minor whose objects may be larger than [`SHMEM_CAP`] (only their
+/// stored contents are bounded: holes are not stored).
+const UNCAPPED_SINCE: u16 = 9;
 /// Most bytes of contents stored for one deleted file (its size may be
 /// larger: holes are not stored).
 pub const GHOST_CAP: u64 = 1 << 30;
@@ -146,7 +150,7 @@ impl ShmemObject {
             _ => b.str(NAME_CAP, "memfd name")?,
         };
         let size = b.u64()?;
-        if size > SHMEM_CAP && !ghost {
+        if size > SHMEM_CAP && !ghost && minor < UNCAPPED_SINCE {
             return Err(b.err(format!(
                 "shared memory object of {size} bytes (at most {SHMEM_CAP})"
             )));
@@ -304,12 +308,16 @@ mod tests {
         let e = decoded(&encoded(&past)).unwrap_err();
         assert!(e.what.contains("past its size 8192"), "{}", e.what);
         let big = ShmemObject {
-            size: SHMEM_CAP + 1,
-            data: Vec::new(),
+            size: SHMEM_CAP + 8192,
+            data: vec![(SHMEM_CAP - 4096, vec![7; 8192])],
             ..memfd()
         };
         let e = decoded(&encoded(&big)).unwrap_err();
         assert!(e.what.contains("at most"), "{}", e.what);
+        // Format 1.9: only the contents are bounded, not the size.
+        let buf = encoded(&big);
+        let mut d = Dec::new(&buf, 0);
+        assert_eq!(ShmemObject::decode(&mut d, 9).unwrap(), big);
         let mut bad = encoded(&memfd());
         bad[8] = 9;
         let e = decoded(&bad).unwrap_err();

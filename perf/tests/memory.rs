@@ -1,0 +1,83 @@
+//! Memory a process can see comes back: shared memory objects larger than
+//! 64 MiB (ZDTM maps01; PostgreSQL's shared buffers).
+
+use std::process::{Command, Stdio};
+
+use cr_ebpf_checkpoint::{dump, DumpOptions};
+use cr_ebpf_perf::{spawn_clean, KillOnDrop, Scratch};
+use cr_ebpf_restore::{restore, RestoreOptions};
+
+/// Starts the python3 `script` with a control directory as its argument;
+/// it writes `ctl/ready` once set up and answers `ctl/ask` (any content)
+/// by writing `ctl/answer`.
+fn start(s: &Scratch, script: &str) -> (std::process::Child, i32, std::path::PathBuf) {
+    let ctl = s.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", script])
+        .arg(&ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let child = spawn_clean(&mut cmd);
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
+    let pid = child.id() as i32;
+    (child, pid, ctl)
+}
+
+/// What the workload answers when asked.
+fn ask(ctl: &std::path::Path) -> String {
+    let _ = std::fs::remove_file(ctl.join("answer"));
+    std::fs::write(ctl.join("ask.tmp"), "?").unwrap();
+    std::fs::rename(ctl.join("ask.tmp"), ctl.join("ask")).unwrap();
+    cr_ebpf_perf::wait_for_file(&ctl.join("answer"));
+    std::fs::read_to_string(ctl.join("answer")).unwrap()
+}
+
+/// The answering loop of a workload: `ANSWER()` returns a string.
+const LOOP: &str = r#"
+open(os.path.join(ctl, 'ready'), 'w').close()
+while True:
+    if os.path.exists(os.path.join(ctl, 'ask')):
+        os.unlink(os.path.join(ctl, 'ask'))
+        with open(os.path.join(ctl, 'answer.tmp'), 'w') as f:
+            f.write(ANSWER())
+        os.rename(os.path.join(ctl, 'answer.tmp'), os.path.join(ctl, 'answer'))
+    time.sleep(0.02)
+"#;
+
+#[test]
+fn a_shared_memory_object_over_64_mib_comes_back() {
+    if !cr_ebpf_perf::privileged("a_shared_memory_object_over_64_mib_comes_back") {
+        return;
+    }
+    // 1 GiB of shared anonymous memory, sparse, and a 160 MiB memfd with
+    // 72 MiB written in one run (more than one stored piece).
+    let script = r#"
+import hashlib, mmap, os, sys, time
+ctl = sys.argv[1]
+big = mmap.mmap(-1, 1 << 30, mmap.MAP_SHARED)
+for off in (0, 1 << 29, (1 << 30) - 4096):
+    big[off:off + 5] = b'mark!'
+fd = os.memfd_create('buffers')
+os.ftruncate(fd, 160 << 20)
+buf = mmap.mmap(fd, 160 << 20, mmap.MAP_SHARED)
+for i in range(0, 72 << 20, 4096):
+    buf[(8 << 20) + i:(8 << 20) + i + 8] = i.to_bytes(8, 'little')
+def ANSWER():
+    h = hashlib.sha256(buf[:]).hexdigest()
+    return ' '.join([big[0:5].decode(), big[1 << 29:(1 << 29) + 5].decode(),
+                     big[(1 << 30) - 4096:(1 << 30) - 4091].decode(), h])
+"#;
+    let s = Scratch::new("mem-bigshm");
+    let (mut child, pid, ctl) = start(&s, &format!("{script}{LOOP}"));
+    let guard = KillOnDrop(pid);
+    let before = ask(&ctl);
+    assert!(before.starts_with("mark! mark! mark! "), "{before}");
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    assert_eq!(ask(&ctl), before, "the same contents");
+}
