@@ -32,14 +32,14 @@ pub use chain::Chain;
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
     Cgroup, ChainInfo, CowRun, Ctty, EpollItem, FdInfo, FdKind, FdState, FileLock, FileOwner,
-    InotifyWatch, IpcNs, IpcPerm, LockKind, Manifest, MappingInfo, MappingKind, Membership,
-    PosixTimer, Prctl, ProcessInfo, PtyPair, Sched, ShmemKind, ShmemObject, SigAction, SockOpt,
-    SocketFile, SocketInfo, SysvMsq, SysvSem, SysvShm, TcpRepair, Terminal, ThreadInfo, TtyInfo,
-    TtyRole, Uts, GHOST_CAP, MAP_DONTDUMP, MAP_DONTFORK, MAP_DROPPABLE, MAP_GROWSDOWN,
-    MAP_HUGEPAGE, MAP_INHERITS, MAP_KNOWN, MAP_LOCKED, MAP_LOCKONFAULT, MAP_MAYWRITE,
-    MAP_MERGEABLE, MAP_NOHUGEPAGE, MAP_NORESERVE, MAP_RANDOM, MAP_SEQUENTIAL, MAP_SHARED,
-    MAP_WIPEONFORK, SCHED_RESET_ON_FORK, SHMEM_CAP, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN,
-    UTS_NAME_CAP,
+    InotifyWatch, IpcNs, IpcPerm, LineEnd, LockKind, Manifest, MappingInfo, MappingKind,
+    Membership, PosixTimer, Prctl, ProcessInfo, PtyPair, QueuedInput, Sched, ShmemKind,
+    ShmemObject, SigAction, SockOpt, SocketFile, SocketInfo, SysvMsq, SysvSem, SysvShm, TcpRepair,
+    Terminal, ThreadInfo, TtyInfo, TtyRole, Uts, GHOST_CAP, MAP_DONTDUMP, MAP_DONTFORK,
+    MAP_DROPPABLE, MAP_GROWSDOWN, MAP_HUGEPAGE, MAP_INHERITS, MAP_KNOWN, MAP_LOCKED,
+    MAP_LOCKONFAULT, MAP_MAYWRITE, MAP_MERGEABLE, MAP_NOHUGEPAGE, MAP_NORESERVE, MAP_RANDOM,
+    MAP_SEQUENTIAL, MAP_SHARED, MAP_WIPEONFORK, SCHED_RESET_ON_FORK, SHMEM_CAP, SOCKET_QUEUE_CAP,
+    TCP_HALF_CLOSED, TERMIOS_LEN, UTS_NAME_CAP,
 };
 pub use publish::publish;
 

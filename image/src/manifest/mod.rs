@@ -47,8 +47,9 @@ mod thread;
 pub use chain::ChainInfo;
 pub use cow::CowRun;
 pub use fd::{
-    EpollItem, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, PtyPair, SockOpt, SocketFile,
-    SocketInfo, TcpRepair, TtyInfo, TtyRole, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN,
+    EpollItem, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, LineEnd, PtyPair, QueuedInput,
+    SockOpt, SocketFile, SocketInfo, TcpRepair, TtyInfo, TtyRole, SOCKET_QUEUE_CAP,
+    TCP_HALF_CLOSED, TERMIOS_LEN,
 };
 pub use ipc::{IpcNs, IpcPerm, SysvMsq, SysvSem, SysvShm};
 pub use lock::{FileLock, LockKind};

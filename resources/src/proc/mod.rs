@@ -5,6 +5,18 @@ pub mod maps;
 
 use std::io;
 
+/// Whether cr-ebpf holds capability `bit` (of `CapEff`).
+pub fn have_cap(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+
 pub use maps::{dumpable_runs, mark_tmpfs, parse_maps, MapEntry};
 
 /// Clock `clock` now, in ns.

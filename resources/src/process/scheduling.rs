@@ -53,18 +53,6 @@ fn nice(tid: i32) -> std::io::Result<i32> {
     Ok(20 - r as i32)
 }
 
-/// Whether cr-ebpf holds capability `bit` (of `CapEff`).
-pub(crate) fn have_cap(bit: u32) -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << bit) != 0)
-}
-
 /// The scheduling settings of thread `tid` of process `pid`; `Err` is a
 /// refusal (what cannot be set again), `Ok(None)` a thread that is gone.
 pub fn save_sched(pid: i32, tid: i32) -> Result<Option<Sched>, SaveError> {
@@ -97,7 +85,7 @@ pub fn save_sched(pid: i32, tid: i32) -> Result<Option<Sched>, SaveError> {
     let ours = nice(0).unwrap_or(0);
     let nice = value;
     let rt = matches!(policy, 1 | 2);
-    if (rt || nice < ours || slice_ns != 0) && !have_cap(CAP_SYS_NICE) {
+    if (rt || nice < ours || slice_ns != 0) && !crate::proc::have_cap(CAP_SYS_NICE) {
         return Err(refuse(format!(
             "thread {tid}'s scheduling (policy {policy}, rt priority {priority}, nice {nice}, \
              cr-ebpf's nice {ours}): setting it again needs CAP_SYS_NICE, which cr-ebpf lacks"
@@ -156,7 +144,7 @@ impl ProcessKind for Scheduling {
             .ok()
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
-        if adj < ours && !have_cap(CAP_SYS_RESOURCE) {
+        if adj < ours && !crate::proc::have_cap(CAP_SYS_RESOURCE) {
             return Err(cx.refuse(format!(
                 "an OOM score adjustment of {adj}, below cr-ebpf's {ours}: setting it again \
                  needs CAP_SYS_RESOURCE, which cr-ebpf lacks here"

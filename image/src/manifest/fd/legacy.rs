@@ -63,7 +63,7 @@ pub(super) fn decode(d: &mut Dec<'_>, minor: u16) -> Result<FdState, DecErr> {
             crate::FORMAT_MAJOR
         ),
     })?;
-    let state = FdState::decode_body(kind, &mut b)?;
+    let state = FdState::decode_body(kind, &mut b, 4)?;
     if !b.done() {
         return Err(b.err("unexpected bytes at the end of a descriptor state"));
     }

@@ -281,8 +281,8 @@ impl FdState {
     }
 
     /// Reads the body of the state of `kind` (nothing for a kind without
-    /// state).
-    pub(super) fn decode_body(kind: FdKind, b: &mut Dec<'_>) -> Result<Self, DecErr> {
+    /// state), of format 1.`minor`.
+    pub(super) fn decode_body(kind: FdKind, b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
         Ok(match kind {
             FdKind::Invalid
             | FdKind::File
@@ -306,7 +306,7 @@ impl FdState {
             FdKind::Inotify => Self::Inotify(decode_inotify(b)?),
             FdKind::Memfd => Self::Memfd { id: b.u64()? },
             FdKind::Pidfd => Self::Pidfd { pid: b.i32()? },
-            FdKind::Tty => Self::Tty(TtyInfo::decode(b)?),
+            FdKind::Tty => Self::Tty(TtyInfo::decode(b, minor)?),
             FdKind::Deleted => Self::Deleted { id: b.u64()? },
             FdKind::Fifo => {
                 let at = b.offset();
@@ -499,7 +499,10 @@ pub(super) mod tests {
             s.encode_body(&mut e);
             assert_eq!(e.buf.is_empty(), s == FdState::None);
             let mut d = Dec::new(&e.buf, 0);
-            assert_eq!(FdState::decode_body(kind, &mut d).unwrap(), s);
+            assert_eq!(
+                FdState::decode_body(kind, &mut d, crate::FORMAT_MINOR).unwrap(),
+                s
+            );
             assert!(d.done());
         }
     }
@@ -523,15 +526,25 @@ pub(super) mod tests {
     fn counts_over_the_caps_and_disordered_watches_are_refused() {
         let mut e = Enc::default();
         e.u32(EPOLL_ITEMS_CAP as u32 + 1);
-        let err = FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err =
+            FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR)
+                .unwrap_err();
         assert!(err.what.contains("epoll registrations"), "{}", err.what);
         // A count within the cap but past the bytes: refused, not reserved.
         let mut e = Enc::default();
         e.u32(EPOLL_ITEMS_CAP as u32);
-        assert!(FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0)).is_err());
+        assert!(
+            FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR)
+                .is_err()
+        );
         let mut e = Enc::default();
         e.u32(WATCHES_CAP as u32 + 1);
-        let err = FdState::decode_body(FdKind::Inotify, &mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err = FdState::decode_body(
+            FdKind::Inotify,
+            &mut Dec::new(&e.buf, 0),
+            crate::FORMAT_MINOR,
+        )
+        .unwrap_err();
         assert!(err.what.contains("inotify watches"), "{}", err.what);
         let watch = |wd| InotifyWatch {
             wd,
@@ -544,7 +557,12 @@ pub(super) mod tests {
         ] {
             let mut e = Enc::default();
             FdState::Inotify(bad).encode_body(&mut e);
-            let err = FdState::decode_body(FdKind::Inotify, &mut Dec::new(&e.buf, 0)).unwrap_err();
+            let err = FdState::decode_body(
+                FdKind::Inotify,
+                &mut Dec::new(&e.buf, 0),
+                crate::FORMAT_MINOR,
+            )
+            .unwrap_err();
             assert!(err.what.contains("out of order"), "{}", err.what);
         }
     }
