@@ -3,7 +3,7 @@
 //! what the previous checkpoint asked the process for when the resource log
 //! says it cannot have changed.
 
-use std::{fs::File, path::Path};
+use std::fs::File;
 
 use cr_ebpf_image::{
     ChainInfo, FdInfo, Manifest, MappingInfo, MappingKind, ProcessInfo, ShmemObject, ThreadInfo,
@@ -86,15 +86,6 @@ pub(crate) fn collect(
         return Err(DumpError::NotSupported {
             pid,
             what: format!("a mapping of {why} at {:#x}-{:#x}", m.start, m.end),
-        });
-    }
-    // A process confined to another root directory cannot be rebuilt yet.
-    let root = std::fs::read_link(format!("/proc/{pid}/root"))
-        .map_err(proc_err(pid, format!("/proc/{pid}/root")))?;
-    if root != Path::new("/") {
-        return Err(DumpError::NotSupported {
-            pid,
-            what: format!("a root directory other than / ({})", root.display()),
         });
     }
     // Children would be lost: a restored parent waiting for them would

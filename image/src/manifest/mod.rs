@@ -297,7 +297,7 @@ impl Sections {
                 if self.process.is_some() {
                     return Err(err("a second PROCESS section".into()));
                 }
-                self.process = Some(ProcessInfo::decode(b)?);
+                self.process = Some(ProcessInfo::decode(b, minor)?);
             }
             TAG_SHMEM => {
                 let o = ShmemObject::decode(b, minor)?;

@@ -79,7 +79,14 @@ pub struct ProcessInfo {
     /// Format 1.8 (after the subreaper flag): `/proc/PID/oom_score_adj`,
     /// written again at restore.
     pub oom_score_adj: i32,
+    /// Format 1.9 (after the OOM score adjustment): the process's root
+    /// directory (`chroot`) as cr-ebpf's root sees it; empty: the same as
+    /// cr-ebpf's.
+    pub root: String,
 }
+
+/// First minor whose PROCESS ends with the root directory.
+const ROOT_SINCE: u16 = 9;
 
 /// A process's controlling terminal (format 1.8).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -200,11 +207,13 @@ impl ProcessInfo {
             self.membership.encode(b);
             b.u32(u32::from(self.child_subreaper));
             b.i32(self.oom_score_adj);
+            b.str(&self.root);
         }
     }
 
-    /// Reads a PROCESS section's body; `posix_timers` is left empty.
-    pub(super) fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
+    /// Reads a PROCESS section's body of format 1.`minor`; `posix_timers`
+    /// is left empty.
+    pub(super) fn decode(b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
         let pid = b.i32()?;
         let exe = b.str(PATH_CAP, "exe path")?;
         let mut mm = [0u64; 11];
@@ -309,6 +318,15 @@ impl ProcessInfo {
             }
             v
         };
+        let root = if terminal.is_none() || minor < ROOT_SINCE || b.done() {
+            String::new()
+        } else {
+            let r = b.str(PATH_CAP, "root directory")?;
+            if !r.is_empty() && !r.starts_with('/') {
+                return Err(b.err(format!("root directory {r:?} (an absolute path)")));
+            }
+            r
+        };
         Ok(Self {
             pid,
             exe,
@@ -335,6 +353,7 @@ impl ProcessInfo {
             membership,
             child_subreaper,
             oom_score_adj,
+            root,
         })
     }
 }
@@ -416,6 +435,7 @@ mod tests {
             },
             child_subreaper: true,
             oom_score_adj: -17,
+            root: "/srv/jail".into(),
         }
     }
 
@@ -425,8 +445,22 @@ mod tests {
         let mut e = Enc::default();
         p.encode(&mut e);
         let mut d = Dec::new(&e.buf, 0);
-        assert_eq!(ProcessInfo::decode(&mut d).unwrap(), p);
+        assert_eq!(ProcessInfo::decode(&mut d, crate::FORMAT_MINOR).unwrap(), p);
         assert!(d.done());
+        // Format 1.8 ends before the root directory: a 1.8 reader of these
+        // bytes finds them left over; 1.8 bytes read without it.
+        let mut d = Dec::new(&e.buf, 0);
+        ProcessInfo::decode(&mut d, 8).unwrap();
+        assert!(!d.done());
+        let old = &e.buf[..e.buf.len() - 4 - p.root.len()];
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), 8).unwrap();
+        assert_eq!(back.root, "");
+        let mut rel = sample();
+        rel.root = "jail".into();
+        let mut e = Enc::default();
+        rel.encode(&mut e);
+        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0), 9).unwrap_err();
+        assert!(err.what.contains("absolute"), "{}", err.what);
     }
 
     #[test]
@@ -435,19 +469,20 @@ mod tests {
         p.membership = Default::default();
         p.child_subreaper = false;
         p.oom_score_adj = 0;
+        p.root = String::new();
         let mut e = Enc::default();
         p.encode(&mut e);
         // Format 1.7 ends before the (here empty, 24 bytes) membership and
         // the subreaper flag (4).
-        e.buf.truncate(e.buf.len() - 24 - 8);
+        e.buf.truncate(e.buf.len() - 24 - 8 - 4);
         assert_eq!(
-            ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
+            ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap(),
             p,
             "1.7 reads as 1.8 without cgroups or UTS namespace"
         );
         // 1.1 ends after the credentials: u64, u64, str "boot", i32, i32 cut off.
         let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4 + 4 + 4 + 16 + 12)];
-        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!((back.monotonic_ns, back.boottime_ns), (0, 0));
         assert_eq!(back.boot_id, "");
         assert_eq!(back.creds, p.creds);
@@ -459,13 +494,14 @@ mod tests {
         p.membership = Default::default();
         p.child_subreaper = false;
         p.oom_score_adj = 0;
+        p.root = String::new();
         let mut e = Enc::default();
         p.encode(&mut e);
         // Format 1.7 ends before the terminal (12 bytes) and the (here
         // empty, 24 bytes) membership.
-        e.buf.truncate(e.buf.len() - 12 - 24 - 8);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 8 - 4);
         assert_eq!(
-            ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
+            ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap(),
             ProcessInfo {
                 terminal: None,
                 ..p.clone()
@@ -473,7 +509,7 @@ mod tests {
             "1.7 reads as 1.8 without terminal, cgroups or namespaces"
         );
         let old = &e.buf[..e.buf.len() - 8 - 16];
-        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!((back.sid, back.pgid), (0, 0));
         assert_eq!(back.boot_id, "boot");
     }
@@ -484,18 +520,19 @@ mod tests {
         p.membership = Default::default();
         p.child_subreaper = false;
         p.oom_score_adj = 0;
+        p.root = String::new();
         let mut e = Enc::default();
         p.encode(&mut e);
-        e.buf.truncate(e.buf.len() - 12 - 24 - 8);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 8 - 4);
         let old = &e.buf[..e.buf.len() - 16];
-        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!(back.prctl, None);
         assert_eq!((back.sid, back.pgid), (42, 40));
         // Out of range values are refused.
         let mut bad = e.buf.clone();
         let n = bad.len();
         bad[n - 4..].copy_from_slice(&99u32.to_le_bytes());
-        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
+        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(err.what.contains("stop signal 99"), "{}", err.what);
     }
 
@@ -505,12 +542,13 @@ mod tests {
         p.membership = Default::default();
         p.child_subreaper = false;
         p.oom_score_adj = 0;
+        p.root = String::new();
         let mut e = Enc::default();
         p.encode(&mut e);
         // The terminal (12 bytes), the empty membership (24 bytes), the
         // subreaper flag (4 bytes).
-        let old = &e.buf[..e.buf.len() - 12 - 24 - 8];
-        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        let old = &e.buf[..e.buf.len() - 12 - 24 - 8 - 4];
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!(back.terminal, None);
         assert_eq!(back.prctl, p.prctl);
         for (ctty, shell_job) in [(Ctty::None, false), (Ctty::Outside, true)] {
@@ -524,21 +562,24 @@ mod tests {
             };
             let mut e = Enc::default();
             q.encode(&mut e);
-            assert_eq!(ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(), q);
+            assert_eq!(
+                ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap(),
+                q
+            );
         }
         // Unknown kinds and markers are refused.
         let n = e.buf.len();
         let mut bad = e.buf.clone();
-        bad[n - 44..n - 42].copy_from_slice(&3u16.to_le_bytes());
-        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
+        bad[n - 48..n - 46].copy_from_slice(&3u16.to_le_bytes());
+        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(
             err.what.contains("controlling terminal kind 3"),
             "{}",
             err.what
         );
         let mut bad = e.buf.clone();
-        bad[n - 42..n - 40].copy_from_slice(&2u16.to_le_bytes());
-        assert!(ProcessInfo::decode(&mut Dec::new(&bad, 0)).is_err());
+        bad[n - 46..n - 44].copy_from_slice(&2u16.to_le_bytes());
+        assert!(ProcessInfo::decode(&mut Dec::new(&bad, 0), crate::FORMAT_MINOR).is_err());
     }
 
     #[test]
@@ -547,13 +588,13 @@ mod tests {
         p.sigactions[0].signo = 65;
         let mut e = Enc::default();
         p.encode(&mut e);
-        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(err.what.contains("signal number 65"), "{}", err.what);
         let mut p = sample();
         p.rlimits = vec![(0, 0); 65];
         let mut e = Enc::default();
         p.encode(&mut e);
-        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(err.what.contains("65 resource limits"), "{}", err.what);
     }
 }

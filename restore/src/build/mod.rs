@@ -393,6 +393,8 @@ fn fds(b: &mut Build<'_>) -> Result<(), RestoreError> {
     cr_ebpf_resources::fd::inherited::close_unheld(s, m)?;
     cr_ebpf_resources::fd::restore(&cx, m)?;
     cr_ebpf_resources::ghost::enter_cwd(s, m, shm)?;
+    // Last of what is opened by a path of the restorer's root.
+    process::settings::enter_root(s, &m.process)?;
     s.release_adopter()?;
     cr_ebpf_resources::shmem::seal(&m.shmem, shm)
 }
