@@ -215,6 +215,7 @@ fn manifest() -> Manifest {
                     fd: 5,
                     events: 1,
                     data: 0xfeed,
+                    source: None,
                 }]),
                 ..Default::default()
             },

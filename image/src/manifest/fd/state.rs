@@ -126,7 +126,14 @@ pub struct EpollItem {
     pub events: u32,
     /// The user data word, all 64 bits.
     pub data: u64,
+    /// Format 1.9: the descriptor its file is open under at checkpoint
+    /// time when that number is closed or holds another file now (the
+    /// registration lives on while its file does); `None`: `fd` itself.
+    pub source: Option<i32>,
 }
+
+/// First minor whose epoll registrations name where their file is open.
+const EPOLL_SOURCE_SINCE: u16 = 9;
 
 /// What a descriptor holds beyond the common fields: the state of its
 /// [`FdKind`]. Kinds 1 to 4 (files, devices, pipes, inherited) have
@@ -239,9 +246,15 @@ impl FdState {
 
     /// Appends the state's body (nothing for [`FdState::None`]).
     pub(super) fn encode_body(&self, b: &mut Enc) {
+        self.encode_body_version(b, crate::FORMAT_MINOR);
+    }
+
+    /// Appends the state's body as format 1.`minor` has it (older ones
+    /// for tests of older readers: the crate writes the newest).
+    pub(super) fn encode_body_version(&self, b: &mut Enc, minor: u16) {
         match self {
             Self::None => {}
-            Self::Epoll(items) => encode_epoll(b, items),
+            Self::Epoll(items) => encode_epoll(b, items, minor),
             Self::EventFd { count, semaphore } => {
                 b.u64(*count);
                 b.u32(*semaphore as u32);
@@ -289,7 +302,7 @@ impl FdState {
             | FdKind::CharDevice
             | FdKind::Pipe
             | FdKind::Inherited => Self::None,
-            FdKind::Epoll => Self::Epoll(decode_epoll(b)?),
+            FdKind::Epoll => Self::Epoll(decode_epoll(b, minor)?),
             FdKind::EventFd => Self::EventFd {
                 count: b.u64()?,
                 semaphore: b.u32()? != 0,
@@ -331,16 +344,21 @@ impl FdState {
     }
 }
 
-fn encode_epoll(b: &mut Enc, items: &[EpollItem]) {
+fn encode_epoll(b: &mut Enc, items: &[EpollItem], minor: u16) {
     b.u32(items.len() as u32);
     for i in items {
         b.i32(i.fd);
         b.u32(i.events);
         b.u64(i.data);
     }
+    if minor >= EPOLL_SOURCE_SINCE {
+        for i in items {
+            b.i32(i.source.unwrap_or(-1));
+        }
+    }
 }
 
-fn decode_epoll(b: &mut Dec<'_>) -> Result<Vec<EpollItem>, DecErr> {
+fn decode_epoll(b: &mut Dec<'_>, minor: u16) -> Result<Vec<EpollItem>, DecErr> {
     let n = b.u32()? as usize;
     if n > EPOLL_ITEMS_CAP {
         return Err(b.err(format!(
@@ -353,7 +371,17 @@ fn decode_epoll(b: &mut Dec<'_>) -> Result<Vec<EpollItem>, DecErr> {
             fd: b.i32()?,
             events: b.u32()?,
             data: b.u64()?,
+            source: None,
         });
+    }
+    if minor >= EPOLL_SOURCE_SINCE {
+        for i in &mut items {
+            i.source = match b.i32()? {
+                -1 => None,
+                n if n >= 0 && n != i.fd => Some(n),
+                n => return Err(b.err(format!("epoll registration of {} open under {n}", i.fd))),
+            };
+        }
     }
     Ok(items)
 }
@@ -406,11 +434,13 @@ pub(super) mod tests {
                     fd: 3,
                     events: 0x8000_0019,
                     data: 0x1122_3344_5566_7788,
+                    source: None,
                 },
                 EpollItem {
                     fd: 9,
                     events: 1,
                     data: 9,
+                    source: None,
                 },
             ]),
             FdState::EventFd {
@@ -565,5 +595,44 @@ pub(super) mod tests {
             .unwrap_err();
             assert!(err.what.contains("out of order"), "{}", err.what);
         }
+    }
+
+    #[test]
+    fn an_epoll_registration_names_where_its_file_is_open_from_1_9() {
+        let items = vec![
+            EpollItem {
+                fd: 999,
+                events: 1,
+                data: 2,
+                source: Some(5),
+            },
+            EpollItem {
+                fd: 5,
+                events: 1,
+                data: 3,
+                source: None,
+            },
+        ];
+        let s = FdState::Epoll(items.clone());
+        let mut e = Enc::default();
+        s.encode_body(&mut e);
+        let mut d = Dec::new(&e.buf, 0);
+        assert_eq!(FdState::decode_body(FdKind::Epoll, &mut d, 9).unwrap(), s);
+        assert!(d.done());
+        // 1.8 has no sources.
+        let mut e8 = Enc::default();
+        s.encode_body_version(&mut e8, 8);
+        let mut d = Dec::new(&e8.buf, 0);
+        let FdState::Epoll(back) = FdState::decode_body(FdKind::Epoll, &mut d, 8).unwrap() else {
+            panic!()
+        };
+        assert!(back.iter().all(|i| i.source.is_none()));
+        // A source that is its own number, or negative, is damage.
+        let n = e.buf.len();
+        let mut bad = e.buf.clone();
+        bad[n - 8..n - 4].copy_from_slice(&999i32.to_le_bytes());
+        assert!(FdState::decode_body(FdKind::Epoll, &mut Dec::new(&bad, 0), 9).is_err());
+        bad[n - 8..n - 4].copy_from_slice(&(-2i32).to_le_bytes());
+        assert!(FdState::decode_body(FdKind::Epoll, &mut Dec::new(&bad, 0), 9).is_err());
     }
 }
