@@ -79,6 +79,7 @@ fn manifest() -> Manifest {
             child_subreaper: false,
             oom_score_adj: 100,
             root: "/srv/jail".into(),
+            membarrier: 0x10,
             membership: cr_ebpf_image::Membership {
                 cgroups: vec![cr_ebpf_image::Cgroup {
                     controllers: "name=systemd".into(),

@@ -1,5 +1,6 @@
 //! Memory a process can see comes back: shared memory objects larger than
-//! 64 MiB (ZDTM maps01; PostgreSQL's shared buffers).
+//! 64 MiB (ZDTM maps01; PostgreSQL's shared buffers); membarrier
+//! registrations (ZDTM membarrier).
 
 use std::process::{Command, Stdio};
 
@@ -80,4 +81,35 @@ def ANSWER():
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     let _k = KillOnDrop(r.pid);
     assert_eq!(ask(&ctl), before, "the same contents");
+}
+
+#[test]
+fn membarrier_registrations_come_back() {
+    if !cr_ebpf_perf::privileged("membarrier_registrations_come_back") {
+        return;
+    }
+    // Registered for global and private expedited barriers; the answer is
+    // the registrations the kernel reports and whether a private expedited
+    // barrier works (EPERM without its registration).
+    let script = r#"
+import ctypes, os, sys, time
+ctl = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+mb = lambda cmd: libc.syscall(324, cmd, 0, 0)
+assert mb(1 << 2) == 0 and mb(1 << 4) == 0
+def ANSWER():
+    return '%#x %d' % (mb(1 << 9), mb(1 << 3))
+"#;
+    let s = Scratch::new("mem-membarrier");
+    let (mut child, pid, ctl) = start(&s, &format!("{script}{LOOP}"));
+    let guard = KillOnDrop(pid);
+    let before = ask(&ctl);
+    assert_eq!(before, "0x14 0", "registered before");
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    assert_eq!(ask(&ctl), before, "registered again");
 }

@@ -61,7 +61,7 @@ pub use mapping::{
 };
 pub use membership::{Cgroup, Membership, Uts, UTS_NAME_CAP};
 pub use posix_timer::PosixTimer;
-pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal};
+pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal, MEMBARRIER_REGISTRATIONS};
 pub use shmem::{ShmemKind, ShmemObject, GHOST_CAP, SHMEM_CAP};
 pub use thread::{Sched, ThreadInfo, SCHED_RESET_ON_FORK};
 

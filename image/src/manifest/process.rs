@@ -83,10 +83,19 @@ pub struct ProcessInfo {
     /// directory (`chroot`) as cr-ebpf's root sees it; empty: the same as
     /// cr-ebpf's.
     pub root: String,
+    /// Format 1.9 (after the root directory): the membarrier commands the
+    /// process registered for, as `MEMBARRIER_CMD_GET_REGISTRATIONS` gives
+    /// them (a mask of [`MEMBARRIER_REGISTRATIONS`]), registered again.
+    pub membarrier: u32,
 }
 
-/// First minor whose PROCESS ends with the root directory.
+/// First minor whose PROCESS ends with the root directory and the
+/// membarrier registrations.
 const ROOT_SINCE: u16 = 9;
+/// The `MEMBARRIER_CMD_REGISTER_*` commands: global expedited, private
+/// expedited, private expedited with core serialization, private expedited
+/// for rseq.
+pub const MEMBARRIER_REGISTRATIONS: u32 = (1 << 2) | (1 << 4) | (1 << 6) | (1 << 8);
 
 /// A process's controlling terminal (format 1.8).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -208,6 +217,7 @@ impl ProcessInfo {
             b.u32(u32::from(self.child_subreaper));
             b.i32(self.oom_score_adj);
             b.str(&self.root);
+            b.u32(self.membarrier);
         }
     }
 
@@ -327,6 +337,15 @@ impl ProcessInfo {
             }
             r
         };
+        let membarrier = if terminal.is_none() || minor < ROOT_SINCE || b.done() {
+            0
+        } else {
+            let m = b.u32()?;
+            if m & !MEMBARRIER_REGISTRATIONS != 0 {
+                return Err(b.err(format!("membarrier registrations {m:#x}")));
+            }
+            m
+        };
         Ok(Self {
             pid,
             exe,
@@ -354,6 +373,7 @@ impl ProcessInfo {
             child_subreaper,
             oom_score_adj,
             root,
+            membarrier,
         })
     }
 }
@@ -436,6 +456,7 @@ mod tests {
             child_subreaper: true,
             oom_score_adj: -17,
             root: "/srv/jail".into(),
+            membarrier: 0x154,
         }
     }
 
@@ -452,9 +473,18 @@ mod tests {
         let mut d = Dec::new(&e.buf, 0);
         ProcessInfo::decode(&mut d, 8).unwrap();
         assert!(!d.done());
-        let old = &e.buf[..e.buf.len() - 4 - p.root.len()];
+        let old = &e.buf[..e.buf.len() - 4 - p.root.len() - 4];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0), 8).unwrap();
-        assert_eq!(back.root, "");
+        assert_eq!((back.root.as_str(), back.membarrier), ("", 0));
+        let mut bad = e.buf.clone();
+        let n = bad.len();
+        bad[n - 4..].copy_from_slice(&0x200u32.to_le_bytes());
+        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0), 9).unwrap_err();
+        assert!(
+            err.what.contains("membarrier registrations 0x200"),
+            "{}",
+            err.what
+        );
         let mut rel = sample();
         rel.root = "jail".into();
         let mut e = Enc::default();
@@ -470,11 +500,12 @@ mod tests {
         p.child_subreaper = false;
         p.oom_score_adj = 0;
         p.root = String::new();
+        p.membarrier = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
         // Format 1.7 ends before the (here empty, 24 bytes) membership and
         // the subreaper flag (4).
-        e.buf.truncate(e.buf.len() - 24 - 8 - 4);
+        e.buf.truncate(e.buf.len() - 24 - 8 - 8);
         assert_eq!(
             ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap(),
             p,
@@ -495,11 +526,12 @@ mod tests {
         p.child_subreaper = false;
         p.oom_score_adj = 0;
         p.root = String::new();
+        p.membarrier = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
         // Format 1.7 ends before the terminal (12 bytes) and the (here
         // empty, 24 bytes) membership.
-        e.buf.truncate(e.buf.len() - 12 - 24 - 8 - 4);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 8 - 8);
         assert_eq!(
             ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap(),
             ProcessInfo {
@@ -521,9 +553,10 @@ mod tests {
         p.child_subreaper = false;
         p.oom_score_adj = 0;
         p.root = String::new();
+        p.membarrier = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
-        e.buf.truncate(e.buf.len() - 12 - 24 - 8 - 4);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 8 - 8);
         let old = &e.buf[..e.buf.len() - 16];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!(back.prctl, None);
@@ -543,11 +576,12 @@ mod tests {
         p.child_subreaper = false;
         p.oom_score_adj = 0;
         p.root = String::new();
+        p.membarrier = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
         // The terminal (12 bytes), the empty membership (24 bytes), the
         // subreaper flag (4 bytes).
-        let old = &e.buf[..e.buf.len() - 12 - 24 - 8 - 4];
+        let old = &e.buf[..e.buf.len() - 12 - 24 - 8 - 8];
         let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!(back.terminal, None);
         assert_eq!(back.prctl, p.prctl);
@@ -570,7 +604,7 @@ mod tests {
         // Unknown kinds and markers are refused.
         let n = e.buf.len();
         let mut bad = e.buf.clone();
-        bad[n - 48..n - 46].copy_from_slice(&3u16.to_le_bytes());
+        bad[n - 52..n - 50].copy_from_slice(&3u16.to_le_bytes());
         let err = ProcessInfo::decode(&mut Dec::new(&bad, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(
             err.what.contains("controlling terminal kind 3"),
@@ -578,7 +612,7 @@ mod tests {
             err.what
         );
         let mut bad = e.buf.clone();
-        bad[n - 46..n - 44].copy_from_slice(&2u16.to_le_bytes());
+        bad[n - 50..n - 48].copy_from_slice(&2u16.to_le_bytes());
         assert!(ProcessInfo::decode(&mut Dec::new(&bad, 0), crate::FORMAT_MINOR).is_err());
     }
 
