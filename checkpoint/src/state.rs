@@ -106,7 +106,10 @@ pub(crate) fn collect(
     let mut tree = tree;
     let crate::fds::Fds { fds, tcp, locks } = crate::fds::collect(pid, tree.as_deref_mut())?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
-    let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path))?;
+    let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
+    // Guard regions, recorded with their mappings and installed again.
+    cr_ebpf_resources::proc::guards::mark(&pagemap, &mut entries)
+        .map_err(proc_err(pid, format!("{pagemap_path} (PAGEMAP_SCAN)")))?;
 
     let injector = Injector::new(pid).map_err(trace)?;
     let threads = process::threads::save_threads(
@@ -186,6 +189,7 @@ impl State {
             dev: m.dev,
             inode: m.inode,
             pages_stored,
+            guards: m.guards.clone(),
         }
     }
 

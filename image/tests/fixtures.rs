@@ -617,8 +617,8 @@ fn old_images_are_written_again_in_the_current_format() {
         // bytes more per descriptor for its shared description and its
         // signal-driven I/O owner, 8 more per socket for its messages'
         // senders and pending connections (format 1.8); 4 bytes more per
-        // epoll registration for where its file is open (format 1.9);
-        // otherwise the same.
+        // epoll registration for where its file is open and per mapping
+        // for its guard regions (format 1.9); otherwise the same.
         let with_state = m.fds.iter().filter(|f| f.state != FdState::None).count();
         let registrations: usize = m
             .fds
@@ -639,7 +639,8 @@ fn old_images_are_written_again_in_the_current_format() {
                 - 8
                 - 12 * sockets as i64
                 - 20 * m.fds.len() as i64
-                - 4 * registrations as i64,
+                - 4 * registrations as i64
+                - 4 * m.mappings.len() as i64,
             "{rel}"
         );
     }

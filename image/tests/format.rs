@@ -149,6 +149,7 @@ fn manifest() -> Manifest {
                 dev: 0,
                 inode: 0,
                 pages_stored: 2,
+                guards: vec![(0x2000, 1)],
             },
             MappingInfo {
                 start: 0x7000,
@@ -161,6 +162,7 @@ fn manifest() -> Manifest {
                 dev: 8 << 32 | 1,
                 inode: 99,
                 pages_stored: 0,
+                guards: Vec::new(),
             },
         ],
         shmem: vec![cr_ebpf_image::ShmemObject {
@@ -340,9 +342,11 @@ fn unknown_enum_values_are_errors() {
     m.chain = None;
     m.shmem.clear();
     m.cow.clear();
+    m.mappings[0].guards.clear();
     let mut payload = m.encode();
-    // The kind field of the only mapping: find its encoded u16 (1, Anon).
-    let at = payload.len() - (4 + 8 + 8 + 8) - 2;
+    // The kind field of the only mapping: find its encoded u16 (1, Anon),
+    // before its path, device, inode, pages and (empty) guard regions.
+    let at = payload.len() - (4 + 8 + 8 + 8 + 4) - 2;
     payload[at..at + 2].copy_from_slice(&77u16.to_le_bytes());
     let e = Manifest::decode(&payload, 32).unwrap_err();
     assert!(e.what.contains("unknown mapping kind 77"), "{}", e.what);

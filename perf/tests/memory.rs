@@ -1,6 +1,6 @@
 //! Memory a process can see comes back: shared memory objects larger than
 //! 64 MiB (ZDTM maps01; PostgreSQL's shared buffers); membarrier
-//! registrations (ZDTM membarrier).
+//! registrations (ZDTM membarrier); guard pages (ZDTM maps12).
 
 use std::process::{Command, Stdio};
 
@@ -112,4 +112,46 @@ def ANSWER():
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     let _k = KillOnDrop(r.pid);
     assert_eq!(ask(&ctl), before, "registered again");
+}
+
+#[test]
+fn guard_pages_come_back_where_they_were() {
+    if !cr_ebpf_perf::privileged("guard_pages_come_back_where_they_were") {
+        return;
+    }
+    // Eight pages, each written, then guard regions on pages 1 and 4-5;
+    // the answer: which pages are guards (pagemap bit 58) and what the
+    // others hold.
+    let script = r#"
+import ctypes, mmap, os, struct, sys, time
+ctl = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+a = libc.mmap(None, 8 * 4096, 3, 0x22, -1, 0)
+for i in range(8):
+    ctypes.memmove(a + i * 4096, b'page%d' % i, 5)
+assert libc.madvise(a + 4096, 4096, 102) == 0
+assert libc.madvise(a + 4 * 4096, 2 * 4096, 102) == 0
+def ANSWER():
+    with open('/proc/self/pagemap', 'rb') as f:
+        f.seek(a // 4096 * 8)
+        e = struct.unpack('<8Q', f.read(64))
+    guards = [i for i in range(8) if e[i] >> 58 & 1]
+    data = [ctypes.string_at(a + i * 4096, 5).decode() for i in range(8) if i not in guards]
+    return '%s %s' % (guards, data)
+"#;
+    let s = Scratch::new("mem-guards");
+    let (mut child, pid, ctl) = start(&s, &format!("{script}{LOOP}"));
+    let guard = KillOnDrop(pid);
+    let before = ask(&ctl);
+    assert!(before.starts_with("[1, 4, 5] "), "{before}");
+    let img = s.0.join("img");
+    dump(pid, &img, &DumpOptions::default()).expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _k = KillOnDrop(r.pid);
+    assert_eq!(ask(&ctl), before, "the same guards, the same data");
 }

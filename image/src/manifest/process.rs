@@ -328,23 +328,10 @@ impl ProcessInfo {
             }
             v
         };
-        let root = if terminal.is_none() || minor < ROOT_SINCE || b.done() {
-            String::new()
+        let (root, membarrier) = if terminal.is_none() || minor < ROOT_SINCE || b.done() {
+            (String::new(), 0)
         } else {
-            let r = b.str(PATH_CAP, "root directory")?;
-            if !r.is_empty() && !r.starts_with('/') {
-                return Err(b.err(format!("root directory {r:?} (an absolute path)")));
-            }
-            r
-        };
-        let membarrier = if terminal.is_none() || minor < ROOT_SINCE || b.done() {
-            0
-        } else {
-            let m = b.u32()?;
-            if m & !MEMBARRIER_REGISTRATIONS != 0 {
-                return Err(b.err(format!("membarrier registrations {m:#x}")));
-            }
-            m
+            decode_root_and_membarrier(b)?
         };
         Ok(Self {
             pid,
@@ -376,6 +363,20 @@ impl ProcessInfo {
             membarrier,
         })
     }
+}
+
+/// Format 1.9's end of PROCESS: the root directory and the membarrier
+/// registrations.
+fn decode_root_and_membarrier(b: &mut Dec<'_>) -> Result<(String, u32), DecErr> {
+    let root = b.str(PATH_CAP, "root directory")?;
+    if !root.is_empty() && !root.starts_with('/') {
+        return Err(b.err(format!("root directory {root:?} (an absolute path)")));
+    }
+    let m = b.u32()?;
+    if m & !MEMBARRIER_REGISTRATIONS != 0 {
+        return Err(b.err(format!("membarrier registrations {m:#x}")));
+    }
+    Ok((root, m))
 }
 
 fn decode_sigactions(b: &mut Dec<'_>) -> Result<Vec<SigAction>, DecErr> {

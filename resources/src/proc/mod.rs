@@ -1,6 +1,7 @@
 //! What `/proc` shows of a process: `stat`, `status`, `maps` and the
 //! clocks, each parsed in one place.
 
+pub mod guards;
 pub mod maps;
 
 use std::io;

@@ -373,6 +373,7 @@ fn advice_phase(b: &mut Build<'_>) -> Result<(), RestoreError> {
         if x.flags & advice::ADVICE != 0 && !special {
             advice::restore(b.s, x)?;
         }
+        advice::install_guards(b.s, x)?;
     }
     Ok(())
 }
@@ -505,6 +506,7 @@ mod tests {
             tmpfs: false,
             ghost: false,
             advice: 0,
+            guards: Vec::new(),
         }
     }
 
