@@ -36,7 +36,8 @@ pub enum ShmemKind {
     TmpfsFile = 4,
     /// A file or directory removed from its directory while the process
     /// held it open or mapped (format 1.8): `name` is the path it had,
-    /// `mode` its whole `st_mode` (a regular file or a directory), and
+    /// `mode` its whole `st_mode` (a regular file or a directory; format
+    /// 1.9 also a symbolic link, whose contents are its target), and
     /// owner and times follow. Made again at that path at restore, opened,
     /// and removed.
     DeletedFile = 5,
@@ -191,9 +192,17 @@ impl ShmemObject {
                 )));
             }
             let ty = mode & libc::S_IFMT;
-            if ![libc::S_IFREG, libc::S_IFDIR].contains(&ty) {
+            let link_ok = ty == libc::S_IFLNK && minor >= UNCAPPED_SINCE;
+            if ![libc::S_IFREG, libc::S_IFDIR].contains(&ty) && !link_ok {
                 return Err(b.err(format!(
-                    "deleted file {name:?} of mode {mode:#o} (a regular file or a directory)"
+                    "deleted file {name:?} of mode {mode:#o} (a regular file or a directory; \
+                     format 1.9 also a symbolic link)"
+                )));
+            }
+            let whole = data.len() == 1 && data[0].0 == 0 && data[0].1.len() as u64 == size;
+            if link_ok && !elsewhere && !whole {
+                return Err(b.err(format!(
+                    "deleted symbolic link {name:?} without its target as its contents"
                 )));
             }
         }
@@ -342,6 +351,24 @@ mod tests {
         };
         let e = decoded(&encoded(&fifo)).unwrap_err();
         assert!(e.what.contains("regular file or a directory"), "{}", e.what);
+        // Format 1.9: a symbolic link, its target as its contents.
+        let link = ShmemObject {
+            mode: 0o120777,
+            size: 6,
+            data: vec![(0, b"target".to_vec())],
+            ..fifo.clone()
+        };
+        let buf = encoded(&link);
+        assert!(decoded(&buf).is_err(), "not in 1.8");
+        assert_eq!(
+            ShmemObject::decode(&mut Dec::new(&buf, 0), 9).unwrap(),
+            link
+        );
+        let empty = ShmemObject {
+            data: Vec::new(),
+            ..link
+        };
+        assert!(ShmemObject::decode(&mut Dec::new(&encoded(&empty), 0), 9).is_err());
         let file = ShmemObject {
             mode: 0o100644,
             ..fifo

@@ -63,17 +63,11 @@ impl Descriptor for File {
             libc::S_IFREG | libc::S_IFDIR | libc::S_IFLNK => {
                 // A symbolic link is open only with O_PATH | O_NOFOLLOW, and
                 // opened again so.
+                // Deleted ones are the deleted kind's, asked first.
                 if seen.link.ends_with(" (deleted)") {
-                    let what = if seen.file_type() == libc::S_IFLNK {
-                        format!(
-                            "a descriptor of a deleted symbolic link ({}): it is not made \
-                             again yet",
-                            seen.link
-                        )
-                    } else {
-                        format!("deleted file {}", seen.link)
-                    };
-                    return Some(Err(cx.refuse(seen.fd, what)));
+                    return Some(Err(
+                        cx.refuse(seen.fd, format!("deleted file {}", seen.link))
+                    ));
                 }
                 // A file of a process's /proc: only of a process restored
                 // with it (it has the same pid then).
