@@ -1,6 +1,7 @@
 //! An epoll registration whose number was closed or now holds another file
 //! lives on while its file does (ZDTM epoll, epoll01): it comes back,
-//! reporting the same events and data for the same file.
+//! reporting the same events and data for the same file; an epoll set
+//! shared by two processes (fork) is refused.
 
 use std::process::{Command, Stdio};
 
@@ -98,4 +99,49 @@ fn registrations_of_closed_and_reused_numbers_come_back() {
         at_700.display().to_string().starts_with("pipe:"),
         "B under 700"
     );
+}
+
+#[test]
+fn an_epoll_set_shared_across_fork_is_refused() {
+    if !cr_ebpf_perf::privileged("an_epoll_set_shared_across_fork_is_refused") {
+        return;
+    }
+    // The child inherits the parent's epoll set: one set, two processes.
+    let script = r#"
+import os, select, sys, time
+ctl = sys.argv[1]
+ep = select.epoll()
+r, w = os.pipe()
+ep.register(r, select.EPOLLIN)
+if os.fork() == 0:
+    while True: time.sleep(1)
+open(os.path.join(ctl, 'ready'), 'w').close()
+while True: time.sleep(1)
+"#;
+    let s = Scratch::new("epoll-shared");
+    let ctl = s.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", script])
+        .arg(&ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let child = spawn_clean(&mut cmd);
+    let pid = child.id() as i32;
+    let _k = KillOnDrop(pid);
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
+    let kid: i32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _kk = KillOnDrop(kid);
+    let img = s.0.join("img");
+    let err = dump(pid, &img, &DumpOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("epoll set shared"), "{err}");
+    assert!(!img.exists(), "no image published");
+    for p in [pid, kid] {
+        let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
+        assert!(st.contains("TracerPid:\t0"), "{p} let go: {st}");
+    }
 }

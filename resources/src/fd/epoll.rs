@@ -3,6 +3,9 @@
 //! number; rebuilt inside the process once every other descriptor has its
 //! number, since registrations name the process's own numbers.
 //!
+//! An epoll set held by several descriptors (`dup`, fork) is refused: each
+//! would be restored as a set of its own.
+//!
 //! A registration outlives a `close` of its number while its file stays
 //! open: the file is then looked for among the process's other
 //! descriptors (`kcmp(KCMP_EPOLL_TFD)`), and at restore put under the
@@ -57,6 +60,19 @@ impl Descriptor for Epoll {
         let Some(mut items) = parse(&seen.fdinfo) else {
             return Some(Err(unreadable(cx, seen, "epoll registration")));
         };
+        let mut pids = cx.scope.pids.clone();
+        if !pids.contains(&cx.pid) {
+            pids.push(cx.pid);
+        }
+        if let Some((pid, fd)) = shared_with(cx.pid, seen.fd, &pids) {
+            return Some(Err(cx.refuse(
+                seen.fd,
+                format!(
+                    "an epoll set shared with descriptor {fd} of process {pid} (dup or fork): \
+                     each would be restored as a set of its own"
+                ),
+            )));
+        }
         if let Err(e) = locate(cx.pid, seen.fd, &mut items) {
             return Some(Err(cx.refuse(seen.fd, e)));
         }
@@ -96,6 +112,24 @@ impl Descriptor for Epoll {
         }
         Ok(())
     }
+}
+
+/// Another descriptor, of `pid` or of another process of `pids`, that is
+/// the same epoll set as descriptor `fd` of `pid` (a `dup`, or one
+/// inherited across fork).
+fn shared_with(pid: i32, fd: i32, pids: &[i32]) -> Option<(i32, i32)> {
+    pids.iter().find_map(|&other| {
+        let rd = std::fs::read_dir(format!("/proc/{other}/fd")).ok()?;
+        rd.flatten()
+            .filter_map(|e| {
+                let n: i32 = e.file_name().to_str()?.parse().ok()?;
+                let link = std::fs::read_link(e.path()).ok()?;
+                (link.as_os_str() == "anon_inode:[eventpoll]").then_some(n)
+            })
+            .filter(|&n| (other, n) != (pid, fd))
+            .find(|&n| super::description::same_description(pid, fd, other, n))
+            .map(|n| (other, n))
+    })
 }
 
 /// Registers `item` in the epoll set `epfd` of the process being built. A
@@ -360,6 +394,25 @@ mod tests {
             ]
         );
         drop(keep);
+    }
+
+    #[test]
+    fn an_epoll_set_held_by_two_descriptors_is_refused() {
+        // SAFETY: plain syscall.
+        let ep = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+        let me = std::process::id() as i32;
+        assert_eq!(shared_with(me, ep.as_raw_fd(), &[me]), None);
+        let other = ep.try_clone().unwrap();
+        assert_eq!(
+            shared_with(me, ep.as_raw_fd(), &[me]),
+            Some((me, other.as_raw_fd()))
+        );
+        let mut owner = testing::SaveOwner::new();
+        let err = Epoll
+            .save(&mut owner.cx(), &testing::seen(ep.as_raw_fd()))
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("epoll set shared"), "{err}");
     }
 
     #[test]
