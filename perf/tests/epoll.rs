@@ -126,16 +126,16 @@ while True: time.sleep(1)
         .arg(&ctl)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    let child = spawn_clean(&mut cmd);
+    let mut child = spawn_clean(&mut cmd);
     let pid = child.id() as i32;
-    let _k = KillOnDrop(pid);
+    let guard = KillOnDrop(pid);
     cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
     let kid: i32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let _kk = KillOnDrop(kid);
+    let kid_guard = KillOnDrop(kid);
     let img = s.0.join("img");
     let err = dump(pid, &img, &DumpOptions::default()).unwrap_err();
     assert!(err.to_string().contains("epoll set shared"), "{err}");
@@ -144,4 +144,6 @@ while True: time.sleep(1)
         let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
         assert!(st.contains("TracerPid:\t0"), "{p} let go: {st}");
     }
+    drop((guard, kid_guard));
+    let _ = child.wait();
 }
