@@ -107,8 +107,11 @@ pub(crate) fn collect(
     let crate::fds::Fds { fds, tcp, locks } = crate::fds::collect(pid, tree.as_deref_mut())?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
-    // Guard regions, recorded with their mappings and installed again.
-    cr_ebpf_resources::proc::guards::mark(&pagemap, &mut entries)
+    // Guard regions, recorded with their mappings and installed again;
+    // carried over, like the settings, where the log shows no change.
+    let known = prev.filter(|_| carried).map(|p| &p.mappings[..]);
+    let touched = |s, e| changes.layout_touched(s, e);
+    cr_ebpf_resources::proc::guards::mark(&pagemap, &mut entries, known, &touched)
         .map_err(proc_err(pid, format!("{pagemap_path} (PAGEMAP_SCAN)")))?;
 
     let injector = Injector::new(pid).map_err(trace)?;

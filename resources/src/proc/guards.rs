@@ -90,8 +90,17 @@ pub fn scan(pagemap: &File, start: u64, end: u64) -> std::io::Result<Option<Runs
 }
 
 /// Fills the guard regions of every mapping of `entries` but the kernel's
-/// own (`[vdso]`, `[vvar]`, `[vsyscall]`).
-pub fn mark(pagemap: &File, entries: &mut [MapEntry]) -> std::io::Result<()> {
+/// own (`[vdso]`, `[vvar]`, `[vsyscall]`). With `prev`, the previous
+/// checkpoint's mappings when the resource log shows no `madvise` since,
+/// a mapping the log shows no layout change in (`touched`) takes its guard
+/// regions from them instead of being scanned (a moved one keeps its
+/// guards: it is scanned).
+pub fn mark(
+    pagemap: &File,
+    entries: &mut [MapEntry],
+    prev: Option<&[cr_ebpf_image::MappingInfo]>,
+    touched: &dyn Fn(u64, u64) -> bool,
+) -> std::io::Result<()> {
     use cr_ebpf_image::MappingKind;
     for m in entries.iter_mut().filter(|m| {
         !matches!(
@@ -99,6 +108,17 @@ pub fn mark(pagemap: &File, entries: &mut [MapEntry]) -> std::io::Result<()> {
             MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
         )
     }) {
+        if let Some(prev) = prev.filter(|_| !touched(m.start, m.end)) {
+            m.guards = prev
+                .iter()
+                .flat_map(|p| p.guards.iter())
+                .filter_map(|&(a, n)| {
+                    let (s, e) = (a.max(m.start), (a + n * 4096).min(m.end));
+                    (s < e).then(|| (s, (e - s) / 4096))
+                })
+                .collect();
+            continue;
+        }
         match scan(pagemap, m.start, m.end)? {
             Some(g) => m.guards = g,
             None => return Ok(()),
@@ -144,5 +164,41 @@ mod tests {
             return;
         }
         assert_eq!(found.unwrap(), [(a + 4096, 1), (a + 4 * 4096, 2)]);
+    }
+
+    #[test]
+    fn guard_regions_are_carried_over_where_the_log_shows_no_change() {
+        let entry = |start: u64, end: u64| MapEntry {
+            start,
+            end,
+            prot: 3,
+            shared: false,
+            offset: 0,
+            dev: 0,
+            inode: 0,
+            path: String::new(),
+            tmpfs: false,
+            ghost: false,
+            advice: 0,
+            guards: Vec::new(),
+        };
+        // A mapping split in two since (mprotect): each piece takes the
+        // regions inside it.
+        let prev = [cr_ebpf_image::MappingInfo {
+            start: 0x10000,
+            end: 0x20000,
+            guards: vec![(0x11000, 2), (0x17000, 3)],
+            ..Default::default()
+        }];
+        let mut entries = [entry(0x10000, 0x18000), entry(0x18000, 0x20000)];
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        mark(&pagemap, &mut entries, Some(&prev), &|_, _| false).unwrap();
+        assert_eq!(entries[0].guards, [(0x11000, 2), (0x17000, 1)]);
+        assert_eq!(entries[1].guards, [(0x18000, 2)]);
+        // One the log shows a change in is scanned (nothing mapped there
+        // in this process: no guards).
+        let mut entries = [entry(0x10000, 0x18000)];
+        mark(&pagemap, &mut entries, Some(&prev), &|_, _| true).unwrap();
+        assert!(entries[0].guards.is_empty());
     }
 }
