@@ -3,7 +3,7 @@
 //! what the previous checkpoint asked the process for when the resource log
 //! says it cannot have changed.
 
-use std::{fs::File, path::Path};
+use std::fs::File;
 
 use cr_ebpf_image::{
     ChainInfo, FdInfo, Manifest, MappingInfo, MappingKind, ProcessInfo, ShmemObject, ThreadInfo,
@@ -90,15 +90,6 @@ pub(crate) fn collect(
             what: format!("a mapping of {why} at {:#x}-{:#x}", m.start, m.end),
         });
     }
-    // A process confined to another root directory cannot be rebuilt yet.
-    let root = std::fs::read_link(format!("/proc/{pid}/root"))
-        .map_err(proc_err(pid, format!("/proc/{pid}/root")))?;
-    if root != Path::new("/") {
-        return Err(DumpError::NotSupported {
-            pid,
-            what: format!("a root directory other than / ({})", root.display()),
-        });
-    }
     // Children would be lost: a restored parent waiting for them would
     // wait forever. (A process with children is checkpointed as a tree; one
     // forked after the tree was listed lands here.)
@@ -122,7 +113,13 @@ pub(crate) fn collect(
         in_flight,
     } = crate::fds::collect(pid, tree.as_deref_mut())?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
-    let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path))?;
+    let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
+    // Guard regions, recorded with their mappings and installed again;
+    // carried over, like the settings, where the log shows no change.
+    let known = prev.filter(|_| carried).map(|p| &p.mappings[..]);
+    let touched = |s, e| changes.layout_touched(s, e);
+    cr_ebpf_resources::proc::guards::mark(&pagemap, &mut entries, known, &touched)
+        .map_err(proc_err(pid, format!("{pagemap_path} (PAGEMAP_SCAN)")))?;
 
     let injector = Injector::new(pid).map_err(trace)?;
     let threads = process::threads::save_threads(
@@ -219,6 +216,7 @@ impl State {
             dev: m.dev,
             inode: m.inode,
             pages_stored,
+            guards: m.guards.clone(),
         }
     }
 

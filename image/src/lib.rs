@@ -33,14 +33,15 @@ pub use chain::Chain;
 pub use file::{FileKind, FORMAT_MAJOR, FORMAT_MINOR};
 pub use manifest::{
     Cgroup, CgroupDir, ChainInfo, CowRun, Ctty, EpollItem, Fanotify, FanotifyMark, FdInfo, FdKind,
-    FdState, FileLock, FileOwner, InotifyWatch, IpcNs, IpcPerm, LockKind, Manifest, MappingInfo,
-    MappingKind, MarkOn, Membership, Owner, PosixTimer, Prctl, ProcessInfo, PtyPair, SeccompFilter,
-    ShmemKind, ShmemObject, SigAction, SockOpt, SocketFile, SocketInfo, SysvMsq, SysvSem, SysvShm,
-    TcpRepair, Terminal, ThreadCreds, ThreadInfo, TtyInfo, TtyRole, Uts, FILTER_CAP, GHOST_CAP,
-    IN_FLIGHT_CAP, MAP_DONTDUMP, MAP_DONTFORK, MAP_DROPPABLE, MAP_GROWSDOWN, MAP_HUGEPAGE,
-    MAP_INHERITS, MAP_KNOWN, MAP_LOCKED, MAP_LOCKONFAULT, MAP_MAYWRITE, MAP_MERGEABLE,
-    MAP_NOHUGEPAGE, MAP_NORESERVE, MAP_RANDOM, MAP_SEQUENTIAL, MAP_SHARED, MAP_WIPEONFORK,
-    SECCOMP_FILTER_LOG, SHMEM_CAP, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN, UTS_NAME_CAP,
+    FdState, FileLock, FileOwner, InotifyWatch, IpcNs, IpcPerm, LineEnd, LockKind, Manifest,
+    MappingInfo, MappingKind, MarkOn, Membership, Owner, PosixTimer, Prctl, ProcessInfo, PtyPair,
+    QueuedInput, Sched, SeccompFilter, ShmemKind, ShmemObject, SigAction, SockOpt, SocketFile,
+    SocketInfo, SysvMsq, SysvSem, SysvShm, TcpRepair, Terminal, ThreadCreds, ThreadInfo, TtyInfo,
+    TtyRole, Uts, FILTER_CAP, GHOST_CAP, IN_FLIGHT_CAP, MAP_DONTDUMP, MAP_DONTFORK, MAP_DROPPABLE,
+    MAP_GROWSDOWN, MAP_HUGEPAGE, MAP_INHERITS, MAP_KNOWN, MAP_LOCKED, MAP_LOCKONFAULT,
+    MAP_MAYWRITE, MAP_MERGEABLE, MAP_NOHUGEPAGE, MAP_NORESERVE, MAP_RANDOM, MAP_SEQUENTIAL,
+    MAP_SHARED, MAP_WIPEONFORK, MEMBARRIER_REGISTRATIONS, SCHED_RESET_ON_FORK, SECCOMP_FILTER_LOG,
+    SHMEM_CAP, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN, UTS_NAME_CAP,
 };
 pub use publish::publish;
 
@@ -72,6 +73,19 @@ pub enum ImageError {
         offset: u64,
         /// What is wrong.
         what: String,
+    },
+    /// A file would be larger than a reader accepts.
+    #[error(
+        "{path}: {size} bytes, more than the {cap} a reader accepts (shared memory \
+         contents are stored in the manifest: the process holds too much of it)"
+    )]
+    TooLarge {
+        /// The file.
+        path: String,
+        /// Its size.
+        size: u64,
+        /// The most a reader accepts.
+        cap: u64,
     },
     /// Written by a format version this build cannot read.
     #[error(

@@ -240,11 +240,13 @@ fn check_rich(m: &Manifest) {
                 fd: 6,
                 events: 1,
                 data: 0xfeed,
+                source: None,
             },
             EpollItem {
                 fd: 9,
                 events: 0x8000_0001,
                 data: 9,
+                source: None,
             },
         ]),
         FdState::EventFd {
@@ -616,9 +618,18 @@ fn old_images_are_written_again_in_the_current_format() {
         // bytes more per descriptor for its shared description and its
         // signal-driven I/O owner, 8 more per socket for its messages'
         // senders and pending connections (format 1.8), 8 more per socket
-        // for its descriptors in flight and its filter (format 1.9);
-        // otherwise the same.
+        // for its descriptors in flight and its filter, 4 bytes more per
+        // epoll registration for where its file is open and per mapping
+        // for its guard regions (format 1.9); otherwise the same.
         let with_state = m.fds.iter().filter(|f| f.state != FdState::None).count();
+        let registrations: usize = m
+            .fds
+            .iter()
+            .map(|f| match &f.state {
+                FdState::Epoll(items) => items.len(),
+                _ => 0,
+            })
+            .sum();
         let sockets = m
             .fds
             .iter()
@@ -626,7 +637,12 @@ fn old_images_are_written_again_in_the_current_format() {
             .count();
         assert_eq!(
             old.len() as i64 - new.len() as i64,
-            6 * with_state as i64 - 8 - 20 * sockets as i64 - 20 * m.fds.len() as i64,
+            6 * with_state as i64
+                - 8
+                - 20 * sockets as i64
+                - 20 * m.fds.len() as i64
+                - 4 * registrations as i64
+                - 4 * m.mappings.len() as i64,
             "{rel}"
         );
     }

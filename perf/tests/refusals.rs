@@ -173,16 +173,19 @@ fn terminal_state_that_cannot_be_made_again_is_refused() {
     if !cr_ebpf_perf::privileged("terminal_state_that_cannot_be_made_again_is_refused") {
         return;
     }
-    // A pty whose slave is the controlling terminal of the process, with a
-    // line typed into the master that nobody read (a terminal's queues
-    // cannot be read without consuming them).
-    let typed = "import pty, fcntl, termios, os\nm, sl = pty.openpty()\n\
-                 fcntl.ioctl(sl, termios.TIOCSCTTY, 0)\nos.write(m, b'typed\\n')";
+    // A pty whose slave is the controlling terminal of the process and
+    // whose master is in packet mode, with a line typed into the master
+    // that nobody read (taking the queues would show the master a change
+    // of settings).
+    let typed = "import pty, fcntl, termios, os, struct\nm, sl = pty.openpty()\n\
+                 fcntl.ioctl(sl, termios.TIOCSCTTY, 0)\n\
+                 fcntl.ioctl(m, termios.TIOCPKT, struct.pack('i', 1))\n\
+                 os.write(m, b'typed\\n')";
     // A master whose slave is closed everywhere (a new pair would not be
     // hung up as this one is).
     let closed = "import pty, os\nm, sl = pty.openpty()\nos.close(sl)";
     for (name, setup, want) in [
-        ("ref-tty-typed", typed, "waiting to be read"),
+        ("ref-tty-typed", typed, "in packet mode"),
         ("ref-tty-closed", closed, "slave is closed everywhere"),
     ] {
         let s = Scratch::new(name);

@@ -169,6 +169,26 @@ pub fn restore(sys: &dyn Sys, m: &MappingInfo) -> Result<(), RestoreError> {
     Ok(())
 }
 
+/// Installs the guard regions of `m` again (`MADV_GUARD_INSTALL`), once
+/// its pages are in: a guard region has none.
+pub fn install_guards(sys: &dyn Sys, m: &MappingInfo) -> Result<(), RestoreError> {
+    for &(addr, pages) in &m.guards {
+        sys.call(
+            "madvise(MADV_GUARD_INSTALL)",
+            libc::SYS_madvise,
+            [
+                addr,
+                pages * 4096,
+                crate::proc::guards::MADV_GUARD_INSTALL,
+                0,
+                0,
+                0,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +208,7 @@ mod tests {
             tmpfs: false,
             ghost: false,
             advice: 0,
+            guards: Vec::new(),
         }
     }
 
@@ -303,5 +324,20 @@ mod tests {
         assert_eq!(calls[0][..3], [0x7000, 0x2000, libc::MADV_DONTFORK as u64]);
         assert_eq!(calls[1][2], libc::MADV_WIPEONFORK as u64);
         assert_eq!(rec.calls("mlock2")[0][2], MLOCK_ONFAULT);
+    }
+
+    #[test]
+    fn guard_regions_are_installed_again() {
+        let m = MappingInfo {
+            start: 0x10000,
+            end: 0x20000,
+            guards: vec![(0x11000, 1), (0x14000, 3)],
+            ..MappingInfo::default()
+        };
+        let rec = Recording::new();
+        install_guards(&rec, &m).unwrap();
+        let calls = rec.calls("madvise(MADV_GUARD_INSTALL)");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1][..3], [0x14000, 3 * 4096, 102]);
     }
 }

@@ -1,6 +1,8 @@
 //! Deleted files a process still holds open or mapped ("ghost" files): a
 //! regular file or a directory removed from its directory (`unlink`,
-//! `rmdir`, or made with `O_TMPFILE`) whose last link is gone.
+//! `rmdir`, or made with `O_TMPFILE`) whose last link is gone, or a
+//! symbolic link held by an `O_PATH` descriptor of the link itself (its
+//! target stored as its contents, made again with `symlink`).
 //!
 //! Saving: the file's contents (only its data runs, `SEEK_DATA` and
 //! `SEEK_HOLE`, so holes stay holes), size, permissions, owner and times
@@ -51,7 +53,7 @@ pub fn deleted_path(link: &str) -> Option<&str> {
 /// cannot be stored as a ghost, or `None` when it can.
 pub fn refusal(link: &str, meta: &std::fs::Metadata) -> Option<String> {
     let ty = meta.mode() & libc::S_IFMT;
-    if ty != libc::S_IFREG && ty != libc::S_IFDIR {
+    if ty != libc::S_IFREG && ty != libc::S_IFDIR && ty != libc::S_IFLNK {
         return Some(format!("deleted file {link} (of mode {:#o})", meta.mode()));
     }
     if meta.nlink() > 0 && other_link(link, meta).is_none() {
@@ -131,6 +133,15 @@ pub fn object(
     with_data: bool,
     limit: u64,
 ) -> Result<ShmemObject, SaveError> {
+    if let Some(meta) = std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_symlink())
+    {
+        if let Some(why) = refusal(&format!("{name}{SUFFIX}"), &meta) {
+            return Err(SaveError::NotSupported { pid, what: why });
+        }
+        return crate::ghost_link::object(pid, path, name, with_data);
+    }
     let f = File::open(path).map_err(proc_err(pid, path.to_string()))?;
     let meta = f.metadata().map_err(proc_err(pid, path.to_string()))?;
     let refuse = |what: String| SaveError::NotSupported { pid, what };
@@ -318,6 +329,11 @@ pub(crate) fn set_owner_mode(fd: &OwnedFd, uid: u32, gid: u32, mode: u32) -> io:
 pub fn make(o: &ShmemObject) -> Result<OwnedFd, RestoreError> {
     if !o.link.is_empty() {
         return relink(o);
+    }
+    if o.mode & libc::S_IFMT == libc::S_IFLNK {
+        return transient(Path::new(&o.name), false, |p| {
+            crate::ghost_link::make_at(p, o)
+        });
     }
     let dir = o.mode & libc::S_IFMT == libc::S_IFDIR;
     let what = |w: &str| format!("{w} {} (a deleted file made again)", o.name);

@@ -26,6 +26,7 @@ pub mod advice;
 pub mod error;
 pub mod fd;
 pub mod ghost;
+pub mod ghost_link;
 pub mod ipc;
 pub mod proc;
 pub mod process;

@@ -26,39 +26,17 @@ use std::{
     },
 };
 
-use cr_ebpf_image::{FdInfo, FdState, Manifest, MappingKind, ShmemKind, ShmemObject, SHMEM_CAP};
+use cr_ebpf_image::{FdInfo, FdState, Manifest, MappingKind, ShmemKind, ShmemObject};
 
 use crate::{error::proc_err, ghost, proc::MapEntry, RestoreError, SaveError};
 
-/// The data runs of `f` within `0..size`: `SEEK_DATA`/`SEEK_HOLE`.
-fn read_runs(f: &File, size: u64) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
-    use std::os::unix::fs::FileExt as _;
-    let mut out = Vec::new();
-    let mut at = 0u64;
-    while at < size {
-        // SAFETY: lseek on our own descriptor.
-        let data = unsafe { libc::lseek(f.as_raw_fd(), at as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // only a hole remains
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            size
-        } else {
-            (hole as u64).min(size)
-        };
-        let mut buf = vec![0u8; (end - data as u64) as usize];
-        f.read_exact_at(&mut buf, data as u64)?;
-        out.push((data as u64, buf));
-        at = end;
-    }
-    Ok(out)
-}
+/// Most bytes of one object's contents stored (its pages; holes are not
+/// stored): the contents are in the manifest, which readers take up to
+/// 256 MiB of. The object itself may be of any size.
+pub const STORED_CAP: u64 = 224 << 20;
+/// Pieces the contents are cut into (each at most
+/// [`cr_ebpf_image::SHMEM_CAP`]).
+const PIECE: usize = 4 << 20;
 
 /// key and permission bits of System V segment `shmid` (`/proc/sysvipc/shm`).
 fn sysv_key_mode(pid: i32, shmid: u64) -> Result<(i32, u32), SaveError> {
@@ -96,13 +74,16 @@ fn object(
 ) -> Result<ShmemObject, SaveError> {
     let f = File::open(path).map_err(proc_err(pid, path.to_string()))?;
     let meta = f.metadata().map_err(proc_err(pid, path.to_string()))?;
-    if meta.size() > SHMEM_CAP {
+    let allocated = meta.blocks() * 512;
+    if with_data && allocated > STORED_CAP {
         return Err(SaveError::NotSupported {
             pid,
             what: format!(
-                "a shared memory object of {} MiB ({path}; at most {} MiB)",
+                "a shared memory object with {} MiB of contents ({path}, of {} MiB; at most \
+                 {} MiB of contents are stored)",
+                allocated >> 20,
                 meta.size() >> 20,
-                SHMEM_CAP >> 20
+                STORED_CAP >> 20
             ),
         });
     }
@@ -130,7 +111,7 @@ fn object(
         key,
         mode,
         data: if with_data {
-            read_runs(&f, meta.size()).map_err(proc_err(pid, path.to_string()))?
+            ghost::read_runs(&f, meta.size(), PIECE).map_err(proc_err(pid, path.to_string()))?
         } else {
             Vec::new()
         },

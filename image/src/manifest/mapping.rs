@@ -110,6 +110,43 @@ pub struct MappingInfo {
     pub inode: u64,
     /// Pages of this mapping stored in the page store.
     pub pages_stored: u64,
+    /// Format 1.9: guard regions (`MADV_GUARD_INSTALL`) in it, as
+    /// (first address, pages), by address, installed again at restore.
+    pub guards: Vec<(u64, u64)>,
+}
+
+/// First minor whose MAPPING ends with the guard regions.
+const GUARDS_SINCE: u16 = 9;
+
+/// Guard regions of the mapping `start..end`: inside it, page-aligned, by
+/// address, not overlapping, none empty.
+fn decode_guards(b: &mut Dec<'_>, start: u64, end: u64) -> Result<Vec<(u64, u64)>, DecErr> {
+    let n = b.u32()? as u64;
+    if n > (end - start) / 4096 {
+        return Err(b.err(format!(
+            "{n} guard regions in a mapping of {:#x} bytes",
+            end - start
+        )));
+    }
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let (addr, pages) = (b.u64()?, b.u64()?);
+        let after = out.last().map_or(start, |&(a, p)| a + p * 4096);
+        let fits = addr % 4096 == 0
+            && pages > 0
+            && addr >= after
+            && pages
+                .checked_mul(4096)
+                .and_then(|l| l.checked_add(addr))
+                .is_some_and(|e| e <= end);
+        if !fits {
+            return Err(b.err(format!(
+                "guard region {addr:#x} of {pages} pages out of place in {start:#x}-{end:#x}"
+            )));
+        }
+        out.push((addr, pages));
+    }
+    Ok(out)
 }
 
 impl MappingInfo {
@@ -125,6 +162,11 @@ impl MappingInfo {
         b.u64(self.dev);
         b.u64(self.inode);
         b.u64(self.pages_stored);
+        b.u32(self.guards.len() as u32);
+        for &(addr, pages) in &self.guards {
+            b.u64(addr);
+            b.u64(pages);
+        }
     }
 
     /// Reads a MAPPING section's body, which starts at `at`, of an image of
@@ -151,7 +193,12 @@ impl MappingInfo {
             dev: b.u64()?,
             inode: b.u64()?,
             pages_stored: b.u64()?,
+            guards: Vec::new(),
         };
+        let mut m = m;
+        if minor >= GUARDS_SINCE {
+            m.guards = decode_guards(b, m.start, m.end)?;
+        }
         let known = if minor >= 7 {
             MAP_KNOWN
         } else {
@@ -181,10 +228,49 @@ impl MappingInfo {
 mod tests {
     use super::*;
 
+    /// As format 1.8 wrote it (no guard regions; these tests decode it as
+    /// older minors).
     fn encoded(m: &MappingInfo) -> Vec<u8> {
+        assert!(m.guards.is_empty());
         let mut e = Enc::default();
         m.encode(&mut e);
+        e.buf.truncate(e.buf.len() - 4);
         e.buf
+    }
+
+    #[test]
+    fn guard_regions_round_trip_from_format_1_9_and_must_fit() {
+        let m = MappingInfo {
+            start: 0x7000,
+            end: 0xf000,
+            kind: MappingKind::Anon,
+            guards: vec![(0x8000, 1), (0xa000, 2)],
+            ..MappingInfo::default()
+        };
+        let mut e = Enc::default();
+        m.encode(&mut e);
+        let mut d = Dec::new(&e.buf, 0);
+        assert_eq!(MappingInfo::decode(&mut d, 0, 9).unwrap(), m);
+        assert!(d.done());
+        for bad in [
+            vec![(0x8000, 1), (0x8000, 1)],
+            vec![(0x6000, 1)],
+            vec![(0xe000, 2)],
+            vec![(0x8001, 1)],
+            vec![(0x8000, 0)],
+            vec![(0x8000, u64::MAX)],
+        ] {
+            let mut e = Enc::default();
+            MappingInfo {
+                guards: bad.clone(),
+                ..m.clone()
+            }
+            .encode(&mut e);
+            assert!(
+                MappingInfo::decode(&mut Dec::new(&e.buf, 0), 0, 9).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
@@ -225,6 +311,7 @@ mod tests {
                 dev: 8 << 32 | 1,
                 inode: 99,
                 pages_stored: 2,
+                guards: Vec::new(),
             };
             let buf = encoded(&m);
             let mut d = Dec::new(&buf, 0);

@@ -49,9 +49,9 @@ pub use cgroup_dir::{CgroupDir, Owner};
 pub use chain::ChainInfo;
 pub use cow::CowRun;
 pub use fd::{
-    EpollItem, Fanotify, FanotifyMark, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, MarkOn,
-    PtyPair, SockOpt, SocketFile, SocketInfo, TcpRepair, TtyInfo, TtyRole, FILTER_CAP,
-    IN_FLIGHT_CAP, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN,
+    EpollItem, Fanotify, FanotifyMark, FdInfo, FdKind, FdState, FileOwner, InotifyWatch, LineEnd,
+    MarkOn, PtyPair, QueuedInput, SockOpt, SocketFile, SocketInfo, TcpRepair, TtyInfo, TtyRole,
+    FILTER_CAP, IN_FLIGHT_CAP, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED, TERMIOS_LEN,
 };
 pub use ipc::{IpcNs, IpcPerm, SysvMsq, SysvSem, SysvShm};
 pub use lock::{FileLock, LockKind};
@@ -63,9 +63,11 @@ pub use mapping::{
 };
 pub use membership::{Cgroup, Membership, Uts, UTS_NAME_CAP};
 pub use posix_timer::PosixTimer;
-pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal};
+pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal, MEMBARRIER_REGISTRATIONS};
 pub use shmem::{ShmemKind, ShmemObject, GHOST_CAP, SHMEM_CAP};
-pub use thread::{SeccompFilter, ThreadCreds, ThreadInfo, SECCOMP_FILTER_LOG};
+pub use thread::{
+    Sched, SeccompFilter, ThreadCreds, ThreadInfo, SCHED_RESET_ON_FORK, SECCOMP_FILTER_LOG,
+};
 
 const TAG_PROCESS: u16 = 1;
 const TAG_THREAD: u16 = 2;
@@ -249,13 +251,20 @@ impl Manifest {
         s.finish(&d)
     }
 
-    /// Writes `manifest.img` into `dir`.
+    /// Writes `manifest.img` into `dir`; one larger than a reader accepts
+    /// ([`file::MANIFEST_CAP`]: shared memory contents live in it) is an
+    /// error, not an image that could not be read back.
     pub fn write(&self, dir: &Path) -> Result<(), ImageError> {
-        file::write_whole(
-            &dir.join(crate::MANIFEST_FILE),
-            FileKind::Manifest,
-            &self.encode(),
-        )
+        let path = dir.join(crate::MANIFEST_FILE);
+        let payload = self.encode();
+        if payload.len() as u64 > file::MANIFEST_CAP {
+            return Err(ImageError::TooLarge {
+                path: path.display().to_string(),
+                size: payload.len() as u64,
+                cap: file::MANIFEST_CAP,
+            });
+        }
+        file::write_whole(&path, FileKind::Manifest, &payload)
     }
 
     /// Reads and validates `manifest.img` from `dir`.
@@ -307,7 +316,7 @@ impl Sections {
                 if self.process.is_some() {
                     return Err(err("a second PROCESS section".into()));
                 }
-                self.process = Some(ProcessInfo::decode(b)?);
+                self.process = Some(ProcessInfo::decode(b, minor)?);
             }
             TAG_SHMEM => {
                 let o = ShmemObject::decode(b, minor)?;
@@ -335,7 +344,7 @@ impl Sections {
                 }
                 self.cgroup_dirs.push(CgroupDir::decode(b)?);
             }
-            TAG_THREAD => self.threads.push(ThreadInfo::decode(b)?),
+            TAG_THREAD => self.threads.push(ThreadInfo::decode(b, minor)?),
             TAG_LOCK if minor >= lock::SINCE => {
                 if self.locks.len() >= LOCKS_CAP {
                     return Err(b.err(format!("more than {LOCKS_CAP} file locks")));
@@ -584,9 +593,11 @@ mod tests {
     #[test]
     fn sections_that_clash_are_refused() {
         let process = body(|b| minimal().process.encode(b));
-        let thread = body(|b| {
+        let thread = body(|b| minimal().threads[0].encode(b));
+        let scheduled = body(|b| {
             ThreadInfo {
                 creds: Some(ThreadCreds::default()),
+                sched: Some(Sched::default()),
                 ..minimal().threads[0].clone()
             }
             .encode(b)
@@ -604,7 +615,7 @@ mod tests {
             (
                 vec![
                     (TAG_PROCESS, 0, process.clone()),
-                    (TAG_THREAD, 0, [thread.clone(), vec![0]].concat()),
+                    (TAG_THREAD, 0, [scheduled, vec![0]].concat()),
                 ],
                 "1 unexpected bytes at the end of section 2",
             ),

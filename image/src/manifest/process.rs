@@ -83,7 +83,23 @@ pub struct ProcessInfo {
     /// Format 1.8 (after the subreaper flag): `/proc/PID/oom_score_adj`,
     /// written again at restore.
     pub oom_score_adj: i32,
+    /// Format 1.9 (after the OOM score adjustment): the process's root
+    /// directory (`chroot`) as cr-ebpf's root sees it; empty: the same as
+    /// cr-ebpf's.
+    pub root: String,
+    /// Format 1.9 (after the root directory): the membarrier commands the
+    /// process registered for, as `MEMBARRIER_CMD_GET_REGISTRATIONS` gives
+    /// them (a mask of [`MEMBARRIER_REGISTRATIONS`]), registered again.
+    pub membarrier: u32,
 }
+
+/// First minor whose PROCESS ends with the root directory and the
+/// membarrier registrations.
+const ROOT_SINCE: u16 = 9;
+/// The `MEMBARRIER_CMD_REGISTER_*` commands: global expedited, private
+/// expedited, private expedited with core serialization, private expedited
+/// for rseq.
+pub const MEMBARRIER_REGISTRATIONS: u32 = (1 << 2) | (1 << 4) | (1 << 6) | (1 << 8);
 
 /// A process's controlling terminal (format 1.8).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -204,11 +220,14 @@ impl ProcessInfo {
             self.membership.encode(b);
             b.u32(u32::from(self.child_subreaper));
             b.i32(self.oom_score_adj);
+            b.str(&self.root);
+            b.u32(self.membarrier);
         }
     }
 
-    /// Reads a PROCESS section's body; `posix_timers` is left empty.
-    pub(super) fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
+    /// Reads a PROCESS section's body of format 1.`minor`; `posix_timers`
+    /// is left empty.
+    pub(super) fn decode(b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
         let pid = b.i32()?;
         let exe = b.str(PATH_CAP, "exe path")?;
         let mut mm = [0u64; 11];
@@ -313,6 +332,11 @@ impl ProcessInfo {
             }
             v
         };
+        let (root, membarrier) = if terminal.is_none() || minor < ROOT_SINCE || b.done() {
+            (String::new(), 0)
+        } else {
+            decode_root_and_membarrier(b)?
+        };
         Ok(Self {
             pid,
             exe,
@@ -340,8 +364,24 @@ impl ProcessInfo {
             membership,
             child_subreaper,
             oom_score_adj,
+            root,
+            membarrier,
         })
     }
+}
+
+/// Format 1.9's end of PROCESS: the root directory and the membarrier
+/// registrations.
+fn decode_root_and_membarrier(b: &mut Dec<'_>) -> Result<(String, u32), DecErr> {
+    let root = b.str(PATH_CAP, "root directory")?;
+    if !root.is_empty() && !root.starts_with('/') {
+        return Err(b.err(format!("root directory {root:?} (an absolute path)")));
+    }
+    let m = b.u32()?;
+    if m & !MEMBARRIER_REGISTRATIONS != 0 {
+        return Err(b.err(format!("membarrier registrations {m:#x}")));
+    }
+    Ok((root, m))
 }
 
 fn decode_sigactions(b: &mut Dec<'_>) -> Result<Vec<SigAction>, DecErr> {
@@ -422,6 +462,8 @@ mod tests {
             },
             child_subreaper: true,
             oom_score_adj: -17,
+            root: "/srv/jail".into(),
+            membarrier: 0x154,
         }
     }
 
@@ -431,8 +473,31 @@ mod tests {
         let mut e = Enc::default();
         p.encode(&mut e);
         let mut d = Dec::new(&e.buf, 0);
-        assert_eq!(ProcessInfo::decode(&mut d).unwrap(), p);
+        assert_eq!(ProcessInfo::decode(&mut d, crate::FORMAT_MINOR).unwrap(), p);
         assert!(d.done());
+        // Format 1.8 ends before the root directory: a 1.8 reader of these
+        // bytes finds them left over; 1.8 bytes read without it.
+        let mut d = Dec::new(&e.buf, 0);
+        ProcessInfo::decode(&mut d, 8).unwrap();
+        assert!(!d.done());
+        let old = &e.buf[..e.buf.len() - 4 - p.root.len() - 4];
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), 8).unwrap();
+        assert_eq!((back.root.as_str(), back.membarrier), ("", 0));
+        let mut bad = e.buf.clone();
+        let n = bad.len();
+        bad[n - 4..].copy_from_slice(&0x200u32.to_le_bytes());
+        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0), 9).unwrap_err();
+        assert!(
+            err.what.contains("membarrier registrations 0x200"),
+            "{}",
+            err.what
+        );
+        let mut rel = sample();
+        rel.root = "jail".into();
+        let mut e = Enc::default();
+        rel.encode(&mut e);
+        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0), 9).unwrap_err();
+        assert!(err.what.contains("absolute"), "{}", err.what);
     }
 
     #[test]
@@ -441,19 +506,21 @@ mod tests {
         p.membership = Default::default();
         p.child_subreaper = false;
         p.oom_score_adj = 0;
+        p.root = String::new();
+        p.membarrier = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
         // Format 1.7 ends before the (here empty, 24 bytes) membership and
         // the subreaper flag (4).
-        e.buf.truncate(e.buf.len() - 24 - 8);
+        e.buf.truncate(e.buf.len() - 24 - 8 - 8);
         assert_eq!(
-            ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
+            ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap(),
             p,
             "1.7 reads as 1.8 without cgroups or UTS namespace"
         );
         // 1.1 ends after the credentials: u64, u64, str "boot", i32, i32 cut off.
         let old = &e.buf[..e.buf.len() - (8 + 8 + 4 + 4 + 4 + 4 + 16 + 12)];
-        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!((back.monotonic_ns, back.boottime_ns), (0, 0));
         assert_eq!(back.boot_id, "");
         assert_eq!(back.creds, p.creds);
@@ -465,13 +532,15 @@ mod tests {
         p.membership = Default::default();
         p.child_subreaper = false;
         p.oom_score_adj = 0;
+        p.root = String::new();
+        p.membarrier = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
         // Format 1.7 ends before the terminal (12 bytes) and the (here
         // empty, 24 bytes) membership.
-        e.buf.truncate(e.buf.len() - 12 - 24 - 8);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 8 - 8);
         assert_eq!(
-            ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(),
+            ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap(),
             ProcessInfo {
                 terminal: None,
                 ..p.clone()
@@ -479,7 +548,7 @@ mod tests {
             "1.7 reads as 1.8 without terminal, cgroups or namespaces"
         );
         let old = &e.buf[..e.buf.len() - 8 - 16];
-        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!((back.sid, back.pgid), (0, 0));
         assert_eq!(back.boot_id, "boot");
     }
@@ -490,18 +559,20 @@ mod tests {
         p.membership = Default::default();
         p.child_subreaper = false;
         p.oom_score_adj = 0;
+        p.root = String::new();
+        p.membarrier = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
-        e.buf.truncate(e.buf.len() - 12 - 24 - 8);
+        e.buf.truncate(e.buf.len() - 12 - 24 - 8 - 8);
         let old = &e.buf[..e.buf.len() - 16];
-        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!(back.prctl, None);
         assert_eq!((back.sid, back.pgid), (42, 40));
         // Out of range values are refused.
         let mut bad = e.buf.clone();
         let n = bad.len();
         bad[n - 4..].copy_from_slice(&99u32.to_le_bytes());
-        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
+        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(err.what.contains("stop signal 99"), "{}", err.what);
     }
 
@@ -511,12 +582,14 @@ mod tests {
         p.membership = Default::default();
         p.child_subreaper = false;
         p.oom_score_adj = 0;
+        p.root = String::new();
+        p.membarrier = 0;
         let mut e = Enc::default();
         p.encode(&mut e);
         // The terminal (12 bytes), the empty membership (24 bytes), the
         // subreaper flag (4 bytes).
-        let old = &e.buf[..e.buf.len() - 12 - 24 - 8];
-        let back = ProcessInfo::decode(&mut Dec::new(old, 0)).unwrap();
+        let old = &e.buf[..e.buf.len() - 12 - 24 - 8 - 8];
+        let back = ProcessInfo::decode(&mut Dec::new(old, 0), crate::FORMAT_MINOR).unwrap();
         assert_eq!(back.terminal, None);
         assert_eq!(back.prctl, p.prctl);
         for (ctty, shell_job) in [(Ctty::None, false), (Ctty::Outside, true)] {
@@ -530,21 +603,24 @@ mod tests {
             };
             let mut e = Enc::default();
             q.encode(&mut e);
-            assert_eq!(ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(), q);
+            assert_eq!(
+                ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap(),
+                q
+            );
         }
         // Unknown kinds and markers are refused.
         let n = e.buf.len();
         let mut bad = e.buf.clone();
-        bad[n - 44..n - 42].copy_from_slice(&3u16.to_le_bytes());
-        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0)).unwrap_err();
+        bad[n - 52..n - 50].copy_from_slice(&3u16.to_le_bytes());
+        let err = ProcessInfo::decode(&mut Dec::new(&bad, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(
             err.what.contains("controlling terminal kind 3"),
             "{}",
             err.what
         );
         let mut bad = e.buf.clone();
-        bad[n - 42..n - 40].copy_from_slice(&2u16.to_le_bytes());
-        assert!(ProcessInfo::decode(&mut Dec::new(&bad, 0)).is_err());
+        bad[n - 50..n - 48].copy_from_slice(&2u16.to_le_bytes());
+        assert!(ProcessInfo::decode(&mut Dec::new(&bad, 0), crate::FORMAT_MINOR).is_err());
     }
 
     #[test]
@@ -553,13 +629,13 @@ mod tests {
         p.sigactions[0].signo = 65;
         let mut e = Enc::default();
         p.encode(&mut e);
-        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(err.what.contains("signal number 65"), "{}", err.what);
         let mut p = sample();
         p.rlimits = vec![(0, 0); 65];
         let mut e = Enc::default();
         p.encode(&mut e);
-        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err = ProcessInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(err.what.contains("65 resource limits"), "{}", err.what);
     }
 }

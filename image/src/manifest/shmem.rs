@@ -3,8 +3,12 @@
 use super::{unknown, NAME_CAP, PATH_CAP};
 use crate::codec::{Dec, DecErr, Enc};
 
-/// Largest shared memory object stored (its contents are in the manifest).
+/// Largest shared memory object before format 1.9, and the largest run of
+/// contents stored in one piece (the contents are in the manifest).
 pub const SHMEM_CAP: u64 = 64 << 20;
+/// First minor whose objects may be larger than [`SHMEM_CAP`] (only their
+/// stored contents are bounded: holes are not stored).
+const UNCAPPED_SINCE: u16 = 9;
 /// Most bytes of contents stored for one deleted file (its size may be
 /// larger: holes are not stored).
 pub const GHOST_CAP: u64 = 1 << 30;
@@ -32,7 +36,8 @@ pub enum ShmemKind {
     TmpfsFile = 4,
     /// A file or directory removed from its directory while the process
     /// held it open or mapped (format 1.8): `name` is the path it had,
-    /// `mode` its whole `st_mode` (a regular file or a directory), and
+    /// `mode` its whole `st_mode` (a regular file or a directory; format
+    /// 1.9 also a symbolic link, whose contents are its target), and
     /// owner and times follow. Made again at that path at restore, opened,
     /// and removed.
     DeletedFile = 5,
@@ -146,7 +151,7 @@ impl ShmemObject {
             _ => b.str(NAME_CAP, "memfd name")?,
         };
         let size = b.u64()?;
-        if size > SHMEM_CAP && !ghost {
+        if size > SHMEM_CAP && !ghost && minor < UNCAPPED_SINCE {
             return Err(b.err(format!(
                 "shared memory object of {size} bytes (at most {SHMEM_CAP})"
             )));
@@ -187,9 +192,17 @@ impl ShmemObject {
                 )));
             }
             let ty = mode & libc::S_IFMT;
-            if ![libc::S_IFREG, libc::S_IFDIR].contains(&ty) {
+            let link_ok = ty == libc::S_IFLNK && minor >= UNCAPPED_SINCE;
+            if ![libc::S_IFREG, libc::S_IFDIR].contains(&ty) && !link_ok {
                 return Err(b.err(format!(
-                    "deleted file {name:?} of mode {mode:#o} (a regular file or a directory)"
+                    "deleted file {name:?} of mode {mode:#o} (a regular file or a directory; \
+                     format 1.9 also a symbolic link)"
+                )));
+            }
+            let whole = data.len() == 1 && data[0].0 == 0 && data[0].1.len() as u64 == size;
+            if link_ok && !elsewhere && !whole {
+                return Err(b.err(format!(
+                    "deleted symbolic link {name:?} without its target as its contents"
                 )));
             }
         }
@@ -304,12 +317,16 @@ mod tests {
         let e = decoded(&encoded(&past)).unwrap_err();
         assert!(e.what.contains("past its size 8192"), "{}", e.what);
         let big = ShmemObject {
-            size: SHMEM_CAP + 1,
-            data: Vec::new(),
+            size: SHMEM_CAP + 8192,
+            data: vec![(SHMEM_CAP - 4096, vec![7; 8192])],
             ..memfd()
         };
         let e = decoded(&encoded(&big)).unwrap_err();
         assert!(e.what.contains("at most"), "{}", e.what);
+        // Format 1.9: only the contents are bounded, not the size.
+        let buf = encoded(&big);
+        let mut d = Dec::new(&buf, 0);
+        assert_eq!(ShmemObject::decode(&mut d, 9).unwrap(), big);
         let mut bad = encoded(&memfd());
         bad[8] = 9;
         let e = decoded(&bad).unwrap_err();
@@ -334,6 +351,24 @@ mod tests {
         };
         let e = decoded(&encoded(&fifo)).unwrap_err();
         assert!(e.what.contains("regular file or a directory"), "{}", e.what);
+        // Format 1.9: a symbolic link, its target as its contents.
+        let link = ShmemObject {
+            mode: 0o120777,
+            size: 6,
+            data: vec![(0, b"target".to_vec())],
+            ..fifo.clone()
+        };
+        let buf = encoded(&link);
+        assert!(decoded(&buf).is_err(), "not in 1.8");
+        assert_eq!(
+            ShmemObject::decode(&mut Dec::new(&buf, 0), 9).unwrap(),
+            link
+        );
+        let empty = ShmemObject {
+            data: Vec::new(),
+            ..link
+        };
+        assert!(ShmemObject::decode(&mut Dec::new(&encoded(&empty), 0), 9).is_err());
         let file = ShmemObject {
             mode: 0o100644,
             ..fifo

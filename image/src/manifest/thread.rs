@@ -46,6 +46,8 @@ pub struct ThreadInfo {
     /// `None` in older images (which refused any that differed from the
     /// checkpointer's but the uids and gids).
     pub creds: Option<ThreadCreds>,
+    /// Scheduling settings (format 1.9; `None` before: the defaults).
+    pub sched: Option<Sched>,
 }
 
 /// What a thread runs as and what limits it (format 1.9). The kernel keeps
@@ -151,6 +153,60 @@ impl ThreadCreds {
     }
 }
 
+/// First minor whose THREAD section ends with the scheduling settings.
+pub const SCHED_SINCE: u16 = 9;
+/// `SCHED_FLAG_RESET_ON_FORK`, the only flag of [`Sched::flags`].
+pub const SCHED_RESET_ON_FORK: u32 = 1;
+
+/// A thread's scheduling settings, as `sched_getattr` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sched {
+    /// `SCHED_OTHER` 0, `SCHED_FIFO` 1, `SCHED_RR` 2, `SCHED_BATCH` 3,
+    /// `SCHED_IDLE` 5 (`SCHED_DEADLINE` is refused at checkpoint time).
+    pub policy: u32,
+    /// [`SCHED_RESET_ON_FORK`] or 0.
+    pub flags: u32,
+    /// Nice value, -20..=19.
+    pub nice: i32,
+    /// Real-time priority: 1..=99 for `SCHED_FIFO` and `SCHED_RR`, else 0.
+    pub priority: u32,
+    /// A time slice of its own (`sched_runtime` of a fair policy), in
+    /// nanoseconds; 0: the kernel's default.
+    pub slice_ns: u64,
+}
+
+impl Sched {
+    fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
+        let at = b.offset();
+        let s = Self {
+            policy: b.u32()?,
+            flags: b.u32()?,
+            nice: b.i32()?,
+            priority: b.u32()?,
+            slice_ns: b.u64()?,
+        };
+        let rt = matches!(s.policy, 1 | 2);
+        let bad = if !matches!(s.policy, 0 | 1 | 2 | 3 | 5) {
+            Some(format!("unknown scheduling policy {}", s.policy))
+        } else if s.flags & !SCHED_RESET_ON_FORK != 0 {
+            Some(format!("unknown scheduling flags {:#x}", s.flags))
+        } else if !(-20..=19).contains(&s.nice) {
+            Some(format!("nice value {}", s.nice))
+        } else if rt != (1..=99).contains(&s.priority) {
+            Some(format!(
+                "real-time priority {} with policy {}",
+                s.priority, s.policy
+            ))
+        } else {
+            None
+        };
+        match bad {
+            Some(what) => Err(DecErr { offset: at, what }),
+            None => Ok(s),
+        }
+    }
+}
+
 impl ThreadInfo {
     /// The THREAD section's body.
     pub(super) fn encode(&self, b: &mut Enc) {
@@ -169,15 +225,23 @@ impl ThreadInfo {
         b.u64(self.sigaltstack.2);
         encode_siginfos(b, &self.pending);
         b.str(&self.comm);
-        // Format 1.9 appends the credentials.
+        // Format 1.9 appends the credentials, then the scheduling
+        // settings (only after credentials: a 1.9 writer has both).
         if let Some(c) = &self.creds {
             c.encode(b);
+            if let Some(s) = &self.sched {
+                b.u32(s.policy);
+                b.u32(s.flags);
+                b.i32(s.nice);
+                b.u32(s.priority);
+                b.u64(s.slice_ns);
+            }
         }
     }
 
-    /// Reads a THREAD section's body.
-    pub(super) fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
-        Ok(Self {
+    /// Reads a THREAD section's body, of format 1.`minor`.
+    pub(super) fn decode(b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
+        let mut t = Self {
             tid: b.i32()?,
             regs: b.bytes(REGS_CAP, "registers")?.to_vec(),
             xstate: b.bytes(XSTATE_CAP, "xstate")?.to_vec(),
@@ -188,12 +252,16 @@ impl ThreadInfo {
             sigaltstack: (b.u64()?, b.u32()?, b.u64()?),
             pending: decode_siginfos(b)?,
             comm: b.str(COMM_CAP, "thread name")?,
-            creds: if b.done() {
-                None
-            } else {
-                Some(ThreadCreds::decode(b)?)
-            },
-        })
+            creds: None,
+            sched: None,
+        };
+        if !b.done() {
+            t.creds = Some(ThreadCreds::decode(b)?);
+        }
+        if minor >= SCHED_SINCE && !b.done() {
+            t.sched = Some(Sched::decode(b)?);
+        }
+        Ok(t)
     }
 }
 
@@ -228,23 +296,67 @@ mod tests {
                     prog: vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f],
                 }],
             }),
+            sched: Some(Sched {
+                policy: 2,
+                flags: SCHED_RESET_ON_FORK,
+                nice: -5,
+                priority: 3,
+                slice_ns: 0,
+            }),
         };
         let mut e = Enc::default();
         t.encode(&mut e);
         let mut d = Dec::new(&e.buf, 0);
-        assert_eq!(ThreadInfo::decode(&mut d).unwrap(), t);
+        assert_eq!(ThreadInfo::decode(&mut d, crate::FORMAT_MINOR).unwrap(), t);
         assert!(d.done());
 
-        // Format 1.8 ends before the credentials.
+        // Format 1.8 ends before the credentials and scheduling settings.
         let old = ThreadInfo {
             creds: None,
+            sched: None,
             ..t.clone()
         };
-        let mut e = Enc::default();
-        old.encode(&mut e);
-        assert_eq!(ThreadInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap(), old);
-        // A mode without its filters, and a filter of a bad length, are
-        // refused.
+        let mut e8 = Enc::default();
+        old.encode(&mut e8);
+        let mut d = Dec::new(&e8.buf, 0);
+        assert_eq!(ThreadInfo::decode(&mut d, 8).unwrap(), old);
+        assert!(d.done());
+        // Out-of-range settings and credentials are errors.
+        for bad in [
+            Sched {
+                policy: 6,
+                ..Sched::default()
+            },
+            Sched {
+                flags: 2,
+                ..Sched::default()
+            },
+            Sched {
+                nice: -21,
+                ..Sched::default()
+            },
+            Sched {
+                policy: 1,
+                priority: 0,
+                ..Sched::default()
+            },
+            Sched {
+                policy: 0,
+                priority: 5,
+                ..Sched::default()
+            },
+        ] {
+            let mut e = Enc::default();
+            ThreadInfo {
+                sched: Some(bad),
+                ..t.clone()
+            }
+            .encode(&mut e);
+            assert!(
+                ThreadInfo::decode(&mut Dec::new(&e.buf, 0), 9).is_err(),
+                "{bad:?}"
+            );
+        }
         for bad in [
             ThreadCreds {
                 seccomp_mode: 2,
@@ -262,10 +374,11 @@ mod tests {
             let mut e = Enc::default();
             ThreadInfo {
                 creds: Some(bad),
+                sched: None,
                 ..old.clone()
             }
             .encode(&mut e);
-            assert!(ThreadInfo::decode(&mut Dec::new(&e.buf, 0)).is_err());
+            assert!(ThreadInfo::decode(&mut Dec::new(&e.buf, 0), 9).is_err());
         }
 
         let short = ThreadInfo {
@@ -274,7 +387,7 @@ mod tests {
         };
         let mut e = Enc::default();
         short.encode(&mut e);
-        let err = ThreadInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err = ThreadInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(err.what.contains("siginfo of 100 bytes"), "{}", err.what);
     }
 
@@ -283,7 +396,7 @@ mod tests {
         let mut e = Enc::default();
         e.i32(1);
         e.u32(u32::MAX);
-        let err = ThreadInfo::decode(&mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err = ThreadInfo::decode(&mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR).unwrap_err();
         assert!(err.what.contains("exceeds the cap"), "{}", err.what);
     }
 }

@@ -1,5 +1,6 @@
-//! Descriptors of deleted files and directories (and of shared anonymous
-//! memory, `/dev/zero (deleted)`, opened through `/proc/PID/map_files`):
+//! Descriptors of deleted files, directories and symbolic links (and of
+//! shared anonymous memory, `/dev/zero (deleted)`, opened through
+//! `/proc/PID/map_files`):
 //! the file itself is stored once per checkpoint as a shared memory object
 //! ([`crate::ghost`], [`crate::shmem`]), which the descriptor names by id.
 //!
@@ -31,7 +32,7 @@ impl Descriptor for Deleted {
 
     fn save(&self, cx: &mut SaveCx<'_>, seen: &Seen) -> Option<Result<FdInfo, SaveError>> {
         let ty = seen.file_type();
-        if !(ty == libc::S_IFREG || ty == libc::S_IFDIR)
+        if !(ty == libc::S_IFREG || ty == libc::S_IFDIR || ty == libc::S_IFLNK)
             || ghost::deleted_path(&seen.link).is_none()
         {
             return None;
@@ -98,6 +99,20 @@ impl Descriptor for Deleted {
 /// with the access mode, flags and position of `f`.
 fn reopen(object: RawFd, f: &FdInfo) -> Result<OwnedFd, RestoreError> {
     let path = format!("/proc/self/fd/{object}");
+    // A symbolic link is held by an O_PATH | O_NOFOLLOW descriptor of the
+    // link itself, as the restorer opened it: a duplicate of that.
+    if std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+        // SAFETY: F_DUPFD_CLOEXEC of a descriptor of ours.
+        let fd = unsafe { libc::fcntl(object, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(RestoreError::Syscall {
+                call: format!("duplicating the link {} for descriptor {}", f.path, f.fd),
+                err: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: a new descriptor we own.
+        return Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
     // A file made with O_TMPFILE shows it (with O_DIRECTORY) in its
     // flags: it is reopened as the file it is.
     let tmpfile = if f.flags as i32 & O_TMPFILE_BIT != 0 {
@@ -278,5 +293,51 @@ mod tests {
             shmem: &shmem,
         };
         Deleted.open(&cx, &info).expect("not ENOTDIR");
+    }
+
+    #[test]
+    fn a_descriptor_of_a_deleted_symbolic_link_is_made_again() {
+        let dir = testing::scratch("deleted-link");
+        let link = dir.join("link");
+        std::os::unix::fs::symlink("some/target", &link).unwrap();
+        let c = std::ffi::CString::new(link.display().to_string()).unwrap();
+        // SAFETY: open of a NUL-terminated path.
+        let raw = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW) };
+        assert!(raw >= 0);
+        // SAFETY: a new descriptor we own.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        std::fs::remove_file(&link).unwrap();
+        let info = testing::save_own(fd.as_raw_fd());
+        assert_eq!(info.kind, FdKind::Deleted);
+        let me = std::process::id() as i32;
+        let o = ghost::object(
+            me,
+            &format!("/proc/{me}/fd/{}", fd.as_raw_fd()),
+            &link.display().to_string(),
+            true,
+            ghost::DEFAULT_LIMIT,
+        )
+        .unwrap();
+        assert_eq!(o.mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(o.data, [(0, b"some/target".to_vec())]);
+        // Made again: a link with that target, removed again, and the
+        // descriptor is of the link itself.
+        let made = ghost::make(&o).unwrap();
+        assert!(std::fs::symlink_metadata(&link).is_err(), "removed again");
+        let again = reopen(made.as_raw_fd(), &info).unwrap();
+        let mut buf = [0u8; 64];
+        // SAFETY: readlinkat of our descriptor with an empty path.
+        let n = unsafe {
+            libc::readlinkat(again.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), 64)
+        };
+        assert_eq!(&buf[..n as usize], b"some/target");
+        let shown = std::fs::read_link(format!("/proc/self/fd/{}", again.as_raw_fd())).unwrap();
+        assert_eq!(
+            shown.display().to_string(),
+            format!("{} (deleted)", link.display())
+        );
+        // SAFETY: F_GETFL on our descriptor.
+        let fl = unsafe { libc::fcntl(again.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(fl & libc::O_PATH, 0);
     }
 }

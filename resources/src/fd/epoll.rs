@@ -2,6 +2,16 @@
 //! fdinfo, each checked with `kcmp` to still be the file open under its
 //! number; rebuilt inside the process once every other descriptor has its
 //! number, since registrations name the process's own numbers.
+//!
+//! An epoll set held by several descriptors of one process (`dup`) comes
+//! back as one set; one shared with another process (fork) is refused:
+//! each would be restored as a set of its own.
+//!
+//! A registration outlives a `close` of its number while its file stays
+//! open: the file is then looked for among the process's other
+//! descriptors (`kcmp(KCMP_EPOLL_TFD)`), and at restore put under the
+//! registered number for the moment it takes to register it (whatever is
+//! under that number is set aside and put back).
 
 use cr_ebpf_image::{EpollItem, FdInfo, FdKind, FdState, Manifest};
 
@@ -29,7 +39,12 @@ fn parse(fdinfo: &str) -> Option<Vec<EpollItem>> {
         let fd = next_after("tfd:")?.parse().ok()?;
         let events = u32::from_str_radix(&next_after("events:")?, 16).ok()?;
         let data = u64::from_str_radix(&next_after("data:")?, 16).ok()?;
-        items.push(EpollItem { fd, events, data });
+        items.push(EpollItem {
+            fd,
+            events,
+            data,
+            source: None,
+        });
     }
     Some(items)
 }
@@ -43,10 +58,23 @@ impl Descriptor for Epoll {
         if seen.anon_name() != Some("[eventpoll]") {
             return None;
         }
-        let Some(items) = parse(&seen.fdinfo) else {
+        let Some(mut items) = parse(&seen.fdinfo) else {
             return Some(Err(unreadable(cx, seen, "epoll registration")));
         };
-        if let Err(e) = check_epoll(cx.pid, cx.holder(seen.fd), &items) {
+        let mut pids = cx.scope.pids.clone();
+        if !pids.contains(&cx.pid) {
+            pids.push(cx.pid);
+        }
+        if let Some((pid, fd)) = shared_with(cx.pid, seen.fd, &pids) {
+            return Some(Err(cx.refuse(
+                seen.fd,
+                format!(
+                    "an epoll set shared with descriptor {fd} of process {pid} (dup or fork): \
+                     each would be restored as a set of its own"
+                ),
+            )));
+        }
+        if let Err(e) = locate(cx.pid, cx.holder(seen.fd), &mut items) {
             return Some(Err(cx.refuse(seen.fd, e)));
         }
         let mut info = seen.info(FdKind::Epoll);
@@ -72,14 +100,12 @@ impl Descriptor for Epoll {
             cx.sys.close(e)?;
         }
         for item in items {
-            cx.sys
-                .epoll_add(f.fd, item.fd, item.events, item.data)
-                .map_err(|e| {
-                    RestoreError::NotSupported(format!(
-                        "registering descriptor {} in the epoll set on fd {}: {e}",
-                        item.fd, f.fd
-                    ))
-                })?;
+            register(cx, f.fd, item).map_err(|e| {
+                RestoreError::NotSupported(format!(
+                    "registering descriptor {} in the epoll set on fd {}: {e}",
+                    item.fd, f.fd
+                ))
+            })?;
         }
         if f.flags as i32 & libc::O_NONBLOCK != 0 {
             cx.sys
@@ -89,9 +115,24 @@ impl Descriptor for Epoll {
     }
 }
 
-/// Checks that each registration of the epoll set on `epfd` still refers
-/// to the file open on its descriptor number in `pid` (a registration
-/// outlives a `close` of its number when the file stays open elsewhere).
+/// A descriptor of another process of `pids` that is the same epoll set
+/// as descriptor `fd` of `pid` (one inherited across fork). Duplicates in
+/// `pid` itself are one set again ([`made_before`]).
+fn shared_with(pid: i32, fd: i32, pids: &[i32]) -> Option<(i32, i32)> {
+    pids.iter().filter(|&&o| o != pid).find_map(|&other| {
+        let rd = std::fs::read_dir(format!("/proc/{other}/fd")).ok()?;
+        rd.flatten()
+            .filter_map(|e| {
+                let n: i32 = e.file_name().to_str()?.parse().ok()?;
+                let link = std::fs::read_link(e.path()).ok()?;
+                (link.as_os_str() == "anon_inode:[eventpoll]").then_some(n)
+            })
+            .filter(|&n| (other, n) != (pid, fd))
+            .find(|&n| super::description::same_description(pid, fd, other, n))
+            .map(|n| (other, n))
+    })
+}
+
 /// The descriptor of `m` before its descriptor `i` that is the same epoll
 /// set (the same open file description, [`FdInfo::desc`]), if `i` is one:
 /// it is that one's duplicate, not a set of its own. (A set several
@@ -106,9 +147,44 @@ pub(super) fn made_before(m: &Manifest, i: usize) -> Option<&FdInfo> {
         .find(|g| g.kind == FdKind::Epoll && g.desc == f.desc)
 }
 
-/// The epoll set is `ep` (the process holding it and its number there:
-/// another than `pid` for one in flight, which cr-ebpf holds).
-pub(crate) fn check_epoll(pid: i32, ep: (i32, i32), items: &[EpollItem]) -> Result<(), String> {
+/// Registers `item` in the epoll set `epfd` of the process being built. A
+/// registration whose file was open under another number is made with
+/// that file put under its number for the moment.
+fn register(cx: &RestoreCx<'_>, epfd: i32, item: &EpollItem) -> Result<(), RestoreError> {
+    let Some(src) = item.source else {
+        return cx.sys.epoll_add(epfd, item.fd, item.events, item.data);
+    };
+    // What the number holds now, if anything: set aside, put back after.
+    let held = cx
+        .sys
+        .call(
+            "fcntl(F_GETFD)",
+            libc::SYS_fcntl,
+            [item.fd as u64, libc::F_GETFD as u64, 0, 0, 0, 0],
+        )
+        .ok();
+    let aside = match held {
+        Some(_) => Some(cx.sys.dup_above(item.fd as i64, 0)?),
+        None => None,
+    };
+    cx.sys.dup3(src as i64, item.fd, false)?;
+    let added = cx.sys.epoll_add(epfd, item.fd, item.events, item.data);
+    match (aside, held) {
+        (Some(t), Some(flags)) => {
+            cx.sys
+                .dup3(t, item.fd, flags & libc::FD_CLOEXEC as i64 != 0)?;
+            cx.sys.close(t)?;
+        }
+        _ => cx.sys.close(item.fd as i64)?,
+    }
+    added
+}
+
+/// `kcmp(KCMP_EPOLL_TFD)`: whether descriptor `fd` of `pid` is the file of
+/// registration number `toff` of descriptor `tfd` in the epoll set `ep`
+/// (the process holding it and its number there: another than `pid` for
+/// one in flight, which cr-ebpf holds).
+fn is_target(pid: i32, fd: i32, ep: (i32, i32), tfd: i32, toff: u32) -> bool {
     let (ep_pid, epfd) = ep;
     #[repr(C)]
     struct Slot {
@@ -116,31 +192,61 @@ pub(crate) fn check_epoll(pid: i32, ep: (i32, i32), items: &[EpollItem]) -> Resu
         tfd: u32,
         toff: u32,
     }
-    for (i, item) in items.iter().enumerate() {
+    let slot = Slot {
+        efd: epfd as u32,
+        tfd: tfd as u32,
+        toff,
+    };
+    // SAFETY: kcmp reads the slot we pass; no other memory.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            ep_pid,
+            KCMP_EPOLL_TFD,
+            fd as libc::c_ulong,
+            &slot as *const Slot,
+        )
+    };
+    r == 0
+}
+
+/// Checks that each registration of the epoll set on `epfd` still refers
+/// to the file open on its descriptor number in `pid`; where it does not
+/// (a registration outlives a `close` of its number while the file stays
+/// open elsewhere), finds another descriptor of `pid` open on that file
+/// and names it as the registration's source.
+pub(crate) fn locate(pid: i32, ep: (i32, i32), items: &mut [EpollItem]) -> Result<(), String> {
+    let mut open: Option<Vec<i32>> = None;
+    for i in 0..items.len() {
+        let fd = items[i].fd;
         // Several registrations of one number (dup'ed files) are told apart
         // by their order among that number's registrations.
-        let toff = items[..i].iter().filter(|o| o.fd == item.fd).count() as u32;
-        let slot = Slot {
-            efd: epfd as u32,
-            tfd: item.fd as u32,
-            toff,
-        };
-        // SAFETY: kcmp reads the slot we pass; no other memory.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_kcmp,
-                pid,
-                ep_pid,
-                KCMP_EPOLL_TFD,
-                item.fd as libc::c_ulong,
-                &slot as *const Slot,
-            )
-        };
-        if r != 0 {
-            return Err(format!(
-                "an epoll registration of descriptor {} whose file is no longer open under that number",
-                item.fd
-            ));
+        let toff = items[..i].iter().filter(|o| o.fd == fd).count() as u32;
+        if is_target(pid, fd, ep, fd, toff) {
+            continue;
+        }
+        let fds = open.get_or_insert_with(|| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let found = fds
+            .iter()
+            .copied()
+            .find(|&c| c != fd && is_target(pid, c, ep, fd, toff));
+        match found {
+            Some(c) => items[i].source = Some(c),
+            None => {
+                return Err(format!(
+                    "an epoll registration of descriptor {fd} whose file is no longer open \
+                     in the process (only elsewhere)"
+                ))
+            }
         }
     }
     Ok(())
@@ -185,12 +291,14 @@ mod tests {
                 EpollItem {
                     fd: r.as_raw_fd(),
                     events: libc::EPOLLIN as u32 | libc::EPOLLET as u32 | always,
-                    data: 0x1122_3344_5566_7788
+                    data: 0x1122_3344_5566_7788,
+                    source: None,
                 },
                 EpollItem {
                     fd: w.as_raw_fd(),
                     events: libc::EPOLLOUT as u32 | always,
-                    data: 9
+                    data: 9,
+                    source: None,
                 }
             ]
         );
@@ -216,7 +324,109 @@ mod tests {
     }
 
     #[test]
-    fn a_registration_of_a_closed_number_is_refused() {
+    fn a_registration_of_a_closed_or_reused_number_names_where_its_file_is() {
+        // SAFETY: plain syscall.
+        let ep = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+        let (r, w) = testing::pipe();
+        let (r2, _w2) = testing::pipe();
+        let keep = r.try_clone().unwrap();
+        let add = |fd: i32, data: u64| {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: data,
+            };
+            // SAFETY: our epoll set, descriptor and event.
+            let added =
+                unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+            assert_eq!(added, 0);
+        };
+        add(r.as_raw_fd(), 1);
+        let n = r.as_raw_fd();
+        // The number now holds another file (replaced in one step: other
+        // tests open descriptors meanwhile), registered too; the first
+        // file lives on through `keep`.
+        // SAFETY: dup2 of our descriptor onto a number we hold.
+        assert_eq!(unsafe { libc::dup2(r2.as_raw_fd(), n) }, n);
+        add(n, 2);
+        add(w.as_raw_fd(), 3);
+        let mut owner = testing::SaveOwner::new();
+        let info = Epoll
+            .save(&mut owner.cx(), &testing::seen(ep.as_raw_fd()))
+            .unwrap()
+            .unwrap();
+        let FdState::Epoll(items) = &info.state else {
+            panic!("{info:?}")
+        };
+        let by_data = |d: u64| items.iter().find(|i| i.data == d).unwrap().clone();
+        let old = by_data(1);
+        assert_eq!(old.fd, n);
+        let src = old.source.expect("found elsewhere");
+        // SAFETY: kcmp of two of our descriptors.
+        let same = unsafe {
+            let me = libc::getpid();
+            libc::syscall(libc::SYS_kcmp, me, me, 0, src, keep.as_raw_fd())
+        };
+        assert_eq!(same, 0, "the source is the registered file");
+        assert_eq!(by_data(2).source, None, "the file now under the number");
+        assert_eq!(by_data(3).source, None);
+        // At restore: the file set aside, the old one put under the number
+        // for its registration, then the number given back.
+        let rec = crate::sys::fake::Recording::new();
+        let shared = crate::fd::Shared::default();
+        let shmem = std::collections::HashMap::new();
+        let cx = RestoreCx {
+            sys: &rec,
+            shared: &shared,
+            shmem: &shmem,
+        };
+        register(&cx, 50, &old).unwrap();
+        assert_eq!(
+            rec.names(),
+            [
+                "fcntl(F_GETFD)",
+                "fcntl(F_DUPFD)",
+                "dup3",
+                "epoll_ctl(EPOLL_CTL_ADD)",
+                "dup3",
+                "close"
+            ]
+        );
+        let dups = rec.calls("dup3");
+        assert_eq!((dups[0][0] as i32, dups[0][1] as i32), (src, n));
+        assert_eq!(rec.calls("epoll_ctl(EPOLL_CTL_ADD)")[0][2] as i32, n);
+        // Nothing under the number: it is closed again after.
+        let rec = crate::sys::fake::Recording::new();
+        rec.fail("fcntl(F_GETFD)", libc::EBADF);
+        let cx = RestoreCx {
+            sys: &rec,
+            shared: &shared,
+            shmem: &shmem,
+        };
+        register(&cx, 50, &old).unwrap();
+        assert_eq!(
+            rec.names(),
+            [
+                "fcntl(F_GETFD)",
+                "dup3",
+                "epoll_ctl(EPOLL_CTL_ADD)",
+                "close"
+            ]
+        );
+        drop(keep);
+    }
+
+    #[test]
+    fn only_an_epoll_set_shared_with_another_process_is_refused() {
+        // SAFETY: plain syscall.
+        let ep = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+        let me = std::process::id() as i32;
+        let _other = ep.try_clone().unwrap();
+        // A duplicate in the same process is the same set again.
+        assert_eq!(shared_with(me, ep.as_raw_fd(), &[me]), None);
+    }
+
+    #[test]
+    fn a_registration_of_a_file_open_nowhere_in_the_process_is_refused() {
         // SAFETY: plain syscall.
         let ep = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
         let (r, _w) = testing::pipe();
@@ -230,12 +440,17 @@ mod tests {
             unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, r.as_raw_fd(), &mut ev) };
         assert_eq!(added, 0);
         drop(r); // the file stays open through `keep`: the registration lives on
-        let mut owner = testing::SaveOwner::new();
-        let err = Epoll
-            .save(&mut owner.cx(), &testing::seen(ep.as_raw_fd()))
-            .unwrap()
-            .unwrap_err();
-        assert!(err.to_string().contains("no longer open"), "{err}");
+        let n = keep.as_raw_fd();
+        let mut items = vec![EpollItem {
+            fd: n + 1000,
+            events: 1,
+            data: 1,
+            source: None,
+        }];
+        // A number that was never open and no file of ours: refused.
+        let me = std::process::id() as i32;
+        let err = locate(me, (me, ep.as_raw_fd()), &mut items).unwrap_err();
+        assert!(err.contains("no longer open"), "{err}");
         drop(keep);
     }
 

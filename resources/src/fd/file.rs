@@ -1,6 +1,7 @@
-//! Regular files, directories and character devices: reopened by path at
-//! restore (files at their offset), after checking the file is still the
-//! one the process had.
+//! Regular files, directories, symbolic links (an `O_PATH | O_NOFOLLOW`
+//! descriptor of the link itself) and character devices: reopened by path
+//! at restore (files at their offset), after checking the file is still
+//! the one the process had.
 
 use std::os::unix::fs::MetadataExt as _;
 
@@ -73,7 +74,10 @@ impl Descriptor for File {
     fn save(&self, cx: &mut SaveCx<'_>, seen: &Seen) -> Option<Result<FdInfo, SaveError>> {
         match seen.file_type() {
             libc::S_IFREG if namespace_kind(&seen.link).is_some() => Some(namespace(cx, seen)),
-            libc::S_IFREG | libc::S_IFDIR => {
+            libc::S_IFREG | libc::S_IFDIR | libc::S_IFLNK => {
+                // A symbolic link is open only with O_PATH | O_NOFOLLOW, and
+                // opened again so.
+                // Deleted ones are the deleted kind's, asked first.
                 if seen.link.ends_with(" (deleted)") {
                     return Some(Err(
                         cx.refuse(seen.fd, format!("deleted file {}", seen.link))
@@ -147,7 +151,13 @@ impl Descriptor for File {
         if rebuilt || proc_pid(&f.path).is_some() || f.path.starts_with(OWN_NAMESPACE) {
             return Ok(());
         }
-        let meta = std::fs::metadata(&f.path).map_err(|e| RestoreError::File {
+        // A descriptor of a symbolic link itself (O_NOFOLLOW): the link's.
+        let meta = if f.flags as i32 & libc::O_NOFOLLOW != 0 {
+            std::fs::symlink_metadata(&f.path)
+        } else {
+            std::fs::metadata(&f.path)
+        };
+        let meta = meta.map_err(|e| RestoreError::File {
             path: f.path.clone(),
             what: format!("(open on fd {}) cannot be found: {e}", f.fd),
         })?;
@@ -279,6 +289,35 @@ mod tests {
         // Replaced since: refused before anything starts.
         std::fs::write(dir.join("new"), b"0123456789").unwrap();
         std::fs::rename(dir.join("new"), &path).unwrap();
+        assert!(File.preflight(&m, &info).is_err());
+    }
+
+    #[test]
+    fn a_descriptor_of_a_symbolic_link_itself_round_trips() {
+        let dir = testing::scratch("symlink");
+        std::fs::write(dir.join("target"), b"x").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(dir.join("target"), &link).unwrap();
+        let c = std::ffi::CString::new(link.display().to_string()).unwrap();
+        // SAFETY: open of a NUL-terminated path.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor we own.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let info = testing::save_own(fd.as_raw_fd());
+        assert_eq!(info.kind, FdKind::File);
+        assert_eq!(info.path, link.display().to_string());
+        let m = testing::manifest(vec![info.clone()]);
+        File.preflight(&m, &info)
+            .expect("the link itself, not its target");
+        let rec = testing::restore(&m);
+        let open = rec.calls("openat")[0];
+        assert_eq!(rec.string(open[1]), info.path);
+        assert_ne!(open[2] as i32 & libc::O_NOFOLLOW, 0);
+        assert_ne!(open[2] as i32 & libc::O_PATH, 0);
+        // Pointed elsewhere since: another link, refused.
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(dir.join("other"), &link).unwrap();
         assert!(File.preflight(&m, &info).is_err());
     }
 

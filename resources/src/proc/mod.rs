@@ -1,9 +1,22 @@
 //! What `/proc` shows of a process: `stat`, `status`, `maps` and the
 //! clocks, each parsed in one place.
 
+pub mod guards;
 pub mod maps;
 
 use std::io;
+
+/// Whether cr-ebpf holds capability `bit` (of `CapEff`).
+pub fn have_cap(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
 
 pub use maps::{dumpable_runs, mark_tmpfs, parse_maps, MapEntry};
 
@@ -154,18 +167,6 @@ pub fn personality(pid: i32) -> io::Result<u32> {
 
 /// Number of resource limits (`RLIM_NLIMITS`).
 pub const RLIMITS: u32 = 16;
-
-/// Whether cr-ebpf holds capability `bit` (of `CapEff`).
-pub fn own_capability(bit: u32) -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << bit) != 0)
-}
 
 /// The resource limits of `pid`, read from outside with `prlimit64`, or,
 /// where that is not allowed (another user's process without

@@ -1,11 +1,11 @@
 //! Per-process flags only the process itself can be asked for: whether it
-//! is a child subreaper (`PR_SET_CHILD_SUBREAPER`, recorded and set again),
-//! and which membarrier commands it registered for (not restored yet:
-//! refused at checkpoint time, naming them, while the process keeps
-//! running). One injected syscall each, every checkpoint: no log shows
+//! is a child subreaper (`PR_SET_CHILD_SUBREAPER`) and which membarrier
+//! commands it registered for (`MEMBARRIER_CMD_GET_REGISTRATIONS`), both
+//! recorded and set again in the rebuilt address space (registrations
+//! belong to it). One injected syscall each, every checkpoint: no log shows
 //! them.
 
-use cr_ebpf_image::ProcessInfo;
+use cr_ebpf_image::{ProcessInfo, MEMBARRIER_REGISTRATIONS};
 
 use super::{Phase, ProcessKind, SaveCx};
 use crate::{sys::Sys, RestoreError, SaveError};
@@ -37,11 +37,15 @@ impl ProcessKind for Flags {
         let (ret, _) = cx.ask.call_out(libc::SYS_membarrier, 0, &|_| {
             [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0, 0, 0, 0]
         })?;
-        if ret > 0 {
+        // A kernel without the query answers an error: nothing registered
+        // that could be asked about.
+        let mask = u32::try_from(ret.max(0)).unwrap_or(u32::MAX);
+        if mask & !MEMBARRIER_REGISTRATIONS != 0 {
             return Err(cx.refuse(format!(
-                "membarrier registrations ({ret:#x}): they would be gone after a restore"
+                "membarrier registrations ({mask:#x}) of kinds cr-ebpf does not know"
             )));
         }
+        p.membarrier = mask;
         Ok(())
     }
 
@@ -53,6 +57,15 @@ impl ProcessKind for Flags {
                 [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0],
             )?;
         }
+        for bit in (0..32).map(|b| 1u32 << b) {
+            if p.membarrier & bit != 0 {
+                sys.call(
+                    "membarrier(REGISTER)",
+                    libc::SYS_membarrier,
+                    [bit as u64, 0, 0, 0, 0, 0],
+                )?;
+            }
+        }
         Ok(())
     }
 }
@@ -63,7 +76,7 @@ mod tests {
     use crate::{process::testing::try_save_with, sys::ask::Scripted};
 
     #[test]
-    fn a_subreaper_is_recorded_and_set_again_and_membarrier_refused() {
+    fn a_subreaper_and_membarrier_registrations_are_recorded_and_set_again() {
         let me = [std::process::id() as i32];
         let quiet = Scripted::default()
             .answer(libc::SYS_prctl, |_| (0, vec![0; 8]))
@@ -83,10 +96,25 @@ mod tests {
         );
         let barrier = Scripted::default()
             .answer(libc::SYS_prctl, |_| (0, vec![0; 8]))
-            .answer(libc::SYS_membarrier, |_| (8, Vec::new()));
-        let err = try_save_with(&Flags, &barrier, &me).unwrap_err();
+            .answer(libc::SYS_membarrier, |_| (0x154, Vec::new()));
+        let p = try_save_with(&Flags, &barrier, &me).unwrap();
+        assert_eq!(p.membarrier, 0x154);
+        let rec = crate::sys::fake::Recording::new();
+        Flags.restore(&rec, &p).unwrap();
+        let cmds: Vec<u64> = rec
+            .calls("membarrier(REGISTER)")
+            .iter()
+            .map(|c| c[0])
+            .collect();
+        assert_eq!(cmds, [1 << 2, 1 << 4, 1 << 6, 1 << 8]);
+        // A registration this version does not know is refused.
+        let unknown = Scripted::default()
+            .answer(libc::SYS_prctl, |_| (0, vec![0; 8]))
+            .answer(libc::SYS_membarrier, |_| (1 << 12, Vec::new()));
+        let err = try_save_with(&Flags, &unknown, &me).unwrap_err();
         assert!(
-            err.to_string().contains("membarrier registrations (0x8)"),
+            err.to_string()
+                .contains("membarrier registrations (0x1000)"),
             "{err}"
         );
         // A kernel without the query answers an error: nothing to refuse.

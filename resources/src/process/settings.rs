@@ -1,7 +1,9 @@
-//! What `/proc` shows of the process itself: working directory, umask,
-//! execution domain, resource limits and credentials. Restored with
-//! `chdir`, `umask`, `personality` and `prlimit64`; credentials are checked
-//! against the restorer's before anything starts (not set).
+//! What `/proc` shows of the process itself: working directory, root
+//! directory, umask, execution domain, resource limits and credentials.
+//! Restored with `chdir`, `umask`, `personality` and `prlimit64`, and
+//! `chroot` once its descriptors are open ([`enter_root`]: they are opened
+//! by paths of cr-ebpf's root); credentials are checked against the
+//! restorer's before anything starts (not set).
 
 use cr_ebpf_image::ProcessInfo;
 
@@ -75,7 +77,7 @@ impl ProcessKind for Settings {
         p.rlimits = proc::rlimits(pid).map_err(proc_err(pid, "prlimit64".into()))?;
         // A restore sets them from cr-ebpf's own: a hard limit above ours
         // takes CAP_SYS_RESOURCE to raise.
-        if !proc::own_capability(CAP_SYS_RESOURCE) {
+        if !proc::have_cap(CAP_SYS_RESOURCE) {
             let ours = proc::rlimits(std::process::id() as i32)
                 .map_err(proc_err(pid, "prlimit64 (cr-ebpf's own)".into()))?;
             if let Some((res, theirs, mine)) = higher_hard_limit(&p.rlimits, &ours) {
@@ -87,6 +89,7 @@ impl ProcessKind for Settings {
                 )));
             }
         }
+        p.root = root(cx)?;
         Ok(())
     }
 
@@ -138,6 +141,64 @@ fn higher_hard_limit(theirs: &[(u64, u64)], ours: &[(u64, u64)]) -> Option<(usiz
         .enumerate()
         .find(|(_, (t, o))| t.1 > o.1)
         .map(|(res, (t, o))| (res, t.1, o.1))
+}
+
+/// `CAP_SYS_CHROOT`.
+const CAP_SYS_CHROOT: u32 = 18;
+
+/// The root directory of the process, as cr-ebpf's root sees it; empty when
+/// it is cr-ebpf's.
+fn root(cx: &SaveCx<'_>) -> Result<String, SaveError> {
+    let pid = cx.pid;
+    let link = format!("/proc/{pid}/root");
+    let theirs = std::fs::read_link(&link).map_err(proc_err(pid, link.clone()))?;
+    let ours = std::fs::read_link("/proc/self/root").map_err(proc_err(pid, link.clone()))?;
+    if theirs == ours {
+        return Ok(String::new());
+    }
+    let text = theirs.display().to_string();
+    let same_dir = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+        use std::os::unix::fs::MetadataExt as _;
+        a.dev() == b.dev() && a.ino() == b.ino()
+    };
+    // The path must lead to that very directory (not removed, not outside
+    // cr-ebpf's root, where a path cannot name it).
+    let reachable = match (std::fs::metadata(&link), std::fs::metadata(&theirs)) {
+        (Ok(a), Ok(b)) => same_dir(&a, &b),
+        _ => false,
+    };
+    if !text.starts_with('/') || text.ends_with(" (deleted)") || !reachable {
+        return Err(cx.refuse(format!(
+            "a root directory that cr-ebpf cannot name by a path ({text}): it could not be \
+             entered again"
+        )));
+    }
+    if !proc::have_cap(CAP_SYS_CHROOT) {
+        return Err(cx.refuse(format!(
+            "a root directory other than cr-ebpf's ({text}): entering it again needs \
+             CAP_SYS_CHROOT, which cr-ebpf lacks"
+        )));
+    }
+    Ok(text)
+}
+
+/// Enters the process's own root directory (`chroot`), last of what is
+/// opened by path: its descriptors and mappings are made by paths of
+/// cr-ebpf's root. Its working directory stays where it is, as `chroot`
+/// leaves it.
+pub fn enter_root(sys: &dyn Sys, p: &ProcessInfo) -> Result<(), RestoreError> {
+    if p.root.is_empty() {
+        return Ok(());
+    }
+    let mut path = p.root.clone().into_bytes();
+    path.push(0);
+    let at = sys.put(0, &path)?;
+    sys.call("chroot", libc::SYS_chroot, [at, 0, 0, 0, 0, 0])
+        .map_err(|e| RestoreError::File {
+            path: p.root.clone(),
+            what: format!("(the root directory) cannot be entered: {e}"),
+        })?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -205,5 +266,27 @@ mod tests {
         );
         assert_eq!(p.rlimits.len(), crate::proc::RLIMITS as usize);
         assert!(p.umask <= 0o777);
+        assert_eq!(p.root, "", "our own root is not recorded");
+    }
+
+    #[test]
+    fn a_root_directory_of_its_own_is_entered_last() {
+        let rec = Recording::new();
+        enter_root(&rec, &ProcessInfo::default()).unwrap();
+        assert!(rec.names().is_empty(), "cr-ebpf's root: nothing to do");
+        let p = ProcessInfo {
+            root: "/srv/jail".into(),
+            ..ProcessInfo::default()
+        };
+        enter_root(&rec, &p).unwrap();
+        assert_eq!(rec.names(), ["chroot"]);
+        assert_eq!(
+            rec.memory("chroot", 0, rec.calls("chroot")[0][0], 10),
+            b"/srv/jail\0"
+        );
+        let rec = Recording::new();
+        rec.fail("chroot", libc::ENOENT);
+        let err = enter_root(&rec, &p).unwrap_err();
+        assert!(err.to_string().contains("/srv/jail"), "{err}");
     }
 }

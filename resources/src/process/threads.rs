@@ -1,6 +1,7 @@
 //! Per-thread state: registers and FPU state, blocked signals, rseq area,
 //! robust futex list, `clear_child_tid`, alternate signal stack, signals
-//! pending for the thread alone, and its name. Saved thread by thread while
+//! pending for the thread alone, its name and its scheduling settings
+//! (kept in `scheduling.rs`). Saved thread by thread while
 //! the process is frozen (registers before anything is injected), restored
 //! by syscalls in each new thread ([`restore_thread`]); the registers and
 //! FPU state are set by the restorer through ptrace.
@@ -92,6 +93,7 @@ pub fn save_thread(
     // the log does not cover every call that changes them.
     let creds = super::creds::save(pid, injector, t)?;
     queries.injected += 1;
+    let sched = super::scheduling::save_sched(pid, tid)?;
     Ok(ThreadInfo {
         tid,
         regs: regs::to_bytes(&r),
@@ -107,6 +109,7 @@ pub fn save_thread(
         sigmask: proc::sigmask(pid, tid)
             .map_err(proc_err(pid, format!("/proc/{pid}/task/{tid}/status")))?,
         creds: Some(creds),
+        sched,
     })
 }
 
@@ -186,6 +189,9 @@ pub fn restore_thread(sys: &dyn Sys, pid: i32, info: &ThreadInfo) -> Result<(), 
     ss.extend_from_slice(&size.to_le_bytes());
     let at = sys.put(0, &ss)?;
     sys.call("sigaltstack", libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0])?;
+    if let Some(sched) = &info.sched {
+        super::scheduling::restore_sched(sys, sched)?;
+    }
     for siginfo in &info.pending {
         let signo = i32::from_le_bytes(siginfo[0..4].try_into().expect("4 bytes"));
         let at = sys.put(0, siginfo)?;
@@ -215,6 +221,11 @@ mod tests {
             sigaltstack: (0x7f00_0010_0000, libc::SS_ONSTACK as u32, 65536),
             pending: vec![siginfo],
             comm: "a-very-long-thread-name".into(),
+            sched: Some(cr_ebpf_image::Sched {
+                policy: 1,
+                priority: 7,
+                ..Default::default()
+            }),
             ..ThreadInfo::default()
         };
         let rec = Recording::new();
@@ -227,6 +238,8 @@ mod tests {
                 "rseq",
                 "prctl(PR_SET_NAME)",
                 "sigaltstack",
+                "setpriority",
+                "sched_setattr",
                 "rt_tgsigqueueinfo"
             ]
         );

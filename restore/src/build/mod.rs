@@ -387,6 +387,7 @@ fn advice_phase(b: &mut Build<'_>) -> Result<(), RestoreError> {
         if x.flags & advice::ADVICE != 0 && !special {
             advice::restore(b.s, x)?;
         }
+        advice::install_guards(b.s, x)?;
     }
     Ok(())
 }
@@ -411,6 +412,8 @@ fn fds(b: &mut Build<'_>) -> Result<(), RestoreError> {
         cr_ebpf_resources::fd::restore(&cx, m)?;
     }
     cr_ebpf_resources::ghost::enter_cwd(s, m, shm)?;
+    // Last of what is opened by a path of the restorer's root.
+    process::settings::enter_root(s, &m.process)?;
     s.release_adopter()?;
     cr_ebpf_resources::shmem::seal(&m.shmem, shm)
 }
@@ -521,6 +524,7 @@ mod tests {
             tmpfs: false,
             ghost: false,
             advice: 0,
+            guards: Vec::new(),
         }
     }
 

@@ -63,7 +63,7 @@ pub(super) fn decode(d: &mut Dec<'_>, minor: u16) -> Result<FdState, DecErr> {
             crate::FORMAT_MAJOR
         ),
     })?;
-    let state = FdState::decode_body(kind, &mut b)?;
+    let state = FdState::decode_body(kind, &mut b, 4)?;
     if !b.done() {
         return Err(b.err("unexpected bytes at the end of a descriptor state"));
     }
@@ -78,7 +78,7 @@ pub(super) fn encode(state: &FdState, out: &mut Enc) {
         return;
     };
     let mut b = Enc::default();
-    state.encode_body(&mut b);
+    state.encode_body_version(&mut b, 3);
     out.u16(tag);
     out.bytes(&b.buf);
 }
@@ -157,11 +157,13 @@ mod tests {
                     fd: 3,
                     events: 0x8000_0019,
                     data: 0x1122_3344_5566_7788,
+                    source: None,
                 },
                 EpollItem {
                     fd: 9,
                     events: 1,
                     data: 9,
+                    source: None,
                 },
             ]),
             FdState::EventFd {

@@ -18,7 +18,7 @@ pub use socket::{
     TCP_HALF_CLOSED,
 };
 pub use state::{EpollItem, FdKind, FdState, InotifyWatch};
-pub use tty::{PtyPair, TtyInfo, TtyRole, TERMIOS_LEN};
+pub use tty::{LineEnd, PtyPair, QueuedInput, TtyInfo, TtyRole, TERMIOS_LEN};
 
 use super::{unknown, PATH_CAP};
 use crate::codec::{Dec, DecErr, Enc};
@@ -164,7 +164,7 @@ impl FdInfo {
             owner: FileOwner::default(),
         };
         if minor >= STATE_BY_KIND {
-            f.state = FdState::decode_body(kind, b)?;
+            f.state = FdState::decode_body(kind, b, minor)?;
             if minor >= SHARED_DESCRIPTION {
                 f.desc = b.u64()?;
             }
@@ -312,7 +312,7 @@ mod tests {
     fn a_terminal_is_not_a_kind_of_format_1_7() {
         let t = common(3, FdState::Tty(tty::tests::master()));
         let buf = encoded(&t);
-        assert_eq!(decoded(&buf, 8).unwrap(), t);
+        assert_eq!(decoded(&buf, FORMAT_MINOR).unwrap(), t);
         let e = decoded(&buf, 8 - 1).unwrap_err();
         assert!(e.what.contains("unknown descriptor kind 13"), "{}", e.what);
         assert!(e.what.contains("1.7"), "{}", e.what);

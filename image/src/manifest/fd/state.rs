@@ -130,7 +130,14 @@ pub struct EpollItem {
     pub events: u32,
     /// The user data word, all 64 bits.
     pub data: u64,
+    /// Format 1.9: the descriptor its file is open under at checkpoint
+    /// time when that number is closed or holds another file now (the
+    /// registration lives on while its file does); `None`: `fd` itself.
+    pub source: Option<i32>,
 }
+
+/// First minor whose epoll registrations name where their file is open.
+const EPOLL_SOURCE_SINCE: u16 = 9;
 
 /// What a descriptor holds beyond the common fields: the state of its
 /// [`FdKind`]. Kinds 1 to 4 (files, devices, pipes, inherited) have
@@ -246,9 +253,15 @@ impl FdState {
 
     /// Appends the state's body (nothing for [`FdState::None`]).
     pub(super) fn encode_body(&self, b: &mut Enc) {
+        self.encode_body_version(b, crate::FORMAT_MINOR);
+    }
+
+    /// Appends the state's body as format 1.`minor` has it (older ones
+    /// for tests of older readers: the crate writes the newest).
+    pub(super) fn encode_body_version(&self, b: &mut Enc, minor: u16) {
         match self {
             Self::None => {}
-            Self::Epoll(items) => encode_epoll(b, items),
+            Self::Epoll(items) => encode_epoll(b, items, minor),
             Self::EventFd { count, semaphore } => {
                 b.u64(*count);
                 b.u32(*semaphore as u32);
@@ -289,15 +302,15 @@ impl FdState {
     }
 
     /// Reads the body of the state of `kind` (nothing for a kind without
-    /// state).
-    pub(super) fn decode_body(kind: FdKind, b: &mut Dec<'_>) -> Result<Self, DecErr> {
+    /// state), of format 1.`minor`.
+    pub(super) fn decode_body(kind: FdKind, b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
         Ok(match kind {
             FdKind::Invalid
             | FdKind::File
             | FdKind::CharDevice
             | FdKind::Pipe
             | FdKind::Inherited => Self::None,
-            FdKind::Epoll => Self::Epoll(decode_epoll(b)?),
+            FdKind::Epoll => Self::Epoll(decode_epoll(b, minor)?),
             FdKind::EventFd => Self::EventFd {
                 count: b.u64()?,
                 semaphore: b.u32()? != 0,
@@ -314,7 +327,7 @@ impl FdState {
             FdKind::Inotify => Self::Inotify(decode_inotify(b)?),
             FdKind::Memfd => Self::Memfd { id: b.u64()? },
             FdKind::Pidfd => Self::Pidfd { pid: b.i32()? },
-            FdKind::Tty => Self::Tty(TtyInfo::decode(b)?),
+            FdKind::Tty => Self::Tty(TtyInfo::decode(b, minor)?),
             FdKind::Deleted => Self::Deleted { id: b.u64()? },
             FdKind::Fifo => {
                 let at = b.offset();
@@ -340,16 +353,21 @@ impl FdState {
     }
 }
 
-fn encode_epoll(b: &mut Enc, items: &[EpollItem]) {
+fn encode_epoll(b: &mut Enc, items: &[EpollItem], minor: u16) {
     b.u32(items.len() as u32);
     for i in items {
         b.i32(i.fd);
         b.u32(i.events);
         b.u64(i.data);
     }
+    if minor >= EPOLL_SOURCE_SINCE {
+        for i in items {
+            b.i32(i.source.unwrap_or(-1));
+        }
+    }
 }
 
-fn decode_epoll(b: &mut Dec<'_>) -> Result<Vec<EpollItem>, DecErr> {
+fn decode_epoll(b: &mut Dec<'_>, minor: u16) -> Result<Vec<EpollItem>, DecErr> {
     let n = b.u32()? as usize;
     if n > EPOLL_ITEMS_CAP {
         return Err(b.err(format!(
@@ -362,7 +380,17 @@ fn decode_epoll(b: &mut Dec<'_>) -> Result<Vec<EpollItem>, DecErr> {
             fd: b.i32()?,
             events: b.u32()?,
             data: b.u64()?,
+            source: None,
         });
+    }
+    if minor >= EPOLL_SOURCE_SINCE {
+        for i in &mut items {
+            i.source = match b.i32()? {
+                -1 => None,
+                n if n >= 0 && n != i.fd => Some(n),
+                n => return Err(b.err(format!("epoll registration of {} open under {n}", i.fd))),
+            };
+        }
     }
     Ok(items)
 }
@@ -415,11 +443,13 @@ pub(super) mod tests {
                     fd: 3,
                     events: 0x8000_0019,
                     data: 0x1122_3344_5566_7788,
+                    source: None,
                 },
                 EpollItem {
                     fd: 9,
                     events: 1,
                     data: 9,
+                    source: None,
                 },
             ]),
             FdState::EventFd {
@@ -519,7 +549,10 @@ pub(super) mod tests {
             s.encode_body(&mut e);
             assert_eq!(e.buf.is_empty(), s == FdState::None);
             let mut d = Dec::new(&e.buf, 0);
-            assert_eq!(FdState::decode_body(kind, &mut d).unwrap(), s);
+            assert_eq!(
+                FdState::decode_body(kind, &mut d, crate::FORMAT_MINOR).unwrap(),
+                s
+            );
             assert!(d.done());
         }
     }
@@ -543,15 +576,25 @@ pub(super) mod tests {
     fn counts_over_the_caps_and_disordered_watches_are_refused() {
         let mut e = Enc::default();
         e.u32(EPOLL_ITEMS_CAP as u32 + 1);
-        let err = FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err =
+            FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR)
+                .unwrap_err();
         assert!(err.what.contains("epoll registrations"), "{}", err.what);
         // A count within the cap but past the bytes: refused, not reserved.
         let mut e = Enc::default();
         e.u32(EPOLL_ITEMS_CAP as u32);
-        assert!(FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0)).is_err());
+        assert!(
+            FdState::decode_body(FdKind::Epoll, &mut Dec::new(&e.buf, 0), crate::FORMAT_MINOR)
+                .is_err()
+        );
         let mut e = Enc::default();
         e.u32(WATCHES_CAP as u32 + 1);
-        let err = FdState::decode_body(FdKind::Inotify, &mut Dec::new(&e.buf, 0)).unwrap_err();
+        let err = FdState::decode_body(
+            FdKind::Inotify,
+            &mut Dec::new(&e.buf, 0),
+            crate::FORMAT_MINOR,
+        )
+        .unwrap_err();
         assert!(err.what.contains("inotify watches"), "{}", err.what);
         let watch = |wd| InotifyWatch {
             wd,
@@ -564,8 +607,52 @@ pub(super) mod tests {
         ] {
             let mut e = Enc::default();
             FdState::Inotify(bad).encode_body(&mut e);
-            let err = FdState::decode_body(FdKind::Inotify, &mut Dec::new(&e.buf, 0)).unwrap_err();
+            let err = FdState::decode_body(
+                FdKind::Inotify,
+                &mut Dec::new(&e.buf, 0),
+                crate::FORMAT_MINOR,
+            )
+            .unwrap_err();
             assert!(err.what.contains("out of order"), "{}", err.what);
         }
+    }
+
+    #[test]
+    fn an_epoll_registration_names_where_its_file_is_open_from_1_9() {
+        let items = vec![
+            EpollItem {
+                fd: 999,
+                events: 1,
+                data: 2,
+                source: Some(5),
+            },
+            EpollItem {
+                fd: 5,
+                events: 1,
+                data: 3,
+                source: None,
+            },
+        ];
+        let s = FdState::Epoll(items.clone());
+        let mut e = Enc::default();
+        s.encode_body(&mut e);
+        let mut d = Dec::new(&e.buf, 0);
+        assert_eq!(FdState::decode_body(FdKind::Epoll, &mut d, 9).unwrap(), s);
+        assert!(d.done());
+        // 1.8 has no sources.
+        let mut e8 = Enc::default();
+        s.encode_body_version(&mut e8, 8);
+        let mut d = Dec::new(&e8.buf, 0);
+        let FdState::Epoll(back) = FdState::decode_body(FdKind::Epoll, &mut d, 8).unwrap() else {
+            panic!()
+        };
+        assert!(back.iter().all(|i| i.source.is_none()));
+        // A source that is its own number, or negative, is damage.
+        let n = e.buf.len();
+        let mut bad = e.buf.clone();
+        bad[n - 8..n - 4].copy_from_slice(&999i32.to_le_bytes());
+        assert!(FdState::decode_body(FdKind::Epoll, &mut Dec::new(&bad, 0), 9).is_err());
+        bad[n - 8..n - 4].copy_from_slice(&(-2i32).to_le_bytes());
+        assert!(FdState::decode_body(FdKind::Epoll, &mut Dec::new(&bad, 0), 9).is_err());
     }
 }

@@ -72,6 +72,47 @@ pub struct PtyPair {
     pub gid: u32,
     /// See `uid`.
     pub mode: u32,
+    /// Format 1.9: bytes the slave side wrote that wait to be read on the
+    /// master (as the master reads them: after the slave's output
+    /// processing).
+    pub master_queue: Vec<u8>,
+    /// Format 1.9: what waits to be read on the slave side (written on the
+    /// master, after the slave's input processing), line by line.
+    pub slave_queue: Vec<QueuedInput>,
+}
+
+/// First minor whose pair settings end with the queues.
+const QUEUES_SINCE: u16 = 9;
+/// Most bytes of one queue (the kernel holds a few KiB per direction).
+const QUEUE_CAP: usize = 1 << 20;
+/// Most pieces of the slave's queue.
+const PIECES_CAP: usize = 1 << 16;
+
+/// How a piece of a terminal's input queue ends. On disk as a `u16`.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LineEnd {
+    /// Not an end; decoding it is an error.
+    #[default]
+    Invalid = 0,
+    /// A line ended by its last byte (newline, `VEOL`, `VEOL2`).
+    Delimiter = 1,
+    /// A line ended by the end-of-file character, which is not stored in
+    /// it (a read returns the line without it; an empty one reads as end
+    /// of file).
+    EndOfFile = 2,
+    /// Bytes with no line end: the incomplete last line of a canonical
+    /// terminal, or the whole queue of a non-canonical one (only last).
+    Open = 3,
+}
+
+/// A piece of a terminal's input queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueuedInput {
+    /// How it ends.
+    pub end: LineEnd,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
 }
 
 impl TtyInfo {
@@ -92,11 +133,18 @@ impl TtyInfo {
                 b.u32(p.uid);
                 b.u32(p.gid);
                 b.u32(p.mode);
+                b.bytes(&p.master_queue);
+                b.u32(p.slave_queue.len() as u32);
+                for q in &p.slave_queue {
+                    b.u16(q.end as u16);
+                    b.bytes(&q.bytes);
+                }
             }
         }
     }
 
-    pub(super) fn decode(b: &mut Dec<'_>) -> Result<Self, DecErr> {
+    /// Reads a terminal state of format 1.`minor`.
+    pub(super) fn decode(b: &mut Dec<'_>, minor: u16) -> Result<Self, DecErr> {
         let role = b.u16()?;
         let role = TtyRole::try_from(role).map_err(|r| b.err(format!("terminal role {r}")))?;
         let open = b.u16()?;
@@ -120,7 +168,17 @@ impl TtyInfo {
                     uid: b.u32()?,
                     gid: b.u32()?,
                     mode: b.u32()?,
+                    master_queue: Vec::new(),
+                    slave_queue: Vec::new(),
                 })
+                .map(|mut p| {
+                    if minor >= QUEUES_SINCE {
+                        p.master_queue = b.bytes(QUEUE_CAP, "master queue")?.to_vec();
+                        p.slave_queue = decode_queue(b)?;
+                    }
+                    Ok::<_, DecErr>(p)
+                })
+                .transpose()?
             }
             other => return Err(b.err(format!("terminal settings marker {other}"))),
         };
@@ -134,6 +192,38 @@ impl TtyInfo {
             pair,
         })
     }
+}
+
+/// The pieces of a slave's input queue: only the last may be open, and
+/// together they hold at most [`QUEUE_CAP`] bytes.
+fn decode_queue(b: &mut Dec<'_>) -> Result<Vec<QueuedInput>, DecErr> {
+    let n = b.u32()? as usize;
+    if n > PIECES_CAP {
+        return Err(b.err(format!(
+            "{n} pieces of a terminal queue (at most {PIECES_CAP})"
+        )));
+    }
+    let mut out: Vec<QueuedInput> = Vec::new();
+    let mut total = 0;
+    for _ in 0..n {
+        let raw = b.u16()?;
+        let end = match raw {
+            1 => LineEnd::Delimiter,
+            2 => LineEnd::EndOfFile,
+            3 => LineEnd::Open,
+            other => return Err(b.err(format!("terminal line end {other}"))),
+        };
+        if out.last().is_some_and(|q| q.end == LineEnd::Open) {
+            return Err(b.err("a terminal queue with a piece after its open end"));
+        }
+        let bytes = b.bytes(QUEUE_CAP, "terminal queue")?.to_vec();
+        total += bytes.len();
+        if total > QUEUE_CAP || (end == LineEnd::Delimiter && bytes.is_empty()) {
+            return Err(b.err(format!("a terminal queue piece of {} bytes", bytes.len())));
+        }
+        out.push(QueuedInput { end, bytes });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -153,6 +243,21 @@ pub(super) mod tests {
                 uid: 1000,
                 gid: 5,
                 mode: 0o620,
+                master_queue: b"hello\r\n".to_vec(),
+                slave_queue: vec![
+                    QueuedInput {
+                        end: LineEnd::Delimiter,
+                        bytes: b"hello\n".to_vec(),
+                    },
+                    QueuedInput {
+                        end: LineEnd::EndOfFile,
+                        bytes: Vec::new(),
+                    },
+                    QueuedInput {
+                        end: LineEnd::Open,
+                        bytes: b"par".to_vec(),
+                    },
+                ],
             }),
         }
     }
@@ -161,7 +266,7 @@ pub(super) mod tests {
         let mut e = Enc::default();
         t.encode(&mut e);
         let mut d = Dec::new(&e.buf, 0);
-        let back = TtyInfo::decode(&mut d)?;
+        let back = TtyInfo::decode(&mut d, crate::FORMAT_MINOR)?;
         assert!(d.done());
         Ok(back)
     }
@@ -193,5 +298,31 @@ pub(super) mod tests {
         let mut short = master();
         short.pair.as_mut().unwrap().termios.pop();
         assert!(round(&short).is_err());
+    }
+
+    #[test]
+    fn queues_are_read_from_format_1_9_and_damaged_ones_refused() {
+        // Format 1.8: the settings without queues.
+        let mut old = master();
+        let p = old.pair.as_mut().unwrap();
+        p.master_queue.clear();
+        p.slave_queue.clear();
+        let mut e = Enc::default();
+        old.encode(&mut e);
+        let cut = e.buf.len() - 8; // the two empty queues
+        let mut d = Dec::new(&e.buf[..cut], 0);
+        assert_eq!(TtyInfo::decode(&mut d, 8).unwrap(), old);
+        assert!(d.done());
+        let bad = |f: &dyn Fn(&mut PtyPair)| {
+            let mut t = master();
+            f(t.pair.as_mut().unwrap());
+            round(&t).unwrap_err().what
+        };
+        let e = bad(&|p| p.slave_queue[0].end = LineEnd::Invalid);
+        assert!(e.contains("line end 0"), "{e}");
+        let e = bad(&|p| p.slave_queue.swap(1, 2));
+        assert!(e.contains("after its open end"), "{e}");
+        let e = bad(&|p| p.slave_queue[0].bytes.clear());
+        assert!(e.contains("piece of 0 bytes"), "{e}");
     }
 }

@@ -8,9 +8,12 @@
 //! shell job (a terminal outside the checkpoint, taken only with
 //! `--shell-job`) becomes the restorer's own terminal.
 //!
-//! Refused at checkpoint time: bytes waiting in either direction of a pair
-//! (`FIONREAD`, `TIOCOUTQ`: a terminal's queues cannot be read without
-//! consuming them), a master whose slave is closed everywhere, a pair also
+//! Bytes waiting in either direction are read and written back at once
+//! (`queues.rs`), and written into the new pair.
+//!
+//! Refused at checkpoint time: bytes waiting in a pair whose master is in
+//! packet mode (a change of settings would show), or when cr-ebpf lacks
+//! `CAP_SYS_ADMIN` (`TIOCSTI`), a master whose slave is closed everywhere, a pair also
 //! held or controlling a process outside the checkpoint, a slave whose
 //! master is outside it (unless it is a shell job's terminal), and any
 //! other terminal (virtual consoles, serial lines, `/dev/console`).
@@ -33,6 +36,9 @@ pub struct Tty;
 
 /// The id under which a shell job's terminal is kept in [`Shared`].
 const OUTSIDE: u64 = u64::MAX;
+/// `CAP_SYS_ADMIN`, which handing bytes to a terminal's input (`TIOCSTI`)
+/// takes.
+const CAP_SYS_ADMIN: u32 = 21;
 /// `KCMP_FILE`: whether two descriptors are one open file description.
 const KCMP_FILE: i32 = 0;
 
@@ -234,17 +240,34 @@ fn save_pair(
         // SAFETY: poll of one descriptor of ours, without waiting.
         unsafe { libc::poll(&mut p, 1, 0) };
     }
+    let packet = ioctl_int(dup, libc::TIOCGPKT).map_err(io("TIOCGPKT"))? != 0;
+    let takes = !packet && crate::proc::have_cap(CAP_SYS_ADMIN);
     for (fd, end) in [(dup, "master"), (&peer, "slave")] {
         let unread = ioctl_int(fd, libc::FIONREAD).map_err(io("FIONREAD"))?;
         let unsent = ioctl_int(fd, libc::TIOCOUTQ).map_err(io("TIOCOUTQ"))?;
-        if unread > 0 || unsent > 0 {
+        // In packet mode a change of settings would show the master a
+        // status byte, and without CAP_SYS_ADMIN the slave's queue could
+        // not be handed back (TIOCSTI): the queues are not taken.
+        if unsent > 0 || (!takes && unread > 0) {
             return Err(refuse(format!(
                 "a pseudo-terminal pair ({index}) with {unread} byte(s) waiting to be read and \
-                 {unsent} to be sent on its {end} side: a terminal's queues cannot be read \
-                 without consuming them (try again once its reader has caught up)"
+                 {unsent} to be sent on its {end} side{}: a terminal's queues cannot be read \
+                 without consuming them (try again once its reader has caught up)",
+                if packet {
+                    " in packet mode"
+                } else if takes {
+                    ""
+                } else {
+                    " (taking them needs CAP_SYS_ADMIN)"
+                }
             )));
         }
     }
+    let (master_queue, slave_queue) = if !takes {
+        (Vec::new(), Vec::new())
+    } else {
+        queues::take(dup, &peer).map_err(io("reading its queues"))?
+    };
     let mut termios = [0u8; TERMIOS_LEN];
     // SAFETY: TCGETS2 writes a struct termios2 (TERMIOS_LEN bytes).
     if unsafe { libc::ioctl(peer.as_raw_fd(), libc::TCGETS2, termios.as_mut_ptr()) } < 0 {
@@ -261,11 +284,13 @@ fn save_pair(
     Ok(PtyPair {
         termios: termios.to_vec(),
         winsize: ws,
-        packet: ioctl_int(dup, libc::TIOCGPKT).map_err(io("TIOCGPKT"))? != 0,
+        packet,
         exclusive: ioctl_int(&peer, libc::TIOCGEXCL).map_err(io("TIOCGEXCL"))? != 0,
         uid: meta.uid(),
         gid: meta.gid(),
         mode: meta.mode() & 0o7777,
+        master_queue,
+        slave_queue,
     })
 }
 
@@ -418,6 +443,8 @@ pub fn make_pair(p: &PtyPair) -> Result<OwnedFd, RestoreError> {
             std::io::Error::last_os_error(),
         ));
     }
+    queues::put(&peer, &p.termios, &p.master_queue, &p.slave_queue)
+        .map_err(fail("refilling the terminal's queues"))?;
     Ok(master)
 }
 
@@ -530,5 +557,6 @@ impl Descriptor for Tty {
     }
 }
 
+mod queues;
 #[cfg(test)]
 mod tests;

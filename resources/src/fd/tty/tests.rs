@@ -111,7 +111,7 @@ fn a_pair_comes_back_as_a_new_pair_with_its_settings_and_open_files() {
 }
 
 #[test]
-fn unread_bytes_a_closed_slave_and_a_foreign_slave_are_refused() {
+fn unread_bytes_are_taken_and_left_a_closed_slave_and_a_foreign_slave_are_refused() {
     let (master, slave) = our_pair();
     // SAFETY: writing our buffer into our master.
     let n = unsafe { libc::write(master.as_raw_fd(), b"ls\n".as_ptr().cast(), 3) };
@@ -123,8 +123,14 @@ fn unread_bytes_a_closed_slave_and_a_foreign_slave_are_refused() {
         let mut cx = owner.cx();
         Tty.save(&mut cx, &testing::seen(fd)).expect("claimed")
     };
-    let err = save(master.as_raw_fd()).unwrap_err().to_string();
-    assert!(err.contains("waiting to be read"), "{err}");
+    let info = save(master.as_raw_fd()).unwrap();
+    let FdState::Tty(t) = &info.state else {
+        panic!("{info:?}")
+    };
+    let p = t.pair.as_ref().unwrap();
+    assert_eq!(p.master_queue, b"ls\r\n", "the echo");
+    assert_eq!(p.slave_queue.len(), 1);
+    assert_eq!(p.slave_queue[0].bytes, b"ls\n");
     // The bytes are still there for the slave.
     let mut buf = [0u8; 8];
     // SAFETY: reading into our buffer.
@@ -134,7 +140,24 @@ fn unread_bytes_a_closed_slave_and_a_foreign_slave_are_refused() {
     // SAFETY: reading into our buffer.
     let n = unsafe { libc::read(master.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
     assert_eq!(&buf[..n as usize], b"ls\r\n");
-    save(master.as_raw_fd()).expect("nothing waiting any more");
+    // In packet mode they are refused.
+    let on: libc::c_int = 1;
+    // SAFETY: TIOCPKT reads one int; writing our buffer.
+    unsafe {
+        assert_eq!(libc::ioctl(master.as_raw_fd(), libc::TIOCPKT, &on), 0);
+        assert_eq!(libc::write(slave.as_raw_fd(), b"z".as_ptr().cast(), 1), 1);
+    }
+    let err = save(master.as_raw_fd()).unwrap_err().to_string();
+    assert!(err.contains("waiting to be read"), "{err}");
+    assert!(err.contains("packet mode"), "{err}");
+    // SAFETY: reading into our buffer.
+    let n = unsafe { libc::read(master.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    assert_eq!(&buf[..n as usize], b"\0z", "left as it was");
+    let info = save(master.as_raw_fd()).expect("nothing waiting any more");
+    let FdState::Tty(t) = &info.state else {
+        panic!("{info:?}")
+    };
+    assert!(t.pair.as_ref().unwrap().master_queue.is_empty());
     drop(slave);
     let err = save(master.as_raw_fd()).unwrap_err().to_string();
     assert!(err.contains("slave is closed everywhere"), "{err}");
