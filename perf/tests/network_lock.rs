@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use cr_ebpf_checkpoint::{dump, ConnectionLock, DumpError, DumpOptions, NetLockKey};
+use cr_ebpf_checkpoint::{dump, ConnectionLock, DumpOptions, NetLockKey};
 use cr_ebpf_loader::netlock;
 use cr_ebpf_perf::{spawn_clean, wait_for_file, KillOnDrop, Scratch};
 use cr_ebpf_restore::{restore, RestoreOptions};
@@ -28,7 +28,8 @@ const SERVER: &str = r#"
 import os, socket, sys, time
 ctl, family = sys.argv[1], sys.argv[2]
 if len(sys.argv) > 3:
-    os.nice(int(sys.argv[3]))
+    # Something a dump refuses: a packet socket.
+    refused = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
 fam = socket.AF_INET6 if family == '6' else socket.AF_INET
 l = socket.socket(fam, socket.SOCK_STREAM)
 l.bind(('::1' if family == '6' else '127.0.0.1', 0))
@@ -204,13 +205,16 @@ fn a_refused_dump_removes_its_lock_and_leave_running_takes_none() {
         return;
     }
     let scratch = Scratch::new("netlock-refused");
-    // A nice value other than the default: refused, after the
-    // connections were locked.
-    let (mut child, mut peer) = start(&scratch, &["4", "5"]);
+    // A packet socket: refused, after the connections were locked.
+    let (mut child, mut peer) = start(&scratch, &["4", "packet"]);
     let pid = child.id() as i32;
     let _guard = KillOnDrop(pid);
     let e = dump(pid, &scratch.0.join("image"), &options(true, false)).expect_err("refused");
-    assert!(matches!(e, DumpError::NotSupported { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("not supported: a socket of family 17"),
+        "{e}"
+    );
     assert_eq!(
         locks_of(pid),
         Vec::<String>::new(),

@@ -500,7 +500,9 @@ fn edited_credentials_are_refused_and_recorded_ones_come_back_exactly() {
     m.write(&img).unwrap();
     // The ticker opens its log again at every tick: as that user too.
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&s.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // (Sticky, as /tmp: an image below a directory others may write is
+    // trusted only so.)
+    std::fs::set_permissions(&s.0, std::fs::Permissions::from_mode(0o1777)).unwrap();
     std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     let status = std::fs::read_to_string(format!("/proc/{}/status", r.pid)).unwrap();
