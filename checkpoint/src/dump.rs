@@ -90,6 +90,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         .into());
     }
     cr_ebpf_image::trust::check_destination(dir)?;
+    crate::freeze::checkable(pid)?;
     let pool = worker_pool(pid, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
     // From here on an error drops `stopped`, which resumes every thread.

@@ -14,6 +14,49 @@ pub(crate) fn stat(pid: i32) -> Result<proc::Stat, DumpError> {
     proc::stat(pid).map_err(proc_err(pid, format!("/proc/{pid}/stat")))
 }
 
+/// Refuses, before anything is stopped, a process no checkpoint can be
+/// taken of: none with that pid, a zombie, a kernel thread, or pid 1 (its
+/// tree is every process of the machine).
+pub(crate) fn checkable(pid: i32) -> Result<(), DumpError> {
+    let refuse = |what: String| Err(DumpError::NotSupported { pid, what });
+    if pid <= 0 {
+        return refuse(format!("pid {pid}: not a process id"));
+    }
+    if pid == 1 {
+        return refuse(
+            "pid 1 (init): its tree is every process of the machine; checkpoint the \
+             service's own process (its main pid) instead"
+                .into(),
+        );
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| {
+        DumpError::NotSupported {
+            pid,
+            what: format!("no such process ({e}); check the pid with `ps`"),
+        }
+    })?;
+    let st = proc::parse_stat(&text).ok_or_else(|| DumpError::NotSupported {
+        pid,
+        what: "an unreadable /proc/PID/stat".into(),
+    })?;
+    if st.state == 'Z' {
+        return refuse(
+            "a zombie (it has exited and its parent has not reaped it): nothing is left \
+             to checkpoint"
+                .into(),
+        );
+    }
+    // Field 9, the kernel's task flags: PF_KTHREAD.
+    let flags: u64 = text
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse().ok())
+        .unwrap_or(0);
+    if flags & 0x0020_0000 != 0 {
+        return refuse("a kernel thread: it has no user space to checkpoint".into());
+    }
+    Ok(())
+}
+
 /// Clock ticks per second (`/proc/PID/stat` times are in these).
 pub(crate) fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -233,4 +276,37 @@ fn try_freeze(root: i32) -> Result<Option<FrozenTree>, DumpError> {
         frozen,
         start_times,
     }))
+}
+
+#[cfg(test)]
+mod checkable_tests {
+    use super::checkable;
+
+    #[test]
+    fn what_cannot_be_checkpointed_is_refused_before_anything_is_stopped() {
+        let err = |pid| checkable(pid).unwrap_err().to_string();
+        assert!(err(1).contains("pid 1 (init)"));
+        assert!(err(0).contains("not a process id"));
+        assert!(err(i32::MAX).contains("no such process"));
+        // A kernel thread: kthreadd's children (pid 2 is kthreadd itself).
+        if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+            assert!(err(2).contains("kernel thread"));
+        }
+        // A zombie: a child that exited, not reaped yet.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(err(pid).contains("zombie"));
+        child.wait().unwrap();
+        checkable(std::process::id() as i32).expect("a live process of ours");
+    }
 }

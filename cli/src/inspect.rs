@@ -16,6 +16,10 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
+    // `inspect DIR | head`: a reader that stops early ends us quietly, as
+    // it does any filter (inspect only reads; nothing is left half done).
+    // SAFETY: restoring a signal's default action.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     if !cr_ebpf_image::images_dir::is_image(&args.dir) {
         return chain(args);
     }

@@ -106,6 +106,7 @@ impl Session {
                 what: "cr-ebpf cannot checkpoint itself".into(),
             });
         }
+        crate::freeze::checkable(pid)?;
         cr_ebpf_image::trust::check_destination(dir)?;
         cr_ebpf_image::trust::create_private_dir(dir)
             .map_err(|e| image_io("creating", dir.display().to_string(), e))?;
