@@ -15,8 +15,8 @@ pub(crate) fn stat(pid: i32) -> Result<proc::Stat, DumpError> {
 }
 
 /// Refuses, before anything is stopped, a process no checkpoint can be
-/// taken of: none with that pid, a zombie, a kernel thread, or pid 1 (its
-/// tree is every process of the machine).
+/// taken of: a zombie, a kernel thread, or pid 1 (its tree is every
+/// process of the machine).
 pub(crate) fn checkable(pid: i32) -> Result<(), DumpError> {
     let refuse = |what: String| Err(DumpError::NotSupported { pid, what });
     if pid <= 0 {
@@ -29,12 +29,11 @@ pub(crate) fn checkable(pid: i32) -> Result<(), DumpError> {
                 .into(),
         );
     }
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| {
-        DumpError::NotSupported {
-            pid,
-            what: format!("no such process ({e}); check the pid with `ps`"),
-        }
-    })?;
+    // One that does not exist is named by the freeze ("no process with
+    // pid N").
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Ok(());
+    };
     let st = proc::parse_stat(&text).ok_or_else(|| DumpError::NotSupported {
         pid,
         what: "an unreadable /proc/PID/stat".into(),
@@ -287,7 +286,7 @@ mod checkable_tests {
         let err = |pid| checkable(pid).unwrap_err().to_string();
         assert!(err(1).contains("pid 1 (init)"));
         assert!(err(0).contains("not a process id"));
-        assert!(err(i32::MAX).contains("no such process"));
+        checkable(i32::MAX).expect("named by the freeze instead");
         // A kernel thread: kthreadd's children (pid 2 is kthreadd itself).
         if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
             assert!(err(2).contains("kernel thread"));
