@@ -378,14 +378,26 @@ fn chain(args: &Args) -> Result<ExitCode> {
             "taken_unix_ns": m.process.taken_unix_ns,
         }));
     }
+    // Checkpoint directories without an image: shown, never skipped.
+    let damaged: Vec<String> = cr_ebpf_image::images_dir::damaged(&args.dir)
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"checkpoints": rows}))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({"checkpoints": rows, "damaged": damaged})
+            )?
         );
         return Ok(ExitCode::SUCCESS);
     }
     println!("{}: {} checkpoint(s)", args.dir.display(), rows.len());
+    for name in &damaged {
+        println!(
+            "  {name}: damaged, holds no image (restore refuses it; --checkpoint picks another)"
+        );
+    }
     println!(
         "  {:<12} {:<12} {:<10} {:>9} {:>9} {:>11} {:>10}",
         "id", "parent", "method", "processes", "pages", "size KiB", "pause ms"

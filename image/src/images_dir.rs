@@ -72,6 +72,24 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>, ImageError> {
     Ok(out)
 }
 
+/// The checkpoint directories of `dir` (named `ckpt-N`, not temporary)
+/// that hold no image: damaged (a file deleted, a copy cut short).
+pub fn damaged(dir: &Path) -> Vec<(u64, String)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u64, String)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let seq = parse_name(&name)?;
+            (e.path().is_dir() && !is_image(&e.path())).then_some((seq, name))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Whether `dir` is a single image rather than an images directory.
 pub fn is_image(dir: &Path) -> bool {
     dir.join(crate::MANIFEST_FILE).exists() || crate::tree::is_tree(dir)
@@ -147,6 +165,27 @@ pub fn locate(dir: &Path, which: Option<&str>) -> Result<PathBuf, ImageError> {
         return Ok(dir.to_path_buf());
     }
     let all = list(dir)?;
+    // The newest checkpoint damaged: never silently the one before.
+    if which.is_none() {
+        let newest = all.last().map_or(0, |e| e.seq);
+        if let Some((_, name)) = damaged(dir)
+            .into_iter()
+            .rev()
+            .find(|(seq, _)| *seq > newest)
+        {
+            let before = all
+                .last()
+                .map_or_else(|| "none".to_string(), |e| e.name.clone());
+            return Err(ImageError::Corrupt {
+                path: dir.join(&name).display().to_string(),
+                offset: 0,
+                what: format!(
+                    "the newest checkpoint {name} holds no image (a file is missing); restore \
+                     the one before with --checkpoint {before}, or repair or remove {name}"
+                ),
+            });
+        }
+    }
     let found = match which {
         Some(w) => all
             .into_iter()
@@ -200,5 +239,28 @@ mod tests {
         assert_eq!(parse_name(".ckpt-000007.tmp-5"), None);
         assert_eq!(parse_name("ckpt-"), None);
         assert_eq!(parse_name("ckpt-12a"), None);
+    }
+
+    #[test]
+    fn a_damaged_newest_checkpoint_is_refused_not_skipped() {
+        let d = std::env::temp_dir().join(format!("cr-ebpf-damaged-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        for n in [1, 2] {
+            let c = d.join(checkpoint_name(n));
+            std::fs::create_dir_all(&c).unwrap();
+            std::fs::write(c.join(crate::MANIFEST_FILE), b"").unwrap();
+        }
+        assert_eq!(locate(&d, None).unwrap(), d.join("ckpt-000002"));
+        // The newest loses its manifest: named, and the one before offered.
+        std::fs::remove_file(d.join("ckpt-000002").join(crate::MANIFEST_FILE)).unwrap();
+        assert_eq!(damaged(&d), [(2, "ckpt-000002".to_string())]);
+        let err = locate(&d, None).unwrap_err().to_string();
+        assert!(
+            err.contains("ckpt-000002 holds no image") && err.contains("--checkpoint ckpt-000001"),
+            "{err}"
+        );
+        // Asked for by name, the one before is given.
+        assert_eq!(locate(&d, Some("1")).unwrap(), d.join("ckpt-000001"));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

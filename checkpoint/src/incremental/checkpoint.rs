@@ -39,10 +39,13 @@ impl Session {
     ) -> Result<CheckpointReport, DumpError> {
         let start = Instant::now();
         let _lock = images_dir::lock(&self.dir)?;
+        // After every checkpoint directory there is, damaged ones too.
+        let damaged = images_dir::damaged(&self.dir).last().map_or(0, |d| d.0);
         let seq = images_dir::list(&self.dir)?
             .last()
             .map_or(1, |e| e.seq + 1)
-            .max(self.parent.as_ref().map_or(1, |p| p.seq + 1));
+            .max(self.parent.as_ref().map_or(1, |p| p.seq + 1))
+            .max(damaged + 1);
         let name = images_dir::checkpoint_name(seq);
         let method = match (&self.parent, self.uffd) {
             (None, _) => Method::Full,

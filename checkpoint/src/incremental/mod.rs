@@ -122,7 +122,13 @@ impl Session {
         };
         let start_time = freeze::stat(pid)?.start_time;
         s.procs.insert(pid, Proc::new(pid, start_time, tracker));
-        if let Some(newest) = images_dir::list(dir)?.pop() {
+        let newest_damaged = images_dir::damaged(dir).last().map(|d| d.0);
+        let newest = images_dir::list(dir)?.pop();
+        // A damaged newest checkpoint is not chained on (nor is the one
+        // before it, skipping it): the next one is full, and its report
+        // says so.
+        let newest = newest.filter(|n| newest_damaged.is_none_or(|d| d < n.seq));
+        if let Some(newest) = newest {
             let mut images = HashMap::new();
             let mut chained = true;
             for (p, image) in images_dir::processes(&newest.dir)? {
