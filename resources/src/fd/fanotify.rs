@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd as _, OwnedFd};
 
 use cr_ebpf_image::{Fanotify as Group, FanotifyMark, FdInfo, FdKind, FdState, MarkOn};
 
-use super::{inotify::path_of_handle, owned, Descriptor, RestoreCx, SaveCx, Seen};
+use super::{inotify::marked_file, owned, Descriptor, RestoreCx, SaveCx, Seen};
 use crate::{RestoreError, SaveError};
 
 /// `FAN_MARK_ADD`, `FAN_MARK_MOUNT`, `FAN_MARK_IGNORED_MASK`.
@@ -86,19 +86,8 @@ fn parse(fdinfo: &str, pid: i32) -> Result<Group, String> {
             hex(line, "ignored_mask:")? as u32,
         );
         let mark = if rest.starts_with("ino:") {
-            let (ino, sdev) = (hex(line, "ino:")?, hex(line, "sdev:")?);
-            let handle_type = hex(line, "fhandle-type:")? as i32;
-            let h = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("f_handle:"))
-                .ok_or_else(|| format!("no f_handle in {line:?}"))?;
-            let bytes = (0..h.len() / 2)
-                .map(|i| u8::from_str_radix(&h[i * 2..i * 2 + 2], 16))
-                .collect::<Result<Vec<u8>, _>>()
-                .map_err(|_| format!("bad f_handle in {line:?}"))?;
-            let (major, minor) = ((sdev >> 20) as u32, (sdev & 0xf_ffff) as u32);
-            let path = path_of_handle(major, minor, handle_type, &bytes)
-                .map_err(|e| format!("the file of a fanotify mark (inode {ino}): {e}"))?;
+            let (path, ino, dev) =
+                marked_file(line).map_err(|e| format!("the file of a fanotify mark: {e}"))?;
             if path.ends_with(" (deleted)") {
                 return Err(format!("a fanotify mark on a deleted file ({path})"));
             }
@@ -106,7 +95,7 @@ fn parse(fdinfo: &str, pid: i32) -> Result<Group, String> {
                 on: MarkOn::Inode,
                 path,
                 ino,
-                dev: libc::makedev(major, minor),
+                dev,
                 flags,
                 mask,
                 ignored,

@@ -84,22 +84,10 @@ fn inotify_watch(line: &str, pid: i32) -> Result<InotifyWatch, String> {
     let wd: i32 = field("wd:")?
         .parse()
         .map_err(|_| format!("bad wd in {line:?}"))?;
-    let ino = hex("ino:")?;
-    let sdev = hex("sdev:")?;
     let mask = hex("mask:")? as u32;
-    let handle_type = hex("fhandle-type:")? as i32;
-    let bytes: Vec<u8> = {
-        let h = field("f_handle:")?;
-        (0..h.len() / 2)
-            .map(|i| u8::from_str_radix(&h[i * 2..i * 2 + 2], 16))
-            .collect::<Result<_, _>>()
-            .map_err(|_| format!("bad f_handle in {line:?}"))?
-    };
-    // The kernel's dev_t: major in the bits above 20.
-    let (major, minor) = ((sdev >> 20) as u32, (sdev & 0xf_ffff) as u32);
-    let path = path_of_handle(major, minor, handle_type, &bytes)
-        .map_err(|e| format!("the file of inotify watch {wd} (inode {ino}): {e}"))?;
-    if path.ends_with(" (deleted)") && !holds_deleted(pid, libc::makedev(major, minor), ino) {
+    let (path, ino, dev) =
+        marked_file(line).map_err(|e| format!("the file of inotify watch {wd}: {e}"))?;
+    if path.ends_with(" (deleted)") && !holds_deleted(pid, dev, ino) {
         return Err(format!(
             "the file of inotify watch {wd} (inode {ino}): {path}: deleted, and no descriptor \
              of the process holds it (it could not be made again)"
@@ -110,13 +98,41 @@ fn inotify_watch(line: &str, pid: i32) -> Result<InotifyWatch, String> {
         mask,
         path,
         ino,
-        dev: libc::makedev(major, minor),
+        dev,
     })
+}
+
+/// The file an fdinfo line of an inotify watch or fanotify mark names
+/// (`ino:` hex, `sdev:` the kernel's device number, `fhandle-type:`,
+/// `f_handle:` hex bytes): its path found from the handle (` (deleted)`
+/// appended for a deleted one), its inode and its device.
+pub(super) fn marked_file(line: &str) -> Result<(String, u64, u64), String> {
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .ok_or_else(|| format!("no {k} in {line:?}"))
+    };
+    let hex = |k: &str| {
+        field(k)
+            .and_then(|v| u64::from_str_radix(v, 16).map_err(|_| format!("bad {k} in {line:?}")))
+    };
+    let (ino, sdev) = (hex("ino:")?, hex("sdev:")?);
+    let handle_type = hex("fhandle-type:")? as i32;
+    let h = field("f_handle:")?;
+    let bytes = (0..h.len() / 2)
+        .map(|i| u8::from_str_radix(&h[i * 2..i * 2 + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| format!("bad f_handle in {line:?}"))?;
+    // The kernel's dev_t: major in the bits above 20.
+    let (major, minor) = ((sdev >> 20) as u32, (sdev & 0xf_ffff) as u32);
+    let path = path_of_handle(major, minor, handle_type, &bytes)
+        .map_err(|e| format!("inode {ino}: {e}"))?;
+    Ok((path, ino, libc::makedev(major, minor)))
 }
 
 /// The path of a file given by a file handle on the filesystem `major:minor`
 /// (a mount of it is looked up in our mountinfo; needs CAP_DAC_READ_SEARCH).
-pub(super) fn path_of_handle(
+fn path_of_handle(
     major: u32,
     minor: u32,
     handle_type: i32,
