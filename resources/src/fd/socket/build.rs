@@ -18,7 +18,7 @@ use super::{
     apply_options, bind, check, connect, fail,
     fin::half_close,
     option_int, send_all, send_to, setsockopt_int,
-    tcp::{closed_connection, release, send_unsent, tcp_connection},
+    tcp::{closed_connection, refills, release, send_unsent, tcp_connection, Refill},
     unix::{listener_of, orphan, socketpair, unix_path},
     unlock::unlock_network,
 };
@@ -57,6 +57,7 @@ pub(super) fn build(
         _ if pair_peer(s, &by_inode).is_some() => 1,
         _ => 2,
     });
+    let plans = refills(&by_inode);
     let mut made: HashMap<u64, OwnedFd> = HashMap::new();
     let mut senders = Vec::new();
     let mut removed = Names::default();
@@ -77,7 +78,7 @@ pub(super) fn build(
             made.insert(peer.inode, b);
             shut.extend(early);
         } else {
-            made.insert(s.inode, single(s, close_connections, &mut removed)?);
+            made.insert(s.inode, single(s, close_connections, &plans, &mut removed)?);
             // Sockets connected to this one by name connect now, before
             // another socket may be bound at the same name.
             let named = s.family == libc::AF_UNIX as u16 && !s.local.is_empty() && !s.listening;
@@ -87,7 +88,7 @@ pub(super) fn build(
                 .filter(|c| named && c.peer_inode == s.inode && pair_peer(c, &by_inode).is_none());
             for c in clients {
                 if let std::collections::hash_map::Entry::Vacant(e) = made.entry(c.inode) {
-                    e.insert(single(c, close_connections, &mut removed)?);
+                    e.insert(single(c, close_connections, &plans, &mut removed)?);
                 }
             }
         }
@@ -119,7 +120,8 @@ pub(super) fn build(
         release(fd, s)?;
     }
     for &(fd, s, t) in &connections {
-        send_unsent(fd, s, t)?;
+        let plan = plans.get(&s.inode).copied();
+        send_unsent(fd, s, t, plan.unwrap_or_else(|| Refill::new(t, None)))?;
     }
     for s in by_inode.values().filter(|s| s.in_flight.is_empty()) {
         if s.shutdown != 0 && !shut.contains(&s.inode) {
@@ -330,13 +332,16 @@ fn accept_through(
 fn single(
     s: &SocketInfo,
     close_connections: bool,
+    plans: &HashMap<u64, Refill>,
     removed: &mut Names,
 ) -> Result<OwnedFd, RestoreError> {
     if let Some(t) = &s.tcp {
         if close_connections {
             return closed_connection(s, t);
         }
-        return tcp_connection(s, t);
+        let plan = plans.get(&s.inode).copied();
+        let plan = plan.unwrap_or_else(|| Refill::new(t, None));
+        return tcp_connection(s, t, plan);
     }
     let fd = super::socket(s).map_err(fail(format!("socket({}, {})", s.family, s.sock_type)))?;
     apply_options(&fd, s, false)?;

@@ -9,6 +9,7 @@
 //! reset.
 
 use std::{
+    collections::HashMap,
     io,
     os::fd::{AsRawFd as _, OwnedFd},
 };
@@ -218,7 +219,11 @@ pub(super) fn tcp_state_name(state: u8) -> &'static str {
 
 /// An established TCP connection, rebuilt without a handshake; still in
 /// repair mode (see [`release`]).
-pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
+pub(super) fn tcp_connection(
+    s: &SocketInfo,
+    t: &TcpRepair,
+    plan: Refill,
+) -> Result<OwnedFd, RestoreError> {
     let fd = socket(s).map_err(fail("socket (TCP connection)"))?;
     // The queues must fit while they are refilled: the buffers as they
     // were (the kernel doubles these), or larger for the moment (queued
@@ -253,7 +258,8 @@ pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, R
     tcp(TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")?;
     tcp(TCP_QUEUE_SEQ, t.recv_seq as i32, "TCP_QUEUE_SEQ (receive)")?;
     tcp(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")?;
-    tcp(TCP_QUEUE_SEQ, t.send_seq as i32, "TCP_QUEUE_SEQ (send)")?;
+    let first = t.send_seq.wrapping_add(plan.skip as u32);
+    tcp(TCP_QUEUE_SEQ, first as i32, "TCP_QUEUE_SEQ (send)")?;
     tcp(TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE")?;
     // No SYN: the socket becomes established as it was.
     connect(&fd, &s.peer).map_err(fail("connect (TCP repair)"))?;
@@ -279,10 +285,10 @@ pub(super) fn tcp_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, R
         .map_err(fail("TCP_REPAIR_OPTIONS"))?;
     // The peer checks timestamps: the connection's own clock goes on.
     tcp(TCP_TIMESTAMP, t.timestamp as i32, "TCP_TIMESTAMP")?;
-    let sent = queued_as_sent(t);
-    if sent > 0 {
+    if plan.as_sent > 0 {
+        let sent = &t.send_queue[plan.skip..plan.skip + plan.as_sent];
         tcp(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")?;
-        send_all(&fd, &t.send_queue[..sent], 0).map_err(fail("refilling the TCP send queue"))?;
+        send_all(&fd, sent, 0).map_err(fail("refilling the TCP send queue"))?;
     }
     if !t.recv_queue.is_empty() {
         tcp(TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")?;
@@ -316,20 +322,69 @@ fn in_range(mut w: [u32; 5], t: &TcpRepair) -> [u32; 5] {
     w
 }
 
-/// How many bytes of the send queue are queued again in repair mode, as
-/// sent (they go out as retransmissions, when the retransmission timer
-/// says): all of them when the connection had sent its FIN, which must
-/// come after them; none otherwise: the bytes sent and not acknowledged
-/// go out again at once with those never sent, from the first
-/// unacknowledged sequence number, as soon as the peer's window lets them
-/// (the peer had not acknowledged them, so it takes them as new or drops
-/// them as duplicates).
-fn queued_as_sent(t: &TcpRepair) -> usize {
-    if super::fin::sent_fin(t.state) {
-        t.send_queue.len()
-    } else {
-        0
+/// How a connection's send queue is put back: the first `skip` bytes are
+/// left out (the peer, restored here too, holds them already), the next
+/// `as_sent` are queued in repair mode as sent (they go out again as
+/// retransmissions, when the timer or the peer's acknowledgements say),
+/// the rest is sent as new data once the connection leaves repair mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Refill {
+    skip: usize,
+    as_sent: usize,
+}
+
+impl Refill {
+    /// The plan for connection `t` whose peer, when it is restored too, is
+    /// `peer`.
+    ///
+    /// Bytes sent and not acknowledged may already be in the peer's
+    /// receive queue (its acknowledgement was still on its way, or dropped
+    /// by the network lock); the peer then acknowledges them at once, and
+    /// a connection must not be told of an acknowledgement of bytes it has
+    /// not sent: it drops that as invalid and waits on its timer, backing
+    /// off, for ever. So the sent bytes are queued as sent, as CRIU does;
+    /// except when the peer is restored here too: then exactly what it
+    /// holds is known, left out, and the rest goes out at once as new data.
+    /// Behind a FIN everything is queued as sent (the FIN comes after it).
+    pub(super) fn new(t: &TcpRepair, peer: Option<&TcpRepair>) -> Refill {
+        let len = t.send_queue.len();
+        if super::fin::sent_fin(t.state) {
+            return Refill {
+                skip: 0,
+                as_sent: len,
+            };
+        }
+        let sent = len - (t.unsent as usize).min(len);
+        let held = peer.map(|p| {
+            p.recv_seq
+                .wrapping_add(p.recv_queue.len() as u32)
+                .wrapping_sub(t.send_seq) as usize
+        });
+        match held {
+            Some(skip) if skip <= sent => Refill { skip, as_sent: 0 },
+            _ => Refill {
+                skip: 0,
+                as_sent: sent,
+            },
+        }
     }
+}
+
+/// The [`Refill`] of each TCP connection of `sockets` (by inode), its peer
+/// found among them by address.
+pub(super) fn refills(sockets: &HashMap<u64, &SocketInfo>) -> HashMap<u64, Refill> {
+    let by_ends: HashMap<(&[u8], &[u8]), &TcpRepair> = sockets
+        .values()
+        .filter_map(|s| Some(((&s.local[..], &s.peer[..]), s.tcp.as_ref()?)))
+        .collect();
+    sockets
+        .values()
+        .filter_map(|s| {
+            let t = s.tcp.as_ref()?;
+            let peer = by_ends.get(&(&s.peer[..], &s.local[..])).copied();
+            Some((s.inode, Refill::new(t, peer)))
+        })
+        .collect()
 }
 
 /// Room beyond twice its bytes a queue gets while it is refilled.
@@ -348,14 +403,20 @@ pub(super) fn release(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> 
     Ok(())
 }
 
-/// What the process wrote and the kernel had not sent yet, queued again
-/// (never waiting: it fits in the room [`tcp_connection`] made), then the
-/// buffer sizes as saved.
-pub(super) fn send_unsent(fd: &OwnedFd, s: &SocketInfo, t: &TcpRepair) -> Result<(), RestoreError> {
-    let sent = queued_as_sent(t);
-    if sent < t.send_queue.len() {
-        send_all(fd, &t.send_queue[sent..], libc::MSG_DONTWAIT)
-            .map_err(fail("sending the unsent TCP bytes"))?;
+/// What [`Refill`] leaves to be sent as new data (what the process wrote
+/// and the kernel had not sent yet; with a peer restored here, also what
+/// was sent and the peer does not hold), queued again (never waiting: it
+/// fits in the room [`tcp_connection`] made), then the buffer sizes as
+/// saved.
+pub(super) fn send_unsent(
+    fd: &OwnedFd,
+    s: &SocketInfo,
+    t: &TcpRepair,
+    plan: Refill,
+) -> Result<(), RestoreError> {
+    let rest = &t.send_queue[plan.skip + plan.as_sent..];
+    if !rest.is_empty() {
+        send_all(fd, rest, libc::MSG_DONTWAIT).map_err(fail("sending the unsent TCP bytes"))?;
     }
     for (name, saved) in [
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
@@ -375,7 +436,9 @@ pub(super) fn send_unsent(fd: &OwnedFd, s: &SocketInfo, t: &TcpRepair) -> Result
 /// shut down): reads find the end of the stream, writes fail with `EPIPE`,
 /// poll reports a hang-up.
 pub(super) fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
-    if let Ok(fd) = tcp_connection(s, t).and_then(|fd| release(&fd, s).map(|()| fd)) {
+    if let Ok(fd) =
+        tcp_connection(s, t, Refill::new(t, None)).and_then(|fd| release(&fd, s).map(|()| fd))
+    {
         // SO_LINGER {on, 0 s}: close sends RST.
         let _ = setsockopt(
             &fd,
@@ -444,5 +507,39 @@ mod tests {
         };
         let w = [3, 1, 1, 10, 5];
         assert_eq!(in_range(w, &t), w);
+    }
+
+    #[test]
+    fn bytes_the_peer_may_hold_are_never_sent_as_new() {
+        // 300 bytes queued from 5000: 200 sent, 100 never sent.
+        let t = TcpRepair {
+            send_seq: 5000,
+            send_queue: vec![0; 300],
+            unsent: 100,
+            ..TcpRepair::default()
+        };
+        let plan = |skip, as_sent| Refill { skip, as_sent };
+        // Peer elsewhere: what was sent is queued as sent.
+        assert_eq!(Refill::new(&t, None), plan(0, 200));
+        // Peer restored here holding 120 of the sent bytes: left out, the
+        // other 80 sent again as new with the unsent ones.
+        let peer = |end: u32| TcpRepair {
+            recv_seq: end - 10,
+            recv_queue: vec![0; 10],
+            ..TcpRepair::default()
+        };
+        assert_eq!(Refill::new(&t, Some(&peer(5120))), plan(120, 0));
+        assert_eq!(Refill::new(&t, Some(&peer(5000))), plan(0, 0));
+        assert_eq!(Refill::new(&t, Some(&peer(5200))), plan(200, 0));
+        // A peer that claims more than was sent, or less than was
+        // acknowledged, is not believed.
+        assert_eq!(Refill::new(&t, Some(&peer(5201))), plan(0, 200));
+        assert_eq!(Refill::new(&t, Some(&peer(4999))), plan(0, 200));
+        // Behind a FIN everything is queued as sent.
+        let fin = TcpRepair {
+            state: 4,
+            ..t.clone()
+        };
+        assert_eq!(Refill::new(&fin, Some(&peer(5120))), plan(0, 300));
     }
 }
