@@ -276,3 +276,23 @@ pub fn process_vm_readv_rate(bytes: usize) -> f64 {
     std::hint::black_box(&dst);
     bytes as f64 / t.elapsed().as_secs_f64() / 1e9
 }
+
+/// The eBPF network lock, as `cr-ebpf dump` uses it by default: the
+/// connections of the process are held while it is checkpointed.
+#[derive(Debug)]
+pub struct BpfLock;
+
+impl cr_ebpf_checkpoint::ConnectionLock for BpfLock {
+    fn lock(
+        &self,
+        name: &str,
+        connections: &[cr_ebpf_checkpoint::NetLockKey],
+    ) -> Result<(), String> {
+        cr_ebpf_loader::netlock::lock(name, connections)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    fn unlock(&self, name: &str) {
+        cr_ebpf_loader::netlock::unlock(name).expect("remove the lock");
+    }
+}

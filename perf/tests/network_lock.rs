@@ -18,7 +18,7 @@ use std::{
 
 use cr_ebpf_checkpoint::{dump, ConnectionLock, DumpOptions, NetLockKey};
 use cr_ebpf_loader::netlock;
-use cr_ebpf_perf::{spawn_clean, wait_for_file, KillOnDrop, Scratch};
+use cr_ebpf_perf::{spawn_clean, wait_for_file, BpfLock, KillOnDrop, Scratch};
 use cr_ebpf_restore::{restore, RestoreOptions};
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -49,21 +49,6 @@ c.sendall(b'got:' + got)
 time.sleep(60)
 "#;
 
-/// The eBPF lock, as `cr-ebpf dump` uses it.
-#[derive(Debug)]
-struct Bpf;
-
-impl ConnectionLock for Bpf {
-    fn lock(&self, name: &str, connections: &[NetLockKey]) -> Result<(), String> {
-        netlock::lock(name, connections)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-    fn unlock(&self, name: &str) {
-        netlock::unlock(name).expect("remove the lock");
-    }
-}
-
 /// The server, started with `args` after its control directory, and the
 /// peer's connection to it (the server has accepted it).
 fn start(scratch: &Scratch, args: &[&str]) -> (std::process::Child, TcpStream) {
@@ -91,7 +76,7 @@ fn start(scratch: &Scratch, args: &[&str]) -> (std::process::Child, TcpStream) {
 fn options(lock: bool, leave_running: bool) -> DumpOptions {
     DumpOptions {
         leave_running,
-        network_lock: lock.then(|| Arc::new(Bpf) as Arc<dyn ConnectionLock>),
+        network_lock: lock.then(|| Arc::new(BpfLock) as Arc<dyn ConnectionLock>),
         ..DumpOptions::default()
     }
 }
