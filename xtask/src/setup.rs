@@ -104,7 +104,17 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
-const SERVICE_PACKAGES: &[&str] = &["redis-server", "redis-tools", "tmux"];
+/// Services the tests run as Debian runs them (redis, and nginx, memcached
+/// and PostgreSQL 15 in their default configurations under their own
+/// users), and tmux for the terminal tests.
+const SERVICE_PACKAGES: &[&str] = &[
+    "redis-server",
+    "redis-tools",
+    "tmux",
+    "nginx",
+    "memcached",
+    "postgresql-15",
+];
 
 fn services() -> Result<()> {
     let present = [
@@ -112,6 +122,9 @@ fn services() -> Result<()> {
         "/usr/bin/redis-benchmark",
         "/usr/bin/redis-cli",
         "/usr/bin/tmux",
+        "/usr/sbin/nginx",
+        "/usr/bin/memcached",
+        "/usr/lib/postgresql/15/bin/postgres",
     ]
     .iter()
     .all(|p| Path::new(p).exists());
@@ -120,7 +133,7 @@ fn services() -> Result<()> {
     }
     if !is_root() {
         eprintln!(
-            "setup: the redis and terminal tests and benches need {}; as root run: apt-get install -y {}",
+            "setup: the service and terminal tests and benches need {}; as root run: apt-get install -y {}",
             SERVICE_PACKAGES.join(" "),
             SERVICE_PACKAGES.join(" ")
         );
@@ -130,11 +143,28 @@ fn services() -> Result<()> {
         "setup: installing {} from Debian",
         SERVICE_PACKAGES.join(" ")
     );
-    sh(Command::new("apt-get").arg("update"))?;
-    sh(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(SERVICE_PACKAGES))
+    // Installing a service's package starts it, unless the machine's
+    // policy says not to (as container images do); the tests run their
+    // own on the default ports, so the install is told not to meanwhile.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cr-ebpf setup: no service starts while it installs\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = sh(Command::new("apt-get").arg("update")).and_then(|()| {
+        sh(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(SERVICE_PACKAGES))
+    });
+    if ours {
+        std::fs::remove_file(policy)?;
+    }
+    installed
 }
 
 fn tracefs() -> Result<()> {
