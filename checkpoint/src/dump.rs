@@ -40,6 +40,10 @@ pub struct DumpOptions {
     /// until the restore, when the process is not left running (`None`: no
     /// lock; a peer that sends while the process is down gets a reset).
     pub network_lock: Option<std::sync::Arc<dyn crate::ConnectionLock>>,
+    /// Take unix stream connections to named sockets outside the
+    /// checkpoint: connected to the same name again at restore, a new
+    /// connection to their peer. Refused without it.
+    pub ext_unix_sk: bool,
 }
 
 /// What a dump did.
@@ -109,9 +113,16 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     let mut scope = TreeScope::new(&live);
     scope.shell_job = opts.shell_job;
     scope.ghost_limit = opts.ghost_limit;
+    scope.ext_unix_sk = opts.ext_unix_sk;
     let mut states: Vec<State> = Vec::new();
     for f in &stopped.frozen {
-        states.push(state::collect(f, None, &Changes::all(), Some(&mut scope))?);
+        states.push(state::collect(
+            f,
+            None,
+            &Changes::all(),
+            Some(&mut scope),
+            opts.ext_unix_sk,
+        )?);
     }
     let in_flight = State::in_flight(live.iter().copied().zip(&states));
     let mut shared: Vec<(i32, &mut [cr_ebpf_image::FdInfo])> = live
@@ -125,7 +136,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         .zip(&states)
         .map(|(p, s)| (*p, &s.fds[..]))
         .collect();
-    check_tree(&all)?;
+    check_tree(&all, &scope)?;
     // Each live process's parent among them, by index.
     let parents: Vec<Option<usize>> = live
         .iter()

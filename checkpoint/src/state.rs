@@ -42,6 +42,7 @@ pub(crate) fn collect(
     prev: Option<&Manifest>,
     changes: &Changes,
     tree: Option<&mut crate::fds::TreeScope>,
+    ext_unix_sk: bool,
 ) -> Result<State, DumpError> {
     let pid = frozen.pid();
     let trace = |source| DumpError::Trace { pid, source };
@@ -111,7 +112,7 @@ pub(crate) fn collect(
         tcp,
         locks,
         in_flight,
-    } = crate::fds::collect(pid, tree.as_deref_mut())?;
+    } = crate::fds::collect(pid, tree.as_deref_mut(), ext_unix_sk)?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
     // Guard regions, recorded with their mappings and installed again;

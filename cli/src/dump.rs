@@ -38,6 +38,13 @@ pub struct Args {
     /// gets a reset, as with `criu --network-lock skip`).
     #[arg(long, default_value = "bpf", value_parser = ["bpf", "skip"])]
     pub network_lock: String,
+    /// Take unix stream connections to named sockets outside what is
+    /// checkpointed (a service's stdout to journald, a client of a local
+    /// daemon): at restore each is connected to the same name again, a
+    /// new connection to its peer (which sees the old one end). Refused
+    /// without this, as is one with bytes from its peer not read yet.
+    #[arg(long)]
+    pub ext_unix_sk: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -51,6 +58,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         ghost_limit: args.ghost_limit,
         network_lock: (args.network_lock == "bpf")
             .then(|| std::sync::Arc::new(crate::netlock::BpfLock) as _),
+        ext_unix_sk: args.ext_unix_sk,
     };
     let r = dump(args.pid, &args.images_dir, &opts)
         .with_context(|| format!("checkpointing process {}", args.pid))?;

@@ -83,6 +83,7 @@ fn dump_killing(
             shell_job: false,
             ghost_limit: 0,
             network_lock: None,
+            ext_unix_sk: false,
         },
     )
 }

@@ -141,6 +141,7 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
             shell_job: false,
             ghost_limit: 0,
             network_lock: None,
+            ext_unix_sk: false,
         },
     )
     .expect("dump of the tree");

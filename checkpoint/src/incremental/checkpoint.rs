@@ -72,6 +72,7 @@ impl Session {
             &changes,
             &mut baselines,
             is_tree,
+            self.opts.ext_unix_sk,
         )?;
         phases.collect = t.elapsed();
 
@@ -219,9 +220,14 @@ fn collect<'a>(
     changes: &TreeChanges,
     baselines: &mut HashMap<i32, Baseline>,
     is_tree: bool,
+    ext_unix_sk: bool,
 ) -> Result<(Vec<Plan<'a>>, Queries), DumpError> {
     let live: Vec<i32> = frozen.frozen.iter().map(|f| f.pid()).collect();
-    let mut scope = is_tree.then(|| TreeScope::new(&live));
+    let mut scope = is_tree.then(|| {
+        let mut s = TreeScope::new(&live);
+        s.ext_unix_sk = ext_unix_sk;
+        s
+    });
     let mut plans: Vec<Plan> = Vec::new();
     let mut queries = Queries::default();
     for (f, &st) in frozen.frozen.iter().zip(&frozen.start_times) {
@@ -231,7 +237,7 @@ fn collect<'a>(
             .filter(|(m, _)| m.chain.is_some());
         // Earlier answers hold only for the very same process.
         let prev = parent.filter(|(_, when)| *when == Some(st)).map(|(m, _)| m);
-        let state = state::collect(f, prev, changes.of(pid), scope.as_mut())?;
+        let state = state::collect(f, prev, changes.of(pid), scope.as_mut(), ext_unix_sk)?;
         queries.injected += state.queries.injected;
         queries.reused += state.queries.reused;
         let parent = parent.map(|(m, _)| m);
@@ -257,7 +263,7 @@ fn collect<'a>(
     if is_tree {
         let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> =
             plans.iter().map(|p| (p.pid, &p.state.fds[..])).collect();
-        check_tree(&all)?;
+        check_tree(&all, scope.as_ref().expect("a tree has its scope"))?;
     }
     Ok((plans, queries))
 }

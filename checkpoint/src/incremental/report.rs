@@ -34,6 +34,9 @@ pub struct SessionOptions {
     /// Most bytes copied into memory during a freeze; above that, pages are
     /// compressed while the processes stay frozen, as a full dump does.
     pub buffer_budget: u64,
+    /// Take unix stream connections to named sockets outside the tree
+    /// (see [`crate::DumpOptions::ext_unix_sk`]).
+    pub ext_unix_sk: bool,
 }
 
 impl Default for SessionOptions {
@@ -41,6 +44,7 @@ impl Default for SessionOptions {
         Self {
             threads: 0,
             buffer_budget: 2 << 30,
+            ext_unix_sk: false,
         }
     }
 }

@@ -46,6 +46,11 @@ pub struct Args {
     /// Do not copy dirty pages before the freeze.
     #[arg(long)]
     pub no_precopy: bool,
+    /// Take unix stream connections to named sockets outside the tracked
+    /// tree (a stdout to journald): connected to the same name again at
+    /// restore, a new connection to the peer (as `dump --ext-unix-sk`).
+    #[arg(long)]
+    pub ext_unix_sk: bool,
     /// CPU priority of the service's own work (compressing, writing,
     /// pre-copying), as `nice`: the tracked process takes precedence.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(-20..=19))]
@@ -545,7 +550,11 @@ fn start(args: &Args) -> Result<(Service, cr_ebpf_loader::EventStream, usize)> {
             args.nice,
         )
     };
-    let session = Session::new(pid, &args.images_dir, wp, SessionOptions::default())
+    let opts = SessionOptions {
+        ext_unix_sk: args.ext_unix_sk,
+        ..SessionOptions::default()
+    };
+    let session = Session::new(pid, &args.images_dir, wp, opts)
         .with_context(|| format!("starting to checkpoint process {pid}"))?;
     let svc = Service {
         pid,

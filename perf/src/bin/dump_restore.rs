@@ -160,6 +160,7 @@ fn main() -> Result<()> {
                             shell_job: false,
                             ghost_limit: 0,
                             network_lock: None,
+                            ext_unix_sk: false,
                         },
                     )
                     .with_context(|| format!("dump of {mib} MiB"))?;

@@ -113,6 +113,7 @@ fn measure(
             shell_job: false,
             ghost_limit: 0,
             network_lock: None,
+            ext_unix_sk: false,
         },
     )
     .with_context(|| format!("dump of {key}"))?;

@@ -40,7 +40,11 @@ impl Descriptor for Memfd {
         &[FdKind::Memfd]
     }
 
-    fn check_tree(&self, procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
+    fn check_tree(
+        &self,
+        procs: &[(i32, &[FdInfo])],
+        _scope: &super::TreeScope,
+    ) -> Result<(), SaveError> {
         let rw: Vec<(i32, &FdInfo, u64)> = procs
             .iter()
             .flat_map(|(pid, fds)| fds.iter().map(move |f| (*pid, f)))
@@ -208,7 +212,7 @@ mod tests {
         let me = std::process::id() as i32;
         let infos = testing::save_own_many(&[file.as_raw_fd(), dup.as_raw_fd()]);
         Memfd
-            .check_tree(&[(me, &infos[..])])
+            .check_tree(&[(me, &infos[..])], &Default::default())
             .expect("one open file, two descriptors");
         let again = std::fs::OpenOptions::new()
             .read(true)
@@ -216,7 +220,9 @@ mod tests {
             .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .unwrap();
         let infos = testing::save_own_many(&[file.as_raw_fd(), again.as_raw_fd()]);
-        let err = Memfd.check_tree(&[(me, &infos[..])]).unwrap_err();
+        let err = Memfd
+            .check_tree(&[(me, &infos[..])], &Default::default())
+            .unwrap_err();
         assert!(
             err.to_string().contains("read-write a second time"),
             "{err}"

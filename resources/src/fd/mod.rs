@@ -93,7 +93,7 @@ pub trait Descriptor: Sync {
 
     /// Checks what only the descriptors of every process saved together
     /// show (both ends of a socket pair), after all were saved.
-    fn check_tree(&self, _procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
+    fn check_tree(&self, _procs: &[(i32, &[FdInfo])], _scope: &TreeScope) -> Result<(), SaveError> {
         Ok(())
     }
 
@@ -290,6 +290,10 @@ pub struct TreeScope {
     pub shell_job: bool,
     /// Most bytes of a deleted file stored (0: [`crate::ghost::DEFAULT_LIMIT`]).
     pub ghost_limit: u64,
+    /// Take a unix stream connection to a named socket outside the scope
+    /// (journald's stdout stream, a local daemon's): restored as a new
+    /// connection to the same name (`--ext-unix-sk`). Refused without it.
+    pub ext_unix_sk: bool,
     /// The pipes and FIFOs processes outside hold, read when first asked.
     outside: Option<outside::Outside>,
     /// The unix sockets whose descriptors in flight a process saved.
@@ -434,7 +438,11 @@ fn see_all(pid: i32) -> Result<Vec<Seen>, SaveError> {
 /// Every open descriptor of the (frozen) process `pid`. In a tree, `scope`
 /// says which pipe ends the other processes hold (and the caller runs
 /// [`check_tree`] over the whole tree).
-pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError> {
+pub fn collect(
+    pid: i32,
+    scope: Option<&mut TreeScope>,
+    ext_unix_sk: bool,
+) -> Result<Fds, SaveError> {
     // SAFETY: plain syscall with integer arguments.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
@@ -445,7 +453,10 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
     // SAFETY: a new descriptor the kernel just returned.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
     let seen = see_all(pid)?;
-    let mut own = TreeScope::default();
+    let mut own = TreeScope {
+        ext_unix_sk,
+        ..TreeScope::default()
+    };
     let scope = scope.unwrap_or(&mut own);
     let alone = !scope.in_tree;
     if alone {
@@ -484,7 +495,7 @@ pub fn collect(pid: i32, scope: Option<&mut TreeScope>) -> Result<Fds, SaveError
     let mut in_flight: Vec<(i32, OwnedFd)> = cx.moved.drain().collect();
     in_flight.sort_by_key(|(fd, _)| *fd);
     if alone {
-        check_tree(&[(pid, &out[..])])?;
+        check_tree(&[(pid, &out[..])], scope)?;
     }
     Ok(Fds {
         fds: out,
@@ -531,8 +542,8 @@ pub(crate) fn unreadable(cx: &SaveCx<'_>, seen: &Seen, what: &str) -> SaveError 
 
 /// Every kind's checks across the descriptors of the processes saved
 /// together.
-pub fn check_tree(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
-    KINDS.iter().try_for_each(|k| k.check_tree(procs))
+pub fn check_tree(procs: &[(i32, &[FdInfo])], scope: &TreeScope) -> Result<(), SaveError> {
+    KINDS.iter().try_for_each(|k| k.check_tree(procs, scope))
 }
 
 /// Every kind's checks of the image's descriptors before a restore starts.

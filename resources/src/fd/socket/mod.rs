@@ -73,8 +73,12 @@ impl Descriptor for Socket {
         })())
     }
 
-    fn check_tree(&self, procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
-        unix::check_pairs(procs)
+    fn check_tree(
+        &self,
+        procs: &[(i32, &[FdInfo])],
+        scope: &crate::fd::TreeScope,
+    ) -> Result<(), SaveError> {
+        unix::check_pairs(procs, scope.ext_unix_sk)
     }
 
     fn prepare(
@@ -746,7 +750,9 @@ mod tests {
             .save(&mut owner.cx(), &testing::seen(a.as_raw_fd()))
             .unwrap()
             .unwrap();
-        let err = Socket.check_tree(&[(1, &[info][..])]).unwrap_err();
+        let err = Socket
+            .check_tree(&[(1, &[info][..])], &Default::default())
+            .unwrap_err();
         assert!(
             err.to_string().contains("connected to a socket outside"),
             "{err}"
@@ -763,7 +769,7 @@ mod tests {
         client.connect(&log).unwrap();
         let saved = testing::save_own_many(&[client.as_raw_fd()]);
         Socket
-            .check_tree(&[(1, &saved[..])])
+            .check_tree(&[(1, &saved[..])], &Default::default())
             .expect("a datagram socket connected to a name outside is kept");
         let inode = match &saved[0].state {
             FdState::Socket(x) => x.inode,
@@ -789,7 +795,7 @@ mod tests {
         let _accepted = listener.accept().unwrap();
         let saved = testing::save_own_many(&[stream.as_raw_fd()]);
         let err = Socket
-            .check_tree(&[(1, &saved[..])])
+            .check_tree(&[(1, &saved[..])], &Default::default())
             .unwrap_err()
             .to_string();
         assert!(

@@ -468,7 +468,7 @@ fn in_flight_unsendable(
 /// Connected unix sockets are restored as pairs: both ends must be here,
 /// queued datagrams need their sender, and the directions shut down must
 /// come back as they were.
-pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
+pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])], ext_unix_sk: bool) -> Result<(), SaveError> {
     let unix = |f: &FdInfo| match &f.state {
         FdState::Socket(s) if s.family == libc::AF_UNIX as u16 => Some(s.clone()),
         _ => None,
@@ -524,7 +524,7 @@ pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
                 // received from there cannot come again.
                 let name = peer_name(&s.peer);
                 let dgram = s.sock_type as i32 == libc::SOCK_DGRAM;
-                if dgram && !name.is_empty() && s.queue.is_empty() {
+                if (dgram || ext_unix_sk) && !name.is_empty() && s.queue.is_empty() {
                     continue;
                 }
                 let what = if name.is_empty() {
@@ -534,10 +534,16 @@ pub(super) fn check_pairs(procs: &[(i32, &[FdInfo])]) -> Result<(), SaveError> {
                         "{outside} ({name}) with datagrams from it waiting to be read: they \
                          cannot come again from there"
                     )
+                } else if !s.queue.is_empty() {
+                    format!(
+                        "{outside} ({name}) with bytes from it waiting to be read: they cannot \
+                         come again from there"
+                    )
                 } else {
                     format!(
                         "{outside} ({name}): a new connection would be a new client to its \
-                         peer (journald's stdout stream, for one, expects its header first)"
+                         peer (journald's stdout stream, for one, expects its header first); \
+                         `--ext-unix-sk` takes it, connected to {name} again at restore"
                     )
                 };
                 return Err(SaveError::NotSupportedFd {
