@@ -243,7 +243,8 @@ fn describe(f: &FdInfo) -> String {
                 _ => "socket",
             };
             let queued: usize = s.queue.iter().map(Vec::len).sum();
-            let mut text = format!("{kind} {}", address(&s.local));
+            // Named as `restore --inherit-fd` takes it.
+            let mut text = format!("socket:[{}] {kind} {}", s.inode, address(&s.local));
             if s.listening {
                 text += &format!(" listening (backlog {})", s.backlog);
             }

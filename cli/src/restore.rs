@@ -53,6 +53,14 @@ pub struct Args {
     /// Missing directories are created. Repeatable.
     #[arg(long, value_name = "[CONTROLLER:]PATH")]
     pub cgroup_root: Vec<cr_ebpf_restore::CgroupRoot>,
+    /// Give the restored process cr-ebpf's own descriptor N wherever it
+    /// held the outside object NAME, as `cr-ebpf inspect` names it: a
+    /// standard stream connected outside (`pipe:[INODE]`, otherwise the
+    /// restorer's own 0, 1 or 2), a unix connection to a socket outside
+    /// (`socket:[INODE]`, otherwise connected to its name again). A name
+    /// the image does not hold is refused. Repeatable.
+    #[arg(long, value_name = "N:NAME", value_parser = inherit_fd)]
+    pub inherit_fd: Vec<(i32, String)>,
     /// Print what the restore did (pid, pages, time per phase) as one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
@@ -80,6 +88,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 _ => TimeNamespace::Auto,
             },
             cgroup_roots: args.cgroup_root.clone(),
+            inherit_fds: args
+                .inherit_fd
+                .iter()
+                .map(|(n, name)| (name.clone(), *n))
+                .collect(),
         },
     )
     .with_context(|| format!("restoring {}", args.images_dir.display()))
@@ -182,4 +195,29 @@ fn take_terminal_back() {
         libc::tcsetpgrp(0, libc::getpgrp());
         libc::signal(libc::SIGTTOU, old);
     }
+}
+
+/// `N:NAME` of `--inherit-fd`: an open descriptor of ours and the name of
+/// an outside object (`pipe:[INODE]`, `socket:[INODE]`).
+fn inherit_fd(s: &str) -> Result<(i32, String), String> {
+    let (n, name) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not N:NAME (`3:socket:[12345]`)"))?;
+    let n: i32 = n
+        .parse()
+        .map_err(|_| format!("{n:?} is not a descriptor number"))?;
+    let inode = ["pipe:[", "socket:["]
+        .iter()
+        .find_map(|p| name.strip_prefix(p)?.strip_suffix(']'));
+    if !inode.is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(format!(
+            "{name:?} is not an outside object as `cr-ebpf inspect` names it \
+             (`pipe:[INODE]`, `socket:[INODE]`)"
+        ));
+    }
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    if n < 0 || unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        return Err(format!("descriptor {n} is not open in cr-ebpf"));
+    }
+    Ok((n, name.to_string()))
 }

@@ -2,7 +2,9 @@
 //! journald-like listener outside (what systemd gives every service): the
 //! dump refuses it unless told `--ext-unix-sk` (the process runs on);
 //! tracked with it, killed with SIGKILL and restored, the service connects
-//! to the listener's name again and its next lines reach the listener.
+//! to the listener's name again and its next lines reach the listener; with
+//! `restore --inherit-fd N:socket:[INODE]` they reach the connection the
+//! restorer hands over instead.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -129,5 +131,84 @@ fn a_stdout_connected_to_a_journal_like_listener_is_connected_again_after_restor
         libc::kill(pid, libc::SIGKILL);
         libc::waitpid(pid, std::ptr::null_mut(), 0);
     }
+
+    // Again with `--inherit-fd 3:socket:[INODE]`: the restorer's own
+    // connection (here to another listener) takes the place of the old one.
+    let newest = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("ckpt-"))
+        })
+        .max()
+        .expect("a checkpoint");
+    let shown = Command::new(BIN)
+        .arg("inspect")
+        .arg(newest)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let socket = shown
+        .split_whitespace()
+        .find(|w| w.starts_with("socket:["))
+        .unwrap_or_else(|| panic!("inspect names the socket: {shown}"))
+        .to_string();
+    let other = dir.join("other.sock");
+    let other_lines = collect(UnixListener::bind(&other).unwrap());
+    let given = std::os::unix::net::UnixStream::connect(&other).unwrap();
+    let given = OwnedFd::from(given);
+    let mut restore = Command::new(BIN);
+    restore
+        .args(["restore", "--detach", "--inherit-fd"])
+        .arg(format!("3:{socket}"))
+        .arg("--images-dir")
+        .arg(&images)
+        .stdin(Stdio::null());
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&given);
+    // SAFETY: in the child before exec: puts our connection at 3.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut restore, move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let restored = restore.output().unwrap();
+    let text = String::from_utf8_lossy(&restored.stderr);
+    assert!(restored.status.success(), "restore --inherit-fd: {text}");
+    drop(given);
+    let (conn, line) = other_lines
+        .recv_timeout(wait)
+        .expect("a line on the connection handed over");
+    assert_eq!(conn, 0);
+    let n = number(&line);
+    assert!(n > 0 && n <= last_before + 1, "{n} after {last_before}");
+    assert!(
+        lines.recv_timeout(Duration::from_millis(300)).is_err(),
+        "nothing reconnected to the old name"
+    );
+    // SAFETY: killing and reaping the restored process, ours now.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    // A name the image does not hold is refused.
+    let wrong = Command::new(BIN)
+        .args([
+            "restore",
+            "--detach",
+            "--inherit-fd",
+            "2:socket:[1]",
+            "--images-dir",
+        ])
+        .arg(&images)
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("socket:[1]"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -116,6 +116,10 @@ pub struct RestoreOptions {
     /// `--cgroup-root`: where the root process's cgroups go instead of
     /// the recorded ones (the others keep their place below them).
     pub cgroup_roots: Vec<CgroupRoot>,
+    /// `--inherit-fd`: our descriptor for each outside object the image
+    /// names (`pipe:[INODE]`, `socket:[INODE]`), given to the restored
+    /// processes wherever they held it.
+    pub inherit_fds: Vec<(String, std::os::fd::RawFd)>,
 }
 
 /// When the restored process gets a time namespace of its own, whose

@@ -51,6 +51,7 @@ impl Natives {
                     .iter()
                     .map(|(id, fd)| (*id, std::os::fd::AsRawFd::as_raw_fd(fd)))
                     .collect(),
+                inherit: opts.inherit_fds.clone(),
                 ..Default::default()
             },
         )?;

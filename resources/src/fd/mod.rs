@@ -141,6 +141,11 @@ pub struct Prepare {
     /// The network locks the images name (filled by [`prepare`]): removed
     /// once the TCP connections exist again, before they leave repair mode.
     pub network_locks: Vec<String>,
+    /// Outside objects the restorer hands over (`restore --inherit-fd`):
+    /// its descriptor for each, by the name the image gives the object
+    /// (`pipe:[INODE]`, `socket:[INODE]`), given to every descriptor of
+    /// the restored processes that held it.
+    pub inherit: Vec<(String, std::os::fd::RawFd)>,
 }
 
 /// What `/proc` shows of one descriptor of a frozen process.
@@ -568,6 +573,7 @@ pub fn prepare(ms: &[&Manifest], opts: &Prepare) -> Result<Shared, RestoreError>
     }
     let opts = &opts;
     let mut shared = Shared::default();
+    inherited::hand_over(&fds, &opts.inherit, &mut shared)?;
     for k in KINDS {
         let mine: Vec<&FdInfo> = fds
             .iter()

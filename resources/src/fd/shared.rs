@@ -51,6 +51,11 @@ impl Shared {
     }
 
     /// Part `part` of object `id` of `kind`, or an error naming descriptor `fd`.
+    /// Whether part `part` of object `id` of `kind` is kept.
+    pub fn has(&self, kind: FdKind, id: u64, part: u8) -> bool {
+        self.objects.contains_key(&(kind as u16, id, part))
+    }
+
     pub fn get(&self, kind: FdKind, id: u64, part: u8, fd: i32) -> Result<&OwnedFd, RestoreError> {
         self.objects.get(&(kind as u16, id, part)).ok_or_else(|| {
             RestoreError::NotSupported(format!("{kind:?} on descriptor {fd} was not rebuilt"))

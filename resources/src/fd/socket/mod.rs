@@ -87,12 +87,14 @@ impl Descriptor for Socket {
         opts: &Prepare,
         shared: &mut Shared,
     ) -> Result<(), RestoreError> {
+        // Those the restorer hands over are not made.
         let sockets: Vec<(i32, &SocketInfo)> = fds
             .iter()
             .filter_map(|f| match &f.state {
                 FdState::Socket(s) => Some((f.fd, s.as_ref())),
                 _ => None,
             })
+            .filter(|(_, s)| !shared.has(FdKind::Socket, s.inode, 0))
             .collect();
         let (made, senders) = build(&sockets, opts)?;
         for (inode, fd) in made {
