@@ -111,8 +111,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         eprintln!("cr-ebpf: {e:#}");
     }
     eprintln!(
-        "cr-ebpf: restored pid {} ({} pages filled in {:.1} ms by {} workers, {:.1} ms in all)",
+        "cr-ebpf: restored pid {} from {} ({} pages filled in {:.1} ms by {} workers, {:.1} ms in all)",
         r.pid,
+        r.image.display(),
         r.pages,
         r.fill.as_secs_f64() * 1e3,
         r.workers,
@@ -147,6 +148,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             "{}",
             serde_json::json!({
                 "pid": r.pid,
+                "image": r.image,
                 "pages": r.pages,
                 "workers": r.workers,
                 "fill_ms": r.fill.as_secs_f64() * 1e3,

@@ -40,6 +40,8 @@ pub use cr_ebpf_resources::{process::cgroup::NewRoot as CgroupRoot, RestoreError
 pub struct RestoreReport {
     /// Pid of the restored process.
     pub pid: i32,
+    /// The image restored (in an images directory, the checkpoint's).
+    pub image: std::path::PathBuf,
     /// Pages written.
     pub pages: u64,
     /// Time to fill the pages.
@@ -300,6 +302,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
         restore_single(manifest, &chain, workers, opts, &mut clock)?;
     Ok(RestoreReport {
         pid,
+        image: dir,
         pages,
         fill,
         total: clock.last - start,

@@ -150,6 +150,7 @@ pub(crate) fn restore_tree(
     clock.mark("resume");
     Ok(RestoreReport {
         pid: root.pid,
+        image: dir.to_path_buf(),
         pages,
         fill,
         total: start.elapsed(),
