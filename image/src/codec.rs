@@ -54,6 +54,12 @@ impl<'a> Dec<'a> {
     pub fn done(&self) -> bool {
         self.pos == self.buf.len()
     }
+    /// How many of `n` items of at least `each` encoded bytes the rest of
+    /// the input can hold: what to reserve room for before decoding them
+    /// (a crafted count cannot make a reservation larger than the input).
+    pub fn room_for(&self, n: usize, each: usize) -> usize {
+        n.min((self.buf.len() - self.pos) / each.max(1))
+    }
     pub fn err(&self, what: impl Into<String>) -> DecErr {
         DecErr {
             offset: self.offset(),

@@ -128,7 +128,7 @@ fn decode_guards(b: &mut Dec<'_>, start: u64, end: u64) -> Result<Vec<(u64, u64)
             end - start
         )));
     }
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(b.room_for(n as usize, 16));
     for _ in 0..n {
         let (addr, pages) = (b.u64()?, b.u64()?);
         let after = out.last().map_or(start, |&(a, p)| a + p * 4096);
@@ -174,6 +174,12 @@ impl MappingInfo {
     pub(super) fn decode(b: &mut Dec<'_>, at: u64, minor: u16) -> Result<Self, DecErr> {
         let start = b.u64()?;
         let end = b.u64()?;
+        if start >= end || start % 4096 != 0 || end % 4096 != 0 {
+            return Err(DecErr {
+                offset: at,
+                what: format!("mapping {start:#x}-{end:#x}: empty, reversed or not page-aligned"),
+            });
+        }
         let prot = b.u32()?;
         let flags = b.u32()?;
         let offset = b.u64()?;
