@@ -174,10 +174,11 @@ impl MappingInfo {
     pub(super) fn decode(b: &mut Dec<'_>, at: u64, minor: u16) -> Result<Self, DecErr> {
         let start = b.u64()?;
         let end = b.u64()?;
-        if start >= end || start % 4096 != 0 || end % 4096 != 0 {
+        // Checked first: the guard regions are read against it.
+        if start >= end || !start.is_multiple_of(4096) || !end.is_multiple_of(4096) {
             return Err(DecErr {
                 offset: at,
-                what: format!("mapping {start:#x}-{end:#x}: empty, reversed or not page-aligned"),
+                what: format!("bad mapping range {start:#x}-{end:#x}"),
             });
         }
         let prot = b.u32()?;
@@ -218,12 +219,6 @@ impl MappingInfo {
                     m.flags & !known,
                     m.start
                 ),
-            });
-        }
-        if m.start >= m.end || !m.start.is_multiple_of(4096) || !m.end.is_multiple_of(4096) {
-            return Err(DecErr {
-                offset: at,
-                what: format!("bad mapping range {:#x}-{:#x}", m.start, m.end),
             });
         }
         Ok(m)
