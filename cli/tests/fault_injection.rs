@@ -174,8 +174,14 @@ fn attempt(img: &Path, newest: Option<&str>, ctl: &Path, pid: i32, what: &str, c
         assert!(!err.contains("in use by another process"), "{what}: {err}");
         let line = err.lines().find(|l| l.contains("error: ")).unwrap_or(&err);
         let parts: Vec<&str> = line.split(": ").collect();
-        let why: String = parts[parts.len().saturating_sub(2)..]
-            .join(": ")
+        let tail = parts[parts.len().saturating_sub(2)..].join(": ");
+        // Without numbers, addresses and paths: one line per kind of reason.
+        let words: Vec<&str> = tail
+            .split_whitespace()
+            .filter(|w| !w.starts_with("0x") && !w.starts_with('/'))
+            .collect();
+        let why: String = words
+            .join(" ")
             .chars()
             .filter(|ch| !ch.is_ascii_digit())
             .take(90)

@@ -10,11 +10,18 @@
 //! | 4 | compressed length |
 //! | 4 | CRC-32 of the compressed bytes |
 //! | 4 | CRC-32 of the uncompressed bytes |
+//! | 4 | format 1.10: CRC-32 of the 24 bytes above |
 //! | n | lz4 block (`lz4_flex` block format) |
 //!
 //! The header's payload CRC covers all chunks; each chunk also carries its
 //! own checksums so a damaged chunk is named precisely. Chunks may come in
 //! any order (they are written as parallel workers finish them).
+//!
+//! From format 1.10 every byte of a chunk is under a checksum of its own
+//! (its header's, its data's), so a reader checks each chunk as it uses
+//! it and reads the store once: opening reads only the chunk headers and
+//! starts reading the rest ahead; a store of an older format is read and
+//! checked whole when opened.
 
 use std::{
     fs::File,
@@ -31,7 +38,12 @@ use crate::{
 pub const PAGE: usize = 4096;
 /// Largest chunk: 1024 pages (4 MiB).
 pub const MAX_CHUNK_PAGES: u32 = 1024;
-const CHUNK_HEADER: usize = 24;
+/// A chunk header before format 1.10, without its own checksum.
+const CHUNK_HEADER_OLD: usize = 24;
+/// A chunk header from format 1.10: the old fields and their CRC-32.
+const CHUNK_HEADER: usize = 28;
+/// First minor whose chunk headers carry their own checksum.
+const HEADER_CRC_SINCE: u16 = 10;
 
 /// A compressed run of pages, ready to write or read back.
 #[derive(Debug, Clone)]
@@ -99,6 +111,8 @@ impl PageWriter {
         h[12..16].copy_from_slice(&(c.data.len() as u32).to_le_bytes());
         h[16..20].copy_from_slice(&c.crc.to_le_bytes());
         h[20..24].copy_from_slice(&c.raw_crc.to_le_bytes());
+        let hcrc = crc32fast::hash(&h[..24]);
+        h[24..28].copy_from_slice(&hcrc.to_le_bytes());
         self.crc.update(&h);
         self.crc.update(&c.data);
         let path = self.path.display().to_string();
@@ -137,10 +151,13 @@ impl PageWriter {
 
 /// The page store mapped read-only, for restoring: no copy of the data is
 /// made, and chunks are decompressed straight from the mapping (in
-/// parallel by the caller). Opening checks the header, the checksum of the
-/// whole store and every chunk's bounds, so a damaged store is refused
-/// before anything is started; each chunk's own checksums are checked as
-/// it is decompressed.
+/// parallel by the caller). Opening checks the header and every chunk's
+/// header and bounds (from format 1.10 each chunk header's own checksum;
+/// before, the checksum of the whole store, read at once); each chunk's
+/// data is checked as it is decompressed, so a reader that uses every
+/// chunk before it lets anything run (restore fills every page before the
+/// process runs) refuses a damaged store before anything runs, having
+/// read it once.
 pub struct PageStore {
     base: *mut libc::c_void,
     len: usize,
@@ -181,13 +198,20 @@ impl PageStore {
             });
         }
         use std::os::fd::AsRawFd as _;
+        let mut h = [0u8; HEADER_LEN];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut h, 0)
+            .map_err(file::io(&path, "reading"))?;
+        let header = file::parse_header(&name, &h, FileKind::Pages)?;
+        let whole = header.minor < HEADER_CRC_SINCE;
+        // An older store is checked whole now: read it all at once.
+        let populate = if whole { libc::MAP_POPULATE } else { 0 };
         // SAFETY: a new private read-only mapping of a file we opened.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE | populate,
                 f.as_raw_fd(),
                 0,
             )
@@ -201,7 +225,6 @@ impl PageStore {
             chunks: Vec::new(),
         };
         let bytes = store.bytes();
-        let header = file::parse_header(&name, bytes, FileKind::Pages)?;
         let payload = &bytes[HEADER_LEN..];
         let corrupt = |offset: u64, what: String| ImageError::Corrupt {
             path: name.clone(),
@@ -218,20 +241,39 @@ impl PageStore {
                 ),
             ));
         }
-        if crc32fast::hash(payload) != header.payload_crc {
+        if whole && crc32fast::hash(payload) != header.payload_crc {
             return Err(corrupt(
                 HEADER_LEN as u64,
                 "page store checksum mismatch".into(),
             ));
         }
+        let chunk_header = if whole {
+            CHUNK_HEADER_OLD
+        } else {
+            CHUNK_HEADER
+        };
         let mut chunks = Vec::new();
         let mut pos = 0usize;
         while pos < payload.len() {
             let at = (HEADER_LEN + pos) as u64;
-            if payload.len() - pos < CHUNK_HEADER {
+            if payload.len() - pos < chunk_header {
                 return Err(corrupt(at, "truncated chunk header".into()));
             }
-            let h = &payload[pos..pos + CHUNK_HEADER];
+            // Read from the file, not through the mapping: a fault there
+            // would read far ahead (the device's read-ahead window), and
+            // the walk would wait for most of the store.
+            let mut hb = [0u8; CHUNK_HEADER];
+            let h = &mut hb[..chunk_header];
+            if whole {
+                h.copy_from_slice(&payload[pos..pos + chunk_header]);
+            } else {
+                std::os::unix::fs::FileExt::read_exact_at(&f, h, at)
+                    .map_err(file::io(&path, "reading"))?;
+            }
+            let h = &*h;
+            if !whole && crc32fast::hash(&h[..24]).to_le_bytes() != h[24..28] {
+                return Err(corrupt(at, "chunk header checksum mismatch".into()));
+            }
             let vaddr = u64::from_le_bytes(h[0..8].try_into().expect("8"));
             let npages = u32::from_le_bytes(h[8..12].try_into().expect("4"));
             let clen = u32::from_le_bytes(h[12..16].try_into().expect("4")) as usize;
@@ -242,20 +284,28 @@ impl PageStore {
                 ));
             }
             let max = lz4_flex::block::get_maximum_output_size(npages as usize * PAGE);
-            if clen > max || payload.len() - pos - CHUNK_HEADER < clen {
+            if clen > max || payload.len() - pos - chunk_header < clen {
                 return Err(corrupt(at, format!("bad chunk length {clen}")));
             }
             chunks.push(ChunkRef {
                 vaddr,
                 npages,
-                offset: HEADER_LEN + pos + CHUNK_HEADER,
+                offset: HEADER_LEN + pos + chunk_header,
                 clen,
                 crc: u32::from_le_bytes(h[16..20].try_into().expect("4")),
                 raw_crc: u32::from_le_bytes(h[20..24].try_into().expect("4")),
             });
-            pos += CHUNK_HEADER + clen;
+            pos += chunk_header + clen;
         }
         store.chunks = chunks;
+        if !whole {
+            // The data is read as it is used, in parallel; meanwhile the
+            // kernel reads ahead (asked only now: the chunk headers above
+            // are read first, not behind the whole store). Advice only: its
+            // failure changes nothing.
+            // SAFETY: advice on the mapping `store` owns.
+            unsafe { libc::madvise(store.base, store.len, libc::MADV_WILLNEED) };
+        }
         Ok(store)
     }
 

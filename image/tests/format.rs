@@ -298,10 +298,25 @@ fn round_trip() {
 fn a_flipped_byte_in_a_chunk_is_refused() {
     let d = tempdir("flip");
     write_image(&d);
-    // Inside the compressed data of the first chunk (header 32 + chunk header 24).
-    flip(&d.join(PAGES_FILE), 32 + 24 + 10);
+    // Inside the compressed data of the first chunk (header 32 + chunk
+    // header 28): the chunk is refused when it is used (format 1.10 reads
+    // a store once, checking each chunk as it goes).
+    flip(&d.join(PAGES_FILE), 32 + 28 + 10);
+    let store = pages::PageStore::open(&d).expect("headers intact");
+    let mut out = vec![0u8; 2 * PAGE];
+    let e = store
+        .decompress_into(&store.chunks()[0], &mut out)
+        .unwrap_err();
+    assert!(e.contains("checksum mismatch"), "{e}");
+    // In the chunk's header (its address): refused when the store opens.
+    let d = tempdir("flip-header");
+    write_image(&d);
+    flip(&d.join(PAGES_FILE), 32 + 2);
     let e = pages::PageStore::open(&d).err().unwrap().to_string();
-    assert!(e.contains("corrupt image") && e.contains("checksum"), "{e}");
+    assert!(
+        e.contains("corrupt image") && e.contains("chunk header checksum mismatch"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -462,7 +477,7 @@ fn a_damaged_chunk_with_a_consistent_file_checksum_is_still_caught() {
     write_image(&d);
     let p = d.join(PAGES_FILE);
     let mut b = std::fs::read(&p).unwrap();
-    b[32 + 24 + 10] ^= 0x40;
+    b[32 + 28 + 10] ^= 0x40;
     // Recompute the whole-store checksum so only the chunk's own one differs.
     let crc = crc32(&b[32..]);
     b[24..28].copy_from_slice(&crc.to_le_bytes());

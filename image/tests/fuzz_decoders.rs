@@ -3,7 +3,8 @@
 //! again in the current format) are mutated at random — bits flipped, bytes
 //! set, ranges cut, duplicated or inserted — with every checksum computed
 //! again, as someone crafting an image would, and read back: the manifest,
-//! the tree and the page store (its chunks decompressed). Each read must
+//! the tree and the page store (its chunks decompressed; one of today's
+//! format too). Each read must
 //! end, quickly, in a value or an error.
 //!
 //! 3,000 mutations of each file in a normal run; `CR_EBPF_LONG=1` runs
@@ -17,7 +18,7 @@ use std::{
 
 use cr_ebpf_image::{
     file::{self, FileKind, HEADER_LEN},
-    pages::{PageStore, MAX_CHUNK_PAGES, PAGE},
+    pages::{Chunk, PageStore, PageWriter, MAX_CHUNK_PAGES, PAGE},
     tree::Tree,
     Manifest,
 };
@@ -195,6 +196,16 @@ fn crafted_images_never_make_a_decoder_panic_hang_or_exhaust_memory() {
 
     let mut stores = Vec::new();
     find(&fixtures(), "pages.img", &mut stores);
+    // And one in today's format (chunk headers with their own checksum).
+    let current = scratch.0.join("current-pages");
+    std::fs::create_dir_all(&current).unwrap();
+    let mut w = PageWriter::create(&current).unwrap();
+    for (i, addr) in [0x1000u64, 0x7f00_0000_0000].into_iter().enumerate() {
+        let raw: Vec<u8> = (0..3 * PAGE).map(|b| (b * (i + 3) % 251) as u8).collect();
+        w.write(&Chunk::compress(addr, &raw)).unwrap();
+    }
+    w.finish().unwrap();
+    stores.push(current.join("pages.img"));
     let (mut ok, mut refused) = (0u64, 0u64);
     let mut out = vec![0u8; MAX_CHUNK_PAGES as usize * PAGE];
     for s in &stores {
