@@ -27,7 +27,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         return tree(args);
     }
     let m = Manifest::read(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
+    // Every byte checked, not only what a restore would use.
     let store = pages::PageStore::open(&args.dir)
+        .and_then(|s| s.verify().map(|()| s))
         .with_context(|| format!("reading {}", args.dir.display()))?;
     let chunks = store.chunks();
     let stored = store.pages();
@@ -361,7 +363,9 @@ fn chain(args: &Args) -> Result<ExitCode> {
         let (mut pages, mut bytes) = (0, 0);
         let mut root = None;
         for (_, image) in &procs {
-            let store = pages::PageStore::open(image).with_context(reading)?;
+            let store = pages::PageStore::open(image)
+                .and_then(|s| s.verify().map(|()| s))
+                .with_context(reading)?;
             pages += store.pages();
             bytes += store.compressed_bytes();
             if root.is_none() {

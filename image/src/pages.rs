@@ -162,6 +162,10 @@ pub struct PageStore {
     base: *mut libc::c_void,
     len: usize,
     chunks: Vec<ChunkRef>,
+    /// The file, for messages.
+    path: String,
+    /// The payload checksum its header gives.
+    payload_crc: u32,
 }
 
 // SAFETY: the mapping is private and read-only for its whole life; nothing
@@ -223,6 +227,8 @@ impl PageStore {
             base,
             len,
             chunks: Vec::new(),
+            path: name.clone(),
+            payload_crc: header.payload_crc,
         };
         let bytes = store.bytes();
         let payload = &bytes[HEADER_LEN..];
@@ -307,6 +313,19 @@ impl PageStore {
             unsafe { libc::madvise(store.base, store.len, libc::MADV_WILLNEED) };
         }
         Ok(store)
+    }
+
+    /// Reads the whole store and checks it against its header's checksum
+    /// (what opening a store before format 1.10 did; `inspect` asks for it).
+    pub fn verify(&self) -> Result<(), ImageError> {
+        if crc32fast::hash(&self.bytes()[HEADER_LEN..]) != self.payload_crc {
+            return Err(ImageError::Corrupt {
+                path: self.path.clone(),
+                offset: HEADER_LEN as u64,
+                what: "page store checksum mismatch".into(),
+            });
+        }
+        Ok(())
     }
 
     fn bytes(&self) -> &[u8] {

@@ -2,8 +2,10 @@
 //! memory layout and registers, filling pages on all cores.
 //!
 //! How, without a parasite blob:
-//! 1. Every checksum of the image is verified first: a damaged image fails
-//!    before anything is started.
+//! 1. The image is verified first (manifests, page store headers): a
+//!    damaged one fails before anything is started. Each chunk of pages is
+//!    checked as it is filled (format 1.10 reads a store once): a damaged
+//!    one fails the restore before the process runs, its stub killed.
 //! 2. A stub is forked with `clone3(set_tid = [original pid])`. It maps a
 //!    two-page trampoline (a `syscall; int3` code page and a data page) at
 //!    an address free in both layouts, then stops under ptrace.
@@ -285,8 +287,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     if cr_ebpf_image::tree::is_tree(&dir) {
         return tree::restore_tree(&dir, opts, start, clock);
     }
-    // Reads the image and its ancestors, maps their page stores and verifies
-    // them before anything is started.
+    // Reads the image and its ancestors, maps their page stores and checks
+    // their headers before anything is started.
     let chain = Chain::open(&dir)?;
     clock.mark("read");
     let manifest = chain.manifest();
