@@ -59,6 +59,37 @@ enum Command {
     Compact(snapshot::CompactArgs),
 }
 
+/// Exit statuses of `cr-ebpf` (`restore` without `--detach` exits with
+/// the restored process's own status instead, 128 + N when signal N
+/// killed it).
+pub mod exit {
+    /// Done as asked (`track`: detached by Ctrl-C, SIGTERM or `--count`).
+    pub const OK: u8 = 0;
+    /// Failed: an error other than a refusal (the process, if any, is left
+    /// running unless the command is one that kills it and had done so).
+    pub const FAILED: u8 = 1;
+    /// Bad usage: unknown option, missing or malformed value (clap's).
+    pub const USAGE: u8 = 2;
+    /// Refused: the process holds something cr-ebpf cannot carry exactly
+    /// (`not supported: WHAT`); it was left running.
+    pub const REFUSED: u8 = 3;
+    /// `track`: the tracked process exited or was killed, ending the
+    /// service (its checkpoints are kept for a restore).
+    pub const TARGET_GONE: u8 = 4;
+}
+
+/// The exit status of an error: a refusal or another failure.
+fn status_of(e: &anyhow::Error) -> u8 {
+    let refused = e
+        .chain()
+        .any(|c| c.to_string().starts_with("not supported"));
+    if refused {
+        exit::REFUSED
+    } else {
+        exit::FAILED
+    }
+}
+
 /// An error and its causes on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -95,7 +126,7 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("cr-ebpf: error: {e:#}");
-            std::process::ExitCode::from(2)
+            std::process::ExitCode::from(status_of(&e))
         }
     }
 }

@@ -518,8 +518,12 @@ async fn track(args: &Args) -> Result<ExitCode> {
             }
         }
     };
-    finish(svc, args, &status);
-    Ok(ExitCode::SUCCESS)
+    let gone = finish(svc, args, &status);
+    Ok(ExitCode::from(if gone {
+        crate::exit::TARGET_GONE
+    } else {
+        crate::exit::OK
+    }))
 }
 
 /// Loads the programs, tracks `args.pid`, attaches its dirty tracker and
@@ -573,7 +577,8 @@ fn start(args: &Args) -> Result<(Service, cr_ebpf_loader::EventStream, usize)> {
 
 /// What the service does when it stops: a dead process's connections
 /// closed silently, retention run, the last word printed.
-fn finish(mut svc: Service, args: &Args, status: &str) {
+/// Ends the service; whether it ended because the process is gone.
+fn finish(mut svc: Service, args: &Args, status: &str) -> bool {
     let pid = args.pid;
     // The exit event comes before /proc shows the process dead.
     let dead = svc.log.exited || gone(pid);
@@ -605,6 +610,7 @@ fn finish(mut svc: Service, args: &Args, status: &str) {
         args.images_dir.display(),
         all.last().map_or("none", |e| e.name.as_str())
     );
+    dead
 }
 
 /// Lowest CPU and idle I/O priority for the calling thread: compaction
