@@ -111,6 +111,17 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let json = match &cli.command {
+        Command::Check(a) => a.json,
+        Command::Trace(a) => a.json,
+        Command::Dump(a) => a.json,
+        Command::Restore(a) => a.json,
+        Command::Inspect(a) => a.json,
+        Command::Track(a) => a.json,
+        Command::Snapshot(a) => a.json,
+        Command::Compact(a) => a.json,
+        Command::Unlock(_) => false,
+    };
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
         Command::Trace(args) => trace::run(&args),
@@ -125,8 +136,21 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
+            let status = status_of(&e);
             eprintln!("cr-ebpf: error: {e:#}");
-            std::process::ExitCode::from(status_of(&e))
+            if json {
+                // Machine output stays machine-readable on failure too.
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "ok": false,
+                        "error": format!("{e:#}"),
+                        "refused": status == exit::REFUSED,
+                        "exit": status,
+                    })
+                );
+            }
+            std::process::ExitCode::from(status)
         }
     }
 }

@@ -101,11 +101,32 @@ pub struct CompactArgs {
     /// Threads (default: all cores).
     #[arg(long, default_value_t = 0, value_parser = crate::args::threads)]
     pub threads: usize,
+    /// Print the report as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn compact_json(c: &cr_ebpf_checkpoint::CompactReport) -> serde_json::Value {
+    serde_json::json!({
+        "name": c.name, "chain_len": c.chain_len, "pages": c.pages,
+        "page_bytes": c.page_bytes, "took_ms": c.took.as_secs_f64() * 1e3,
+    })
 }
 
 pub fn compact(args: &CompactArgs) -> Result<ExitCode> {
     if let Some(k) = args.keep {
         let r = cr_ebpf_checkpoint::retain(&args.images_dir, k, args.threads)?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ok": true,
+                    "compacted": r.compacted.as_ref().map(compact_json),
+                    "kept": r.kept, "deleted": r.deleted,
+                })
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         if let Some(c) = &r.compacted {
             println!(
                 "{} rewritten as a full image ({} pages from {} images) in {:.0} ms",
@@ -130,6 +151,12 @@ pub fn compact(args: &CompactArgs) -> Result<ExitCode> {
         .context("no checkpoint name")?;
     let parent = dir.parent().context("no images directory")?;
     let c = cr_ebpf_checkpoint::compact(parent, &name, args.threads)?;
+    if args.json {
+        let mut v = compact_json(&c);
+        v["ok"] = true.into();
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{} rewritten as a full image: {} pages from {} images, {:.1} MiB, {:.0} ms",
         c.name,

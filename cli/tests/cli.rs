@@ -233,6 +233,18 @@ fn dump_inspect_restore_from_the_command_line() {
     std::fs::write(&pages, b).unwrap();
     let out = Command::new(BIN).arg("inspect").arg(&img).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
+    let json = Command::new(BIN)
+        .args(["inspect", "--json"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_eq!(json.status.code(), Some(1));
+    let said: serde_json::Value = serde_json::from_slice(&json.stdout).expect("a JSON error");
+    assert_eq!(
+        (said["ok"].clone(), said["exit"].clone()),
+        (false.into(), 1.into())
+    );
+    assert!(said["error"].as_str().unwrap().contains("corrupt image"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("corrupt image") && err.contains("pages.img"),

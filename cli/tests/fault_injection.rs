@@ -300,6 +300,25 @@ fn damaged_images_and_chains_are_refused_never_restored_wrong() {
     attempt(&chain, newest, &ctl, pid, "undamaged", &mut c);
     assert_eq!(c.restored_intact, 1, "{c:?}");
     assert!(c.rolled_back.is_empty(), "{c:?}");
+    // Compacted (its report as JSON), it still restores intact.
+    let compacted = dir.join("compacted");
+    copy_dir(&chain, &compacted);
+    let out = Command::new(BIN)
+        .args(["compact", "--json", "--images-dir"])
+        .arg(&compacted)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["ok"], true);
+    assert_eq!(said["name"], "ckpt-000003");
+    assert_eq!(said["chain_len"], 3);
+    attempt(&compacted, newest, &ctl, pid, "compacted", &mut c);
+    assert_eq!(c.restored_intact, 2, "{c:?}");
 
     // Damaged anywhere: refused, or (a byte no one reads) intact; never
     // the checkpoint before the newest in its place.

@@ -79,6 +79,7 @@ fn a_stdout_connected_to_a_journal_like_listener_is_connected_again_after_restor
     let refused = Command::new(BIN)
         .args([
             "dump",
+            "--json",
             "--leave-running",
             "--pid",
             &pid.to_string(),
@@ -88,8 +89,13 @@ fn a_stdout_connected_to_a_journal_like_listener_is_connected_again_after_restor
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
-    // 3: refused, the process left running.
+    // 3: refused, the process left running; with --json, said as JSON.
     assert_eq!(refused.status.code(), Some(3), "{err}");
+    let said: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
+    assert_eq!(said["ok"], false);
+    assert_eq!(said["refused"], true);
+    assert_eq!(said["exit"], 3);
+    assert!(said["error"].as_str().unwrap().contains("--ext-unix-sk"));
     assert!(
         err.contains("not supported") && err.contains("--ext-unix-sk"),
         "{err}"
