@@ -23,6 +23,18 @@ pub fn keep(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// `--keep` of `track`: how many checkpoints, `None` for all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep(pub Option<usize>);
+
+/// Parses `--keep` of `track`: a count of checkpoints, or `all`.
+pub fn keep_or_all(s: &str) -> Result<Keep, String> {
+    if s == "all" {
+        return Ok(Keep(None));
+    }
+    keep(s).map(|n| Keep(Some(n)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +47,8 @@ mod tests {
         assert!(threads("-1").is_err());
         assert_eq!(keep("3"), Ok(3));
         assert!(keep("0").unwrap_err().contains("at least"));
+        assert_eq!(keep_or_all("all"), Ok(Keep(None)));
+        assert_eq!(keep_or_all("20"), Ok(Keep(Some(20))));
+        assert!(keep_or_all("0").is_err());
     }
 }

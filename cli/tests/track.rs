@@ -416,3 +416,56 @@ fn addresses_are_left_out_of_compared_states() {
         "sum 5 maps [+8192=9 +4096=3 ] fds [4=2 ]"
     );
 }
+
+/// Without `--keep` a chain is bounded all the same (the newest 20 are
+/// kept); `--keep-for` merges away what is older than it, the newest
+/// always kept; `--keep all` keeps every checkpoint.
+#[test]
+fn retention_bounds_a_chain_by_default_and_by_age() {
+    if !root("retention_bounds_a_chain_by_default_and_by_age") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-retention-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut sleeper = spawn_sleep("600");
+    let pid = sleeper.id() as i32;
+    let run = |images: &Path, extra: &[&str], count: &str| {
+        let out = Command::new(BIN)
+            .args(["track", "--pid", &pid.to_string(), "--interval", "100ms"])
+            .args(["--count", count])
+            .args(extra)
+            .arg("--images-dir")
+            .arg(images)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        let chain = cr_ebpf_json(&["inspect", "--json"], images);
+        chain["checkpoints"].as_array().unwrap().len()
+    };
+    // 45 taken, the newest 20 kept.
+    assert_eq!(run(&dir.join("default"), &[], "45"), 20);
+    // Every one kept when asked.
+    assert_eq!(run(&dir.join("all"), &["--keep", "all"], "25"), 25);
+    // Of 30 taken over about 3 s, those older than 1 s go (the young ones
+    // and a batch at most: fewer than 30, more than 0).
+    let n = run(&dir.join("age"), &["--keep-for", "1s"], "30");
+    assert!((1..30).contains(&n), "{n} kept with --keep-for 1s");
+    // The newest restores after retention.
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    let out = Command::new(BIN)
+        .args(["restore", "--detach", "--images-dir"])
+        .arg(dir.join("age"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(signal(pid, libc::SIGKILL), "restored");
+    let _ = std::fs::remove_dir_all(&dir);
+}

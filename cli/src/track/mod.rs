@@ -20,6 +20,7 @@ use tokio::{
 };
 
 mod log;
+mod retention;
 
 use log::Log;
 
@@ -40,9 +41,13 @@ pub struct Args {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub interval: Duration,
     /// Keep the newest K checkpoints (older ones are merged away in batches:
-    /// at most 2K are on disk at any time).
-    #[arg(long, value_parser = crate::args::keep)]
-    pub keep: Option<usize>,
+    /// at most 2K are on disk at any time); `all` keeps every one.
+    #[arg(long, default_value = "20", value_name = "K|all", value_parser = crate::args::keep_or_all)]
+    pub keep: crate::args::Keep,
+    /// Also merge away checkpoints older than this (`30m`, `1h`; the newest
+    /// is always kept), in batches: once as many are older as younger.
+    #[arg(long, value_parser = parse_duration)]
+    pub keep_for: Option<Duration>,
     /// Do not copy dirty pages before the freeze.
     #[arg(long)]
     pub no_precopy: bool,
@@ -63,7 +68,8 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Parses `500ms`, `1s`, `2.5s`, `1m`, or a bare number of seconds.
+/// Parses `500ms`, `1s`, `2.5s`, `1m`, `2h`, `7d`, or a bare number of
+/// seconds (at most 30 days).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
@@ -77,9 +83,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => v / 1e3,
         "s" => v,
         "m" => v * 60.0,
-        _ => return Err(format!("unknown unit {unit:?} in {s:?} (ms, s, m)")),
+        "h" => v * 3600.0,
+        "d" => v * 86400.0,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?} (ms, s, m, h, d)")),
     };
-    if !(0.0..=86400.0).contains(&secs) {
+    if !(0.0..=30.0 * 86400.0).contains(&secs) {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -195,6 +203,7 @@ struct Service {
     tracer: Tracer,
     log: Log,
     keep: Option<usize>,
+    keep_for: Option<Duration>,
     taken: u64,
     precopy: bool,
     retention: Option<std::thread::JoinHandle<()>>,
@@ -367,44 +376,6 @@ impl Service {
             }
         }
     }
-
-    /// Merges old checkpoints away in the background once there are 2K.
-    fn retain(&mut self, wait: bool) {
-        let Some(keep) = self.keep else { return };
-        if let Some(h) = self.retention.take() {
-            if wait || h.is_finished() {
-                let _ = h.join();
-            } else {
-                self.retention = Some(h);
-                return;
-            }
-        }
-        let dir = self.session.dir().to_path_buf();
-        let count = cr_ebpf_image::images_dir::list(&dir).map_or(0, |l| l.len());
-        if count < 2 * keep.max(1) && !wait {
-            return;
-        }
-        self.retention = Some(std::thread::spawn(move || {
-            background_priority();
-            match cr_ebpf_checkpoint::retain(&dir, keep, 1) {
-                Ok(r) if !r.deleted.is_empty() => eprintln!(
-                    "cr-ebpf: retention: {} deleted, {} kept{}",
-                    r.deleted.len(),
-                    r.kept.len(),
-                    r.compacted
-                        .map(|c| format!(
-                            ", {} compacted from {} images in {:.0} ms",
-                            c.name,
-                            c.chain_len,
-                            c.took.as_secs_f64() * 1e3
-                        ))
-                        .unwrap_or_default()
-                ),
-                Ok(_) => {}
-                Err(e) => eprintln!("cr-ebpf: retention failed (checkpoints kept): {e}"),
-            }
-        }));
-    }
 }
 
 async fn track(args: &Args) -> Result<ExitCode> {
@@ -566,7 +537,8 @@ fn start(args: &Args) -> Result<(Service, cr_ebpf_loader::EventStream, usize)> {
         session,
         tracer,
         log: Log::default(),
-        keep: args.keep,
+        keep: args.keep.0,
+        keep_for: args.keep_for,
         taken: 0,
         precopy: !args.no_precopy,
         retention: None,
@@ -611,24 +583,6 @@ fn finish(mut svc: Service, args: &Args, status: &str) -> bool {
         all.last().map_or("none", |e| e.name.as_str())
     );
     dead
-}
-
-/// Lowest CPU and idle I/O priority for the calling thread: compaction
-/// must not compete with the tracked process or the next freeze.
-fn background_priority() {
-    // SAFETY: plain syscalls on the calling thread's own id.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-        const IOPRIO_WHO_PROCESS: libc::c_long = 1;
-        const IOPRIO_CLASS_IDLE: libc::c_long = 3;
-        libc::syscall(
-            libc::SYS_ioprio_set,
-            IOPRIO_WHO_PROCESS,
-            tid as libc::c_long,
-            IOPRIO_CLASS_IDLE << 13,
-        );
-    }
 }
 
 fn gone(pid: i32) -> bool {
@@ -713,7 +667,10 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("1h").is_err());
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_duration("31d").is_err());
+        assert!(parse_duration("1y").is_err());
         assert!(parse_duration("fast").is_err());
     }
 }

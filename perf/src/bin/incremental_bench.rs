@@ -328,6 +328,9 @@ fn main() -> Result<()> {
                 "--json",
             ])
             .args(["--count", &(checkpoints + 1).to_string()])
+            // Every checkpoint kept: the numbers are of checkpointing
+            // alone, comparable with earlier runs (no merging meanwhile).
+            .args(["--keep", "all"])
             .args(&extra)
             .arg("--images-dir")
             .arg(&images)

@@ -113,6 +113,9 @@ fn main() -> Result<()> {
                 "--interval",
                 "1s",
                 "--json",
+                // Every checkpoint kept: checkpointing alone is measured.
+                "--keep",
+                "all",
             ])
             .arg("--images-dir")
             .arg(&images)
