@@ -11,8 +11,15 @@
 //! Filtering happens here: an untracked task costs one hash lookup per
 //! syscall. A record that does not fit in the ring buffer is counted in
 //! `LOSSES` for its process, never silently lost.
-#![no_std]
-#![no_main]
+// For the BPF target. A host build of the workspace (`cargo build
+// --workspace`, `cargo test --workspace`) compiles the programs as a plain
+// binary that does nothing; the real objects are built by loader/build.rs.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys are passed by reference, as the BPF helpers take them: the code the verifier accepts stays as it is"
+)]
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -559,6 +566,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 }
 
 #[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
@@ -567,3 +575,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// A host build's entry point: the programs only run in the kernel.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -12,8 +12,19 @@
 //! header (loopback, ethernet, tun) look the same. A non-first IP
 //! fragment has no ports and passes; IPv6 extension headers (hop-by-hop,
 //! routing, destination options, fragment) are skipped, up to four.
-#![no_std]
-#![no_main]
+// For the BPF target. A host build of the workspace (`cargo build
+// --workspace`, `cargo test --workspace`) compiles the programs as a plain
+// binary that does nothing; the real objects are built by loader/build.rs.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys are passed by reference, as the BPF helpers take them: the code the verifier accepts stays as it is"
+)]
+#![allow(
+    clippy::unnecessary_cast,
+    reason = "the binding constants' types differ between the BPF target and a host build"
+)]
 
 use aya_ebpf::{
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -122,6 +133,7 @@ fn locked(ctx: &TcContext) -> Option<bool> {
 }
 
 #[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
@@ -130,3 +142,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// A host build's entry point: the programs only run in the kernel.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
