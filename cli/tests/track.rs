@@ -469,3 +469,67 @@ fn retention_bounds_a_chain_by_default_and_by_age() {
     assert!(signal(pid, libc::SIGKILL), "restored");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `track --metrics ADDR` answers an HTTP scrape with its counters in
+/// Prometheus' text format.
+#[test]
+fn track_serves_its_metrics_for_prometheus() {
+    if !root("track_serves_its_metrics_for_prometheus") {
+        return;
+    }
+    use std::io::{Read as _, Write as _};
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-metrics-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut sleeper = spawn_sleep("600");
+    let pid = sleeper.id() as i32;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut track = Command::new(BIN)
+        .args(["track", "--pid", &pid.to_string(), "--interval", "200ms"])
+        .args(["--metrics", &format!("127.0.0.1:{port}"), "--images-dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(track.stdout.take().unwrap());
+    for _ in 0..3 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(line.starts_with("ckpt-"), "{line:?}");
+    }
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("the metrics port answers");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    assert!(
+        text.contains("Content-Type: text/plain; version=0.0.4"),
+        "{text}"
+    );
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("{name} in {text}"));
+        line[name.len() + 1..].parse().unwrap()
+    };
+    let taken = value("cr_ebpf_checkpoints_total");
+    assert!(taken >= 3.0, "{text}");
+    assert_eq!(value("cr_ebpf_freeze_seconds_count"), taken);
+    assert_eq!(value("cr_ebpf_freeze_seconds_bucket{le=\"+Inf\"}"), taken);
+    assert_eq!(value("cr_ebpf_tracked_processes"), 1.0);
+    assert_eq!(value("cr_ebpf_checkpoint_failures_total"), 0.0);
+    assert!(value("cr_ebpf_bytes_total") > 0.0);
+    signal(track.id() as i32, libc::SIGINT);
+    assert!(track.wait().unwrap().success());
+    sleeper.kill().unwrap();
+    let _ = sleeper.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -20,6 +20,7 @@ use tokio::{
 };
 
 mod log;
+mod metrics;
 mod retention;
 
 use log::Log;
@@ -56,6 +57,11 @@ pub struct Args {
     /// restore, a new connection to the peer (as `dump --ext-unix-sk`).
     #[arg(long)]
     pub ext_unix_sk: bool,
+    /// Serve the service's counters (checkpoints, failures, freeze
+    /// histogram, bytes, tracked processes, lost fault records) in
+    /// Prometheus' text format over HTTP at this address (`127.0.0.1:9464`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// CPU priority of the service's own work (compressing, writing,
     /// pre-copying), as `nice`: the tracked process takes precedence.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(-20..=19))]
@@ -211,6 +217,7 @@ struct Service {
     /// after their fork, so that short-lived children (a shell command, a
     /// helper that execs and exits) cost nothing.
     follow_at: Option<std::time::Instant>,
+    metrics: metrics::Metrics,
 }
 
 /// How long a new child must have run before it gets a tracker (and its
@@ -294,7 +301,20 @@ impl Service {
         Ok(())
     }
 
+    /// A checkpoint now, counted in the metrics.
     fn checkpoint(&mut self, events: &mut cr_ebpf_loader::EventStream) -> Result<CheckpointReport> {
+        let r = self.take_checkpoint(events);
+        match &r {
+            Ok(r) => self.metrics.taken(r),
+            Err(_) => self.metrics.failed(),
+        }
+        r
+    }
+
+    fn take_checkpoint(
+        &mut self,
+        events: &mut cr_ebpf_loader::EventStream,
+    ) -> Result<CheckpointReport> {
         let mut batch = Vec::new();
         events.drain(&mut batch);
         self.fold(&batch);
@@ -444,6 +464,20 @@ async fn track(args: &Args) -> Result<ExitCode> {
     tokio::pin!(ctrl_c);
     let mut batch = Vec::new();
     let ours = nix::unistd::geteuid().as_raw();
+    let metrics = match args.metrics {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the metrics address {a}"))?,
+        ),
+        None => None,
+    };
+    let scrape = || async {
+        match &metrics {
+            Some(l) => l.accept().await.ok(),
+            None => std::future::pending().await,
+        }
+    };
     let status = loop {
         if args.count.is_some_and(|n| svc.taken >= n) {
             break format!("took {} checkpoints as asked", svc.taken);
@@ -457,6 +491,10 @@ async fn track(args: &Args) -> Result<ExitCode> {
                     Err(e) if gone(pid) => break format!("process {pid} exited ({e:#})"),
                     Err(e) => eprintln!("cr-ebpf: checkpoint failed, process left running: {e:#}"),
                 }
+            }
+            Some((stream, _)) = scrape() => {
+                let body = svc.metrics.render(svc.session.pids().len(), svc.fault_losses);
+                tokio::spawn(metrics::answer(stream, body));
             }
             conn = listener.accept() => {
                 let Ok((stream, _)) = conn else { continue };
@@ -543,6 +581,7 @@ fn start(args: &Args) -> Result<(Service, cr_ebpf_loader::EventStream, usize)> {
         precopy: !args.no_precopy,
         retention: None,
         follow_at: None,
+        metrics: metrics::Metrics::default(),
     };
     Ok((svc, events, tracked.len()))
 }
