@@ -358,7 +358,7 @@ fn chain(args: &Args) -> Result<ExitCode> {
     let mut rows = Vec::new();
     for e in &all {
         let reading = || format!("reading {}", e.dir.display());
-        // A tree's checkpoint: the root's chain and pause, every process's pages.
+        // A tree's checkpoint: the root's chain and freeze, every process's pages.
         let procs = cr_ebpf_image::images_dir::processes(&e.dir).with_context(reading)?;
         let (mut pages, mut bytes) = (0, 0);
         let mut root = None;
@@ -379,6 +379,7 @@ fn chain(args: &Args) -> Result<ExitCode> {
             "parent": if c.parent.is_empty() { None } else { Some(c.parent) },
             "method": c.method, "pid": m.process.pid, "processes": procs.len(),
             "pages": pages, "bytes": bytes,
+            "size_bytes": cr_ebpf_image::images_dir::size_on_disk(&e.dir),
             "freeze_ms": m.process.freeze_ns as f64 / 1e6,
             "taken_unix_ns": m.process.taken_unix_ns,
         }));
@@ -405,7 +406,7 @@ fn chain(args: &Args) -> Result<ExitCode> {
     }
     println!(
         "  {:<12} {:<12} {:<10} {:>9} {:>9} {:>11} {:>10}",
-        "id", "parent", "method", "processes", "pages", "size KiB", "pause ms"
+        "id", "parent", "method", "processes", "pages", "size KiB", "freeze ms"
     );
     for r in &rows {
         println!(
@@ -415,7 +416,7 @@ fn chain(args: &Args) -> Result<ExitCode> {
             r["method"].as_str().unwrap_or(""),
             r["processes"].as_u64().unwrap_or(1),
             r["pages"].as_u64().unwrap_or(0),
-            r["bytes"].as_f64().unwrap_or(0.0) / 1024.0,
+            r["size_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
             r["freeze_ms"].as_f64().unwrap_or(0.0)
         );
     }

@@ -61,6 +61,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let v = serde_json::json!({
         "ok": true, "id": r.name, "seq": r.seq, "parent": r.parent, "method": r.method.name(),
         "pages": r.pages, "bytes": r.page_bytes,
+        "size_bytes": images_dir::size_on_disk(&r.dir),
         "freeze_ms": r.freeze.as_secs_f64() * 1e3, "total_ms": r.total.as_secs_f64() * 1e3,
     });
     print(args.json, &v);
@@ -72,7 +73,7 @@ fn print(json: bool, v: &serde_json::Value) {
         println!("{v}");
     } else {
         println!(
-            "{} ({}{}): {} pages, {:.1} KiB, pause {:.2} ms",
+            "{} ({}{}): {} pages, {:.1} KiB, freeze {:.2} ms",
             v["id"].as_str().unwrap_or("?"),
             v["method"].as_str().unwrap_or("?"),
             v["parent"]
@@ -80,7 +81,11 @@ fn print(json: bool, v: &serde_json::Value) {
                 .map(|p| format!(" on {p}"))
                 .unwrap_or_default(),
             v["pages"],
-            v["bytes"].as_f64().unwrap_or(0.0) / 1024.0,
+            v["size_bytes"]
+                .as_f64()
+                .or_else(|| v["bytes"].as_f64())
+                .unwrap_or(0.0)
+                / 1024.0,
             v["freeze_ms"].as_f64().unwrap_or(0.0)
         );
     }

@@ -72,6 +72,21 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>, ImageError> {
     Ok(out)
 }
 
+/// Bytes the files of checkpoint or image `dir` take (their lengths, every
+/// file below it): the one size `track`, `snapshot` and `inspect` report.
+pub fn size_on_disk(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => size_on_disk(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// The checkpoint directories of `dir` (named `ckpt-N`, not temporary)
 /// that hold no image: damaged (a file deleted, a copy cut short).
 pub fn damaged(dir: &Path) -> Vec<(u64, String)> {

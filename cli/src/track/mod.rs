@@ -144,6 +144,7 @@ fn report_json(r: &CheckpointReport) -> serde_json::Value {
         "id": r.name, "seq": r.seq, "parent": r.parent, "method": r.method.name(),
         "processes": r.processes, "new_processes": r.new_processes, "zombies": r.zombies,
         "pages": r.pages, "precopied_pages": r.precopied, "bytes": r.page_bytes,
+        "size_bytes": cr_ebpf_image::images_dir::size_on_disk(&r.dir),
         "freeze_ms": r.freeze.as_secs_f64() * 1e3, "total_ms": r.total.as_secs_f64() * 1e3,
         "inherited_mappings": r.inherited, "whole_mappings": r.whole,
         "injected_queries": r.queries.injected, "reused_queries": r.queries.reused,
@@ -184,7 +185,7 @@ fn report_text(r: &CheckpointReport) -> String {
             String::new()
         },
         r.pages,
-        r.page_bytes as f64 / 1024.0,
+        cr_ebpf_image::images_dir::size_on_disk(&r.dir) as f64 / 1024.0,
         r.freeze.as_secs_f64() * 1e3,
         r.total.as_secs_f64() * 1e3,
         if r.precopied > 0 {
