@@ -5,7 +5,8 @@
 //! `inspect` (checkpoints of single processes), `track` (the always-on
 //! service taking incremental checkpoints), `snapshot` (one checkpoint now)
 //! and `compact` (keeping chains short); `unlock` (the network lock a
-//! dump leaves for its restore).
+//! dump leaves for its restore); `completions` and `man` (shell
+//! completions and the manual page, generated from these definitions).
 
 mod args;
 mod check;
@@ -18,7 +19,7 @@ mod sys;
 mod trace;
 mod track;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 /// Always-on checkpoint/restore of live Linux processes, driven by eBPF.
 #[derive(Parser)]
@@ -41,7 +42,10 @@ enum Command {
         after_help = "Standard input, output and error that were connected outside the \
                       checkpoint (a pipe or FIFO whose other end was not checkpointed) become \
                       the restorer's own descriptors 0, 1 and 2 (`inspect` lists them as \
-                      `inherited`); any other descriptor connected outside is refused at \
+                      `inherited`), or with `--inherit-fd N:pipe:[INODE]` its descriptor N. A \
+                      unix connection to a named socket outside, taken by `dump --ext-unix-sk`, \
+                      is connected to that name again (or given `--inherit-fd \
+                      N:socket:[INODE]`). Any other descriptor connected outside is refused at \
                       checkpoint time. Those of 0, 1 and 2 the process did not have are \
                       closed."
     )]
@@ -57,6 +61,14 @@ enum Command {
     Snapshot(snapshot::Args),
     /// Rewrite a checkpoint as a full image, or keep only the newest K.
     Compact(snapshot::CompactArgs),
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print cr-ebpf's manual page (roff: `cr-ebpf man > cr-ebpf.1`).
+    Man,
 }
 
 /// Exit statuses of `cr-ebpf` (`restore` without `--detach` exits with
@@ -76,6 +88,12 @@ pub mod exit {
     /// `track`: the tracked process exited or was killed, ending the
     /// service (its checkpoints are kept for a restore).
     pub const TARGET_GONE: u8 = 4;
+}
+
+/// Output piped into `head` ends quietly when the reader goes.
+fn quiet_sigpipe() {
+    // SAFETY: restoring a signal's default action.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 /// The exit status of an error: a refusal or another failure.
@@ -120,7 +138,7 @@ fn main() -> std::process::ExitCode {
         Command::Track(a) => a.json,
         Command::Snapshot(a) => a.json,
         Command::Compact(a) => a.json,
-        Command::Unlock(_) => false,
+        Command::Unlock(_) | Command::Completions { .. } | Command::Man => false,
     };
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
@@ -132,6 +150,23 @@ fn main() -> std::process::ExitCode {
         Command::Track(args) => track::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
         Command::Compact(args) => snapshot::compact(&args),
+        Command::Completions { shell } => {
+            quiet_sigpipe();
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "cr-ebpf",
+                &mut std::io::stdout(),
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            quiet_sigpipe();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map(|()| std::process::ExitCode::SUCCESS)
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(code) => code,
@@ -152,5 +187,15 @@ fn main() -> std::process::ExitCode {
             }
             std::process::ExitCode::from(status)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

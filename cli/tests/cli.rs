@@ -252,3 +252,26 @@ fn dump_inspect_restore_from_the_command_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Shell completions and the manual page come from the same definitions
+/// as the commands (no root needed).
+#[test]
+fn completions_and_the_manual_page_name_every_command() {
+    let bash = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(bash.status.success());
+    let bash = String::from_utf8_lossy(&bash.stdout);
+    let man = Command::new(BIN).arg("man").output().unwrap();
+    assert!(man.status.success());
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(man.contains(".TH cr-ebpf 1"), "{man}");
+    for cmd in [
+        "track", "restore", "dump", "inspect", "snapshot", "compact", "unlock",
+    ] {
+        assert!(bash.contains(cmd), "{cmd} in the bash completions");
+        assert!(man.contains(cmd), "{cmd} in the manual page");
+    }
+    assert!(bash.contains("--images-dir"));
+}
