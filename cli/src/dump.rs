@@ -41,8 +41,9 @@ pub struct Args {
     /// Take unix stream connections to named sockets outside what is
     /// checkpointed (a service's stdout to journald, a client of a local
     /// daemon): at restore each is connected to the same name again, a
-    /// new connection to its peer (which sees the old one end). Refused
-    /// without this, as is one with bytes from its peer not read yet.
+    /// new connection to its peer (which sees the old one end, and cr-ebpf
+    /// as the new one's peer credentials). Refused without this, as is one
+    /// with bytes from its peer not read yet.
     #[arg(long)]
     pub ext_unix_sk: bool,
     /// Print the report as JSON.

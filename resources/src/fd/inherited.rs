@@ -24,11 +24,11 @@ pub fn hand_over(
     shared: &mut Shared,
 ) -> Result<(), RestoreError> {
     for (name, raw) in inherit {
-        let holders = fds.iter().filter(|f| match &f.state {
+        let holder = fds.iter().find(|f| match &f.state {
             FdState::Socket(s) => format!("socket:[{}]", s.inode) == *name,
             _ => f.kind == FdKind::Inherited && f.path == *name,
         });
-        let Some(f) = holders.clone().next() else {
+        let Some(f) = holder else {
             return Err(RestoreError::NotSupported(format!(
                 "--inherit-fd names {name}, which no descriptor of the image holds \
                  (`cr-ebpf inspect` lists them)"
