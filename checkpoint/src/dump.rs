@@ -36,6 +36,10 @@ pub struct DumpOptions {
     /// Most bytes of a deleted file held open or mapped stored in the
     /// image (0: the default, `cr_ebpf_resources::ghost::DEFAULT_LIMIT`).
     pub ghost_limit: u64,
+    /// Most allocated bytes of one shared memory object stored (0: the
+    /// default, `cr_ebpf_resources::shmem::DEFAULT_SHM_LIMIT`); its contents
+    /// are held in memory while the process is frozen.
+    pub shm_limit: u64,
     /// What locks the process's TCP connections from before they are read
     /// until the restore, when the process is not left running (`None`: no
     /// lock; a peer that sends while the process is down gets a reset).
@@ -112,7 +116,6 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     };
     let mut scope = TreeScope::new(&live);
     scope.shell_job = opts.shell_job;
-    scope.ghost_limit = opts.ghost_limit;
     scope.ext_unix_sk = opts.ext_unix_sk;
     let mut states: Vec<State> = Vec::new();
     for f in &stopped.frozen {
@@ -121,7 +124,10 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             None,
             &Changes::all(),
             Some(&mut scope),
-            opts.ext_unix_sk,
+            state::Allow {
+                ext_unix_sk: opts.ext_unix_sk,
+                limits: cr_ebpf_resources::shmem::Limits::new(opts.ghost_limit, opts.shm_limit),
+            },
         )?);
     }
     let in_flight = State::in_flight(live.iter().copied().zip(&states));
@@ -146,6 +152,13 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         })
         .collect();
     let plans = plan_pages(&live, &states, &parents)?;
+    // Shared memory contents go to the page store, read while frozen.
+    let mut shm_pages = Vec::new();
+    for (pid, s) in live.iter().zip(&mut states) {
+        let placed =
+            crate::shm_pages::place(*pid, &mut s.shmem, &s.shm_files, None, |_| None, &pool)?;
+        shm_pages.push(placed.pages);
+    }
     let threads: usize = states.iter().map(|s| s.threads.len()).sum();
     let mappings: usize = plans.iter().map(|p| p.0.len()).sum();
 
@@ -158,7 +171,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         let procs = live
             .iter()
             .zip(&plans)
-            .map(|(pid, (_, work, _))| (*pid, &work[..], Vec::new()))
+            .zip(&mut shm_pages)
+            .map(|((pid, (_, work, _)), shm)| (*pid, &work[..], std::mem::take(shm)))
             .collect();
         let (subs, pages, bytes) = write_processes(tmp, is_tree, &pool, procs, || {
             // Everything read: what stays alive runs again while the files

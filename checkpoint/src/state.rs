@@ -20,8 +20,11 @@ pub(crate) struct State {
     pub process: ProcessInfo,
     pub threads: Vec<ThreadInfo>,
     pub fds: Vec<FdInfo>,
-    /// Shared memory objects, with their contents.
+    /// Shared memory objects, without their contents.
     pub shmem: Vec<ShmemObject>,
+    /// The file to read the contents of each object this process stores,
+    /// by id (see [`crate::shm_pages::place`]).
+    pub shm_files: std::collections::HashMap<u64, File>,
     /// Duplicates of the established TCP connections (see [`crate::fds::Fds`]).
     pub tcp: Vec<(i32, std::os::fd::OwnedFd)>,
     /// File locks held, each through one descriptor.
@@ -30,6 +33,15 @@ pub(crate) struct State {
     pub in_flight: Vec<(i32, std::os::fd::OwnedFd)>,
     pub pagemap: File,
     pub queries: Queries,
+}
+
+/// What the user allowed a checkpoint to take.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Allow {
+    /// Unix connections to named sockets outside (`--ext-unix-sk`).
+    pub ext_unix_sk: bool,
+    /// Most contents stored per deleted file and shared memory object.
+    pub limits: cr_ebpf_resources::shmem::Limits,
 }
 
 /// Collects the state of the frozen process. `prev` is the previous
@@ -42,7 +54,7 @@ pub(crate) fn collect(
     prev: Option<&Manifest>,
     changes: &Changes,
     tree: Option<&mut crate::fds::TreeScope>,
-    ext_unix_sk: bool,
+    allow: Allow,
 ) -> Result<State, DumpError> {
     let pid = frozen.pid();
     let trace = |source| DumpError::Trace { pid, source };
@@ -112,7 +124,7 @@ pub(crate) fn collect(
         tcp,
         locks,
         in_flight,
-    } = crate::fds::collect(pid, tree.as_deref_mut(), ext_unix_sk)?;
+    } = crate::fds::collect(pid, tree.as_deref_mut(), allow.ext_unix_sk)?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
     // Guard regions, recorded with their mappings and installed again;
@@ -133,15 +145,12 @@ pub(crate) fn collect(
     )?;
     let together: Vec<i32> = tree.as_ref().map_or(vec![pid], |t| t.pids.clone());
     let shell_job = tree.as_ref().is_some_and(|t| t.shell_job);
-    let ghost_limit = tree
-        .as_ref()
-        .map_or(cr_ebpf_resources::ghost::DEFAULT_LIMIT, |t| t.ghost_limit());
-    let shmem = crate::shmem::capture(
+    let (shmem, shm_files) = crate::shmem::capture(
         pid,
         &entries,
         &fds,
         tree.map(|t| &mut t.shmem_taken),
-        ghost_limit,
+        allow.limits,
     )?;
     // Process-wide state, each kind from its own file.
     let mut info = ProcessInfo {
@@ -179,6 +188,7 @@ pub(crate) fn collect(
         threads,
         fds,
         shmem,
+        shm_files,
         tcp,
         locks,
         in_flight,

@@ -35,6 +35,46 @@ pub fn keep_or_all(s: &str) -> Result<Keep, String> {
     keep(s).map(|n| Keep(Some(n)))
 }
 
+/// `N`, `NK`, `NM` or `NG` bytes.
+pub fn size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size (like 1048576, 512K, 64M, 1G)"))
+}
+
+/// Parses `500ms`, `1s`, `2.5s`, `1m`, `2h`, `7d`, or a bare number of
+/// seconds (at most 30 days).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 500ms, 1s, 2.5s, 1m)"))?;
+    let secs = match unit {
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        "d" => v * 86400.0,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?} (ms, s, m, h, d)")),
+    };
+    if !(0.0..=30.0 * 86400.0).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +90,30 @@ mod tests {
         assert_eq!(keep_or_all("all"), Ok(Keep(None)));
         assert_eq!(keep_or_all("20"), Ok(Keep(Some(20))));
         assert!(keep_or_all("0").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s"), Ok(std::time::Duration::from_secs(1)));
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("2.5"),
+            Ok(std::time::Duration::from_millis(2500))
+        );
+        assert_eq!(parse_duration("1m"), Ok(std::time::Duration::from_secs(60)));
+        assert_eq!(
+            parse_duration("1h"),
+            Ok(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse_duration("7d"),
+            Ok(std::time::Duration::from_secs(7 * 86400))
+        );
+        assert!(parse_duration("31d").is_err());
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("fast").is_err());
     }
 }

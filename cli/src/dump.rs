@@ -30,8 +30,14 @@ pub struct Args {
     /// Most bytes of a deleted file the process holds open or mapped that
     /// are stored in the image (its allocated size; holes are free); a
     /// larger one is refused. Suffixes K, M, G.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, default_value = "64M", value_parser = crate::args::size)]
     pub ghost_limit: u64,
+    /// Most bytes of one shared memory object (shared anonymous memory,
+    /// memfd, System V segment, file in /dev/shm) stored: its allocated
+    /// size, read into memory while the process is frozen; a larger one is
+    /// refused. Suffixes K, M, G.
+    #[arg(long, default_value = "4G", value_parser = crate::args::size)]
+    pub shm_limit: u64,
     /// How the TCP connections of a process that is not left running are
     /// held until its restore: `bpf` (an eBPF classifier pinned in bpffs:
     /// a peer that sends meanwhile waits), `skip` (no lock: such a peer
@@ -57,6 +63,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         threads: args.threads,
         shell_job: args.shell_job,
         ghost_limit: args.ghost_limit,
+        shm_limit: args.shm_limit,
         network_lock: (args.network_lock == "bpf")
             .then(|| std::sync::Arc::new(crate::netlock::BpfLock) as _),
         ext_unix_sk: args.ext_unix_sk,
@@ -107,19 +114,4 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `N`, `NK`, `NM` or `NG` bytes.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, shift) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} is not a size (like 1048576, 512K, 64M, 1G)"))
 }

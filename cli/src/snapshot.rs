@@ -20,6 +20,10 @@ pub struct Args {
     /// checkpoint is of).
     #[arg(long)]
     pub pid: Option<i32>,
+    /// Most bytes of one shared memory object stored, when no service runs
+    /// (as `dump --shm-limit`; a service uses its own).
+    #[arg(long, default_value = "4G", value_parser = crate::args::size)]
+    pub shm_limit: u64,
     /// Print as JSON.
     #[arg(long)]
     pub json: bool,
@@ -50,8 +54,16 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
         bail!("no process {pid} to checkpoint (it exited?)");
     }
-    let mut session = Session::new(pid, &args.images_dir, None, SessionOptions::default())
-        .with_context(|| format!("checkpointing process {pid}"))?;
+    let mut session = Session::new(
+        pid,
+        &args.images_dir,
+        None,
+        SessionOptions {
+            shm_limit: args.shm_limit,
+            ..SessionOptions::default()
+        },
+    )
+    .with_context(|| format!("checkpointing process {pid}"))?;
     if !args.incremental {
         session.start_new_chain();
     }

@@ -15,7 +15,7 @@ use std::{
 
 use crate::{
     pages::{ChunkRef, PageStore, MAX_CHUNK_PAGES, PAGE},
-    ImageError, Manifest, MappingKind, MAP_INHERITS,
+    ImageError, Manifest, MappingKind, MAP_INHERITS, SHMEM_PAGES, SHMEM_PAGES_END,
 };
 
 /// Longest chain accepted (a loop or a runaway chain is an error).
@@ -43,6 +43,12 @@ pub struct Fill {
 }
 
 impl Fill {
+    /// Whether it holds shared memory contents (pseudo addresses from
+    /// [`SHMEM_PAGES`]), not the process's own memory.
+    pub fn is_shmem(&self) -> bool {
+        (SHMEM_PAGES..SHMEM_PAGES_END).contains(&self.chunk.vaddr)
+    }
+
     /// Pages this fill provides.
     pub fn pages(&self) -> u64 {
         self.pieces.iter().map(|p| p.1 as u64).sum()
@@ -153,6 +159,49 @@ impl Chain {
     /// Pages resolved.
     pub fn pages(&self) -> u64 {
         self.fills.iter().map(Fill::pages).sum()
+    }
+
+    /// Reads the contents of every shared memory object kept in the page
+    /// stores into the object's `data` in [`Chain::manifest`] (what the
+    /// restore writes into the object before the process maps it).
+    pub fn load_shmem(&mut self) -> Result<(), ImageError> {
+        let mut bases: Vec<(u64, usize)> = (self.manifest.shmem.iter().enumerate())
+            .filter(|(_, o)| o.base != 0)
+            .map(|(i, o)| (o.base, i))
+            .collect();
+        if bases.is_empty() {
+            return Ok(());
+        }
+        bases.sort_unstable();
+        let mut runs: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); self.manifest.shmem.len()];
+        let mut scratch = Vec::new();
+        for f in self.fills.iter().filter(|f| f.is_shmem()) {
+            self.read(
+                f,
+                &mut scratch,
+                |addr, bytes| {
+                    let k = bases.partition_point(|b| b.0 <= addr);
+                    let Some(&(base, i)) = k.checked_sub(1).map(|k| &bases[k]) else {
+                        return Err(format!(
+                            "shared memory pages at {addr:#x} belong to no object"
+                        ));
+                    };
+                    let (off, size) = (addr - base, self.manifest.shmem[i].size);
+                    let n = (bytes.len() as u64).min(size.saturating_sub(off)) as usize;
+                    runs[i].push((off, bytes[..n].to_vec()));
+                    Ok(())
+                },
+                |e| e,
+            )
+            .map_err(|what| corrupt(&self.links[0].dir, what))?;
+        }
+        for (o, mut r) in self.manifest.shmem.iter_mut().zip(runs) {
+            r.sort_unstable_by_key(|x| x.0);
+            if o.base != 0 {
+                o.data = r;
+            }
+        }
+        Ok(())
     }
 
     /// Decompresses `f`'s chunk into `scratch` (checking its checksums) and
@@ -276,11 +325,31 @@ impl Claimed {
     }
 }
 
-fn resolve(links: &[Link]) -> Result<(Vec<Fill>, Manifest), ImageError> {
+/// A range of the newest image whose pages are resolved: a mapping, or a
+/// shared memory object's pseudo addresses in the page store.
+struct Region {
+    start: u64,
+    /// The end at each level it may look at (0 to its depth): an object
+    /// that was smaller in an image takes nothing past that size from it
+    /// or from older ones.
+    ends: Vec<u64>,
+    /// Pages are never taken for it (vDSO and the like).
+    skip: bool,
+    /// A mapping's index, or `None` for shared memory.
+    mapping: Option<usize>,
+}
+
+impl Region {
+    fn depth(&self) -> usize {
+        self.ends.len() - 1
+    }
+}
+
+/// The newest image's mappings as regions, each with how deep it may look
+/// for pages.
+fn mapping_regions(links: &[Link], out: &mut Vec<Region>) -> Result<(), ImageError> {
     let tip = &links[0].manifest;
-    // How deep each of the newest image's mappings may look for pages.
-    let mut depth = Vec::with_capacity(tip.mappings.len());
-    for m in &tip.mappings {
+    for (i, m) in tip.mappings.iter().enumerate() {
         let mut level = 0;
         let mut cur = m;
         while cur.flags & MAP_INHERITS != 0 {
@@ -315,7 +384,78 @@ fn resolve(links: &[Link]) -> Result<(Vec<Fill>, Manifest), ImageError> {
             cur = parent;
             level = next;
         }
-        depth.push(level);
+        out.push(Region {
+            start: m.start,
+            ends: vec![m.end; level + 1],
+            skip: matches!(
+                m.kind,
+                MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+            ),
+            mapping: Some(i),
+        });
+    }
+    Ok(())
+}
+
+/// The shared memory objects whose contents the newest image keeps in the
+/// page store, as regions, each following its parents while they inherit.
+fn shmem_regions(links: &[Link], out: &mut Vec<Region>) -> Result<(), ImageError> {
+    let tip = &links[0].manifest;
+    let mut objects: Vec<&crate::ShmemObject> = tip.shmem.iter().filter(|o| o.base != 0).collect();
+    objects.sort_by_key(|o| o.base);
+    let page = PAGE as u64;
+    for o in objects {
+        let mut ends = vec![o.base + o.size.div_ceil(page) * page];
+        let mut cur = o;
+        let mut level = 0;
+        while cur.inherits {
+            let next = level + 1;
+            let parent = links.get(next).and_then(|l| {
+                l.manifest
+                    .shmem
+                    .iter()
+                    .find(|p| p.base == o.base && p.id == o.id && !p.elsewhere)
+            });
+            let Some(parent) = parent else {
+                return Err(corrupt(
+                    &links[level].dir,
+                    format!(
+                        "shared memory object {} inherits pages, but the parent image has no \
+                         such object in its page store",
+                        o.id
+                    ),
+                ));
+            };
+            let end = parent.base + parent.size.div_ceil(page) * page;
+            ends.push(end.min(ends[level]));
+            cur = parent;
+            level = next;
+        }
+        out.push(Region {
+            start: o.base,
+            ends,
+            skip: false,
+            mapping: None,
+        });
+    }
+    Ok(())
+}
+
+fn resolve(links: &[Link]) -> Result<(Vec<Fill>, Manifest), ImageError> {
+    let tip = &links[0].manifest;
+    let mut regions = Vec::with_capacity(tip.mappings.len() + tip.shmem.len());
+    mapping_regions(links, &mut regions)?;
+    shmem_regions(links, &mut regions)?;
+    // Objects lie between user space and the vsyscall page.
+    regions.sort_by_key(|r| r.start);
+    if let Some(w) = regions.windows(2).find(|w| w[0].ends[0] > w[1].start) {
+        return Err(corrupt(
+            &links[0].dir,
+            format!(
+                "ranges {:#x}-{:#x} and {:#x}-{:#x} overlap",
+                w[0].start, w[0].ends[0], w[1].start, w[1].ends[0]
+            ),
+        ));
     }
     let mut claimed = Claimed::default();
     let mut resolved = vec![0u64; tip.mappings.len()];
@@ -323,25 +463,25 @@ fn resolve(links: &[Link]) -> Result<(Vec<Fill>, Manifest), ImageError> {
     for (level, link) in links.iter().enumerate() {
         for c in link.store.chunks() {
             let (cs, ce) = (c.vaddr, c.vaddr + c.npages as u64 * PAGE as u64);
-            let first = tip.mappings.partition_point(|m| m.end <= cs);
+            let first = regions.partition_point(|r| r.ends[0] <= cs);
             let mut pieces = Vec::new();
             let mut covered = 0u64;
-            for (i, m) in tip.mappings.iter().enumerate().skip(first) {
-                if m.start >= ce {
+            for r in regions.iter().skip(first) {
+                if r.start >= ce {
                     break;
                 }
-                let (s, e) = (cs.max(m.start), ce.min(m.end));
-                covered += e - s;
-                if depth[i] < level
-                    || matches!(
-                        m.kind,
-                        MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
-                    )
-                {
+                covered += ce.min(r.ends[0]) - cs.max(r.start);
+                if r.depth() < level || r.skip {
+                    continue;
+                }
+                let (s, e) = (cs.max(r.start), ce.min(r.ends[level]));
+                if s >= e {
                     continue;
                 }
                 for (a, b) in claimed.claim(s, e) {
-                    resolved[i] += (b - a) / PAGE as u64;
+                    if let Some(i) = r.mapping {
+                        resolved[i] += (b - a) / PAGE as u64;
+                    }
                     pieces.push((
                         ((a - cs) / PAGE as u64) as u32,
                         ((b - a) / PAGE as u64) as u32,
@@ -367,6 +507,9 @@ fn resolve(links: &[Link]) -> Result<(Vec<Fill>, Manifest), ImageError> {
     for (m, n) in manifest.mappings.iter_mut().zip(resolved) {
         m.flags &= !MAP_INHERITS;
         m.pages_stored = n;
+    }
+    for o in &mut manifest.shmem {
+        o.inherits = false;
     }
     Ok((fills, manifest))
 }

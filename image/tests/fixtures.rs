@@ -620,7 +620,9 @@ fn old_images_are_written_again_in_the_current_format() {
         // senders and pending connections (format 1.8), 8 more per socket
         // for its descriptors in flight and its filter, 4 bytes more per
         // epoll registration for where its file is open and per mapping
-        // for its guard regions (format 1.9); otherwise the same.
+        // for its guard regions (format 1.9), 8 bytes more per shared
+        // memory object that is not a deleted file for where its contents
+        // are in the page store (format 1.11); otherwise the same.
         let with_state = m.fds.iter().filter(|f| f.state != FdState::None).count();
         let registrations: usize = m
             .fds
@@ -635,6 +637,11 @@ fn old_images_are_written_again_in_the_current_format() {
             .iter()
             .filter(|f| matches!(f.state, FdState::Socket(_)))
             .count();
+        let objects = m
+            .shmem
+            .iter()
+            .filter(|o| o.kind != cr_ebpf_image::ShmemKind::DeletedFile)
+            .count();
         assert_eq!(
             old.len() as i64 - new.len() as i64,
             6 * with_state as i64
@@ -642,7 +649,8 @@ fn old_images_are_written_again_in_the_current_format() {
                 - 20 * sockets as i64
                 - 20 * m.fds.len() as i64
                 - 4 * registrations as i64
-                - 4 * m.mappings.len() as i64,
+                - 4 * m.mappings.len() as i64
+                - 8 * objects as i64,
             "{rel}"
         );
     }

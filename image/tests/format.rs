@@ -396,8 +396,10 @@ fn unknown_enum_values_are_errors() {
 
 #[test]
 fn the_network_lock_round_trips_from_format_1_9_only() {
-    let m = manifest();
+    let mut m = manifest();
     assert!(m.network_lock.is_some());
+    // Shared memory objects are laid out otherwise before 1.11.
+    m.shmem.clear();
     assert_eq!(Manifest::decode_version(&m.encode(), 32, 9).unwrap(), m);
     // Format 1.8 has no such section (nor other 1.9 fields): refused.
     assert!(Manifest::decode_version(&m.encode(), 32, 8).is_err());
@@ -617,6 +619,106 @@ fn a_chain_goes_through_single_and_tree_checkpoints_by_process() {
         .to_string();
     assert!(e.contains("holds no image of process 44"), "{e}");
     assert!(cr_ebpf_image::Chain::open(&d.join("ckpt-000004/proc-42")).is_ok());
+}
+
+/// Writes checkpoint `seq` of process 42 into `dir` whose memfd of `size`
+/// bytes keeps its contents in the page store: `pages` (page, byte) stored
+/// here, the rest inherited from `parent` when there is one.
+fn write_shm(dir: &Path, seq: u64, parent: &str, size: u64, pages: &[(u64, u8)]) {
+    write_process(dir, 42, seq, parent, &[]);
+    let mut m = Manifest::read(dir).unwrap();
+    let o = &mut m.shmem[0];
+    o.data.clear();
+    o.size = size;
+    o.base = cr_ebpf_image::SHMEM_PAGES + cr_ebpf_image::SHMEM_SLOT;
+    o.inherits = !parent.is_empty();
+    let base = o.base;
+    m.write(dir).unwrap();
+    let mut w = PageWriter::create(dir).unwrap();
+    for &(page, byte) in pages {
+        let addr = base + page * PAGE as u64;
+        w.write(&Chunk::compress(addr, &vec![byte; PAGE])).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// The first byte of each page of the memfd's contents after a restore
+/// loaded them.
+fn shm_contents(image: &Path) -> Vec<(u64, u8)> {
+    let mut chain = cr_ebpf_image::Chain::open(image).unwrap();
+    chain.load_shmem().unwrap();
+    let o = &chain.manifest().shmem[0];
+    assert!(!o.inherits);
+    let mut out = Vec::new();
+    for (off, b) in &o.data {
+        for (i, p) in b.chunks(PAGE).enumerate() {
+            assert!(off + (i * PAGE + p.len()) as u64 <= o.size);
+            out.push((off / PAGE as u64 + i as u64, p[0]));
+        }
+    }
+    out
+}
+
+#[test]
+fn shared_memory_pages_resolve_through_the_chain_within_each_size() {
+    let d = tempdir("shmchain");
+    let page = PAGE as u64;
+    write_shm(
+        &d.join("ckpt-000001"),
+        1,
+        "",
+        3 * page,
+        &[(0, 1), (1, 2), (2, 3)],
+    );
+    write_shm(
+        &d.join("ckpt-000002"),
+        2,
+        "ckpt-000001",
+        3 * page,
+        &[(1, 7)],
+    );
+    assert_eq!(
+        shm_contents(&d.join("ckpt-000002")),
+        [(0, 1), (1, 7), (2, 3)]
+    );
+    // Shrunk to half a page, then grown again: what lay past the smaller
+    // size is gone (zeros) and is not taken from older images.
+    write_shm(&d.join("ckpt-000003"), 3, "ckpt-000002", page / 2, &[]);
+    let c = cr_ebpf_image::Chain::open(&d.join("ckpt-000003")).unwrap();
+    assert_eq!(c.fills().iter().filter(|f| f.is_shmem()).count(), 1);
+    assert_eq!(shm_contents(&d.join("ckpt-000003")), [(0, 1)]);
+    write_shm(
+        &d.join("ckpt-000004"),
+        4,
+        "ckpt-000003",
+        3 * page,
+        &[(2, 9)],
+    );
+    assert_eq!(shm_contents(&d.join("ckpt-000004")), [(0, 1), (2, 9)]);
+    // Only the object's pages resolve: the process's own memory has none.
+    let c = cr_ebpf_image::Chain::open(&d.join("ckpt-000004")).unwrap();
+    assert!(c.fills().iter().all(|f| f.is_shmem()));
+    assert_eq!(c.manifest().mappings[0].pages_stored, 0);
+
+    // An object inheriting from a parent that does not keep it in its
+    // page store is refused, naming it.
+    write_process(&d.join("ckpt-000005"), 42, 5, "", &[]);
+    write_shm(&d.join("ckpt-000006"), 6, "ckpt-000005", page, &[]);
+    let e = cr_ebpf_image::Chain::open(&d.join("ckpt-000006"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("shared memory object 1032 inherits pages"),
+        "{e}"
+    );
+    // Pages past every object and mapping are refused.
+    write_shm(&d.join("ckpt-000007"), 7, "", page, &[(1, 1)]);
+    let e = cr_ebpf_image::Chain::open(&d.join("ckpt-000007"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("lie outside every mapping"), "{e}");
 }
 
 #[test]

@@ -82,6 +82,7 @@ fn dump_killing(
             threads: 0,
             shell_job: false,
             ghost_limit: 0,
+            shm_limit: 0,
             network_lock: None,
             ext_unix_sk: false,
         },

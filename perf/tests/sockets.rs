@@ -46,6 +46,7 @@ fn round_trip(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> Str
             threads: 0,
             shell_job: false,
             ghost_limit: 0,
+            shm_limit: 0,
             network_lock: None,
             ext_unix_sk: false,
         },

@@ -140,6 +140,7 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
             threads: 0,
             shell_job: false,
             ghost_limit: 0,
+            shm_limit: 0,
             network_lock: None,
             ext_unix_sk: false,
         },
@@ -148,15 +149,17 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
     assert_eq!(d.pid, parent);
     assert!(img.join("tree.img").exists());
     // The page they share is stored once: by the first process of the tree
-    // mapping it; the others name it.
+    // mapping it, in its page store; the others name it.
     let mut stored = 0;
     let mut named = 0;
     for (_, image) in cr_ebpf_image::images_dir::processes(&img).unwrap() {
-        for o in cr_ebpf_image::Manifest::read(&image).unwrap().shmem {
+        let mut chain = cr_ebpf_image::Chain::open(&image).unwrap();
+        chain.load_shmem().unwrap();
+        for o in &chain.manifest().shmem {
             named += 1;
             if !o.elsewhere {
                 stored += 1;
-                assert!(!o.data.is_empty(), "{o:?}");
+                assert!(o.base != 0 && !o.data.is_empty(), "{o:?}");
             }
         }
     }

@@ -87,9 +87,9 @@ pub fn other_link(link: &str, meta: &std::fs::Metadata) -> Option<String> {
         .map(|p| p.display().to_string())
 }
 
-/// The data runs of `f` within `0..size` (`SEEK_DATA`/`SEEK_HOLE`), cut in
-/// pieces of at most [`RUN_CAP`] bytes.
-pub(crate) fn read_runs(f: &File, size: u64, piece: usize) -> io::Result<Vec<(u64, Vec<u8>)>> {
+/// The data runs `(offset, length)` of `f` within `0..size`
+/// (`SEEK_DATA`/`SEEK_HOLE`): what is allocated, holes left out.
+pub fn data_runs(f: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
     let mut at = 0u64;
     while at < size {
@@ -109,7 +109,21 @@ pub(crate) fn read_runs(f: &File, size: u64, piece: usize) -> io::Result<Vec<(u6
         } else {
             (hole as u64).min(size)
         };
-        let mut off = data as u64;
+        if end > data as u64 {
+            out.push((data as u64, end - data as u64));
+        }
+        at = end.max(data as u64 + 1);
+    }
+    Ok(out)
+}
+
+/// The data runs of `f` within `0..size`, read, cut in pieces of at most
+/// `piece` bytes.
+pub fn read_runs(f: &File, size: u64, piece: usize) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for (start, len) in data_runs(f, size)? {
+        let end = start + len;
+        let mut off = start;
         while off < end {
             let n = ((end - off) as usize).min(piece);
             let mut buf = vec![0u8; n];
@@ -117,7 +131,6 @@ pub(crate) fn read_runs(f: &File, size: u64, piece: usize) -> io::Result<Vec<(u6
             out.push((off, buf));
             off += n as u64;
         }
-        at = end.max(data as u64 + 1);
     }
     Ok(out)
 }

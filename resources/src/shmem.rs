@@ -30,10 +30,39 @@ use cr_ebpf_image::{FdInfo, FdState, Manifest, MappingKind, ShmemKind, ShmemObje
 
 use crate::{error::proc_err, ghost, proc::MapEntry, RestoreError, SaveError};
 
-/// Most bytes of one object's contents stored (its pages; holes are not
-/// stored): the contents are in the manifest, which readers take up to
-/// 256 MiB of. The object itself may be of any size.
-pub const STORED_CAP: u64 = 224 << 20;
+/// Default of [`Limits::shm`]: most allocated bytes of one shared memory
+/// object whose contents are stored (they are read into memory while the
+/// process is frozen). Raised with `--shm-limit`.
+pub const DEFAULT_SHM_LIMIT: u64 = 4 << 30;
+
+/// Most bytes of contents stored per object.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Of a deleted file held open or mapped (`--ghost-limit`).
+    pub ghost: u64,
+    /// Of a shared memory object (`--shm-limit`).
+    pub shm: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            ghost: ghost::DEFAULT_LIMIT,
+            shm: DEFAULT_SHM_LIMIT,
+        }
+    }
+}
+
+impl Limits {
+    /// `ghost` and `shm`, 0 meaning the default of each.
+    pub fn new(ghost: u64, shm: u64) -> Self {
+        let d = Self::default();
+        Self {
+            ghost: if ghost == 0 { d.ghost } else { ghost },
+            shm: if shm == 0 { d.shm } else { shm },
+        }
+    }
+}
 /// Pieces the contents are cut into (each at most
 /// [`cr_ebpf_image::SHMEM_CAP`]).
 const PIECE: usize = 4 << 20;
@@ -63,27 +92,39 @@ fn sysv_key_mode(pid: i32, shmid: u64) -> Result<(i32, u32), SaveError> {
     })
 }
 
-/// Object `path` of process `pid`; its contents only if `with_data` (else
-/// they are in another process's image of the same tree checkpoint).
+/// Object `path` of process `pid`, without its contents; with the file to
+/// read them from only if `with_data` (else they are in another process's
+/// image of the same tree checkpoint).
 fn object(
     pid: i32,
     path: &str,
     kind: ShmemKind,
     name: &str,
     with_data: bool,
-) -> Result<ShmemObject, SaveError> {
+    limit: u64,
+) -> Result<(ShmemObject, Option<File>), SaveError> {
     let f = File::open(path).map_err(proc_err(pid, path.to_string()))?;
     let meta = f.metadata().map_err(proc_err(pid, path.to_string()))?;
     let allocated = meta.blocks() * 512;
-    if with_data && allocated > STORED_CAP {
+    if with_data && allocated > limit {
         return Err(SaveError::NotSupported {
             pid,
             what: format!(
-                "a shared memory object with {} MiB of contents ({path}, of {} MiB; at most \
-                 {} MiB of contents are stored)",
+                "a shared memory object with {} MiB of contents ({path}, of {} MiB; the limit \
+                 is {} MiB: raise it with --shm-limit)",
                 allocated >> 20,
                 meta.size() >> 20,
-                STORED_CAP >> 20
+                limit >> 20
+            ),
+        });
+    }
+    if meta.size() > cr_ebpf_image::SHMEM_SLOT {
+        return Err(SaveError::NotSupported {
+            pid,
+            what: format!(
+                "a shared memory object of {} GiB ({path}; at most {} GiB)",
+                meta.size() >> 30,
+                cr_ebpf_image::SHMEM_SLOT >> 30
             ),
         });
     }
@@ -102,7 +143,7 @@ fn object(
         ShmemKind::TmpfsFile | ShmemKind::Memfd => (0, meta.mode() & 0o7777),
         _ => (0, 0),
     };
-    Ok(ShmemObject {
+    let o = ShmemObject {
         id: meta.ino(),
         kind,
         name: name.to_string(),
@@ -110,14 +151,17 @@ fn object(
         seals,
         key,
         mode,
-        data: if with_data {
-            ghost::read_runs(&f, meta.size(), PIECE).map_err(proc_err(pid, path.to_string()))?
-        } else {
-            Vec::new()
-        },
         elsewhere: !with_data,
         ..ShmemObject::default()
-    })
+    };
+    Ok((o, with_data.then_some(f)))
+}
+
+/// Reads the whole contents of `o` from `f` (its file from [`capture`])
+/// into its `data`.
+pub fn read_contents(o: &mut ShmemObject, f: &File) -> io::Result<()> {
+    o.data = ghost::read_runs(f, o.size, PIECE)?;
+    Ok(())
 }
 
 /// What shared anonymous memory's file is called.
@@ -130,8 +174,9 @@ pub fn memfd_name(path: &str) -> Option<&str> {
 }
 
 /// Every shared memory object the process's mappings and descriptors refer
-/// to, and the deleted files they hold (at most `ghost_limit` bytes each,
-/// see [`crate::ghost`]). In a tree, `taken` holds the objects an earlier
+/// to, with the file to read the contents of each it stores (by id; see
+/// [`read_contents`]), and the deleted files they hold (at most `limits` bytes of contents
+/// each, see [`crate::ghost`]). In a tree, `taken` holds the objects an earlier
 /// process of the same checkpoint stored: their contents are not read or
 /// stored again.
 pub fn capture(
@@ -139,8 +184,10 @@ pub fn capture(
     entries: &[MapEntry],
     fds: &[FdInfo],
     mut taken: Option<&mut HashSet<u64>>,
-    ghost_limit: u64,
-) -> Result<Vec<ShmemObject>, SaveError> {
+    limits: Limits,
+) -> Result<(Vec<ShmemObject>, HashMap<u64, File>), SaveError> {
+    let ghost_limit = limits.ghost;
+    let mut files = HashMap::new();
     let mut out: BTreeMap<u64, ShmemObject> = BTreeMap::new();
     // System V segments of an IPC namespace of its own are saved with
     // the namespace (`crate::ipc`): here only named, so that the mapping
@@ -184,7 +231,9 @@ pub fn capture(
             continue;
         }
         let with_data = first(m.inode);
-        out.insert(m.inode, object(pid, &path, kind, name, with_data)?);
+        let (o, f) = object(pid, &path, kind, name, with_data, limits.shm)?;
+        files.extend(f.map(|f| (o.id, f)));
+        out.insert(m.inode, o);
     }
     // A working directory that was removed (anything else deleted there is
     // refused with the process's settings).
@@ -211,7 +260,9 @@ pub fn capture(
             let name = memfd_name(&f.path).unwrap_or("");
             let path = format!("/proc/{pid}/fd/{}", f.fd);
             let with_data = first(id);
-            out.insert(id, object(pid, &path, ShmemKind::Memfd, name, with_data)?);
+            let (o, f) = object(pid, &path, ShmemKind::Memfd, name, with_data, limits.shm)?;
+            files.extend(f.map(|f| (o.id, f)));
+            out.insert(id, o);
         }
         if let FdState::Deleted { id } = f.state {
             if out.contains_key(&id) {
@@ -220,7 +271,10 @@ pub fn capture(
             let path = format!("/proc/{pid}/fd/{}", f.fd);
             let with_data = first(id);
             let o = if f.path == ANONYMOUS {
-                object(pid, &path, ShmemKind::Anonymous, "", with_data)?
+                let (o, file) =
+                    object(pid, &path, ShmemKind::Anonymous, "", with_data, limits.shm)?;
+                files.extend(file.map(|file| (o.id, file)));
+                o
             } else {
                 let name = ghost::deleted_path(&f.path).unwrap_or(&f.path);
                 ghost::object(pid, &path, name, with_data, ghost_limit)?
@@ -228,7 +282,7 @@ pub fn capture(
             out.insert(id, o);
         }
     }
-    Ok(out.into_values().collect())
+    Ok((out.into_values().collect(), files))
 }
 
 fn fail(call: String) -> impl FnOnce(io::Error) -> RestoreError {
@@ -504,8 +558,9 @@ mod tests {
             ..FdInfo::default()
         }];
         let pid = std::process::id() as i32;
-        let saved = capture(pid, &[], &fds, None, 0).unwrap();
+        let (mut saved, files) = capture(pid, &[], &fds, None, Limits::default()).unwrap();
         assert_eq!(saved.len(), 1);
+        read_contents(&mut saved[0], &files[&ino]).unwrap();
         let o = &saved[0];
         assert_eq!(
             (o.kind, o.name.as_str(), o.size),

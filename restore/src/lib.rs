@@ -289,7 +289,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     }
     // Reads the image and its ancestors, maps their page stores and checks
     // their headers before anything is started.
-    let chain = Chain::open(&dir)?;
+    let mut chain = Chain::open(&dir)?;
+    chain.load_shmem()?;
     clock.mark("read");
     let manifest = chain.manifest();
     preflight(manifest, opts)?;

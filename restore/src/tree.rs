@@ -25,7 +25,8 @@ pub(crate) fn restore_tree(
     let tree = Tree::read(dir)?;
     let mut chains: HashMap<i32, Chain> = HashMap::new();
     for p in tree.processes.iter().filter(|p| p.zombie.is_none()) {
-        let chain = Chain::open(&dir.join(&p.dir))?;
+        let mut chain = Chain::open(&dir.join(&p.dir))?;
+        chain.load_shmem()?;
         if chain.manifest().process.pid != p.pid {
             return Err(RestoreError::NotSupported(format!(
                 "{} holds process {}, not {}",

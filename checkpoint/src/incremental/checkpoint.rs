@@ -72,15 +72,15 @@ impl Session {
             &changes,
             &mut baselines,
             is_tree,
-            self.opts.ext_unix_sk,
+            state::Allow {
+                ext_unix_sk: self.opts.ext_unix_sk,
+                limits: cr_ebpf_resources::shmem::Limits::new(0, self.opts.shm_limit),
+            },
         )?;
         phases.collect = t.elapsed();
 
         let t = Instant::now();
-        for plan in &mut plans {
-            let p = self.procs.get_mut(&plan.pid).expect("followed above");
-            plan_pages(p, plan, changes.of(plan.pid))?;
-        }
+        plan_memory(&mut self.procs, &self.pool, &mut plans, &changes)?;
         phases.scan = t.elapsed();
 
         // Copy while frozen when it fits in memory: the disk comes after.
@@ -212,6 +212,38 @@ impl Session {
     }
 }
 
+/// Plans every frozen process's pages: its own memory (inheriting from
+/// the parent image where the tracker allows) and the shared memory
+/// objects it stores (only the pages whose contents changed).
+fn plan_memory(
+    procs: &mut BTreeMap<i32, Proc>,
+    pool: &rayon::ThreadPool,
+    plans: &mut [Plan<'_>],
+    changes: &TreeChanges,
+) -> Result<(), DumpError> {
+    for plan in plans.iter_mut() {
+        let p = procs.get_mut(&plan.pid).expect("followed above");
+        plan_pages(p, plan, changes.of(plan.pid))?;
+        let known = std::mem::take(&mut p.shm);
+        let baseline = plan.baseline.as_ref();
+        let placed = crate::shm_pages::place(
+            plan.pid,
+            &mut plan.state.shmem,
+            &plan.state.shm_files,
+            plan.parent,
+            |o| match (known.get(&o.id), baseline) {
+                (Some((base, v)), _) if *base == o.base => Some(v.clone()),
+                (_, Some(b)) => Some(crate::shm_pages::view_of(&b.hashes, o.base)),
+                _ => None,
+            },
+            pool,
+        )?;
+        plan.buffered.extend(placed.pages);
+        plan.shm = placed.views;
+    }
+    Ok(())
+}
+
 /// Every frozen process's state, reusing earlier answers for the very
 /// same process where the log allows; checks across the tree.
 fn collect<'a>(
@@ -220,12 +252,12 @@ fn collect<'a>(
     changes: &TreeChanges,
     baselines: &mut HashMap<i32, Baseline>,
     is_tree: bool,
-    ext_unix_sk: bool,
+    allow: state::Allow,
 ) -> Result<(Vec<Plan<'a>>, Queries), DumpError> {
     let live: Vec<i32> = frozen.frozen.iter().map(|f| f.pid()).collect();
     let mut scope = is_tree.then(|| {
         let mut s = TreeScope::new(&live);
-        s.ext_unix_sk = ext_unix_sk;
+        s.ext_unix_sk = allow.ext_unix_sk;
         s
     });
     let mut plans: Vec<Plan> = Vec::new();
@@ -237,7 +269,7 @@ fn collect<'a>(
             .filter(|(m, _)| m.chain.is_some());
         // Earlier answers hold only for the very same process.
         let prev = parent.filter(|(_, when)| *when == Some(st)).map(|(m, _)| m);
-        let state = state::collect(f, prev, changes.of(pid), scope.as_mut(), ext_unix_sk)?;
+        let state = state::collect(f, prev, changes.of(pid), scope.as_mut(), allow)?;
         queries.injected += state.queries.injected;
         queries.reused += state.queries.reused;
         let parent = parent.map(|(m, _)| m);
@@ -250,6 +282,7 @@ fn collect<'a>(
             reuse: Vec::new(),
             buffered: Vec::new(),
             baseline: parent.and_then(|_| baselines.remove(&pid)),
+            shm: HashMap::new(),
             inherited: 0,
             whole: 0,
         });
@@ -396,6 +429,7 @@ fn remember(
             r.primed = false;
         }
         p.connections = std::mem::take(&mut plan.state.tcp);
+        p.shm = std::mem::take(&mut plan.shm);
         images.insert(plan.pid, (manifest, Some(p.start_time)));
     }
     (images, inherited, whole, new_processes)

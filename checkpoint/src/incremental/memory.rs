@@ -40,6 +40,9 @@ pub(super) struct Proc {
     /// The established TCP connections of the newest checkpoint, held open
     /// (see [`Session::silence_connections`]), by descriptor number.
     pub(super) connections: Vec<(i32, std::os::fd::OwnedFd)>,
+    /// What the newest checkpoint's chain holds of each shared memory
+    /// object this process stores, by id: its base and page hashes.
+    pub(super) shm: HashMap<u64, (u64, crate::shm_pages::View)>,
 }
 
 impl Proc {
@@ -51,6 +54,7 @@ impl Proc {
             registered: BTreeMap::new(),
             precopied: BTreeMap::new(),
             connections: Vec::new(),
+            shm: HashMap::new(),
         }
     }
 
@@ -79,6 +83,9 @@ pub(super) struct Plan<'a> {
     /// Pages read already.
     pub(super) buffered: Vec<(u64, Vec<u8>)>,
     pub(super) baseline: Option<Baseline>,
+    /// What the chain holds of each shared memory object once this
+    /// checkpoint is published (see [`Proc::shm`]).
+    pub(super) shm: HashMap<u64, (u64, crate::shm_pages::View)>,
     pub(super) inherited: usize,
     pub(super) whole: usize,
 }

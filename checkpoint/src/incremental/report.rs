@@ -37,6 +37,9 @@ pub struct SessionOptions {
     /// Take unix stream connections to named sockets outside the tree
     /// (see [`crate::DumpOptions::ext_unix_sk`]).
     pub ext_unix_sk: bool,
+    /// Most allocated bytes of one shared memory object stored (0: the
+    /// default; see [`crate::DumpOptions::shm_limit`]).
+    pub shm_limit: u64,
 }
 
 impl Default for SessionOptions {
@@ -45,6 +48,7 @@ impl Default for SessionOptions {
             threads: 0,
             buffer_budget: 2 << 30,
             ext_unix_sk: false,
+            shm_limit: 0,
         }
     }
 }

@@ -57,6 +57,9 @@ pub struct Args {
     /// restore, a new connection to the peer (as `dump --ext-unix-sk`).
     #[arg(long)]
     pub ext_unix_sk: bool,
+    /// Most bytes of one shared memory object stored (`dump --shm-limit`).
+    #[arg(long, default_value = "4G", value_parser = crate::args::size)]
+    pub shm_limit: u64,
     /// Serve the service's counters (checkpoints, failures, freeze
     /// histogram, bytes, tracked processes, lost fault records) in
     /// Prometheus' text format over HTTP at this address (`127.0.0.1:9464`).
@@ -74,30 +77,7 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Parses `500ms`, `1s`, `2.5s`, `1m`, `2h`, `7d`, or a bare number of
-/// seconds (at most 30 days).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (try 500ms, 1s, 2.5s, 1m)"))?;
-    let secs = match unit {
-        "ms" => v / 1e3,
-        "s" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        "d" => v * 86400.0,
-        _ => return Err(format!("unknown unit {unit:?} in {s:?} (ms, s, m, h, d)")),
-    };
-    if !(0.0..=30.0 * 86400.0).contains(&secs) {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use crate::args::parse_duration;
 
 pub fn run(args: &Args) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -566,6 +546,7 @@ fn start(args: &Args) -> Result<(Service, cr_ebpf_loader::EventStream, usize)> {
     };
     let opts = SessionOptions {
         ext_unix_sk: args.ext_unix_sk,
+        shm_limit: args.shm_limit,
         ..SessionOptions::default()
     };
     let session = Session::new(pid, &args.images_dir, wp, opts)
@@ -694,23 +675,5 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
-        assert!(parse_duration("31d").is_err());
-        assert!(parse_duration("1y").is_err());
-        assert!(parse_duration("fast").is_err());
     }
 }

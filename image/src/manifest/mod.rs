@@ -64,7 +64,9 @@ pub use mapping::{
 pub use membership::{Cgroup, Membership, Uts, UTS_NAME_CAP};
 pub use posix_timer::PosixTimer;
 pub use process::{Ctty, Prctl, ProcessInfo, SigAction, Terminal, MEMBARRIER_REGISTRATIONS};
-pub use shmem::{ShmemKind, ShmemObject, GHOST_CAP, SHMEM_CAP};
+pub use shmem::{
+    ShmemKind, ShmemObject, GHOST_CAP, SHMEM_CAP, SHMEM_PAGES, SHMEM_PAGES_END, SHMEM_SLOT,
+};
 pub use thread::{
     Sched, SeccompFilter, ThreadCreds, ThreadInfo, SCHED_RESET_ON_FORK, SECCOMP_FILTER_LOG,
 };

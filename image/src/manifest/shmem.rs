@@ -15,6 +15,22 @@ pub const GHOST_CAP: u64 = 1 << 30;
 /// SHMEM flag (format 1.3): the contents are in another process image of
 /// the tree.
 const SHMEM_ELSEWHERE: u16 = 1;
+/// SHMEM flag (format 1.11): the object's pages not stored in this image's
+/// page store are those of the parent image's object with the same `base`.
+const SHMEM_INHERITS: u16 = 2;
+/// First minor whose objects may keep their contents in the page store.
+const PAGED_SINCE: u16 = 11;
+/// Where the page store's pseudo addresses for shared memory contents
+/// begin (format 1.11): above every user address (57 bits with 5-level
+/// paging) and below the kernel's half, where the vsyscall page is, so
+/// that they never meet a mapping. Byte `o` of an object with `base` is
+/// stored at `base + o`.
+pub const SHMEM_PAGES: u64 = 1 << 62;
+/// Where they end.
+pub const SHMEM_PAGES_END: u64 = 1 << 63;
+/// Address space each object has in the page store: objects are at most
+/// this large when their contents are there.
+pub const SHMEM_SLOT: u64 = 1 << 40;
 
 /// What kind of shared memory object.
 #[repr(u16)]
@@ -77,8 +93,18 @@ pub struct ShmemObject {
     pub key: i32,
     /// A System V segment's or a tmpfs file's permission bits.
     pub mode: u32,
-    /// Contents: (offset, bytes) runs; holes are zero.
+    /// Contents: (offset, bytes) runs; holes are zero. Empty in an image
+    /// when they are in the page store (`base`), and filled from there by
+    /// [`crate::Chain::load_shmem`].
     pub data: Vec<(u64, Vec<u8>)>,
+    /// Format 1.11: where the contents are in the page store (page `o` of
+    /// the object at pseudo address `base + o`, see [`SHMEM_PAGES`]); 0
+    /// when they are in `data`.
+    pub base: u64,
+    /// Format 1.11: pages of the object this image does not store come
+    /// from the parent image's object with the same `base` (an incremental
+    /// checkpoint stores only the pages whose contents changed).
+    pub inherits: bool,
     /// The contents are in the image of another process of the same tree
     /// checkpoint (format 1.3): each object is stored once per tree.
     pub elsewhere: bool,
@@ -100,12 +126,19 @@ impl ShmemObject {
     pub(super) fn encode(&self, b: &mut Enc) {
         b.u64(self.id);
         b.u16(self.kind as u16);
-        b.u16(if self.elsewhere { SHMEM_ELSEWHERE } else { 0 });
+        let mut flags = if self.elsewhere { SHMEM_ELSEWHERE } else { 0 };
+        if self.inherits {
+            flags |= SHMEM_INHERITS;
+        }
+        b.u16(flags);
         b.u32(self.seals);
         b.i32(self.key);
         b.u32(self.mode);
         b.str(&self.name);
         b.u64(self.size);
+        if self.kind != ShmemKind::DeletedFile {
+            b.u64(self.base);
+        }
         b.u32(self.data.len() as u32);
         for (off, bytes) in &self.data {
             b.u64(*off);
@@ -135,7 +168,12 @@ impl ShmemObject {
             })?;
         let flags_at = b.offset();
         let flags = b.u16()?;
-        if flags & !SHMEM_ELSEWHERE != 0 {
+        let known = if minor >= PAGED_SINCE {
+            SHMEM_ELSEWHERE | SHMEM_INHERITS
+        } else {
+            SHMEM_ELSEWHERE
+        };
+        if flags & !known != 0 {
             return Err(DecErr {
                 offset: flags_at,
                 what: unknown("shared memory flags", format!("{flags:#x}"), minor),
@@ -156,7 +194,32 @@ impl ShmemObject {
                 "shared memory object of {size} bytes (at most {SHMEM_CAP})"
             )));
         }
+        let base = if minor >= PAGED_SINCE && !ghost {
+            b.u64()?
+        } else {
+            0
+        };
+        let inherits = flags & SHMEM_INHERITS != 0;
+        if base != 0
+            && (base < SHMEM_PAGES || base % SHMEM_SLOT != 0 || size > SHMEM_SLOT || elsewhere)
+        {
+            return Err(b.err(format!(
+                "shared memory object {id} in the page store at {base:#x} (size {size}; bases \
+                 are multiples of {SHMEM_SLOT:#x} from {SHMEM_PAGES:#x}, objects at most that \
+                 large, stored once)"
+            )));
+        }
+        if inherits && base == 0 {
+            return Err(b.err(format!(
+                "shared memory object {id} inherits pages but has none in the page store"
+            )));
+        }
         let n = b.u32()? as usize;
+        if base != 0 && n != 0 {
+            return Err(b.err(format!(
+                "shared memory object {id} has contents both here and in the page store"
+            )));
+        }
         let mut data = Vec::new();
         let mut total = 0u64;
         for _ in 0..n {
@@ -215,6 +278,8 @@ impl ShmemObject {
             key,
             mode,
             data,
+            base,
+            inherits,
             elsewhere,
             uid,
             gid,
@@ -236,10 +301,25 @@ mod tests {
     }
 
     fn decoded(buf: &[u8]) -> Result<ShmemObject, DecErr> {
+        decoded_at(buf, crate::FORMAT_MINOR)
+    }
+
+    fn decoded_at(buf: &[u8], minor: u16) -> Result<ShmemObject, DecErr> {
         let mut d = Dec::new(buf, 0);
-        let o = ShmemObject::decode(&mut d, 8)?;
+        let o = ShmemObject::decode(&mut d, minor)?;
         assert!(d.done());
         Ok(o)
+    }
+
+    /// `o` as a writer of format 1.10 or older wrote it (no base).
+    fn encoded_old(o: &ShmemObject) -> Vec<u8> {
+        let mut b = encoded(o);
+        if o.kind != ShmemKind::DeletedFile {
+            // id, kind, flags, seals, key, mode, name (length first), size.
+            let at = 8 + 2 + 2 + 4 + 4 + 4 + 4 + o.name.len() + 8;
+            b.drain(at..at + 8);
+        }
+        b
     }
 
     fn memfd() -> ShmemObject {
@@ -321,12 +401,11 @@ mod tests {
             data: vec![(SHMEM_CAP - 4096, vec![7; 8192])],
             ..memfd()
         };
-        let e = decoded(&encoded(&big)).unwrap_err();
+        let e = decoded_at(&encoded_old(&big), 8).unwrap_err();
         assert!(e.what.contains("at most"), "{}", e.what);
         // Format 1.9: only the contents are bounded, not the size.
-        let buf = encoded(&big);
-        let mut d = Dec::new(&buf, 0);
-        assert_eq!(ShmemObject::decode(&mut d, 9).unwrap(), big);
+        assert_eq!(decoded_at(&encoded_old(&big), 9).unwrap(), big);
+        assert_eq!(decoded_at(&encoded_old(&memfd()), 10).unwrap(), memfd());
         let mut bad = encoded(&memfd());
         bad[8] = 9;
         let e = decoded(&bad).unwrap_err();
@@ -336,8 +415,17 @@ mod tests {
             e.what
         );
         let mut bad = encoded(&memfd());
-        bad[10] = 2;
+        bad[10] = 4;
         let e = decoded(&bad).unwrap_err();
+        assert!(
+            e.what.contains("unknown shared memory flags 0x4"),
+            "{}",
+            e.what
+        );
+        // Inheriting pages is format 1.11.
+        let mut bad = encoded_old(&memfd());
+        bad[10] = 2;
+        let e = decoded_at(&bad, 10).unwrap_err();
         assert!(
             e.what.contains("unknown shared memory flags 0x2"),
             "{}",
@@ -359,7 +447,7 @@ mod tests {
             ..fifo.clone()
         };
         let buf = encoded(&link);
-        assert!(decoded(&buf).is_err(), "not in 1.8");
+        assert!(decoded_at(&buf, 8).is_err(), "not in 1.8");
         assert_eq!(
             ShmemObject::decode(&mut Dec::new(&buf, 0), 9).unwrap(),
             link
@@ -387,5 +475,56 @@ mod tests {
             ..memfd()
         };
         assert!(decoded(&encoded(&long)).is_err());
+    }
+
+    #[test]
+    fn contents_in_the_page_store_are_checked() {
+        let paged = ShmemObject {
+            data: Vec::new(),
+            base: SHMEM_PAGES + 3 * SHMEM_SLOT,
+            inherits: true,
+            ..memfd()
+        };
+        assert_eq!(decoded(&encoded(&paged)).unwrap(), paged);
+        for (bad, why) in [
+            (
+                ShmemObject {
+                    base: 0x7fff_0000_0000,
+                    ..paged.clone()
+                },
+                "bases are multiples",
+            ),
+            (
+                ShmemObject {
+                    base: SHMEM_PAGES + 4096,
+                    ..paged.clone()
+                },
+                "bases are multiples",
+            ),
+            (
+                ShmemObject {
+                    size: SHMEM_SLOT + 1,
+                    ..paged.clone()
+                },
+                "at most that",
+            ),
+            (
+                ShmemObject {
+                    base: 0,
+                    ..paged.clone()
+                },
+                "inherits pages but",
+            ),
+            (
+                ShmemObject {
+                    data: vec![(0, b"x".to_vec())],
+                    ..paged.clone()
+                },
+                "both here and in the page store",
+            ),
+        ] {
+            let e = decoded(&encoded(&bad)).unwrap_err();
+            assert!(e.what.contains(why), "{why}: {}", e.what);
+        }
     }
 }

@@ -159,6 +159,7 @@ fn main() -> Result<()> {
                             threads: w,
                             shell_job: false,
                             ghost_limit: 0,
+                            shm_limit: 0,
                             network_lock: None,
                             ext_unix_sk: false,
                         },

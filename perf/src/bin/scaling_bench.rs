@@ -112,6 +112,7 @@ fn measure(
             threads: 0,
             shell_job: false,
             ghost_limit: 0,
+            shm_limit: 0,
             network_lock: None,
             ext_unix_sk: false,
         },

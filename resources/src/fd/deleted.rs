@@ -183,7 +183,15 @@ mod tests {
         let FdState::Deleted { id } = saved[0].state else {
             panic!("{:?}", saved[0].state)
         };
-        let shm = crate::shmem::capture(pid, &[], &saved, None, 1 << 20).unwrap();
+        let shm = crate::shmem::capture(
+            pid,
+            &[],
+            &saved,
+            None,
+            crate::shmem::Limits::new(1 << 20, 0),
+        )
+        .unwrap()
+        .0;
         let mut shmem = std::collections::HashMap::new();
         shmem.insert(id, ghost::make(&shm[0]).unwrap());
         let opts = Prepare {
@@ -229,8 +237,15 @@ mod tests {
             panic!("{:?}", info.state)
         };
         let pid = std::process::id() as i32;
-        let shm =
-            crate::shmem::capture(pid, &[], std::slice::from_ref(&info), None, 1 << 20).unwrap();
+        let shm = crate::shmem::capture(
+            pid,
+            &[],
+            std::slice::from_ref(&info),
+            None,
+            crate::shmem::Limits::new(1 << 20, 0),
+        )
+        .unwrap()
+        .0;
         assert_eq!(shm.len(), 1);
         let made = ghost::make(&shm[0]).unwrap();
 
@@ -281,8 +296,15 @@ mod tests {
             panic!("{:?}", info.state)
         };
         let pid = std::process::id() as i32;
-        let shm =
-            crate::shmem::capture(pid, &[], std::slice::from_ref(&info), None, 1 << 20).unwrap();
+        let shm = crate::shmem::capture(
+            pid,
+            &[],
+            std::slice::from_ref(&info),
+            None,
+            crate::shmem::Limits::new(1 << 20, 0),
+        )
+        .unwrap()
+        .0;
         let mut shmem = std::collections::HashMap::new();
         shmem.insert(id, ghost::make(&shm[0]).unwrap());
         let shared = super::super::Shared::default();

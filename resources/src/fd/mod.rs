@@ -293,8 +293,6 @@ pub struct TreeScope {
     /// Take a terminal outside the scope that is a process's controlling
     /// terminal (`dump --shell-job`).
     pub shell_job: bool,
-    /// Most bytes of a deleted file stored (0: [`crate::ghost::DEFAULT_LIMIT`]).
-    pub ghost_limit: u64,
     /// Take a unix stream connection to a named socket outside the scope
     /// (journald's stdout stream, a local daemon's): restored as a new
     /// connection to the same name (`--ext-unix-sk`). Refused without it.
@@ -306,15 +304,6 @@ pub struct TreeScope {
 }
 
 impl TreeScope {
-    /// The limit on a deleted file's contents.
-    pub fn ghost_limit(&self) -> u64 {
-        if self.ghost_limit == 0 {
-            crate::ghost::DEFAULT_LIMIT
-        } else {
-            self.ghost_limit
-        }
-    }
-
     /// What processes outside the scope (which holds `pid`) hold.
     pub fn outside(&mut self, pid: i32) -> &outside::Outside {
         let inside = if self.pids.is_empty() {

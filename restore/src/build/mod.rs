@@ -330,6 +330,7 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
         chain
             .fills()
             .par_iter()
+            .filter(|f| !f.is_shmem())
             .try_for_each_init(Vec::new, |buf, f| {
                 chain.read(
                     f,
