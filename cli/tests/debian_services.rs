@@ -9,6 +9,7 @@
 //! checkpoints goes on where one is kept open, and every process has exactly
 //! the credentials it had (uids, gids, groups, the five capability sets,
 //! no_new_privs, seccomp) and no more anonymous memory than before (+10%).
+//! A Go HTTP server built by Debian's Go goes through the same.
 //!
 //! `cargo xtask setup` installs the packages. Outside CI a missing package
 //! or root skips; with `CI=true` it fails, as does a service of the same
@@ -280,7 +281,11 @@ fn http_get(conn: &mut BufReader<TcpStream>) -> (u32, Vec<u8>) {
 }
 
 fn http_connect() -> BufReader<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", 80)).expect("nginx answers on port 80");
+    http_connect_to(80)
+}
+
+fn http_connect_to(port: u16) -> BufReader<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("the server answers");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     BufReader::new(s)
 }
@@ -533,5 +538,138 @@ fn debian_postgresql_15_is_tracked_killed_and_restored_as_postgres() {
     );
     psql("DROP TABLE cr_ebpf_t");
     start("stop");
+    kill_and_reap(&tree(pid));
+}
+
+/// A Go service as one is deployed: a static binary built by Debian's Go
+/// from the standard library only, its own runtime threads, and 16 MiB of
+/// heap that each request changes. A request answers the number of hits and
+/// an FNV-1a hash of that heap.
+const GO_SERVER: &str = r#"package main
+
+import (
+	"fmt"
+	"hash/fnv"
+	"net/http"
+	"sync"
+)
+
+func main() {
+	var mu sync.Mutex
+	state := make([]byte, 16<<20)
+	for i := range state {
+		state[i] = byte(i * 7)
+	}
+	hits := 0
+	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		hits++
+		state[(hits*4099)%len(state)]++
+		h := fnv.New64a()
+		h.Write(state)
+		body := fmt.Sprintf("hits=%d fnv=%x", hits, h.Sum64())
+		mu.Unlock()
+		fmt.Fprint(w, body)
+	})
+	panic(http.ListenAndServe("127.0.0.1:18080", nil))
+}
+"#;
+
+/// What the Go server answers after `hits` requests.
+fn go_answer(hits: usize) -> String {
+    let mut state: Vec<u8> = (0..16usize << 20).map(|i| (i * 7) as u8).collect();
+    let n = state.len();
+    for k in 1..=hits {
+        state[(k * 4099) % n] = state[(k * 4099) % n].wrapping_add(1);
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in &state {
+        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("hits={hits} fnv={h:x}")
+}
+
+/// The hit count of a Go server's answer.
+fn go_hits(body: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(body);
+    text.strip_prefix("hits=")
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a Go server answer: {text:?}"))
+}
+
+#[test]
+fn a_go_http_server_is_tracked_killed_and_restored_with_its_heap() {
+    let test = "a_go_http_server_is_tracked_killed_and_restored_with_its_heap";
+    if !ready(test, &["/usr/bin/go"]) {
+        return;
+    }
+    port_free(18080, "Go server (of another run of this test?)");
+    let scratch = Scratch::new("go-http");
+    std::fs::write(scratch.0.join("main.go"), GO_SERVER).unwrap();
+    // The build cache outlives the test: the first build takes a while.
+    let cache = std::env::temp_dir().join("cr-ebpf-go-cache");
+    let built = Command::new("/usr/bin/go")
+        .args(["build", "-o", "server", "main.go"])
+        .current_dir(&scratch.0)
+        .env("GOCACHE", &cache)
+        .env("GOPATH", scratch.0.join("gopath"))
+        .env("GO111MODULE", "off")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    // Its output to a log file, as a supervisor would keep it (a pipe to
+    // this test would become the restorer's own stream).
+    let log = std::fs::File::create(scratch.0.join("server.log")).unwrap();
+    let child = clean(scratch.0.join("server"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", 18080)).is_err() {
+        assert!(Instant::now() < deadline, "the Go server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut kept = http_connect_to(18080);
+    let (code, body) = http_get(&mut kept);
+    assert_eq!(
+        (code, String::from_utf8_lossy(&body)),
+        (200, go_answer(1).into())
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (rt, ()) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(http_get(&mut http_connect_to(18080)).0, 200);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        round_trip(pid, &scratch.0.join("images"), |track| {
+            for _ in 0..2 {
+                let _ = track.reports.recv_timeout(Duration::from_secs(60));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    });
+    // (Reaped by round_trip: the pid is the restored server's now.)
+    drop(child);
+    // The heap is exactly what those hits made of it, on the connection
+    // kept open and on a new one.
+    let (code, body) = http_get(&mut kept);
+    assert_eq!(code, 200);
+    let hits = go_hits(&body);
+    assert!(hits > 2, "only {hits} hits");
+    assert_eq!(String::from_utf8_lossy(&body), go_answer(hits));
+    let (_, body) = http_get(&mut http_connect_to(18080));
+    assert_eq!(String::from_utf8_lossy(&body), go_answer(hits + 1));
+    rt.check();
     kill_and_reap(&tree(pid));
 }

@@ -106,7 +106,7 @@ fn bpf_linker() -> Result<()> {
 
 /// Services the tests run as Debian runs them (redis, and nginx, memcached
 /// and PostgreSQL 15 in their default configurations under their own
-/// users), and tmux for the terminal tests.
+/// users), tmux for the terminal tests and Go for a Go service's test.
 const SERVICE_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
@@ -114,6 +114,7 @@ const SERVICE_PACKAGES: &[&str] = &[
     "nginx",
     "memcached",
     "postgresql-15",
+    "golang-go",
 ];
 
 fn services() -> Result<()> {
@@ -125,6 +126,7 @@ fn services() -> Result<()> {
         "/usr/sbin/nginx",
         "/usr/bin/memcached",
         "/usr/lib/postgresql/15/bin/postgres",
+        "/usr/bin/go",
     ]
     .iter()
     .all(|p| Path::new(p).exists());
