@@ -12,7 +12,13 @@ use crate::{sys, TraceError, Tracee};
 pub struct Injector {
     pid: i32,
     insn: u64,
+    /// An `rt_sigreturn` trampoline in the process, for injections that
+    /// survive cr-ebpf's death (see `guarded.rs`); `None`: plain ones.
+    trampoline: Option<u64>,
 }
+
+/// Most bytes of executable memory read looking for a trampoline.
+const TRAMPOLINE_BUDGET: usize = 64 << 20;
 
 /// Distance below the stack pointer of the scratch area (well past the
 /// 128-byte red zone).
@@ -22,12 +28,14 @@ pub const SCRATCH_MAX: usize = 2048;
 
 impl Injector {
     /// Finds a `syscall` instruction in the process's vDSO (or, failing
-    /// that, in its other executable mappings).
+    /// that, in its other executable mappings), and an `rt_sigreturn`
+    /// trampoline (libc's first).
     pub fn new(pid: i32) -> Result<Self, TraceError> {
         let path = format!("/proc/{pid}/maps");
         let maps =
             std::fs::read_to_string(&path).map_err(|source| TraceError::Proc { path, source })?;
-        let mut candidates: Vec<(u64, u64, bool)> = Vec::new();
+        // (start, end, rank): the vDSO first, then libc, then the rest.
+        let mut candidates: Vec<(u64, u64, u8)> = Vec::new();
         for line in maps.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 2 || f[1].as_bytes().get(2) != Some(&b'x') {
@@ -39,30 +47,60 @@ impl Injector {
             let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
                 continue;
             };
-            let vdso = f.get(5) == Some(&"[vdso]");
-            if f.get(5) == Some(&"[vsyscall]") {
+            let name = f.get(5).copied().unwrap_or("");
+            if name == "[vsyscall]" {
                 continue;
             }
-            candidates.push((a, b, vdso));
+            let rank = match name {
+                "[vdso]" => 0,
+                n if n.contains("/libc") => 1,
+                _ => 2,
+            };
+            candidates.push((a, b, rank));
         }
-        candidates.sort_by_key(|c| !c.2);
+        candidates.sort_by_key(|c| c.2);
+        let mut insn = None;
+        let mut trampoline = None;
+        let mut budget = TRAMPOLINE_BUDGET;
         for (a, b, _) in candidates {
-            let len = ((b - a) as usize).min(8 << 20);
+            if insn.is_some() && (trampoline.is_some() || budget == 0) {
+                break;
+            }
+            let len = ((b - a) as usize).min(8 << 20).min(budget.max(4096));
+            budget = budget.saturating_sub(len);
             let mut buf = vec![0u8; len];
             if sys::read_memory(pid, a, &mut buf).is_err() {
                 continue;
             }
-            if let Some(i) = buf.windows(2).position(|w| w == [0x0f, 0x05]) {
-                return Ok(Self {
-                    pid,
-                    insn: a + i as u64,
+            if insn.is_none() {
+                insn = buf
+                    .windows(2)
+                    .position(|w| w == [0x0f, 0x05])
+                    .map(|i| a + i as u64);
+            }
+            if trampoline.is_none() {
+                trampoline = crate::guarded::TRAMPOLINES.iter().find_map(|t| {
+                    buf.windows(t.len())
+                        .position(|w| w == *t)
+                        .map(|i| a + i as u64)
                 });
             }
         }
-        Err(TraceError::Unexpected {
+        let insn = insn.ok_or_else(|| TraceError::Unexpected {
             tid: pid,
             what: "no syscall instruction found in the process's executable memory".into(),
+        })?;
+        Ok(Self {
+            pid,
+            insn,
+            trampoline,
         })
+    }
+
+    /// Address of the `rt_sigreturn` trampoline injections go through, if
+    /// the process has one.
+    pub fn trampoline(&self) -> Option<u64> {
+        self.trampoline
     }
 
     /// Address of the borrowed `syscall` instruction.
@@ -70,8 +108,30 @@ impl Injector {
         self.insn
     }
 
-    /// Runs syscall `nr` in thread `t` with plain arguments.
+    /// Runs syscall `nr` in thread `t` with plain arguments: through the
+    /// process's `rt_sigreturn` trampoline when it has one, so that the
+    /// thread returns to its own context even if cr-ebpf dies meanwhile.
     pub fn call(&self, t: &Tracee, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
+        self.call_until(t, nr, args, crate::Step::Done)
+    }
+
+    /// [`Injector::call`] that stops after step `until` of a guarded
+    /// injection (see [`Tracee::inject_guarded_until`]); for fault-injection
+    /// tests. Without a trampoline, a plain injection.
+    pub fn call_until(
+        &self,
+        t: &Tracee,
+        nr: i64,
+        args: [u64; 6],
+        until: crate::Step,
+    ) -> Result<i64, TraceError> {
+        if let Some(tr) = self.trampoline {
+            // Below the scratch area of `call_out`.
+            let below = SCRATCH_BELOW_SP + 64;
+            if let Some(r) = t.inject_guarded_until(self.pid, tr, below, nr, args, until)? {
+                return Ok(r);
+            }
+        }
         t.inject_syscall(self.insn, nr, args)
     }
 

@@ -11,6 +11,7 @@
 
 mod error;
 mod frozen;
+mod guarded;
 mod inject;
 pub mod regs;
 mod sys;
@@ -18,6 +19,7 @@ mod thread;
 
 pub use error::TraceError;
 pub use frozen::Frozen;
+pub use guarded::Step;
 pub use inject::{Injector, SCRATCH_MAX};
 pub use regs::Regs;
 pub use thread::{can_suspend_seccomp, Rseq, StopKind, Tracee};

@@ -33,6 +33,28 @@ pub fn get_xstate(tid: i32) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The thread's blocked signals (`PTRACE_GETSIGMASK`).
+pub fn sigmask(tid: i32) -> Result<u64, TraceError> {
+    let mut mask = 0u64;
+    // SAFETY: the kernel writes 8 bytes into `mask`.
+    let r = unsafe {
+        libc::ptrace(
+            0x420a, // PTRACE_GETSIGMASK
+            tid,
+            std::mem::size_of::<u64>(),
+            &mut mask as *mut u64,
+        )
+    };
+    if r < 0 {
+        return Err(TraceError::Ptrace {
+            request: "PTRACE_GETSIGMASK",
+            tid,
+            source: nix::Error::last(),
+        });
+    }
+    Ok(mask)
+}
+
 /// Sets the thread's extended FPU state from an XSAVE image.
 pub fn set_xstate(tid: i32, state: &[u8]) -> io::Result<()> {
     let mut copy = state.to_vec();

@@ -430,19 +430,23 @@ impl Tracee {
         r.r8 = args[4];
         r.r9 = args[5];
         self.set_regs(&r)?;
-        for _phase in ["entry", "exit"] {
-            loop {
-                ptrace::syscall(self.tid, None).map_err(perr("PTRACE_SYSCALL", self.tid))?;
-                match self.wait()? {
-                    StopKind::Syscall => break,
-                    // A clone/fork event stop inside the injected syscall.
-                    StopKind::Event(_) | StopKind::Interrupt => {}
-                    // A signal (a timer, a child): hold it for later.
-                    StopKind::Signal(sig) => self.deferred.set(Some(sig)),
-                }
+        self.to_syscall_stop()?;
+        self.to_syscall_stop()?;
+        Ok(self.regs()?.rax as i64)
+    }
+
+    /// Lets the thread run to its next syscall entry or exit stop.
+    pub(crate) fn to_syscall_stop(&self) -> Result<(), TraceError> {
+        loop {
+            ptrace::syscall(self.tid, None).map_err(perr("PTRACE_SYSCALL", self.tid))?;
+            match self.wait()? {
+                StopKind::Syscall => return Ok(()),
+                // A clone/fork event stop inside the injected syscall.
+                StopKind::Event(_) | StopKind::Interrupt => {}
+                // A signal (a timer, a child): hold it for later.
+                StopKind::Signal(sig) => self.deferred.set(Some(sig)),
             }
         }
-        Ok(self.regs()?.rax as i64)
     }
 
     /// The signal of the job-control stop (`SIGSTOP`, `SIGTSTP`, ...) the

@@ -1,0 +1,158 @@
+//! cr-ebpf killed at random instants never harms the process it works on:
+//! `dump --leave-running` and `track` are started on the self-checking
+//! `mtwork` (threads sleeping, blocked, spinning and polling, a timer, an
+//! alternate signal stack, blocked and pending signals) and killed with
+//! SIGKILL at a random instant of their first 100 ms, the freeze and the
+//! injected calls included. After each kill the process must run (not
+//! stopped, not dead), and its own check of every thread's progress and of
+//! its state must pass.
+//!
+//! Trials: 25 of each command in CI; `CR_EBPF_LONG=1` runs 200 of each;
+//! `CR_EBPF_FAULT_SEED` repeats a run.
+
+use std::{
+    path::Path,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+mod common;
+
+use common::{clean, workload_bin, BIN};
+
+/// xorshift64*, seeded.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+/// Waits up to 20 s for a line of `log` after its first `skip` lines that
+/// starts with `prefix`.
+fn wait_line(log: &Path, skip: usize, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(l) = text.lines().skip(skip).find(|l| l.starts_with(prefix)) {
+            return l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {prefix:?} in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the process looks like after a kill: `None` when it is whole.
+fn harm(pid: i32, log: &Path) -> Option<String> {
+    std::thread::sleep(Duration::from_millis(100));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let st = stat
+        .rsplit_once(") ")
+        .and_then(|(_, r)| r.chars().next())
+        .unwrap_or('?');
+    if !matches!(st, 'R' | 'S' | 'D') {
+        return Some(format!("state {st}"));
+    }
+    let before = std::fs::read_to_string(log).unwrap().lines().count();
+    // SAFETY: plain kill.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    let verdict = wait_line(log, before, "usr1 ");
+    (verdict != "usr1 ok").then_some(verdict)
+}
+
+fn start(mtwork: &Path, log: &Path) -> Child {
+    let child = clean(mtwork)
+        .arg(log)
+        .args(["8", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_line(log, 0, "tick 3 ");
+    child
+}
+
+#[test]
+fn dump_and_track_killed_at_random_instants_never_harm_the_process() {
+    let test = "dump_and_track_killed_at_random_instants_never_harm_the_process";
+    let Some(mtwork) = workload_bin("mtwork", test) else {
+        return;
+    };
+    let long = std::env::var("CR_EBPF_LONG").is_ok_and(|v| v == "1");
+    let trials = if long { 200 } else { 25 };
+    let seed = std::env::var("CR_EBPF_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| (std::process::id() as u64 * 0x9e37_79b9) | 1);
+    eprintln!("tracer killed: seed {seed} (CR_EBPF_FAULT_SEED), {trials} trials of each command");
+    let mut rng = Rng(seed);
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-killed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut harmed = Vec::new();
+    for command in ["dump", "track"] {
+        let (mut finished, mut cut) = (0, 0);
+        let log = dir.join(format!("{command}.log"));
+        // One process for every dump; a new one for each track (a killed
+        // track leaves its write-protect tracker in the process, which a
+        // later checkpoint would rightly refuse).
+        let mut target = start(&mtwork, &log);
+        for i in 0..trials {
+            if command == "track" && i > 0 {
+                let _ = target.kill();
+                let _ = target.wait();
+                let _ = std::fs::remove_file(&log);
+                target = start(&mtwork, &log);
+            }
+            let pid = target.id() as i32;
+            let images = dir.join(format!("{command}-{i}"));
+            let mut cmd = std::process::Command::new(BIN);
+            match command {
+                "dump" => cmd.args(["dump", "--leave-running", "--pid"]),
+                _ => cmd.args(["track", "--interval", "20ms", "--keep", "all", "--pid"]),
+            };
+            let mut c = cmd
+                .arg(pid.to_string())
+                .arg("--images-dir")
+                .arg(&images)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_micros(rng.below(100_000)));
+            if c.try_wait().unwrap().is_some() {
+                finished += 1;
+            } else {
+                cut += 1;
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            if let Some(h) = harm(pid, &log) {
+                harmed.push(format!("{command} trial {i}: {h}"));
+                let _ = target.kill();
+                let _ = target.wait();
+                target = start(&mtwork, &log);
+            }
+            let _ = std::fs::remove_dir_all(&images);
+        }
+        eprintln!(
+            "tracer killed, {command}: {trials} kills ({cut} while it ran, {finished} after it \
+             ended), {} processes harmed",
+            harmed.iter().filter(|h| h.starts_with(command)).count()
+        );
+        let _ = target.kill();
+        let _ = target.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(harmed.is_empty(), "processes harmed: {harmed:#?}");
+}
