@@ -102,9 +102,9 @@ fn dump_and_track_killed_at_random_instants_never_harm_the_process() {
     for command in ["dump", "track"] {
         let (mut finished, mut cut) = (0, 0);
         let log = dir.join(format!("{command}.log"));
-        // One process for every dump; a new one for each track (a killed
-        // track leaves its write-protect tracker in the process, which a
-        // later checkpoint would rightly refuse).
+        // One process for every dump; a new one for each track (a track
+        // killed between creating its userfaultfd in the process and
+        // closing it there leaves it, which a later checkpoint refuses).
         let mut target = start(&mtwork, &log);
         for i in 0..trials {
             if command == "track" && i > 0 {
