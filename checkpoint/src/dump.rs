@@ -18,6 +18,7 @@ use crate::{
     netlock::Held,
     pages::{split_runs, worker_pool, write_processes},
     state::{self, Changes, State},
+    watchdog::{phase, Watchdog},
     DumpError,
 };
 
@@ -48,6 +49,12 @@ pub struct DumpOptions {
     /// checkpoint: connected to the same name again at restore, a new
     /// connection to their peer. Refused without it.
     pub ext_unix_sk: bool,
+    /// Most time the process may be held frozen before the image is
+    /// published; past it a watchdog removes the network lock, says what
+    /// the dump was stuck on and **ends this program** (the only way to let
+    /// go of threads held by a tracer thread that does not return), which
+    /// leaves the process running and publishes nothing. `None`: no bound.
+    pub freeze_limit: Option<Duration>,
 }
 
 /// What a dump did.
@@ -101,6 +108,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     crate::freeze::checkable(pid)?;
     let pool = worker_pool(pid, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
+    let mut watchdog = opts.freeze_limit.map(|l| Watchdog::start(pid, l));
+    phase("stopping the processes");
     // From here on an error drops `stopped`, which resumes every thread.
     let mut stopped = freeze_tree(pid)?;
     let since = stopped.since();
@@ -110,15 +119,20 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     // Before any connection is read, so that nothing a peer sends from now
     // on is acknowledged by a socket about to go. Dropped (removed) on any
     // error below, before the tree is resumed.
+    phase("locking the network connections");
     let held = match (&opts.network_lock, opts.leave_running) {
         (Some(lock), false) => Held::take(lock, pid, &live)?,
         _ => None,
     };
+    if let (Some(w), Some(h), Some(lock)) = (&watchdog, &held, &opts.network_lock) {
+        w.holds(lock.clone(), h.name().to_string());
+    }
     let mut scope = TreeScope::new(&live);
     scope.shell_job = opts.shell_job;
     scope.ext_unix_sk = opts.ext_unix_sk;
     let mut states: Vec<State> = Vec::new();
     for f in &stopped.frozen {
+        phase(format!("reading the state of process {}", f.pid()));
         states.push(state::collect(
             f,
             None,
@@ -155,6 +169,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     // Shared memory contents go to the page store, read while frozen.
     let mut shm_pages = Vec::new();
     for (pid, s) in live.iter().zip(&mut states) {
+        phase(format!("reading the shared memory of process {pid}"));
         let placed =
             crate::shm_pages::place(*pid, &mut s.shmem, &s.shm_files, None, |_| None, &pool)?;
         shm_pages.push(placed.pages);
@@ -164,6 +179,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
 
     let mut frozen = Some(stopped);
     let mut freeze = Duration::ZERO;
+    phase("reading memory into pages.img");
     let (pages, page_bytes) = publish(dir, |tmp| {
         if is_tree {
             tree.write(tmp)?;
@@ -178,6 +194,9 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             // Everything read: what stays alive runs again while the files
             // are finished.
             if opts.leave_running {
+                if let Some(w) = &mut watchdog {
+                    w.disarm();
+                }
                 if let Some(t) = frozen.take() {
                     freeze = since.elapsed();
                     t.thaw().map_err(|e| ImageError::Io {
@@ -195,6 +214,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             None => freeze,
         }
         .as_nanos() as u64;
+        phase("writing the manifests and syncing the image to disk");
         for (i, ((s, (maps, _, cow)), sub)) in states.iter().zip(&plans).zip(&subs).enumerate() {
             let mut m = s.manifest(maps.clone(), freeze_ns, None);
             m.cow = cow.clone();
@@ -205,6 +225,9 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         }
         Ok((pages, bytes))
     })?;
+    if let Some(w) = &mut watchdog {
+        w.disarm();
+    }
     // Published: only now may what is not left running go, as `criu dump`
     // does. Its TCP connections close silently (repair mode) when it dies:
     // the peers wait for the restored process instead of seeing a reset.

@@ -23,6 +23,7 @@ mod pages;
 mod shm_pages;
 mod state;
 mod tree_check;
+mod watchdog;
 
 // Each resource kind's save side lives in the resources crate.
 use cr_ebpf_resources::{fd as fds, proc, proc::maps, shmem};
@@ -37,3 +38,4 @@ pub use incremental::{
 };
 pub use netlock::{ConnectionLock, NetLockKey};
 pub use state::{Changes, Queries};
+pub use watchdog::STALL_ENV;

@@ -52,6 +52,11 @@ pub struct Args {
     /// with bytes from its peer not read yet.
     #[arg(long)]
     pub ext_unix_sk: bool,
+    /// Most time the process may stay frozen before its image is
+    /// published (`30s`, `5m`): past it the dump gives up, saying what it
+    /// was stuck on, and the process runs on (exit status 1).
+    #[arg(long, default_value = "60s", value_parser = crate::args::parse_duration)]
+    pub freeze_limit: std::time::Duration,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -67,6 +72,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         network_lock: (args.network_lock == "bpf")
             .then(|| std::sync::Arc::new(crate::netlock::BpfLock) as _),
         ext_unix_sk: args.ext_unix_sk,
+        freeze_limit: Some(args.freeze_limit).filter(|l| !l.is_zero()),
     };
     let r = dump(args.pid, &args.images_dir, &opts)
         .with_context(|| format!("checkpointing process {}", args.pid))?;

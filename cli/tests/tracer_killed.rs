@@ -156,3 +156,49 @@ fn dump_and_track_killed_at_random_instants_never_harm_the_process() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(harmed.is_empty(), "processes harmed: {harmed:#?}");
 }
+
+#[test]
+fn a_stuck_dump_lets_the_process_go_at_its_freeze_limit() {
+    let test = "a_stuck_dump_lets_the_process_go_at_its_freeze_limit";
+    let Some(mtwork) = workload_bin("mtwork", test) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-stuck-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("log");
+    let mut target = start(&mtwork, &log);
+    let pid = target.id() as i32;
+    // Stalled (by the fault-injection hook) in three phases, killing and not.
+    for (stall, leave_running) in [
+        ("reading the state of process", true),
+        ("reading memory", false),
+        ("writing the manifests", false),
+    ] {
+        let images = dir.join("image");
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["dump", "--freeze-limit", "1s", "--pid"])
+            .arg(pid.to_string())
+            .arg("--images-dir")
+            .arg(&images)
+            .env(cr_ebpf_checkpoint::STALL_ENV, stall);
+        if leave_running {
+            cmd.arg("--leave-running");
+        }
+        let t = Instant::now();
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        let took = t.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stall}: {err}");
+        assert!(
+            err.contains(&format!("stuck {stall}")) && err.contains("--freeze-limit"),
+            "{stall}: {err}"
+        );
+        assert!(took < Duration::from_secs(10), "{stall}: {took:?}");
+        assert!(!images.exists(), "{stall}: an image was published");
+        assert_eq!(harm(pid, &log), None, "{stall}: {err}");
+    }
+    let _ = target.kill();
+    let _ = target.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -83,6 +83,7 @@ fn dump_killing(
             shell_job: false,
             ghost_limit: 0,
             shm_limit: 0,
+            freeze_limit: None,
             network_lock: None,
             ext_unix_sk: false,
         },

@@ -47,6 +47,7 @@ fn round_trip(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> Str
             shell_job: false,
             ghost_limit: 0,
             shm_limit: 0,
+            freeze_limit: None,
             network_lock: None,
             ext_unix_sk: false,
         },

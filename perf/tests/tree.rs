@@ -141,6 +141,7 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
             shell_job: false,
             ghost_limit: 0,
             shm_limit: 0,
+            freeze_limit: None,
             network_lock: None,
             ext_unix_sk: false,
         },

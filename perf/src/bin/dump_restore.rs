@@ -160,6 +160,7 @@ fn main() -> Result<()> {
                             shell_job: false,
                             ghost_limit: 0,
                             shm_limit: 0,
+                            freeze_limit: None,
                             network_lock: None,
                             ext_unix_sk: false,
                         },

@@ -113,6 +113,7 @@ fn measure(
             shell_job: false,
             ghost_limit: 0,
             shm_limit: 0,
+            freeze_limit: None,
             network_lock: None,
             ext_unix_sk: false,
         },
