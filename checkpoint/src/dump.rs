@@ -127,36 +127,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     if let (Some(w), Some(h), Some(lock)) = (&watchdog, &held, &opts.network_lock) {
         w.holds(lock.clone(), h.name().to_string());
     }
-    let mut scope = TreeScope::new(&live);
-    scope.shell_job = opts.shell_job;
-    scope.ext_unix_sk = opts.ext_unix_sk;
-    let mut states: Vec<State> = Vec::new();
-    for f in &stopped.frozen {
-        phase(format!("reading the state of process {}", f.pid()));
-        states.push(state::collect(
-            f,
-            None,
-            &Changes::all(),
-            Some(&mut scope),
-            state::Allow {
-                ext_unix_sk: opts.ext_unix_sk,
-                limits: cr_ebpf_resources::shmem::Limits::new(opts.ghost_limit, opts.shm_limit),
-            },
-        )?);
-    }
-    let in_flight = State::in_flight(live.iter().copied().zip(&states));
-    let mut shared: Vec<(i32, &mut [cr_ebpf_image::FdInfo])> = live
-        .iter()
-        .zip(&mut states)
-        .map(|(p, s)| (*p, &mut s.fds[..]))
-        .collect();
-    cr_ebpf_resources::fd::description::share(&mut shared, &in_flight);
-    let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> = live
-        .iter()
-        .zip(&states)
-        .map(|(p, s)| (*p, &s.fds[..]))
-        .collect();
-    check_tree(&all, &scope)?;
+    let mut states = collect_states(&stopped.frozen, &live, opts)?;
     // Each live process's parent among them, by index.
     let parents: Vec<Option<usize>> = live
         .iter()
@@ -255,6 +226,46 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         workers,
         network_lock,
     })
+}
+
+/// The state of every frozen process, with what they share found and
+/// the tree's checks made.
+fn collect_states(
+    frozen: &[Frozen],
+    live: &[i32],
+    opts: &DumpOptions,
+) -> Result<Vec<State>, DumpError> {
+    let mut scope = TreeScope::new(live);
+    scope.shell_job = opts.shell_job;
+    scope.ext_unix_sk = opts.ext_unix_sk;
+    let mut states: Vec<State> = Vec::new();
+    for f in frozen {
+        phase(format!("reading the state of process {}", f.pid()));
+        states.push(state::collect(
+            f,
+            None,
+            &Changes::all(),
+            Some(&mut scope),
+            state::Allow {
+                ext_unix_sk: opts.ext_unix_sk,
+                limits: cr_ebpf_resources::shmem::Limits::new(opts.ghost_limit, opts.shm_limit),
+            },
+        )?);
+    }
+    let in_flight = State::in_flight(live.iter().copied().zip(&states));
+    let mut shared: Vec<(i32, &mut [cr_ebpf_image::FdInfo])> = live
+        .iter()
+        .zip(&mut states)
+        .map(|(p, s)| (*p, &mut s.fds[..]))
+        .collect();
+    cr_ebpf_resources::fd::description::share(&mut shared, &in_flight);
+    let all: Vec<(i32, &[cr_ebpf_image::FdInfo])> = live
+        .iter()
+        .zip(&states)
+        .map(|(p, s)| (*p, &s.fds[..]))
+        .collect();
+    check_tree(&all, &scope)?;
+    Ok(states)
 }
 
 /// The mappings of each frozen process with the pages they store, the
