@@ -171,9 +171,38 @@ fn test() -> Result<()> {
         let _ = std::fs::remove_dir_all(&out);
         smoke?;
     }
+    let long = std::env::var("CR_EBPF_LONG").is_ok_and(|v| v == "1");
+    if long && failed == 0 {
+        fuzz()?;
+    }
     println!("summary: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} test(s) failed");
+    }
+    Ok(())
+}
+
+/// The libFuzzer targets of `fuzz/` (long mode): each runs for
+/// `CR_EBPF_FUZZ_SECONDS` (default 120) from its corpus in the repository,
+/// which grows with what the run finds new. Needs the nightly toolchain
+/// and cargo-fuzz (installed here when missing).
+fn fuzz() -> Result<()> {
+    const TARGETS: [&str; 4] = ["header", "manifest", "tree", "page_store"];
+    let has_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_fuzz {
+        run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    let seconds = std::env::var("CR_EBPF_FUZZ_SECONDS").unwrap_or_else(|_| "120".into());
+    for t in TARGETS {
+        run(Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", t])
+            .arg(format!("corpus/{t}"))
+            .args(["--", "-rss_limit_mb=2048", "-timeout=10"])
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir("fuzz"))?;
     }
     Ok(())
 }
