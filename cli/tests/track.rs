@@ -417,9 +417,26 @@ fn addresses_are_left_out_of_compared_states() {
     );
 }
 
+/// Bytes of the files under `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                dir_size(&e.path())
+            } else {
+                m.len()
+            }
+        })
+        .sum()
+}
+
 /// Without `--keep` a chain is bounded all the same (the newest 20 are
 /// kept); `--keep-for` merges away what is older than it, the newest
-/// always kept; `--keep all` keeps every checkpoint.
+/// always kept; `--keep all` keeps every checkpoint; `--max-disk` keeps
+/// the directory within a size.
 #[test]
 fn retention_bounds_a_chain_by_default_and_by_age() {
     if !root("retention_bounds_a_chain_by_default_and_by_age") {
@@ -451,6 +468,19 @@ fn retention_bounds_a_chain_by_default_and_by_age() {
     // and a batch at most: fewer than 30, more than 0).
     let n = run(&dir.join("age"), &["--keep-for", "1s"], "30");
     assert!((1..30).contains(&n), "{n} kept with --keep-for 1s");
+    // A disk budget of three full checkpoints: older ones merged away.
+    let full = dir_size(&dir.join("all").join("ckpt-000001"));
+    let budget = (3 * full).to_string();
+    let n = run(
+        &dir.join("disk"),
+        &["--keep", "all", "--max-disk", &budget],
+        "30",
+    );
+    let used = dir_size(&dir.join("disk"));
+    assert!(
+        n < 30 && used <= 3 * full,
+        "{n} kept, {used} bytes with --max-disk {budget}"
+    );
     // The newest restores after retention.
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();

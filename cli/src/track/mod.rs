@@ -49,6 +49,11 @@ pub struct Args {
     /// is always kept), in batches: once as many are older as younger.
     #[arg(long, value_parser = parse_duration)]
     pub keep_for: Option<Duration>,
+    /// Also keep the images directory under this size (`500M`, `2G`): a
+    /// checkpoint that takes it over has the older ones merged away until
+    /// the newest fit in half of it.
+    #[arg(long, value_name = "SIZE", value_parser = crate::args::size)]
+    pub max_disk: Option<u64>,
     /// Do not copy dirty pages before the freeze.
     #[arg(long)]
     pub no_precopy: bool,
@@ -191,6 +196,7 @@ struct Service {
     log: Log,
     keep: Option<usize>,
     keep_for: Option<Duration>,
+    max_disk: Option<u64>,
     taken: u64,
     precopy: bool,
     retention: Option<std::thread::JoinHandle<()>>,
@@ -559,6 +565,7 @@ fn start(args: &Args) -> Result<(Service, cr_ebpf_loader::EventStream, usize)> {
         log: Log::default(),
         keep: args.keep.0,
         keep_for: args.keep_for,
+        max_disk: args.max_disk,
         taken: 0,
         precopy: !args.no_precopy,
         retention: None,

@@ -1,6 +1,6 @@
-//! Retention of `track`: the chain kept to the newest `--keep` checkpoints
-//! and those younger than `--keep-for`, older ones merged away in batches
-//! on a background thread at the lowest priority.
+//! Retention of `track`: the chain kept to the newest `--keep` checkpoints,
+//! those younger than `--keep-for` and within `--max-disk`, older ones
+//! merged away in batches on a background thread at the lowest priority.
 
 use super::Service;
 
@@ -8,7 +8,7 @@ impl Service {
     /// Merges old checkpoints away in the background once there are 2K,
     /// or once some are older than `--keep-for`.
     pub(super) fn retain(&mut self, wait: bool) {
-        if self.keep.is_none() && self.keep_for.is_none() {
+        if self.keep.is_none() && self.keep_for.is_none() && self.max_disk.is_none() {
             return;
         }
         if let Some(h) = self.retention.take() {
@@ -33,18 +33,24 @@ impl Service {
                 .count()
                 .max(1)
         });
-        let keep = match (self.keep, young) {
-            (Some(k), Some(y)) => k.min(y),
-            (Some(k), None) => k,
-            (None, Some(y)) => y,
-            (None, None) => return,
+        let fitting = self.max_disk.and_then(|b| fitting(&list, b));
+        let Some(keep) = [self.keep, young, fitting].into_iter().flatten().min() else {
+            return;
         };
-        // In batches too: once as many are too old as are young enough.
+        // In batches too: once as many are too old as are young enough, or
+        // at once when over the disk budget.
         let aged = young.is_some_and(|y| count >= 2 * y);
-        if count < 2 * keep.max(1) && !aged && !wait {
+        if count < 2 * keep.max(1) && !aged && !wait && fitting.is_none() {
             return;
         }
         if count <= keep {
+            if let (Some(b), Some(_)) = (self.max_disk, fitting) {
+                eprintln!(
+                    "cr-ebpf: retention: the newest checkpoint alone is over half of --max-disk \
+                     ({} MiB): the images directory may stay above it",
+                    b >> 20
+                );
+            }
             return;
         }
         self.retention = Some(std::thread::spawn(move || {
@@ -68,6 +74,29 @@ impl Service {
             }
         }));
     }
+}
+
+/// With a disk budget of `budget` bytes that the checkpoints of `list`
+/// (oldest first) take more than: how many of the newest fit in half of it
+/// (at least one). `None` while within the budget.
+fn fitting(list: &[cr_ebpf_image::images_dir::Entry], budget: u64) -> Option<usize> {
+    let sizes: Vec<u64> = list
+        .iter()
+        .map(|e| cr_ebpf_image::images_dir::size_on_disk(&e.dir))
+        .collect();
+    if sizes.iter().sum::<u64>() <= budget {
+        return None;
+    }
+    let mut sum = 0;
+    let n = sizes
+        .iter()
+        .rev()
+        .take_while(|&&s| {
+            sum += s;
+            sum <= budget / 2
+        })
+        .count();
+    Some(n.max(1))
 }
 
 /// Lowest CPU and idle I/O priority for the calling thread: compaction
