@@ -58,13 +58,24 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             .iter()
             .map(|f| serde_json::json!({"fd": f.fd, "kind": format!("{:?}", f.kind), "path": f.path, "what": describe(f)}))
             .collect();
+        let shmem: Vec<_> = m
+            .shmem
+            .iter()
+            .map(|o| {
+                serde_json::json!({
+                    "id": o.id, "kind": format!("{:?}", o.kind), "name": o.name, "size": o.size,
+                    "stored_elsewhere": o.elsewhere, "inherits": o.inherits,
+                    "pages_stored": shm_pages_stored(chunks, o),
+                })
+            })
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "format": format!("{}.{}", cr_ebpf_image::FORMAT_MAJOR, cr_ebpf_image::FORMAT_MINOR),
                 "pid": p.pid, "exe": p.exe, "taken_unix_ns": p.taken_unix_ns,
                 "freeze_ms": p.freeze_ns as f64 / 1e6,
-                "threads": threads, "mappings": mappings, "fds": fds,
+                "threads": threads, "mappings": mappings, "fds": fds, "shared_memory": shmem,
                 "pages_stored": stored, "compressed_bytes": compressed, "chunks": chunks.len(),
                 "network_lock": m.network_lock.as_ref().map(|n| serde_json::json!({
                     "name": n, "held": cr_ebpf_loader::netlock::exists(n),
@@ -125,6 +136,36 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             format!("{:?}", x.kind),
             x.pages_stored,
             x.path
+        );
+    }
+    if !m.shmem.is_empty() {
+        println!("  shared memory objects:");
+    }
+    for o in &m.shmem {
+        let held = if o.elsewhere {
+            "contents in another process's image".to_string()
+        } else if o.base != 0 {
+            format!(
+                "{} pages stored{}",
+                shm_pages_stored(chunks, o),
+                if o.inherits {
+                    ", the rest in the parent checkpoint"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            format!(
+                "{} bytes of contents in the manifest",
+                o.data.iter().map(|d| d.1.len()).sum::<usize>()
+            )
+        };
+        println!(
+            "    {} {:<10} {:>10} bytes  {held}  {}",
+            o.id,
+            format!("{:?}", o.kind),
+            o.size,
+            o.name
         );
     }
     println!("  descriptors:");
@@ -421,4 +462,16 @@ fn chain(args: &Args) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+/// Pages of shared memory object `o` this image's page store holds.
+fn shm_pages_stored(chunks: &[pages::ChunkRef], o: &cr_ebpf_image::ShmemObject) -> u64 {
+    if o.base == 0 {
+        return 0;
+    }
+    let end = o.base + cr_ebpf_image::SHMEM_SLOT;
+    chunks
+        .iter()
+        .filter(|c| (o.base..end).contains(&c.vaddr))
+        .map(|c| c.npages as u64)
+        .sum()
 }
