@@ -58,17 +58,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             .iter()
             .map(|f| serde_json::json!({"fd": f.fd, "kind": format!("{:?}", f.kind), "path": f.path, "what": describe(f)}))
             .collect();
-        let shmem: Vec<_> = m
-            .shmem
-            .iter()
-            .map(|o| {
-                serde_json::json!({
-                    "id": o.id, "kind": format!("{:?}", o.kind), "name": o.name, "size": o.size,
-                    "stored_elsewhere": o.elsewhere, "inherits": o.inherits,
-                    "pages_stored": shm_pages_stored(chunks, o),
-                })
-            })
-            .collect();
+        let shmem = shmem_json(&m, chunks);
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
@@ -138,36 +128,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             x.path
         );
     }
-    if !m.shmem.is_empty() {
-        println!("  shared memory objects:");
-    }
-    for o in &m.shmem {
-        let held = if o.elsewhere {
-            "contents in another process's image".to_string()
-        } else if o.base != 0 {
-            format!(
-                "{} pages stored{}",
-                shm_pages_stored(chunks, o),
-                if o.inherits {
-                    ", the rest in the parent checkpoint"
-                } else {
-                    ""
-                }
-            )
-        } else {
-            format!(
-                "{} bytes of contents in the manifest",
-                o.data.iter().map(|d| d.1.len()).sum::<usize>()
-            )
-        };
-        println!(
-            "    {} {:<10} {:>10} bytes  {held}  {}",
-            o.id,
-            format!("{:?}", o.kind),
-            o.size,
-            o.name
-        );
-    }
+    print_shmem(&m, chunks);
     println!("  descriptors:");
     for f in &m.fds {
         println!(
@@ -463,6 +424,54 @@ fn chain(args: &Args) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+/// The shared memory objects of `m`, as `inspect` prints them.
+fn print_shmem(m: &Manifest, chunks: &[pages::ChunkRef]) {
+    if !m.shmem.is_empty() {
+        println!("  shared memory objects:");
+    }
+    for o in &m.shmem {
+        let held = if o.elsewhere {
+            "contents in another process's image".to_string()
+        } else if o.base != 0 {
+            format!(
+                "{} pages stored{}",
+                shm_pages_stored(chunks, o),
+                if o.inherits {
+                    ", the rest in the parent checkpoint"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            format!(
+                "{} bytes of contents in the manifest",
+                o.data.iter().map(|d| d.1.len()).sum::<usize>()
+            )
+        };
+        println!(
+            "    {} {:<10} {:>10} bytes  {held}  {}",
+            o.id,
+            format!("{:?}", o.kind),
+            o.size,
+            o.name
+        );
+    }
+}
+
+/// The shared memory objects of `m`, for `inspect --json`.
+fn shmem_json(m: &Manifest, chunks: &[pages::ChunkRef]) -> Vec<serde_json::Value> {
+    m.shmem
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "id": o.id, "kind": format!("{:?}", o.kind), "name": o.name, "size": o.size,
+                "stored_elsewhere": o.elsewhere, "inherits": o.inherits,
+                "pages_stored": shm_pages_stored(chunks, o),
+            })
+        })
+        .collect()
+}
+
 /// Pages of shared memory object `o` this image's page store holds.
 fn shm_pages_stored(chunks: &[pages::ChunkRef], o: &cr_ebpf_image::ShmemObject) -> u64 {
     if o.base == 0 {

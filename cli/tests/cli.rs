@@ -275,3 +275,68 @@ fn completions_and_the_manual_page_name_every_command() {
     }
     assert!(bash.contains("--images-dir"));
 }
+
+#[test]
+fn inspect_shows_the_shared_memory_an_image_stores() {
+    if !privileged("inspect_shows_the_shared_memory_an_image_stores") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-cli-shm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ready = dir.join("ready");
+    let script = "import mmap, os, sys, time\n\
+        fd = os.memfd_create('inspect-me')\n\
+        os.ftruncate(fd, 1 << 20)\n\
+        m = mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED)\n\
+        m[:] = b'x' * (1 << 20)\n\
+        open(sys.argv[1], 'w').close()\n\
+        time.sleep(60)\n";
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", script])
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cr_ebpf_perf::workload(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    cr_ebpf_perf::wait_for_file(&ready);
+    let img = dir.join("img");
+    let out = Command::new(BIN)
+        .args(["dump", "--leave-running", "--pid", &child.id().to_string()])
+        .arg("--images-dir")
+        .arg(&img)
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["inspect", "--json"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let image: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let objects = image["shared_memory"].as_array().unwrap();
+    let memfd = objects
+        .iter()
+        .find(|o| o["name"] == "inspect-me")
+        .unwrap_or_else(|| panic!("{objects:?}"));
+    assert_eq!(
+        (memfd["kind"].as_str(), memfd["pages_stored"].as_u64()),
+        (Some("Memfd"), Some(256)),
+        "{memfd}"
+    );
+    let text = Command::new(BIN).arg("inspect").arg(&img).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("256 pages stored") && l.ends_with("inspect-me")),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
