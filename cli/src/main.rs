@@ -14,6 +14,7 @@ mod dump;
 mod inspect;
 mod netlock;
 mod restore;
+mod run;
 mod snapshot;
 mod sys;
 mod trace;
@@ -57,6 +58,9 @@ enum Command {
     Inspect(inspect::Args),
     /// Track a process and checkpoint it incrementally, every interval and on request.
     Track(track::Args),
+    /// Run a command as a service: tracked from its start, restored from its
+    /// newest checkpoint when it crashes (`run [OPTIONS] --images-dir DIR -- CMD...`).
+    Run(run::Args),
     /// Take a checkpoint now (through the running `track` service, or standalone).
     Snapshot(snapshot::Args),
     /// Rewrite a checkpoint as a full image, or keep only the newest K.
@@ -88,6 +92,10 @@ pub mod exit {
     /// `track`: the tracked process exited or was killed, ending the
     /// service (its checkpoints are kept for a restore).
     pub const TARGET_GONE: u8 = 4;
+    /// `run`: the service kept crashing (`--restarts` restores within
+    /// `--restart-window`), given up. Otherwise `run` exits with the
+    /// service's own status.
+    pub const GAVE_UP: u8 = 5;
 }
 
 /// Output piped into `head` ends quietly when the reader goes.
@@ -138,6 +146,7 @@ fn main() -> std::process::ExitCode {
         Command::Track(a) => a.json,
         Command::Snapshot(a) => a.json,
         Command::Compact(a) => a.json,
+        Command::Run(a) => a.json,
         Command::Unlock(_) | Command::Completions { .. } | Command::Man => false,
     };
     let result = match cli.command {
@@ -148,6 +157,7 @@ fn main() -> std::process::ExitCode {
         Command::Unlock(args) => netlock::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Track(args) => track::run(&args),
+        Command::Run(args) => run::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
         Command::Compact(args) => snapshot::compact(&args),
         Command::Completions { shell } => {

@@ -268,7 +268,7 @@ fn completions_and_the_manual_page_name_every_command() {
     let man = String::from_utf8_lossy(&man.stdout);
     assert!(man.contains(".TH cr-ebpf 1"), "{man}");
     for cmd in [
-        "track", "restore", "dump", "inspect", "snapshot", "compact", "unlock",
+        "track", "restore", "dump", "inspect", "snapshot", "compact", "unlock", "run",
     ] {
         assert!(bash.contains(cmd), "{cmd} in the bash completions");
         assert!(man.contains(cmd), "{cmd} in the manual page");

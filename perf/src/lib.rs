@@ -186,7 +186,9 @@ pub fn workload(cmd: &mut std::process::Command) -> &mut std::process::Command {
     // SAFETY: close_range and leave_terminal are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            // Closed by the exec, not before: a failed exec reports
+            // through one of them (CLOSE_RANGE_CLOEXEC).
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 1u32 << 2);
             leave_terminal()
         })
     }

@@ -89,7 +89,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(track(args))
+    rt.block_on(track(args)).map(ExitCode::from)
 }
 
 fn socket_path(dir: &Path) -> PathBuf {
@@ -385,7 +385,9 @@ impl Service {
     }
 }
 
-async fn track(args: &Args) -> Result<ExitCode> {
+/// The service: tracks `args.pid` until it is gone (exit status
+/// [`crate::exit::TARGET_GONE`]) or it is told to stop ([`crate::exit::OK`]).
+pub(crate) async fn track(args: &Args) -> Result<u8> {
     let pid = args.pid;
     if !Path::new(&format!("/proc/{pid}")).exists() {
         bail!("no process {pid} (check the pid with `ps`)");
@@ -515,11 +517,11 @@ async fn track(args: &Args) -> Result<ExitCode> {
         }
     };
     let gone = finish(svc, args, &status);
-    Ok(ExitCode::from(if gone {
+    Ok(if gone {
         crate::exit::TARGET_GONE
     } else {
         crate::exit::OK
-    }))
+    })
 }
 
 /// Loads the programs, tracks `args.pid`, attaches its dirty tracker and

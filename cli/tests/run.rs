@@ -1,0 +1,188 @@
+//! `cr-ebpf run`: a service started by it, killed with SIGKILL, is restored
+//! from its newest checkpoint (same pid, its counter continued) and serves
+//! on; SIGTERM to `run` stops the service and `run` exits 0; with no
+//! restore left, a crash makes `run` give up (exit status 5).
+
+use std::{
+    io::Read as _,
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+mod common;
+
+use common::{root, BIN};
+
+/// A TCP service: each connection gets `COUNT PID` (connections so far).
+const SERVICE: &str = r#"
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+n = 0
+while True:
+    c, _ = s.accept()
+    n += 1
+    c.sendall(f"{n} {os.getpid()}\n".encode())
+    c.close()
+"#;
+
+/// `(count, pid)` from the service, trying for up to 20 s.
+fn ask(port: u16) -> (u64, i32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut s = String::new();
+            if c.read_to_string(&mut s).is_ok() {
+                let mut it = s.split_whitespace().map(|v| v.parse::<i64>().unwrap_or(-1));
+                if let (Some(n), Some(p)) = (it.next(), it.next()) {
+                    return (n as u64, p as i32);
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service never answered on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The number of the newest checkpoint.
+fn newest(dir: &Path) -> u64 {
+    cr_ebpf_image::images_dir::list(dir).map_or(0, |l| l.last().map_or(0, |e| e.seq))
+}
+
+fn checkpoints(dir: &Path) -> usize {
+    cr_ebpf_image::images_dir::list(dir).map_or(0, |l| l.len())
+}
+
+fn start_run(dir: &Path, port: u16, extra: &[&str]) -> Child {
+    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "--interval",
+        "200ms",
+        "--backoff",
+        "100ms",
+        "--images-dir",
+    ])
+    .arg(dir)
+    .args(extra)
+    .args(["--", "/usr/bin/python3", "-c", SERVICE, &port.to_string()])
+    .stdin(Stdio::null())
+    .stdout(log.try_clone().unwrap())
+    .stderr(log);
+    cr_ebpf_perf::workload(&mut cmd);
+    cmd.spawn().unwrap()
+}
+
+fn wait_exit(run: &mut Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = run.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = run.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn run_restores_a_killed_service_and_gives_up_when_told() {
+    if !root("run_restores_a_killed_service_and_gives_up_when_told") {
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("cr-ebpf-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let images = base.join("images");
+    let port = 18300 + (std::process::id() % 500) as u16;
+    let mut run = start_run(&images, port, &[]);
+    let (n, pid) = ask(port);
+    assert_eq!(n, 1);
+    // Checkpoints taken, more connections served meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while checkpoints(&images) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoints in {}",
+            images.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (n, _) = ask(port);
+    assert_eq!(n, 2);
+    // Two checkpoints more: the newest holds the second connection.
+    let seq0 = newest(&images);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while newest(&images) < seq0 + 2 {
+        assert!(Instant::now() < deadline, "no new checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: killing the service as a crash would.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // Back with the same pid and its counter from a checkpoint after the
+    // second connection.
+    let (m, again) = ask(port);
+    let log = || std::fs::read_to_string(images.with_extension("log")).unwrap_or_default();
+    assert_eq!(again, pid, "{}", log());
+    assert_eq!(m, 3, "the counter continues: {}", log());
+    assert!(log().contains("restored the service"), "{}", log());
+    // SIGTERM: the service stops, run exits 0.
+    // SAFETY: plain kill of our child.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    assert_eq!(
+        wait_exit(&mut run, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        log()
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the service still serves"
+    );
+
+    // No restore allowed: a crash ends run with status 5.
+    let images = base.join("images-0");
+    let mut run = start_run(&images, port, &["--restarts", "0"]);
+    let (_, pid) = ask(port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while checkpoints(&images) < 1 {
+        assert!(Instant::now() < deadline, "no checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: killing the service.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(wait_exit(&mut run, Duration::from_secs(30)), Some(5));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn a_command_that_cannot_start_is_a_json_error() {
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-run-bad-{}", std::process::id()));
+    let out = Command::new(BIN)
+        .args(["run", "--json", "--images-dir"])
+        .arg(&dir)
+        .args(["--", "/nonexistent/service"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+    assert_eq!(said["ok"], false);
+    assert!(
+        said["error"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/service"),
+        "{said}"
+    );
+}
