@@ -144,6 +144,7 @@ fn write_full(
         m.flags &= !MAP_INHERITS;
     }
     let mut writer = PageWriter::create(out)?;
+    cr_ebpf_image::progress::start("compacting", chain.pages());
     let (tx, rx) = crossbeam_channel::bounded::<Chunk>(workers * 4);
     let (read, written) = std::thread::scope(|s| {
         let w = s.spawn(move || -> Result<PageWriter, ImageError> {
@@ -162,6 +163,7 @@ fn write_full(
                         buf,
                         |addr, bytes| {
                             let _ = tx.send(Chunk::compress(addr, bytes));
+                            cr_ebpf_image::progress::add(bytes.len() as u64 / 4096);
                             Ok(())
                         },
                         |e| io(target, "reading")(std::io::Error::other(e)),

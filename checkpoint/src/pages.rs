@@ -76,6 +76,7 @@ pub(crate) fn write_pages(
                         cr_ebpf_tracee::read_memory(pid, addr, b)?;
                         // A closed channel means the writer failed: its error wins.
                         let _ = tx.send(Chunk::compress(addr, b));
+                        cr_ebpf_image::progress::add(n);
                         Ok(())
                     },
                 )
@@ -89,6 +90,7 @@ pub(crate) fn write_pages(
             pool.install(|| {
                 buffered.par_iter().for_each(|(addr, b)| {
                     let _ = tx.send(Chunk::compress(*addr, b));
+                    cr_ebpf_image::progress::add(b.len() as u64 / 4096);
                 })
             })
         });
@@ -115,6 +117,17 @@ pub(crate) fn write_processes(
     read_done: impl FnOnce() -> Result<(), cr_ebpf_image::ImageError>,
 ) -> Result<(Vec<std::path::PathBuf>, u64, u64), cr_ebpf_image::ImageError> {
     let n = procs.len();
+    let total: u64 = procs
+        .iter()
+        .map(|(_, live, buffered)| {
+            live.iter().map(|r| r.1).sum::<u64>()
+                + buffered
+                    .iter()
+                    .map(|b| b.1.len() as u64 / 4096)
+                    .sum::<u64>()
+        })
+        .sum();
+    cr_ebpf_image::progress::start("writing pages", total);
     let mut read_done = Some(read_done);
     let (mut pages, mut bytes) = (0, 0);
     let mut dirs = Vec::new();

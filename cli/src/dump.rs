@@ -74,8 +74,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         ext_unix_sk: args.ext_unix_sk,
         freeze_limit: Some(args.freeze_limit).filter(|l| !l.is_zero()),
     };
+    let bar = crate::progress::Bar::start(!args.json);
     let r = dump(args.pid, &args.images_dir, &opts)
-        .with_context(|| format!("checkpointing process {}", args.pid))?;
+        .with_context(|| format!("checkpointing process {}", args.pid));
+    drop(bar);
+    let r = r?;
     if args.json {
         println!(
             "{}",

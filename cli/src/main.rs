@@ -13,6 +13,7 @@ mod check;
 mod dump;
 mod inspect;
 mod netlock;
+mod progress;
 mod restore;
 mod run;
 mod snapshot;

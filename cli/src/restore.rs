@@ -75,6 +75,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .iter()
         .filter(|n| !cr_ebpf_loader::netlock::exists(n))
         .collect();
+    let bar = crate::progress::Bar::start(!args.json);
     let r = restore(
         &args.images_dir,
         &RestoreOptions {
@@ -96,6 +97,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         },
     )
     .with_context(|| format!("restoring {}", args.images_dir.display()))
+    .inspect(|_| drop(bar))
     .inspect_err(|_| {
         // As a failed `criu restore`: a lock not removed yet stays, for
         // another try.

@@ -67,9 +67,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if !args.incremental {
         session.start_new_chain();
     }
+    let bar = crate::progress::Bar::start(!args.json);
     let r = session
         .checkpoint(&Changes::all())
-        .with_context(|| format!("checkpointing process {pid} (left running)"))?;
+        .with_context(|| format!("checkpointing process {pid} (left running)"));
+    drop(bar);
+    let r = r?;
     let v = serde_json::json!({
         "ok": true, "id": r.name, "seq": r.seq, "parent": r.parent, "method": r.method.name(),
         "pages": r.pages, "bytes": r.page_bytes,
@@ -132,7 +135,10 @@ fn compact_json(c: &cr_ebpf_checkpoint::CompactReport) -> serde_json::Value {
 
 pub fn compact(args: &CompactArgs) -> Result<ExitCode> {
     if let Some(k) = args.keep {
-        let r = cr_ebpf_checkpoint::retain(&args.images_dir, k, args.threads)?;
+        let bar = crate::progress::Bar::start(!args.json);
+        let r = cr_ebpf_checkpoint::retain(&args.images_dir, k, args.threads);
+        drop(bar);
+        let r = r?;
         if args.json {
             println!(
                 "{}",
@@ -167,7 +173,10 @@ pub fn compact(args: &CompactArgs) -> Result<ExitCode> {
         .map(|n| n.to_string_lossy().into_owned())
         .context("no checkpoint name")?;
     let parent = dir.parent().context("no images directory")?;
-    let c = cr_ebpf_checkpoint::compact(parent, &name, args.threads)?;
+    let bar = crate::progress::Bar::start(!args.json);
+    let c = cr_ebpf_checkpoint::compact(parent, &name, args.threads);
+    drop(bar);
+    let c = c?;
     if args.json {
         let mut v = compact_json(&c);
         v["ok"] = true.into();

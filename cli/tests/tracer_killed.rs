@@ -191,6 +191,10 @@ fn a_stuck_dump_lets_the_process_go_at_its_freeze_limit() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stall}: {err}");
         assert!(
+            !err.contains("pages, "),
+            "a progress bar off a terminal: {err}"
+        );
+        assert!(
             err.contains(&format!("stuck {stall}")) && err.contains("--freeze-limit"),
             "{stall}: {err}"
         );
@@ -198,6 +202,26 @@ fn a_stuck_dump_lets_the_process_go_at_its_freeze_limit() {
         assert!(!images.exists(), "{stall}: an image was published");
         assert_eq!(harm(pid, &log), None, "{stall}: {err}");
     }
+    // On a terminal, a dump that lasts shows its progress (here the stall
+    // after the pages were written); off a terminal it does not (above).
+    let images = dir.join("image");
+    let line = format!(
+        "{BIN} dump --freeze-limit 3s --pid {pid} --images-dir {}",
+        images.display()
+    );
+    let out = std::process::Command::new("/usr/bin/script")
+        .args(["-qec", &line, "/dev/null"])
+        .env(cr_ebpf_checkpoint::STALL_ENV, "writing the manifests")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("writing pages") && shown.contains("100%"),
+        "no progress bar on a terminal: {shown}"
+    );
+    assert!(!images.exists());
+    assert_eq!(harm(pid, &log), None);
     let _ = target.kill();
     let _ = target.wait();
     let _ = std::fs::remove_dir_all(&dir);

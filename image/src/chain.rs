@@ -175,7 +175,15 @@ impl Chain {
         bases.sort_unstable();
         let mut runs: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); self.manifest.shmem.len()];
         let mut scratch = Vec::new();
+        let shm: u64 = self
+            .fills
+            .iter()
+            .filter(|f| f.is_shmem())
+            .map(Fill::pages)
+            .sum();
+        crate::progress::start("loading shared memory", shm);
         for f in self.fills.iter().filter(|f| f.is_shmem()) {
+            crate::progress::add(f.pages());
             self.read(
                 f,
                 &mut scratch,

@@ -25,6 +25,7 @@ pub mod file;
 pub mod images_dir;
 mod manifest;
 pub mod pages;
+pub mod progress;
 mod publish;
 pub mod tree;
 pub mod trust;

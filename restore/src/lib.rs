@@ -289,6 +289,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     }
     // Reads the image and its ancestors, maps their page stores and checks
     // their headers before anything is started.
+    cr_ebpf_image::progress::start("reading the image", 0);
     let mut chain = Chain::open(&dir)?;
     chain.load_shmem()?;
     clock.mark("read");

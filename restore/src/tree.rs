@@ -25,6 +25,7 @@ pub(crate) fn restore_tree(
     let tree = Tree::read(dir)?;
     let mut chains: HashMap<i32, Chain> = HashMap::new();
     for p in tree.processes.iter().filter(|p| p.zombie.is_none()) {
+        cr_ebpf_image::progress::start("reading the images", 0);
         let mut chain = Chain::open(&dir.join(&p.dir))?;
         chain.load_shmem()?;
         if chain.manifest().process.pid != p.pid {

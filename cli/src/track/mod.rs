@@ -437,7 +437,10 @@ pub(crate) async fn track(args: &Args) -> Result<u8> {
             p.took.as_secs_f64() * 1e3
         );
     }
-    let first = svc.checkpoint(&mut events)?;
+    let bar = crate::progress::Bar::start(!args.json);
+    let first = svc.checkpoint(&mut events);
+    drop(bar);
+    let first = first?;
     print(&first);
     let mut tick = tokio::time::interval(if args.interval.is_zero() {
         Duration::from_secs(86400)

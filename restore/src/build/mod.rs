@@ -326,12 +326,20 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
         .build()
         .map_err(|e| RestoreError::stub(format!("starting the fill threads: {e}")))?;
     b.pages = chain.pages();
+    let own: u64 = chain
+        .fills()
+        .iter()
+        .filter(|f| !f.is_shmem())
+        .map(|f| f.pages())
+        .sum();
+    cr_ebpf_image::progress::start("filling memory", own);
     pool.install(|| {
         chain
             .fills()
             .par_iter()
             .filter(|f| !f.is_shmem())
             .try_for_each_init(Vec::new, |buf, f| {
+                cr_ebpf_image::progress::add(f.pages());
                 chain.read(
                     f,
                     buf,
