@@ -136,7 +136,12 @@ fn run_restores_a_killed_service_and_gives_up_when_told() {
     let log = || std::fs::read_to_string(images.with_extension("log")).unwrap_or_default();
     assert_eq!(again, pid, "{}", log());
     assert_eq!(m, 3, "the counter continues: {}", log());
-    assert!(log().contains("restored the service"), "{}", log());
+    // (The service runs before `run` says so.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log().contains("restored the service") {
+        assert!(Instant::now() < deadline, "{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // SIGTERM: the service stops, run exits 0.
     // SAFETY: plain kill of our child.
     unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };

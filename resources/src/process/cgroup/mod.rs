@@ -571,11 +571,18 @@ fn make_dirs(
     Ok(missing.len())
 }
 
-/// The cgroup mounts of this machine.
+/// The cgroup mounts of this machine, but the hierarchies a dump or
+/// restore of this program mounted for itself ([`mount_hierarchy`]): those
+/// go when it ends, under another one running at the same time.
 pub fn our_mounts() -> Vec<Mount> {
+    let ours = std::env::temp_dir().join(format!("cr-ebpf-cgroup-{}-", std::process::id()));
+    let ours = ours.to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|t| mounts(&t))
         .unwrap_or_default()
+        .into_iter()
+        .filter(|m| !m.dir.to_string_lossy().starts_with(&ours))
+        .collect()
 }
 
 #[cfg(test)]
