@@ -19,6 +19,7 @@ use std::{
 mod common;
 
 use common::{clean, workload_bin, BIN};
+use cr_ebpf_perf::wait_line;
 
 /// xorshift64*, seeded.
 struct Rng(u64);
@@ -29,24 +30,6 @@ impl Rng {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
-    }
-}
-
-/// Waits up to 20 s for a line of `log` after its first `skip` lines that
-/// starts with `prefix`.
-fn wait_line(log: &Path, skip: usize, prefix: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(l) = text.lines().skip(skip).find(|l| l.starts_with(prefix)) {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {prefix:?} in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

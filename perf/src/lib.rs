@@ -213,6 +213,25 @@ pub fn wait_for_file(path: &std::path::Path) {
     }
 }
 
+/// Waits up to 20 s for a line of `log` (a file a workload appends to)
+/// after its first `skip` lines that starts with `prefix`; returns it, or
+/// panics with the log.
+pub fn wait_line(log: &std::path::Path, skip: usize, prefix: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(l) = text.lines().skip(skip).find(|l| l.starts_with(prefix)) {
+            return l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {prefix:?} in {} after 20 s:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Kills `pid` and reaps it if it is our child.
 pub fn stop(pid: i32) {
     // SAFETY: plain syscalls on a pid.

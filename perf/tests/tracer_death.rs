@@ -9,33 +9,14 @@
 //! signals when asked with SIGUSR1).
 
 use std::{
-    path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use cr_ebpf_perf::{spawn_clean, stop, KillOnDrop, Scratch};
+use cr_ebpf_perf::{spawn_clean, stop, wait_line, KillOnDrop, Scratch};
 
 const MTWORK: &str = env!("CARGO_BIN_EXE_mtwork");
 const INJECT_AND_DIE: &str = env!("CARGO_BIN_EXE_inject_and_die");
-
-/// Waits up to 20 s for a line of `log` that starts with `prefix`, after
-/// the first `skip` lines; returns it.
-fn wait_line(log: &Path, skip: usize, prefix: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(l) = text.lines().skip(skip).find(|l| l.starts_with(prefix)) {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {prefix:?} in {} after 20 s:\n{text}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The scheduler state letter of `pid` (`R`, `S`, `T`, `Z`, ...).
 fn state(pid: i32) -> char {

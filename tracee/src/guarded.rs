@@ -229,12 +229,7 @@ impl Tracee {
             });
         }
         e.orig_rax = nr as u64;
-        e.rdi = args[0];
-        e.rsi = args[1];
-        e.rdx = args[2];
-        e.r10 = args[3];
-        e.r8 = args[4];
-        e.r9 = args[5];
+        regs::set_args(&mut e, args);
         // Returns to the trampoline: rt_sigreturn next, if left alone.
         e.rip = trampoline;
         self.set_regs(&e)?;

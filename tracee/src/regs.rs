@@ -15,6 +15,16 @@ pub const NR_RESTART_SYSCALL: u64 = 219;
 /// `-EINTR`.
 pub const EINTR: i64 = -(libc::EINTR as i64);
 
+/// Puts syscall arguments where the x86_64 syscall ABI takes them.
+pub fn set_args(r: &mut Regs, args: [u64; 6]) {
+    r.rdi = args[0];
+    r.rsi = args[1];
+    r.rdx = args[2];
+    r.r10 = args[3];
+    r.r8 = args[4];
+    r.r9 = args[5];
+}
+
 /// Whether the thread was stopped inside a syscall that the kernel would
 /// restart on return to user space.
 pub fn in_restartable_syscall(r: &Regs) -> bool {

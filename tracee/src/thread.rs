@@ -423,12 +423,7 @@ impl Tracee {
         r.rax = nr as u64;
         // Not inside a syscall: keeps the kernel from "restarting" anything.
         r.orig_rax = u64::MAX;
-        r.rdi = args[0];
-        r.rsi = args[1];
-        r.rdx = args[2];
-        r.r10 = args[3];
-        r.r8 = args[4];
-        r.r9 = args[5];
+        crate::regs::set_args(&mut r, args);
         self.set_regs(&r)?;
         self.to_syscall_stop()?;
         self.to_syscall_stop()?;
