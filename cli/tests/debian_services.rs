@@ -28,6 +28,13 @@ mod common;
 
 use common::{clean, in_ci, Tracking, BIN};
 
+/// The tests of this file one at a time: each reaps the children it finds
+/// (daemons reparented to it), which would take another test's `track`.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Root and every one of `files`; outside CI a missing one skips.
 fn ready(test: &str, files: &[&str]) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -292,6 +299,7 @@ fn http_connect_to(port: u16) -> BufReader<TcpStream> {
 
 #[test]
 fn debian_nginx_is_tracked_killed_and_restored_with_its_workers_as_www_data() {
+    let _serial = serial();
     let test = "debian_nginx_is_tracked_killed_and_restored_with_its_workers_as_www_data";
     if !ready(test, &["/usr/sbin/nginx", "/etc/nginx/nginx.conf"]) {
         return;
@@ -367,6 +375,7 @@ fn memcache_connect() -> BufReader<TcpStream> {
 
 #[test]
 fn debian_memcached_is_tracked_killed_and_restored_as_memcache() {
+    let _serial = serial();
     let test = "debian_memcached_is_tracked_killed_and_restored_as_memcache";
     let wrapper = "/usr/share/memcached/scripts/systemd-memcached-wrapper";
     if !ready(
@@ -473,6 +482,7 @@ fn psql(sql: &str) -> String {
 
 #[test]
 fn debian_postgresql_15_is_tracked_killed_and_restored_as_postgres() {
+    let _serial = serial();
     let test = "debian_postgresql_15_is_tracked_killed_and_restored_as_postgres";
     let ctl = "/usr/bin/pg_ctlcluster";
     let conf = "/etc/postgresql/15/main/postgresql.conf";
@@ -600,6 +610,7 @@ fn go_hits(body: &[u8]) -> usize {
 
 #[test]
 fn a_go_http_server_is_tracked_killed_and_restored_with_its_heap() {
+    let _serial = serial();
     let test = "a_go_http_server_is_tracked_killed_and_restored_with_its_heap";
     if !ready(test, &["/usr/bin/go"]) {
         return;
