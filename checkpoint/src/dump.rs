@@ -141,8 +141,15 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     let mut shm_pages = Vec::new();
     for (pid, s) in live.iter().zip(&mut states) {
         phase(format!("reading the shared memory of process {pid}"));
-        let placed =
-            crate::shm_pages::place(*pid, &mut s.shmem, &s.shm_files, None, |_| None, &pool)?;
+        let placed = crate::shm_pages::place(
+            *pid,
+            &mut s.shmem,
+            &s.shm_files,
+            None,
+            |_| None,
+            false,
+            &pool,
+        )?;
         shm_pages.push(placed.pages);
     }
     let threads: usize = states.iter().map(|s| s.threads.len()).sum();

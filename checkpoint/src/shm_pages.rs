@@ -65,13 +65,16 @@ type Piece = (Vec<(u64, u64)>, Vec<(u64, Vec<u8>)>);
 /// An object the `parent` image of the same process stored in its page
 /// store, and whose stored contents `prev` knows (by the parent's object),
 /// keeps its base and stores only the pages that differ; any other is
-/// stored whole at a base of its own.
+/// stored whole at a base of its own. Pages are hashed only for that
+/// comparison and for the views of [`Placed`], which only a chain that
+/// goes on wants (`keep_views`; a one-off dump does not).
 pub(crate) fn place(
     pid: i32,
     objects: &mut [ShmemObject],
     files: &HashMap<u64, File>,
     parent: Option<&Manifest>,
     mut prev: impl FnMut(&ShmemObject) -> Option<View>,
+    keep_views: bool,
     pool: &rayon::ThreadPool,
 ) -> Result<Placed, DumpError> {
     let mut out = Placed::default();
@@ -102,13 +105,14 @@ pub(crate) fn place(
         let end = o.size.div_ceil(PAGE) * PAGE;
         let pieces = pieces(&runs, end);
         let zero = zero_hash();
+        let hashing = view.is_some() || keep_views;
         let read: Result<Vec<Piece>, std::io::Error> = pool.install(|| {
             pieces
                 .par_iter()
                 .map_init(
                     || vec![0u8; PIECE as usize],
                     |buf, &(off, len)| {
-                        read_piece(f, buf, off, len, o.size, |a, h| {
+                        read_piece(f, buf, off, len, o.size, hashing, |a, h| {
                             view.as_ref()
                                 .is_none_or(|v| v.get(&a).copied().unwrap_or(zero) != h)
                         })
@@ -155,7 +159,9 @@ pub(crate) fn place(
         out.pages.extend(runs_at(keep, base));
         o.base = base;
         o.data.clear();
-        out.views.insert(o.id, (base, view));
+        if keep_views {
+            out.views.insert(o.id, (base, view));
+        }
     }
     Ok(out)
 }
@@ -182,20 +188,25 @@ fn pieces(runs: &[(u64, u64)], end: u64) -> Vec<(u64, u64)> {
 }
 
 /// Reads `len` bytes (whole pages, the last one possibly past `size`) at
-/// `off` of `f` into `buf`, hashes each page and keeps those `store` asks
-/// for (all of a piece in one run when every page is kept).
+/// `off` of `f` into `buf`, hashes each page (when `hashing`; otherwise
+/// keeps them all) and keeps those `store` asks for (all of a piece in one
+/// run when every page is kept).
 fn read_piece(
     f: &File,
     buf: &mut [u8],
     off: u64,
     len: u64,
     size: u64,
+    hashing: bool,
     store: impl Fn(u64, u64) -> bool,
 ) -> std::io::Result<Piece> {
     let b = &mut buf[..len as usize];
     let have = (size.saturating_sub(off)).min(len) as usize;
     b[have..].fill(0);
     f.read_exact_at(&mut b[..have], off)?;
+    if !hashing {
+        return Ok((Vec::new(), vec![(off, b.to_vec())]));
+    }
     let mut hashes = Vec::with_capacity(b.len() / PAGE as usize);
     let mut kept: Vec<u64> = Vec::new();
     for (i, pg) in b.chunks_exact(PAGE as usize).enumerate() {
@@ -306,6 +317,21 @@ mod tests {
         offs
     }
 
+    /// The next checkpoint of `objs`, whose previous one placed `before`.
+    fn again(
+        objs: &mut [ShmemObject],
+        files: &HashMap<u64, File>,
+        before: &Placed,
+        pool: &rayon::ThreadPool,
+    ) -> Placed {
+        let parent = Manifest {
+            shmem: objs.to_vec(),
+            ..Manifest::default()
+        };
+        let known = |o: &ShmemObject| before.views.get(&o.id).map(|v| v.1.clone());
+        place(1, objs, files, Some(&parent), known, true, pool).unwrap()
+    }
+
     #[test]
     fn a_first_store_is_whole_and_then_only_what_changed() {
         let pool = pool();
@@ -318,7 +344,7 @@ mod tests {
         }
         f.write_all_at(&[9u8; 100], 4 * PAGE).unwrap();
         // Page 3 is a hole.
-        let first = place(1, &mut objs, &files, None, |_| None, &pool).unwrap();
+        let first = place(1, &mut objs, &files, None, |_| None, true, &pool).unwrap();
         let base = objs[0].base;
         assert!(base >= SHMEM_PAGES && !objs[0].inherits);
         let mut store = HashMap::new();
@@ -331,20 +357,7 @@ mod tests {
         f.write_all_at(&page(5), PAGE).unwrap();
         punch(f, 2 * PAGE, PAGE);
         f.write_all_at(&page(6), 3 * PAGE).unwrap();
-        let parent = Manifest {
-            shmem: objs.clone(),
-            ..Manifest::default()
-        };
-        let view = first.views[&7].1.clone();
-        let second = place(
-            1,
-            &mut objs,
-            &files,
-            Some(&parent),
-            |o| (o.id == 7).then(|| view.clone()),
-            &pool,
-        )
-        .unwrap();
+        let second = again(&mut objs, &files, &first, &pool);
         assert_eq!(objs[0].base, base);
         assert!(objs[0].inherits);
         let mut offs = apply(&mut store, &second, base);
@@ -356,37 +369,29 @@ mod tests {
         assert_eq!(store[&(3 * PAGE)], page(6));
 
         // Nothing changed: nothing stored.
-        let parent = Manifest {
-            shmem: objs.clone(),
-            ..Manifest::default()
-        };
-        let view = second.views[&7].1.clone();
-        let third = place(
-            1,
-            &mut objs,
-            &files,
-            Some(&parent),
-            |_| Some(view.clone()),
-            &pool,
-        )
-        .unwrap();
+        let third = again(&mut objs, &files, &second, &pool);
         assert!(third.pages.is_empty());
 
         // Shrunk to one page: nothing stored, the view forgets the rest.
         f.set_len(PAGE).unwrap();
         objs[0].size = PAGE;
-        let view = third.views[&7].1.clone();
-        let fourth = place(
-            1,
-            &mut objs,
-            &files,
-            Some(&parent),
-            |_| Some(view.clone()),
-            &pool,
-        )
-        .unwrap();
+        let fourth = again(&mut objs, &files, &third, &pool);
         assert!(fourth.pages.is_empty());
         assert_eq!(fourth.views[&7].1.len(), 1);
+    }
+
+    #[test]
+    fn a_one_off_dump_stores_whole_and_keeps_no_hashes() {
+        let pool = pool();
+        let (files, mut objs) = memfd(3 * PAGE);
+        files[&7]
+            .write_all_at(&[1u8; 3 * PAGE as usize], 0)
+            .unwrap();
+        let placed = place(1, &mut objs, &files, None, |_| None, false, &pool).unwrap();
+        assert!(placed.views.is_empty());
+        let stored: usize = placed.pages.iter().map(|p| p.1.len()).sum();
+        assert_eq!(stored, 3 * PAGE as usize);
+        assert!(!objs[0].inherits && objs[0].base >= SHMEM_PAGES);
     }
 
     #[test]
@@ -404,7 +409,7 @@ mod tests {
             }],
             ..Manifest::default()
         };
-        place(1, &mut objs, &files, Some(&parent), |_| None, &pool).unwrap();
+        place(1, &mut objs, &files, Some(&parent), |_| None, true, &pool).unwrap();
         assert_eq!(objs[0].base, SHMEM_PAGES + SHMEM_SLOT);
         assert!(!objs[0].inherits);
     }

@@ -95,20 +95,21 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 .map(|(n, name)| (name.clone(), *n))
                 .collect(),
         },
-    )
-    .with_context(|| format!("restoring {}", args.images_dir.display()))
-    .inspect(|_| drop(bar))
-    .inspect_err(|_| {
-        // As a failed `criu restore`: a lock not removed yet stays, for
-        // another try.
-        for name in locks.iter().filter(|n| cr_ebpf_loader::netlock::exists(n)) {
-            eprintln!(
-                "cr-ebpf: the network lock {name} still holds the process's TCP connections: \
+    );
+    drop(bar);
+    let r = r
+        .with_context(|| format!("restoring {}", args.images_dir.display()))
+        .inspect_err(|_| {
+            // As a failed `criu restore`: a lock not removed yet stays, for
+            // another try.
+            for name in locks.iter().filter(|n| cr_ebpf_loader::netlock::exists(n)) {
+                eprintln!(
+                    "cr-ebpf: the network lock {name} still holds the process's TCP connections: \
                  restore again, or `cr-ebpf unlock --images-dir {}` lets them go",
-                args.images_dir.display()
-            );
-        }
-    })?;
+                    args.images_dir.display()
+                );
+            }
+        })?;
     if let Err(e) = crate::netlock::release(&locks, &gone) {
         eprintln!("cr-ebpf: {e:#}");
     }

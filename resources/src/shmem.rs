@@ -63,9 +63,6 @@ impl Limits {
         }
     }
 }
-/// Pieces the contents are cut into (each at most
-/// [`cr_ebpf_image::SHMEM_CAP`]).
-const PIECE: usize = 4 << 20;
 
 /// key and permission bits of System V segment `shmid` (`/proc/sysvipc/shm`).
 fn sysv_key_mode(pid: i32, shmid: u64) -> Result<(i32, u32), SaveError> {
@@ -157,13 +154,6 @@ fn object(
     Ok((o, with_data.then_some(f)))
 }
 
-/// Reads the whole contents of `o` from `f` (its file from [`capture`])
-/// into its `data`.
-pub fn read_contents(o: &mut ShmemObject, f: &File) -> io::Result<()> {
-    o.data = ghost::read_runs(f, o.size, PIECE)?;
-    Ok(())
-}
-
 /// What shared anonymous memory's file is called.
 pub const ANONYMOUS: &str = "/dev/zero (deleted)";
 
@@ -174,8 +164,8 @@ pub fn memfd_name(path: &str) -> Option<&str> {
 }
 
 /// Every shared memory object the process's mappings and descriptors refer
-/// to, with the file to read the contents of each it stores (by id; see
-/// [`read_contents`]), and the deleted files they hold (at most `limits` bytes of contents
+/// to, with the file to read the contents of each it stores (by id; the
+/// checkpoint reads them into the page store), and the deleted files they hold (at most `limits` bytes of contents
 /// each, see [`crate::ghost`]). In a tree, `taken` holds the objects an earlier
 /// process of the same checkpoint stored: their contents are not read or
 /// stored again.
@@ -560,7 +550,7 @@ mod tests {
         let pid = std::process::id() as i32;
         let (mut saved, files) = capture(pid, &[], &fds, None, Limits::default()).unwrap();
         assert_eq!(saved.len(), 1);
-        read_contents(&mut saved[0], &files[&ino]).unwrap();
+        saved[0].data = ghost::read_runs(&files[&ino], saved[0].size, 4 << 20).unwrap();
         let o = &saved[0];
         assert_eq!(
             (o.kind, o.name.as_str(), o.size),

@@ -123,14 +123,20 @@ impl Step {
 
 impl Tracee {
     /// Whether the thread uses a shadow stack (`rt_sigreturn` would then
-    /// need a token only the kernel writes).
+    /// need a token only the kernel writes); read once per seized thread
+    /// (it cannot enable one while stopped).
     fn shadow_stack(&self, pid: i32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{}/status", self.tid()))
+        if let Some(known) = self.shadow_stack.get() {
+            return known;
+        }
+        let uses = std::fs::read_to_string(format!("/proc/{pid}/task/{}/status", self.tid()))
             .map(|s| {
                 s.lines()
                     .any(|l| l.starts_with("x86_Thread_features:") && l.contains("shstk"))
             })
-            .unwrap_or(true)
+            .unwrap_or(true);
+        self.shadow_stack.set(Some(uses));
+        uses
     }
 
     /// Runs syscall `nr` with `args` like [`Tracee::inject_syscall`], but

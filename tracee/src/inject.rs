@@ -20,6 +20,34 @@ pub struct Injector {
 /// Most bytes of executable memory read looking for a trampoline.
 const TRAMPOLINE_BUDGET: usize = 64 << 20;
 
+/// Bytes read at once while looking for an instruction sequence.
+const PIECE: usize = 256 << 10;
+
+/// The first address of `needle` in `a..b` of process `pid`, read piece
+/// by piece (stopping where it is found), taking what is read from
+/// `budget`.
+fn find(pid: i32, a: u64, b: u64, needle: &[u8], budget: &mut usize) -> Option<u64> {
+    let finder = memchr::memmem::Finder::new(needle);
+    let mut buf = vec![0u8; PIECE];
+    let mut at = a;
+    while at < b && *budget > 0 {
+        let len = ((b - at) as usize).min(PIECE).min(*budget);
+        *budget = budget.saturating_sub(len);
+        let piece = &mut buf[..len];
+        sys::read_memory(pid, at, piece).ok()?;
+        if let Some(i) = finder.find(piece) {
+            return Some(at + i as u64);
+        }
+        if at + len as u64 >= b {
+            break;
+        }
+        // Overlapping the next piece by what a match could straddle.
+        let step = (len.saturating_sub(needle.len() - 1)).max(1);
+        at += step as u64;
+    }
+    None
+}
+
 /// Distance below the stack pointer of the scratch area (well past the
 /// 128-byte red zone).
 const SCRATCH_BELOW_SP: u64 = 4096;
@@ -66,24 +94,13 @@ impl Injector {
             if insn.is_some() && (trampoline.is_some() || budget == 0) {
                 break;
             }
-            let len = ((b - a) as usize).min(8 << 20).min(budget.max(4096));
-            budget = budget.saturating_sub(len);
-            let mut buf = vec![0u8; len];
-            if sys::read_memory(pid, a, &mut buf).is_err() {
-                continue;
-            }
             if insn.is_none() {
-                insn = buf
-                    .windows(2)
-                    .position(|w| w == [0x0f, 0x05])
-                    .map(|i| a + i as u64);
+                insn = find(pid, a, b, &[0x0f, 0x05], &mut budget);
             }
             if trampoline.is_none() {
-                trampoline = crate::guarded::TRAMPOLINES.iter().find_map(|t| {
-                    buf.windows(t.len())
-                        .position(|w| w == *t)
-                        .map(|i| a + i as u64)
-                });
+                trampoline = crate::guarded::TRAMPOLINES
+                    .iter()
+                    .find_map(|t| find(pid, a, b, t, &mut budget));
             }
         }
         let insn = insn.ok_or_else(|| TraceError::Unexpected {

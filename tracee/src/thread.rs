@@ -47,6 +47,9 @@ pub struct Tracee {
     /// last `PTRACE_EVENT_STOP` (the kernel reports it instead of
     /// `SIGTRAP` while the group is stopped).
     job_stop: std::cell::Cell<Option<Signal>>,
+    /// Whether the thread uses a shadow stack, once looked up (see
+    /// `guarded.rs`).
+    pub(crate) shadow_stack: std::cell::Cell<Option<bool>>,
 }
 
 /// `PTRACE_O_SUSPEND_SECCOMP` (nix does not name it).
@@ -99,6 +102,7 @@ impl Tracee {
             tid,
             attached: true,
             deferred: std::cell::Cell::new(None),
+            shadow_stack: std::cell::Cell::new(None),
             job_stop: std::cell::Cell::new(None),
         })
     }
@@ -110,6 +114,7 @@ impl Tracee {
             tid: Pid::from_raw(tid),
             attached: true,
             deferred: std::cell::Cell::new(None),
+            shadow_stack: std::cell::Cell::new(None),
             job_stop: std::cell::Cell::new(None),
         };
         loop {
@@ -144,6 +149,7 @@ impl Tracee {
             tid: pid,
             attached: true,
             deferred: std::cell::Cell::new(None),
+            shadow_stack: std::cell::Cell::new(None),
             job_stop: std::cell::Cell::new(None),
         })
     }

@@ -236,6 +236,7 @@ fn plan_memory(
                 (_, Some(b)) => Some(crate::shm_pages::view_of(&b.hashes, o.base)),
                 _ => None,
             },
+            true,
             pool,
         )?;
         plan.buffered.extend(placed.pages);
