@@ -66,6 +66,36 @@ impl Scratch {
         std::fs::create_dir_all(&d).expect("creating a scratch directory");
         Self(d)
     }
+
+    /// Like [`Scratch::new`], for a test that writes about `gib` GiB of
+    /// images: fails at once, saying so, when the file system has less free,
+    /// rather than half-way through with `ENOSPC`.
+    pub fn needing(name: &str, gib: u64) -> Self {
+        let s = Self::new(name);
+        let free = free_bytes(&s.0);
+        assert!(
+            free >= gib << 30,
+            "{name} writes about {gib} GiB of images in {}, which has {} MiB free: free some space",
+            s.0.display(),
+            free >> 20
+        );
+        s
+    }
+}
+
+/// Bytes free to an unprivileged writer on the file system holding `path`.
+pub fn free_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return u64::MAX;
+    };
+    // SAFETY: a zeroed statvfs is a valid value of this plain C struct.
+    let mut v: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `v` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut v) } != 0 {
+        return u64::MAX;
+    }
+    v.f_bavail * v.f_frsize
 }
 
 impl Drop for Scratch {

@@ -226,7 +226,7 @@ fn any_checkpoint_of_a_gibibyte_chain_restores_its_epoch() {
     if !cr_ebpf_perf::privileged("any_checkpoint_of_a_gibibyte_chain_restores_its_epoch") {
         return;
     }
-    let scratch = Scratch::new("incr-chain");
+    let scratch = Scratch::needing("incr-chain", 3);
     let dir = scratch.0.clone();
     let mut w = Workload::start(&dir, 1024, 10, false);
     let guard = KillOnDrop(w.pid);

@@ -126,6 +126,18 @@ fn test() -> Result<()> {
             "note: not root: privileged tests (eBPF, ptrace) will be SKIPPED; run as root for the full suite"
         );
     }
+    // The gigabyte tests write a few GiB of images: say what there is, so a
+    // run that meets a full disk is read as such.
+    for (what, dir) in [
+        ("here", std::path::PathBuf::from(".")),
+        ("temp", std::env::temp_dir()),
+    ] {
+        eprintln!(
+            "disk: {} MiB free {what} ({})",
+            free_mib(&dir),
+            dir.display()
+        );
+    }
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     // The default members: everything but the eBPF crate, which only builds
     // for the BPF target (through loader/build.rs).
@@ -180,6 +192,20 @@ fn test() -> Result<()> {
         bail!("{failed} test(s) failed");
     }
     Ok(())
+}
+
+/// MiB free to an unprivileged writer on the file system holding `dir`.
+fn free_mib(dir: &std::path::Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
+    // SAFETY: a zeroed statvfs is a valid value of this plain C struct.
+    let mut v: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `v` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut v) } != 0 {
+        return 0;
+    }
+    (v.f_bavail as u64 * v.f_frsize as u64) >> 20
 }
 
 /// The libFuzzer targets of `fuzz/` (long mode): each runs for
