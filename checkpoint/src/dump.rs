@@ -17,6 +17,7 @@ use crate::{
     maps,
     netlock::Held,
     pages::{split_runs, worker_pool, write_processes},
+    precopy::Precopy,
     state::{self, Changes, State},
     watchdog::{phase, Watchdog},
     DumpError,
@@ -55,6 +56,11 @@ pub struct DumpOptions {
     /// go of threads held by a tracer thread that does not return), which
     /// leaves the process running and publishes nothing. `None`: no bound.
     pub freeze_limit: Option<Duration>,
+    /// Do not pre-copy: read every page while the process is frozen. By
+    /// default a write tracker is attached first and the pages are copied
+    /// while the process runs; the freeze then reads only those written
+    /// after their copy (see `precopy.rs`).
+    pub no_precopy: bool,
 }
 
 /// What a dump did.
@@ -70,8 +76,22 @@ pub struct DumpReport {
     pub pages: u64,
     /// Size of the page store on disk.
     pub page_bytes: u64,
-    /// First thread stopped until the last resumed (or the process was killed).
+    /// Frozen: from the first thread stopped until every page and every
+    /// piece of state was read, when the process could run again (a dump
+    /// that leaves it running resumes it then; compression, writing and
+    /// fsync come after).
     pub freeze: Duration,
+    /// Stopped: from the first thread stopped until it was resumed or
+    /// killed. A dump that kills holds the process stopped until its image
+    /// is on disk, then kills it: this includes the write and fsync.
+    pub stopped: Duration,
+    /// Pages copied while the process ran (all passes; some may have been
+    /// read again while frozen, having been written after their copy).
+    pub precopied: u64,
+    /// Pre-copy passes and their time, before the freeze.
+    pub precopy_passes: usize,
+    /// Time spent pre-copying, the process running.
+    pub precopy: Duration,
     /// The whole dump.
     pub total: Duration,
     /// Threads that read and compressed pages.
@@ -108,11 +128,13 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     crate::freeze::checkable(pid)?;
     let pool = worker_pool(pid, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
+    let mut pre = (!opts.no_precopy).then(|| Precopy::run(pid, &pool, crate::precopy::budget()));
     let mut watchdog = opts.freeze_limit.map(|l| Watchdog::start(pid, l));
     phase("stopping the processes");
     // From here on an error drops `stopped`, which resumes every thread.
     let mut stopped = freeze_tree(pid)?;
     let since = stopped.since();
+    let start_times = stopped.start_times.clone();
     let tree = std::mem::take(&mut stopped.tree);
     let is_tree = tree.processes.len() > 1;
     let live: Vec<i32> = stopped.frozen.iter().map(Frozen::pid).collect();
@@ -136,27 +158,21 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             live.iter().position(|q| *q == ppid)
         })
         .collect();
-    let plans = plan_pages(&live, &states, &parents)?;
-    // Shared memory contents go to the page store, read while frozen.
-    let mut shm_pages = Vec::new();
-    for (pid, s) in live.iter().zip(&mut states) {
-        phase(format!("reading the shared memory of process {pid}"));
-        let placed = crate::shm_pages::place(
-            *pid,
-            &mut s.shmem,
-            &s.shm_files,
-            None,
-            |_| None,
-            false,
-            &pool,
-        )?;
-        shm_pages.push(placed.pages);
-    }
+    let mut plans = plan_pages(&live, &states, &parents)?;
+    let mut buffered = buffered_pages(
+        &live,
+        &start_times,
+        &mut states,
+        &mut plans,
+        pre.as_mut(),
+        &pool,
+    )?;
     let threads: usize = states.iter().map(|s| s.threads.len()).sum();
     let mappings: usize = plans.iter().map(|p| p.0.len()).sum();
 
     let mut frozen = Some(stopped);
     let mut freeze = Duration::ZERO;
+    let mut stopped_for = Duration::ZERO;
     phase("reading memory into pages.img");
     let (pages, page_bytes) = publish(dir, |tmp| {
         if is_tree {
@@ -165,33 +181,29 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         let procs = live
             .iter()
             .zip(&plans)
-            .zip(&mut shm_pages)
+            .zip(&mut buffered)
             .map(|((pid, (_, work, _)), shm)| (*pid, &work[..], std::mem::take(shm)))
             .collect();
         let (subs, pages, bytes) = write_processes(tmp, is_tree, &pool, procs, || {
             // Everything read: what stays alive runs again while the files
             // are finished.
+            freeze = since.elapsed();
             if opts.leave_running {
                 if let Some(w) = &mut watchdog {
                     w.disarm();
                 }
                 if let Some(t) = frozen.take() {
-                    freeze = since.elapsed();
                     t.thaw().map_err(|e| ImageError::Io {
                         path: format!("process {pid} (and its descendants)"),
                         what: "resuming",
                         source: std::io::Error::other(e.to_string()),
                     })?;
+                    stopped_for = since.elapsed();
                 }
             }
             Ok(())
         })?;
-        let freeze_ns = match &frozen {
-            // Killed right after publication: count up to now.
-            Some(_) => since.elapsed(),
-            None => freeze,
-        }
-        .as_nanos() as u64;
+        let freeze_ns = freeze.as_nanos() as u64;
         phase("writing the manifests and syncing the image to disk");
         for (i, ((s, (maps, _, cow)), sub)) in states.iter().zip(&plans).zip(&subs).enumerate() {
             let mut m = s.manifest(maps.clone(), freeze_ns, None);
@@ -215,7 +227,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             let _ = cr_ebpf_resources::fd::socket::tcp::repair_mode(sock, true);
         }
         t.kill()?;
-        freeze = since.elapsed();
+        stopped_for = since.elapsed();
         // The restore removes it once the connections exist again.
         if let Some(h) = held {
             network_lock = Some(h.name().to_string());
@@ -229,10 +241,56 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
         pages,
         page_bytes,
         freeze,
+        stopped: stopped_for,
+        precopied: pre.as_ref().map_or(0, |p| p.pages),
+        precopy_passes: pre.as_ref().map_or(0, |p| p.passes),
+        precopy: pre.as_ref().map_or(Duration::ZERO, |p| p.took),
         total: start.elapsed(),
         workers,
         network_lock,
     })
+}
+
+/// Pages in memory, by address.
+type Pages = Vec<(u64, Vec<u8>)>;
+
+/// The pages of each frozen process that are not read from it by the page
+/// writers: those pre-copied and not written since (taken out of its
+/// `plans` runs), and the contents of its shared memory objects (read now).
+fn buffered_pages(
+    live: &[i32],
+    start_times: &[u64],
+    states: &mut [State],
+    plans: &mut Plans,
+    mut pre: Option<&mut Precopy>,
+    pool: &rayon::ThreadPool,
+) -> Result<Vec<Pages>, DumpError> {
+    let mut buffered = Vec::new();
+    for (((pid, st), s), plan) in live.iter().zip(start_times).zip(states.iter()).zip(plans) {
+        let copied = match pre.as_deref_mut() {
+            Some(pre) => {
+                let (runs, copied) = pre.take(*pid, *st, &s.entries, &plan.1);
+                plan.1 = runs;
+                copied
+            }
+            None => Vec::new(),
+        };
+        buffered.push(copied);
+    }
+    for ((pid, s), b) in live.iter().zip(states.iter_mut()).zip(&mut buffered) {
+        phase(format!("reading the shared memory of process {pid}"));
+        let placed = crate::shm_pages::place(
+            *pid,
+            &mut s.shmem,
+            &s.shm_files,
+            None,
+            |_| None,
+            false,
+            pool,
+        )?;
+        b.extend(placed.pages);
+    }
+    Ok(buffered)
 }
 
 /// The state of every frozen process, with what they share found and

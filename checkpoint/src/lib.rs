@@ -20,6 +20,7 @@ mod freeze;
 mod incremental;
 mod netlock;
 mod pages;
+mod precopy;
 mod shm_pages;
 mod state;
 mod tree_check;

@@ -57,6 +57,13 @@ pub struct Args {
     /// was stuck on, and the process runs on (exit status 1).
     #[arg(long, default_value = "60s", value_parser = crate::args::parse_duration)]
     pub freeze_limit: std::time::Duration,
+    /// Read every page while the process is frozen. By default the pages
+    /// are copied while it runs first (a write tracker says which were
+    /// written after their copy: only those are read while frozen), which
+    /// takes memory for the copies (at most half of what is available)
+    /// and makes the freeze short.
+    #[arg(long)]
+    pub no_precopy: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +80,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             .then(|| std::sync::Arc::new(crate::netlock::BpfLock) as _),
         ext_unix_sk: args.ext_unix_sk,
         freeze_limit: Some(args.freeze_limit).filter(|l| !l.is_zero()),
+        no_precopy: args.no_precopy,
     };
     let bar = crate::progress::Bar::start(!args.json);
     let r = dump(args.pid, &args.images_dir, &opts)
@@ -90,6 +98,10 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "pages": r.pages,
                 "page_bytes_on_disk": r.page_bytes,
                 "freeze_ms": r.freeze.as_secs_f64() * 1e3,
+                "stopped_ms": r.stopped.as_secs_f64() * 1e3,
+                "precopied_pages": r.precopied,
+                "precopy_passes": r.precopy_passes,
+                "precopy_ms": r.precopy.as_secs_f64() * 1e3,
                 "total_ms": r.total.as_secs_f64() * 1e3,
                 "gb_per_s": r.gb_per_s(),
                 "workers": r.workers,
@@ -100,7 +112,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     } else {
         println!(
             "checkpointed pid {} into {}: {} thread(s), {} mappings, {} pages ({:.1} MiB, {:.1} MiB on disk); \
-             frozen {:.1} ms, total {:.1} ms ({:.2} GB/s, {} workers); process {}",
+             frozen {:.1} ms (stopped {:.1} ms), total {:.1} ms ({:.2} GB/s, {} workers); \
+             {} pages pre-copied in {:.1} ms ({} passes); process {}",
             r.pid,
             args.images_dir.display(),
             r.threads,
@@ -109,9 +122,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             r.pages as f64 * 4096.0 / (1 << 20) as f64,
             r.page_bytes as f64 / (1 << 20) as f64,
             r.freeze.as_secs_f64() * 1e3,
+            r.stopped.as_secs_f64() * 1e3,
             r.total.as_secs_f64() * 1e3,
             r.gb_per_s(),
             r.workers,
+            r.precopied,
+            r.precopy.as_secs_f64() * 1e3,
+            r.precopy_passes,
             if args.leave_running { "left running" } else { "killed" }
         );
         if let Some(name) = &r.network_lock {

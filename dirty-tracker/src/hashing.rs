@@ -1,5 +1,5 @@
 //! Backend: content hashing. Works on every kernel, for any process we may
-//! read (`process_vm_readv`, so ptrace access to it), and is the slowest.
+//! read (`/proc/PID/mem`, so ptrace access to it), and is the slowest.
 //!
 //! [`HashTracker::register`] reads every page of a range and keeps a 64-bit
 //! hash of it ([`page_hash`]); [`HashTracker::scan`] reads the pages again
@@ -33,7 +33,7 @@ use std::{collections::BTreeMap, io, ops::Range};
 
 use crate::{ranges, sys};
 
-/// Pages read per `process_vm_readv` call.
+/// Pages read per call.
 pub const BATCH_PAGES: usize = 256;
 
 /// The hash recorded for a page that cannot be read.
@@ -81,7 +81,7 @@ pub enum HashError {
         #[source]
         source: io::Error,
     },
-    /// `process_vm_readv` failed for another reason than an unreadable page
+    /// A read of the memory failed for another reason than an unreadable page
     /// (the process is gone, or we may not read its memory).
     #[error("reading {len} bytes at {addr:#x} in process {pid}")]
     Read {
@@ -419,27 +419,20 @@ fn hash_pages(
     Ok(())
 }
 
-/// One `process_vm_readv`: the number of bytes read from `addr` on, which
-/// stops short at the first page that cannot be read (0 if it is the first).
+/// One read of `/proc/PID/mem` (which, unlike `process_vm_readv`, takes
+/// no pin and so leaves pages shared copy-on-write with another process
+/// shared): the number of bytes read from `addr` on, which stops short at
+/// the first page that cannot be read (0 if it is the first).
 fn read_some(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize, HashError> {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+    use std::os::unix::fs::FileExt as _;
+    let source = match std::fs::File::open(format!("/proc/{pid}/mem")) {
+        Ok(mem) => match mem.read_at(buf, addr) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
+            Err(e) => e,
+        },
+        Err(e) => e,
     };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: `local` describes `buf`, which we own mutably; the kernel
-    // checks the remote range against the target's mappings.
-    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-    if n >= 0 {
-        return Ok(n as usize);
-    }
-    let source = io::Error::last_os_error();
-    if source.raw_os_error() == Some(libc::EFAULT) {
-        return Ok(0);
-    }
     Err(HashError::Read {
         pid,
         addr,
@@ -499,7 +492,7 @@ pub fn probe() -> Result<String, String> {
         return Err(format!("a rescan with no writes returned {again:x?}"));
     }
     Ok(format!(
-        "{} of {} changed pages found, rescan clean (process_vm_readv, {} pages per read)",
+        "{} of {} changed pages found, rescan clean (/proc/PID/mem, {} pages per read)",
         found.len(),
         written.len(),
         BATCH_PAGES

@@ -14,7 +14,7 @@
 //!   the tracker keeps per-range scans exact by reading every registered
 //!   range before each clear.
 //! * [`Backend::Hashing`] — a 64-bit hash of every page, read with
-//!   `process_vm_readv` and compared at each scan ([`hashing`]). Always
+//!   `/proc/PID/mem` and compared at each scan ([`hashing`]). Always
 //!   works, slowest; it reports content *changes*, so a page rewritten with
 //!   the same bytes is not reported (which a checkpoint does not need).
 //!

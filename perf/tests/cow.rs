@@ -66,6 +66,26 @@ fn head(pid: i32, addr: u64, i: u64) -> Vec<u8> {
     b
 }
 
+/// Starts the workload; returns it, the child's pid and the mapping.
+fn start(s: &Scratch) -> (std::process::Child, i32, u64) {
+    let ctl = s.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let parent = spawn_clean(
+        Command::new("/usr/bin/python3")
+            .args(["-c", WORKLOAD])
+            .arg(&ctl)
+            .arg(PAGES.to_string())
+            .arg(CHILD_WRITES.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    cr_ebpf_perf::wait_for_file(&ctl.join("info"));
+    cr_ebpf_perf::wait_for_file(&ctl.join("child-ready"));
+    let info = std::fs::read_to_string(ctl.join("info")).unwrap();
+    let (kid, addr) = info.split_once(' ').unwrap();
+    (parent, kid.parse().unwrap(), addr.parse().unwrap())
+}
+
 #[test]
 fn pages_a_child_shares_with_its_parent_are_shared_again() {
     if !cr_ebpf_perf::privileged("pages_a_child_shares_with_its_parent_are_shared_again") {
@@ -75,24 +95,9 @@ fn pages_a_child_shares_with_its_parent_are_shared_again() {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let s = Scratch::new("cow");
-    let ctl = s.0.join("ctl");
-    std::fs::create_dir_all(&ctl).unwrap();
-    let mut parent = spawn_clean(
-        Command::new("/usr/bin/python3")
-            .args(["-c", WORKLOAD])
-            .arg(&ctl)
-            .arg(PAGES.to_string())
-            .arg(CHILD_WRITES.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null()),
-    );
+    let (mut parent, kid, addr) = start(&s);
     let pid = parent.id() as i32;
     let g = KillOnDrop(pid);
-    cr_ebpf_perf::wait_for_file(&ctl.join("info"));
-    cr_ebpf_perf::wait_for_file(&ctl.join("child-ready"));
-    let info = std::fs::read_to_string(ctl.join("info")).unwrap();
-    let (kid, addr) = info.split_once(' ').unwrap();
-    let (kid, addr): (i32, u64) = (kid.parse().unwrap(), addr.parse().unwrap());
     let k = KillOnDrop(kid);
     let before = shared(pid, kid, addr);
     assert_eq!(before, (PAGES - CHILD_WRITES) as usize, "shared before");
@@ -117,4 +122,59 @@ fn pages_a_child_shares_with_its_parent_are_shared_again() {
     for i in [CHILD_WRITES, PAGES - 1] {
         assert_eq!(head(kid, addr, i), format!("parent {i:8}\0").into_bytes());
     }
+}
+
+/// Reading memory must not copy what a running tree shares: a dump that
+/// leaves it running, with and without pre-copy, and every checkpoint of a
+/// tracked session leave the shared pages shared (`process_vm_readv`, used
+/// before, gave the parent a private copy of every page it read).
+#[test]
+fn checkpoints_of_a_running_tree_leave_its_shared_pages_shared() {
+    if !cr_ebpf_perf::privileged("checkpoints_of_a_running_tree_leave_its_shared_pages_shared") {
+        return;
+    }
+    let s = Scratch::new("cow-live");
+    let (mut parent, kid, addr) = start(&s);
+    let pid = parent.id() as i32;
+    let _k = (KillOnDrop(pid), KillOnDrop(kid));
+    let before = shared(pid, kid, addr);
+    assert_eq!(before, (PAGES - CHILD_WRITES) as usize, "shared before");
+    for no_precopy in [false, true] {
+        let img = s.0.join(format!("img-{no_precopy}"));
+        let opts = DumpOptions {
+            leave_running: true,
+            no_precopy,
+            ..Default::default()
+        };
+        let r = dump(pid, &img, &opts).expect("dump");
+        assert!(r.pages > PAGES, "{r:?}");
+        assert_eq!(
+            shared(pid, kid, addr),
+            before,
+            "still shared after a dump (no_precopy: {no_precopy})"
+        );
+    }
+    let tracker = cr_ebpf_dirty_tracker::attach::attach(pid).expect("attach");
+    let images = s.0.join("images");
+    let mut session = cr_ebpf_checkpoint::Session::new(
+        pid,
+        &images,
+        Some(tracker),
+        cr_ebpf_checkpoint::SessionOptions::default(),
+    )
+    .expect("session");
+    session.follow(std::time::Duration::ZERO);
+    session.prime().expect("prime");
+    for _ in 0..2 {
+        let all = cr_ebpf_checkpoint::Changes::all();
+        session.checkpoint(&all).expect("checkpoint");
+        assert_eq!(
+            shared(pid, kid, addr),
+            before,
+            "still shared after a checkpoint"
+        );
+    }
+    drop(session);
+    let _ = parent.kill();
+    let _ = parent.wait();
 }

@@ -48,6 +48,7 @@ fn round_trip(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> Str
             ghost_limit: 0,
             shm_limit: 0,
             freeze_limit: None,
+            no_precopy: false,
             network_lock: None,
             ext_unix_sk: false,
         },

@@ -142,6 +142,7 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
             ghost_limit: 0,
             shm_limit: 0,
             freeze_limit: None,
+            no_precopy: false,
             network_lock: None,
             ext_unix_sk: false,
         },

@@ -77,54 +77,38 @@ pub fn set_xstate(tid: i32, state: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads `buf.len()` bytes at `addr` of process `pid` (`process_vm_readv`).
+/// Reads `buf.len()` bytes at `addr` of process `pid`, through
+/// `/proc/PID/mem`.
+///
+/// Not `process_vm_readv`: it pins the pages it reads, and a read-only pin
+/// of an anonymous page shared copy-on-write since a `fork` makes the
+/// kernel give the process a private copy first (so that the pin is
+/// stable). Reading a forking server that way turned all the memory its
+/// workers share with it into private copies, in the live processes. A
+/// read of `/proc/PID/mem` takes no pin and leaves the pages shared, also
+/// reads pages the process cannot read itself (`PROT_NONE`), and is about
+/// as fast (measured: 4.6–5.6 against 5.9 GB/s on one core).
 pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), TraceError> {
+    use std::os::unix::fs::FileExt as _;
+    let total = buf.len();
+    let err = |done: usize, source| TraceError::Memory {
+        op: "reading",
+        pid,
+        addr: addr + done as u64,
+        len: total - done,
+        source,
+    };
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| err(0, e))?;
     let mut done = 0;
     while done < buf.len() {
-        let local = libc::iovec {
-            iov_base: buf[done..].as_mut_ptr().cast(),
-            iov_len: buf.len() - done,
-        };
-        let remote = libc::iovec {
-            iov_base: (addr + done as u64) as *mut libc::c_void,
-            iov_len: buf.len() - done,
-        };
-        // SAFETY: both iovecs describe valid ranges: ours in `buf`, the
-        // remote one is checked by the kernel.
-        let mut n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-        if n <= 0 {
-            // Pages the process cannot read itself (PROT_NONE) are read
-            // through /proc/PID/mem, which may.
-            n = read_proc_mem(pid, addr + done as u64, &mut buf[done..]);
+        match mem.read_at(&mut buf[done..], addr + done as u64) {
+            Ok(0) => return Err(err(done, io::Error::from(io::ErrorKind::UnexpectedEof))),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err(done, e)),
         }
-        if n <= 0 {
-            return Err(TraceError::Memory {
-                op: "reading",
-                pid,
-                addr: addr + done as u64,
-                len: buf.len() - done,
-                source: if n < 0 {
-                    io::Error::last_os_error()
-                } else {
-                    io::Error::from(io::ErrorKind::UnexpectedEof)
-                },
-            });
-        }
-        done += n as usize;
     }
     Ok(())
-}
-
-/// `pread` of `/proc/PID/mem` at `addr`: the bytes read, or -1.
-fn read_proc_mem(pid: i32, addr: u64, buf: &mut [u8]) -> isize {
-    use std::os::unix::fs::FileExt as _;
-    let Ok(mem) = std::fs::File::open(format!("/proc/{pid}/mem")) else {
-        return -1;
-    };
-    match mem.read_at(buf, addr) {
-        Ok(n) => n as isize,
-        Err(_) => -1,
-    }
 }
 
 /// Writes `data` at `addr` of process `pid` (`process_vm_writev`); the

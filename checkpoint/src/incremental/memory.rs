@@ -20,23 +20,23 @@ use crate::{
 };
 
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Registered {
-    pub(super) end: u64,
+pub(crate) struct Registered {
+    pub(crate) end: u64,
     /// Whether every page written before the registration is in a
     /// published image (false until the checkpoint after registering).
-    pub(super) stored: bool,
+    pub(crate) stored: bool,
     /// Whether every page present at registration was pre-copied since.
-    pub(super) primed: bool,
+    pub(crate) primed: bool,
 }
 
 /// What a session keeps about one process between checkpoints.
-pub(super) struct Proc {
-    pub(super) pid: i32,
+pub(crate) struct Proc {
+    pub(crate) pid: i32,
     /// Its start time: the same pid with another one is another process.
-    pub(super) start_time: u64,
-    pub(super) wp: Option<WpTracker>,
-    pub(super) registered: BTreeMap<u64, Registered>,
-    pub(super) precopied: BTreeMap<u64, Vec<u8>>,
+    pub(crate) start_time: u64,
+    pub(crate) wp: Option<WpTracker>,
+    pub(crate) registered: BTreeMap<u64, Registered>,
+    pub(crate) precopied: BTreeMap<u64, Vec<u8>>,
     /// The established TCP connections of the newest checkpoint, held open
     /// (see [`Session::silence_connections`]), by descriptor number.
     pub(super) connections: Vec<(i32, std::os::fd::OwnedFd)>,
@@ -46,7 +46,7 @@ pub(super) struct Proc {
 }
 
 impl Proc {
-    pub(super) fn new(pid: i32, start_time: u64, wp: Option<WpTracker>) -> Self {
+    pub(crate) fn new(pid: i32, start_time: u64, wp: Option<WpTracker>) -> Self {
         Self {
             pid,
             start_time,
@@ -58,12 +58,12 @@ impl Proc {
         }
     }
 
-    pub(super) fn forget(&mut self, start: u64, end: u64) {
+    pub(crate) fn forget(&mut self, start: u64, end: u64) {
         forget(&mut self.registered, &mut self.precopied, start, end);
     }
 
     /// Pages may have been re-armed without being stored.
-    pub(super) fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.registered.clear();
         self.precopied.clear();
     }
@@ -92,7 +92,7 @@ pub(super) struct Plan<'a> {
 
 /// Registers every readable private mapping of `p` not registered yet and
 /// returns the runs of its present pages to copy.
-pub(super) fn prime_one(p: &mut Proc) -> Result<Vec<(u64, u64)>, DumpError> {
+pub(crate) fn prime_one(p: &mut Proc) -> Result<Vec<(u64, u64)>, DumpError> {
     let Some(wp) = &p.wp else {
         return Ok(Vec::new());
     };
@@ -140,7 +140,7 @@ pub(super) fn prime_one(p: &mut Proc) -> Result<Vec<(u64, u64)>, DumpError> {
 
 /// Copies `work` runs of `p` while it runs (on the pool) and keeps them
 /// page by page. Returns the pages copied.
-pub(super) fn copy_runs(pool: &rayon::ThreadPool, p: &mut Proc, work: &[(u64, u64)]) -> u64 {
+pub(crate) fn copy_runs(pool: &rayon::ThreadPool, p: &mut Proc, work: &[(u64, u64)]) -> u64 {
     let pid = p.pid;
     let copied = pool.install(|| {
         work.par_iter()
@@ -156,9 +156,42 @@ pub(super) fn copy_runs(pool: &rayon::ThreadPool, p: &mut Proc, work: &[(u64, u6
     keep_copies(p, copied)
 }
 
+/// Copies again, while `p` runs, the pages of its primed or stored
+/// registrations written since the last scan (re-arming them). Returns the
+/// pages copied.
+pub(crate) fn recopy_one(pool: &rayon::ThreadPool, p: &mut Proc) -> u64 {
+    let Some(wp) = &p.wp else { return 0 };
+    let mut runs = Vec::new();
+    let mut broken = Vec::new();
+    for (&start, r) in &p.registered {
+        // Early registrations hold pages nobody copied yet: those
+        // mappings are stored whole anyway.
+        if !r.stored && !r.primed {
+            continue;
+        }
+        let before = runs.len();
+        if wp.scan(start..r.end, &mut runs).is_err() {
+            runs.truncate(before);
+            broken.push((start, r.end));
+        }
+    }
+    for (s, e) in broken {
+        p.forget(s, e);
+    }
+    let mut work = Vec::new();
+    split_runs(
+        &runs
+            .iter()
+            .map(|r| (r.start, (r.end - r.start) / PAGE))
+            .collect::<Vec<_>>(),
+        &mut work,
+    );
+    copy_runs(pool, p, &work)
+}
+
 /// Stores pre-copied runs page by page; a run that could not be read
 /// (unmapped meanwhile) makes its mapping be stored whole next time.
-pub(super) fn keep_copies(
+pub(crate) fn keep_copies(
     p: &mut Proc,
     copied: Vec<(u64, Result<Vec<u8>, cr_ebpf_tracee::TraceError>)>,
 ) -> u64 {
@@ -331,7 +364,7 @@ pub(super) fn plan_pages(
     Ok(())
 }
 
-pub(super) fn forget(
+pub(crate) fn forget(
     registered: &mut BTreeMap<u64, Registered>,
     precopied: &mut BTreeMap<u64, Vec<u8>>,
     start: u64,

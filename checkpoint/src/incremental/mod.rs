@@ -38,21 +38,16 @@ use cr_ebpf_image::{images_dir, ImageError, Manifest};
 
 mod baseline;
 mod checkpoint;
-mod memory;
+pub(crate) mod memory;
 mod report;
 
 pub use baseline::page_hash;
-use memory::{copy_runs, forget, prime_one, Proc, Registered};
+use memory::{copy_runs, forget, prime_one, recopy_one, Proc, Registered};
 pub use report::{
     CheckpointReport, Followed, Method, Phases, PrecopyReport, SessionOptions, TreeChanges,
 };
 
-use crate::{
-    freeze,
-    pages::{split_runs, worker_pool},
-    state::Changes,
-    DumpError,
-};
+use crate::{freeze, pages::worker_pool, state::Changes, DumpError};
 
 pub(super) const PAGE: u64 = 4096;
 
@@ -311,36 +306,8 @@ impl Session {
     /// after.
     pub fn precopy(&mut self) -> Result<PrecopyReport, DumpError> {
         let t = Instant::now();
-        let mut pages = 0;
-        for p in self.procs.values_mut() {
-            let Some(wp) = &p.wp else { continue };
-            let mut runs = Vec::new();
-            let mut broken = Vec::new();
-            for (&start, r) in &p.registered {
-                // Early registrations hold pages nobody copied yet: those
-                // mappings are stored whole anyway.
-                if !r.stored && !r.primed {
-                    continue;
-                }
-                let before = runs.len();
-                if wp.scan(start..r.end, &mut runs).is_err() {
-                    runs.truncate(before);
-                    broken.push((start, r.end));
-                }
-            }
-            for (s, e) in broken {
-                p.forget(s, e);
-            }
-            let mut work = Vec::new();
-            split_runs(
-                &runs
-                    .iter()
-                    .map(|r| (r.start, (r.end - r.start) / PAGE))
-                    .collect::<Vec<_>>(),
-                &mut work,
-            );
-            pages += copy_runs(&self.pool, p, &work);
-        }
+        let pool = &self.pool;
+        let pages = self.procs.values_mut().map(|p| recopy_one(pool, p)).sum();
         Ok(PrecopyReport {
             pages,
             took: t.elapsed(),

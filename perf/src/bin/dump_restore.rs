@@ -161,6 +161,7 @@ fn main() -> Result<()> {
                             ghost_limit: 0,
                             shm_limit: 0,
                             freeze_limit: None,
+                            no_precopy: false,
                             network_lock: None,
                             ext_unix_sk: false,
                         },

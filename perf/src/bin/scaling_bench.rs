@@ -114,6 +114,7 @@ fn measure(
             ghost_limit: 0,
             shm_limit: 0,
             freeze_limit: None,
+            no_precopy: false,
             network_lock: None,
             ext_unix_sk: false,
         },
