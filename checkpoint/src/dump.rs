@@ -269,7 +269,7 @@ fn buffered_pages(
     for (((pid, st), s), plan) in live.iter().zip(start_times).zip(states.iter()).zip(plans) {
         let copied = match pre.as_deref_mut() {
             Some(pre) => {
-                let (runs, copied) = pre.take(*pid, *st, &s.entries, &plan.1);
+                let (runs, copied) = pre.take(pool, *pid, *st, &s.entries, &plan.1);
                 plan.1 = runs;
                 copied
             }

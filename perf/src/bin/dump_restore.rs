@@ -3,12 +3,16 @@
 //!
 //! For each size and kind of data (random, incompressible; and low-entropy,
 //! compressible), the `ticker` workload is
-//! started, dumped (and killed), and restored; rounds interleave the worker
-//! counts and medians are reported. Writes JSON to `--out`.
+//! started, dumped (and killed), and restored from a cold page cache (the
+//! cache is written back and dropped before each restore); rounds
+//! interleave the worker counts and medians are reported. A dump's time is
+//! given three ways: frozen (until its state and pages were read), stopped
+//! (until it was killed, after the image was on disk) and wall. Writes JSON
+//! to `--out`.
 //!
 //! With `--criu PATH`, that CRIU also dumps and restores the same workload
 //! (random data) in the same rounds, and its times are reported next to
-//! ours. A CRIU that fails is reported with its error, not fatal.
+//! ours (its frozen time as it reports it with `--display-stats`). A CRIU that fails is reported with its error, not fatal.
 //!
 //! Usage: `dump-restore [--quick] [--out FILE] [--bin DIR] [--criu PATH]`
 
@@ -60,22 +64,31 @@ fn start(ticker: &Path, log: &Path, mib: usize, compressible: bool) -> Result<Ch
     Ok(child)
 }
 
-/// One CRIU dump and restore of the ticker: (dump s, restore s), both
-/// wall time of the `criu` command (the restore until the process runs).
-fn criu_round(criu: &Path, ticker: &Path, scratch: &Path, mib: usize) -> Result<(f64, f64)> {
+/// Writes back and drops the page cache, so that a restore reads its
+/// image from the disk (as after a reboot or on another machine).
+fn drop_caches() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// One CRIU dump and restore of the ticker: (dump s, frozen s, restore s):
+/// the dump's wall time, CRIU's own "Frozen time" (`--display-stats`), and
+/// the restore's wall time from a cold page cache (until the process runs).
+fn criu_round(criu: &Path, ticker: &Path, scratch: &Path, mib: usize) -> Result<(f64, f64, f64)> {
     let log = scratch.join(format!("criu-log-{mib}"));
     let img = scratch.join(format!("criu-img-{mib}"));
     let _ = std::fs::remove_dir_all(&img);
     std::fs::create_dir_all(&img)?;
     let mut child = start(ticker, &log, mib, false)?;
     let pid = child.id() as i32;
-    let run = |args: &[&str]| -> Result<f64> {
+    let run = |args: &[&str]| -> Result<(f64, String)> {
         let t = Instant::now();
         let out = Command::new(criu)
             .args(args)
             .arg("-D")
             .arg(&img)
-            .args(["--shell-job", "-v1"])
+            .args(["--shell-job", "-v1", "--display-stats"])
             .output()
             .with_context(|| format!("running {}", criu.display()))?;
         let took = t.elapsed().as_secs_f64();
@@ -88,15 +101,21 @@ fn criu_round(criu: &Path, ticker: &Path, scratch: &Path, mib: usize) -> Result<
                 .unwrap_or("");
             bail!("criu {} failed ({}): {last}", args[0], out.status);
         }
-        Ok(took)
+        Ok((took, String::from_utf8_lossy(&out.stdout).into_owned()))
     };
     let dumped = run(&["dump", "-t", &pid.to_string()]);
     if dumped.is_err() {
         let _ = child.kill();
     }
     let _ = child.wait();
-    let dump_s = dumped?;
-    let restore_s = run(&["restore", "--restore-detached"])?;
+    let (dump_s, stats) = dumped?;
+    let frozen_s = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Frozen time: ")?.strip_suffix(" us"))
+        .and_then(|us| us.trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |us| us / 1e6);
+    drop_caches();
+    let (restore_s, _) = run(&["restore", "--restore-detached"])?;
     let alive = Path::new(&format!("/proc/{pid}")).exists();
     // SAFETY: stopping the restored workload (its pid is the original one).
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -105,7 +124,7 @@ fn criu_round(criu: &Path, ticker: &Path, scratch: &Path, mib: usize) -> Result<
     if !alive {
         bail!("criu restore returned but process {pid} is not running");
     }
-    Ok((dump_s, restore_s))
+    Ok((dump_s, frozen_s, restore_s))
 }
 
 fn main() -> Result<()> {
@@ -134,8 +153,8 @@ fn main() -> Result<()> {
     let pvr = cr_ebpf_perf::process_vm_readv_rate(256 << 20);
     let disk = disk_rate(&scratch, 256 << 20)?;
     let criu = opt("--criu").map(PathBuf::from);
-    // CRIU's (dump s, restore s) samples per size, or why it failed.
-    let mut criu_results: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    // CRIU's (dump s, frozen s, restore s) samples per size, or why it failed.
+    let mut criu_results: BTreeMap<String, [Vec<f64>; 3]> = BTreeMap::new();
     let mut criu_error: Option<String> = None;
     let mut results: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
     // Restore time by phase, in the restorer's order: per configuration,
@@ -168,6 +187,7 @@ fn main() -> Result<()> {
                     )
                     .with_context(|| format!("dump of {mib} MiB"))?;
                     let _ = child.wait();
+                    drop_caches();
                     let r = restore(
                         &img,
                         &RestoreOptions {
@@ -195,6 +215,12 @@ fn main() -> Result<()> {
                     e.entry("freeze_s")
                         .or_default()
                         .push(d.freeze.as_secs_f64());
+                    e.entry("stopped_s")
+                        .or_default()
+                        .push(d.stopped.as_secs_f64());
+                    e.entry("precopy_s")
+                        .or_default()
+                        .push(d.precopy.as_secs_f64());
                     e.entry("dump_gb_s")
                         .or_default()
                         .push(bytes / d.total.as_secs_f64() / 1e9);
@@ -215,10 +241,11 @@ fn main() -> Result<()> {
                 }
                 if let (Some(c), None, false) = (&criu, &criu_error, compressible) {
                     match criu_round(c, &ticker, &scratch, mib) {
-                        Ok((d, r)) => {
+                        Ok((d, f, r)) => {
                             let e = criu_results.entry(format!("{mib}MiB")).or_default();
-                            e.0.push(d);
-                            e.1.push(r);
+                            e[0].push(d);
+                            e[1].push(f);
+                            e[2].push(r);
                         }
                         Err(e) => {
                             println!("criu: {e:#}");
@@ -237,10 +264,11 @@ fn main() -> Result<()> {
          buffered write + fsync {disk:.2} GB/s"
     );
     println!(
-        "{:<26} {:>9} {:>9} {:>10} {:>11} {:>12} {:>10} {:>10}",
+        "{:<26} {:>9} {:>9} {:>10} {:>10} {:>11} {:>12} {:>10} {:>10}",
         "size/workers",
         "dump s",
         "freeze s",
+        "stopped s",
         "dump GB/s",
         "restore s",
         "restore GB/s",
@@ -251,9 +279,10 @@ fn main() -> Result<()> {
     for (k, m) in &results {
         let g = |n: &str| median(&m[n]);
         println!(
-            "{k:<26} {:>9.3} {:>9.3} {:>10.2} {:>11.3} {:>12.2} {:>10.2} {:>10.1}",
+            "{k:<26} {:>9.3} {:>9.3} {:>10.3} {:>10.2} {:>11.3} {:>12.2} {:>10.2} {:>10.1}",
             g("dump_s"),
             g("freeze_s"),
+            g("stopped_s"),
             g("dump_gb_s"),
             g("restore_s"),
             g("restore_gb_s"),
@@ -288,18 +317,25 @@ fn main() -> Result<()> {
         if let Some(e) = &criu_error {
             criu_json.insert("error".into(), e.clone().into());
         }
-        for (size, (d, r)) in &criu_results {
+        for (size, [d, f, r]) in &criu_results {
             let ours = &med[&format!("{size}/{cores}w")];
             println!(
-                "{size}: CRIU dump {:.3} s, restore {:.3} s; ours / CRIU: dump {:.2}, restore {:.2}",
+                "{size}: CRIU dump {:.3} s (frozen {:.3} s), cold restore {:.3} s; \
+                 ours / CRIU: dump {:.2}, frozen {:.2}, restore {:.2}",
                 median(d),
+                median(f),
                 median(r),
                 ours["dump_s"] / median(d),
+                ours["freeze_s"] / median(f),
                 ours["restore_s"] / median(r)
             );
             criu_json.insert(
                 size.clone(),
-                serde_json::json!({"dump_s": median(d), "restore_s": median(r)}),
+                serde_json::json!({
+                    "dump_s": median(d),
+                    "frozen_s": median(f),
+                    "restore_s": median(r),
+                }),
             );
         }
     }
