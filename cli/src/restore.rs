@@ -19,9 +19,19 @@ pub struct Args {
     /// In an images directory, the checkpoint to restore (`ckpt-000007` or `7`).
     #[arg(long)]
     pub checkpoint: Option<String>,
-    /// Return once the process runs instead of waiting for it to exit.
+    /// Return once the process runs instead of waiting for it to exit
+    /// (with --lazy, once its memory is all in).
     #[arg(long)]
     pub detach: bool,
+    /// Start the process before its memory is in: its private anonymous
+    /// pages are loaded when it first touches them and in the background
+    /// meanwhile (userfaultfd), the newest checkpoint's first. cr-ebpf
+    /// stays until every page is in (SIGINT and SIGTERM wait for that):
+    /// killed before, the process would read zeroes where pages were still
+    /// due. A damaged chunk found after the start kills the process. One
+    /// process only (not a tree).
+    #[arg(long)]
+    pub lazy: bool,
     /// Threads filling memory (default: all cores).
     #[arg(long, default_value_t = 0, value_parser = crate::args::threads)]
     pub threads: usize,
@@ -94,6 +104,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 .iter()
                 .map(|(n, name)| (name.clone(), *n))
                 .collect(),
+            lazy: args.lazy,
         },
     );
     drop(bar);
@@ -162,6 +173,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             })
         );
     }
+    if let Some(fill) = &r.lazy {
+        wait_lazy(fill, r.pid, args.json)?;
+    }
     if args.detach {
         return Ok(ExitCode::SUCCESS);
     }
@@ -225,4 +239,44 @@ fn inherit_fd(s: &str) -> Result<(i32, String), String> {
         return Err(format!("descriptor {n} is not open in cr-ebpf"));
     }
     Ok((n, name.to_string()))
+}
+
+/// Waits for a lazy restore's fill, SIGINT, SIGTERM and SIGHUP held until
+/// it ends (they would leave the pages still due to read as zeroes).
+fn wait_lazy(fill: &cr_ebpf_restore::LazyFill, pid: i32, json: bool) -> Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut held = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        held.add(s);
+    }
+    let mut old = SigSet::empty();
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&held), Some(&mut old))
+        .context("holding signals during the lazy fill")?;
+    let r = fill.wait();
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    let r = r.with_context(|| format!("loading the memory of process {pid} (it was killed)"))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "pid": pid,
+                "lazy_fill": {
+                    "pages": r.pages,
+                    "faults": r.faults,
+                    "worst_fault_ms": r.worst_fault.as_secs_f64() * 1e3,
+                    "took_ms": r.took.as_secs_f64() * 1e3,
+                },
+            })
+        );
+    } else {
+        eprintln!(
+            "cr-ebpf: all memory of pid {pid} in after {:.1} ms ({} pages, {} faults answered, \
+             the slowest in {:.2} ms)",
+            r.took.as_secs_f64() * 1e3,
+            r.pages,
+            r.faults,
+            r.worst_fault.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
 }

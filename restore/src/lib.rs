@@ -26,6 +26,7 @@
 
 mod build;
 mod inherit;
+mod lazy;
 mod policy;
 mod release;
 mod stub;
@@ -36,6 +37,7 @@ use std::{path::Path, time::Duration, time::Instant};
 
 use cr_ebpf_image::{images_dir, Chain, Manifest, MappingKind};
 pub use cr_ebpf_resources::{process::cgroup::NewRoot as CgroupRoot, RestoreError};
+pub use lazy::{LazyFill, LazyReport};
 
 /// What a restore did.
 #[derive(Debug, Clone)]
@@ -60,6 +62,9 @@ pub struct RestoreReport {
     /// Cgroups that were gone and were made again, without the settings
     /// they had (`CONTROLLERS:PATH`, `cgroup2` for v2).
     pub cgroups_made: Vec<String>,
+    /// A lazy restore's fill, running: wait for it ([`LazyFill::wait`])
+    /// before this program exits, or the pages not yet in read as zeroes.
+    pub lazy: Option<LazyFill>,
 }
 
 /// One phase of a restore and how long it took.
@@ -124,6 +129,10 @@ pub struct RestoreOptions {
     /// names (`pipe:[INODE]`, `socket:[INODE]`), given to the restored
     /// processes wherever they held it.
     pub inherit_fds: Vec<(String, std::os::fd::RawFd)>,
+    /// Lazy restore: the process runs before its private anonymous memory
+    /// is in; the pages arrive on demand and in the background (see
+    /// [`RestoreReport::lazy`]). A single process only.
+    pub lazy: bool,
 }
 
 /// When the restored process gets a time namespace of its own, whose
@@ -285,6 +294,11 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     cr_ebpf_image::trust::check_trusted(dir)?;
     let dir = images_dir::locate(dir, opts.checkpoint.as_deref())?;
     if cr_ebpf_image::tree::is_tree(&dir) {
+        if opts.lazy {
+            return Err(RestoreError::NotSupported(
+                "--lazy for a process tree: restore it without --lazy".into(),
+            ));
+        }
         return tree::restore_tree(&dir, opts, start, clock);
     }
     // Reads the image and its ancestors, maps their page stores and checks
@@ -292,6 +306,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     cr_ebpf_image::progress::start("reading the image", 0);
     let mut chain = Chain::open(&dir)?;
     chain.load_shmem()?;
+    let chain = std::sync::Arc::new(chain);
     clock.mark("read");
     let manifest = chain.manifest();
     preflight(manifest, opts)?;
@@ -302,7 +317,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     } else {
         opts.threads
     };
-    let (pid, pages, fill, cgroups_made) =
+    let (pid, pages, fill, cgroups_made, lazy) =
         restore_single(manifest, &chain, workers, opts, &mut clock)?;
     Ok(RestoreReport {
         pid,
@@ -314,20 +329,28 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
         phases: clock.phases,
         time_offsets,
         cgroups_made,
+        lazy,
     })
 }
+
+/// What [`restore_single`] returns: (pid, pages written, fill time,
+/// cgroups made, a lazy fill running).
+type Single = (i32, u64, Duration, Vec<String>, Option<LazyFill>);
 
 /// Rebuilds one process: a stub with its pid, its whole state, then it
 /// runs. Returns (pid, pages written, fill time, cgroups made).
 fn restore_single(
     m: &Manifest,
-    chain: &Chain,
+    chain: &std::sync::Arc<Chain>,
     workers: usize,
     opts: &RestoreOptions,
     clock: &mut Clock,
-) -> Result<(i32, u64, Duration, Vec<String>), RestoreError> {
+) -> Result<Single, RestoreError> {
     let (tramp, vdso_tmp) = stub::addresses(&[m])?;
-    let natives = stub::Natives::build(&[m], opts)?;
+    let mut natives = stub::Natives::build(&[m], opts)?;
+    if opts.lazy {
+        natives.lazy = Some(chain.clone());
+    }
     let (t, guard) = stub::spawn_root(m.process.pid, tramp)?;
     let pid = m.process.pid;
     natives.cgroups.enter(pid).map_err(|e| e.in_process(pid))?;
@@ -354,8 +377,9 @@ fn restore_single(
     // The restorer's own ends of pipes and FIFOs go before the process
     // runs: it must not see a reader or writer more than it had.
     let made = natives.cgroups.made.clone();
+    let lazy = natives.lazy_fill.lock().expect("not poisoned").take();
     drop(natives);
     let (pid, pages, fill) = release::release(ready).map_err(|e| e.in_process(pid))?;
     clock.mark("resume");
-    Ok((pid, pages, fill, made))
+    Ok((pid, pages, fill, made, lazy))
 }

@@ -30,6 +30,9 @@ pub(crate) struct Natives {
     pub shmem: HashMap<u64, OwnedFd>,
     /// The cgroups each process and thread goes into, directories made.
     pub cgroups: Placement,
+    /// A lazy restore's chain, and its fill once started (see `lazy.rs`).
+    pub lazy: Option<std::sync::Arc<cr_ebpf_image::Chain>>,
+    pub lazy_fill: std::sync::Mutex<Option<crate::lazy::LazyFill>>,
 }
 
 impl Natives {
@@ -59,6 +62,8 @@ impl Natives {
             fds,
             shmem,
             cgroups,
+            lazy: None,
+            lazy_fill: std::sync::Mutex::new(None),
         })
     }
 }

@@ -151,6 +151,7 @@ pub(crate) fn restore_tree(
     }
     clock.mark("resume");
     Ok(RestoreReport {
+        lazy: None,
         pid: root.pid,
         image: dir.to_path_buf(),
         pages,

@@ -105,10 +105,31 @@ pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), TraceError
             Ok(0) => return Err(err(done, io::Error::from(io::ErrorKind::UnexpectedEof))),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(err(done, e)),
+            // A page a userfaultfd handler must provide (a lazily restored
+            // process): `/proc/PID/mem` cannot wait for it, a pinning read
+            // can (and pins only what it reads from here).
+            Err(e) => match vm_readv(pid, addr + done as u64, &mut buf[done..]) {
+                n if n > 0 => done += n as usize,
+                _ => return Err(err(done, e)),
+            },
         }
     }
     Ok(())
+}
+
+/// One `process_vm_readv` into `buf`: the bytes read, or -1.
+fn vm_readv(pid: i32, addr: u64, buf: &mut [u8]) -> isize {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes `buf`, ours; the kernel checks the remote
+    // range against the process's mappings.
+    unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) }
 }
 
 /// Writes `data` at `addr` of process `pid` (`process_vm_writev`); the

@@ -8,7 +8,8 @@
 //! two operations (an operation a freeze stopped half-way is finished by
 //! then), that each page of both regions holds in every word the version
 //! its table says and appears exactly once, and appends `ok PAGES` or
-//! `bad WHAT` to LOG.
+//! `bad WHAT` to LOG. On SIGUSR2 it forks a child that makes the same check
+//! of its copy and appends `child ok PAGES` or `child bad WHAT`.
 //!
 //! Usage: `churn LOG PAGES`
 
@@ -18,9 +19,14 @@ use std::{
 };
 
 static CHECK: AtomicBool = AtomicBool::new(false);
+static FORK: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_usr1(_: libc::c_int) {
     CHECK.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_usr2(_: libc::c_int) {
+    FORK.store(true, Ordering::SeqCst);
 }
 
 /// Marks a page dropped: it reads as zeroes.
@@ -172,6 +178,8 @@ fn main() {
     let pages: usize = args[2].parse().expect("PAGES");
     // SAFETY: a handler that only stores an atomic.
     unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+    // SAFETY: as above.
+    unsafe { libc::signal(libc::SIGUSR2, on_usr2 as *const () as libc::sighandler_t) };
     let len = pages * 4096;
     let mut g = Regions {
         at: [map(len), map(len)],
@@ -200,6 +208,24 @@ fn main() {
             };
             writeln!(out, "{line}").unwrap();
         }
+        if FORK.swap(false, Ordering::SeqCst) {
+            // SAFETY: one thread; the child only checks, writes and exits.
+            match unsafe { libc::fork() } {
+                0 => {
+                    let line = match g.check() {
+                        Ok(n) => format!("child ok {n}"),
+                        Err(e) => format!("child bad {e}"),
+                    };
+                    writeln!(out, "{line}").unwrap();
+                    // SAFETY: ends the child at once.
+                    unsafe { libc::_exit(0) };
+                }
+                -1 => panic!("fork"),
+                _ => {}
+            }
+        }
+        // SAFETY: reaps a child that finished, if any.
+        unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
         x = cr_ebpf_perf::xorshift(&mut x);
         let (slot, i) = ((x >> 8) as usize & 1, (x >> 16) as usize % pages);
         match x & 1023 {

@@ -313,7 +313,8 @@ fn forget_rseq(b: &mut Build<'_>) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Pages, on all cores.
+/// Pages, on all cores. A lazy restore fills only what it does not
+/// register for its fill thread, which it starts here (see `lazy.rs`).
 fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
     let (workers, got) = (b.workers, b.pid);
     let chain = b
@@ -326,18 +327,19 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
         .build()
         .map_err(|e| RestoreError::stub(format!("starting the fill threads: {e}")))?;
     b.pages = chain.pages();
-    let own: u64 = chain
-        .fills()
-        .iter()
-        .filter(|f| !f.is_shmem())
-        .map(|f| f.pages())
-        .sum();
+    let lazy_ranges = match &b.natives.lazy {
+        Some(_) => crate::lazy::lazy_ranges(b.m),
+        None => Vec::new(),
+    };
+    let eager =
+        |f: &&cr_ebpf_image::chain::Fill| !f.is_shmem() && !crate::lazy::is_lazy(&lazy_ranges, f);
+    let own: u64 = chain.fills().iter().filter(eager).map(|f| f.pages()).sum();
     cr_ebpf_image::progress::start("filling memory", own);
     pool.install(|| {
         chain
             .fills()
             .par_iter()
-            .filter(|f| !f.is_shmem())
+            .filter(eager)
             .try_for_each_init(Vec::new, |buf, f| {
                 cr_ebpf_image::progress::add(f.pages());
                 chain.read(
@@ -357,6 +359,19 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
                 )
             })
     })?;
+    if let Some(shared) = &b.natives.lazy {
+        let lazy: Vec<usize> = (0..chain.fills().len())
+            .filter(|&i| {
+                let f = &chain.fills()[i];
+                !f.is_shmem() && crate::lazy::is_lazy(&lazy_ranges, f)
+            })
+            .collect();
+        let s = b.s;
+        let uffd = crate::lazy::take_uffd(got, |name, nr, args| s.call(name, nr, args))?;
+        crate::lazy::register(&uffd, &lazy_ranges)?;
+        let started = crate::lazy::start(shared.clone(), lazy, uffd, got)?;
+        *b.natives.lazy_fill.lock().expect("not poisoned") = Some(started);
+    }
     b.fill = fill_start.elapsed();
     Ok(())
 }

@@ -1,0 +1,677 @@
+//! Lazy restore (`restore --lazy`): the process runs before its memory is
+//! in place, and its private anonymous pages arrive on demand.
+//!
+//! While the stub is built, a userfaultfd is made inside it (missing mode,
+//! with the fork, remap, remove and unmap events) and taken into the
+//! restorer; every private anonymous mapping is registered with it instead
+//! of being filled (file-backed private pages, shared memory and special
+//! mappings are filled as usual). A server thread then answers each fault
+//! with the chunk of the image around it (`UFFDIO_COPY`; a page the image
+//! does not hold is a zero page), and meanwhile copies every other page in
+//! the background, the pages of the newest checkpoint of a chain first
+//! (those written last: the working set). Once every page is in, the
+//! descriptors are closed, which unregisters the mappings: holes left are
+//! ordinary untouched memory.
+//!
+//! What the process does to its memory meanwhile is followed through the
+//! events, which the kernel delivers before it goes on (and while one is
+//! unread, a copy fails with `EAGAIN` rather than land on memory that
+//! changed): `mremap` moves the pages still due to their new place,
+//! `munmap` and `MADV_DONTNEED` drop them (the process must read zeroes
+//! there, never the image), and a `fork` gives the child a userfaultfd of
+//! its own, whose pages due are copied at once.
+//!
+//! Each chunk's checksums are checked as it is loaded: a damaged one found
+//! after the process started kills it (and its children forked meanwhile)
+//! and fails the restore. If the restorer dies before every page is in,
+//! the mappings lose their registration and the pages not yet copied read
+//! as zeroes: the restorer waits for the fill to end before it exits, and
+//! holds SIGINT and SIGTERM meanwhile.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use cr_ebpf_image::{chain::Fill, Chain, Manifest, MappingKind};
+
+use crate::RestoreError;
+
+const PAGE: u64 = 4096;
+
+const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+const FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
+    | UFFD_FEATURE_EVENT_REMAP
+    | UFFD_FEATURE_EVENT_REMOVE
+    | UFFD_FEATURE_EVENT_UNMAP;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+const EVENT_PAGEFAULT: u8 = 0x12;
+const EVENT_FORK: u8 = 0x13;
+const EVENT_REMAP: u8 = 0x14;
+const EVENT_REMOVE: u8 = 0x15;
+const EVENT_UNMAP: u8 = 0x16;
+
+const fn iowr(ty: u64, nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (ty << 8) | nr
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    start: u64,
+    len: u64,
+    mode: u64,
+    zeropage: i64,
+}
+
+const UFFDIO_COPY: u64 = iowr(0xaa, 0x03, std::mem::size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = iowr(0xaa, 0x04, std::mem::size_of::<UffdioZeropage>());
+
+/// The mappings a lazy restore registers: private anonymous memory.
+pub(crate) fn lazy_ranges(m: &Manifest) -> Vec<(u64, u64)> {
+    m.mappings
+        .iter()
+        .filter(|x| {
+            matches!(
+                x.kind,
+                MappingKind::Anon | MappingKind::Heap | MappingKind::Stack
+            ) && x.flags & cr_ebpf_image::MAP_SHARED == 0
+                && x.pages_stored > 0
+        })
+        .map(|x| (x.start, x.end))
+        .collect()
+}
+
+/// Whether `f` lies in one of `ranges` (sorted), so it is loaded lazily.
+pub(crate) fn is_lazy(ranges: &[(u64, u64)], f: &Fill) -> bool {
+    let (s, e) = (f.chunk.vaddr, f.chunk.vaddr + f.chunk.npages as u64 * PAGE);
+    let i = ranges.partition_point(|r| r.1 <= s);
+    ranges.get(i).is_some_and(|r| r.0 <= s && e <= r.1)
+}
+
+/// Negotiates the API on the userfaultfd `uffd` (taken from the stub) and
+/// registers `ranges` with it.
+pub(crate) fn register(uffd: &OwnedFd, ranges: &[(u64, u64)]) -> Result<(), RestoreError> {
+    use cr_ebpf_dirty_tracker::sys;
+    let fail = |call: &str, err: std::io::Error| RestoreError::Syscall {
+        call: format!("{call} (lazy restore)"),
+        err,
+    };
+    let mut api = sys::UffdioApi {
+        api: sys::UFFD_API,
+        features: FEATURES,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API takes a `struct uffdio_api`.
+    unsafe { sys::ioctl(uffd, sys::UFFDIO_API, &mut api) }.map_err(|e| fail("UFFDIO_API", e))?;
+    for &(start, end) in ranges {
+        let mut reg = sys::UffdioRegister {
+            range: sys::UffdioRange {
+                start,
+                len: end - start,
+            },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`.
+        unsafe { sys::ioctl(uffd, sys::UFFDIO_REGISTER, &mut reg) }
+            .map_err(|e| fail(&format!("UFFDIO_REGISTER {start:#x}-{end:#x}"), e))?;
+    }
+    Ok(())
+}
+
+/// What a lazy restore's fill did.
+#[derive(Debug, Clone, Default)]
+pub struct LazyReport {
+    /// Pages copied in, in all (a process forked meanwhile counts again).
+    pub pages: u64,
+    /// Faults answered (the process waited for these).
+    pub faults: u64,
+    /// Longest answer to a fault.
+    pub worst_fault: Duration,
+    /// From the start of the server until every page was in.
+    pub took: Duration,
+}
+
+type Handle = std::thread::JoinHandle<Result<LazyReport, RestoreError>>;
+
+/// The fill of a lazily restored process, running in a thread of its own.
+#[derive(Clone)]
+pub struct LazyFill {
+    handle: Arc<std::sync::Mutex<Option<Handle>>>,
+}
+
+impl std::fmt::Debug for LazyFill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LazyFill")
+    }
+}
+
+impl LazyFill {
+    /// Waits until every page is in (or the fill failed, the processes
+    /// killed). Once: a second call says it was waited for.
+    pub fn wait(&self) -> Result<LazyReport, RestoreError> {
+        let h = self.handle.lock().expect("not poisoned").take();
+        match h {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(RestoreError::stub("the lazy fill thread panicked"))),
+            None => Err(RestoreError::stub("the lazy fill was waited for already")),
+        }
+    }
+}
+
+/// A process whose pages are due: its userfaultfd, its pid (to kill it if
+/// a chunk is damaged) and its pages still to copy: start to (image
+/// address, pages), in runs.
+struct Target {
+    uffd: OwnedFd,
+    pid: Option<i32>,
+    due: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Target {
+    /// Cuts the runs due so that none straddles `at`.
+    fn split_at(&mut self, at: u64) {
+        let hit = self
+            .due
+            .range(..at)
+            .next_back()
+            .map(|(&s, &(src, n))| (s, src, n));
+        if let Some((s, src, n)) = hit {
+            let end = s + n * PAGE;
+            if end > at {
+                self.due.insert(s, (src, (at - s) / PAGE));
+                self.due.insert(at, (src + (at - s), (end - at) / PAGE));
+            }
+        }
+    }
+
+    /// Takes the runs due in `[start, end)` out.
+    fn take(&mut self, start: u64, end: u64) -> Vec<(u64, (u64, u64))> {
+        self.split_at(start);
+        self.split_at(end);
+        let keys: Vec<u64> = self.due.range(start..end).map(|(&k, _)| k).collect();
+        keys.into_iter()
+            .filter_map(|k| self.due.remove(&k).map(|v| (k, v)))
+            .collect()
+    }
+}
+
+/// The image pages of the lazy fills, by image address: the first address
+/// of each piece to (fill, first page of the piece in its chunk, pages).
+struct Index {
+    pieces: BTreeMap<u64, (usize, u32, u32)>,
+}
+
+impl Index {
+    /// The piece holding image address `a`: (its start, fill, first page,
+    /// pages).
+    fn find(&self, a: u64) -> Option<(u64, usize, u32, u32)> {
+        self.pieces
+            .range(..=a)
+            .next_back()
+            .filter(|(&s, &(_, _, n))| s + n as u64 * PAGE > a)
+            .map(|(&s, &(f, first, n))| (s, f, first, n))
+    }
+}
+
+/// The server: answers faults and copies the rest.
+struct Server {
+    chain: Arc<Chain>,
+    /// The lazy fills, in the order they are copied in the background.
+    order: Vec<usize>,
+    index: Index,
+    targets: Vec<Target>,
+    /// The chunk decompressed last: (fill, bytes).
+    cached: Option<(usize, Vec<u8>)>,
+    report: LazyReport,
+}
+
+/// Starts the fill of process `pid` (released or about to be), whose lazy
+/// fills (indices into `chain.fills()`) are registered with `uffd`; the
+/// fills of the chain's newest checkpoint go first when it has parents.
+pub(crate) fn start(
+    chain: Arc<Chain>,
+    lazy: Vec<usize>,
+    uffd: OwnedFd,
+    pid: i32,
+) -> Result<LazyFill, RestoreError> {
+    let mut pieces = BTreeMap::new();
+    let mut due = BTreeMap::new();
+    let fills = chain.fills();
+    // The working set first: what the newest checkpoint stored.
+    let mut order = lazy.clone();
+    order.sort_by_key(|&i| fills[i].level);
+    for &i in &order {
+        let f = &fills[i];
+        for &(first, n) in &f.pieces {
+            let a = f.chunk.vaddr + first as u64 * PAGE;
+            pieces.insert(a, (i, first, n));
+            due.insert(a, (a, n as u64));
+        }
+    }
+    let server = Server {
+        chain,
+        order,
+        index: Index { pieces },
+        targets: vec![Target {
+            uffd,
+            pid: Some(pid),
+            due,
+        }],
+        cached: None,
+        report: LazyReport::default(),
+    };
+    let handle = std::thread::Builder::new()
+        .name("lazy-fill".into())
+        .spawn(move || server.run())
+        .map_err(|e| RestoreError::stub(format!("starting the lazy fill thread: {e}")))?;
+    Ok(LazyFill {
+        handle: Arc::new(std::sync::Mutex::new(Some(handle))),
+    })
+}
+
+impl Server {
+    fn run(mut self) -> Result<LazyReport, RestoreError> {
+        let start = Instant::now();
+        let r = self.fill();
+        if r.is_err() {
+            // Its memory cannot be completed: the process goes, with the
+            // children it forked meanwhile, before their registrations do.
+            if let Some(root) = self.targets.iter().find_map(|t| t.pid) {
+                kill_tree(root);
+            }
+        }
+        r?;
+        self.report.took = start.elapsed();
+        // Closing the descriptors unregisters the mappings.
+        self.targets.clear();
+        Ok(self.report)
+    }
+
+    /// Serves events until nothing is due, copying in the background
+    /// between them: chunks are read and decompressed ahead, in order, by
+    /// a thread of their own while this one copies and answers faults.
+    fn fill(&mut self) -> Result<(), RestoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Option<Vec<u8>>)>(16);
+        let (chain, order) = (self.chain.clone(), self.order.clone());
+        let ahead = std::thread::Builder::new()
+            .name("lazy-read".into())
+            .spawn(move || {
+                for f in order {
+                    let fill = &chain.fills()[f];
+                    let mut buf = Vec::new();
+                    let ok = chain
+                        .read(fill, &mut buf, |_, _| Ok::<(), ()>(()), |_| ())
+                        .is_ok();
+                    buf.truncate(fill.chunk.npages as usize * PAGE as usize);
+                    if tx.send((f, ok.then_some(buf))).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| RestoreError::stub(format!("starting the lazy read thread: {e}")))?;
+        let r = self.fill_from(&rx);
+        drop(rx);
+        let _ = ahead.join();
+        r
+    }
+
+    fn fill_from(
+        &mut self,
+        rx: &std::sync::mpsc::Receiver<(usize, Option<Vec<u8>>)>,
+    ) -> Result<(), RestoreError> {
+        let mut streaming = true;
+        loop {
+            // Faults and events first, without waiting.
+            while self.serve(0)? {}
+            if streaming {
+                match rx.try_recv() {
+                    Ok((f, Some(data))) => {
+                        self.cached = Some((f, data));
+                        self.copy_fill(f)?;
+                    }
+                    // Damaged: read again here, which says how.
+                    Ok((f, None)) => {
+                        self.cached = None;
+                        self.chunk(f)?;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        self.serve(1)?;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => streaming = false,
+                }
+                continue;
+            }
+            // What is left (moved by mremap, or skipped): run by run.
+            let Some((t, start)) = self
+                .targets
+                .iter()
+                .enumerate()
+                .find_map(|(i, t)| t.due.keys().next().map(|&s| (i, s)))
+            else {
+                return Ok(());
+            };
+            let n = self.targets[t].due[&start].1.min(256);
+            self.copy_range(t, start, start + n * PAGE)?;
+        }
+    }
+
+    /// Copies the pieces of fill `f` (decompressed in the cache) into every
+    /// target where they are due at their own address.
+    fn copy_fill(&mut self, f: usize) -> Result<(), RestoreError> {
+        let chain = self.chain.clone();
+        let fill = &chain.fills()[f];
+        for t in 0..self.targets.len() {
+            for &(first, n) in &fill.pieces {
+                let a = fill.chunk.vaddr + first as u64 * PAGE;
+                let identity = self.targets[t]
+                    .due
+                    .range(..=a)
+                    .next_back()
+                    .is_some_and(|(&s, &(src, m))| src == s && s + m * PAGE > a);
+                if identity {
+                    self.copy_range(t, a, a + n as u64 * PAGE)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and handles the messages of every target, waiting up to
+    /// `timeout_ms`; whether there was any.
+    fn serve(&mut self, timeout_ms: i32) -> Result<bool, RestoreError> {
+        let mut fds: Vec<libc::pollfd> = self
+            .targets
+            .iter()
+            .map(|t| libc::pollfd {
+                fd: t.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, timeout_ms) };
+        if n <= 0 {
+            return Ok(false);
+        }
+        let mut any = false;
+        let mut gone = Vec::new();
+        for (i, p) in fds.iter().enumerate() {
+            if p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                gone.push(i);
+                continue;
+            }
+            if p.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            let mut msg = [0u8; 32];
+            // SAFETY: reads one `struct uffd_msg` into `msg`.
+            let r = unsafe { libc::read(p.fd, msg.as_mut_ptr().cast(), msg.len()) };
+            if r != 32 {
+                continue;
+            }
+            any = true;
+            self.message(i, &msg)?;
+        }
+        // A process gone (exited, or replaced its memory): nothing to do.
+        for i in gone.into_iter().rev() {
+            self.targets.remove(i);
+        }
+        Ok(any)
+    }
+
+    fn message(&mut self, t: usize, msg: &[u8; 32]) -> Result<(), RestoreError> {
+        let u64_at = |o: usize| u64::from_ne_bytes(msg[o..o + 8].try_into().expect("8 bytes"));
+        match msg[0] {
+            EVENT_PAGEFAULT => {
+                let at = Instant::now();
+                let addr = u64_at(16) & !(PAGE - 1);
+                self.fault(t, addr)?;
+                self.report.faults += 1;
+                self.report.worst_fault = self.report.worst_fault.max(at.elapsed());
+            }
+            EVENT_FORK => {
+                let ufd = u32::from_ne_bytes(msg[8..12].try_into().expect("4 bytes")) as i32;
+                // SAFETY: the kernel installed this descriptor for us.
+                let uffd = unsafe { OwnedFd::from_raw_fd(ufd) };
+                let due = self.targets[t].due.clone();
+                self.targets.push(Target {
+                    uffd,
+                    pid: None,
+                    due,
+                });
+            }
+            EVENT_REMAP => {
+                let (from, to, len) = (u64_at(8), u64_at(16), u64_at(24));
+                let tg = &mut self.targets[t];
+                let moved = tg.take(from, from + len);
+                for (s, v) in moved {
+                    tg.due.insert(to + (s - from), v);
+                }
+            }
+            EVENT_REMOVE | EVENT_UNMAP => {
+                let (start, end) = (u64_at(8), u64_at(16));
+                self.targets[t].take(start, end);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Answers a fault at `addr` of target `t`: the run due around it (up
+    /// to its piece), or a zero page when the image holds none there.
+    fn fault(&mut self, t: usize, addr: u64) -> Result<(), RestoreError> {
+        let hit = self.targets[t]
+            .due
+            .range(..=addr)
+            .next_back()
+            .map(|(&s, &(_, n))| (s, s + n * PAGE))
+            .filter(|&(_, e)| e > addr);
+        match hit {
+            Some((s, e)) => {
+                // The piece of the image around it, whole.
+                let (src, _) = self.targets[t].due[&s];
+                let ia = src + (addr - s);
+                let (ps, _, _, pn) = self
+                    .index
+                    .find(ia)
+                    .ok_or_else(|| RestoreError::stub(format!("no page for {addr:#x}")))?;
+                let lo = s.max(addr - (ia - ps));
+                let hi = e.min(addr + (ps + pn as u64 * PAGE - ia));
+                self.copy_range(t, lo, hi)
+            }
+            None => {
+                let mut z = UffdioZeropage {
+                    start: addr,
+                    len: PAGE,
+                    ..Default::default()
+                };
+                // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`.
+                let r = unsafe {
+                    libc::ioctl(
+                        self.targets[t].uffd.as_raw_fd(),
+                        UFFDIO_ZEROPAGE as _,
+                        &mut z,
+                    )
+                };
+                let err = std::io::Error::last_os_error();
+                if r < 0 && !matches!(err.raw_os_error(), Some(libc::EEXIST | libc::EAGAIN)) {
+                    return Err(RestoreError::Syscall {
+                        call: format!("UFFDIO_ZEROPAGE at {addr:#x} (lazy restore)"),
+                        err,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies the pages due in `[lo, hi)` of target `t` from the image.
+    fn copy_range(&mut self, t: usize, lo: u64, hi: u64) -> Result<(), RestoreError> {
+        let runs = self.targets[t].take(lo, hi);
+        for (i, &(start, (src, n))) in runs.iter().enumerate() {
+            let mut done = 0;
+            while done < n {
+                let ia = src + done * PAGE;
+                let (ps, f, first, pn) = self
+                    .index
+                    .find(ia)
+                    .ok_or_else(|| RestoreError::stub(format!("no page for {ia:#x}")))?;
+                let k = ((ps + pn as u64 * PAGE - ia) / PAGE).min(n - done);
+                let off = (first as u64 * PAGE + (ia - ps)) as usize;
+                let data = self.chunk(f)?;
+                let src_ptr = data[off..off + (k * PAGE) as usize].as_ptr() as u64;
+                let mut c = UffdioCopy {
+                    dst: start + done * PAGE,
+                    src: src_ptr,
+                    len: k * PAGE,
+                    ..Default::default()
+                };
+                let uffd = self.targets[t].uffd.as_raw_fd();
+                // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy` whose
+                // `src` points to `len` readable bytes of ours.
+                let r = unsafe { libc::ioctl(uffd, UFFDIO_COPY as _, &mut c) };
+                if r < 0 {
+                    let err = std::io::Error::last_os_error();
+                    match err.raw_os_error() {
+                        // Part copied, the rest present already: skip it.
+                        Some(libc::EEXIST) => {
+                            let copied = c.copy.max(0) as u64 / PAGE;
+                            done += copied + 1;
+                            self.report.pages += copied;
+                            continue;
+                        }
+                        // The layout is changing: the events first, then
+                        // this run again as it is due then.
+                        Some(libc::EAGAIN) => {
+                            let copied = c.copy.max(0) as u64 / PAGE;
+                            self.report.pages += copied;
+                            let rest: Vec<_> = runs[i..]
+                                .iter()
+                                .map(|&(s, (sr, m))| {
+                                    let skip = if s == start { done + copied } else { 0 };
+                                    (s + skip * PAGE, (sr + skip * PAGE, m - skip))
+                                })
+                                .filter(|r| r.1 .1 > 0)
+                                .collect();
+                            for (s, v) in rest {
+                                self.targets[t].due.insert(s, v);
+                            }
+                            return Ok(());
+                        }
+                        // The process is gone (exited, or replaced its
+                        // memory): nothing more is due to it.
+                        Some(libc::ESRCH) | Some(libc::ENOENT) => {
+                            self.targets[t].due.clear();
+                            return Ok(());
+                        }
+                        _ => {
+                            return Err(RestoreError::Syscall {
+                                call: format!(
+                                    "UFFDIO_COPY at {:#x} (lazy restore)",
+                                    start + done * PAGE
+                                ),
+                                err,
+                            })
+                        }
+                    }
+                }
+                self.report.pages += k;
+                done += k;
+            }
+        }
+        Ok(())
+    }
+
+    /// The decompressed chunk of fill `f` (its checksums checked).
+    fn chunk(&mut self, f: usize) -> Result<&[u8], RestoreError> {
+        if self.cached.as_ref().is_none_or(|c| c.0 != f) {
+            let fill = &self.chain.fills()[f];
+            let mut buf = Vec::new();
+            let n = fill.chunk.npages as usize * PAGE as usize;
+            self.chain.read(
+                fill,
+                &mut buf,
+                |_, _| Ok::<(), RestoreError>(()),
+                |what| RestoreError::PageData { what },
+            )?;
+            buf.truncate(n);
+            self.cached = Some((f, buf));
+        }
+        Ok(&self.cached.as_ref().expect("cached").1)
+    }
+}
+
+/// Kills `root` and its descendants (children first found, then killed
+/// from the root down, so that none is left behind by a fork meanwhile).
+fn kill_tree(root: i32) {
+    let mut all = vec![root];
+    let mut i = 0;
+    while i < all.len() {
+        let pid = all[i];
+        // SAFETY: a signal to a process of the tree we restored.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                all.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok()),
+                );
+            }
+        }
+        i += 1;
+    }
+}
+
+/// Makes a userfaultfd inside the stub through `call` (an injected
+/// syscall) and takes it into this process (`pidfd_getfd`); the stub's
+/// descriptor is closed again.
+pub(crate) fn take_uffd(
+    pid: i32,
+    call: impl Fn(&str, i64, [u64; 6]) -> Result<i64, RestoreError>,
+) -> Result<OwnedFd, RestoreError> {
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    let fd = call("userfaultfd", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+    // SAFETY: plain syscalls with integer arguments; the new descriptors
+    // are owned at once.
+    let taken = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+            let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+            if got < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(OwnedFd::from_raw_fd(got as i32))
+            }
+        }
+    };
+    call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+    taken.map_err(|err| RestoreError::Syscall {
+        call: "pidfd_getfd of the stub's userfaultfd (lazy restore)".into(),
+        err,
+    })
+}
