@@ -59,6 +59,16 @@ pub(crate) fn write_pages(
     read_done: impl FnOnce() -> Result<(), ImageError>,
 ) -> Result<(u64, u64), ImageError> {
     let mut writer = PageWriter::create(tmp)?;
+    let mem_err = |e: TraceError| ImageError::Io {
+        path: format!("memory of process {pid}"),
+        what: "reading",
+        source: std::io::Error::other(e.to_string()),
+    };
+    // Opened once: the process is frozen while it is read.
+    let mem = match live.is_empty() {
+        true => None,
+        false => Some(cr_ebpf_tracee::Mem::open(pid).map_err(mem_err)?),
+    };
     let (tx, rx) = crossbeam_channel::bounded::<Chunk>(pool.current_num_threads() * 4);
     let (read, writer) = std::thread::scope(|s| {
         let w = s.spawn(move || -> Result<PageWriter, ImageError> {
@@ -73,18 +83,14 @@ pub(crate) fn write_pages(
                     || vec![0u8; 256 * 4096],
                     |buf, &(addr, n)| {
                         let b = &mut buf[..n as usize * 4096];
-                        cr_ebpf_tracee::read_memory(pid, addr, b)?;
+                        mem.as_ref().expect("opened for live runs").read(addr, b)?;
                         // A closed channel means the writer failed: its error wins.
                         let _ = tx.send(Chunk::compress(addr, b));
                         cr_ebpf_image::progress::add(n);
                         Ok(())
                     },
                 )
-                .map_err(|e: TraceError| ImageError::Io {
-                    path: format!("memory of process {pid}"),
-                    what: "reading",
-                    source: std::io::Error::other(e.to_string()),
-                })
+                .map_err(mem_err)
         });
         let read = read.and_then(|()| read_done()).map(|()| {
             pool.install(|| {

@@ -129,7 +129,10 @@ fn frames(pagemap: &std::fs::File, addr: u64, n: u64) -> Vec<u64> {
 /// `dirty` (sorted runs) or whose frame is no longer the one copied; a
 /// copy that cannot be read is dropped. Returns the pages read.
 fn refresh(pool: &rayon::ThreadPool, pid: i32, p: &mut Proc, dirty: &[(u64, u64)]) -> u64 {
-    let Ok(pagemap) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
+    let (Ok(pagemap), Ok(mem)) = (
+        std::fs::File::open(format!("/proc/{pid}/pagemap")),
+        cr_ebpf_tracee::Mem::open(pid),
+    ) else {
         p.copies.clear();
         return 0;
     };
@@ -152,7 +155,7 @@ fn refresh(pool: &rayon::ThreadPool, pid: i32, p: &mut Proc, dirty: &[(u64, u64)
                         continue;
                     }
                     let page = &mut c.data[k * PAGE as usize..(k + 1) * PAGE as usize];
-                    if cr_ebpf_tracee::read_memory(pid, a, page).is_err() {
+                    if mem.read(a, page).is_err() {
                         return (start, None);
                     }
                     // Read after the frame: a frame changed since is seen

@@ -311,11 +311,23 @@ impl Server {
     /// a thread of their own while this one copies and answers faults.
     fn fill(&mut self) -> Result<(), RestoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Option<Vec<u8>>)>(16);
-        let (chain, order) = (self.chain.clone(), self.order.clone());
-        let ahead = std::thread::Builder::new()
-            .name("lazy-read".into())
-            .spawn(move || {
-                for f in order {
+        // As many readers as cores: a cold page store reads faster with
+        // several requests in flight. They take the fills in order.
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let readers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let mut ahead = Vec::new();
+        for i in 0..readers {
+            let (chain, order, next, tx) = (
+                self.chain.clone(),
+                self.order.clone(),
+                next.clone(),
+                tx.clone(),
+            );
+            let h = std::thread::Builder::new()
+                .name(format!("lazy-read-{i}"))
+                .spawn(move || loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&f) = order.get(k) else { return };
                     let fill = &chain.fills()[f];
                     let mut buf = Vec::new();
                     let ok = chain
@@ -325,12 +337,16 @@ impl Server {
                     if tx.send((f, ok.then_some(buf))).is_err() {
                         return;
                     }
-                }
-            })
-            .map_err(|e| RestoreError::stub(format!("starting the lazy read thread: {e}")))?;
+                })
+                .map_err(|e| RestoreError::stub(format!("starting a lazy read thread: {e}")))?;
+            ahead.push(h);
+        }
+        drop(tx);
         let r = self.fill_from(&rx);
         drop(rx);
-        let _ = ahead.join();
+        for h in ahead {
+            let _ = h.join();
+        }
         r
     }
 

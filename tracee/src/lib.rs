@@ -25,4 +25,4 @@ pub use regs::Regs;
 pub use thread::{can_suspend_seccomp, Rseq, StopKind, Tracee};
 
 /// Reads `len` bytes at `addr` in process `pid` into `buf`.
-pub use sys::{fork_with_pid, read_memory, write_memory};
+pub use sys::{fork_with_pid, read_memory, write_memory, Mem};

@@ -309,12 +309,23 @@ fn copy_frozen(pool: &rayon::ThreadPool, plans: &mut [Plan<'_>]) -> Result<(), D
         .enumerate()
         .flat_map(|(i, p)| p.live.iter().map(move |&(a, n)| (i, a, n)))
         .collect();
+    // Each process's memory opened once (frozen: it cannot change).
+    let mems = plans
+        .iter()
+        .map(|p| match p.live.is_empty() {
+            true => Ok(None),
+            false => cr_ebpf_tracee::Mem::open(p.pid)
+                .map(Some)
+                .map_err(|source| DumpError::Trace { pid: p.pid, source }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let copied = pool.install(|| {
         work.par_iter()
             .map(|&(i, addr, n)| {
                 let pid = plans[i].pid;
                 let mut b = vec![0u8; (n * PAGE) as usize];
-                cr_ebpf_tracee::read_memory(pid, addr, &mut b)
+                let mem = mems[i].as_ref().expect("opened for live runs");
+                mem.read(addr, &mut b)
                     .map(|()| (i, addr, b))
                     .map_err(|source| DumpError::Trace { pid, source })
             })
@@ -359,12 +370,25 @@ fn settle_buffers(procs: &mut BTreeMap<i32, Proc>, plans: &mut [Plan<'_>]) -> u6
             plan.buffered = merge_pages(kept);
             recount(&mut plan.mappings, &plan.buffered);
         }
-        for a in &plan.reuse {
-            if let Some(pg) = p.precopied.remove(a) {
-                plan.buffered.push((*a, pg));
+        for (i, start, end, written) in std::mem::take(&mut plan.reuse) {
+            let written: std::collections::HashSet<u64> = written
+                .iter()
+                .flat_map(|&(a, n)| (0..n).map(move |k| a + k * PAGE))
+                .collect();
+            let valid: Vec<u64> = p
+                .precopied
+                .range(start..end)
+                .map(|(&a, _)| a)
+                .filter(|a| !written.contains(a))
+                .collect();
+            for a in &valid {
+                if let Some(pg) = p.precopied.remove(a) {
+                    plan.buffered.push((*a, pg));
+                }
             }
+            plan.mappings[i].pages_stored += valid.len() as u64;
+            precopied += valid.len() as u64;
         }
-        precopied += plan.reuse.len() as u64;
         p.precopied.clear();
     }
     precopied

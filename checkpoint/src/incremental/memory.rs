@@ -69,6 +69,10 @@ impl Proc {
     }
 }
 
+/// A mapping whose pre-copied pages are stored: (its index among the
+/// plan's mappings, start, end, the page runs written since).
+pub(super) type Reuse = (usize, u64, u64, Vec<(u64, u64)>);
+
 /// What one process's checkpoint stores, planned while frozen.
 pub(super) struct Plan<'a> {
     pub(super) pid: i32,
@@ -78,8 +82,10 @@ pub(super) struct Plan<'a> {
     pub(super) mappings: Vec<MappingInfo>,
     /// Runs to read from the process.
     pub(super) live: Vec<(u64, u64)>,
-    /// Pre-copied pages still valid.
-    pub(super) reuse: Vec<u64>,
+    /// Mappings whose pre-copied pages not written since are stored: (the
+    /// index of the mapping, start, end, the runs written since). Taken
+    /// after the thaw, when their count is added to the mapping's.
+    pub(super) reuse: Vec<Reuse>,
     /// Pages read already.
     pub(super) buffered: Vec<(u64, Vec<u8>)>,
     pub(super) baseline: Option<Baseline>,
@@ -141,15 +147,15 @@ pub(crate) fn prime_one(p: &mut Proc) -> Result<Vec<(u64, u64)>, DumpError> {
 /// Copies `work` runs of `p` while it runs (on the pool) and keeps them
 /// page by page. Returns the pages copied.
 pub(crate) fn copy_runs(pool: &rayon::ThreadPool, p: &mut Proc, work: &[(u64, u64)]) -> u64 {
-    let pid = p.pid;
+    let Ok(mem) = cr_ebpf_tracee::Mem::open(p.pid) else {
+        // Gone: the next checkpoint finds out.
+        return 0;
+    };
     let copied = pool.install(|| {
         work.par_iter()
             .map(|&(addr, n)| {
                 let mut b = vec![0u8; (n * PAGE) as usize];
-                (
-                    addr,
-                    cr_ebpf_tracee::read_memory(pid, addr, &mut b).map(|()| b),
-                )
+                (addr, mem.read(addr, &mut b).map(|()| b))
             })
             .collect::<Vec<_>>()
     });
@@ -314,18 +320,11 @@ pub(super) fn plan_pages(
             }
             _ => {}
         }
-        let before = plan.reuse.len();
         if inherit || primed {
-            // Pre-copied pages not written since stay valid.
-            let written: std::collections::HashSet<u64> = runs
-                .iter()
-                .flat_map(|&(a, n)| (0..n).map(move |i| a + i * PAGE))
-                .collect();
-            for &a in p.precopied.range(m.start..m.end).map(|(a, _)| a) {
-                if !written.contains(&a) {
-                    plan.reuse.push(a);
-                }
-            }
+            // Pre-copied pages not written since stay valid: which, once
+            // the processes run again (the copies do not change).
+            plan.reuse
+                .push((plan.mappings.len(), m.start, m.end, runs.clone()));
         }
         if inherit {
             plan.inherited += 1;
@@ -353,7 +352,7 @@ pub(super) fn plan_pages(
                 }
             }
         }
-        let pages = runs.iter().map(|r| r.1).sum::<u64>() + (plan.reuse.len() - before) as u64;
+        let pages = runs.iter().map(|r| r.1).sum::<u64>();
         split_runs(&runs, &mut plan.live);
         plan.mappings.push(State::mapping(
             m,
