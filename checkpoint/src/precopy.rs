@@ -30,10 +30,12 @@ use std::{
 };
 
 use cr_ebpf_dirty_tracker::uffd_wp::WpTracker;
-use cr_ebpf_image::MappingKind;
 use rayon::prelude::*;
 
-use crate::{freeze, maps, maps::MapEntry, pages::split_runs, watchdog::phase};
+use crate::{
+    freeze, incremental::memory::trackable, maps, maps::MapEntry, pages::split_runs,
+    watchdog::phase,
+};
 
 const PAGE: u64 = 4096;
 
@@ -366,14 +368,7 @@ fn register(pid: i32) -> Option<(Proc, Vec<(u64, u64)>)> {
         copies: BTreeMap::new(),
     };
     let mut work = Vec::new();
-    for m in &entries {
-        let special = matches!(
-            m.kind(),
-            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
-        ) || m.shared;
-        if special || m.prot & libc::PROT_READ as u32 == 0 {
-            continue;
-        }
+    for m in entries.iter().filter(|m| trackable(m)) {
         // Registered first: a write after this point is seen by a scan.
         if p.wp.register(m.start..m.end).is_err() {
             continue;

@@ -96,6 +96,16 @@ pub(super) struct Plan<'a> {
     pub(super) whole: usize,
 }
 
+/// Whether a write tracker can follow `m`'s pages: a readable private
+/// mapping, not one of the kernel's (vDSO, vvar, vsyscall).
+pub(crate) fn trackable(m: &MapEntry) -> bool {
+    let special = matches!(
+        m.kind(),
+        MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+    );
+    !special && !m.shared && m.prot & libc::PROT_READ as u32 != 0
+}
+
 /// Registers every readable private mapping of `p` not registered yet and
 /// returns the runs of its present pages to copy.
 pub(crate) fn prime_one(p: &mut Proc) -> Result<Vec<(u64, u64)>, DumpError> {
@@ -115,14 +125,7 @@ pub(crate) fn prime_one(p: &mut Proc) -> Result<Vec<(u64, u64)>, DumpError> {
         std::fs::File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
     let mut work = Vec::new();
     for m in &entries {
-        let special = matches!(
-            m.kind(),
-            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
-        ) || m.shared;
-        if special
-            || m.prot & libc::PROT_READ as u32 == 0
-            || p.registered.get(&m.start).is_some_and(|r| r.end == m.end)
-        {
+        if !trackable(m) || p.registered.get(&m.start).is_some_and(|r| r.end == m.end) {
             continue;
         }
         forget(&mut p.registered, &mut p.precopied, m.start, m.end);
