@@ -563,3 +563,97 @@ fn track_serves_its_metrics_for_prometheus() {
     let _ = sleeper.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Toggles the kernel's action for SIGUSR1 between ignoring it and a
+/// handler every half millisecond for `SECS` seconds (recording which it
+/// set last), then keeps still. On SIGUSR2 it prints what the kernel holds
+/// for SIGUSR1 (read with `sigaction`) and what it set last.
+const TOGGLER: &str = r#"
+import ctypes, signal, sys, time
+log, secs = sys.argv[1], float(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+last = [0]
+def on_usr1(s, f):
+    pass
+def on_usr2(s, f):
+    act = (ctypes.c_char * 152)()
+    libc.sigaction(signal.SIGUSR1, None, act)
+    ign = ctypes.c_void_p.from_buffer(act).value == 1
+    with open(log, "a") as f:
+        f.write("kernel %s set %s\n" % ("ignore" if ign else "handler", "ignore" if last[0] else "handler"))
+signal.signal(signal.SIGUSR2, on_usr2)
+with open(log, "a") as f:
+    f.write("ready\n")
+end = time.monotonic() + secs
+i = 0
+while time.monotonic() < end:
+    i += 1
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN if i % 2 else on_usr1)
+    last[0] = i % 2
+    time.sleep(0.0005)
+while True:
+    time.sleep(0.05)
+"#;
+
+/// The first checkpoint of `track` reuses what it collected while the
+/// process ran (the warm-up), re-asking what the log shows changed since:
+/// a process changing a signal action all the while comes back with the
+/// action it had at the checkpoint.
+#[test]
+fn the_first_checkpoint_sees_what_changed_after_the_warm_up() {
+    let test = "the_first_checkpoint_sees_what_changed_after_the_warm_up";
+    if !root(test) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-warm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for round in 0..4 {
+        let log = dir.join(format!("log-{round}"));
+        let images = dir.join(format!("images-{round}"));
+        let mut w = clean("/usr/bin/python3")
+            .args(["-c", TOGGLER])
+            .arg(&log)
+            .arg("6")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = w.id() as i32;
+        wait_for(&log, "ready", |l| l.iter().find(|x| *x == "ready").cloned());
+        let out = Command::new(BIN)
+            .args([
+                "track",
+                "--pid",
+                &pid.to_string(),
+                "--count",
+                "1",
+                "--images-dir",
+            ])
+            .arg(&images)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "track: {err}");
+        assert!(err.contains("collected its state while it ran"), "{err}");
+        signal(pid, libc::SIGKILL);
+        let _ = w.wait();
+        let mut r = Command::new(BIN)
+            .args(["restore", "--detach", "--images-dir"])
+            .arg(&images)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(r.wait().unwrap().success(), "restore");
+        signal(pid, libc::SIGUSR2);
+        let line = wait_for(&log, "the answer", |l| {
+            l.iter().find(|x| x.starts_with("kernel ")).cloned()
+        });
+        signal(pid, libc::SIGKILL);
+        // Ours now: the restore made it our child.
+        // SAFETY: reaping it.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[1], words[3], "round {round}: {line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -63,11 +63,15 @@ impl Session {
             ..Default::default()
         };
         let t = Instant::now();
-        let changes = changes();
+        let mut changes = changes();
+        if self.stale {
+            changes = TreeChanges::same(crate::state::Changes::all());
+        }
         let is_tree = tree_img.processes.len() > 1;
         self.follow_frozen(&frozen)?;
         let (mut plans, queries) = collect(
             self.parent.as_ref(),
+            &self.warm,
             &frozen,
             &changes,
             &mut baselines,
@@ -147,6 +151,8 @@ impl Session {
             seq,
             images,
         });
+        self.warm.clear();
+        self.stale = false;
         Ok(CheckpointReport {
             name,
             seq,
@@ -247,8 +253,10 @@ fn plan_memory(
 
 /// Every frozen process's state, reusing earlier answers for the very
 /// same process where the log allows; checks across the tree.
+#[allow(clippy::too_many_arguments, reason = "the inputs of one collection")]
 fn collect<'a>(
     parent_ckpt: Option<&'a Parent>,
+    warm: &'a HashMap<i32, (Manifest, u64)>,
     frozen: &FrozenTree,
     changes: &TreeChanges,
     baselines: &mut HashMap<i32, Baseline>,
@@ -268,8 +276,16 @@ fn collect<'a>(
         let parent = parent_ckpt
             .and_then(|p| p.images.get(&pid))
             .filter(|(m, _)| m.chain.is_some());
-        // Earlier answers hold only for the very same process.
-        let prev = parent.filter(|(_, when)| *when == Some(st)).map(|(m, _)| m);
+        // Earlier answers hold only for the very same process; without a
+        // checkpoint before, those of the warm-up.
+        let prev = parent
+            .filter(|(_, when)| *when == Some(st))
+            .map(|(m, _)| m)
+            .or_else(|| {
+                warm.get(&pid)
+                    .filter(|(_, when)| *when == st && parent.is_none())
+                    .map(|(m, _)| m)
+            });
         let state = state::collect(f, prev, changes.of(pid), scope.as_mut(), allow)?;
         queries.injected += state.queries.injected;
         queries.reused += state.queries.reused;

@@ -40,12 +40,14 @@ mod baseline;
 mod checkpoint;
 pub(crate) mod memory;
 mod report;
+mod warm;
 
 pub use baseline::page_hash;
 use memory::{copy_runs, forget, prime_one, recopy_one, Proc, Registered};
 pub use report::{
     CheckpointReport, Followed, Method, Phases, PrecopyReport, SessionOptions, TreeChanges,
 };
+pub use warm::WarmUp;
 
 use crate::{freeze, pages::worker_pool, state::Changes, DumpError};
 
@@ -71,6 +73,12 @@ pub struct Session {
     parent: Option<Parent>,
     pool: rayon::ThreadPool,
     opts: SessionOptions,
+    /// What [`Session::warm_up`] collected of each process while it ran,
+    /// with its start time: the first checkpoint's previous answers.
+    warm: HashMap<i32, (Manifest, u64)>,
+    /// A checkpoint failed after taking the log's changes: the next one
+    /// reuses no earlier answer.
+    stale: bool,
 }
 
 pub(super) fn image_io(what: &'static str, path: String, e: impl std::fmt::Display) -> ImageError {
@@ -114,6 +122,8 @@ impl Session {
             parent: None,
             pool,
             opts,
+            warm: HashMap::new(),
+            stale: false,
         };
         let start_time = freeze::stat(pid)?.start_time;
         s.procs.insert(pid, Proc::new(pid, start_time, tracker));
@@ -301,6 +311,41 @@ impl Session {
         })
     }
 
+    /// Collects, while the processes run, what the next checkpoint would
+    /// otherwise collect frozen for the processes that have no previous
+    /// checkpoint (see `warm.rs`): each injected question in a stop of its
+    /// own. Only sound when the resource log has been running since before
+    /// this call (`track`), as the next checkpoint re-asks only what it
+    /// shows changed. A process that cannot be warmed up (it refuses
+    /// something, say: the checkpoint says what) is collected at the
+    /// freeze. Returns the stops made, the longest and when each was: the
+    /// log must not take the questions asked then for the process's own
+    /// calls.
+    pub fn warm_up(&mut self) -> WarmUp {
+        let mut all = WarmUp::default();
+        let pids = self.pids();
+        for &pid in &pids {
+            let has_parent = self
+                .parent
+                .as_ref()
+                .is_some_and(|p| p.images.contains_key(&pid));
+            let Some(p) = self.procs.get(&pid).filter(|_| !has_parent) else {
+                continue;
+            };
+            let start_time = p.start_time;
+            if let Ok((m, w)) = warm::warm_up(pid, &pids) {
+                // Still the same process (no pid reuse meanwhile).
+                if freeze::stat(pid).is_ok_and(|st| st.start_time == start_time) {
+                    self.warm.insert(pid, (m, start_time));
+                }
+                all.stops += w.stops;
+                all.worst_stop = all.worst_stop.max(w.worst_stop);
+                all.windows.extend(w.windows);
+            }
+        }
+        all
+    }
+
     /// Copies the pages written since the last scan while the processes
     /// run, re-arming them, so the next freeze copies only pages written
     /// after.
@@ -335,6 +380,10 @@ impl Session {
             for p in self.procs.values_mut() {
                 p.reset();
             }
+            // The log's changes were taken by this one: the next cannot
+            // know what changed since the answers it would reuse.
+            self.stale = true;
+            self.warm.clear();
         }
         r
     }

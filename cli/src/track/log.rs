@@ -33,6 +33,9 @@ pub(super) struct Log {
     /// When the processes were stopped by our recent checkpoints: their
     /// syscalls then are the ones we injected, not their own.
     pub(super) ours: Vec<(u64, u64)>,
+    /// When one process was stopped for a question of the warm-up (see
+    /// `Session::warm_up`): (pid, from, to).
+    pub(super) ours_of: Vec<(u32, u64, u64)>,
 }
 
 impl Log {
@@ -42,7 +45,10 @@ impl Log {
                 if !self
                     .ours
                     .iter()
-                    .any(|&(a, b)| (a..=b).contains(&s.origin.ts_ns)) =>
+                    .any(|&(a, b)| (a..=b).contains(&s.origin.ts_ns))
+                    && !self.ours_of.iter().any(|&(p, a, b)| {
+                        p == s.origin.tgid && (a..=b).contains(&s.origin.ts_ns)
+                    }) =>
             {
                 let ok = s.ret.is_some_and(|r| r >= 0);
                 let p = self.procs.entry(s.origin.tgid).or_default();

@@ -19,6 +19,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
+mod first;
 mod log;
 mod metrics;
 mod retention;
@@ -419,24 +420,7 @@ pub(crate) async fn track(args: &Args) -> Result<u8> {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     };
-    if !svc.precopy {
-        // Its descendants get trackers of their own.
-        svc.session.follow(Duration::ZERO);
-    } else {
-        // The base too: copied while the processes run (each descendant
-        // given a tracker first), so its freeze only covers the pages
-        // written meanwhile.
-        svc.session.follow(Duration::ZERO);
-        let p = svc
-            .session
-            .prime()
-            .context("pre-copying the process's memory")?;
-        eprintln!(
-            "cr-ebpf: pre-copied {} pages in {:.0} ms while the process ran",
-            p.pages,
-            p.took.as_secs_f64() * 1e3
-        );
-    }
+    first::prepare(&mut svc)?;
     let bar = crate::progress::Bar::start(!args.json);
     let first = svc.checkpoint(&mut events);
     drop(bar);
