@@ -46,8 +46,12 @@ impl Log {
                     .ours
                     .iter()
                     .any(|&(a, b)| (a..=b).contains(&s.origin.ts_ns))
-                    && !self.ours_of.iter().any(|&(p, a, b)| {
-                        p == s.origin.tgid && (a..=b).contains(&s.origin.ts_ns)
+                    && !self.ours_of.last().is_some_and(|&(_, _, end)| {
+                        // All in the past: most events come after the last.
+                        s.origin.ts_ns <= end
+                            && self.ours_of.iter().any(|&(p, a, b)| {
+                                p == s.origin.tgid && (a..=b).contains(&s.origin.ts_ns)
+                            })
                     }) =>
             {
                 let ok = s.ret.is_some_and(|r| r >= 0);

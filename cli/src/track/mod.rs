@@ -362,6 +362,9 @@ impl Service {
         }
         let r = r?;
         self.log.ours.push(r.stopped_window);
+        // The warm-up's stops are before this checkpoint's freeze: no event
+        // folded from now on can fall in them.
+        self.log.ours_of.clear();
         if self.log.ours.len() > 4 {
             self.log.ours.remove(0);
         }
