@@ -51,6 +51,8 @@ pub use publish::publish;
 pub const MANIFEST_FILE: &str = "manifest.img";
 /// Name of the page store in an image directory.
 pub const PAGES_FILE: &str = "pages.img";
+/// The page store's index of chunk headers (optional, see [`pages`]).
+pub const PAGES_INDEX_FILE: &str = "pages.idx";
 
 /// What is wrong with an image.
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,17 @@
 //! own checksums so a damaged chunk is named precisely. Chunks may come in
 //! any order (they are written as parallel workers finish them).
 //!
+//! `pages.idx`, next to it, lists the chunk headers in file order so that a
+//! reader finds every chunk with one read instead of one read per chunk
+//! (a cold restore of 1 GiB spent 80 ms walking its 1,024 headers): the
+//! magic `CRPIDX01`, the pages store's payload length (8) and payload
+//! CRC-32 (4), the number of headers (4), their 28-byte records as in the
+//! store, and a CRC-32 of everything before it (4). It is used only when
+//! it matches the store's header and checks out in full; otherwise (absent,
+//! damaged, another store's) the headers are walked as before. Every chunk
+//! header it holds carries its own checksum, and each chunk's data is
+//! checked as it is used, as with a walk.
+//!
 //! From format 1.10 every byte of a chunk is under a checksum of its own
 //! (its header's, its data's), so a reader checks each chunk as it uses
 //! it and reads the store once: opening reads only the chunk headers and
@@ -83,7 +94,12 @@ pub struct PageWriter {
     crc: crc32fast::Hasher,
     len: u64,
     pages: u64,
+    /// Every chunk header written, for `pages.idx`.
+    headers: Vec<u8>,
 }
+
+/// Magic of `pages.idx`.
+const INDEX_MAGIC: &[u8; 8] = b"CRPIDX01";
 
 impl PageWriter {
     /// Creates `pages.img` in `dir`.
@@ -100,6 +116,7 @@ impl PageWriter {
             crc: crc32fast::Hasher::new(),
             len: 0,
             pages: 0,
+            headers: Vec::new(),
         })
     }
 
@@ -115,6 +132,7 @@ impl PageWriter {
         h[24..28].copy_from_slice(&hcrc.to_le_bytes());
         self.crc.update(&h);
         self.crc.update(&c.data);
+        self.headers.extend_from_slice(&h);
         let path = self.path.display().to_string();
         self.out
             .write_all(&h)
@@ -137,15 +155,24 @@ impl PageWriter {
             .into_inner()
             .map_err(|e| e.into_error())
             .map_err(file::io(&path, "writing"))?;
-        file::rewrite_header(
-            &mut f,
-            &path,
-            FileKind::Pages,
-            self.len,
-            self.crc.finalize(),
-        )?;
+        let payload_crc = self.crc.finalize();
+        file::rewrite_header(&mut f, &path, FileKind::Pages, self.len, payload_crc)?;
         f.sync_all().map_err(file::io(&path, "syncing"))?;
-        Ok((self.pages, self.len + HEADER_LEN as u64))
+        let mut idx = Vec::with_capacity(28 + self.headers.len());
+        idx.extend_from_slice(INDEX_MAGIC);
+        idx.extend_from_slice(&self.len.to_le_bytes());
+        idx.extend_from_slice(&payload_crc.to_le_bytes());
+        idx.extend_from_slice(&((self.headers.len() / CHUNK_HEADER) as u32).to_le_bytes());
+        idx.extend_from_slice(&self.headers);
+        let crc = crc32fast::hash(&idx);
+        idx.extend_from_slice(&crc.to_le_bytes());
+        let ipath = path.with_file_name(crate::PAGES_INDEX_FILE);
+        let mut fi =
+            crate::trust::create_private_file(&ipath).map_err(file::io(&ipath, "creating"))?;
+        fi.write_all(&idx)
+            .and_then(|()| fi.sync_all())
+            .map_err(file::io(&ipath, "writing"))?;
+        Ok((self.pages, self.len + HEADER_LEN as u64 + idx.len() as u64))
     }
 }
 
@@ -185,6 +212,9 @@ pub struct ChunkRef {
     clen: usize,
     crc: u32,
     raw_crc: u32,
+    /// Taken from `pages.idx`: the store's own copy of the header, just
+    /// before the data, is compared with it when the chunk is used.
+    indexed: bool,
 }
 
 impl PageStore {
@@ -258,8 +288,14 @@ impl PageStore {
         } else {
             CHUNK_HEADER
         };
+        let index = if whole {
+            None
+        } else {
+            read_index(&dir.join(crate::PAGES_INDEX_FILE), &header)
+        };
         let mut chunks = Vec::new();
         let mut pos = 0usize;
+        let mut next = 0usize;
         while pos < payload.len() {
             let at = (HEADER_LEN + pos) as u64;
             if payload.len() - pos < chunk_header {
@@ -272,6 +308,16 @@ impl PageStore {
             let h = &mut hb[..chunk_header];
             if whole {
                 h.copy_from_slice(&payload[pos..pos + chunk_header]);
+            } else if let Some(ix) = &index {
+                // One more header than the index holds: not this store's.
+                let Some(e) = ix.get(next * CHUNK_HEADER..(next + 1) * CHUNK_HEADER) else {
+                    return Err(corrupt(
+                        at,
+                        "pages.idx lists fewer chunks than the store".into(),
+                    ));
+                };
+                h.copy_from_slice(e);
+                next += 1;
             } else {
                 std::os::unix::fs::FileExt::read_exact_at(&f, h, at)
                     .map_err(file::io(&path, "reading"))?;
@@ -300,8 +346,15 @@ impl PageStore {
                 clen,
                 crc: u32::from_le_bytes(h[16..20].try_into().expect("4")),
                 raw_crc: u32::from_le_bytes(h[20..24].try_into().expect("4")),
+                indexed: index.is_some(),
             });
             pos += chunk_header + clen;
+        }
+        if index.is_some_and(|ix| next * CHUNK_HEADER != ix.len()) {
+            return Err(corrupt(
+                len as u64,
+                "pages.idx lists more chunks than the store".into(),
+            ));
         }
         store.chunks = chunks;
         if !whole {
@@ -351,6 +404,26 @@ impl PageStore {
     /// Checks chunk `c`'s checksums and decompresses it into `out`
     /// (exactly `npages * PAGE` bytes).
     pub fn decompress_into(&self, c: &ChunkRef, out: &mut [u8]) -> Result<(), String> {
+        if c.indexed {
+            // Every byte of the store is checked when used: the header in
+            // the store too, against the index's (same 24 bytes, its CRC).
+            let h = &self.bytes()[c.offset - CHUNK_HEADER..c.offset];
+            let fields = (
+                u64::from_le_bytes(h[0..8].try_into().expect("8")),
+                u32::from_le_bytes(h[8..12].try_into().expect("4")),
+                u32::from_le_bytes(h[12..16].try_into().expect("4")) as usize,
+                u32::from_le_bytes(h[16..20].try_into().expect("4")),
+                u32::from_le_bytes(h[20..24].try_into().expect("4")),
+            );
+            if crc32fast::hash(&h[..24]).to_le_bytes() != h[24..28]
+                || fields != (c.vaddr, c.npages, c.clen, c.crc, c.raw_crc)
+            {
+                return Err(format!(
+                    "the header of the chunk of pages at {:#x} is damaged (or is not what pages.idx lists)",
+                    c.vaddr
+                ));
+            }
+        }
         let data = &self.bytes()[c.offset..c.offset + c.clen];
         if crc32fast::hash(data) != c.crc {
             return Err(format!(
@@ -383,4 +456,26 @@ impl Drop for PageStore {
         // SAFETY: unmapping exactly the mapping this value owns.
         unsafe { libc::munmap(self.base, self.len) };
     }
+}
+
+/// The chunk headers `pages.idx` at `path` lists, when it is whole and
+/// belongs to the store whose header is `h` (same payload length and
+/// checksum); `None` otherwise, and the store's headers are walked.
+fn read_index(path: &Path, h: &file::Header) -> Option<Vec<u8>> {
+    let b = std::fs::read(path).ok()?;
+    if b.len() < 28 || &b[..8] != INDEX_MAGIC {
+        return None;
+    }
+    let (body, crc) = b.split_at(b.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return None;
+    }
+    let len = u64::from_le_bytes(body[8..16].try_into().ok()?);
+    let payload_crc = u32::from_le_bytes(body[16..20].try_into().ok()?);
+    let n = u32::from_le_bytes(body[20..24].try_into().ok()?) as usize;
+    let headers = &body[24..];
+    (len == h.payload_len
+        && payload_crc == h.payload_crc
+        && n.checked_mul(CHUNK_HEADER) == Some(headers.len()))
+    .then(|| headers.to_vec())
 }

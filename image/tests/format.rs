@@ -308,15 +308,31 @@ fn a_flipped_byte_in_a_chunk_is_refused() {
         .decompress_into(&store.chunks()[0], &mut out)
         .unwrap_err();
     assert!(e.contains("checksum mismatch"), "{e}");
-    // In the chunk's header (its address): refused when the store opens.
+    // In the chunk's header (its address): with the index, the store opens
+    // from the index's copy and the chunk is refused when it is used...
     let d = tempdir("flip-header");
     write_image(&d);
     flip(&d.join(PAGES_FILE), 32 + 2);
+    let store = pages::PageStore::open(&d).expect("headers from pages.idx");
+    let e = store
+        .decompress_into(&store.chunks()[0], &mut out)
+        .unwrap_err();
+    assert!(e.contains("header of the chunk"), "{e}");
+    // ... and without it, when the store opens.
+    std::fs::remove_file(d.join(cr_ebpf_image::PAGES_INDEX_FILE)).unwrap();
     let e = pages::PageStore::open(&d).err().unwrap().to_string();
     assert!(
         e.contains("corrupt image") && e.contains("chunk header checksum mismatch"),
         "{e}"
     );
+    // A damaged index is not used: the headers are walked.
+    let d = tempdir("flip-index");
+    write_image(&d);
+    flip(&d.join(cr_ebpf_image::PAGES_INDEX_FILE), 30);
+    let store = pages::PageStore::open(&d).expect("walked");
+    store
+        .decompress_into(&store.chunks()[0], &mut out)
+        .expect("intact");
 }
 
 #[test]
