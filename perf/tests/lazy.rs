@@ -51,7 +51,9 @@ fn a_lazily_restored_process_sees_its_memory_while_it_changes_it_and_forks() {
             unsafe { libc::kill(pid, sig) };
         }
         let report = fill.wait().expect("the fill completes");
-        assert!(report.pages > 2 * PAGES as u64, "{report:?}");
+        // Most pages are copied; those it dropped meanwhile
+        // (`MADV_DONTNEED`) are not, and must read as zeroes: its check.
+        assert!(report.pages > PAGES as u64, "{report:?}");
         let own = wait_line(&log, 1, "ok");
         let child = wait_line(&log, 1, "child");
         // And once everything is in.

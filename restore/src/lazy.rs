@@ -82,6 +82,8 @@ struct UffdioZeropage {
 
 const UFFDIO_COPY: u64 = iowr(0xaa, 0x03, std::mem::size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = iowr(0xaa, 0x04, std::mem::size_of::<UffdioZeropage>());
+/// `_IOR(0xAA, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: u64 = (2 << 30) | (16 << 16) | (0xaa << 8) | 0x02;
 
 /// The mappings a lazy restore registers: private anonymous memory.
 pub(crate) fn lazy_ranges(m: &Manifest) -> Vec<(u64, u64)> {
@@ -241,6 +243,8 @@ struct Server {
     targets: Vec<Target>,
     /// The chunk decompressed last: (fill, bytes).
     cached: Option<(usize, Vec<u8>)>,
+    /// Where a copy last found no registered mapping (see `copy_range`).
+    last_enoent: Option<u64>,
     report: LazyReport,
 }
 
@@ -277,6 +281,7 @@ pub(crate) fn start(
             due,
         }],
         cached: None,
+        last_enoent: None,
         report: LazyReport::default(),
     };
     let handle = std::thread::Builder::new()
@@ -455,6 +460,7 @@ impl Server {
     }
 
     fn message(&mut self, t: usize, msg: &[u8; 32]) -> Result<(), RestoreError> {
+        self.last_enoent = None;
         let u64_at = |o: usize| u64::from_ne_bytes(msg[o..o + 8].try_into().expect("8 bytes"));
         match msg[0] {
             EVENT_PAGEFAULT => {
@@ -512,7 +518,19 @@ impl Server {
                     .ok_or_else(|| RestoreError::stub(format!("no page for {addr:#x}")))?;
                 let lo = s.max(addr - (ia - ps));
                 let hi = e.min(addr + (ps + pn as u64 * PAGE - ia));
-                self.copy_range(t, lo, hi)
+                self.copy_range(t, lo, hi)?;
+                // Copied (which woke it), or put off by a change of layout:
+                // woken to fault again then.
+                if self.targets[t]
+                    .due
+                    .range(..=addr)
+                    .next_back()
+                    .is_some_and(|(&s, &(_, n))| s + n * PAGE > addr)
+                    || self.targets[t].due.is_empty()
+                {
+                    self.wake(t, addr);
+                }
+                Ok(())
             }
             None => {
                 let mut z = UffdioZeropage {
@@ -529,15 +547,35 @@ impl Server {
                     )
                 };
                 let err = std::io::Error::last_os_error();
-                if r < 0 && !matches!(err.raw_os_error(), Some(libc::EEXIST | libc::EAGAIN)) {
-                    return Err(RestoreError::Syscall {
+                match err.raw_os_error() {
+                    _ if r >= 0 => Ok(()),
+                    // Present already, or the layout is changing: the
+                    // thread is woken to touch it again (a new fault if
+                    // still missing).
+                    Some(libc::EEXIST | libc::EAGAIN | libc::ENOENT) => {
+                        self.wake(t, addr);
+                        Ok(())
+                    }
+                    _ => Err(RestoreError::Syscall {
                         call: format!("UFFDIO_ZEROPAGE at {addr:#x} (lazy restore)"),
                         err,
-                    });
+                    }),
                 }
-                Ok(())
             }
         }
+    }
+
+    /// Wakes the threads of target `t` waiting on the page at `addr`.
+    fn wake(&self, t: usize, addr: u64) {
+        let mut r = [addr, PAGE];
+        // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range` (two u64).
+        unsafe {
+            libc::ioctl(
+                self.targets[t].uffd.as_raw_fd(),
+                UFFDIO_WAKE as _,
+                r.as_mut_ptr(),
+            )
+        };
     }
 
     /// Copies the pages due in `[lo, hi)` of target `t` from the image.
@@ -575,9 +613,22 @@ impl Server {
                             self.report.pages += copied;
                             continue;
                         }
-                        // The layout is changing: the events first, then
-                        // this run again as it is due then.
-                        Some(libc::EAGAIN) => {
+                        // The layout is changing (EAGAIN: an event is
+                        // pending; ENOENT: no registered mapping there at
+                        // this moment, an mremap or munmap under way): the
+                        // events first, then this run again as it is due
+                        // then. An ENOENT twice at one address with no
+                        // event between: nothing there to fill any more.
+                        Some(e @ (libc::EAGAIN | libc::ENOENT)) => {
+                            let at = start + done * PAGE;
+                            if e == libc::ENOENT && self.last_enoent == Some(at) {
+                                self.last_enoent = None;
+                                continue_after_gone(&mut done, n);
+                                continue;
+                            }
+                            if e == libc::ENOENT {
+                                self.last_enoent = Some(at);
+                            }
                             let copied = c.copy.max(0) as u64 / PAGE;
                             self.report.pages += copied;
                             let rest: Vec<_> = runs[i..]
@@ -595,7 +646,7 @@ impl Server {
                         }
                         // The process is gone (exited, or replaced its
                         // memory): nothing more is due to it.
-                        Some(libc::ESRCH) | Some(libc::ENOENT) => {
+                        Some(libc::ESRCH) => {
                             self.targets[t].due.clear();
                             return Ok(());
                         }
@@ -634,6 +685,11 @@ impl Server {
         }
         Ok(&self.cached.as_ref().expect("cached").1)
     }
+}
+
+/// Skips the rest of a run whose place has no registered mapping left.
+fn continue_after_gone(done: &mut u64, n: u64) {
+    *done = n;
 }
 
 /// Kills `root` and its descendants (children first found, then killed
