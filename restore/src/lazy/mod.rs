@@ -39,51 +39,15 @@ use cr_ebpf_image::{chain::Fill, Chain, Manifest, MappingKind};
 
 use crate::RestoreError;
 
+mod uffd;
+
+use uffd::{
+    continue_after_gone, kill_tree, UffdioCopy, UffdioZeropage, EVENT_FORK, EVENT_PAGEFAULT,
+    EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP, UFFDIO_COPY, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
+};
+pub(crate) use uffd::{register, take_uffd};
+
 const PAGE: u64 = 4096;
-
-const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
-const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
-const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
-const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
-const FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
-    | UFFD_FEATURE_EVENT_REMAP
-    | UFFD_FEATURE_EVENT_REMOVE
-    | UFFD_FEATURE_EVENT_UNMAP;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-
-const EVENT_PAGEFAULT: u8 = 0x12;
-const EVENT_FORK: u8 = 0x13;
-const EVENT_REMAP: u8 = 0x14;
-const EVENT_REMOVE: u8 = 0x15;
-const EVENT_UNMAP: u8 = 0x16;
-
-const fn iowr(ty: u64, nr: u64, size: usize) -> u64 {
-    (3 << 30) | ((size as u64) << 16) | (ty << 8) | nr
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioZeropage {
-    start: u64,
-    len: u64,
-    mode: u64,
-    zeropage: i64,
-}
-
-const UFFDIO_COPY: u64 = iowr(0xaa, 0x03, std::mem::size_of::<UffdioCopy>());
-const UFFDIO_ZEROPAGE: u64 = iowr(0xaa, 0x04, std::mem::size_of::<UffdioZeropage>());
-/// `_IOR(0xAA, 0x02, struct uffdio_range)`.
-const UFFDIO_WAKE: u64 = (2 << 30) | (16 << 16) | (0xaa << 8) | 0x02;
 
 /// The mappings a lazy restore registers: private anonymous memory.
 pub(crate) fn lazy_ranges(m: &Manifest) -> Vec<(u64, u64)> {
@@ -105,37 +69,6 @@ pub(crate) fn is_lazy(ranges: &[(u64, u64)], f: &Fill) -> bool {
     let (s, e) = (f.chunk.vaddr, f.chunk.vaddr + f.chunk.npages as u64 * PAGE);
     let i = ranges.partition_point(|r| r.1 <= s);
     ranges.get(i).is_some_and(|r| r.0 <= s && e <= r.1)
-}
-
-/// Negotiates the API on the userfaultfd `uffd` (taken from the stub) and
-/// registers `ranges` with it.
-pub(crate) fn register(uffd: &OwnedFd, ranges: &[(u64, u64)]) -> Result<(), RestoreError> {
-    use cr_ebpf_dirty_tracker::sys;
-    let fail = |call: &str, err: std::io::Error| RestoreError::Syscall {
-        call: format!("{call} (lazy restore)"),
-        err,
-    };
-    let mut api = sys::UffdioApi {
-        api: sys::UFFD_API,
-        features: FEATURES,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API takes a `struct uffdio_api`.
-    unsafe { sys::ioctl(uffd, sys::UFFDIO_API, &mut api) }.map_err(|e| fail("UFFDIO_API", e))?;
-    for &(start, end) in ranges {
-        let mut reg = sys::UffdioRegister {
-            range: sys::UffdioRange {
-                start,
-                len: end - start,
-            },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`.
-        unsafe { sys::ioctl(uffd, sys::UFFDIO_REGISTER, &mut reg) }
-            .map_err(|e| fail(&format!("UFFDIO_REGISTER {start:#x}-{end:#x}"), e))?;
-    }
-    Ok(())
 }
 
 /// What a lazy restore's fill did.
@@ -685,65 +618,4 @@ impl Server {
         }
         Ok(&self.cached.as_ref().expect("cached").1)
     }
-}
-
-/// Skips the rest of a run whose place has no registered mapping left.
-fn continue_after_gone(done: &mut u64, n: u64) {
-    *done = n;
-}
-
-/// Kills `root` and its descendants (children first found, then killed
-/// from the root down, so that none is left behind by a fork meanwhile).
-fn kill_tree(root: i32) {
-    let mut all = vec![root];
-    let mut i = 0;
-    while i < all.len() {
-        let pid = all[i];
-        // SAFETY: a signal to a process of the tree we restored.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                let children =
-                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                all.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<i32>().ok()),
-                );
-            }
-        }
-        i += 1;
-    }
-}
-
-/// Makes a userfaultfd inside the stub through `call` (an injected
-/// syscall) and takes it into this process (`pidfd_getfd`); the stub's
-/// descriptor is closed again.
-pub(crate) fn take_uffd(
-    pid: i32,
-    call: impl Fn(&str, i64, [u64; 6]) -> Result<i64, RestoreError>,
-) -> Result<OwnedFd, RestoreError> {
-    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-    let fd = call("userfaultfd", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
-    // SAFETY: plain syscalls with integer arguments; the new descriptors
-    // are owned at once.
-    let taken = unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        if pidfd < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-            let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-            if got < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(OwnedFd::from_raw_fd(got as i32))
-            }
-        }
-    };
-    call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
-    taken.map_err(|err| RestoreError::Syscall {
-        call: "pidfd_getfd of the stub's userfaultfd (lazy restore)".into(),
-        err,
-    })
 }
