@@ -224,13 +224,24 @@ impl Precopy {
             return s;
         }
         cr_ebpf_image::progress::start("pre-copying pages", bytes / PAGE);
+        // Each process's pagemap and memory opened once for all its runs.
+        let files: BTreeMap<i32, _> = s
+            .procs
+            .keys()
+            .map(|&pid| {
+                let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
+                (pid, (pagemap, cr_ebpf_tracee::Mem::open(pid).ok()))
+            })
+            .collect();
         let copied: Vec<(i32, u64, Option<Copy>)> = pool.install(|| {
             work.par_iter()
                 .map(|&(pid, addr, n)| {
-                    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
-                    let fr = pagemap.map(|pm| frames(&pm, addr, n));
+                    let (pagemap, mem) = &files[&pid];
+                    let fr = pagemap.as_ref().map(|pm| frames(pm, addr, n));
                     let mut data = vec![0u8; (n * PAGE) as usize];
-                    let ok = cr_ebpf_tracee::read_memory(pid, addr, &mut data).is_ok();
+                    let ok = mem
+                        .as_ref()
+                        .is_some_and(|m| m.read(addr, &mut data).is_ok());
                     cr_ebpf_image::progress::add(n);
                     let c = fr.filter(|_| ok).map(|frames| Copy { data, frames });
                     (pid, addr, c)

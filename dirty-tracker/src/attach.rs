@@ -82,7 +82,9 @@ pub fn attach(pid: i32) -> Result<WpTracker, AttachError> {
     WpTracker::for_process(uffd, pid as u32).map_err(|source| AttachError::Wp { pid, source })
 }
 
-fn take_fd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
+/// Process `pid`'s descriptor `fd`, duplicated into this process
+/// (`pidfd_open` + `pidfd_getfd`).
+pub fn take_fd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscalls with integer arguments; each new descriptor is
     // owned right away.
     unsafe {

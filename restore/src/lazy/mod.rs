@@ -42,8 +42,8 @@ use crate::RestoreError;
 mod uffd;
 
 use uffd::{
-    continue_after_gone, kill_tree, UffdioCopy, UffdioZeropage, EVENT_FORK, EVENT_PAGEFAULT,
-    EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP, UFFDIO_COPY, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
+    kill_tree, UffdioCopy, UffdioZeropage, EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, EVENT_REMOVE,
+    EVENT_UNMAP, UFFDIO_COPY, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
 };
 pub(crate) use uffd::{register, take_uffd};
 
@@ -556,7 +556,7 @@ impl Server {
                             let at = start + done * PAGE;
                             if e == libc::ENOENT && self.last_enoent == Some(at) {
                                 self.last_enoent = None;
-                                continue_after_gone(&mut done, n);
+                                done = n;
                                 continue;
                             }
                             if e == libc::ENOENT {

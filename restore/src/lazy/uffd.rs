@@ -2,7 +2,7 @@
 //! do not serve pages: making the descriptor inside the stub, registering,
 //! killing what cannot be completed.
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use crate::RestoreError;
 
@@ -81,11 +81,6 @@ pub(crate) fn register(uffd: &OwnedFd, ranges: &[(u64, u64)]) -> Result<(), Rest
     Ok(())
 }
 
-/// Skips the rest of a run whose place has no registered mapping left.
-pub(super) fn continue_after_gone(done: &mut u64, n: u64) {
-    *done = n;
-}
-
 /// Kills `root` and its descendants (children first found, then killed
 /// from the root down, so that none is left behind by a fork meanwhile).
 pub(super) fn kill_tree(root: i32) {
@@ -119,22 +114,7 @@ pub(crate) fn take_uffd(
 ) -> Result<OwnedFd, RestoreError> {
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
     let fd = call("userfaultfd", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
-    // SAFETY: plain syscalls with integer arguments; the new descriptors
-    // are owned at once.
-    let taken = unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        if pidfd < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-            let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-            if got < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(OwnedFd::from_raw_fd(got as i32))
-            }
-        }
-    };
+    let taken = cr_ebpf_dirty_tracker::attach::take_fd(pid, fd as i32);
     call("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
     taken.map_err(|err| RestoreError::Syscall {
         call: "pidfd_getfd of the stub's userfaultfd (lazy restore)".into(),
