@@ -566,16 +566,24 @@ fn track_serves_its_metrics_for_prometheus() {
 
 /// Toggles the kernel's action for SIGUSR1 between ignoring it and a
 /// handler every half millisecond for `SECS` seconds (recording which it
-/// set last), then keeps still. On SIGUSR2 it prints what the kernel holds
-/// for SIGUSR1 (read with `sigaction`) and what it set last.
+/// set last), then keeps still. After a SIGUSR2 it prints, between two
+/// toggles, what the kernel holds for SIGUSR1 (read with `sigaction`) and
+/// what it set last.
 const TOGGLER: &str = r#"
 import ctypes, signal, sys, time
 log, secs = sys.argv[1], float(sys.argv[2])
 libc = ctypes.CDLL(None, use_errno=True)
 last = [0]
+asked = [False]
 def on_usr1(s, f):
     pass
 def on_usr2(s, f):
+    asked[0] = True
+def answer():
+    # Between two toggles, where the kernel's action and `last` agree.
+    if not asked[0]:
+        return
+    asked[0] = False
     act = (ctypes.c_char * 152)()
     libc.sigaction(signal.SIGUSR1, None, act)
     ign = ctypes.c_void_p.from_buffer(act).value == 1
@@ -587,11 +595,13 @@ with open(log, "a") as f:
 end = time.monotonic() + secs
 i = 0
 while time.monotonic() < end:
+    answer()
     i += 1
     signal.signal(signal.SIGUSR1, signal.SIG_IGN if i % 2 else on_usr1)
     last[0] = i % 2
     time.sleep(0.0005)
 while True:
+    answer()
     time.sleep(0.05)
 "#;
 
