@@ -23,10 +23,11 @@
 //!
 //! Each chunk's checksums are checked as it is loaded: a damaged one found
 //! after the process started kills it (and its children forked meanwhile)
-//! and fails the restore. If the restorer dies before every page is in,
-//! the mappings lose their registration and the pages not yet copied read
-//! as zeroes: the restorer waits for the fill to end before it exits, and
-//! holds SIGINT and SIGTERM meanwhile.
+//! and fails the restore. The restorer waits for the fill to end before it
+//! exits, and holds SIGINT and SIGTERM meanwhile; if it dies all the same
+//! (SIGKILL), a guardian process (`guard.rs`) holding duplicates of the
+//! userfaultfds kills the restored processes rather than let the pages
+//! still due read as zeroes.
 
 use std::{
     collections::BTreeMap,
@@ -39,6 +40,7 @@ use cr_ebpf_image::{chain::Fill, Chain, Manifest, MappingKind};
 
 use crate::RestoreError;
 
+mod guard;
 mod uffd;
 
 use uffd::{
@@ -179,6 +181,8 @@ struct Server {
     /// Where a copy last found no registered mapping (see `copy_range`).
     last_enoent: Option<u64>,
     report: LazyReport,
+    /// Holds duplicates of the userfaultfds until every page is in.
+    guard: Option<guard::Guard>,
 }
 
 /// Starts the fill of process `pid` (released or about to be), whose lazy
@@ -204,6 +208,7 @@ pub(crate) fn start(
             due.insert(a, (a, n as u64));
         }
     }
+    let guard = guard::Guard::start(pid, &uffd)?;
     let server = Server {
         chain,
         order,
@@ -216,6 +221,7 @@ pub(crate) fn start(
         cached: None,
         last_enoent: None,
         report: LazyReport::default(),
+        guard: Some(guard),
     };
     let handle = std::thread::Builder::new()
         .name("lazy-fill".into())
@@ -239,7 +245,11 @@ impl Server {
         }
         r?;
         self.report.took = start.elapsed();
-        // Closing the descriptors unregisters the mappings.
+        // The guardian's duplicates first, then ours: closing the last
+        // descriptors unregisters the mappings.
+        if let Some(g) = self.guard.take() {
+            g.release();
+        }
         self.targets.clear();
         Ok(self.report)
     }
@@ -407,6 +417,9 @@ impl Server {
                 let ufd = u32::from_ne_bytes(msg[8..12].try_into().expect("4 bytes")) as i32;
                 // SAFETY: the kernel installed this descriptor for us.
                 let uffd = unsafe { OwnedFd::from_raw_fd(ufd) };
+                if let Some(g) = &self.guard {
+                    g.hold(&uffd)?;
+                }
                 let due = self.targets[t].due.clone();
                 self.targets.push(Target {
                     uffd,
