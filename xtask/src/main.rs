@@ -283,6 +283,9 @@ fn bench(
     // The peer: whether the CRIU asked for can run on this kernel at all.
     let peer = report::criu_status(criu);
     println!("criu: {}", peer["status"].as_str().unwrap_or("?"));
+    if let Some(pre) = peer["pre_dump"].as_str() {
+        println!("criu pre-dump chain: {pre}");
+    }
     std::fs::write(out.join("peers.json"), serde_json::to_string_pretty(&peer)?)
         .with_context(|| format!("writing {}", out.join("peers.json").display()))?;
     let with_quick = |cmd: &mut Command| {

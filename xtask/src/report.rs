@@ -265,6 +265,7 @@ pub fn criu_status(criu: Option<&Path>) -> Value {
         Ok(o) if o.status.success() => json!({
             "path": criu.display().to_string(),
             "status": "criu check passed",
+            "pre_dump": pre_dump_status(criu),
         }),
         Ok(o) => {
             let text = String::from_utf8_lossy(&o.stderr).into_owned()
@@ -281,6 +282,33 @@ pub fn criu_status(criu: Option<&Path>) -> Value {
                 "status": format!("does not work on this kernel: `criu check` failed: {why}"),
             })
         }
+    }
+}
+
+/// Whether this CRIU can make a pre-dump chain here (`criu pre-dump`
+/// needs the kernel's soft-dirty bits, which not every kernel has). The
+/// benches compare full dumps; a chain of CRIU's is not run.
+fn pre_dump_status(criu: &Path) -> String {
+    let out = std::process::Command::new(criu)
+        .args(["check", "--feature", "mem_dirty_track"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            "possible on this kernel (not compared: the benches run full dumps)".into()
+        }
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stderr).into_owned()
+                + &String::from_utf8_lossy(&o.stdout);
+            let why = text
+                .lines()
+                .find(|l| l.contains("Dirty tracking"))
+                .or_else(|| text.lines().last())
+                .unwrap_or("no output")
+                .trim()
+                .to_string();
+            format!("not possible on this kernel (`criu check --feature mem_dirty_track`: {why})")
+        }
+        Err(e) => format!("not checked: {e}"),
     }
 }
 
@@ -313,6 +341,9 @@ pub fn write_summary(dir: &Path, metrics: &[Metric]) -> Result<()> {
     let mut md = String::new();
     if let Some(status) = peers["status"].as_str() {
         md.push_str(&format!("CRIU: {status}\n\n"));
+    }
+    if let Some(pre) = peers["pre_dump"].as_str() {
+        md.push_str(&format!("CRIU pre-dump chain: {pre}\n\n"));
     }
     md.push_str("| metric | value | better | what |\n|---|---|---|---|\n");
     for m in metrics {
@@ -430,5 +461,32 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("not compared"));
+    }
+
+    #[test]
+    fn criu_pre_dump_is_reported_as_the_kernel_allows() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("xtask-criu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        let off = fake(
+            "off",
+            "echo 'Warn  (criu/kerndat.c:1642): something else' >&2\n\
+             echo 'Warn  (criu/cr-check.c:824): Dirty tracking is OFF. Memory snapshot will not work.' >&2\n\
+             exit 1",
+        );
+        let s = pre_dump_status(&off);
+        assert!(
+            s.starts_with("not possible") && s.contains("Dirty tracking is OFF"),
+            "{s}"
+        );
+        let on = fake("on", "exit 0");
+        assert!(pre_dump_status(&on).starts_with("possible"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
