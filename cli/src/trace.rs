@@ -62,12 +62,16 @@ async fn trace(args: &Args) -> Result<ExitCode> {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
+        // In this order, with a yield each turn: a process that logs
+        // without pause keeps the ring buffer ready, and Ctrl-C and the
+        // tick need the runtime to turn its signal and timer drivers.
         tokio::select! {
+            biased;
             _ = &mut ctrl_c => break,
             r = events.next_batch(&mut batch) => { r.context("reading the event ring buffer")?; }
             _ = tick.tick() => {
                 // Fault records do not wake us one by one: collect them here.
-                events.drain(&mut batch);
+                events.drain_some(&mut batch, cr_ebpf_loader::BATCH_MAX);
                 // A process may leave without us seeing its exit (its record was lost).
                 alive.retain(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
             }
@@ -146,6 +150,7 @@ async fn trace(args: &Args) -> Result<ExitCode> {
             }
             break;
         }
+        tokio::task::yield_now().await;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -36,7 +36,7 @@ use cr_ebpf_common::{self as abi, map_names, Config, LossCounter, TrackedProcess
 
 pub use error::LoaderError;
 pub use event::{DecodeError, Event};
-pub use stream::{EventStream, POLL_INTERVAL};
+pub use stream::{EventStream, BATCH_MAX, POLL_INTERVAL};
 
 /// The eBPF object built from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cr-ebpf-probes"));

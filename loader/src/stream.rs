@@ -14,6 +14,12 @@ use crate::{
 /// How often [`EventStream::next_batch`] looks for records that did not wake it.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// Most events [`EventStream::next_batch`] returns at once (and what a
+/// caller of [`EventStream::drain_some`] that must get on with other work
+/// may take): a process writing records faster than they are read never
+/// holds the reader in one call.
+pub const BATCH_MAX: usize = 1 << 12;
+
 /// Decoded events from the ring buffer, in the order the kernel committed them.
 pub struct EventStream {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -46,13 +52,25 @@ impl EventStream {
     }
 
     /// Appends every event available now, without waiting. Returns how many.
+    /// Ends only when the ring buffer is empty: for processes that are
+    /// stopped (a producer that runs can keep it from ending; see
+    /// [`Self::drain_some`]).
     pub fn drain(&mut self, out: &mut Vec<Result<Event, DecodeError>>) -> usize {
+        self.drain_some(out, usize::MAX)
+    }
+
+    /// Appends the events available now, at most `max`, without waiting.
+    /// Returns how many. What a running process writes faster than it is
+    /// read stays for the next call, so a caller that must also do other
+    /// work (take a checkpoint) is not held here.
+    pub fn drain_some(&mut self, out: &mut Vec<Result<Event, DecodeError>>, max: usize) -> usize {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
         let ring = self.ring.get_mut();
         let mut n = 0;
-        while let Some(item) = ring.next() {
+        while n < max {
+            let Some(item) = ring.next() else { break };
             out.push(decode(&item));
             n += 1;
         }
@@ -70,7 +88,7 @@ impl EventStream {
         out: &mut Vec<Result<Event, DecodeError>>,
     ) -> io::Result<usize> {
         loop {
-            let n = self.drain(out);
+            let n = self.drain_some(out, BATCH_MAX);
             if n > 0 {
                 return Ok(n);
             }

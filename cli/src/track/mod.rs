@@ -303,8 +303,11 @@ impl Service {
         &mut self,
         events: &mut cr_ebpf_loader::EventStream,
     ) -> Result<CheckpointReport> {
+        // Before the freeze: what is there now, bounded (a process writing
+        // records faster than they are folded must not hold the checkpoint
+        // off; what is left is drained while the processes are stopped).
         let mut batch = Vec::new();
-        events.drain(&mut batch);
+        events.drain_some(&mut batch, cr_ebpf_loader::BATCH_MAX);
         self.fold(&batch);
         self.follow_log()?;
         // Fault records lost (the ring buffer filled while a long write ran)
@@ -327,7 +330,7 @@ impl Service {
         // What piled up during the pre-copy is folded now, while the
         // processes run, so that little is left to fold while they are frozen.
         let mut batch = Vec::new();
-        events.drain(&mut batch);
+        events.drain_some(&mut batch, cr_ebpf_loader::BATCH_MAX);
         self.fold(&batch);
         // Events up to the freeze: the session drains them once the
         // processes are stopped, so nothing they did before is missed.
@@ -461,7 +464,11 @@ pub(crate) async fn track(args: &Args) -> Result<u8> {
         if args.count.is_some_and(|n| svc.taken >= n) {
             break format!("took {} checkpoints as asked", svc.taken);
         }
+        // In this order: a due checkpoint is never put off by a process
+        // whose records keep the event branch ready (each turn folds at
+        // most BATCH_MAX of them).
         tokio::select! {
+            biased;
             _ = &mut ctrl_c => break "interrupted".to_string(),
             _ = term.recv() => break "terminated".to_string(),
             _ = tick.tick(), if !args.interval.is_zero() => {
@@ -490,10 +497,14 @@ pub(crate) async fn track(args: &Args) -> Result<u8> {
                 if let Err(e) = svc.follow_log() {
                     eprintln!("cr-ebpf: following the tree: {e:#}");
                 }
+                // A process that logs without pause keeps this branch
+                // ready: without a yield the runtime never turns its
+                // timers, and no checkpoint came due (seen: seconds late).
+                tokio::task::yield_now().await;
             }
             _ = alive.tick() => {
                 // Fault records do not wake us one by one: count them here.
-                events.drain(&mut batch);
+                events.drain_some(&mut batch, cr_ebpf_loader::BATCH_MAX);
                 let got = std::mem::take(&mut batch);
                 svc.fold(&got);
                 svc.release_closed();
