@@ -6,12 +6,16 @@
 //! | size | field |
 //! |---|---|
 //! | 8 | virtual address of the first page |
-//! | 4 | number of pages (1 to [`MAX_CHUNK_PAGES`]) |
-//! | 4 | compressed length |
+//! | 4 | number of pages (1 to [`MAX_CHUNK_PAGES`]); format 1.12: bit 31 set, the pages are stored as they are ([`RAW`]) |
+//! | 4 | compressed length (the pages' length when stored as they are) |
 //! | 4 | CRC-32 of the compressed bytes |
 //! | 4 | CRC-32 of the uncompressed bytes |
 //! | 4 | format 1.10: CRC-32 of the 24 bytes above |
-//! | n | lz4 block (`lz4_flex` block format) |
+//! | n | lz4 block (`lz4_flex` block format), or the pages themselves |
+//!
+//! Pages that lz4 cannot shrink (random data, already compressed data) are
+//! stored as they are (format 1.12): compressing them cost the writer more
+//! time than the disk write, and gained nothing.
 //!
 //! The header's payload CRC covers all chunks; each chunk also carries its
 //! own checksums so a damaged chunk is named precisely. Chunks may come in
@@ -55,6 +59,14 @@ const CHUNK_HEADER_OLD: usize = 24;
 const CHUNK_HEADER: usize = 28;
 /// First minor whose chunk headers carry their own checksum.
 const HEADER_CRC_SINCE: u16 = 10;
+/// Bit of a chunk header's page count (format 1.12): the pages follow as
+/// they are, not lz4-compressed.
+pub const RAW: u32 = 1 << 31;
+/// First minor whose chunks may be stored as they are ([`RAW`]).
+const RAW_SINCE: u16 = 12;
+/// Bytes of a large chunk compressed first, at its start and its middle,
+/// to tell whether it compresses at all.
+const SAMPLE: usize = 32 << 10;
 
 /// A compressed run of pages, ready to write or read back.
 #[derive(Debug, Clone)]
@@ -69,20 +81,43 @@ pub struct Chunk {
     pub crc: u32,
     /// CRC-32 of the uncompressed pages.
     pub raw_crc: u32,
+    /// `data` is the pages as they are, not an lz4 block ([`RAW`]).
+    pub stored_raw: bool,
 }
 
 impl Chunk {
-    /// Compresses `raw` (whole pages) found at `vaddr`.
+    /// Compresses `raw` (whole pages) found at `vaddr`, or keeps it as it
+    /// is when lz4 does not shrink it: a chunk of more than two samples
+    /// whose start and middle do not shrink by 3% is not compressed at all.
     pub fn compress(vaddr: u64, raw: &[u8]) -> Self {
         assert!(raw.len().is_multiple_of(PAGE) && !raw.is_empty());
         assert!(raw.len() / PAGE <= MAX_CHUNK_PAGES as usize);
+        let npages = (raw.len() / PAGE) as u32;
+        let raw_crc = crc32fast::hash(raw);
+        let as_is = || Self {
+            vaddr,
+            npages,
+            data: raw.to_vec(),
+            crc: raw_crc,
+            raw_crc,
+            stored_raw: true,
+        };
+        let shrinks = |s: &[u8]| lz4_flex::block::compress(s).len() * 100 < s.len() * 97;
+        let mid = raw.len() / 2;
+        if raw.len() > 2 * SAMPLE && !shrinks(&raw[..SAMPLE]) && !shrinks(&raw[mid..mid + SAMPLE]) {
+            return as_is();
+        }
         let data = lz4_flex::block::compress(raw);
+        if data.len() >= raw.len() {
+            return as_is();
+        }
         Self {
             vaddr,
-            npages: (raw.len() / PAGE) as u32,
+            npages,
             crc: crc32fast::hash(&data),
-            raw_crc: crc32fast::hash(raw),
+            raw_crc,
             data,
+            stored_raw: false,
         }
     }
 }
@@ -124,7 +159,12 @@ impl PageWriter {
     pub fn write(&mut self, c: &Chunk) -> Result<(), ImageError> {
         let mut h = [0u8; CHUNK_HEADER];
         h[0..8].copy_from_slice(&c.vaddr.to_le_bytes());
-        h[8..12].copy_from_slice(&c.npages.to_le_bytes());
+        let count = if c.stored_raw {
+            c.npages | RAW
+        } else {
+            c.npages
+        };
+        h[8..12].copy_from_slice(&count.to_le_bytes());
         h[12..16].copy_from_slice(&(c.data.len() as u32).to_le_bytes());
         h[16..20].copy_from_slice(&c.crc.to_le_bytes());
         h[20..24].copy_from_slice(&c.raw_crc.to_le_bytes());
@@ -215,6 +255,8 @@ pub struct ChunkRef {
     /// Taken from `pages.idx`: the store's own copy of the header, just
     /// before the data, is compared with it when the chunk is used.
     indexed: bool,
+    /// The pages are stored as they are ([`RAW`]).
+    raw: bool,
 }
 
 impl PageStore {
@@ -322,31 +364,13 @@ impl PageStore {
                 std::os::unix::fs::FileExt::read_exact_at(&f, h, at)
                     .map_err(file::io(&path, "reading"))?;
             }
-            let h = &*h;
-            if !whole && crc32fast::hash(&h[..24]).to_le_bytes() != h[24..28] {
-                return Err(corrupt(at, "chunk header checksum mismatch".into()));
-            }
-            let vaddr = u64::from_le_bytes(h[0..8].try_into().expect("8"));
-            let npages = u32::from_le_bytes(h[8..12].try_into().expect("4"));
-            let clen = u32::from_le_bytes(h[12..16].try_into().expect("4")) as usize;
-            if npages == 0 || npages > MAX_CHUNK_PAGES || !vaddr.is_multiple_of(PAGE as u64) {
-                return Err(corrupt(
-                    at,
-                    format!("bad chunk: {npages} pages at {vaddr:#x}"),
-                ));
-            }
-            let max = lz4_flex::block::get_maximum_output_size(npages as usize * PAGE);
-            if clen > max || payload.len() - pos - chunk_header < clen {
-                return Err(corrupt(at, format!("bad chunk length {clen}")));
-            }
+            let c = parse_chunk(&*h, header.minor, payload.len() - pos - chunk_header)
+                .map_err(|what| corrupt(at, what))?;
+            let clen = c.clen;
             chunks.push(ChunkRef {
-                vaddr,
-                npages,
                 offset: HEADER_LEN + pos + chunk_header,
-                clen,
-                crc: u32::from_le_bytes(h[16..20].try_into().expect("4")),
-                raw_crc: u32::from_le_bytes(h[20..24].try_into().expect("4")),
                 indexed: index.is_some(),
+                ..c
             });
             pos += chunk_header + clen;
         }
@@ -415,8 +439,9 @@ impl PageStore {
                 u32::from_le_bytes(h[16..20].try_into().expect("4")),
                 u32::from_le_bytes(h[20..24].try_into().expect("4")),
             );
+            let count = if c.raw { c.npages | RAW } else { c.npages };
             if crc32fast::hash(&h[..24]).to_le_bytes() != h[24..28]
-                || fields != (c.vaddr, c.npages, c.clen, c.crc, c.raw_crc)
+                || fields != (c.vaddr, count, c.clen, c.crc, c.raw_crc)
             {
                 return Err(format!(
                     "the header of the chunk of pages at {:#x} is damaged (or is not what pages.idx lists)",
@@ -434,6 +459,12 @@ impl PageStore {
         let want = c.npages as usize * PAGE;
         if out.len() != want {
             return Err(format!("buffer of {} bytes for {want}", out.len()));
+        }
+        if c.raw {
+            // Its one checksum (of the bytes stored, which are the pages)
+            // was checked above; the header says both are the same.
+            out.copy_from_slice(data);
+            return Ok(());
         }
         let n = lz4_flex::block::decompress_into(data, out).map_err(|e| {
             format!(
@@ -456,6 +487,43 @@ impl Drop for PageStore {
         // SAFETY: unmapping exactly the mapping this value owns.
         unsafe { libc::munmap(self.base, self.len) };
     }
+}
+
+/// The chunk a header `h` (of a store of format `minor`, followed by
+/// `left` bytes) describes, its bounds checked (its offset and `indexed`
+/// left to the caller); what is wrong with it otherwise.
+fn parse_chunk(h: &[u8], minor: u16, left: usize) -> Result<ChunkRef, String> {
+    let whole = minor < HEADER_CRC_SINCE;
+    if !whole && crc32fast::hash(&h[..24]).to_le_bytes() != h[24..28] {
+        return Err("chunk header checksum mismatch".into());
+    }
+    let vaddr = u64::from_le_bytes(h[0..8].try_into().expect("8"));
+    let count = u32::from_le_bytes(h[8..12].try_into().expect("4"));
+    let clen = u32::from_le_bytes(h[12..16].try_into().expect("4")) as usize;
+    let raw = minor >= RAW_SINCE && count & RAW != 0;
+    let npages = if raw { count & !RAW } else { count };
+    if npages == 0 || npages > MAX_CHUNK_PAGES || !vaddr.is_multiple_of(PAGE as u64) {
+        return Err(format!("bad chunk: {npages} pages at {vaddr:#x}"));
+    }
+    let fits = if raw {
+        // Stored as they are: the pages' length, and one checksum for both.
+        clen == npages as usize * PAGE && h[16..20] == h[20..24]
+    } else {
+        clen <= lz4_flex::block::get_maximum_output_size(npages as usize * PAGE)
+    };
+    if !fits || left < clen {
+        return Err(format!("bad chunk length {clen}"));
+    }
+    Ok(ChunkRef {
+        vaddr,
+        npages,
+        offset: 0,
+        clen,
+        crc: u32::from_le_bytes(h[16..20].try_into().expect("4")),
+        raw_crc: u32::from_le_bytes(h[20..24].try_into().expect("4")),
+        indexed: false,
+        raw,
+    })
 }
 
 /// The chunk headers `pages.idx` at `path` lists, when it is whole and

@@ -837,3 +837,77 @@ fn a_descriptor_state_is_the_body_of_its_kind() {
         e.what
     );
 }
+
+/// `pages` pages of xorshift noise: what lz4 cannot shrink.
+fn noise(pages: usize, mut x: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(pages * PAGE);
+    while v.len() < pages * PAGE {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn pages_lz4_cannot_shrink_are_stored_as_they_are() {
+    let d = tempdir("raw");
+    manifest().write(&d).unwrap();
+    let big = noise(64, 7);
+    let small = noise(2, 9);
+    let text: Vec<u8> = (0..8 * PAGE).map(|i| (i * 7 % 251) as u8).collect();
+    let chunks = [
+        Chunk::compress(0x10000, &big),
+        Chunk::compress(0x100000, &small),
+        Chunk::compress(0x200000, &text),
+    ];
+    // Told by its samples; by the whole when too small to sample; text
+    // compresses.
+    assert!(chunks[0].stored_raw && chunks[0].data == big);
+    assert!(chunks[1].stored_raw && chunks[1].data == small);
+    assert!(!chunks[2].stored_raw && chunks[2].data.len() < text.len());
+    let mut w = PageWriter::create(&d).unwrap();
+    for c in &chunks {
+        w.write(c).unwrap();
+    }
+    w.finish().unwrap();
+    let store = pages::PageStore::open(&d).unwrap();
+    for (c, want) in store.chunks().iter().zip([&big, &small, &text]) {
+        let mut out = vec![0u8; want.len()];
+        store.decompress_into(c, &mut out).unwrap();
+        assert_eq!(&out, want);
+    }
+
+    // A byte of a page stored as it is, changed: refused when used.
+    let p = d.join(PAGES_FILE);
+    let orig = std::fs::read(&p).unwrap();
+    flip(&p, 32 + 28 + 5000);
+    let store = pages::PageStore::open(&d).unwrap();
+    let mut out = vec![0u8; big.len()];
+    let e = store
+        .decompress_into(&store.chunks()[0], &mut out)
+        .unwrap_err();
+    assert!(e.contains("checksum mismatch"), "{e}");
+
+    // A header that says "as they are" with another length (its own
+    // checksum made again, no index): refused at open.
+    std::fs::remove_file(d.join(cr_ebpf_image::PAGES_INDEX_FILE)).unwrap();
+    let mut b = orig.clone();
+    b[32 + 12..32 + 16].copy_from_slice(&(64 * PAGE as u32 - 1).to_le_bytes());
+    let h = crc32(&b[32..32 + 24]);
+    b[32 + 24..32 + 28].copy_from_slice(&h.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let e = pages::PageStore::open(&d).err().unwrap().to_string();
+    assert!(e.contains("bad chunk length"), "{e}");
+
+    // The same store under format 1.11, which had no such chunks: the
+    // flag is a page count out of bounds.
+    let mut b = orig;
+    b[10..12].copy_from_slice(&11u16.to_le_bytes());
+    let h = crc32(&b[0..28]);
+    b[28..32].copy_from_slice(&h.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let e = pages::PageStore::open(&d).err().unwrap().to_string();
+    assert!(e.contains("bad chunk"), "{e}");
+}
