@@ -667,3 +667,85 @@ fn the_first_checkpoint_sees_what_changed_after_the_warm_up() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The newest checkpoint's `manifest.img` deleted: `inspect` lists it as
+/// damaged, `restore` refuses it naming the one before (never restores
+/// that one in its place), and `track` in that directory goes on with a
+/// full checkpoint after it.
+#[test]
+fn a_damaged_newest_checkpoint_is_never_skipped_silently() {
+    if !root("a_damaged_newest_checkpoint_is_never_skipped_silently") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-damaged-newest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let track = |pid: i32, count: &str| {
+        let out = Command::new(BIN)
+            .args(["track", "--pid", &pid.to_string(), "--interval", "100ms"])
+            .args(["--count", count, "--images-dir"])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "track: {err}");
+    };
+    let mut first = spawn_sleep("600");
+    let pid = first.id() as i32;
+    track(pid, "2");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    std::fs::remove_file(dir.join("ckpt-000002").join("manifest.img")).unwrap();
+
+    let chain = cr_ebpf_json(&["inspect", "--json"], &dir);
+    let ids: Vec<&str> = chain["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["ckpt-000001"], "{chain}");
+    assert_eq!(chain["damaged"], serde_json::json!(["ckpt-000002"]));
+    let out = Command::new(BIN).arg("inspect").arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("ckpt-000002: damaged"),
+        "{text}"
+    );
+
+    // Refused, naming the one before; nothing restored.
+    let out = Command::new(BIN)
+        .args(["restore", "--detach", "--images-dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ckpt-000002 holds no image") && err.contains("--checkpoint ckpt-000001"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the checkpoint before was restored in its place"
+    );
+
+    // track goes on in that directory: a full checkpoint after the damaged one.
+    let mut second = spawn_sleep("600");
+    track(second.id() as i32, "1");
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let chain = cr_ebpf_json(&["inspect", "--json"], &dir);
+    let newest = chain["checkpoints"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(newest["id"], "ckpt-000003", "{chain}");
+    assert!(newest["parent"].is_null(), "{chain}");
+    assert_eq!(chain["damaged"], serde_json::json!(["ckpt-000002"]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
