@@ -274,6 +274,9 @@ pub struct Context {
     /// The process's numbers of the descriptors in flight on each unix
     /// socket's queue (by inode), message by message.
     in_flight: HashMap<u64, Vec<Vec<i32>>>,
+    /// Each unix socket's queue as read for its descriptors in flight (by
+    /// inode), for its save: read once.
+    walked: HashMap<u64, unix::Walked>,
 }
 
 impl Context {
@@ -297,7 +300,12 @@ impl Context {
             Err(SocketError::NotSupported(_)) => return Ok(Vec::new()),
         };
         match unix::peek_in_flight(dup, ty, &d, listening) {
-            Ok(fds) => Ok(fds),
+            Ok((fds, walked)) => {
+                if let Some(w) = walked {
+                    self.walked.insert(inode, w);
+                }
+                Ok(fds)
+            }
             Err(SocketError::Io(what, e)) => Err((what, e)),
             // Refused when the socket itself is saved.
             Err(SocketError::NotSupported(_)) => Ok(Vec::new()),
@@ -471,7 +479,8 @@ fn save_socket(
         (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
             let d = ctx.unix(inode)?;
             let carried = ctx.in_flight.get(&inode).cloned();
-            save_unix(dup, &mut s, &d, pid, carried.as_ref())?;
+            let walked = ctx.walked.get(&inode).cloned();
+            save_unix(dup, &mut s, &d, pid, carried.as_ref(), walked)?;
         }
         _ => {
             return Err(SocketError::NotSupported(format!(
