@@ -401,6 +401,11 @@ fn a_zombie_or_a_kernel_thread_is_refused_before_anything_is_stopped() {
                 .map(|d| d.flatten().map(|e| e.file_name()).collect())
                 .unwrap_or_default();
             assert!(written.is_empty(), "{command} of {what} wrote {written:?}");
+            assert!(
+                !images.exists(),
+                "{command} of {what} made {}",
+                images.display()
+            );
         }
     }
     assert_eq!(state_of(zombie), 'Z', "the zombie is left as it was");
