@@ -749,3 +749,114 @@ fn a_damaged_newest_checkpoint_is_never_skipped_silently() {
     assert_eq!(chain["damaged"], serde_json::json!(["ckpt-000002"]));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A seqpacket pair with an empty message queued between two others;
+/// once `ctl/drain` exists it reads them all and writes what it read (as
+/// Python's repr) to `ctl/out`.
+const EMPTY_MESSAGE: &str = r#"
+import os, socket, sys, time
+ctl = sys.argv[1]
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+for m in [b'one', b'', b'three']:
+    b.send(m)
+open(os.path.join(ctl, 'ready'), 'w').close()
+while not os.path.exists(os.path.join(ctl, 'drain')):
+    time.sleep(0.02)
+got = [a.recv(64) for _ in range(3)]
+with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
+    f.write(repr(got))
+os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
+while True:
+    time.sleep(0.05)
+"#;
+
+/// An empty message on a seqpacket queue is kept by the first checkpoint;
+/// the kernel then passes over it in every later read of the queue (it is
+/// marked peeked), so the checkpoints after it are refused, the process
+/// left running with its queue whole, until the queue has emptied. They
+/// stored the queue without it.
+#[test]
+fn an_empty_message_read_by_a_checkpoint_before_is_refused_not_lost() {
+    if !root("an_empty_message_read_by_a_checkpoint_before_is_refused_not_lost") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-empty-msg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ctl = dir.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut w = clean("/usr/bin/python3")
+        .args(["-c", EMPTY_MESSAGE])
+        .arg(&ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = w.id() as i32;
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
+    let images = dir.join("images");
+    let mut t = clean(BIN)
+        .args(["track", "--pid", &pid.to_string(), "--interval", "100ms"])
+        .arg("--images-dir")
+        .arg(&images)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    for out in [
+        Box::new(t.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(t.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+    }
+    let mut seen = Vec::new();
+    let mut wait_line = |what: &str, pred: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("no line {what} from track; it said: {seen:#?}"),
+            }
+        }
+    };
+    wait_line("of its first checkpoint", &|l| l.starts_with("ckpt-000001"));
+    let refused = wait_line("refusing a checkpoint", &|l| {
+        l.contains("checkpoint failed")
+    });
+    assert!(
+        refused.contains("not supported: a unix socket queue that held an empty message"),
+        "{refused}"
+    );
+    let out = Command::new(BIN)
+        .arg("inspect")
+        .arg(images.join("ckpt-000001"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("8 bytes queued in 3 messages"), "{text}");
+    // Read by the process: its queue was whole; the next checkpoint is taken.
+    std::fs::write(ctl.join("drain"), b"").unwrap();
+    cr_ebpf_perf::wait_for_file(&ctl.join("out"));
+    assert_eq!(
+        std::fs::read_to_string(ctl.join("out")).unwrap(),
+        "[b'one', b'', b'three']"
+    );
+    wait_line("of a checkpoint after the queue emptied", &|l| {
+        l.starts_with("ckpt-000002")
+    });
+    assert!(signal(t.id() as i32, libc::SIGINT));
+    let status = t.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    w.kill().unwrap();
+    w.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -277,6 +277,8 @@ pub struct Context {
     /// Each unix socket's queue as read for its descriptors in flight (by
     /// inode), for its save: read once.
     walked: HashMap<u64, unix::Walked>,
+    /// Unix sockets whose queue held an empty message at the checkpoint before.
+    pub(crate) read_before: std::collections::HashSet<u64>,
 }
 
 impl Context {
@@ -301,9 +303,7 @@ impl Context {
         };
         match unix::peek_in_flight(dup, ty, &d, listening) {
             Ok((fds, walked)) => {
-                if let Some(w) = walked {
-                    self.walked.insert(inode, w);
-                }
+                self.walked.extend(walked.map(|w| (inode, w)));
                 Ok(fds)
             }
             Err(SocketError::Io(what, e)) => Err((what, e)),
@@ -479,7 +479,10 @@ fn save_socket(
         (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
             let d = ctx.unix(inode)?;
             let carried = ctx.in_flight.get(&inode).cloned();
-            let walked = ctx.walked.get(&inode).cloned();
+            let walked = (
+                ctx.walked.get(&inode).cloned(),
+                ctx.read_before.contains(&inode),
+            );
             save_unix(dup, &mut s, &d, pid, carried.as_ref(), walked)?;
         }
         _ => {

@@ -18,16 +18,17 @@ use crate::SaveError;
 /// directions shut down, the file it is bound to (`pid`'s cwd resolves a
 /// relative name).
 /// `carried`: the process's numbers for the descriptors in flight on its
-/// queue, when they were saved ([`peek_in_flight`]); `walked`: its queue
+/// queue, when they were saved ([`peek_in_flight`]); `walked.0`: its queue
 /// as [`peek_in_flight`] read it, when it did (read again, it would miss
-/// its empty messages).
+/// its empty messages); `walked.1`: its queue held an empty message at the
+/// checkpoint before, whose walk marked it (see [`Walked`]).
 pub(super) fn save_unix(
     dup: &OwnedFd,
     s: &mut SocketInfo,
     d: &UnixDiag,
     pid: i32,
     carried: Option<&Vec<Vec<i32>>>,
-    walked: Option<Walked>,
+    walked: (Option<Walked>, bool),
 ) -> Result<(), SocketError> {
     let stream = s.sock_type as i32 != libc::SOCK_DGRAM;
     // An unbound (or unnamed: a socket pair's) unix socket's name is just the family.
@@ -46,7 +47,15 @@ pub(super) fn save_unix(
         // A stream or seqpacket socket that is not connected has no queue
         // (and reading it is an error).
         if let Some(eof) = readable(s.sock_type as i32, d, false) {
-            let messages = match walked {
+            if walked.1 && s.sock_type as i32 != libc::SOCK_STREAM && !queue_empty(dup)? {
+                return Err(SocketError::NotSupported(
+                    "a unix socket queue that held an empty message at the checkpoint before \
+                     and has not emptied since: once peeked, an empty message is passed over \
+                     by every later read of the queue, so it could not be kept"
+                        .into(),
+                ));
+            }
+            let messages = match walked.0 {
                 Some(w) => w,
                 None => walk(peek_messages(dup, s.sock_type as i32, eof)?),
             };
@@ -139,6 +148,27 @@ fn readable(ty: i32, d: &UnixDiag, listening: bool) -> Option<bool> {
 /// checkpoint: the kernel marks an empty message peeked, and a walk with
 /// `SO_PEEK_OFF` passes over a marked one (a second walk would miss it).
 pub(super) type Walked = Vec<(Vec<u8>, Vec<u8>, usize)>;
+
+/// Whether the queue of the unix socket `fd` is empty: a peek without an
+/// offset sees its first message, even an empty one a walk marked.
+fn queue_empty(fd: &OwnedFd) -> Result<bool, SocketError> {
+    let before =
+        getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF).map_err(|e| ("SO_PEEK_OFF", e))?;
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1).map_err(|e| ("SO_PEEK_OFF", e))?;
+    let mut b = [0u8; 1];
+    // SAFETY: a peek of at most one byte into our buffer.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    let err = io::Error::last_os_error();
+    let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, before);
+    Ok(n < 0 && err.raw_os_error() == Some(libc::EAGAIN))
+}
 
 /// `messages` as [`Walked`] (their descriptors closed).
 fn walk(messages: Vec<Peeked>) -> Walked {
