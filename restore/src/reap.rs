@@ -2,36 +2,27 @@
 //! root's is a child of its parent's stub, so when a failure kills the
 //! stubs, the ones whose parent died first go to the nearest subreaper (or
 //! to init), and stay zombies holding their pids where nobody reaps them.
-//! While a tree is restored the restorer is a child subreaper, so those
-//! come to it, and a failure reaps every stub it made.
+//! While a tree is restored, the first stub a failure kills (its
+//! `KillGuard`) makes the restorer a child subreaper, so those come to it,
+//! and the failed restore reaps every stub it made, then stops being one.
+//! A restore that succeeds never is one: what the caller's other children
+//! leave goes where it always goes.
 
 use std::{
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-/// Restores in progress in this process, and whether it was a subreaper
-/// before the first of them.
-static ACTIVE: Mutex<(usize, bool)> = Mutex::new((0, false));
+/// Tree restores in progress in this process, and, once a failure made
+/// this process a subreaper, whether it was one before.
+static ACTIVE: Mutex<(usize, Option<bool>)> = Mutex::new((0, None));
 
-/// This process a child subreaper while it lives (as it was before when
-/// the last one ends).
-pub(crate) struct Subreaper(());
+/// A tree restore in progress (see the module).
+pub(crate) struct TreeRestore(());
 
-impl Subreaper {
+impl TreeRestore {
     pub(crate) fn start() -> Self {
-        let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
-        if active.0 == 0 {
-            let mut was: libc::c_int = 0;
-            // SAFETY: PR_GET_CHILD_SUBREAPER writes one int at the pointer.
-            unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut was as *mut libc::c_int) };
-            active.1 = was != 0;
-            if !active.1 {
-                // SAFETY: prctl with integer arguments.
-                unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-            }
-        }
-        active.0 += 1;
+        ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
         Self(())
     }
 
@@ -62,13 +53,32 @@ impl Subreaper {
     }
 }
 
-impl Drop for Subreaper {
+impl Drop for TreeRestore {
     fn drop(&mut self) {
         let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
         active.0 -= 1;
-        if active.0 == 0 && !active.1 {
+        // The last one: as it was before (taking what a failure set).
+        if active.0 == 0 && active.1.take() == Some(false) {
             // SAFETY: prctl with integer arguments.
             unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
         }
     }
+}
+
+/// A stub is about to be killed: while a tree is restored, this process
+/// becomes a child subreaper first (once), so that the stubs this orphans
+/// come to it.
+pub(crate) fn teardown() {
+    let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    if active.0 == 0 || active.1.is_some() {
+        return;
+    }
+    let mut was: libc::c_int = 0;
+    // SAFETY: PR_GET_CHILD_SUBREAPER writes one int at the pointer.
+    unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut was as *mut libc::c_int) };
+    if was == 0 {
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
+    active.1 = Some(was != 0);
 }

@@ -23,11 +23,11 @@ pub(crate) fn restore_tree(
     clock: Clock,
 ) -> Result<RestoreReport, RestoreError> {
     // Stubs killed by a failure come to us to be reaped (see `reap`).
-    let reaper = crate::reap::Subreaper::start();
+    let restoring = crate::reap::TreeRestore::start();
     let mut made = Vec::new();
     let r = restore_stubs(dir, opts, start, clock, &mut made);
     if r.is_err() {
-        reaper.reap(&made);
+        restoring.reap(&made);
     }
     r
 }
