@@ -793,6 +793,7 @@ fn an_empty_message_read_by_a_checkpoint_before_is_refused_not_lost() {
         .spawn()
         .unwrap();
     let pid = w.id() as i32;
+    let w_guard = cr_ebpf_perf::KillOnDrop(pid);
     cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
     let images = dir.join("images");
     let mut t = clean(BIN)
@@ -804,6 +805,8 @@ fn an_empty_message_read_by_a_checkpoint_before_is_refused_not_lost() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Not left running when the test fails half-way.
+    let t_guard = cr_ebpf_perf::KillOnDrop(t.id() as i32);
     let (tx, lines) = std::sync::mpsc::channel::<String>();
     for out in [
         Box::new(t.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -854,8 +857,10 @@ fn an_empty_message_read_by_a_checkpoint_before_is_refused_not_lost() {
         l.starts_with("ckpt-000002")
     });
     assert!(signal(t.id() as i32, libc::SIGINT));
+    std::mem::forget(t_guard);
     let status = t.wait().unwrap();
     assert!(status.success(), "{status:?}");
+    std::mem::forget(w_guard);
     w.kill().unwrap();
     w.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
