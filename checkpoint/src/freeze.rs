@@ -16,8 +16,10 @@ pub(crate) fn stat(pid: i32) -> Result<proc::Stat, DumpError> {
 
 /// Refuses, before anything is stopped, a process no checkpoint can be
 /// taken of: a zombie, a kernel thread, or pid 1 (its tree is every
-/// process of the machine).
-pub(crate) fn checkable(pid: i32) -> Result<(), DumpError> {
+/// process of the machine). `dump` and a tracking session ask first; a
+/// caller that prepares anything before them (`track`'s images directory)
+/// asks before that.
+pub fn checkable(pid: i32) -> Result<(), DumpError> {
     let refuse = |what: String| Err(DumpError::NotSupported { pid, what });
     if pid <= 0 {
         return refuse(format!("pid {pid}: not a process id"));

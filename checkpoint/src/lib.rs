@@ -33,6 +33,7 @@ pub use compact::{clean_leftovers, compact, retain, CompactReport, RetainReport}
 pub use cr_ebpf_resources::proc::{clock_ns, monotonic_ns, parse_maps, MapEntry};
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::DumpError;
+pub use freeze::checkable;
 pub use incremental::{
     page_hash, CheckpointReport, Followed, Method, Phases, PrecopyReport, Session, SessionOptions,
     TreeChanges,

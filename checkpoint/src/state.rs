@@ -124,7 +124,7 @@ pub(crate) fn collect(
         tcp,
         locks,
         in_flight,
-    } = crate::fds::collect(pid, tree.as_deref_mut(), allow.ext_unix_sk)?;
+    } = crate::fds::collect(pid, tree.as_deref_mut(), allow.ext_unix_sk, peeked(prev))?;
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pagemap_path).map_err(proc_err(pid, pagemap_path.clone()))?;
     // Guard regions, recorded with their mappings and installed again;
@@ -255,4 +255,21 @@ impl State {
             network_lock: None,
         }
     }
+}
+
+/// The unix sockets whose queue held an empty message in `prev` (the
+/// checkpoint before): that checkpoint's read marked it peeked, and the
+/// kernel passes over a marked empty message in every later read.
+fn peeked(prev: Option<&Manifest>) -> std::collections::HashSet<u64> {
+    let sockets = prev
+        .into_iter()
+        .flat_map(|m| &m.fds)
+        .filter_map(|f| match &f.state {
+            cr_ebpf_image::FdState::Socket(s) => Some(s),
+            _ => None,
+        });
+    sockets
+        .filter(|s| s.family == libc::AF_UNIX as u16 && s.queue.iter().any(Vec::is_empty))
+        .map(|s| s.inode)
+        .collect()
 }

@@ -340,3 +340,154 @@ fn inspect_shows_the_shared_memory_an_image_stores() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The state letter of `pid` (`R`, `S`, `Z`, ...); `?` when it is gone.
+fn state_of(pid: i32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
+        .unwrap_or('?')
+}
+
+/// A zombie and a kernel thread are refused by `dump` and `track` before
+/// anything is stopped or written (exit status 3): `track` of a zombie
+/// took a "full checkpoint" of 0 pages and ended with 0, and a kernel
+/// thread got a bare EPERM of PTRACE_SEIZE. (pid 1, refused the same way
+/// by the same check, is left to its unit test: a regression would stop
+/// every process of the machine.)
+#[test]
+fn a_zombie_or_a_kernel_thread_is_refused_before_anything_is_stopped() {
+    if !privileged("a_zombie_or_a_kernel_thread_is_refused_before_anything_is_stopped") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-uncheckable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new("/bin/true").spawn().unwrap();
+    let zombie = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(zombie) != 'Z' {
+        assert!(Instant::now() < deadline, "the child never exited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut cases = vec![(zombie, "a zombie")];
+    // kthreadd (pid 2), parent of every kernel thread.
+    if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+        cases.push((2, "a kernel thread"));
+    }
+    for (pid, what) in cases {
+        for command in ["dump", "track"] {
+            let images = dir.join(format!("{command}-{pid}"));
+            let mut cmd = Command::new(BIN);
+            cmd.args([command, "--pid", &pid.to_string()]);
+            if command == "dump" {
+                cmd.arg("--leave-running");
+            } else {
+                cmd.args(["--count", "1", "--interval", "100ms"]);
+            }
+            let out = cmd
+                .arg("--images-dir")
+                .arg(&images)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(3), "{command} of {what}: {err}");
+            assert!(
+                err.contains(&format!("not supported: {what}")),
+                "{command} of {what}: {err}"
+            );
+            let written: Vec<_> = std::fs::read_dir(&images)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(written.is_empty(), "{command} of {what} wrote {written:?}");
+            assert!(
+                !images.exists(),
+                "{command} of {what} made {}",
+                images.display()
+            );
+        }
+    }
+    assert_eq!(state_of(zombie), 'Z', "the zombie is left as it was");
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Option values out of bounds are bad usage (exit status 2), said before
+/// anything runs: `--threads 100000` spawned threads without end, and
+/// `--keep 0` was taken as 1. (The pid does not exist and the images
+/// directory does already: without the bounds each command fails early,
+/// before any thread is started.)
+#[test]
+fn thread_and_keep_counts_out_of_bounds_are_refused_as_bad_usage() {
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-bounds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (pid, images) = ("--pid=8388608", format!("--images-dir={}", dir.display()));
+    let cases: [(&[&str], &str); 6] = [
+        (&["dump", "--threads", "100000", pid], "at most 1024"),
+        (&["restore", "--threads", "100000"], "at most 1024"),
+        (&["compact", "--threads", "100000"], "at most 1024"),
+        (&["track", "--keep", "0", pid], "at least"),
+        (&["compact", "--keep", "0"], "at least"),
+        (&["run", "--keep", "0"], "at least"),
+    ];
+    for (args, want) in cases {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).arg(&images);
+        if args[0] == "run" {
+            cmd.args(["--", "/bin/true"]);
+        }
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let written: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+    assert!(written.is_empty(), "a refused command wrote {written:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `inspect DIR | head`: a reader that stops early ends `inspect` as it
+/// ends any filter (SIGPIPE), quietly; it panicked on the broken pipe.
+#[test]
+fn inspect_into_a_closed_pipe_ends_quietly() {
+    use std::os::{fd::FromRawFd as _, unix::process::ExitStatusExt as _};
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/tests/fixtures");
+    // An image, a tree, a chain; as text and as JSON.
+    for (dir, json) in [("1.1", false), ("1.2", true), ("1.3", false), ("1.3", true)] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both are new descriptors we own; the reader goes at once.
+        let (reader, writer) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        drop(reader);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("inspect").arg(fixtures.join(dir));
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked"),
+            "inspect {dir} (json: {json}): {err}"
+        );
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "inspect {dir} (json: {json}): {:?} {err}",
+            out.status
+        );
+    }
+}

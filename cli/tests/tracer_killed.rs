@@ -3,7 +3,10 @@
 //! `mtwork` (threads sleeping, blocked, spinning and polling, a timer, an
 //! alternate signal stack, blocked and pending signals) and killed with
 //! SIGKILL at a random instant of their first 100 ms, the freeze and the
-//! injected calls included. After each kill the process must run (not
+//! injected calls included; every other `track` at a random instant of the
+//! 100 ms after it says it pre-copied the memory (the state it asks while
+//! the process runs, then the first freeze: a kill there resumed the
+//! process with the registers of an injected call). After each kill the process must run (not
 //! stopped, not dead), and its own check of every thread's progress and of
 //! its state must pass.
 //!
@@ -49,6 +52,21 @@ fn harm(pid: i32, log: &Path) -> Option<String> {
     unsafe { libc::kill(pid, libc::SIGUSR1) };
     let verdict = wait_line(log, before, "usr1 ");
     (verdict != "usr1 ok").then_some(verdict)
+}
+
+/// Reads the standard error of a command to its end; the receiver hears
+/// once it says it pre-copied the process's memory.
+fn said_precopied(err: std::process::ChildStderr) -> std::sync::mpsc::Receiver<()> {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if line.contains("pre-copied") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx
 }
 
 fn start(mtwork: &Path, log: &Path) -> Child {
@@ -109,9 +127,15 @@ fn dump_and_track_killed_at_random_instants_never_harm_the_process() {
                 .arg(&images)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
+            let precopied = said_precopied(c.stderr.take().unwrap());
+            // Every other track from its pre-copy on: the state asked while
+            // the process runs and the first freeze follow it.
+            if command == "track" && i % 2 == 1 {
+                let _ = precopied.recv_timeout(Duration::from_secs(20));
+            }
             std::thread::sleep(Duration::from_micros(rng.below(100_000)));
             if c.try_wait().unwrap().is_some() {
                 finished += 1;

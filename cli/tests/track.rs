@@ -667,3 +667,201 @@ fn the_first_checkpoint_sees_what_changed_after_the_warm_up() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The newest checkpoint's `manifest.img` deleted: `inspect` lists it as
+/// damaged, `restore` refuses it naming the one before (never restores
+/// that one in its place), and `track` in that directory goes on with a
+/// full checkpoint after it.
+#[test]
+fn a_damaged_newest_checkpoint_is_never_skipped_silently() {
+    if !root("a_damaged_newest_checkpoint_is_never_skipped_silently") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-damaged-newest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let track = |pid: i32, count: &str| {
+        let out = Command::new(BIN)
+            .args(["track", "--pid", &pid.to_string(), "--interval", "100ms"])
+            .args(["--count", count, "--images-dir"])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "track: {err}");
+    };
+    let mut first = spawn_sleep("600");
+    let pid = first.id() as i32;
+    track(pid, "2");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    std::fs::remove_file(dir.join("ckpt-000002").join("manifest.img")).unwrap();
+
+    let chain = cr_ebpf_json(&["inspect", "--json"], &dir);
+    let ids: Vec<&str> = chain["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["ckpt-000001"], "{chain}");
+    assert_eq!(chain["damaged"], serde_json::json!(["ckpt-000002"]));
+    let out = Command::new(BIN).arg("inspect").arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("ckpt-000002: damaged"),
+        "{text}"
+    );
+
+    // Refused, naming the one before; nothing restored.
+    let out = Command::new(BIN)
+        .args(["restore", "--detach", "--images-dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ckpt-000002 holds no image") && err.contains("--checkpoint ckpt-000001"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the checkpoint before was restored in its place"
+    );
+
+    // track goes on in that directory: a full checkpoint after the damaged one.
+    let mut second = spawn_sleep("600");
+    track(second.id() as i32, "1");
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let chain = cr_ebpf_json(&["inspect", "--json"], &dir);
+    let newest = chain["checkpoints"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(newest["id"], "ckpt-000003", "{chain}");
+    assert!(newest["parent"].is_null(), "{chain}");
+    assert_eq!(chain["damaged"], serde_json::json!(["ckpt-000002"]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A seqpacket pair with an empty message queued between two others;
+/// once `ctl/drain` exists it reads them all and writes what it read (as
+/// Python's repr) to `ctl/out`.
+const EMPTY_MESSAGE: &str = r#"
+import os, socket, sys, time
+ctl = sys.argv[1]
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+for m in [b'one', b'', b'three']:
+    b.send(m)
+open(os.path.join(ctl, 'ready'), 'w').close()
+while not os.path.exists(os.path.join(ctl, 'drain')):
+    time.sleep(0.02)
+got = [a.recv(64) for _ in range(3)]
+with open(os.path.join(ctl, 'out.tmp'), 'w') as f:
+    f.write(repr(got))
+os.rename(os.path.join(ctl, 'out.tmp'), os.path.join(ctl, 'out'))
+while True:
+    time.sleep(0.05)
+"#;
+
+/// An empty message on a seqpacket queue is kept by the first checkpoint;
+/// the kernel then passes over it in every later read of the queue (it is
+/// marked peeked), so the checkpoints after it are refused, the process
+/// left running with its queue whole, until the queue has emptied. They
+/// stored the queue without it.
+#[test]
+fn an_empty_message_read_by_a_checkpoint_before_is_refused_not_lost() {
+    if !root("an_empty_message_read_by_a_checkpoint_before_is_refused_not_lost") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-empty-msg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ctl = dir.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut w = clean("/usr/bin/python3")
+        .args(["-c", EMPTY_MESSAGE])
+        .arg(&ctl)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = w.id() as i32;
+    let w_guard = cr_ebpf_perf::KillOnDrop(pid);
+    cr_ebpf_perf::wait_for_file(&ctl.join("ready"));
+    let images = dir.join("images");
+    let mut t = clean(BIN)
+        .args(["track", "--pid", &pid.to_string(), "--interval", "100ms"])
+        .arg("--images-dir")
+        .arg(&images)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Not left running when the test fails half-way.
+    let t_guard = cr_ebpf_perf::KillOnDrop(t.id() as i32);
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    for out in [
+        Box::new(t.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(t.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+    }
+    let mut seen = Vec::new();
+    let mut wait_line = |what: &str, pred: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("no line {what} from track; it said: {seen:#?}"),
+            }
+        }
+    };
+    wait_line("of its first checkpoint", &|l| l.starts_with("ckpt-000001"));
+    let refused = wait_line("refusing a checkpoint", &|l| {
+        l.contains("checkpoint failed")
+    });
+    assert!(
+        refused.contains("not supported: a unix socket queue that held an empty message"),
+        "{refused}"
+    );
+    let out = Command::new(BIN)
+        .arg("inspect")
+        .arg(images.join("ckpt-000001"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("8 bytes queued in 3 messages"), "{text}");
+    // Read by the process: its queue was whole; the next checkpoint is taken.
+    std::fs::write(ctl.join("drain"), b"").unwrap();
+    cr_ebpf_perf::wait_for_file(&ctl.join("out"));
+    assert_eq!(
+        std::fs::read_to_string(ctl.join("out")).unwrap(),
+        "[b'one', b'', b'three']"
+    );
+    wait_line("of a checkpoint after the queue emptied", &|l| {
+        l.starts_with("ckpt-000002")
+    });
+    assert!(signal(t.id() as i32, libc::SIGINT));
+    std::mem::forget(t_guard);
+    let status = t.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    std::mem::forget(w_guard);
+    w.kill().unwrap();
+    w.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

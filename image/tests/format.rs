@@ -513,6 +513,44 @@ fn a_damaged_chunk_with_a_consistent_file_checksum_is_still_caught() {
     );
 }
 
+/// A chunk's page address changed, and the store's checksums computed
+/// again as someone crafting it would: the address is under the chunk
+/// header's own checksum (format 1.10), so the store is refused instead of
+/// restoring the pages at the wrong address (before 1.10 the address was
+/// under no checksum but the file's).
+#[test]
+fn a_chunk_moved_to_another_address_is_refused_with_the_file_checksums_recomputed() {
+    for keep_index in [false, true] {
+        let d = tempdir(&format!("moved-{keep_index}"));
+        write_image(&d);
+        if !keep_index {
+            std::fs::remove_file(d.join(cr_ebpf_image::PAGES_INDEX_FILE)).unwrap();
+        }
+        let p = d.join(PAGES_FILE);
+        let mut b = std::fs::read(&p).unwrap();
+        assert_eq!(b[32..40], 0x1000u64.to_le_bytes());
+        b[32..40].copy_from_slice(&0x3000u64.to_le_bytes());
+        let crc = crc32(&b[32..]);
+        b[24..28].copy_from_slice(&crc.to_le_bytes());
+        let hcrc = crc32(&b[0..28]);
+        b[28..32].copy_from_slice(&hcrc.to_le_bytes());
+        std::fs::write(&p, b).unwrap();
+        // Opened (headers walked: the index names the store as it was) and
+        // used: refused either way, never pages at 0x3000.
+        let used = pages::PageStore::open(&d)
+            .map_err(|e| e.to_string())
+            .and_then(|store| {
+                let mut out = vec![0u8; 2 * PAGE];
+                let c = &store.chunks()[0];
+                store
+                    .decompress_into(c, &mut out)
+                    .map(|()| format!("{} pages at {:#x}", c.npages, c.vaddr))
+            });
+        let e = used.expect_err("a moved chunk was accepted");
+        assert!(e.contains("chunk header checksum mismatch"), "{e}");
+    }
+}
+
 /// Writes checkpoint `seq` of process `pid` into `dir` (a process image):
 /// the first mapping's pages as `pages` (first page, bytes), inheriting the
 /// rest from `parent` when there is one.

@@ -308,3 +308,79 @@ if a.recv(100) != msg: bad.append('message')
     let out = round_trip(&scratch, &script(setup, checks), &[]);
     assert_eq!(out, "ok");
 }
+
+/// Unix seqpacket sockets as ZDTM's `sockets01/02/03-seqpacket` make them:
+/// ends shut down for reading or both ways with nothing queued, an end
+/// whose peer sent messages (one empty) and closed, and an accepted
+/// connection shut down for reading with a message queued. Peeking such a
+/// queue reads 0 bytes at its end forever: the dump spun there (100% CPU,
+/// the process held stopped). Now it returns, and each socket comes back
+/// as it was.
+#[test]
+fn seqpacket_sockets_shut_down_or_with_a_closed_peer_dump_and_come_back() {
+    if !cr_ebpf_perf::privileged(
+        "seqpacket_sockets_shut_down_or_with_a_closed_peer_dump_and_come_back",
+    ) {
+        return;
+    }
+    let scratch = Scratch::new("sk-seqpacket");
+    let setup = r#"
+SEQ = socket.SOCK_SEQPACKET
+def pair():
+    return socket.socketpair(socket.AF_UNIX, SEQ)
+a1, b1 = pair(); a1.shutdown(socket.SHUT_RD)
+a2, b2 = pair(); a2.shutdown(socket.SHUT_RDWR)
+a3, b3 = pair()
+for m in [b'one', b'', b'three']:
+    b3.send(m)
+b3.close()
+srv = socket.socket(socket.AF_UNIX, SEQ)
+srv.bind(os.path.join(ctl, 'srv')); srv.listen(1)
+cl = socket.socket(socket.AF_UNIX, SEQ); cl.connect(os.path.join(ctl, 'srv'))
+acc, _ = srv.accept()
+cl.send(b'queued'); acc.shutdown(socket.SHUT_RD)
+def recv(s):
+    try:
+        return s.recv(64, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return 'EAGAIN'
+def send(s, m):
+    try:
+        return s.send(m)
+    except BrokenPipeError:
+        return 'EPIPE'
+"#;
+    let checks = r#"
+got = [recv(a1), send(b1, b'x'), send(a1, b'y'), recv(b1)]
+if got != [b'', 'EPIPE', 1, b'y']: bad.append('shut for reading %r' % got)
+got = [recv(a2), send(a2, b'x'), send(b2, b'x')]
+if got != [b'', 'EPIPE', 'EPIPE']: bad.append('shut both ways %r' % got)
+got = [recv(a3) for _ in range(4)] + [send(a3, b'x')]
+if got != [b'one', b'', b'three', b'', 'EPIPE']: bad.append('peer closed %r' % got)
+got = [recv(acc), recv(acc), send(cl, b'x'), send(acc, b'z'), recv(cl)]
+if got != [b'queued', b'', 'EPIPE', 1, b'z']: bad.append('accepted %r' % got)
+"#;
+    let script = script(setup, checks);
+    let ctl = scratch.0.join("ctl");
+    let img = scratch.0.join("image");
+    let mut child = start(&scratch, &script, &[]);
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    // The dump in a thread of its own: one that never returns is a failure
+    // here, not a test run that never ends.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let to = img.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(dump(pid, &to, &DumpOptions::default()).map(|_| ()));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the dump never returned")
+        .expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _guard = KillOnDrop(r.pid);
+    std::fs::write(ctl.join("check"), b"").unwrap();
+    cr_ebpf_perf::wait_for_file(&ctl.join("out"));
+    assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
+}

@@ -209,3 +209,81 @@ fn a_forking_server_restores_with_its_workers_sessions_and_zombie() {
     drop(reap);
     drop(scratch);
 }
+
+/// A parent and its child, each with a MiB of its own; the parent writes
+/// both pids to `ctl/pids`.
+const PAIR: &str = r#"
+import os, sys, time
+ctl = sys.argv[1]
+data = bytearray(os.urandom(1 << 20))
+kid = os.fork()
+if kid == 0:
+    mine = bytearray(os.urandom(1 << 20))
+    while True:
+        time.sleep(0.05)
+with open(os.path.join(ctl, "pids.tmp"), "w") as f:
+    f.write("%d %d" % (os.getpid(), kid))
+os.rename(os.path.join(ctl, "pids.tmp"), os.path.join(ctl, "pids"))
+while True:
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn a_failed_tree_restore_leaves_no_process_holding_a_pid() {
+    if !cr_ebpf_perf::privileged("a_failed_tree_restore_leaves_no_process_holding_a_pid") {
+        return;
+    }
+    // What a killed parent leaves comes to us: the dumped child, and (as
+    // it would to init, which reaps them on most machines but not all) a
+    // stub left behind by the failed restore.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let scratch = cr_ebpf_perf::Scratch::new("tree-failed");
+    let ctl = scratch.0.join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let mut child = cr_ebpf_perf::spawn_clean(
+        Command::new("/usr/bin/python3")
+            .args(["-c", PAIR])
+            .arg(&ctl)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    cr_ebpf_perf::wait_for_file(&ctl.join("pids"));
+    let pids: Vec<i32> = std::fs::read_to_string(ctl.join("pids"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let reap = Reap(pids.clone());
+    let img = scratch.0.join("image");
+    dump(pids[0], &img, &DumpOptions::default()).expect("dump of the tree");
+    let _ = child.wait();
+    // SAFETY: reaping the child, ours now.
+    unsafe { libc::waitpid(pids[1], std::ptr::null_mut(), 0) };
+    // The child's pages damaged: found as its memory is filled, once both
+    // stubs exist.
+    let pages = img
+        .join(format!("proc-{}", pids[1]))
+        .join(cr_ebpf_image::PAGES_FILE);
+    let mut b = std::fs::read(&pages).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    std::fs::write(&pages, &b).unwrap();
+    let err = restore(&img, &RestoreOptions::default()).unwrap_err();
+    let msg = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    );
+    assert!(msg.contains("damaged page data"), "{msg}");
+    // Nothing holds either pid: no stub, no zombie of one.
+    for &p in &pids {
+        let st = std::fs::read_to_string(format!("/proc/{p}/stat"));
+        assert!(
+            st.is_err(),
+            "pid {p} still held after the failed restore: {st:?}"
+        );
+    }
+    drop(reap);
+}

@@ -109,6 +109,78 @@ fn a_child_in_seccomp_strict_mode_survives_a_checkpoint() {
     assert!(p.try_wait().unwrap().is_none());
 }
 
+/// A second child, forked after the first (so checkpointed after it),
+/// with a sealed mapping (`mseal`), which a checkpoint refuses; its pid in
+/// `ctl/sealed`.
+const SEALED_SIBLING: &str = r#"
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+sib = os.fork()
+if sib == 0:
+    at = libc.mmap(None, 4096, 3, 0x22, -1, 0)
+    assert libc.syscall(462, ctypes.c_void_p(at), ctypes.c_size_t(4096), ctypes.c_ulong(0)) == 0, ctypes.get_errno()
+    with open(os.path.join(ctl, 'sealed.tmp'), 'w') as f:
+        f.write(str(os.getpid()))
+    os.rename(os.path.join(ctl, 'sealed.tmp'), os.path.join(ctl, 'sealed'))
+    while True:
+        time.sleep(0.05)
+"#;
+
+/// A dump that fails after it asked the strict-mode child its state (its
+/// sibling, checkpointed after it, is refused) lets it go alive, still in
+/// strict mode: a failed dump used to kill it (ZDTM `seccomp_strict`).
+#[test]
+fn a_failed_dump_leaves_a_child_in_seccomp_strict_mode_running() {
+    if !cr_ebpf_perf::privileged("a_failed_dump_leaves_a_child_in_seccomp_strict_mode_running") {
+        return;
+    }
+    let s = Scratch::new("untouch-strict-failed");
+    let (mut p, pid, kid) = start(
+        &s,
+        "libc.prctl(22, 1, 0, 0, 0)\n    os.read(r, 1)",
+        SEALED_SIBLING,
+    );
+    let _k = KillOnDrop(kid);
+    let _g = KillOnDrop(pid);
+    let sealed_at = s.0.join("ctl").join("sealed");
+    cr_ebpf_perf::wait_for_file(&sealed_at);
+    let sib: i32 = std::fs::read_to_string(&sealed_at)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let _s = KillOnDrop(sib);
+    let strict = || {
+        std::fs::read_to_string(format!("/proc/{kid}/status"))
+            .unwrap_or_default()
+            .contains("Seccomp:\t1")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !strict() {
+        assert!(
+            Instant::now() < deadline,
+            "the child never entered strict mode"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    assert_eq!(
+        children.split_whitespace().collect::<Vec<_>>(),
+        [kid.to_string(), sib.to_string()],
+        "the strict-mode child is checkpointed first"
+    );
+    let img = s.0.join("img");
+    let err = dump(pid, &img, &DumpOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not supported: a sealed mapping"), "{err}");
+    assert!(!img.exists(), "no image published");
+    runs_on(kid, "the strict-mode child");
+    assert!(strict(), "still in strict mode");
+    runs_on(sib, "the sealed sibling");
+    runs_on(pid, "the parent");
+    assert!(p.try_wait().unwrap().is_none());
+}
+
 #[test]
 fn a_child_traced_by_its_parent_is_refused_and_both_run_on() {
     if !cr_ebpf_perf::privileged("a_child_traced_by_its_parent_is_refused") {

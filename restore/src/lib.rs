@@ -28,6 +28,7 @@ mod build;
 mod inherit;
 mod lazy;
 mod policy;
+mod reap;
 mod release;
 mod stub;
 mod tree;

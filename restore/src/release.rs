@@ -14,8 +14,10 @@ use crate::{
 
 /// A process built and stopped, waiting for [`release`].
 pub(crate) struct Ready {
-    pub t: Tracee,
+    // The guard first: a stub dropped is killed while traced, not let go
+    // first (fields drop in order).
     pub guard: KillGuard,
+    pub t: Tracee,
     pub others: Vec<(Tracee, regs::Regs, u64)>,
     pub final_regs: regs::Regs,
     pub sigmask: u64,

@@ -81,6 +81,7 @@ impl KillGuard {
 impl Drop for KillGuard {
     fn drop(&mut self) {
         if !self.1 {
+            crate::reap::teardown();
             let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
             let _ = waitpid(Pid::from_raw(self.0), Some(WaitPidFlag::__WALL));
         }

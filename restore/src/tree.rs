@@ -20,7 +20,26 @@ pub(crate) fn restore_tree(
     dir: &Path,
     opts: &RestoreOptions,
     start: Instant,
+    clock: Clock,
+) -> Result<RestoreReport, RestoreError> {
+    // Stubs killed by a failure come to us to be reaped (see `reap`).
+    let restoring = crate::reap::TreeRestore::start();
+    let mut made = Vec::new();
+    let r = restore_stubs(dir, opts, start, clock, &mut made);
+    if r.is_err() {
+        restoring.reap(&made);
+    }
+    r
+}
+
+/// [`restore_tree`]; `made` gets the pids of the stubs it makes (and of
+/// the stand-in group leaders), before each is made.
+fn restore_stubs(
+    dir: &Path,
+    opts: &RestoreOptions,
+    start: Instant,
     mut clock: Clock,
+    made: &mut Vec<i32>,
 ) -> Result<RestoreReport, RestoreError> {
     let tree = Tree::read(dir)?;
     let mut chains: HashMap<i32, Chain> = HashMap::new();
@@ -73,6 +92,7 @@ pub(crate) fn restore_tree(
     // Process groups made so far.
     let mut groups = std::collections::HashSet::new();
     for p in &tree.processes {
+        made.extend([p.pid, p.pgid]);
         let (t, guard) = make_stub(p, &tree, &built, &groups, tramp)?;
         // Into its cgroups and namespaces before it makes children (they
         // inherit them).

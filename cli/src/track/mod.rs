@@ -399,6 +399,9 @@ pub(crate) async fn track(args: &Args) -> Result<u8> {
     if !Path::new(&format!("/proc/{pid}")).exists() {
         bail!("no process {pid} (check the pid with `ps`)");
     }
+    // A zombie, a kernel thread, pid 1: refused before the images
+    // directory is made.
+    cr_ebpf_checkpoint::checkable(pid)?;
     cr_ebpf_image::trust::check_destination(&args.images_dir)?;
     cr_ebpf_image::trust::create_private_dir(&args.images_dir)
         .with_context(|| format!("creating {}", args.images_dir.display()))?;

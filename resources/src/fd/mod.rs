@@ -431,11 +431,14 @@ fn see_all(pid: i32) -> Result<Vec<Seen>, SaveError> {
 
 /// Every open descriptor of the (frozen) process `pid`. In a tree, `scope`
 /// says which pipe ends the other processes hold (and the caller runs
-/// [`check_tree`] over the whole tree).
+/// [`check_tree`] over the whole tree). `read_before`: the unix sockets
+/// (inodes) whose queue held an empty message at the checkpoint before (a
+/// queue not empty since is refused: that message can no longer be read).
 pub fn collect(
     pid: i32,
     scope: Option<&mut TreeScope>,
     ext_unix_sk: bool,
+    read_before: HashSet<u64>,
 ) -> Result<Fds, SaveError> {
     // SAFETY: plain syscall with integer arguments.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -461,6 +464,7 @@ pub fn collect(
     }
     let mut tcp = Vec::new();
     let mut sockets = socket::Context::default();
+    sockets.read_before = read_before;
     let mut cx = SaveCx {
         pid,
         pidfd: &pidfd,

@@ -81,8 +81,10 @@ const MEMORY_PHASES: usize = 6;
 /// A process whose memory is built, in its stub: children may be made from
 /// it now.
 pub(crate) struct Memory {
-    t: Tracee,
+    // The guard first: a stub dropped is killed while traced, not let go
+    // first (fields drop in order).
     guard: KillGuard,
+    t: Tracee,
     pages: u64,
     fill: Duration,
     /// It shares its parent's descriptor table (see [`Build`]).

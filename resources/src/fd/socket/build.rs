@@ -19,7 +19,7 @@ use super::{
     fin::half_close,
     option_int, send_all, send_to, setsockopt_int,
     tcp::{closed_connection, refills, release, send_unsent, tcp_connection, Refill},
-    unix::{listener_of, orphan, socketpair, unix_path},
+    unix::{listener_of, mirrored, orphan, socketpair, unix_path},
     unlock::unlock_network,
 };
 use crate::RestoreError;
@@ -223,10 +223,10 @@ fn pair(
         listener_of(accepted, other, by_inode.values().copied()).and_then(|l| made.get(&l.inode))
     };
     let (a, b, early) = if let Some(l) = listener(peer, s) {
-        let (a, b) = accept_through(l, s, removed)?;
+        let (a, b) = accept_through(l, s, peer.shutdown, removed)?;
         (a, b, Some(s.inode))
     } else if let Some(l) = listener(s, peer) {
-        let (b, a) = accept_through(l, peer, removed)?;
+        let (b, a) = accept_through(l, peer, s.shutdown, removed)?;
         (a, b, Some(peer.inode))
     } else {
         let (a, b) = socketpair(s).map_err(fail("socketpair"))?;
@@ -286,10 +286,16 @@ fn orphaned(
 }
 
 /// `s` connected to the restored listener `l` and accepted there at once:
-/// (`s`, the accepted end). `s` is shut down as it was before connecting.
+/// (`s`, the accepted end, whose shutdown bits are `accepted`). What of
+/// `s`'s shutdown the accepted end's does not account for (`shutdown` on
+/// one end shuts its peer the other way) was done before connecting, and
+/// is done so again; the rest comes from the accepted end's own shutdown,
+/// made after the queues are refilled (shut for sending before, `s` could
+/// not refill the accepted end's queue).
 fn accept_through(
     l: &OwnedFd,
     s: &SocketInfo,
+    accepted: u8,
     removed: &mut Names,
 ) -> Result<(OwnedFd, OwnedFd), RestoreError> {
     let a = super::socket(s).map_err(fail("socket (unix connection)"))?;
@@ -301,8 +307,9 @@ fn accept_through(
         }
         None => {}
     }
-    if s.shutdown != 0 {
-        shutdown(&a, s.shutdown).map_err(fail("shutdown (unix connection)"))?;
+    let early = s.shutdown & !mirrored(accepted) & 3;
+    if early != 0 {
+        shutdown(&a, early).map_err(fail("shutdown (unix connection)"))?;
     }
     removed
         .connect(&a, s)
@@ -706,6 +713,52 @@ mod tests {
         (&y).read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ping");
         assert_eq!(send_errno(&y), Some(libc::EPIPE), "x does not receive");
+    }
+
+    /// A new unix socket of type `ty`.
+    fn unix_socket(ty: i32) -> OwnedFd {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, ty, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor we own.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    }
+
+    /// An accepted connection shut down for reading with a message queued
+    /// (its peer shut for sending by it): the message is sent again before
+    /// the shutdown is made again (the peer shut for sending first could
+    /// not send it: the restore failed with EPIPE, the process lost), then
+    /// the end of the queue.
+    #[test]
+    fn an_accepted_end_shut_for_reading_keeps_its_queued_message() {
+        for ty in [libc::SOCK_SEQPACKET, libc::SOCK_STREAM] {
+            let dir = testing::scratch(&format!("accepted-shut-{ty}"));
+            let addr = super::super::unix::tests_addr(&dir.join("listener"));
+            let l = unix_socket(ty);
+            super::super::bind(&l, &addr).unwrap();
+            // SAFETY: plain syscall on our socket.
+            assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 1) }, 0);
+            let x = unix_socket(ty);
+            super::super::connect(&x, &addr).unwrap();
+            // SAFETY: accepting on our listener; no address wanted.
+            let y =
+                unsafe { libc::accept(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+            assert!(y >= 0);
+            // SAFETY: a new descriptor we own.
+            let y = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(y) };
+            // SAFETY: sending our bytes.
+            let sent = unsafe { libc::send(x.as_raw_fd(), b"queued".as_ptr().cast(), 6, 0) };
+            assert_eq!(sent, 6);
+            shut(&y, libc::SHUT_RD);
+            assert_eq!(shutdowns(&[&x, &y]), vec![2, 1]);
+            let saved = testing::save_own_many(&[l.as_raw_fd(), x.as_raw_fd(), y.as_raw_fd()]);
+            drop((l, x, y));
+            let fds = restored(&saved);
+            assert_eq!(shutdowns(&[&fds[1], &fds[2]]), vec![2, 1], "type {ty}");
+            assert_eq!(recv_now(&fds[2]), Ok(b"queued".to_vec()), "type {ty}");
+            assert_eq!(recv_now(&fds[2]), Ok(Vec::new()), "type {ty}: then the end");
+            assert_eq!(send_errno(&fds[1]), Some(libc::EPIPE), "type {ty}");
+        }
     }
 
     #[test]

@@ -274,6 +274,11 @@ pub struct Context {
     /// The process's numbers of the descriptors in flight on each unix
     /// socket's queue (by inode), message by message.
     in_flight: HashMap<u64, Vec<Vec<i32>>>,
+    /// Each unix socket's queue as read for its descriptors in flight (by
+    /// inode), for its save: read once.
+    walked: HashMap<u64, unix::Walked>,
+    /// Unix sockets whose queue held an empty message at the checkpoint before.
+    pub(crate) read_before: std::collections::HashSet<u64>,
 }
 
 impl Context {
@@ -297,7 +302,10 @@ impl Context {
             Err(SocketError::NotSupported(_)) => return Ok(Vec::new()),
         };
         match unix::peek_in_flight(dup, ty, &d, listening) {
-            Ok(fds) => Ok(fds),
+            Ok((fds, walked)) => {
+                self.walked.extend(walked.map(|w| (inode, w)));
+                Ok(fds)
+            }
             Err(SocketError::Io(what, e)) => Err((what, e)),
             // Refused when the socket itself is saved.
             Err(SocketError::NotSupported(_)) => Ok(Vec::new()),
@@ -471,7 +479,11 @@ fn save_socket(
         (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
             let d = ctx.unix(inode)?;
             let carried = ctx.in_flight.get(&inode).cloned();
-            save_unix(dup, &mut s, &d, pid, carried.as_ref())?;
+            let walked = (
+                ctx.walked.get(&inode).cloned(),
+                ctx.read_before.contains(&inode),
+            );
+            save_unix(dup, &mut s, &d, pid, carried.as_ref(), walked)?;
         }
         _ => {
             return Err(SocketError::NotSupported(format!(

@@ -18,13 +18,17 @@ use crate::SaveError;
 /// directions shut down, the file it is bound to (`pid`'s cwd resolves a
 /// relative name).
 /// `carried`: the process's numbers for the descriptors in flight on its
-/// queue, when they were saved ([`peek_in_flight`]).
+/// queue, when they were saved ([`peek_in_flight`]); `walked.0`: its queue
+/// as [`peek_in_flight`] read it, when it did (read again, it would miss
+/// its empty messages); `walked.1`: its queue held an empty message at the
+/// checkpoint before, whose walk marked it (see [`Walked`]).
 pub(super) fn save_unix(
     dup: &OwnedFd,
     s: &mut SocketInfo,
     d: &UnixDiag,
     pid: i32,
     carried: Option<&Vec<Vec<i32>>>,
+    walked: (Option<Walked>, bool),
 ) -> Result<(), SocketError> {
     let stream = s.sock_type as i32 != libc::SOCK_DGRAM;
     // An unbound (or unnamed: a socket pair's) unix socket's name is just the family.
@@ -43,13 +47,24 @@ pub(super) fn save_unix(
         // A stream or seqpacket socket that is not connected has no queue
         // (and reading it is an error).
         if let Some(eof) = readable(s.sock_type as i32, d, false) {
-            let messages = peek_messages(dup, s.sock_type as i32, eof)?;
-            if messages.iter().any(|m| !m.fds.is_empty()) {
+            if walked.1 && s.sock_type as i32 != libc::SOCK_STREAM && !queue_empty(dup)? {
+                return Err(SocketError::NotSupported(
+                    "a unix socket queue that held an empty message at the checkpoint before \
+                     and has not emptied since: once peeked, an empty message is passed over \
+                     by every later read of the queue, so it could not be kept"
+                        .into(),
+                ));
+            }
+            let messages = match walked.0 {
+                Some(w) => w,
+                None => walk(peek_messages(dup, s.sock_type as i32, eof)?),
+            };
+            if messages.iter().any(|m| m.2 != 0) {
                 // Saved as descriptors of the process before (see the
                 // in_flight module); the same messages, the same counts.
                 let same = carried.is_some_and(|c| {
                     c.len() == messages.len()
-                        && c.iter().zip(&messages).all(|(a, m)| a.len() == m.fds.len())
+                        && c.iter().zip(&messages).all(|(a, m)| a.len() == m.2)
                 });
                 match carried {
                     Some(c) if same => s.in_flight = c.clone(),
@@ -63,7 +78,7 @@ pub(super) fn save_unix(
                 }
             }
             let senders: Vec<Vec<u8>>;
-            (s.queue, senders) = messages.into_iter().map(|m| (m.data, m.sender)).unzip();
+            (s.queue, senders) = messages.into_iter().map(|m| (m.0, m.1)).unzip();
             // A datagram socket without a peer of its own got each message
             // from whoever sent it: they are sent again from there.
             if !stream && d.peer == 0 && !s.queue.is_empty() {
@@ -128,22 +143,67 @@ fn readable(ty: i32, d: &UnixDiag, listening: bool) -> Option<bool> {
         .then_some(d.shutdown & RCV_SHUTDOWN != 0)
 }
 
+/// A queue as read once: each message's bytes, its sender's address and
+/// how many descriptors in flight it carries. A queue is read once per
+/// checkpoint: the kernel marks an empty message peeked, and a walk with
+/// `SO_PEEK_OFF` passes over a marked one (a second walk would miss it).
+pub(super) type Walked = Vec<(Vec<u8>, Vec<u8>, usize)>;
+
+/// Whether the queue of the unix socket `fd` is empty: a peek without an
+/// offset sees its first message, even an empty one a walk marked.
+fn queue_empty(fd: &OwnedFd) -> Result<bool, SocketError> {
+    let before =
+        getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF).map_err(|e| ("SO_PEEK_OFF", e))?;
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1).map_err(|e| ("SO_PEEK_OFF", e))?;
+    let mut b = [0u8; 1];
+    // SAFETY: a peek of at most one byte into our buffer.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    let err = io::Error::last_os_error();
+    let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, before);
+    Ok(n < 0 && err.raw_os_error() == Some(libc::EAGAIN))
+}
+
+/// `messages` as [`Walked`] (their descriptors closed).
+fn walk(messages: Vec<Peeked>) -> Walked {
+    messages
+        .into_iter()
+        .map(|m| (m.data, m.sender, m.fds.len()))
+        .collect()
+}
+
 /// The descriptors in flight on the queue of the unix socket `dup` (of
-/// type `ty`), each message's, received here; empty when it carries none.
+/// type `ty`), each message's, received here (empty when it carries none),
+/// and the queue as read (`None` when it cannot be read).
 pub(super) fn peek_in_flight(
     dup: &OwnedFd,
     ty: i32,
     d: &UnixDiag,
     listening: bool,
-) -> Result<Vec<Vec<OwnedFd>>, SocketError> {
+) -> Result<(Vec<Vec<OwnedFd>>, Option<Walked>), SocketError> {
     let Some(eof) = readable(ty, d, listening) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     };
-    let messages = peek_messages(dup, ty, eof)?;
-    if messages.iter().all(|m| m.fds.is_empty()) {
-        return Ok(Vec::new());
+    let mut messages = peek_messages(dup, ty, eof)?;
+    let fds: Vec<Vec<OwnedFd>> = messages
+        .iter_mut()
+        .map(|m| std::mem::take(&mut m.fds))
+        .collect();
+    let walked = messages
+        .into_iter()
+        .zip(&fds)
+        .map(|(m, f)| (m.data, m.sender, f.len()))
+        .collect();
+    if fds.iter().all(Vec::is_empty) {
+        return Ok((Vec::new(), Some(walked)));
     }
-    Ok(messages.into_iter().map(|m| m.fds).collect())
+    Ok((fds, Some(walked)))
 }
 
 /// One message of a unix socket's receive queue, peeked.
@@ -379,7 +439,7 @@ pub(super) fn listener_of<'a>(
 
 /// The shutdown bits a stream end gives its peer: receiving shut down here
 /// is sending shut down there.
-fn mirrored(bits: u8) -> u8 {
+pub(super) fn mirrored(bits: u8) -> u8 {
     (bits & 1) << 1 | (bits & 2) >> 1
 }
 
