@@ -258,7 +258,8 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
     let mut cmd = clean(python);
     cmd.args([
         "-c",
-        "import os,time\ntime.sleep(1)\nos.execv('/bin/sleep', ['sleep', '60'])",
+        "import os,signal,time\nsignal.signal(signal.SIGUSR1, lambda *a: None)\n\
+         time.sleep(1)\nos.execv('/bin/sleep', ['sleep', '60'])",
     ])
     .stdin(Stdio::null())
     .stdout(Stdio::null())
@@ -282,6 +283,16 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
         "the exec happened: {}",
         exe.display()
     );
+    // The exec reset python's handlers (SIGINT, SIGUSR1): none caught now.
+    let caught = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:").map(|v| v.trim().to_string()))
+            .unwrap()
+    };
+    let before = caught(pid);
+    assert_eq!(before, "0000000000000000", "sleep catches nothing");
     let reports: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -310,6 +321,9 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
     );
     let st = state_letter(pid);
     assert!(matches!(st, 'S' | 'R'), "restored sleep runs: {st}");
+    // Not python's handlers from before the exec, at addresses of a
+    // program that is gone.
+    assert_eq!(caught(pid), before, "signal handlers after the restore");
     signal(pid, libc::SIGKILL);
     let _ = std::fs::remove_dir_all(&dir);
 }

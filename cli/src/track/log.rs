@@ -111,7 +111,13 @@ impl Log {
                 }
                 self.procs.remove(&x.origin.tgid);
             }
-            Event::Exec(x) => self.procs.entry(x.origin.tgid).or_default().exec = true,
+            // A new program: signal handlers reset, timers, mappings and
+            // settings all new. Nothing asked before it holds.
+            Event::Exec(x) => {
+                let p = self.procs.entry(x.origin.tgid).or_default();
+                p.exec = true;
+                p.changes = Some(Changes::all());
+            }
             _ => {}
         }
     }
@@ -144,7 +150,7 @@ impl Log {
 
 #[cfg(test)]
 mod tests {
-    use cr_ebpf_loader::event::{Exit, Fork, Origin, Syscall};
+    use cr_ebpf_loader::event::{CapturedString, Exec, Exit, Fork, Origin, Syscall};
 
     use super::*;
 
@@ -240,5 +246,30 @@ mod tests {
         assert!(!log.exited && !log.procs.contains_key(&11));
         log.fold(10, &exit(10));
         assert!(log.exited);
+    }
+
+    #[test]
+    fn an_exec_makes_everything_of_the_process_asked_again() {
+        let mut log = Log::default();
+        // Nothing but a close before: a checkpoint would reuse its answers.
+        log.fold(10, &call(10, 100, nr::CLOSE, [7, 0, 0, 0, 0, 0], 0));
+        log.fold(
+            10,
+            &Event::Exec(Exec {
+                origin: at(10, 200),
+                old_tid: 10,
+                filename: CapturedString {
+                    text: "/bin/sleep".into(),
+                    truncated: false,
+                    unreadable: false,
+                },
+            }),
+        );
+        let t = log.take_changes(&[10, 11], &[], false);
+        // Its signal handlers were reset by the exec: the old ones must not
+        // be carried into the checkpoint.
+        assert_eq!(t.by_pid[&10], Changes::all());
+        assert_eq!(t.by_pid[&11], Changes::none());
+        assert!(log.procs[&10].exec);
     }
 }
