@@ -114,6 +114,24 @@ impl Injector {
         })
     }
 
+    /// Whether the instructions this injector borrows are still where it
+    /// found them: false once the process replaced its program (an
+    /// `execve` since [`Injector::new`]), when an injection would run
+    /// whatever now lies there. Ask it of a stopped process, before each
+    /// injection, when the injector outlives a stop.
+    pub fn intact(&self) -> bool {
+        let at = |addr: u64, want: &[u8]| {
+            let mut b = vec![0u8; want.len()];
+            sys::read_memory(self.pid, addr, &mut b).is_ok() && b == want
+        };
+        at(self.insn, &[0x0f, 0x05])
+            && self.trampoline.is_none_or(|t| {
+                crate::guarded::TRAMPOLINES
+                    .iter()
+                    .any(|pattern| at(t, pattern))
+            })
+    }
+
     /// Address of the `rt_sigreturn` trampoline injections go through, if
     /// the process has one.
     pub fn trampoline(&self) -> Option<u64> {

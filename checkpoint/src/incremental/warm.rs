@@ -49,10 +49,19 @@ impl Ask for Brief {
         let t = std::time::Instant::now();
         let from = crate::monotonic_ns();
         let frozen = Frozen::freeze(self.pid).map_err(trace)?;
-        let r = self
-            .injector
-            .call_out(&frozen.threads()[0], nr, out_len, args)
-            .map_err(trace);
+        // Between two stops the process may have replaced its program: the
+        // instruction found before may not be one now. The warm-up is then
+        // given up (the checkpoint collects the process while frozen).
+        let r = if self.injector.intact() {
+            self.injector
+                .call_out(&frozen.threads()[0], nr, out_len, args)
+                .map_err(trace)
+        } else {
+            Err(trace(cr_ebpf_tracee::TraceError::Unexpected {
+                tid: self.pid,
+                what: "it replaced its program (execve) while it was asked questions".into(),
+            }))
+        };
         // Its own calls complete after this (it runs again only after the
         // thaw), and those that completed since `from` did so before the
         // question, whose answer shows them.
