@@ -77,8 +77,8 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
-    let locks = crate::netlock::locks_of(&args.images_dir, args.checkpoint.as_deref())
-        .with_context(|| format!("reading {}", args.images_dir.display()))?;
+    // (Its errors name the path.)
+    let locks = crate::netlock::locks_of(&args.images_dir, args.checkpoint.as_deref())?;
     // Restore removes them once the connections exist again; one already
     // gone let the peers' packets through meanwhile.
     let gone: Vec<&String> = locks
