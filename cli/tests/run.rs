@@ -256,3 +256,59 @@ fn a_command_that_cannot_start_is_a_json_error() {
         "{said}"
     );
 }
+
+/// A service cr-ebpf cannot checkpoint (its parent-death signal, set
+/// before it starts, would come from whatever restored it) is refused,
+/// exit status 3 with a JSON error, and stopped: `run` does not leave it
+/// running unsupervised.
+#[test]
+fn a_service_that_is_refused_is_stopped_with_status_3() {
+    if !root("a_service_that_is_refused_is_stopped_with_status_3") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-run-refused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut run = Command::new(BIN)
+        .args(["run", "--json", "--images-dir"])
+        .arg(&dir)
+        .args([
+            "--",
+            "/usr/bin/setpriv",
+            "--pdeathsig",
+            "TERM",
+            "/bin/sleep",
+            "600",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let mut out = String::new();
+    run.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert_eq!(
+        wait_exit(&mut run, Duration::from_secs(60)),
+        Some(3),
+        "{err}"
+    );
+    let said: serde_json::Value = serde_json::from_str(&out).expect("a JSON error");
+    assert_eq!(said["refused"], true, "{said}");
+    assert_eq!(said["exit"], 3, "{said}");
+    assert!(
+        said["error"].as_str().unwrap().contains("not supported"),
+        "{said}"
+    );
+    let pid = err
+        .split("started the service, pid ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|p| p.parse::<i32>().ok())
+        .unwrap_or_else(|| panic!("no pid in {err}"));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the refused service {pid} runs on unsupervised: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
