@@ -536,3 +536,42 @@ fn the_manual_has_a_page_per_command_and_the_exit_statuses() {
 fn text_has_exit_statuses(page: &str) -> bool {
     page.contains("EXIT STATUS") && (0..=5).all(|c| page.contains(&format!(".TP\n{c}\n")))
 }
+
+/// The systemd unit of `contrib/` runs `cr-ebpf run` with options it has.
+#[test]
+fn the_systemd_unit_uses_options_run_has() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/systemd/cr-ebpf@.service"
+    ))
+    .unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    assert!(
+        words[0].ends_with("/cr-ebpf") && words[1] == "run",
+        "{exec}"
+    );
+    let ours: Vec<&str> = words.iter().take_while(|w| **w != "--").copied().collect();
+    assert!(
+        ours.len() < words.len(),
+        "no `--` before the command: {exec}"
+    );
+    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = ours
+        .iter()
+        .filter(|w| w.starts_with("--"))
+        .copied()
+        .collect();
+    assert!(flags.contains(&"--images-dir"), "{exec}");
+    for flag in flags {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{flag} ")) || l.trim() == flag),
+            "{flag} of the unit is not an option of run: {help}"
+        );
+    }
+}
