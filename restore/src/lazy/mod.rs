@@ -179,6 +179,8 @@ struct Server {
     /// Where a copy last found no registered mapping (see `copy_range`).
     last_enoent: Option<u64>,
     report: LazyReport,
+    /// Pages due when it started (what a progress bar counts to).
+    due_pages: u64,
 }
 
 /// Starts the fill of process `pid` (released or about to be), whose lazy
@@ -204,6 +206,7 @@ pub(crate) fn start(
             due.insert(a, (a, n as u64));
         }
     }
+    let due_pages = due.values().map(|&(_, n)| n).sum();
     let server = Server {
         chain,
         order,
@@ -216,6 +219,7 @@ pub(crate) fn start(
         cached: None,
         last_enoent: None,
         report: LazyReport::default(),
+        due_pages,
     };
     let handle = std::thread::Builder::new()
         .name("lazy-fill".into())
@@ -227,8 +231,16 @@ pub(crate) fn start(
 }
 
 impl Server {
+    /// `n` more pages copied in (counted for the report and the progress
+    /// bar).
+    fn copied(&mut self, n: u64) {
+        self.report.pages += n;
+        cr_ebpf_image::progress::add(n);
+    }
+
     fn run(mut self) -> Result<LazyReport, RestoreError> {
         let start = Instant::now();
+        cr_ebpf_image::progress::start("copying memory in", self.due_pages);
         let r = self.fill();
         if r.is_err() {
             // Its memory cannot be completed: the process goes, with the
@@ -543,7 +555,7 @@ impl Server {
                         Some(libc::EEXIST) => {
                             let copied = c.copy.max(0) as u64 / PAGE;
                             done += copied + 1;
-                            self.report.pages += copied;
+                            self.copied(copied);
                             continue;
                         }
                         // The layout is changing (EAGAIN: an event is
@@ -563,7 +575,7 @@ impl Server {
                                 self.last_enoent = Some(at);
                             }
                             let copied = c.copy.max(0) as u64 / PAGE;
-                            self.report.pages += copied;
+                            self.copied(copied);
                             let rest: Vec<_> = runs[i..]
                                 .iter()
                                 .map(|&(s, (sr, m))| {
@@ -594,7 +606,7 @@ impl Server {
                         }
                     }
                 }
-                self.report.pages += k;
+                self.copied(k);
                 done += k;
             }
         }
