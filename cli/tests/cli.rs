@@ -201,6 +201,10 @@ fn dump_inspect_restore_from_the_command_line() {
     assert!(out.status.success());
     let image: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(image["pid"], pid);
+    // One size: what dump reported is what inspect finds on disk.
+    assert!(image["bytes"].as_u64() > Some(0), "{image}");
+    assert_eq!(image["bytes"], report["bytes"]);
+    assert_eq!(image["size_bytes"], report["size_bytes"]);
     assert_eq!(
         image["format"],
         format!("1.{}", cr_ebpf_image::FORMAT_MINOR)
