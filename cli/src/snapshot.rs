@@ -36,10 +36,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.incremental {
         if let Some(v) = crate::track::request_snapshot(&args.images_dir)? {
             if v["ok"] != true {
-                bail!(
-                    "the service refused: {}",
-                    v["error"].as_str().unwrap_or("no reason given")
-                );
+                // Its error as the cause: a refusal stays one (exit 3).
+                let why = v["error"].as_str().unwrap_or("no reason given");
+                return Err(anyhow::anyhow!(why.to_string()).context(format!(
+                    "the service of {} took no checkpoint",
+                    args.images_dir.display()
+                )));
             }
             print(args.json, &v);
             return Ok(ExitCode::SUCCESS);
