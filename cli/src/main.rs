@@ -326,4 +326,46 @@ mod tests {
     fn the_command_line_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// Retention is on by default, by count and by age, for `track` and
+    /// `run` alike.
+    #[test]
+    fn retention_has_defaults_by_count_and_age() {
+        let week = Some(std::time::Duration::from_secs(7 * 86400));
+        let cli = Cli::try_parse_from(["cr-ebpf", "track", "--pid", "1", "--images-dir", "d"]);
+        let Ok(Cli {
+            command: Command::Track(a),
+        }) = cli
+        else {
+            panic!("track")
+        };
+        assert_eq!((a.keep.0, a.keep_for.0), (Some(20), week));
+        let cli = Cli::try_parse_from(["cr-ebpf", "run", "--images-dir", "d", "--", "x"]);
+        let Ok(Cli {
+            command: Command::Run(a),
+        }) = cli
+        else {
+            panic!("run")
+        };
+        assert_eq!((a.keep.0, a.keep_for.0), (Some(20), week));
+        let cli = Cli::try_parse_from([
+            "cr-ebpf",
+            "track",
+            "--pid",
+            "1",
+            "--images-dir",
+            "d",
+            "--keep",
+            "all",
+            "--keep-for",
+            "forever",
+        ]);
+        let Ok(Cli {
+            command: Command::Track(a),
+        }) = cli
+        else {
+            panic!("track")
+        };
+        assert_eq!((a.keep.0, a.keep_for.0), (None, None));
+    }
 }

@@ -33,8 +33,8 @@ pub struct Args {
     #[arg(long, default_value = "20", value_name = "K|all", value_parser = crate::args::keep_or_all)]
     pub keep: crate::args::Keep,
     /// Also merge away checkpoints older than this (as `track --keep-for`).
-    #[arg(long, value_parser = crate::args::parse_duration)]
-    pub keep_for: Option<Duration>,
+    #[arg(long, default_value = "7d", value_name = "AGE|forever", value_parser = crate::args::keep_for_or_forever)]
+    pub keep_for: crate::args::KeepFor,
     /// Keep the images directory under this size (as `track --max-disk`).
     #[arg(long, value_name = "SIZE", value_parser = crate::args::size)]
     pub max_disk: Option<u64>,
