@@ -284,15 +284,13 @@ fn a_service_that_is_refused_is_stopped_with_status_3() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Waited for first, with a deadline (its output is a few lines).
+    let status = wait_exit(&mut run, Duration::from_secs(60));
     let mut err = String::new();
     run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     let mut out = String::new();
     run.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    assert_eq!(
-        wait_exit(&mut run, Duration::from_secs(60)),
-        Some(3),
-        "{err}"
-    );
+    assert_eq!(status, Some(3), "{err}");
     let said: serde_json::Value = serde_json::from_str(&out).expect("a JSON error");
     assert_eq!(said["refused"], true, "{said}");
     assert_eq!(said["exit"], 3, "{said}");
