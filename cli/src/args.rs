@@ -35,6 +35,24 @@ pub fn keep_or_all(s: &str) -> Result<Keep, String> {
     keep(s).map(|n| Keep(Some(n)))
 }
 
+/// `--keep-for` of `track` and `run`: an age, `None` for `forever`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepFor(pub Option<std::time::Duration>);
+
+/// Parses `--keep-for`: a duration (as [`parse_duration`], above zero), or
+/// `forever`.
+pub fn keep_for_or_forever(s: &str) -> Result<KeepFor, String> {
+    if s == "forever" {
+        return Ok(KeepFor(None));
+    }
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!(
+            "{s:?}: the newest is always kept (forever, or an age above 0)"
+        )),
+        d => Ok(KeepFor(Some(d))),
+    }
+}
+
 /// `N`, `NK`, `NM` or `NG` bytes.
 pub fn size(s: &str) -> Result<u64, String> {
     let (num, shift) = match s.chars().last() {
@@ -90,6 +108,13 @@ mod tests {
         assert_eq!(keep_or_all("all"), Ok(Keep(None)));
         assert_eq!(keep_or_all("20"), Ok(Keep(Some(20))));
         assert!(keep_or_all("0").is_err());
+        assert_eq!(keep_for_or_forever("forever"), Ok(KeepFor(None)));
+        assert_eq!(
+            keep_for_or_forever("7d"),
+            Ok(KeepFor(Some(std::time::Duration::from_secs(7 * 86400))))
+        );
+        assert!(keep_for_or_forever("0").is_err());
+        assert!(keep_for_or_forever("31d").is_err());
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .with_context(|| format!("checkpointing process {}", args.pid));
     drop(bar);
     let r = r?;
+    // What the image takes on disk, every file of it (as `track`,
+    // `snapshot`, `compact` and `inspect` give it).
+    let size = cr_ebpf_image::images_dir::size_on_disk(&args.images_dir);
     if args.json {
         println!(
             "{}",
@@ -96,7 +99,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "threads": r.threads,
                 "mappings": r.mappings,
                 "pages": r.pages,
-                "page_bytes_on_disk": r.page_bytes,
+                "bytes": r.page_bytes,
+                "size_bytes": size,
                 "freeze_ms": r.freeze.as_secs_f64() * 1e3,
                 "stopped_ms": r.stopped.as_secs_f64() * 1e3,
                 "precopied_pages": r.precopied,
@@ -111,8 +115,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         );
     } else {
         println!(
-            "checkpointed pid {} into {}: {} thread(s), {} mappings, {} pages ({:.1} MiB, {:.1} MiB on disk); \
-             frozen {:.1} ms (stopped {:.1} ms), total {:.1} ms ({:.2} GB/s, {} workers); \
+            "checkpointed pid {} into {}: {} thread(s), {} mappings, {} pages ({:.1} MiB), {} on disk; \
+             freeze {:.2} ms (stopped {:.1} ms), total {:.1} ms ({:.2} GB/s, {} workers); \
              {} pages pre-copied in {:.1} ms ({} passes); process {}",
             r.pid,
             args.images_dir.display(),
@@ -120,7 +124,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             r.mappings,
             r.pages,
             r.pages as f64 * 4096.0 / (1 << 20) as f64,
-            r.page_bytes as f64 / (1 << 20) as f64,
+            on_disk(size),
             r.freeze.as_secs_f64() * 1e3,
             r.stopped.as_secs_f64() * 1e3,
             r.total.as_secs_f64() * 1e3,
@@ -140,4 +144,24 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A size on disk for people: KiB under a MiB, MiB under a GiB, GiB.
+pub fn on_disk(bytes: u64) -> String {
+    let b = bytes as f64;
+    match bytes {
+        0..0x10_0000 => format!("{:.1} KiB", b / 1024.0),
+        0x10_0000..0x4000_0000 => format!("{:.1} MiB", b / f64::from(1 << 20)),
+        _ => format!("{:.2} GiB", b / f64::from(1 << 30)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_on_disk_read_in_their_unit() {
+        assert_eq!(super::on_disk(22_058), "21.5 KiB");
+        assert_eq!(super::on_disk(3 << 20), "3.0 MiB");
+        assert_eq!(super::on_disk(5 << 30), "5.00 GiB");
+    }
 }

@@ -28,9 +28,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     let m = Manifest::read(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
     // Every byte checked, not only what a restore would use.
+    let bar = checking(!args.json, [args.dir.as_path()]);
     let store = pages::PageStore::open(&args.dir)
         .and_then(|s| s.verify().map(|()| s))
-        .with_context(|| format!("reading {}", args.dir.display()))?;
+        .with_context(|| format!("reading {}", args.dir.display()));
+    drop(bar);
+    let store = store?;
     let chunks = store.chunks();
     let stored = store.pages();
     let compressed = store.compressed_bytes();
@@ -67,6 +70,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "freeze_ms": p.freeze_ns as f64 / 1e6,
                 "threads": threads, "mappings": mappings, "fds": fds, "shared_memory": shmem,
                 "pages_stored": stored, "compressed_bytes": compressed, "chunks": chunks.len(),
+                "bytes": pages::bytes_on_disk(&args.dir),
+                "size_bytes": cr_ebpf_image::images_dir::size_on_disk(&args.dir),
                 "network_lock": m.network_lock.as_ref().map(|n| serde_json::json!({
                     "name": n, "held": cr_ebpf_loader::netlock::exists(n),
                 })),
@@ -81,16 +86,17 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         cr_ebpf_image::FORMAT_MINOR
     );
     println!(
-        "  process {} ({}), frozen {:.2} ms",
+        "  process {} ({}), freeze {:.2} ms",
         p.pid,
         p.exe,
         p.freeze_ns as f64 / 1e6
     );
     println!(
-        "  pages: {stored} stored ({:.1} MiB) in {} chunks, {:.1} MiB compressed",
+        "  pages: {stored} stored ({:.1} MiB) in {} chunks, {:.1} MiB compressed; {} on disk",
         stored as f64 * 4096.0 / (1 << 20) as f64,
         chunks.len(),
-        compressed as f64 / (1 << 20) as f64
+        compressed as f64 / (1 << 20) as f64,
+        crate::dump::on_disk(cr_ebpf_image::images_dir::size_on_disk(&args.dir))
     );
     if let Some(name) = &m.network_lock {
         println!(
@@ -358,6 +364,12 @@ fn chain(args: &Args) -> Result<ExitCode> {
         );
     }
     let mut rows = Vec::new();
+    let images: Vec<PathBuf> = all
+        .iter()
+        .filter_map(|e| cr_ebpf_image::images_dir::processes(&e.dir).ok())
+        .flat_map(|procs| procs.into_iter().map(|(_, image)| image))
+        .collect();
+    let bar = checking(!args.json, images.iter().map(PathBuf::as_path));
     for e in &all {
         let reading = || format!("reading {}", e.dir.display());
         // A tree's checkpoint: the root's chain and freeze, every process's pages.
@@ -369,7 +381,7 @@ fn chain(args: &Args) -> Result<ExitCode> {
                 .and_then(|s| s.verify().map(|()| s))
                 .with_context(reading)?;
             pages += store.pages();
-            bytes += store.compressed_bytes();
+            bytes += pages::bytes_on_disk(image);
             if root.is_none() {
                 root = Some(Manifest::read(image).with_context(reading)?);
             }
@@ -386,6 +398,7 @@ fn chain(args: &Args) -> Result<ExitCode> {
             "taken_unix_ns": m.process.taken_unix_ns,
         }));
     }
+    drop(bar);
     // Checkpoint directories without an image: shown, never skipped.
     let damaged: Vec<String> = cr_ebpf_image::images_dir::damaged(&args.dir)
         .into_iter()
@@ -483,4 +496,19 @@ fn shm_pages_stored(chunks: &[pages::ChunkRef], o: &cr_ebpf_image::ShmemObject) 
         .filter(|c| (o.base..end).contains(&c.vaddr))
         .map(|c| c.npages as u64)
         .sum()
+}
+
+/// A progress bar for checking the page stores of `images` (a page per
+/// 4 KiB of each `pages.img`), shown if it lasts.
+fn checking<'a>(
+    enabled: bool,
+    images: impl IntoIterator<Item = &'a std::path::Path>,
+) -> crate::progress::Bar {
+    let total: u64 = images
+        .into_iter()
+        .filter_map(|i| std::fs::metadata(i.join(cr_ebpf_image::PAGES_FILE)).ok())
+        .map(|m| m.len() / pages::PAGE as u64)
+        .sum();
+    cr_ebpf_image::progress::start("checking page stores", total);
+    crate::progress::Bar::start(enabled)
 }

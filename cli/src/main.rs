@@ -25,7 +25,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 
 /// Always-on checkpoint/restore of live Linux processes, driven by eBPF.
 #[derive(Parser)]
-#[command(name = "cr-ebpf", version, about)]
+#[command(name = "cr-ebpf", version, about, after_help = EXIT_STATUS)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,10 +71,33 @@ enum Command {
         /// The shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+        /// An error as one JSON line (the completions are the shell's
+        /// script either way).
+        #[arg(long)]
+        json: bool,
     },
-    /// Print cr-ebpf's manual page (roff: `cr-ebpf man > cr-ebpf.1`).
-    Man,
+    /// Print cr-ebpf's manual page (roff: `cr-ebpf man > cr-ebpf.1`), or
+    /// with `--dir` write it and one page per command (`cr-ebpf-run.1`, ...)
+    /// into a directory.
+    Man {
+        /// Write `cr-ebpf.1` and the commands' pages into this directory
+        /// (made when missing) instead of printing the main page.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+        /// With `--dir`, what was written as one JSON line (`{"ok",
+        /// "pages": [FILE...]}`); an error as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+/// The exit statuses, as `--help` and the manual page give them.
+const EXIT_STATUS: &str = "Exit status: 0 done (`track`: detached, the process running on); \
+     1 failed; 2 bad usage; 3 refused (`not supported: WHAT`, the process left running); \
+     4 `track`: the tracked process ended; 5 `run`: the service kept crashing, given up \
+     (otherwise `run` exits with the service's status, and `restore` without `--detach` with \
+     the restored process's). With `--json`, an error is also one JSON line on standard \
+     output: {\"ok\": false, \"error\", \"refused\", \"exit\"}.";
 
 /// Exit statuses of `cr-ebpf` (`restore` without `--detach` exits with
 /// the restored process's own status instead, 128 + N when signal N
@@ -129,6 +152,102 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A command line clap refuses (exit status 2), or `--help` and
+/// `--version` (0). With `--json` among the options (before `--`), the
+/// error is also one JSON line on standard output, as other errors are.
+fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    // Help and version go to standard output, as asked.
+    if !json || !e.use_stderr() {
+        e.exit();
+    }
+    let _ = e.print();
+    // clap's message on one line, without its "error: " and the usage
+    // and hints after its first blank line.
+    let rendered = e.render().to_string();
+    let text = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    println!(
+        "{}",
+        serde_json::json!({
+            "ok": false,
+            "error": text,
+            "refused": false,
+            "exit": exit::USAGE,
+        })
+    );
+    std::process::ExitCode::from(exit::USAGE)
+}
+
+/// `cr-ebpf man`: the main page on standard output, or every page into
+/// `dir`.
+fn manual(dir: Option<&std::path::Path>, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    use anyhow::Context as _;
+    match dir {
+        None => {
+            quiet_sigpipe();
+            main_page(&mut std::io::stdout())?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), dir)
+                .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+            let page = dir.join("cr-ebpf.1");
+            let mut f = std::fs::File::create(&page)
+                .with_context(|| format!("writing {}", page.display()))?;
+            main_page(&mut f)?;
+            if json {
+                let mut pages: Vec<String> = std::fs::read_dir(dir)?
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("cr-ebpf") && n.ends_with(".1"))
+                    .collect();
+                pages.sort();
+                println!("{}", serde_json::json!({"ok": true, "pages": pages}));
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The main manual page: clap's sections, with the exit statuses in a
+/// section of their own.
+fn main_page(w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let man = clap_mangen::Man::new(Cli::command().disable_help_subcommand(true));
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    man.render_subcommands_section(w)?;
+    writeln!(w, ".SH \"EXIT STATUS\"")?;
+    for (code, what) in [
+        (exit::OK, "done as asked; track detached (Ctrl-C, SIGTERM, --count reached), the process running on"),
+        (exit::FAILED, "failed: an error other than a refusal, named on standard error"),
+        (exit::USAGE, "bad usage: an unknown option, a missing or malformed value"),
+        (exit::REFUSED, "refused (not supported: WHAT): the process holds something a checkpoint cannot carry exactly, and was left running"),
+        (exit::TARGET_GONE, "track: the tracked process exited or was killed, ending the service (its checkpoints are kept)"),
+        (exit::GAVE_UP, "run: the service kept crashing (--restarts restores within --restart-window), given up; otherwise run exits with the service's own status"),
+    ] {
+        writeln!(w, ".TP\n{code}\n{what}")?;
+    }
+    writeln!(
+        w,
+        ".PP\nrestore without --detach exits with the restored process's status (128 + N when \
+         signal N killed it). With --json, an error is also printed as one JSON line on \
+         standard output: {{\"ok\": false, \"error\": ..., \"refused\": ..., \"exit\": N}}."
+    )?;
+    man.render_version_section(w)
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -137,7 +256,10 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let json = match &cli.command {
         Command::Check(a) => a.json,
         Command::Trace(a) => a.json,
@@ -148,7 +270,8 @@ fn main() -> std::process::ExitCode {
         Command::Snapshot(a) => a.json,
         Command::Compact(a) => a.json,
         Command::Run(a) => a.json,
-        Command::Unlock(_) | Command::Completions { .. } | Command::Man => false,
+        Command::Unlock(a) => a.json,
+        Command::Completions { json, .. } | Command::Man { json, .. } => *json,
     };
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
@@ -161,7 +284,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
         Command::Compact(args) => snapshot::compact(&args),
-        Command::Completions { shell } => {
+        Command::Completions { shell, .. } => {
             quiet_sigpipe();
             clap_complete::generate(
                 shell,
@@ -171,13 +294,7 @@ fn main() -> std::process::ExitCode {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Man => {
-            quiet_sigpipe();
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
-                .map(|()| std::process::ExitCode::SUCCESS)
-                .map_err(Into::into)
-        }
+        Command::Man { dir, json } => manual(dir.as_deref(), json),
     };
     match result {
         Ok(code) => code,
@@ -208,5 +325,47 @@ mod tests {
     #[test]
     fn the_command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Retention is on by default, by count and by age, for `track` and
+    /// `run` alike.
+    #[test]
+    fn retention_has_defaults_by_count_and_age() {
+        let week = Some(std::time::Duration::from_secs(7 * 86400));
+        let cli = Cli::try_parse_from(["cr-ebpf", "track", "--pid", "1", "--images-dir", "d"]);
+        let Ok(Cli {
+            command: Command::Track(a),
+        }) = cli
+        else {
+            panic!("track")
+        };
+        assert_eq!((a.keep.0, a.keep_for.0), (Some(20), week));
+        let cli = Cli::try_parse_from(["cr-ebpf", "run", "--images-dir", "d", "--", "x"]);
+        let Ok(Cli {
+            command: Command::Run(a),
+        }) = cli
+        else {
+            panic!("run")
+        };
+        assert_eq!((a.keep.0, a.keep_for.0), (Some(20), week));
+        let cli = Cli::try_parse_from([
+            "cr-ebpf",
+            "track",
+            "--pid",
+            "1",
+            "--images-dir",
+            "d",
+            "--keep",
+            "all",
+            "--keep-for",
+            "forever",
+        ]);
+        let Ok(Cli {
+            command: Command::Track(a),
+        }) = cli
+        else {
+            panic!("track")
+        };
+        assert_eq!((a.keep.0, a.keep_for.0), (None, None));
     }
 }

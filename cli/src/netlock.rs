@@ -85,28 +85,43 @@ pub struct Args {
     /// List the network locks on this machine.
     #[arg(long, conflicts_with = "images_dir")]
     pub list: bool,
+    /// Print what was done as one JSON line (`{"ok", "locks": [{"name",
+    /// "removed"}]}`, or `{"ok", "locks": [NAME...]}` with `--list`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `cr-ebpf unlock`: lets the TCP connections of an image that will not be
 /// restored go (their peers get a reset at their next packet).
 pub fn run(args: &Args) -> Result<ExitCode> {
     if args.list {
-        for name in netlock::list() {
-            println!("{name}");
+        let names = netlock::list();
+        if args.json {
+            println!("{}", serde_json::json!({"ok": true, "locks": names}));
+        } else {
+            for name in names {
+                println!("{name}");
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }
     let names = match &args.images_dir {
-        Some(dir) => locks_of(dir, args.checkpoint.as_deref())
-            .with_context(|| format!("reading {}", dir.display()))?,
+        // (Its errors name the path.)
+        Some(dir) => locks_of(dir, args.checkpoint.as_deref())?,
         None => netlock::list(),
     };
+    let mut done = Vec::new();
     for name in &names {
         let removed =
             netlock::unlock(name).with_context(|| format!("removing the network lock {name}"))?;
-        println!("{name}: {}", if removed { "removed" } else { "not there" });
+        if !args.json {
+            println!("{name}: {}", if removed { "removed" } else { "not there" });
+        }
+        done.push(serde_json::json!({"name": name, "removed": removed}));
     }
-    if names.is_empty() {
+    if args.json {
+        println!("{}", serde_json::json!({"ok": true, "locks": done}));
+    } else if names.is_empty() {
         println!("no network lock");
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! A progress bar on standard error for operations that take over a
-//! second (a dump's write, a restore's fill, a compaction, `track`'s first
-//! checkpoint), fed by what the library reports
+//! second (a dump's pre-copy and write, a restore's fill and a lazy
+//! restore's copy, `run`'s restores, a compaction, a standalone
+//! `snapshot`, `track`'s first checkpoint), fed by what the library reports
 //! (`cr_ebpf_image::progress`). Off when standard error is not a terminal
 //! and with `--json`.
 

@@ -77,8 +77,8 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
-    let locks = crate::netlock::locks_of(&args.images_dir, args.checkpoint.as_deref())
-        .with_context(|| format!("reading {}", args.images_dir.display()))?;
+    // (Its errors name the path.)
+    let locks = crate::netlock::locks_of(&args.images_dir, args.checkpoint.as_deref())?;
     // Restore removes them once the connections exist again; one already
     // gone let the peers' packets through meanwhile.
     let gone: Vec<&String> = locks
@@ -252,7 +252,9 @@ fn wait_lazy(fill: &cr_ebpf_restore::LazyFill, pid: i32, json: bool) -> Result<(
     let mut old = SigSet::empty();
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&held), Some(&mut old))
         .context("holding signals during the lazy fill")?;
+    let bar = crate::progress::Bar::start(!json);
     let r = fill.wait();
+    drop(bar);
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     let r = r.with_context(|| format!("loading the memory of process {pid} (it was killed)"))?;
     if json {

@@ -32,9 +32,27 @@ pub struct Args {
     /// Keep the newest K checkpoints (as `track --keep`).
     #[arg(long, default_value = "20", value_name = "K|all", value_parser = crate::args::keep_or_all)]
     pub keep: crate::args::Keep,
+    /// Also merge away checkpoints older than this (as `track --keep-for`).
+    #[arg(long, default_value = "7d", value_name = "AGE|forever", value_parser = crate::args::keep_for_or_forever)]
+    pub keep_for: crate::args::KeepFor,
     /// Keep the images directory under this size (as `track --max-disk`).
     #[arg(long, value_name = "SIZE", value_parser = crate::args::size)]
     pub max_disk: Option<u64>,
+    /// Do not copy dirty pages before the freeze (as `track --no-precopy`).
+    #[arg(long)]
+    pub no_precopy: bool,
+    /// Most bytes of one shared memory object stored (as `track
+    /// --shm-limit`).
+    #[arg(long, default_value = "4G", value_parser = crate::args::size)]
+    pub shm_limit: u64,
+    /// Serve the counters in Prometheus' text format at this address (as
+    /// `track --metrics`; they count from the service's latest start or
+    /// restore).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// CPU priority of cr-ebpf's own work (as `track --nice`).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub nice: i32,
     /// Start by restoring the newest checkpoint of the images directory,
     /// when it has one (after a reboot, or on another machine), instead of
     /// starting the command.
@@ -94,10 +112,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             signal(SignalKind::interrupt())?,
         ))
     })?;
-    let newest = cr_ebpf_image::images_dir::list(&args.images_dir)
-        .map(|l| !l.is_empty())
-        .unwrap_or(false);
-    let mut pid = if args.resume && newest {
+    // Checkpoints numbered above this one are of the service as it runs
+    // now: a crash restores the newest of them, or starts the command
+    // anew when there is none yet (not one of an earlier run of it).
+    let mut ours_after = newest(args);
+    let mut pid = if args.resume && ours_after > 0 {
+        ours_after -= 1;
         restore(args)?
     } else {
         start(args)?
@@ -132,17 +152,36 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             return Ok(ExitCode::from(crate::exit::GAVE_UP));
         }
         let wait = (args.backoff * 2u32.saturating_pow(restarts)).min(Duration::from_secs(60));
+        let checkpointed = newest(args) > ours_after;
         eprintln!(
-            "cr-ebpf: the service (pid {pid}) was killed by signal {sig}: restoring its newest \
-             checkpoint in {wait:?} (restore {} of at most {})",
+            "cr-ebpf: the service (pid {pid}) was killed by signal {sig}: {} in {wait:?} \
+             (restart {} of at most {})",
+            if checkpointed {
+                "restoring its newest checkpoint"
+            } else {
+                "no checkpoint of it yet, starting the command again"
+            },
             restarts + 1,
             args.restarts
         );
         std::thread::sleep(wait);
         restarts += 1;
         since = Instant::now();
-        pid = restore(args)?;
+        pid = if checkpointed {
+            restore(args)?
+        } else {
+            ours_after = newest(args);
+            start(args)?
+        };
     }
+}
+
+/// The number of the newest checkpoint of the images directory (0: none).
+fn newest(args: &Args) -> u64 {
+    cr_ebpf_image::images_dir::list(&args.images_dir)
+        .ok()
+        .and_then(|l| l.last().map(|e| e.seq))
+        .unwrap_or(0)
 }
 
 /// Starts the command as the service.
@@ -174,7 +213,10 @@ fn start(args: &Args) -> Result<i32> {
 
 /// Restores the newest checkpoint; the restored service is our child.
 fn restore(args: &Args) -> Result<i32> {
-    let r = cr_ebpf_restore::restore(&args.images_dir, &Default::default()).with_context(|| {
+    let bar = crate::progress::Bar::start(!args.json);
+    let r = cr_ebpf_restore::restore(&args.images_dir, &Default::default());
+    drop(bar);
+    let r = r.with_context(|| {
         format!(
             "restoring the newest checkpoint of {}",
             args.images_dir.display()
@@ -195,17 +237,31 @@ async fn round(args: &Args, pid: i32) -> Result<Ended> {
         images_dir: args.images_dir.clone(),
         interval: args.interval,
         keep: args.keep,
-        keep_for: None,
+        keep_for: args.keep_for,
         max_disk: args.max_disk,
-        no_precopy: false,
+        no_precopy: args.no_precopy,
         ext_unix_sk: args.ext_unix_sk,
-        shm_limit: cr_ebpf_resources::shmem::DEFAULT_SHM_LIMIT,
-        metrics: None,
-        nice: 10,
+        shm_limit: args.shm_limit,
+        metrics: args.metrics,
+        nice: args.nice,
         count: None,
         json: args.json,
     };
-    let code = crate::track::track(&targs).await?;
+    let code = match crate::track::track(&targs).await {
+        Ok(code) => code,
+        Err(e) => {
+            // Ended under it (a crash before the first checkpoint): a
+            // round like any other.
+            if let Some(ended) = ended(pid, Duration::from_millis(500)) {
+                return Ok(ended);
+            }
+            // Not trackable (refused, say): the service is not left
+            // running unsupervised.
+            eprintln!("cr-ebpf: the service (pid {pid}) cannot be tracked: {e:#}");
+            stop(pid).await?;
+            return Err(e);
+        }
+    };
     if code == crate::exit::OK {
         // Interrupted or terminated: the service goes too.
         return stop(pid).await;
@@ -225,6 +281,33 @@ async fn stop(pid: i32) -> Result<Ended> {
         Ended::Killed(s) => 128 + s as u8,
         Ended::Stopped(c) => c,
     }))
+}
+
+/// How the service ended, if it does within `within` (reaped then).
+fn ended(pid: i32, within: Duration) -> Option<Ended> {
+    let deadline = Instant::now() + within;
+    loop {
+        // SAFETY: an all-zero siginfo_t is valid (waitid fills it).
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our child, WNOWAIT: it is left to reap.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid of the siginfo waitid filled (0: not ended).
+        if r == 0 && unsafe { info.si_pid() } == pid {
+            // It has ended: reaped at once.
+            return wait(pid, Duration::from_secs(10)).ok();
+        }
+        if r != 0 || Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Reaps the service; SIGKILL after `grace`. Then what else ended.

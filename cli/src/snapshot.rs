@@ -1,7 +1,10 @@
 //! `cr-ebpf snapshot` and `cr-ebpf compact`: a checkpoint now, and keeping
 //! an images directory short.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::{bail, Context as _, Result};
 use cr_ebpf_checkpoint::{Changes, Session, SessionOptions};
@@ -33,10 +36,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.incremental {
         if let Some(v) = crate::track::request_snapshot(&args.images_dir)? {
             if v["ok"] != true {
-                bail!(
-                    "the service refused: {}",
-                    v["error"].as_str().unwrap_or("no reason given")
-                );
+                // Its error as the cause: a refusal stays one (exit 3).
+                let why = v["error"].as_str().unwrap_or("no reason given");
+                return Err(anyhow::anyhow!(why.to_string()).context(format!(
+                    "the service of {} took no checkpoint",
+                    args.images_dir.display()
+                )));
             }
             print(args.json, &v);
             return Ok(ExitCode::SUCCESS);
@@ -126,10 +131,13 @@ pub struct CompactArgs {
     pub json: bool,
 }
 
-fn compact_json(c: &cr_ebpf_checkpoint::CompactReport) -> serde_json::Value {
+/// A compaction's report: `bytes` of its page store and `size_bytes` of
+/// the whole checkpoint on disk, as `track` and `inspect` give them.
+fn compact_json(dir: &Path, c: &cr_ebpf_checkpoint::CompactReport) -> serde_json::Value {
     serde_json::json!({
-        "name": c.name, "chain_len": c.chain_len, "pages": c.pages,
-        "page_bytes": c.page_bytes, "took_ms": c.took.as_secs_f64() * 1e3,
+        "id": c.name, "chain_len": c.chain_len, "pages": c.pages,
+        "bytes": c.page_bytes, "size_bytes": images_dir::size_on_disk(&dir.join(&c.name)),
+        "took_ms": c.took.as_secs_f64() * 1e3,
     })
 }
 
@@ -144,7 +152,7 @@ pub fn compact(args: &CompactArgs) -> Result<ExitCode> {
                 "{}",
                 serde_json::json!({
                     "ok": true,
-                    "compacted": r.compacted.as_ref().map(compact_json),
+                    "compacted": r.compacted.as_ref().map(|c| compact_json(&args.images_dir, c)),
                     "kept": r.kept, "deleted": r.deleted,
                 })
             );
@@ -178,17 +186,17 @@ pub fn compact(args: &CompactArgs) -> Result<ExitCode> {
     drop(bar);
     let c = c?;
     if args.json {
-        let mut v = compact_json(&c);
+        let mut v = compact_json(parent, &c);
         v["ok"] = true.into();
         println!("{v}");
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{} rewritten as a full image: {} pages from {} images, {:.1} MiB, {:.0} ms",
+        "{} rewritten as a full image: {} pages from {} images, {} on disk, {:.0} ms",
         c.name,
         c.pages,
         c.chain_len,
-        c.page_bytes as f64 / (1 << 20) as f64,
+        crate::dump::on_disk(images_dir::size_on_disk(&parent.join(&c.name))),
         c.took.as_secs_f64() * 1e3
     );
     Ok(ExitCode::SUCCESS)

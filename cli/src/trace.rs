@@ -31,6 +31,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 }
 
 async fn trace(args: &Args) -> Result<ExitCode> {
+    // A wrong pid is told as such before the programs are loaded (which
+    // fails first without the privileges).
+    if !std::path::Path::new(&format!("/proc/{}", args.pid)).exists() {
+        anyhow::bail!(
+            "no process with pid {0}: check the pid (`ps -p {0}`)",
+            args.pid
+        );
+    }
     let options = TracerOptions {
         ring_buffer_bytes: args
             .buffer_kib

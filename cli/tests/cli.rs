@@ -3,6 +3,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -200,6 +201,10 @@ fn dump_inspect_restore_from_the_command_line() {
     assert!(out.status.success());
     let image: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(image["pid"], pid);
+    // One size: what dump reported is what inspect finds on disk.
+    assert!(image["bytes"].as_u64() > Some(0), "{image}");
+    assert_eq!(image["bytes"], report["bytes"]);
+    assert_eq!(image["size_bytes"], report["size_bytes"]);
     assert_eq!(
         image["format"],
         format!("1.{}", cr_ebpf_image::FORMAT_MINOR)
@@ -488,6 +493,240 @@ fn inspect_into_a_closed_pipe_ends_quietly() {
             Some(libc::SIGPIPE),
             "inspect {dir} (json: {json}): {:?} {err}",
             out.status
+        );
+    }
+}
+
+/// The commands `cr-ebpf --help` lists (without `help`).
+fn commands() -> Vec<String> {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect()
+}
+
+/// `args` fails with exit status `code`, says why on standard error, and
+/// prints exactly one JSON line on standard output: `{"ok": false,
+/// "error", "refused": false, "exit": code}`.
+fn json_error(args: &[&str], code: i32) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{args:?}: {stdout:?}");
+    let said: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stdout:?}"));
+    assert_eq!(said["ok"], false, "{args:?}: {said}");
+    assert_eq!(said["refused"], false, "{args:?}: {said}");
+    assert_eq!(said["exit"], code, "{args:?}: {said}");
+    let error = said["error"].as_str().unwrap_or_default();
+    assert!(!error.is_empty(), "{args:?}: {said}");
+    assert!(stderr.contains("error"), "{args:?}: {stderr}");
+    said
+}
+
+/// Every command given `--json` reports a failure (exit status 1) and bad
+/// usage (2) as one JSON line (no root needed: each fails before it would
+/// take a privilege). A command added to the CLI without a case here fails
+/// this test. Refusals (3) are checked in `outside_unix.rs`, a tracked
+/// process that ends (4) in `track.rs`, `run` giving up (5) in `run.rs`.
+#[test]
+fn every_command_reports_its_errors_as_json() {
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-json-errors-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let missing = dir.join("missing");
+    let missing = missing.to_str().unwrap();
+    let new = dir.join("new");
+    let new = new.to_str().unwrap();
+    // A pid above the kernel's largest (4194304): never a process.
+    let nopid = "8388608";
+    let failures: &[(&str, &[&str], &str)] = &[
+        ("trace", &["trace", "--json", "--pid", nopid], nopid),
+        (
+            "dump",
+            &["dump", "--json", "--pid", nopid, "--images-dir", new],
+            nopid,
+        ),
+        (
+            "restore",
+            &["restore", "--json", "--images-dir", missing],
+            "no image",
+        ),
+        (
+            "unlock",
+            &["unlock", "--json", "--images-dir", missing],
+            "no image",
+        ),
+        ("inspect", &["inspect", "--json", missing], missing),
+        (
+            "track",
+            &["track", "--json", "--pid", nopid, "--images-dir", new],
+            nopid,
+        ),
+        (
+            "run",
+            &[
+                "run",
+                "--json",
+                "--images-dir",
+                new,
+                "--",
+                "/nonexistent/service",
+            ],
+            "/nonexistent/service",
+        ),
+        (
+            "snapshot",
+            &[
+                "snapshot",
+                "--incremental",
+                "--json",
+                "--images-dir",
+                missing,
+            ],
+            "no checkpoint",
+        ),
+        (
+            "compact",
+            &["compact", "--json", "--images-dir", missing],
+            "no image",
+        ),
+        (
+            "man",
+            &["man", "--json", "--dir", "/proc/version/man"],
+            "/proc/version/man",
+        ),
+    ];
+    let mut covered = Vec::new();
+    for (cmd, args, names) in failures {
+        let said = json_error(args, 1);
+        let error = said["error"].as_str().unwrap();
+        assert!(error.contains(names), "{args:?}: {error}");
+        covered.push(*cmd);
+    }
+    // Bad usage: an unknown option, a malformed value, a missing one.
+    let mut usage = 0;
+    for cmd in commands() {
+        let said = json_error(&[&cmd, "--json", "--no-such-option"], 2);
+        assert!(
+            said["error"].as_str().unwrap().contains("--no-such-option"),
+            "{cmd}: {said}"
+        );
+        usage += 1;
+        // `check` and `completions` take nothing that can fail but their
+        // options (`check` fails on a machine that lacks what the core
+        // needs).
+        assert!(
+            covered.contains(&cmd.as_str()) || ["check", "completions"].contains(&&*cmd),
+            "{cmd}: no failing case with --json here"
+        );
+    }
+    assert!(usage >= 12, "{usage} commands in --help");
+    let said = json_error(&["dump", "--json", "--pid", "abc", "--images-dir", new], 2);
+    assert!(said["error"].as_str().unwrap().contains("abc"), "{said}");
+    let said = json_error(&["run", "--json", "--images-dir", new], 2);
+    assert!(
+        said["error"].as_str().unwrap().contains("COMMAND"),
+        "{said}"
+    );
+    // `--json` after `--` is the service's, not run's.
+    let out = Command::new(BIN)
+        .args(["run", "--images-dir", new, "--", "/nonexistent/x", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Failures made nothing where the images would have gone, but `run`'s.
+    assert!(!Path::new(missing).exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `man --dir` writes the main page and one per command, so that the main
+/// page's references (`cr-ebpf-run(1)`, ...) exist; the main page has the
+/// exit statuses.
+#[test]
+fn the_manual_has_a_page_per_command_and_the_exit_statuses() {
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(BIN)
+        .args(["man", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let main = std::fs::read_to_string(dir.join("cr-ebpf.1")).unwrap();
+    for cmd in commands() {
+        let page = dir.join(format!("cr-ebpf-{cmd}.1"));
+        let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{page:?}: {e}"));
+        assert!(text.contains(".TH cr-ebpf-"), "{page:?}: {text}");
+        assert!(
+            main.contains(&format!("cr\\-ebpf\\-{cmd}(1)")),
+            "{cmd} in the main page"
+        );
+    }
+    assert!(text_has_exit_statuses(&main), "{main}");
+    let printed = Command::new(BIN).arg("man").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&printed.stdout), main);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn text_has_exit_statuses(page: &str) -> bool {
+    page.contains("EXIT STATUS") && (0..=5).all(|c| page.contains(&format!(".TP\n{c}\n")))
+}
+
+/// The systemd unit of `contrib/` runs `cr-ebpf run` with options it has.
+#[test]
+fn the_systemd_unit_uses_options_run_has() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/systemd/cr-ebpf@.service"
+    ))
+    .unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    assert!(
+        words[0].ends_with("/cr-ebpf") && words[1] == "run",
+        "{exec}"
+    );
+    let ours: Vec<&str> = words.iter().take_while(|w| **w != "--").copied().collect();
+    assert!(
+        ours.len() < words.len(),
+        "no `--` before the command: {exec}"
+    );
+    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = ours
+        .iter()
+        .filter(|w| w.starts_with("--"))
+        .copied()
+        .collect();
+    assert!(flags.contains(&"--images-dir"), "{exec}");
+    for flag in flags {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{flag} ")) || l.trim() == flag),
+            "{flag} of the unit is not an option of run: {help}"
         );
     }
 }

@@ -315,8 +315,14 @@ fn damaged_images_and_chains_are_refused_never_restored_wrong() {
     );
     let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(said["ok"], true);
-    assert_eq!(said["name"], "ckpt-000003");
+    assert_eq!(said["id"], "ckpt-000003");
     assert_eq!(said["chain_len"], 3);
+    // Sizes as everywhere: the page store's bytes, the checkpoint on disk.
+    assert!(said["bytes"].as_u64() > Some(0), "{said}");
+    assert!(
+        said["size_bytes"].as_u64() >= said["bytes"].as_u64(),
+        "{said}"
+    );
     attempt(&compacted, newest, &ctl, pid, "compacted", &mut c);
     assert_eq!(c.restored_intact, 2, "{c:?}");
 

@@ -1,7 +1,9 @@
 //! `cr-ebpf run`: a service started by it, killed with SIGKILL, is restored
 //! from its newest checkpoint (same pid, its counter continued) and serves
-//! on; SIGTERM to `run` stops the service and `run` exits 0; with no
-//! restore left, a crash makes `run` give up (exit status 5).
+//! on, tracked again; SIGTERM to `run` stops the service and `run` exits 0;
+//! `run --resume` brings it back from its newest checkpoint; a service that
+//! crashes before its first checkpoint is started again; with no restart
+//! left, a crash makes `run` give up (exit status 5).
 
 use std::{
     io::Read as _,
@@ -142,6 +144,18 @@ fn run_restores_a_killed_service_and_gives_up_when_told() {
         assert!(Instant::now() < deadline, "{}", log());
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Tracked again: checkpoints of the restored service, the newest
+    // after its third connection.
+    let seq0 = newest(&images);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while newest(&images) < seq0 + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint after the restore: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // SIGTERM: the service stops, run exits 0.
     // SAFETY: plain kill of our child.
     unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
@@ -154,6 +168,57 @@ fn run_restores_a_killed_service_and_gives_up_when_told() {
     assert!(
         TcpStream::connect(("127.0.0.1", port)).is_err(),
         "the service still serves"
+    );
+
+    // `--resume`: the service comes back from its newest checkpoint, not
+    // started anew (same pid, its counter continued).
+    let mut run = start_run(&images, port, &["--resume"]);
+    let (m, again) = ask(port);
+    assert_eq!((m, again), (4, pid), "{}", log());
+    // SAFETY: plain kill of our child.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    assert_eq!(
+        wait_exit(&mut run, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        log()
+    );
+
+    // A service that crashes before its first checkpoint is started again
+    // (not restored from the checkpoints an earlier run left), then given
+    // up on: exit status 5.
+    let mut run = Command::new(BIN)
+        .args([
+            "run",
+            "--restarts",
+            "2",
+            "--backoff",
+            "100ms",
+            "--images-dir",
+        ])
+        .arg(&images)
+        .args(["--", "/bin/sh", "-c", "kill -KILL $$"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(
+        wait_exit(&mut run, Duration::from_secs(30)),
+        Some(5),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("starting the command again").count(),
+        2,
+        "{err}"
+    );
+    assert!(!err.contains("restored the service"), "{err}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "an earlier run's service was restored"
     );
 
     // No restore allowed: a crash ends run with status 5.
@@ -190,4 +255,58 @@ fn a_command_that_cannot_start_is_a_json_error() {
             .contains("/nonexistent/service"),
         "{said}"
     );
+}
+
+/// A service cr-ebpf cannot checkpoint (its parent-death signal, set
+/// before it starts, would come from whatever restored it) is refused,
+/// exit status 3 with a JSON error, and stopped: `run` does not leave it
+/// running unsupervised.
+#[test]
+fn a_service_that_is_refused_is_stopped_with_status_3() {
+    if !root("a_service_that_is_refused_is_stopped_with_status_3") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-run-refused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut run = Command::new(BIN)
+        .args(["run", "--json", "--images-dir"])
+        .arg(&dir)
+        .args([
+            "--",
+            "/usr/bin/setpriv",
+            "--pdeathsig",
+            "TERM",
+            "/bin/sleep",
+            "600",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Waited for first, with a deadline (its output is a few lines).
+    let status = wait_exit(&mut run, Duration::from_secs(60));
+    let mut err = String::new();
+    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let mut out = String::new();
+    run.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert_eq!(status, Some(3), "{err}");
+    let said: serde_json::Value = serde_json::from_str(&out).expect("a JSON error");
+    assert_eq!(said["refused"], true, "{said}");
+    assert_eq!(said["exit"], 3, "{said}");
+    assert!(
+        said["error"].as_str().unwrap().contains("not supported"),
+        "{said}"
+    );
+    let pid = err
+        .split("started the service, pid ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|p| p.parse::<i32>().ok())
+        .unwrap_or_else(|| panic!("no pid in {err}"));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the refused service {pid} runs on unsupervised: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -514,18 +514,66 @@ fn retention_bounds_a_chain_by_default_and_by_age() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Sets a parent-death signal on SIGUSR1 (its parent, the test, is not
+/// tracked with it: its checkpoints are refused from then on).
+const REFUSE_ON_USR1: &str = "import ctypes, signal, time
+libc = ctypes.CDLL(None)
+signal.signal(signal.SIGUSR1, lambda s, f: libc.prctl(1, 15))
+while True:
+    time.sleep(1)
+";
+
+/// One HTTP scrape of `port`: the response, head and body.
+fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("the metrics port answers");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// The value of sample `name` in the exposition `text`.
+fn sample(text: &str, name: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .unwrap_or_else(|| panic!("{name} in {text}"));
+    line[name.len() + 1..].parse().unwrap()
+}
+
+/// One request line on the control socket of `dir`, its JSON answer.
+fn control(dir: &Path, request: &str) -> serde_json::Value {
+    use std::io::Write as _;
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("control.sock")).unwrap();
+    s.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
 /// `track --metrics ADDR` answers an HTTP scrape with its counters in
-/// Prometheus' text format.
+/// Prometheus' text format; the control socket answers `status` and
+/// rejects what it does not know; a checkpoint refused through it is
+/// exit status 3 with a JSON error for `snapshot --incremental --json`,
+/// counted as a failure, the process left running.
 #[test]
 fn track_serves_its_metrics_for_prometheus() {
     if !root("track_serves_its_metrics_for_prometheus") {
         return;
     }
-    use std::io::{Read as _, Write as _};
     let dir = std::env::temp_dir().join(format!("cr-ebpf-metrics-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut sleeper = spawn_sleep("600");
-    let pid = sleeper.id() as i32;
+    let mut service = clean("/usr/bin/python3")
+        .args(["-c", REFUSE_ON_USR1])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = service.id() as i32;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -546,35 +594,73 @@ fn track_serves_its_metrics_for_prometheus() {
         out.read_line(&mut line).unwrap();
         assert!(line.starts_with("ckpt-"), "{line:?}");
     }
-    let mut s =
-        std::net::TcpStream::connect(("127.0.0.1", port)).expect("the metrics port answers");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
+    let text = scrape(port);
     assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
     assert!(
         text.contains("Content-Type: text/plain; version=0.0.4"),
         "{text}"
     );
-    let value = |name: &str| -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .unwrap_or_else(|| panic!("{name} in {text}"));
-        line[name.len() + 1..].parse().unwrap()
-    };
+    let value = |name: &str| sample(&text, name);
     let taken = value("cr_ebpf_checkpoints_total");
     assert!(taken >= 3.0, "{text}");
     assert_eq!(value("cr_ebpf_freeze_seconds_count"), taken);
     assert_eq!(value("cr_ebpf_freeze_seconds_bucket{le=\"+Inf\"}"), taken);
+    assert!(value("cr_ebpf_freeze_seconds_sum") > 0.0, "{text}");
     assert_eq!(value("cr_ebpf_tracked_processes"), 1.0);
     assert_eq!(value("cr_ebpf_checkpoint_failures_total"), 0.0);
     assert!(value("cr_ebpf_bytes_total") > 0.0);
+    assert!(value("cr_ebpf_pages_total") > 0.0);
+    assert!(value("cr_ebpf_lost_fault_records_total") >= 0.0);
+
+    // The control socket's other request, and one it does not know.
+    let status = control(&dir, "status");
+    assert_eq!(status["ok"], true, "{status}");
+    assert_eq!(status["pid"], pid, "{status}");
+    assert!(status["checkpoints"].as_u64() >= Some(3), "{status}");
+    assert_eq!(status["images_dir"], dir.display().to_string(), "{status}");
+    let unknown = control(&dir, "restart");
+    assert_eq!(unknown["ok"], false, "{unknown}");
+    assert!(
+        unknown["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown request"),
+        "{unknown}"
+    );
+
+    // Refused from now on.
+    signal(pid, libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = Command::new(BIN)
+        .args(["snapshot", "--incremental", "--json", "--images-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(3), "{err}");
+    let said: serde_json::Value = serde_json::from_slice(&refused.stdout).expect("a JSON error");
+    assert_eq!(
+        (said["ok"].clone(), said["refused"].clone()),
+        (false.into(), true.into())
+    );
+    assert!(
+        said["error"]
+            .as_str()
+            .unwrap()
+            .contains("parent-death signal"),
+        "{said}"
+    );
+    let st = state_letter(pid);
+    assert!(!matches!(st, 't' | 'T' | 'Z' | 'X'), "target state {st}");
+    let text = scrape(port);
+    assert!(
+        sample(&text, "cr_ebpf_checkpoint_failures_total") >= 1.0,
+        "{text}"
+    );
     signal(track.id() as i32, libc::SIGINT);
     assert!(track.wait().unwrap().success());
-    sleeper.kill().unwrap();
-    let _ = sleeper.wait();
+    service.kill().unwrap();
+    let _ = service.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

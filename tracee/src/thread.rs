@@ -407,7 +407,14 @@ impl Tracee {
     /// back afterwards; it is left stopped at the syscall exit.
     pub fn inject_syscall(&self, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
         let saved = self.regs()?;
-        let ret = self.run_syscall(&saved, insn, nr, args)?;
+        let ret = match self.run_syscall(&saved, insn, nr, args) {
+            Ok(r) => r,
+            Err(e) => {
+                // Best effort: the thread's own registers back.
+                let _ = self.set_regs(&saved);
+                return Err(e);
+            }
+        };
         // The thread now resumes from a syscall exit, not from the stop it
         // was in: if that stop was inside a syscall, redo it the way the
         // kernel would have (same process: its restart block is intact).
@@ -444,10 +451,32 @@ impl Tracee {
                 StopKind::Syscall => return Ok(()),
                 // A clone/fork event stop inside the injected syscall.
                 StopKind::Event(_) | StopKind::Interrupt => {}
+                // The injected instruction itself faulted (its memory
+                // changed under it: an exec): held back, it would fault
+                // again at once, for ever.
+                StopKind::Signal(sig) if self.faulted(sig) => {
+                    return Err(TraceError::Unexpected {
+                        tid: self.tid(),
+                        what: format!(
+                            "the injected system call faulted ({sig}): the process's memory \
+                             changed under it (an exec?)"
+                        ),
+                    });
+                }
                 // A signal (a timer, a child): hold it for later.
                 StopKind::Signal(sig) => self.deferred.set(Some(sig)),
             }
         }
+    }
+
+    /// Whether the signal-delivery stop the thread is in is a fault of the
+    /// code it ran (SIGSEGV, SIGBUS, SIGILL or SIGFPE raised by the kernel,
+    /// not sent by a process).
+    fn faulted(&self, sig: Signal) -> bool {
+        matches!(
+            sig,
+            Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE
+        ) && ptrace::getsiginfo(self.tid).is_ok_and(|i| i.si_code > 0)
     }
 
     /// The signal of the job-control stop (`SIGSTOP`, `SIGTSTP`, ...) the

@@ -43,13 +43,15 @@ pub struct Args {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub interval: Duration,
     /// Keep the newest K checkpoints (older ones are merged away in batches:
-    /// at most 2K are on disk at any time); `all` keeps every one.
+    /// at most 2K are on disk at any time); `all`: no bound by count
+    /// (`--keep-for forever` too keeps every one).
     #[arg(long, default_value = "20", value_name = "K|all", value_parser = crate::args::keep_or_all)]
     pub keep: crate::args::Keep,
-    /// Also merge away checkpoints older than this (`30m`, `1h`; the newest
-    /// is always kept), in batches: once as many are older as younger.
-    #[arg(long, value_parser = parse_duration)]
-    pub keep_for: Option<Duration>,
+    /// Also merge away checkpoints older than this (`30m`, `1h`, at most
+    /// `30d`; the newest is always kept), in batches: once as many are
+    /// older as younger; `forever` keeps them whatever their age.
+    #[arg(long, default_value = "7d", value_name = "AGE|forever", value_parser = crate::args::keep_for_or_forever)]
+    pub keep_for: crate::args::KeepFor,
     /// Also keep the images directory under this size (`500M`, `2G`): a
     /// checkpoint that takes it over has the older ones merged away until
     /// the newest fit in half of it.
@@ -570,7 +572,7 @@ fn start(args: &Args) -> Result<(Service, cr_ebpf_loader::EventStream, usize)> {
         tracer,
         log: Log::default(),
         keep: args.keep.0,
-        keep_for: args.keep_for,
+        keep_for: args.keep_for.0,
         max_disk: args.max_disk,
         taken: 0,
         precopy: !args.no_precopy,

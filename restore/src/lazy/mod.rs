@@ -183,6 +183,8 @@ struct Server {
     report: LazyReport,
     /// Holds duplicates of the userfaultfds until every page is in.
     guard: Option<guard::Guard>,
+    /// Pages due when it started (what a progress bar counts to).
+    due_pages: u64,
 }
 
 /// Starts the fill of process `pid` (released or about to be), whose lazy
@@ -209,6 +211,7 @@ pub(crate) fn start(
         }
     }
     let guard = guard::Guard::start(pid, &uffd)?;
+    let due_pages = due.values().map(|&(_, n)| n).sum();
     let server = Server {
         chain,
         order,
@@ -222,6 +225,7 @@ pub(crate) fn start(
         last_enoent: None,
         report: LazyReport::default(),
         guard: Some(guard),
+        due_pages,
     };
     let handle = std::thread::Builder::new()
         .name("lazy-fill".into())
@@ -233,8 +237,16 @@ pub(crate) fn start(
 }
 
 impl Server {
+    /// `n` more pages copied in (counted for the report and the progress
+    /// bar).
+    fn copied(&mut self, n: u64) {
+        self.report.pages += n;
+        cr_ebpf_image::progress::add(n);
+    }
+
     fn run(mut self) -> Result<LazyReport, RestoreError> {
         let start = Instant::now();
+        cr_ebpf_image::progress::start("copying memory in", self.due_pages);
         let r = self.fill();
         if r.is_err() {
             // Its memory cannot be completed: the process goes, with the
@@ -556,7 +568,7 @@ impl Server {
                         Some(libc::EEXIST) => {
                             let copied = c.copy.max(0) as u64 / PAGE;
                             done += copied + 1;
-                            self.report.pages += copied;
+                            self.copied(copied);
                             continue;
                         }
                         // The layout is changing (EAGAIN: an event is
@@ -576,7 +588,7 @@ impl Server {
                                 self.last_enoent = Some(at);
                             }
                             let copied = c.copy.max(0) as u64 / PAGE;
-                            self.report.pages += copied;
+                            self.copied(copied);
                             let rest: Vec<_> = runs[i..]
                                 .iter()
                                 .map(|&(s, (sr, m))| {
@@ -607,7 +619,7 @@ impl Server {
                         }
                     }
                 }
-                self.report.pages += k;
+                self.copied(k);
                 done += k;
             }
         }
