@@ -11,6 +11,7 @@
 mod args;
 mod check;
 mod dump;
+mod gate;
 mod inspect;
 mod netlock;
 mod progress;

@@ -11,13 +11,14 @@
 //! the service as SIGTERM; `run` then exits with the service's status.
 
 use std::{
-    os::unix::process::CommandExt as _,
     path::PathBuf,
-    process::{ExitCode, Stdio},
+    process::ExitCode,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
+
+use crate::gate;
 
 /// Options of `cr-ebpf run`.
 #[derive(clap::Args)]
@@ -116,9 +117,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // now: a crash restores the newest of them, or starts the command
     // anew when there is none yet (not one of an earlier run of it).
     let mut ours_after = newest(args);
-    let mut pid = if args.resume && ours_after > 0 {
+    let (mut pid, mut gate) = if args.resume && ours_after > 0 {
         ours_after -= 1;
-        restore(args)?
+        (restore(args)?, None)
     } else {
         start(args)?
     };
@@ -127,7 +128,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     loop {
         let ended = rt.block_on(async {
             tokio::select! {
-                r = round(args, pid) => r,
+                r = round(args, pid, gate.take()) => r,
                 _ = term.recv() => stop(pid).await,
                 _ = int.recv() => stop(pid).await,
             }
@@ -167,8 +168,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         std::thread::sleep(wait);
         restarts += 1;
         since = Instant::now();
-        pid = if checkpointed {
-            restore(args)?
+        (pid, gate) = if checkpointed {
+            (restore(args)?, None)
         } else {
             ours_after = newest(args);
             start(args)?
@@ -184,31 +185,16 @@ fn newest(args: &Args) -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts the command as the service.
-fn start(args: &Args) -> Result<i32> {
-    let mut cmd = std::process::Command::new(&args.command[0]);
-    cmd.args(&args.command[1..]).stdin(Stdio::null());
-    // SAFETY: close_range and setsid are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            // None of cr-ebpf's own descriptors (eBPF maps, sockets): all
-            // closed by the exec (not before: a failed exec reports
-            // through one of them).
-            const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
-            libc::setsid();
-            Ok(())
-        })
-    };
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {:?}", args.command))?;
-    let pid = child.id() as i32;
+/// Starts the command as the service: forked, waiting at its exec until
+/// `track` lets it go (see [`gate`]), so that it is tracked from its
+/// first instruction.
+fn start(args: &Args) -> Result<(i32, Option<gate::Gate>)> {
+    let g = gate::Gate::fork(&args.command)?;
     eprintln!(
-        "cr-ebpf: started the service, pid {pid}: {:?}",
-        args.command
+        "cr-ebpf: started the service, pid {}: {:?}",
+        g.pid, args.command
     );
-    Ok(pid)
+    Ok((g.pid, Some(g)))
 }
 
 /// Restores the newest checkpoint; the restored service is our child.
@@ -230,8 +216,9 @@ fn restore(args: &Args) -> Result<i32> {
     Ok(r.pid)
 }
 
-/// Tracks the service until it ends or `run` is told to stop.
-async fn round(args: &Args, pid: i32) -> Result<Ended> {
+/// Tracks the service until it ends or `run` is told to stop; a service
+/// just started is let go at its exec once it is tracked.
+async fn round(args: &Args, pid: i32, gate: Option<gate::Gate>) -> Result<Ended> {
     let targs = crate::track::Args {
         pid,
         images_dir: args.images_dir.clone(),
@@ -246,9 +233,12 @@ async fn round(args: &Args, pid: i32) -> Result<Ended> {
         nice: args.nice,
         count: None,
         json: args.json,
+        gate: std::sync::Mutex::new(gate),
     };
     let code = match crate::track::track(&targs).await {
         Ok(code) => code,
+        // Its exec failed: it never ran (and is reaped).
+        Err(e) if e.chain().any(|c| c.is::<gate::StartFailed>()) => return Err(e),
         Err(e) => {
             // Ended under it (a crash before the first checkpoint): a
             // round like any other.

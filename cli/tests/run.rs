@@ -310,3 +310,62 @@ fn a_service_that_is_refused_is_stopped_with_status_3() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The service is tracked from its first instruction: it waits at its exec
+/// until the eBPF programs follow its pid, so that what it prints first
+/// comes after `run` says it tracks it (before, the service ran while the
+/// programs loaded, a tenth of a second and more). A wrapper that execs
+/// again at once (`env`) is tracked across that exec too.
+#[test]
+fn the_service_is_tracked_from_its_first_instruction() {
+    if !root("the_service_is_tracked_from_its_first_instruction") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-run-first-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log_path = dir.with_extension("log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--interval", "200ms", "--images-dir"])
+        .arg(&dir)
+        .args([
+            "--",
+            "env",
+            "FIRST=1",
+            "/bin/sh",
+            "-c",
+            "echo first-instruction; exec sleep 60",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    cr_ebpf_perf::workload(&mut cmd);
+    let mut run = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        // Its own line (the command line `run` echoes holds the words too).
+        if text.contains("\nfirst-instruction\n") && checkpoints(&dir) >= 2 {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "run said: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let tracking = text
+        .find("letting the service start")
+        .expect("run lets the service start once it is tracked");
+    let first = text.find("\nfirst-instruction\n").unwrap();
+    assert!(
+        tracking < first,
+        "the service ran before it was tracked:\n{text}"
+    );
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    assert_eq!(
+        wait_exit(&mut run, Duration::from_secs(40)),
+        Some(0),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log_path);
+}

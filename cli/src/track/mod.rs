@@ -22,9 +22,11 @@ use tokio::{
 mod first;
 mod log;
 mod metrics;
+mod report;
 mod retention;
 
 use log::Log;
+use report::{report_json, report_text};
 
 /// Name of the control socket inside the images directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -83,6 +85,10 @@ pub struct Args {
     /// One JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// A service `run` forked, waiting at its exec: let go once the
+    /// programs track its pid (not an option).
+    #[arg(skip)]
+    pub gate: std::sync::Mutex<Option<crate::gate::Gate>>,
 }
 
 pub use crate::args::parse_duration;
@@ -124,64 +130,6 @@ async fn bind_control(dir: &Path) -> Result<UnixListener> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
-}
-
-fn report_json(r: &CheckpointReport) -> serde_json::Value {
-    serde_json::json!({
-        "ok": true,
-        "id": r.name, "seq": r.seq, "parent": r.parent, "method": r.method.name(),
-        "processes": r.processes, "new_processes": r.new_processes, "zombies": r.zombies,
-        "pages": r.pages, "precopied_pages": r.precopied, "bytes": r.page_bytes,
-        "size_bytes": cr_ebpf_image::images_dir::size_on_disk(&r.dir),
-        "freeze_ms": r.freeze.as_secs_f64() * 1e3, "total_ms": r.total.as_secs_f64() * 1e3,
-        "inherited_mappings": r.inherited, "whole_mappings": r.whole,
-        "injected_queries": r.queries.injected, "reused_queries": r.queries.reused,
-        "phases_ms": {
-            "stop": r.phases.stop.as_secs_f64() * 1e3, "collect": r.phases.collect.as_secs_f64() * 1e3,
-            "scan": r.phases.scan.as_secs_f64() * 1e3, "copy": r.phases.copy.as_secs_f64() * 1e3,
-            "resume": r.phases.resume.as_secs_f64() * 1e3,
-        },
-    })
-}
-
-fn report_text(r: &CheckpointReport) -> String {
-    format!(
-        "{} ({}{}){}: {} pages, {:.1} KiB, freeze {:.2} ms, total {:.1} ms{}",
-        r.name,
-        r.method.name(),
-        r.parent
-            .as_deref()
-            .map(|p| format!(" on {p}"))
-            .unwrap_or_default(),
-        if r.processes + r.zombies > 1 {
-            format!(
-                ", {} process{}{}{}",
-                r.processes,
-                if r.processes == 1 { "" } else { "es" },
-                if r.new_processes > 0 {
-                    format!(" ({} new)", r.new_processes)
-                } else {
-                    String::new()
-                },
-                if r.zombies > 0 {
-                    format!(", {} zombie(s)", r.zombies)
-                } else {
-                    String::new()
-                }
-            )
-        } else {
-            String::new()
-        },
-        r.pages,
-        cr_ebpf_image::images_dir::size_on_disk(&r.dir) as f64 / 1024.0,
-        r.freeze.as_secs_f64() * 1e3,
-        r.total.as_secs_f64() * 1e3,
-        if r.precopied > 0 {
-            format!(", {} pages pre-copied", r.precopied)
-        } else {
-            String::new()
-        }
-    )
 }
 
 /// Most pre-copy passes before a freeze.
@@ -539,6 +487,13 @@ fn start(args: &Args) -> Result<(Service, cr_ebpf_loader::EventStream, usize)> {
         .context("loading the eBPF programs (see `cr-ebpf check`)")?;
     let tracked = tracer.track(pid as u32)?;
     let events = tracer.events()?;
+    // A service `run` started: it execs now, and the log has it from its
+    // first instruction on.
+    let gate = args.gate.lock().expect("not poisoned").take();
+    if let Some(g) = gate {
+        eprintln!("cr-ebpf: the programs follow pid {pid}: letting the service start");
+        g.open()?;
+    }
     let wp = match cr_ebpf_dirty_tracker::attach::attach(pid) {
         Ok(t) => Some(t),
         Err(e) => {
