@@ -94,9 +94,10 @@ pub(crate) fn write_pages(
         });
         let read = read.and_then(|()| read_done()).map(|()| {
             pool.install(|| {
-                buffered.par_iter().for_each(|(addr, b)| {
-                    let _ = tx.send(Chunk::compress(*addr, b));
-                    cr_ebpf_image::progress::add(b.len() as u64 / 4096);
+                buffered.into_par_iter().for_each(|(addr, b)| {
+                    let n = b.len() as u64 / 4096;
+                    let _ = tx.send(Chunk::of_pages(addr, b));
+                    cr_ebpf_image::progress::add(n);
                 })
             })
         });

@@ -90,34 +90,54 @@ impl Chunk {
     /// is when lz4 does not shrink it: a chunk of more than two samples
     /// whose start and middle do not shrink by 3% is not compressed at all.
     pub fn compress(vaddr: u64, raw: &[u8]) -> Self {
+        match Self::lz4(raw) {
+            Some(data) => Self::compressed(vaddr, raw, data),
+            None => Self::as_is(vaddr, raw.to_vec()),
+        }
+    }
+
+    /// [`Chunk::compress`] of pages the caller gives up: kept as they are,
+    /// they are not copied.
+    pub fn of_pages(vaddr: u64, raw: Vec<u8>) -> Self {
+        match Self::lz4(&raw) {
+            Some(data) => Self::compressed(vaddr, &raw, data),
+            None => Self::as_is(vaddr, raw),
+        }
+    }
+
+    /// The lz4 block of `raw`, or `None` when it is not worth it.
+    fn lz4(raw: &[u8]) -> Option<Vec<u8>> {
         assert!(raw.len().is_multiple_of(PAGE) && !raw.is_empty());
         assert!(raw.len() / PAGE <= MAX_CHUNK_PAGES as usize);
-        let npages = (raw.len() / PAGE) as u32;
-        let raw_crc = crc32fast::hash(raw);
-        let as_is = || Self {
-            vaddr,
-            npages,
-            data: raw.to_vec(),
-            crc: raw_crc,
-            raw_crc,
-            stored_raw: true,
-        };
         let shrinks = |s: &[u8]| lz4_flex::block::compress(s).len() * 100 < s.len() * 97;
         let mid = raw.len() / 2;
         if raw.len() > 2 * SAMPLE && !shrinks(&raw[..SAMPLE]) && !shrinks(&raw[mid..mid + SAMPLE]) {
-            return as_is();
+            return None;
         }
         let data = lz4_flex::block::compress(raw);
-        if data.len() >= raw.len() {
-            return as_is();
-        }
+        (data.len() < raw.len()).then_some(data)
+    }
+
+    fn compressed(vaddr: u64, raw: &[u8], data: Vec<u8>) -> Self {
         Self {
             vaddr,
-            npages,
+            npages: (raw.len() / PAGE) as u32,
             crc: crc32fast::hash(&data),
-            raw_crc,
+            raw_crc: crc32fast::hash(raw),
             data,
             stored_raw: false,
+        }
+    }
+
+    fn as_is(vaddr: u64, raw: Vec<u8>) -> Self {
+        let crc = crc32fast::hash(&raw);
+        Self {
+            vaddr,
+            npages: (raw.len() / PAGE) as u32,
+            data: raw,
+            crc,
+            raw_crc: crc,
+            stored_raw: true,
         }
     }
 }

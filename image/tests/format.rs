@@ -905,6 +905,11 @@ fn pages_lz4_cannot_shrink_are_stored_as_they_are() {
     assert!(chunks[0].stored_raw && chunks[0].data == big);
     assert!(chunks[1].stored_raw && chunks[1].data == small);
     assert!(!chunks[2].stored_raw && chunks[2].data.len() < text.len());
+    // The same from pages given up (kept without a copy when raw).
+    let given = Chunk::of_pages(0x10000, big.clone());
+    assert!(given.stored_raw && given.data == big && given.crc == chunks[0].crc);
+    let given = Chunk::of_pages(0x200000, text.clone());
+    assert!(!given.stored_raw && given.data == chunks[2].data);
     let mut w = PageWriter::create(&d).unwrap();
     for c in &chunks {
         w.write(c).unwrap();
