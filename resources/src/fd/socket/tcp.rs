@@ -285,6 +285,7 @@ pub(super) fn tcp_connection(
     }
     setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_OPTIONS, &opts)
         .map_err(fail("TCP_REPAIR_OPTIONS"))?;
+    segment_size(&fd)?;
     // The peer checks timestamps: the connection's own clock goes on.
     tcp(TCP_TIMESTAMP, t.timestamp as i32, "TCP_TIMESTAMP")?;
     if plan.as_sent > 0 {
@@ -305,6 +306,19 @@ pub(super) fn tcp_connection(
     setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(fail("TCP_REPAIR_WINDOW"))?;
     apply_options(&fd, s, true)?;
     Ok(fd)
+}
+
+/// Works the connection's segment size out again from the MSS clamp
+/// `TCP_REPAIR_OPTIONS` set. The size is set when the socket is connected,
+/// from the clamp it has then (the default 536 bytes), and a new clamp
+/// does not change it: a loopback connection would go on in 524-byte
+/// segments, each of which costs its receiver more than twice its bytes
+/// of memory, so that a window sized for its buffer no longer fits it.
+/// Setting the IPv4 options (to none, as a restored socket has them; an
+/// IPv6 socket takes them too) makes the kernel work the size out again.
+fn segment_size(fd: &OwnedFd) -> Result<(), RestoreError> {
+    setsockopt(fd, libc::IPPROTO_IP, libc::IP_OPTIONS, &[])
+        .map_err(fail("IP_OPTIONS (segment size)"))
 }
 
 /// The window `w` (snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup) within
