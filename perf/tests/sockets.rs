@@ -345,13 +345,13 @@ for k in got:
 /// dropped for memory, the window closed at once, and from then on the
 /// peer's acknowledgements started past it and were dropped too; a
 /// process that waits for one direction before it reads the other waited
-/// for ever. After the restore every receive queue fits its buffer, and
-/// one direction is read to its end (with a few more bytes written the
-/// other way first) before the other.
-/// (And each end's segment size is what it was: set when a connection is
-/// made, it stayed the default 536 bytes, less its options, whatever the
-/// saved clamp, and such small segments cost their receiver more memory
-/// than the window counts on.)
+/// for ever. After the restore every receive queue fits its buffer (of
+/// the size it had), and one direction is read to its end (with a few
+/// more bytes written the other way first) before the other. And each
+/// end's segment size is what it was: set when a connection is made, it
+/// stayed the default 536 bytes, less its options, whatever the saved
+/// clamp, and such small segments cost their receiver more memory than
+/// the window counts on.
 #[test]
 fn a_local_tcp_connection_full_both_ways_drains_after_restore() {
     if !cr_ebpf_perf::privileged("a_local_tcp_connection_full_both_ways_drains_after_restore") {
@@ -400,6 +400,7 @@ while calm < 5:
     time.sleep(0.1)
     calm = calm + 1 if sent == before else 0
 mss = {k: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) for k, s in (('a', a), ('b', b))}
+rcvbufs = {k: s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for k, s in (('a', a), ('b', b))}
 "#
     .replace("FAMILY", family)
     .replace("HOST", host);
@@ -412,6 +413,9 @@ for k, s in (('a', a), ('b', b)):
     m = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     if m != mss[k]:
         bad.append('%s: segments of %d bytes, %d before' % (k, m, mss[k]))
+    r = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if r != rcvbufs[k]:
+        bad.append('%s: a receive buffer of %d bytes, %d before' % (k, r, rcvbufs[k]))
 fill(b, 'ba')
 deadline = time.time() + 15
 def drain(s, key):
