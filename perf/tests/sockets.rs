@@ -335,3 +335,129 @@ for k in got:
     let out = std::fs::read_to_string(ctl.join("out")).unwrap();
     assert_eq!(out, "ok");
 }
+
+/// Both directions of a local TCP connection full at the freeze (each end
+/// with 8 MiB buffers, its receive queue at its buffer, its send queue
+/// full of bytes the peer's window does not take), as ZDTM's
+/// socket-tcpbuf leaves them. The queues are refilled with more room than
+/// the buffers for a moment: a window advertised on that room let the
+/// peer's unsent bytes in past the saved buffer, the next segment was
+/// dropped for memory, the window closed at once, and from then on the
+/// peer's acknowledgements started past it and were dropped too; a
+/// process that waits for one direction before it reads the other waited
+/// for ever. After the restore every receive queue fits its buffer (of
+/// the size it had), and one direction is read to its end (with a few
+/// more bytes written the other way first) before the other. And each
+/// end's segment size is what it was: set when a connection is made, it
+/// stayed the default 536 bytes, less its options, whatever the saved
+/// clamp, and such small segments cost their receiver more memory than
+/// the window counts on.
+#[test]
+fn a_local_tcp_connection_full_both_ways_drains_after_restore() {
+    if !cr_ebpf_perf::privileged("a_local_tcp_connection_full_both_ways_drains_after_restore") {
+        return;
+    }
+    full_both_ways("sk-tcpfull", "AF_INET", "127.0.0.1");
+}
+
+/// The same over IPv6.
+#[test]
+fn a_local_tcp6_connection_full_both_ways_drains_after_restore() {
+    if !cr_ebpf_perf::privileged("a_local_tcp6_connection_full_both_ways_drains_after_restore") {
+        return;
+    }
+    full_both_ways("sk-tcp6full", "AF_INET6", "::1");
+}
+
+fn full_both_ways(name: &str, family: &str, host: &str) {
+    let scratch = Scratch::new(name);
+    let setup = r#"
+import struct
+SO_MEMINFO = 55
+l = socket.socket(socket.FAMILY); l.bind(('HOST', 0)); l.listen(1)
+a = socket.socket(socket.FAMILY)
+a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+a.connect(l.getsockname())
+b, _ = l.accept()
+b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+a.setblocking(False); b.setblocking(False)
+PATTERN = bytes(range(251)) * 1045
+sent = {'ab': 0, 'ba': 0}
+def fill(s, key):
+    while True:
+        try:
+            n = s.send(memoryview(PATTERN)[sent[key] % 251:])
+        except BlockingIOError:
+            return
+        sent[key] += n
+# Written until neither end takes a byte more for half a second.
+calm = 0
+while calm < 5:
+    before = dict(sent)
+    fill(a, 'ab'); fill(b, 'ba')
+    time.sleep(0.1)
+    calm = calm + 1 if sent == before else 0
+mss = {k: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) for k, s in (('a', a), ('b', b))}
+rcvbufs = {k: s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for k, s in (('a', a), ('b', b))}
+"#
+    .replace("FAMILY", family)
+    .replace("HOST", host);
+    let checks = r#"
+for key, s in (('ab', b), ('ba', a)):
+    rmem, rcvbuf = struct.unpack('2I', s.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 8))
+    if rmem > rcvbuf:
+        bad.append('%s: %d bytes of memory queued for a buffer of %d' % (key, rmem, rcvbuf))
+for k, s in (('a', a), ('b', b)):
+    m = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+    if m != mss[k]:
+        bad.append('%s: segments of %d bytes, %d before' % (k, m, mss[k]))
+    r = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if r != rcvbufs[k]:
+        bad.append('%s: a receive buffer of %d bytes, %d before' % (k, r, rcvbufs[k]))
+fill(b, 'ba')
+deadline = time.time() + 15
+def drain(s, key):
+    got = 0
+    while got < sent[key]:
+        if time.time() > deadline:
+            bad.append('%s stuck after %d of %d bytes' % (key, got, sent[key])); return
+        try:
+            d = s.recv(1 << 16)
+        except BlockingIOError:
+            time.sleep(0.005); continue
+        if not d:
+            bad.append('%s eof after %d bytes' % (key, got)); return
+        start = got % 251
+        if d != (PATTERN[start:] + PATTERN)[:len(d)]:
+            bad.append('%s out of order at %d' % (key, got)); return
+        got += len(d)
+drain(b, 'ab')
+drain(a, 'ba')
+"#;
+    let script = script(&setup, checks);
+    let img = scratch.0.join("image");
+    let ctl = scratch.0.join("ctl");
+    let mut child = start(&scratch, &script, &[]);
+    let pid = child.id() as i32;
+    let guard = KillOnDrop(pid);
+    dump(
+        pid,
+        &img,
+        &DumpOptions {
+            // As the command line does by default.
+            network_lock: Some(std::sync::Arc::new(cr_ebpf_perf::BpfLock)),
+            ..DumpOptions::default()
+        },
+    )
+    .expect("dump");
+    let _ = child.wait();
+    drop(guard);
+    let r = restore(&img, &RestoreOptions::default()).expect("restore");
+    let _guard = KillOnDrop(r.pid);
+    std::fs::write(ctl.join("check"), b"").unwrap();
+    cr_ebpf_perf::wait_for_file(&ctl.join("out"));
+    let out = std::fs::read_to_string(ctl.join("out")).unwrap();
+    assert_eq!(out, "ok");
+}

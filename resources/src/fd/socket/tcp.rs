@@ -225,20 +225,22 @@ pub(super) fn tcp_connection(
     plan: Refill,
 ) -> Result<OwnedFd, RestoreError> {
     let fd = socket(s).map_err(fail("socket (TCP connection)"))?;
-    // The queues must fit while they are refilled: the buffers as they
-    // were (the kernel doubles these), or larger for the moment (queued
-    // again in other pieces they take more room); set as they were once
-    // the connection is let go ([`send_unsent`]).
-    for (name, saved, queued) in [
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, t.send_queue.len()),
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, t.recv_queue.len()),
-    ] {
-        let v = option_int(s, libc::SOL_SOCKET, saved).unwrap_or(0) / 2;
-        let room = (queued.saturating_mul(2) + REFILL_SLACK).min(i32::MAX as usize) as i32;
-        if v > 0 || queued > 0 {
-            set_int(&fd, libc::SOL_SOCKET, name, v.max(room))
-                .map_err(fail("SO_SNDBUFFORCE/SO_RCVBUFFORCE"))?;
-        }
+    // The send queue must fit while it is refilled: the buffer as it was
+    // (the kernel doubles what it is given), or larger for the moment
+    // (queued again in other pieces it takes more room); set as it was once
+    // the connection is let go ([`send_unsent`]). The receive buffer is
+    // the saved one from the start: the connection takes its window clamp
+    // and the threshold its window grows by from it when it is connected,
+    // and only its queue refill gets more room ([`refill_receive_queue`]).
+    let snd = option_int(s, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0) / 2;
+    let room = refill_room(t.send_queue.len());
+    if snd > 0 || !t.send_queue.is_empty() {
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, snd.max(room))
+            .map_err(fail("SO_SNDBUFFORCE"))?;
+    }
+    if let Some(rcv) = option_int(s, libc::SOL_SOCKET, libc::SO_RCVBUF).filter(|v| *v > 0) {
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, rcv / 2)
+            .map_err(fail("SO_RCVBUFFORCE"))?;
     }
     set_int(&fd, libc::IPPROTO_TCP, TCP_REPAIR, 1).map_err(|e| {
         if e.raw_os_error() == Some(libc::EPERM) {
@@ -283,6 +285,7 @@ pub(super) fn tcp_connection(
     }
     setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_OPTIONS, &opts)
         .map_err(fail("TCP_REPAIR_OPTIONS"))?;
+    segment_size(&fd)?;
     // The peer checks timestamps: the connection's own clock goes on.
     tcp(TCP_TIMESTAMP, t.timestamp as i32, "TCP_TIMESTAMP")?;
     if plan.as_sent > 0 {
@@ -290,18 +293,32 @@ pub(super) fn tcp_connection(
         tcp(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")?;
         send_all(&fd, sent, 0).map_err(fail("refilling the TCP send queue"))?;
     }
+    let window = in_range(super::fin::window_before_fin(t), t);
     if !t.recv_queue.is_empty() {
         tcp(TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")?;
-        send_all(&fd, &t.recv_queue, 0).map_err(fail("refilling the TCP receive queue"))?;
+        refill_receive_queue(&fd, s, t, &window)?;
     }
     tcp(TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE")?;
     let mut w = Vec::with_capacity(20);
-    for v in in_range(super::fin::window_before_fin(t), t) {
+    for v in window {
         w.extend_from_slice(&v.to_ne_bytes());
     }
     setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(fail("TCP_REPAIR_WINDOW"))?;
     apply_options(&fd, s, true)?;
     Ok(fd)
+}
+
+/// Works the connection's segment size out again from the MSS clamp
+/// `TCP_REPAIR_OPTIONS` set. The size is set when the socket is connected,
+/// from the clamp it has then (the default 536 bytes), and a new clamp
+/// does not change it: a loopback connection would go on in 524-byte
+/// segments, each of which costs its receiver more than twice its bytes
+/// of memory, so that a window sized for its buffer no longer fits it.
+/// Setting the IPv4 options (to none, as a restored socket has them; an
+/// IPv6 socket takes them too) makes the kernel work the size out again.
+fn segment_size(fd: &OwnedFd) -> Result<(), RestoreError> {
+    setsockopt(fd, libc::IPPROTO_IP, libc::IP_OPTIONS, &[])
+        .map_err(fail("IP_OPTIONS (segment size)"))
 }
 
 /// The window `w` (snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup) within
@@ -390,6 +407,68 @@ pub(super) fn refills(sockets: &HashMap<u64, &SocketInfo>) -> HashMap<u64, Refil
 /// Room beyond twice its bytes a queue gets while it is refilled.
 const REFILL_SLACK: usize = 1 << 20;
 
+/// What `SO_*BUFFORCE` is given for a queue of `queued` bytes to be
+/// refilled (the kernel doubles it).
+fn refill_room(queued: usize) -> i32 {
+    (queued.saturating_mul(2) + REFILL_SLACK).min(i32::MAX as usize) as i32
+}
+
+/// `SO_MEMINFO` (`SK_MEMINFO_RMEM_ALLOC` is its first field).
+const SO_MEMINFO: i32 = 55;
+
+/// Refills the receive queue (the socket in repair mode, that queue
+/// selected) with more room than the saved buffer for the moment, then
+/// sets the buffer back before the connection talks again: a window it
+/// advertised on the larger buffer would let the peer send past what the
+/// saved one holds, and a segment dropped for memory closes the window at
+/// once: the peer's next segments, its acknowledgements with them, start
+/// past the window and are dropped too, and two processes that each wait
+/// for the other's data wait for ever. When the refilled queue takes more
+/// memory than the saved buffer leaves for the window `w` (snd_wl1,
+/// snd_wnd, max_window, rcv_wnd, rcv_wup) the peer may still fill, the
+/// buffer is made that much larger ([`receive_buffer`]).
+fn refill_receive_queue(
+    fd: &OwnedFd,
+    s: &SocketInfo,
+    t: &TcpRepair,
+    w: &[u32; 5],
+) -> Result<(), RestoreError> {
+    let saved = option_int(s, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap_or(0);
+    let room = refill_room(t.recv_queue.len());
+    if room > saved / 2 {
+        set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, room)
+            .map_err(fail("SO_RCVBUFFORCE"))?;
+    }
+    send_all(fd, &t.recv_queue, 0).map_err(fail("refilling the TCP receive queue"))?;
+    let rmem = getsockopt(fd, libc::SOL_SOCKET, SO_MEMINFO, 4)
+        .ok()
+        .and_then(|v| Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?)))
+        .unwrap_or(0);
+    let rcv_nxt = t.recv_seq.wrapping_add(t.recv_queue.len() as u32);
+    let open = w[4].wrapping_add(w[3]).wrapping_sub(rcv_nxt);
+    let open = if open < 1 << 31 { open } else { 0 };
+    let buffer = receive_buffer(saved, rmem, open);
+    if buffer > 0 {
+        set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, buffer / 2)
+            .map_err(fail("SO_RCVBUFFORCE"))?;
+    }
+    Ok(())
+}
+
+/// The receive buffer (as `SO_RCVBUF` reads it) of a connection whose
+/// refilled queue takes `rmem` bytes of memory and whose peer may still
+/// send `open` bytes: the `saved` one, or larger when that one could not
+/// take what the window lets in (each byte counted twice, for what the
+/// segments it arrives in cost beyond it). 0: no buffer to set.
+fn receive_buffer(saved: i32, rmem: u32, open: u32) -> i32 {
+    let needed = u64::from(rmem) + 2 * u64::from(open);
+    let needed = needed.min(i32::MAX as u64 & !1) as i32;
+    if saved <= 0 {
+        return 0;
+    }
+    saved.max(needed + (needed & 1))
+}
+
 /// Takes a connection made by [`tcp_connection`] out of repair mode: it
 /// talks to its peer again (then [`send_unsent`], once every connection
 /// of the restore is out of repair mode: a peer still in it would answer
@@ -406,8 +485,8 @@ pub(super) fn release(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> 
 /// What [`Refill`] leaves to be sent as new data (what the process wrote
 /// and the kernel had not sent yet; with a peer restored here, also what
 /// was sent and the peer does not hold), queued again (never waiting: it
-/// fits in the room [`tcp_connection`] made), then the buffer sizes as
-/// saved.
+/// fits in the room [`tcp_connection`] made), then the send buffer size
+/// as saved (the receive buffer has it already).
 pub(super) fn send_unsent(
     fd: &OwnedFd,
     s: &SocketInfo,
@@ -418,14 +497,9 @@ pub(super) fn send_unsent(
     if !rest.is_empty() {
         send_all(fd, rest, libc::MSG_DONTWAIT).map_err(fail("sending the unsent TCP bytes"))?;
     }
-    for (name, saved) in [
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-    ] {
-        if let Some(v) = option_int(s, libc::SOL_SOCKET, saved) {
-            set_int(fd, libc::SOL_SOCKET, name, v / 2)
-                .map_err(fail("SO_SNDBUFFORCE/SO_RCVBUFFORCE"))?;
-        }
+    if let Some(v) = option_int(s, libc::SOL_SOCKET, libc::SO_SNDBUF) {
+        set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v / 2)
+            .map_err(fail("SO_SNDBUFFORCE"))?;
     }
     Ok(())
 }
@@ -507,6 +581,18 @@ mod tests {
         };
         let w = [3, 1, 1, 10, 5];
         assert_eq!(in_range(w, &t), w);
+    }
+
+    #[test]
+    fn the_receive_buffer_is_the_saved_one_unless_the_window_needs_more() {
+        // A full queue and a closed window: the saved buffer.
+        assert_eq!(receive_buffer(8 << 20, 8_300_000, 0), 8 << 20);
+        // Room for the open window twice over: the saved buffer.
+        assert_eq!(receive_buffer(8 << 20, 8_000_000, 100_000), 8 << 20);
+        // Not enough: larger (an even size, as the kernel keeps them).
+        assert_eq!(receive_buffer(8 << 20, 8_300_000, 100_001), 8_500_002);
+        // Nothing saved: nothing set.
+        assert_eq!(receive_buffer(0, 1000, 1000), 0);
     }
 
     #[test]
