@@ -8,6 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::state_of;
+
 const BIN: &str = env!("CARGO_BIN_EXE_cr-ebpf");
 
 fn privileged(test: &str) -> bool {
@@ -344,14 +348,6 @@ fn inspect_shows_the_shared_memory_an_image_stores() {
         "{text}"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The state letter of `pid` (`R`, `S`, `Z`, ...); `?` when it is gone.
-fn state_of(pid: i32) -> char {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
-        .unwrap_or('?')
 }
 
 /// A zombie and a kernel thread are refused by `dump` and `track` before

@@ -13,7 +13,7 @@ use std::{
 
 mod common;
 
-use common::{clean, complete_lines, root, workload_bin, BIN};
+use common::{clean, complete_lines, root, state_of, workload_bin, BIN};
 
 fn epochs_bin(test: &str) -> Option<PathBuf> {
     workload_bin("epochs", test)
@@ -44,16 +44,6 @@ fn cr_ebpf_json(args: &[&str], path: &Path) -> serde_json::Value {
 fn signal(pid: i32, sig: i32) -> bool {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(pid, sig) == 0 }
-}
-
-fn state_letter(pid: i32) -> char {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(") ")
-                .map(|(_, r)| r.chars().next().unwrap_or('?'))
-        })
-        .unwrap_or('?')
 }
 
 /// Asks for a `now` line and returns (epoch, state).
@@ -196,7 +186,7 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
         stop.store(true, Ordering::SeqCst);
     });
     // The target was not left stopped, and answers.
-    let st = state_letter(pid);
+    let st = state_of(pid);
     assert!(!matches!(st, 't' | 'T' | 'Z' | 'X'), "target state {st}");
     let (k, state) = now(pid, &log);
     assert_eq!(epoch_state(&log, k), Some(state), "target consistent");
@@ -319,7 +309,7 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
         "restored as the new program: {}",
         exe.display()
     );
-    let st = state_letter(pid);
+    let st = state_of(pid);
     assert!(matches!(st, 'S' | 'R'), "restored sleep runs: {st}");
     // Not python's handlers from before the exec, at addresses of a
     // program that is gone.
@@ -393,7 +383,7 @@ fn ctrl_c_detaches_untouched_and_an_exit_ends_the_service() {
     assert!(err.contains("runs on untouched"), "{err}");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.contains("TracerPid:\t0"), "no tracer left: {status}");
-    assert_eq!(state_letter(pid), 'S');
+    assert_eq!(state_of(pid), 'S');
     assert_eq!(fds_of(pid), fds, "no descriptor left in the process");
     sleeper.kill().unwrap();
     let _ = sleeper.wait();
@@ -650,7 +640,7 @@ fn track_serves_its_metrics_for_prometheus() {
             .contains("parent-death signal"),
         "{said}"
     );
-    let st = state_letter(pid);
+    let st = state_of(pid);
     assert!(!matches!(st, 't' | 'T' | 'Z' | 'X'), "target state {st}");
     let text = scrape(port);
     assert!(

@@ -112,3 +112,11 @@ impl Tracking {
         (status, self.err.join().unwrap())
     }
 }
+
+/// The state letter of `pid` (`R`, `S`, `Z`, ...); `?` when it is gone.
+pub fn state_of(pid: i32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
+        .unwrap_or('?')
+}

@@ -209,7 +209,10 @@ fn guardian(root: i32, keep: [RawFd; 4]) -> ! {
                 // SAFETY: ends this process; its descriptors close.
                 unsafe { libc::_exit(0) };
             }
-            let killed = kill_all(root, pidfd);
+            // SAFETY: signals through the pidfd of the process restored.
+            let killed = super::uffd::kill_tree(root, |sig| unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, pidfd, sig, 0, 0);
+            });
             let msg = format!(
                 "cr-ebpf: the restorer ended before all memory of process {root} was in: \
                  killed it and {} process(es) it forked, rather than let them read zeroes\n",
@@ -244,35 +247,4 @@ fn receive(pass: RawFd) -> bool {
         libc::recvmsg(pass, &mut m, libc::MSG_CMSG_CLOEXEC)
     };
     n > 0
-}
-
-/// Stops the process (through its pidfd: never another process that got
-/// its pid) and every descendant as found (a stopped process cannot fork),
-/// then kills them all. Returns how many.
-fn kill_all(root: i32, pidfd: RawFd) -> usize {
-    // SAFETY: signals through the pidfd of the process we restored.
-    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd, libc::SIGSTOP, 0, 0) };
-    let mut all = vec![root];
-    let mut i = 0;
-    while i < all.len() {
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", all[i])) {
-            for t in tasks.flatten() {
-                let children =
-                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                    // SAFETY: a signal to a descendant of the process.
-                    unsafe { libc::kill(c, libc::SIGSTOP) };
-                    all.push(c);
-                }
-            }
-        }
-        i += 1;
-    }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd, libc::SIGKILL, 0, 0) };
-    for &p in &all[1..] {
-        // SAFETY: a descendant found above, stopped.
-        unsafe { libc::kill(p, libc::SIGKILL) };
-    }
-    all.len()
 }

@@ -252,7 +252,10 @@ impl Server {
             // Its memory cannot be completed: the process goes, with the
             // children it forked meanwhile, before their registrations do.
             if let Some(root) = self.targets.iter().find_map(|t| t.pid) {
-                kill_tree(root);
+                // SAFETY: signals to the process we restored.
+                kill_tree(root, |sig| unsafe {
+                    libc::kill(root, sig);
+                });
             }
         }
         r?;

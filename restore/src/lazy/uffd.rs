@@ -81,28 +81,35 @@ pub(crate) fn register(uffd: &OwnedFd, ranges: &[(u64, u64)]) -> Result<(), Rest
     Ok(())
 }
 
-/// Kills `root` and its descendants (children first found, then killed
-/// from the root down, so that none is left behind by a fork meanwhile).
-pub(super) fn kill_tree(root: i32) {
+/// Kills `root` and its descendants: each is stopped as it is found (a
+/// stopped process cannot fork one more meanwhile), then all are killed.
+/// `signal_root` sends a signal to `root` itself (through a pidfd where the
+/// caller has one: never another process that got its pid). Returns how
+/// many processes.
+pub(super) fn kill_tree(root: i32, signal_root: impl Fn(i32)) -> usize {
+    signal_root(libc::SIGSTOP);
     let mut all = vec![root];
     let mut i = 0;
     while i < all.len() {
-        let pid = all[i];
-        // SAFETY: a signal to a process of the tree we restored.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", all[i])) {
             for t in tasks.flatten() {
                 let children =
                     std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                all.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<i32>().ok()),
-                );
+                for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                    // SAFETY: a signal to a descendant of the process.
+                    unsafe { libc::kill(c, libc::SIGSTOP) };
+                    all.push(c);
+                }
             }
         }
         i += 1;
     }
+    signal_root(libc::SIGKILL);
+    for &p in &all[1..] {
+        // SAFETY: a descendant found above, stopped.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    all.len()
 }
 
 /// Makes a userfaultfd inside the stub through `call` (an injected
