@@ -10,24 +10,6 @@ mod common;
 
 use common::{clean, root, BIN};
 
-/// A parent and its child, each with a MiB of its own; the parent writes
-/// both pids to `ctl/pids`.
-const PAIR: &str = r#"
-import os, sys, time
-ctl = sys.argv[1]
-data = bytearray(os.urandom(1 << 20))
-kid = os.fork()
-if kid == 0:
-    mine = bytearray(os.urandom(1 << 20))
-    while True:
-        time.sleep(0.05)
-with open(os.path.join(ctl, "pids.tmp"), "w") as f:
-    f.write("%d %d" % (os.getpid(), kid))
-os.rename(os.path.join(ctl, "pids.tmp"), os.path.join(ctl, "pids"))
-while True:
-    time.sleep(0.05)
-"#;
-
 #[test]
 fn a_failed_tree_restore_leaves_no_stub_holding_a_pid() {
     if !root("a_failed_tree_restore_leaves_no_stub_holding_a_pid") {
@@ -40,7 +22,7 @@ fn a_failed_tree_restore_leaves_no_stub_holding_a_pid() {
     let ctl = dir.join("ctl");
     std::fs::create_dir_all(&ctl).unwrap();
     let mut w = clean("/usr/bin/python3")
-        .args(["-c", PAIR])
+        .args(["-c", cr_ebpf_perf::PARENT_AND_CHILD])
         .arg(&ctl)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -347,3 +347,21 @@ impl cr_ebpf_checkpoint::ConnectionLock for BpfLock {
         cr_ebpf_loader::netlock::unlock(name).expect("remove the lock");
     }
 }
+
+/// A python workload (`python3 -c PARENT_AND_CHILD CTL`): a parent and its child, each with a MiB of its own; the parent writes
+/// both pids to `ctl/pids`.
+pub const PARENT_AND_CHILD: &str = r#"
+import os, sys, time
+ctl = sys.argv[1]
+data = bytearray(os.urandom(1 << 20))
+kid = os.fork()
+if kid == 0:
+    mine = bytearray(os.urandom(1 << 20))
+    while True:
+        time.sleep(0.05)
+with open(os.path.join(ctl, "pids.tmp"), "w") as f:
+    f.write("%d %d" % (os.getpid(), kid))
+os.rename(os.path.join(ctl, "pids.tmp"), os.path.join(ctl, "pids"))
+while True:
+    time.sleep(0.05)
+"#;
