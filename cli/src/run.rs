@@ -293,11 +293,24 @@ fn ended(pid: i32, within: Duration) -> Option<Ended> {
             // It has ended: reaped at once.
             return wait(pid, Duration::from_secs(10)).ok();
         }
-        if r != 0 || Instant::now() >= deadline {
+        if r != 0 {
+            // Reaped already: by track's own wait for a ptrace stop.
+            return reaped(pid);
+        }
+        if Instant::now() >= deadline {
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// How the service ended if tracking it reaped it: a tracer that is also
+/// the parent gets its child's exit when it waits for a ptrace stop.
+fn reaped(pid: i32) -> Option<Ended> {
+    Some(match cr_ebpf_tracee::take_reaped(pid)? {
+        cr_ebpf_tracee::Ending::Exited(c) => Ended::Exited(c),
+        cr_ebpf_tracee::Ending::Killed(s) => Ended::Killed(s),
+    })
 }
 
 /// Reaps the service; SIGKILL after `grace`. Then what else ended.
@@ -311,6 +324,9 @@ fn wait(pid: i32, grace: Duration) -> Result<Ended> {
             break;
         }
         if r < 0 {
+            if let Some(ended) = reaped(pid) {
+                return Ok(ended);
+            }
             bail!(
                 "waiting for the service (pid {pid}): {}",
                 std::io::Error::last_os_error()

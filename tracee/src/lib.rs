@@ -13,6 +13,7 @@ mod error;
 mod frozen;
 mod guarded;
 mod inject;
+mod reaped;
 pub mod regs;
 mod sys;
 mod thread;
@@ -21,6 +22,7 @@ pub use error::TraceError;
 pub use frozen::Frozen;
 pub use guarded::Step;
 pub use inject::{Injector, SCRATCH_MAX};
+pub use reaped::{take_reaped, Ending};
 pub use regs::Regs;
 pub use thread::{can_suspend_seccomp, Rseq, StopKind, Tracee};
 

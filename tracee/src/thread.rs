@@ -197,7 +197,12 @@ impl Tracee {
                 WaitStatus::PtraceEvent(_, _, ev) => StopKind::Event(ev),
                 WaitStatus::PtraceSyscall(_) => StopKind::Syscall,
                 WaitStatus::Stopped(_, sig) => StopKind::Signal(sig),
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                WaitStatus::Exited(p, code) => {
+                    crate::reaped::record(p.as_raw(), crate::Ending::Exited(code));
+                    return Err(TraceError::Gone { pid: self.tid() });
+                }
+                WaitStatus::Signaled(p, sig, _) => {
+                    crate::reaped::record(p.as_raw(), crate::Ending::Killed(sig as i32));
                     return Err(TraceError::Gone { pid: self.tid() });
                 }
                 WaitStatus::Continued(_) | WaitStatus::StillAlive => continue,
