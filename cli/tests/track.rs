@@ -318,6 +318,86 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A process replacing its memory again and again while `track` starts
+/// (an exec between reading its maps and its pagemap, in the pre-copy
+/// that runs with the process running): tracking goes on, the exec's new
+/// memory is stored whole, and the newest checkpoint restores as the
+/// program it became.
+#[test]
+fn execs_during_the_pre_copy_do_not_end_the_tracking() {
+    let test = "execs_during_the_pre_copy_do_not_end_the_tracking";
+    if !root(test) {
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("cr-ebpf-execs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let script = base.join("again.sh");
+    std::fs::write(
+        &script,
+        "n=${1:-0}\n[ \"$n\" -lt 1500 ] && exec /bin/sh \"$0\" $((n+1))\nexec sleep 60\n",
+    )
+    .unwrap();
+    // Each trial had about one chance in five to fail before the fix.
+    for trial in 0..8 {
+        let dir = base.join(format!("images-{trial}"));
+        let mut child = clean("/bin/sh")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let out = Command::new(BIN)
+            .args(["track", "--pid", &pid.to_string(), "--interval", "100ms"])
+            .args(["--count", "6", "--images-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "trial {trial}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Done exec'ing: one more checkpoint of the program it became.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_link(format!("/proc/{pid}/exe"))
+            .unwrap()
+            .ends_with("sleep")
+        {
+            assert!(Instant::now() < deadline, "the execs end");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = Command::new(BIN)
+            .args(["track", "--pid", &pid.to_string(), "--interval", "100ms"])
+            .args(["--count", "1", "--images-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        child.kill().unwrap();
+        let _ = child.wait();
+        let r = Command::new(BIN)
+            .args(["restore", "--detach", "--images-dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(r.success(), "trial {trial}: restore");
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert!(exe.ends_with("sleep"), "restored: {}", exe.display());
+        assert!(matches!(state_of(pid), 'S' | 'R'), "restored sleep runs");
+        signal(pid, libc::SIGKILL);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 fn spawn_sleep(secs: &str) -> std::process::Child {
     clean("/bin/sleep")
         .arg(secs)

@@ -297,12 +297,14 @@ impl Session {
             };
             match prime_one(p) {
                 Ok(work) => pages += copy_runs(&self.pool, p, &work),
-                // A descendant that exited or replaced its memory meanwhile:
-                // whatever it is now is stored whole by the next checkpoint.
-                Err(_) if pid != self.root => p.reset(),
-                // Gone meanwhile: the next checkpoint will not find it.
-                Err(_) if freeze::stat(pid).is_err() => {}
-                Err(e) => return Err(e),
+                // Refused: said now for the process tracked, before its first
+                // checkpoint (a descendant's is said by the checkpoint).
+                Err(e @ DumpError::NotSupported { .. }) if pid == self.root => return Err(e),
+                // Exited or replaced its memory meanwhile (an exec between
+                // reading its maps and its pagemap): whatever it is now is
+                // stored whole by the next checkpoint, which also finds out
+                // whether it is gone.
+                Err(_) => p.reset(),
             }
         }
         Ok(PrecopyReport {
