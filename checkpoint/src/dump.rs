@@ -16,9 +16,10 @@ use crate::{
     freeze::freeze_tree,
     maps,
     netlock::Held,
-    pages::{split_runs, worker_pool, write_processes},
+    pages::{split_runs, worker_pool, write_processes, ProcessPages},
     precopy::Precopy,
     state::{self, Changes, State},
+    streamed::Streamed,
     watchdog::{phase, Watchdog},
     DumpError,
 };
@@ -58,8 +59,9 @@ pub struct DumpOptions {
     pub freeze_limit: Option<Duration>,
     /// Do not pre-copy: read every page while the process is frozen. By
     /// default a write tracker is attached first and the pages are copied
-    /// while the process runs; the freeze then reads only those written
-    /// after their copy (see `precopy.rs`).
+    /// into the image's page store while the process runs; the freeze then
+    /// reads only those written after their copy, patched into the store
+    /// once the process may run again (see `precopy.rs`).
     pub no_precopy: bool,
 }
 
@@ -128,7 +130,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     crate::freeze::checkable(pid)?;
     let pool = worker_pool(pid, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
-    let mut pre = (!opts.no_precopy).then(|| Precopy::run(pid, &pool, crate::precopy::budget()));
+    let staging = staging_dir(dir);
+    let mut pre = (!opts.no_precopy).then(|| Precopy::run(pid, &pool, &staging));
     let mut watchdog = opts.freeze_limit.map(|l| Watchdog::start(pid, l));
     phase("stopping the processes");
     // From here on an error drops `stopped`, which resumes every thread.
@@ -182,7 +185,12 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             .iter()
             .zip(&plans)
             .zip(&mut buffered)
-            .map(|((pid, (_, work, _)), shm)| (*pid, &work[..], std::mem::take(shm)))
+            .map(|((pid, (_, work, _)), (streamed, shm))| ProcessPages {
+                pid: *pid,
+                live: &work[..],
+                buffered: std::mem::take(shm),
+                streamed: streamed.take(),
+            })
             .collect();
         let (subs, pages, bytes) = write_processes(tmp, is_tree, &pool, procs, || {
             // Everything read: what stays alive runs again while the files
@@ -254,9 +262,23 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
 /// Pages in memory, by address.
 type Pages = Vec<(u64, Vec<u8>)>;
 
+/// Where the pre-copy of a dump into `dir` makes its page stores: next to
+/// the image's own temporary directory, private, removed by the dump.
+fn staging_dir(dir: &Path) -> std::path::PathBuf {
+    let name = dir
+        .file_name()
+        .map_or("image".into(), |n| n.to_string_lossy().into_owned());
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    parent.join(format!(".{name}.tmp-{}-precopy", std::process::id()))
+}
+
 /// The pages of each frozen process that are not read from it by the page
-/// writers: those pre-copied and not written since (taken out of its
-/// `plans` runs), and the contents of its shared memory objects (read now).
+/// writers: those pre-copied into its store and not written since (taken
+/// out of its `plans` runs), and the contents of its shared memory objects
+/// (read now).
 fn buffered_pages(
     live: &[i32],
     start_times: &[u64],
@@ -264,18 +286,18 @@ fn buffered_pages(
     plans: &mut Plans,
     mut pre: Option<&mut Precopy>,
     pool: &rayon::ThreadPool,
-) -> Result<Vec<Pages>, DumpError> {
+) -> Result<Vec<(Option<Streamed>, Pages)>, DumpError> {
     let mut buffered = Vec::new();
     for (((pid, st), s), plan) in live.iter().zip(start_times).zip(states.iter()).zip(plans) {
-        let copied = match pre.as_deref_mut() {
+        let streamed = match pre.as_deref_mut() {
             Some(pre) => {
-                let (runs, copied) = pre.take(pool, *pid, *st, &s.entries, &plan.1);
+                let (runs, streamed) = pre.take(pool, *pid, *st, &s.entries, &plan.1);
                 plan.1 = runs;
-                copied
+                streamed
             }
-            None => Vec::new(),
+            None => None,
         };
-        buffered.push(copied);
+        buffered.push((streamed, Vec::new()));
     }
     for ((pid, s), b) in live.iter().zip(states.iter_mut()).zip(&mut buffered) {
         phase(format!("reading the shared memory of process {pid}"));
@@ -288,7 +310,7 @@ fn buffered_pages(
             false,
             pool,
         )?;
-        b.extend(placed.pages);
+        b.1.extend(placed.pages);
     }
     Ok(buffered)
 }

@@ -23,6 +23,7 @@ mod pages;
 mod precopy;
 mod shm_pages;
 mod state;
+mod streamed;
 mod tree_check;
 mod watchdog;
 

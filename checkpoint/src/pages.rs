@@ -10,7 +10,7 @@ use cr_ebpf_image::{
 use cr_ebpf_tracee::TraceError;
 use rayon::prelude::*;
 
-use crate::DumpError;
+use crate::{streamed::Streamed, DumpError};
 
 /// A pool of `threads` workers (0: one per core).
 pub(crate) fn worker_pool(
@@ -45,20 +45,44 @@ pub(crate) fn split_runs(runs: &[(u64, u64)], work: &mut Vec<(u64, u64)>) {
     }
 }
 
+/// The pages of one process for [`write_processes`] and [`write_pages`].
+pub(crate) struct ProcessPages<'a> {
+    /// The process.
+    pub(crate) pid: i32,
+    /// Runs read from it, frozen.
+    pub(crate) live: &'a [(u64, u64)],
+    /// Pages copied already, in memory.
+    pub(crate) buffered: Vec<(u64, Vec<u8>)>,
+    /// Its page store made while it ran, brought up to date once the
+    /// process may run again.
+    pub(crate) streamed: Option<Streamed>,
+}
+
 /// Writes `pages.img` into `tmp`: the `live` runs are read from the process
 /// (which must be frozen) and `buffered` pages were copied earlier; both are
-/// compressed on `pool` while one thread appends chunks in arrival order.
+/// compressed on `pool` while one thread appends chunks in arrival order,
+/// to the store pre-copy made when there is one (revised after the reads).
 /// `read_done` runs once nothing more needs to be read from the process.
 /// Returns (pages, bytes on disk).
 pub(crate) fn write_pages(
     tmp: &Path,
     pool: &rayon::ThreadPool,
-    pid: i32,
-    live: &[(u64, u64)],
-    buffered: Vec<(u64, Vec<u8>)>,
+    pp: ProcessPages<'_>,
     read_done: impl FnOnce() -> Result<(), ImageError>,
 ) -> Result<(u64, u64), ImageError> {
-    let mut writer = PageWriter::create(tmp)?;
+    let ProcessPages {
+        pid,
+        live,
+        buffered,
+        mut streamed,
+    } = pp;
+    let writer = match streamed.as_mut() {
+        Some(s) => {
+            s.store.move_into(tmp)?;
+            None
+        }
+        None => Some(PageWriter::create(tmp)?),
+    };
     let mem_err = |e: TraceError| ImageError::Io {
         path: format!("memory of process {pid}"),
         what: "reading",
@@ -70,10 +94,17 @@ pub(crate) fn write_pages(
         false => Some(cr_ebpf_tracee::Mem::open(pid).map_err(mem_err)?),
     };
     let (tx, rx) = crossbeam_channel::bounded::<Chunk>(pool.current_num_threads() * 4);
-    let (read, writer) = std::thread::scope(|s| {
-        let w = s.spawn(move || -> Result<PageWriter, ImageError> {
+    let store = streamed.as_mut().map(|s| &mut s.store);
+    let (read, written) = std::thread::scope(|s| {
+        let w = s.spawn(move || -> Result<Option<PageWriter>, ImageError> {
+            let mut writer = writer;
+            let mut store = store;
             for c in rx {
-                writer.write(&c)?;
+                match (&mut writer, &mut store) {
+                    (Some(w), _) => w.write(&c)?,
+                    (None, Some(w)) => w.write(&c)?,
+                    (None, None) => unreachable!("one writer"),
+                };
             }
             Ok(writer)
         });
@@ -105,12 +136,16 @@ pub(crate) fn write_pages(
         (read, w.join().expect("page writer thread panicked"))
     });
     read?;
-    writer?.finish()
+    match (written?, streamed) {
+        (Some(w), _) => w.finish(),
+        (None, Some(mut s)) => {
+            cr_ebpf_image::progress::add(s.pages());
+            s.revise(pool)?;
+            s.store.finish()
+        }
+        (None, None) => unreachable!("one writer"),
+    }
 }
-
-/// The pages of one process for [`write_processes`]: its pid, the runs to
-/// read from it (frozen) and the pages copied already.
-pub(crate) type ProcessPages<'a> = (i32, &'a [(u64, u64)], Vec<(u64, Vec<u8>)>);
 
 /// Writes the page store of every process into `tmp`: into `proc-PID/` of
 /// a tree image, or `tmp` itself for a single process. `read_done` runs
@@ -126,19 +161,21 @@ pub(crate) fn write_processes(
     let n = procs.len();
     let total: u64 = procs
         .iter()
-        .map(|(_, live, buffered)| {
-            live.iter().map(|r| r.1).sum::<u64>()
-                + buffered
+        .map(|p| {
+            p.live.iter().map(|r| r.1).sum::<u64>()
+                + p.buffered
                     .iter()
                     .map(|b| b.1.len() as u64 / 4096)
                     .sum::<u64>()
+                + p.streamed.as_ref().map_or(0, Streamed::pages)
         })
         .sum();
     cr_ebpf_image::progress::start("writing pages", total);
     let mut read_done = Some(read_done);
     let (mut pages, mut bytes) = (0, 0);
     let mut dirs = Vec::new();
-    for (i, (pid, live, buffered)) in procs.into_iter().enumerate() {
+    for (i, pp) in procs.into_iter().enumerate() {
+        let pid = pp.pid;
         let sub = if is_tree {
             let sub = tmp.join(format!("proc-{pid}"));
             cr_ebpf_image::trust::create_private_dir(&sub).map_err(|source| {
@@ -153,9 +190,7 @@ pub(crate) fn write_processes(
             tmp.to_path_buf()
         };
         let last = (i + 1 == n).then(|| read_done.take()).flatten();
-        let (p, b) = write_pages(&sub, pool, pid, live, buffered, || {
-            last.map_or(Ok(()), |done| done())
-        })?;
+        let (p, b) = write_pages(&sub, pool, pp, || last.map_or(Ok(()), |done| done()))?;
         pages += p;
         bytes += b;
         dirs.push(sub);

@@ -1,6 +1,9 @@
 //! Pre-copy for a full dump: the pages of every process of the tree are
 //! copied while it runs, with a write tracker (uffd-wp) registered on each
 //! mapping first, so that the freeze only reads the pages written since.
+//! The copies go straight into the image's page store as they are made
+//! (one store per process, in the dump's temporary directory): the disk
+//! works while the process still runs, and no copy is held in memory.
 //!
 //! One pass, never more: a scan re-arms the pages it reports at the
 //! addresses they have then, so a page written, moved away by `mremap`,
@@ -8,17 +11,18 @@
 //! With no scan between the registration and the freeze, a page written at
 //! any time since its copy is reported by the one scan, wherever it is.
 //!
-//! Copies are kept in the runs they were read in (up to 256 pages), with
-//! the page frame each page had when it was copied. While frozen, a copied
-//! page is read again when the tracker reports it written, or when the
-//! frame at its address is not the one copied (the page was dropped and
-//! faulted in again, moved by `mremap`, swapped out, merged): the copies
-//! then hold what the frozen process holds, page for page. Only the
+//! Each copy is a chunk of the store (up to 256 pages), with the page
+//! frame each page had when it was copied. While frozen, a copied page is
+//! read again when the tracker reports it written, or when the frame at
+//! its address is not the one copied (the page was dropped and faulted in
+//! again, moved by `mremap`, swapped out, merged): those pages are patched
+//! into the chunk once the freeze is over, and pages the frozen process no
+//! longer stores are taken out of it (see `PageWriter::revise`), so the
+//! store then holds what the frozen process held, page for page. Only the
 //! registered mappings the frozen process still has with the same bounds
-//! keep their copies. Which pages the image stores is decided as without
+//! keep their chunks. Which pages the image stores is decided as without
 //! pre-copy, from the frozen process alone: pre-copy only changes where
-//! their bytes come from, and a run copied whole is handed to the writer as
-//! it is (no copy while frozen).
+//! their bytes come from.
 //!
 //! Dropping a [`Precopy`] closes the trackers, which unregisters them: the
 //! processes are left exactly as without it.
@@ -26,12 +30,15 @@
 use std::{
     collections::BTreeMap,
     os::unix::fs::FileExt as _,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use cr_ebpf_dirty_tracker::uffd_wp::WpTracker;
+use cr_ebpf_image::pages::{Chunk, PageWriter};
 use rayon::prelude::*;
 
+use crate::streamed::{Revision, Streamed};
 use crate::{
     freeze, incremental::memory::trackable, maps, maps::MapEntry, pages::split_runs,
     watchdog::phase,
@@ -43,24 +50,12 @@ const PAGE: u64 = 4096;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_PFN: u64 = (1 << 55) - 1;
 
-/// Memory pre-copy may hold: half of what the machine has available.
-pub(crate) fn budget() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            let l = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            l.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kib| kib * 1024 / 2)
-}
-
-/// Runs still to read, and runs taken from the copies (by address).
-type Split = (Vec<(u64, u64)>, Vec<(u64, Vec<u8>)>);
-
-/// A run of pages copied: its bytes and each page's frame then.
+/// A chunk of the store holding pages copied while the process ran: the
+/// frame each page had then, and the pages read again while frozen.
 struct Copy {
-    data: Vec<u8>,
+    slot: usize,
     frames: Vec<u64>,
+    patches: Vec<(u32, Vec<u8>)>,
 }
 
 /// One process's tracker, registered mappings and copies.
@@ -70,6 +65,10 @@ struct Proc {
     /// Registered mappings: start to end.
     registered: BTreeMap<u64, u64>,
     copies: BTreeMap<u64, Copy>,
+    /// Where the copies are.
+    store: Option<PageWriter>,
+    /// Chunks of the store no longer used: taken out at the revision.
+    dropped: Vec<usize>,
 }
 
 impl Proc {
@@ -79,7 +78,9 @@ impl Proc {
         self.registered.remove(&start);
         let gone: Vec<u64> = self.copies.range(start..end).map(|(&a, _)| a).collect();
         for a in gone {
-            self.copies.remove(&a);
+            if let Some(c) = self.copies.remove(&a) {
+                self.dropped.push(c.slot);
+            }
         }
     }
 
@@ -103,6 +104,13 @@ impl Proc {
             .iter()
             .map(|r| (r.start, (r.end - r.start) / PAGE))
             .collect()
+    }
+
+    /// Its store removed: nothing of it is used.
+    fn discard(&mut self) {
+        if let Some(s) = self.store.take() {
+            s.discard();
+        }
     }
 }
 
@@ -135,7 +143,10 @@ fn refresh(pool: &rayon::ThreadPool, pid: i32, p: &mut Proc, dirty: &[(u64, u64)
         std::fs::File::open(format!("/proc/{pid}/pagemap")),
         cr_ebpf_tracee::Mem::open(pid),
     ) else {
-        p.copies.clear();
+        let all: Vec<(u64, u64)> = p.registered.iter().map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in all {
+            p.forget(s, e);
+        }
         return 0;
     };
     let results: Vec<(u64, Option<u64>)> = pool.install(|| {
@@ -156,13 +167,14 @@ fn refresh(pool: &rayon::ThreadPool, pid: i32, p: &mut Proc, dirty: &[(u64, u64)
                     if !written && now[k] != 0 && now[k] == c.frames[k] {
                         continue;
                     }
-                    let page = &mut c.data[k * PAGE as usize..(k + 1) * PAGE as usize];
-                    if mem.read(a, page).is_err() {
+                    let mut page = vec![0u8; PAGE as usize];
+                    if mem.read(a, &mut page).is_err() {
                         return (start, None);
                     }
                     // Read after the frame: a frame changed since is seen
                     // by the next look.
                     c.frames[k] = now[k];
+                    c.patches.push((k as u32, page));
                     read += 1;
                 }
                 (start, Some(read))
@@ -174,7 +186,9 @@ fn refresh(pool: &rayon::ThreadPool, pid: i32, p: &mut Proc, dirty: &[(u64, u64)
         match r {
             Some(n) => pages += n,
             None => {
-                p.copies.remove(&start);
+                if let Some(c) = p.copies.remove(&start) {
+                    p.dropped.push(c.slot);
+                }
             }
         }
     }
@@ -185,6 +199,8 @@ fn refresh(pool: &rayon::ThreadPool, pid: i32, p: &mut Proc, dirty: &[(u64, u64)
 /// tell which of them were written since.
 pub(crate) struct Precopy {
     procs: BTreeMap<i32, Proc>,
+    /// Where the stores are made.
+    staging: Option<PathBuf>,
     /// Pages read while the processes ran, all passes.
     pub(crate) pages: u64,
     /// Passes made.
@@ -193,61 +209,131 @@ pub(crate) struct Precopy {
     pub(crate) took: Duration,
 }
 
+impl Drop for Precopy {
+    fn drop(&mut self) {
+        for p in self.procs.values_mut() {
+            p.discard();
+        }
+        // With whatever a failed dump left there (a store taken and not
+        // moved into the image).
+        if let Some(d) = &self.staging {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// A run copied while the process ran: its process, address, and its
+/// frames and chunk (`None`: it could not be read).
+type Copied<T> = (i32, u64, Option<(Vec<u64>, T)>);
+
+/// Copies the `work` runs (process, address, pages) on `pool` and appends
+/// each as a chunk to its process's store, the disk writing while the next
+/// runs are read. Returns each run's frames and chunk number (`None`: not
+/// read), and the stores (`None`: writing to it failed, it is removed).
+#[allow(clippy::type_complexity)]
+fn copy_into(
+    pool: &rayon::ThreadPool,
+    work: &[(i32, u64, u64)],
+    stores: BTreeMap<i32, PageWriter>,
+) -> (Vec<Copied<usize>>, BTreeMap<i32, Option<PageWriter>>) {
+    // Each process's pagemap and memory opened once for all its runs.
+    let files: BTreeMap<i32, _> = stores
+        .keys()
+        .map(|&pid| {
+            let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
+            (pid, (pagemap, cr_ebpf_tracee::Mem::open(pid).ok()))
+        })
+        .collect();
+    let (tx, rx) = crossbeam_channel::bounded::<Copied<Chunk>>(pool.current_num_threads() * 4);
+    std::thread::scope(|sc| {
+        let w = sc.spawn(move || {
+            let mut stores: BTreeMap<i32, Option<PageWriter>> =
+                stores.into_iter().map(|(p, s)| (p, Some(s))).collect();
+            let mut out = Vec::new();
+            for (pid, addr, c) in rx {
+                let store = stores.get_mut(&pid).expect("a store per process");
+                let slot = match (c, store.as_mut()) {
+                    (Some((frames, chunk)), Some(w)) => match w.write(&chunk) {
+                        Ok(slot) => Some((frames, slot)),
+                        Err(_) => {
+                            if let Some(w) = store.take() {
+                                w.discard();
+                            }
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                out.push((pid, addr, slot));
+            }
+            (out, stores)
+        });
+        pool.install(|| {
+            work.par_iter().for_each(|&(pid, addr, n)| {
+                let (pagemap, mem) = &files[&pid];
+                let fr = pagemap.as_ref().map(|pm| frames(pm, addr, n));
+                let mut data = vec![0u8; (n * PAGE) as usize];
+                let ok = mem
+                    .as_ref()
+                    .is_some_and(|m| m.read(addr, &mut data).is_ok());
+                cr_ebpf_image::progress::add(n);
+                let c = fr.filter(|_| ok).map(|f| (f, Chunk::of_pages(addr, data)));
+                // A closed channel: the writer is gone, its panic is joined.
+                let _ = tx.send((pid, addr, c));
+            })
+        });
+        drop(tx);
+        w.join().expect("pre-copy writer panicked")
+    })
+}
+
 impl Precopy {
     /// Attaches a tracker to every process of the tree of `root` and copies
-    /// their present private pages on `pool`, in one pass. A process that
-    /// cannot be attached (no uffd-wp, a seccomp filter refusing
-    /// `userfaultfd`, exiting) is left alone: the freeze reads all of it.
-    /// Copies that would take more than `budget` bytes of memory are not
-    /// made at all.
-    pub(crate) fn run(root: i32, pool: &rayon::ThreadPool, budget: u64) -> Self {
+    /// their present private pages on `pool`, in one pass, into a page
+    /// store per process in `staging` (created here, private; removed with
+    /// what is left in it when this is dropped). A process that cannot be
+    /// attached (no uffd-wp, a seccomp filter refusing `userfaultfd`,
+    /// exiting) is left alone: the freeze reads all of it. Nothing is
+    /// copied when `staging` cannot be made.
+    pub(crate) fn run(root: i32, pool: &rayon::ThreadPool, staging: &Path) -> Self {
         let t = Instant::now();
         phase("pre-copying memory while the process runs");
         let mut s = Self {
             procs: BTreeMap::new(),
+            staging: None,
             pages: 0,
             passes: 0,
             took: Duration::ZERO,
         };
-        let mut work = Vec::new();
-        let mut bytes = 0;
-        for pid in freeze::processes(root) {
-            if let Some((p, runs)) = register(pid) {
-                bytes += runs.iter().map(|r| r.1 * PAGE).sum::<u64>();
-                work.extend(runs.into_iter().map(|(a, n)| (pid, a, n)));
-                s.procs.insert(pid, p);
-            }
-        }
-        if bytes > budget {
-            s.procs.clear();
+        if cr_ebpf_image::trust::create_private_dir(staging).is_err() {
             s.took = t.elapsed();
             return s;
         }
+        s.staging = Some(staging.to_path_buf());
+        let mut work = Vec::new();
+        let mut stores = BTreeMap::new();
+        for pid in freeze::processes(root) {
+            let Ok(store) = PageWriter::create_at(&staging.join(format!("pages-{pid}.img"))) else {
+                continue;
+            };
+            if let Some((p, runs)) = register(pid) {
+                work.extend(runs.into_iter().map(|(a, n)| (pid, a, n)));
+                s.procs.insert(pid, p);
+                stores.insert(pid, store);
+            } else {
+                store.discard();
+            }
+        }
+        let bytes: u64 = work.iter().map(|w| w.2 * PAGE).sum();
         cr_ebpf_image::progress::start("pre-copying pages", bytes / PAGE);
-        // Each process's pagemap and memory opened once for all its runs.
-        let files: BTreeMap<i32, _> = s
-            .procs
-            .keys()
-            .map(|&pid| {
-                let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
-                (pid, (pagemap, cr_ebpf_tracee::Mem::open(pid).ok()))
-            })
-            .collect();
-        let copied: Vec<(i32, u64, Option<Copy>)> = pool.install(|| {
-            work.par_iter()
-                .map(|&(pid, addr, n)| {
-                    let (pagemap, mem) = &files[&pid];
-                    let fr = pagemap.as_ref().map(|pm| frames(pm, addr, n));
-                    let mut data = vec![0u8; (n * PAGE) as usize];
-                    let ok = mem
-                        .as_ref()
-                        .is_some_and(|m| m.read(addr, &mut data).is_ok());
-                    cr_ebpf_image::progress::add(n);
-                    let c = fr.filter(|_| ok).map(|frames| Copy { data, frames });
-                    (pid, addr, c)
-                })
-                .collect()
-        });
+        let (copied, stores) = copy_into(pool, &work, stores);
+        for (pid, store) in stores {
+            // A store that failed (a full disk, say) keeps nothing: the
+            // freeze reads that process whole.
+            if let (Some(p), Some(store)) = (s.procs.get_mut(&pid), store) {
+                p.store = Some(store);
+            }
+        }
         // A run that could not be read (unmapped meanwhile, say) makes its
         // whole mapping read while frozen: its other runs are not kept.
         for (pid, addr, c) in &copied {
@@ -260,9 +346,23 @@ impl Precopy {
         }
         for (pid, addr, c) in copied {
             let p = s.procs.get_mut(&pid).expect("registered above");
-            if let Some(c) = c.filter(|_| registration(p, addr).is_some()) {
-                s.pages += c.frames.len() as u64;
-                p.copies.insert(addr, c);
+            let Some((frames, slot)) = c else { continue };
+            if p.store.is_none() {
+                continue;
+            }
+            if registration(p, addr).is_some() {
+                s.pages += frames.len() as u64;
+                let patches = Vec::new();
+                p.copies.insert(
+                    addr,
+                    Copy {
+                        slot,
+                        frames,
+                        patches,
+                    },
+                );
+            } else {
+                p.dropped.push(slot);
             }
         }
         s.passes = 1;
@@ -273,8 +373,9 @@ impl Precopy {
     /// For the frozen process `pid` (started at `start_time`) with
     /// `mappings`: brings its copies up to date (reading, on `pool`, the
     /// pages written or replaced since), then splits the runs it stores,
-    /// `runs`, into those still to be read from it and those taken from
-    /// the copies. Every page is in exactly one of the two.
+    /// `runs`, into those still to be read from it (split for the readers)
+    /// and those its store holds already, to be revised after the freeze
+    /// (see [`Streamed::revise`]). Every page is in exactly one of the two.
     pub(crate) fn take(
         &mut self,
         pool: &rayon::ThreadPool,
@@ -282,13 +383,19 @@ impl Precopy {
         start_time: u64,
         mappings: &[MapEntry],
         runs: &[(u64, u64)],
-    ) -> Split {
+    ) -> (Vec<(u64, u64)>, Option<Streamed>) {
+        let mut split = Vec::new();
         if !self.settle(pool, pid, start_time, mappings) {
-            return (runs.to_vec(), Vec::new());
+            split_runs(runs, &mut split);
+            return (split, None);
         }
         let p = self.procs.get_mut(&pid).expect("settled");
+        let mut keep: BTreeMap<u64, Vec<bool>> = p
+            .copies
+            .iter()
+            .map(|(&a, c)| (a, vec![false; c.frames.len()]))
+            .collect();
         let mut live: Vec<(u64, u64)> = Vec::new();
-        let mut copied = Vec::new();
         for &(start, n) in runs {
             let end = start + n * PAGE;
             let mut x = start;
@@ -297,20 +404,16 @@ impl Precopy {
                     .copies
                     .range(..=x)
                     .next_back()
-                    .map(|(&a, c)| (a, a + c.data.len() as u64))
+                    .map(|(&a, c)| (a, a + c.frames.len() as u64 * PAGE))
                     .filter(|&(_, e)| e > x);
-                match hit {
+                let upto = match hit {
                     Some((a, e)) => {
                         let upto = e.min(end);
-                        if a == x && upto == e {
-                            let c = p.copies.remove(&a).expect("found");
-                            copied.push((a, c.data));
-                        } else {
-                            let c = &p.copies[&a];
-                            copied
-                                .push((x, c.data[(x - a) as usize..(upto - a) as usize].to_vec()));
+                        let k = keep.get_mut(&a).expect("a copy");
+                        for i in (x - a) / PAGE..(upto - a) / PAGE {
+                            k[i as usize] = true;
                         }
-                        x = upto;
+                        upto
                     }
                     None => {
                         let next = p.copies.range(x..).next().map_or(end, |(&a, _)| a);
@@ -319,14 +422,28 @@ impl Precopy {
                             Some((s, k)) if *s + *k * PAGE == x => *k += (upto - x) / PAGE,
                             _ => live.push((x, (upto - x) / PAGE)),
                         }
-                        x = upto;
+                        upto
                     }
-                }
+                };
+                x = upto;
             }
         }
-        let mut split = Vec::new();
         split_runs(&live, &mut split);
-        (split, copied)
+        let mut revisions: Vec<Revision> = std::mem::take(&mut p.copies)
+            .into_iter()
+            .map(|(a, c)| Revision {
+                slot: c.slot,
+                keep: keep.remove(&a).expect("a copy"),
+                patches: c.patches,
+            })
+            .collect();
+        revisions.extend(p.dropped.drain(..).map(|slot| Revision {
+            slot,
+            keep: Vec::new(),
+            patches: Vec::new(),
+        }));
+        let store = p.store.take().expect("settled with a store");
+        (split, Some(Streamed { store, revisions }))
     }
 
     /// Keeps the copies of `pid` that hold what the frozen process holds:
@@ -338,12 +455,13 @@ impl Precopy {
         start_time: u64,
         mappings: &[MapEntry],
     ) -> bool {
-        let Some(p) = self.procs.get_mut(&pid) else {
+        let Some(p) = self.procs.get_mut(&pid).filter(|p| p.store.is_some()) else {
             return false;
         };
         // Another process with the same pid, or an execve since: its memory
         // is not what was copied.
         if p.start_time != start_time || p.wp.reopen_pagemap().is_err() {
+            p.discard();
             self.procs.remove(&pid);
             return false;
         }
@@ -377,6 +495,8 @@ fn register(pid: i32) -> Option<(Proc, Vec<(u64, u64)>)> {
         wp,
         registered: BTreeMap::new(),
         copies: BTreeMap::new(),
+        store: None,
+        dropped: Vec::new(),
     };
     let mut work = Vec::new();
     for m in entries.iter().filter(|m| trackable(m)) {

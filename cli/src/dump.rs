@@ -58,10 +58,12 @@ pub struct Args {
     #[arg(long, default_value = "60s", value_parser = crate::args::parse_duration)]
     pub freeze_limit: std::time::Duration,
     /// Read every page while the process is frozen. By default the pages
-    /// are copied while it runs first (a write tracker says which were
-    /// written after their copy: only those are read while frozen), which
-    /// takes memory for the copies (at most half of what is available)
-    /// and makes the freeze short.
+    /// are copied into the image while it runs first (a write tracker says
+    /// which were written after their copy: only those are read while
+    /// frozen, and patched into the image after), which makes the freeze
+    /// short and lets the disk write while the process still runs; the
+    /// copies are made in a private directory next to the image's
+    /// (`.NAME.tmp-PID-precopy`), removed by the dump.
     #[arg(long)]
     pub no_precopy: bool,
     /// Print the report as JSON.

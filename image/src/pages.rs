@@ -38,11 +38,11 @@
 //! starts reading the rest ahead; a store of an older format is read and
 //! checked whole when opened.
 
-use std::{
-    fs::File,
-    io::{BufWriter, Write},
-    path::{Path, PathBuf},
-};
+mod writer;
+
+use std::{fs::File, path::Path};
+
+pub use writer::{Edit, PageWriter};
 
 use crate::{
     file::{self, FileKind, HEADER_LEN},
@@ -56,7 +56,7 @@ pub const MAX_CHUNK_PAGES: u32 = 1024;
 /// A chunk header before format 1.10, without its own checksum.
 const CHUNK_HEADER_OLD: usize = 24;
 /// A chunk header from format 1.10: the old fields and their CRC-32.
-const CHUNK_HEADER: usize = 28;
+pub(crate) const CHUNK_HEADER: usize = 28;
 /// First minor whose chunk headers carry their own checksum.
 const HEADER_CRC_SINCE: u16 = 10;
 /// Bit of a chunk header's page count (format 1.12): the pages follow as
@@ -64,6 +64,14 @@ const HEADER_CRC_SINCE: u16 = 10;
 pub const RAW: u32 = 1 << 31;
 /// First minor whose chunks may be stored as they are ([`RAW`]).
 const RAW_SINCE: u16 = 12;
+/// A chunk header's page count that marks padding (format 1.13): no
+/// pages; its length field gives the bytes that follow and are skipped
+/// (what was written there before the dump found it out of date).
+pub const PAD: u32 = 1 << 30;
+/// First minor whose stores may hold padding ([`PAD`]).
+const PAD_SINCE: u16 = 13;
+/// Magic of `pages.idx`.
+const INDEX_MAGIC: &[u8; 8] = b"CRPIDX01";
 /// Bytes of a large chunk compressed first, at its start and its middle,
 /// to tell whether it compresses at all.
 const SAMPLE: usize = 32 << 10;
@@ -139,132 +147,6 @@ impl Chunk {
             raw_crc: crc,
             stored_raw: true,
         }
-    }
-}
-
-/// Streams chunks into `pages.img`.
-pub struct PageWriter {
-    path: PathBuf,
-    out: BufWriter<File>,
-    crc: crc32fast::Hasher,
-    len: u64,
-    pages: u64,
-    /// Every chunk header written, for `pages.idx`.
-    headers: Vec<u8>,
-    /// Bytes of the file already sent to the disk by [`Self::kick`].
-    kicked: u64,
-}
-
-/// Bytes handed to the kernel after which their write-back is started.
-const KICK_BYTES: u64 = 8 << 20;
-
-/// Magic of `pages.idx`.
-const INDEX_MAGIC: &[u8; 8] = b"CRPIDX01";
-
-impl PageWriter {
-    /// Creates `pages.img` in `dir`.
-    pub fn create(dir: &Path) -> Result<Self, ImageError> {
-        let path = dir.join(crate::PAGES_FILE);
-        let mut f =
-            crate::trust::create_private_file(&path).map_err(file::io(&path, "creating"))?;
-        // Placeholder; the real header is written by finish().
-        f.write_all(&[0u8; HEADER_LEN])
-            .map_err(file::io(&path, "writing"))?;
-        Ok(Self {
-            out: BufWriter::with_capacity(1 << 20, f),
-            path,
-            crc: crc32fast::Hasher::new(),
-            len: 0,
-            pages: 0,
-            headers: Vec::new(),
-            kicked: 0,
-        })
-    }
-
-    /// Appends a chunk.
-    pub fn write(&mut self, c: &Chunk) -> Result<(), ImageError> {
-        let mut h = [0u8; CHUNK_HEADER];
-        h[0..8].copy_from_slice(&c.vaddr.to_le_bytes());
-        let count = if c.stored_raw {
-            c.npages | RAW
-        } else {
-            c.npages
-        };
-        h[8..12].copy_from_slice(&count.to_le_bytes());
-        h[12..16].copy_from_slice(&(c.data.len() as u32).to_le_bytes());
-        h[16..20].copy_from_slice(&c.crc.to_le_bytes());
-        h[20..24].copy_from_slice(&c.raw_crc.to_le_bytes());
-        let hcrc = crc32fast::hash(&h[..24]);
-        h[24..28].copy_from_slice(&hcrc.to_le_bytes());
-        self.crc.update(&h);
-        self.crc.update(&c.data);
-        self.headers.extend_from_slice(&h);
-        let path = self.path.display().to_string();
-        self.out
-            .write_all(&h)
-            .and_then(|()| self.out.write_all(&c.data))
-            .map_err(|source| ImageError::Io {
-                path,
-                what: "writing",
-                source,
-            })?;
-        self.len += (CHUNK_HEADER + c.data.len()) as u64;
-        self.pages += c.npages as u64;
-        self.kick();
-        Ok(())
-    }
-
-    /// Starts writing back what the kernel holds of the store once
-    /// [`KICK_BYTES`] more are there, so that the disk works while chunks
-    /// are still made and the final fsync finds little left to write (a
-    /// 1 GiB store otherwise reached the disk only in `finish`).
-    fn kick(&mut self) {
-        use std::os::fd::AsRawFd as _;
-        // In the kernel: what was written minus what the buffer holds.
-        let handed = HEADER_LEN as u64 + self.len - self.out.buffer().len() as u64;
-        if handed < self.kicked + KICK_BYTES {
-            return;
-        }
-        // SAFETY: a plain syscall on the descriptor `out` owns; it only
-        // starts write-back of the range. Advice: a failure changes
-        // nothing, the fsync in `finish` writes whatever is left.
-        unsafe {
-            libc::sync_file_range(
-                self.out.get_ref().as_raw_fd(),
-                self.kicked as i64,
-                (handed - self.kicked) as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        self.kicked = handed;
-    }
-
-    /// Writes the header and fsyncs. Returns (pages, bytes on disk).
-    pub fn finish(self) -> Result<(u64, u64), ImageError> {
-        let path = self.path.clone();
-        let mut f = self
-            .out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .map_err(file::io(&path, "writing"))?;
-        let payload_crc = self.crc.finalize();
-        file::rewrite_header(&mut f, &path, FileKind::Pages, self.len, payload_crc)?;
-        f.sync_all().map_err(file::io(&path, "syncing"))?;
-        let mut idx = Vec::with_capacity(28 + self.headers.len());
-        idx.extend_from_slice(INDEX_MAGIC);
-        idx.extend_from_slice(&self.len.to_le_bytes());
-        idx.extend_from_slice(&payload_crc.to_le_bytes());
-        idx.extend_from_slice(&((self.headers.len() / CHUNK_HEADER) as u32).to_le_bytes());
-        idx.extend_from_slice(&self.headers);
-        let crc = crc32fast::hash(&idx);
-        idx.extend_from_slice(&crc.to_le_bytes());
-        let ipath = path.with_file_name(crate::PAGES_INDEX_FILE);
-        let mut fi =
-            crate::trust::create_private_file(&ipath).map_err(file::io(&ipath, "creating"))?;
-        fi.write_all(&idx)
-            .and_then(|()| fi.sync_all())
-            .map_err(file::io(&ipath, "writing"))?;
-        Ok((self.pages, self.len + HEADER_LEN as u64 + idx.len() as u64))
     }
 }
 
@@ -427,8 +309,15 @@ impl PageStore {
                 std::os::unix::fs::FileExt::read_exact_at(&f, h, at)
                     .map_err(file::io(&path, "reading"))?;
             }
-            let c = parse_chunk(&*h, header.minor, payload.len() - pos - chunk_header)
-                .map_err(|what| corrupt(at, what))?;
+            let c = match parse_chunk(&*h, header.minor, payload.len() - pos - chunk_header)
+                .map_err(|what| corrupt(at, what))?
+            {
+                Parsed::Chunk(c) => c,
+                Parsed::Pad(len) => {
+                    pos += chunk_header + len;
+                    continue;
+                }
+            };
             let clen = c.clen;
             chunks.push(ChunkRef {
                 offset: HEADER_LEN + pos + chunk_header,
@@ -561,7 +450,7 @@ impl Drop for PageStore {
 /// The chunk a header `h` (of a store of format `minor`, followed by
 /// `left` bytes) describes, its bounds checked (its offset and `indexed`
 /// left to the caller); what is wrong with it otherwise.
-fn parse_chunk(h: &[u8], minor: u16, left: usize) -> Result<ChunkRef, String> {
+fn parse_chunk(h: &[u8], minor: u16, left: usize) -> Result<Parsed, String> {
     let whole = minor < HEADER_CRC_SINCE;
     if !whole && crc32fast::hash(&h[..24]).to_le_bytes() != h[24..28] {
         return Err("chunk header checksum mismatch".into());
@@ -569,6 +458,13 @@ fn parse_chunk(h: &[u8], minor: u16, left: usize) -> Result<ChunkRef, String> {
     let vaddr = u64::from_le_bytes(h[0..8].try_into().expect("8"));
     let count = u32::from_le_bytes(h[8..12].try_into().expect("4"));
     let clen = u32::from_le_bytes(h[12..16].try_into().expect("4")) as usize;
+    if minor >= PAD_SINCE && count == PAD {
+        // Padding: skipped. Nothing else in its header may be set.
+        if vaddr != 0 || h[16..24] != [0; 8] || left < clen {
+            return Err(format!("bad padding of {clen} bytes"));
+        }
+        return Ok(Parsed::Pad(clen));
+    }
     let raw = minor >= RAW_SINCE && count & RAW != 0;
     let npages = if raw { count & !RAW } else { count };
     if npages == 0 || npages > MAX_CHUNK_PAGES || !vaddr.is_multiple_of(PAGE as u64) {
@@ -583,7 +479,7 @@ fn parse_chunk(h: &[u8], minor: u16, left: usize) -> Result<ChunkRef, String> {
     if !fits || left < clen {
         return Err(format!("bad chunk length {clen}"));
     }
-    Ok(ChunkRef {
+    Ok(Parsed::Chunk(ChunkRef {
         vaddr,
         npages,
         offset: 0,
@@ -592,7 +488,15 @@ fn parse_chunk(h: &[u8], minor: u16, left: usize) -> Result<ChunkRef, String> {
         raw_crc: u32::from_le_bytes(h[20..24].try_into().expect("4")),
         indexed: false,
         raw,
-    })
+    }))
+}
+
+/// What a chunk header describes.
+enum Parsed {
+    /// A chunk of pages.
+    Chunk(ChunkRef),
+    /// Padding of this many bytes ([`PAD`]).
+    Pad(usize),
 }
 
 /// The chunk headers `pages.idx` at `path` lists, when it is whole and

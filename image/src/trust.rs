@@ -210,6 +210,7 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)

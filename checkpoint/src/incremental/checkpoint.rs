@@ -430,7 +430,12 @@ fn write(
         }
         let procs = plans
             .iter_mut()
-            .map(|p| (p.pid, &p.live[..], std::mem::take(&mut p.buffered)))
+            .map(|p| pages::ProcessPages {
+                pid: p.pid,
+                live: &p.live[..],
+                buffered: std::mem::take(&mut p.buffered),
+                streamed: None,
+            })
             .collect();
         let (dirs, pages, page_bytes) =
             pages::write_processes(tmp, is_tree, pool, procs, || read_done(freeze))?;

@@ -1,0 +1,177 @@
+//! Page stores revised after they were written (a dump that stored pages
+//! while the process ran): chunks patched in place, replaced, dropped, and
+//! the padding they leave read as nothing.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use cr_ebpf_image::{
+    pages::{Chunk, PageStore, PageWriter, PAGE},
+    PAGES_FILE, PAGES_INDEX_FILE,
+};
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(name: &str) -> TempDir {
+    let d = std::env::temp_dir().join(format!("cr-ebpf-revise-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    TempDir(d)
+}
+
+/// `n` pages that lz4 cannot shrink.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n * PAGE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `n` pages that compress.
+fn text(n: usize, byte: u8) -> Vec<u8> {
+    (0..n * PAGE)
+        .map(|i| byte.wrapping_add((i / 64) as u8))
+        .collect()
+}
+
+/// Every page of the store at `dir`, by address, each chunk checked.
+fn pages_of(dir: &std::path::Path) -> BTreeMap<u64, Vec<u8>> {
+    let store = PageStore::open(dir).unwrap();
+    store
+        .verify()
+        .expect("the payload checksum covers the revised store");
+    let mut all = BTreeMap::new();
+    for c in store.chunks() {
+        let mut out = vec![0u8; c.npages as usize * PAGE];
+        store.decompress_into(c, &mut out).unwrap();
+        for (k, p) in out.chunks(PAGE).enumerate() {
+            let a = c.vaddr + (k * PAGE) as u64;
+            assert!(all.insert(a, p.to_vec()).is_none(), "{a:#x} stored twice");
+        }
+    }
+    all
+}
+
+fn set(expect: &mut BTreeMap<u64, Vec<u8>>, at: u64, bytes: &[u8]) {
+    for (k, p) in bytes.chunks(PAGE).enumerate() {
+        expect.insert(at + (k * PAGE) as u64, p.to_vec());
+    }
+}
+
+/// A store of four chunks, then revised: a chunk stored as it is patched
+/// in place, a compressed one patched (re-made at the end), one with pages
+/// no longer stored (split), one dropped, and one left alone.
+fn write_revised(dir: &std::path::Path) -> BTreeMap<u64, Vec<u8>> {
+    let (a, b, c, d, e) = (
+        noise(8, 1),
+        text(8, 3),
+        noise(4, 2),
+        text(2, 9),
+        noise(1, 5),
+    );
+    let mut w = PageWriter::create(dir).unwrap();
+    let sa = w.write(&Chunk::compress(0x10_0000, &a)).unwrap();
+    let sb = w.write(&Chunk::compress(0x20_0000, &b)).unwrap();
+    let sc = w.write(&Chunk::compress(0x30_0000, &c)).unwrap();
+    let sd = w.write(&Chunk::compress(0x40_0000, &d)).unwrap();
+    w.write(&Chunk::compress(0x50_0000, &e)).unwrap();
+    let new_a3 = noise(1, 77);
+    let new_b1 = text(1, 200);
+    let new_c3 = noise(1, 99);
+    w.revise(sa, &|_| true, &[(3, &new_a3)]).unwrap();
+    w.revise(sb, &|_| true, &[(1, &new_b1)]).unwrap();
+    w.revise(sc, &|k| k == 0 || k == 3, &[(3, &new_c3)])
+        .unwrap();
+    w.revise(sd, &|_| false, &[]).unwrap();
+    let (pages, _) = w.finish().unwrap();
+    let mut expect = BTreeMap::new();
+    set(&mut expect, 0x10_0000, &a);
+    set(&mut expect, 0x10_0000 + 3 * PAGE as u64, &new_a3);
+    set(&mut expect, 0x20_0000, &b);
+    set(&mut expect, 0x20_0000 + PAGE as u64, &new_b1);
+    set(&mut expect, 0x30_0000, &c[..PAGE]);
+    set(&mut expect, 0x30_0000 + 3 * PAGE as u64, &new_c3);
+    set(&mut expect, 0x50_0000, &e);
+    assert_eq!(pages, expect.len() as u64, "pages reported");
+    expect
+}
+
+#[test]
+fn a_revised_store_holds_each_page_once_as_revised() {
+    let d = tempdir("revised");
+    let expect = write_revised(&d.0);
+    assert_eq!(pages_of(&d.0), expect, "with pages.idx");
+    std::fs::remove_file(d.0.join(PAGES_INDEX_FILE)).unwrap();
+    assert_eq!(pages_of(&d.0), expect, "headers walked");
+}
+
+/// The offset of the first padding in the store at `dir`, walking it.
+fn first_pad(b: &[u8]) -> usize {
+    let mut pos = 32;
+    loop {
+        let count = u32::from_le_bytes(b[pos + 8..pos + 12].try_into().unwrap());
+        let len = u32::from_le_bytes(b[pos + 12..pos + 16].try_into().unwrap()) as usize;
+        if count == cr_ebpf_image::pages::PAD {
+            return pos;
+        }
+        pos += 28 + len;
+    }
+}
+
+fn refused(dir: &std::path::Path, edit: impl Fn(&mut Vec<u8>)) -> String {
+    let p = dir.join(PAGES_FILE);
+    let mut b = std::fs::read(&p).unwrap();
+    edit(&mut b);
+    std::fs::write(&p, &b).unwrap();
+    PageStore::open(dir).err().expect("refused").to_string()
+}
+
+fn reseal(b: &mut [u8], at: usize) {
+    let h = crc32fast::hash(&b[at..at + 24]);
+    b[at + 24..at + 28].copy_from_slice(&h.to_le_bytes());
+}
+
+#[test]
+fn padding_is_refused_where_it_cannot_be() {
+    // In a store of format 1.12, which had no padding: a page count out of
+    // bounds.
+    let d = tempdir("pad-old");
+    write_revised(&d.0);
+    std::fs::remove_file(d.0.join(PAGES_INDEX_FILE)).unwrap();
+    let e = refused(&d.0, |b| {
+        b[10..12].copy_from_slice(&12u16.to_le_bytes());
+        let h = crc32fast::hash(&b[0..28]);
+        b[28..32].copy_from_slice(&h.to_le_bytes());
+    });
+    assert!(e.contains("bad chunk"), "{e}");
+    // With an address (its header's checksum made again).
+    let d = tempdir("pad-addr");
+    write_revised(&d.0);
+    std::fs::remove_file(d.0.join(PAGES_INDEX_FILE)).unwrap();
+    let e = refused(&d.0, |b| {
+        let at = first_pad(b);
+        b[at] = 0x10;
+        reseal(b, at);
+    });
+    assert!(e.contains("bad padding"), "{e}");
+    // Longer than what follows it.
+    let d = tempdir("pad-long");
+    write_revised(&d.0);
+    std::fs::remove_file(d.0.join(PAGES_INDEX_FILE)).unwrap();
+    let e = refused(&d.0, |b| {
+        let at = first_pad(b);
+        b[at + 12..at + 16].copy_from_slice(&u32::MAX.to_le_bytes());
+        reseal(b, at);
+    });
+    assert!(e.contains("bad padding"), "{e}");
+}
