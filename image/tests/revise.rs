@@ -85,10 +85,15 @@ fn write_revised(dir: &std::path::Path) -> BTreeMap<u64, Vec<u8>> {
     let sc = w.write(&Chunk::compress(0x30_0000, &c)).unwrap();
     let sd = w.write(&Chunk::compress(0x40_0000, &d)).unwrap();
     w.write(&Chunk::compress(0x50_0000, &e)).unwrap();
+    let new_a0 = noise(1, 55);
     let new_a3 = noise(1, 77);
+    let new_a7 = noise(1, 66);
     let new_b1 = text(1, 200);
     let new_c3 = noise(1, 99);
-    w.revise(sa, &|_| true, &[(3, &new_a3)]).unwrap();
+    // The first and last pages too, one twice (the last patch wins).
+    let stale = noise(1, 44);
+    let patches: [(u32, &[u8]); 4] = [(7, &stale), (3, &new_a3), (0, &new_a0), (7, &new_a7)];
+    w.revise(sa, &|_| true, &patches).unwrap();
     w.revise(sb, &|_| true, &[(1, &new_b1)]).unwrap();
     w.revise(sc, &|k| k == 0 || k == 3, &[(3, &new_c3)])
         .unwrap();
@@ -96,7 +101,9 @@ fn write_revised(dir: &std::path::Path) -> BTreeMap<u64, Vec<u8>> {
     let (pages, _) = w.finish().unwrap();
     let mut expect = BTreeMap::new();
     set(&mut expect, 0x10_0000, &a);
+    set(&mut expect, 0x10_0000, &new_a0);
     set(&mut expect, 0x10_0000 + 3 * PAGE as u64, &new_a3);
+    set(&mut expect, 0x10_0000 + 7 * PAGE as u64, &new_a7);
     set(&mut expect, 0x20_0000, &b);
     set(&mut expect, 0x20_0000 + PAGE as u64, &new_b1);
     set(&mut expect, 0x30_0000, &c[..PAGE]);

@@ -49,6 +49,27 @@ impl Slot {
     }
 }
 
+/// The CRC-32 state of `len` zero bytes (`len` a multiple of the page
+/// size, at most a chunk): from a table made once.
+fn zeros(len: u64) -> crc32fast::Hasher {
+    static TABLE: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    let t = TABLE.get_or_init(|| {
+        let page =
+            crc32fast::Hasher::new_with_initial_len(crc32fast::hash(&[0; PAGE]), PAGE as u64);
+        let mut all = Vec::with_capacity(MAX_CHUNK_PAGES as usize + 1);
+        let mut h = crc32fast::Hasher::new();
+        all.push(h.clone().finalize());
+        for _ in 0..MAX_CHUNK_PAGES {
+            h.combine(&page);
+            all.push(h.clone().finalize());
+        }
+        all
+    });
+    let k = (len / PAGE as u64) as usize;
+    debug_assert!(len.is_multiple_of(PAGE as u64) && k < t.len());
+    crc32fast::Hasher::new_with_initial_len(t[k], len)
+}
+
 /// The header of chunk `c`.
 fn chunk_header(c: &Chunk) -> [u8; CHUNK_HEADER] {
     let count = if c.stored_raw {
@@ -295,28 +316,15 @@ impl PageWriter {
                 chunks: Vec::new(),
             });
         }
+        let raw =
+            u32::from_le_bytes(self.slots[slot].header[8..12].try_into().expect("4")) & RAW != 0;
+        if all && raw {
+            return self.patch_in_place(slot, patches);
+        }
         let (vaddr, mut pages) = self.read_back(slot)?;
         for &(k, b) in patches {
             let at = k as usize * PAGE;
             pages[at..at + PAGE].copy_from_slice(b);
-        }
-        let raw =
-            u32::from_le_bytes(self.slots[slot].header[8..12].try_into().expect("4")) & RAW != 0;
-        if all && raw {
-            let crc = crc32fast::hash(&pages);
-            let writes = patches
-                .iter()
-                .map(|&(k, _)| {
-                    let at = k as usize * PAGE;
-                    (at as u64, pages[at..at + PAGE].to_vec())
-                })
-                .collect();
-            return Ok(Edit::Patch {
-                slot,
-                header: header(vaddr, n | RAW, (n as usize * PAGE) as u32, crc, crc),
-                crc,
-                writes,
-            });
         }
         // What is still stored, in runs.
         let mut chunks = Vec::new();
@@ -334,6 +342,68 @@ impl PageWriter {
             chunks.push(Chunk::compress(vaddr + a as u64, &pages[a..b]));
         }
         Ok(Edit::Replace { slot, chunks })
+    }
+
+    /// The edit of chunk `slot`, stored as it is, that writes `patches`
+    /// in place. Only the pages patched are read back: the chunk's new
+    /// CRC-32 is its old one changed by what the patches change (CRC-32 is
+    /// affine: for messages of one length, crc(a ^ b ^ c) = crc(a) ^ crc(b)
+    /// ^ crc(c); with b the old chunk, a what differs, zeros elsewhere, and
+    /// c all zeros).
+    fn patch_in_place(&self, slot: usize, patches: &[(u32, &[u8])]) -> Result<Edit, ImageError> {
+        let s = &self.slots[slot];
+        if !self.buf.is_empty() || s.pages == 0 {
+            return Err(ImageError::Corrupt {
+                path: self.path.display().to_string(),
+                offset: HEADER_LEN as u64 + s.at,
+                what: "revising padding or an unwritten chunk".into(),
+            });
+        }
+        let mut sorted: Vec<(u32, &[u8])> = patches.to_vec();
+        sorted.sort_by_key(|p| p.0);
+        // The last patch of a page wins.
+        sorted.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                earlier.1 = later.1;
+            }
+            same
+        });
+        let len = s.len;
+        let data_at = HEADER_LEN as u64 + s.at + CHUNK_HEADER as u64;
+        let mut diff = crc32fast::Hasher::new();
+        let mut pos = 0u64;
+        let mut old = vec![0u8; PAGE];
+        let mut writes = Vec::with_capacity(sorted.len());
+        for &(k, new) in &sorted {
+            let at = k as u64 * PAGE as u64;
+            if at + PAGE as u64 > len || new.len() != PAGE {
+                return Err(ImageError::Corrupt {
+                    path: self.path.display().to_string(),
+                    offset: data_at,
+                    what: format!("a patch of page {k} of a chunk of {len} bytes"),
+                });
+            }
+            diff.combine(&zeros(at - pos));
+            self.file
+                .read_exact_at(&mut old, data_at + at)
+                .map_err(file::io(&self.path, "reading back"))?;
+            for (o, n) in old.iter_mut().zip(new) {
+                *o ^= n;
+            }
+            diff.update(&old);
+            pos = at + PAGE as u64;
+            writes.push((at, new.to_vec()));
+        }
+        diff.combine(&zeros(len - pos));
+        let crc = s.data_crc ^ diff.finalize() ^ zeros(len).finalize();
+        let vaddr = u64::from_le_bytes(s.header[0..8].try_into().expect("8"));
+        Ok(Edit::Patch {
+            slot,
+            header: header(vaddr, s.pages | RAW, len as u32, crc, crc),
+            crc,
+            writes,
+        })
     }
 
     /// Carries out an edit [`Self::plan`] made.
