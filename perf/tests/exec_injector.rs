@@ -48,6 +48,16 @@ fn an_injector_is_no_longer_intact_once_the_process_execs() {
             "the process runs another program: the borrowed instructions are gone"
         );
     }
+    // The exec is seen as soon as the new program is named; its libc
+    // (where the instructions are borrowed) is mapped a moment later, and
+    // sleep then sleeps.
+    let stat = format!("/proc/{pid}/stat");
+    while !std::fs::read_to_string(&stat)
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('S')))
+    {
+        assert!(std::time::Instant::now() < deadline, "sleep did not sleep");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(Injector::new(pid).expect("one for sleep").intact());
     let _ = child.kill();
     let _ = child.wait();
