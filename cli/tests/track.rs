@@ -398,6 +398,111 @@ fn execs_during_the_pre_copy_do_not_end_the_tracking() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// Becomes a child subreaper, then registers for expedited membarriers
+/// once told (file `go`), then sleeps; on SIGUSR1 says what the kernel
+/// holds for both.
+const FLAGS: &str = r#"
+import ctypes, os, signal, sys, time
+log, go = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+def say(line):
+    with open(log, "a") as f:
+        f.write(line + "\n")
+def on_usr1(s, f):
+    v = ctypes.c_int(0)
+    libc.prctl(37, ctypes.byref(v), 0, 0, 0)
+    say("subreaper %d membarrier %#x" % (v.value, libc.syscall(324, 1 << 9, 0, 0)))
+signal.signal(signal.SIGUSR1, on_usr1)
+libc.prctl(36, 1, 0, 0, 0)
+say("ready")
+while not os.path.exists(go):
+    time.sleep(0.01)
+say("registered %d" % libc.syscall(324, 1 << 4, 0, 0))
+while True:
+    time.sleep(1)
+"#;
+
+/// Settings only the process can be asked for, which checkpoints reuse
+/// while the log shows no call that changes them: one set before the
+/// tracking is carried over, one changed between two checkpoints is asked
+/// again, and the restore has both.
+#[test]
+fn a_subreaper_and_membarrier_set_while_tracked_are_restored() {
+    let test = "a_subreaper_and_membarrier_set_while_tracked_are_restored";
+    if !root(test) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-flags-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log, go, images) = (dir.join("log"), dir.join("go"), dir.join("images"));
+    let mut py = clean("/usr/bin/python3")
+        .args(["-c", FLAGS])
+        .arg(&log)
+        .arg(&go)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = py.id() as i32;
+    wait_for(&log, "the workload", |ls| ls.first().cloned());
+    let mut track = clean(BIN)
+        .args([
+            "track",
+            "--pid",
+            &pid.to_string(),
+            "--interval",
+            "200ms",
+            "--json",
+        ])
+        .arg("--images-dir")
+        .arg(&images)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(track.stdout.take().unwrap());
+    // Reads reports until `n` more checkpoints were made.
+    let mut checkpoints = |n: usize| {
+        let mut seen = 0;
+        while seen < n {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            let r: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+            seen += usize::from(r.get("seq").is_some());
+        }
+    };
+    // Two checkpoints before the change: the second reuses the answers.
+    checkpoints(2);
+    std::fs::write(&go, "").unwrap();
+    let said = wait_for(&log, "the registration", |ls| {
+        ls.iter().find(|l| l.starts_with("registered")).cloned()
+    });
+    assert_eq!(said, "registered 0", "membarrier registration");
+    checkpoints(2);
+    signal(track.id() as i32, libc::SIGINT);
+    assert!(track.wait().unwrap().success());
+    py.kill().unwrap();
+    let _ = py.wait();
+    let r = Command::new(BIN)
+        .args(["restore", "--detach", "--images-dir"])
+        .arg(&images)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(r.success(), "restore");
+    signal(pid, libc::SIGUSR1);
+    let state = wait_for(&log, "the restored state", |ls| {
+        ls.iter().find(|l| l.starts_with("subreaper")).cloned()
+    });
+    signal(pid, libc::SIGKILL);
+    // Registered for private expedited (bit 4): GET_REGISTRATIONS says so.
+    assert_eq!(state, "subreaper 1 membarrier 0x10");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn spawn_sleep(secs: &str) -> std::process::Child {
     clean("/bin/sleep")
         .arg(secs)

@@ -2,12 +2,14 @@
 //! is a child subreaper (`PR_SET_CHILD_SUBREAPER`) and which membarrier
 //! commands it registered for (`MEMBARRIER_CMD_GET_REGISTRATIONS`), both
 //! recorded and set again in the rebuilt address space (registrations
-//! belong to it). One injected syscall each, every checkpoint: no log shows
-//! them.
+//! belong to it). One injected syscall each, asked again only when the log
+//! shows a `prctl` or `membarrier` call since the checkpoint before (or
+//! knows nothing): neither changes any other way.
 
+use cr_ebpf_common::syscalls as nr;
 use cr_ebpf_image::{ProcessInfo, MEMBARRIER_REGISTRATIONS};
 
-use super::{Phase, ProcessKind, SaveCx};
+use super::{Changes, Phase, ProcessKind, SaveCx};
 use crate::{sys::Sys, RestoreError, SaveError};
 
 /// `PR_SET_CHILD_SUBREAPER`, `PR_GET_CHILD_SUBREAPER`.
@@ -28,7 +30,21 @@ impl ProcessKind for Flags {
         Phase::Process
     }
 
+    fn invalidated_by(&self) -> &'static [u32] {
+        &[nr::PRCTL, nr::MEMBARRIER]
+    }
+
+    fn invalidate(&self, changes: &mut Changes) {
+        changes.prctl = true;
+    }
+
     fn save(&self, cx: &mut SaveCx<'_>, p: &mut ProcessInfo) -> Result<(), SaveError> {
+        if let Some(k) = cx.known.filter(|_| !cx.changes.prctl) {
+            cx.queries.reused += 2;
+            p.child_subreaper = k.process.child_subreaper;
+            p.membarrier = k.process.membarrier;
+            return Ok(());
+        }
         cx.queries.injected += 2;
         let (ret, out) = cx.ask.call_out(libc::SYS_prctl, 8, &|at| {
             [PR_GET_CHILD_SUBREAPER, at, 0, 0, 0, 0]
@@ -73,7 +89,10 @@ impl ProcessKind for Flags {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{process::testing::try_save_with, sys::ask::Scripted};
+    use crate::{
+        process::testing::{save_with, try_save_with},
+        sys::ask::Scripted,
+    };
 
     #[test]
     fn a_subreaper_and_membarrier_registrations_are_recorded_and_set_again() {
@@ -120,5 +139,34 @@ mod tests {
         // A kernel without the query answers an error: nothing to refuse.
         let old = Scripted::default().answer(libc::SYS_prctl, |_| (0, vec![0; 8]));
         try_save_with(&Flags, &old, &me).expect("ENOSYS is not a registration");
+    }
+
+    #[test]
+    fn the_flags_are_reused_until_a_prctl_or_a_membarrier_call() {
+        let asked = Scripted::default()
+            .answer(libc::SYS_prctl, |_| (0, vec![1, 0, 0, 0]))
+            .answer(libc::SYS_membarrier, |_| (0x10, Vec::new()));
+        let (p, q) = save_with(&Flags, &asked, None, &Changes::all());
+        assert_eq!(
+            (p.child_subreaper, p.membarrier, q.injected),
+            (true, 0x10, 2)
+        );
+        let prev = cr_ebpf_image::Manifest {
+            process: p,
+            ..Default::default()
+        };
+        // Nothing asked: a question would find no answer.
+        let (again, q) = save_with(&Flags, &Scripted::default(), Some(&prev), &Changes::none());
+        assert_eq!((again.child_subreaper, again.membarrier), (true, 0x10));
+        assert_eq!((q.injected, q.reused), (0, 2));
+        for call in [nr::PRCTL, nr::MEMBARRIER] {
+            let mut after = Changes::none();
+            crate::process::invalidate(call, &mut after);
+            let quiet = Scripted::default()
+                .answer(libc::SYS_prctl, |_| (0, vec![0; 8]))
+                .answer(libc::SYS_membarrier, |_| (0, Vec::new()));
+            let (p, q) = save_with(&Flags, &quiet, Some(&prev), &after);
+            assert_eq!((p.child_subreaper, p.membarrier, q.injected), (false, 0, 2));
+        }
     }
 }

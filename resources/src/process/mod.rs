@@ -229,7 +229,8 @@ pub struct Changes {
     /// Per-thread state only the thread can be asked for may have changed
     /// (`sigaltstack`, `set_tid_address`, new threads).
     pub thread_state: bool,
-    /// `prctl` settings may have changed.
+    /// `prctl` settings or membarrier registrations may have changed
+    /// (`prctl`, `membarrier`).
     pub prctl: bool,
     /// Address ranges whose mappings' own settings may have changed
     /// (`madvise`, `mlock`, `munlock`, `mseal`, `mmap` with
