@@ -399,8 +399,9 @@ fn execs_during_the_pre_copy_do_not_end_the_tracking() {
 }
 
 /// Becomes a child subreaper, then registers for expedited membarriers
-/// once told (file `go`), then sleeps; on SIGUSR1 says what the kernel
-/// holds for both.
+/// once told (file `go`), then keeps its capabilities across uid changes
+/// (a securebit) once told again (`go2`), then sleeps; on SIGUSR1 says
+/// what the kernel holds for the three.
 const FLAGS: &str = r#"
 import ctypes, os, signal, sys, time
 log, go = sys.argv[1], sys.argv[2]
@@ -411,13 +412,17 @@ def say(line):
 def on_usr1(s, f):
     v = ctypes.c_int(0)
     libc.prctl(37, ctypes.byref(v), 0, 0, 0)
-    say("subreaper %d membarrier %#x" % (v.value, libc.syscall(324, 1 << 9, 0, 0)))
+    say("subreaper %d membarrier %#x securebits %#x" % (
+        v.value, libc.syscall(324, 1 << 9, 0, 0), libc.prctl(27, 0, 0, 0, 0)))
 signal.signal(signal.SIGUSR1, on_usr1)
 libc.prctl(36, 1, 0, 0, 0)
 say("ready")
 while not os.path.exists(go):
     time.sleep(0.01)
 say("registered %d" % libc.syscall(324, 1 << 4, 0, 0))
+while not os.path.exists(go + "2"):
+    time.sleep(0.01)
+say("keeping capabilities %d" % libc.prctl(28, 1 << 4, 0, 0, 0))
 while True:
     time.sleep(1)
 "#;
@@ -427,8 +432,8 @@ while True:
 /// tracking is carried over, one changed between two checkpoints is asked
 /// again, and the restore has both.
 #[test]
-fn a_subreaper_and_membarrier_set_while_tracked_are_restored() {
-    let test = "a_subreaper_and_membarrier_set_while_tracked_are_restored";
+fn a_subreaper_membarrier_and_securebits_set_while_tracked_are_restored() {
+    let test = "a_subreaper_membarrier_and_securebits_set_while_tracked_are_restored";
     if !root(test) {
         return;
     }
@@ -481,6 +486,13 @@ fn a_subreaper_and_membarrier_set_while_tracked_are_restored() {
     });
     assert_eq!(said, "registered 0", "membarrier registration");
     checkpoints(2);
+    // Then a securebit (SECBIT_KEEP_CAPS), by prctl.
+    std::fs::write(dir.join("go2"), "").unwrap();
+    let said = wait_for(&log, "the securebit", |ls| {
+        ls.iter().find(|l| l.starts_with("keeping")).cloned()
+    });
+    assert_eq!(said, "keeping capabilities 0", "PR_SET_SECUREBITS");
+    checkpoints(2);
     signal(track.id() as i32, libc::SIGINT);
     assert!(track.wait().unwrap().success());
     py.kill().unwrap();
@@ -499,7 +511,7 @@ fn a_subreaper_and_membarrier_set_while_tracked_are_restored() {
     });
     signal(pid, libc::SIGKILL);
     // Registered for private expedited (bit 4): GET_REGISTRATIONS says so.
-    assert_eq!(state, "subreaper 1 membarrier 0x10");
+    assert_eq!(state, "subreaper 1 membarrier 0x10 securebits 0x10");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

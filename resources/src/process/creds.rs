@@ -101,19 +101,27 @@ pub fn ours() -> Result<ThreadCreds, RestoreError> {
     Ok(c)
 }
 
-/// The credentials and seccomp state of the stopped thread `t` of `pid`.
-/// A filter cr-ebpf cannot read, or with flags it cannot set again, is
-/// refused.
-pub fn save(pid: i32, injector: &Injector, t: &Tracee) -> Result<ThreadCreds, SaveError> {
+/// The credentials and seccomp state of the stopped thread `t` of `pid`
+/// (its securebits asked unless `securebits` gives them). A filter cr-ebpf
+/// cannot read, or with flags it cannot set again, is refused.
+pub fn save(
+    pid: i32,
+    injector: &Injector,
+    t: &Tracee,
+    securebits: Option<u32>,
+) -> Result<ThreadCreds, SaveError> {
     let tid = t.tid();
     let path = format!("/proc/{pid}/task/{tid}/status");
     let status = Status::of_thread(pid, tid).map_err(proc_err(pid, path.clone()))?;
     let loginuid = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/loginuid")).ok();
     let mut c = from_status(&status, loginuid.as_deref()).map_err(proc_err(pid, path))?;
     let refuse = |what: String| SaveError::NotSupported { pid, what };
-    let bits = injector
-        .call(t, libc::SYS_prctl, [PR_GET_SECUREBITS, 0, 0, 0, 0, 0])
-        .map_err(|source| SaveError::Trace { pid, source })?;
+    let bits = match securebits {
+        Some(b) => i64::from(b),
+        None => injector
+            .call(t, libc::SYS_prctl, [PR_GET_SECUREBITS, 0, 0, 0, 0, 0])
+            .map_err(|source| SaveError::Trace { pid, source })?,
+    };
     c.securebits = u32::try_from(bits).map_err(|_| {
         refuse(format!(
             "securebits of thread {tid} that cannot be read ({bits})"

@@ -53,6 +53,7 @@ pub fn save_thread(
     injector: &Injector,
     t: &Tracee,
     before: Option<&ThreadInfo>,
+    securebits: Option<u32>,
     queries: &mut Queries,
 ) -> Result<ThreadInfo, SaveError> {
     let trace = |source| SaveError::Trace { pid, source };
@@ -89,10 +90,15 @@ pub fn save_thread(
         }
     };
     let tid = t.tid();
-    // Credentials are read again every time (PR_GET_SECUREBITS injected):
-    // the log does not cover every call that changes them.
-    let creds = super::creds::save(pid, injector, t)?;
-    queries.injected += 1;
+    // Credentials are read again every time (the log does not cover every
+    // call that changes them); securebits, which only `prctl` changes (and
+    // an exec), are asked (PR_GET_SECUREBITS injected) unless `securebits`
+    // still holds.
+    let creds = super::creds::save(pid, injector, t, securebits)?;
+    match securebits {
+        Some(_) => queries.reused += 1,
+        None => queries.injected += 1,
+    }
     let sched = super::scheduling::save_sched(pid, tid)?;
     Ok(ThreadInfo {
         tid,
@@ -129,7 +135,12 @@ pub fn save_threads(
             let before = prev
                 .filter(|_| !changes.thread_state && !changes.unknown)
                 .and_then(|p| p.threads.iter().find(|x| x.tid == t.tid()));
-            save_thread(pid, injector, t, before, queries)
+            // The same thread (no thread came or went since) and no prctl.
+            let securebits = before
+                .filter(|_| !changes.prctl)
+                .and_then(|b| b.creds.as_ref())
+                .map(|c| c.securebits);
+            save_thread(pid, injector, t, before, securebits, queries)
         })
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(what) = super::creds::check_sharing(&all) {
