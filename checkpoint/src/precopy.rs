@@ -290,8 +290,8 @@ fn copy_into(
 impl Precopy {
     /// Attaches a tracker to every process of the tree of `root` and copies
     /// their present private pages on `pool`, in one pass, into a page
-    /// store per process in `staging` (created here, private; removed with
-    /// what is left in it when this is dropped). A process that cannot be
+    /// store per process in `staging` (created here, private, and must not
+    /// exist; removed with what is left in it when this is dropped). A process that cannot be
     /// attached (no uffd-wp, a seccomp filter refusing `userfaultfd`,
     /// exiting) is left alone: the freeze reads all of it. Nothing is
     /// copied when `staging` cannot be made.
@@ -305,7 +305,13 @@ impl Precopy {
             passes: 0,
             took: Duration::ZERO,
         };
-        if cr_ebpf_image::trust::create_private_dir(staging).is_err() {
+        // Made here and now, never one that exists (another user's, planted
+        // with links where the stores go); none, no pre-copy.
+        let made = {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new().mode(0o700).create(staging)
+        };
+        if made.is_err() {
             s.took = t.elapsed();
             return s;
         }

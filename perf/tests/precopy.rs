@@ -53,3 +53,37 @@ fn a_dump_of_a_process_rewriting_dropping_and_moving_its_memory_restores_it_exac
     }
     assert!(precopied > 0, "pre-copy took no page");
 }
+
+/// The pre-copy makes its stores in a directory of its own next to the
+/// image's, made then: one that is there already (another user's, with a
+/// link where a store would go) is neither used nor removed, and the dump
+/// goes on without pre-copy.
+#[test]
+fn a_planted_pre_copy_directory_is_not_used() {
+    if !cr_ebpf_perf::privileged("a_planted_pre_copy_directory_is_not_used") {
+        return;
+    }
+    use std::os::unix::fs::symlink;
+    let s = Scratch::new("precopy-planted");
+    let log = s.0.join("log");
+    let mut w = spawn_clean(Command::new(CHURN).arg(&log).arg("256"));
+    let pid = w.id() as i32;
+    let _g = KillOnDrop(pid);
+    wait_line(&log, 0, "ready");
+    let victim = s.0.join("victim");
+    std::fs::write(&victim, "untouched").unwrap();
+    let planted = s.0.join(format!(".img.tmp-{}-precopy", std::process::id()));
+    std::fs::create_dir(&planted).unwrap();
+    symlink(&victim, planted.join(format!("pages-{pid}.img"))).unwrap();
+    let img = s.0.join("img");
+    let r = dump(pid, &img, &DumpOptions::default()).expect("dump");
+    assert_eq!(r.precopied, 0, "no pre-copy into a directory found there");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    assert!(
+        planted.join(format!("pages-{pid}.img")).is_symlink(),
+        "left as found"
+    );
+    let _ = w.wait();
+    let back = restore(&img, &RestoreOptions::default()).expect("restore");
+    stop(back.pid);
+}
