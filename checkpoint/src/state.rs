@@ -57,6 +57,14 @@ pub(crate) fn collect(
     allow: Allow,
 ) -> Result<State, DumpError> {
     let pid = frozen.pid();
+    // Read from /proc and the cgroup file systems alone: on a thread of its
+    // own while the rest is collected (joined before the process runs).
+    let mut cgroups = CgroupsRead(
+        std::thread::Builder::new()
+            .name("cgroups".into())
+            .spawn(move || process::cgroup::record(pid))
+            .ok(),
+    );
     let trace = |source| DumpError::Trace { pid, source };
     let mut queries = Queries::default();
     let maps_path = format!("/proc/{pid}/maps");
@@ -180,6 +188,7 @@ pub(crate) fn collect(
             .iter()
             .find(|m| m.kind() == MappingKind::Heap)
             .map(|m| m.end),
+        cgroups: cgroups.take(),
     };
     process::save(&mut cx, &mut info)?;
     Ok(State {
@@ -195,6 +204,27 @@ pub(crate) fn collect(
         pagemap,
         queries,
     })
+}
+
+/// The thread reading a process's cgroups during its collection: joined
+/// when taken, or when dropped (an early error), so that nothing of it (a
+/// hierarchy it mounted for the read) outlives the collection.
+struct CgroupsRead(
+    Option<
+        std::thread::JoinHandle<Result<process::cgroup::Recorded, cr_ebpf_resources::SaveError>>,
+    >,
+);
+
+impl CgroupsRead {
+    fn take(&mut self) -> Option<Result<process::cgroup::Recorded, cr_ebpf_resources::SaveError>> {
+        Some(self.0.take()?.join().expect("the cgroups thread panicked"))
+    }
+}
+
+impl Drop for CgroupsRead {
+    fn drop(&mut self) {
+        let _ = self.take();
+    }
 }
 
 impl State {

@@ -151,6 +151,7 @@ pub(super) fn warm_up(pid: i32, together: &[i32]) -> Result<(Manifest, WarmUp), 
             .iter()
             .find(|m| m.kind() == cr_ebpf_image::MappingKind::Heap)
             .map(|m| m.end),
+        cgroups: None,
     };
     process::save(&mut cx, &mut info)?;
     let (stops, worst_stop) = ask.stops.get();

@@ -130,6 +130,9 @@ pub struct SaveCx<'a> {
     /// Take a shell job (`dump --shell-job`): a session and controlling
     /// terminal outside the checkpoint become the restorer's at restore.
     pub shell_job: bool,
+    /// Its cgroups, read already on another thread while the process was
+    /// frozen ([`cgroup::record`]); `None`: read when their kind is saved.
+    pub cgroups: Option<Result<cgroup::Recorded, SaveError>>,
 }
 
 impl SaveCx<'_> {
@@ -180,6 +183,7 @@ pub(crate) mod testing {
             brk: None,
             together: &together,
             shell_job: false,
+            cgroups: None,
         };
         kind.save(&mut cx, &mut p).unwrap();
         (p, queries)
@@ -204,6 +208,7 @@ pub(crate) mod testing {
             brk: None,
             together,
             shell_job: false,
+            cgroups: None,
         };
         kind.save(&mut cx, &mut p).map(|()| p)
     }

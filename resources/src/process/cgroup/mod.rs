@@ -52,45 +52,13 @@ impl ProcessKind for Cgroups {
     }
 
     fn save(&self, cx: &mut SaveCx<'_>, p: &mut ProcessInfo) -> Result<(), SaveError> {
-        let pid = cx.pid;
-        let read = |path: String| {
-            let text = std::fs::read_to_string(&path).map_err(proc_err(pid, path.clone()))?;
-            parse(&text).ok_or_else(|| cx.refuse(format!("an unreadable {path}: {text:?}")))
+        let r = match cx.cgroups.take() {
+            Some(read) => read?,
+            None => record(cx.pid)?,
         };
-        let own = read(format!("/proc/{pid}/cgroup"))?;
-        let mut threads = Vec::new();
-        let dir = format!("/proc/{pid}/task");
-        for e in std::fs::read_dir(&dir).map_err(proc_err(pid, dir.clone()))? {
-            let e = e.map_err(proc_err(pid, dir.clone()))?;
-            let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if tid == pid {
-                continue;
-            }
-            for c in read(format!("{dir}/{tid}/cgroup"))? {
-                if !own.contains(&c) {
-                    threads.push((tid, c));
-                }
-            }
-        }
-        let mut ms = our_mounts();
-        let mut mounted = Mounted::default();
-        for c in own.iter().chain(threads.iter().map(|(_, c)| c)) {
-            if mount_of(&ms, &c.controllers).is_none() {
-                let m = mount_hierarchy(&c.controllers).map_err(|e| cx.refuse(e.to_string()))?;
-                mounted.0.push(m.dir.clone());
-                ms.push(m);
-            }
-        }
-        let ours = std::fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|t| parse(&t))
-            .unwrap_or_default();
-        let all: Vec<&Cgroup> = own.iter().chain(threads.iter().map(|(_, c)| c)).collect();
-        p.cgroup_dirs = dirs::record(&all, &ms, &ours).map_err(|what| cx.refuse(what))?;
-        p.membership.cgroups = own;
-        p.membership.thread_cgroups = threads;
+        p.cgroup_dirs = r.dirs;
+        p.membership.cgroups = r.cgroups;
+        p.membership.thread_cgroups = r.threads;
         Ok(())
     }
 
@@ -99,6 +67,65 @@ impl ProcessKind for Cgroups {
         // (`Placement::enter`), before it makes children of its own.
         Ok(())
     }
+}
+
+/// What [`Cgroups`] records of a process. All of it is read from `/proc`
+/// and the cgroup file systems, nothing asked of the process: a checkpoint
+/// reads it on a thread of its own while it collects the rest of the frozen
+/// process ([`SaveCx::cgroups`]).
+#[derive(Debug)]
+pub struct Recorded {
+    cgroups: Vec<Cgroup>,
+    threads: Vec<(i32, Cgroup)>,
+    dirs: Vec<cr_ebpf_image::CgroupDir>,
+}
+
+/// The cgroups of process `pid` and of its threads that live apart, and
+/// the cgroup directories ([`dirs::record`]).
+pub fn record(pid: i32) -> Result<Recorded, SaveError> {
+    let refuse = |what: String| SaveError::NotSupported { pid, what };
+    let read = |path: String| {
+        let text = std::fs::read_to_string(&path).map_err(proc_err(pid, path.clone()))?;
+        parse(&text).ok_or_else(|| refuse(format!("an unreadable {path}: {text:?}")))
+    };
+    let own = read(format!("/proc/{pid}/cgroup"))?;
+    let mut threads = Vec::new();
+    let dir = format!("/proc/{pid}/task");
+    for e in std::fs::read_dir(&dir).map_err(proc_err(pid, dir.clone()))? {
+        let e = e.map_err(proc_err(pid, dir.clone()))?;
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if tid == pid {
+            continue;
+        }
+        for c in read(format!("{dir}/{tid}/cgroup"))? {
+            if !own.contains(&c) {
+                threads.push((tid, c));
+            }
+        }
+    }
+    let mut ms = our_mounts();
+    let mut mounted = Mounted::default();
+    for c in own.iter().chain(threads.iter().map(|(_, c)| c)) {
+        if mount_of(&ms, &c.controllers).is_none() {
+            let m = mount_hierarchy(&c.controllers).map_err(|e| refuse(e.to_string()))?;
+            mounted.0.push(m.dir.clone());
+            ms.push(m);
+        }
+    }
+    let ours = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| parse(&t))
+        .unwrap_or_default();
+    let all: Vec<&Cgroup> = own.iter().chain(threads.iter().map(|(_, c)| c)).collect();
+    let dirs = dirs::record(&all, &ms, &ours).map_err(refuse)?;
+    drop(mounted);
+    Ok(Recorded {
+        cgroups: own,
+        threads,
+        dirs,
+    })
 }
 
 /// A mounted cgroup hierarchy.
