@@ -381,6 +381,9 @@ fn restore_single(
     let lazy = natives.lazy_fill.lock().expect("not poisoned").take();
     drop(natives);
     let (pid, pages, fill) = release::release(ready).map_err(|e| e.in_process(pid))?;
+    if let Some(l) = &lazy {
+        l.go();
+    }
     clock.mark("resume");
     Ok((pid, pages, fill, made, lazy))
 }

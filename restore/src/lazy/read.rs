@@ -1,0 +1,165 @@
+//! Loading the chunks of a lazy restore from the page store: what the
+//! process touches first, read all at once before it runs, and the
+//! background stream of every other chunk, read and checked ahead by as
+//! many threads as cores.
+//!
+//! A chunk stored as it is (random data, most of a process's memory that
+//! lz4 cannot shrink) is not copied out: its checksum is checked where it
+//! lies in the page store's mapping, and `UFFDIO_COPY` copies it from there
+//! into the process, the one copy the plain restore makes too.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    mpsc::{Receiver, SyncSender},
+    Arc,
+};
+
+use cr_ebpf_image::{chain::Fill, Chain, Manifest};
+
+use crate::RestoreError;
+
+const PAGE: u64 = 4096;
+
+/// A chunk's pages, loaded and checked: copied out (decompressed), or
+/// where they lie in the page store's mapping.
+pub(super) enum Data {
+    Owned(Vec<u8>),
+    /// Address and length of the whole chunk's pages inside the mapping of
+    /// a page store of the chain the server holds.
+    InStore(usize, usize),
+}
+
+impl Data {
+    /// The bytes. `_chain` must be the chain the data was loaded from: it
+    /// keeps the page store's mapping alive while the bytes are used.
+    pub(super) fn bytes<'a>(&'a self, _chain: &'a Chain) -> &'a [u8] {
+        match self {
+            Data::Owned(v) => v,
+            // SAFETY: the range was a slice of a page store's read-only
+            // mapping, which lives as long as `_chain` (borrowed for 'a).
+            Data::InStore(p, n) => unsafe { std::slice::from_raw_parts(*p as *const u8, *n) },
+        }
+    }
+}
+
+/// Loads fill `f`'s chunk (its disk read started first, exactly its
+/// bytes), checking its checksums.
+pub(super) fn load(chain: &Chain, f: &Fill) -> Result<Data, String> {
+    chain.will_need(f);
+    if let Some(d) = chain.pages_in_place(f)? {
+        return Ok(Data::InStore(d.as_ptr() as usize, d.len()));
+    }
+    let mut buf = Vec::new();
+    chain.read(f, &mut buf, |_, _| Ok::<(), String>(()), |e| e)?;
+    buf.truncate(f.chunk.npages as usize * PAGE as usize);
+    Ok(Data::Owned(buf))
+}
+
+/// Largest lazy mapping loaded whole before the process runs.
+const SMALL: u64 = 1 << 20;
+
+/// The addresses loaded before the process runs: what each thread touches
+/// first (its stack and thread area, its rseq area, robust list and child
+/// tid word, which the restorer's last steps touch too) and every piece of
+/// the small mappings among the lazy ones (heap, the libraries' zeroed
+/// data, stacks: a few hundred KiB that a process touches as it resumes).
+pub(crate) fn hot_addresses(m: &Manifest, chain: &Chain, lazy: &[usize]) -> Vec<u64> {
+    let mut hot = Vec::new();
+    for t in &m.threads {
+        if let Some(r) = cr_ebpf_tracee::regs::from_bytes(&t.regs) {
+            hot.extend([r.rsp, r.fs_base]);
+        }
+        hot.extend([t.rseq.0, t.robust_list.0, t.clear_child_tid]);
+    }
+    let small: Vec<(u64, u64)> = super::lazy_ranges(m)
+        .into_iter()
+        .filter(|&(s, e)| e - s <= SMALL)
+        .collect();
+    for &i in lazy {
+        let f = &chain.fills()[i];
+        if super::is_lazy(&small, f) {
+            hot.extend(
+                f.pieces
+                    .iter()
+                    .map(|&(first, _)| f.chunk.vaddr + first as u64 * PAGE),
+            );
+        }
+    }
+    hot.retain(|&a| a != 0);
+    hot.sort_unstable();
+    hot.dedup();
+    hot
+}
+
+/// Whether fill `f` holds the page at `a`.
+pub(super) fn holds(f: &Fill, a: u64) -> bool {
+    f.chunk.vaddr <= a && a < f.chunk.vaddr + f.chunk.npages as u64 * PAGE
+}
+
+/// Starts the disk reads of `eager` (filled before the process runs) and
+/// of the chunks among `lazy` holding the `hot` addresses, all at once:
+/// the few reads a process needs before it runs overlap instead of
+/// waiting one after the other.
+pub(crate) fn prefetch<'a>(
+    chain: &Chain,
+    eager: impl Iterator<Item = &'a Fill>,
+    lazy: &[usize],
+    hot: &[u64],
+) {
+    for f in eager {
+        chain.will_need(f);
+    }
+    for &i in lazy {
+        let f = &chain.fills()[i];
+        if hot.iter().any(|&a| holds(f, a)) {
+            chain.will_need(f);
+        }
+    }
+}
+
+/// What a reader sends: the fill, and its data or `None` when it is
+/// damaged (the server reads it again, which says how).
+pub(super) type Loaded = (usize, Option<Data>);
+
+/// Starts the readers of `order`, in order, as many as cores: a cold page
+/// store reads faster with several requests in flight. Each starts the
+/// read of the chunk after its own too.
+pub(super) fn spawn_readers(
+    chain: &Arc<Chain>,
+    order: &[usize],
+    tx: &SyncSender<Loaded>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, RestoreError> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let readers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let order: Arc<[usize]> = order.into();
+    let mut ahead = Vec::new();
+    for i in 0..readers {
+        let (chain, order, next, tx) = (chain.clone(), order.clone(), next.clone(), tx.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("lazy-read-{i}"))
+            .spawn(move || loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&f) = order.get(k) else { return };
+                let fills = chain.fills();
+                if let Some(&g) = order.get(k + readers) {
+                    chain.will_need(&fills[g]);
+                }
+                let data = load(&chain, &fills[f]).ok();
+                if tx.send((f, data)).is_err() {
+                    return;
+                }
+            })
+            .map_err(|e| RestoreError::stub(format!("starting a lazy read thread: {e}")))?;
+        ahead.push(h);
+    }
+    Ok(ahead)
+}
+
+/// Drains `rx` (so that readers blocked on a full channel end) and joins
+/// the readers.
+pub(super) fn stop_readers(rx: Receiver<Loaded>, readers: Vec<std::thread::JoinHandle<()>>) {
+    drop(rx);
+    for h in readers {
+        let _ = h.join();
+    }
+}
