@@ -336,24 +336,6 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
     let eager =
         |f: &&cr_ebpf_image::chain::Fill| !f.is_shmem() && !crate::lazy::is_lazy(&lazy_ranges, f);
     let own: u64 = chain.fills().iter().filter(eager).map(|f| f.pages()).sum();
-    let lazy: Vec<usize> = match &b.natives.lazy {
-        Some(_) => (0..chain.fills().len())
-            .filter(|&i| {
-                let f = &chain.fills()[i];
-                !f.is_shmem() && crate::lazy::is_lazy(&lazy_ranges, f)
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    let hot = match &b.natives.lazy {
-        // What must be read before the process runs, read all at once.
-        Some(_) => {
-            let hot = crate::lazy::hot_addresses(b.m, chain, &lazy);
-            crate::lazy::prefetch(chain, chain.fills().iter().filter(eager), &lazy, &hot);
-            hot
-        }
-        None => Vec::new(),
-    };
     cr_ebpf_image::progress::start("filling memory", own);
     pool.install(|| {
         chain
@@ -380,6 +362,8 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
             })
     })?;
     if let Some(shared) = &b.natives.lazy {
+        let lazy = crate::lazy::lazy_fills(chain, &lazy_ranges);
+        let hot = crate::lazy::hot_addresses(b.m, chain, &lazy);
         let s = b.s;
         let uffd = crate::lazy::take_uffd(got, |name, nr, args| s.call(name, nr, args))?;
         crate::lazy::register(&uffd, &lazy_ranges)?;

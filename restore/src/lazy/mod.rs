@@ -32,6 +32,7 @@
 use std::{
     collections::BTreeMap,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::mpsc::Receiver,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -72,6 +73,17 @@ pub(crate) fn lazy_ranges(m: &Manifest) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// The fills of `chain` loaded lazily (in `ranges`), as indices into
+/// `chain.fills()`, in order.
+pub(crate) fn lazy_fills(chain: &Chain, ranges: &[(u64, u64)]) -> Vec<usize> {
+    (0..chain.fills().len())
+        .filter(|&i| {
+            let f = &chain.fills()[i];
+            !f.is_shmem() && is_lazy(ranges, f)
+        })
+        .collect()
+}
+
 /// Whether `f` lies in one of `ranges` (sorted), so it is loaded lazily.
 pub(crate) fn is_lazy(ranges: &[(u64, u64)], f: &Fill) -> bool {
     let (s, e) = (f.chunk.vaddr, f.chunk.vaddr + f.chunk.npages as u64 * PAGE);
@@ -94,6 +106,9 @@ pub struct LazyReport {
 
 type Handle = std::thread::JoinHandle<Result<LazyReport, RestoreError>>;
 
+/// Where the fill thread says whether the guardian started.
+type Guarded = Receiver<Result<(), RestoreError>>;
+
 /// The fill of a lazily restored process, running in a thread of its own.
 #[derive(Clone)]
 pub struct LazyFill {
@@ -101,6 +116,8 @@ pub struct LazyFill {
     /// Write end of the pipe whose closing lets the background copy start
     /// (see [`LazyFill::go`]).
     go: Arc<std::sync::Mutex<Option<OwnedFd>>>,
+    /// Says once whether the guardian started (see [`LazyFill::guarded`]).
+    guarded: Arc<std::sync::Mutex<Option<Guarded>>>,
 }
 
 impl std::fmt::Debug for LazyFill {
@@ -125,6 +142,20 @@ impl LazyFill {
 }
 
 impl LazyFill {
+    /// Waits until the guardian holds the userfaultfd (it is started by
+    /// the fill thread while the rest of the process is built): the
+    /// process must not run before.
+    pub(crate) fn guarded(&self) -> Result<(), RestoreError> {
+        let rx = self.guarded.lock().expect("not poisoned").take();
+        match rx.map(|rx| rx.recv()) {
+            Some(Ok(r)) => r,
+            // The fill ended first: its error says why.
+            _ => Err(self.wait().err().unwrap_or_else(|| {
+                RestoreError::stub("the lazy fill ended before its guardian started")
+            })),
+        }
+    }
+
     /// The process runs: the background copy of every page may start.
     /// Until then only faults are answered (the restorer's own, on the
     /// pages it touches while it builds the process), so that the build
@@ -152,6 +183,8 @@ struct Server {
     report: LazyReport,
     /// Holds duplicates of the userfaultfds until every page is in.
     guard: Option<guard::Guard>,
+    /// Where the start of the guardian is reported.
+    guarded: Option<std::sync::mpsc::Sender<Result<(), RestoreError>>>,
     /// Pages due when it started (what a progress bar counts to).
     due_pages: u64,
 }
@@ -182,8 +215,8 @@ pub(crate) fn start(
             due.insert(a, (a, n as u64));
         }
     }
-    let guard = guard::Guard::start(pid, &uffd)?;
     let due_pages = due.values().map(|&(_, n)| n).sum();
+    let (guarded_tx, guarded_rx) = std::sync::mpsc::channel();
     let mut p = [0; 2];
     // SAFETY: `p` has room for the two descriptors.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -208,7 +241,8 @@ pub(crate) fn start(
         go: go_r,
         last_enoent: None,
         report: LazyReport::default(),
-        guard: Some(guard),
+        guard: None,
+        guarded: Some(guarded_tx),
         due_pages,
     };
     let handle = std::thread::Builder::new()
@@ -218,6 +252,7 @@ pub(crate) fn start(
     Ok(LazyFill {
         handle: Arc::new(std::sync::Mutex::new(Some(handle))),
         go: Arc::new(std::sync::Mutex::new(Some(go_w))),
+        guarded: Arc::new(std::sync::Mutex::new(Some(guarded_rx))),
     })
 }
 
@@ -260,10 +295,31 @@ impl Server {
     /// order, by threads of their own while this one copies and answers
     /// faults.
     fn fill(&mut self) -> Result<(), RestoreError> {
+        // The guardian, forked here while the restorer builds the rest of
+        // the process (a fork takes milliseconds), and ready (`guarded`)
+        // before the process runs.
+        let guard = match self.targets.first() {
+            Some(Target {
+                uffd,
+                pid: Some(pid),
+                ..
+            }) => guard::Guard::start(*pid, uffd),
+            _ => Err(RestoreError::stub("the process ended before it ran")),
+        };
         for a in std::mem::take(&mut self.hot) {
             if self.targets.first().is_some_and(|t| t.pid.is_some()) {
                 self.load_around(0, a)?;
             }
+        }
+        let started = guard.and_then(|g| g.ready().map(|()| self.guard = Some(g)));
+        let ok = started.is_ok();
+        if let Some(tx) = self.guarded.take() {
+            let _ = tx.send(started);
+        }
+        if !ok {
+            return Err(RestoreError::stub(
+                "the lazy restore guardian did not start",
+            ));
         }
         // Until the process runs: faults only (the pipe's end says go).
         loop {

@@ -96,25 +96,57 @@ pub(super) fn holds(f: &Fill, a: u64) -> bool {
     f.chunk.vaddr <= a && a < f.chunk.vaddr + f.chunk.npages as u64 * PAGE
 }
 
-/// Starts the disk reads of `eager` (filled before the process runs) and
-/// of the chunks among `lazy` holding the `hot` addresses, all at once:
-/// the few reads a process needs before it runs overlap instead of
-/// waiting one after the other.
-pub(crate) fn prefetch<'a>(
-    chain: &Chain,
-    eager: impl Iterator<Item = &'a Fill>,
-    lazy: &[usize],
-    hot: &[u64],
-) {
-    for f in eager {
-        chain.will_need(f);
-    }
-    for &i in lazy {
-        let f = &chain.fills()[i];
-        if hot.iter().any(|&a| holds(f, a)) {
-            chain.will_need(f);
-        }
-    }
+/// Starts the disk reads of what the process needs before it runs, all at
+/// once and in a thread of its own, so that they overlap with each other
+/// and with the building of the process instead of waiting one after the
+/// other: the chunks filled before it runs (outside the lazy ranges) and
+/// the lazy ones holding a hot address, and the pages of the mapped files
+/// those fills overwrite (a page of a private file mapping is read from
+/// its file before it is written).
+pub(crate) fn prefetch(chain: &Arc<Chain>) {
+    let chain = chain.clone();
+    // Only a hint: without the thread the reads happen when needed.
+    let _ = std::thread::Builder::new()
+        .name("lazy-prefetch".into())
+        .spawn(move || {
+            let m = chain.manifest();
+            let ranges = super::lazy_ranges(m);
+            let lazy = super::lazy_fills(&chain, &ranges);
+            let hot = hot_addresses(m, &chain, &lazy);
+            let mut files: std::collections::BTreeMap<&str, Vec<(u64, u64)>> = Default::default();
+            for (i, f) in chain.fills().iter().enumerate() {
+                let eager = !f.is_shmem() && !super::is_lazy(&ranges, f);
+                if eager || (lazy.binary_search(&i).is_ok() && hot.iter().any(|&a| holds(f, a))) {
+                    chain.will_need(f);
+                }
+                let (s, e) = (f.chunk.vaddr, f.chunk.vaddr + f.chunk.npages as u64 * PAGE);
+                let file = m.mappings.iter().find(|x| {
+                    x.kind == cr_ebpf_image::MappingKind::File && x.start < e && s < x.end
+                });
+                if let (true, Some(x)) = (eager, file) {
+                    let (s, e) = (s.max(x.start), e.min(x.end));
+                    let at = x.offset + (s - x.start);
+                    files.entry(&x.path).or_default().push((at, e - s));
+                }
+            }
+            for (path, ranges) in files {
+                let Ok(file) = std::fs::File::open(path) else {
+                    continue;
+                };
+                for (at, len) in ranges {
+                    use std::os::fd::AsRawFd as _;
+                    // SAFETY: advice on a descriptor of ours.
+                    unsafe {
+                        libc::posix_fadvise(
+                            file.as_raw_fd(),
+                            at as i64,
+                            len as i64,
+                            libc::POSIX_FADV_WILLNEED,
+                        )
+                    };
+                }
+            }
+        });
 }
 
 /// What a reader sends: the fill, and its data or `None` when it is
