@@ -1,9 +1,45 @@
-//! What a lazy restore still has to copy: per process, the runs of pages
-//! due; and where each page of the image lies.
+//! What a lazy restore loads lazily and still has to copy: the mappings
+//! and fills it takes over; per process, the runs of pages due; and where
+//! each page of the image lies.
 
 use std::{collections::BTreeMap, os::fd::OwnedFd};
 
+use cr_ebpf_image::{chain::Fill, Chain, Manifest, MappingKind};
+
 const PAGE: u64 = 4096;
+
+/// The mappings a lazy restore registers: private anonymous memory.
+pub(crate) fn lazy_ranges(m: &Manifest) -> Vec<(u64, u64)> {
+    m.mappings
+        .iter()
+        .filter(|x| {
+            matches!(
+                x.kind,
+                MappingKind::Anon | MappingKind::Heap | MappingKind::Stack
+            ) && x.flags & cr_ebpf_image::MAP_SHARED == 0
+                && x.pages_stored > 0
+        })
+        .map(|x| (x.start, x.end))
+        .collect()
+}
+
+/// The fills of `chain` loaded lazily (in `ranges`), as indices into
+/// `chain.fills()`, in order.
+pub(crate) fn lazy_fills(chain: &Chain, ranges: &[(u64, u64)]) -> Vec<usize> {
+    (0..chain.fills().len())
+        .filter(|&i| {
+            let f = &chain.fills()[i];
+            !f.is_shmem() && is_lazy(ranges, f)
+        })
+        .collect()
+}
+
+/// Whether `f` lies in one of `ranges` (sorted), so it is loaded lazily.
+pub(crate) fn is_lazy(ranges: &[(u64, u64)], f: &Fill) -> bool {
+    let (s, e) = (f.chunk.vaddr, f.chunk.vaddr + f.chunk.npages as u64 * PAGE);
+    let i = ranges.partition_point(|r| r.1 <= s);
+    ranges.get(i).is_some_and(|r| r.0 <= s && e <= r.1)
+}
 
 /// A process whose pages are due: its userfaultfd, its pid (to kill it if
 /// a chunk is damaged) and its pages still to copy: start to (image

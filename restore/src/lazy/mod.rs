@@ -7,11 +7,15 @@
 //! of being filled (file-backed private pages, shared memory and special
 //! mappings are filled as usual). A server thread then answers each fault
 //! with the chunk of the image around it (`UFFDIO_COPY`; a page the image
-//! does not hold is a zero page), and meanwhile copies every other page in
+//! does not hold is a zero page). Before the process runs it copies only
+//! what the process touches first (each thread's stack, thread area and
+//! rseq area, the small mappings whole: `read.rs`, whose disk reads start
+//! as soon as the image is open) and answers the restorer's own faults;
+//! once the process runs ([`LazyFill::go`]) it copies every other page in
 //! the background, the pages of the newest checkpoint of a chain first
-//! (those written last: the working set). Once every page is in, the
-//! descriptors are closed, which unregisters the mappings: holes left are
-//! ordinary untouched memory.
+//! (those written last: the working set), faults always first. Once every
+//! page is in, the descriptors are closed, which unregisters the mappings:
+//! holes left are ordinary untouched memory.
 //!
 //! What the process does to its memory meanwhile is followed through the
 //! events, which the kernel delivers before it goes on (and while one is
@@ -37,7 +41,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cr_ebpf_image::{chain::Fill, Chain, Manifest, MappingKind};
+use cr_ebpf_image::Chain;
 
 use crate::RestoreError;
 
@@ -46,6 +50,7 @@ mod guard;
 mod read;
 mod uffd;
 
+pub(crate) use due::{is_lazy, lazy_fills, lazy_ranges};
 use due::{Index, Target};
 use read::Data;
 pub(crate) use read::{hot_addresses, prefetch};
@@ -57,39 +62,6 @@ use uffd::{
 pub(crate) use uffd::{register, take_uffd};
 
 const PAGE: u64 = 4096;
-
-/// The mappings a lazy restore registers: private anonymous memory.
-pub(crate) fn lazy_ranges(m: &Manifest) -> Vec<(u64, u64)> {
-    m.mappings
-        .iter()
-        .filter(|x| {
-            matches!(
-                x.kind,
-                MappingKind::Anon | MappingKind::Heap | MappingKind::Stack
-            ) && x.flags & cr_ebpf_image::MAP_SHARED == 0
-                && x.pages_stored > 0
-        })
-        .map(|x| (x.start, x.end))
-        .collect()
-}
-
-/// The fills of `chain` loaded lazily (in `ranges`), as indices into
-/// `chain.fills()`, in order.
-pub(crate) fn lazy_fills(chain: &Chain, ranges: &[(u64, u64)]) -> Vec<usize> {
-    (0..chain.fills().len())
-        .filter(|&i| {
-            let f = &chain.fills()[i];
-            !f.is_shmem() && is_lazy(ranges, f)
-        })
-        .collect()
-}
-
-/// Whether `f` lies in one of `ranges` (sorted), so it is loaded lazily.
-pub(crate) fn is_lazy(ranges: &[(u64, u64)], f: &Fill) -> bool {
-    let (s, e) = (f.chunk.vaddr, f.chunk.vaddr + f.chunk.npages as u64 * PAGE);
-    let i = ranges.partition_point(|r| r.1 <= s);
-    ranges.get(i).is_some_and(|r| r.0 <= s && e <= r.1)
-}
 
 /// What a lazy restore's fill did.
 #[derive(Debug, Clone, Default)]
