@@ -142,6 +142,10 @@ struct Server {
     chain: Arc<Chain>,
     /// The lazy fills, in the order they are copied in the background.
     order: Vec<usize>,
+    /// Each fill's position in `order`.
+    position: std::collections::HashMap<usize, usize>,
+    /// What the readers have still to read, once they run.
+    queue: Option<Arc<read::Queue>>,
     index: Index,
     targets: Vec<Target>,
     /// The chunk loaded last: (fill, its pages).
@@ -201,7 +205,9 @@ pub(crate) fn start(
     let (go_r, go_w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
     let server = Server {
         chain,
+        position: order.iter().enumerate().map(|(k, &f)| (f, k)).collect(),
         order,
+        queue: None,
         index: Index { pieces },
         targets: vec![Target {
             uffd,
@@ -303,7 +309,9 @@ impl Server {
             }
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<read::Loaded>(8);
-        let readers = read::spawn_readers(&self.chain, &self.order, &tx)?;
+        let queue = Arc::new(read::Queue::new(self.order.len()));
+        self.queue = Some(queue.clone());
+        let readers = read::spawn_readers(&self.chain, &self.order, &queue, &tx)?;
         drop(tx);
         let r = self.fill_from(&rx);
         read::stop_readers(rx, readers);
@@ -547,10 +555,14 @@ impl Server {
             return Ok(());
         };
         let ia = src + (addr - s);
-        let (ps, _, _, pn) = self
+        let (ps, f, _, pn) = self
             .index
             .find(ia)
             .ok_or_else(|| RestoreError::stub(format!("no page for {addr:#x}")))?;
+        // The process works here: the background reads go on from here.
+        if let (Some(q), Some(&k)) = (&self.queue, self.position.get(&f)) {
+            q.jump(k);
+        }
         let lo = s.max(addr - (ia - ps));
         let hi = e.min(addr + (ps + pn as u64 * PAGE - ia));
         self.copy_range(t, lo, hi)

@@ -8,10 +8,12 @@
 //! lies in the page store's mapping, and `UFFDIO_COPY` copies it from there
 //! into the process, the one copy the plain restore makes too.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    mpsc::{Receiver, SyncSender},
-    Arc,
+use std::{
+    collections::BTreeSet,
+    sync::{
+        mpsc::{Receiver, SyncSender},
+        Arc, Mutex,
+    },
 };
 
 use cr_ebpf_image::{chain::Fill, Chain, Manifest};
@@ -153,32 +155,78 @@ pub(crate) fn prefetch(chain: &Arc<Chain>) {
 /// damaged (the server reads it again, which says how).
 pub(super) type Loaded = (usize, Option<Data>);
 
-/// Starts the readers of `order`, in order, as many as cores: a cold page
-/// store reads faster with several requests in flight. Each starts the
-/// read of the chunk after its own too.
+/// What the readers have still to read: positions in the background
+/// order, taken from a cursor on. A fault moves the cursor just past the
+/// chunk it needed: a process working through its memory finds the chunks
+/// after it read ahead, and those skipped are read when the end is
+/// reached.
+pub(super) struct Queue {
+    /// (positions still to read, cursor).
+    state: Mutex<(BTreeSet<usize>, usize)>,
+}
+
+impl Queue {
+    pub(super) fn new(len: usize) -> Self {
+        Self {
+            state: Mutex::new(((0..len).collect(), 0)),
+        }
+    }
+
+    /// The next position to read, and the one after it (to start its read).
+    fn take(&self) -> Option<(usize, Option<usize>)> {
+        let mut st = self.state.lock().expect("not poisoned");
+        let (pending, cursor) = &mut *st;
+        let k = pending
+            .range(*cursor..)
+            .next()
+            .or_else(|| pending.iter().next())
+            .copied()?;
+        pending.remove(&k);
+        *cursor = k + 1;
+        let after = pending
+            .range(*cursor..)
+            .next()
+            .or_else(|| pending.iter().next())
+            .copied();
+        Some((k, after))
+    }
+
+    /// The chunk at position `k` was needed by a fault (and is loaded by
+    /// the server): read on from after it.
+    pub(super) fn jump(&self, k: usize) {
+        let mut st = self.state.lock().expect("not poisoned");
+        st.0.remove(&k);
+        st.1 = k + 1;
+    }
+}
+
+/// Starts the readers of `order` as `queue` gives them out, as many as
+/// cores: a cold page store reads faster with several requests in flight.
+/// Each starts the read of the chunk after its own too.
 pub(super) fn spawn_readers(
     chain: &Arc<Chain>,
     order: &[usize],
+    queue: &Arc<Queue>,
     tx: &SyncSender<Loaded>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, RestoreError> {
-    let next = Arc::new(AtomicUsize::new(0));
     let readers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let order: Arc<[usize]> = order.into();
     let mut ahead = Vec::new();
     for i in 0..readers {
-        let (chain, order, next, tx) = (chain.clone(), order.clone(), next.clone(), tx.clone());
+        let (chain, order, queue, tx) = (chain.clone(), order.clone(), queue.clone(), tx.clone());
         let h = std::thread::Builder::new()
             .name(format!("lazy-read-{i}"))
-            .spawn(move || loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&f) = order.get(k) else { return };
-                let fills = chain.fills();
-                if let Some(&g) = order.get(k + readers) {
-                    chain.will_need(&fills[g]);
-                }
-                let data = load(&chain, &fills[f]).ok();
-                if tx.send((f, data)).is_err() {
-                    return;
+            .spawn(move || {
+                while let Some((k, after)) = queue.take() {
+                    let fills = chain.fills();
+                    if let Some(g) = after.and_then(|a| order.get(a)) {
+                        chain.will_need(&fills[*g]);
+                    }
+                    let f = order[k];
+                    let data = load(&chain, &fills[f]).ok();
+                    if tx.send((f, data)).is_err() {
+                        return;
+                    }
                 }
             })
             .map_err(|e| RestoreError::stub(format!("starting a lazy read thread: {e}")))?;
@@ -193,5 +241,33 @@ pub(super) fn stop_readers(rx: Receiver<Loaded>, readers: Vec<std::thread::JoinH
     drop(rx);
     for h in readers {
         let _ = h.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Queue;
+
+    fn drain(q: &Queue) -> Vec<usize> {
+        std::iter::from_fn(|| q.take().map(|(k, _)| k)).collect()
+    }
+
+    #[test]
+    fn the_queue_gives_every_position_once_in_order() {
+        let q = Queue::new(4);
+        assert_eq!(q.take(), Some((0, Some(1))));
+        assert_eq!(drain(&q), vec![1, 2, 3]);
+        assert_eq!(q.take(), None);
+    }
+
+    #[test]
+    fn a_fault_moves_the_reads_past_its_chunk_and_the_skipped_come_last() {
+        let q = Queue::new(6);
+        assert_eq!(q.take(), Some((0, Some(1))));
+        // A fault needed position 3 (loaded by the server itself).
+        q.jump(3);
+        assert_eq!(q.take(), Some((4, Some(5))));
+        assert_eq!(q.take(), Some((5, Some(1))));
+        assert_eq!(drain(&q), vec![1, 2]);
     }
 }
