@@ -93,9 +93,11 @@ pub(crate) fn hot_addresses(m: &Manifest, chain: &Chain, lazy: &[usize]) -> Vec<
     hot
 }
 
-/// Whether fill `f` holds the page at `a`.
-pub(super) fn holds(f: &Fill, a: u64) -> bool {
-    f.chunk.vaddr <= a && a < f.chunk.vaddr + f.chunk.npages as u64 * PAGE
+/// Whether fill `f` holds one of the addresses `hot` (sorted).
+fn holds_any(f: &Fill, hot: &[u64]) -> bool {
+    let i = hot.partition_point(|&a| a < f.chunk.vaddr);
+    hot.get(i)
+        .is_some_and(|&a| a < f.chunk.vaddr + f.chunk.npages as u64 * PAGE)
 }
 
 /// Starts the disk reads of what the process needs before it runs, all at
@@ -118,14 +120,19 @@ pub(crate) fn prefetch(chain: &Arc<Chain>) {
             let mut files: std::collections::BTreeMap<&str, Vec<(u64, u64)>> = Default::default();
             for (i, f) in chain.fills().iter().enumerate() {
                 let eager = !f.is_shmem() && !super::is_lazy(&ranges, f);
-                if eager || (lazy.binary_search(&i).is_ok() && hot.iter().any(|&a| holds(f, a))) {
+                if eager || (lazy.binary_search(&i).is_ok() && holds_any(f, &hot)) {
                     chain.will_need(f);
                 }
+                if !eager {
+                    continue;
+                }
+                // The mapping holding it (mappings are in address order).
                 let (s, e) = (f.chunk.vaddr, f.chunk.vaddr + f.chunk.npages as u64 * PAGE);
-                let file = m.mappings.iter().find(|x| {
+                let at = m.mappings.partition_point(|x| x.end <= s);
+                let file = m.mappings.get(at).filter(|x| {
                     x.kind == cr_ebpf_image::MappingKind::File && x.start < e && s < x.end
                 });
-                if let (true, Some(x)) = (eager, file) {
+                if let Some(x) = file {
                     let (s, e) = (s.max(x.start), e.min(x.end));
                     let at = x.offset + (s - x.start);
                     files.entry(&x.path).or_default().push((at, e - s));
