@@ -212,6 +212,23 @@ impl Chain {
         Ok(())
     }
 
+    /// Starts reading fill `f`'s chunk from the disk without waiting (see
+    /// [`crate::pages::PageStore::will_need`]).
+    pub fn will_need(&self, f: &Fill) {
+        self.links[f.level].store.will_need(&f.chunk);
+    }
+
+    /// Checks fill `f`'s chunk and, when its pages are stored as they are,
+    /// gives the whole chunk's pages where they lie in the page store's
+    /// mapping (no copy; `f.pieces` says which of them to use); `None` for
+    /// a compressed chunk (use [`Self::read`]).
+    pub fn pages_in_place(&self, f: &Fill) -> Result<Option<&[u8]>, String> {
+        let link = &self.links[f.level];
+        link.store
+            .pages_in_place(&f.chunk)
+            .map_err(|e| format!("{}: {e}", link.dir.display()))
+    }
+
     /// Decompresses `f`'s chunk into `scratch` (checking its checksums) and
     /// calls `each(address, bytes)` for every piece.
     pub fn read<E>(

@@ -383,9 +383,80 @@ impl PageStore {
         self.chunks.iter().map(|c| c.clen as u64).sum()
     }
 
+    /// Starts reading chunk `c` (its header and data) from the disk, without
+    /// waiting: `MADV_WILLNEED` on exactly its bytes, so that several
+    /// chunks are read at once and a later touch of the mapping reads
+    /// neither less (one page at a time) nor more (the device's read-ahead
+    /// window around it).
+    pub fn will_need(&self, c: &ChunkRef) {
+        let page = PAGE;
+        let lo = c.offset.saturating_sub(CHUNK_HEADER) & !(page - 1);
+        let hi = (c.offset + c.clen).min(self.len);
+        if hi <= lo {
+            return;
+        }
+        // SAFETY: advice on a range inside our own mapping; it changes
+        // nothing but what the kernel reads ahead.
+        unsafe {
+            libc::madvise(
+                (self.base as *mut u8).add(lo).cast(),
+                hi - lo,
+                libc::MADV_WILLNEED,
+            )
+        };
+    }
+
+    /// Checks chunk `c`'s checksums and, when its pages are stored as they
+    /// are ([`RAW`]), gives them where they lie in the mapping (no copy);
+    /// `None` for a compressed chunk (see [`Self::decompress_into`]).
+    pub fn pages_in_place(&self, c: &ChunkRef) -> Result<Option<&[u8]>, String> {
+        if !c.raw {
+            return Ok(None);
+        }
+        let data = self.checked(c)?;
+        if data.len() != c.npages as usize * PAGE {
+            return Err(format!(
+                "chunk of pages at {:#x} stored as it is holds {} bytes for {} pages",
+                c.vaddr,
+                data.len(),
+                c.npages
+            ));
+        }
+        Ok(Some(data))
+    }
+
     /// Checks chunk `c`'s checksums and decompresses it into `out`
     /// (exactly `npages * PAGE` bytes).
     pub fn decompress_into(&self, c: &ChunkRef, out: &mut [u8]) -> Result<(), String> {
+        let data = self.checked(c)?;
+        let want = c.npages as usize * PAGE;
+        if out.len() != want {
+            return Err(format!("buffer of {} bytes for {want}", out.len()));
+        }
+        if c.raw {
+            // Its one checksum (of the bytes stored, which are the pages)
+            // was checked; the header says both are the same.
+            out.copy_from_slice(data);
+            return Ok(());
+        }
+        let n = lz4_flex::block::decompress_into(data, out).map_err(|e| {
+            format!(
+                "lz4 block of pages at {:#x} does not decompress: {e}",
+                c.vaddr
+            )
+        })?;
+        if n != want || crc32fast::hash(out) != c.raw_crc {
+            return Err(format!(
+                "pages at {:#x}: contents do not match their checksum",
+                c.vaddr
+            ));
+        }
+        Ok(())
+    }
+
+    /// Chunk `c`'s stored bytes, its header (from `pages.idx`) and data
+    /// checksums checked.
+    fn checked(&self, c: &ChunkRef) -> Result<&[u8], String> {
         if c.indexed {
             // Every byte of the store is checked when used: the header in
             // the store too, against the index's (same 24 bytes, its CRC).
@@ -414,29 +485,7 @@ impl PageStore {
                 c.vaddr
             ));
         }
-        let want = c.npages as usize * PAGE;
-        if out.len() != want {
-            return Err(format!("buffer of {} bytes for {want}", out.len()));
-        }
-        if c.raw {
-            // Its one checksum (of the bytes stored, which are the pages)
-            // was checked above; the header says both are the same.
-            out.copy_from_slice(data);
-            return Ok(());
-        }
-        let n = lz4_flex::block::decompress_into(data, out).map_err(|e| {
-            format!(
-                "lz4 block of pages at {:#x} does not decompress: {e}",
-                c.vaddr
-            )
-        })?;
-        if n != want || crc32fast::hash(out) != c.raw_crc {
-            return Err(format!(
-                "pages at {:#x}: contents do not match their checksum",
-                c.vaddr
-            ));
-        }
-        Ok(())
+        Ok(data)
     }
 }
 

@@ -308,6 +308,10 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     let mut chain = Chain::open(&dir)?;
     chain.load_shmem()?;
     let chain = std::sync::Arc::new(chain);
+    if opts.lazy {
+        // What the process needs before it runs, read while it is built.
+        lazy::prefetch(&chain);
+    }
     clock.mark("read");
     let manifest = chain.manifest();
     preflight(manifest, opts)?;
@@ -380,7 +384,13 @@ fn restore_single(
     let made = natives.cgroups.made.clone();
     let lazy = natives.lazy_fill.lock().expect("not poisoned").take();
     drop(natives);
+    if let Some(l) = &lazy {
+        l.guarded().map_err(|e| e.in_process(pid))?;
+    }
     let (pid, pages, fill) = release::release(ready).map_err(|e| e.in_process(pid))?;
+    if let Some(l) = &lazy {
+        l.go();
+    }
     clock.mark("resume");
     Ok((pid, pages, fill, made, lazy))
 }

@@ -204,7 +204,7 @@ fn main() -> Result<()> {
                     // The same image restored lazily, cold too: when the
                     // process runs, and when all its memory is in.
                     let lazy = (!compressible && w == cores)
-                        .then(|| -> Result<(f64, f64)> {
+                        .then(|| -> Result<(f64, f64, Vec<cr_ebpf_restore::Phase>)> {
                             drop_caches();
                             let t = Instant::now();
                             let r = restore(
@@ -225,7 +225,7 @@ fn main() -> Result<()> {
                                 libc::waitpid(r.pid, std::ptr::null_mut(), 0);
                             }
                             filled.with_context(|| format!("lazy fill of {mib} MiB"))?;
-                            Ok((runs, all))
+                            Ok((runs, all, r.phases))
                         })
                         .transpose()?;
                     let bytes = d.pages as f64 * 4096.0;
@@ -254,9 +254,18 @@ fn main() -> Result<()> {
                     e.entry("restore_s")
                         .or_default()
                         .push(r.total.as_secs_f64());
-                    if let Some((runs, all)) = lazy {
+                    if let Some((runs, all, lazy_phases)) = lazy {
                         e.entry("lazy_runs_s").or_default().push(runs);
                         e.entry("lazy_all_s").or_default().push(all);
+                        // Until the process runs, by phase.
+                        let ph = phases.entry(format!("{mib}MiB/{w}w-lazy")).or_default();
+                        for p in &lazy_phases {
+                            let ms = p.time.as_secs_f64() * 1e3;
+                            match ph.iter_mut().find(|(n, _)| *n == p.name) {
+                                Some((_, v)) => v.push(ms),
+                                None => ph.push((p.name, vec![ms])),
+                            }
+                        }
                     }
                     e.entry("fill_gb_s")
                         .or_default()
@@ -353,6 +362,15 @@ fn main() -> Result<()> {
     if let Some(v) = phase_med.get(&biggest) {
         let parts: Vec<String> = v.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
         println!("restore of {biggest} by phase (ms): {}", parts.join(", "));
+    }
+    for &mib in sizes {
+        if let Some(v) = phase_med.get(&format!("{mib}MiB/{cores}w-lazy")) {
+            let parts: Vec<String> = v.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
+            println!(
+                "lazy restore of {mib} MiB until it runs, by phase (ms): {}",
+                parts.join(", ")
+            );
+        }
     }
     let mut criu_json = serde_json::Map::new();
     if let Some(c) = &criu {

@@ -362,16 +362,12 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
             })
     })?;
     if let Some(shared) = &b.natives.lazy {
-        let lazy: Vec<usize> = (0..chain.fills().len())
-            .filter(|&i| {
-                let f = &chain.fills()[i];
-                !f.is_shmem() && crate::lazy::is_lazy(&lazy_ranges, f)
-            })
-            .collect();
+        let lazy = crate::lazy::lazy_fills(chain, &lazy_ranges);
+        let hot = crate::lazy::hot_addresses(b.m, chain, &lazy);
         let s = b.s;
         let uffd = crate::lazy::take_uffd(got, |name, nr, args| s.call(name, nr, args))?;
         crate::lazy::register(&uffd, &lazy_ranges)?;
-        let started = crate::lazy::start(shared.clone(), lazy, uffd, got)?;
+        let started = crate::lazy::start(shared.clone(), lazy, uffd, got, hot)?;
         *b.natives.lazy_fill.lock().expect("not poisoned") = Some(started);
     }
     b.fill = fill_start.elapsed();

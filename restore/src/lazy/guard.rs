@@ -84,12 +84,29 @@ impl Guard {
                     pidfd.as_raw_fd(),
                 ],
             ),
-            pid => Ok(Self {
-                alive: Some(w),
-                pass: ours,
-                pid,
-            }),
+            pid => {
+                // Its ends only: a guardian gone reads as the end here.
+                drop((r, theirs));
+                Ok(Self {
+                    alive: Some(w),
+                    pass: ours,
+                    pid,
+                })
+            }
         }
+    }
+
+    /// Waits until the guardian closed what else it inherited (the ends of
+    /// the process's pipes the restorer holds while it builds it among
+    /// them): the process must not run before.
+    pub(super) fn ready(&self) -> Result<(), RestoreError> {
+        let mut b = [0u8; 1];
+        // SAFETY: one byte into a live buffer.
+        let n = unsafe { libc::read(self.pass.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(err("waiting for the guardian to start"));
+        }
+        Ok(())
     }
 
     /// Gives the guardian a duplicate of `uffd` (a process forked during
@@ -180,6 +197,8 @@ fn guardian(root: i32, keep: [RawFd; 4]) -> ! {
             unsafe { libc::close(fd) };
         }
     }
+    // SAFETY: one byte from a live buffer to our socket.
+    unsafe { libc::write(pass, [DONE].as_ptr().cast(), 1) };
     let mut watch_pass = true;
     loop {
         let mut fds = [

@@ -7,11 +7,15 @@
 //! of being filled (file-backed private pages, shared memory and special
 //! mappings are filled as usual). A server thread then answers each fault
 //! with the chunk of the image around it (`UFFDIO_COPY`; a page the image
-//! does not hold is a zero page), and meanwhile copies every other page in
+//! does not hold is a zero page). Before the process runs it copies only
+//! what the process touches first (each thread's stack, thread area and
+//! rseq area, the small mappings whole: `read.rs`, whose disk reads start
+//! as soon as the image is open) and answers the restorer's own faults;
+//! once the process runs ([`LazyFill::go`]) it copies every other page in
 //! the background, the pages of the newest checkpoint of a chain first
-//! (those written last: the working set). Once every page is in, the
-//! descriptors are closed, which unregisters the mappings: holes left are
-//! ordinary untouched memory.
+//! (those written last: the working set), faults always first. Once every
+//! page is in, the descriptors are closed, which unregisters the mappings:
+//! holes left are ordinary untouched memory.
 //!
 //! What the process does to its memory meanwhile is followed through the
 //! events, which the kernel delivers before it goes on (and while one is
@@ -32,16 +36,24 @@
 use std::{
     collections::BTreeMap,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::mpsc::Receiver,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use cr_ebpf_image::{chain::Fill, Chain, Manifest, MappingKind};
+use cr_ebpf_image::Chain;
 
 use crate::RestoreError;
 
+mod due;
 mod guard;
+mod read;
 mod uffd;
+
+pub(crate) use due::{is_lazy, lazy_fills, lazy_ranges};
+use due::{Index, Target};
+use read::Data;
+pub(crate) use read::{hot_addresses, prefetch};
 
 use uffd::{
     kill_tree, UffdioCopy, UffdioZeropage, EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, EVENT_REMOVE,
@@ -50,28 +62,6 @@ use uffd::{
 pub(crate) use uffd::{register, take_uffd};
 
 const PAGE: u64 = 4096;
-
-/// The mappings a lazy restore registers: private anonymous memory.
-pub(crate) fn lazy_ranges(m: &Manifest) -> Vec<(u64, u64)> {
-    m.mappings
-        .iter()
-        .filter(|x| {
-            matches!(
-                x.kind,
-                MappingKind::Anon | MappingKind::Heap | MappingKind::Stack
-            ) && x.flags & cr_ebpf_image::MAP_SHARED == 0
-                && x.pages_stored > 0
-        })
-        .map(|x| (x.start, x.end))
-        .collect()
-}
-
-/// Whether `f` lies in one of `ranges` (sorted), so it is loaded lazily.
-pub(crate) fn is_lazy(ranges: &[(u64, u64)], f: &Fill) -> bool {
-    let (s, e) = (f.chunk.vaddr, f.chunk.vaddr + f.chunk.npages as u64 * PAGE);
-    let i = ranges.partition_point(|r| r.1 <= s);
-    ranges.get(i).is_some_and(|r| r.0 <= s && e <= r.1)
-}
 
 /// What a lazy restore's fill did.
 #[derive(Debug, Clone, Default)]
@@ -88,10 +78,18 @@ pub struct LazyReport {
 
 type Handle = std::thread::JoinHandle<Result<LazyReport, RestoreError>>;
 
+/// Where the fill thread says whether the guardian started.
+type Guarded = Receiver<Result<(), RestoreError>>;
+
 /// The fill of a lazily restored process, running in a thread of its own.
 #[derive(Clone)]
 pub struct LazyFill {
     handle: Arc<std::sync::Mutex<Option<Handle>>>,
+    /// Write end of the pipe whose closing lets the background copy start
+    /// (see [`LazyFill::go`]).
+    go: Arc<std::sync::Mutex<Option<OwnedFd>>>,
+    /// Says once whether the guardian started (see [`LazyFill::guarded`]).
+    guarded: Arc<std::sync::Mutex<Option<Guarded>>>,
 }
 
 impl std::fmt::Debug for LazyFill {
@@ -104,6 +102,7 @@ impl LazyFill {
     /// Waits until every page is in (or the fill failed, the processes
     /// killed). Once: a second call says it was waited for.
     pub fn wait(&self) -> Result<LazyReport, RestoreError> {
+        self.go();
         let h = self.handle.lock().expect("not poisoned").take();
         match h {
             Some(h) => h
@@ -114,58 +113,27 @@ impl LazyFill {
     }
 }
 
-/// A process whose pages are due: its userfaultfd, its pid (to kill it if
-/// a chunk is damaged) and its pages still to copy: start to (image
-/// address, pages), in runs.
-struct Target {
-    uffd: OwnedFd,
-    pid: Option<i32>,
-    due: BTreeMap<u64, (u64, u64)>,
-}
-
-impl Target {
-    /// Cuts the runs due so that none straddles `at`.
-    fn split_at(&mut self, at: u64) {
-        let hit = self
-            .due
-            .range(..at)
-            .next_back()
-            .map(|(&s, &(src, n))| (s, src, n));
-        if let Some((s, src, n)) = hit {
-            let end = s + n * PAGE;
-            if end > at {
-                self.due.insert(s, (src, (at - s) / PAGE));
-                self.due.insert(at, (src + (at - s), (end - at) / PAGE));
-            }
+impl LazyFill {
+    /// Waits until the guardian holds the userfaultfd (it is started by
+    /// the fill thread while the rest of the process is built): the
+    /// process must not run before.
+    pub(crate) fn guarded(&self) -> Result<(), RestoreError> {
+        let rx = self.guarded.lock().expect("not poisoned").take();
+        match rx.map(|rx| rx.recv()) {
+            Some(Ok(r)) => r,
+            // The fill ended first: its error says why.
+            _ => Err(self.wait().err().unwrap_or_else(|| {
+                RestoreError::stub("the lazy fill ended before its guardian started")
+            })),
         }
     }
 
-    /// Takes the runs due in `[start, end)` out.
-    fn take(&mut self, start: u64, end: u64) -> Vec<(u64, (u64, u64))> {
-        self.split_at(start);
-        self.split_at(end);
-        let keys: Vec<u64> = self.due.range(start..end).map(|(&k, _)| k).collect();
-        keys.into_iter()
-            .filter_map(|k| self.due.remove(&k).map(|v| (k, v)))
-            .collect()
-    }
-}
-
-/// The image pages of the lazy fills, by image address: the first address
-/// of each piece to (fill, first page of the piece in its chunk, pages).
-struct Index {
-    pieces: BTreeMap<u64, (usize, u32, u32)>,
-}
-
-impl Index {
-    /// The piece holding image address `a`: (its start, fill, first page,
-    /// pages).
-    fn find(&self, a: u64) -> Option<(u64, usize, u32, u32)> {
-        self.pieces
-            .range(..=a)
-            .next_back()
-            .filter(|(&s, &(_, _, n))| s + n as u64 * PAGE > a)
-            .map(|(&s, &(f, first, n))| (s, f, first, n))
+    /// The process runs: the background copy of every page may start.
+    /// Until then only faults are answered (the restorer's own, on the
+    /// pages it touches while it builds the process), so that the build
+    /// shares neither the disk nor the cores with the copy.
+    pub(crate) fn go(&self) {
+        drop(self.go.lock().expect("not poisoned").take());
     }
 }
 
@@ -174,27 +142,40 @@ struct Server {
     chain: Arc<Chain>,
     /// The lazy fills, in the order they are copied in the background.
     order: Vec<usize>,
+    /// Each fill's position in `order`.
+    position: std::collections::HashMap<usize, usize>,
+    /// What the readers have still to read, once they run.
+    queue: Option<Arc<read::Queue>>,
     index: Index,
     targets: Vec<Target>,
-    /// The chunk decompressed last: (fill, bytes).
-    cached: Option<(usize, Vec<u8>)>,
+    /// The chunk loaded last: (fill, its pages).
+    cached: Option<(usize, Data)>,
+    /// Addresses the process touches first, loaded before it runs.
+    hot: Vec<u64>,
+    /// Read end of the pipe [`LazyFill::go`] closes.
+    go: OwnedFd,
     /// Where a copy last found no registered mapping (see `copy_range`).
     last_enoent: Option<u64>,
     report: LazyReport,
     /// Holds duplicates of the userfaultfds until every page is in.
     guard: Option<guard::Guard>,
+    /// Where the start of the guardian is reported.
+    guarded: Option<std::sync::mpsc::Sender<Result<(), RestoreError>>>,
     /// Pages due when it started (what a progress bar counts to).
     due_pages: u64,
 }
 
-/// Starts the fill of process `pid` (released or about to be), whose lazy
-/// fills (indices into `chain.fills()`) are registered with `uffd`; the
-/// fills of the chain's newest checkpoint go first when it has parents.
+/// Starts the fill of process `pid` (about to be released), whose lazy
+/// fills (indices into `chain.fills()`) are registered with `uffd`: the
+/// pages around the `hot` addresses at once, then faults only until
+/// [`LazyFill::go`], then every page in the background, the fills of the
+/// chain's newest checkpoint first when it has parents.
 pub(crate) fn start(
     chain: Arc<Chain>,
     lazy: Vec<usize>,
     uffd: OwnedFd,
     pid: i32,
+    hot: Vec<u64>,
 ) -> Result<LazyFill, RestoreError> {
     let mut pieces = BTreeMap::new();
     let mut due = BTreeMap::new();
@@ -210,11 +191,23 @@ pub(crate) fn start(
             due.insert(a, (a, n as u64));
         }
     }
-    let guard = guard::Guard::start(pid, &uffd)?;
     let due_pages = due.values().map(|&(_, n)| n).sum();
+    let (guarded_tx, guarded_rx) = std::sync::mpsc::channel();
+    let mut p = [0; 2];
+    // SAFETY: `p` has room for the two descriptors.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(RestoreError::Syscall {
+            call: "pipe2 (lazy restore)".into(),
+            err: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: just made, ours.
+    let (go_r, go_w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
     let server = Server {
         chain,
+        position: order.iter().enumerate().map(|(k, &f)| (f, k)).collect(),
         order,
+        queue: None,
         index: Index { pieces },
         targets: vec![Target {
             uffd,
@@ -222,9 +215,12 @@ pub(crate) fn start(
             due,
         }],
         cached: None,
+        hot,
+        go: go_r,
         last_enoent: None,
         report: LazyReport::default(),
-        guard: Some(guard),
+        guard: None,
+        guarded: Some(guarded_tx),
         due_pages,
     };
     let handle = std::thread::Builder::new()
@@ -233,6 +229,8 @@ pub(crate) fn start(
         .map_err(|e| RestoreError::stub(format!("starting the lazy fill thread: {e}")))?;
     Ok(LazyFill {
         handle: Arc::new(std::sync::Mutex::new(Some(handle))),
+        go: Arc::new(std::sync::Mutex::new(Some(go_w))),
+        guarded: Arc::new(std::sync::Mutex::new(Some(guarded_rx))),
     })
 }
 
@@ -269,53 +267,60 @@ impl Server {
         Ok(self.report)
     }
 
-    /// Serves events until nothing is due, copying in the background
-    /// between them: chunks are read and decompressed ahead, in order, by
-    /// a thread of their own while this one copies and answers faults.
+    /// Loads the pages around the hot addresses, answers faults until the
+    /// process runs, then serves events until nothing is due, copying in
+    /// the background between them: chunks are read and checked ahead, in
+    /// order, by threads of their own while this one copies and answers
+    /// faults.
     fn fill(&mut self) -> Result<(), RestoreError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Option<Vec<u8>>)>(16);
-        // As many readers as cores: a cold page store reads faster with
-        // several requests in flight. They take the fills in order.
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let readers = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let mut ahead = Vec::new();
-        for i in 0..readers {
-            let (chain, order, next, tx) = (
-                self.chain.clone(),
-                self.order.clone(),
-                next.clone(),
-                tx.clone(),
-            );
-            let h = std::thread::Builder::new()
-                .name(format!("lazy-read-{i}"))
-                .spawn(move || loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&f) = order.get(k) else { return };
-                    let fill = &chain.fills()[f];
-                    let mut buf = Vec::new();
-                    let ok = chain
-                        .read(fill, &mut buf, |_, _| Ok::<(), ()>(()), |_| ())
-                        .is_ok();
-                    buf.truncate(fill.chunk.npages as usize * PAGE as usize);
-                    if tx.send((f, ok.then_some(buf))).is_err() {
-                        return;
-                    }
-                })
-                .map_err(|e| RestoreError::stub(format!("starting a lazy read thread: {e}")))?;
-            ahead.push(h);
+        // The guardian, forked here while the restorer builds the rest of
+        // the process (a fork takes milliseconds), and ready (`guarded`)
+        // before the process runs.
+        let guard = match self.targets.first() {
+            Some(Target {
+                uffd,
+                pid: Some(pid),
+                ..
+            }) => guard::Guard::start(*pid, uffd),
+            _ => Err(RestoreError::stub("the process ended before it ran")),
+        };
+        for a in std::mem::take(&mut self.hot) {
+            if self.targets.first().is_some_and(|t| t.pid.is_some()) {
+                self.load_around(0, a)?;
+            }
         }
+        let started = guard.and_then(|g| g.ready().map(|()| self.guard = Some(g)));
+        let ok = started.is_ok();
+        if let Some(tx) = self.guarded.take() {
+            let _ = tx.send(started);
+        }
+        if !ok {
+            return Err(RestoreError::stub(
+                "the lazy restore guardian did not start",
+            ));
+        }
+        // Until the process runs: faults only (the pipe's end says go).
+        loop {
+            if self.targets.is_empty() {
+                return Ok(());
+            }
+            if self.serve_until_go()? {
+                break;
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<read::Loaded>(8);
+        let queue = Arc::new(read::Queue::new(self.order.len()));
+        self.queue = Some(queue.clone());
+        let readers = read::spawn_readers(&self.chain, &self.order, &queue, &tx)?;
         drop(tx);
         let r = self.fill_from(&rx);
-        drop(rx);
-        for h in ahead {
-            let _ = h.join();
-        }
+        read::stop_readers(rx, readers);
         r
     }
 
     fn fill_from(
         &mut self,
-        rx: &std::sync::mpsc::Receiver<(usize, Option<Vec<u8>>)>,
+        rx: &std::sync::mpsc::Receiver<read::Loaded>,
     ) -> Result<(), RestoreError> {
         let mut streaming = true;
         loop {
@@ -377,11 +382,30 @@ impl Server {
     /// Reads and handles the messages of every target, waiting up to
     /// `timeout_ms`; whether there was any.
     fn serve(&mut self, timeout_ms: i32) -> Result<bool, RestoreError> {
+        self.serve_with(timeout_ms, None).map(|r| r.0)
+    }
+
+    /// Handles the messages of every target, waiting for one or for the
+    /// end of the go pipe; whether that end came.
+    fn serve_until_go(&mut self) -> Result<bool, RestoreError> {
+        let go = self.go.as_raw_fd();
+        self.serve_with(-1, Some(go)).map(|r| r.1)
+    }
+
+    /// As [`Self::serve`], polling `extra` too: (any message, `extra`
+    /// readable or closed).
+    fn serve_with(
+        &mut self,
+        timeout_ms: i32,
+        extra: Option<i32>,
+    ) -> Result<(bool, bool), RestoreError> {
         let mut fds: Vec<libc::pollfd> = self
             .targets
             .iter()
-            .map(|t| libc::pollfd {
-                fd: t.uffd.as_raw_fd(),
+            .map(|t| t.uffd.as_raw_fd())
+            .chain(extra)
+            .map(|fd| libc::pollfd {
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
             })
@@ -389,8 +413,9 @@ impl Server {
         // SAFETY: `fds` is a valid array of pollfds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, timeout_ms) };
         if n <= 0 {
-            return Ok(false);
+            return Ok((false, false));
         }
+        let extra_ready = extra.is_some() && fds.pop().is_some_and(|p| p.revents != 0);
         let mut any = false;
         let mut gone = Vec::new();
         for (i, p) in fds.iter().enumerate() {
@@ -414,7 +439,7 @@ impl Server {
         for i in gone.into_iter().rev() {
             self.targets.remove(i);
         }
-        Ok(any)
+        Ok((any, extra_ready))
     }
 
     fn message(&mut self, t: usize, msg: &[u8; 32]) -> Result<(), RestoreError> {
@@ -469,17 +494,8 @@ impl Server {
             .map(|(&s, &(_, n))| (s, s + n * PAGE))
             .filter(|&(_, e)| e > addr);
         match hit {
-            Some((s, e)) => {
-                // The piece of the image around it, whole.
-                let (src, _) = self.targets[t].due[&s];
-                let ia = src + (addr - s);
-                let (ps, _, _, pn) = self
-                    .index
-                    .find(ia)
-                    .ok_or_else(|| RestoreError::stub(format!("no page for {addr:#x}")))?;
-                let lo = s.max(addr - (ia - ps));
-                let hi = e.min(addr + (ps + pn as u64 * PAGE - ia));
-                self.copy_range(t, lo, hi)?;
+            Some(_) => {
+                self.load_around(t, addr)?;
                 // Copied (which woke it), or put off by a change of layout:
                 // woken to fault again then.
                 if self.targets[t]
@@ -524,6 +540,32 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Copies the piece of the image around `addr` of target `t`, whole,
+    /// if the page there is due.
+    fn load_around(&mut self, t: usize, addr: u64) -> Result<(), RestoreError> {
+        let Some((s, e, src)) = self.targets[t]
+            .due
+            .range(..=addr)
+            .next_back()
+            .map(|(&s, &(src, n))| (s, s + n * PAGE, src))
+            .filter(|&(_, e, _)| e > addr)
+        else {
+            return Ok(());
+        };
+        let ia = src + (addr - s);
+        let (ps, f, _, pn) = self
+            .index
+            .find(ia)
+            .ok_or_else(|| RestoreError::stub(format!("no page for {addr:#x}")))?;
+        // The process works here: the background reads go on from here.
+        if let (Some(q), Some(&k)) = (&self.queue, self.position.get(&f)) {
+            q.jump(k);
+        }
+        let lo = s.max(addr - (ia - ps));
+        let hi = e.min(addr + (ps + pn as u64 * PAGE - ia));
+        self.copy_range(t, lo, hi)
     }
 
     /// Wakes the threads of target `t` waiting on the page at `addr`.
@@ -629,21 +671,14 @@ impl Server {
         Ok(())
     }
 
-    /// The decompressed chunk of fill `f` (its checksums checked).
+    /// The pages of fill `f`'s chunk (its checksums checked).
     fn chunk(&mut self, f: usize) -> Result<&[u8], RestoreError> {
         if self.cached.as_ref().is_none_or(|c| c.0 != f) {
-            let fill = &self.chain.fills()[f];
-            let mut buf = Vec::new();
-            let n = fill.chunk.npages as usize * PAGE as usize;
-            self.chain.read(
-                fill,
-                &mut buf,
-                |_, _| Ok::<(), RestoreError>(()),
-                |what| RestoreError::PageData { what },
-            )?;
-            buf.truncate(n);
-            self.cached = Some((f, buf));
+            let data = read::load(&self.chain, &self.chain.fills()[f])
+                .map_err(|what| RestoreError::PageData { what })?;
+            self.cached = Some((f, data));
         }
-        Ok(&self.cached.as_ref().expect("cached").1)
+        let (_, data) = self.cached.as_ref().expect("cached");
+        Ok(data.bytes(&self.chain))
     }
 }
