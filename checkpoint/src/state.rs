@@ -91,26 +91,7 @@ pub(crate) fn collect(
             });
         }
     }
-    // Deleted files with no link left are stored (marked above); one with
-    // a link left, or a kernel object's file (`/[aio]`), is not.
-    if let Some(m) = entries
-        .iter()
-        .find(|m| m.kind() == MappingKind::File && m.path.ends_with(" (deleted)"))
-    {
-        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-        let why = if m.path.starts_with("/[") {
-            format!("the kernel's {} (an AIO ring or the like)", m.path)
-        } else {
-            std::fs::metadata(&path)
-                .ok()
-                .and_then(|meta| cr_ebpf_resources::ghost::refusal(&m.path, &meta))
-                .unwrap_or_else(|| format!("the deleted file {}", m.path))
-        };
-        return Err(DumpError::NotSupported {
-            pid,
-            what: format!("a mapping of {why} at {:#x}-{:#x}", m.start, m.end),
-        });
-    }
+    refuse_deleted_mappings(pid, &entries)?;
     // Children would be lost: a restored parent waiting for them would
     // wait forever. (A process with children is checkpointed as a tree; one
     // forked after the tree was listed lands here.)
@@ -203,6 +184,31 @@ pub(crate) fn collect(
         in_flight,
         pagemap,
         queries,
+    })
+}
+
+/// Deleted files with no link left are stored (marked by
+/// `maps::mark_ghosts`); a mapping of one with a link left, or of a kernel
+/// object's file (`/[aio]`), is refused.
+fn refuse_deleted_mappings(pid: i32, entries: &[MapEntry]) -> Result<(), DumpError> {
+    let Some(m) = entries
+        .iter()
+        .find(|m| m.kind() == MappingKind::File && m.path.ends_with(" (deleted)"))
+    else {
+        return Ok(());
+    };
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    let why = if m.path.starts_with("/[") {
+        format!("the kernel's {} (an AIO ring or the like)", m.path)
+    } else {
+        std::fs::metadata(&path)
+            .ok()
+            .and_then(|meta| cr_ebpf_resources::ghost::refusal(&m.path, &meta))
+            .unwrap_or_else(|| format!("the deleted file {}", m.path))
+    };
+    Err(DumpError::NotSupported {
+        pid,
+        what: format!("a mapping of {why} at {:#x}-{:#x}", m.start, m.end),
     })
 }
 
