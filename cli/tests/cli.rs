@@ -166,9 +166,7 @@ fn dump_inspect_restore_from_the_command_line() {
     if !privileged("dump_inspect_restore_from_the_command_line") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-cli");
     let img = dir.join("img");
     let mut cmd = Command::new("/bin/sleep");
     cmd.arg("60")
@@ -290,9 +288,7 @@ fn inspect_shows_the_shared_memory_an_image_stores() {
     if !privileged("inspect_shows_the_shared_memory_an_image_stores") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-cli-shm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-cli-shm");
     let ready = dir.join("ready");
     let script = "import mmap, os, sys, time\n\
         fd = os.memfd_create('inspect-me')\n\
@@ -361,9 +357,7 @@ fn a_zombie_or_a_kernel_thread_is_refused_before_anything_is_stopped() {
     if !privileged("a_zombie_or_a_kernel_thread_is_refused_before_anything_is_stopped") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-uncheckable-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-uncheckable");
     let mut child = Command::new("/bin/true").spawn().unwrap();
     let zombie = child.id() as i32;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -421,9 +415,7 @@ fn a_zombie_or_a_kernel_thread_is_refused_before_anything_is_stopped() {
 /// before any thread is started.)
 #[test]
 fn thread_and_keep_counts_out_of_bounds_are_refused_as_bad_usage() {
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-bounds-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-bounds");
     let (pid, images) = ("--pid=8388608", format!("--images-dir={}", dir.display()));
     let cases: [(&[&str], &str); 6] = [
         (&["dump", "--threads", "100000", pid], "at most 1024"),

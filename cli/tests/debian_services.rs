@@ -172,9 +172,7 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("cr-ebpf-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+        let d = common::fresh_dir(&format!("cr-ebpf-{name}"));
         Scratch(d)
     }
 }

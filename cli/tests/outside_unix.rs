@@ -56,9 +56,7 @@ fn a_stdout_connected_to_a_journal_like_listener_is_connected_again_after_restor
     // The restored process is reparented to us when `restore` exits.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-journal-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-journal");
     let path = dir.join("stdout.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let stdout = std::os::unix::net::UnixStream::connect(&path).unwrap();

@@ -138,9 +138,7 @@ fn redis_under_load_is_killed_and_restored_from_its_newest_checkpoint() {
     // The restored server is reparented to us when `cr-ebpf restore` exits.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-redis-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-redis");
     let images: PathBuf = dir.join("images");
     let port = free_port();
     let log = std::fs::File::create(dir.join("redis.log")).unwrap();

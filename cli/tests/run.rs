@@ -103,9 +103,7 @@ fn run_restores_a_killed_service_and_gives_up_when_told() {
     if !root("run_restores_a_killed_service_and_gives_up_when_told") {
         return;
     }
-    let base = std::env::temp_dir().join(format!("cr-ebpf-run-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
+    let base = common::fresh_dir("cr-ebpf-run");
     let images = base.join("images");
     let port = 18300 + (std::process::id() % 500) as u16;
     let mut run = start_run(&images, port, &[]);

@@ -26,9 +26,7 @@ fn monotonic_time_goes_on_from_the_checkpoint_when_the_clocks_here_are_behind() 
     if !root(test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-timens-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-timens");
     let log = dir.join("log");
     let img = dir.join("image");
     let mut cmd = clean("python3");

@@ -96,9 +96,7 @@ fn dump_and_track_killed_at_random_instants_never_harm_the_process() {
         .unwrap_or_else(|| (std::process::id() as u64 * 0x9e37_79b9) | 1);
     eprintln!("tracer killed: seed {seed} (CR_EBPF_FAULT_SEED), {trials} trials of each command");
     let mut rng = Rng(seed);
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-killed-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-killed");
     let mut harmed = Vec::new();
     for command in ["dump", "track"] {
         let (mut finished, mut cut) = (0, 0);
@@ -170,9 +168,7 @@ fn a_stuck_dump_lets_the_process_go_at_its_freeze_limit() {
     let Some(mtwork) = workload_bin("mtwork", test) else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-stuck-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-stuck");
     let log = dir.join("log");
     let mut target = start(&mtwork, &log);
     let pid = target.id() as i32;

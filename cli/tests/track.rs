@@ -103,9 +103,7 @@ fn track_snapshots_on_request_and_survives_its_own_sigkill() {
     let Some(epochs) = epochs_bin(test) else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-track-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-track");
     let log = dir.join("epochs.log");
     let images = dir.join("images");
     let mut cmd = clean(&epochs);
@@ -329,9 +327,7 @@ fn execs_during_the_pre_copy_do_not_end_the_tracking() {
     if !root(test) {
         return;
     }
-    let base = std::env::temp_dir().join(format!("cr-ebpf-execs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
+    let base = common::fresh_dir("cr-ebpf-execs");
     let script = base.join("again.sh");
     std::fs::write(
         &script,
@@ -437,9 +433,7 @@ fn a_subreaper_membarrier_and_securebits_set_while_tracked_are_restored() {
     if !root(test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-flags-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-flags");
     let (log, go, images) = (dir.join("log"), dir.join("go"), dir.join("images"));
     let mut py = clean("/usr/bin/python3")
         .args(["-c", FLAGS])
@@ -902,9 +896,7 @@ fn the_first_checkpoint_sees_what_changed_after_the_warm_up() {
     if !root(test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-warm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("cr-ebpf-warm");
     for round in 0..4 {
         let log = dir.join(format!("log-{round}"));
         let images = dir.join(format!("images-{round}"));

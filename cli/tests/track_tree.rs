@@ -107,9 +107,7 @@ fn signal(pid: i32, sig: i32) {
 fn scratch(name: &str) -> PathBuf {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let dir = std::env::temp_dir().join(format!("cr-ebpf-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(&format!("cr-ebpf-{name}"));
     dir
 }
 

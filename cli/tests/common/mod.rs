@@ -4,6 +4,15 @@
 
 use std::process::Command;
 
+/// A new empty directory `PREFIX-PID` in the temporary directory (one
+/// left by an earlier run of the same pid removed first).
+pub fn fresh_dir(prefix: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
