@@ -229,8 +229,9 @@ impl Chain {
             .map_err(|e| format!("{}: {e}", link.dir.display()))
     }
 
-    /// Decompresses `f`'s chunk into `scratch` (checking its checksums) and
-    /// calls `each(address, bytes)` for every piece.
+    /// Checks `f`'s chunk, decompresses it into `scratch` unless its pages
+    /// are stored as they are (then used where they lie), and calls
+    /// `each(address, bytes)` for every piece.
     pub fn read<E>(
         &self,
         f: &Fill,
@@ -239,18 +240,28 @@ impl Chain {
         err: impl FnOnce(String) -> E,
     ) -> Result<(), E> {
         let n = f.chunk.npages as usize * PAGE;
-        if scratch.len() < n {
-            scratch.resize(MAX_CHUNK_PAGES as usize * PAGE, 0);
-        }
         let link = &self.links[f.level];
-        if let Err(e) = link.store.decompress_into(&f.chunk, &mut scratch[..n]) {
-            return Err(err(format!("{}: {e}", link.dir.display())));
-        }
+        let fail = |e: String| format!("{}: {e}", link.dir.display());
+        // Pages stored as they are are used where they lie (checked there):
+        // no copy into `scratch`.
+        let data = match link.store.pages_in_place(&f.chunk) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                if scratch.len() < n {
+                    scratch.resize(MAX_CHUNK_PAGES as usize * PAGE, 0);
+                }
+                if let Err(e) = link.store.decompress_into(&f.chunk, &mut scratch[..n]) {
+                    return Err(err(fail(e)));
+                }
+                &scratch[..n]
+            }
+            Err(e) => return Err(err(fail(e))),
+        };
         for &(first, pages) in &f.pieces {
             let a = first as usize * PAGE;
             each(
                 f.chunk.vaddr + a as u64,
-                &scratch[a..a + pages as usize * PAGE],
+                &data[a..a + pages as usize * PAGE],
             )?;
         }
         Ok(())
