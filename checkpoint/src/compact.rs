@@ -75,7 +75,9 @@ fn compact_locked(dir: &Path, name: &str, threads: usize) -> Result<CompactRepor
             .strip_prefix(&target)
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        chains.push((sub, Chain::open(&image)?));
+        let chain = Chain::open(&image)?;
+        chain.read_ahead();
+        chains.push((sub, chain));
     }
     let tree = tree::is_tree(&target)
         .then(|| tree::Tree::read(&target))

@@ -212,6 +212,14 @@ impl Chain {
         Ok(())
     }
 
+    /// Asks the kernel to read every page store of the chain ahead (see
+    /// [`crate::pages::PageStore::read_ahead`]).
+    pub fn read_ahead(&self) {
+        for l in &self.links {
+            l.store.read_ahead();
+        }
+    }
+
     /// Starts reading fill `f`'s chunk from the disk without waiting (see
     /// [`crate::pages::PageStore::will_need`]).
     pub fn will_need(&self, f: &Fill) {
@@ -236,21 +244,61 @@ impl Chain {
         &self,
         f: &Fill,
         scratch: &mut Vec<u8>,
+        each: impl FnMut(u64, &[u8]) -> Result<(), E>,
+        err: impl FnOnce(String) -> E,
+    ) -> Result<(), E> {
+        self.read_in(f, None, scratch, each, err)
+    }
+
+    /// Where `f`'s chunk lies in its link's `pages.img`
+    /// ([`PageStore::extent`](crate::pages::PageStore::extent)).
+    pub fn extent(&self, f: &Fill) -> std::ops::Range<usize> {
+        self.links[f.level].store.extent(&f.chunk)
+    }
+
+    /// [`Self::read`] from `ext`, the bytes of `f`'s [`Self::extent`] read
+    /// by the caller from its link's `pages.img`, instead of the store's
+    /// mapping.
+    pub fn read_from<E>(
+        &self,
+        f: &Fill,
+        ext: &[u8],
+        scratch: &mut Vec<u8>,
+        each: impl FnMut(u64, &[u8]) -> Result<(), E>,
+        err: impl FnOnce(String) -> E,
+    ) -> Result<(), E> {
+        self.read_in(f, Some(ext), scratch, each, err)
+    }
+
+    fn read_in<E>(
+        &self,
+        f: &Fill,
+        ext: Option<&[u8]>,
+        scratch: &mut Vec<u8>,
         mut each: impl FnMut(u64, &[u8]) -> Result<(), E>,
         err: impl FnOnce(String) -> E,
     ) -> Result<(), E> {
         let n = f.chunk.npages as usize * PAGE;
         let link = &self.links[f.level];
         let fail = |e: String| format!("{}: {e}", link.dir.display());
+        let in_place = match ext {
+            Some(ext) => link.store.pages_from(&f.chunk, ext),
+            None => link.store.pages_in_place(&f.chunk),
+        };
         // Pages stored as they are are used where they lie (checked there):
         // no copy into `scratch`.
-        let data = match link.store.pages_in_place(&f.chunk) {
+        let data = match in_place {
             Ok(Some(d)) => d,
             Ok(None) => {
                 if scratch.len() < n {
                     scratch.resize(MAX_CHUNK_PAGES as usize * PAGE, 0);
                 }
-                if let Err(e) = link.store.decompress_into(&f.chunk, &mut scratch[..n]) {
+                let out = &mut scratch[..n];
+                let r = match ext {
+                    Some(ext) => link.store.decompress_from(&f.chunk, ext, out),
+                    None => link.store.decompress_into(&f.chunk, out),
+                };
+                if let Err(e) = r {
                     return Err(err(fail(e)));
                 }
                 &scratch[..n]

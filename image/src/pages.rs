@@ -333,20 +333,23 @@ impl PageStore {
             ));
         }
         store.chunks = chunks;
-        if !whole {
-            // The data is read as it is used, in parallel; meanwhile the
-            // kernel reads ahead (asked only now: the chunk headers above
-            // are read first, not behind the whole store). Advice only: its
-            // failure changes nothing.
-            // SAFETY: advice on the mapping `store` owns.
-            unsafe { libc::madvise(store.base, store.len, libc::MADV_WILLNEED) };
-        }
         Ok(store)
+    }
+
+    /// Asks the kernel to read the whole store ahead, without waiting, for
+    /// a reader that goes through the mapping (not asked at open: the chunk
+    /// headers are read first, and a reader that reads the file itself, or
+    /// only some chunks first, would find the disk busy with the rest).
+    /// Advice only: its failure changes nothing.
+    pub fn read_ahead(&self) {
+        // SAFETY: advice on the mapping this value owns.
+        unsafe { libc::madvise(self.base, self.len, libc::MADV_WILLNEED) };
     }
 
     /// Reads the whole store and checks it against its header's checksum
     /// (what opening a store before format 1.10 did; `inspect` asks for it).
     pub fn verify(&self) -> Result<(), ImageError> {
+        self.read_ahead();
         // In pieces, each counted as progress (a page per 4 KiB read).
         let mut crc = crc32fast::Hasher::new();
         for piece in self.bytes()[HEADER_LEN..].chunks(16 << 20) {
@@ -429,38 +432,75 @@ impl PageStore {
     /// (exactly `npages * PAGE` bytes).
     pub fn decompress_into(&self, c: &ChunkRef, out: &mut [u8]) -> Result<(), String> {
         let data = self.checked(c)?;
-        let want = c.npages as usize * PAGE;
-        if out.len() != want {
-            return Err(format!("buffer of {} bytes for {want}", out.len()));
+        unpack(c, data, out)
+    }
+
+    /// Where chunk `c` lies in the file, its header and its data: for a
+    /// reader that reads the file itself ([`Self::pages_from`],
+    /// [`Self::decompress_from`]).
+    pub fn extent(&self, c: &ChunkRef) -> std::ops::Range<usize> {
+        c.offset - CHUNK_HEADER..c.offset + c.clen
+    }
+
+    /// [`Self::pages_in_place`] on `ext`, the bytes of chunk `c`'s
+    /// [`Self::extent`] read by the caller.
+    pub fn pages_from<'a>(&self, c: &ChunkRef, ext: &'a [u8]) -> Result<Option<&'a [u8]>, String> {
+        if !c.raw {
+            return Ok(None);
         }
-        if c.raw {
-            // Its one checksum (of the bytes stored, which are the pages)
-            // was checked; the header says both are the same.
-            out.copy_from_slice(data);
-            return Ok(());
-        }
-        let n = lz4_flex::block::decompress_into(data, out).map_err(|e| {
-            format!(
-                "lz4 block of pages at {:#x} does not decompress: {e}",
-                c.vaddr
-            )
-        })?;
-        if n != want || crc32fast::hash(out) != c.raw_crc {
+        let data = self.checked_from(c, ext)?;
+        if data.len() != c.npages as usize * PAGE {
             return Err(format!(
-                "pages at {:#x}: contents do not match their checksum",
-                c.vaddr
+                "chunk of pages at {:#x} stored as it is holds {} bytes for {} pages",
+                c.vaddr,
+                data.len(),
+                c.npages
             ));
         }
-        Ok(())
+        Ok(Some(data))
+    }
+
+    /// [`Self::decompress_into`] from `ext`, the bytes of chunk `c`'s
+    /// [`Self::extent`] read by the caller.
+    pub fn decompress_from(&self, c: &ChunkRef, ext: &[u8], out: &mut [u8]) -> Result<(), String> {
+        let data = self.checked_from(c, ext)?;
+        unpack(c, data, out)
+    }
+
+    /// The share of the store's pages in the page cache (`mincore`; 0 when
+    /// it cannot be told).
+    pub fn resident(&self) -> f64 {
+        let pages = self.len.div_ceil(PAGE);
+        let mut v = vec![0u8; pages];
+        // SAFETY: our own mapping of `len` bytes, a vector of one byte per
+        // page of it.
+        if unsafe { libc::mincore(self.base, self.len, v.as_mut_ptr()) } != 0 || pages == 0 {
+            return 0.0;
+        }
+        v.iter().filter(|b| *b & 1 != 0).count() as f64 / pages as f64
     }
 
     /// Chunk `c`'s stored bytes, its header (from `pages.idx`) and data
     /// checksums checked.
     fn checked(&self, c: &ChunkRef) -> Result<&[u8], String> {
+        self.checked_from(c, &self.bytes()[self.extent(c)])
+    }
+
+    /// The data of chunk `c` in `ext`, the bytes of its extent, its header
+    /// (when it came from `pages.idx`) and data checksums checked.
+    fn checked_from<'a>(&self, c: &ChunkRef, ext: &'a [u8]) -> Result<&'a [u8], String> {
+        if ext.len() != CHUNK_HEADER + c.clen {
+            return Err(format!(
+                "the chunk of pages at {:#x} read as {} bytes, not {}",
+                c.vaddr,
+                ext.len(),
+                CHUNK_HEADER + c.clen
+            ));
+        }
+        let (h, data) = ext.split_at(CHUNK_HEADER);
         if c.indexed {
             // Every byte of the store is checked when used: the header in
             // the store too, against the index's (same 24 bytes, its CRC).
-            let h = &self.bytes()[c.offset - CHUNK_HEADER..c.offset];
             let fields = (
                 u64::from_le_bytes(h[0..8].try_into().expect("8")),
                 u32::from_le_bytes(h[8..12].try_into().expect("4")),
@@ -478,7 +518,6 @@ impl PageStore {
                 ));
             }
         }
-        let data = &self.bytes()[c.offset..c.offset + c.clen];
         if crc32fast::hash(data) != c.crc {
             return Err(format!(
                 "checksum mismatch in the chunk of pages at {:#x}",
@@ -487,6 +526,34 @@ impl PageStore {
         }
         Ok(data)
     }
+}
+
+/// Chunk `c`'s pages from its checked `data` into `out` (exactly
+/// `npages * PAGE` bytes), their checksum checked after decompression.
+fn unpack(c: &ChunkRef, data: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let want = c.npages as usize * PAGE;
+    if out.len() != want {
+        return Err(format!("buffer of {} bytes for {want}", out.len()));
+    }
+    if c.raw {
+        // Its one checksum (of the bytes stored, which are the pages) was
+        // checked; the header says both are the same.
+        out.copy_from_slice(data);
+        return Ok(());
+    }
+    let n = lz4_flex::block::decompress_into(data, out).map_err(|e| {
+        format!(
+            "lz4 block of pages at {:#x} does not decompress: {e}",
+            c.vaddr
+        )
+    })?;
+    if n != want || crc32fast::hash(out) != c.raw_crc {
+        return Err(format!(
+            "pages at {:#x}: contents do not match their checksum",
+            c.vaddr
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for PageStore {

@@ -310,6 +310,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     let chain = std::sync::Arc::new(chain);
     if opts.lazy {
         // What the process needs before it runs, read while it is built.
+        chain.read_ahead();
         lazy::prefetch(&chain);
     }
     clock.mark("read");

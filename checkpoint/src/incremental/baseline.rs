@@ -22,6 +22,7 @@ pub(super) struct Baseline {
 impl Baseline {
     pub(super) fn load(dir: &Path, pool: &rayon::ThreadPool) -> Result<Self, ImageError> {
         let chain = Chain::open(dir)?;
+        chain.read_ahead();
         let per_fill: Result<Vec<Vec<(u64, u64)>>, ImageError> = pool.install(|| {
             chain
                 .fills()

@@ -4,6 +4,7 @@
 //! registries in their phases; [`layout`] holds the memory layout.
 
 mod creds;
+mod direct;
 mod layout;
 
 use std::time::{Duration, Instant};
@@ -337,29 +338,30 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
         |f: &&cr_ebpf_image::chain::Fill| !f.is_shmem() && !crate::lazy::is_lazy(&lazy_ranges, f);
     let own: u64 = chain.fills().iter().filter(eager).map(|f| f.pages()).sum();
     cr_ebpf_image::progress::start("filling memory", own);
+    let write = |addr: u64, bytes: &[u8]| {
+        cr_ebpf_tracee::write_memory(got, addr, bytes).map_err(|source| RestoreError::Build {
+            what: format!("filling pages at {addr:#x}"),
+            source,
+        })
+    };
+    let bad = |e: String| RestoreError::PageData { what: e };
+    // A store not in the page cache is read directly, in file order; the
+    // rest through the stores' mappings.
+    let direct = |f: &cr_ebpf_image::chain::Fill, ext: &[u8], buf: &mut Vec<u8>| {
+        cr_ebpf_image::progress::add(f.pages());
+        chain.read_from(f, ext, buf, write, bad)
+    };
+    let left = direct::fill(
+        &pool,
+        chain,
+        chain.fills().iter().filter(eager).collect(),
+        &direct,
+    )?;
     pool.install(|| {
-        chain
-            .fills()
-            .par_iter()
-            .filter(eager)
-            .try_for_each_init(Vec::new, |buf, f| {
-                cr_ebpf_image::progress::add(f.pages());
-                chain.read(
-                    f,
-                    buf,
-                    |addr, bytes| {
-                        cr_ebpf_tracee::write_memory(got, addr, bytes).map_err(|source| {
-                            RestoreError::Build {
-                                what: format!("filling pages at {addr:#x}"),
-                                source,
-                            }
-                        })
-                    },
-                    |e| RestoreError::PageData {
-                        what: e.to_string(),
-                    },
-                )
-            })
+        left.par_iter().try_for_each_init(Vec::new, |buf, f| {
+            cr_ebpf_image::progress::add(f.pages());
+            chain.read(f, buf, write, bad)
+        })
     })?;
     if let Some(shared) = &b.natives.lazy {
         let lazy = crate::lazy::lazy_fills(chain, &lazy_ranges);
