@@ -129,24 +129,26 @@ pub(super) fn fill<'a>(
             left.extend(mine);
             continue;
         };
-        let read_err = |e: std::io::Error| RestoreError::PageData {
-            what: format!("reading {}: {e}", path.display()),
-        };
-        stream(pool, chain, &file, windows(chain, mine), one, &read_err)?;
+        let ws = windows(chain, mine);
+        if let Some(i) = stream(pool, chain, &file, &ws, one)? {
+            link.store.read_ahead();
+            left.extend(ws[i..].iter().flat_map(|w| w.fills.iter().copied()));
+        }
     }
     Ok(left)
 }
 
 /// Reads `windows` of `file` on a thread of its own, one ahead, while the
-/// fills of each window read go in on `pool`.
+/// fills of each window read go in on `pool`. A read that fails stops it:
+/// returns the first window not filled then (their fills are left to the
+/// mapping, which reports the disk's error if it is one).
 fn stream(
     pool: &rayon::ThreadPool,
     chain: &Chain,
     file: &File,
-    windows: Vec<Window<'_>>,
+    windows: &[Window<'_>],
     one: &FillOne<'_>,
-    read_err: &(dyn Fn(std::io::Error) -> RestoreError + Sync),
-) -> Result<(), RestoreError> {
+) -> Result<Option<usize>, RestoreError> {
     let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Aligned>(3);
     for _ in 0..3 {
         let _ = free_tx.send(Aligned::new(WINDOW + ALIGN));
@@ -160,31 +162,36 @@ fn stream(
                     return;
                 };
                 let got = read_at(file, &mut buf.bytes_mut()[..r.len()], r.start);
-                if full_tx.send((i, got.map(|()| buf))).is_err() {
+                let failed = got.is_err();
+                if full_tx.send((i, got.map(|()| buf))).is_err() || failed {
                     return;
                 }
             }
         });
-        for (i, got) in full_rx.iter() {
-            let buf = got.map_err(read_err)?;
-            let w = &windows[i];
-            let bytes = &buf.bytes()[..w.range.len()];
-            pool.install(|| {
-                w.fills
-                    .par_iter()
-                    .try_for_each_init(Vec::new, |scratch, f| {
-                        let e = chain.extent(f);
-                        one(
-                            f,
-                            &bytes[e.start - w.range.start..e.end - w.range.start],
-                            scratch,
-                        )
-                    })
-            })?;
-            // A closed channel: the reader is done.
-            let _ = free_tx.send(buf);
-        }
-        Ok(())
+        // Owns both channel ends the reader waits on: however it returns,
+        // they go, and the reader with them.
+        let consume = move || -> Result<Option<usize>, RestoreError> {
+            for (i, got) in full_rx.iter() {
+                let Ok(buf) = got else {
+                    return Ok(Some(i));
+                };
+                let w = &windows[i];
+                let bytes = &buf.bytes()[..w.range.len()];
+                pool.install(|| {
+                    w.fills
+                        .par_iter()
+                        .try_for_each_init(Vec::new, |scratch, f| {
+                            let e = chain.extent(f);
+                            let at = e.start - w.range.start..e.end - w.range.start;
+                            one(f, &bytes[at], scratch)
+                        })
+                })?;
+                // A closed channel: the reader is done.
+                let _ = free_tx.send(buf);
+            }
+            Ok(None)
+        };
+        consume()
     })
 }
 
