@@ -65,11 +65,13 @@ fn a_damaged_chunk_of_a_cold_store_is_refused_before_anything_runs() {
     }
     let s = Scratch::new("cold-damaged");
     let (pid, img, _log) = dumped(&s, "d");
-    // A byte of the last chunk's data flipped (the file's last byte).
+    // A byte of a chunk early in the store flipped (its 4 KiB after the
+    // header: chunk data), with many windows still to read after it: the
+    // reader must not be left waiting for a buffer the failed fill holds.
     let p = img.join(cr_ebpf_image::PAGES_FILE);
     let mut b = std::fs::read(&p).unwrap();
-    let last = b.len() - 1;
-    b[last] ^= 0x5a;
+    assert!(b.len() > 32 << 20, "several windows");
+    b[4096] ^= 0x5a;
     std::fs::write(&p, &b).unwrap();
     let f = std::fs::File::open(&p).unwrap();
     f.sync_all().unwrap();
