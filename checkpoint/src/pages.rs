@@ -74,14 +74,20 @@ pub(crate) fn write_pages(
         pid,
         live,
         buffered,
-        mut streamed,
+        streamed,
     } = pp;
-    let writer = match streamed.as_mut() {
+    // Appending to the store pre-copy made, when there is one.
+    let (mut writer, revisions) = match streamed {
         Some(s) => {
-            s.store.move_into(tmp)?;
-            None
+            let kept = s.pages();
+            let Streamed {
+                mut store,
+                revisions,
+            } = s;
+            store.move_into(tmp)?;
+            (store, Some((revisions, kept)))
         }
-        None => Some(PageWriter::create(tmp)?),
+        None => (PageWriter::create(tmp)?, None),
     };
     let mem_err = |e: TraceError| ImageError::Io {
         path: format!("memory of process {pid}"),
@@ -94,19 +100,12 @@ pub(crate) fn write_pages(
         false => Some(cr_ebpf_tracee::Mem::open(pid).map_err(mem_err)?),
     };
     let (tx, rx) = crossbeam_channel::bounded::<Chunk>(pool.current_num_threads() * 4);
-    let store = streamed.as_mut().map(|s| &mut s.store);
     let (read, written) = std::thread::scope(|s| {
-        let w = s.spawn(move || -> Result<Option<PageWriter>, ImageError> {
-            let mut writer = writer;
-            let mut store = store;
+        let w = s.spawn(|| -> Result<(), ImageError> {
             for c in rx {
-                match (&mut writer, &mut store) {
-                    (Some(w), _) => w.write(&c)?,
-                    (None, Some(w)) => w.write(&c)?,
-                    (None, None) => unreachable!("one writer"),
-                };
+                writer.write(&c)?;
             }
-            Ok(writer)
+            Ok(())
         });
         let read: Result<(), ImageError> = pool.install(|| {
             live.par_iter()
@@ -136,15 +135,12 @@ pub(crate) fn write_pages(
         (read, w.join().expect("page writer thread panicked"))
     });
     read?;
-    match (written?, streamed) {
-        (Some(w), _) => w.finish(),
-        (None, Some(mut s)) => {
-            cr_ebpf_image::progress::add(s.pages());
-            s.revise(pool)?;
-            s.store.finish()
-        }
-        (None, None) => unreachable!("one writer"),
+    written?;
+    if let Some((revisions, kept)) = revisions {
+        cr_ebpf_image::progress::add(kept);
+        crate::streamed::revise(&mut writer, &revisions, pool)?;
     }
+    writer.finish()
 }
 
 /// Writes the page store of every process into `tmp`: into `proc-PID/` of

@@ -381,7 +381,7 @@ impl Precopy {
     /// pages written or replaced since), then splits the runs it stores,
     /// `runs`, into those still to be read from it (split for the readers)
     /// and those its store holds already, to be revised after the freeze
-    /// (see [`Streamed::revise`]). Every page is in exactly one of the two.
+    /// (see `streamed::revise`). Every page is in exactly one of the two.
     pub(crate) fn take(
         &mut self,
         pool: &rayon::ThreadPool,

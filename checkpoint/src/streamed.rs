@@ -35,15 +35,22 @@ impl Streamed {
             .map(|r| r.keep.iter().filter(|k| **k).count() as u64)
             .sum()
     }
+}
 
-    /// Brings the store up to what the frozen process held: pages written
-    /// since their copy patched in, pages no longer stored left out. The
-    /// chunks are read back and re-made on `pool`, then written.
-    pub(crate) fn revise(&mut self, pool: &rayon::ThreadPool) -> Result<(), ImageError> {
-        self.store.flush_all()?;
-        let store = &self.store;
-        let edits: Vec<Edit> = pool.install(|| {
-            self.revisions
+/// Brings `store`, a store pre-copy made, up to what the frozen process
+/// held: pages written since their copy patched in, pages no longer stored
+/// left out (`revisions`). The chunks are read back and re-made on `pool`,
+/// then written.
+pub(crate) fn revise(
+    store: &mut PageWriter,
+    revisions: &[Revision],
+    pool: &rayon::ThreadPool,
+) -> Result<(), ImageError> {
+    store.flush_all()?;
+    let edits: Vec<Edit> = {
+        let store = &*store;
+        pool.install(|| {
+            revisions
                 .par_iter()
                 .map(|r| {
                     let patches: Vec<(u32, &[u8])> =
@@ -51,10 +58,10 @@ impl Streamed {
                     store.plan(r.slot, &|k| r.keep.get(k as usize) == Some(&true), &patches)
                 })
                 .collect::<Result<_, _>>()
-        })?;
-        for e in edits {
-            self.store.apply(e)?;
-        }
-        Ok(())
+        })?
+    };
+    for e in edits {
+        store.apply(e)?;
     }
+    Ok(())
 }

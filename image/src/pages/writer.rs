@@ -165,11 +165,6 @@ impl PageWriter {
         Ok(())
     }
 
-    /// Pages stored so far.
-    pub fn pages(&self) -> u64 {
-        self.slots.iter().map(|s| s.pages as u64).sum()
-    }
-
     /// Appends a chunk; returns its number, for [`Self::revise`].
     pub fn write(&mut self, c: &Chunk) -> Result<usize, ImageError> {
         let h = chunk_header(c);
@@ -248,17 +243,28 @@ impl PageWriter {
         let _ = std::fs::remove_file(&self.path);
     }
 
+    /// An error about chunk `slot`, at its offset in the file.
+    fn corrupt(&self, slot: usize, what: String) -> ImageError {
+        ImageError::Corrupt {
+            path: self.path.display().to_string(),
+            offset: HEADER_LEN as u64 + self.slots[slot].at,
+            what,
+        }
+    }
+
+    /// Chunk `slot`, which must be a chunk (not padding) all written.
+    fn revisable(&self, slot: usize) -> Result<&Slot, ImageError> {
+        let s = &self.slots[slot];
+        if s.pages == 0 || !self.buf.is_empty() {
+            return Err(self.corrupt(slot, "revising padding or an unwritten chunk".into()));
+        }
+        Ok(s)
+    }
+
     /// The pages of chunk `slot`, read back and checked.
     fn read_back(&self, slot: usize) -> Result<(u64, Vec<u8>), ImageError> {
-        let s = &self.slots[slot];
-        let corrupt = |what: String| ImageError::Corrupt {
-            path: self.path.display().to_string(),
-            offset: HEADER_LEN as u64 + s.at,
-            what,
-        };
-        if s.pages == 0 || !self.buf.is_empty() {
-            return Err(corrupt("revising padding or an unwritten chunk".into()));
-        }
+        let s = self.revisable(slot)?;
+        let corrupt = |what: String| self.corrupt(slot, what);
         let mut data = vec![0u8; s.len as usize];
         self.file
             .read_exact_at(&mut data, HEADER_LEN as u64 + s.at + CHUNK_HEADER as u64)
@@ -351,14 +357,7 @@ impl PageWriter {
     /// ^ crc(c); with b the old chunk, a what differs, zeros elsewhere, and
     /// c all zeros).
     fn patch_in_place(&self, slot: usize, patches: &[(u32, &[u8])]) -> Result<Edit, ImageError> {
-        let s = &self.slots[slot];
-        if !self.buf.is_empty() || s.pages == 0 {
-            return Err(ImageError::Corrupt {
-                path: self.path.display().to_string(),
-                offset: HEADER_LEN as u64 + s.at,
-                what: "revising padding or an unwritten chunk".into(),
-            });
-        }
+        let s = self.revisable(slot)?;
         let mut sorted: Vec<(u32, &[u8])> = patches.to_vec();
         sorted.sort_by_key(|p| p.0);
         // The last patch of a page wins.
@@ -378,11 +377,10 @@ impl PageWriter {
         for &(k, new) in &sorted {
             let at = k as u64 * PAGE as u64;
             if at + PAGE as u64 > len || new.len() != PAGE {
-                return Err(ImageError::Corrupt {
-                    path: self.path.display().to_string(),
-                    offset: data_at,
-                    what: format!("a patch of page {k} of a chunk of {len} bytes"),
-                });
+                return Err(self.corrupt(
+                    slot,
+                    format!("a patch of page {k} of a chunk of {len} bytes"),
+                ));
             }
             diff.combine(&zeros(at - pos));
             self.file
