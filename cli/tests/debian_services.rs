@@ -223,15 +223,7 @@ fn round_trip<T>(pid: i32, images: &Path, load: impl FnOnce(&Tracking) -> T) -> 
     let (status, err) = track.finish();
     // 4: the service ended because the process is gone.
     assert_eq!(status.code(), Some(4), "track: {err}");
-    let restored = Command::new(BIN)
-        .args(["restore", "--detach", "--images-dir"])
-        .arg(images)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&restored.stderr);
-    assert!(restored.status.success(), "restore: {text}");
+    common::restore_detached(images);
     let after = credentials(&tree(pid));
     let anon_after = rss_anon(&tree(pid));
     eprintln!("anonymous memory: {anon_before} KiB before, {anon_after} KiB after the restore");

@@ -226,15 +226,7 @@ fn redis_under_load_is_killed_and_restored_from_its_newest_checkpoint() {
         "the spanning connection was kept: {err}"
     );
 
-    let restored = Command::new(BIN)
-        .args(["restore", "--detach", "--images-dir"])
-        .arg(&images)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&restored.stderr);
-    assert!(restored.status.success(), "restore: {text}");
+    common::restore_detached(&images);
     reap.1.push(pid);
     // The same connection, the same data.
     assert_eq!(client.call(&["PING"]), Reply::Simple("PONG".into()));

@@ -13,7 +13,7 @@ use std::{
 
 mod common;
 
-use common::{clean, complete_lines, root, state_of, workload_bin, BIN};
+use common::{clean, complete_lines, restore_detached, root, state_of, workload_bin, BIN};
 
 fn epochs_bin(test: &str) -> Option<PathBuf> {
     workload_bin("epochs", test)
@@ -293,14 +293,7 @@ fn a_process_that_execs_is_tracked_across_the_exec_and_restores_as_the_new_progr
     );
     child.kill().unwrap();
     let _ = child.wait();
-    let r = Command::new(BIN)
-        .args(["restore", "--detach", "--images-dir"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(r.success());
+    restore_detached(&dir);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert!(
         exe.ends_with("sleep"),
@@ -378,14 +371,7 @@ fn execs_during_the_pre_copy_do_not_end_the_tracking() {
         );
         child.kill().unwrap();
         let _ = child.wait();
-        let r = Command::new(BIN)
-            .args(["restore", "--detach", "--images-dir"])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(r.success(), "trial {trial}: restore");
+        restore_detached(&dir);
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
         assert!(exe.ends_with("sleep"), "restored: {}", exe.display());
         assert!(matches!(state_of(pid), 'S' | 'R'), "restored sleep runs");
@@ -491,14 +477,7 @@ fn a_subreaper_membarrier_and_securebits_set_while_tracked_are_restored() {
     assert!(track.wait().unwrap().success());
     py.kill().unwrap();
     let _ = py.wait();
-    let r = Command::new(BIN)
-        .args(["restore", "--detach", "--images-dir"])
-        .arg(&images)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(r.success(), "restore");
+    restore_detached(&images);
     signal(pid, libc::SIGUSR1);
     let state = wait_for(&log, "the restored state", |ls| {
         ls.iter().find(|l| l.starts_with("subreaper")).cloned()
@@ -679,18 +658,7 @@ fn retention_bounds_a_chain_by_default_and_by_age() {
     // The newest restores after retention.
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
-    let out = Command::new(BIN)
-        .args(["restore", "--detach", "--images-dir"])
-        .arg(dir.join("age"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    restore_detached(&dir.join("age"));
     assert!(signal(pid, libc::SIGKILL), "restored");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -831,8 +799,19 @@ fn track_serves_its_metrics_for_prometheus() {
             .contains("parent-death signal"),
         "{said}"
     );
-    let st = state_of(pid);
-    assert!(!matches!(st, 't' | 'T' | 'Z' | 'X'), "target state {st}");
+    // Not left stopped: track goes on freezing it every 200 ms (each
+    // attempt refused again), so one look may catch it in such a freeze;
+    // it must be seen running between them, and never dead.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let st = state_of(pid);
+        assert!(!matches!(st, 'Z' | 'X'), "target state {st}");
+        if !matches!(st, 't' | 'T') {
+            break;
+        }
+        assert!(Instant::now() < deadline, "target held stopped: {st}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let text = scrape(port);
     assert!(
         sample(&text, "cr_ebpf_checkpoint_failures_total") >= 1.0,

@@ -13,6 +13,21 @@ pub fn fresh_dir(prefix: &str) -> std::path::PathBuf {
     dir
 }
 
+/// `cr-ebpf restore --detach --images-dir IMAGES` (no stdin, no stdout),
+/// required to succeed; what it said on stderr.
+pub fn restore_detached(images: &std::path::Path) -> String {
+    let out = Command::new(BIN)
+        .args(["restore", "--detach", "--images-dir"])
+        .arg(images)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "restore: {text}");
+    text
+}
+
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
