@@ -231,6 +231,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     // the peers wait for the restored process instead of seeing a reset.
     let mut network_lock = None;
     if let Some(t) = frozen.take() {
+        phase("killing the processes");
         for (_, sock) in states.iter().flat_map(|s| &s.tcp) {
             let _ = cr_ebpf_resources::fd::socket::tcp::repair_mode(sock, true);
         }

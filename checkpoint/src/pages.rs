@@ -138,8 +138,10 @@ pub(crate) fn write_pages(
     written?;
     if let Some((revisions, kept)) = revisions {
         cr_ebpf_image::progress::add(kept);
+        crate::watchdog::phase("revising the pre-copied pages");
         crate::streamed::revise(&mut writer, &revisions, pool)?;
     }
+    crate::watchdog::phase("syncing the page store");
     writer.finish()
 }
 

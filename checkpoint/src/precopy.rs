@@ -245,6 +245,9 @@ fn copy_into(
         })
         .collect();
     let (tx, rx) = crossbeam_channel::bounded::<Copied<Chunk>>(pool.current_num_threads() * 4);
+    // Buffers of chunks written, read into again: no allocation, zeroing
+    // and page faults per chunk.
+    let (free_tx, free_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
     std::thread::scope(|sc| {
         let w = sc.spawn(move || {
             let mut stores: BTreeMap<i32, Option<PageWriter>> =
@@ -254,7 +257,12 @@ fn copy_into(
                 let store = stores.get_mut(&pid).expect("a store per process");
                 let slot = match (c, store.as_mut()) {
                     (Some((frames, chunk)), Some(w)) => match w.write(&chunk) {
-                        Ok(slot) => Some((frames, slot)),
+                        Ok(slot) => {
+                            if chunk.stored_raw {
+                                let _ = free_tx.send(chunk.data);
+                            }
+                            Some((frames, slot))
+                        }
                         Err(_) => {
                             if let Some(w) = store.take() {
                                 w.discard();
@@ -272,7 +280,8 @@ fn copy_into(
             work.par_iter().for_each(|&(pid, addr, n)| {
                 let (pagemap, mem) = &files[&pid];
                 let fr = pagemap.as_ref().map(|pm| frames(pm, addr, n));
-                let mut data = vec![0u8; (n * PAGE) as usize];
+                let mut data = free_rx.try_recv().unwrap_or_default();
+                data.resize((n * PAGE) as usize, 0);
                 let ok = mem
                     .as_ref()
                     .is_some_and(|m| m.read(addr, &mut data).is_ok());
@@ -329,6 +338,11 @@ impl Precopy {
             } else {
                 store.discard();
             }
+        }
+        for (pid, store) in &mut stores {
+            let runs = work.iter().filter(|w| w.0 == *pid);
+            let (pages, chunks) = runs.fold((0, 0), |(p, c), w| (p + w.2, c + 1));
+            store.reserve(pages, chunks);
         }
         let bytes: u64 = work.iter().map(|w| w.2 * PAGE).sum();
         cr_ebpf_image::progress::start("pre-copying pages", bytes / PAGE);

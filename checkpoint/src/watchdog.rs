@@ -35,6 +35,11 @@ pub(crate) fn phase(what: impl Into<String>) {
             }
         }
     }
+    if std::env::var_os("CR_EBPF_PHASE_TIMES").is_some() {
+        static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let t0 = T0.get_or_init(std::time::Instant::now);
+        eprintln!("phase {:8.1} ms {what}", t0.elapsed().as_secs_f64() * 1e3);
+    }
     *PHASE.lock().unwrap_or_else(|e| e.into_inner()) = what;
 }
 

@@ -182,3 +182,33 @@ fn padding_is_refused_where_it_cannot_be() {
     });
     assert!(e.contains("bad padding"), "{e}");
 }
+
+/// A store with space reserved for more than it gets, large chunks (written
+/// from where they are) between small ones (buffered), a large one patched
+/// in place: it ends exactly where its payload does and reads back as
+/// written.
+#[test]
+fn a_store_reserved_for_more_than_it_holds_ends_with_its_payload() {
+    let d = tempdir("reserved");
+    let (small, large, text8, large2) = (noise(1, 3), noise(64, 4), text(8, 7), noise(256, 8));
+    let mut w = PageWriter::create(&d.0).unwrap();
+    w.reserve(1 + 64 + 8 + 256 + 500, 40);
+    w.write(&Chunk::compress(0x1000, &small)).unwrap();
+    let sl = w.write(&Chunk::compress(0x10_0000, &large)).unwrap();
+    w.write(&Chunk::compress(0x20_0000, &text8)).unwrap();
+    w.write(&Chunk::compress(0x30_0000, &large2)).unwrap();
+    let patch = noise(1, 9);
+    w.flush_all().unwrap();
+    w.revise(sl, &|_| true, &[(63, &patch)]).unwrap();
+    w.finish().unwrap();
+    let mut expect = BTreeMap::new();
+    set(&mut expect, 0x1000, &small);
+    set(&mut expect, 0x10_0000, &large);
+    set(&mut expect, 0x10_0000 + 63 * PAGE as u64, &patch);
+    set(&mut expect, 0x20_0000, &text8);
+    set(&mut expect, 0x30_0000, &large2);
+    assert_eq!(pages_of(&d.0), expect);
+    let len = std::fs::metadata(d.0.join(PAGES_FILE)).unwrap().len();
+    let raw = (1 + 64 + 256) * PAGE as u64;
+    assert!(len > raw && len < raw + 8 * PAGE as u64, "{len} bytes");
+}

@@ -20,6 +20,56 @@ use crate::{
 const KICK_BYTES: u64 = 8 << 20;
 /// Appended bytes kept before they are written.
 const BUFFER: usize = 1 << 20;
+/// Chunk data of at least this many bytes is written from where it is,
+/// not copied into the buffer first.
+const DIRECT: usize = 64 << 10;
+
+/// Writes all of `parts`, one after the other, at `at` in `file`.
+fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut at: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    while !parts.is_empty() {
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        // SAFETY: every iovec points into a slice borrowed for the call;
+        // the kernel only reads them.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                at as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        at += n as u64;
+        let mut n = n as usize;
+        while n > 0 {
+            let first = parts[0].len().min(n);
+            n -= first;
+            if first == parts[0].len() {
+                parts.remove(0);
+            } else {
+                parts[0] = &parts[0][first..];
+            }
+        }
+    }
+    Ok(())
+}
 
 /// One chunk (or padding) of the store, in file order.
 #[derive(Debug, Clone)]
@@ -157,6 +207,23 @@ impl PageWriter {
         })
     }
 
+    /// Allocates disk space for `chunks` more chunks of `pages` pages in
+    /// all, stored as they are, after what is written. Writing into space
+    /// allocated at once costs the kernel less than allocating it as the
+    /// pages reach the disk; what is not used is given back by
+    /// [`Self::finish`]. Advice: a failure changes nothing (a full disk
+    /// fails the writes that need the space).
+    pub fn reserve(&mut self, pages: u64, chunks: u64) {
+        use std::os::fd::AsRawFd as _;
+        let at = HEADER_LEN as u64 + self.len;
+        let bytes = pages * PAGE as u64 + chunks * CHUNK_HEADER as u64;
+        if bytes == 0 {
+            return;
+        }
+        // SAFETY: a plain syscall on the descriptor `file` owns.
+        unsafe { libc::fallocate(self.file.as_raw_fd(), 0, at as i64, bytes as i64) };
+    }
+
     /// Renames the store to `pages.img` in `dir` (the same file system).
     pub fn move_into(&mut self, dir: &Path) -> Result<(), ImageError> {
         let to = dir.join(crate::PAGES_FILE);
@@ -186,8 +253,18 @@ impl PageWriter {
             pages,
         });
         self.buf.extend_from_slice(&header);
-        self.buf.extend_from_slice(data);
         self.len += (CHUNK_HEADER + data.len()) as u64;
+        if data.len() >= DIRECT {
+            // Large data goes to the kernel from where it is, after what
+            // is buffered: one copy less.
+            let at = HEADER_LEN as u64 + self.len - (self.buf.len() + data.len()) as u64;
+            write_all_vectored_at(&self.file, &[&self.buf, data], at)
+                .map_err(file::io(&self.path, "writing"))?;
+            self.buf.clear();
+            self.kick();
+            return Ok(self.slots.len() - 1);
+        }
+        self.buf.extend_from_slice(data);
         if self.buf.len() >= BUFFER {
             self.flush()?;
         }
@@ -453,6 +530,10 @@ impl PageWriter {
     pub fn finish(mut self) -> Result<(u64, u64), ImageError> {
         self.flush()?;
         let path = self.path.clone();
+        // Space reserved and not used goes back.
+        self.file
+            .set_len(HEADER_LEN as u64 + self.len)
+            .map_err(file::io(&path, "truncating"))?;
         let mut crc = crc32fast::Hasher::new();
         let mut headers = Vec::with_capacity(self.slots.len() * CHUNK_HEADER);
         for s in &self.slots {
