@@ -161,7 +161,9 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
             live.iter().position(|q| *q == ppid)
         })
         .collect();
+    phase("finding the pages to store");
     let mut plans = plan_pages(&live, &states, &parents)?;
+    phase("bringing the pre-copied pages up to date");
     let mut buffered = buffered_pages(
         &live,
         &start_times,

@@ -38,6 +38,7 @@
 //! starts reading the rest ahead; a store of an older format is read and
 //! checked whole when opened.
 
+mod direct;
 mod writer;
 
 use std::{fs::File, path::Path};

@@ -10,6 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::direct::DirectSink;
 use super::{Chunk, CHUNK_HEADER, INDEX_MAGIC, MAX_CHUNK_PAGES, PAD, PAGE, RAW};
 use crate::{
     file::{self, FileKind, HEADER_LEN},
@@ -182,6 +183,9 @@ pub struct PageWriter {
     slots: Vec<Slot>,
     /// Bytes of the file already sent to the disk by [`Self::kick`].
     kicked: u64,
+    /// Where appended bytes go instead of `buf`, past the page cache (see
+    /// [`Self::write_direct`]).
+    direct: Option<DirectSink>,
 }
 
 impl PageWriter {
@@ -204,7 +208,29 @@ impl PageWriter {
             len: 0,
             slots: Vec::new(),
             kicked: 0,
+            direct: None,
         })
+    }
+
+    /// From now on, chunks appended go to the disk directly (`O_DIRECT`),
+    /// in large blocks written by two threads, until [`Self::flush_all`]
+    /// or [`Self::finish`]: for a large store written in one go. Only on a
+    /// store nothing was appended to yet; false (nothing changes) there, or
+    /// where the file system does not take it.
+    pub fn write_direct(&mut self) -> bool {
+        if self.len != 0 || self.direct.is_some() {
+            return false;
+        }
+        self.direct = DirectSink::open(&self.path);
+        let Some(d) = &mut self.direct else {
+            return false;
+        };
+        // The header's place, written by `finish`.
+        if d.push(&[0u8; HEADER_LEN]).is_err() {
+            self.direct = None;
+            return false;
+        }
+        true
     }
 
     /// Allocates disk space for `chunks` more chunks of `pages` pages in
@@ -252,8 +278,15 @@ impl PageWriter {
             data_crc,
             pages,
         });
-        self.buf.extend_from_slice(&header);
         self.len += (CHUNK_HEADER + data.len()) as u64;
+        if let Some(d) = &mut self.direct {
+            return d
+                .push(&header)
+                .and_then(|()| d.push(data))
+                .map(|()| self.slots.len() - 1)
+                .map_err(file::io(&self.path, "writing"));
+        }
+        self.buf.extend_from_slice(&header);
         if data.len() >= DIRECT {
             // Large data goes to the kernel from where it is, after what
             // is buffered: one copy less.
@@ -273,6 +306,10 @@ impl PageWriter {
 
     /// Writes what is buffered.
     fn flush(&mut self) -> Result<(), ImageError> {
+        if let Some(d) = self.direct.take() {
+            d.finish(&self.file)
+                .map_err(file::io(&self.path, "writing"))?;
+        }
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -332,7 +369,7 @@ impl PageWriter {
     /// Chunk `slot`, which must be a chunk (not padding) all written.
     fn revisable(&self, slot: usize) -> Result<&Slot, ImageError> {
         let s = &self.slots[slot];
-        if s.pages == 0 || !self.buf.is_empty() {
+        if s.pages == 0 || !self.buf.is_empty() || self.direct.is_some() {
             return Err(self.corrupt(slot, "revising padding or an unwritten chunk".into()));
         }
         Ok(s)
