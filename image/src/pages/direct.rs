@@ -15,11 +15,11 @@ use std::{
 };
 
 /// Bytes of a block: one write.
-const BLOCK: usize = 4 << 20;
+const BLOCK: usize = 2 << 20;
 /// Alignment of an `O_DIRECT` write's buffer, offset and length.
 const ALIGN: usize = 4096;
 /// Blocks in flight at once (one per thread).
-const WRITERS: usize = 2;
+const WRITERS: usize = 8;
 
 /// A block-sized buffer whose start is aligned.
 struct Block {
@@ -52,6 +52,9 @@ pub(super) struct DirectSink {
     jobs: Option<crossbeam_channel::Sender<Job>>,
     free: crossbeam_channel::Receiver<Block>,
     threads: Vec<JoinHandle<()>>,
+    /// Blocks made so far (made as they are needed, at most one more
+    /// than there are threads).
+    blocks: usize,
     /// The first write that failed.
     error: Arc<Mutex<Option<io::Error>>>,
 }
@@ -89,13 +92,11 @@ impl DirectSink {
                 Err(_) => return None,
             }
         }
-        for _ in 0..WRITERS {
-            let _ = done.send(Block::new());
-        }
         Some(Self {
             block: Block::new(),
             fill: 0,
             at: 0,
+            blocks: 1,
             jobs: Some(jobs),
             free,
             threads,
@@ -120,10 +121,17 @@ impl DirectSink {
             bytes = &bytes[n..];
             if self.fill == BLOCK {
                 self.failed()?;
-                let next = self
-                    .free
-                    .recv()
-                    .map_err(|_| io::Error::other("the page writer threads are gone"))?;
+                let next = match self.free.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if self.blocks <= WRITERS => {
+                        self.blocks += 1;
+                        Block::new()
+                    }
+                    Err(_) => self
+                        .free
+                        .recv()
+                        .map_err(|_| io::Error::other("the page writer threads are gone"))?,
+                };
                 let full = std::mem::replace(&mut self.block, next);
                 self.send(full, BLOCK)?;
                 self.at += BLOCK as u64;
