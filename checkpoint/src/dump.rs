@@ -130,6 +130,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport, Dump
     crate::freeze::checkable(pid)?;
     let pool = worker_pool(pid, opts.threads, "dump-reader")?;
     let workers = pool.current_num_threads();
+    // What a dump killed before it finished left here goes first.
+    cr_ebpf_image::sweep_leftovers(dir);
     let staging = staging_dir(dir);
     let mut pre = (!opts.no_precopy).then(|| Precopy::run(pid, &pool, &staging));
     let mut watchdog = opts.freeze_limit.map(|l| Watchdog::start(pid, l));

@@ -229,3 +229,77 @@ fn a_stuck_dump_lets_the_process_go_at_its_freeze_limit() {
     let _ = target.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A dump killed while it writes leaves its temporary directory and its
+/// pre-copy's next to the image (both holding the process's memory): the
+/// next dump to the same place removes them.
+#[test]
+fn what_a_killed_dump_left_is_swept_by_the_next() {
+    let test = "what_a_killed_dump_left_is_swept_by_the_next";
+    let Some(mtwork) = workload_bin("mtwork", test) else {
+        return;
+    };
+    let dir = common::fresh_dir("cr-ebpf-leftover");
+    let log = dir.join("log");
+    let mut target = start(&mtwork, &log);
+    let pid = target.id() as i32;
+    let images = dir.join("image");
+    let leftovers = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".image.tmp-"))
+            .collect();
+        v.sort();
+        v
+    };
+    let dump = || {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["dump", "--leave-running", "--pid"])
+            .arg(pid.to_string())
+            .arg("--images-dir")
+            .arg(&images)
+            .stdin(Stdio::null());
+        cmd
+    };
+    // Held (the fault-injection hook) once its image is written, then killed.
+    let mut c = dump()
+        .env(cr_ebpf_checkpoint::STALL_ENV, "writing the manifests")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while leftovers().len() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the dump never got there: {:?}",
+            leftovers()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    let left = leftovers();
+    assert!(
+        left.len() == 2 && left.iter().any(|n| n.ends_with("-precopy")),
+        "a killed dump's directories: {left:?}"
+    );
+    assert_eq!(harm(pid, &log), None, "the process after the killed dump");
+    let out = dump().output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        leftovers(),
+        Vec::<String>::new(),
+        "left after the next dump"
+    );
+    assert!(images.join("manifest.img").exists());
+    let _ = target.kill();
+    let _ = target.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

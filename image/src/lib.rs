@@ -45,7 +45,7 @@ pub use manifest::{
     SHMEM_CAP, SHMEM_PAGES, SHMEM_PAGES_END, SHMEM_SLOT, SOCKET_QUEUE_CAP, TCP_HALF_CLOSED,
     TERMIOS_LEN, UTS_NAME_CAP,
 };
-pub use publish::publish;
+pub use publish::{publish, sweep_leftovers};
 
 /// Name of the manifest file in an image directory.
 pub const MANIFEST_FILE: &str = "manifest.img";

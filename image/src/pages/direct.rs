@@ -1,9 +1,9 @@
 //! Writing a page store past the page cache (`O_DIRECT`): bytes gathered
-//! into aligned blocks, each written by one of two threads while the next
-//! fills. A large store made this way costs no page-cache pages and no
-//! write-back work; on a machine whose fresh memory is slow to get (a
-//! virtual machine whose host takes freed memory back) that was most of a
-//! buffered write's time, and its variance.
+//! into aligned blocks, written by threads of their own (several blocks in
+//! flight) while the next fills. A large store made this way costs no
+//! page-cache pages and no write-back work; on a machine whose fresh memory
+//! is slow to get (a virtual machine whose host takes freed memory back)
+//! that was most of a buffered write's time, and its variance.
 
 use std::{
     fs::File,
