@@ -164,6 +164,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 "pid": r.pid,
                 "image": r.image,
                 "pages": r.pages,
+                "direct_pages": r.direct_pages,
                 "workers": r.workers,
                 "fill_ms": r.fill.as_secs_f64() * 1e3,
                 "total_ms": r.total.as_secs_f64() * 1e3,

@@ -49,6 +49,9 @@ pub struct RestoreReport {
     pub image: std::path::PathBuf,
     /// Pages written.
     pub pages: u64,
+    /// Of them, pages read past the page cache (`O_DIRECT`: a store mostly
+    /// not in the page cache is read that way, in file order).
+    pub direct_pages: u64,
     /// Time to fill the pages.
     pub fill: Duration,
     /// The whole restore, until the process runs.
@@ -323,13 +326,14 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     } else {
         opts.threads
     };
-    let (pid, pages, fill, cgroups_made, lazy) =
+    let (pid, filled, cgroups_made, lazy) =
         restore_single(manifest, &chain, workers, opts, &mut clock)?;
     Ok(RestoreReport {
         pid,
         image: dir,
-        pages,
-        fill,
+        pages: filled.pages,
+        direct_pages: filled.direct_pages,
+        fill: filled.took,
         total: clock.last - start,
         workers,
         phases: clock.phases,
@@ -339,12 +343,32 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     })
 }
 
-/// What [`restore_single`] returns: (pid, pages written, fill time,
+/// What filling a process's memory did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Filled {
+    /// Pages of its image.
+    pub(crate) pages: u64,
+    /// Of them, pages read past the page cache (a cold store, see
+    /// `direct.rs`).
+    pub(crate) direct_pages: u64,
+    /// Time taken.
+    pub(crate) took: std::time::Duration,
+}
+
+impl std::ops::AddAssign for Filled {
+    fn add_assign(&mut self, o: Self) {
+        self.pages += o.pages;
+        self.direct_pages += o.direct_pages;
+        self.took += o.took;
+    }
+}
+
+/// What [`restore_single`] returns: (pid, what filling its memory did,
 /// cgroups made, a lazy fill running).
-type Single = (i32, u64, Duration, Vec<String>, Option<LazyFill>);
+type Single = (i32, Filled, Vec<String>, Option<LazyFill>);
 
 /// Rebuilds one process: a stub with its pid, its whole state, then it
-/// runs. Returns (pid, pages written, fill time, cgroups made).
+/// runs. Returns (pid, what filling its memory did, cgroups made, a lazy fill).
 fn restore_single(
     m: &Manifest,
     chain: &std::sync::Arc<Chain>,
@@ -388,10 +412,10 @@ fn restore_single(
     if let Some(l) = &lazy {
         l.guarded().map_err(|e| e.in_process(pid))?;
     }
-    let (pid, pages, fill) = release::release(ready).map_err(|e| e.in_process(pid))?;
+    let (pid, filled) = release::release(ready).map_err(|e| e.in_process(pid))?;
     if let Some(l) = &lazy {
         l.go();
     }
     clock.mark("resume");
-    Ok((pid, pages, fill, made, lazy))
+    Ok((pid, filled, made, lazy))
 }

@@ -2,8 +2,6 @@
 //! its last syscall and its own registers at that syscall's exit; the
 //! trampoline goes last.
 
-use std::time::Duration;
-
 use cr_ebpf_resources::sys::{Injected, Sys as _, PAGE};
 use cr_ebpf_tracee::{regs, Tracee};
 
@@ -23,12 +21,11 @@ pub(crate) struct Ready {
     pub sigmask: u64,
     pub vdso_insn: u64,
     pub tramp: u64,
-    pub pages: u64,
-    pub fill: Duration,
+    pub filled: crate::Filled,
 }
 
 /// Lets a built process run: each thread gets its own mask and registers.
-pub(crate) fn release(r: Ready) -> Result<(i32, u64, Duration), RestoreError> {
+pub(crate) fn release(r: Ready) -> Result<(i32, crate::Filled), RestoreError> {
     let Ready {
         t,
         mut guard,
@@ -37,8 +34,7 @@ pub(crate) fn release(r: Ready) -> Result<(i32, u64, Duration), RestoreError> {
         sigmask,
         vdso_insn,
         tramp,
-        pages,
-        fill,
+        filled,
     } = r;
     let got = t.tid();
     let s = Injected::new(&t, got, tramp, tramp + PAGE);
@@ -143,5 +139,5 @@ pub(crate) fn release(r: Ready) -> Result<(i32, u64, Duration), RestoreError> {
         source,
     })?;
     guard.1 = true;
-    Ok((got, pages, fill))
+    Ok((got, filled))
 }

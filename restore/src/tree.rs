@@ -145,7 +145,7 @@ fn restore_stubs(
     // Everything else of every process, children first (each keeps its
     // stub stopped).
     let mut ready = Vec::new();
-    let (mut pages, mut fill) = (0, std::time::Duration::ZERO);
+    let mut filled = crate::Filled::default();
     for p in tree.processes.iter().rev().filter(|p| p.zombie.is_none()) {
         let mem = built.remove(&p.pid).expect("made above");
         let r = crate::build::build_rest(
@@ -165,17 +165,17 @@ fn restore_stubs(
     drop(natives);
     for r in ready {
         let pid = r.t.tid();
-        let (_, p, f) = crate::release::release(r).map_err(|e| e.in_process(pid))?;
-        pages += p;
-        fill += f;
+        let (_, f) = crate::release::release(r).map_err(|e| e.in_process(pid))?;
+        filled += f;
     }
     clock.mark("resume");
     Ok(RestoreReport {
         lazy: None,
         pid: root.pid,
         image: dir.to_path_buf(),
-        pages,
-        fill,
+        pages: filled.pages,
+        direct_pages: filled.direct_pages,
+        fill: filled.took,
         total: start.elapsed(),
         workers,
         phases: clock.phases,

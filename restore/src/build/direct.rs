@@ -101,14 +101,16 @@ fn windows<'a>(chain: &Chain, mut fills: Vec<&'a Fill>) -> Vec<Window<'a>> {
 
 /// Fills `eager` of the links whose store is mostly not in the page cache
 /// by reading them directly (see the module); returns the fills left for
-/// the mapping. `one(fill, bytes of its extent, scratch)` puts a fill in.
+/// the mapping, and the pages put in from direct reads. `one(fill, bytes
+/// of its extent, scratch)` puts a fill in.
 pub(super) fn fill<'a>(
     pool: &rayon::ThreadPool,
     chain: &Chain,
     eager: Vec<&'a Fill>,
     one: &FillOne<'_>,
-) -> Result<Vec<&'a Fill>, RestoreError> {
+) -> Result<(Vec<&'a Fill>, u64), RestoreError> {
     let mut left = Vec::new();
+    let mut direct = 0;
     for (level, link) in chain.links().iter().enumerate() {
         let mine: Vec<&Fill> = eager.iter().copied().filter(|f| f.level == level).collect();
         if mine.is_empty() {
@@ -130,12 +132,21 @@ pub(super) fn fill<'a>(
             continue;
         };
         let ws = windows(chain, mine);
-        if let Some(i) = stream(pool, chain, &file, &ws, one)? {
-            link.store.read_ahead();
-            left.extend(ws[i..].iter().flat_map(|w| w.fills.iter().copied()));
-        }
+        let done = match stream(pool, chain, &file, &ws, one)? {
+            Some(i) => {
+                link.store.read_ahead();
+                left.extend(ws[i..].iter().flat_map(|w| w.fills.iter().copied()));
+                i
+            }
+            None => ws.len(),
+        };
+        direct += ws[..done]
+            .iter()
+            .flat_map(|w| w.fills.iter())
+            .map(|f| f.pages())
+            .sum::<u64>();
     }
-    Ok(left)
+    Ok((left, direct))
 }
 
 /// Reads `windows` of `file` on a thread of its own, one ahead, while the

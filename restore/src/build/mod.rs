@@ -7,7 +7,7 @@ mod creds;
 mod direct;
 mod layout;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cr_ebpf_image::{Chain, Manifest, MappingKind};
 use cr_ebpf_resources::{
@@ -49,8 +49,7 @@ struct Build<'a> {
     others: Vec<(Tracee, regs::Regs, u64)>,
     /// The registers the main thread resumes with.
     final_regs: Option<regs::Regs>,
-    pages: u64,
-    fill: Duration,
+    filled: crate::Filled,
     /// It shares its parent's descriptor table (`CLONE_FILES`): the
     /// parent restores the descriptors.
     shares_files: bool,
@@ -86,8 +85,7 @@ pub(crate) struct Memory {
     // first (fields drop in order).
     guard: KillGuard,
     t: Tracee,
-    pages: u64,
-    fill: Duration,
+    filled: crate::Filled,
     /// It shares its parent's descriptor table (see [`Build`]).
     pub(crate) shares_files: bool,
 }
@@ -167,8 +165,7 @@ fn run_phases<'a>(
         kept,
         others: Vec::new(),
         final_regs: None,
-        pages: 0,
-        fill: Duration::ZERO,
+        filled: crate::Filled::default(),
         shares_files,
     };
     for (name, phase) in phases {
@@ -201,7 +198,7 @@ pub(crate) fn build_memory(
         .ok()
         .and_then(|t| parse_maps(&t).ok())
         .ok_or_else(|| RestoreError::stub("cannot read the stub's maps"))?;
-    let (pages, fill) = {
+    let filled = {
         let s = Injected::new(&t, got, addrs.0, addrs.0 + PAGE).with_floor(floor(m));
         let b = run_phases(
             &t,
@@ -218,13 +215,12 @@ pub(crate) fn build_memory(
         )?;
         // Children made from this stub must not inherit its descriptors.
         s.release_adopter()?;
-        (b.pages, b.fill)
+        b.filled
     };
     Ok(Memory {
         t,
         guard,
-        pages,
-        fill,
+        filled,
         shares_files: false,
     })
 }
@@ -241,11 +237,7 @@ pub(crate) fn build_rest(
 ) -> Result<Ready, RestoreError> {
     let shares_files = mem.shares_files;
     let Memory {
-        t,
-        guard,
-        pages,
-        fill,
-        ..
+        t, guard, filled, ..
     } = mem;
     let got = t.tid();
     let (others, final_regs) = {
@@ -277,8 +269,7 @@ pub(crate) fn build_rest(
         sigmask: m.threads[0].sigmask,
         vdso_insn,
         tramp,
-        pages,
-        fill,
+        filled,
     })
 }
 
@@ -329,7 +320,7 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
         .thread_name(|i| format!("restore-fill-{i}"))
         .build()
         .map_err(|e| RestoreError::stub(format!("starting the fill threads: {e}")))?;
-    b.pages = chain.pages();
+    b.filled.pages = chain.pages();
     let lazy_ranges = match &b.natives.lazy {
         Some(_) => crate::lazy::lazy_ranges(b.m),
         None => Vec::new(),
@@ -351,7 +342,7 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
         cr_ebpf_image::progress::add(f.pages());
         chain.read_from(f, ext, buf, write, bad)
     };
-    let left = direct::fill(
+    let (left, direct_pages) = direct::fill(
         &pool,
         chain,
         chain.fills().iter().filter(eager).collect(),
@@ -372,7 +363,8 @@ fn fill(b: &mut Build<'_>) -> Result<(), RestoreError> {
         let started = crate::lazy::start(shared.clone(), lazy, uffd, got, hot)?;
         *b.natives.lazy_fill.lock().expect("not poisoned") = Some(started);
     }
-    b.fill = fill_start.elapsed();
+    b.filled.direct_pages = direct_pages;
+    b.filled.took = fill_start.elapsed();
     Ok(())
 }
 
@@ -585,8 +577,7 @@ mod tests {
             kept: Vec::new(),
             others: Vec::new(),
             final_regs: None,
-            pages: 0,
-            fill: Duration::ZERO,
+            filled: crate::Filled::default(),
             shares_files: false,
         };
         for (_, phase) in PHASES.iter().filter(|(n, _)| names.contains(n)) {
