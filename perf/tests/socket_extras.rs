@@ -48,11 +48,12 @@ fn round_trip(scratch: &Scratch, script: &str, args: &[&std::path::Path]) -> Str
 }
 
 /// Dumps the ready `script` expecting a refusal containing `what`; the
-/// process must run on, untraced, and no image appear.
-fn refused(scratch: &Scratch, script: &str, what: &str) {
+/// process must run on, untraced, and no image appear. The process is
+/// killed when the returned guard goes.
+fn refused(scratch: &Scratch, script: &str, what: &str) -> KillOnDrop {
     let mut child = start(scratch, script, &[]);
     let pid = child.id() as i32;
-    let _guard = KillOnDrop(pid);
+    let guard = KillOnDrop(pid);
     let img = scratch.0.join("img");
     let err = dump(pid, &img, &DumpOptions::default()).unwrap_err();
     let msg = err.to_string();
@@ -61,6 +62,7 @@ fn refused(scratch: &Scratch, script: &str, what: &str) {
     assert!(child.try_wait().unwrap().is_none(), "the process runs on");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.contains("TracerPid:\t0\n"), "not traced any more");
+    guard
 }
 
 /// What every script ends with: wait for `check`, run CHECKS (which append
@@ -380,6 +382,68 @@ if got != [b'queued', b'', 'EPIPE', 1, b'z']: bad.append('accepted %r' % got)
     drop(guard);
     let r = restore(&img, &RestoreOptions::default()).expect("restore");
     let _guard = KillOnDrop(r.pid);
+    std::fs::write(ctl.join("check"), b"").unwrap();
+    cr_ebpf_perf::wait_for_file(&ctl.join("out"));
+    assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
+}
+
+/// A TCP connection reset by its peer keeps the bytes that came before the
+/// reset and the error until the process reads them: refused (reading them
+/// to save them would take them from the process), and the process still
+/// finds both. Likewise a closed connection whose error was read and whose
+/// bytes were not.
+#[test]
+fn a_reset_tcp_connection_with_what_the_process_has_not_read_is_refused() {
+    if !cr_ebpf_perf::privileged(
+        "a_reset_tcp_connection_with_what_the_process_has_not_read_is_refused",
+    ) {
+        return;
+    }
+    let reset = r#"
+srv = socket.socket()
+srv.bind(('127.0.0.1', 0))
+srv.listen(1)
+c = socket.create_connection(srv.getsockname())
+s, _ = srv.accept()
+c.sendall(b'abc')
+time.sleep(0.2)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+c.close()
+time.sleep(0.2)
+ERROR_READ
+"#;
+    let with_error = r#"
+if s.recv(10) != b'abc':
+    bad.append('bytes before the reset')
+try:
+    s.recv(10)
+    bad.append('no reset')
+except ConnectionResetError:
+    pass
+"#;
+    let scratch = Scratch::new("tcp-reset");
+    let ctl = scratch.0.join("ctl");
+    let _running = refused(
+        &scratch,
+        &script(&reset.replace("ERROR_READ", ""), with_error),
+        "a TCP connection that ended with an error the process has not read yet (reset by its \
+         peer)",
+    );
+    std::fs::write(ctl.join("check"), b"").unwrap();
+    cr_ebpf_perf::wait_for_file(&ctl.join("out"));
+    assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
+
+    let error_read = "assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0";
+    let scratch = Scratch::new("tcp-reset-read");
+    let ctl = scratch.0.join("ctl");
+    let _also_running = refused(
+        &scratch,
+        &script(
+            &reset.replace("ERROR_READ", error_read),
+            "r = s.recv(10, socket.MSG_DONTWAIT)\nif r != b'abc': bad.append(repr(r))",
+        ),
+        "a closed TCP connection holding bytes the process has not read",
+    );
     std::fs::write(ctl.join("check"), b"").unwrap();
     cr_ebpf_perf::wait_for_file(&ctl.join("out"));
     assert_eq!(std::fs::read_to_string(ctl.join("out")).unwrap(), "ok");
