@@ -427,43 +427,8 @@ fn save_socket(
                     if unbound_inet(&s.local) || d.is_none() {
                         s.local.clear();
                     }
-                    // A connection reset by its peer holds its error until
-                    // the process reads it (and maybe bytes that came
-                    // before): poll shows it without taking it, a read
-                    // would take it from the process.
-                    let mut p = libc::pollfd {
-                        fd: dup.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one pollfd of ours, no wait.
-                    let polled = unsafe { libc::poll(&mut p, 1, 0) };
-                    if polled > 0 && p.revents & libc::POLLERR != 0 {
-                        return Err(SocketError::NotSupported(
-                            "a TCP connection that ended with an error the process has not \
-                             read yet (reset by its peer)"
-                                .into(),
-                        ));
-                    }
-                    // A connection that ended (or a socket shut down for
-                    // reading) reads as the end of the stream, not ENOTCONN.
-                    let mut b = 0u8;
-                    // SAFETY: a 1-byte peek into our buffer.
-                    let n = unsafe {
-                        libc::recv(
-                            dup.as_raw_fd(),
-                            (&mut b as *mut u8).cast(),
-                            1,
-                            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                        )
-                    };
-                    if n == 0 {
+                    if tcp::closed_at_end(dup)? {
                         s.shutdown = 3;
-                    }
-                    if n > 0 {
-                        return Err(SocketError::NotSupported(
-                            "a closed TCP connection holding bytes the process has not read".into(),
-                        ));
                     }
                 }
                 other => {

@@ -529,6 +529,44 @@ pub(super) fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd
     Ok(fd)
 }
 
+/// Whether reads of the closed TCP socket `dup` find the end of the stream
+/// (a connection that ended, or a socket shut down for reading) rather
+/// than `ENOTCONN`. What the process has not read of a connection that
+/// ended is refused: a reset's error (poll shows it without taking it; a
+/// read would take it from the process) and bytes that came before it.
+pub(super) fn closed_at_end(dup: &OwnedFd) -> Result<bool, SocketError> {
+    let mut p = libc::pollfd {
+        fd: dup.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd of ours, no wait.
+    let polled = unsafe { libc::poll(&mut p, 1, 0) };
+    if polled > 0 && p.revents & libc::POLLERR != 0 {
+        return Err(SocketError::NotSupported(
+            "a TCP connection that ended with an error the process has not read yet (reset by \
+             its peer)"
+                .into(),
+        ));
+    }
+    let mut b = 0u8;
+    // SAFETY: a 1-byte peek into our buffer.
+    let n = unsafe {
+        libc::recv(
+            dup.as_raw_fd(),
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n > 0 {
+        return Err(SocketError::NotSupported(
+            "a closed TCP connection holding bytes the process has not read".into(),
+        ));
+    }
+    Ok(n == 0)
+}
+
 /// The TCP connections held by processes `pids` (through any descriptor),
 /// as the network lock wants them: every socket with a peer (established
 /// or half closed), listeners and closed sockets left out. Read from
