@@ -343,9 +343,9 @@ impl Precopy {
             let runs = work.iter().filter(|w| w.0 == *pid);
             let (pages, chunks) = runs.fold((0, 0), |(p, c), w| (p + w.2, c + 1));
             store.reserve(pages, chunks);
-            // Past the page cache: the revision reads back only the pages
-            // written since.
-            store.write_direct();
+            // Past the page cache when the page cache is slow (the
+            // revision reads back only the pages written since).
+            store.write_adaptive(cr_ebpf_image::pages::SLOW_BUFFERED);
         }
         let bytes: u64 = work.iter().map(|w| w.2 * PAGE).sum();
         cr_ebpf_image::progress::start("pre-copying pages", bytes / PAGE);

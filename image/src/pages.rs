@@ -43,7 +43,7 @@ mod writer;
 
 use std::{fs::File, path::Path};
 
-pub use writer::{Edit, PageWriter};
+pub use writer::{Edit, PageWriter, SLOW_BUFFERED};
 
 use crate::{
     file::{self, FileKind, HEADER_LEN},

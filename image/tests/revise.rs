@@ -255,3 +255,35 @@ fn a_store_written_past_the_page_cache_reads_back_as_written() {
     std::fs::remove_file(d.0.join(PAGES_INDEX_FILE)).unwrap();
     assert_eq!(pages_of(&d.0), expect, "headers walked");
 }
+
+/// A store written through the page cache while that is fast, past it
+/// once it proves slow: here "slow" is every rate (the switch comes after
+/// the first 32 MiB, at an end that is not page-aligned) or none; read
+/// back the same either way.
+#[test]
+fn a_store_that_goes_past_the_page_cache_midway_reads_back_as_written() {
+    for (name, slow_below) in [("adapt-slow", f64::INFINITY), ("adapt-fast", 0.0)] {
+        let d = tempdir(name);
+        let mut w = PageWriter::create(&d.0).unwrap();
+        w.write_adaptive(slow_below);
+        let mut expect = BTreeMap::new();
+        for i in 0..40u64 {
+            // A small compressed chunk between large ones: ends not aligned.
+            let raw = noise(256, 500 + i);
+            let at = 0x100_0000 * (i + 1);
+            w.write(&Chunk::compress(at, &raw)).unwrap();
+            set(&mut expect, at, &raw);
+            let small = text(2, i as u8);
+            w.write(&Chunk::compress(at + 0x80_0000, &small)).unwrap();
+            set(&mut expect, at + 0x80_0000, &small);
+        }
+        let direct = w.is_direct();
+        if slow_below == 0.0 {
+            assert!(!direct, "{name}: went past the page cache");
+        } else if std::env::var_os("CI").is_some() {
+            assert!(direct, "{name}: stayed in the page cache");
+        }
+        w.finish().unwrap();
+        assert_eq!(pages_of(&d.0), expect, "{name}");
+    }
+}

@@ -60,9 +60,13 @@ pub(super) struct DirectSink {
 }
 
 impl DirectSink {
-    /// Opens `path` a second time with `O_DIRECT`, to write from offset 0
-    /// on. `None` where the file system does not take `O_DIRECT` (tmpfs).
-    pub(super) fn open(path: &Path) -> Option<Self> {
+    /// Opens `path` a second time with `O_DIRECT`, to write from offset
+    /// `at` (a multiple of the page size) on. `None` where the file system
+    /// does not take `O_DIRECT` (tmpfs).
+    pub(super) fn open(path: &Path, at: u64) -> Option<Self> {
+        if !(at as usize).is_multiple_of(ALIGN) {
+            return None;
+        }
         let file = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
@@ -95,7 +99,7 @@ impl DirectSink {
         Some(Self {
             block: Block::new(),
             fill: 0,
-            at: 0,
+            at,
             blocks: 1,
             jobs: Some(jobs),
             free,

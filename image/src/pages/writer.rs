@@ -21,6 +21,13 @@ use crate::{
 const KICK_BYTES: u64 = 8 << 20;
 /// Appended bytes kept before they are written.
 const BUFFER: usize = 1 << 20;
+/// Bytes of buffered writes timed before [`PageWriter::write_adaptive`]
+/// looks at their rate.
+const ADAPT_LOOK: u64 = 32 << 20;
+/// Bytes per second below which buffered writes are slower than direct
+/// ones were on this machine's disk (1.5-2.2 GB/s, eight 2 MiB writes in
+/// flight).
+pub const SLOW_BUFFERED: f64 = 2.0e9;
 /// Chunk data of at least this many bytes is written from where it is,
 /// not copied into the buffer first.
 const DIRECT: usize = 64 << 10;
@@ -186,6 +193,10 @@ pub struct PageWriter {
     /// Where appended bytes go instead of `buf`, past the page cache (see
     /// [`Self::write_direct`]).
     direct: Option<DirectSink>,
+    /// Buffered writes measured, to go past the page cache when they are
+    /// slow (see [`Self::write_adaptive`]): bytes and time since the last
+    /// look.
+    adapt: Option<(u64, std::time::Duration, f64)>,
 }
 
 impl PageWriter {
@@ -209,6 +220,7 @@ impl PageWriter {
             slots: Vec::new(),
             kicked: 0,
             direct: None,
+            adapt: None,
         })
     }
 
@@ -221,7 +233,7 @@ impl PageWriter {
         if self.len != 0 || self.direct.is_some() {
             return false;
         }
-        self.direct = DirectSink::open(&self.path);
+        self.direct = DirectSink::open(&self.path, 0);
         let Some(d) = &mut self.direct else {
             return false;
         };
@@ -248,6 +260,56 @@ impl PageWriter {
         }
         // SAFETY: a plain syscall on the descriptor `file` owns.
         unsafe { libc::fallocate(self.file.as_raw_fd(), 0, at as i64, bytes as i64) };
+    }
+
+    /// Appends through the page cache while that is fast, and past it
+    /// (as [`Self::write_direct`]) from the moment buffered writes fall
+    /// below `slow_below` bytes a second ([`SLOW_BUFFERED`] is what
+    /// direct writes did on this machine's disk): on a machine whose fresh memory is slow to
+    /// get (a virtual machine whose host takes freed memory back), a
+    /// buffered write can take ten times as long as at other moments,
+    /// while a direct one does not depend on it; when memory is fast the
+    /// buffered write is the faster.
+    pub fn write_adaptive(&mut self, slow_below: f64) {
+        self.adapt = Some((0, std::time::Duration::ZERO, slow_below));
+    }
+
+    /// Whether appended chunks now go past the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Counts `bytes` handed to the page cache in `took`; past a look's
+    /// worth, goes past the page cache if that was slow.
+    fn measured(&mut self, bytes: usize, took: std::time::Duration) {
+        let Some((b, t, slow_below)) = &mut self.adapt else {
+            return;
+        };
+        *b += bytes as u64;
+        *t += took;
+        if *b < ADAPT_LOOK {
+            return;
+        }
+        let slow = (*b as f64) < *slow_below * t.as_secs_f64();
+        *b = 0;
+        *t = std::time::Duration::ZERO;
+        if !slow || !self.buf.is_empty() || self.direct.is_some() {
+            return;
+        }
+        // From the page holding the end on: its start read back.
+        let end = HEADER_LEN as u64 + self.len;
+        let at = end / PAGE as u64 * PAGE as u64;
+        let mut head = vec![0u8; (end - at) as usize];
+        if self.file.read_exact_at(&mut head, at).is_err() {
+            return;
+        }
+        let Some(mut d) = DirectSink::open(&self.path, at) else {
+            return;
+        };
+        if d.push(&head).is_ok() {
+            self.direct = Some(d);
+            self.adapt = None;
+        }
     }
 
     /// Renames the store to `pages.img` in `dir` (the same file system).
@@ -287,19 +349,24 @@ impl PageWriter {
                 .map_err(file::io(&self.path, "writing"));
         }
         self.buf.extend_from_slice(&header);
+        let t = std::time::Instant::now();
         if data.len() >= DIRECT {
             // Large data goes to the kernel from where it is, after what
             // is buffered: one copy less.
-            let at = HEADER_LEN as u64 + self.len - (self.buf.len() + data.len()) as u64;
+            let n = self.buf.len() + data.len();
+            let at = HEADER_LEN as u64 + self.len - n as u64;
             write_all_vectored_at(&self.file, &[&self.buf, data], at)
                 .map_err(file::io(&self.path, "writing"))?;
             self.buf.clear();
             self.kick();
+            self.measured(n, t.elapsed());
             return Ok(self.slots.len() - 1);
         }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= BUFFER {
+            let n = self.buf.len();
             self.flush()?;
+            self.measured(n, t.elapsed());
         }
         Ok(self.slots.len() - 1)
     }
