@@ -249,13 +249,24 @@ impl PageWriter {
     /// all, stored as they are, after what is written. Writing into space
     /// allocated at once costs the kernel less than allocating it as the
     /// pages reach the disk; what is not used is given back by
-    /// [`Self::finish`]. Advice: a failure changes nothing (a full disk
-    /// fails the writes that need the space).
+    /// [`Self::finish`]. Only when the file system has four times that
+    /// free. Advice: a failure changes nothing (a full disk fails the
+    /// writes that need the space).
     pub fn reserve(&mut self, pages: u64, chunks: u64) {
         use std::os::fd::AsRawFd as _;
         let at = HEADER_LEN as u64 + self.len;
         let bytes = pages * PAGE as u64 + chunks * CHUNK_HEADER as u64;
         if bytes == 0 {
+            return;
+        }
+        // Compressible pages take far less than this: never the space
+        // others on the file system may need meanwhile.
+        // SAFETY: a plain syscall on our descriptor, into our struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut st) } != 0
+            || (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < bytes.saturating_mul(4)
+        {
             return;
         }
         // SAFETY: a plain syscall on the descriptor `file` owns.
