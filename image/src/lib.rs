@@ -19,6 +19,7 @@
 //! added section tag, descriptor kind, mapping kind or shared memory kind
 //! bumps the minor version (see the `manifest` module and `docs/IMAGE.md`).
 
+pub mod aligned;
 pub mod chain;
 mod codec;
 pub mod file;

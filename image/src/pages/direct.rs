@@ -5,6 +5,7 @@
 //! is slow to get (a virtual machine whose host takes freed memory back)
 //! that was most of a buffered write's time, and its variance.
 
+use crate::aligned::Aligned;
 use std::{
     fs::File,
     io,
@@ -21,36 +22,18 @@ const ALIGN: usize = 4096;
 /// Blocks in flight at once (one per thread).
 const WRITERS: usize = 8;
 
-/// A block-sized buffer whose start is aligned.
-struct Block {
-    mem: Vec<u8>,
-    off: usize,
-}
-
-impl Block {
-    fn new() -> Self {
-        let mem = vec![0u8; BLOCK + ALIGN];
-        let off = mem.as_ptr().align_offset(ALIGN);
-        Self { mem, off }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        &mut self.mem[self.off..self.off + BLOCK]
-    }
-}
-
 /// A block to write: its buffer, file offset and length (aligned).
-type Job = (Block, u64, usize);
+type Job = (Aligned, u64, usize);
 
 /// Appends bytes to a file from an aligned offset on, with `O_DIRECT`.
 pub(super) struct DirectSink {
-    block: Block,
+    block: Aligned,
     /// Bytes of `block` used.
     fill: usize,
     /// File offset of `block`.
     at: u64,
     jobs: Option<crossbeam_channel::Sender<Job>>,
-    free: crossbeam_channel::Receiver<Block>,
+    free: crossbeam_channel::Receiver<Aligned>,
     threads: Vec<JoinHandle<()>>,
     /// Blocks made so far (made as they are needed, at most one more
     /// than there are threads).
@@ -74,7 +57,7 @@ impl DirectSink {
             .ok()?;
         let file = Arc::new(file);
         let (jobs, todo) = crossbeam_channel::bounded::<Job>(WRITERS);
-        let (done, free) = crossbeam_channel::unbounded::<Block>();
+        let (done, free) = crossbeam_channel::unbounded::<Aligned>();
         let error = Arc::new(Mutex::new(None));
         let mut threads = Vec::new();
         for i in 0..WRITERS {
@@ -83,7 +66,7 @@ impl DirectSink {
             let t = std::thread::Builder::new()
                 .name(format!("page-writer-{i}"))
                 .spawn(move || {
-                    for (mut b, at, len) in todo {
+                    for (b, at, len) in todo {
                         if let Err(e) = file.write_all_at(&b.bytes()[..len], at) {
                             let mut slot = error.lock().unwrap_or_else(|e| e.into_inner());
                             slot.get_or_insert(e);
@@ -97,7 +80,7 @@ impl DirectSink {
             }
         }
         Some(Self {
-            block: Block::new(),
+            block: Aligned::new(BLOCK),
             fill: 0,
             at,
             blocks: 1,
@@ -120,7 +103,7 @@ impl DirectSink {
     pub(super) fn push(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             let n = bytes.len().min(BLOCK - self.fill);
-            self.block.bytes()[self.fill..self.fill + n].copy_from_slice(&bytes[..n]);
+            self.block.bytes_mut()[self.fill..self.fill + n].copy_from_slice(&bytes[..n]);
             self.fill += n;
             bytes = &bytes[n..];
             if self.fill == BLOCK {
@@ -129,7 +112,7 @@ impl DirectSink {
                     Ok(b) => b,
                     Err(_) if self.blocks <= WRITERS => {
                         self.blocks += 1;
-                        Block::new()
+                        Aligned::new(BLOCK)
                     }
                     Err(_) => self
                         .free
@@ -145,7 +128,7 @@ impl DirectSink {
         Ok(())
     }
 
-    fn send(&self, b: Block, len: usize) -> io::Result<()> {
+    fn send(&self, b: Aligned, len: usize) -> io::Result<()> {
         let jobs = self.jobs.as_ref().expect("sending before finish");
         jobs.send((b, self.at, len))
             .map_err(|_| io::Error::other("the page writer threads are gone"))
@@ -156,13 +139,7 @@ impl DirectSink {
     pub(super) fn finish(mut self, buffered: &File) -> io::Result<()> {
         let aligned = self.fill / ALIGN * ALIGN;
         let tail = self.block.bytes()[aligned..self.fill].to_vec();
-        let last = std::mem::replace(
-            &mut self.block,
-            Block {
-                mem: Vec::new(),
-                off: 0,
-            },
-        );
+        let last = std::mem::replace(&mut self.block, Aligned::new(ALIGN));
         if aligned > 0 {
             self.send(last, aligned)?;
         }

@@ -8,13 +8,12 @@
 //! mapping as before.
 
 use std::{
-    alloc::Layout,
     fs::File,
     ops::Range,
     os::unix::fs::{FileExt as _, OpenOptionsExt as _},
 };
 
-use cr_ebpf_image::{chain::Fill, Chain};
+use cr_ebpf_image::{aligned::Aligned, chain::Fill, Chain};
 use cr_ebpf_resources::RestoreError;
 use rayon::prelude::*;
 
@@ -30,45 +29,6 @@ const ALIGN: usize = 4096;
 const GAP: usize = 256 << 10;
 /// Below this share of a store in the page cache it is read directly.
 const COLD: f64 = 0.5;
-
-/// A buffer aligned for `O_DIRECT`.
-struct Aligned {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-// SAFETY: the buffer is owned memory, used by one thread at a time.
-unsafe impl Send for Aligned {}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let layout = Layout::from_size_align(len, ALIGN).expect("a valid layout");
-        // SAFETY: a non-zero size.
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Self { ptr, layout }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `layout.size()` bytes allocated by `new` (read into
-        // before they are looked at: see `read`).
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: allocated by `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
-    }
-}
 
 /// Puts one fill in, from the bytes of its chunk's extent (with a scratch
 /// buffer of the calling thread's).
