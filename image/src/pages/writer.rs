@@ -224,24 +224,33 @@ impl PageWriter {
         })
     }
 
-    /// From now on, chunks appended go to the disk directly (`O_DIRECT`),
-    /// in large blocks written by two threads, until [`Self::flush_all`]
-    /// or [`Self::finish`]: for a large store written in one go. Only on a
-    /// store nothing was appended to yet; false (nothing changes) there, or
-    /// where the file system does not take it.
+    /// From now on, chunks appended go to the disk directly (`O_DIRECT`,
+    /// large blocks, several in flight), until [`Self::flush_all`] or
+    /// [`Self::finish`]: for a large store written in one go. False
+    /// (nothing changes) where the file system does not take it.
     pub fn write_direct(&mut self) -> bool {
-        if self.len != 0 || self.direct.is_some() {
+        if self.direct.is_some() {
+            return true;
+        }
+        if self.flush().is_err() {
             return false;
         }
-        self.direct = DirectSink::open(&self.path, 0);
-        let Some(d) = &mut self.direct else {
+        // From the page holding the end on: what is written of it read
+        // back and carried over (the header's place, zeroes until
+        // `finish`, on a new store).
+        let end = HEADER_LEN as u64 + self.len;
+        let at = end / PAGE as u64 * PAGE as u64;
+        let mut head = vec![0u8; (end - at) as usize];
+        if self.file.read_exact_at(&mut head, at).is_err() {
+            return false;
+        }
+        let Some(mut d) = DirectSink::open(&self.path, at) else {
             return false;
         };
-        // The header's place, written by `finish`.
-        if d.push(&[0u8; HEADER_LEN]).is_err() {
-            self.direct = None;
+        if d.push(&head).is_err() {
             return false;
         }
+        self.direct = Some(d);
         true
     }
 
@@ -276,11 +285,11 @@ impl PageWriter {
     /// Appends through the page cache while that is fast, and past it
     /// (as [`Self::write_direct`]) from the moment buffered writes fall
     /// below `slow_below` bytes a second ([`SLOW_BUFFERED`] is what
-    /// direct writes did on this machine's disk): on a machine whose fresh memory is slow to
-    /// get (a virtual machine whose host takes freed memory back), a
-    /// buffered write can take ten times as long as at other moments,
-    /// while a direct one does not depend on it; when memory is fast the
-    /// buffered write is the faster.
+    /// direct writes did on this machine's disk): on a machine whose fresh
+    /// memory is slow to get (a virtual machine whose host takes freed
+    /// memory back), a buffered write can take ten times as long as at
+    /// other moments, while a direct one does not depend on it; when
+    /// memory is fast the buffered write is the faster.
     pub fn write_adaptive(&mut self, slow_below: f64) {
         self.adapt = Some((0, std::time::Duration::ZERO, slow_below));
     }
@@ -304,21 +313,7 @@ impl PageWriter {
         let slow = (*b as f64) < *slow_below * t.as_secs_f64();
         *b = 0;
         *t = std::time::Duration::ZERO;
-        if !slow || !self.buf.is_empty() || self.direct.is_some() {
-            return;
-        }
-        // From the page holding the end on: its start read back.
-        let end = HEADER_LEN as u64 + self.len;
-        let at = end / PAGE as u64 * PAGE as u64;
-        let mut head = vec![0u8; (end - at) as usize];
-        if self.file.read_exact_at(&mut head, at).is_err() {
-            return;
-        }
-        let Some(mut d) = DirectSink::open(&self.path, at) else {
-            return;
-        };
-        if d.push(&head).is_ok() {
-            self.direct = Some(d);
+        if slow && self.write_direct() {
             self.adapt = None;
         }
     }
