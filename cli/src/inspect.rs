@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
-use cr_ebpf_image::{pages, FdInfo, FdState, Manifest};
+use cr_ebpf_image::{pages, FdInfo, FdState, Manifest, SocketInfo};
 
 /// Options of `cr-ebpf inspect`.
 #[derive(clap::Args)]
@@ -147,39 +147,6 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A socket address for people: `127.0.0.1:6379`, `[::1]:80`, a unix path
-/// or `@abstract`.
-fn address(a: &[u8]) -> String {
-    let family = a.get(..2).map(|f| u16::from_ne_bytes([f[0], f[1]]) as i32);
-    match family {
-        Some(libc::AF_INET) if a.len() >= 8 => format!(
-            "{}.{}.{}.{}:{}",
-            a[4],
-            a[5],
-            a[6],
-            a[7],
-            u16::from_be_bytes([a[2], a[3]])
-        ),
-        Some(libc::AF_INET6) if a.len() >= 24 => {
-            let ip: [u8; 16] = a[8..24].try_into().expect("16 bytes");
-            format!(
-                "[{}]:{}",
-                std::net::Ipv6Addr::from(ip),
-                u16::from_be_bytes([a[2], a[3]])
-            )
-        }
-        Some(libc::AF_UNIX) => match a.get(2..) {
-            Some([0, rest @ ..]) => format!("@{}", String::from_utf8_lossy(rest)),
-            Some(p) => String::from_utf8_lossy(p)
-                .trim_end_matches('\0')
-                .to_string(),
-            None => "unnamed".into(),
-        },
-        _ if a.is_empty() => "-".into(),
-        _ => format!("family {family:?}"),
-    }
-}
-
 /// One line on what a descriptor holds.
 fn describe(f: &FdInfo) -> String {
     match &f.state {
@@ -254,12 +221,16 @@ fn describe(f: &FdInfo) -> String {
             };
             let queued: usize = s.queue.iter().map(Vec::len).sum();
             // Named as `restore --inherit-fd` takes it.
-            let mut text = format!("socket:[{}] {kind} {}", s.inode, address(&s.local));
+            let mut text = format!(
+                "socket:[{}] {kind} {}",
+                s.inode,
+                SocketInfo::address_text(&s.local)
+            );
             if s.listening {
                 text += &format!(" listening (backlog {})", s.backlog);
             }
             if !s.peer.is_empty() {
-                text += &format!(" -> {}", address(&s.peer));
+                text += &format!(" -> {}", SocketInfo::address_text(&s.peer));
             }
             if s.peer_inode != 0 {
                 text += &format!(" (pair with socket {})", s.peer_inode);

@@ -170,6 +170,30 @@ pub enum RestoreError {
         /// The errno.
         err: std::io::Error,
     },
+    /// A TCP connection cannot be rebuilt: one with the same addresses
+    /// exists on this host and did not go away.
+    #[error(
+        "the TCP connection {local} -> {peer} already exists on this host (the checkpointed \
+         process, or another process restored from the same image, still has it): stop that \
+         process and restore again"
+    )]
+    ConnectionExists {
+        /// The connection's local address.
+        local: String,
+        /// Its peer.
+        peer: String,
+    },
+    /// A socket cannot be bound again: its address is taken on this host
+    /// and was not let go.
+    #[error(
+        "address {address}, which the process had bound, is in use on this host (by the \
+         checkpointed process, another process restored from the same image, or something \
+         else): stop what holds it and restore again"
+    )]
+    AddressInUse {
+        /// The address.
+        address: String,
+    },
     /// An injected syscall failed.
     #[error("building the process: {call} failed: {err}")]
     Syscall {

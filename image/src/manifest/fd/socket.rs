@@ -145,6 +145,33 @@ pub enum SocketFile {
 }
 
 impl SocketInfo {
+    /// A socket address (`struct sockaddr_*` bytes, as in [`SocketInfo::local`])
+    /// for people: `127.0.0.1:6379`, `[::1]:80`, a unix path or
+    /// `@abstract`, `-` for none.
+    pub fn address_text(a: &[u8]) -> String {
+        let family = a.get(..2).map(|f| u16::from_ne_bytes([f[0], f[1]]) as i32);
+        let port = || u16::from_be_bytes([a[2], a[3]]);
+        match family {
+            Some(libc::AF_INET) if a.len() >= 8 => {
+                let ip: [u8; 4] = a[4..8].try_into().expect("4 bytes");
+                format!("{}:{}", std::net::Ipv4Addr::from(ip), port())
+            }
+            Some(libc::AF_INET6) if a.len() >= 24 => {
+                let ip: [u8; 16] = a[8..24].try_into().expect("16 bytes");
+                format!("[{}]:{}", std::net::Ipv6Addr::from(ip), port())
+            }
+            Some(libc::AF_UNIX) => match a.get(2..) {
+                Some([0, rest @ ..]) => format!("@{}", String::from_utf8_lossy(rest)),
+                Some(p) => String::from_utf8_lossy(p)
+                    .trim_end_matches('\0')
+                    .to_string(),
+                None => "unnamed".into(),
+            },
+            _ if a.is_empty() => "-".into(),
+            _ => format!("family {family:?}"),
+        }
+    }
+
     /// The socket's state body.
     pub(super) fn encode(&self, b: &mut Enc) {
         b.u16(self.family);

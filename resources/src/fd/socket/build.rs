@@ -6,7 +6,7 @@
 //! files of sockets whose file had been removed are removed again.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
@@ -17,7 +17,7 @@ use cr_ebpf_image::{SocketFile, SocketInfo};
 use super::{
     apply_options, bind, check, connect, fail,
     fin::half_close,
-    option_int, send_all, send_to, setsockopt_int,
+    option_int, patiently, send_all, send_to, setsockopt_int,
     tcp::{closed_connection, refills, release, send_unsent, tcp_connection, Refill},
     unix::{listener_of, mirrored, orphan, socketpair, unix_path},
     unlock::unlock_network,
@@ -58,6 +58,7 @@ pub(super) fn build(
         _ => 2,
     });
     let plans = refills(&by_inode);
+    let sharing = sharing_a_port(&by_inode);
     let mut made: HashMap<u64, OwnedFd> = HashMap::new();
     let mut senders = Vec::new();
     let mut removed = Names::default();
@@ -78,7 +79,10 @@ pub(super) fn build(
             made.insert(peer.inode, b);
             shut.extend(early);
         } else {
-            made.insert(s.inode, single(s, close_connections, &plans, &mut removed)?);
+            made.insert(
+                s.inode,
+                single(s, close_connections, &plans, &sharing, &mut removed)?,
+            );
             // Sockets connected to this one by name connect now, before
             // another socket may be bound at the same name.
             let named = s.family == libc::AF_UNIX as u16 && !s.local.is_empty() && !s.listening;
@@ -88,7 +92,13 @@ pub(super) fn build(
                 .filter(|c| named && c.peer_inode == s.inode && pair_peer(c, &by_inode).is_none());
             for c in clients {
                 if let std::collections::hash_map::Entry::Vacant(e) = made.entry(c.inode) {
-                    e.insert(single(c, close_connections, &plans, &mut removed)?);
+                    e.insert(single(
+                        c,
+                        close_connections,
+                        &plans,
+                        &sharing,
+                        &mut removed,
+                    )?);
                 }
             }
         }
@@ -340,6 +350,7 @@ fn single(
     s: &SocketInfo,
     close_connections: bool,
     plans: &HashMap<u64, Refill>,
+    sharing: &HashSet<u64>,
     removed: &mut Names,
 ) -> Result<OwnedFd, RestoreError> {
     if let Some(t) = &s.tcp {
@@ -358,7 +369,7 @@ fn single(
             .flatten()
         {
             Some(p) => bind_unix(&fd, s, &p, removed)?,
-            None => bind_as_before(&fd, s)?,
+            None => bind_as_before(&fd, s, sharing.contains(&s.inode))?,
         }
     }
     if s.listening {
@@ -382,17 +393,54 @@ const BIND_OPTIONS: &[(i32, i32)] = &[
 ];
 
 /// Binds a TCP or UDP socket at its address as it was bound: with the
-/// options that let it share a port or bind an address not (yet) on this
-/// host, which it may have turned off after binding.
-fn bind_as_before(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> {
+/// options that let it bind next to what its connections left on its port
+/// or bind an address not (yet) on this host, which it may have turned off
+/// after binding, and with `SO_REUSEPORT` when it has it or when another
+/// socket of the restore is bound to its port (`sharing`). Never otherwise:
+/// the port would stay open to any later `SO_REUSEPORT` bind of the same
+/// user even once the option is cleared again.
+fn bind_as_before(fd: &OwnedFd, s: &SocketInfo, sharing: bool) -> Result<(), RestoreError> {
     let inet = [libc::AF_INET as u16, libc::AF_INET6 as u16].contains(&s.family);
     if !inet {
         return bind(fd, &s.local).map_err(fail("bind (restored socket)"));
     }
     for &(level, name) in BIND_OPTIONS {
-        setsockopt_int(fd, level, name, 1).map_err(fail("setsockopt before bind"))?;
+        let had = option_int(s, level, name).unwrap_or(0) != 0;
+        if name != libc::SO_REUSEPORT || had || sharing {
+            setsockopt_int(fd, level, name, 1).map_err(fail("setsockopt before bind"))?;
+        }
     }
-    bind(fd, &s.local).map_err(fail("bind (restored socket)"))
+    // The checkpointed socket may hold the address for a moment more.
+    patiently(libc::EADDRINUSE, || bind(fd, &s.local)).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EADDRINUSE) {
+            RestoreError::AddressInUse {
+                address: SocketInfo::address_text(&s.local),
+            }
+        } else {
+            fail("bind (restored socket)")(e)
+        }
+    })
+}
+
+/// The sockets bound by [`bind_as_before`] whose port another of them is
+/// bound to as well (the same protocol; either address family).
+fn sharing_a_port(by_inode: &HashMap<u64, &SocketInfo>) -> HashSet<u64> {
+    let port = |s: &SocketInfo| {
+        (
+            s.protocol,
+            s.sock_type,
+            s.local.get(2..4).map(<[u8]>::to_vec),
+        )
+    };
+    let mut count: HashMap<_, u32> = HashMap::new();
+    for s in by_inode.values().filter(|s| rebound(s)) {
+        *count.entry(port(s)).or_default() += 1;
+    }
+    by_inode
+        .values()
+        .filter(|s| rebound(s) && count[&port(s)] > 1)
+        .map(|s| s.inode)
+        .collect()
 }
 
 /// Whether `s` is bound by [`bind_as_before`], whose options are set as
@@ -1006,6 +1054,158 @@ mod tests {
         assert_eq!(&buf[..n], b"more");
         b.shutdown(std::net::Shutdown::Write).unwrap();
         assert_eq!(a.read(&mut buf).unwrap(), 0, "then a sees the end");
+    }
+
+    /// Root, or skipped outside CI (TCP_REPAIR needs CAP_NET_ADMIN).
+    fn root(what: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI runs as root"
+        );
+        eprintln!("skipped {what}: TCP_REPAIR needs root");
+        false
+    }
+
+    /// A connection whose checkpointed original is still closing when it
+    /// is rebuilt (its last descriptor held for a moment elsewhere, as by
+    /// a child forked before it exec'd) is rebuilt once the original is
+    /// gone, not refused.
+    #[test]
+    fn a_connection_rebuilt_while_its_original_closes_waits_for_it() {
+        if !root("a_connection_rebuilt_while_its_original_closes_waits_for_it") {
+            return;
+        }
+        let l = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let saved = testing::save_own_many(&[a.as_raw_fd()]);
+        super::super::tcp::repair_mode(&OwnedFd::from(a.try_clone().unwrap()), true).unwrap();
+        let held = OwnedFd::from(a.try_clone().unwrap());
+        drop(a);
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        let fds = restored(&saved);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+        closer.join().unwrap();
+        let mut a = std::net::TcpStream::from(fds[0].try_clone().unwrap());
+        a.write_all(b"again").unwrap();
+        let mut buf = [0u8; 8];
+        let n = (&b).read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"again");
+    }
+
+    /// A listener whose checkpointed original is still closing when it is
+    /// bound again gets its port once the original is gone; one whose
+    /// port stays taken is refused, naming the address.
+    #[test]
+    fn a_listener_waits_for_its_original_and_names_a_port_that_stays_taken() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let saved = testing::save_own_many(&[l.as_raw_fd()]);
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(l);
+        });
+        let fds = restored(&saved);
+        closer.join().unwrap();
+        let port = socket_of(&saved[0]).local;
+        let back = std::net::TcpListener::from(fds[0].try_clone().unwrap());
+        std::net::TcpStream::connect(back.local_addr().unwrap()).unwrap();
+        assert_eq!(
+            SocketInfo::address_text(&port),
+            back.local_addr().unwrap().to_string()
+        );
+        // Its port takes no other socket, SO_REUSEPORT or not, as before.
+        for reuseport in [0, 1] {
+            // SAFETY: plain syscall; checked.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            assert!(fd >= 0);
+            // SAFETY: a new descriptor we own.
+            let other = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            super::setsockopt_int(&other, libc::SOL_SOCKET, libc::SO_REUSEPORT, reuseport).unwrap();
+            let err = super::bind(&other, &port).expect_err("bound next to the listener");
+            assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE), "{reuseport}");
+        }
+        let Err(err) =
+            crate::fd::prepare(&[&testing::manifest(saved)], &crate::fd::Prepare::default())
+        else {
+            panic!("bound next to a listener on its port");
+        };
+        let want = back.local_addr().unwrap().to_string();
+        assert!(
+            matches!(&err, crate::RestoreError::AddressInUse { address } if *address == want),
+            "{err}"
+        );
+    }
+
+    /// Two listeners sharing a port through `SO_REUSEPORT`, one of which
+    /// cleared it after `listen`, both listen on that port again, with the
+    /// option as it was.
+    #[test]
+    fn listeners_sharing_a_port_share_it_again() {
+        let listener = |port: u16, reuseport: bool| {
+            // SAFETY: plain syscall; checked.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            assert!(fd >= 0);
+            // SAFETY: a new descriptor we own.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            super::setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1).unwrap();
+            let mut addr = (libc::AF_INET as u16).to_ne_bytes().to_vec();
+            addr.extend(port.to_be_bytes());
+            addr.extend([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+            super::bind(&fd, &addr).unwrap();
+            // SAFETY: plain syscall on our socket.
+            assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 4) }, 0);
+            let on = i32::from(reuseport);
+            super::setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, on).unwrap();
+            std::net::TcpListener::from(fd)
+        };
+        let a = listener(0, true);
+        let port = a.local_addr().unwrap().port();
+        let b = listener(port, false);
+        let saved = testing::save_own_many(&[a.as_raw_fd(), b.as_raw_fd()]);
+        drop((a, b));
+        let got: Vec<(u16, i32)> = restored(&saved)
+            .into_iter()
+            .map(|fd| {
+                let reuseport =
+                    super::super::getsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT);
+                let l = std::net::TcpListener::from(fd);
+                (l.local_addr().unwrap().port(), reuseport.unwrap())
+            })
+            .collect();
+        assert_eq!(got, [(port, 1), (port, 0)]);
+    }
+
+    /// A connection whose original stays is refused after a while, with
+    /// both addresses named.
+    #[test]
+    fn a_connection_whose_original_stays_is_refused_naming_it() {
+        if !root("a_connection_whose_original_stays_is_refused_naming_it") {
+            return;
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let saved = testing::save_own_many(&[a.as_raw_fd()]);
+        let Err(err) =
+            crate::fd::prepare(&[&testing::manifest(saved)], &crate::fd::Prepare::default())
+        else {
+            panic!("rebuilt next to its original");
+        };
+        let text = err.to_string();
+        let want = format!("{} -> {}", a.local_addr().unwrap(), l.local_addr().unwrap());
+        assert!(
+            matches!(err, crate::RestoreError::ConnectionExists { .. }) && text.contains(&want),
+            "{text}"
+        );
+        // The original is untouched.
+        (&a).write_all(b"still").unwrap();
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! makes every socket once, is `build.rs`.
 //! Anything else is refused with what and where.
 
+mod addr;
 mod build;
 mod diag;
 mod filter;
@@ -32,6 +33,7 @@ use std::{
 
 use cr_ebpf_image::{FdInfo, FdKind, FdState, SockOpt, SocketInfo};
 
+use self::addr::{bind, connect, patiently, send_to};
 use self::{
     build::build,
     diag::{InetDiag, UnixDiag},
@@ -528,71 +530,7 @@ pub(super) fn socket(s: &SocketInfo) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn sockaddr(addr: &[u8]) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: zeroed sockaddr_storage is a valid value.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let n = addr
-        .len()
-        .min(std::mem::size_of::<libc::sockaddr_storage>());
-    // SAFETY: copying at most the storage's size.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            addr.as_ptr(),
-            (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
-            n,
-        )
-    };
-    (ss, n as libc::socklen_t)
-}
-
-pub(super) fn bind(fd: &OwnedFd, addr: &[u8]) -> io::Result<()> {
-    let (ss, len) = sockaddr(addr);
-    // SAFETY: a sockaddr of ours.
-    check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    })
-}
-
-pub(super) fn connect(fd: &OwnedFd, addr: &[u8]) -> io::Result<()> {
-    let (ss, len) = sockaddr(addr);
-    // SAFETY: a sockaddr of ours.
-    check(unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    })
-}
-
 /// Sends all of `data` (one message), retrying short writes of a stream.
-/// `sendto` of one datagram to `addr`, never waiting.
-pub(super) fn send_to(fd: &OwnedFd, data: &[u8], addr: &[u8]) -> io::Result<()> {
-    let (ss, len) = sockaddr(addr);
-    // SAFETY: our buffer and a sockaddr of ours.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n as usize != data.len() {
-        return Err(io::Error::other("a datagram sent in part"));
-    }
-    Ok(())
-}
-
 pub(super) fn send_all(fd: &OwnedFd, data: &[u8], flags: i32) -> io::Result<()> {
     let mut off = 0;
     loop {

@@ -17,8 +17,8 @@ use std::{
 use cr_ebpf_image::{SocketInfo, TcpRepair, SOCKET_QUEUE_CAP};
 
 use super::{
-    apply_options, bind, connect, fail, getsockopt, getsockopt_int, option_int, send_all, set_int,
-    set_v6only, setsockopt, setsockopt_int, socket, SocketError,
+    apply_options, bind, connect, fail, getsockopt, getsockopt_int, option_int, patiently,
+    send_all, set_int, set_v6only, setsockopt, setsockopt_int, socket, SocketError,
 };
 use crate::RestoreError;
 
@@ -264,7 +264,7 @@ pub(super) fn tcp_connection(
     tcp(TCP_QUEUE_SEQ, first as i32, "TCP_QUEUE_SEQ (send)")?;
     tcp(TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "TCP_REPAIR_QUEUE")?;
     // No SYN: the socket becomes established as it was.
-    connect(&fd, &s.peer).map_err(fail("connect (TCP repair)"))?;
+    connect_again(&fd, s)?;
     let mut opts: Vec<u8> = Vec::new();
     let mut opt = |code: u32, val: u32| {
         opts.extend_from_slice(&code.to_ne_bytes());
@@ -467,6 +467,22 @@ fn receive_buffer(saved: i32, rmem: u32, open: u32) -> i32 {
         return 0;
     }
     saved.max(needed + (needed & 1))
+}
+
+/// Connects a connection being rebuilt in repair mode (no packet is
+/// sent). The kernel refuses while a connection with the same addresses
+/// exists, which the checkpointed one may do for a moment.
+fn connect_again(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> {
+    patiently(libc::EADDRNOTAVAIL, || connect(fd, &s.peer)).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            RestoreError::ConnectionExists {
+                local: SocketInfo::address_text(&s.local),
+                peer: SocketInfo::address_text(&s.peer),
+            }
+        } else {
+            fail("connect (TCP repair)")(e)
+        }
+    })
 }
 
 /// Takes a connection made by [`tcp_connection`] out of repair mode: it
