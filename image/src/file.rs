@@ -29,7 +29,7 @@ pub const FORMAT_MAJOR: u16 = 1;
 /// kind bumps it, as do new flag bits and other changes of layout: a reader
 /// refuses a newer minor in the header, so it never meets a tag or kind it
 /// does not know in an image it accepts.
-pub const FORMAT_MINOR: u16 = 13;
+pub const FORMAT_MINOR: u16 = 14;
 /// Header size.
 pub const HEADER_LEN: usize = 32;
 /// Largest manifest payload accepted.

@@ -461,3 +461,64 @@ drain(a, 'ba')
     let out = std::fs::read_to_string(ctl.join("out")).unwrap();
     assert_eq!(out, "ok");
 }
+
+/// A TCP connection still being made (`SYN-SENT`: its listener's queue is
+/// full, so its SYNs are dropped) comes back being made and is made once
+/// the listener takes it, as ZDTM's socket-tcp-syn-sent checks with a
+/// firewall rule: the process finds it writable and talks over it.
+#[test]
+fn a_tcp_connection_being_made_is_made_after_restore() {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    if !cr_ebpf_perf::privileged("a_tcp_connection_being_made_is_made_after_restore") {
+        return;
+    }
+    let scratch = Scratch::new("sk-synsent");
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: plain syscall on our socket: one connection waits at most.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let first = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let port = scratch.0.join("port");
+    std::fs::write(&port, l.local_addr().unwrap().port().to_string()).unwrap();
+    let check = scratch.0.join("ctl").join("check");
+    let server = std::thread::spawn(move || {
+        cr_ebpf_perf::wait_for_file(&check);
+        drop(first);
+        let _first = l.accept().unwrap();
+        let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).unwrap();
+        c.write_all(b"ok!").unwrap();
+        buf
+    });
+    let setup = r#"
+import select
+c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+c.setblocking(False)
+try:
+    c.connect(('127.0.0.1', int(open(sys.argv[2]).read())))
+except BlockingIOError:
+    pass
+time.sleep(0.1)
+before = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+"#;
+    let checks = r#"
+if before != 2: bad.append('not being made before: state %d' % before)
+_, w, _ = select.select([], [c], [], 15)
+err = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+if not w or err:
+    bad.append('not made: error %d' % err)
+else:
+    c.setblocking(True); c.settimeout(10)
+    c.sendall(b'made')
+    try:
+        if c.recv(10) != b'ok!': bad.append('no answer')
+    except OSError as e:
+        bad.append('answer: %s' % e)
+"#;
+    let out = round_trip(&scratch, &script(setup, checks), &[&port]);
+    assert_eq!(out, "ok");
+    assert_eq!(&server.join().unwrap(), b"made");
+}

@@ -46,6 +46,8 @@ pub struct TcpRepair {
     /// high byte of the options field; 0 before): 4 `FIN_WAIT1`, 5
     /// `FIN_WAIT2`, 8 `CLOSE_WAIT`, 9 `LAST_ACK`, 11 `CLOSING`; 0 for an
     /// established one. The queues and sequence numbers leave the FINs out.
+    /// Format 1.14: 2 `SYN_SENT`, a connection still being made, whose
+    /// `send_seq` is its SYN's sequence number (queues empty, the rest 0).
     pub state: u8,
 }
 
@@ -395,11 +397,16 @@ impl TcpRepair {
         let options = b.u16()?;
         t.options = options as u8;
         t.state = (options >> 8) as u8;
-        if t.state != 0 && !TCP_HALF_CLOSED.contains(&t.state) {
+        if t.state != 0 && t.state != 2 && !TCP_HALF_CLOSED.contains(&t.state) {
             return Err(DecErr {
                 offset: at,
-                what: format!("TCP connection state {} (0, 4, 5, 8, 9 or 11)", t.state),
+                what: format!("TCP connection state {} (0, 2, 4, 5, 8, 9 or 11)", t.state),
             });
+        }
+        let made =
+            t.state != 2 || (t.send_queue.is_empty() && t.recv_queue.is_empty() && t.unsent == 0);
+        if !made {
+            return Err(b.err("a TCP connection being made (state 2) with bytes queued"));
         }
         let scales = b.u16()?;
         t.snd_wscale = scales as u8;
@@ -502,8 +509,38 @@ mod tests {
             }),
             ..SocketInfo::default()
         };
-        for s in [pair_end, ghost, listener, connection] {
+        let being_made = SocketInfo {
+            family: 2,
+            sock_type: 1,
+            protocol: 6,
+            tcp: Some(TcpRepair {
+                send_seq: 4_000_000_000,
+                state: 2,
+                ..TcpRepair::default()
+            }),
+            ..SocketInfo::default()
+        };
+        for s in [pair_end, ghost, listener, connection, being_made] {
             assert_eq!(decoded(&encoded(&s)).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn a_connection_being_made_with_bytes_queued_is_an_error() {
+        for (queue, state) in [(b"x".to_vec(), 2), (Vec::new(), 3)] {
+            let s = SocketInfo {
+                family: 2,
+                sock_type: 1,
+                protocol: 6,
+                tcp: Some(TcpRepair {
+                    send_queue: queue,
+                    state,
+                    ..TcpRepair::default()
+                }),
+                ..SocketInfo::default()
+            };
+            let err = decoded(&encoded(&s)).unwrap_err();
+            assert!(err.what.contains("TCP connection"), "{}", err.what);
         }
     }
 

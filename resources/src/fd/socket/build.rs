@@ -15,10 +15,10 @@ use std::{
 use cr_ebpf_image::{SocketFile, SocketInfo};
 
 use super::{
-    apply_options, bind, check, connect, fail,
+    apply_options, bind, check, connect, connecting, fail,
     fin::half_close,
     option_int, patiently, send_all, send_to, setsockopt_int,
-    tcp::{closed_connection, refills, release, send_unsent, tcp_connection, Refill},
+    tcp::{closed_connection, refills, release, send_unsent, tcp_connection, Refill, TCP_SYN_SENT},
     unix::{listener_of, mirrored, orphan, socketpair, unix_path},
     unlock::unlock_network,
 };
@@ -126,8 +126,11 @@ pub(super) fn build(
     for &(fd, s, t) in &connections {
         half_close(fd, s, t)?;
     }
-    for &(fd, s, _) in &connections {
+    for &(fd, s, t) in &connections {
         release(fd, s)?;
+        if t.state == TCP_SYN_SENT {
+            connecting::connect_now(fd, s)?;
+        }
     }
     for &(fd, s, t) in &connections {
         let plan = plans.get(&s.inode).copied();
@@ -356,6 +359,9 @@ fn single(
     if let Some(t) = &s.tcp {
         if close_connections {
             return closed_connection(s, t);
+        }
+        if t.state == TCP_SYN_SENT {
+            return connecting::rebuild(s, t);
         }
         let plan = plans.get(&s.inode).copied();
         let plan = plan.unwrap_or_else(|| Refill::new(t, None));
@@ -1181,6 +1187,64 @@ mod tests {
             })
             .collect();
         assert_eq!(got, [(port, 1), (port, 0)]);
+    }
+
+    /// A connection still being made (`SYN-SENT`: its listener's queue is
+    /// full, so its SYNs are dropped) comes back being made, from the
+    /// same sequence number, and is made once the listener takes it.
+    #[test]
+    fn a_connection_being_made_is_made_after_restore() {
+        if !root("a_connection_being_made_is_made_after_restore") {
+            return;
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: plain syscall on our socket: one connection waits at most.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let first = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let b = std::net::TcpStream::connect_timeout(
+            &l.local_addr().unwrap(),
+            std::time::Duration::from_millis(1),
+        );
+        assert!(b.is_err(), "the listener's queue was full");
+        // SAFETY: plain syscall; checked.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(raw >= 0);
+        // SAFETY: a new descriptor we own.
+        let c = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        // SAFETY: plain fcntl on our socket.
+        unsafe { libc::fcntl(c.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let addr = testing::save_own(l.as_raw_fd());
+        let err = super::connect(&c, &socket_of(&addr).local).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINPROGRESS));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            tcp_state(&std::net::TcpStream::from(c.try_clone().unwrap())),
+            2
+        );
+        let saved = testing::save_own_many(&[c.as_raw_fd()]);
+        let t = socket_of(&saved[0]).tcp.expect("saved as a connection");
+        assert_eq!(t.state, 2);
+        super::super::tcp::repair_mode(&c, true).unwrap();
+        drop(c);
+        // Room in the listener's queue again.
+        drop(first);
+        let (_first, _) = l.accept().unwrap();
+        let fds = restored(&saved);
+        let mut c = std::net::TcpStream::from(fds[0].try_clone().unwrap());
+        let (mut srv, _) = l.accept().unwrap();
+        assert_eq!(tcp_state(&c), 1, "made");
+        // Its SYN had the sequence number the first one had.
+        let now = super::super::tcp::tcp_repair(&fds[0], 0).unwrap();
+        assert_eq!(
+            now.send_seq,
+            t.send_seq.wrapping_add(1),
+            "first byte after the SYN"
+        );
+        c.write_all(b"made").unwrap();
+        let mut buf = [0u8; 8];
+        let n = srv.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"made");
     }
 
     /// A connection whose original stays is refused after a while, with

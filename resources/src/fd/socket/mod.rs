@@ -15,6 +15,7 @@
 
 mod addr;
 mod build;
+mod connecting;
 mod diag;
 mod filter;
 mod fin;
@@ -418,6 +419,16 @@ fn save_socket(
             match info.first().copied().unwrap_or(0) {
                 TCP_LISTEN => s.backlog = d.map_or(128, |d| d.backlog),
                 TCP_ESTABLISHED => s.tcp = Some(tcp_repair(dup, 0)?),
+                tcp::TCP_SYN_SENT => {
+                    // getpeername answers ENOTCONN until the connection is made.
+                    let d = d.ok_or_else(|| {
+                        SocketError::NotSupported(
+                            "a TCP connection being made that sock_diag does not show".into(),
+                        )
+                    })?;
+                    s.peer = connecting::peer(family, &d.key);
+                    s.tcp = Some(connecting::save(dup)?);
+                }
                 half if cr_ebpf_image::TCP_HALF_CLOSED.contains(&half) => {
                     s.tcp = Some(tcp_repair(dup, half)?)
                 }

@@ -24,17 +24,18 @@ use crate::RestoreError;
 
 /// `TCP_REPAIR`: the socket in repair mode (no packets; state settable).
 pub(super) const TCP_REPAIR: i32 = 19;
-const TCP_REPAIR_QUEUE: i32 = 20;
-const TCP_QUEUE_SEQ: i32 = 21;
+pub(super) const TCP_REPAIR_QUEUE: i32 = 20;
+pub(super) const TCP_QUEUE_SEQ: i32 = 21;
 const TCP_REPAIR_OPTIONS: i32 = 22;
 const TCP_TIMESTAMP: i32 = 24;
 const TCP_REPAIR_WINDOW: i32 = 29;
 const TCP_RECV_QUEUE: i32 = 1;
-const TCP_SEND_QUEUE: i32 = 2;
-const TCP_NO_QUEUE: i32 = 0;
+pub(super) const TCP_SEND_QUEUE: i32 = 2;
+pub(super) const TCP_NO_QUEUE: i32 = 0;
 const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 /// `TCP_INFO` states.
 pub(super) const TCP_ESTABLISHED: u8 = 1;
+pub(super) const TCP_SYN_SENT: u8 = 2;
 pub(super) const TCP_CLOSE: u8 = 7;
 pub(super) const TCP_LISTEN: u8 = 10;
 const TCPOPT_MAXSEG: u32 = 2;
@@ -58,7 +59,7 @@ fn ioctl_int(fd: &OwnedFd, req: libc::c_ulong) -> io::Result<i32> {
 }
 
 /// Reads (without consuming) up to `cap` bytes of the selected queue.
-fn peek(fd: &OwnedFd, cap: usize) -> io::Result<Vec<u8>> {
+pub(super) fn peek(fd: &OwnedFd, cap: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; cap.max(1)];
     // SAFETY: our buffer.
     let n = unsafe {
@@ -83,27 +84,37 @@ fn peek(fd: &OwnedFd, cap: usize) -> io::Result<Vec<u8>> {
 /// Reads one TCP connection's state in repair mode; the socket is back in
 /// normal mode afterwards (with `SO_REUSEADDR` as it was), whatever happens.
 pub(super) fn tcp_repair(fd: &OwnedFd, state: u8) -> Result<TcpRepair, SocketError> {
+    in_repair(fd, || {
+        // Packets still arriving (the network is not frozen) can move the
+        // receive side between the reads: read again until the window read
+        // last agrees with the receive queue read first.
+        let mut r = read_repair(fd, state);
+        for _ in 0..20 {
+            match &r {
+                Ok(t) if !consistent(t) => r = read_repair(fd, state),
+                _ => break,
+            }
+        }
+        r
+    })
+}
+
+/// `read` with the connection `fd` in repair mode; back in normal mode
+/// afterwards (with `SO_REUSEADDR` as it was), whatever happens.
+pub(super) fn in_repair<T>(
+    fd: &OwnedFd,
+    read: impl FnOnce() -> Result<T, SocketError>,
+) -> Result<T, SocketError> {
     let reuse = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)
         .map_err(|e| ("SO_REUSEADDR", e))?;
     setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1).map_err(|e| {
         if e.raw_os_error() == Some(libc::EPERM) {
-            SocketError::NotSupported(
-                "an established TCP connection without CAP_NET_ADMIN (TCP_REPAIR)".into(),
-            )
+            SocketError::NotSupported("a TCP connection without CAP_NET_ADMIN (TCP_REPAIR)".into())
         } else {
             SocketError::Io("TCP_REPAIR", e)
         }
     })?;
-    // Packets still arriving (the network is not frozen) can move the
-    // receive side between the reads: read again until the window read
-    // last agrees with the receive queue read first.
-    let mut r = read_repair(fd, state);
-    for _ in 0..20 {
-        match &r {
-            Ok(t) if !consistent(t) => r = read_repair(fd, state),
-            _ => break,
-        }
-    }
+    let r = read();
     // Leaving repair mode resets SO_REUSEADDR: put it back.
     let off = setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 0);
     let re = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuse);
@@ -469,20 +480,23 @@ fn receive_buffer(saved: i32, rmem: u32, open: u32) -> i32 {
     saved.max(needed + (needed & 1))
 }
 
-/// Connects a connection being rebuilt in repair mode (no packet is
-/// sent). The kernel refuses while a connection with the same addresses
-/// exists, which the checkpointed one may do for a moment.
-fn connect_again(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> {
-    patiently(libc::EADDRNOTAVAIL, || connect(fd, &s.peer)).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-            RestoreError::ConnectionExists {
+/// Connects a connection being rebuilt: in repair mode (no packet is
+/// sent), or one being made again (in `SYN-SENT`, not waiting: `EINPROGRESS`
+/// is then its SYN on its way). The kernel refuses while a connection with
+/// the same addresses exists, which the checkpointed one may do for a
+/// moment.
+pub(super) fn connect_again(fd: &OwnedFd, s: &SocketInfo) -> Result<(), RestoreError> {
+    match patiently(libc::EADDRNOTAVAIL, || connect(fd, &s.peer)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            Err(RestoreError::ConnectionExists {
                 local: SocketInfo::address_text(&s.local),
                 peer: SocketInfo::address_text(&s.peer),
-            }
-        } else {
-            fail("connect (TCP repair)")(e)
+            })
         }
-    })
+        Err(e) => Err(fail("connect (TCP repair)")(e)),
+    }
 }
 
 /// Takes a connection made by [`tcp_connection`] out of repair mode: it
@@ -526,9 +540,11 @@ pub(super) fn send_unsent(
 /// shut down): reads find the end of the stream, writes fail with `EPIPE`,
 /// poll reports a hang-up.
 pub(super) fn closed_connection(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreError> {
-    if let Ok(fd) =
+    // A connection still being made has no peer to reset.
+    let reset = (t.state != TCP_SYN_SENT).then(|| {
         tcp_connection(s, t, Refill::new(t, None)).and_then(|fd| release(&fd, s).map(|()| fd))
-    {
+    });
+    if let Some(Ok(fd)) = reset {
         // SO_LINGER {on, 0 s}: close sends RST.
         let _ = setsockopt(
             &fd,
