@@ -462,15 +462,17 @@ drain(a, 'ba')
     assert_eq!(out, "ok");
 }
 
-/// A TCP connection still being made (`SYN-SENT`: its listener's queue is
-/// full, so its SYNs are dropped) comes back being made and is made once
-/// the listener takes it, as ZDTM's socket-tcp-syn-sent checks with a
-/// firewall rule: the process finds it writable and talks over it.
+/// TCP connections still being made (`SYN-SENT`: their listener's queue
+/// is full, so their SYNs are dropped), one by a non-blocking `connect`,
+/// one by a thread blocked in `connect`, come back being made and are made
+/// once the listener takes them, as ZDTM's socket-tcp-syn-sent checks with
+/// a firewall rule: the process finds the first writable, the thread's
+/// `connect` returns, and both talk (the listener takes one at a time).
 #[test]
-fn a_tcp_connection_being_made_is_made_after_restore() {
+fn tcp_connections_being_made_are_made_after_restore() {
     use std::io::{Read as _, Write as _};
     use std::os::fd::AsRawFd as _;
-    if !cr_ebpf_perf::privileged("a_tcp_connection_being_made_is_made_after_restore") {
+    if !cr_ebpf_perf::privileged("tcp_connections_being_made_are_made_after_restore") {
         return;
     }
     let scratch = Scratch::new("sk-synsent");
@@ -485,23 +487,42 @@ fn a_tcp_connection_being_made_is_made_after_restore() {
         cr_ebpf_perf::wait_for_file(&check);
         drop(first);
         let _first = l.accept().unwrap();
-        let (mut c, _) = l.accept().unwrap();
-        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
-        let mut buf = [0u8; 4];
-        c.read_exact(&mut buf).unwrap();
-        c.write_all(b"ok!").unwrap();
-        buf
+        let (mut got, mut kept) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let (mut c, _) = l.accept().unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf).unwrap();
+            c.write_all(b"ok!").unwrap();
+            got.push(buf);
+            // Open until both are answered.
+            kept.push(c);
+        }
+        got
     });
     let setup = r#"
-import select
+import select, threading
+port = int(open(sys.argv[2]).read())
 c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 c.setblocking(False)
 try:
-    c.connect(('127.0.0.1', int(open(sys.argv[2]).read())))
+    c.connect(('127.0.0.1', port))
 except BlockingIOError:
     pass
-time.sleep(0.1)
+res = {}
+def blocking():
+    d = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        d.connect(('127.0.0.1', port))
+        d.settimeout(15)
+        d.sendall(b'made')
+        res['d'] = d.recv(10)
+    except OSError as e:
+        res['d'] = e
+t = threading.Thread(target=blocking, daemon=True)
+t.start()
+time.sleep(0.2)
 before = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
 "#;
     let checks = r#"
@@ -511,14 +532,16 @@ err = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 if not w or err:
     bad.append('not made: error %d' % err)
 else:
-    c.setblocking(True); c.settimeout(10)
-    c.sendall(b'made')
+    c.setblocking(True); c.settimeout(15)
     try:
-        if c.recv(10) != b'ok!': bad.append('no answer')
+        c.sendall(b'made')
+        if c.recv(10) != b'ok!': bad.append('non-blocking: no answer')
     except OSError as e:
-        bad.append('answer: %s' % e)
+        bad.append('non-blocking: %s' % e)
+t.join(20)
+if res.get('d') != b'ok!': bad.append('blocking connect: %r' % (res.get('d'),))
 "#;
     let out = round_trip(&scratch, &script(setup, checks), &[&port]);
     assert_eq!(out, "ok");
-    assert_eq!(&server.join().unwrap(), b"made");
+    assert_eq!(server.join().unwrap(), [*b"made", *b"made"]);
 }
