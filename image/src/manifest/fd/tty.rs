@@ -25,6 +25,12 @@ pub enum TtyRole {
     /// The controlling terminal of a shell job (a terminal outside the
     /// checkpoint): the restorer's own terminal at restore.
     Outside = 4,
+    /// Format 1.14: a terminal device outside the checkpoint that is not
+    /// its controlling terminal nor a pseudo-terminal (a console, virtual
+    /// terminal or serial line): opened again by its path at restore
+    /// (`O_NOCTTY`), which must still be that device; `index` is its
+    /// device number in the kernel's 32-bit encoding.
+    Device = 5,
 }
 
 impl TryFrom<u16> for TtyRole {
@@ -35,6 +41,7 @@ impl TryFrom<u16> for TtyRole {
             2 => Self::Slave,
             3 => Self::Controlling,
             4 => Self::Outside,
+            5 => Self::Device,
             other => return Err(other),
         })
     }
@@ -275,7 +282,12 @@ pub(super) mod tests {
     fn every_role_round_trips_and_only_a_master_has_settings() {
         let m = master();
         assert_eq!(round(&m).unwrap(), m);
-        for role in [TtyRole::Slave, TtyRole::Controlling, TtyRole::Outside] {
+        for role in [
+            TtyRole::Slave,
+            TtyRole::Controlling,
+            TtyRole::Outside,
+            TtyRole::Device,
+        ] {
             let t = TtyInfo {
                 role,
                 open: 2,

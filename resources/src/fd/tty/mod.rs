@@ -36,6 +36,9 @@ pub struct Tty;
 
 /// The id under which a shell job's terminal is kept in [`Shared`].
 const OUTSIDE: u64 = u64::MAX;
+/// Open files of terminal devices are numbered under this key plus the
+/// device number.
+const DEVICE: u64 = 1 << 40;
 /// `CAP_SYS_ADMIN`, which handing bytes to a terminal's input (`TIOCSTI`)
 /// takes.
 const CAP_SYS_ADMIN: u32 = 21;
@@ -60,6 +63,11 @@ fn pts_index(major: u32, minor: u32) -> Option<u32> {
 /// (`tty_nr` of `/proc/PID/stat`, `TIOCGDEV`).
 pub fn decode_dev(v: u32) -> (u32, u32) {
     ((v >> 8) & 0xfff, (v & 0xff) | ((v >> 12) & 0xfff00))
+}
+
+/// A device number in the kernel's 32-bit encoding ([`decode_dev`]).
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
 }
 
 /// The pair index of a controlling terminal (`tty_nr`), if it is a
@@ -359,6 +367,24 @@ fn save_tty(cx: &mut SaveCx<'_>, seen: &Seen, major: u32, minor: u32) -> Result<
                 tty(TtyRole::Slave, open, i, None)
             } else {
                 let real = ioctl_int(&dup, libc::TIOCGDEV).unwrap_or(-1);
+                // A device (not a pseudo-terminal, whose number a new pair
+                // could take) is opened again by its path.
+                let by_path = index.is_none()
+                    && seen.link.starts_with('/')
+                    && !seen.link.ends_with(" (deleted)");
+                if real != ctty && by_path {
+                    let dev = encode_dev(major, minor);
+                    let open = cx.scope.ttys.open_of(DEVICE | u64::from(dev), dup);
+                    return Ok(FdInfo {
+                        state: FdState::Tty(tty(
+                            TtyRole::Device,
+                            open.ok_or_else(too_many)?,
+                            dev,
+                            None,
+                        )),
+                        ..seen.info(FdKind::Tty)
+                    });
+                }
                 if real != ctty {
                     return Err(cx.refuse(
                         seen.fd,
@@ -459,6 +485,40 @@ impl NoCtty for std::fs::OpenOptions {
     }
 }
 
+/// The terminal device of `f` opened again by its path (never becoming a
+/// controlling terminal), which must still be device `dev` (the kernel's
+/// encoding).
+fn open_device(f: &FdInfo, dev: u32) -> Result<OwnedFd, RestoreError> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let acc = f.flags as i32 & libc::O_ACCMODE;
+    let file = std::fs::OpenOptions::new()
+        .read(acc != libc::O_WRONLY)
+        .write(acc != libc::O_RDONLY)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(&f.path)
+        .map_err(|e| RestoreError::File {
+            path: f.path.clone(),
+            what: format!("a terminal device the process had open, cannot be opened: {e}"),
+        })?;
+    let meta = file.metadata().map_err(fail("fstat (terminal device)"))?;
+    let (major, minor) = decode_dev(dev);
+    let now = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+    if !meta.file_type().is_char_device() || now != (major, minor) {
+        return Err(RestoreError::File {
+            path: f.path.clone(),
+            what: format!(
+                "the process had open as terminal device {major}:{minor}, is now {}",
+                if meta.file_type().is_char_device() {
+                    format!("device {}:{}", now.0, now.1)
+                } else {
+                    "not a character device".into()
+                }
+            ),
+        });
+    }
+    Ok(file.into())
+}
+
 /// A new open file of cr-ebpf's own terminal (its standard input), for a
 /// shell job's terminal descriptors.
 fn our_terminal(flags: i32) -> Result<OwnedFd, RestoreError> {
@@ -508,12 +568,15 @@ impl Descriptor for Tty {
             let (id, part) = match t.role {
                 TtyRole::Slave => (t.index as u64, t.open as u8 + 1),
                 TtyRole::Outside => (OUTSIDE, t.open as u8 + 1),
+                TtyRole::Device => (DEVICE | u64::from(t.index), t.open as u8 + 1),
                 _ => continue,
             };
             if shared.get(FdKind::Tty, id, part, f.fd).is_ok() {
                 continue;
             }
-            let made = if t.role == TtyRole::Outside {
+            let made = if t.role == TtyRole::Device {
+                open_device(f, t.index)?
+            } else if t.role == TtyRole::Outside {
                 if !opts.shell_job {
                     return Err(RestoreError::NotSupported(
                         "a shell job's terminal: restore it with --shell-job".into(),
@@ -540,6 +603,7 @@ impl Descriptor for Tty {
             TtyRole::Master => (t.index as u64, 0),
             TtyRole::Slave => (t.index as u64, t.open as u8 + 1),
             TtyRole::Outside => (OUTSIDE, t.open as u8 + 1),
+            TtyRole::Device => (DEVICE | u64::from(t.index), t.open as u8 + 1),
             TtyRole::Controlling => {
                 let flags = f.flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL)
                     | libc::O_NOCTTY;

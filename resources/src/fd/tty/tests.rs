@@ -180,3 +180,101 @@ fn device_numbers_decode_as_the_kernel_encodes_them() {
     assert_eq!(decode_dev((136 << 8) | 7), (136, 7));
     assert!(is_terminal(5) && is_terminal(4) && is_terminal(143) && !is_terminal(1));
 }
+
+/// A terminal device outside the checkpoint that is not its controlling
+/// terminal (here the console, through a node of its own as ZDTM's
+/// `console` makes) is opened again by its path, as one open file for its
+/// duplicates; a path that is now another device is named; a removed node
+/// is refused.
+#[test]
+fn a_console_is_opened_again_by_its_path_and_must_still_be_the_console() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI runs as root"
+        );
+        eprintln!("skipped: making a device node needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cr-ebpf-console-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = dir.join("console");
+    let mknod = |dev: libc::dev_t| {
+        let _ = std::fs::remove_file(&node);
+        let path = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path of ours.
+        let r = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, dev) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    };
+    mknod(libc::makedev(5, 1));
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_noctty()
+        .open(&node)
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the console opens in CI"
+        );
+        eprintln!("skipped: this machine's console does not open");
+        return;
+    };
+    let fd = OwnedFd::from(f);
+    let dup = fd.try_clone().unwrap();
+    let saved = testing::save_own_many(&[fd.as_raw_fd(), dup.as_raw_fd()]);
+    let roles: Vec<(TtyRole, u16, u32)> = saved
+        .iter()
+        .map(tty_state)
+        .map(|t| (t.role, t.open, t.index))
+        .collect();
+    let dev = encode_dev(5, 1);
+    assert_eq!(
+        roles,
+        [(TtyRole::Device, 0, dev), (TtyRole::Device, 0, dev)]
+    );
+    let (rec, shared) = testing::restore_keeping(&testing::manifest(saved.clone()));
+    let again = shared
+        .get(FdKind::Tty, DEVICE | u64::from(dev), 1, 0)
+        .unwrap();
+    let meta = std::fs::File::from(again.try_clone().unwrap())
+        .metadata()
+        .unwrap();
+    assert_eq!((libc::major(meta.rdev()), libc::minor(meta.rdev())), (5, 1));
+    // SAFETY: isatty on our descriptor.
+    assert_eq!(unsafe { libc::isatty(again.as_raw_fd()) }, 1);
+    let adopted = rec
+        .events()
+        .iter()
+        .filter(|e| matches!(e, crate::sys::fake::Event::Adopt { ours, .. } if *ours == again.as_raw_fd()))
+        .count();
+    assert_eq!(adopted, 2, "one open file for both descriptors");
+    // The node is now /dev/null's device: named, not opened as it.
+    mknod(libc::makedev(1, 3));
+    let err = crate::fd::prepare(&[&testing::manifest(saved)], &crate::fd::Prepare::default())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("terminal device 5:1, is now device 1:3"),
+        "{err}"
+    );
+    // A removed node cannot be opened again.
+    mknod(libc::makedev(5, 1));
+    let fd = OwnedFd::from(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags_noctty()
+            .open(&node)
+            .unwrap(),
+    );
+    std::fs::remove_file(&node).unwrap();
+    let mut owner = testing::SaveOwner::new();
+    let err = Tty
+        .save(&mut owner.cx(), &testing::seen(fd.as_raw_fd()))
+        .expect("claimed")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("neither a pseudo-terminal pair"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
