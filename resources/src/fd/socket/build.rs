@@ -378,6 +378,9 @@ fn single(
             None => bind_as_before(&fd, s, sharing.contains(&s.inode))?,
         }
     }
+    if s.family == libc::AF_PACKET as u16 {
+        super::packet::join_fanout(&fd, s)?;
+    }
     if s.listening {
         // SAFETY: plain syscall on our socket.
         check(unsafe { libc::listen(fd.as_raw_fd(), s.backlog.max(1) as i32) })

@@ -236,6 +236,95 @@ fn key_of(m: &[u8]) -> NetLockKey {
     }
 }
 
+/// What sock_diag says of one packet socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PacketDiag {
+    /// `PACKET_COPY_THRESH` (no `getsockopt` reads it).
+    pub copy_thresh: u32,
+    /// The receive ring's `struct tpacket_req3` fields (block size and
+    /// count, frame size and count, retire timeout, private size,
+    /// features), if it has one.
+    pub rx_ring: Option<[u32; 7]>,
+    /// The transmit ring's, likewise.
+    pub tx_ring: Option<[u32; 7]>,
+    /// Its memberships.
+    pub memberships: Vec<PacketMembership>,
+    /// Its fanout group as `PACKET_FANOUT` takes it (id, kind << 16, flags
+    /// << 24); 0 for none.
+    pub fanout: u32,
+}
+
+/// A membership of a packet socket (`PACKET_ADD_MEMBERSHIP`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PacketMembership {
+    /// `struct packet_mreq`: interface index, kind, address length,
+    /// address (8 bytes).
+    pub mreq: Vec<u8>,
+    /// How many times it was added.
+    pub count: u32,
+}
+
+const PACKET_SHOW_INFO: u32 = 1;
+const PACKET_SHOW_MCLIST: u32 = 2;
+const PACKET_SHOW_RING_CFG: u32 = 4;
+const PACKET_SHOW_FANOUT: u32 = 8;
+const PACKET_DIAG_INFO: u16 = 0;
+const PACKET_DIAG_MCLIST: u16 = 1;
+const PACKET_DIAG_RX_RING: u16 = 2;
+const PACKET_DIAG_TX_RING: u16 = 3;
+const PACKET_DIAG_FANOUT: u16 = 4;
+/// Length of `struct packet_diag_msg`, after which its attributes follow.
+const PACKET_DIAG_MSG_LEN: usize = 16;
+/// Length of `struct packet_diag_mclist`.
+const PACKET_MCLIST_LEN: usize = 44;
+
+/// Every packet socket of the namespace, by inode.
+pub fn packet_sockets() -> io::Result<HashMap<u64, PacketDiag>> {
+    let mut body = vec![libc::AF_PACKET as u8, 0, 0, 0];
+    body.extend_from_slice(&0u32.to_ne_bytes()); // any inode
+    let show = PACKET_SHOW_INFO | PACKET_SHOW_MCLIST | PACKET_SHOW_RING_CFG | PACKET_SHOW_FANOUT;
+    body.extend_from_slice(&show.to_ne_bytes());
+    body.extend_from_slice(&[0u8; 8]); // cookie
+    let mut out = HashMap::new();
+    dump(&body, |m| {
+        if m.len() < PACKET_DIAG_MSG_LEN {
+            return;
+        }
+        let ino = u32_at(m, 4).unwrap_or(0) as u64;
+        let mut d = PacketDiag::default();
+        let ring = |a: &[u8]| {
+            let mut r = [0u32; 7];
+            for (i, v) in r.iter_mut().enumerate() {
+                *v = u32_at(a, i * 4).unwrap_or(0);
+            }
+            r
+        };
+        attributes(&m[PACKET_DIAG_MSG_LEN..], |kind, a| match kind {
+            // struct packet_diag_info: index, version, reserve, copy_thresh, ...
+            PACKET_DIAG_INFO => d.copy_thresh = u32_at(a, 12).unwrap_or(0),
+            PACKET_DIAG_MCLIST => {
+                for e in a.chunks_exact(PACKET_MCLIST_LEN) {
+                    // index, count, type (u16), alen (u16), addr[32]
+                    let alen = u16::from_ne_bytes([e[10], e[11]]) as usize;
+                    let mut mreq = e[0..4].to_vec();
+                    mreq.extend_from_slice(&e[8..12]);
+                    mreq.extend_from_slice(&e[12..12 + alen.clamp(8, 32)]);
+                    d.memberships.push(PacketMembership {
+                        mreq,
+                        count: u32_at(e, 4).unwrap_or(1),
+                    });
+                }
+            }
+            PACKET_DIAG_RX_RING => d.rx_ring = Some(ring(a)),
+            PACKET_DIAG_TX_RING => d.tx_ring = Some(ring(a)),
+            PACKET_DIAG_FANOUT => d.fanout = u32_at(a, 0).unwrap_or(0),
+            _ => {}
+        });
+        out.insert(ino, d);
+    })?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

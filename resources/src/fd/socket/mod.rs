@@ -21,6 +21,7 @@ mod filter;
 mod fin;
 pub mod in_flight;
 mod netlink;
+mod packet;
 mod raw;
 pub mod tcp;
 pub mod unix;
@@ -225,7 +226,10 @@ fn address(fd: &OwnedFd, peer: bool) -> io::Result<Vec<u8>> {
     };
     if r != 0 {
         let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
+        // A packet socket has no peer to ask for (EOPNOTSUPP).
+        let none = e.raw_os_error() == Some(libc::ENOTCONN)
+            || (peer && e.raw_os_error() == Some(libc::EOPNOTSUPP));
+        if none {
             return Ok(Vec::new());
         }
         return Err(e);
@@ -366,7 +370,7 @@ fn save_socket(
     let protocol = int(libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
     if !matches!(
         family,
-        libc::AF_UNIX | libc::AF_INET | libc::AF_INET6 | libc::AF_NETLINK
+        libc::AF_UNIX | libc::AF_INET | libc::AF_INET6 | libc::AF_NETLINK | libc::AF_PACKET
     ) {
         return Err(SocketError::NotSupported(format!(
             "a socket of family {family}, type {sock_type}, protocol {protocol}"
@@ -477,6 +481,9 @@ fn save_socket(
         (libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_DGRAM) => {
             netlink::save_netlink(dup, &mut s)?
         }
+        (libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_DGRAM | packet::SOCK_PACKET) => {
+            packet::save(dup, &mut s, pid, inode)?
+        }
         (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
             let d = ctx.unix(inode)?;
             let carried = ctx.in_flight.get(&inode).cloned();
@@ -580,7 +587,7 @@ pub(super) fn apply_options(
             o.level == libc::SOL_SOCKET && matches!(o.name, libc::SO_SNDBUF | libc::SO_RCVBUF);
         let reuse = o.level == libc::SOL_SOCKET && o.name == libc::SO_REUSEADDR;
         let v6only = o.level == libc::IPPROTO_IPV6 && o.name == libc::IPV6_V6ONLY;
-        if buffer || lock_filter(o) || (repaired && (reuse || v6only)) {
+        if buffer || lock_filter(o) || packet::after_bind(o) || (repaired && (reuse || v6only)) {
             continue;
         }
         setsockopt(fd, o.level, o.name, &o.value).map_err(fail(format!(
