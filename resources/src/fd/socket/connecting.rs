@@ -18,8 +18,8 @@ use cr_ebpf_image::{SocketInfo, TcpRepair};
 use super::{
     bind, check, fail, getsockopt_int, option_int, set_int, set_v6only, setsockopt_int, socket,
     tcp::{
-        connect_again, in_repair, peek, TCP_NO_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR, TCP_REPAIR_QUEUE,
-        TCP_SEND_QUEUE, TCP_SYN_SENT,
+        connect_again, enter_repair, in_repair, peek, TCP_NO_QUEUE, TCP_QUEUE_SEQ,
+        TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, TCP_SYN_SENT,
     },
     SocketError,
 };
@@ -84,15 +84,7 @@ pub(super) fn rebuild(s: &SocketInfo, t: &TcpRepair) -> Result<OwnedFd, RestoreE
             set_int(&fd, libc::SOL_SOCKET, force, v / 2).map_err(fail("SO_*BUFFORCE"))?;
         }
     }
-    set_int(&fd, libc::IPPROTO_TCP, TCP_REPAIR, 1).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EPERM) {
-            RestoreError::NotSupported(
-                "re-making a TCP connection needs CAP_NET_ADMIN (TCP_REPAIR)".into(),
-            )
-        } else {
-            fail("setsockopt(TCP_REPAIR)")(e)
-        }
-    })?;
+    enter_repair(&fd)?;
     set_v6only(&fd, s)?;
     // In repair mode binding succeeds next to a listener on the same port.
     bind(&fd, &s.local).map_err(fail("bind (TCP connection being made)"))?;

@@ -253,15 +253,7 @@ pub(super) fn tcp_connection(
         set_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, rcv / 2)
             .map_err(fail("SO_RCVBUFFORCE"))?;
     }
-    set_int(&fd, libc::IPPROTO_TCP, TCP_REPAIR, 1).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EPERM) {
-            RestoreError::NotSupported(
-                "re-establishing a TCP connection needs CAP_NET_ADMIN (TCP_REPAIR)".into(),
-            )
-        } else {
-            fail("setsockopt(TCP_REPAIR)")(e)
-        }
-    })?;
+    enter_repair(&fd)?;
     let tcp = |name, v: i32, what: &str| {
         set_int(&fd, libc::IPPROTO_TCP, name, v).map_err(fail(what.to_string()))
     };
@@ -317,6 +309,20 @@ pub(super) fn tcp_connection(
     setsockopt(&fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(fail("TCP_REPAIR_WINDOW"))?;
     apply_options(&fd, s, true)?;
     Ok(fd)
+}
+
+/// Puts a socket being made into repair mode, which takes
+/// `CAP_NET_ADMIN`.
+pub(super) fn enter_repair(fd: &OwnedFd) -> Result<(), RestoreError> {
+    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            RestoreError::NotSupported(
+                "re-making a TCP connection needs CAP_NET_ADMIN (TCP_REPAIR)".into(),
+            )
+        } else {
+            fail("setsockopt(TCP_REPAIR)")(e)
+        }
+    })
 }
 
 /// Works the connection's segment size out again from the MSS clamp
