@@ -415,7 +415,7 @@ fn bind_as_before(fd: &OwnedFd, s: &SocketInfo, sharing: bool) -> Result<(), Res
     }
     for &(level, name) in BIND_OPTIONS {
         let had = option_int(s, level, name).unwrap_or(0) != 0;
-        if name != libc::SO_REUSEPORT || had || sharing {
+        if (level, name) != (libc::SOL_SOCKET, libc::SO_REUSEPORT) || had || sharing {
             setsockopt_int(fd, level, name, 1).map_err(fail("setsockopt before bind"))?;
         }
     }
@@ -1151,6 +1151,34 @@ mod tests {
             matches!(&err, crate::RestoreError::AddressInUse { address } if *address == want),
             "{err}"
         );
+    }
+
+    /// A UDP socket bound to an address not on this host (with
+    /// `IP_FREEBIND`, cleared after the bind, as ZDTM's sk-freebind-false)
+    /// is bound there again and has the option cleared again.
+    #[test]
+    fn a_socket_bound_to_a_foreign_address_is_bound_there_again() {
+        // SAFETY: plain syscall; checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor we own.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        super::setsockopt_int(&fd, libc::IPPROTO_IP, libc::IP_FREEBIND, 1).unwrap();
+        let mut addr = (libc::AF_INET as u16).to_ne_bytes().to_vec();
+        addr.extend(0u16.to_be_bytes());
+        addr.extend([192, 0, 2, 77, 0, 0, 0, 0, 0, 0, 0, 0]);
+        super::bind(&fd, &addr).unwrap();
+        super::setsockopt_int(&fd, libc::IPPROTO_IP, libc::IP_FREEBIND, 0).unwrap();
+        let saved = testing::save_own_many(&[fd.as_raw_fd()]);
+        let was = std::net::UdpSocket::from(fd).local_addr().unwrap();
+        let back = std::net::UdpSocket::from(restored(&saved).remove(0));
+        assert_eq!(back.local_addr().unwrap(), was);
+        let freebind = super::super::getsockopt_int(
+            &OwnedFd::from(back.try_clone().unwrap()),
+            libc::IPPROTO_IP,
+            libc::IP_FREEBIND,
+        );
+        assert_eq!(freebind.unwrap(), 0);
     }
 
     /// Two listeners sharing a port through `SO_REUSEPORT`, one of which
