@@ -25,11 +25,13 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// Accepts one connection, reads 6 bytes, answers `got:` and them.
 const SERVER: &str = r#"
-import os, socket, sys, time
+import mmap, os, socket, struct, sys, time
 ctl, family = sys.argv[1], sys.argv[2]
 if len(sys.argv) > 3:
-    # Something a dump refuses: a packet socket.
+    # Something a dump refuses: a packet socket whose ring is mapped.
     refused = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    refused.setsockopt(263, 5, struct.pack('IIII', 4096, 1, 1024, 4))
+    ring = mmap.mmap(refused.fileno(), 4096)
 fam = socket.AF_INET6 if family == '6' else socket.AF_INET
 l = socket.socket(fam, socket.SOCK_STREAM)
 l.bind(('::1' if family == '6' else '127.0.0.1', 0))
@@ -190,14 +192,15 @@ fn a_refused_dump_removes_its_lock_and_leave_running_takes_none() {
         return;
     }
     let scratch = Scratch::new("netlock-refused");
-    // A packet socket: refused, after the connections were locked.
+    // A packet socket's mapped ring: refused, after the connections were
+    // locked.
     let (mut child, mut peer) = start(&scratch, &["4", "packet"]);
     let pid = child.id() as i32;
     let _guard = KillOnDrop(pid);
     let e = dump(pid, &scratch.0.join("image"), &options(true, false)).expect_err("refused");
     assert!(
         e.to_string()
-            .contains("not supported: a socket of family 17"),
+            .contains("not supported: a packet socket whose ring is mapped"),
         "{e}"
     );
     assert_eq!(
