@@ -214,6 +214,8 @@ fn describe(f: &FdInfo) -> String {
                 (libc::AF_UNIX, libc::SOCK_STREAM) => "unix stream",
                 (libc::AF_UNIX, libc::SOCK_DGRAM) => "unix datagram",
                 (libc::AF_UNIX, libc::SOCK_SEQPACKET) => "unix seqpacket",
+                (libc::AF_NETLINK, _) => "netlink",
+                (libc::AF_PACKET, _) => "packet",
                 (_, libc::SOCK_STREAM) => "TCP",
                 (_, libc::SOCK_DGRAM) => "UDP",
                 (_, libc::SOCK_RAW) => "raw IP",

@@ -149,7 +149,7 @@ pub enum SocketFile {
 impl SocketInfo {
     /// A socket address (`struct sockaddr_*` bytes, as in [`SocketInfo::local`])
     /// for people: `127.0.0.1:6379`, `[::1]:80`, a unix path or
-    /// `@abstract`, `-` for none.
+    /// `@abstract`, a packet socket's interface and protocol, `-` for none.
     pub fn address_text(a: &[u8]) -> String {
         let family = a.get(..2).map(|f| u16::from_ne_bytes([f[0], f[1]]) as i32);
         let port = || u16::from_be_bytes([a[2], a[3]]);
@@ -161,6 +161,18 @@ impl SocketInfo {
             Some(libc::AF_INET6) if a.len() >= 24 => {
                 let ip: [u8; 16] = a[8..24].try_into().expect("16 bytes");
                 format!("[{}]:{}", std::net::Ipv6Addr::from(ip), port())
+            }
+            // struct sockaddr_ll; struct sockaddr_pkt (SOCK_PACKET) names
+            // its device.
+            Some(libc::AF_PACKET) if a.len() >= 20 => format!(
+                "interface {} protocol {:#06x}",
+                i32::from_ne_bytes(a[4..8].try_into().expect("4 bytes")),
+                u16::from_be_bytes([a[2], a[3]])
+            ),
+            Some(libc::AF_PACKET) => {
+                let name = &a[2.min(a.len())..16.min(a.len())];
+                let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+                format!("device {}", String::from_utf8_lossy(&name[..end]))
             }
             Some(libc::AF_UNIX) => match a.get(2..) {
                 Some([0, rest @ ..]) => format!("@{}", String::from_utf8_lossy(rest)),
