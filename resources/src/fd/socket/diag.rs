@@ -239,6 +239,9 @@ fn key_of(m: &[u8]) -> NetLockKey {
 /// What sock_diag says of one packet socket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PacketDiag {
+    /// The protocol it receives, as `socket` and `bind` take it (network
+    /// byte order; `SO_PROTOCOL` answers 0 for packet sockets).
+    pub protocol: u16,
     /// `PACKET_COPY_THRESH` (no `getsockopt` reads it).
     pub copy_thresh: u32,
     /// The receive ring's `struct tpacket_req3` fields (block size and
@@ -291,7 +294,12 @@ pub fn packet_sockets() -> io::Result<HashMap<u64, PacketDiag>> {
             return;
         }
         let ino = u32_at(m, 4).unwrap_or(0) as u64;
-        let mut d = PacketDiag::default();
+        let mut d = PacketDiag {
+            // struct packet_diag_msg: family, type, num (the protocol, in
+            // host byte order here), inode
+            protocol: u16::from_ne_bytes([m[2], m[3]]).to_be(),
+            ..PacketDiag::default()
+        };
         let ring = |a: &[u8]| {
             let mut r = [0u32; 7];
             for (i, v) in r.iter_mut().enumerate() {

@@ -278,6 +278,7 @@ fn unbound_inet(addr: &[u8]) -> bool {
 pub struct Context {
     unix: Option<HashMap<u64, UnixDiag>>,
     inet: HashMap<(i32, i32), HashMap<u64, InetDiag>>,
+    packet: Option<HashMap<u64, diag::PacketDiag>>,
     /// The process's numbers of the descriptors in flight on each unix
     /// socket's queue (by inode), message by message.
     in_flight: HashMap<u64, Vec<Vec<i32>>>,
@@ -351,6 +352,15 @@ impl Context {
             }
         };
         Ok(m.get(&ino).copied())
+    }
+
+    /// What sock_diag says of a packet socket; `None` when it does not
+    /// list it.
+    fn packet(&mut self, ino: u64) -> Result<Option<diag::PacketDiag>, SocketError> {
+        if self.packet.is_none() {
+            self.packet = Some(diag::packet_sockets().map_err(|e| ("sock_diag (packet)", e))?);
+        }
+        Ok(self.packet.as_ref().and_then(|m| m.get(&ino).cloned()))
     }
 }
 
@@ -482,7 +492,8 @@ fn save_socket(
             netlink::save_netlink(dup, &mut s)?
         }
         (libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_DGRAM | packet::SOCK_PACKET) => {
-            packet::save(dup, &mut s, pid, inode)?
+            let d = ctx.packet(inode)?;
+            packet::save(dup, &mut s, pid, inode, d)?
         }
         (libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET) => {
             let d = ctx.unix(inode)?;

@@ -1,5 +1,6 @@
 //! Packet sockets (`AF_PACKET`: `SOCK_RAW`, `SOCK_DGRAM` and the old
-//! `SOCK_PACKET`): made again with their protocol, bound to their
+//! `SOCK_PACKET`): made again with their protocol (as sock_diag tells it:
+//! `SO_PROTOCOL` answers 0, and a bind may change it), bound to their
 //! interface, with their `SOL_PACKET` settings (ring version, reserve,
 //! auxiliary data, original device, virtual network header, loss,
 //! timestamps, qdisc bypass, outgoing packets ignored, copy threshold),
@@ -41,9 +42,11 @@ const FANOUT_EBPF: u32 = 7;
 const FANOUT_UNIQUEID: u32 = 0x20 << 24;
 /// Settings `getsockopt` reads as an int and `setsockopt` takes back, in
 /// the order they are set: `PACKET_VERSION`, `PACKET_RESERVE`,
-/// `PACKET_AUXDATA`, `PACKET_ORIGDEV`, `PACKET_VNET_HDR`, `PACKET_LOSS`,
-/// `PACKET_TIMESTAMP`, `PACKET_QDISC_BYPASS`, `PACKET_IGNORE_OUTGOING`.
-const INT_SETTINGS: &[i32] = &[10, 12, 8, 9, 15, 14, 17, 20, 23];
+/// `PACKET_AUXDATA`, `PACKET_ORIGDEV`, `PACKET_VNET_HDR` then its size
+/// `PACKET_VNET_HDR_SZ`, `PACKET_TX_HAS_OFF`, `PACKET_LOSS`,
+/// `PACKET_TIMESTAMP`, `PACKET_QDISC_BYPASS`, `PACKET_IGNORE_OUTGOING`
+/// (all before the rings, which fix the version, reserve and header).
+const INT_SETTINGS: &[i32] = &[10, 12, 8, 9, 15, 24, 19, 14, 17, 20, 23];
 
 /// What only a packet socket has; `s` holds its family, type, protocol,
 /// address and common options already.
@@ -52,13 +55,13 @@ pub(super) fn save(
     s: &mut SocketInfo,
     pid: i32,
     inode: u64,
+    d: Option<diag::PacketDiag>,
 ) -> Result<(), SocketError> {
-    let d = diag::packet_sockets()
-        .map_err(|e| ("sock_diag (packet)", e))?
-        .remove(&inode)
-        .ok_or_else(|| {
-            SocketError::NotSupported("a packet socket that sock_diag does not list".into())
-        })?;
+    let d = d.ok_or_else(|| {
+        SocketError::NotSupported("a packet socket that sock_diag does not list".into())
+    })?;
+    // Made again receiving what it received (a bind may have changed it).
+    s.protocol = u32::from(d.protocol);
     let rings = d.rx_ring.is_some() || d.tx_ring.is_some();
     if rings && mapped(pid, inode) {
         return Err(SocketError::NotSupported(
@@ -173,6 +176,7 @@ mod tests {
     const PACKET_RESERVE: i32 = 12;
     const PACKET_AUXDATA: i32 = 8;
     const PACKET_ORIGDEV: i32 = 9;
+    const PACKET_VNET_HDR_SZ: i32 = 24;
     const PACKET_MR_PROMISC: u16 = 1;
     const PACKET_MR_UNICAST: u16 = 3;
     const ETH_P_IP: u16 = 0x0800;
@@ -228,6 +232,7 @@ mod tests {
         ll.extend([0u8; 12]);
         bind(&sk2, &ll).unwrap();
         setsockopt_int(&sk1, SOL_PACKET, PACKET_VERSION, 1).unwrap();
+        setsockopt_int(&sk1, SOL_PACKET, PACKET_VNET_HDR_SZ, 12).unwrap();
         setsockopt_int(&sk1, SOL_PACKET, PACKET_AUXDATA, 1).unwrap();
         setsockopt(&sk1, SOL_PACKET, PACKET_RX_RING, &ring()).unwrap();
         setsockopt_int(&sk2, SOL_PACKET, PACKET_RESERVE, 8).unwrap();
@@ -248,8 +253,17 @@ mod tests {
         )
         .unwrap();
         setsockopt(&sk2, SOL_PACKET, PACKET_TX_RING, &ring()).unwrap();
-        let names = [address(&sk1, false).unwrap(), address(&sk2, false).unwrap()];
-        let saved = testing::save_own_many(&[sk1.as_raw_fd(), sk2.as_raw_fd()]);
+        // Unbound, receiving IP on every interface (SO_PROTOCOL says 0).
+        let Some(sk3) = packet(libc::SOCK_DGRAM, ETH_P_IP) else {
+            return;
+        };
+        let names = [
+            address(&sk1, false).unwrap(),
+            address(&sk2, false).unwrap(),
+            address(&sk3, false).unwrap(),
+        ];
+        assert_eq!(names[2][2..4], ETH_P_IP.to_be_bytes());
+        let saved = testing::save_own_many(&[sk1.as_raw_fd(), sk2.as_raw_fd(), sk3.as_raw_fd()]);
         let inodes: Vec<u64> = saved
             .iter()
             .map(|f| match &f.state {
@@ -257,7 +271,7 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        drop((sk1, sk2));
+        drop((sk1, sk2, sk3));
         let (_rec, shared) = testing::restore_keeping(&testing::manifest(saved));
         let made: Vec<&OwnedFd> = inodes
             .iter()
@@ -267,9 +281,10 @@ mod tests {
         for (fd, name) in made.iter().zip(&names) {
             let back = address(fd, false).unwrap();
             // Family, protocol and interface index as they were.
-            assert_eq!(back[..8], name[..8]);
+            assert_eq!(back[..8], name[..8], "{back:?}");
         }
         assert_eq!(int(made[0], PACKET_VERSION), 1);
+        assert_eq!(int(made[0], PACKET_VNET_HDR_SZ), 12);
         assert_eq!(int(made[0], PACKET_AUXDATA), 1);
         assert_eq!(int(made[0], PACKET_FANOUT), 0);
         assert_eq!(int(made[1], PACKET_RESERVE), 8);

@@ -372,20 +372,7 @@ fn save_tty(cx: &mut SaveCx<'_>, seen: &Seen, major: u32, minor: u32) -> Result<
                 let by_path = index.is_none()
                     && seen.link.starts_with('/')
                     && !seen.link.ends_with(" (deleted)");
-                if real != ctty && by_path {
-                    let dev = encode_dev(major, minor);
-                    let open = cx.scope.ttys.open_of(DEVICE | u64::from(dev), dup);
-                    return Ok(FdInfo {
-                        state: FdState::Tty(tty(
-                            TtyRole::Device,
-                            open.ok_or_else(too_many)?,
-                            dev,
-                            None,
-                        )),
-                        ..seen.info(FdKind::Tty)
-                    });
-                }
-                if real != ctty {
+                if real != ctty && !by_path {
                     return Err(cx.refuse(
                         seen.fd,
                         format!(
@@ -396,11 +383,17 @@ fn save_tty(cx: &mut SaveCx<'_>, seen: &Seen, major: u32, minor: u32) -> Result<
                         ),
                     ));
                 }
-                if !shell_job {
-                    return Err(cx.refuse(seen.fd, shell_job_hint(seen)));
+                if real != ctty {
+                    let dev = encode_dev(major, minor);
+                    let open = cx.scope.ttys.open_of(DEVICE | u64::from(dev), dup);
+                    tty(TtyRole::Device, open.ok_or_else(too_many)?, dev, None)
+                } else {
+                    if !shell_job {
+                        return Err(cx.refuse(seen.fd, shell_job_hint(seen)));
+                    }
+                    let open = cx.scope.ttys.open_of(OUTSIDE, dup).ok_or_else(too_many)?;
+                    tty(TtyRole::Outside, open, 0, None)
                 }
-                let open = cx.scope.ttys.open_of(OUTSIDE, dup).ok_or_else(too_many)?;
-                tty(TtyRole::Outside, open, 0, None)
             }
         }
     };
